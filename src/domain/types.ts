@@ -1,0 +1,39 @@
+// The subset of libvirt's <domain> that qbackup interprets. Everything else in
+// a definition is kept verbatim (see xml.ts) so that a round trip through
+// qbackup never drops what a management application put there.
+
+export type DiskFormat = 'qcow2' | 'raw';
+export type DiskBus = 'scsi' | 'virtio';
+
+export interface DiskDefinition {
+  /** Guest-visible target name, <target dev=…>: "sda", "vdb". Unique within a domain. */
+  target: string;
+  /** Absolute path of the image file, <source file=…>. */
+  source: string;
+  /** <driver type=…>; qcow2 when absent. */
+  format: DiskFormat;
+  /** <target bus=…>; derived from the target prefix when absent (sd → scsi, vd → virtio). */
+  bus: DiskBus;
+  /** <serial>, when present. */
+  serial?: string;
+  /** <readonly/> present. */
+  readonly: boolean;
+}
+
+export interface DomainDefinition {
+  name: string;
+  /** Lower-case canonical UUID; generated when the document has none. */
+  uuid: string;
+  /** <memory> converted to KiB (libvirt's default unit). */
+  memoryKiB: number;
+  /** <vcpu> count; 1 when absent. */
+  vcpus: number;
+  /** File-backed disks with device='disk', in document order. */
+  disks: DiskDefinition[];
+  /**
+   * The document this definition came from, serialized. formatDomainXml uses it
+   * as the template so that unknown elements and attributes survive; it is never
+   * interpreted beyond the fields above.
+   */
+  sourceXml: string;
+}
