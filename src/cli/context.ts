@@ -1,0 +1,67 @@
+// What every CLI command shares: global options, opening the library on the
+// state directory, and turning errors into one line on stderr with a non-zero
+// exit status. User-caused errors (QbackupError) print their message only;
+// anything else is a bug and prints its stack.
+
+import { homedir } from 'node:os';
+import { join } from 'node:path';
+import type { Command } from 'commander';
+import { QbackupError } from '../errors.js';
+import { Qbackup } from '../qbackup.js';
+import type { OutputOptions } from './output.js';
+
+export interface GlobalOptions {
+  stateDir?: string;
+  json?: boolean;
+  lockTimeout?: string;
+}
+
+export interface CliContext {
+  run(cmd: Command, fn: (qb: Qbackup, out: OutputOptions) => Promise<void>): Promise<void>;
+}
+
+export function defaultStateDir(env: NodeJS.ProcessEnv): string {
+  if (env['QBACKUP_STATE_DIR']) return env['QBACKUP_STATE_DIR'];
+  if (process.getuid?.() === 0) return '/var/lib/qbackup';
+  return join(env['XDG_STATE_HOME'] || join(homedir(), '.local', 'state'), 'qbackup');
+}
+
+export function createCliContext(env: NodeJS.ProcessEnv): CliContext {
+  return {
+    async run(cmd, fn) {
+      const opts = cmd.optsWithGlobals<GlobalOptions>();
+      const out: OutputOptions = { json: opts.json ?? false };
+      let qb: Qbackup | undefined;
+      try {
+        const lockTimeoutMs = parseSeconds(opts.lockTimeout ?? env['QBACKUP_LOCK_TIMEOUT'], 30) * 1000;
+        qb = Qbackup.open({
+          stateDir: opts.stateDir ?? defaultStateDir(env),
+          lockTimeoutMs,
+          ...(env['QBACKUP_ACCEL'] === 'tcg' || env['QBACKUP_ACCEL'] === 'kvm' ? { accel: env['QBACKUP_ACCEL'] } : {}),
+        });
+        await fn(qb, out);
+      } catch (err) {
+        reportError(err, out);
+      } finally {
+        qb?.close();
+      }
+    },
+  };
+}
+
+function parseSeconds(value: string | undefined, fallback: number): number {
+  if (value === undefined) return fallback;
+  const n = Number(value);
+  if (!Number.isFinite(n) || n < 0) throw new QbackupError('INVALID_ARGUMENT', `Invalid lock timeout "${value}": expected a number of seconds`);
+  return n;
+}
+
+export function reportError(err: unknown, out: OutputOptions): void {
+  process.exitCode = err instanceof QbackupError ? 1 : 70;
+  if (err instanceof QbackupError) {
+    if (out.json) process.stderr.write(`${JSON.stringify({ error: { code: err.code, message: err.message, ...err.details } })}\n`);
+    else process.stderr.write(`error: ${err.message}\n`);
+    return;
+  }
+  process.stderr.write(`internal error (a bug in qbackup, please report it): ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+}

@@ -1,0 +1,30 @@
+// The qbackup command line: a thin adapter that parses arguments (commander),
+// calls the library, and prints. It never holds state of its own.
+
+import { Command, CommanderError } from 'commander';
+import { createCliContext } from './context.js';
+import { registerDomainCommands } from './domain-commands.js';
+
+export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<void> {
+  const program = new Command();
+  program
+    .name('qbackup')
+    .description('Checkpoints and incremental disk backups for QEMU/KVM virtual machines')
+    .option('--state-dir <dir>', 'metadata directory (default: $QBACKUP_STATE_DIR, /var/lib/qbackup as root, else ~/.local/state/qbackup)')
+    .option('--json', 'print results as JSON')
+    .option('--lock-timeout <seconds>', 'how long to wait for another command on the same domain (default 30)')
+    .showHelpAfterError()
+    .exitOverride();
+  const cli = createCliContext(env);
+  registerDomainCommands(program, cli);
+  try {
+    await program.parseAsync([...argv]);
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      // commander has already printed its message (or help / version).
+      process.exitCode = err.exitCode === 0 ? 0 : 2;
+      return;
+    }
+    throw err;
+  }
+}

@@ -1,0 +1,680 @@
+// Domains: definitions, their disks with stable ids, and the QEMU process that
+// runs them. Every command that reads or changes one domain runs under that
+// domain's lock (src/store/lock.ts) through `withDomain`, which also notices a
+// QEMU that died since the last command and records it as crashed.
+//
+// Invariants:
+// - A domain's stored XML and its rows in `disks` (attached = 1) describe the
+//   same set of disks; both change in one SQLite transaction, after QEMU has
+//   accepted the change (or before starting it, for a shut-off domain).
+// - Every attach and detach of a disk, live or offline, appends to the disk's
+//   journal; the coverage rules read it to know whether an image may have been
+//   written outside our sight.
+// - A disk id belongs to one image of one domain: re-attaching the same image
+//   (same real path) reuses the id, another image under the same target gets a
+//   new one.
+
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, realpathSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { QbackupError, describeError, isQbackupError } from '../errors.js';
+import { imageInfo } from '../qemu/image.js';
+import { ROOT_PORT_COUNT, blockdevSpecs, deviceSpec, nodeNamesFor, qemuIoDevicePath, rootPortId, type QemuDiskSpec } from '../qemu/nodes.js';
+import { killProcess, launchQemu, waitForExit } from '../qemu/process.js';
+import { QmpClient } from '../qmp/index.js';
+import type { DiskRow, DomainRow, DomainStore, RuntimeRow } from '../store/domains.js';
+import { acquireDomainLock } from '../store/lock.js';
+import { isProcessAlive } from '../util/proc.js';
+import { assertDomainName, assertTargetName, busForTarget } from './names.js';
+import type { DiskBus, DiskDefinition, DiskFormat, DomainDefinition } from './types.js';
+import { formatDomainXml, parseDomainXml } from './xml.js';
+
+export type DomainState = 'running' | 'shut off' | 'crashed';
+
+export interface DomainSummary {
+  name: string;
+  uuid: string;
+  state: DomainState;
+  /** Why it is in that state: booted, paused, shutdown, destroyed, crashed, defined. */
+  reason: string;
+  pid?: number;
+}
+
+export interface BlockInfo {
+  target: string;
+  source: string;
+  format: DiskFormat;
+  bus: DiskBus;
+  readonly: boolean;
+  serial?: string;
+  diskId: string;
+  /** QEMU node name of the format layer: bitmaps live here. */
+  nodeName: string;
+  /** What `qemu-io -d` takes to write to this disk as the guest would. */
+  qemuIoDevice: string;
+}
+
+export interface AttachDiskRequest {
+  source: string;
+  target: string;
+  /** Image format; probed with qemu-img when absent. */
+  format?: DiskFormat;
+  bus?: DiskBus;
+  serial?: string;
+  readonly?: boolean;
+}
+
+export interface DomainServiceOptions {
+  stateDir: string;
+  lockTimeoutMs: number;
+  accel?: 'auto' | 'kvm' | 'tcg';
+  qemuBinary?: string;
+  /** How long detach waits for the guest to release a device (virtio needs a guest). */
+  detachTimeoutMs?: number;
+  shutdownTimeoutMs?: number;
+}
+
+/** What a command sees of its domain while it holds the lock. */
+export interface DomainContext {
+  readonly row: DomainRow;
+  readonly definition: DomainDefinition;
+  readonly runtime: RuntimeRow | undefined;
+  readonly running: boolean;
+  /** Attached disks with their ids, in definition order. */
+  readonly disks: readonly AttachedDisk[];
+}
+
+export interface AttachedDisk extends DiskDefinition {
+  diskId: string;
+}
+
+/** Hooks other subsystems (checkpoints) register to act at domain lifecycle points. */
+export interface DomainHooks {
+  afterStart?: (ctx: DomainContext, qmp: QmpClient) => Promise<void>;
+  afterAttach?: (ctx: DomainContext, disk: AttachedDisk, qmp: QmpClient | undefined) => Promise<void>;
+  /** Runs inside withDomain, before the command; e.g. to finish an interrupted operation. */
+  onOpen?: (ctx: DomainContext) => Promise<void>;
+  /** A change to the domain's configuration is about to happen; throw to refuse it. */
+  beforeConfigChange?: (ctx: DomainContext, what: string) => void;
+  beforeUndefine?: (ctx: DomainContext) => void;
+}
+
+export class DomainService {
+  readonly hooks: DomainHooks = {};
+
+  constructor(
+    readonly store: DomainStore,
+    readonly options: DomainServiceOptions,
+  ) {}
+
+  // ---- reading -------------------------------------------------------------
+
+  list(options: { all?: boolean } = {}): DomainSummary[] {
+    const out: DomainSummary[] = [];
+    for (const row of this.store.listDomains()) {
+      const summary = this.summarize(row, this.refreshRuntime(row.name));
+      if (options.all || summary.state !== 'shut off') out.push(summary);
+    }
+    return out;
+  }
+
+  info(name: string): DomainSummary {
+    const row = this.requireDomain(name);
+    return this.summarize(row, this.refreshRuntime(name));
+  }
+
+  dumpXml(name: string): string {
+    return this.requireDomain(name).xml;
+  }
+
+  blockList(name: string): BlockInfo[] {
+    const row = this.requireDomain(name);
+    return this.attachedDisks(row, parseDomainXml(row.xml)).map((d) => blockInfo(d));
+  }
+
+  domainDir(name: string): string {
+    return join(this.options.stateDir, 'domains', name);
+  }
+
+  // ---- definition ----------------------------------------------------------
+
+  /**
+   * Defines a new domain, or updates the definition of a shut-off domain with
+   * the same name and UUID (as virsh define does).
+   */
+  async define(xml: string): Promise<DomainSummary> {
+    const def = parseDomainXml(xml);
+    assertDomainName(def.name);
+    for (const d of def.disks) assertTargetName(d.target);
+    const existing = this.store.getDomain(def.name);
+    if (existing === undefined) {
+      const other = this.store.getDomainByUuid(def.uuid);
+      if (other !== undefined) {
+        throw new QbackupError('DOMAIN_EXISTS', `Cannot define domain "${def.name}": UUID ${def.uuid} already belongs to domain "${other.name}"`);
+      }
+      const disks = await this.checkImages(def.name, def.disks);
+      this.store.transaction(() => {
+        if (this.store.getDomain(def.name) !== undefined) {
+          throw new QbackupError('DOMAIN_EXISTS', `Cannot define domain "${def.name}": a domain with that name already exists`);
+        }
+        this.store.insertDomain({ name: def.name, uuid: def.uuid, xml: formatDomainXml(def), created_ms: Date.now() });
+        this.store.setRuntime({ domain: def.name, state: 'shutoff', reason: 'defined', pid: null, pid_start: null, qmp_socket: null });
+        for (const d of disks) this.recordAttach(def.name, d, false);
+      });
+      return this.info(def.name);
+    }
+    if (existing.uuid !== def.uuid) {
+      throw new QbackupError('DOMAIN_EXISTS', `Cannot define domain "${def.name}": a domain with that name already exists with UUID ${existing.uuid}`);
+    }
+    return this.withDomain(def.name, 'define', async (ctx) => {
+      if (ctx.running) {
+        throw new QbackupError('DOMAIN_RUNNING', `Cannot redefine domain "${def.name}": it is running; shut it down first`);
+      }
+      this.hooks.beforeConfigChange?.(ctx, 'redefine');
+      const disks = await this.checkImages(def.name, def.disks);
+      const keep = new Set(disks.map((d) => d.resolved));
+      this.store.transaction(() => {
+        const rows = this.store.disksOf(def.name);
+        for (const old of ctx.disks) {
+          const row = rows.find((r) => r.id === old.diskId);
+          if (row === undefined || !keep.has(row.source)) this.recordDetach(def.name, old, false);
+        }
+        for (const d of disks) {
+          const row = this.store.diskBySource(def.name, d.resolved);
+          if (row === undefined || row.attached === 0) this.recordAttach(def.name, d, false);
+          else this.store.upsertDisk({ ...row, target: d.def.target, format: d.def.format });
+        }
+        this.store.updateDomainXml(def.name, formatDomainXml(def));
+      });
+      return this.info(def.name);
+    });
+  }
+
+  async undefine(name: string): Promise<void> {
+    await this.withDomain(name, 'undefine', async (ctx) => {
+      if (ctx.running) {
+        throw new QbackupError('DOMAIN_RUNNING', `Cannot undefine domain "${name}": it is running; shut it down or destroy it first`);
+      }
+      this.hooks.beforeConfigChange?.(ctx, 'undefine');
+      this.hooks.beforeUndefine?.(ctx);
+      this.store.transaction(() => this.store.deleteDomain(name));
+      rmSync(this.domainDir(name), { recursive: true, force: true });
+    });
+  }
+
+  // ---- lifecycle -----------------------------------------------------------
+
+  async start(name: string, options: { paused?: boolean } = {}): Promise<DomainSummary> {
+    return this.withDomain(name, 'start', async (ctx) => {
+      if (ctx.running) throw new QbackupError('DOMAIN_RUNNING', `Cannot start domain "${name}": it is already running`);
+      for (const d of ctx.disks) {
+        if (!existsSync(d.source)) {
+          throw new QbackupError('IMAGE_NOT_FOUND', `Cannot start domain "${name}": image "${d.source}" of disk "${d.target}" does not exist`);
+        }
+      }
+      const dir = this.domainDir(name);
+      mkdirSync(dir, { recursive: true, mode: 0o700 });
+      const launched = await launchQemu({
+        name,
+        uuid: ctx.definition.uuid,
+        memoryKiB: ctx.definition.memoryKiB,
+        vcpus: ctx.definition.vcpus,
+        disks: ctx.disks.map(qemuSpec),
+        qmpSocket: join(dir, 'qmp.sock'),
+        logFile: join(dir, 'qemu.log'),
+        paused: options.paused ?? false,
+        accel: this.options.accel ?? 'auto',
+        ...(this.options.qemuBinary !== undefined ? { binary: this.options.qemuBinary } : {}),
+      });
+      this.store.transaction(() =>
+        this.store.setRuntime({
+          domain: name,
+          state: 'running',
+          reason: options.paused ? 'paused' : 'booted',
+          pid: launched.pid,
+          pid_start: launched.pidStart,
+          qmp_socket: launched.qmpSocket,
+        }),
+      );
+      const started: DomainContext = { ...ctx, runtime: this.store.getRuntime(name), running: true };
+      if (this.hooks.afterStart !== undefined) {
+        const hook = this.hooks.afterStart;
+        await this.withQmp(started, 'start', (qmp) => hook(started, qmp));
+      }
+      return this.info(name);
+    });
+  }
+
+  /** Clean stop: QMP quit, so QEMU stores persistent bitmaps in the images. */
+  async shutdown(name: string): Promise<DomainSummary> {
+    return this.withDomain(name, 'shutdown', async (ctx) => {
+      const rt = this.requireRunning(ctx, 'shut down');
+      this.store.transaction(() => this.store.setRuntime({ ...rt, state: 'stopping', reason: 'shutdown' }));
+      try {
+        const qmp = await this.connect(ctx);
+        try {
+          await qmp.execute('quit');
+        } catch (err) {
+          // QEMU may close the socket before its reply to quit arrives.
+          if (!isQbackupError(err, 'QMP_DISCONNECTED')) throw err;
+        } finally {
+          await qmp.close();
+        }
+      } catch (err) {
+        if (isProcessAlive(rt.pid ?? -1, rt.pid_start)) {
+          this.store.transaction(() => this.store.setRuntime({ ...rt, state: 'running' }));
+          throw err;
+        }
+      }
+      const gone = await waitForExit(rt.pid ?? -1, rt.pid_start ?? undefined, this.options.shutdownTimeoutMs ?? 30_000);
+      if (!gone) {
+        this.store.transaction(() => this.store.setRuntime({ ...rt, state: 'running' }));
+        throw new QbackupError('QMP_TIMEOUT', `Cannot shut down domain "${name}": QEMU did not exit after "quit"; use destroy to kill it`);
+      }
+      this.store.transaction(() =>
+        this.store.setRuntime({ domain: name, state: 'shutoff', reason: 'shutdown', pid: null, pid_start: null, qmp_socket: null }),
+      );
+      return this.info(name);
+    });
+  }
+
+  /** Hard stop (SIGKILL): bitmaps created in this run are lost, loaded ones become inconsistent. */
+  async destroy(name: string): Promise<DomainSummary> {
+    return this.withDomain(name, 'destroy', async (ctx) => {
+      const rt = this.requireRunning(ctx, 'destroy');
+      if (rt.pid !== null) {
+        killProcess(rt.pid);
+        await waitForExit(rt.pid, rt.pid_start ?? undefined, 10_000);
+      }
+      this.store.transaction(() =>
+        this.store.setRuntime({ domain: name, state: 'shutoff', reason: 'destroyed', pid: null, pid_start: null, qmp_socket: null }),
+      );
+      return this.info(name);
+    });
+  }
+
+  // ---- disks ---------------------------------------------------------------
+
+  async attachDisk(name: string, request: AttachDiskRequest): Promise<BlockInfo> {
+    assertTargetName(request.target);
+    return this.withDomain(name, 'attach-disk', async (ctx) => {
+      this.hooks.beforeConfigChange?.(ctx, 'attach-disk');
+      if (ctx.disks.some((d) => d.target === request.target)) {
+        throw new QbackupError('DISK_EXISTS', `Cannot attach a disk to domain "${name}": target "${request.target}" is already in use`);
+      }
+      const source = absoluteSource(name, request.source);
+      const probed = await this.probeImage(name, request.target, source);
+      const format = request.format ?? (probed === 'qcow2' ? 'qcow2' : 'raw');
+      const def: DiskDefinition = {
+        target: request.target,
+        source,
+        format,
+        bus: request.bus ?? busForTarget(request.target),
+        readonly: request.readonly ?? false,
+        ...(request.serial !== undefined ? { serial: request.serial } : {}),
+      };
+      const [checked] = await this.checkImages(name, [def], ctx.disks);
+      if (checked === undefined) throw new Error('unreachable');
+      const existingRow = this.store.diskBySource(name, checked.resolved);
+      const diskId = existingRow?.id ?? newDiskId();
+      const disk: AttachedDisk = { ...def, diskId };
+      if (ctx.running) {
+        await this.withQmp(ctx, 'attach-disk', async (qmp) => {
+          await hotplug(qmp, disk);
+          this.commitAttach(ctx, { def, resolved: checked.resolved }, diskId, true);
+          if (this.hooks.afterAttach !== undefined) {
+            await this.hooks.afterAttach(this.reloadContext(ctx), disk, qmp);
+          }
+        });
+      } else {
+        this.commitAttach(ctx, { def, resolved: checked.resolved }, diskId, false);
+        await this.hooks.afterAttach?.(this.reloadContext(ctx), disk, undefined);
+      }
+      return blockInfo(disk);
+    });
+  }
+
+  async detachDisk(name: string, target: string): Promise<void> {
+    await this.withDomain(name, 'detach-disk', async (ctx) => {
+      this.hooks.beforeConfigChange?.(ctx, 'detach-disk');
+      const disk = ctx.disks.find((d) => d.target === target);
+      if (disk === undefined) throw new QbackupError('DISK_NOT_FOUND', `Domain "${name}" has no disk "${target}"`);
+      if (ctx.running) {
+        await this.withQmp(ctx, 'detach-disk', (qmp) => unplug(qmp, name, disk, this.options.detachTimeoutMs ?? 10_000));
+      }
+      const def = { ...ctx.definition, disks: ctx.definition.disks.filter((d) => d.target !== target) };
+      this.store.transaction(() => {
+        this.recordDetach(name, disk, ctx.running);
+        this.store.updateDomainXml(name, formatDomainXml(def));
+      });
+    });
+  }
+
+  // ---- monitor passthrough -------------------------------------------------
+
+  /**
+   * Raw QMP (a JSON {"execute": …, "arguments": …} document, or a bare command
+   * name) or, with `hmp`, an HMP command line. Returns QMP's `return` value or
+   * HMP's text output.
+   */
+  async monitorCommand(name: string, command: string, options: { hmp?: boolean } = {}): Promise<unknown> {
+    return this.withDomain(name, 'qemu-monitor-command', async (ctx) => {
+      this.requireRunning(ctx, 'send a monitor command to');
+      return this.withQmp(ctx, 'qemu-monitor-command', async (qmp) => {
+        if (options.hmp) return qmp.humanMonitorCommand(command);
+        const { execute, args } = parseMonitorCommand(name, command);
+        return qmp.execute(execute, args);
+      });
+    });
+  }
+
+  // ---- the frame every command runs in --------------------------------------
+
+  /**
+   * Runs `fn` holding the domain's lock, with a fresh view of the domain. The
+   * lock is released however `fn` ends.
+   */
+  async withDomain<T>(name: string, command: string, fn: (ctx: DomainContext) => Promise<T>): Promise<T> {
+    assertDomainName(name);
+    this.requireDomain(name);
+    using _lock = await acquireDomainLock(this.store.db, name, command, { timeoutMs: this.options.lockTimeoutMs });
+    const ctx = this.loadContext(name);
+    if (this.hooks.onOpen !== undefined) await this.hooks.onOpen(ctx);
+    return fn(this.loadContext(name));
+  }
+
+  /**
+   * Runs `fn` with a QMP connection to the domain's QEMU. If QEMU dies during
+   * `fn`, the domain is recorded as crashed and the error says so.
+   */
+  async withQmp<T>(ctx: DomainContext, what: string, fn: (qmp: QmpClient) => Promise<T>): Promise<T> {
+    const qmp = await this.connect(ctx);
+    try {
+      return await fn(qmp);
+    } catch (err) {
+      if (isQbackupError(err, 'QMP_DISCONNECTED') || isQbackupError(err, 'QMP_TIMEOUT')) {
+        const rt = ctx.runtime;
+        if (rt?.pid != null && (await waitForExit(rt.pid, rt.pid_start ?? undefined, 500))) {
+          this.markCrashed(ctx.row.name);
+          throw new QbackupError('QEMU_DIED', `Domain "${ctx.row.name}" crashed during ${what}: its QEMU process exited`, { cause: err });
+        }
+      }
+      throw err;
+    } finally {
+      await qmp.close();
+    }
+  }
+
+  async connect(ctx: DomainContext): Promise<QmpClient> {
+    const rt = this.requireRunning(ctx, 'connect to');
+    try {
+      return await QmpClient.connect(rt.qmp_socket ?? '', { connectTimeoutMs: 10_000, defaultTimeoutMs: 60_000 });
+    } catch (err) {
+      if (!isProcessAlive(rt.pid ?? -1, rt.pid_start)) {
+        this.markCrashed(ctx.row.name);
+        throw new QbackupError('QEMU_DIED', `Domain "${ctx.row.name}" is not running: its QEMU process exited`, { cause: err });
+      }
+      throw new QbackupError('QMP_DISCONNECTED', `Cannot reach the QEMU of domain "${ctx.row.name}": ${describeError(err)}`, { cause: err });
+    }
+  }
+
+  loadContext(name: string): DomainContext {
+    const row = this.requireDomain(name);
+    const definition = parseDomainXml(row.xml);
+    const runtime = this.refreshRuntime(name);
+    return {
+      row,
+      definition,
+      runtime,
+      running: runtime?.state === 'running',
+      disks: this.attachedDisks(row, definition),
+    };
+  }
+
+  private reloadContext(ctx: DomainContext): DomainContext {
+    return this.loadContext(ctx.row.name);
+  }
+
+  requireDomain(name: string): DomainRow {
+    assertDomainName(name);
+    const row = this.store.getDomain(name);
+    if (row === undefined) throw new QbackupError('DOMAIN_NOT_FOUND', `Domain "${name}" does not exist`);
+    return row;
+  }
+
+  requireRunning(ctx: DomainContext, verb: string): RuntimeRow {
+    const rt = ctx.runtime;
+    if (!ctx.running || rt === undefined || rt.pid === null) {
+      const why = rt?.state === 'crashed' ? 'it crashed' : 'it is not running';
+      throw new QbackupError('DOMAIN_NOT_RUNNING', `Cannot ${verb} domain "${ctx.row.name}": ${why}`);
+    }
+    return rt;
+  }
+
+  // ---- internals -----------------------------------------------------------
+
+  /** Notices a QEMU that exited without our quit and records it as a crash. */
+  private refreshRuntime(name: string): RuntimeRow | undefined {
+    const rt = this.store.getRuntime(name);
+    if (rt === undefined || (rt.state !== 'running' && rt.state !== 'stopping')) return rt;
+    if (rt.pid !== null && isProcessAlive(rt.pid, rt.pid_start)) return rt;
+    if (rt.state === 'stopping') {
+      this.store.transaction(() =>
+        this.store.setRuntime({ domain: name, state: 'shutoff', reason: 'shutdown', pid: null, pid_start: null, qmp_socket: null }),
+      );
+    } else {
+      this.markCrashed(name);
+    }
+    return this.store.getRuntime(name);
+  }
+
+  private markCrashed(name: string): void {
+    this.store.transaction(() =>
+      this.store.setRuntime({ domain: name, state: 'crashed', reason: 'crashed', pid: null, pid_start: null, qmp_socket: null }),
+    );
+  }
+
+  private summarize(row: DomainRow, rt: RuntimeRow | undefined): DomainSummary {
+    const state: DomainState = rt?.state === 'running' || rt?.state === 'stopping' ? 'running' : rt?.state === 'crashed' ? 'crashed' : 'shut off';
+    const summary: DomainSummary = { name: row.name, uuid: row.uuid, state, reason: rt?.reason ?? 'defined' };
+    if (state === 'running' && rt?.pid != null) summary.pid = rt.pid;
+    return summary;
+  }
+
+  private attachedDisks(row: DomainRow, def: DomainDefinition): AttachedDisk[] {
+    const rows = this.store.disksOf(row.name).filter((d) => d.attached === 1);
+    return def.disks.map((d) => {
+      const match = rows.find((r) => r.target === d.target);
+      if (match === undefined) {
+        throw new QbackupError('STATE_DIR', `Metadata of domain "${row.name}" is inconsistent: disk "${d.target}" has no disk id`);
+      }
+      return { ...d, diskId: match.id };
+    });
+  }
+
+  private async probeImage(domain: string, target: string, source: string): Promise<string> {
+    if (!existsSync(source)) {
+      throw new QbackupError('IMAGE_NOT_FOUND', `Cannot use image "${source}" for disk "${target}" of domain "${domain}": it does not exist`);
+    }
+    try {
+      return (await imageInfo(source, { shared: true })).format;
+    } catch (err) {
+      throw new QbackupError('IMAGE_ERROR', `Cannot use image "${source}" for disk "${target}" of domain "${domain}": ${describeError(err)}`, { cause: err });
+    }
+  }
+
+  /** Checks every image exists, is what its format says, and is not another domain's disk. */
+  private async checkImages(
+    domain: string,
+    disks: readonly DiskDefinition[],
+    alsoAttached: readonly AttachedDisk[] = [],
+  ): Promise<Array<{ def: DiskDefinition; resolved: string }>> {
+    const out: Array<{ def: DiskDefinition; resolved: string }> = [];
+    const seen = new Map<string, string>(alsoAttached.map((d) => [resolveSource(d.source), d.target]));
+    for (const def of disks) {
+      const probed = await this.probeImage(domain, def.target, def.source);
+      if (def.format === 'qcow2' && probed !== 'qcow2') {
+        throw new QbackupError('IMAGE_ERROR', `Cannot use image "${def.source}" for disk "${def.target}" of domain "${domain}": it is ${probed}, not qcow2`);
+      }
+      const resolved = resolveSource(def.source);
+      const twin = seen.get(resolved);
+      if (twin !== undefined) {
+        throw new QbackupError('DISK_EXISTS', `Cannot use image "${def.source}" for disk "${def.target}" of domain "${domain}": it is already disk "${twin}"`);
+      }
+      seen.set(resolved, def.target);
+      const elsewhere = this.store.attachedElsewhere(domain, resolved);
+      if (elsewhere !== undefined) {
+        throw new QbackupError('DISK_EXISTS', `Cannot use image "${def.source}" for domain "${domain}": it is disk "${elsewhere.target}" of domain "${elsewhere.domain}"`);
+      }
+      out.push({ def, resolved });
+    }
+    return out;
+  }
+
+  private commitAttach(ctx: DomainContext, disk: { def: DiskDefinition; resolved: string }, diskId: string, live: boolean): void {
+    const def = { ...ctx.definition, disks: [...ctx.definition.disks, disk.def] };
+    this.store.transaction(() => {
+      this.recordAttach(ctx.row.name, disk, live, diskId);
+      this.store.updateDomainXml(ctx.row.name, formatDomainXml(def));
+    });
+  }
+
+  private recordAttach(domain: string, disk: { def: DiskDefinition; resolved: string }, live: boolean, id?: string): string {
+    const existing = this.store.diskBySource(domain, disk.resolved);
+    const diskId = id ?? existing?.id ?? newDiskId();
+    this.store.upsertDisk({ id: diskId, domain, source: disk.resolved, format: disk.def.format, target: disk.def.target, attached: 1 });
+    this.store.recordDiskEvent(diskId, 'attach', disk.def.target, live);
+    return diskId;
+  }
+
+  private recordDetach(domain: string, disk: AttachedDisk, live: boolean): void {
+    const row = this.store.disksOf(domain).find((r) => r.id === disk.diskId);
+    if (row === undefined) return;
+    this.store.upsertDisk({ ...row, attached: 0 });
+    this.store.recordDiskEvent(disk.diskId, 'detach', disk.target, live);
+  }
+}
+
+// ---- QEMU steps of hotplug ----------------------------------------------------
+
+async function hotplug(qmp: QmpClient, disk: AttachedDisk): Promise<void> {
+  const [fileSpec, formatSpec] = blockdevSpecs(qemuSpec(disk));
+  const names = nodeNamesFor(disk.diskId);
+  await qmp.execute('blockdev-add', fileSpec);
+  try {
+    await qmp.execute('blockdev-add', formatSpec);
+    try {
+      const port = disk.bus === 'virtio' ? await freeRootPort(qmp) : undefined;
+      await qmp.execute('device_add', deviceSpec(qemuSpec(disk), port));
+    } catch (err) {
+      await qmp.execute('blockdev-del', { 'node-name': names.format }).catch(() => undefined);
+      throw err;
+    }
+  } catch (err) {
+    await qmp.execute('blockdev-del', { 'node-name': names.file }).catch(() => undefined);
+    throw err;
+  }
+}
+
+async function unplug(qmp: QmpClient, domain: string, disk: AttachedDisk, timeoutMs: number): Promise<void> {
+  const cursor = qmp.eventCursor();
+  await qmp.execute('device_del', { id: disk.target });
+  try {
+    await qmp.waitForEvent('DEVICE_DELETED', (e) => e.data['device'] === disk.target, timeoutMs, cursor);
+  } catch (err) {
+    if (!isQbackupError(err, 'QMP_TIMEOUT')) throw err;
+    const hint = disk.bus === 'virtio' ? ': virtio disks are released only by a guest OS that answers the unplug request' : '';
+    throw new QbackupError('QMP_TIMEOUT', `Cannot detach disk "${disk.target}" of domain "${domain}": the guest did not release it within ${timeoutMs} ms${hint}`, {
+      cause: err,
+    });
+  }
+  const names = nodeNamesFor(disk.diskId);
+  await qmp.execute('blockdev-del', { 'node-name': names.format });
+  await qmp.execute('blockdev-del', { 'node-name': names.file });
+}
+
+interface PciDevice {
+  qdev_id?: string;
+  pci_bridge?: { devices?: PciDevice[] };
+}
+
+async function freeRootPort(qmp: QmpClient): Promise<string> {
+  const buses = (await qmp.execute('query-pci')) as Array<{ devices: PciDevice[] }>;
+  const used = new Map<string, number>();
+  for (const bus of buses) {
+    for (const dev of bus.devices) {
+      if (dev.qdev_id !== undefined && dev.pci_bridge !== undefined) used.set(dev.qdev_id, dev.pci_bridge.devices?.length ?? 0);
+    }
+  }
+  for (let i = 0; i < ROOT_PORT_COUNT; i++) {
+    if (used.get(rootPortId(i)) === 0) return rootPortId(i);
+  }
+  throw new QbackupError('NOT_SUPPORTED', `No free PCIe root port for another virtio disk (at most ${ROOT_PORT_COUNT})`);
+}
+
+// ---- small helpers -------------------------------------------------------------
+
+function qemuSpec(d: AttachedDisk): QemuDiskSpec {
+  return {
+    diskId: d.diskId,
+    target: d.target,
+    source: d.source,
+    format: d.format,
+    bus: d.bus,
+    readonly: d.readonly,
+    ...(d.serial !== undefined ? { serial: d.serial } : {}),
+  };
+}
+
+function blockInfo(d: AttachedDisk): BlockInfo {
+  return {
+    target: d.target,
+    source: d.source,
+    format: d.format,
+    bus: d.bus,
+    readonly: d.readonly,
+    ...(d.serial !== undefined ? { serial: d.serial } : {}),
+    diskId: d.diskId,
+    nodeName: nodeNamesFor(d.diskId).format,
+    qemuIoDevice: qemuIoDevicePath(d.target, d.bus),
+  };
+}
+
+function newDiskId(): string {
+  return `dk${randomBytes(4).toString('hex')}`;
+}
+
+function resolveSource(source: string): string {
+  try {
+    return realpathSync(source);
+  } catch {
+    return source;
+  }
+}
+
+function absoluteSource(domain: string, source: string): string {
+  if (!source.startsWith('/')) {
+    throw new QbackupError('INVALID_ARGUMENT', `Cannot attach "${source}" to domain "${domain}": the image path must be absolute`);
+  }
+  return source;
+}
+
+function parseMonitorCommand(domain: string, command: string): { execute: string; args?: Record<string, unknown> } {
+  const text = command.trim();
+  if (!text.startsWith('{')) return { execute: text };
+  let doc: unknown;
+  try {
+    doc = JSON.parse(text);
+  } catch (err) {
+    throw new QbackupError('INVALID_ARGUMENT', `Cannot send monitor command to domain "${domain}": it is not valid JSON (${describeError(err)})`);
+  }
+  if (typeof doc !== 'object' || doc === null || typeof (doc as Record<string, unknown>)['execute'] !== 'string') {
+    throw new QbackupError('INVALID_ARGUMENT', `Cannot send monitor command to domain "${domain}": a QMP command needs an "execute" member`);
+  }
+  const rec = doc as Record<string, unknown>;
+  const args = rec['arguments'];
+  if (args !== undefined && (typeof args !== 'object' || args === null || Array.isArray(args))) {
+    throw new QbackupError('INVALID_ARGUMENT', `Cannot send monitor command to domain "${domain}": "arguments" must be an object`);
+  }
+  return args === undefined ? { execute: rec['execute'] as string } : { execute: rec['execute'] as string, args: args as Record<string, unknown> };
+}

@@ -1,0 +1,68 @@
+// The library's entry point: one Qbackup per state directory, owning the
+// metadata database and the services built on it. The CLI (and any embedding
+// application) creates one, calls its services, and closes it.
+
+import { mkdirSync, statSync } from 'node:fs';
+import { join } from 'node:path';
+import { QbackupError } from './errors.js';
+import { DomainService, type DomainServiceOptions } from './domain/service.js';
+import { openDatabase, type Db } from './store/db.js';
+import { DomainStore } from './store/domains.js';
+
+export interface QbackupOptions {
+  /** Directory for metadata, QMP sockets and QEMU logs. Created (mode 0700) if missing. */
+  stateDir: string;
+  /** How long a command waits for another one on the same domain. Default 30 s. */
+  lockTimeoutMs?: number;
+  accel?: 'auto' | 'kvm' | 'tcg';
+  qemuBinary?: string;
+  detachTimeoutMs?: number;
+  shutdownTimeoutMs?: number;
+}
+
+export class Qbackup implements Disposable {
+  readonly db: Db;
+  readonly domains: DomainService;
+  private closed = false;
+
+  private constructor(readonly options: QbackupOptions) {
+    prepareStateDir(options.stateDir);
+    this.db = openDatabase(join(options.stateDir, 'qbackup.db'));
+    const domainOptions: DomainServiceOptions = {
+      stateDir: options.stateDir,
+      lockTimeoutMs: options.lockTimeoutMs ?? 30_000,
+      ...(options.accel !== undefined ? { accel: options.accel } : {}),
+      ...(options.qemuBinary !== undefined ? { qemuBinary: options.qemuBinary } : {}),
+      ...(options.detachTimeoutMs !== undefined ? { detachTimeoutMs: options.detachTimeoutMs } : {}),
+      ...(options.shutdownTimeoutMs !== undefined ? { shutdownTimeoutMs: options.shutdownTimeoutMs } : {}),
+    };
+    this.domains = new DomainService(new DomainStore(this.db), domainOptions);
+  }
+
+  static open(options: QbackupOptions): Qbackup {
+    return new Qbackup(options);
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.db.close();
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
+
+function prepareStateDir(dir: string): void {
+  try {
+    const st = statSync(dir, { throwIfNoEntry: false });
+    if (st !== undefined && !st.isDirectory()) {
+      throw new QbackupError('STATE_DIR', `Cannot use state directory "${dir}": it is not a directory`);
+    }
+    mkdirSync(join(dir, 'domains'), { recursive: true, mode: 0o700 });
+  } catch (err) {
+    if (err instanceof QbackupError) throw err;
+    throw new QbackupError('STATE_DIR', `Cannot use state directory "${dir}": ${(err as Error).message}`, { cause: err });
+  }
+}

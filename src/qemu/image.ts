@@ -1,0 +1,78 @@
+// qemu-img operations on image files that no running QEMU is writing: probing,
+// creating, and (for offline checkpoints) persistent bitmap maintenance.
+
+import { QbackupError } from '../errors.js';
+import { runTool } from './tools.js';
+
+export interface ImageBitmapInfo {
+  name: string;
+  granularity: number;
+  /** Flags as qemu-img reports them: "auto" = enabled (recording), "in-use" = not stored cleanly. */
+  flags: string[];
+}
+
+export interface ImageInfo {
+  filename: string;
+  format: string;
+  virtualSize: number;
+  actualSize?: number;
+  clusterSize?: number;
+  backingFilename?: string;
+  bitmaps: ImageBitmapInfo[];
+}
+
+function isRecord(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+export function parseImageInfo(json: string): ImageInfo {
+  const raw: unknown = JSON.parse(json);
+  if (!isRecord(raw) || typeof raw['format'] !== 'string' || typeof raw['virtual-size'] !== 'number') {
+    throw new QbackupError('IMAGE_ERROR', 'qemu-img info returned an unexpected document');
+  }
+  const info: ImageInfo = {
+    filename: String(raw['filename'] ?? ''),
+    format: raw['format'],
+    virtualSize: raw['virtual-size'],
+    bitmaps: [],
+  };
+  if (typeof raw['actual-size'] === 'number') info.actualSize = raw['actual-size'];
+  if (typeof raw['cluster-size'] === 'number') info.clusterSize = raw['cluster-size'];
+  if (typeof raw['backing-filename'] === 'string') info.backingFilename = raw['backing-filename'];
+  const specific = raw['format-specific'];
+  if (isRecord(specific) && isRecord(specific['data']) && Array.isArray(specific['data']['bitmaps'])) {
+    for (const b of specific['data']['bitmaps'] as unknown[]) {
+      if (!isRecord(b) || typeof b['name'] !== 'string') continue;
+      info.bitmaps.push({
+        name: b['name'],
+        granularity: typeof b['granularity'] === 'number' ? b['granularity'] : 0,
+        flags: Array.isArray(b['flags']) ? (b['flags'] as unknown[]).map(String) : [],
+      });
+    }
+  }
+  return info;
+}
+
+/** `shared` (-U) reads an image that a running QEMU holds open. */
+export async function imageInfo(file: string, options: { shared?: boolean } = {}): Promise<ImageInfo> {
+  const args = ['info', '--output=json'];
+  if (options.shared) args.push('-U');
+  args.push(file);
+  const { stdout } = await runTool('qemu-img', args, { what: `Reading image "${file}"` });
+  return parseImageInfo(stdout);
+}
+
+export async function createImage(
+  file: string,
+  format: 'qcow2' | 'raw',
+  sizeBytes: number,
+  options: { clusterSizeBytes?: number; backingFile?: string; backingFormat?: string } = {},
+): Promise<void> {
+  const args = ['create', '-q', '-f', format];
+  const opts: string[] = [];
+  if (options.clusterSizeBytes !== undefined) opts.push(`cluster_size=${options.clusterSizeBytes}`);
+  if (opts.length > 0) args.push('-o', opts.join(','));
+  if (options.backingFile !== undefined) args.push('-b', options.backingFile, '-F', options.backingFormat ?? 'qcow2');
+  args.push(file, String(sizeBytes));
+  await runTool('qemu-img', args, { what: `Creating image "${file}"` });
+}

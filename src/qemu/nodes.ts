@@ -1,0 +1,70 @@
+// How a qbackup disk appears inside QEMU. Node names derive from the stable
+// disk id (never from the target name, which can be reused by another image),
+// and the guest device id is the target name so that users can address a disk
+// in HMP recipes as they know it: `qemu-io -d sda "write …"`.
+
+import type { DiskBus, DiskFormat } from '../domain/types.js';
+
+export interface QemuDiskSpec {
+  diskId: string;
+  target: string;
+  source: string;
+  format: DiskFormat;
+  bus: DiskBus;
+  serial?: string;
+  readonly: boolean;
+}
+
+export interface DiskNodeNames {
+  /** The protocol (file) node. */
+  file: string;
+  /** The format node (qcow2/raw): bitmaps live here, devices attach here. */
+  format: string;
+}
+
+export function nodeNamesFor(diskId: string): DiskNodeNames {
+  return { file: `${diskId}-file`, format: `${diskId}-fmt` };
+}
+
+/** The two blockdev-add argument objects (file node first) for a disk. */
+export function blockdevSpecs(disk: QemuDiskSpec): [Record<string, unknown>, Record<string, unknown>] {
+  const names = nodeNamesFor(disk.diskId);
+  const file = {
+    driver: 'file',
+    'node-name': names.file,
+    filename: disk.source,
+    discard: 'unmap',
+    'read-only': disk.readonly,
+  };
+  const format = {
+    driver: disk.format,
+    'node-name': names.format,
+    file: names.file,
+    discard: 'unmap',
+    'read-only': disk.readonly,
+  };
+  return [file, format];
+}
+
+export const SCSI_CONTROLLER_ID = 'scsi0';
+/** Hot-pluggable PCIe root ports created at start, for virtio-blk disks. */
+export const ROOT_PORT_COUNT = 8;
+export function rootPortId(index: number): string {
+  return `rp${index}`;
+}
+
+/** device_add arguments; `rootPort` is required for virtio disks. */
+export function deviceSpec(disk: QemuDiskSpec, rootPort?: string): Record<string, unknown> {
+  const names = nodeNamesFor(disk.diskId);
+  const spec: Record<string, unknown> =
+    disk.bus === 'scsi'
+      ? { driver: 'scsi-hd', drive: names.format, id: disk.target, bus: `${SCSI_CONTROLLER_ID}.0` }
+      : { driver: 'virtio-blk-pci', drive: names.format, id: disk.target, bus: rootPort };
+  if (disk.serial !== undefined) spec['serial'] = disk.serial;
+  return spec;
+}
+
+/** The QOM path qemu-io needs to address a disk's device: `qemu-io -d PATH "…"`. */
+export function qemuIoDevicePath(target: string, bus: DiskBus): string {
+  return bus === 'scsi' ? target : `/machine/peripheral/${target}/virtio-backend`;
+}

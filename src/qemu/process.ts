@@ -1,0 +1,172 @@
+// Starting and stopping the qemu-system-x86_64 process of a domain. QEMU runs
+// detached from the qbackup process that started it (a CLI command ends, the
+// VM does not); it is identified afterwards by pid + start time, reached over
+// its QMP socket (mode 0600 in a 0700 directory), and its stdout/stderr go to a
+// per-domain log, which is also where HMP qemu-io output lands.
+
+import { spawn } from 'node:child_process';
+import { accessSync, chmodSync, closeSync, constants, existsSync, openSync, readFileSync, rmSync, statSync, writeSync } from 'node:fs';
+import { connect } from 'node:net';
+import { QbackupError } from '../errors.js';
+import { isProcessAlive, processStartTime, sleep } from '../util/proc.js';
+import { ROOT_PORT_COUNT, SCSI_CONTROLLER_ID, blockdevSpecs, deviceSpec, rootPortId, type QemuDiskSpec } from './nodes.js';
+
+export interface LaunchOptions {
+  name: string;
+  uuid: string;
+  memoryKiB: number;
+  vcpus: number;
+  disks: readonly QemuDiskSpec[];
+  qmpSocket: string;
+  logFile: string;
+  /** Start with the CPUs stopped (virsh start --paused). The block layer works either way. */
+  paused?: boolean;
+  /** 'auto' uses KVM when /dev/kvm is usable and falls back to TCG. */
+  accel?: 'auto' | 'kvm' | 'tcg';
+  binary?: string;
+  startTimeoutMs?: number;
+}
+
+export interface QemuProcessInfo {
+  pid: number;
+  pidStart: string;
+  qmpSocket: string;
+  logFile: string;
+}
+
+const MAX_SOCKET_PATH = 107;
+
+export function kvmUsable(): boolean {
+  try {
+    accessSync('/dev/kvm', constants.R_OK | constants.W_OK);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+export function buildQemuArgs(options: LaunchOptions): string[] {
+  const accel = options.accel ?? 'auto';
+  const args: string[] = ['-name', `guest=${options.name}`, '-uuid', options.uuid, '-M', 'q35', '-nodefaults', '-display', 'none'];
+  // QEMU tries -accel options in order, so "kvm then tcg" survives a /dev/kvm
+  // that is present but refuses to create a VM.
+  if (accel === 'kvm' || (accel === 'auto' && kvmUsable())) args.push('-accel', 'kvm');
+  if (accel !== 'kvm') args.push('-accel', 'tcg');
+  args.push('-m', `${Math.max(16, Math.ceil(options.memoryKiB / 1024))}M`, '-smp', String(options.vcpus));
+  args.push('-chardev', `socket,id=qmp0,path=${options.qmpSocket},server=on,wait=off`, '-mon', 'chardev=qmp0,mode=control');
+  args.push('-device', `virtio-scsi-pci,id=${SCSI_CONTROLLER_ID}`);
+  for (let i = 0; i < ROOT_PORT_COUNT; i++) {
+    args.push('-device', `pcie-root-port,id=${rootPortId(i)},chassis=${i + 1},slot=${i + 1}`);
+  }
+  let nextPort = 0;
+  for (const disk of options.disks) {
+    for (const spec of blockdevSpecs(disk)) args.push('-blockdev', JSON.stringify(spec));
+    const port = disk.bus === 'virtio' ? rootPortId(nextPort++) : undefined;
+    if (port !== undefined && nextPort > ROOT_PORT_COUNT) {
+      throw new QbackupError('NOT_SUPPORTED', `Domain "${options.name}" has more than ${ROOT_PORT_COUNT} virtio disks`);
+    }
+    args.push('-device', JSON.stringify(deviceSpec(disk, port)));
+  }
+  if (options.paused) args.push('-S');
+  return args;
+}
+
+/**
+ * Starts QEMU and returns once its QMP socket accepts connections. If QEMU
+ * exits first, the error carries the last lines it printed.
+ */
+export async function launchQemu(options: LaunchOptions): Promise<QemuProcessInfo> {
+  if (Buffer.byteLength(options.qmpSocket) > MAX_SOCKET_PATH) {
+    throw new QbackupError('STATE_DIR', `Cannot start domain "${options.name}": the QMP socket path "${options.qmpSocket}" is longer than ${MAX_SOCKET_PATH} bytes; use a shorter state directory`);
+  }
+  rmSync(options.qmpSocket, { force: true });
+  const args = buildQemuArgs(options);
+  const binary = options.binary ?? 'qemu-system-x86_64';
+  const logFd = openSync(options.logFile, 'a', 0o600);
+  const logStart = statSync(options.logFile).size;
+  writeSync(logFd, `\n=== ${new Date().toISOString()} starting: ${binary} ${args.map(quoteArg).join(' ')}\n`);
+  let exited: { code: number | null; signal: NodeJS.Signals | null } | undefined;
+  let spawnError: Error | undefined;
+  const child = spawn(binary, args, { detached: true, stdio: ['ignore', logFd, logFd] });
+  closeSync(logFd);
+  child.on('exit', (code, signal) => {
+    exited = { code, signal };
+  });
+  child.on('error', (err) => {
+    spawnError = err;
+  });
+  child.unref();
+
+  const deadline = Date.now() + (options.startTimeoutMs ?? 30_000);
+  for (;;) {
+    if (spawnError !== undefined) {
+      throw new QbackupError('QEMU_START_FAILED', `Cannot start domain "${options.name}": ${spawnError.message}`, { cause: spawnError });
+    }
+    if (exited !== undefined) {
+      const text = logTail(options.logFile, logStart);
+      throw new QbackupError('QEMU_START_FAILED', `Cannot start domain "${options.name}": QEMU exited: ${text || `status ${String(exited.code ?? exited.signal)}`}`, {
+        details: { log: options.logFile },
+      });
+    }
+    if (existsSync(options.qmpSocket) && (await socketAccepts(options.qmpSocket))) break;
+    if (Date.now() > deadline) {
+      if (child.pid !== undefined) killProcess(child.pid);
+      throw new QbackupError('QEMU_START_FAILED', `Cannot start domain "${options.name}": QEMU did not open its QMP socket in time (see "${options.logFile}")`);
+    }
+    await sleep(20);
+  }
+  chmodSync(options.qmpSocket, 0o600);
+  const pid = child.pid;
+  if (pid === undefined) throw new QbackupError('QEMU_START_FAILED', `Cannot start domain "${options.name}": no pid`);
+  return { pid, pidStart: processStartTime(pid) ?? '', qmpSocket: options.qmpSocket, logFile: options.logFile };
+}
+
+function quoteArg(a: string): string {
+  return /^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, `'\\''`)}'`;
+}
+
+/** The QEMU-printed lines of the log since `from`, condensed to one line. */
+export function logTail(logFile: string, from = 0): string {
+  try {
+    const text = readFileSync(logFile, 'utf8').slice(from);
+    return text
+      .split('\n')
+      .filter((l) => l.trim() !== '' && !l.startsWith('=== '))
+      .slice(-3)
+      .map((l) => l.replace(/^qemu-system-x86_64: /, '').trim())
+      .join(' ');
+  } catch {
+    return '';
+  }
+}
+
+function socketAccepts(path: string): Promise<boolean> {
+  // QEMU's monitor serves one client at a time; we connect and leave at once,
+  // which QEMU handles as an ordinary disconnect.
+  return new Promise((resolve) => {
+    const s = connect(path);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+}
+
+export function killProcess(pid: number): void {
+  try {
+    process.kill(pid, 'SIGKILL');
+  } catch {
+    // already gone
+  }
+}
+
+/** Waits until the process is gone; false on timeout. */
+export async function waitForExit(pid: number, pidStart: string | undefined, timeoutMs: number): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (isProcessAlive(pid, pidStart)) {
+    if (Date.now() > deadline) return false;
+    await sleep(20);
+  }
+  return true;
+}

@@ -1,0 +1,51 @@
+// Running the QEMU command-line tools (qemu-img, qemu-io, …). Failures become
+// TOOL_FAILED errors that carry the tool's own error text, since that text is
+// usually the most precise explanation a user can get.
+
+import { spawn } from 'node:child_process';
+import { QbackupError } from '../errors.js';
+
+export interface ToolResult {
+  stdout: string;
+  stderr: string;
+}
+
+export interface RunOptions {
+  /** Human description of what is being done, used in error messages. */
+  what?: string;
+  timeoutMs?: number;
+}
+
+export function runTool(command: string, args: readonly string[], options: RunOptions = {}): Promise<ToolResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    child.stdout.on('data', (b: Buffer) => out.push(b));
+    child.stderr.on('data', (b: Buffer) => err.push(b));
+    let timer: NodeJS.Timeout | undefined;
+    if (options.timeoutMs !== undefined) {
+      timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs);
+    }
+    child.on('error', (e) => {
+      if (timer) clearTimeout(timer);
+      reject(new QbackupError('TOOL_FAILED', `Cannot run "${command}": ${e.message}`, { cause: e }));
+    });
+    child.on('close', (code, signal) => {
+      if (timer) clearTimeout(timer);
+      const stdout = Buffer.concat(out).toString('utf8');
+      const stderr = Buffer.concat(err).toString('utf8');
+      if (code === 0) {
+        resolve({ stdout, stderr });
+        return;
+      }
+      const text = (stderr.trim() || stdout.trim()).split('\n').slice(-3).join(' ').trim();
+      const how = signal !== null ? `was killed by ${signal}` : `exited with status ${code ?? '?'}`;
+      reject(
+        new QbackupError('TOOL_FAILED', `${options.what ?? `"${command} ${args.join(' ')}"`} failed: ${text || `${command} ${how}`}`, {
+          details: { command, args, code, signal, stderr },
+        }),
+      );
+    });
+  });
+}

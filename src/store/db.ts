@@ -1,0 +1,100 @@
+// qbackup's metadata store: one SQLite database per state directory, opened by
+// every process that works on it (WAL, busy timeout), with a versioned schema.
+// Migrations run in order inside one transaction each; a database written by a
+// newer qbackup (higher user_version than we know) is refused rather than
+// guessed at.
+
+import Database from 'better-sqlite3';
+import { QbackupError, describeError } from '../errors.js';
+
+export type Db = Database.Database;
+
+/** Each entry moves the schema from version i to i+1. Never edit a shipped entry: append. */
+const MIGRATIONS: readonly string[] = [
+  // 1: domains, their disks with stable ids, the attach/detach journal, runtime state, locks.
+  `
+  CREATE TABLE domains (
+    name        TEXT PRIMARY KEY,
+    uuid        TEXT NOT NULL UNIQUE,
+    xml         TEXT NOT NULL,
+    created_ms  INTEGER NOT NULL
+  );
+  CREATE TABLE disks (
+    id          TEXT PRIMARY KEY,
+    domain      TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+    source      TEXT NOT NULL,
+    format      TEXT NOT NULL,
+    target      TEXT NOT NULL,
+    attached    INTEGER NOT NULL,
+    UNIQUE (domain, source)
+  );
+  CREATE TABLE disk_events (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    disk_id     TEXT NOT NULL REFERENCES disks(id) ON DELETE CASCADE,
+    event       TEXT NOT NULL CHECK (event IN ('attach', 'detach')),
+    target      TEXT NOT NULL,
+    live        INTEGER NOT NULL,
+    at_ms       INTEGER NOT NULL
+  );
+  CREATE INDEX disk_events_by_disk ON disk_events (disk_id, seq);
+  CREATE TABLE runtime (
+    domain      TEXT PRIMARY KEY REFERENCES domains(name) ON DELETE CASCADE,
+    state       TEXT NOT NULL CHECK (state IN ('running', 'stopping', 'shutoff', 'crashed')),
+    reason      TEXT NOT NULL,
+    pid         INTEGER,
+    pid_start   TEXT,
+    qmp_socket  TEXT,
+    changed_ms  INTEGER NOT NULL
+  );
+  CREATE TABLE locks (
+    domain      TEXT PRIMARY KEY,
+    owner_pid   INTEGER NOT NULL,
+    owner_token TEXT NOT NULL,
+    command     TEXT NOT NULL,
+    acquired_ms INTEGER NOT NULL
+  );
+  `,
+];
+
+export const SCHEMA_VERSION = MIGRATIONS.length;
+
+export function openDatabase(file: string): Db {
+  let db: Db;
+  try {
+    db = new Database(file);
+  } catch (err) {
+    throw new QbackupError('STATE_DIR', `Cannot open the metadata database "${file}": ${describeError(err)}`, { cause: err });
+  }
+  try {
+    db.pragma('journal_mode = WAL');
+    db.pragma('busy_timeout = 10000');
+    db.pragma('foreign_keys = ON');
+    db.pragma('synchronous = FULL');
+    migrate(db, file);
+  } catch (err) {
+    db.close();
+    throw err;
+  }
+  return db;
+}
+
+function migrate(db: Db, file: string): void {
+  // Each step re-reads the version inside an IMMEDIATE transaction, so two
+  // processes opening a fresh database never both apply the same migration.
+  const step = db.transaction((): boolean => {
+    const current = db.pragma('user_version', { simple: true }) as number;
+    if (current > SCHEMA_VERSION) {
+      throw new QbackupError(
+        'STATE_DIR',
+        `Cannot use the metadata database "${file}": it has schema version ${current}, written by a newer qbackup (this one knows up to ${SCHEMA_VERSION})`,
+      );
+    }
+    if (current === SCHEMA_VERSION) return false;
+    db.exec(MIGRATIONS[current] ?? '');
+    db.pragma(`user_version = ${current + 1}`);
+    return true;
+  });
+  while (step.immediate()) {
+    // keep applying until the schema is current
+  }
+}
