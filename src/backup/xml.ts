@@ -1,0 +1,330 @@
+// Reading and writing libvirt <domainbackup> documents
+// (https://libvirt.org/formatbackup.html).
+//
+// Invariants (checked by both parseBackupXml and formatBackupXml):
+// - mode is 'push' (the default) or 'pull'; <server> only appears in pull mode.
+// - A tcp server has a name and a port in 1..65535; a unix server has an
+//   absolute socket path and nothing else. transport defaults to tcp.
+// - Disk names are unique. A disk with backup='no' carries nothing but its
+//   name. Push-mode disks may have <target>, pull-mode disks <scratch>, never
+//   the other; exportname/exportbitmap are pull-mode only. Paths are absolute.
+// - backupmode='full' and a per-disk incremental checkpoint exclude each other.
+// - Checkpoint names (<incremental>, incremental=…) match
+//   CHECKPOINT_NAME_PATTERN (INVALID_NAME otherwise).
+// - `disks` undefined means no <disks> element (all disks take part); an empty
+//   array is an explicit empty <disks/>.
+// - Malformed documents raise INVALID_XML; invalid values handed to
+//   formatBackupXml raise INVALID_ARGUMENT. formatBackupXml's output parses
+//   back to an equal BackupXml.
+// Not modelled (dropped on parse): tls, <encryption>/<seclabel> inside
+// target/scratch, the output-only state attribute, <privateData>.
+
+import type { Element } from '@xmldom/xmldom';
+import { QbackupError } from '../errors.js';
+import type { ErrorCode } from '../errors.js';
+import { assertCheckpointName } from '../checkpoint/xml.js';
+import {
+  appendElement,
+  attr,
+  childElements,
+  firstChild,
+  newXmlDocument,
+  parseUnsigned,
+  parseXmlDocument,
+  serializeIndented,
+  textOf,
+} from '../domain/xml.js';
+
+export type BackupMode = 'push' | 'pull';
+export type BackupDiskMode = 'full' | 'incremental';
+export type BackupStorageType = 'file' | 'block';
+export type BackupDriverType = 'qcow2' | 'raw';
+
+/** <server> of a pull-mode backup: where the NBD server listens. */
+export interface BackupServer {
+  transport: 'tcp' | 'unix';
+  /** Host name or address to listen on (tcp only, required). */
+  name?: string;
+  /** TCP port, 1..65535 (tcp only, required). */
+  port?: number;
+  /** Absolute path of the listening UNIX socket (unix only, required). */
+  socket?: string;
+}
+
+/** One <disks><disk> entry. */
+export interface BackupDiskXml {
+  /** name=…: the disk's target dev, e.g. "vda". */
+  name: string;
+  /** backup='yes'|'no' (default yes). When false, no other field is set. */
+  backup: boolean;
+  /** backupmode=…: full, or incremental since `incremental` (or the backup's). */
+  backupmode?: BackupDiskMode;
+  /** incremental=…: per-disk checkpoint to back up changes since. */
+  incremental?: string;
+  /** type=…: kind of storage of the target/scratch; 'file' when absent. */
+  type?: BackupStorageType;
+  /** exportname=…: NBD export name (pull only; defaults to the disk name). */
+  exportname?: string;
+  /** exportbitmap=…: name of the exported dirty bitmap (pull only). */
+  exportbitmap?: string;
+  /**
+   * <driver type=…>: format of the destination — the target file in push mode,
+   * the scratch file in pull mode. libvirt's default is qcow2.
+   */
+  driverType?: BackupDriverType;
+  /** Push mode: <target file=…> (or dev=… for type='block'), the backup destination. */
+  target?: string;
+  /** Pull mode: <scratch file=…> (or dev=… for type='block'), the temporary overlay. */
+  scratch?: string;
+}
+
+export interface BackupXml {
+  mode: BackupMode;
+  /** <incremental>: checkpoint the backup is relative to; absent = full backup. */
+  incremental?: string;
+  /** <server>: pull mode only. */
+  server?: BackupServer;
+  disks?: BackupDiskXml[];
+}
+
+class Checker {
+  constructor(
+    readonly code: ErrorCode,
+    readonly what: string,
+  ) {}
+
+  fail(message: string): never {
+    throw new QbackupError(this.code, message);
+  }
+}
+
+function isAbsolute(path: string): boolean {
+  return path.startsWith('/');
+}
+
+/** Validates the invariants listed at the top of this file. */
+function validate(b: BackupXml, c: Checker): void {
+  const what = c.what;
+  if (b.mode !== 'push' && b.mode !== 'pull') c.fail(`${what} has an invalid mode.`);
+  if (b.incremental !== undefined) assertCheckpointName(b.incremental, `Incremental checkpoint name of ${lower(what)}`);
+
+  const s = b.server;
+  if (s !== undefined) {
+    if (b.mode !== 'pull') c.fail(`${what} is a push-mode backup but has a <server>, which only pull mode uses.`);
+    if (s.transport === 'tcp') {
+      if (s.name === undefined || s.name === '') c.fail(`${what} has a tcp <server> without a name.`);
+      if (s.port === undefined) c.fail(`${what} has a tcp <server> without a port.`);
+      if (!Number.isInteger(s.port) || s.port < 1 || s.port > 65535) {
+        c.fail(`${what} has an invalid <server> port ${s.port}: expected 1 to 65535.`);
+      }
+      if (s.socket !== undefined) c.fail(`${what} has a tcp <server> with a socket, which only unix transport uses.`);
+    } else if (s.transport === 'unix') {
+      if (s.socket === undefined || s.socket === '') c.fail(`${what} has a unix <server> without a socket.`);
+      if (!isAbsolute(s.socket)) c.fail(`${what} has a relative <server> socket path '${s.socket}'; it must be absolute.`);
+      if (s.name !== undefined || s.port !== undefined) {
+        c.fail(`${what} has a unix <server> with a name or port, which only tcp transport uses.`);
+      }
+    } else {
+      c.fail(`${what} has an invalid <server> transport.`);
+    }
+  }
+
+  const seen = new Set<string>();
+  for (const d of b.disks ?? []) {
+    if (d.name === '') c.fail(`${what} has a <disk> without a name.`);
+    if (seen.has(d.name)) c.fail(`${what} lists disk ${d.name} more than once.`);
+    seen.add(d.name);
+    const disk = `Disk ${d.name} of ${lower(what)}`;
+    if (!d.backup) {
+      const extra = Object.keys(d).filter((k) => k !== 'name' && k !== 'backup');
+      if (extra.length > 0) c.fail(`${disk} is excluded with backup='no' but also sets ${extra.join(', ')}.`);
+      continue;
+    }
+    if (d.backupmode !== undefined && d.backupmode !== 'full' && d.backupmode !== 'incremental') {
+      c.fail(`${disk} has an invalid backupmode.`);
+    }
+    if (d.incremental !== undefined) {
+      assertCheckpointName(d.incremental, `Incremental checkpoint name of ${lower(disk)}`);
+      if (d.backupmode === 'full') c.fail(`${disk} has backupmode='full' but also an incremental checkpoint.`);
+    }
+    if (d.type !== undefined && d.type !== 'file' && d.type !== 'block') c.fail(`${disk} has an invalid type.`);
+    if (d.driverType !== undefined && d.driverType !== 'qcow2' && d.driverType !== 'raw') {
+      c.fail(`${disk} has an invalid driver type.`);
+    }
+    if (b.mode === 'push') {
+      if (d.scratch !== undefined) c.fail(`${disk} has a <scratch>, which only pull-mode backups use.`);
+      if (d.exportname !== undefined || d.exportbitmap !== undefined) {
+        c.fail(`${disk} sets exportname or exportbitmap, which only pull-mode backups use.`);
+      }
+    } else if (d.target !== undefined) {
+      c.fail(`${disk} has a <target>, which only push-mode backups use.`);
+    }
+    if (d.exportname === '') c.fail(`${disk} has an empty exportname.`);
+    if (d.exportbitmap === '') c.fail(`${disk} has an empty exportbitmap.`);
+    for (const [elName, path] of [['target', d.target], ['scratch', d.scratch]] as const) {
+      if (path !== undefined && !isAbsolute(path)) {
+        c.fail(`${disk} has a relative <${elName}> path '${path}'; it must be absolute.`);
+      }
+    }
+  }
+}
+
+function lower(text: string): string {
+  return text.charAt(0).toLowerCase() + text.slice(1);
+}
+
+function parseServer(el: Element, c: Checker): BackupServer {
+  const transport = attr(el, 'transport') ?? 'tcp';
+  if (transport !== 'tcp' && transport !== 'unix') {
+    c.fail(`${c.what} has <server> transport '${transport}', but only tcp and unix are supported.`);
+  }
+  const server: BackupServer = { transport };
+  const name = attr(el, 'name');
+  if (name !== undefined) server.name = name;
+  const port = attr(el, 'port');
+  if (port !== undefined) {
+    const n = parseUnsigned(port);
+    if (n === undefined) c.fail(`${c.what} has an invalid <server> port '${port}': expected 1 to 65535.`);
+    server.port = n;
+  }
+  const socket = attr(el, 'socket');
+  if (socket !== undefined) server.socket = socket;
+  return server;
+}
+
+/** Reads <target>/<scratch>: file=… for file storage, dev=… for block storage. */
+function parseLocation(el: Element, type: BackupStorageType, disk: string, c: Checker): string {
+  const key = type === 'block' ? 'dev' : 'file';
+  const value = attr(el, key);
+  if (value === undefined || value === '') c.fail(`${disk} has a <${el.tagName}> without ${key}=… for its ${type} storage.`);
+  return value;
+}
+
+function parseDisk(el: Element, mode: BackupMode, c: Checker): BackupDiskXml {
+  const name = attr(el, 'name');
+  if (name === undefined || name === '') c.fail(`${c.what} has a <disk> without a name.`);
+  const disk = `Disk ${name} of ${lower(c.what)}`;
+
+  const backupAttr = attr(el, 'backup') ?? 'yes';
+  if (backupAttr !== 'yes' && backupAttr !== 'no') c.fail(`${disk} has backup='${backupAttr}', but only 'yes' and 'no' are valid.`);
+  if (backupAttr === 'no') return { name, backup: false };
+
+  const d: BackupDiskXml = { name, backup: true };
+  const backupmode = attr(el, 'backupmode');
+  if (backupmode !== undefined) {
+    if (backupmode !== 'full' && backupmode !== 'incremental') {
+      c.fail(`${disk} has backupmode='${backupmode}', but only 'full' and 'incremental' are valid.`);
+    }
+    d.backupmode = backupmode;
+  }
+  const incremental = attr(el, 'incremental');
+  if (incremental !== undefined) d.incremental = incremental;
+  const type = attr(el, 'type');
+  if (type !== undefined) {
+    if (type !== 'file' && type !== 'block') c.fail(`${disk} has type='${type}', but only 'file' and 'block' are supported.`);
+    d.type = type;
+  }
+  const exportname = attr(el, 'exportname');
+  if (exportname !== undefined) d.exportname = exportname;
+  const exportbitmap = attr(el, 'exportbitmap');
+  if (exportbitmap !== undefined) d.exportbitmap = exportbitmap;
+
+  const driver = firstChild(el, 'driver');
+  const driverType = driver === undefined ? undefined : attr(driver, 'type');
+  if (driverType !== undefined) {
+    if (driverType !== 'qcow2' && driverType !== 'raw') {
+      c.fail(`${disk} has driver type '${driverType}', but only qcow2 and raw are supported.`);
+    }
+    d.driverType = driverType;
+  }
+
+  const target = firstChild(el, 'target');
+  if (target !== undefined) {
+    if (mode !== 'push') c.fail(`${disk} has a <target>, which only push-mode backups use.`);
+    d.target = parseLocation(target, d.type ?? 'file', disk, c);
+  }
+  const scratch = firstChild(el, 'scratch');
+  if (scratch !== undefined) {
+    if (mode !== 'pull') c.fail(`${disk} has a <scratch>, which only pull-mode backups use.`);
+    d.scratch = parseLocation(scratch, d.type ?? 'file', disk, c);
+  }
+  return d;
+}
+
+/** Parses a libvirt `<domainbackup>` document. */
+export function parseBackupXml(xml: string): BackupXml {
+  const root = parseXmlDocument(xml, 'backup XML', 'domainbackup');
+  const c: Checker = new Checker('INVALID_XML', 'Backup XML');
+
+  const modeAttr = attr(root, 'mode') ?? 'push';
+  if (modeAttr !== 'push' && modeAttr !== 'pull') {
+    c.fail(`Backup XML has mode='${modeAttr}', but only 'push' and 'pull' are valid.`);
+  }
+  const b: BackupXml = { mode: modeAttr };
+
+  const incEl = firstChild(root, 'incremental');
+  if (incEl !== undefined) b.incremental = textOf(incEl).trim();
+
+  const serverEl = firstChild(root, 'server');
+  if (serverEl !== undefined) {
+    if (b.mode !== 'pull') c.fail('Backup XML is a push-mode backup but has a <server>, which only pull mode uses.');
+    b.server = parseServer(serverEl, c);
+  }
+
+  const disksEl = firstChild(root, 'disks');
+  if (disksEl !== undefined) {
+    const disks: BackupDiskXml[] = [];
+    const seen = new Set<string>();
+    for (const el of childElements(disksEl, 'disk')) {
+      const d = parseDisk(el, b.mode, c);
+      if (seen.has(d.name)) c.fail(`Backup XML lists disk ${d.name} more than once.`);
+      seen.add(d.name);
+      disks.push(d);
+    }
+    b.disks = disks;
+  }
+
+  validate(b, c);
+  return b;
+}
+
+/**
+ * Writes `b` as a `<domainbackup>` document in libvirt's order (incremental,
+ * server, disks; disk attributes name, backup, type, backupmode, incremental,
+ * exportname, exportbitmap; then <driver> and <target>/<scratch>), indented
+ * with two spaces. The mode attribute is always written.
+ */
+export function formatBackupXml(b: BackupXml): string {
+  validate(b, new Checker('INVALID_ARGUMENT', 'Backup description'));
+  const root = newXmlDocument('domainbackup');
+  root.setAttribute('mode', b.mode);
+  if (b.incremental !== undefined) appendElement(root, 'incremental', b.incremental);
+
+  if (b.server !== undefined) {
+    const s = appendElement(root, 'server');
+    s.setAttribute('transport', b.server.transport);
+    if (b.server.name !== undefined) s.setAttribute('name', b.server.name);
+    if (b.server.port !== undefined) s.setAttribute('port', String(b.server.port));
+    if (b.server.socket !== undefined) s.setAttribute('socket', b.server.socket);
+  }
+
+  if (b.disks !== undefined) {
+    const disks = appendElement(root, 'disks');
+    for (const d of b.disks) {
+      const el = appendElement(disks, 'disk');
+      el.setAttribute('name', d.name);
+      el.setAttribute('backup', d.backup ? 'yes' : 'no');
+      if (!d.backup) continue;
+      if (d.type !== undefined) el.setAttribute('type', d.type);
+      if (d.backupmode !== undefined) el.setAttribute('backupmode', d.backupmode);
+      if (d.incremental !== undefined) el.setAttribute('incremental', d.incremental);
+      if (d.exportname !== undefined) el.setAttribute('exportname', d.exportname);
+      if (d.exportbitmap !== undefined) el.setAttribute('exportbitmap', d.exportbitmap);
+      if (d.driverType !== undefined) appendElement(el, 'driver').setAttribute('type', d.driverType);
+      const key = d.type === 'block' ? 'dev' : 'file';
+      if (d.target !== undefined) appendElement(el, 'target').setAttribute(key, d.target);
+      if (d.scratch !== undefined) appendElement(el, 'scratch').setAttribute(key, d.scratch);
+    }
+  }
+  return serializeIndented(root);
+}

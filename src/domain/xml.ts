@@ -1,0 +1,582 @@
+// Reading and writing libvirt <domain> documents, plus the small XML toolkit
+// (parse, element lookup, re-indenting serializer) that the checkpoint and
+// backup XML modules share.
+//
+// Invariants:
+// - Only the fields of DomainDefinition are interpreted; every other element,
+//   attribute, comment and namespace of the source document is kept verbatim
+//   by formatDomainXml, which edits a copy of def.sourceXml in place.
+// - Interpreted disks are the <devices><disk> elements with type='file' and
+//   device='disk' (both libvirt's defaults when absent). Other disks (cdrom,
+//   block, network, …) are never interpreted or modified.
+// - parseDomainXml(formatDomainXml(def)) equals def except for sourceXml.
+// - A missing <memory> means 128 MiB (131072 KiB). libvirt itself requires the
+//   element; qbackup is lenient so that hand-written minimal documents work.
+// - Malformed documents raise QbackupError('INVALID_XML'); invalid
+//   DomainDefinition values handed to formatDomainXml raise 'INVALID_ARGUMENT'.
+
+import { randomUUID } from 'node:crypto';
+import { DOMParser, XMLSerializer } from '@xmldom/xmldom';
+import type { Document, Element, Node } from '@xmldom/xmldom';
+import { QbackupError } from '../errors.js';
+import type { DiskBus, DiskDefinition, DiskFormat, DomainDefinition } from './types.js';
+
+// ---------------------------------------------------------------------------
+// Shared XML toolkit
+// ---------------------------------------------------------------------------
+
+const ELEMENT_NODE = 1;
+const TEXT_NODE = 3;
+const CDATA_SECTION_NODE = 4;
+const PROCESSING_INSTRUCTION_NODE = 7;
+const COMMENT_NODE = 8;
+
+const INDENT = '  ';
+
+export function isElement(node: Node | null | undefined): node is Element {
+  return node !== null && node !== undefined && node.nodeType === ELEMENT_NODE;
+}
+
+/** The document owning `el` (always present for nodes created by a parser or document). */
+export function docOf(el: Element): Document {
+  const doc = el.ownerDocument;
+  if (doc === null) throw new Error('XML element has no owner document');
+  return doc;
+}
+
+function capitalize(text: string): string {
+  return text.charAt(0).toUpperCase() + text.slice(1);
+}
+
+/**
+ * Parses `xml` and returns its root element, which must be an un-namespaced
+ * `<rootName>`. `what` names the document in error messages ("domain XML").
+ * Any parser error or fatal error (not warnings) raises INVALID_XML.
+ */
+export function parseXmlDocument(xml: string, what: string, rootName: string): Element {
+  let problem: string | undefined;
+  let doc: Document | undefined;
+  try {
+    const parser = new DOMParser({
+      onError: (level: 'warning' | 'error' | 'fatalError', msg: string): void => {
+        if (level === 'warning') return;
+        problem ??= msg;
+        throw new Error(msg);
+      },
+    });
+    doc = parser.parseFromString(xml, 'application/xml');
+  } catch (err) {
+    problem ??= err instanceof Error ? err.message : String(err);
+  }
+  if (problem !== undefined || doc === undefined) {
+    const cause = (problem ?? 'unknown parser error').split('\n')[0]?.trim().replace(/[.:]+$/, '') ?? '';
+    throw new QbackupError('INVALID_XML', `${capitalize(what)} is not well-formed XML: ${cause}.`);
+  }
+  const root = doc.documentElement;
+  if (!isElement(root)) {
+    throw new QbackupError('INVALID_XML', `${capitalize(what)} has no root element.`);
+  }
+  if (!isNamed(root, rootName)) {
+    throw new QbackupError(
+      'INVALID_XML',
+      `${capitalize(what)} is not a <${rootName}> document: its root element is <${root.tagName}>.`,
+    );
+  }
+  return root;
+}
+
+/** True for an element with local name `name` in no namespace (libvirt's vocabulary). */
+export function isNamed(el: Element, name: string): boolean {
+  return el.localName === name && (el.namespaceURI === null || el.namespaceURI === '');
+}
+
+/** Child elements of `parent`, optionally only those named `name` (un-namespaced). */
+export function childElements(parent: Element, name?: string): Element[] {
+  const out: Element[] = [];
+  for (let n = parent.firstChild; n !== null; n = n.nextSibling) {
+    if (isElement(n) && (name === undefined || isNamed(n, name))) out.push(n);
+  }
+  return out;
+}
+
+/** The first child element named `name`, as libvirt's "./name" XPath lookups do. */
+export function firstChild(parent: Element, name: string): Element | undefined {
+  for (let n = parent.firstChild; n !== null; n = n.nextSibling) {
+    if (isElement(n) && isNamed(n, name)) return n;
+  }
+  return undefined;
+}
+
+/** Attribute value, or undefined when the attribute is absent. */
+export function attr(el: Element, name: string): string | undefined {
+  return el.hasAttribute(name) ? el.getAttribute(name) ?? '' : undefined;
+}
+
+/** Text content of an element (all descendant text, untrimmed). */
+export function textOf(el: Element): string {
+  return el.textContent ?? '';
+}
+
+/**
+ * Re-indents `root` (in place) with two spaces per level and serializes it,
+ * ending with a newline. Whitespace-only text between child nodes is treated
+ * as formatting and replaced; elements with significant text (text-only or
+ * mixed content) keep their content exactly.
+ */
+export function serializeIndented(root: Element): string {
+  reindent(root, 0);
+  return new XMLSerializer().serializeToString(root) + '\n';
+}
+
+function reindent(el: Element, depth: number): void {
+  const doc = docOf(el);
+  const children: Node[] = [];
+  for (let n = el.firstChild; n !== null; n = n.nextSibling) children.push(n);
+
+  let structural = false;
+  let significantText = false;
+  for (const c of children) {
+    const t = c.nodeType;
+    if (t === ELEMENT_NODE || t === COMMENT_NODE || t === PROCESSING_INSTRUCTION_NODE) structural = true;
+    else if (t === CDATA_SECTION_NODE) significantText = true;
+    else if (t === TEXT_NODE && (c.nodeValue ?? '').trim() !== '') significantText = true;
+  }
+  if (significantText) return;
+  if (!structural) {
+    // Only whitespace: collapse it when it is line-breaking formatting left
+    // behind by removed children (e.g. an emptied <devices>).
+    if (children.length > 0 && children.every((c) => (c.nodeValue ?? '').includes('\n'))) {
+      for (const c of children) el.removeChild(c);
+    }
+    return;
+  }
+  for (const c of children) {
+    if (c.nodeType === TEXT_NODE) el.removeChild(c);
+  }
+  const inner = '\n' + INDENT.repeat(depth + 1);
+  for (const c of children) {
+    if (c.nodeType === TEXT_NODE) continue;
+    el.insertBefore(doc.createTextNode(inner), c);
+    if (isElement(c)) reindent(c, depth + 1);
+  }
+  el.appendChild(doc.createTextNode('\n' + INDENT.repeat(depth)));
+}
+
+/** Creates a detached document whose root is an empty `<rootName>`. */
+export function newXmlDocument(rootName: string): Element {
+  return parseXmlDocument(`<${rootName}/>`, 'new document', rootName);
+}
+
+/** Appends a new child element `name` to `parent`, with optional text content. */
+export function appendElement(parent: Element, name: string, text?: string): Element {
+  const el = docOf(parent).createElement(name);
+  if (text !== undefined && text !== '') el.appendChild(docOf(parent).createTextNode(text));
+  parent.appendChild(el);
+  return el;
+}
+
+/** Parses a non-negative decimal integer (surrounding whitespace allowed); undefined if not one. */
+export function parseUnsigned(text: string): number | undefined {
+  const t = text.trim();
+  if (!/^[0-9]+$/.test(t)) return undefined;
+  const n = Number(t);
+  return Number.isSafeInteger(n) ? n : undefined;
+}
+
+// ---------------------------------------------------------------------------
+// <domain>
+// ---------------------------------------------------------------------------
+
+/** Default when <memory> is absent: 128 MiB. */
+export const DEFAULT_MEMORY_KIB = 131072;
+
+const UUID_CANONICAL = /^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$/;
+const UUID_COMPACT = /^[0-9a-fA-F]{32}$/;
+const TARGET_DEV = /^[a-z][a-z0-9]*$/;
+
+const DISK_FORMATS: readonly DiskFormat[] = ['qcow2', 'raw'];
+const DISK_BUSES: readonly DiskBus[] = ['scsi', 'virtio'];
+
+/** Bytes per unit for libvirt's scaled integers; `1024` is KiB. Case-insensitive. */
+function unitBytes(unit: string): number | undefined {
+  const u = unit.toLowerCase();
+  if (u === 'b' || u === 'byte' || u === 'bytes') return 1;
+  const powers: Record<string, number> = { k: 1, m: 2, g: 3, t: 4, p: 5, e: 6 };
+  const first = u.charAt(0);
+  const power = powers[first];
+  if (power === undefined) return undefined;
+  const rest = u.slice(1);
+  if (rest === '' || rest === 'ib') return 1024 ** power;
+  if (rest === 'b') return 1000 ** power;
+  return undefined;
+}
+
+function normalizeUuid(raw: string): string | undefined {
+  const t = raw.trim();
+  let hex: string;
+  if (UUID_CANONICAL.test(t)) hex = t.replace(/-/g, '');
+  else if (UUID_COMPACT.test(t)) hex = t;
+  else return undefined;
+  hex = hex.toLowerCase();
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
+function isInterpretedDisk(disk: Element): boolean {
+  return (attr(disk, 'type') ?? 'file') === 'file' && (attr(disk, 'device') ?? 'disk') === 'disk';
+}
+
+function busFromPrefix(dev: string): DiskBus | undefined {
+  if (dev.startsWith('sd')) return 'scsi';
+  if (dev.startsWith('vd')) return 'virtio';
+  return undefined;
+}
+
+function diskTarget(disk: Element): string | undefined {
+  const target = firstChild(disk, 'target');
+  return target === undefined ? undefined : attr(target, 'dev');
+}
+
+function bad(message: string): QbackupError {
+  return new QbackupError('INVALID_XML', message);
+}
+
+function parseMemoryKiB(root: Element, domain: string): number {
+  const mem = firstChild(root, 'memory');
+  if (mem === undefined) return DEFAULT_MEMORY_KIB;
+  const unit = attr(mem, 'unit') ?? 'KiB';
+  const scale = unitBytes(unit);
+  if (scale === undefined) throw bad(`Domain ${domain} has an unknown <memory> unit '${unit}'.`);
+  const value = parseUnsigned(textOf(mem));
+  if (value === undefined || value === 0) {
+    throw bad(`Domain ${domain} has an invalid <memory> value '${textOf(mem).trim()}': expected a positive integer.`);
+  }
+  const bytes = BigInt(value) * BigInt(scale);
+  const kib = (bytes + 1023n) / 1024n; // libvirt rounds up to whole KiB
+  if (kib > BigInt(Number.MAX_SAFE_INTEGER)) throw bad(`Domain ${domain} has a <memory> size that is too large.`);
+  return Number(kib);
+}
+
+function parseDisk(disk: Element, domain: string): DiskDefinition {
+  const targetEl = firstChild(disk, 'target');
+  const target = targetEl === undefined ? undefined : attr(targetEl, 'dev');
+  if (targetEl === undefined || target === undefined || target === '') {
+    throw bad(`A file disk of domain ${domain} has no <target dev=…>.`);
+  }
+  if (!TARGET_DEV.test(target)) throw bad(`Disk ${target} of domain ${domain} has an invalid target name.`);
+
+  const busAttr = attr(targetEl, 'bus');
+  let bus: DiskBus;
+  if (busAttr === undefined) {
+    const derived = busFromPrefix(target);
+    if (derived === undefined) {
+      throw bad(`Disk ${target} of domain ${domain} has no bus and its target name implies neither scsi (sd…) nor virtio (vd…).`);
+    }
+    bus = derived;
+  } else if ((DISK_BUSES as readonly string[]).includes(busAttr)) {
+    bus = busAttr as DiskBus;
+  } else {
+    throw bad(`Disk ${target} of domain ${domain} uses bus '${busAttr}', but only scsi and virtio are supported.`);
+  }
+
+  const driver = firstChild(disk, 'driver');
+  const formatAttr = driver === undefined ? undefined : attr(driver, 'type');
+  let format: DiskFormat = 'qcow2';
+  if (formatAttr !== undefined) {
+    if (!(DISK_FORMATS as readonly string[]).includes(formatAttr)) {
+      throw bad(`Disk ${target} of domain ${domain} has format '${formatAttr}', but only qcow2 and raw are supported.`);
+    }
+    format = formatAttr as DiskFormat;
+  }
+
+  const sourceEl = firstChild(disk, 'source');
+  const source = sourceEl === undefined ? undefined : attr(sourceEl, 'file');
+  if (source === undefined || source === '') throw bad(`Disk ${target} of domain ${domain} has no <source file=…>.`);
+  if (!source.startsWith('/')) {
+    throw bad(`Disk ${target} of domain ${domain} has a relative source path '${source}'; it must be absolute.`);
+  }
+
+  const result: DiskDefinition = {
+    target,
+    source,
+    format,
+    bus,
+    readonly: firstChild(disk, 'readonly') !== undefined,
+  };
+  const serialEl = firstChild(disk, 'serial');
+  if (serialEl !== undefined) result.serial = textOf(serialEl);
+  return result;
+}
+
+/**
+ * Parses a libvirt `<domain>` document into the fields qbackup interprets.
+ * The input is kept verbatim as `sourceXml`.
+ */
+export function parseDomainXml(xml: string): DomainDefinition {
+  const root = parseXmlDocument(xml, 'domain XML', 'domain');
+
+  const nameEl = firstChild(root, 'name');
+  if (nameEl === undefined) throw bad('Domain XML has no <name> element.');
+  const name = textOf(nameEl).trim();
+  if (name === '') throw bad('Domain XML has an empty <name> element.');
+  if (name.includes('/')) throw new QbackupError('INVALID_NAME', `Domain name '${name}' must not contain '/'.`);
+
+  const uuidEl = firstChild(root, 'uuid');
+  let uuid: string;
+  if (uuidEl === undefined) {
+    uuid = randomUUID();
+  } else {
+    const normalized = normalizeUuid(textOf(uuidEl));
+    if (normalized === undefined) throw bad(`Domain ${name} has a malformed <uuid> '${textOf(uuidEl).trim()}'.`);
+    uuid = normalized;
+  }
+
+  const memoryKiB = parseMemoryKiB(root, name);
+
+  let vcpus = 1;
+  const vcpuEl = firstChild(root, 'vcpu');
+  if (vcpuEl !== undefined) {
+    const v = parseUnsigned(textOf(vcpuEl));
+    if (v === undefined || v === 0) {
+      throw bad(`Domain ${name} has an invalid <vcpu> count '${textOf(vcpuEl).trim()}': expected a positive integer.`);
+    }
+    vcpus = v;
+  }
+
+  const disks: DiskDefinition[] = [];
+  const devices = firstChild(root, 'devices');
+  if (devices !== undefined) {
+    const seen = new Set<string>();
+    for (const disk of childElements(devices, 'disk')) {
+      const dev = diskTarget(disk);
+      if (dev !== undefined && dev !== '') {
+        if (seen.has(dev)) throw bad(`Domain ${name} has more than one disk with target ${dev}.`);
+        seen.add(dev);
+      }
+      if (isInterpretedDisk(disk)) disks.push(parseDisk(disk, name));
+    }
+  }
+
+  return { name, uuid, memoryKiB, vcpus, disks, sourceXml: xml };
+}
+
+// --- formatting -------------------------------------------------------------
+
+function invalidDef(message: string): QbackupError {
+  return new QbackupError('INVALID_ARGUMENT', message);
+}
+
+function validateDefinition(def: DomainDefinition): void {
+  if (def.name.trim() === '' || def.name !== def.name.trim()) {
+    throw invalidDef(`Domain name '${def.name}' is empty or has surrounding whitespace.`);
+  }
+  if (def.name.includes('/')) throw new QbackupError('INVALID_NAME', `Domain name '${def.name}' must not contain '/'.`);
+  if (normalizeUuid(def.uuid) === undefined) throw invalidDef(`Domain ${def.name} has a malformed UUID '${def.uuid}'.`);
+  if (!Number.isSafeInteger(def.memoryKiB) || def.memoryKiB <= 0) {
+    throw invalidDef(`Domain ${def.name} has an invalid memory size ${def.memoryKiB} KiB.`);
+  }
+  if (!Number.isSafeInteger(def.vcpus) || def.vcpus <= 0) {
+    throw invalidDef(`Domain ${def.name} has an invalid vCPU count ${def.vcpus}.`);
+  }
+  const seen = new Set<string>();
+  for (const d of def.disks) {
+    if (!TARGET_DEV.test(d.target)) throw invalidDef(`Disk target '${d.target}' of domain ${def.name} is invalid.`);
+    if (seen.has(d.target)) throw invalidDef(`Domain ${def.name} lists disk ${d.target} more than once.`);
+    seen.add(d.target);
+    if (!d.source.startsWith('/')) {
+      throw invalidDef(`Disk ${d.target} of domain ${def.name} has a relative source path '${d.source}'; it must be absolute.`);
+    }
+    if (!DISK_FORMATS.includes(d.format)) throw invalidDef(`Disk ${d.target} of domain ${def.name} has an unsupported format.`);
+    if (!DISK_BUSES.includes(d.bus)) throw invalidDef(`Disk ${d.target} of domain ${def.name} has an unsupported bus.`);
+  }
+}
+
+/** Sets the text of the first `<name>` child, creating it after the last of `after` (or first) when missing. */
+function setChildText(parent: Element, name: string, text: string, after: readonly string[]): Element {
+  let el = firstChild(parent, name);
+  if (el === undefined) {
+    el = docOf(parent).createElement(name);
+    insertAfterAny(parent, el, after);
+  }
+  while (el.firstChild !== null) el.removeChild(el.firstChild);
+  el.appendChild(docOf(parent).createTextNode(text));
+  return el;
+}
+
+/**
+ * Inserts `el` into `parent` right after the last child element whose name is
+ * in `after`; when none exists, as the first child element.
+ */
+function insertAfterAny(parent: Element, el: Element, after: readonly string[]): void {
+  let anchor: Element | undefined;
+  for (const c of childElements(parent)) {
+    if (after.some((n) => isNamed(c, n))) anchor = c;
+  }
+  if (anchor !== undefined) {
+    parent.insertBefore(el, anchor.nextSibling);
+  } else {
+    const first = childElements(parent)[0];
+    parent.insertBefore(el, first ?? null);
+  }
+}
+
+/** Ensures a child element `name` exists (created via insertAfterAny) and returns it. */
+function ensureChild(parent: Element, name: string, after: readonly string[]): Element {
+  const existing = firstChild(parent, name);
+  if (existing !== undefined) return existing;
+  const el = docOf(parent).createElement(name);
+  insertAfterAny(parent, el, after);
+  return el;
+}
+
+function removeChildren(parent: Element, name: string): void {
+  for (const c of childElements(parent, name)) parent.removeChild(c);
+}
+
+/**
+ * Makes an existing interpreted `<disk>` element describe `d`, touching only
+ * what differs from what parseDomainXml would read, so that unknown attributes
+ * and children (cache modes, <address>, <boot>, <seclabel>, …) survive.
+ */
+function updateDiskElement(disk: Element, d: DiskDefinition): void {
+  // <driver type=…>: absent means qcow2.
+  const driver = firstChild(disk, 'driver');
+  const currentFormat = driver === undefined ? undefined : attr(driver, 'type');
+  if ((currentFormat ?? 'qcow2') !== d.format) {
+    const drv = ensureChild(disk, 'driver', []);
+    if (!drv.hasAttribute('name')) drv.setAttribute('name', 'qemu');
+    drv.setAttribute('type', d.format);
+  }
+
+  const source = ensureChild(disk, 'source', ['driver']);
+  if (attr(source, 'file') !== d.source) source.setAttribute('file', d.source);
+
+  const target = ensureChild(disk, 'target', ['driver', 'source']);
+  if (attr(target, 'dev') !== d.target) target.setAttribute('dev', d.target);
+  const busAttr = attr(target, 'bus');
+  if ((busAttr ?? busFromPrefix(d.target)) !== d.bus) target.setAttribute('bus', d.bus);
+
+  const hasReadonly = firstChild(disk, 'readonly') !== undefined;
+  if (d.readonly && !hasReadonly) ensureChild(disk, 'readonly', ['driver', 'source', 'target']);
+  if (!d.readonly && hasReadonly) removeChildren(disk, 'readonly');
+
+  if (d.serial === undefined) {
+    removeChildren(disk, 'serial');
+  } else {
+    const serial = firstChild(disk, 'serial');
+    if (serial === undefined || textOf(serial) !== d.serial) {
+      setChildText(disk, 'serial', d.serial, ['driver', 'source', 'target', 'readonly']);
+    }
+  }
+}
+
+function newDiskElement(doc: Document, d: DiskDefinition): Element {
+  const disk = doc.createElement('disk');
+  disk.setAttribute('type', 'file');
+  disk.setAttribute('device', 'disk');
+  const driver = appendElement(disk, 'driver');
+  driver.setAttribute('name', 'qemu');
+  driver.setAttribute('type', d.format);
+  appendElement(disk, 'source').setAttribute('file', d.source);
+  const target = appendElement(disk, 'target');
+  target.setAttribute('dev', d.target);
+  target.setAttribute('bus', d.bus);
+  if (d.readonly) appendElement(disk, 'readonly');
+  if (d.serial !== undefined) appendElement(disk, 'serial', d.serial);
+  return disk;
+}
+
+function indexInParent(node: Node): number {
+  let i = 0;
+  for (let n = node.previousSibling; n !== null; n = n.previousSibling) i++;
+  return i;
+}
+
+/** Makes the interpreted disks of `devices` equal `disks`, in that relative order. */
+function syncDisks(devices: Element, disks: readonly DiskDefinition[], domain: string): void {
+  const doc = docOf(devices);
+  const existing = new Map<string, Element>();
+  const foreignTargets = new Set<string>();
+  for (const el of childElements(devices, 'disk')) {
+    const dev = diskTarget(el);
+    if (isInterpretedDisk(el) && dev !== undefined && dev !== '') {
+      if (!existing.has(dev)) existing.set(dev, el);
+    } else if (dev !== undefined) {
+      foreignTargets.add(dev);
+    }
+  }
+
+  const wanted = new Set(disks.map((d) => d.target));
+  for (const d of disks) {
+    if (foreignTargets.has(d.target)) {
+      throw new QbackupError(
+        'DISK_EXISTS',
+        `Disk target ${d.target} of domain ${domain} is already used by a device that qbackup does not manage.`,
+      );
+    }
+  }
+  // Drop interpreted disks that are no longer wanted (and duplicates, if any).
+  for (const el of childElements(devices, 'disk')) {
+    if (!isInterpretedDisk(el)) continue;
+    const dev = diskTarget(el);
+    if (dev === undefined || !wanted.has(dev) || existing.get(dev) !== el) devices.removeChild(el);
+  }
+
+  let prev: Element | undefined;
+  for (const d of disks) {
+    const current = existing.get(d.target);
+    let el: Element;
+    if (current !== undefined) {
+      updateDiskElement(current, d);
+      el = current;
+      if (prev !== undefined && indexInParent(el) < indexInParent(prev)) {
+        devices.insertBefore(el, prev.nextSibling);
+      }
+    } else {
+      el = newDiskElement(doc, d);
+      if (prev !== undefined) {
+        devices.insertBefore(el, prev.nextSibling);
+      } else {
+        // First wanted disk is new: put it before the first kept disk, or
+        // after the last disk of any kind, or after <emulator>, or at the end.
+        const firstKept = disks.map((x) => existing.get(x.target)).find((x) => x !== undefined);
+        const allDisks = childElements(devices, 'disk');
+        const lastDisk = allDisks[allDisks.length - 1];
+        const emulator = firstChild(devices, 'emulator');
+        if (firstKept !== undefined) devices.insertBefore(el, firstKept);
+        else if (lastDisk !== undefined) devices.insertBefore(el, lastDisk.nextSibling);
+        else if (emulator !== undefined) devices.insertBefore(el, emulator.nextSibling);
+        else devices.appendChild(el);
+      }
+    }
+    prev = el;
+  }
+}
+
+/**
+ * Writes `def` as a libvirt `<domain>` document. `def.sourceXml` is the
+ * template: name, uuid, memory (in KiB, unit='KiB'), vcpu and the set of
+ * interpreted file disks are updated; everything else is preserved. With an
+ * empty sourceXml a fresh `<domain type='kvm'>` document is built. The result
+ * is indented with two spaces and ends with a newline.
+ */
+export function formatDomainXml(def: DomainDefinition): string {
+  validateDefinition(def);
+  const root = def.sourceXml.trim() === ''
+    ? newXmlDocument('domain')
+    : parseXmlDocument(def.sourceXml, `the source XML of domain ${def.name}`, 'domain');
+  if (def.sourceXml.trim() === '') root.setAttribute('type', 'kvm');
+
+  setChildText(root, 'name', def.name, []);
+  setChildText(root, 'uuid', normalizeUuid(def.uuid) ?? def.uuid, ['name']);
+  const memory = setChildText(root, 'memory', String(def.memoryKiB), ['name', 'uuid', 'genid', 'title', 'description', 'metadata', 'maxMemory']);
+  memory.setAttribute('unit', 'KiB');
+  setChildText(root, 'vcpu', String(def.vcpus), ['name', 'uuid', 'genid', 'title', 'description', 'metadata', 'maxMemory', 'memory', 'currentMemory', 'blkiotune', 'memtune', 'memoryBacking']);
+
+  let devices = firstChild(root, 'devices');
+  if (devices === undefined) {
+    if (def.disks.length === 0) return serializeIndented(root);
+    devices = appendElement(root, 'devices');
+  }
+  syncDisks(devices, def.disks, def.name);
+  return serializeIndented(root);
+}
