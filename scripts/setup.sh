@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs everything qbackup needs on Debian 12 (as root) and builds it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  need=()
+  for pkg in qemu-system-x86 qemu-utils qemu-block-extra libnbd-bin; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y "${need[@]}"
+  fi
+fi
+npm ci
+npm run build
