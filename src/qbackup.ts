@@ -5,8 +5,10 @@
 import { mkdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { QbackupError } from './errors.js';
+import { CheckpointService } from './checkpoint/service.js';
 import { DomainService, type DomainServiceOptions } from './domain/service.js';
 import { openDatabase, type Db } from './store/db.js';
+import { CheckpointStore } from './store/checkpoints.js';
 import { DomainStore } from './store/domains.js';
 
 export interface QbackupOptions {
@@ -18,11 +20,15 @@ export interface QbackupOptions {
   qemuBinary?: string;
   detachTimeoutMs?: number;
   shutdownTimeoutMs?: number;
+  qmpTrace?: (direction: 'send' | 'recv', message: object) => void;
+  /** Test-only fault injection: qbackup kills itself (SIGKILL) at this point. */
+  crashAt?: string;
 }
 
 export class Qbackup implements Disposable {
   readonly db: Db;
   readonly domains: DomainService;
+  readonly checkpoints: CheckpointService;
   private closed = false;
 
   private constructor(readonly options: QbackupOptions) {
@@ -35,8 +41,10 @@ export class Qbackup implements Disposable {
       ...(options.qemuBinary !== undefined ? { qemuBinary: options.qemuBinary } : {}),
       ...(options.detachTimeoutMs !== undefined ? { detachTimeoutMs: options.detachTimeoutMs } : {}),
       ...(options.shutdownTimeoutMs !== undefined ? { shutdownTimeoutMs: options.shutdownTimeoutMs } : {}),
+      ...(options.qmpTrace !== undefined ? { qmpTrace: options.qmpTrace } : {}),
     };
     this.domains = new DomainService(new DomainStore(this.db), domainOptions);
+    this.checkpoints = new CheckpointService(this.domains, new CheckpointStore(this.db), options.crashAt);
   }
 
   static open(options: QbackupOptions): Qbackup {

@@ -37,6 +37,8 @@ export function createCliContext(env: NodeJS.ProcessEnv): CliContext {
         qb = Qbackup.open({
           stateDir: opts.stateDir ?? defaultStateDir(env),
           lockTimeoutMs,
+          // Test-only fault injection (see CheckpointService): never set it in production.
+          ...(env['QBACKUP_CRASH_AT'] ? { crashAt: env['QBACKUP_CRASH_AT'] } : {}),
           ...(env['QBACKUP_ACCEL'] === 'tcg' || env['QBACKUP_ACCEL'] === 'kvm' ? { accel: env['QBACKUP_ACCEL'] } : {}),
         });
         await fn(qb, out);

@@ -23,9 +23,10 @@ export function registerDomainCommands(program: Command, cli: CliContext): void 
     .command('undefine')
     .description('remove a shut-off domain definition (its images are kept)')
     .argument('<domain>')
-    .action(async (name: string, _o: unknown, cmd: Command) => {
+    .option('--checkpoints-metadata', 'also remove the metadata of its checkpoints')
+    .action(async (name: string, o: { checkpointsMetadata?: boolean }, cmd: Command) => {
       await cli.run(cmd, async (qb, out) => {
-        await qb.domains.undefine(name);
+        await qb.domains.undefine(name, { checkpointsMetadata: o.checkpointsMetadata ?? false });
         emit(out, { name, undefined: true }, () => `Domain '${name}' has been undefined`);
       });
     });

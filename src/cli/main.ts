@@ -3,6 +3,7 @@
 
 import { Command, CommanderError } from 'commander';
 import { createCliContext } from './context.js';
+import { registerCheckpointCommands } from './checkpoint-commands.js';
 import { registerDomainCommands } from './domain-commands.js';
 
 export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<void> {
@@ -17,6 +18,7 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
     .exitOverride();
   const cli = createCliContext(env);
   registerDomainCommands(program, cli);
+  registerCheckpointCommands(program, cli);
   try {
     await program.parseAsync([...argv]);
   } catch (err) {

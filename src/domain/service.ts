@@ -64,11 +64,18 @@ export interface AttachDiskRequest {
   readonly?: boolean;
 }
 
+export interface UndefineOptions {
+  /** Also remove checkpoint metadata (libvirt's --checkpoints-metadata); bitmaps stay in the images. */
+  checkpointsMetadata?: boolean;
+}
+
 export interface DomainServiceOptions {
   stateDir: string;
   lockTimeoutMs: number;
   accel?: 'auto' | 'kvm' | 'tcg';
   qemuBinary?: string;
+  /** Sees every QMP message sent and received (for diagnostics and tests). */
+  qmpTrace?: (direction: 'send' | 'recv', message: object) => void;
   /** How long detach waits for the guest to release a device (virtio needs a guest). */
   detachTimeoutMs?: number;
   shutdownTimeoutMs?: number;
@@ -96,7 +103,7 @@ export interface DomainHooks {
   onOpen?: (ctx: DomainContext) => Promise<void>;
   /** A change to the domain's configuration is about to happen; throw to refuse it. */
   beforeConfigChange?: (ctx: DomainContext, what: string) => void;
-  beforeUndefine?: (ctx: DomainContext) => void;
+  beforeUndefine?: (ctx: DomainContext, options: UndefineOptions) => void;
 }
 
 export class DomainService {
@@ -190,13 +197,13 @@ export class DomainService {
     });
   }
 
-  async undefine(name: string): Promise<void> {
+  async undefine(name: string, options: UndefineOptions = {}): Promise<void> {
     await this.withDomain(name, 'undefine', async (ctx) => {
       if (ctx.running) {
         throw new QbackupError('DOMAIN_RUNNING', `Cannot undefine domain "${name}": it is running; shut it down or destroy it first`);
       }
       this.hooks.beforeConfigChange?.(ctx, 'undefine');
-      this.hooks.beforeUndefine?.(ctx);
+      this.hooks.beforeUndefine?.(ctx, options);
       this.store.transaction(() => this.store.deleteDomain(name));
       rmSync(this.domainDir(name), { recursive: true, force: true });
     });
@@ -380,7 +387,8 @@ export class DomainService {
     using _lock = await acquireDomainLock(this.store.db, name, command, { timeoutMs: this.options.lockTimeoutMs });
     const ctx = this.loadContext(name);
     if (this.hooks.onOpen !== undefined) await this.hooks.onOpen(ctx);
-    return fn(this.loadContext(name));
+    // `return await`: the lock must outlive fn, not just the call that starts it.
+    return await fn(this.loadContext(name));
   }
 
   /**
@@ -408,7 +416,11 @@ export class DomainService {
   async connect(ctx: DomainContext): Promise<QmpClient> {
     const rt = this.requireRunning(ctx, 'connect to');
     try {
-      return await QmpClient.connect(rt.qmp_socket ?? '', { connectTimeoutMs: 10_000, defaultTimeoutMs: 60_000 });
+      return await QmpClient.connect(rt.qmp_socket ?? '', {
+        connectTimeoutMs: 10_000,
+        defaultTimeoutMs: 60_000,
+        ...(this.options.qmpTrace !== undefined ? { onTrace: this.options.qmpTrace } : {}),
+      });
     } catch (err) {
       if (!isProcessAlive(rt.pid ?? -1, rt.pid_start)) {
         this.markCrashed(ctx.row.name);

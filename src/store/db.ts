@@ -54,6 +54,48 @@ const MIGRATIONS: readonly string[] = [
     acquired_ms INTEGER NOT NULL
   );
   `,
+  // 2: checkpoints (one row per checkpoint, one per disk in it), coverage losses
+  // found by reconciling metadata with the images, and the intent journal of
+  // multi-step operations (at most one per domain, finished by the next command).
+  `
+  CREATE TABLE checkpoints (
+    domain        TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+    name          TEXT NOT NULL,
+    parent        TEXT,
+    description   TEXT,
+    creation_time INTEGER NOT NULL,
+    domain_xml    TEXT NOT NULL,
+    journal_seq   INTEGER NOT NULL,
+    is_current    INTEGER NOT NULL DEFAULT 0,
+    created_seq   INTEGER NOT NULL,
+    PRIMARY KEY (domain, name)
+  );
+  CREATE TABLE checkpoint_disks (
+    domain      TEXT NOT NULL,
+    checkpoint  TEXT NOT NULL,
+    target      TEXT NOT NULL,
+    disk_id     TEXT,
+    mode        TEXT NOT NULL CHECK (mode IN ('bitmap', 'no')),
+    bitmap      TEXT,
+    PRIMARY KEY (domain, checkpoint, target),
+    FOREIGN KEY (domain, checkpoint) REFERENCES checkpoints(domain, name) ON DELETE CASCADE ON UPDATE CASCADE
+  );
+  CREATE TABLE coverage_losses (
+    domain      TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+    disk_id     TEXT NOT NULL,
+    checkpoint  TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    detail      TEXT NOT NULL,
+    at_ms       INTEGER NOT NULL,
+    PRIMARY KEY (domain, disk_id, checkpoint)
+  );
+  CREATE TABLE operations (
+    domain      TEXT PRIMARY KEY REFERENCES domains(name) ON DELETE CASCADE,
+    kind        TEXT NOT NULL,
+    payload     TEXT NOT NULL,
+    started_ms  INTEGER NOT NULL
+  );
+  `,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;

@@ -1,0 +1,156 @@
+// Reading and changing the persistent dirty bitmaps of a domain's disks, the
+// same way whether the domain runs (QMP, one transaction per change set, so no
+// guest write falls between two steps) or is shut off (qemu-img bitmap on the
+// image files; nothing else writes them while we hold the domain's lock).
+
+import { QbackupError } from '../errors.js';
+import type { AttachedDisk } from '../domain/service.js';
+import { imageInfo } from '../qemu/image.js';
+import { nodeNamesFor } from '../qemu/nodes.js';
+import { runTool } from '../qemu/tools.js';
+import type { QmpClient, QmpTransactionAction } from '../qmp/index.js';
+
+export interface BitmapState {
+  name: string;
+  recording: boolean;
+  persistent: boolean;
+  /** Not stored cleanly (QEMU crashed while it was loaded): unusable, only removable. */
+  inconsistent: boolean;
+  busy: boolean;
+  granularity: number;
+  /** Dirty bytes; known only while the domain runs. */
+  count?: number;
+}
+
+/** Bitmaps per disk id; a disk whose image could not be read is absent. */
+export type DiskBitmaps = Map<string, BitmapState[]>;
+
+export type BitmapAction =
+  | { op: 'add'; diskId: string; bitmap: string; disabled?: boolean }
+  | { op: 'disable'; diskId: string; bitmap: string }
+  | { op: 'enable'; diskId: string; bitmap: string }
+  | { op: 'merge'; diskId: string; target: string; sources: string[] }
+  | { op: 'remove'; diskId: string; bitmap: string };
+
+interface NamedNode {
+  'node-name'?: string;
+  'dirty-bitmaps'?: Array<{
+    name?: string;
+    recording?: boolean;
+    persistent?: boolean;
+    busy?: boolean;
+    inconsistent?: boolean;
+    granularity?: number;
+    count?: number;
+  }>;
+}
+
+export async function readBitmapsOnline(qmp: QmpClient, disks: readonly AttachedDisk[]): Promise<DiskBitmaps> {
+  const nodes = await qmp.execute<NamedNode[]>('query-named-block-nodes', { flat: true });
+  const byNode = new Map(nodes.map((n) => [n['node-name'] ?? '', n]));
+  const out: DiskBitmaps = new Map();
+  for (const d of disks) {
+    const node = byNode.get(nodeNamesFor(d.diskId).format);
+    if (node === undefined) continue;
+    out.set(
+      d.diskId,
+      (node['dirty-bitmaps'] ?? []).map((b) => ({
+        name: b.name ?? '',
+        recording: b.recording ?? false,
+        persistent: b.persistent ?? false,
+        inconsistent: b.inconsistent ?? false,
+        busy: b.busy ?? false,
+        granularity: b.granularity ?? 0,
+        ...(typeof b.count === 'number' ? { count: b.count } : {}),
+      })),
+    );
+  }
+  return out;
+}
+
+export async function readBitmapsOffline(disks: readonly AttachedDisk[]): Promise<DiskBitmaps> {
+  const out: DiskBitmaps = new Map();
+  for (const d of disks) {
+    if (d.format !== 'qcow2') {
+      out.set(d.diskId, []);
+      continue;
+    }
+    try {
+      const info = await imageInfo(d.source, { shared: true });
+      out.set(
+        d.diskId,
+        info.bitmaps.map((b) => ({
+          name: b.name,
+          recording: b.flags.includes('auto'),
+          persistent: true,
+          inconsistent: b.flags.includes('in-use'),
+          busy: false,
+          granularity: b.granularity,
+        })),
+      );
+    } catch {
+      // unreadable image: every bitmap on it counts as missing
+    }
+  }
+  return out;
+}
+
+export function toTransaction(actions: readonly BitmapAction[]): QmpTransactionAction[] {
+  return actions.map((a) => {
+    const node = nodeNamesFor(a.diskId).format;
+    switch (a.op) {
+      case 'add':
+        return { type: 'block-dirty-bitmap-add', data: { node, name: a.bitmap, persistent: true, ...(a.disabled ? { disabled: true } : {}) } };
+      case 'disable':
+        return { type: 'block-dirty-bitmap-disable', data: { node, name: a.bitmap } };
+      case 'enable':
+        return { type: 'block-dirty-bitmap-enable', data: { node, name: a.bitmap } };
+      case 'merge':
+        return { type: 'block-dirty-bitmap-merge', data: { node, target: a.target, bitmaps: a.sources } };
+      case 'remove':
+        return { type: 'block-dirty-bitmap-remove', data: { node, name: a.bitmap } };
+    }
+  });
+}
+
+/** Applies actions to shut-off images, in order, one qemu-img call each. */
+export async function applyOffline(actions: readonly BitmapAction[], disks: readonly AttachedDisk[]): Promise<void> {
+  for (const a of actions) {
+    const disk = disks.find((d) => d.diskId === a.diskId);
+    if (disk === undefined) throw new QbackupError('DISK_NOT_FOUND', `Disk id "${a.diskId}" is not attached`);
+    const args = ['bitmap'];
+    let bitmap: string;
+    switch (a.op) {
+      case 'add':
+        args.push('--add');
+        if (a.disabled) args.push('--disable');
+        bitmap = a.bitmap;
+        break;
+      case 'disable':
+        args.push('--disable');
+        bitmap = a.bitmap;
+        break;
+      case 'enable':
+        args.push('--enable');
+        bitmap = a.bitmap;
+        break;
+      case 'merge':
+        for (const s of a.sources) args.push('--merge', s);
+        bitmap = a.target;
+        break;
+      case 'remove':
+        args.push('--remove');
+        bitmap = a.bitmap;
+        break;
+    }
+    args.push('-f', disk.format, disk.source, bitmap);
+    await runTool('qemu-img', args, { what: `Changing bitmap "${bitmap}" of disk "${disk.target}" (${disk.source})` });
+  }
+}
+
+/** Applies a change set: one QMP transaction when running, else qemu-img steps. */
+export async function applyBitmapActions(qmp: QmpClient | undefined, actions: readonly BitmapAction[], disks: readonly AttachedDisk[]): Promise<void> {
+  if (actions.length === 0) return;
+  if (qmp !== undefined) await qmp.transaction(toTransaction(actions));
+  else await applyOffline(actions, disks);
+}

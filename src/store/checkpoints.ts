@@ -1,0 +1,131 @@
+// SQL access to checkpoints, the disks of each checkpoint, recorded coverage
+// losses and the per-domain intent journal. Rules live in src/checkpoint.
+
+import type { Db } from './db.js';
+
+export interface CheckpointRow {
+  domain: string;
+  name: string;
+  parent: string | null;
+  description: string | null;
+  creation_time: number;
+  domain_xml: string;
+  /** Disk journal head when the checkpoint was taken: later detaches break coverage. */
+  journal_seq: number;
+  is_current: number;
+  /** Order of creation (or redefinition) within the store. */
+  created_seq: number;
+}
+
+export interface CheckpointDiskRow {
+  domain: string;
+  checkpoint: string;
+  target: string;
+  disk_id: string | null;
+  mode: 'bitmap' | 'no';
+  bitmap: string | null;
+}
+
+export interface CoverageLossRow {
+  domain: string;
+  disk_id: string;
+  checkpoint: string;
+  reason: string;
+  detail: string;
+  at_ms: number;
+}
+
+export interface OperationRow {
+  domain: string;
+  kind: string;
+  payload: string;
+  started_ms: number;
+}
+
+export class CheckpointStore {
+  constructor(readonly db: Db) {}
+
+  transaction<T>(fn: () => T): T {
+    return this.db.transaction(fn).immediate();
+  }
+
+  list(domain: string): CheckpointRow[] {
+    return this.db.prepare('SELECT * FROM checkpoints WHERE domain = ? ORDER BY created_seq').all(domain) as CheckpointRow[];
+  }
+
+  get(domain: string, name: string): CheckpointRow | undefined {
+    return this.db.prepare('SELECT * FROM checkpoints WHERE domain = ? AND name = ?').get(domain, name) as CheckpointRow | undefined;
+  }
+
+  current(domain: string): CheckpointRow | undefined {
+    return this.db.prepare('SELECT * FROM checkpoints WHERE domain = ? AND is_current = 1').get(domain) as CheckpointRow | undefined;
+  }
+
+  disks(domain: string, checkpoint?: string): CheckpointDiskRow[] {
+    if (checkpoint === undefined) {
+      return this.db.prepare('SELECT * FROM checkpoint_disks WHERE domain = ? ORDER BY rowid').all(domain) as CheckpointDiskRow[];
+    }
+    return this.db
+      .prepare('SELECT * FROM checkpoint_disks WHERE domain = ? AND checkpoint = ? ORDER BY rowid')
+      .all(domain, checkpoint) as CheckpointDiskRow[];
+  }
+
+  nextCreatedSeq(domain: string): number {
+    const row = this.db.prepare('SELECT MAX(created_seq) AS m FROM checkpoints WHERE domain = ?').get(domain) as { m: number | null };
+    return (row.m ?? 0) + 1;
+  }
+
+  insert(row: CheckpointRow, disks: readonly CheckpointDiskRow[]): void {
+    this.db
+      .prepare(
+        `INSERT INTO checkpoints (domain, name, parent, description, creation_time, domain_xml, journal_seq, is_current, created_seq)
+         VALUES (@domain, @name, @parent, @description, @creation_time, @domain_xml, @journal_seq, @is_current, @created_seq)`,
+      )
+      .run(row);
+    const ins = this.db.prepare(
+      'INSERT INTO checkpoint_disks (domain, checkpoint, target, disk_id, mode, bitmap) VALUES (@domain, @checkpoint, @target, @disk_id, @mode, @bitmap)',
+    );
+    for (const d of disks) ins.run(d);
+  }
+
+  remove(domain: string, name: string): void {
+    this.db.prepare('DELETE FROM checkpoints WHERE domain = ? AND name = ?').run(domain, name);
+    this.db.prepare('DELETE FROM coverage_losses WHERE domain = ? AND checkpoint = ?').run(domain, name);
+  }
+
+  setParent(domain: string, name: string, parent: string | null): void {
+    this.db.prepare('UPDATE checkpoints SET parent = ? WHERE domain = ? AND name = ?').run(parent, domain, name);
+  }
+
+  reparentChildren(domain: string, from: string, to: string | null): void {
+    this.db.prepare('UPDATE checkpoints SET parent = ? WHERE domain = ? AND parent = ?').run(to, domain, from);
+  }
+
+  setCurrent(domain: string, name: string | null): void {
+    this.db.prepare('UPDATE checkpoints SET is_current = 0 WHERE domain = ? AND is_current = 1').run(domain);
+    if (name !== null) this.db.prepare('UPDATE checkpoints SET is_current = 1 WHERE domain = ? AND name = ?').run(domain, name);
+  }
+
+  losses(domain: string): CoverageLossRow[] {
+    return this.db.prepare('SELECT * FROM coverage_losses WHERE domain = ?').all(domain) as CoverageLossRow[];
+  }
+
+  /** Records the first reason a disk lost a checkpoint's bitmap; later findings keep the first. */
+  recordLoss(domain: string, diskId: string, checkpoint: string, reason: string, detail: string): void {
+    this.db
+      .prepare('INSERT OR IGNORE INTO coverage_losses (domain, disk_id, checkpoint, reason, detail, at_ms) VALUES (?, ?, ?, ?, ?, ?)')
+      .run(domain, diskId, checkpoint, reason, detail, Date.now());
+  }
+
+  getOperation(domain: string): OperationRow | undefined {
+    return this.db.prepare('SELECT * FROM operations WHERE domain = ?').get(domain) as OperationRow | undefined;
+  }
+
+  beginOperation(domain: string, kind: string, payload: unknown): void {
+    this.db.prepare('INSERT INTO operations (domain, kind, payload, started_ms) VALUES (?, ?, ?, ?)').run(domain, kind, JSON.stringify(payload), Date.now());
+  }
+
+  endOperation(domain: string): void {
+    this.db.prepare('DELETE FROM operations WHERE domain = ?').run(domain);
+  }
+}
