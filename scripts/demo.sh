@@ -35,11 +35,19 @@ q define "$work/demo.xml"
 q start demo
 q list
 q qemu-monitor-command demo --hmp 'qemu-io -d sda "write -P 0xab 0 1M"'
+q checkpoint-create-as demo --name c1 --description 'before the data disk'
+q qemu-monitor-command demo --hmp 'qemu-io -d sda "write -P 0xcd 2M 128k"'
 q attach-disk demo "$work/data.qcow2" sdb
+q checkpoint-coverage demo c1
+q checkpoint-create-as demo --name c2
+q checkpoint-dumpxml demo c1 --size --no-domain
+q checkpoint-list demo --tree
 q domblklist demo --details
 q qemu-monitor-command demo --hmp 'qemu-io -d sdb "write -P 0x5a 4M 256k"'
 q detach-disk demo sdb
 q shutdown demo
+q checkpoint-delete demo c1
+q checkpoint-info demo c2
 q list --all
 
 echo "+ checking the guest's writes reached the images" >&2
