@@ -5,11 +5,13 @@
 import { mkdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { QbackupError } from './errors.js';
+import { BackupService } from './backup/service.js';
 import { CheckpointService } from './checkpoint/service.js';
 import { DomainService, type DomainServiceOptions } from './domain/service.js';
 import { openDatabase, type Db } from './store/db.js';
 import { CheckpointStore } from './store/checkpoints.js';
 import { DomainStore } from './store/domains.js';
+import { JobStore } from './store/jobs.js';
 
 export interface QbackupOptions {
   /** Directory for metadata, QMP sockets and QEMU logs. Created (mode 0700) if missing. */
@@ -29,6 +31,7 @@ export class Qbackup implements Disposable {
   readonly db: Db;
   readonly domains: DomainService;
   readonly checkpoints: CheckpointService;
+  readonly backups: BackupService;
   private closed = false;
 
   private constructor(readonly options: QbackupOptions) {
@@ -45,6 +48,7 @@ export class Qbackup implements Disposable {
     };
     this.domains = new DomainService(new DomainStore(this.db), domainOptions);
     this.checkpoints = new CheckpointService(this.domains, new CheckpointStore(this.db), options.crashAt);
+    this.backups = new BackupService(this.domains, this.checkpoints, new JobStore(this.db));
   }
 
   static open(options: QbackupOptions): Qbackup {

@@ -3,6 +3,7 @@
 
 import { Command, CommanderError } from 'commander';
 import { createCliContext } from './context.js';
+import { registerBackupCommands } from './backup-commands.js';
 import { registerCheckpointCommands } from './checkpoint-commands.js';
 import { registerDomainCommands } from './domain-commands.js';
 
@@ -19,6 +20,7 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
   const cli = createCliContext(env);
   registerDomainCommands(program, cli);
   registerCheckpointCommands(program, cli);
+  registerBackupCommands(program, cli);
   try {
     await program.parseAsync([...argv]);
   } catch (err) {

@@ -96,6 +96,32 @@ const MIGRATIONS: readonly string[] = [
     started_ms  INTEGER NOT NULL
   );
   `,
+  // 3: backup jobs (at most one running per domain, plus the last finished
+  // result) and the push targets each checkpoint was created with, so that the
+  // next incremental can use them as its backing file.
+  `
+  CREATE TABLE jobs (
+    domain      TEXT PRIMARY KEY REFERENCES domains(name) ON DELETE CASCADE,
+    id          TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    payload     TEXT NOT NULL,
+    started_ms  INTEGER NOT NULL,
+    ended_ms    INTEGER,
+    error       TEXT
+  );
+  CREATE TABLE job_results (
+    domain      TEXT PRIMARY KEY REFERENCES domains(name) ON DELETE CASCADE,
+    id          TEXT NOT NULL,
+    payload     TEXT NOT NULL
+  );
+  CREATE TABLE backup_targets (
+    domain      TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+    checkpoint  TEXT NOT NULL,
+    disk_id     TEXT NOT NULL,
+    file        TEXT NOT NULL,
+    PRIMARY KEY (domain, checkpoint, disk_id)
+  );
+  `,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;

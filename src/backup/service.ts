@@ -1,0 +1,463 @@
+// Backup jobs (push mode) with libvirt's interface: per disk a full or an
+// incremental copy, chosen by the coverage rules, started in one QMP
+// transaction together with the temporary merged bitmaps and, optionally, the
+// new checkpoint, so that the backup and the checkpoint describe one instant.
+//
+// Invariants:
+// - At most one job per domain. While it runs, configuration changes are
+//   refused (DomainHooks.beforeConfigChange) with an error naming the job.
+// - A job is written to the metadata (state "starting") before QEMU is told
+//   anything; every later command on the domain reaps it: a job QEMU knows is
+//   adopted, one it does not know is cleaned up; a finished one is finalized.
+// - Finalizing removes every temporary node and bitmap; the targets of a job
+//   that did not complete are deleted (only those qbackup created).
+// - QEMU jobs use auto-dismiss off, so their outcome survives until a qbackup
+//   process reads it, whichever process that is.
+
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, rmSync } from 'node:fs';
+import { basename, dirname, join, relative, resolve } from 'node:path';
+import type { CoverageProblem } from '../checkpoint/coverage.js';
+import type { CheckpointService } from '../checkpoint/service.js';
+import { parseCheckpointXml, type CheckpointXml } from '../checkpoint/xml.js';
+import { QbackupError, describeError } from '../errors.js';
+import type { AttachedDisk, DomainContext, DomainService } from '../domain/service.js';
+import { createImage } from '../qemu/image.js';
+import { nodeNamesFor } from '../qemu/nodes.js';
+import type { QmpClient, QmpTransactionAction } from '../qmp/index.js';
+import type { JobStore } from '../store/jobs.js';
+import { sleep } from '../util/proc.js';
+import { toTransaction } from '../checkpoint/bitmaps.js';
+import { TEMP_BITMAP_PREFIX } from '../checkpoint/service.js';
+import { parseBackupXml, type BackupDiskXml, type BackupXml } from './xml.js';
+
+export interface BeginOptions {
+  /** A <domainbackup> document; without it, a push backup of every disk. */
+  backupXml?: string;
+  /** A <domaincheckpoint> document to create atomically with the job. */
+  checkpointXml?: string;
+  /** Shorthands for the common case (no XML needed). */
+  incremental?: string;
+  checkpointName?: string;
+  targetDir?: string;
+  reuseExternal?: boolean;
+  strict?: boolean;
+}
+
+export type DiskJobState = 'running' | 'completed' | 'failed' | 'cancelled';
+
+export interface JobDisk {
+  target: string;
+  diskId: string;
+  mode: 'full' | 'incremental';
+  incremental?: string;
+  /** Why a disk asked for incrementally got a full backup. */
+  fullReasons?: CoverageProblem[];
+  bitmaps?: string[];
+  tmpBitmap?: string;
+  targetFile: string;
+  targetFormat: 'qcow2' | 'raw';
+  createdTarget: boolean;
+  /** Backing file of an incremental target, or why there is none. */
+  backingFile?: string;
+  backingNote?: string;
+  qemuJobId: string;
+  targetNodes: { file: string; format: string };
+  state: DiskJobState;
+  error?: string;
+  bytesDone?: number;
+  bytesTotal?: number;
+}
+
+export interface JobInfo {
+  id: string;
+  domain: string;
+  mode: 'push' | 'pull';
+  state: 'running' | 'completed' | 'failed' | 'aborted';
+  checkpoint?: string;
+  incremental?: string;
+  startedMs: number;
+  endedMs?: number;
+  bytesDone: number;
+  bytesTotal: number;
+  error?: string;
+  disks: JobDisk[];
+}
+
+interface JobPayload {
+  info: JobInfo;
+  /** The checkpoint created with the job (rows + bitmap actions), committed once QEMU accepted the transaction. */
+  checkpointPlan?: Parameters<CheckpointService['commitCreate']>[0];
+}
+
+export class BackupService {
+  constructor(
+    readonly domains: DomainService,
+    readonly checkpoints: CheckpointService,
+    readonly store: JobStore,
+  ) {
+    const previousOpen = domains.hooks.onOpen;
+    domains.hooks.onOpen = async (ctx) => {
+      await previousOpen?.(ctx);
+      await this.reap(ctx);
+    };
+    domains.hooks.beforeConfigChange = (ctx, what) => {
+      const job = this.store.active(ctx.row.name);
+      if (job !== undefined) {
+        throw new QbackupError('BACKUP_RUNNING', `Cannot ${what} on domain "${ctx.row.name}": backup job "${job.id}" is running`, {
+          details: { job: job.id },
+        });
+      }
+    };
+  }
+
+  // ---- begin -----------------------------------------------------------------
+
+  async begin(domain: string, options: BeginOptions = {}): Promise<JobInfo> {
+    const backup: BackupXml = options.backupXml !== undefined ? parseBackupXml(options.backupXml) : { mode: 'push' };
+    const cpSpec: CheckpointXml | undefined =
+      options.checkpointXml !== undefined ? parseCheckpointXml(options.checkpointXml) : options.checkpointName !== undefined ? { name: options.checkpointName } : undefined;
+    if (options.incremental !== undefined) backup.incremental = options.incremental;
+    return this.domains.withDomain(domain, 'backup-begin', async (ctx) => {
+      if (!ctx.running) {
+        throw new QbackupError('DOMAIN_NOT_RUNNING', `Cannot back up domain "${domain}": it is not running (backups of shut-off domains are not supported yet)`);
+      }
+      const active = this.store.active(domain);
+      if (active !== undefined) throw new QbackupError('BACKUP_RUNNING', `Cannot start a backup of domain "${domain}": backup job "${active.id}" is running`);
+      if (backup.mode === 'pull') {
+        throw new QbackupError('NOT_SUPPORTED', `Cannot start a pull-mode backup of domain "${domain}": only push mode is implemented so far`);
+      }
+      return this.domains.withQmp(ctx, 'backup-begin', (qmp) => this.beginPush(ctx, qmp, backup, cpSpec, options));
+    });
+  }
+
+  private async beginPush(ctx: DomainContext, qmp: QmpClient, backup: BackupXml, cpSpec: CheckpointXml | undefined, options: BeginOptions): Promise<JobInfo> {
+    const domain = ctx.row.name;
+    const id = `backup-${randomBytes(4).toString('hex')}`;
+    const selected = selectDisks(ctx, backup);
+    const disks: JobDisk[] = [];
+    const sizes = await virtualSizes(qmp, selected.map((s) => s.disk));
+    for (const { disk, spec } of selected) {
+      const since = spec.backupmode === 'full' ? undefined : (spec.incremental ?? backup.incremental);
+      if (since !== undefined) this.checkpoints.requireCheckpoint(domain, since);
+      const jobDisk: JobDisk = {
+        target: disk.target,
+        diskId: disk.diskId,
+        mode: since === undefined ? 'full' : 'incremental',
+        targetFile: '',
+        targetFormat: spec.driverType ?? 'qcow2',
+        createdTarget: false,
+        qemuJobId: `${id}-${disk.target}`,
+        targetNodes: { file: `bk${id.slice(7)}-${disk.target}-file`, format: `bk${id.slice(7)}-${disk.target}-fmt` },
+        state: 'running',
+      };
+      if (since !== undefined) {
+        jobDisk.incremental = since;
+        const [cov] = await this.checkpoints.coverageIn(ctx, qmp, since, [disk]);
+        if (cov === undefined || cov.mode === 'full') {
+          const reasons = cov?.reasons ?? [];
+          if (options.strict) {
+            throw new QbackupError(
+              'BITMAP_INCONSISTENT',
+              `Cannot back up disk "${disk.target}" of domain "${domain}" incrementally since checkpoint "${since}": ${reasons.map((r) => `${r.code} (${r.detail})`).join('; ')}`,
+            );
+          }
+          jobDisk.mode = 'full';
+          jobDisk.fullReasons = reasons;
+        } else {
+          jobDisk.bitmaps = cov.bitmaps;
+          jobDisk.tmpBitmap = `${TEMP_BITMAP_PREFIX}${id.slice(7)}-${disk.target}`;
+        }
+      }
+      jobDisk.targetFile = resolve(spec.target ?? defaultTarget(disk, options.targetDir, cpSpec?.name ?? id));
+      if (existsSync(jobDisk.targetFile) && !options.reuseExternal) {
+        throw new QbackupError('INVALID_ARGUMENT', `Cannot back up disk "${disk.target}" of domain "${domain}": target "${jobDisk.targetFile}" exists (use --reuse-external to write into it)`);
+      }
+      if (!existsSync(jobDisk.targetFile) && options.reuseExternal) {
+        throw new QbackupError('INVALID_ARGUMENT', `Cannot back up disk "${disk.target}" of domain "${domain}": with --reuse-external the target "${jobDisk.targetFile}" must exist`);
+      }
+      if (jobDisk.mode === 'incremental' && jobDisk.incremental !== undefined) {
+        const prev = this.store.targetFor(domain, jobDisk.incremental, disk.diskId);
+        if (prev !== undefined && existsSync(prev) && jobDisk.targetFormat === 'qcow2') jobDisk.backingFile = prev;
+        else jobDisk.backingNote = prev === undefined ? `no backup recorded for checkpoint "${jobDisk.incremental}"` : `the backup "${prev}" no longer exists`;
+      }
+      disks.push(jobDisk);
+    }
+    if (disks.length === 0) throw new QbackupError('INVALID_ARGUMENT', `Cannot back up domain "${domain}": no disk selected`);
+    const targetsSeen = new Set<string>();
+    for (const d of disks) {
+      if (targetsSeen.has(d.targetFile)) throw new QbackupError('INVALID_ARGUMENT', `Cannot back up domain "${domain}": two disks would write to "${d.targetFile}"`);
+      targetsSeen.add(d.targetFile);
+    }
+
+    const plan = cpSpec !== undefined ? await this.checkpoints.planCreate(ctx, qmp, cpSpec) : undefined;
+    const info: JobInfo = {
+      id,
+      domain,
+      mode: 'push',
+      state: 'running',
+      ...(plan !== undefined ? { checkpoint: plan.row.name } : {}),
+      ...(backup.incremental !== undefined ? { incremental: backup.incremental } : {}),
+      startedMs: Date.now(),
+      bytesDone: 0,
+      bytesTotal: 0,
+      disks,
+    };
+    const payload: JobPayload = { info, ...(plan !== undefined ? { checkpointPlan: plan } : {}) };
+    this.store.transaction(() => this.store.insert({ domain, id, state: 'starting', payload: JSON.stringify(payload), started_ms: info.startedMs }));
+    try {
+      for (const d of disks) {
+        if (!options.reuseExternal) {
+          mkdirSync(dirname(d.targetFile), { recursive: true });
+          await createImage(d.targetFile, d.targetFormat, sizes.get(d.diskId) ?? 0, d.backingFile !== undefined ? { backingFile: relativeBacking(d.targetFile, d.backingFile), backingFormat: 'qcow2' } : {});
+          d.createdTarget = true;
+          this.store.transaction(() => this.store.update(domain, 'starting', JSON.stringify(payload)));
+        }
+        await qmp.execute('blockdev-add', { driver: 'file', 'node-name': d.targetNodes.file, filename: d.targetFile });
+        await qmp.execute('blockdev-add', { driver: d.targetFormat, 'node-name': d.targetNodes.format, file: d.targetNodes.file, ...(d.backingFile !== undefined ? { backing: null } : {}) });
+      }
+      await qmp.transaction(this.startActions(disks, plan), { completionMode: 'individual' });
+    } catch (err) {
+      await this.finalize(ctx, qmp, payload, 'failed', describeError(err));
+      throw err;
+    }
+    this.store.transaction(() => {
+      if (plan !== undefined) this.checkpoints.commitCreate(plan);
+      this.store.update(domain, 'running', JSON.stringify(payload));
+    });
+    return info;
+  }
+
+  /** The one transaction that starts the job: temporary merged bitmaps, the new checkpoint, and every copy job. */
+  private startActions(disks: readonly JobDisk[], plan: Parameters<CheckpointService['commitCreate']>[0] | undefined): QmpTransactionAction[] {
+    const actions: QmpTransactionAction[] = [];
+    for (const d of disks) {
+      if (d.tmpBitmap === undefined) continue;
+      const node = nodeNamesFor(d.diskId).format;
+      actions.push({ type: 'block-dirty-bitmap-add', data: { node, name: d.tmpBitmap, persistent: false, disabled: true } });
+      actions.push({ type: 'block-dirty-bitmap-merge', data: { node, target: d.tmpBitmap, bitmaps: d.bitmaps ?? [] } });
+    }
+    if (plan !== undefined) actions.push(...toTransaction(this.checkpoints.createActions(plan)));
+    for (const d of disks) {
+      actions.push({
+        type: 'blockdev-backup',
+        data: {
+          'job-id': d.qemuJobId,
+          device: nodeNamesFor(d.diskId).format,
+          target: d.targetNodes.format,
+          sync: d.tmpBitmap !== undefined ? 'bitmap' : 'full',
+          ...(d.tmpBitmap !== undefined ? { bitmap: d.tmpBitmap, 'bitmap-mode': 'never' } : {}),
+          'auto-finalize': true,
+          'auto-dismiss': false,
+        },
+      });
+    }
+    return actions;
+  }
+
+  // ---- observe and control -----------------------------------------------------
+
+  /** The running job with fresh progress, or undefined. */
+  async info(domain: string): Promise<JobInfo | undefined> {
+    return this.domains.withDomain(domain, 'domjobinfo', async (ctx) => {
+      const row = this.store.active(domain);
+      if (row === undefined || !ctx.running) return undefined;
+      const payload = JSON.parse(row.payload) as JobPayload;
+      await this.domains.withQmp(ctx, 'domjobinfo', async (qmp) => {
+        applyProgress(payload.info, await queryJobs(qmp));
+      });
+      return payload.info;
+    });
+  }
+
+  lastResult(domain: string): JobInfo | undefined {
+    this.domains.requireDomain(domain);
+    const r = this.store.lastResult(domain);
+    return r === undefined ? undefined : (JSON.parse(r.payload) as JobInfo);
+  }
+
+  async abort(domain: string): Promise<JobInfo> {
+    return this.domains.withDomain(domain, 'domjobabort', async (ctx) => {
+      const row = this.store.active(domain);
+      if (row === undefined) throw new QbackupError('INVALID_ARGUMENT', `Domain "${domain}" has no backup job to abort`);
+      const payload = JSON.parse(row.payload) as JobPayload;
+      return this.domains.withQmp(ctx, 'domjobabort', async (qmp) => {
+        for (const d of payload.info.disks) {
+          await qmp.execute('job-cancel', { id: d.qemuJobId }).catch(() => undefined);
+        }
+        await waitConcluded(qmp, payload.info.disks.map((d) => d.qemuJobId), 30_000);
+        return this.finalize(ctx, qmp, payload, 'aborted');
+      });
+    });
+  }
+
+  /** Polls (without holding the domain between polls) until the job ends; returns its result. */
+  async wait(domain: string, onProgress?: (info: JobInfo) => void): Promise<JobInfo> {
+    for (;;) {
+      const info = await this.info(domain);
+      if (info === undefined) {
+        const result = this.lastResult(domain);
+        if (result === undefined) throw new QbackupError('INVALID_ARGUMENT', `Domain "${domain}" has no backup job`);
+        return result;
+      }
+      onProgress?.(info);
+      await sleep(100);
+    }
+  }
+
+  // ---- reaping -----------------------------------------------------------------
+
+  /** Runs at the start of every command on the domain: adopts, finalizes or cleans up a job. */
+  private async reap(ctx: DomainContext): Promise<void> {
+    const row = this.store.active(ctx.row.name);
+    if (row === undefined) return;
+    const payload = JSON.parse(row.payload) as JobPayload;
+    if (!ctx.running) {
+      await this.finalize(ctx, undefined, payload, 'failed', 'QEMU exited while the job ran');
+      return;
+    }
+    await this.domains.withQmp(ctx, 'backup job check', async (qmp) => {
+      const jobs = await queryJobs(qmp);
+      const ours = payload.info.disks.map((d) => jobs.get(d.qemuJobId));
+      if (ours.every((j) => j === undefined)) {
+        // QEMU never started the jobs (qbackup died before the transaction) or they vanished.
+        await this.finalize(ctx, qmp, payload, 'failed', row.state === 'starting' ? 'qbackup stopped before the job started' : 'QEMU lost the job');
+        return;
+      }
+      if (row.state === 'starting') {
+        // The transaction happened but qbackup died before recording it: adopt.
+        this.store.transaction(() => {
+          if (payload.checkpointPlan !== undefined && this.checkpoints.store.get(ctx.row.name, payload.checkpointPlan.row.name) === undefined) {
+            this.checkpoints.commitCreate(payload.checkpointPlan);
+          }
+          this.store.update(ctx.row.name, 'running', JSON.stringify(payload));
+        });
+      }
+      if (ours.every((j) => j !== undefined && j.status === 'concluded')) {
+        applyProgress(payload.info, jobs);
+        const failed = payload.info.disks.find((d) => d.state === 'failed');
+        await this.finalize(ctx, qmp, payload, failed === undefined ? 'completed' : 'failed', failed?.error);
+      }
+    });
+  }
+
+  /**
+   * Ends a job: dismisses QEMU's jobs, removes target nodes and temporary
+   * bitmaps, deletes targets of a job that did not complete, records the result.
+   */
+  private async finalize(ctx: DomainContext, qmp: QmpClient | undefined, payload: JobPayload, state: JobInfo['state'], error?: string): Promise<JobInfo> {
+    const info = payload.info;
+    const domain = ctx.row.name;
+    if (qmp !== undefined) {
+      for (const d of info.disks) {
+        await qmp.execute('job-dismiss', { id: d.qemuJobId }).catch(() => undefined);
+        await qmp.execute('blockdev-del', { 'node-name': d.targetNodes.format }).catch(() => undefined);
+        await qmp.execute('blockdev-del', { 'node-name': d.targetNodes.file }).catch(() => undefined);
+        if (d.tmpBitmap !== undefined) {
+          await qmp.execute('block-dirty-bitmap-remove', { node: nodeNamesFor(d.diskId).format, name: d.tmpBitmap }).catch(() => undefined);
+        }
+      }
+    }
+    for (const d of info.disks) {
+      if (state === 'completed') d.state = 'completed';
+      else if (d.state === 'running' || d.state === 'completed') d.state = state === 'aborted' ? 'cancelled' : 'failed';
+      if (state !== 'completed' && d.createdTarget) rmSync(d.targetFile, { force: true });
+    }
+    info.state = state;
+    info.endedMs = Date.now();
+    if (error !== undefined) info.error = error;
+    this.store.transaction(() => {
+      if (state === 'completed' && info.checkpoint !== undefined) {
+        for (const d of info.disks) this.store.recordTarget(domain, info.checkpoint, d.diskId, d.targetFile);
+      }
+      this.store.remove(domain);
+      this.store.saveResult(domain, info.id, JSON.stringify(info));
+    });
+    return info;
+  }
+}
+
+// ---- helpers ---------------------------------------------------------------------
+
+function selectDisks(ctx: DomainContext, backup: BackupXml): Array<{ disk: AttachedDisk; spec: BackupDiskXml }> {
+  const domain = ctx.row.name;
+  const specs = backup.disks ?? [];
+  for (const s of specs) {
+    if (!ctx.disks.some((d) => d.target === s.name)) {
+      throw new QbackupError('DISK_NOT_FOUND', `Cannot back up domain "${domain}": it has no disk "${s.name}"`);
+    }
+  }
+  const out: Array<{ disk: AttachedDisk; spec: BackupDiskXml }> = [];
+  for (const disk of ctx.disks) {
+    const spec = specs.find((s) => s.name === disk.target);
+    // As libvirt: when <disks> lists some disks, the others are not backed up.
+    if (backup.disks !== undefined && spec === undefined) continue;
+    if (spec !== undefined && !spec.backup) continue;
+    if (disk.readonly && spec === undefined) continue;
+    out.push({ disk, spec: spec ?? { name: disk.target, backup: true } });
+  }
+  return out;
+}
+
+function defaultTarget(disk: AttachedDisk, targetDir: string | undefined, suffix: string): string {
+  if (targetDir !== undefined) return join(targetDir, `${disk.target}.${suffix}.qcow2`);
+  return `${disk.source}.${suffix}`;
+}
+
+/** Backing paths are stored relative to the target so the backup files can move together. */
+function relativeBacking(targetFile: string, backingFile: string): string {
+  const rel = relative(dirname(targetFile), backingFile);
+  return rel.startsWith('..') ? backingFile : rel || basename(backingFile);
+}
+
+async function virtualSizes(qmp: QmpClient, disks: readonly AttachedDisk[]): Promise<Map<string, number>> {
+  const nodes = await qmp.execute<Array<{ 'node-name'?: string; image?: { 'virtual-size'?: number } }>>('query-named-block-nodes', { flat: true });
+  const out = new Map<string, number>();
+  for (const d of disks) {
+    const n = nodes.find((x) => x['node-name'] === nodeNamesFor(d.diskId).format);
+    out.set(d.diskId, n?.image?.['virtual-size'] ?? 0);
+  }
+  return out;
+}
+
+interface QemuJob {
+  id: string;
+  status: string;
+  'current-progress': number;
+  'total-progress': number;
+  error?: string;
+}
+
+async function queryJobs(qmp: QmpClient): Promise<Map<string, QemuJob>> {
+  const jobs = await qmp.execute<QemuJob[]>('query-jobs');
+  return new Map(jobs.map((j) => [j.id, j]));
+}
+
+function applyProgress(info: JobInfo, jobs: Map<string, QemuJob>): void {
+  let done = 0;
+  let total = 0;
+  for (const d of info.disks) {
+    const j = jobs.get(d.qemuJobId);
+    if (j === undefined) continue;
+    d.bytesDone = j['current-progress'];
+    d.bytesTotal = j['total-progress'];
+    done += j['current-progress'];
+    total += j['total-progress'];
+    if (j.status === 'concluded') {
+      d.state = j.error !== undefined ? (/cancel/i.test(j.error) ? 'cancelled' : 'failed') : 'completed';
+      if (j.error !== undefined) d.error = j.error;
+    }
+  }
+  info.bytesDone = done;
+  info.bytesTotal = total;
+}
+
+async function waitConcluded(qmp: QmpClient, ids: readonly string[], timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const jobs = await queryJobs(qmp);
+    if (ids.every((id) => jobs.get(id) === undefined || jobs.get(id)?.status === 'concluded')) return;
+    if (Date.now() > deadline) throw new QbackupError('QMP_TIMEOUT', `Backup jobs did not stop within ${timeoutMs} ms`);
+    await sleep(50);
+  }
+}

@@ -1,0 +1,127 @@
+// CLI commands for backup jobs, named and flagged as in virsh, plus shorthand
+// flags so that the common backup needs no XML.
+
+import type { Command } from 'commander';
+import type { JobInfo } from '../backup/service.js';
+import { formatBackupXml } from '../backup/xml.js';
+import { QbackupError } from '../errors.js';
+import type { CliContext } from './context.js';
+import { readInput } from './domain-commands.js';
+import { emit } from './output.js';
+
+export function registerBackupCommands(program: Command, cli: CliContext): void {
+  program
+    .command('backup-begin')
+    .description('start a backup job (push mode: QEMU writes each disk to a qcow2 target)')
+    .argument('<domain>')
+    .argument('[backupxml]', '<domainbackup> XML file')
+    .argument('[checkpointxml]', '<domaincheckpoint> XML file: a checkpoint created atomically with the job')
+    .option('--incremental <checkpoint>', 'back up the changes since this checkpoint (per disk full when coverage is lost)')
+    .option('--checkpoint <name>', 'create a checkpoint with this name atomically with the job')
+    .option('--target-dir <dir>', 'write targets as DIR/<target>.<checkpoint or job id>.qcow2')
+    .option('--reuse-external', 'write into existing target files instead of creating them')
+    .option('--strict', 'refuse the job when a disk cannot be backed up incrementally')
+    .option('--wait', 'wait until the job ends and print its result')
+    .action(
+      async (
+        domain: string,
+        backupFile: string | undefined,
+        checkpointFile: string | undefined,
+        o: { incremental?: string; checkpoint?: string; targetDir?: string; reuseExternal?: boolean; strict?: boolean; wait?: boolean },
+        cmd: Command,
+      ) => {
+        await cli.run(cmd, async (qb, out) => {
+          if (checkpointFile !== undefined && o.checkpoint !== undefined) {
+            throw new QbackupError('INVALID_ARGUMENT', 'Give the new checkpoint either as XML or with --checkpoint, not both');
+          }
+          let job = await qb.backups.begin(domain, {
+            ...(backupFile !== undefined ? { backupXml: readInput(backupFile, 'backup XML') } : {}),
+            ...(checkpointFile !== undefined ? { checkpointXml: readInput(checkpointFile, 'checkpoint XML') } : {}),
+            ...(o.incremental !== undefined ? { incremental: o.incremental } : {}),
+            ...(o.checkpoint !== undefined ? { checkpointName: o.checkpoint } : {}),
+            ...(o.targetDir !== undefined ? { targetDir: o.targetDir } : {}),
+            reuseExternal: o.reuseExternal ?? false,
+            strict: o.strict ?? false,
+          });
+          if (o.wait) job = await qb.backups.wait(domain);
+          emit(out, job, () => (o.wait ? describeJob(job) : `Backup started (job ${job.id})\n${describeDisks(job)}`));
+          if (o.wait && job.state !== 'completed') {
+            throw new QbackupError('TOOL_FAILED', `Backup job "${job.id}" of domain "${domain}" ${job.state}${job.error !== undefined ? `: ${job.error}` : ''}`);
+          }
+        });
+      },
+    );
+
+  program
+    .command('backup-dumpxml')
+    .description('print the running backup job as <domainbackup> XML')
+    .argument('<domain>')
+    .action(async (domain: string, _o: unknown, cmd: Command) => {
+      await cli.run(cmd, async (qb, out) => {
+        const job = await qb.backups.info(domain);
+        if (job === undefined) throw new QbackupError('INVALID_ARGUMENT', `Domain "${domain}" has no running backup job`);
+        const xml = formatBackupXml({
+          mode: job.mode,
+          ...(job.incremental !== undefined ? { incremental: job.incremental } : {}),
+          disks: job.disks.map((d) => ({
+            name: d.target,
+            backup: true,
+            backupmode: d.mode,
+            ...(d.mode === 'incremental' && d.incremental !== undefined ? { incremental: d.incremental } : {}),
+            type: 'file',
+            driverType: d.targetFormat,
+            target: d.targetFile,
+          })),
+        });
+        emit(out, { job, xml }, () => xml);
+      });
+    });
+
+  program
+    .command('domjobinfo')
+    .description('show the running backup job (or, with --completed, the last finished one)')
+    .argument('<domain>')
+    .option('--completed', 'show the last finished job')
+    .action(async (domain: string, o: { completed?: boolean }, cmd: Command) => {
+      await cli.run(cmd, async (qb, out) => {
+        const job = o.completed ? qb.backups.lastResult(domain) : await qb.backups.info(domain);
+        emit(out, job ?? null, () => (job === undefined ? 'Job type:         None' : describeJob(job)));
+      });
+    });
+
+  program
+    .command('domjobabort')
+    .description('abort the running backup job; its targets are removed')
+    .argument('<domain>')
+    .action(async (domain: string, _o: unknown, cmd: Command) => {
+      await cli.run(cmd, async (qb, out) => {
+        const job = await qb.backups.abort(domain);
+        emit(out, job, () => `Backup job ${job.id} aborted`);
+      });
+    });
+}
+
+function describeDisks(job: JobInfo): string {
+  return job.disks
+    .map((d) => {
+      const why = d.fullReasons !== undefined && d.fullReasons.length > 0 ? ` (full because ${d.fullReasons.map((r) => `${r.code}: ${r.detail}`).join('; ')})` : '';
+      const backing = d.backingFile !== undefined ? `, backing ${d.backingFile}` : d.backingNote !== undefined ? `, no backing file: ${d.backingNote}` : '';
+      return `  ${d.target}: ${d.mode}${d.mode === 'incremental' ? ` since ${d.incremental ?? '?'}` : ''} -> ${d.targetFile}${backing}${why}`;
+    })
+    .join('\n');
+}
+
+function describeJob(job: JobInfo): string {
+  const elapsed = ((job.endedMs ?? Date.now()) - job.startedMs) / 1000;
+  return [
+    `Job type:         ${job.state === 'running' ? 'Unbounded' : job.state === 'completed' ? 'Completed' : job.state === 'aborted' ? 'Cancelled' : 'Failed'}`,
+    `Operation:        Backup (${job.mode})`,
+    `Job id:           ${job.id}`,
+    `Time elapsed:     ${elapsed.toFixed(3)} s`,
+    `Data processed:   ${job.bytesDone} of ${job.bytesTotal} bytes`,
+    ...(job.checkpoint !== undefined ? [`Checkpoint:       ${job.checkpoint}`] : []),
+    ...(job.error !== undefined ? [`Error:            ${job.error}`] : []),
+    'Disks:',
+    describeDisks(job),
+  ].join('\n');
+}
