@@ -48,7 +48,7 @@ export class Qbackup implements Disposable {
     };
     this.domains = new DomainService(new DomainStore(this.db), domainOptions);
     this.checkpoints = new CheckpointService(this.domains, new CheckpointStore(this.db), options.crashAt);
-    this.backups = new BackupService(this.domains, this.checkpoints, new JobStore(this.db));
+    this.backups = new BackupService(this.domains, this.checkpoints, new JobStore(this.db), options.crashAt);
   }
 
   static open(options: QbackupOptions): Qbackup {

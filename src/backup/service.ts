@@ -42,6 +42,8 @@ export interface BeginOptions {
   targetDir?: string;
   reuseExternal?: boolean;
   strict?: boolean;
+  /** Copy rate limit per disk (QEMU's job speed), bytes per second; unlimited when absent. */
+  bandwidthBytesPerSec?: number;
 }
 
 export type DiskJobState = 'running' | 'completed' | 'failed' | 'cancelled';
@@ -95,6 +97,7 @@ export class BackupService {
     readonly domains: DomainService,
     readonly checkpoints: CheckpointService,
     readonly store: JobStore,
+    private readonly crashAt?: string,
   ) {
     const previousOpen = domains.hooks.onOpen;
     domains.hooks.onOpen = async (ctx) => {
@@ -137,6 +140,7 @@ export class BackupService {
     const selected = selectDisks(ctx, backup);
     const disks: JobDisk[] = [];
     const sizes = await virtualSizes(qmp, selected.map((s) => s.disk));
+    const uncovered: string[] = [];
     for (const { disk, spec } of selected) {
       const since = spec.backupmode === 'full' ? undefined : (spec.incremental ?? backup.incremental);
       if (since !== undefined) this.checkpoints.requireCheckpoint(domain, since);
@@ -156,12 +160,7 @@ export class BackupService {
         const [cov] = await this.checkpoints.coverageIn(ctx, qmp, since, [disk]);
         if (cov === undefined || cov.mode === 'full') {
           const reasons = cov?.reasons ?? [];
-          if (options.strict) {
-            throw new QbackupError(
-              'BITMAP_INCONSISTENT',
-              `Cannot back up disk "${disk.target}" of domain "${domain}" incrementally since checkpoint "${since}": ${reasons.map((r) => `${r.code} (${r.detail})`).join('; ')}`,
-            );
-          }
+          uncovered.push(`disk "${disk.target}": ${reasons.map((r) => `${r.code} (${r.detail})`).join(', ')}`);
           jobDisk.mode = 'full';
           jobDisk.fullReasons = reasons;
         } else {
@@ -184,6 +183,9 @@ export class BackupService {
       disks.push(jobDisk);
     }
     if (disks.length === 0) throw new QbackupError('INVALID_ARGUMENT', `Cannot back up domain "${domain}": no disk selected`);
+    if (options.strict && uncovered.length > 0) {
+      throw new QbackupError('BITMAP_INCONSISTENT', `Cannot back up domain "${domain}" incrementally (--strict): ${uncovered.join('; ')}`);
+    }
     const targetsSeen = new Set<string>();
     for (const d of disks) {
       if (targetsSeen.has(d.targetFile)) throw new QbackupError('INVALID_ARGUMENT', `Cannot back up domain "${domain}": two disks would write to "${d.targetFile}"`);
@@ -216,7 +218,9 @@ export class BackupService {
         await qmp.execute('blockdev-add', { driver: 'file', 'node-name': d.targetNodes.file, filename: d.targetFile });
         await qmp.execute('blockdev-add', { driver: d.targetFormat, 'node-name': d.targetNodes.format, file: d.targetNodes.file, ...(d.backingFile !== undefined ? { backing: null } : {}) });
       }
-      await qmp.transaction(this.startActions(disks, plan), { completionMode: 'individual' });
+      this.fault('backup-begin:before-qemu');
+      await qmp.transaction(this.startActions(disks, plan, options.bandwidthBytesPerSec), { completionMode: 'individual' });
+      this.fault('backup-begin:after-qemu');
     } catch (err) {
       await this.finalize(ctx, qmp, payload, 'failed', describeError(err));
       throw err;
@@ -229,7 +233,11 @@ export class BackupService {
   }
 
   /** The one transaction that starts the job: temporary merged bitmaps, the new checkpoint, and every copy job. */
-  private startActions(disks: readonly JobDisk[], plan: Parameters<CheckpointService['commitCreate']>[0] | undefined): QmpTransactionAction[] {
+  private startActions(
+    disks: readonly JobDisk[],
+    plan: Parameters<CheckpointService['commitCreate']>[0] | undefined,
+    speed: number | undefined,
+  ): QmpTransactionAction[] {
     const actions: QmpTransactionAction[] = [];
     for (const d of disks) {
       if (d.tmpBitmap === undefined) continue;
@@ -249,6 +257,7 @@ export class BackupService {
           ...(d.tmpBitmap !== undefined ? { bitmap: d.tmpBitmap, 'bitmap-mode': 'never' } : {}),
           'auto-finalize': true,
           'auto-dismiss': false,
+          ...(speed !== undefined ? { speed } : {}),
         },
       });
     }
@@ -270,10 +279,12 @@ export class BackupService {
     });
   }
 
-  lastResult(domain: string): JobInfo | undefined {
-    this.domains.requireDomain(domain);
-    const r = this.store.lastResult(domain);
-    return r === undefined ? undefined : (JSON.parse(r.payload) as JobInfo);
+  /** The last finished job; a job that ended since the last command is reaped first. */
+  async lastResult(domain: string): Promise<JobInfo | undefined> {
+    return this.domains.withDomain(domain, 'domjobinfo --completed', async () => {
+      const r = this.store.lastResult(domain);
+      return r === undefined ? undefined : (JSON.parse(r.payload) as JobInfo);
+    });
   }
 
   async abort(domain: string): Promise<JobInfo> {
@@ -296,7 +307,7 @@ export class BackupService {
     for (;;) {
       const info = await this.info(domain);
       if (info === undefined) {
-        const result = this.lastResult(domain);
+        const result = await this.lastResult(domain);
         if (result === undefined) throw new QbackupError('INVALID_ARGUMENT', `Domain "${domain}" has no backup job`);
         return result;
       }
@@ -341,6 +352,10 @@ export class BackupService {
     });
   }
 
+  private fault(point: BackupFaultPoint): void {
+    if (this.crashAt === point) process.kill(process.pid, 'SIGKILL');
+  }
+
   /**
    * Ends a job: dismisses QEMU's jobs, removes target nodes and temporary
    * bitmaps, deletes targets of a job that did not complete, records the result.
@@ -378,6 +393,8 @@ export class BackupService {
 }
 
 // ---- helpers ---------------------------------------------------------------------
+
+export type BackupFaultPoint = 'backup-begin:before-qemu' | 'backup-begin:after-qemu';
 
 function selectDisks(ctx: DomainContext, backup: BackupXml): Array<{ disk: AttachedDisk; spec: BackupDiskXml }> {
   const domain = ctx.row.name;

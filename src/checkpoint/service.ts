@@ -367,11 +367,35 @@ export class CheckpointService {
 
   private commitDelete(domain: string, intent: DeleteIntent): void {
     this.store.transaction(() => {
+      if (intent.parent !== null) this.carryGapsToParent(domain, intent.name, intent.parent);
       this.store.reparentChildren(domain, intent.name, intent.parent);
       this.store.remove(domain, intent.name);
       if (intent.wasCurrent) this.store.setCurrent(domain, intent.parent);
       this.store.endOperation(domain);
     });
+  }
+
+  /**
+   * Coverage from the parent runs through the deleted checkpoint's bitmap. On
+   * a disk where the parent has a bitmap but the deleted checkpoint has none
+   * (checkpoint='no', or not part of it) or had lost it (a recorded loss), no
+   * bitmap holds the writes of that span, and once the checkpoint is gone the
+   * chain would hide the gap: record it as a loss of the parent instead (inside
+   * the commit, before the checkpoint's own losses are removed).
+   */
+  private carryGapsToParent(domain: string, name: string, parent: string): void {
+    const own = this.store.disks(domain, name);
+    const losses = this.store.losses(domain).filter((l) => l.checkpoint === name);
+    for (const p of this.store.disks(domain, parent)) {
+      if (p.mode !== 'bitmap' || p.disk_id === null) continue;
+      const mine = own.find((d) => d.disk_id === p.disk_id);
+      const loss = losses.find((l) => l.disk_id === p.disk_id);
+      if (mine === undefined || mine.mode !== 'bitmap' || mine.bitmap === null) {
+        this.store.recordLoss(domain, p.disk_id, parent, 'bitmap-missing', `deleted checkpoint "${name}" had no bitmap for disk "${p.target}", so writes after it are not tracked from "${parent}"`);
+      } else if (loss !== undefined) {
+        this.store.recordLoss(domain, p.disk_id, parent, loss.reason, `deleted checkpoint "${name}": ${loss.detail}`);
+      }
+    }
   }
 
   /**

@@ -21,13 +21,14 @@ export function registerBackupCommands(program: Command, cli: CliContext): void 
     .option('--target-dir <dir>', 'write targets as DIR/<target>.<checkpoint or job id>.qcow2')
     .option('--reuse-external', 'write into existing target files instead of creating them')
     .option('--strict', 'refuse the job when a disk cannot be backed up incrementally')
+    .option('--bandwidth <MiB/s>', 'limit the copy rate of each disk')
     .option('--wait', 'wait until the job ends and print its result')
     .action(
       async (
         domain: string,
         backupFile: string | undefined,
         checkpointFile: string | undefined,
-        o: { incremental?: string; checkpoint?: string; targetDir?: string; reuseExternal?: boolean; strict?: boolean; wait?: boolean },
+        o: { incremental?: string; checkpoint?: string; targetDir?: string; reuseExternal?: boolean; strict?: boolean; wait?: boolean; bandwidth?: string },
         cmd: Command,
       ) => {
         await cli.run(cmd, async (qb, out) => {
@@ -42,6 +43,7 @@ export function registerBackupCommands(program: Command, cli: CliContext): void 
             ...(o.targetDir !== undefined ? { targetDir: o.targetDir } : {}),
             reuseExternal: o.reuseExternal ?? false,
             strict: o.strict ?? false,
+            ...(o.bandwidth !== undefined ? { bandwidthBytesPerSec: mibPerSecond(o.bandwidth) } : {}),
           });
           if (o.wait) job = await qb.backups.wait(domain);
           emit(out, job, () => (o.wait ? describeJob(job) : `Backup started (job ${job.id})\n${describeDisks(job)}`));
@@ -84,7 +86,7 @@ export function registerBackupCommands(program: Command, cli: CliContext): void 
     .option('--completed', 'show the last finished job')
     .action(async (domain: string, o: { completed?: boolean }, cmd: Command) => {
       await cli.run(cmd, async (qb, out) => {
-        const job = o.completed ? qb.backups.lastResult(domain) : await qb.backups.info(domain);
+        const job = o.completed ? await qb.backups.lastResult(domain) : await qb.backups.info(domain);
         emit(out, job ?? null, () => (job === undefined ? 'Job type:         None' : describeJob(job)));
       });
     });
@@ -99,6 +101,12 @@ export function registerBackupCommands(program: Command, cli: CliContext): void 
         emit(out, job, () => `Backup job ${job.id} aborted`);
       });
     });
+}
+
+function mibPerSecond(value: string): number {
+  const n = Number(value);
+  if (!Number.isFinite(n) || n <= 0) throw new QbackupError('INVALID_ARGUMENT', `Invalid --bandwidth "${value}": expected a positive number of MiB/s`);
+  return Math.round(n * 1024 * 1024);
 }
 
 function describeDisks(job: JobInfo): string {

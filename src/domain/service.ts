@@ -199,10 +199,10 @@ export class DomainService {
 
   async undefine(name: string, options: UndefineOptions = {}): Promise<void> {
     await this.withDomain(name, 'undefine', async (ctx) => {
+      this.hooks.beforeConfigChange?.(ctx, 'undefine');
       if (ctx.running) {
         throw new QbackupError('DOMAIN_RUNNING', `Cannot undefine domain "${name}": it is running; shut it down or destroy it first`);
       }
-      this.hooks.beforeConfigChange?.(ctx, 'undefine');
       this.hooks.beforeUndefine?.(ctx, options);
       this.store.transaction(() => this.store.deleteDomain(name));
       rmSync(this.domainDir(name), { recursive: true, force: true });
