@@ -64,11 +64,23 @@ export interface JobDisk {
   backingFile?: string;
   backingNote?: string;
   qemuJobId: string;
+  /** Push: the target's nodes. Pull: the scratch image's nodes. */
   targetNodes: { file: string; format: string };
+  /** Pull mode only: the fleecing filter, the frozen view and its export. */
+  pull?: { cbwNode: string; snapNode: string; exportName: string; exportId: string };
   state: DiskJobState;
   error?: string;
   bytesDone?: number;
   bytesTotal?: number;
+}
+
+export interface NbdServer {
+  transport: 'unix' | 'tcp';
+  socket?: string;
+  /** A directory qbackup made for the socket (mode 0700), removed with the job. */
+  socketDir?: string;
+  host?: string;
+  port?: number;
 }
 
 export interface JobInfo {
@@ -83,6 +95,8 @@ export interface JobInfo {
   bytesDone: number;
   bytesTotal: number;
   error?: string;
+  /** Pull mode: where the exports are served. */
+  server?: NbdServer;
   disks: JobDisk[];
 }
 
@@ -127,32 +141,36 @@ export class BackupService {
       }
       const active = this.store.active(domain);
       if (active !== undefined) throw new QbackupError('BACKUP_RUNNING', `Cannot start a backup of domain "${domain}": backup job "${active.id}" is running`);
-      if (backup.mode === 'pull') {
-        throw new QbackupError('NOT_SUPPORTED', `Cannot start a pull-mode backup of domain "${domain}": only push mode is implemented so far`);
-      }
-      return this.domains.withQmp(ctx, 'backup-begin', (qmp) => this.beginPush(ctx, qmp, backup, cpSpec, options));
+      return this.domains.withQmp(ctx, 'backup-begin', (qmp) => this.beginJob(ctx, qmp, backup, cpSpec, options));
     });
   }
 
-  private async beginPush(ctx: DomainContext, qmp: QmpClient, backup: BackupXml, cpSpec: CheckpointXml | undefined, options: BeginOptions): Promise<JobInfo> {
+  private async beginJob(ctx: DomainContext, qmp: QmpClient, backup: BackupXml, cpSpec: CheckpointXml | undefined, options: BeginOptions): Promise<JobInfo> {
     const domain = ctx.row.name;
+    const pull = backup.mode === 'pull';
     const id = `backup-${randomBytes(4).toString('hex')}`;
+    const short = id.slice(7);
     const selected = selectDisks(ctx, backup);
     const disks: JobDisk[] = [];
     const sizes = await virtualSizes(qmp, selected.map((s) => s.disk));
     const uncovered: string[] = [];
+    const scratchDir = join(this.domains.domainDir(domain), 'scratch');
     for (const { disk, spec } of selected) {
       const since = spec.backupmode === 'full' ? undefined : (spec.incremental ?? backup.incremental);
       if (since !== undefined) this.checkpoints.requireCheckpoint(domain, since);
+      const format = spec.driverType ?? 'qcow2';
+      if (pull && format !== 'qcow2') {
+        throw new QbackupError('INVALID_ARGUMENT', `Cannot back up disk "${disk.target}" of domain "${domain}" in pull mode: the scratch image must be qcow2, not ${format}`);
+      }
       const jobDisk: JobDisk = {
         target: disk.target,
         diskId: disk.diskId,
         mode: since === undefined ? 'full' : 'incremental',
         targetFile: '',
-        targetFormat: spec.driverType ?? 'qcow2',
+        targetFormat: format,
         createdTarget: false,
         qemuJobId: `${id}-${disk.target}`,
-        targetNodes: { file: `bk${id.slice(7)}-${disk.target}-file`, format: `bk${id.slice(7)}-${disk.target}-fmt` },
+        targetNodes: { file: `bk${short}-${disk.target}-file`, format: `bk${short}-${disk.target}-fmt` },
         state: 'running',
       };
       if (since !== undefined) {
@@ -165,20 +183,33 @@ export class BackupService {
           jobDisk.fullReasons = reasons;
         } else {
           jobDisk.bitmaps = cov.bitmaps;
-          jobDisk.tmpBitmap = `${TEMP_BITMAP_PREFIX}${id.slice(7)}-${disk.target}`;
+          jobDisk.tmpBitmap = pull ? (spec.exportbitmap ?? `backup-${disk.target}`) : `${TEMP_BITMAP_PREFIX}${short}-${disk.target}`;
         }
       }
-      jobDisk.targetFile = resolve(spec.target ?? defaultTarget(disk, options.targetDir, cpSpec?.name ?? id));
-      if (existsSync(jobDisk.targetFile) && !options.reuseExternal) {
-        throw new QbackupError('INVALID_ARGUMENT', `Cannot back up disk "${disk.target}" of domain "${domain}": target "${jobDisk.targetFile}" exists (use --reuse-external to write into it)`);
-      }
-      if (!existsSync(jobDisk.targetFile) && options.reuseExternal) {
-        throw new QbackupError('INVALID_ARGUMENT', `Cannot back up disk "${disk.target}" of domain "${domain}": with --reuse-external the target "${jobDisk.targetFile}" must exist`);
-      }
-      if (jobDisk.mode === 'incremental' && jobDisk.incremental !== undefined) {
-        const prev = this.store.targetFor(domain, jobDisk.incremental, disk.diskId);
-        if (prev !== undefined && existsSync(prev) && jobDisk.targetFormat === 'qcow2') jobDisk.backingFile = prev;
-        else jobDisk.backingNote = prev === undefined ? `no backup recorded for checkpoint "${jobDisk.incremental}"` : `the backup "${prev}" no longer exists`;
+      if (pull) {
+        jobDisk.targetFile = resolve(spec.scratch ?? join(scratchDir, `${id}-${disk.target}.qcow2`));
+        jobDisk.pull = {
+          cbwNode: `bk${short}-${disk.target}-cbw`,
+          snapNode: `bk${short}-${disk.target}-snap`,
+          exportName: spec.exportname ?? disk.target,
+          exportId: `${id}-${disk.target}`,
+        };
+        if (existsSync(jobDisk.targetFile)) {
+          throw new QbackupError('INVALID_ARGUMENT', `Cannot back up disk "${disk.target}" of domain "${domain}": scratch file "${jobDisk.targetFile}" exists`);
+        }
+      } else {
+        jobDisk.targetFile = resolve(spec.target ?? defaultTarget(disk, options.targetDir, cpSpec?.name ?? id));
+        if (existsSync(jobDisk.targetFile) && !options.reuseExternal) {
+          throw new QbackupError('INVALID_ARGUMENT', `Cannot back up disk "${disk.target}" of domain "${domain}": target "${jobDisk.targetFile}" exists (use --reuse-external to write into it)`);
+        }
+        if (!existsSync(jobDisk.targetFile) && options.reuseExternal) {
+          throw new QbackupError('INVALID_ARGUMENT', `Cannot back up disk "${disk.target}" of domain "${domain}": with --reuse-external the target "${jobDisk.targetFile}" must exist`);
+        }
+        if (jobDisk.mode === 'incremental' && jobDisk.incremental !== undefined) {
+          const prev = this.store.targetFor(domain, jobDisk.incremental, disk.diskId);
+          if (prev !== undefined && existsSync(prev) && format === 'qcow2') jobDisk.backingFile = prev;
+          else jobDisk.backingNote = prev === undefined ? `no backup recorded for checkpoint "${jobDisk.incremental}"` : `the backup "${prev}" no longer exists`;
+        }
       }
       disks.push(jobDisk);
     }
@@ -186,17 +217,14 @@ export class BackupService {
     if (options.strict && uncovered.length > 0) {
       throw new QbackupError('BITMAP_INCONSISTENT', `Cannot back up domain "${domain}" incrementally (--strict): ${uncovered.join('; ')}`);
     }
-    const targetsSeen = new Set<string>();
-    for (const d of disks) {
-      if (targetsSeen.has(d.targetFile)) throw new QbackupError('INVALID_ARGUMENT', `Cannot back up domain "${domain}": two disks would write to "${d.targetFile}"`);
-      targetsSeen.add(d.targetFile);
-    }
+    assertDistinct(domain, disks.map((d) => d.targetFile), 'write to');
+    if (pull) assertDistinct(domain, disks.map((d) => d.pull?.exportName ?? ''), 'use the export name');
 
     const plan = cpSpec !== undefined ? await this.checkpoints.planCreate(ctx, qmp, cpSpec) : undefined;
     const info: JobInfo = {
       id,
       domain,
-      mode: 'push',
+      mode: pull ? 'pull' : 'push',
       state: 'running',
       ...(plan !== undefined ? { checkpoint: plan.row.name } : {}),
       ...(backup.incremental !== undefined ? { incremental: backup.incremental } : {}),
@@ -205,22 +233,26 @@ export class BackupService {
       bytesTotal: 0,
       disks,
     };
+    if (pull) info.server = this.serverFor(domain, id, backup);
     const payload: JobPayload = { info, ...(plan !== undefined ? { checkpointPlan: plan } : {}) };
     this.store.transaction(() => this.store.insert({ domain, id, state: 'starting', payload: JSON.stringify(payload), started_ms: info.startedMs }));
+    const save = (): void => this.store.transaction(() => this.store.update(domain, 'starting', JSON.stringify(payload)));
     try {
       for (const d of disks) {
-        if (!options.reuseExternal) {
-          mkdirSync(dirname(d.targetFile), { recursive: true });
-          await createImage(d.targetFile, d.targetFormat, sizes.get(d.diskId) ?? 0, d.backingFile !== undefined ? { backingFile: relativeBacking(d.targetFile, d.backingFile), backingFormat: 'qcow2' } : {});
+        if (pull || !options.reuseExternal) {
+          mkdirSync(dirname(d.targetFile), { recursive: true, mode: 0o700 });
+          const backing = d.backingFile !== undefined ? { backingFile: relativeBacking(d.targetFile, d.backingFile), backingFormat: 'qcow2' } : {};
+          await createImage(d.targetFile, d.targetFormat, sizes.get(d.diskId) ?? 0, backing);
           d.createdTarget = true;
-          this.store.transaction(() => this.store.update(domain, 'starting', JSON.stringify(payload)));
+          save();
         }
         await qmp.execute('blockdev-add', { driver: 'file', 'node-name': d.targetNodes.file, filename: d.targetFile });
-        await qmp.execute('blockdev-add', { driver: d.targetFormat, 'node-name': d.targetNodes.format, file: d.targetNodes.file, ...(d.backingFile !== undefined ? { backing: null } : {}) });
+        await qmp.execute('blockdev-add', { driver: d.targetFormat, 'node-name': d.targetNodes.format, file: d.targetNodes.file, ...(d.backingFile !== undefined || pull ? { backing: null } : {}) });
       }
       this.fault('backup-begin:before-qemu');
-      await qmp.transaction(this.startActions(disks, plan, options.bandwidthBytesPerSec), { completionMode: 'individual' });
+      await qmp.transaction(this.startActions(disks, plan, pull, options.bandwidthBytesPerSec), { completionMode: 'individual' });
       this.fault('backup-begin:after-qemu');
+      if (pull && info.server !== undefined) await this.exportDisks(qmp, info.server, disks);
     } catch (err) {
       await this.finalize(ctx, qmp, payload, 'failed', describeError(err));
       throw err;
@@ -232,10 +264,46 @@ export class BackupService {
     return info;
   }
 
+  /** Where the NBD server of a pull job listens: as the XML says, else a unix socket only the owner can reach. */
+  private serverFor(domain: string, id: string, backup: BackupXml): NbdServer {
+    const s = backup.server;
+    if (s?.transport === 'tcp') return { transport: 'tcp', host: s.name ?? 'localhost', port: s.port ?? 0 };
+    if (s?.socket !== undefined) return { transport: 'unix', socket: s.socket };
+    const dir = join(this.domains.domainDir(domain), `nbd-${id.slice(7)}`);
+    return { transport: 'unix', socket: join(dir, 'nbd.sock'), socketDir: dir };
+  }
+
+  /** Pull mode, after the transaction: snapshot-access nodes over the fleecing filters, one read-only export each. */
+  private async exportDisks(qmp: QmpClient, server: NbdServer, disks: readonly JobDisk[]): Promise<void> {
+    for (const d of disks) {
+      if (d.pull === undefined) continue;
+      await qmp.execute('blockdev-add', { driver: 'snapshot-access', 'node-name': d.pull.snapNode, file: d.pull.cbwNode });
+    }
+    if (server.socketDir !== undefined) mkdirSync(server.socketDir, { recursive: true, mode: 0o700 });
+    const addr =
+      server.transport === 'tcp'
+        ? { type: 'inet', data: { host: server.host ?? 'localhost', port: String(server.port ?? 0) } }
+        : { type: 'unix', data: { path: server.socket ?? '' } };
+    await qmp.execute('nbd-server-start', { addr });
+    for (const d of disks) {
+      if (d.pull === undefined) continue;
+      await qmp.execute('block-export-add', {
+        type: 'nbd',
+        id: d.pull.exportId,
+        'node-name': d.pull.snapNode,
+        name: d.pull.exportName,
+        writable: false,
+        'allocation-depth': true,
+        ...(d.tmpBitmap !== undefined ? { bitmaps: [{ node: nodeNamesFor(d.diskId).format, name: d.tmpBitmap }] } : {}),
+      });
+    }
+  }
+
   /** The one transaction that starts the job: temporary merged bitmaps, the new checkpoint, and every copy job. */
   private startActions(
     disks: readonly JobDisk[],
     plan: Parameters<CheckpointService['commitCreate']>[0] | undefined,
+    pull: boolean,
     speed: number | undefined,
   ): QmpTransactionAction[] {
     const actions: QmpTransactionAction[] = [];
@@ -247,6 +315,22 @@ export class BackupService {
     }
     if (plan !== undefined) actions.push(...toTransaction(this.checkpoints.createActions(plan)));
     for (const d of disks) {
+      if (pull) {
+        // Fleecing: copy-before-write keeps the view at this instant; the scratch image takes the old data.
+        actions.push({
+          type: 'blockdev-backup',
+          data: {
+            'job-id': d.qemuJobId,
+            device: nodeNamesFor(d.diskId).format,
+            target: d.targetNodes.format,
+            sync: 'none',
+            'filter-node-name': d.pull?.cbwNode,
+            'auto-finalize': true,
+            'auto-dismiss': false,
+          },
+        });
+        continue;
+      }
       actions.push({
         type: 'blockdev-backup',
         data: {
@@ -293,6 +377,9 @@ export class BackupService {
       if (row === undefined) throw new QbackupError('INVALID_ARGUMENT', `Domain "${domain}" has no backup job to abort`);
       const payload = JSON.parse(row.payload) as JobPayload;
       return this.domains.withQmp(ctx, 'domjobabort', async (qmp) => {
+        // A pull job ends this way by design (the client has read what it needs);
+        // a push job that is aborted did not complete.
+        if (payload.info.mode === 'pull') return this.finalize(ctx, qmp, payload, 'completed');
         for (const d of payload.info.disks) {
           await qmp.execute('job-cancel', { id: d.qemuJobId }).catch(() => undefined);
         }
@@ -335,6 +422,11 @@ export class BackupService {
         await this.finalize(ctx, qmp, payload, 'failed', row.state === 'starting' ? 'qbackup stopped before the job started' : 'QEMU lost the job');
         return;
       }
+      if (row.state === 'starting' && payload.info.mode === 'pull') {
+        // Nobody was told where to read: the exports may not exist. Clean it up.
+        await this.finalize(ctx, qmp, payload, 'failed', 'qbackup stopped while the pull job was starting');
+        return;
+      }
       if (row.state === 'starting') {
         // The transaction happened but qbackup died before recording it: adopt.
         this.store.transaction(() => {
@@ -363,26 +455,19 @@ export class BackupService {
   private async finalize(ctx: DomainContext, qmp: QmpClient | undefined, payload: JobPayload, state: JobInfo['state'], error?: string): Promise<JobInfo> {
     const info = payload.info;
     const domain = ctx.row.name;
-    if (qmp !== undefined) {
-      for (const d of info.disks) {
-        await qmp.execute('job-dismiss', { id: d.qemuJobId }).catch(() => undefined);
-        await qmp.execute('blockdev-del', { 'node-name': d.targetNodes.format }).catch(() => undefined);
-        await qmp.execute('blockdev-del', { 'node-name': d.targetNodes.file }).catch(() => undefined);
-        if (d.tmpBitmap !== undefined) {
-          await qmp.execute('block-dirty-bitmap-remove', { node: nodeNamesFor(d.diskId).format, name: d.tmpBitmap }).catch(() => undefined);
-        }
-      }
-    }
+    if (qmp !== undefined) await teardown(qmp, info);
+    if (info.server?.socketDir !== undefined) rmSync(info.server.socketDir, { recursive: true, force: true });
     for (const d of info.disks) {
       if (state === 'completed') d.state = 'completed';
       else if (d.state === 'running' || d.state === 'completed') d.state = state === 'aborted' ? 'cancelled' : 'failed';
-      if (state !== 'completed' && d.createdTarget) rmSync(d.targetFile, { force: true });
+      // Push targets of a job that did not complete go; pull scratch images always go.
+      if ((state !== 'completed' || info.mode === 'pull') && d.createdTarget) rmSync(d.targetFile, { force: true });
     }
     info.state = state;
     info.endedMs = Date.now();
     if (error !== undefined) info.error = error;
     this.store.transaction(() => {
-      if (state === 'completed' && info.checkpoint !== undefined) {
+      if (state === 'completed' && info.mode === 'push' && info.checkpoint !== undefined) {
         for (const d of info.disks) this.store.recordTarget(domain, info.checkpoint, d.diskId, d.targetFile);
       }
       this.store.remove(domain);
@@ -414,6 +499,14 @@ function selectDisks(ctx: DomainContext, backup: BackupXml): Array<{ disk: Attac
     out.push({ disk, spec: spec ?? { name: disk.target, backup: true } });
   }
   return out;
+}
+
+function assertDistinct(domain: string, values: readonly string[], what: string): void {
+  const seen = new Set<string>();
+  for (const v of values) {
+    if (seen.has(v)) throw new QbackupError('INVALID_ARGUMENT', `Cannot back up domain "${domain}": two disks would ${what} "${v}"`);
+    seen.add(v);
+  }
 }
 
 function defaultTarget(disk: AttachedDisk, targetDir: string | undefined, suffix: string): string {
@@ -467,6 +560,39 @@ function applyProgress(info: JobInfo, jobs: Map<string, QemuJob>): void {
   }
   info.bytesDone = done;
   info.bytesTotal = total;
+}
+
+/**
+ * Removes everything a job put into QEMU, in the order QEMU requires (exports,
+ * then the frozen views, then the jobs, then the scratch or target nodes), each
+ * step tolerant of what is already gone.
+ */
+async function teardown(qmp: QmpClient, info: JobInfo): Promise<void> {
+  const ignore = (): undefined => undefined;
+  for (const d of info.disks) {
+    if (d.pull !== undefined) {
+      const cursor = qmp.eventCursor();
+      const deleted = await qmp.execute('block-export-del', { id: d.pull.exportId, mode: 'hard' }).then(() => true, () => false);
+      if (deleted) await qmp.waitForEvent('BLOCK_EXPORT_DELETED', (e) => e.data['id'] === d.pull?.exportId, 10_000, cursor).catch(ignore);
+    }
+  }
+  for (const d of info.disks) {
+    if (d.pull !== undefined) await qmp.execute('blockdev-del', { 'node-name': d.pull.snapNode }).catch(ignore);
+  }
+  const jobs = await queryJobs(qmp).catch(() => new Map<string, QemuJob>());
+  const live = info.disks.filter((d) => jobs.has(d.qemuJobId) && jobs.get(d.qemuJobId)?.status !== 'concluded').map((d) => d.qemuJobId);
+  for (const id of live) await qmp.execute('job-cancel', { id }).catch(ignore);
+  if (live.length > 0) await waitConcluded(qmp, live, 30_000).catch(ignore);
+  for (const d of info.disks) {
+    await qmp.execute('job-dismiss', { id: d.qemuJobId }).catch(ignore);
+    await qmp.execute('blockdev-del', { 'node-name': d.targetNodes.format }).catch(ignore);
+    await qmp.execute('blockdev-del', { 'node-name': d.targetNodes.file }).catch(ignore);
+    if (d.tmpBitmap !== undefined) {
+      await qmp.execute('block-dirty-bitmap-remove', { node: nodeNamesFor(d.diskId).format, name: d.tmpBitmap }).catch(ignore);
+    }
+  }
+  // One job per domain, and the NBD server of a domain's QEMU is the pull job's own.
+  if (info.mode === 'pull') await qmp.execute('nbd-server-stop').catch(ignore);
 }
 
 async function waitConcluded(qmp: QmpClient, ids: readonly string[], timeoutMs: number): Promise<void> {

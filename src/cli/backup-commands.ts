@@ -46,7 +46,7 @@ export function registerBackupCommands(program: Command, cli: CliContext): void 
             ...(o.bandwidth !== undefined ? { bandwidthBytesPerSec: mibPerSecond(o.bandwidth) } : {}),
           });
           if (o.wait) job = await qb.backups.wait(domain);
-          emit(out, job, () => (o.wait ? describeJob(job) : `Backup started (job ${job.id})\n${describeDisks(job)}`));
+          emit(out, job, () => (o.wait ? describeJob(job) : `Backup started (job ${job.id})\n${describeServer(job)}${describeDisks(job)}`));
           if (o.wait && job.state !== 'completed') {
             throw new QbackupError('TOOL_FAILED', `Backup job "${job.id}" of domain "${domain}" ${job.state}${job.error !== undefined ? `: ${job.error}` : ''}`);
           }
@@ -62,17 +62,32 @@ export function registerBackupCommands(program: Command, cli: CliContext): void 
       await cli.run(cmd, async (qb, out) => {
         const job = await qb.backups.info(domain);
         if (job === undefined) throw new QbackupError('INVALID_ARGUMENT', `Domain "${domain}" has no running backup job`);
+        const server = job.server;
         const xml = formatBackupXml({
           mode: job.mode,
           ...(job.incremental !== undefined ? { incremental: job.incremental } : {}),
+          ...(server !== undefined
+            ? {
+                server:
+                  server.transport === 'tcp'
+                    ? { transport: 'tcp' as const, name: server.host ?? 'localhost', port: server.port ?? 0 }
+                    : { transport: 'unix' as const, socket: server.socket ?? '' },
+              }
+            : {}),
           disks: job.disks.map((d) => ({
             name: d.target,
             backup: true,
             backupmode: d.mode,
             ...(d.mode === 'incremental' && d.incremental !== undefined ? { incremental: d.incremental } : {}),
-            type: 'file',
+            type: 'file' as const,
             driverType: d.targetFormat,
-            target: d.targetFile,
+            ...(job.mode === 'push'
+              ? { target: d.targetFile }
+              : {
+                  scratch: d.targetFile,
+                  exportname: d.pull?.exportName ?? d.target,
+                  ...(d.tmpBitmap !== undefined ? { exportbitmap: d.tmpBitmap } : {}),
+                }),
           })),
         });
         emit(out, { job, xml }, () => xml);
@@ -98,7 +113,7 @@ export function registerBackupCommands(program: Command, cli: CliContext): void 
     .action(async (domain: string, _o: unknown, cmd: Command) => {
       await cli.run(cmd, async (qb, out) => {
         const job = await qb.backups.abort(domain);
-        emit(out, job, () => `Backup job ${job.id} aborted`);
+        emit(out, job, () => (job.mode === 'pull' ? `Backup job ${job.id} ended` : `Backup job ${job.id} aborted`));
       });
     });
 }
@@ -109,12 +124,23 @@ function mibPerSecond(value: string): number {
   return Math.round(n * 1024 * 1024);
 }
 
+function describeServer(job: JobInfo): string {
+  const s = job.server;
+  if (s === undefined) return '';
+  const where = s.transport === 'tcp' ? `nbd://${s.host ?? 'localhost'}:${s.port ?? 0}/EXPORT` : `nbd+unix:///EXPORT?socket=${s.socket ?? ''}`;
+  return `NBD server: ${where} (end the job with domjobabort)\n`;
+}
+
 function describeDisks(job: JobInfo): string {
   return job.disks
     .map((d) => {
       const why = d.fullReasons !== undefined && d.fullReasons.length > 0 ? ` (full because ${d.fullReasons.map((r) => `${r.code}: ${r.detail}`).join('; ')})` : '';
       const backing = d.backingFile !== undefined ? `, backing ${d.backingFile}` : d.backingNote !== undefined ? `, no backing file: ${d.backingNote}` : '';
-      return `  ${d.target}: ${d.mode}${d.mode === 'incremental' ? ` since ${d.incremental ?? '?'}` : ''} -> ${d.targetFile}${backing}${why}`;
+      const where =
+        d.pull !== undefined
+          ? `export "${d.pull.exportName}"${d.tmpBitmap !== undefined ? `, dirty bitmap qemu:dirty-bitmap:${d.tmpBitmap}` : ''}`
+          : d.targetFile;
+      return `  ${d.target}: ${d.mode}${d.mode === 'incremental' ? ` since ${d.incremental ?? '?'}` : ''} -> ${where}${backing}${why}`;
     })
     .join('\n');
 }
