@@ -23,6 +23,13 @@ export type ErrorCode =
   | 'QMP_DISCONNECTED'
   | 'QMP_TIMEOUT'
   | 'QMP_STATE'
+  | 'NBD_PROTOCOL'
+  | 'NBD_ERROR'
+  | 'NBD_DISCONNECTED'
+  | 'NBD_TIMEOUT'
+  | 'NBD_STATE'
+  | 'NBD_HANDSHAKE'
+  | 'NBD_EXPORT_NOT_FOUND'
   | 'TOOL_FAILED'
   | 'STATE_DIR'
   | 'CHECKPOINT_NOT_FOUND'
@@ -30,7 +37,11 @@ export type ErrorCode =
   | 'CHECKPOINT_INVALID'
   | 'BITMAP_INCONSISTENT'
   | 'BACKUP_RUNNING'
-  | 'NOT_SUPPORTED';
+  | 'NOT_SUPPORTED'
+  | 'REPO_INVALID'
+  | 'REPO_LOCKED'
+  | 'BACKUP_NOT_FOUND'
+  | 'VERIFY_FAILED';
 
 export class QbackupError extends Error {
   readonly code: ErrorCode;

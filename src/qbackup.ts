@@ -10,6 +10,7 @@ import { CheckpointService } from './checkpoint/service.js';
 import { DomainService, type DomainServiceOptions } from './domain/service.js';
 import { openDatabase, type Db } from './store/db.js';
 import { CheckpointStore } from './store/checkpoints.js';
+import { RepositoryService } from './repository/service.js';
 import { DomainStore } from './store/domains.js';
 import { JobStore } from './store/jobs.js';
 
@@ -32,6 +33,7 @@ export class Qbackup implements Disposable {
   readonly domains: DomainService;
   readonly checkpoints: CheckpointService;
   readonly backups: BackupService;
+  readonly repository: RepositoryService;
   private closed = false;
 
   private constructor(readonly options: QbackupOptions) {
@@ -49,6 +51,7 @@ export class Qbackup implements Disposable {
     this.domains = new DomainService(new DomainStore(this.db), domainOptions);
     this.checkpoints = new CheckpointService(this.domains, new CheckpointStore(this.db), options.crashAt);
     this.backups = new BackupService(this.domains, this.checkpoints, new JobStore(this.db), options.crashAt);
+    this.repository = new RepositoryService(this.domains, this.checkpoints, this.backups);
   }
 
   static open(options: QbackupOptions): Qbackup {

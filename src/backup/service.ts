@@ -247,7 +247,8 @@ export class BackupService {
           save();
         }
         await qmp.execute('blockdev-add', { driver: 'file', 'node-name': d.targetNodes.file, filename: d.targetFile });
-        await qmp.execute('blockdev-add', { driver: d.targetFormat, 'node-name': d.targetNodes.format, file: d.targetNodes.file, ...(d.backingFile !== undefined || pull ? { backing: null } : {}) });
+        // backing: null — the job writes every cluster it copies, so a previous backup is never opened.
+        await qmp.execute('blockdev-add', { driver: d.targetFormat, 'node-name': d.targetNodes.format, file: d.targetNodes.file, ...(d.targetFormat === 'qcow2' ? { backing: null } : {}) });
       }
       this.fault('backup-begin:before-qemu');
       await qmp.transaction(this.startActions(disks, plan, pull, options.bandwidthBytesPerSec), { completionMode: 'individual' });

@@ -143,7 +143,8 @@ export async function applyOffline(actions: readonly BitmapAction[], disks: read
         bitmap = a.bitmap;
         break;
     }
-    args.push('-f', disk.format, disk.source, bitmap);
+    // "--" ends the options: a valid bitmap name may start with "-" (e.g. "-z").
+    args.push('-f', disk.format, '--', disk.source, bitmap);
     await runTool('qemu-img', args, { what: `Changing bitmap "${bitmap}" of disk "${disk.target}" (${disk.source})` });
   }
 }

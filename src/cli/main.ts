@@ -6,6 +6,7 @@ import { createCliContext } from './context.js';
 import { registerBackupCommands } from './backup-commands.js';
 import { registerCheckpointCommands } from './checkpoint-commands.js';
 import { registerDomainCommands } from './domain-commands.js';
+import { registerRepositoryCommands } from './repository-commands.js';
 
 export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<void> {
   const program = new Command();
@@ -21,6 +22,7 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
   registerDomainCommands(program, cli);
   registerCheckpointCommands(program, cli);
   registerBackupCommands(program, cli);
+  registerRepositoryCommands(program, cli);
   try {
     await program.parseAsync([...argv]);
   } catch (err) {

@@ -76,3 +76,10 @@ export async function createImage(
   args.push(file, String(sizeBytes));
   await runTool('qemu-img', args, { what: `Creating image "${file}"` });
 }
+
+/** Bytes of data stored in this file itself (not its backing chain, not zero clusters). */
+export async function allocatedDataBytes(file: string): Promise<number> {
+  const { stdout } = await runTool('qemu-img', ['map', '--output=json', file], { what: `Mapping image "${file}"` });
+  const map = JSON.parse(stdout) as Array<{ length: number; depth: number; data: boolean }>;
+  return map.filter((e) => e.depth === 0 && e.data).reduce((a, e) => a + e.length, 0);
+}
