@@ -17,9 +17,12 @@ export const repoRoot = resolve(here, '..', '..', '..');
 export const cliPath = join(repoRoot, 'bin', 'qbackup');
 
 export interface CliResult {
+  /** Exit status; -1 when the process was ended by a signal (see `signal`). */
   code: number;
   stdout: string;
   stderr: string;
+  /** The signal that ended the process, or null when it exited. */
+  signal: NodeJS.Signals | null;
 }
 
 export interface DiskXml {
@@ -87,19 +90,20 @@ ${diskXml}
     await this.qb.domains.define(this.domainXml(name, xmlDisks));
   }
 
-  cli(args: readonly string[], options: { input?: string } = {}): Promise<CliResult> {
+  /** Runs the CLI; `env` adds variables to the child's environment (e.g. QBACKUP_CRASH_AT). */
+  cli(args: readonly string[], options: { input?: string; env?: Record<string, string> } = {}): Promise<CliResult> {
     return new Promise((resolvePromise, reject) => {
       const child = spawn(process.execPath, [cliPath, '--state-dir', this.stateDir, ...args], {
         stdio: ['pipe', 'pipe', 'pipe'],
-        env: { ...process.env, QBACKUP_LOCK_TIMEOUT: '5' },
+        env: { ...process.env, QBACKUP_LOCK_TIMEOUT: '5', ...options.env },
       });
       const out: Buffer[] = [];
       const err: Buffer[] = [];
       child.stdout.on('data', (b: Buffer) => out.push(b));
       child.stderr.on('data', (b: Buffer) => err.push(b));
       child.on('error', reject);
-      child.on('close', (code) =>
-        resolvePromise({ code: code ?? -1, stdout: Buffer.concat(out).toString(), stderr: Buffer.concat(err).toString() }),
+      child.on('close', (code, signal) =>
+        resolvePromise({ code: code ?? -1, stdout: Buffer.concat(out).toString(), stderr: Buffer.concat(err).toString(), signal }),
       );
       child.stdin.end(options.input ?? '');
     });
