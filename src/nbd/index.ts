@@ -1,0 +1,66 @@
+// Public surface of the NBD client: wire constants, codec, the push parser,
+// the connection, the high-level NbdClient and copyExtents. Other modules
+// import from here, not from the files.
+
+export * from './constants.js';
+export {
+  checkBlockSizes,
+  decodeBlockStatus,
+  decodeErrorChunk,
+  decodeExportNameReply,
+  decodeInfoReply,
+  decodeMetaContextReply,
+  decodeOffsetData,
+  decodeOffsetHole,
+  decodeOptionErrorMessage,
+  decodeOptionReplyHeader,
+  decodeServerHello,
+  decodeSimpleReplyHeader,
+  decodeStructuredReplyHeader,
+  encodeAbortOption,
+  encodeClientFlags,
+  encodeExportNameOption,
+  encodeGoOption,
+  encodeMetaContextOption,
+  encodeNbdString,
+  encodeOption,
+  encodeRequest,
+  encodeStructuredReplyOption,
+  readReplyMagic,
+  readU64,
+  type NbdBlockDescriptor,
+  type NbdBlockSizes,
+  type NbdBlockStatusPayload,
+  type NbdErrorPayload,
+  type NbdExportNameReply,
+  type NbdInfo,
+  type NbdMetaContextReply,
+  type NbdOptionReplyHeader,
+  type NbdRequestHeader,
+  type NbdServerHello,
+  type NbdSimpleReplyHeader,
+  type NbdStructuredReplyHeader,
+} from './codec.js';
+export { NbdCommandError, NbdProtocolError, type NbdCommandErrorInit, type NbdProtocolReason } from './errors.js';
+export {
+  ByteQueue,
+  CHUNK_OVERHEAD_BYTES,
+  DEFAULT_MAX_DESCRIPTORS,
+  DEFAULT_MAX_PAYLOAD_BYTES,
+  NbdReplyParser,
+  type NbdReply,
+  type NbdReplyChunk,
+  type NbdReplyParserOptions,
+  type NbdRequestInfo,
+} from './parser.js';
+export {
+  NbdConnection,
+  NbdConnectionState,
+  formatNbdAddress,
+  type NbdAddress,
+  type NbdConnectionOptions,
+  type NbdNegotiated,
+  type NbdRequestOptions,
+} from './connection.js';
+export { NbdClient, type NbdClientOptions, type NbdExtent, type NbdWriteZeroesOptions } from './client.js';
+export { copyExtents, type CopyExtentsOptions, type CopyExtentsResult } from './copy.js';

@@ -1,0 +1,526 @@
+// A push parser for the transmission phase of NBD: it takes the server's
+// bytes in whatever pieces the socket delivers and emits each complete reply
+// (a simple reply or one structured chunk), checked against the request it
+// answers. It owns no socket, so every edge case can be tested with bytes.
+//
+// Invariants:
+// - Bytes from the server are hostile. Every header is validated before its
+//   payload is buffered, so no payload longer than the request it answers
+//   (and never more than maxPayloadBytes + chunk overhead) is ever held.
+// - Only cookies registered with expect() are accepted; a cookie leaves the
+//   table with its final reply (a simple reply or a chunk with
+//   NBD_REPLY_FLAG_DONE), so late or repeated replies are protocol errors.
+// - Content chunks lie inside their request and never overlap; a successful
+//   read covers its whole range; block status names only negotiated
+//   contexts, once each, with descriptors that start inside the request and
+//   end inside the export.
+// - The first violation is reported once through onError as an
+//   NbdProtocolError naming the export; after that the parser ignores input.
+//   push() throws only what a callback throws.
+
+import { strict as assert } from 'node:assert';
+import {
+  NBD_CMD_BLOCK_STATUS,
+  NBD_CMD_FLAG_REQ_ONE,
+  NBD_CMD_READ,
+  NBD_EXTENDED_REPLY_MAGIC,
+  NBD_REPLY_FLAG_DONE,
+  NBD_REPLY_TYPE_BLOCK_STATUS,
+  NBD_REPLY_TYPE_ERROR_OFFSET,
+  NBD_REPLY_TYPE_NONE,
+  NBD_REPLY_TYPE_OFFSET_DATA,
+  NBD_REPLY_TYPE_OFFSET_HOLE,
+  NBD_SIMPLE_REPLY_MAGIC,
+  NBD_SIMPLE_REPLY_SIZE,
+  NBD_STRUCTURED_REPLY_MAGIC,
+  NBD_STRUCTURED_REPLY_SIZE,
+  isNbdReplyTypeError,
+  nbdCommandName,
+  nbdReplyTypeName,
+} from './constants.js';
+import {
+  decodeBlockStatus,
+  decodeErrorChunk,
+  decodeOffsetData,
+  decodeOffsetHole,
+  decodeSimpleReplyHeader,
+  decodeStructuredReplyHeader,
+  type NbdBlockDescriptor,
+  type NbdSimpleReplyHeader,
+  type NbdStructuredReplyHeader,
+} from './codec.js';
+import { NbdProtocolError } from './errors.js';
+
+/** Largest data payload accepted in one reply: 64 MiB, twice the largest request we send. */
+export const DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024 * 1024;
+/** Fixed bytes a chunk may add to its variable part (the 8-byte offset of OFFSET_DATA). */
+export const CHUNK_OVERHEAD_BYTES = 8;
+/** The spec asks servers for at most 2^20 descriptors per block status chunk. */
+export const DEFAULT_MAX_DESCRIPTORS = 1 << 20;
+/** Error chunks carry a message of at most 4096 bytes plus a few fixed fields. */
+const MAX_ERROR_CHUNK_BYTES = 64 * 1024;
+
+const EMPTY = Buffer.alloc(0);
+
+/** What the parser must know about a request to check its replies. */
+export interface NbdRequestInfo {
+  /** NBD_CMD_* */
+  readonly command: number;
+  /** NBD_CMD_FLAG_* */
+  readonly flags: number;
+  readonly offset: number;
+  readonly length: number;
+}
+
+export type NbdReplyChunk =
+  | { readonly type: 'none' }
+  /** Data for [offset, offset + data.length); a view into received bytes. */
+  | { readonly type: 'data'; readonly offset: number; readonly data: Buffer }
+  /** [offset, offset + length) reads as zeroes. */
+  | { readonly type: 'hole'; readonly offset: number; readonly length: number }
+  /** Consecutive extents starting at the request's offset; the last may end past the request. */
+  | { readonly type: 'block-status'; readonly contextId: number; readonly descriptors: readonly NbdBlockDescriptor[] }
+  /** replyType is undefined for a simple reply's error. */
+  | {
+      readonly type: 'error';
+      readonly replyType: number | undefined;
+      readonly error: number;
+      readonly message: string;
+      readonly offset: number | undefined;
+    };
+
+export interface NbdReply {
+  readonly cookie: bigint;
+  readonly request: NbdRequestInfo;
+  /** True for a simple reply and for a chunk with NBD_REPLY_FLAG_DONE: the request is complete. */
+  readonly final: boolean;
+  readonly chunk: NbdReplyChunk;
+}
+
+export interface NbdReplyParserOptions {
+  /** Named in every protocol error. */
+  exportName: string;
+  exportSize: number;
+  /** Whether NBD_OPT_STRUCTURED_REPLY was acknowledged. */
+  structuredReplies: boolean;
+  /** Context ids the server assigned in NBD_OPT_SET_META_CONTEXT. */
+  contextIds: Iterable<number>;
+  maxPayloadBytes?: number;
+  maxDescriptors?: number;
+  onReply: (reply: NbdReply) => void;
+  onError: (error: NbdProtocolError) => void;
+}
+
+/**
+ * A FIFO of byte chunks from which exact-length pieces are taken. A piece that
+ * lies in one chunk is a view; otherwise it is copied once.
+ */
+export class ByteQueue {
+  private readonly chunks: Buffer[] = [];
+  private head = 0;
+  private total = 0;
+
+  get length(): number {
+    return this.total;
+  }
+
+  push(bytes: Buffer): void {
+    if (bytes.length === 0) return;
+    this.chunks.push(bytes);
+    this.total += bytes.length;
+  }
+
+  /** The next 4 bytes as a big-endian u32 without consuming them; undefined if fewer are queued. */
+  peekUInt32BE(): number | undefined {
+    if (this.total < 4) return undefined;
+    const first = this.chunks[0];
+    assert(first !== undefined);
+    if (first.length - this.head >= 4) return first.readUInt32BE(this.head);
+    let value = 0;
+    let chunkIndex = 0;
+    let pos = this.head;
+    for (let i = 0; i < 4; i++) {
+      let chunk = this.chunks[chunkIndex];
+      assert(chunk !== undefined);
+      while (pos >= chunk.length) {
+        chunkIndex++;
+        pos = 0;
+        chunk = this.chunks[chunkIndex];
+        assert(chunk !== undefined);
+      }
+      value = value * 256 + (chunk[pos] ?? 0);
+      pos++;
+    }
+    return value;
+  }
+
+  /** Exactly n bytes, or undefined (consuming nothing) when fewer are queued. */
+  take(n: number): Buffer | undefined {
+    assert(Number.isSafeInteger(n) && n >= 0);
+    if (n > this.total) return undefined;
+    if (n === 0) return EMPTY;
+    const first = this.chunks[0];
+    assert(first !== undefined);
+    if (first.length - this.head >= n) {
+      const out = first.subarray(this.head, this.head + n);
+      this.consume(n);
+      return out;
+    }
+    const out = Buffer.allocUnsafe(n);
+    let filled = 0;
+    while (filled < n) {
+      const chunk = this.chunks[0];
+      assert(chunk !== undefined);
+      const count = Math.min(chunk.length - this.head, n - filled);
+      chunk.copy(out, filled, this.head, this.head + count);
+      filled += count;
+      this.consume(count);
+    }
+    return out;
+  }
+
+  /** Everything queued, as one buffer. */
+  takeAll(): Buffer {
+    return this.take(this.total) ?? EMPTY;
+  }
+
+  private consume(n: number): void {
+    this.head += n;
+    this.total -= n;
+    const first = this.chunks[0];
+    if (first !== undefined && this.head === first.length) {
+      this.chunks.shift();
+      this.head = 0;
+    }
+  }
+}
+
+/** Disjoint half-open ranges, merged when adjacent; reports overlaps. */
+class RangeSet {
+  private readonly starts: number[] = [];
+  private readonly ends: number[] = [];
+  covered = 0;
+
+  /** Adds [start, end); false (and no change) if it overlaps a range already present. */
+  add(start: number, end: number): boolean {
+    let lo = 0;
+    let hi = this.starts.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if ((this.starts[mid] ?? 0) < start) lo = mid + 1;
+      else hi = mid;
+    }
+    const prev = lo - 1;
+    const next = lo;
+    const prevEnd = prev >= 0 ? this.ends[prev] : undefined;
+    const nextStart = this.starts[next];
+    if (prevEnd !== undefined && prevEnd > start) return false;
+    if (nextStart !== undefined && nextStart < end) return false;
+    this.covered += end - start;
+    const joinsPrev = prevEnd === start;
+    const joinsNext = nextStart === end;
+    if (joinsPrev && joinsNext) {
+      this.ends[prev] = this.ends[next] ?? end;
+      this.starts.splice(next, 1);
+      this.ends.splice(next, 1);
+    } else if (joinsPrev) {
+      this.ends[prev] = end;
+    } else if (joinsNext) {
+      this.starts[next] = start;
+    } else {
+      this.starts.splice(next, 0, start);
+      this.ends.splice(next, 0, end);
+    }
+    return true;
+  }
+}
+
+interface Tracked {
+  readonly request: NbdRequestInfo;
+  /** Content seen so far (reads only). */
+  readonly content: RangeSet;
+  /** Contexts that already sent their block status chunk. */
+  readonly contexts: Set<number>;
+  sawError: boolean;
+}
+
+type PendingHeader =
+  | { kind: 'simple'; header: NbdSimpleReplyHeader; tracked: Tracked; payloadLength: number }
+  | { kind: 'structured'; header: NbdStructuredReplyHeader; tracked: Tracked; payloadLength: number };
+
+export class NbdReplyParser {
+  readonly exportName: string;
+  readonly exportSize: number;
+  readonly structuredReplies: boolean;
+  readonly maxPayloadBytes: number;
+  readonly maxDescriptors: number;
+  private readonly contextIds: ReadonlySet<number>;
+  private readonly onReply: (reply: NbdReply) => void;
+  private readonly onError: (error: NbdProtocolError) => void;
+  private readonly queue = new ByteQueue();
+  private readonly inFlight = new Map<bigint, Tracked>();
+  private pending: PendingHeader | undefined;
+  private stopped = false;
+
+  constructor(options: NbdReplyParserOptions) {
+    this.exportName = options.exportName;
+    this.exportSize = options.exportSize;
+    this.structuredReplies = options.structuredReplies;
+    this.contextIds = new Set(options.contextIds);
+    this.maxPayloadBytes = options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
+    this.maxDescriptors = options.maxDescriptors ?? DEFAULT_MAX_DESCRIPTORS;
+    this.onReply = options.onReply;
+    this.onError = options.onError;
+    assert(Number.isSafeInteger(this.exportSize) && this.exportSize >= 0);
+    assert(Number.isSafeInteger(this.maxPayloadBytes) && this.maxPayloadBytes > 0);
+    assert(Number.isSafeInteger(this.maxDescriptors) && this.maxDescriptors > 0);
+  }
+
+  /** Requests whose final reply has not arrived. */
+  get inFlightCount(): number {
+    return this.inFlight.size;
+  }
+
+  /** Bytes received but not yet part of an emitted reply. */
+  get bufferedBytes(): number {
+    return this.queue.length + (this.pending === undefined ? 0 : this.pending.kind === 'simple' ? NBD_SIMPLE_REPLY_SIZE : NBD_STRUCTURED_REPLY_SIZE);
+  }
+
+  /** True once a violation was reported or stop() was called. */
+  get isStopped(): boolean {
+    return this.stopped;
+  }
+
+  /** Registers a request before it is sent, so that its replies are accepted. A cookie in flight must not be reused. */
+  expect(cookie: bigint, request: NbdRequestInfo): void {
+    assert(!this.inFlight.has(cookie), `NBD cookie ${cookie} is already in flight`);
+    assert(Number.isSafeInteger(request.offset) && request.offset >= 0);
+    assert(Number.isSafeInteger(request.length) && request.length >= 0);
+    this.inFlight.set(cookie, { request, content: new RangeSet(), contexts: new Set(), sawError: false });
+  }
+
+  /** Feeds bytes from the server; replies and errors come out through the callbacks. */
+  push(bytes: Buffer): void {
+    if (this.stopped) return;
+    this.queue.push(bytes);
+    while (!this.stopped) {
+      let reply: NbdReply | undefined;
+      try {
+        reply = this.next();
+      } catch (err) {
+        if (!(err instanceof NbdProtocolError)) throw err;
+        this.stopped = true;
+        this.onError(err.forExport(this.exportName));
+        return;
+      }
+      if (reply === undefined) return;
+      this.onReply(reply);
+    }
+  }
+
+  /** Ignores all further input (the connection is closing). */
+  stop(): void {
+    this.stopped = true;
+  }
+
+  private next(): NbdReply | undefined {
+    if (this.pending === undefined) {
+      const magic = this.queue.peekUInt32BE();
+      if (magic === undefined) return undefined;
+      if (magic === NBD_SIMPLE_REPLY_MAGIC) {
+        const bytes = this.queue.take(NBD_SIMPLE_REPLY_SIZE);
+        if (bytes === undefined) return undefined;
+        this.pending = this.checkSimpleHeader(decodeSimpleReplyHeader(bytes));
+      } else if (magic === NBD_STRUCTURED_REPLY_MAGIC) {
+        if (!this.structuredReplies) {
+          throw new NbdProtocolError('unexpected-reply', 'structured reply received, but structured replies were not negotiated');
+        }
+        const bytes = this.queue.take(NBD_STRUCTURED_REPLY_SIZE);
+        if (bytes === undefined) return undefined;
+        this.pending = this.checkStructuredHeader(decodeStructuredReplyHeader(bytes));
+      } else {
+        const hint = magic === NBD_EXTENDED_REPLY_MAGIC ? ' (extended headers were not negotiated)' : '';
+        throw new NbdProtocolError('bad-magic', `reply has unknown magic 0x${magic.toString(16).padStart(8, '0')}${hint}`);
+      }
+    }
+    const payload = this.queue.take(this.pending.payloadLength);
+    if (payload === undefined) return undefined;
+    const pending = this.pending;
+    this.pending = undefined;
+    return pending.kind === 'simple' ? this.finishSimple(pending.header, pending.tracked, payload) : this.finishStructured(pending.header, pending.tracked, payload);
+  }
+
+  private lookup(cookie: bigint, what: string): Tracked {
+    const tracked = this.inFlight.get(cookie);
+    if (tracked === undefined) {
+      throw new NbdProtocolError('unknown-cookie', `${what} for cookie ${cookie}, which is not in flight`, undefined, { cookie: cookie.toString() });
+    }
+    return tracked;
+  }
+
+  private checkSimpleHeader(header: NbdSimpleReplyHeader): PendingHeader {
+    const tracked = this.lookup(header.cookie, 'simple reply');
+    const { command, length } = tracked.request;
+    if (command === NBD_CMD_READ && this.structuredReplies) {
+      throw new NbdProtocolError('unexpected-reply', 'simple reply to NBD_CMD_READ although structured replies were negotiated');
+    }
+    if (command === NBD_CMD_BLOCK_STATUS && header.error === 0) {
+      throw new NbdProtocolError('unexpected-reply', 'simple success reply to NBD_CMD_BLOCK_STATUS, which needs a structured reply');
+    }
+    // Without structured replies a successful read is followed by exactly the requested bytes.
+    const payloadLength = command === NBD_CMD_READ && header.error === 0 ? length : 0;
+    return { kind: 'simple', header, tracked, payloadLength };
+  }
+
+  private finishSimple(header: NbdSimpleReplyHeader, tracked: Tracked, payload: Buffer): NbdReply {
+    this.inFlight.delete(header.cookie);
+    const { request } = tracked;
+    let chunk: NbdReplyChunk;
+    if (header.error !== 0) {
+      chunk = { type: 'error', replyType: undefined, error: header.error, message: '', offset: undefined };
+    } else if (request.command === NBD_CMD_READ && request.length > 0) {
+      chunk = { type: 'data', offset: request.offset, data: payload };
+    } else {
+      chunk = { type: 'none' };
+    }
+    return { cookie: header.cookie, request, final: true, chunk };
+  }
+
+  private checkStructuredHeader(header: NbdStructuredReplyHeader): PendingHeader {
+    const tracked = this.lookup(header.cookie, `${nbdReplyTypeName(header.type)} chunk`);
+    const { command, flags, length: requestLength } = tracked.request;
+    const { type, length } = header;
+    const typeName = nbdReplyTypeName(type);
+    const cmdName = nbdCommandName(command);
+    if (length > this.maxPayloadBytes + CHUNK_OVERHEAD_BYTES) {
+      throw new NbdProtocolError('bad-length', `${typeName} chunk has length ${length}, more than ${this.maxPayloadBytes} + ${CHUNK_OVERHEAD_BYTES}`);
+    }
+    const badLength = (expected: string): NbdProtocolError =>
+      new NbdProtocolError('bad-length', `${typeName} chunk for ${cmdName} has length ${length}, ${expected}`);
+    const wrongCommand = (): NbdProtocolError => new NbdProtocolError('unexpected-reply', `${typeName} chunk in reply to ${cmdName}`);
+
+    if (isNbdReplyTypeError(type)) {
+      const minimum = type === NBD_REPLY_TYPE_ERROR_OFFSET ? 14 : 6;
+      if (length < minimum || length > MAX_ERROR_CHUNK_BYTES) throw badLength(`not from ${minimum} to ${MAX_ERROR_CHUNK_BYTES}`);
+    } else {
+      switch (type) {
+        case NBD_REPLY_TYPE_NONE:
+          if (length !== 0) throw badLength('expected 0');
+          if ((header.flags & NBD_REPLY_FLAG_DONE) === 0) {
+            throw new NbdProtocolError('invalid-field', 'NBD_REPLY_TYPE_NONE chunk without NBD_REPLY_FLAG_DONE');
+          }
+          break;
+        case NBD_REPLY_TYPE_OFFSET_DATA:
+          if (command !== NBD_CMD_READ) throw wrongCommand();
+          if (length < 9) throw badLength('less than 9');
+          if (length - 8 > requestLength) {
+            throw new NbdProtocolError('out-of-range', `${typeName} chunk carries ${length - 8} bytes for a read of ${requestLength}`);
+          }
+          break;
+        case NBD_REPLY_TYPE_OFFSET_HOLE:
+          if (command !== NBD_CMD_READ) throw wrongCommand();
+          if (length !== 12) throw badLength('expected 12');
+          break;
+        case NBD_REPLY_TYPE_BLOCK_STATUS: {
+          if (command !== NBD_CMD_BLOCK_STATUS) throw wrongCommand();
+          if (length < 12 || (length - 4) % 8 !== 0) throw badLength('not 4 + a positive multiple of 8');
+          const count = (length - 4) / 8;
+          if (count > this.maxDescriptors) throw badLength(`${count} descriptors, more than ${this.maxDescriptors}`);
+          if ((flags & NBD_CMD_FLAG_REQ_ONE) !== 0 && count !== 1) {
+            throw new NbdProtocolError('invalid-field', `${count} block status descriptors in reply to a request with NBD_CMD_FLAG_REQ_ONE`);
+          }
+          break;
+        }
+        default:
+          throw new NbdProtocolError('unexpected-reply', `unknown reply chunk type ${type} in reply to ${cmdName}`);
+      }
+    }
+    return { kind: 'structured', header, tracked, payloadLength: length };
+  }
+
+  private finishStructured(header: NbdStructuredReplyHeader, tracked: Tracked, payload: Buffer): NbdReply {
+    const { request } = tracked;
+    const requestEnd = request.offset + request.length;
+    let chunk: NbdReplyChunk;
+    if (isNbdReplyTypeError(header.type)) {
+      const decoded = decodeErrorChunk(header.type, payload);
+      if (decoded.offset !== undefined && request.length > 0 && (decoded.offset < request.offset || decoded.offset >= requestEnd)) {
+        throw new NbdProtocolError('out-of-range', `error offset ${decoded.offset} lies outside the request [${request.offset}, ${requestEnd})`);
+      }
+      tracked.sawError = true;
+      chunk = { type: 'error', replyType: header.type, ...decoded };
+    } else if (header.type === NBD_REPLY_TYPE_OFFSET_DATA) {
+      const { offset, data } = decodeOffsetData(payload);
+      this.addContent(tracked, offset, data.length, 'data');
+      chunk = { type: 'data', offset, data };
+    } else if (header.type === NBD_REPLY_TYPE_OFFSET_HOLE) {
+      const { offset, length } = decodeOffsetHole(payload);
+      this.addContent(tracked, offset, length, 'hole');
+      chunk = { type: 'hole', offset, length };
+    } else if (header.type === NBD_REPLY_TYPE_BLOCK_STATUS) {
+      const status = decodeBlockStatus(payload);
+      this.checkBlockStatus(tracked, status.contextId, status.descriptors);
+      chunk = { type: 'block-status', contextId: status.contextId, descriptors: status.descriptors };
+    } else {
+      assert(header.type === NBD_REPLY_TYPE_NONE);
+      chunk = { type: 'none' };
+    }
+
+    const final = (header.flags & NBD_REPLY_FLAG_DONE) !== 0;
+    if (final) {
+      if (!tracked.sawError && request.command === NBD_CMD_READ && tracked.content.covered !== request.length) {
+        throw new NbdProtocolError(
+          'incomplete-reply',
+          `read of ${request.length} bytes at offset ${request.offset} completed with only ${tracked.content.covered} bytes described`,
+        );
+      }
+      if (!tracked.sawError && request.command === NBD_CMD_BLOCK_STATUS && tracked.contexts.size !== this.contextIds.size) {
+        throw new NbdProtocolError(
+          'incomplete-reply',
+          `block status completed with ${tracked.contexts.size} of the ${this.contextIds.size} negotiated contexts`,
+        );
+      }
+      this.inFlight.delete(header.cookie);
+    }
+    return { cookie: header.cookie, request, final, chunk };
+  }
+
+  private addContent(tracked: Tracked, offset: number, length: number, what: 'data' | 'hole'): void {
+    const { request } = tracked;
+    const end = offset + length;
+    if (offset < request.offset || end > request.offset + request.length) {
+      throw new NbdProtocolError(
+        'out-of-range',
+        `${what} chunk [${offset}, ${end}) lies outside the read [${request.offset}, ${request.offset + request.length})`,
+      );
+    }
+    if (!tracked.content.add(offset, end)) {
+      throw new NbdProtocolError('overlap', `${what} chunk [${offset}, ${end}) overlaps an earlier chunk of the same read`);
+    }
+  }
+
+  private checkBlockStatus(tracked: Tracked, contextId: number, descriptors: readonly NbdBlockDescriptor[]): void {
+    const { request } = tracked;
+    if (!this.contextIds.has(contextId)) {
+      throw new NbdProtocolError('bad-context', `block status for context id ${contextId}, which was not negotiated`);
+    }
+    if (tracked.contexts.has(contextId)) {
+      throw new NbdProtocolError('bad-context', `second block status chunk for context id ${contextId} in one reply`);
+    }
+    tracked.contexts.add(contextId);
+    const requestEnd = request.offset + request.length;
+    let pos = request.offset;
+    for (const [index, descriptor] of descriptors.entries()) {
+      if (pos >= requestEnd) {
+        throw new NbdProtocolError('out-of-range', `block status descriptor ${index} starts at ${pos}, past the request [${request.offset}, ${requestEnd})`);
+      }
+      pos += descriptor.length;
+      if (pos > this.exportSize) {
+        throw new NbdProtocolError('out-of-range', `block status descriptor ${index} ends at ${pos}, past the end of the export (${this.exportSize})`);
+      }
+      if ((request.flags & NBD_CMD_FLAG_REQ_ONE) !== 0 && descriptor.length > request.length) {
+        throw new NbdProtocolError('out-of-range', `block status descriptor of ${descriptor.length} bytes exceeds the NBD_CMD_FLAG_REQ_ONE request of ${request.length}`);
+      }
+    }
+  }
+}
