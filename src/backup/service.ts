@@ -469,7 +469,11 @@ export class BackupService {
     if (error !== undefined) info.error = error;
     this.store.transaction(() => {
       if (state === 'completed' && info.mode === 'push' && info.checkpoint !== undefined) {
-        for (const d of info.disks) this.store.recordTarget(domain, info.checkpoint, d.diskId, d.targetFile);
+        // Only a file that opens as the complete disk may back the next incremental:
+        // a full, or an incremental whose own backing chain is complete.
+        for (const d of info.disks) {
+          if (d.mode === 'full' || d.backingFile !== undefined) this.store.recordTarget(domain, info.checkpoint, d.diskId, d.targetFile);
+        }
       }
       this.store.remove(domain);
       this.store.saveResult(domain, info.id, JSON.stringify(info));
