@@ -1,12 +1,12 @@
 // Runs the compiled test files with node's built-in runner.
-// Usage: node scripts/run-tests.mjs [unit|integration|fuzz ...]  (default: unit and integration)
+// Usage: node scripts/run-tests.mjs [unit|integration|fuzz ...]  (default: all three; fuzz runs the CI budget of the oracle)
 import { spawnSync } from 'node:child_process';
 import { existsSync, readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 
 const suites = process.argv.slice(2).filter((a) => !a.startsWith('-'));
 const extra = process.argv.slice(2).filter((a) => a.startsWith('-'));
-const chosen = suites.length > 0 ? suites : ['unit', 'integration'];
+const chosen = suites.length > 0 ? suites : ['unit', 'integration', 'fuzz'];
 
 function collect(dir) {
   if (!existsSync(dir)) return [];

@@ -23,6 +23,7 @@ import { QbackupError, describeError } from '../errors.js';
 import { allocatedDataBytes, createImage, imageInfo } from '../qemu/image.js';
 import { runTool } from '../qemu/tools.js';
 import { imageDigest } from './digest.js';
+import { nbdPullCopier } from './pull.js';
 import { Repository, REPO_FORMAT, type Manifest, type ManifestDisk } from './repo.js';
 
 export interface Progress {
@@ -71,7 +72,7 @@ export interface VerifyReport {
   problems: VerifyProblem[];
 }
 
-/** Pull-mode copying is provided by the NBD client; injected so this module does not depend on it directly. */
+/** How pull mode copies one disk's export into its repository file (our NBD client by default). */
 export type PullCopier = (args: {
   job: JobInfo;
   exportName: string;
@@ -81,7 +82,7 @@ export type PullCopier = (args: {
 }) => Promise<{ dataBytes: number }>;
 
 export class RepositoryService {
-  pullCopier: PullCopier | undefined;
+  pullCopier: PullCopier = nbdPullCopier;
 
   constructor(
     readonly domains: DomainService,
@@ -97,9 +98,6 @@ export class RepositoryService {
     using _lock = repo.lock(domain, 'backup');
     repo.cleanLeftovers(domain);
     const mode = options.mode ?? 'push';
-    if (mode === 'pull' && this.pullCopier === undefined) {
-      throw new QbackupError('NOT_SUPPORTED', `Cannot back up domain "${domain}" in pull mode: no NBD copier is available`);
-    }
     const all = this.domains.blockList(domain);
     for (const t of options.disks ?? []) {
       if (!all.some((d) => d.target === t)) throw new QbackupError('DISK_NOT_FOUND', `Domain "${domain}" has no disk "${t}"`);
@@ -199,9 +197,8 @@ export class RepositoryService {
         try {
           for (const p of plans) {
             const jd = job.disks.find((d) => d.target === p.target);
-            const copier = this.pullCopier;
-            if (jd === undefined || copier === undefined) throw new Error(`no export for ${p.target}`);
-            await copier({
+            if (jd === undefined) throw new QbackupError('TOOL_FAILED', `Backup job "${job.id}" has no export for disk "${p.target}"`);
+            await this.pullCopier({
               job,
               exportName: jd.pull?.exportName ?? p.target,
               dirtyBitmap: jd.tmpBitmap,

@@ -341,7 +341,7 @@ export async function runScenario(options: ScenarioOptions): Promise<ScenarioRes
               return [d.file, t === undefined ? 'full' : expectedFull(t, d) === undefined ? 'incremental' : 'full'] as const;
             }),
           );
-          const pull = rng.chance(0.5) && qb.repository.pullCopier !== undefined;
+          const pull = rng.chance(0.5);
           const m = await qb.repository.backup(DOMAIN, { repo, mode: pull ? 'pull' : 'push' });
           addCheckpoint(m.checkpoint);
           for (const md of m.disks) {

@@ -89,6 +89,26 @@ describe('backup repository (real QEMU)', () => {
     assert.equal(report.backupsChecked, 3);
   });
 
+  test('push and pull give identical restores (full and incremental)', async () => {
+    const pushRepo = env.path('repo-push');
+    const pullRepo = env.path('repo-pull');
+    for (const round of [1, 2]) {
+      await guestWrite(env.qb, 'vm', 'sda', `write -P 0x7${round} ${round * 5}M 200k`);
+      await guestWrite(env.qb, 'vm', 'sdb', `write -z ${round}M 256k`);
+      const ref = await snapshot(`pp${round}`);
+      const a = await env.qb.repository.backup('vm', { repo: pushRepo, mode: 'push' });
+      const b = await env.qb.repository.backup('vm', { repo: pullRepo, mode: 'pull' });
+      assert.deepEqual(b.disks.map((d) => d.level), round === 1 ? ['full', 'full'] : ['incremental', 'incremental']);
+      const ra = await env.qb.repository.restore('vm', { repo: pushRepo, backup: a.id, to: env.path(`pp-a${round}`), format: 'raw' });
+      const rb = await env.qb.repository.restore('vm', { repo: pullRepo, backup: b.id, to: env.path(`pp-b${round}`), format: 'raw' });
+      for (const [i, d] of ra.disks.entries()) {
+        assert.ok(await identical(d.file, rb.disks[i]?.file ?? ''), `push and pull restores of ${d.target} agree (round ${round})`);
+        assert.ok(await identical(d.file, ref.get(d.target) ?? ''), `and equal the disk (round ${round})`);
+      }
+      if (round === 2) assert.ok((b.disks[0]?.bytesWritten ?? Infinity) <= 256 * 1024, 'the pull incremental copied only dirty extents');
+    }
+  });
+
   test('restore --until picks the latest backup at or before the time; qcow2 output works too', async () => {
     const all = env.qb.repository.list(repo, 'vm');
     const second = all[1];
