@@ -2,7 +2,7 @@
 // so a process we started is identified by its pid plus its start time (field
 // 22 of /proc/PID/stat), and a zombie counts as dead.
 
-import { readFileSync } from 'node:fs';
+import { readFileSync, readdirSync } from 'node:fs';
 
 interface ProcStat {
   state: string;
@@ -29,11 +29,25 @@ export function processStartTime(pid: number): string | undefined {
   return readStat(pid)?.startTime;
 }
 
-/** True when `pid` runs, is not a zombie, and (if given) started at `startTime`. */
+/**
+ * True when `pid` runs and (if given) started at `startTime`. A zombie leader
+ * whose other threads are still exiting counts as alive: those threads still
+ * hold the process's files (and so QEMU's image locks).
+ */
 export function isProcessAlive(pid: number, startTime?: string | null): boolean {
   const stat = readStat(pid);
-  if (stat === undefined || stat.state === 'Z' || stat.state === 'X') return false;
-  return startTime === undefined || startTime === null || stat.startTime === startTime;
+  if (stat === undefined || stat.state === 'X') return false;
+  if (startTime !== undefined && startTime !== null && stat.startTime !== startTime) return false;
+  if (stat.state === 'Z') return threadCount(pid) > 1;
+  return true;
+}
+
+function threadCount(pid: number): number {
+  try {
+    return readdirSync(`/proc/${pid}/task`).length;
+  } catch {
+    return 0;
+  }
 }
 
 export function sleep(ms: number): Promise<void> {

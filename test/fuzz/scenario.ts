@@ -216,20 +216,20 @@ export async function runScenario(options: ScenarioOptions): Promise<ScenarioRes
     for (step = 1; step <= options.steps; step++) {
       const isRunning = running();
       action = rng.weighted({
-        write: 30,
-        zero: 6,
-        discard: 6,
-        checkpoint: 8,
-        delete: 6,
-        pushBackup: 8,
-        pullBackup: 5,
-        repoBackup: 5,
-        attach: 3,
-        detach: 3,
+        write: 28,
+        zero: 5,
+        discard: 5,
+        checkpoint: 12,
+        delete: 8,
+        pushBackup: 10,
+        pullBackup: 6,
+        repoBackup: 4,
+        attach: 2,
+        detach: 4,
         reattach: 3,
-        restart: 3,
-        crash: 3,
-        kill: 4,
+        restart: 2,
+        crash: 1,
+        kill: 3,
       });
       if (!isRunning && action !== 'restart') action = 'restart';
       log(`step ${step}: ${action}`);
@@ -262,8 +262,10 @@ export async function runScenario(options: ScenarioOptions): Promise<ScenarioRes
         }
         case 'delete': {
           if (chain.length === 0) break;
-          const victim = rng.pick(chain);
-          const children = rng.chance(0.2);
+          // Middle checkpoints most often: deleting them must merge into the parent.
+          const middle = chain.slice(1, -1);
+          const victim = middle.length > 0 && rng.chance(0.6) ? rng.pick(middle) : rng.pick(chain);
+          const children = rng.chance(0.15);
           log(`    delete ${victim.name}${children ? ' --children' : ''}`);
           await qb.checkpoints.delete(DOMAIN, victim.name, { children });
           const idx = chain.indexOf(victim);
@@ -272,7 +274,17 @@ export async function runScenario(options: ScenarioOptions): Promise<ScenarioRes
         }
         case 'pushBackup':
         case 'pullBackup': {
-          const since = chain.length > 0 && rng.chance(0.75) ? rng.pick(chain).name : undefined;
+          // Mostly checkpoints that still have coverage somewhere, the oldest of them
+          // often: their span crosses deletions, detaches and restarts.
+          const covered = chain.filter((c) => attached().some((d) => expectedFull(c.name, d) === undefined));
+          const since =
+            chain.length === 0 || rng.chance(0.1)
+              ? undefined
+              : covered.length > 0 && rng.chance(0.85)
+                ? rng.chance(0.5)
+                  ? covered[0]?.name
+                  : rng.pick(covered).name
+                : rng.pick(chain).name;
           const withCheckpoint = rng.chance(0.7) ? newName('b') : undefined;
           await flushAll();
           const atStart = new Map(attached().map((d) => [d.file, Buffer.from(d.content)]));
@@ -376,6 +388,13 @@ export async function runScenario(options: ScenarioOptions): Promise<ScenarioRes
           await qb.domains.detachDisk(DOMAIN, d.target ?? '');
           d.target = undefined;
           loseAll(d, 'detached-since');
+          if (rng.chance(0.5)) {
+            // back at once, before any new checkpoint: only the journal knows it was away
+            const target = freeTarget();
+            log(`    reattach ${d.file.split('/').pop() ?? ''} as ${target} at once`);
+            await qb.domains.attachDisk(DOMAIN, { source: d.file, target });
+            d.target = target;
+          }
           break;
         }
         case 'reattach': {
