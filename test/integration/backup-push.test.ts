@@ -175,6 +175,22 @@ describe('push backups (real QEMU)', () => {
     assert.ok(await compare(env.path('k2/sda.k2.qcow2'), sda));
   });
 
+  test('backup-begin BACKUP.xml CHECKPOINT.xml: per-disk choices and a described checkpoint from XML', async () => {
+    const target = env.path('xml/sda-only.qcow2');
+    const backupXml = env.writeFile(
+      'job.xml',
+      `<domainbackup><incremental>k2</incremental><disks><disk name='sda' type='file'><driver type='qcow2'/><target file='${target}'/></disk><disk name='sdb' backup='no'/><disk name='sdc' backup='no'/></disks></domainbackup>`,
+    );
+    const checkpointXml = env.writeFile('cp.xml', `<domaincheckpoint><name>fromxml</name><description>made with the job</description></domaincheckpoint>`);
+    const out = JSON.parse(await env.cliOk(['backup-begin', 'vm', backupXml, checkpointXml, '--wait', '--json'])) as { state: string; checkpoint: string; disks: Array<{ target: string; mode: string; targetFile: string }> };
+    assert.equal(out.state, 'completed');
+    assert.equal(out.checkpoint, 'fromxml');
+    assert.deepEqual(out.disks.map((d) => [d.target, d.mode, d.targetFile]), [['sda', 'incremental', target]]);
+    assert.match(await env.cliOk(['checkpoint-dumpxml', 'vm', 'fromxml', '--no-domain']), /<description>made with the job<\/description>/);
+    const completed = JSON.parse(await env.cliOk(['domjobinfo', 'vm', '--completed', '--json'])) as { id: string; state: string };
+    assert.equal(completed.state, 'completed');
+  });
+
   test('QEMU killed mid-job: the job is reported failed and its partial targets are removed', async () => {
     await qb.backups.begin('vm', { targetDir: env.path('dead'), bandwidthBytesPerSec: 1 * MiB });
     const pid = qb.domains.info('vm').pid;
