@@ -421,6 +421,11 @@ export class QmpClient {
       this.settleGreeting = undefined;
       return;
     }
+    if (this.greetingValue === undefined && message.kind === 'event') {
+      // QEMU can flush an event meant for the previous client of its monitor
+      // socket before greeting the next one; it is not ours, so drop it.
+      return;
+    }
     if (this.greetingValue === undefined) {
       this.shutdown(new QmpProtocolError('unexpected-message', `QMP peer sent ${article(message.kind)} before its greeting`));
       return;

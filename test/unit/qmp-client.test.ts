@@ -533,6 +533,18 @@ test('connect fails with QMP_PROTOCOL on a bad greeting or on a reply before the
   }
 });
 
+test('an event left over from the previous client before the greeting is dropped, not fatal', async () => {
+  const stale = JSON.stringify({ event: 'JOB_STATUS_CHANGE', data: { id: 'old', status: 'concluded' }, timestamp: { seconds: 1, microseconds: 0 } });
+  const peer = await FakeQmpPeer.start({ greeting: `${stale}\n${JSON.stringify(GREETING)}\n` });
+  try {
+    const client = await QmpClient.connect(peer.socketPath);
+    await assert.rejects(client.waitForEvent('JOB_STATUS_CHANGE', undefined, 50), isCode('QMP_TIMEOUT'));
+    await client.close();
+  } finally {
+    await peer.stop();
+  }
+});
+
 test('connect fails with QMP_ERROR when capabilities negotiation is refused', async () => {
   const peer = await FakeQmpPeer.start({ autoCapabilities: false });
   try {
