@@ -111,8 +111,10 @@ export class NbdClient {
   async read(offset: number, length: number): Promise<Buffer> {
     this.checkRange('read', offset, length);
     if (length > bufferConstants.MAX_LENGTH) throw new QbackupError('INVALID_ARGUMENT', `read of ${length} bytes is larger than one buffer can hold`);
-    // Zero-filled, so holes need no copying.
-    const out = Buffer.alloc(length);
+    // Data chunks are views of received bytes that nothing else reuses, so
+    // they are kept and assembled at the end: a reply that is one data chunk
+    // covering the whole range (the common case) is returned without a copy.
+    const chunks: Array<{ offset: number; data: Buffer }> = [];
     await Promise.all(
       this.split(offset, length, this.maxTransferBytes).map((piece) =>
         this.connection.request({
@@ -120,11 +122,16 @@ export class NbdClient {
           offset: piece.offset,
           length: piece.length,
           onChunk: (chunk) => {
-            if (chunk.type === 'data') chunk.data.copy(out, chunk.offset - offset);
+            if (chunk.type === 'data') chunks.push({ offset: chunk.offset, data: chunk.data });
           },
         }),
       ),
     );
+    const only = chunks.length === 1 ? chunks[0] : undefined;
+    if (only !== undefined && only.offset === offset && only.data.length === length) return only.data;
+    // Zero-filled, so holes need no copying.
+    const out = Buffer.alloc(length);
+    for (const c of chunks) c.data.copy(out, c.offset - offset);
     return out;
   }
 

@@ -6,9 +6,9 @@
 
 import { spawn } from 'node:child_process';
 import { accessSync, chmodSync, closeSync, constants, existsSync, openSync, readFileSync, rmSync, statSync, writeSync } from 'node:fs';
-import { connect } from 'node:net';
 import { QbackupError } from '../errors.js';
 import { isProcessAlive, processStartTime, sleep } from '../util/proc.js';
+import { socketAccepts } from '../util/socket.js';
 import { ROOT_PORT_COUNT, SCSI_CONTROLLER_ID, blockdevSpecs, deviceSpec, rootPortId, type QemuDiskSpec } from './nodes.js';
 
 export interface LaunchOptions {
@@ -108,6 +108,7 @@ export async function launchQemu(options: LaunchOptions): Promise<QemuProcessInf
         details: { log: options.logFile },
       });
     }
+    // QEMU's monitor serves one client at a time; the probe leaves at once.
     if (existsSync(options.qmpSocket) && (await socketAccepts(options.qmpSocket))) break;
     if (Date.now() > deadline) {
       if (child.pid !== undefined) killProcess(child.pid);
@@ -138,19 +139,6 @@ export function logTail(logFile: string, from = 0): string {
   } catch {
     return '';
   }
-}
-
-function socketAccepts(path: string): Promise<boolean> {
-  // QEMU's monitor serves one client at a time; we connect and leave at once,
-  // which QEMU handles as an ordinary disconnect.
-  return new Promise((resolve) => {
-    const s = connect(path);
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-  });
 }
 
 export function killProcess(pid: number): void {

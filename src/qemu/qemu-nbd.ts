@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { QbackupError } from '../errors.js';
 import { sleep } from '../util/proc.js';
+import { socketAccepts } from '../util/socket.js';
 
 export interface QemuNbdServer extends AsyncDisposable {
   socket: string;
@@ -21,7 +22,8 @@ export async function startQemuNbd(image: string, options: { format: 'qcow2' | '
   const dir = mkdtempSync(join(tmpdir(), 'qbackup-nbd-'));
   const socket = join(dir, 'nbd.sock');
   const exportName = 'image';
-  const args = [`--socket=${socket}`, `--format=${options.format}`, `--export-name=${exportName}`, '--cache=writeback', '--discard=unmap', image];
+  // --persistent: the readiness probe is a client too, and qemu-nbd would exit when it leaves.
+  const args = [`--socket=${socket}`, '--persistent', `--format=${options.format}`, `--export-name=${exportName}`, '--cache=writeback', '--discard=unmap', image];
   if (options.readOnly) args.unshift('--read-only');
   const child = spawn('qemu-nbd', args, { stdio: ['ignore', 'ignore', 'pipe'] });
   const err: Buffer[] = [];
@@ -33,7 +35,7 @@ export async function startQemuNbd(image: string, options: { format: 'qcow2' | '
   }));
   child.on('error', () => undefined);
   const deadline = Date.now() + 10_000;
-  while (!existsSync(socket)) {
+  while (!(existsSync(socket) && (await socketAccepts(socket)))) {
     if (exited || Date.now() > deadline) {
       child.kill('SIGKILL');
       rmSync(dir, { recursive: true, force: true });
