@@ -7,7 +7,7 @@ import type { CheckpointDiskSpec } from '../checkpoint/xml.js';
 import { QbackupError } from '../errors.js';
 import type { CliContext } from './context.js';
 import { readInput } from './domain-commands.js';
-import { emit, table } from './output.js';
+import { collect, emit, table } from './output.js';
 
 export function registerCheckpointCommands(program: Command, cli: CliContext): void {
   program
@@ -172,10 +172,6 @@ export function registerCheckpointCommands(program: Command, cli: CliContext): v
         emit(out, { deleted }, () => (o.childrenOnly ? `Domain checkpoint ${name} children deleted` : `Domain checkpoint ${name} deleted`));
       });
     });
-}
-
-function collect(value: string, previous: string[]): string[] {
-  return [...previous, value];
 }
 
 export function parseDiskspec(spec: string): CheckpointDiskSpec {

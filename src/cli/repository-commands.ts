@@ -5,7 +5,7 @@ import type { Command } from 'commander';
 import { QbackupError } from '../errors.js';
 import type { Manifest } from '../repository/repo.js';
 import type { CliContext } from './context.js';
-import { emit, table } from './output.js';
+import { collect, emit, table } from './output.js';
 import { progressReporter } from './progress.js';
 
 export function registerRepositoryCommands(program: Command, cli: CliContext): void {
@@ -136,10 +136,6 @@ export function registerRepositoryCommands(program: Command, cli: CliContext): v
         emit(out, r, () => `Removed ${r.removed.length} backup(s); kept ${r.kept.join(', ') || 'none'}`);
       });
     });
-}
-
-function collect(value: string, previous: string[]): string[] {
-  return [...previous, value];
 }
 
 function describeBackup(m: Manifest): string {

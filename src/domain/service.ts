@@ -19,7 +19,7 @@ import { existsSync, mkdirSync, realpathSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import { imageInfo } from '../qemu/image.js';
-import { ROOT_PORT_COUNT, blockdevSpecs, deviceSpec, nodeNamesFor, qemuIoDevicePath, rootPortId, type QemuDiskSpec } from '../qemu/nodes.js';
+import { ROOT_PORT_COUNT, blockdevSpecs, deviceSpec, nodeNamesFor, qemuIoDevicePath, rootPortId } from '../qemu/nodes.js';
 import { killProcess, launchQemu, waitForExit } from '../qemu/process.js';
 import { QmpClient } from '../qmp/index.js';
 import type { DiskRow, DomainRow, DomainStore, RuntimeRow } from '../store/domains.js';
@@ -226,7 +226,7 @@ export class DomainService {
         uuid: ctx.definition.uuid,
         memoryKiB: ctx.definition.memoryKiB,
         vcpus: ctx.definition.vcpus,
-        disks: ctx.disks.map(qemuSpec),
+        disks: ctx.disks,
         qmpSocket: join(dir, 'qmp.sock'),
         logFile: join(dir, 'qemu.log'),
         paused: options.paused ?? false,
@@ -570,14 +570,14 @@ export class DomainService {
 // ---- QEMU steps of hotplug ----------------------------------------------------
 
 async function hotplug(qmp: QmpClient, disk: AttachedDisk): Promise<void> {
-  const [fileSpec, formatSpec] = blockdevSpecs(qemuSpec(disk));
+  const [fileSpec, formatSpec] = blockdevSpecs(disk);
   const names = nodeNamesFor(disk.diskId);
   await qmp.execute('blockdev-add', fileSpec);
   try {
     await qmp.execute('blockdev-add', formatSpec);
     try {
       const port = disk.bus === 'virtio' ? await freeRootPort(qmp) : undefined;
-      await qmp.execute('device_add', deviceSpec(qemuSpec(disk), port));
+      await qmp.execute('device_add', deviceSpec(disk, port));
     } catch (err) {
       await qmp.execute('blockdev-del', { 'node-name': names.format }).catch(() => undefined);
       throw err;
@@ -625,18 +625,6 @@ async function freeRootPort(qmp: QmpClient): Promise<string> {
 }
 
 // ---- small helpers -------------------------------------------------------------
-
-function qemuSpec(d: AttachedDisk): QemuDiskSpec {
-  return {
-    diskId: d.diskId,
-    target: d.target,
-    source: d.source,
-    format: d.format,
-    bus: d.bus,
-    readonly: d.readonly,
-    ...(d.serial !== undefined ? { serial: d.serial } : {}),
-  };
-}
 
 function blockInfo(d: AttachedDisk): BlockInfo {
   return {

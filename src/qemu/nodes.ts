@@ -3,17 +3,10 @@
 // and the guest device id is the target name so that users can address a disk
 // in HMP recipes as they know it: `qemu-io -d sda "write …"`.
 
-import type { DiskBus, DiskFormat } from '../domain/types.js';
+import type { DiskBus, DiskDefinition } from '../domain/types.js';
 
-export interface QemuDiskSpec {
-  diskId: string;
-  target: string;
-  source: string;
-  format: DiskFormat;
-  bus: DiskBus;
-  serial?: string;
-  readonly: boolean;
-}
+/** A disk as QEMU sees it: its definition plus the stable id its node names derive from. */
+export type QemuDiskSpec = DiskDefinition & { diskId: string };
 
 export interface DiskNodeNames {
   /** The protocol (file) node. */
