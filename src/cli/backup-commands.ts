@@ -3,7 +3,7 @@
 
 import type { Command } from 'commander';
 import type { JobInfo } from '../backup/service.js';
-import { formatBackupXml } from '../backup/xml.js';
+import { formatBackupXml, parseBackupXml } from '../backup/xml.js';
 import { QbackupError } from '../errors.js';
 import type { CliContext } from './context.js';
 import { readInput } from './domain-commands.js';
@@ -35,8 +35,12 @@ export function registerBackupCommands(program: Command, cli: CliContext): void 
           if (checkpointFile !== undefined && o.checkpoint !== undefined) {
             throw new QbackupError('INVALID_ARGUMENT', 'Give the new checkpoint either as XML or with --checkpoint, not both');
           }
+          const backupXml = backupFile !== undefined ? readInput(backupFile, 'backup XML') : undefined;
+          if (o.wait && backupXml !== undefined && parseBackupXml(backupXml).mode === 'pull') {
+            throw new QbackupError('INVALID_ARGUMENT', 'Option --wait is for push mode: a pull job lasts until domjobabort');
+          }
           let job = await qb.backups.begin(domain, {
-            ...(backupFile !== undefined ? { backupXml: readInput(backupFile, 'backup XML') } : {}),
+            ...(backupXml !== undefined ? { backupXml } : {}),
             ...(checkpointFile !== undefined ? { checkpointXml: readInput(checkpointFile, 'checkpoint XML') } : {}),
             ...(o.incremental !== undefined ? { incremental: o.incremental } : {}),
             ...(o.checkpoint !== undefined ? { checkpointName: o.checkpoint } : {}),
