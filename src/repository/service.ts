@@ -244,6 +244,11 @@ export class RepositoryService {
       return manifest;
     } catch (err) {
       repo.cleanLeftovers(domain);
+      // The checkpoint made with a failed backup marks nothing in this repository:
+      // merge it away so the chain stays as if the attempt never happened.
+      if (this.checkpoints.store.get(domain, checkpoint) !== undefined) {
+        await this.checkpoints.delete(domain, checkpoint).catch(() => undefined);
+      }
       throw err;
     }
   }

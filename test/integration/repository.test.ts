@@ -212,6 +212,33 @@ describe('backup repository (real QEMU)', () => {
     assert.deepEqual([x.code, y.code].sort(), [0, 1], `${x.stderr} ${y.stderr}`);
     assert.match(x.code === 1 ? x.stderr : y.stderr, /is busy|is running/);
 
+    // disk full while writing: a clear error, no file and no manifest left, no stray checkpoint
+    const tiny = env.path('tiny');
+    await runTool('mkdir', ['-p', tiny]);
+    let mounted = false;
+    try {
+      await runTool('mount', ['-t', 'tmpfs', '-o', 'size=3M', 'tmpfs', tiny]);
+      mounted = true;
+    } catch {
+      // not allowed to mount here: the disk-full case cannot be staged
+    }
+    if (mounted) {
+      try {
+        const checkpointsBefore = env.qb.checkpoints.list('vm').length;
+        for (const mode of ['push', 'pull']) {
+          const full = await env.cli(['backup', 'vm', '--repo', join(tiny, 'repo'), '--mode', mode]);
+          assert.equal(full.code, 1, mode);
+          assert.match(full.stderr, /No space left on device|ENOSPC/i);
+          assert.equal(full.stderr.trim().split('\n').length, 1);
+          assert.deepEqual(env.qb.repository.list(join(tiny, 'repo'), 'vm'), []);
+          assert.deepEqual(readdirSync(join(tiny, 'repo', 'vm', 'disks')).flatMap((d) => readdirSync(join(tiny, 'repo', 'vm', 'disks', d))), []);
+        }
+        assert.equal(env.qb.checkpoints.list('vm').length, checkpointsBefore, 'the failed backups left no checkpoint');
+      } finally {
+        await runTool('umount', [tiny]);
+      }
+    }
+
     // a truncated manifest is reported, not skipped
     const mdir = join(repo, 'vm', 'manifests');
     const victim = join(mdir, readdirSync(mdir).sort()[0] ?? '');
