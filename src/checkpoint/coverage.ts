@@ -101,10 +101,13 @@ export function computeCoverage(input: CoverageInputs): DiskCoverage {
       if (loss !== undefined) add(loss.reason === 'bitmap-inconsistent' ? 'bitmap-inconsistent' : 'bitmap-missing', loss.detail);
     }
     const current = path[path.length - 1];
+    // By name, first wins (as find() would): a long chain must not make this quadratic.
+    const byName = new Map<string, BitmapState>();
+    for (const b of input.bitmaps ?? []) if (!byName.has(b.name)) byName.set(b.name, b);
     for (const [i, cp] of path.entries()) {
       const name = names[i];
       if (name === undefined) continue;
-      const state = input.bitmaps?.find((b) => b.name === name);
+      const state = byName.get(name);
       if (state === undefined) {
         add('bitmap-missing', `bitmap "${name}" of checkpoint "${cp.row.name}" is not on the image`);
       } else if (state.inconsistent) {

@@ -424,8 +424,9 @@ export class CheckpointService {
   list(domain: string, filters: ListFilters = {}): CheckpointInfo[] {
     this.domains.requireDomain(domain);
     let rows = this.store.list(domain);
+    const tree = { children: childrenIndex(rows), disks: groupDisks(this.store.disks(domain)) };
     if (filters.topological) rows = topologicalOrder(rows);
-    const infos = rows.map((r) => this.toInfo(r));
+    const infos = rows.map((r) => this.toInfo(r, tree));
     return infos.filter((i) => (!filters.roots || i.parent === null) && (!filters.leaves || i.children === 0));
   }
 
@@ -531,17 +532,25 @@ export class CheckpointService {
     const current = checkpoints.find((c) => c.is_current === 1);
     const actions: BitmapAction[] = [];
     const losses: Array<[string, string, string, string]> = [];
+    // Indexed once: with a long chain, scanning the rows per checkpoint would be quadratic.
+    const bitmapEntries = new Map<string, CheckpointDiskRow>();
+    for (const x of cpDisks) {
+      const key = `${x.checkpoint}\0${x.disk_id ?? ''}`;
+      if (x.mode === 'bitmap' && !bitmapEntries.has(key)) bitmapEntries.set(key, x);
+    }
     for (const d of ctx.disks) {
       const actual = bitmaps.get(d.diskId);
       if (actual === undefined || d.format !== 'qcow2') continue;
+      const actualByName = new Map<string, BitmapState>();
       for (const b of actual) {
+        if (!actualByName.has(b.name)) actualByName.set(b.name, b);
         if (b.name.startsWith(TEMP_BITMAP_PREFIX) && !b.busy) actions.push({ op: 'remove', diskId: d.diskId, bitmap: b.name });
       }
       const valid: Array<{ cp: CheckpointRow; state: BitmapState }> = [];
       for (const cp of checkpoints) {
-        const entry = cpDisks.find((x) => x.checkpoint === cp.name && x.disk_id === d.diskId && x.mode === 'bitmap');
+        const entry = bitmapEntries.get(`${cp.name}\0${d.diskId}`);
         if (entry === undefined || entry.bitmap === null) continue;
-        const st = actual.find((b) => b.name === entry.bitmap);
+        const st = actualByName.get(entry.bitmap);
         if (st === undefined) {
           losses.push([d.diskId, cp.name, 'bitmap-missing', `bitmap "${entry.bitmap}" of disk "${d.target}" disappeared (lost when QEMU stopped uncleanly, or removed outside qbackup)`]);
         } else if (st.inconsistent) {
@@ -551,7 +560,7 @@ export class CheckpointService {
           valid.push({ cp, state: st });
         }
       }
-      const inCurrent = current !== undefined && cpDisks.some((x) => x.checkpoint === current.name && x.disk_id === d.diskId && x.mode === 'bitmap');
+      const inCurrent = current !== undefined && bitmapEntries.has(`${current.name}\0${d.diskId}`);
       const recorder = inCurrent ? valid.at(-1) : undefined;
       for (const v of valid) {
         const shouldRecord = v === recorder;
@@ -615,8 +624,8 @@ export class CheckpointService {
   }
 
   chainCheckpoints(domain: string): ChainCheckpoint[] {
-    const disks = this.store.disks(domain);
-    return this.store.list(domain).map((row) => ({ row, disks: disks.filter((d) => d.checkpoint === row.name) }));
+    const byCheckpoint = groupDisks(this.store.disks(domain));
+    return this.store.list(domain).map((row) => ({ row, disks: byCheckpoint.get(row.name) ?? [] }));
   }
 
   private bitmapNamesByDisk(domain: string): Map<string, Set<string>> {
@@ -631,10 +640,10 @@ export class CheckpointService {
   }
 
   private descendants(domain: string, name: string): string[] {
-    const rows = this.store.list(domain);
+    const children = childrenIndex(this.store.list(domain));
     const out: string[] = [];
     const walk = (n: string): void => {
-      for (const c of rows.filter((r) => r.parent === n)) {
+      for (const c of children.get(n) ?? []) {
         out.push(c.name);
         walk(c.name);
       }
@@ -645,10 +654,10 @@ export class CheckpointService {
 
   /** Descendants, children after their own descendants (leaves first). */
   private descendantsPostOrder(domain: string, name: string): string[] {
-    const rows = this.store.list(domain);
+    const children = childrenIndex(this.store.list(domain));
     const out: string[] = [];
     const walk = (n: string): void => {
-      for (const c of rows.filter((r) => r.parent === n)) {
+      for (const c of children.get(n) ?? []) {
         walk(c.name);
         out.push(c.name);
       }
@@ -657,8 +666,13 @@ export class CheckpointService {
     return out;
   }
 
-  private toInfo(row: CheckpointRow): CheckpointInfo {
-    const all = this.store.list(row.domain);
+  /**
+   * `tree` lets list() read the rows and disks once for every checkpoint;
+   * without it they are read here.
+   */
+  private toInfo(row: CheckpointRow, tree?: { children: Map<string, CheckpointRow[]>; disks: Map<string, CheckpointDiskRow[]> }): CheckpointInfo {
+    const children = tree?.children ?? childrenIndex(this.store.list(row.domain));
+    const disks = tree !== undefined ? (tree.disks.get(row.name) ?? []) : this.store.disks(row.domain, row.name);
     return {
       name: row.name,
       domain: row.domain,
@@ -666,9 +680,9 @@ export class CheckpointService {
       description: row.description,
       creationTime: row.creation_time,
       current: row.is_current === 1,
-      children: all.filter((r) => r.parent === row.name).length,
-      descendants: this.descendants(row.domain, row.name).length,
-      disks: this.store.disks(row.domain, row.name).map((d) => ({ target: d.target, diskId: d.disk_id, checkpoint: d.mode, bitmap: d.bitmap })),
+      children: children.get(row.name)?.length ?? 0,
+      descendants: countDescendants(children, row.name),
+      disks: disks.map((d) => ({ target: d.target, diskId: d.disk_id, checkpoint: d.mode, bitmap: d.bitmap })),
     };
   }
 
@@ -720,3 +734,40 @@ function topologicalOrder(rows: readonly CheckpointRow[]): CheckpointRow[] {
   return out;
 }
 
+/** Children of each checkpoint, in the order of `rows` (creation order). */
+function childrenIndex(rows: readonly CheckpointRow[]): Map<string, CheckpointRow[]> {
+  const out = new Map<string, CheckpointRow[]>();
+  for (const r of rows) {
+    if (r.parent === null) continue;
+    const list = out.get(r.parent);
+    if (list === undefined) out.set(r.parent, [r]);
+    else list.push(r);
+  }
+  return out;
+}
+
+/** Number of descendants, iteratively (a chain of thousands would be as deep a recursion). */
+function countDescendants(children: ReadonlyMap<string, readonly CheckpointRow[]>, name: string): number {
+  let count = 0;
+  const seen = new Set<string>([name]);
+  const stack = [name];
+  for (let n = stack.pop(); n !== undefined; n = stack.pop()) {
+    for (const c of children.get(n) ?? []) {
+      if (seen.has(c.name)) continue;
+      seen.add(c.name);
+      count++;
+      stack.push(c.name);
+    }
+  }
+  return count;
+}
+
+function groupDisks(rows: readonly CheckpointDiskRow[]): Map<string, CheckpointDiskRow[]> {
+  const out = new Map<string, CheckpointDiskRow[]>();
+  for (const d of rows) {
+    const list = out.get(d.checkpoint);
+    if (list === undefined) out.set(d.checkpoint, [d]);
+    else list.push(d);
+  }
+  return out;
+}

@@ -22,7 +22,7 @@ import { imageInfo } from '../qemu/image.js';
 import { ROOT_PORT_COUNT, blockdevSpecs, deviceSpec, nodeNamesFor, qemuIoDevicePath, rootPortId } from '../qemu/nodes.js';
 import { killProcess, launchQemu, waitForExit } from '../qemu/process.js';
 import { QmpClient } from '../qmp/index.js';
-import type { DiskRow, DomainRow, DomainStore, RuntimeRow } from '../store/domains.js';
+import type { DomainRow, DomainStore, RuntimeRow } from '../store/domains.js';
 import { acquireDomainLock } from '../store/lock.js';
 import { isProcessAlive } from '../util/proc.js';
 import { assertDomainName, assertTargetName, busForTarget } from './names.js';

@@ -58,6 +58,7 @@ describe('push backups (real QEMU)', () => {
   test('full backup with a new checkpoint: one transaction, identical copy', async () => {
     sent = [];
     const job = await qb.backups.begin('vm', { checkpointName: 'c1', targetDir: env.path('bk') });
+    assert.equal(job.checkpoint, 'c1');
     const transactions = sent.filter((m) => m.execute === 'transaction');
     assert.equal(transactions.length, 1, 'the job starts with one transaction');
     const types = transactions[0]?.arguments?.actions?.map((a) => a.type) ?? [];
