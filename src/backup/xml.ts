@@ -67,6 +67,8 @@ export interface BackupDiskXml {
   exportname?: string;
   /** exportbitmap=…: name of the exported dirty bitmap (pull only). */
   exportbitmap?: string;
+  /** state=…: output only, for a running job (running, complete, failed, cancelled); ignored on input. */
+  state?: string;
   /**
    * <driver type=…>: format of the destination — the target file in push mode,
    * the scratch file in pull mode. libvirt's default is qcow2.
@@ -320,6 +322,7 @@ export function formatBackupXml(b: BackupXml): string {
       if (d.incremental !== undefined) el.setAttribute('incremental', d.incremental);
       if (d.exportname !== undefined) el.setAttribute('exportname', d.exportname);
       if (d.exportbitmap !== undefined) el.setAttribute('exportbitmap', d.exportbitmap);
+      if (d.state !== undefined) el.setAttribute('state', d.state);
       if (d.driverType !== undefined) appendElement(el, 'driver').setAttribute('type', d.driverType);
       const key = d.type === 'block' ? 'dev' : 'file';
       if (d.target !== undefined) appendElement(el, 'target').setAttribute(key, d.target);

@@ -83,6 +83,7 @@ export function registerBackupCommands(program: Command, cli: CliContext): void 
             backup: true,
             backupmode: d.mode,
             ...(d.mode === 'incremental' && d.incremental !== undefined ? { incremental: d.incremental } : {}),
+            state: d.state === 'completed' ? 'complete' : d.state,
             type: 'file' as const,
             driverType: d.targetFormat,
             ...(job.mode === 'push'

@@ -112,6 +112,7 @@ describe('pull backups (real QEMU)', () => {
     const xml = await env.cliOk(['backup-dumpxml', 'vm']);
     assert.match(xml, /<domainbackup mode="pull">/);
     assert.match(xml, /exportbitmap="backup-sda"/);
+    assert.match(xml, /state="running"/);
     await env.cliOk(['domjobabort', 'vm']);
     await assertNothingLeft();
   });
