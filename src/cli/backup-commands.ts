@@ -12,7 +12,7 @@ import { emit } from './output.js';
 export function registerBackupCommands(program: Command, cli: CliContext): void {
   program
     .command('backup-begin')
-    .description('start a backup job (push mode: QEMU writes each disk to a qcow2 target)')
+    .description('start a backup job: push (QEMU writes each disk to a qcow2 target) or pull (an NBD export of the frozen disks)')
     .argument('<domain>')
     .argument('[backupxml]', '<domainbackup> XML file')
     .argument('[checkpointxml]', '<domaincheckpoint> XML file: a checkpoint created atomically with the job')
@@ -113,7 +113,7 @@ export function registerBackupCommands(program: Command, cli: CliContext): void 
 
   program
     .command('domjobabort')
-    .description('abort the running backup job; its targets are removed')
+    .description('end the running backup job: a push job is aborted and its targets removed; a pull job ends normally')
     .argument('<domain>')
     .action(async (domain: string, _o: unknown, cmd: Command) => {
       await cli.run(cmd, async (qb, out) => {

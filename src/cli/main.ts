@@ -1,12 +1,23 @@
 // The qbackup command line: a thin adapter that parses arguments (commander),
 // calls the library, and prints. It never holds state of its own.
 
+import { readFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
 import { createCliContext } from './context.js';
 import { registerBackupCommands } from './backup-commands.js';
 import { registerCheckpointCommands } from './checkpoint-commands.js';
 import { registerDomainCommands } from './domain-commands.js';
 import { registerRepositoryCommands } from './repository-commands.js';
+
+function packageVersion(): string {
+  try {
+    // dist/src/cli/main.js → package.json at the root of the package
+    const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version?: string };
+    return pkg.version ?? 'unknown';
+  } catch {
+    return 'unknown';
+  }
+}
 
 export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Promise<void> {
   const program = new Command();
@@ -16,6 +27,7 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
     .option('--state-dir <dir>', 'metadata directory (default: $QBACKUP_STATE_DIR, /var/lib/qbackup as root, else ~/.local/state/qbackup)')
     .option('--json', 'print results as JSON')
     .option('--lock-timeout <seconds>', 'how long to wait for another command on the same domain (default 30)')
+    .version(packageVersion(), '-V, --version')
     .showHelpAfterError()
     .exitOverride();
   const cli = createCliContext(env);
