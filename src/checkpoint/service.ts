@@ -23,7 +23,7 @@ import type { AttachedDisk, DomainContext, DomainService } from '../domain/servi
 import { parseDomainXml } from '../domain/xml.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
 import type { QmpClient } from '../qmp/index.js';
-import type { CheckpointDiskRow, CheckpointRow, CheckpointStore } from '../store/checkpoints.js';
+import type { CheckpointDiskRow, CheckpointLink, CheckpointRow, CheckpointStore, CheckpointSummaryRow } from '../store/checkpoints.js';
 import { applyBitmapActions, readBitmapsOffline, readBitmapsOnline, type BitmapAction, type BitmapState, type DiskBitmaps } from './bitmaps.js';
 import { chainFrom, computeCoverage, type ChainCheckpoint, type DiskCoverage } from './coverage.js';
 import { assertCheckpointName, formatCheckpointXml, parseCheckpointXml, type CheckpointDiskSpec, type CheckpointXml } from './xml.js';
@@ -84,12 +84,14 @@ export class CheckpointService {
     private readonly crashAt?: string,
   ) {
     domains.hooks.onOpen = (ctx) => this.recover(ctx);
-    domains.hooks.afterStart = (ctx, qmp) => this.reconcile(ctx, qmp);
+    domains.hooks.afterStart = async (ctx, qmp) => {
+      await this.reconcile(ctx, qmp);
+    };
     domains.hooks.afterAttach = async (ctx, _disk, qmp) => {
       await this.reconcile(ctx, qmp);
     };
     domains.hooks.beforeUndefine = (ctx, options) => {
-      if (this.store.list(ctx.row.name).length > 0 && !options.checkpointsMetadata) {
+      if (this.store.links(ctx.row.name).length > 0 && !options.checkpointsMetadata) {
         throw new QbackupError(
           'CHECKPOINT_EXISTS',
           `Cannot undefine domain "${ctx.row.name}": it has checkpoints; pass --checkpoints-metadata to remove their metadata too (bitmaps stay in the images)`,
@@ -114,8 +116,8 @@ export class CheckpointService {
     return this.domains.withDomain(domain, 'checkpoint-create', async (ctx) => {
       this.domains.hooks.beforeConfigChange?.(ctx, 'checkpoint-create');
       return this.withOptionalQmp(ctx, 'checkpoint-create', async (qmp) => {
-        await this.reconcile(ctx, qmp);
-        const plan = await this.planCreate(ctx, qmp, spec);
+        const bitmaps = await this.reconcile(ctx, qmp);
+        const plan = await this.planCreate(ctx, qmp, spec, bitmaps);
         await this.applyCreate(ctx, qmp, plan);
         return this.info(domain, plan.row.name);
       });
@@ -127,7 +129,7 @@ export class CheckpointService {
    * without changing anything. Backups use it to create a checkpoint in the
    * same transaction as the job.
    */
-  async planCreate(ctx: DomainContext, qmp: QmpClient | undefined, spec: CheckpointXml): Promise<CreateIntent> {
+  async planCreate(ctx: DomainContext, qmp: QmpClient | undefined, spec: CheckpointXml, known?: DiskBitmaps): Promise<CreateIntent> {
     const domain = ctx.row.name;
     const name = spec.name ?? String(Math.floor(Date.now() / 1000));
     assertCheckpointName(name);
@@ -141,7 +143,8 @@ export class CheckpointService {
       }
       specs.set(d.name, d);
     }
-    const bitmaps = await this.readBitmaps(ctx, qmp);
+    // `known`: the state reconcile just read (and left unchanged), so it need not be read twice.
+    const bitmaps = known ?? (await this.readBitmaps(ctx, qmp));
     const current = this.store.current(domain);
     const disks: CheckpointDiskRow[] = [];
     const adds: CreateIntent['adds'] = [];
@@ -423,7 +426,7 @@ export class CheckpointService {
 
   list(domain: string, filters: ListFilters = {}): CheckpointInfo[] {
     this.domains.requireDomain(domain);
-    let rows = this.store.list(domain);
+    let rows = this.store.summaries(domain);
     const tree = { children: childrenIndex(rows), disks: groupDisks(this.store.disks(domain)) };
     if (filters.topological) rows = topologicalOrder(rows);
     const infos = rows.map((r) => this.toInfo(r, tree));
@@ -523,10 +526,10 @@ export class CheckpointService {
    * and inconsistent ones as lost coverage, removes inconsistent ones and
    * leftover temporary bitmaps, and makes the right bitmap the recording one.
    */
-  async reconcile(ctx: DomainContext, qmp: QmpClient | undefined): Promise<void> {
+  async reconcile(ctx: DomainContext, qmp: QmpClient | undefined): Promise<DiskBitmaps | undefined> {
     const domain = ctx.row.name;
-    const checkpoints = this.store.list(domain);
-    if (checkpoints.length === 0 && qmp === undefined) return;
+    const checkpoints = this.store.links(domain);
+    if (checkpoints.length === 0 && qmp === undefined) return undefined;
     const bitmaps = await this.readBitmaps(ctx, qmp);
     const cpDisks = this.store.disks(domain);
     const current = checkpoints.find((c) => c.is_current === 1);
@@ -546,7 +549,7 @@ export class CheckpointService {
         if (!actualByName.has(b.name)) actualByName.set(b.name, b);
         if (b.name.startsWith(TEMP_BITMAP_PREFIX) && !b.busy) actions.push({ op: 'remove', diskId: d.diskId, bitmap: b.name });
       }
-      const valid: Array<{ cp: CheckpointRow; state: BitmapState }> = [];
+      const valid: Array<{ cp: CheckpointLink; state: BitmapState }> = [];
       for (const cp of checkpoints) {
         const entry = bitmapEntries.get(`${cp.name}\0${d.diskId}`);
         if (entry === undefined || entry.bitmap === null) continue;
@@ -573,6 +576,8 @@ export class CheckpointService {
       });
     }
     await applyBitmapActions(qmp, actions, ctx.disks);
+    // The bitmaps as read are still the truth only when nothing was changed.
+    return actions.length === 0 ? bitmaps : undefined;
   }
 
   /** Finishes (delete) or rolls back (create) an operation a killed qbackup left behind. */
@@ -640,7 +645,7 @@ export class CheckpointService {
   }
 
   private descendants(domain: string, name: string): string[] {
-    const children = childrenIndex(this.store.list(domain));
+    const children = childrenIndex(this.store.links(domain));
     const out: string[] = [];
     const walk = (n: string): void => {
       for (const c of children.get(n) ?? []) {
@@ -654,7 +659,7 @@ export class CheckpointService {
 
   /** Descendants, children after their own descendants (leaves first). */
   private descendantsPostOrder(domain: string, name: string): string[] {
-    const children = childrenIndex(this.store.list(domain));
+    const children = childrenIndex(this.store.links(domain));
     const out: string[] = [];
     const walk = (n: string): void => {
       for (const c of children.get(n) ?? []) {
@@ -670,8 +675,8 @@ export class CheckpointService {
    * `tree` lets list() read the rows and disks once for every checkpoint;
    * without it they are read here.
    */
-  private toInfo(row: CheckpointRow, tree?: { children: Map<string, CheckpointRow[]>; disks: Map<string, CheckpointDiskRow[]> }): CheckpointInfo {
-    const children = tree?.children ?? childrenIndex(this.store.list(row.domain));
+  private toInfo(row: CheckpointSummaryRow, tree?: { children: Map<string, CheckpointLink[]>; disks: Map<string, CheckpointDiskRow[]> }): CheckpointInfo {
+    const children = tree?.children ?? childrenIndex(this.store.links(row.domain));
     const disks = tree !== undefined ? (tree.disks.get(row.name) ?? []) : this.store.disks(row.domain, row.name);
     return {
       name: row.name,
@@ -714,10 +719,10 @@ async function bitmapCount(qmp: QmpClient, diskId: string, bitmap: string): Prom
   return node?.['dirty-bitmaps']?.find((b) => b.name === bitmap)?.count ?? 0;
 }
 
-function topologicalOrder(rows: readonly CheckpointRow[]): CheckpointRow[] {
-  const out: CheckpointRow[] = [];
+function topologicalOrder<T extends CheckpointLink>(rows: readonly T[]): T[] {
+  const out: T[] = [];
   const placed = new Set<string>();
-  const byParent = new Map<string | null, CheckpointRow[]>();
+  const byParent = new Map<string | null, T[]>();
   for (const r of rows) {
     const key = r.parent !== null && rows.some((x) => x.name === r.parent) ? r.parent : null;
     byParent.set(key, [...(byParent.get(key) ?? []), r]);
@@ -735,8 +740,8 @@ function topologicalOrder(rows: readonly CheckpointRow[]): CheckpointRow[] {
 }
 
 /** Children of each checkpoint, in the order of `rows` (creation order). */
-function childrenIndex(rows: readonly CheckpointRow[]): Map<string, CheckpointRow[]> {
-  const out = new Map<string, CheckpointRow[]>();
+function childrenIndex(rows: readonly CheckpointLink[]): Map<string, CheckpointLink[]> {
+  const out = new Map<string, CheckpointLink[]>();
   for (const r of rows) {
     if (r.parent === null) continue;
     const list = out.get(r.parent);
@@ -747,7 +752,7 @@ function childrenIndex(rows: readonly CheckpointRow[]): Map<string, CheckpointRo
 }
 
 /** Number of descendants, iteratively (a chain of thousands would be as deep a recursion). */
-function countDescendants(children: ReadonlyMap<string, readonly CheckpointRow[]>, name: string): number {
+function countDescendants(children: ReadonlyMap<string, readonly CheckpointLink[]>, name: string): number {
   let count = 0;
   const seen = new Set<string>([name]);
   const stack = [name];

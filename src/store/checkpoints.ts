@@ -17,6 +17,12 @@ export interface CheckpointRow {
   created_seq: number;
 }
 
+/** A checkpoint's place in the chain, without its domain XML (large, and not needed to walk the chain). */
+export type CheckpointLink = Pick<CheckpointRow, 'domain' | 'name' | 'parent' | 'is_current' | 'created_seq'>;
+
+/** Everything but the domain XML. */
+export type CheckpointSummaryRow = Omit<CheckpointRow, 'domain_xml'>;
+
 export interface CheckpointDiskRow {
   domain: string;
   checkpoint: string;
@@ -51,6 +57,17 @@ export class CheckpointStore {
 
   list(domain: string): CheckpointRow[] {
     return this.db.prepare('SELECT * FROM checkpoints WHERE domain = ? ORDER BY created_seq').all(domain) as CheckpointRow[];
+  }
+
+  /** Like list(), without the domain XML: walking a long chain should not read every checkpoint's XML. */
+  links(domain: string): CheckpointLink[] {
+    return this.db.prepare('SELECT domain, name, parent, is_current, created_seq FROM checkpoints WHERE domain = ? ORDER BY created_seq').all(domain) as CheckpointLink[];
+  }
+
+  summaries(domain: string): CheckpointSummaryRow[] {
+    return this.db
+      .prepare('SELECT domain, name, parent, description, creation_time, journal_seq, is_current, created_seq FROM checkpoints WHERE domain = ? ORDER BY created_seq')
+      .all(domain) as CheckpointSummaryRow[];
   }
 
   get(domain: string, name: string): CheckpointRow | undefined {
