@@ -5,7 +5,7 @@
 // (and tested) on their own. The answer must never be "incremental" when a
 // write since T could be missing from the merged bitmaps.
 
-import type { CheckpointDiskRow, CheckpointRow } from '../store/checkpoints.js';
+import type { CheckpointDiskRow, CheckpointLink, CheckpointRow } from '../store/checkpoints.js';
 import type { DiskEventRow } from '../store/domains.js';
 import type { BitmapState } from './bitmaps.js';
 
@@ -26,7 +26,8 @@ export interface DiskCoverage {
 }
 
 export interface ChainCheckpoint {
-  row: CheckpointRow;
+  /** Only the links (name, parent, current) are used; whole rows may be passed. */
+  row: CheckpointLink & Partial<CheckpointRow>;
   disks: readonly CheckpointDiskRow[];
 }
 

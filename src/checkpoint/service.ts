@@ -169,11 +169,11 @@ export class CheckpointService {
         disks.push({ domain, checkpoint: name, target: d.target, disk_id: d.diskId, mode: 'no', bitmap: null });
       }
     }
-    const ours = this.bitmapNamesByDisk(domain);
+    // Only the (few) recording bitmaps are looked up, not every checkpoint's rows.
     const disables: CreateIntent['disables'] = [];
     for (const d of ctx.disks) {
       for (const b of bitmaps.get(d.diskId) ?? []) {
-        if (b.recording && b.persistent && ours.get(d.diskId)?.has(b.name)) disables.push({ diskId: d.diskId, bitmap: b.name });
+        if (b.recording && b.persistent && this.store.ownsBitmap(domain, d.diskId, b.name)) disables.push({ diskId: d.diskId, bitmap: b.name });
       }
     }
     const row: CheckpointRow = {
@@ -630,18 +630,7 @@ export class CheckpointService {
 
   chainCheckpoints(domain: string): ChainCheckpoint[] {
     const byCheckpoint = groupDisks(this.store.disks(domain));
-    return this.store.list(domain).map((row) => ({ row, disks: byCheckpoint.get(row.name) ?? [] }));
-  }
-
-  private bitmapNamesByDisk(domain: string): Map<string, Set<string>> {
-    const out = new Map<string, Set<string>>();
-    for (const d of this.store.disks(domain)) {
-      if (d.disk_id === null || d.bitmap === null) continue;
-      const set = out.get(d.disk_id) ?? new Set<string>();
-      set.add(d.bitmap);
-      out.set(d.disk_id, set);
-    }
-    return out;
+    return this.store.links(domain).map((row) => ({ row, disks: byCheckpoint.get(row.name) ?? [] }));
   }
 
   private descendants(domain: string, name: string): string[] {
@@ -676,8 +665,17 @@ export class CheckpointService {
    * without it they are read here.
    */
   private toInfo(row: CheckpointSummaryRow, tree?: { children: Map<string, CheckpointLink[]>; disks: Map<string, CheckpointDiskRow[]> }): CheckpointInfo {
-    const children = tree?.children ?? childrenIndex(this.store.links(row.domain));
     const disks = tree !== undefined ? (tree.disks.get(row.name) ?? []) : this.store.disks(row.domain, row.name);
+    let children: number;
+    let descendants: number;
+    if (tree !== undefined) {
+      children = tree.children.get(row.name)?.length ?? 0;
+      descendants = countDescendants(tree.children, row.name);
+    } else {
+      // A leaf (every newly created checkpoint) needs no walk of the chain.
+      children = this.store.childCount(row.domain, row.name);
+      descendants = children === 0 ? 0 : countDescendants(childrenIndex(this.store.links(row.domain)), row.name);
+    }
     return {
       name: row.name,
       domain: row.domain,
@@ -685,8 +683,8 @@ export class CheckpointService {
       description: row.description,
       creationTime: row.creation_time,
       current: row.is_current === 1,
-      children: children.get(row.name)?.length ?? 0,
-      descendants: countDescendants(children, row.name),
+      children,
+      descendants,
       disks: disks.map((d) => ({ target: d.target, diskId: d.disk_id, checkpoint: d.mode, bitmap: d.bitmap })),
     };
   }

@@ -70,6 +70,15 @@ export class CheckpointStore {
       .all(domain) as CheckpointSummaryRow[];
   }
 
+  childCount(domain: string, name: string): number {
+    return (this.db.prepare('SELECT COUNT(*) AS n FROM checkpoints WHERE domain = ? AND parent = ?').get(domain, name) as { n: number }).n;
+  }
+
+  /** Whether some checkpoint of the domain owns bitmap `bitmap` on disk `diskId`. */
+  ownsBitmap(domain: string, diskId: string, bitmap: string): boolean {
+    return this.db.prepare('SELECT 1 FROM checkpoint_disks WHERE domain = ? AND disk_id = ? AND bitmap = ? LIMIT 1').get(domain, diskId, bitmap) !== undefined;
+  }
+
   get(domain: string, name: string): CheckpointRow | undefined {
     return this.db.prepare('SELECT * FROM checkpoints WHERE domain = ? AND name = ?').get(domain, name) as CheckpointRow | undefined;
   }
