@@ -24,10 +24,10 @@ import { QbackupError, describeError } from '../errors.js';
 import type { AttachedDisk, DomainContext, DomainService } from '../domain/service.js';
 import { createImage } from '../qemu/image.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
-import type { QmpClient, QmpTransactionAction } from '../qmp/index.js';
+import { QmpCommandError, type QmpClient, type QmpTransactionAction } from '../qmp/index.js';
 import type { JobStore } from '../store/jobs.js';
 import { sleep } from '../util/proc.js';
-import { toTransaction } from '../checkpoint/bitmaps.js';
+import { readBitmapsOnline, toTransaction } from '../checkpoint/bitmaps.js';
 import { TEMP_BITMAP_PREFIX } from '../checkpoint/service.js';
 import { parseBackupXml, type BackupDiskXml, type BackupXml } from './xml.js';
 
@@ -135,6 +135,9 @@ export class BackupService {
     const cpSpec: CheckpointXml | undefined =
       options.checkpointXml !== undefined ? parseCheckpointXml(options.checkpointXml) : options.checkpointName !== undefined ? { name: options.checkpointName } : undefined;
     if (options.incremental !== undefined) backup.incremental = options.incremental;
+    if (cpSpec !== undefined && (cpSpec.parent !== undefined || cpSpec.creationTime !== undefined || cpSpec.domainXml !== undefined)) {
+      throw new QbackupError('INVALID_ARGUMENT', `Cannot start a backup of domain "${domain}": the checkpoint XML may not set <parent>, <creationTime> or <domain> (they are for --redefine)`);
+    }
     return this.domains.withDomain(domain, 'backup-begin', async (ctx) => {
       if (!ctx.running) {
         throw new QbackupError('DOMAIN_NOT_RUNNING', `Cannot back up domain "${domain}": it is not running (backups of shut-off domains are not supported yet)`);
@@ -218,6 +221,15 @@ export class BackupService {
       throw new QbackupError('BITMAP_INCONSISTENT', `Cannot back up domain "${domain}" incrementally (--strict): ${uncovered.join('; ')}`);
     }
     assertDistinct(domain, disks.map((d) => d.targetFile), 'write to');
+    if (pull) {
+      // The exported bitmap is created by the job and removed with it: its name must be free.
+      const existing = await readBitmapsOnline(qmp, ctx.disks);
+      for (const d of disks) {
+        if (d.tmpBitmap !== undefined && (existing.get(d.diskId) ?? []).some((b) => b.name === d.tmpBitmap)) {
+          throw new QbackupError('INVALID_ARGUMENT', `Cannot export disk "${d.target}" of domain "${domain}" with bitmap "${d.tmpBitmap}": the disk already has a bitmap of that name`);
+        }
+      }
+    }
     if (pull) assertDistinct(domain, disks.map((d) => d.pull?.exportName ?? ''), 'use the export name');
 
     const plan = cpSpec !== undefined ? await this.checkpoints.planCreate(ctx, qmp, cpSpec) : undefined;
@@ -251,17 +263,33 @@ export class BackupService {
         await qmp.execute('blockdev-add', { driver: d.targetFormat, 'node-name': d.targetNodes.format, file: d.targetNodes.file, ...(d.targetFormat === 'qcow2' ? { backing: null } : {}) });
       }
       this.fault('backup-begin:before-qemu');
-      await qmp.transaction(this.startActions(disks, plan, pull, options.bandwidthBytesPerSec), { completionMode: 'individual' });
-      this.fault('backup-begin:after-qemu');
-      if (pull && info.server !== undefined) await this.exportDisks(qmp, info.server, disks);
     } catch (err) {
       await this.finalize(ctx, qmp, payload, 'failed', describeError(err));
       throw err;
     }
+    try {
+      await qmp.transaction(this.startActions(disks, plan, pull, options.bandwidthBytesPerSec), { completionMode: 'individual' });
+    } catch (err) {
+      // Refused by QEMU: nothing started. Otherwise (a timeout, a lost connection)
+      // it may have: the job stays recorded as starting for the next command to settle.
+      if (err instanceof QmpCommandError) await this.finalize(ctx, qmp, payload, 'failed', describeError(err));
+      throw err;
+    }
+    this.fault('backup-begin:after-qemu');
+    // The transaction made the checkpoint's bitmaps: record it before anything else can fail.
     this.store.transaction(() => {
       if (plan !== undefined) this.checkpoints.commitCreate(plan);
-      this.store.update(domain, 'running', JSON.stringify(payload));
+      this.store.update(domain, pull ? 'starting' : 'running', JSON.stringify(payload));
     });
+    if (pull && info.server !== undefined) {
+      try {
+        await this.exportDisks(qmp, info.server, disks);
+      } catch (err) {
+        await this.finalize(ctx, qmp, payload, 'failed', describeError(err));
+        throw err;
+      }
+      this.store.transaction(() => this.store.update(domain, 'running', JSON.stringify(payload)));
+    }
     return info;
   }
 
@@ -391,13 +419,13 @@ export class BackupService {
   }
 
   /** Polls (without holding the domain between polls) until the job ends; returns its result. */
-  async wait(domain: string, onProgress?: (info: JobInfo) => void): Promise<JobInfo> {
+  async wait(domain: string, jobId: string, onProgress?: (info: JobInfo) => void): Promise<JobInfo> {
     for (;;) {
       const info = await this.info(domain);
-      if (info === undefined) {
-        const result = await this.lastResult(domain);
-        if (result === undefined) throw new QbackupError('INVALID_ARGUMENT', `Domain "${domain}" has no backup job`);
-        return result;
+      if (info === undefined || info.id !== jobId) {
+        const result = this.store.result(jobId);
+        if (result === undefined) throw new QbackupError('INVALID_ARGUMENT', `Backup job "${jobId}" of domain "${domain}" is neither running nor finished`);
+        return JSON.parse(result) as JobInfo;
       }
       onProgress?.(info);
       await sleep(pollDelayMs(info, Date.now()));
@@ -412,35 +440,42 @@ export class BackupService {
     if (row === undefined) return;
     const payload = JSON.parse(row.payload) as JobPayload;
     if (!ctx.running) {
-      await this.finalize(ctx, undefined, payload, 'failed', 'QEMU exited while the job ran');
+      if (row.state === 'finishing') await this.finalize(ctx, undefined, payload, payload.info.state, payload.info.error);
+      else await this.finalize(ctx, undefined, payload, 'failed', 'QEMU exited while the job ran');
       return;
     }
     await this.domains.withQmp(ctx, 'backup job check', async (qmp) => {
+      if (row.state === 'finishing') {
+        // The outcome was decided before qbackup stopped: finish exactly that.
+        await this.finalize(ctx, qmp, payload, payload.info.state, payload.info.error);
+        return;
+      }
       const jobs = await queryJobs(qmp);
       const ours = payload.info.disks.map((d) => jobs.get(d.qemuJobId));
       if (ours.every((j) => j === undefined)) {
-        // QEMU never started the jobs (qbackup died before the transaction) or they vanished.
+        // QEMU never started the jobs (qbackup died before the transaction), or they vanished.
         await this.finalize(ctx, qmp, payload, 'failed', row.state === 'starting' ? 'qbackup stopped before the job started' : 'QEMU lost the job');
         return;
       }
-      if (row.state === 'starting' && payload.info.mode === 'pull') {
-        // Nobody was told where to read: the exports may not exist. Clean it up.
-        await this.finalize(ctx, qmp, payload, 'failed', 'qbackup stopped while the pull job was starting');
-        return;
-      }
       if (row.state === 'starting') {
-        // The transaction happened but qbackup died before recording it: adopt.
+        // The transaction happened (its jobs exist), so did the checkpoint's bitmaps.
         this.store.transaction(() => {
           if (payload.checkpointPlan !== undefined && this.checkpoints.store.get(ctx.row.name, payload.checkpointPlan.row.name) === undefined) {
             this.checkpoints.commitCreate(payload.checkpointPlan);
           }
           this.store.update(ctx.row.name, 'running', JSON.stringify(payload));
         });
+        if (payload.info.mode === 'pull') {
+          // Nobody was told where to read and the exports may be missing: end it.
+          await this.finalize(ctx, qmp, payload, 'failed', 'qbackup stopped while the pull job was starting');
+          return;
+        }
       }
       if (ours.every((j) => j !== undefined && j.status === 'concluded')) {
         applyProgress(payload.info, jobs);
-        const failed = payload.info.disks.find((d) => d.state === 'failed');
-        await this.finalize(ctx, qmp, payload, failed === undefined ? 'completed' : 'failed', failed?.error);
+        // Any disk that did not complete (failed, or cancelled from outside) fails the job.
+        const failed = payload.info.disks.find((d) => d.state !== 'completed');
+        await this.finalize(ctx, qmp, payload, failed === undefined ? 'completed' : 'failed', failed === undefined ? undefined : (failed.error ?? `disk "${failed.target}" ${failed.state}`));
       }
     });
   }
@@ -456,6 +491,11 @@ export class BackupService {
   private async finalize(ctx: DomainContext, qmp: QmpClient | undefined, payload: JobPayload, state: JobInfo['state'], error?: string): Promise<JobInfo> {
     const info = payload.info;
     const domain = ctx.row.name;
+    info.state = state;
+    if (error !== undefined) info.error = error;
+    // Decide first, then tear down: a crash during teardown must not turn a
+    // completed job into a failed one whose targets the next command deletes.
+    this.store.transaction(() => this.store.update(domain, 'finishing', JSON.stringify(payload)));
     if (qmp !== undefined) await teardown(qmp, info);
     if (info.server?.socketDir !== undefined) rmSync(info.server.socketDir, { recursive: true, force: true });
     for (const d of info.disks) {
@@ -464,9 +504,7 @@ export class BackupService {
       // Push targets of a job that did not complete go; pull scratch images always go.
       if ((state !== 'completed' || info.mode === 'pull') && d.createdTarget) rmSync(d.targetFile, { force: true });
     }
-    info.state = state;
     info.endedMs = Date.now();
-    if (error !== undefined) info.error = error;
     this.store.transaction(() => {
       if (state === 'completed' && info.mode === 'push' && info.checkpoint !== undefined) {
         // Only a file that opens as the complete disk may back the next incremental:

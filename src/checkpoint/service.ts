@@ -22,7 +22,7 @@ import { QbackupError } from '../errors.js';
 import type { AttachedDisk, DomainContext, DomainService } from '../domain/service.js';
 import { parseDomainXml } from '../domain/xml.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
-import type { QmpClient } from '../qmp/index.js';
+import { QmpCommandError, type QmpClient } from '../qmp/index.js';
 import type { CheckpointDiskRow, CheckpointLink, CheckpointRow, CheckpointStore, CheckpointSummaryRow } from '../store/checkpoints.js';
 import { applyBitmapActions, readBitmapsOffline, readBitmapsOnline, type BitmapAction, type BitmapState, type DiskBitmaps } from './bitmaps.js';
 import { chainFrom, computeCoverage, type ChainCheckpoint, type DiskCoverage } from './coverage.js';
@@ -133,6 +133,7 @@ export class CheckpointService {
     const domain = ctx.row.name;
     const name = spec.name ?? String(Math.floor(Date.now() / 1000));
     assertCheckpointName(name);
+    assertNotTemporary(name);
     if (this.store.get(domain, name) !== undefined) {
       throw new QbackupError('CHECKPOINT_EXISTS', `Cannot create checkpoint "${name}" of domain "${domain}": a checkpoint with that name exists`);
     }
@@ -160,6 +161,7 @@ export class CheckpointService {
         }
         const bitmap = s?.bitmap ?? name;
         assertCheckpointName(bitmap, 'Bitmap name');
+        assertNotTemporary(bitmap);
         if ((bitmaps.get(d.diskId) ?? []).some((b) => b.name === bitmap)) {
           throw new QbackupError('CHECKPOINT_EXISTS', `Cannot create checkpoint "${name}" of domain "${domain}": disk "${d.target}" already has a bitmap "${bitmap}"`);
         }
@@ -205,8 +207,10 @@ export class CheckpointService {
     try {
       await applyBitmapActions(qmp, this.createActions(plan), ctx.disks);
     } catch (err) {
-      // A failed transaction changed nothing; offline steps may have added some bitmaps.
-      await this.rollbackCreate(ctx, qmp, plan).catch(() => undefined);
+      // A transaction QEMU refused changed nothing, and offline steps are each done
+      // or not: roll back now. Anything else (a timeout, a lost connection) may
+      // still have been applied: the intent stays for the next command to settle.
+      if (qmp === undefined || err instanceof QmpCommandError) await this.rollbackCreate(ctx, qmp, plan).catch(() => undefined);
       throw err;
     }
     this.fault('checkpoint-create:after-qemu');
@@ -245,6 +249,7 @@ export class CheckpointService {
       if (spec.name === undefined) throw new QbackupError('CHECKPOINT_INVALID', `${what}: the XML has no <name>`);
       if (spec.creationTime === undefined) throw new QbackupError('CHECKPOINT_INVALID', `${what}: the XML has no <creationTime>`);
       const name = spec.name;
+      assertNotTemporary(name);
       const existing = this.store.get(domain, name);
       const parent = spec.parent ?? null;
       if (parent !== null) {
@@ -313,10 +318,17 @@ export class CheckpointService {
       };
       this.store.transaction(() => {
         if (existing !== undefined) {
-          const children = this.store.list(domain).filter((c) => c.parent === name).map((c) => c.name);
-          this.store.remove(domain, name);
-          this.store.insert(row, rows);
-          for (const c of children) this.store.setParent(domain, c, name);
+          // Only the description and the saved domain definition may change: a new
+          // parent or other bitmaps would make the chain claim spans no bitmap covers.
+          const old = this.store.disks(domain, name);
+          const same =
+            existing.parent === parent &&
+            old.length === rows.length &&
+            rows.every((r) => old.some((o) => o.target === r.target && o.mode === r.mode && o.bitmap === r.bitmap && o.disk_id === r.disk_id));
+          if (!same) {
+            throw new QbackupError('CHECKPOINT_INVALID', `${what}: it exists with another parent or other disks; delete it first to define it anew`);
+          }
+          this.store.updateDescription(domain, name, row.description, row.domain_xml);
         } else {
           if (becomesCurrent) this.store.setCurrent(domain, null);
           this.store.insert(row, rows);
@@ -361,6 +373,7 @@ export class CheckpointService {
       const pd = parentDisks.find((p) => p.disk_id === d.disk_id && p.mode === 'bitmap');
       intent.disks.push({ diskId: d.disk_id, bitmap: d.bitmap, parentBitmap: pd?.bitmap ?? null });
     }
+    assertReadable(ctx, bitmaps, intent, `Cannot delete checkpoint "${name}" of domain "${domain}"`);
     this.store.transaction(() => this.store.beginOperation(domain, 'checkpoint-delete', intent));
     this.fault('checkpoint-delete:after-intent');
     await applyBitmapActions(qmp, deleteActions(intent, bitmaps), ctx.disks);
@@ -533,6 +546,7 @@ export class CheckpointService {
     const bitmaps = await this.readBitmaps(ctx, qmp);
     const cpDisks = this.store.disks(domain);
     const current = checkpoints.find((c) => c.is_current === 1);
+    const byName = new Map(checkpoints.map((c) => [c.name, c]));
     const actions: BitmapAction[] = [];
     const losses: Array<[string, string, string, string]> = [];
     // Indexed once: with a long chain, scanning the rows per checkpoint would be quadratic.
@@ -563,11 +577,27 @@ export class CheckpointService {
           valid.push({ cp, state: st });
         }
       }
-      const inCurrent = current !== undefined && bitmapEntries.has(`${current.name}\0${d.diskId}`);
-      const recorder = inCurrent ? valid.at(-1) : undefined;
+      // The recorder is the current checkpoint's bitmap or, when that one is gone,
+      // the nearest valid one on the current checkpoint's own path (never a
+      // newer bitmap of another branch).
+      let recorder: { cp: CheckpointLink; state: BitmapState } | undefined;
+      if (current !== undefined && bitmapEntries.has(`${current.name}\0${d.diskId}`)) {
+        const validByName = new Map(valid.map((v) => [v.cp.name, v]));
+        const seen = new Set<string>();
+        for (let at: CheckpointLink | undefined = current; at !== undefined && !seen.has(at.name); at = at.parent === null ? undefined : byName.get(at.parent)) {
+          seen.add(at.name);
+          recorder = validByName.get(at.name);
+          if (recorder !== undefined) break;
+        }
+      }
       for (const v of valid) {
         const shouldRecord = v === recorder;
-        if (v.state.recording !== shouldRecord) actions.push({ op: shouldRecord ? 'enable' : 'disable', diskId: d.diskId, bitmap: v.state.name });
+        if (v.state.recording === shouldRecord) continue;
+        actions.push({ op: shouldRecord ? 'enable' : 'disable', diskId: d.diskId, bitmap: v.state.name });
+        if (shouldRecord && v.cp.name === current?.name) {
+          // The current bitmap was not recording: writes since it stopped are in no bitmap.
+          losses.push([d.diskId, v.cp.name, 'bitmap-inconsistent', `bitmap "${v.state.name}" of disk "${d.target}" was found not recording and was re-enabled; writes in between were not tracked`]);
+        }
       }
     }
     if (losses.length > 0) {
@@ -589,7 +619,10 @@ export class CheckpointService {
         const plan = JSON.parse(op.payload) as CreateIntent;
         const bitmaps = await this.readBitmaps(ctx, qmp);
         const present = plan.adds.filter((a) => (bitmaps.get(a.diskId) ?? []).some((b) => b.name === a.bitmap));
-        if (plan.adds.length > 0 && present.length === plan.adds.length) {
+        const disabled = plan.disables.filter((a) => (bitmaps.get(a.diskId) ?? []).some((b) => b.name === a.bitmap && !b.recording));
+        // The online transaction is all or nothing; offline, adds come before disables.
+        const happened = plan.adds.length > 0 ? present.length === plan.adds.length : plan.disables.length > 0 && disabled.length === plan.disables.length;
+        if (happened) {
           // Every new bitmap exists: the change happened; finish it (offline, the disables may be pending).
           const pending = plan.disables.filter((a) => (bitmaps.get(a.diskId) ?? []).find((b) => b.name === a.bitmap)?.recording === true);
           await applyBitmapActions(qmp, pending.map((a): BitmapAction => ({ op: 'disable', ...a })), ctx.disks);
@@ -600,6 +633,7 @@ export class CheckpointService {
       } else if (op.kind === 'checkpoint-delete') {
         const intent = JSON.parse(op.payload) as DeleteIntent;
         const bitmaps = await this.readBitmaps(ctx, qmp);
+        assertReadable(ctx, bitmaps, intent, `Cannot finish deleting checkpoint "${intent.name}" of domain "${ctx.row.name}"`);
         await applyBitmapActions(qmp, deleteActions(intent, bitmaps), ctx.disks);
         this.commitDelete(ctx.row.name, intent);
       } else {
@@ -633,31 +667,23 @@ export class CheckpointService {
     return this.store.links(domain).map((row) => ({ row, disks: byCheckpoint.get(row.name) ?? [] }));
   }
 
+  /** Descendants in pre-order (parents before children). Iterative: chains can be thousands long. */
   private descendants(domain: string, name: string): string[] {
-    const children = childrenIndex(this.store.links(domain));
-    const out: string[] = [];
-    const walk = (n: string): void => {
-      for (const c of children.get(n) ?? []) {
-        out.push(c.name);
-        walk(c.name);
-      }
-    };
-    walk(name);
-    return out;
+    return preOrder(childrenIndex(this.store.links(domain)), name);
   }
 
   /** Descendants, children after their own descendants (leaves first). */
   private descendantsPostOrder(domain: string, name: string): string[] {
+    // The reverse of a pre-order where children are visited last-first is a valid post-order.
     const children = childrenIndex(this.store.links(domain));
     const out: string[] = [];
-    const walk = (n: string): void => {
-      for (const c of children.get(n) ?? []) {
-        walk(c.name);
-        out.push(c.name);
-      }
-    };
-    walk(name);
-    return out;
+    const stack = [...(children.get(name) ?? [])];
+    while (stack.length > 0) {
+      const c = stack.pop() as CheckpointLink;
+      out.push(c.name);
+      stack.push(...(children.get(c.name) ?? []));
+    }
+    return out.reverse();
   }
 
   /**
@@ -694,6 +720,26 @@ export class CheckpointService {
   }
 }
 
+/** Names with the temporary prefix are swept by reconcile, so no checkpoint may use one. */
+function assertNotTemporary(name: string): void {
+  if (name.startsWith(TEMP_BITMAP_PREFIX)) {
+    throw new QbackupError('INVALID_NAME', `Invalid name "${name}": names starting with "${TEMP_BITMAP_PREFIX}" are reserved for qbackup's temporary bitmaps`);
+  }
+}
+
+/**
+ * A disk whose bitmaps cannot be read must not be treated as having none: the
+ * merge would be skipped while the metadata says it happened.
+ */
+function assertReadable(ctx: DomainContext, bitmaps: DiskBitmaps, intent: DeleteIntent, what: string): void {
+  for (const d of intent.disks) {
+    if (!bitmaps.has(d.diskId)) {
+      const target = ctx.disks.find((x) => x.diskId === d.diskId)?.target ?? d.diskId;
+      throw new QbackupError('IMAGE_ERROR', `${what}: the bitmaps of disk "${target}" cannot be read`);
+    }
+  }
+}
+
 /** Bitmap steps of a deletion, limited to what still needs doing on the images. */
 function deleteActions(intent: DeleteIntent, bitmaps: DiskBitmaps): BitmapAction[] {
   const actions: BitmapAction[] = [];
@@ -718,22 +764,36 @@ async function bitmapCount(qmp: QmpClient, diskId: string, bitmap: string): Prom
 }
 
 function topologicalOrder<T extends CheckpointLink>(rows: readonly T[]): T[] {
-  const out: T[] = [];
-  const placed = new Set<string>();
+  const names = new Set(rows.map((r) => r.name));
   const byParent = new Map<string | null, T[]>();
   for (const r of rows) {
-    const key = r.parent !== null && rows.some((x) => x.name === r.parent) ? r.parent : null;
-    byParent.set(key, [...(byParent.get(key) ?? []), r]);
+    const key = r.parent !== null && names.has(r.parent) ? r.parent : null;
+    const list = byParent.get(key);
+    if (list === undefined) byParent.set(key, [r]);
+    else list.push(r);
   }
-  const visit = (parent: string | null): void => {
-    for (const r of byParent.get(parent) ?? []) {
-      if (placed.has(r.name)) continue;
-      placed.add(r.name);
-      out.push(r);
-      visit(r.name);
-    }
-  };
-  visit(null);
+  const out: T[] = [];
+  const placed = new Set<string>();
+  const stack = [...(byParent.get(null) ?? [])].reverse();
+  while (stack.length > 0) {
+    const r = stack.pop() as T;
+    if (placed.has(r.name)) continue;
+    placed.add(r.name);
+    out.push(r);
+    stack.push(...[...(byParent.get(r.name) ?? [])].reverse());
+  }
+  return out;
+}
+
+/** Names below `name`, parents before children, iteratively. */
+function preOrder(children: Map<string, CheckpointLink[]>, name: string): string[] {
+  const out: string[] = [];
+  const stack = [...(children.get(name) ?? [])].reverse();
+  while (stack.length > 0) {
+    const c = stack.pop() as CheckpointLink;
+    out.push(c.name);
+    stack.push(...[...(children.get(c.name) ?? [])].reverse());
+  }
   return out;
 }
 

@@ -49,7 +49,7 @@ export function registerBackupCommands(program: Command, cli: CliContext): void 
             strict: o.strict ?? false,
             ...(o.bandwidth !== undefined ? { bandwidthBytesPerSec: mibPerSecond(o.bandwidth) } : {}),
           });
-          if (o.wait) job = await qb.backups.wait(domain);
+          if (o.wait) job = await qb.backups.wait(domain, job.id);
           emit(out, job, () => (o.wait ? describeJob(job) : `Backup started (job ${job.id})\n${describeServer(job)}${describeDisks(job)}`));
           if (o.wait && job.state !== 'completed') {
             throw new QbackupError('TOOL_FAILED', `Backup job "${job.id}" of domain "${domain}" ${job.state}${job.error !== undefined ? `: ${job.error}` : ''}`);

@@ -58,7 +58,24 @@ function parseSeconds(value: string | undefined, fallback: number): number {
   return n;
 }
 
-export function reportError(err: unknown, out: OutputOptions): void {
+/**
+ * Errors of the environment that reach the CLI without a QbackupError wrapper:
+ * a file system or database refusing (permissions, no space, a locked or
+ * damaged database). They are reported as one sentence, not as a bug.
+ */
+function environmentError(err: unknown): QbackupError | undefined {
+  if (!(err instanceof Error)) return undefined;
+  const e = err as NodeJS.ErrnoException;
+  if (typeof e.code === 'string' && typeof e.syscall === 'string') {
+    const where = e.path !== undefined ? `"${e.path}"` : 'a file';
+    return new QbackupError('STATE_DIR', `Cannot ${e.syscall} ${where}: ${e.code}`, { cause: err });
+  }
+  if (err.name === 'SqliteError') return new QbackupError('STATE_DIR', `The metadata database refused the change: ${err.message}`, { cause: err });
+  return undefined;
+}
+
+export function reportError(caught: unknown, out: OutputOptions): void {
+  const err = environmentError(caught) ?? caught;
   process.exitCode = err instanceof QbackupError ? 1 : 70;
   if (err instanceof QbackupError) {
     if (out.json) process.stderr.write(`${JSON.stringify({ error: { code: err.code, message: err.message, ...err.details } })}\n`);

@@ -438,7 +438,8 @@ export class DomainService {
       row,
       definition,
       runtime,
-      running: runtime?.state === 'running',
+      // "stopping" with QEMU alive: a shutdown died half-way; the domain still runs.
+      running: runtime?.state === 'running' || runtime?.state === 'stopping',
       disks: this.attachedDisks(row, definition),
     };
   }

@@ -93,8 +93,8 @@ export class RepositoryService {
   // ---- backup --------------------------------------------------------------------
 
   async backup(domain: string, options: RepoBackupOptions): Promise<Manifest> {
-    const repo = Repository.open(options.repo, { create: true });
     const info = this.domains.info(domain);
+    const repo = Repository.open(options.repo, { create: true });
     using _lock = repo.lock(domain, 'backup');
     repo.cleanLeftovers(domain);
     const mode = options.mode ?? 'push';
@@ -189,7 +189,7 @@ export class RepositoryService {
       const backupXml = `<domainbackup mode='${mode}'><disks>${diskXml}</disks></domainbackup>`;
       let job = await this.backups.begin(domain, { backupXml, checkpointName: checkpoint, reuseExternal: mode === 'push', strict: true });
       if (mode === 'push') {
-        job = await this.backups.wait(domain, (j) => options.onProgress?.({ phase: `backup ${domain}`, doneBytes: j.bytesDone, totalBytes: j.bytesTotal }));
+        job = await this.backups.wait(domain, job.id, (j) => options.onProgress?.({ phase: `backup ${domain}`, doneBytes: j.bytesDone, totalBytes: j.bytesTotal }));
         if (job.state !== 'completed') {
           throw new QbackupError('TOOL_FAILED', `Backup of domain "${domain}" failed: ${job.error ?? job.state}`);
         }
@@ -358,7 +358,7 @@ export class RepositoryService {
    * on a dropped one is first made standalone (qemu-img rebase in safe mode
    * copies what it needs from the chain), so it restores to the same bytes.
    */
-  async prune(domain: string, options: { repo: string; keepLast: number }): Promise<{ removed: string[]; kept: string[] }> {
+  async prune(domain: string, options: { repo: string; keepLast: number }): Promise<{ removed: string[]; kept: string[]; checkpointsRemoved: string[] }> {
     if (!Number.isInteger(options.keepLast) || options.keepLast < 1) {
       throw new QbackupError('INVALID_ARGUMENT', `Invalid --keep-last "${options.keepLast}": keep at least 1 backup`);
     }
@@ -386,7 +386,20 @@ export class RepositoryService {
     }
     for (const m of drop) repo.removeManifest(domain, m.id);
     repo.sweepOrphans(domain);
-    return { removed: drop.map((m) => m.id), kept: keep.map((m) => m.id) };
+    // The checkpoints of dropped backups are merged away (their bitmaps fold into
+    // their parents'), so checkpoints do not pile up with every backup.
+    const keptCheckpoints = new Set(keep.map((m) => m.checkpoint));
+    const checkpointsRemoved: string[] = [];
+    for (const m of drop) {
+      if (keptCheckpoints.has(m.checkpoint) || this.checkpoints.store.get(domain, m.checkpoint) === undefined) continue;
+      try {
+        await this.checkpoints.delete(domain, m.checkpoint);
+        checkpointsRemoved.push(m.checkpoint);
+      } catch {
+        // e.g. a backup job runs on the domain: the checkpoint stays, a later prune retries
+      }
+    }
+    return { removed: drop.map((m) => m.id), kept: keep.map((m) => m.id), checkpointsRemoved };
   }
 }
 

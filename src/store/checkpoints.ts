@@ -117,6 +117,12 @@ export class CheckpointStore {
   remove(domain: string, name: string): void {
     this.db.prepare('DELETE FROM checkpoints WHERE domain = ? AND name = ?').run(domain, name);
     this.db.prepare('DELETE FROM coverage_losses WHERE domain = ? AND checkpoint = ?').run(domain, name);
+    // A later checkpoint with the same name must not inherit this one's backup files.
+    this.db.prepare('DELETE FROM backup_targets WHERE domain = ? AND checkpoint = ?').run(domain, name);
+  }
+
+  updateDescription(domain: string, name: string, description: string | null, domainXml: string): void {
+    this.db.prepare('UPDATE checkpoints SET description = ?, domain_xml = ? WHERE domain = ? AND name = ?').run(description, domainXml, domain, name);
   }
 
   setParent(domain: string, name: string, parent: string | null): void {

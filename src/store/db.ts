@@ -122,6 +122,15 @@ const MIGRATIONS: readonly string[] = [
     PRIMARY KEY (domain, checkpoint, disk_id)
   );
   `,
+  // 4: results of finished jobs by id, so a waiter gets its own job's outcome.
+  `
+  CREATE TABLE job_history (
+    id          TEXT PRIMARY KEY,
+    domain      TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+    payload     TEXT NOT NULL,
+    ended_ms    INTEGER NOT NULL
+  );
+  `,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;
@@ -141,7 +150,8 @@ export function openDatabase(file: string): Db {
     migrate(db, file);
   } catch (err) {
     db.close();
-    throw err;
+    if (err instanceof QbackupError) throw err;
+    throw new QbackupError('STATE_DIR', `Cannot use the metadata database "${file}": ${describeError(err)}`, { cause: err });
   }
   return db;
 }

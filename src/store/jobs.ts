@@ -7,7 +7,8 @@ export interface JobRow {
   domain: string;
   id: string;
   /** starting: intent written, QEMU not yet told; running: QEMU jobs exist. */
-  state: 'starting' | 'running';
+  /** finishing: the outcome is decided and stored in the payload; teardown may be under way. */
+  state: 'starting' | 'running' | 'finishing';
   payload: string;
   started_ms: number;
   ended_ms: number | null;
@@ -39,6 +40,12 @@ export class JobStore {
 
   saveResult(domain: string, id: string, payload: string): void {
     this.db.prepare('INSERT OR REPLACE INTO job_results (domain, id, payload) VALUES (?, ?, ?)').run(domain, id, payload);
+    this.db.prepare('INSERT OR REPLACE INTO job_history (id, domain, payload, ended_ms) VALUES (?, ?, ?, ?)').run(id, domain, payload, Date.now());
+  }
+
+  /** The result of a finished job, by id. */
+  result(id: string): string | undefined {
+    return (this.db.prepare('SELECT payload FROM job_history WHERE id = ?').get(id) as { payload: string } | undefined)?.payload;
   }
 
   lastResult(domain: string): { id: string; payload: string } | undefined {

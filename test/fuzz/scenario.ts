@@ -296,13 +296,13 @@ export async function runScenario(options: ScenarioOptions): Promise<ScenarioRes
             contentAtT.set(f, e.contentAt);
           }
           if (action === 'pushBackup') {
-            await qb.backups.begin(DOMAIN, {
+            const started = await qb.backups.begin(DOMAIN, {
               targetDir: join(dir, 'push', `${step}`),
               ...(since !== undefined ? { incremental: since } : {}),
               ...(withCheckpoint !== undefined ? { checkpointName: withCheckpoint } : {}),
             });
             if (withCheckpoint !== undefined) addCheckpoint(withCheckpoint);
-            const job = await qb.backups.wait(DOMAIN);
+            const job = await qb.backups.wait(DOMAIN, started.id);
             log(`    push since ${since ?? '-'} checkpoint ${withCheckpoint ?? '-'}: ${job.disks.map((d) => `${d.target}=${d.mode}${d.backingFile !== undefined ? `(backing ${d.backingFile.split('/').slice(-2).join('/')})` : ''}`).join(' ')}`);
             if (job.state !== 'completed') fail(`push job ${job.state}: ${job.error ?? ''}`);
             await checkJob(job, since, atStart, dirtyAtStart, contentAtT);
@@ -444,7 +444,7 @@ export async function runScenario(options: ScenarioOptions): Promise<ScenarioRes
           }
           // the next command completes or rolls back what was interrupted
           const job = await qb.backups.info(DOMAIN);
-          if (job !== undefined) await qb.backups.wait(DOMAIN);
+          if (job !== undefined) await qb.backups.wait(DOMAIN, job.id);
           const names = new Set(qb.checkpoints.list(DOMAIN).map((c) => c.name));
           if (point.startsWith('checkpoint-delete')) {
             const victim = args[2] ?? '';

@@ -64,7 +64,7 @@ describe('push backups (real QEMU)', () => {
     const types = transactions[0]?.arguments?.actions?.map((a) => a.type) ?? [];
     assert.deepEqual(types.filter((t) => t === 'blockdev-backup').length, 2);
     assert.deepEqual(types.filter((t) => t === 'block-dirty-bitmap-add').length, 2, 'the checkpoint bitmaps are in the same transaction');
-    const result = await qb.backups.wait('vm');
+    const result = await qb.backups.wait('vm', job.id);
     assert.equal(result.state, 'completed');
     assert.deepEqual(result.disks.map((d) => d.mode), ['full', 'full']);
     await flush(qb, 'sda');
@@ -79,8 +79,8 @@ describe('push backups (real QEMU)', () => {
     await guestWrite(qb, 'vm', 'sda', 'write -z 1M 128k'); // zeroes over data the full backup has
     await guestWrite(qb, 'vm', 'sda', 'discard 2M 64k'); // discard over data the full backup has
     await guestWrite(qb, 'vm', 'sdb', 'write -P 0x44 10M 4k');
-    await qb.backups.begin('vm', { incremental: 'c1', checkpointName: 'c2', targetDir: env.path('bk') });
-    const result = await qb.backups.wait('vm');
+    const started = await qb.backups.begin('vm', { incremental: 'c1', checkpointName: 'c2', targetDir: env.path('bk') });
+    const result = await qb.backups.wait('vm', started.id);
     assert.equal(result.state, 'completed', result.error);
     assert.deepEqual(result.disks.map((d) => d.mode), ['incremental', 'incremental']);
     assert.ok(result.disks.every((d) => d.backingFile !== undefined), 'incremental targets are backed by the previous backup');
@@ -113,8 +113,8 @@ describe('push backups (real QEMU)', () => {
     assert.deepEqual(readdirSync(env.path('bk')).sort(), before, '--strict leaves nothing behind');
     assert.equal(qb.checkpoints.store.get('vm', 'c3'), undefined);
 
-    await qb.backups.begin('vm', { incremental: 'c2', checkpointName: 'c3', targetDir: env.path('bk') });
-    const result = await qb.backups.wait('vm');
+    const started = await qb.backups.begin('vm', { incremental: 'c2', checkpointName: 'c3', targetDir: env.path('bk') });
+    const result = await qb.backups.wait('vm', started.id);
     const byTarget = new Map(result.disks.map((d) => [d.target, d]));
     assert.equal(byTarget.get('sda')?.mode, 'incremental');
     assert.equal(byTarget.get('sdb')?.mode, 'full');
@@ -169,8 +169,9 @@ describe('push backups (real QEMU)', () => {
     // killed after QEMU started the job: adopted, its checkpoint committed, and it completes
     const r2 = await env.cli(['backup-begin', 'vm', '--target-dir', env.path('k2'), '--checkpoint', 'k2'], { env: { QBACKUP_CRASH_AT: 'backup-begin:after-qemu' } });
     assert.notEqual(r2.code, 0);
-    const result = await qb.backups.wait('vm');
-    assert.equal(result.state, 'completed');
+    const adopted = await qb.backups.info('vm');
+    const result = adopted !== undefined ? await qb.backups.wait('vm', adopted.id) : await qb.backups.lastResult('vm');
+    assert.equal(result?.state, 'completed');
     assert.equal(qb.checkpoints.info('vm', 'k2').current, true);
     for (const t of ['sda', 'sdb', 'sdc']) await flush(qb, t);
     assert.ok(await compare(env.path('k2/sda.k2.qcow2'), sda));

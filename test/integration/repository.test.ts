@@ -136,6 +136,7 @@ describe('backup repository (real QEMU)', () => {
     const r = await env.qb.repository.prune('vm', { repo, keepLast: 2 });
     assert.deepEqual(r.kept, before.slice(-2).map((m) => m.id));
     assert.deepEqual(r.removed, before.slice(0, -2).map((m) => m.id));
+    assert.deepEqual(r.checkpointsRemoved, before.slice(0, -2).map((m) => m.checkpoint), 'the dropped backups’ checkpoints are merged away');
     const after = env.qb.repository.list(repo, 'vm');
     assert.equal(after.length, 2);
     for (const m of after) await assertRestores(m, 'after-prune');
