@@ -9,6 +9,7 @@ import { accessSync, chmodSync, closeSync, constants, existsSync, openSync, read
 import { QbackupError } from '../errors.js';
 import { isProcessAlive, processStartTime, sleep } from '../util/proc.js';
 import { socketAccepts } from '../util/socket.js';
+import { QmpClient } from '../qmp/client.js';
 import { ROOT_PORT_COUNT, SCSI_CONTROLLER_ID, blockdevSpecs, deviceSpec, rootPortId, type QemuDiskSpec } from './nodes.js';
 
 export interface LaunchOptions {
@@ -108,8 +109,10 @@ export async function launchQemu(options: LaunchOptions): Promise<QemuProcessInf
         details: { log: options.logFile },
       });
     }
-    // QEMU's monitor serves one client at a time; the probe leaves at once.
-    if (existsSync(options.qmpSocket) && (await socketAccepts(options.qmpSocket))) break;
+    // The socket listens before QEMU has opened its disks (the kernel accepts
+    // into the backlog), so only a QMP exchange proves QEMU got through its
+    // start-up; a QEMU that fails on a disk exits during that exchange.
+    if (existsSync(options.qmpSocket) && (await socketAccepts(options.qmpSocket)) && (await qmpAnswers(options.qmpSocket))) break;
     if (Date.now() > deadline) {
       if (child.pid !== undefined) killProcess(child.pid);
       throw new QbackupError('QEMU_START_FAILED', `Cannot start domain "${options.name}": QEMU did not open its QMP socket in time (see "${options.logFile}")`);
@@ -120,6 +123,20 @@ export async function launchQemu(options: LaunchOptions): Promise<QemuProcessInf
   const pid = child.pid;
   if (pid === undefined) throw new QbackupError('QEMU_START_FAILED', `Cannot start domain "${options.name}": no pid`);
   return { pid, pidStart: processStartTime(pid) ?? '', qmpSocket: options.qmpSocket, logFile: options.logFile };
+}
+
+async function qmpAnswers(socket: string): Promise<boolean> {
+  try {
+    const qmp = await QmpClient.connect(socket, { connectTimeoutMs: 5_000, defaultTimeoutMs: 5_000 });
+    try {
+      await qmp.execute('query-status');
+      return true;
+    } finally {
+      await qmp.close();
+    }
+  } catch {
+    return false;
+  }
 }
 
 function quoteArg(a: string): string {
