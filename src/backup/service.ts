@@ -344,33 +344,24 @@ export class BackupService {
     }
     if (plan !== undefined) actions.push(...toTransaction(this.checkpoints.createActions(plan)));
     for (const d of disks) {
-      if (pull) {
-        // Fleecing: copy-before-write keeps the view at this instant; the scratch image takes the old data.
-        actions.push({
-          type: 'blockdev-backup',
-          data: {
-            'job-id': d.qemuJobId,
-            device: nodeNamesFor(d.diskId).format,
-            target: d.targetNodes.format,
-            sync: 'none',
-            'filter-node-name': d.pull?.cbwNode,
-            'auto-finalize': true,
-            'auto-dismiss': false,
-          },
-        });
-        continue;
-      }
+      // Pull: fleecing (sync none; copy-before-write keeps the view at this instant
+      // and the scratch image takes the old data). Push: the copy itself.
+      const copy = pull
+        ? { sync: 'none', 'filter-node-name': d.pull?.cbwNode }
+        : {
+            sync: d.tmpBitmap !== undefined ? 'bitmap' : 'full',
+            ...(d.tmpBitmap !== undefined ? { bitmap: d.tmpBitmap, 'bitmap-mode': 'never' } : {}),
+            ...(speed !== undefined ? { speed } : {}),
+          };
       actions.push({
         type: 'blockdev-backup',
         data: {
           'job-id': d.qemuJobId,
           device: nodeNamesFor(d.diskId).format,
           target: d.targetNodes.format,
-          sync: d.tmpBitmap !== undefined ? 'bitmap' : 'full',
-          ...(d.tmpBitmap !== undefined ? { bitmap: d.tmpBitmap, 'bitmap-mode': 'never' } : {}),
+          ...copy,
           'auto-finalize': true,
           'auto-dismiss': false,
-          ...(speed !== undefined ? { speed } : {}),
         },
       });
     }
