@@ -110,7 +110,7 @@ export async function benchControl(s: ControlSetup): Promise<ControlResults> {
   for (let i = 0; i < Math.min(samples, 5); i++) {
     let started: { id: string } | undefined;
     await measure(r.beginIncrementalLong, async () => {
-      started = await env.qb.backups.begin(domain, { targetDir: env.subdir('ctl-backups'), incremental: 'c0' });
+      started = await env.qb.backups.begin(domain, { mode: 'push', since: 'c0' }, { targetDir: env.subdir('ctl-backups') });
     });
     const job = await env.qb.backups.wait(domain, started?.id ?? '');
     for (const d of job.disks) await run('rm', ['-f', d.targetFile]);
@@ -119,7 +119,7 @@ export async function benchControl(s: ControlSetup): Promise<ControlResults> {
   // Full push on the big disk: until the job exists, and until its first progress; then aborted.
   for (let i = 0; i < Math.min(samples, 5); i++) {
     const start = now();
-    await measure(r.beginJob, () => env.qb.backups.begin(s.bigDomain, { targetDir: env.subdir('begin') }));
+    await measure(r.beginJob, () => env.qb.backups.begin(s.bigDomain, { mode: 'push' }, { targetDir: env.subdir('begin') }));
     for (;;) {
       const info = await env.qb.backups.info(s.bigDomain);
       if (info === undefined || info.bytesDone > 0) break;

@@ -12,7 +12,7 @@
 // copy is recorded (QEMU for push, qemu-img, our process for pull, nbdcopy).
 
 import { rmSync } from 'node:fs';
-import type { JobInfo } from '../src/backup/service.js';
+import { exportUri, type JobInfo } from '../src/backup/job.js';
 import { createImage } from '../src/qemu/image.js';
 import { startQemuNbd } from '../src/qemu/qemu-nbd.js';
 import { nbdPullCopier } from '../src/repository/pull.js';
@@ -77,7 +77,7 @@ export async function benchFull(s: FullSetup): Promise<FullResults> {
     warmFile(source);
     const cpu0 = processCpuMs(qemuPid);
     const t0 = now();
-    const started = await env.qb.backups.begin(domain, { targetDir: out });
+    const started = await env.qb.backups.begin(domain, { mode: 'push' }, { targetDir: out });
     const job = await env.qb.backups.wait(domain, started.id);
     const ms = now() - t0;
     if (job.state !== 'completed') throw new Error(`push backup ${job.id} ended ${job.state}: ${job.error ?? ''}`);
@@ -108,10 +108,11 @@ export async function benchFull(s: FullSetup): Promise<FullResults> {
   }
 
   // Pull: one pull job for all runs (no guest writes, so the frozen view is the disk).
-  const job = await env.qb.backups.begin(domain, { backupXml: `<domainbackup mode='pull'/>` });
+  const job = await env.qb.backups.begin(domain, { mode: 'pull' });
   try {
     const exportName = job.disks[0]?.pull?.exportName ?? 'sda';
-    const uri = `nbd+unix:///${exportName}?socket=${job.server?.socket ?? ''}`;
+    if (job.server === undefined) throw new Error(`pull job ${job.id} has no server`);
+    const uri = exportUri(job.server, exportName);
     const target = `${out}/pull.qcow2`;
     const raw = `${out}/pull.raw`;
     for (const [i] of rounds.entries()) {

@@ -70,7 +70,7 @@ export async function benchIncremental(s: IncrementalSetup): Promise<Incremental
         await syncAll();
 
         let t0 = now();
-        const started = await env.qb.backups.begin(domain, { targetDir: out, incremental: checkpoint });
+        const started = await env.qb.backups.begin(domain, { mode: 'push', since: checkpoint }, { targetDir: out });
         const job = await env.qb.backups.wait(domain, started.id);
         c.pushMs.push(now() - t0);
         if (job.state !== 'completed') throw new Error(`incremental ${job.id} ended ${job.state}: ${job.error ?? ''}`);
@@ -84,7 +84,7 @@ export async function benchIncremental(s: IncrementalSetup): Promise<Incremental
         const pullTarget = `${out}/pull-inc.qcow2`;
         await createImage(pullTarget, 'qcow2', sizeBytes);
         t0 = now();
-        const pj = await env.qb.backups.begin(domain, { backupXml: `<domainbackup mode='pull'><incremental>${checkpoint}</incremental></domainbackup>` });
+        const pj = await env.qb.backups.begin(domain, { mode: 'pull', since: checkpoint });
         try {
           const jd = pj.disks[0];
           if (jd?.tmpBitmap === undefined) throw new Error(`pull job ${pj.id} is not incremental`);

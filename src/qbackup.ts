@@ -52,6 +52,23 @@ export class Qbackup implements Disposable {
     this.checkpoints = new CheckpointService(this.domains, new CheckpointStore(this.db), options.crashAt);
     this.backups = new BackupService(this.domains, this.checkpoints, new JobStore(this.db), options.crashAt);
     this.repository = new RepositoryService(this.domains, this.checkpoints, this.backups);
+    // Every hook of the library, in the order it must run. On open: first
+    // complete or roll back an interrupted checkpoint change, then settle a
+    // backup job (which may commit its checkpoint).
+    this.domains.setHooks({
+      onOpen: async (ctx) => {
+        await this.checkpoints.recover(ctx);
+        await this.backups.reap(ctx);
+      },
+      afterStart: async (ctx, qmp) => {
+        await this.checkpoints.reconcile(ctx, qmp);
+      },
+      afterAttach: async (ctx, _disk, qmp) => {
+        await this.checkpoints.reconcile(ctx, qmp);
+      },
+      beforeConfigChange: (ctx, what) => this.backups.assertNoJob(ctx, what),
+      beforeUndefine: (ctx, options) => this.checkpoints.assertUndefinable(ctx, options),
+    });
   }
 
   static open(options: QbackupOptions): Qbackup {

@@ -1,142 +1,84 @@
-// Backup jobs (push mode) with libvirt's interface: per disk a full or an
-// incremental copy, chosen by the coverage rules, started in one QMP
+// Backup jobs, push and pull mode, with libvirt's semantics: per disk a full
+// or an incremental copy, chosen by the coverage rules, started in one QMP
 // transaction together with the temporary merged bitmaps and, optionally, the
 // new checkpoint, so that the backup and the checkpoint describe one instant.
+// Push: QEMU writes each disk into a target image. Pull: QEMU keeps a frozen
+// view (fleecing) and serves it over NBD until the caller ends the job.
+//
+// The shape: begin = read (coverage, sizes, bitmaps) → plan (plan.ts, pure)
+// → record → execute (qemu.ts); every later command on the domain reaps the
+// job (adopt, finish or clean up); finalize tears down and records the result.
 //
 // Invariants:
 // - At most one job per domain. While it runs, configuration changes are
-//   refused (DomainHooks.beforeConfigChange) with an error naming the job.
+//   refused (assertNoJob, a domain hook) with an error naming the job.
 // - A job is written to the metadata (state "starting") before QEMU is told
 //   anything; every later command on the domain reaps it: a job QEMU knows is
 //   adopted, one it does not know is cleaned up; a finished one is finalized.
 // - Finalizing removes every temporary node and bitmap; the targets of a job
-//   that did not complete are deleted (only those qbackup created).
+//   that did not complete are deleted (only those qbackup created). Teardown
+//   errors are kept in the job's result, never dropped.
 // - QEMU jobs use auto-dismiss off, so their outcome survives until a qbackup
 //   process reads it, whichever process that is.
 
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, rmSync } from 'node:fs';
-import { basename, dirname, join, relative, resolve } from 'node:path';
-import type { CoverageProblem } from '../checkpoint/coverage.js';
+import { basename, dirname, relative } from 'node:path';
+import type { DiskCoverage } from '../checkpoint/coverage.js';
 import type { CheckpointService } from '../checkpoint/service.js';
-import { parseCheckpointXml, type CheckpointXml } from '../checkpoint/xml.js';
+import type { CheckpointSpec } from '../checkpoint/spec.js';
 import { QbackupError, describeError } from '../errors.js';
-import type { AttachedDisk, DomainContext, DomainService } from '../domain/service.js';
+import type { DomainContext, DomainService } from '../domain/service.js';
+import { readBlockNodes } from '../qemu/block-nodes.js';
 import { createImage } from '../qemu/image.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
-import { QmpCommandError, type QmpClient, type QmpTransactionAction } from '../qmp/index.js';
+import { QmpCommandError, type QmpClient } from '../qmp/index.js';
 import type { JobStore } from '../store/jobs.js';
 import { sleep } from '../util/proc.js';
-import { readBitmapsOnline, toTransaction } from '../checkpoint/bitmaps.js';
-import { TEMP_BITMAP_PREFIX } from '../checkpoint/service.js';
-import { parseBackupXml, type BackupDiskXml, type BackupXml } from './xml.js';
+import { parseJobInfo, parseJobPayload, type JobInfo, type JobPayload } from './job.js';
+import { planBackup, selectDisks, sinceFor, type BeginOptions, type SelectedDisk } from './plan.js';
+import { addTargetNodes, applyProgress, exportDisks, queryJobs, startActions, teardown, waitConcluded } from './qemu.js';
+import { validateBackupSpec, type BackupSpec } from './spec.js';
 
-export interface BeginOptions {
-  /** A <domainbackup> document; without it, a push backup of every disk. */
-  backupXml?: string;
-  /** A <domaincheckpoint> document to create atomically with the job. */
-  checkpointXml?: string;
-  /** Shorthands for the common case (no XML needed). */
-  incremental?: string;
-  checkpointName?: string;
-  targetDir?: string;
-  reuseExternal?: boolean;
-  strict?: boolean;
-  /** Copy rate limit per disk (QEMU's job speed), bytes per second; unlimited when absent. */
-  bandwidthBytesPerSec?: number;
+export interface BackupBeginOptions extends BeginOptions {
+  /** A checkpoint to create in the same instant as the backup. */
+  checkpoint?: CheckpointSpec;
 }
 
-export type DiskJobState = 'running' | 'completed' | 'failed' | 'cancelled';
-
-export interface JobDisk {
-  target: string;
-  diskId: string;
-  mode: 'full' | 'incremental';
-  incremental?: string;
-  /** Why a disk asked for incrementally got a full backup. */
-  fullReasons?: CoverageProblem[];
-  bitmaps?: string[];
-  tmpBitmap?: string;
-  targetFile: string;
-  targetFormat: 'qcow2' | 'raw';
-  createdTarget: boolean;
-  /** Backing file of an incremental target, or why there is none. */
-  backingFile?: string;
-  backingNote?: string;
-  qemuJobId: string;
-  /** Push: the target's nodes. Pull: the scratch image's nodes. */
-  targetNodes: { file: string; format: string };
-  /** Pull mode only: the fleecing filter, the frozen view and its export. */
-  pull?: { cbwNode: string; snapNode: string; exportName: string; exportId: string };
-  state: DiskJobState;
-  error?: string;
-  bytesDone?: number;
-  bytesTotal?: number;
-}
-
-export interface NbdServer {
-  transport: 'unix' | 'tcp';
-  socket?: string;
-  /** A directory qbackup made for the socket (mode 0700), removed with the job. */
-  socketDir?: string;
-  host?: string;
-  port?: number;
-}
-
-export interface JobInfo {
-  id: string;
-  domain: string;
-  mode: 'push' | 'pull';
-  state: 'running' | 'completed' | 'failed' | 'aborted';
-  checkpoint?: string;
-  incremental?: string;
-  startedMs: number;
-  endedMs?: number;
-  bytesDone: number;
-  bytesTotal: number;
-  error?: string;
-  /** Pull mode: where the exports are served. */
-  server?: NbdServer;
-  disks: JobDisk[];
-}
-
-interface JobPayload {
-  info: JobInfo;
-  /** The checkpoint created with the job (rows + bitmap actions), committed once QEMU accepted the transaction. */
-  checkpointPlan?: Parameters<CheckpointService['commitCreate']>[0];
-}
+export type BackupFaultPoint = 'backup-begin:before-qemu' | 'backup-begin:after-qemu';
 
 export class BackupService {
   constructor(
     readonly domains: DomainService,
     readonly checkpoints: CheckpointService,
-    readonly store: JobStore,
+    private readonly store: JobStore,
     private readonly crashAt?: string,
-  ) {
-    const previousOpen = domains.hooks.onOpen;
-    domains.hooks.onOpen = async (ctx) => {
-      await previousOpen?.(ctx);
-      await this.reap(ctx);
-    };
-    domains.hooks.beforeConfigChange = (ctx, what) => {
-      const job = this.store.active(ctx.row.name);
-      if (job !== undefined) {
-        throw new QbackupError('BACKUP_RUNNING', `Cannot ${what} on domain "${ctx.row.name}": backup job "${job.id}" is running`, {
-          details: { job: job.id },
-        });
-      }
-    };
+  ) {}
+
+  /** A configuration change is about to happen on the domain: refused while a job runs. */
+  assertNoJob(ctx: DomainContext, what: string): void {
+    const job = this.store.active(ctx.row.name);
+    if (job !== undefined) {
+      throw new QbackupError('BACKUP_RUNNING', `Cannot ${what} on domain "${ctx.row.name}": backup job "${job.id}" is running`, { details: { job: job.id } });
+    }
+  }
+
+  /** The push target recorded for a checkpoint's disk, if a completed job wrote one. */
+  targetFor(domain: string, checkpoint: string, diskId: string): string | undefined {
+    return this.store.targetFor(domain, checkpoint, diskId);
   }
 
   // ---- begin -----------------------------------------------------------------
 
-  async begin(domain: string, options: BeginOptions = {}): Promise<JobInfo> {
-    const backup: BackupXml = options.backupXml !== undefined ? parseBackupXml(options.backupXml) : { mode: 'push' };
-    const cpSpec: CheckpointXml | undefined =
-      options.checkpointXml !== undefined ? parseCheckpointXml(options.checkpointXml) : options.checkpointName !== undefined ? { name: options.checkpointName } : undefined;
-    if (options.incremental !== undefined) backup.incremental = options.incremental;
-    if (cpSpec !== undefined && (cpSpec.parent !== undefined || cpSpec.creationTime !== undefined || cpSpec.domainXml !== undefined)) {
-      throw new QbackupError('INVALID_ARGUMENT', `Cannot start a backup of domain "${domain}": the checkpoint XML may not set <parent>, <creationTime> or <domain> (they are for --redefine)`);
+  /** Starts a backup job; a push job runs on (see wait), a pull job lasts until abort. */
+  async begin(domain: string, spec: BackupSpec, options: BackupBeginOptions = {}): Promise<JobInfo> {
+    validateBackupSpec(spec);
+    const cp = options.checkpoint;
+    if (cp !== undefined && (cp.parent !== undefined || cp.creationTime !== undefined || cp.domainXml !== undefined)) {
+      throw new QbackupError('INVALID_ARGUMENT', `Cannot start a backup of domain "${domain}": the new checkpoint may not set a parent, a creation time or a domain definition (they are for redefine)`);
+    }
+    if (spec.server?.transport === 'tcp' && spec.server.tls) {
+      throw new QbackupError('NOT_SUPPORTED', `Cannot start a backup of domain "${domain}": TLS for NBD exports is not supported yet (refusing rather than serving the disks unencrypted)`);
     }
     return this.domains.withDomain(domain, 'backup-begin', async (ctx) => {
       if (!ctx.running) {
@@ -144,131 +86,80 @@ export class BackupService {
       }
       const active = this.store.active(domain);
       if (active !== undefined) throw new QbackupError('BACKUP_RUNNING', `Cannot start a backup of domain "${domain}": backup job "${active.id}" is running`);
-      return this.domains.withQmp(ctx, 'backup-begin', (qmp) => this.beginJob(ctx, qmp, backup, cpSpec, options));
+      return this.domains.withQmp(ctx, 'backup-begin', async (qmp) => {
+        const payload = await this.prepare(ctx, qmp, spec, options);
+        return this.execute(ctx, qmp, payload, options);
+      });
     });
   }
 
-  private async beginJob(ctx: DomainContext, qmp: QmpClient, backup: BackupXml, cpSpec: CheckpointXml | undefined, options: BeginOptions): Promise<JobInfo> {
+  /** Reads what the planner needs, plans the job and the checkpoint; changes nothing. */
+  private async prepare(ctx: DomainContext, qmp: QmpClient, spec: BackupSpec, options: BackupBeginOptions): Promise<JobPayload> {
     const domain = ctx.row.name;
-    const pull = backup.mode === 'pull';
-    const id = `backup-${randomBytes(4).toString('hex')}`;
-    const short = id.slice(7);
-    const selected = selectDisks(ctx, backup);
-    const disks: JobDisk[] = [];
-    const sizes = await virtualSizes(qmp, selected.map((s) => s.disk));
-    const uncovered: string[] = [];
-    const scratchDir = join(this.domains.domainDir(domain), 'scratch');
-    for (const { disk, spec } of selected) {
-      const since = spec.backupmode === 'full' ? undefined : (spec.incremental ?? backup.incremental);
-      if (since !== undefined) this.checkpoints.requireCheckpoint(domain, since);
-      const format = spec.driverType ?? 'qcow2';
-      if (pull && format !== 'qcow2') {
-        throw new QbackupError('INVALID_ARGUMENT', `Cannot back up disk "${disk.target}" of domain "${domain}" in pull mode: the scratch image must be qcow2, not ${format}`);
-      }
-      const jobDisk: JobDisk = {
-        target: disk.target,
-        diskId: disk.diskId,
-        mode: since === undefined ? 'full' : 'incremental',
-        targetFile: '',
-        targetFormat: format,
-        createdTarget: false,
-        qemuJobId: `${id}-${disk.target}`,
-        targetNodes: { file: `bk${short}-${disk.target}-file`, format: `bk${short}-${disk.target}-fmt` },
-        state: 'running',
-      };
-      if (since !== undefined) {
-        jobDisk.incremental = since;
-        const [cov] = await this.checkpoints.coverageIn(ctx, qmp, since, [disk]);
-        if (cov === undefined || cov.mode === 'full') {
-          const reasons = cov?.reasons ?? [];
-          uncovered.push(`disk "${disk.target}": ${reasons.map((r) => `${r.code} (${r.detail})`).join(', ')}`);
-          jobDisk.mode = 'full';
-          jobDisk.fullReasons = reasons;
-        } else {
-          jobDisk.bitmaps = cov.bitmaps;
-          jobDisk.tmpBitmap = pull ? (spec.exportbitmap ?? `backup-${disk.target}`) : `${TEMP_BITMAP_PREFIX}${short}-${disk.target}`;
-        }
-      }
-      if (pull) {
-        jobDisk.targetFile = resolve(spec.scratch ?? join(scratchDir, `${id}-${disk.target}.qcow2`));
-        jobDisk.pull = {
-          cbwNode: `bk${short}-${disk.target}-cbw`,
-          snapNode: `bk${short}-${disk.target}-snap`,
-          exportName: spec.exportname ?? disk.target,
-          exportId: `${id}-${disk.target}`,
-        };
-        if (existsSync(jobDisk.targetFile)) {
-          throw new QbackupError('INVALID_ARGUMENT', `Cannot back up disk "${disk.target}" of domain "${domain}": scratch file "${jobDisk.targetFile}" exists`);
-        }
-      } else {
-        jobDisk.targetFile = resolve(spec.target ?? defaultTarget(disk, options.targetDir, cpSpec?.name ?? id));
-        if (existsSync(jobDisk.targetFile) && !options.reuseExternal) {
-          throw new QbackupError('INVALID_ARGUMENT', `Cannot back up disk "${disk.target}" of domain "${domain}": target "${jobDisk.targetFile}" exists (use --reuse-external to write into it)`);
-        }
-        if (!existsSync(jobDisk.targetFile) && options.reuseExternal) {
-          throw new QbackupError('INVALID_ARGUMENT', `Cannot back up disk "${disk.target}" of domain "${domain}": with --reuse-external the target "${jobDisk.targetFile}" must exist`);
-        }
-        if (jobDisk.mode === 'incremental' && jobDisk.incremental !== undefined) {
-          const prev = this.store.targetFor(domain, jobDisk.incremental, disk.diskId);
-          if (prev !== undefined && existsSync(prev) && format === 'qcow2') jobDisk.backingFile = prev;
-          else jobDisk.backingNote = prev === undefined ? `no backup recorded for checkpoint "${jobDisk.incremental}"` : `the backup "${prev}" no longer exists`;
-        }
-      }
-      disks.push(jobDisk);
-    }
-    if (disks.length === 0) throw new QbackupError('INVALID_ARGUMENT', `Cannot back up domain "${domain}": no disk selected`);
-    if (options.strict && uncovered.length > 0) {
-      throw new QbackupError('BITMAP_INCONSISTENT', `Cannot back up domain "${domain}" incrementally (--strict): ${uncovered.join('; ')}`);
-    }
-    assertDistinct(domain, disks.map((d) => d.targetFile), 'write to');
-    if (pull) {
-      // The exported bitmap is created by the job and removed with it: its name must be free.
-      const existing = await readBitmapsOnline(qmp, ctx.disks);
-      for (const d of disks) {
-        if (d.tmpBitmap !== undefined && (existing.get(d.diskId) ?? []).some((b) => b.name === d.tmpBitmap)) {
-          throw new QbackupError('INVALID_ARGUMENT', `Cannot export disk "${d.target}" of domain "${domain}" with bitmap "${d.tmpBitmap}": the disk already has a bitmap of that name`);
-        }
-      }
-    }
-    if (pull) assertDistinct(domain, disks.map((d) => d.pull?.exportName ?? ''), 'use the export name');
-
-    const plan = cpSpec !== undefined ? await this.checkpoints.planCreate(ctx, qmp, cpSpec) : undefined;
-    const info: JobInfo = {
-      id,
+    const jobId = `backup-${randomBytes(4).toString('hex')}`;
+    const selected = selectDisks(domain, ctx.disks, spec);
+    const coverage = await this.coverageOf(ctx, qmp, spec, selected);
+    const nodes = await readBlockNodes(qmp);
+    const bitmapNames = new Map(ctx.disks.map((d) => [d.diskId, (nodes.get(nodeNamesFor(d.diskId).format)?.bitmaps ?? []).map((b) => b.name)]));
+    const checkpointPlan = options.checkpoint !== undefined ? await this.checkpoints.planCreate(ctx, qmp, options.checkpoint) : undefined;
+    const info = planBackup({
       domain,
-      mode: pull ? 'pull' : 'push',
-      state: 'running',
-      ...(plan !== undefined ? { checkpoint: plan.row.name } : {}),
-      ...(backup.incremental !== undefined ? { incremental: backup.incremental } : {}),
-      startedMs: Date.now(),
-      bytesDone: 0,
-      bytesTotal: 0,
-      disks,
-    };
-    if (pull) info.server = this.serverFor(domain, id, backup);
-    const payload: JobPayload = { info, ...(plan !== undefined ? { checkpointPlan: plan } : {}) };
-    this.store.transaction(() => this.store.insert({ domain, id, state: 'starting', payload: JSON.stringify(payload), started_ms: info.startedMs }));
-    const save = (): void => this.store.transaction(() => this.store.update(domain, 'starting', JSON.stringify(payload)));
-    try {
-      for (const d of disks) {
+      jobId,
+      spec,
+      options,
+      selected,
+      checkpointName: checkpointPlan?.row.name ?? options.checkpoint?.name,
+      coverage,
+      bitmapNames,
+      domainDir: this.domains.domainDir(domain),
+      exists: existsSync,
+      previousTarget: (checkpoint, diskId) => this.store.targetFor(domain, checkpoint, diskId),
+    });
+    for (const d of info.disks) d.virtualSize = nodes.get(nodeNamesFor(d.diskId).format)?.virtualSize ?? 0;
+    info.startedMs = Date.now();
+    return { info, ...(checkpointPlan !== undefined ? { checkpointPlan } : {}) };
+  }
+
+  /** Coverage since each incremental disk's checkpoint, by disk id. */
+  private async coverageOf(ctx: DomainContext, qmp: QmpClient, spec: BackupSpec, selected: readonly SelectedDisk[]): Promise<Map<string, DiskCoverage>> {
+    const out = new Map<string, DiskCoverage>();
+    for (const { disk, spec: diskSpec } of selected) {
+      const since = sinceFor(spec, diskSpec);
+      if (since === undefined) continue;
+      this.checkpoints.requireCheckpoint(ctx.row.name, since);
+      const [cov] = await this.checkpoints.coverageIn(ctx, qmp, since, [disk]);
+      if (cov !== undefined) out.set(disk.diskId, cov);
+    }
+    return out;
+  }
+
+  /**
+   * Carries out a planned job: records it, creates and opens the targets, runs
+   * the start transaction, commits the checkpoint, and (pull) exports the disks.
+   * A failure before QEMU started anything finalizes the job as failed.
+   */
+  private async execute(ctx: DomainContext, qmp: QmpClient, payload: JobPayload, options: BackupBeginOptions): Promise<JobInfo> {
+    const domain = ctx.row.name;
+    const { info, checkpointPlan } = payload;
+    const pull = info.mode === 'pull';
+    this.store.transaction(() => this.store.insert({ domain, id: info.id, state: 'starting', payload: JSON.stringify(payload), started_ms: info.startedMs }));
+    const save = (state: 'starting' | 'running'): void => this.store.transaction(() => this.store.update(domain, state, JSON.stringify(payload)));
+    await this.failOnError(ctx, qmp, payload, async () => {
+      for (const d of info.disks) {
         if (pull || !options.reuseExternal) {
           mkdirSync(dirname(d.targetFile), { recursive: true, mode: 0o700 });
           const backing = d.backingFile !== undefined ? { backingFile: relativeBacking(d.targetFile, d.backingFile), backingFormat: 'qcow2' } : {};
-          await createImage(d.targetFile, d.targetFormat, sizes.get(d.diskId) ?? 0, backing);
+          await createImage(d.targetFile, d.targetFormat, d.virtualSize ?? 0, backing);
           d.createdTarget = true;
-          save();
+          save('starting');
         }
-        await qmp.execute('blockdev-add', { driver: 'file', 'node-name': d.targetNodes.file, filename: d.targetFile });
-        // backing: null — the job writes every cluster it copies, so a previous backup is never opened.
-        await qmp.execute('blockdev-add', { driver: d.targetFormat, 'node-name': d.targetNodes.format, file: d.targetNodes.file, ...(d.targetFormat === 'qcow2' ? { backing: null } : {}) });
+        await addTargetNodes(qmp, d);
       }
       this.fault('backup-begin:before-qemu');
-    } catch (err) {
-      await this.finalize(ctx, qmp, payload, 'failed', describeError(err));
-      throw err;
-    }
+    });
+    const checkpointActions = checkpointPlan !== undefined ? this.checkpoints.createActions(checkpointPlan) : [];
     try {
-      await qmp.transaction(this.startActions(disks, plan, pull, options.bandwidthBytesPerSec), { completionMode: 'individual' });
+      await qmp.transaction(startActions(info, checkpointActions, options.bandwidthBytesPerSec), { completionMode: 'individual' });
     } catch (err) {
       // Refused by QEMU: nothing started. Otherwise (a timeout, a lost connection)
       // it may have: the job stays recorded as starting for the next command to settle.
@@ -278,94 +169,28 @@ export class BackupService {
     this.fault('backup-begin:after-qemu');
     // The transaction made the checkpoint's bitmaps: record it before anything else can fail.
     this.store.transaction(() => {
-      if (plan !== undefined) this.checkpoints.commitCreate(plan);
+      if (checkpointPlan !== undefined) this.checkpoints.commitCreate(checkpointPlan);
       this.store.update(domain, pull ? 'starting' : 'running', JSON.stringify(payload));
     });
     if (pull && info.server !== undefined) {
-      try {
-        await this.exportDisks(qmp, info.server, disks);
-      } catch (err) {
-        await this.finalize(ctx, qmp, payload, 'failed', describeError(err));
-        throw err;
-      }
-      this.store.transaction(() => this.store.update(domain, 'running', JSON.stringify(payload)));
+      const server = info.server;
+      await this.failOnError(ctx, qmp, payload, async () => {
+        if (server.transport === 'unix' && server.socketDir !== undefined) mkdirSync(server.socketDir, { recursive: true, mode: 0o700 });
+        await exportDisks(qmp, server, info.disks);
+      });
+      save('running');
     }
     return info;
   }
 
-  /** Where the NBD server of a pull job listens: as the XML says, else a unix socket only the owner can reach. */
-  private serverFor(domain: string, id: string, backup: BackupXml): NbdServer {
-    const s = backup.server;
-    if (s?.transport === 'tcp') return { transport: 'tcp', host: s.name ?? 'localhost', port: s.port ?? 0 };
-    if (s?.socket !== undefined) return { transport: 'unix', socket: s.socket };
-    const dir = join(this.domains.domainDir(domain), `nbd-${id.slice(7)}`);
-    return { transport: 'unix', socket: join(dir, 'nbd.sock'), socketDir: dir };
-  }
-
-  /** Pull mode, after the transaction: snapshot-access nodes over the fleecing filters, one read-only export each. */
-  private async exportDisks(qmp: QmpClient, server: NbdServer, disks: readonly JobDisk[]): Promise<void> {
-    for (const d of disks) {
-      if (d.pull === undefined) continue;
-      await qmp.execute('blockdev-add', { driver: 'snapshot-access', 'node-name': d.pull.snapNode, file: d.pull.cbwNode });
+  /** Runs `fn`; if it throws, the job is finalized as failed and the error rethrown. */
+  private async failOnError(ctx: DomainContext, qmp: QmpClient, payload: JobPayload, fn: () => Promise<void>): Promise<void> {
+    try {
+      await fn();
+    } catch (err) {
+      await this.finalize(ctx, qmp, payload, 'failed', describeError(err));
+      throw err;
     }
-    if (server.socketDir !== undefined) mkdirSync(server.socketDir, { recursive: true, mode: 0o700 });
-    const addr =
-      server.transport === 'tcp'
-        ? { type: 'inet', data: { host: server.host ?? 'localhost', port: String(server.port ?? 0) } }
-        : { type: 'unix', data: { path: server.socket ?? '' } };
-    await qmp.execute('nbd-server-start', { addr });
-    for (const d of disks) {
-      if (d.pull === undefined) continue;
-      await qmp.execute('block-export-add', {
-        type: 'nbd',
-        id: d.pull.exportId,
-        'node-name': d.pull.snapNode,
-        name: d.pull.exportName,
-        writable: false,
-        'allocation-depth': true,
-        ...(d.tmpBitmap !== undefined ? { bitmaps: [{ node: nodeNamesFor(d.diskId).format, name: d.tmpBitmap }] } : {}),
-      });
-    }
-  }
-
-  /** The one transaction that starts the job: temporary merged bitmaps, the new checkpoint, and every copy job. */
-  private startActions(
-    disks: readonly JobDisk[],
-    plan: Parameters<CheckpointService['commitCreate']>[0] | undefined,
-    pull: boolean,
-    speed: number | undefined,
-  ): QmpTransactionAction[] {
-    const actions: QmpTransactionAction[] = [];
-    for (const d of disks) {
-      if (d.tmpBitmap === undefined) continue;
-      const node = nodeNamesFor(d.diskId).format;
-      actions.push({ type: 'block-dirty-bitmap-add', data: { node, name: d.tmpBitmap, persistent: false, disabled: true } });
-      actions.push({ type: 'block-dirty-bitmap-merge', data: { node, target: d.tmpBitmap, bitmaps: d.bitmaps ?? [] } });
-    }
-    if (plan !== undefined) actions.push(...toTransaction(this.checkpoints.createActions(plan)));
-    for (const d of disks) {
-      // Pull: fleecing (sync none; copy-before-write keeps the view at this instant
-      // and the scratch image takes the old data). Push: the copy itself.
-      const copy = pull
-        ? { sync: 'none', 'filter-node-name': d.pull?.cbwNode }
-        : {
-            sync: d.tmpBitmap !== undefined ? 'bitmap' : 'full',
-            ...(d.tmpBitmap !== undefined ? { bitmap: d.tmpBitmap, 'bitmap-mode': 'never' } : {}),
-            ...(speed !== undefined ? { speed } : {}),
-          };
-      actions.push({
-        type: 'blockdev-backup',
-        data: {
-          'job-id': d.qemuJobId,
-          device: nodeNamesFor(d.diskId).format,
-          target: d.targetNodes.format,
-          ...copy,
-          'auto-finalize': true,
-          'auto-dismiss': false,
-        },
-      });
-    }
-    return actions;
   }
 
   // ---- observe and control -----------------------------------------------------
@@ -375,7 +200,7 @@ export class BackupService {
     return this.domains.withDomain(domain, 'domjobinfo', async (ctx) => {
       const row = this.store.active(domain);
       if (row === undefined || !ctx.running) return undefined;
-      const payload = JSON.parse(row.payload) as JobPayload;
+      const payload = parseJobPayload(row.payload, domain);
       await this.domains.withQmp(ctx, 'domjobinfo', async (qmp) => {
         applyProgress(payload.info, await queryJobs(qmp));
       });
@@ -387,23 +212,24 @@ export class BackupService {
   async lastResult(domain: string): Promise<JobInfo | undefined> {
     return this.domains.withDomain(domain, 'domjobinfo --completed', async () => {
       const r = this.store.lastResult(domain);
-      return r === undefined ? undefined : (JSON.parse(r.payload) as JobInfo);
+      return r === undefined ? undefined : parseJobInfo(r.payload, domain);
     });
   }
 
+  /** Ends the running job: a pull job completes (its reader is done), a push job is aborted. */
   async abort(domain: string): Promise<JobInfo> {
     return this.domains.withDomain(domain, 'domjobabort', async (ctx) => {
       const row = this.store.active(domain);
-      if (row === undefined) throw new QbackupError('INVALID_ARGUMENT', `Domain "${domain}" has no backup job to abort`);
-      const payload = JSON.parse(row.payload) as JobPayload;
+      if (row === undefined) throw new QbackupError('JOB_NOT_FOUND', `Domain "${domain}" has no backup job to abort`);
+      const payload = parseJobPayload(row.payload, domain);
       return this.domains.withQmp(ctx, 'domjobabort', async (qmp) => {
-        // A pull job ends this way by design (the client has read what it needs);
-        // a push job that is aborted did not complete.
         if (payload.info.mode === 'pull') return this.finalize(ctx, qmp, payload, 'completed');
+        const errors: string[] = [];
         for (const d of payload.info.disks) {
-          await qmp.execute('job-cancel', { id: d.qemuJobId }).catch(() => undefined);
+          await qmp.execute('job-cancel', { id: d.qemuJobId }).catch((err: unknown) => errors.push(`cancel job "${d.qemuJobId}": ${describeError(err)}`));
         }
         await waitConcluded(qmp, payload.info.disks.map((d) => d.qemuJobId), 30_000);
+        if (errors.length > 0) payload.info.teardownErrors = errors;
         return this.finalize(ctx, qmp, payload, 'aborted');
       });
     });
@@ -415,8 +241,8 @@ export class BackupService {
       const info = await this.info(domain);
       if (info === undefined || info.id !== jobId) {
         const result = this.store.result(jobId);
-        if (result === undefined) throw new QbackupError('INVALID_ARGUMENT', `Backup job "${jobId}" of domain "${domain}" is neither running nor finished`);
-        return JSON.parse(result) as JobInfo;
+        if (result === undefined) throw new QbackupError('JOB_NOT_FOUND', `Backup job "${jobId}" of domain "${domain}" is neither running nor finished`);
+        return parseJobInfo(result, domain);
       }
       onProgress?.(info);
       await sleep(pollDelayMs(info, Date.now()));
@@ -426,49 +252,50 @@ export class BackupService {
   // ---- reaping -----------------------------------------------------------------
 
   /** Runs at the start of every command on the domain: adopts, finalizes or cleans up a job. */
-  private async reap(ctx: DomainContext): Promise<void> {
+  async reap(ctx: DomainContext): Promise<void> {
     const row = this.store.active(ctx.row.name);
     if (row === undefined) return;
-    const payload = JSON.parse(row.payload) as JobPayload;
+    const payload = parseJobPayload(row.payload, ctx.row.name);
     if (!ctx.running) {
       if (row.state === 'finishing') await this.finalize(ctx, undefined, payload, payload.info.state, payload.info.error);
       else await this.finalize(ctx, undefined, payload, 'failed', 'QEMU exited while the job ran');
       return;
     }
-    await this.domains.withQmp(ctx, 'backup job check', async (qmp) => {
-      if (row.state === 'finishing') {
-        // The outcome was decided before qbackup stopped: finish exactly that.
-        await this.finalize(ctx, qmp, payload, payload.info.state, payload.info.error);
+    await this.domains.withQmp(ctx, 'backup job check', (qmp) => this.reapRunning(ctx, qmp, row.state, payload));
+  }
+
+  private async reapRunning(ctx: DomainContext, qmp: QmpClient, state: 'starting' | 'running' | 'finishing', payload: JobPayload): Promise<void> {
+    if (state === 'finishing') {
+      // The outcome was decided before qbackup stopped: finish exactly that.
+      await this.finalize(ctx, qmp, payload, payload.info.state, payload.info.error);
+      return;
+    }
+    const jobs = await queryJobs(qmp);
+    const ours = payload.info.disks.map((d) => jobs.get(d.qemuJobId));
+    if (ours.every((j) => j === undefined)) {
+      // QEMU never started the jobs (qbackup died before the transaction), or they vanished.
+      await this.finalize(ctx, qmp, payload, 'failed', state === 'starting' ? 'qbackup stopped before the job started' : 'QEMU lost the job');
+      return;
+    }
+    if (state === 'starting') {
+      // The transaction happened (its jobs exist), so did the checkpoint's bitmaps.
+      const plan = payload.checkpointPlan;
+      this.store.transaction(() => {
+        if (plan !== undefined && !this.checkpoints.exists(ctx.row.name, plan.row.name)) this.checkpoints.commitCreate(plan);
+        this.store.update(ctx.row.name, 'running', JSON.stringify(payload));
+      });
+      if (payload.info.mode === 'pull') {
+        // Nobody was told where to read and the exports may be missing: end it.
+        await this.finalize(ctx, qmp, payload, 'failed', 'qbackup stopped while the pull job was starting');
         return;
       }
-      const jobs = await queryJobs(qmp);
-      const ours = payload.info.disks.map((d) => jobs.get(d.qemuJobId));
-      if (ours.every((j) => j === undefined)) {
-        // QEMU never started the jobs (qbackup died before the transaction), or they vanished.
-        await this.finalize(ctx, qmp, payload, 'failed', row.state === 'starting' ? 'qbackup stopped before the job started' : 'QEMU lost the job');
-        return;
-      }
-      if (row.state === 'starting') {
-        // The transaction happened (its jobs exist), so did the checkpoint's bitmaps.
-        this.store.transaction(() => {
-          if (payload.checkpointPlan !== undefined && this.checkpoints.store.get(ctx.row.name, payload.checkpointPlan.row.name) === undefined) {
-            this.checkpoints.commitCreate(payload.checkpointPlan);
-          }
-          this.store.update(ctx.row.name, 'running', JSON.stringify(payload));
-        });
-        if (payload.info.mode === 'pull') {
-          // Nobody was told where to read and the exports may be missing: end it.
-          await this.finalize(ctx, qmp, payload, 'failed', 'qbackup stopped while the pull job was starting');
-          return;
-        }
-      }
-      if (ours.every((j) => j !== undefined && j.status === 'concluded')) {
-        applyProgress(payload.info, jobs);
-        // Any disk that did not complete (failed, or cancelled from outside) fails the job.
-        const failed = payload.info.disks.find((d) => d.state !== 'completed');
-        await this.finalize(ctx, qmp, payload, failed === undefined ? 'completed' : 'failed', failed === undefined ? undefined : (failed.error ?? `disk "${failed.target}" ${failed.state}`));
-      }
-    });
+    }
+    if (ours.every((j) => j !== undefined && j.status === 'concluded')) {
+      applyProgress(payload.info, jobs);
+      // Any disk that did not complete (failed, or cancelled from outside) fails the job.
+      const failed = payload.info.disks.find((d) => d.state !== 'completed');
+      await this.finalize(ctx, qmp, payload, failed === undefined ? 'completed' : 'failed', failed === undefined ? undefined : (failed.error ?? `disk "${failed.target}" ${failed.state}`));
+    }
   }
 
   private fault(point: BackupFaultPoint): void {
@@ -487,14 +314,15 @@ export class BackupService {
     // Decide first, then tear down: a crash during teardown must not turn a
     // completed job into a failed one whose targets the next command deletes.
     this.store.transaction(() => this.store.update(domain, 'finishing', JSON.stringify(payload)));
-    if (qmp !== undefined) await teardown(qmp, info);
-    if (info.server?.socketDir !== undefined) rmSync(info.server.socketDir, { recursive: true, force: true });
+    const errors = [...(info.teardownErrors ?? []), ...(qmp !== undefined ? await teardown(qmp, info) : [])];
+    if (info.server?.transport === 'unix' && info.server.socketDir !== undefined) removeFile(info.server.socketDir, errors);
     for (const d of info.disks) {
       if (state === 'completed') d.state = 'completed';
       else if (d.state === 'running' || d.state === 'completed') d.state = state === 'aborted' ? 'cancelled' : 'failed';
       // Push targets of a job that did not complete go; pull scratch images always go.
-      if ((state !== 'completed' || info.mode === 'pull') && d.createdTarget) rmSync(d.targetFile, { force: true });
+      if ((state !== 'completed' || info.mode === 'pull') && d.createdTarget) removeFile(d.targetFile, errors);
     }
+    if (errors.length > 0) info.teardownErrors = errors;
     info.endedMs = Date.now();
     this.store.transaction(() => {
       if (state === 'completed' && info.mode === 'push' && info.checkpoint !== undefined) {
@@ -511,122 +339,18 @@ export class BackupService {
   }
 }
 
-// ---- helpers ---------------------------------------------------------------------
-
-export type BackupFaultPoint = 'backup-begin:before-qemu' | 'backup-begin:after-qemu';
-
-function selectDisks(ctx: DomainContext, backup: BackupXml): Array<{ disk: AttachedDisk; spec: BackupDiskXml }> {
-  const domain = ctx.row.name;
-  const specs = backup.disks ?? [];
-  for (const s of specs) {
-    if (!ctx.disks.some((d) => d.target === s.name)) {
-      throw new QbackupError('DISK_NOT_FOUND', `Cannot back up domain "${domain}": it has no disk "${s.name}"`);
-    }
+function removeFile(path: string, errors: string[]): void {
+  try {
+    rmSync(path, { recursive: true, force: true });
+  } catch (err) {
+    errors.push(`remove "${path}": ${describeError(err)}`);
   }
-  const out: Array<{ disk: AttachedDisk; spec: BackupDiskXml }> = [];
-  for (const disk of ctx.disks) {
-    const spec = specs.find((s) => s.name === disk.target);
-    // As libvirt: when <disks> lists some disks, the others are not backed up.
-    if (backup.disks !== undefined && spec === undefined) continue;
-    if (spec !== undefined && !spec.backup) continue;
-    if (disk.readonly && spec === undefined) continue;
-    out.push({ disk, spec: spec ?? { name: disk.target, backup: true } });
-  }
-  return out;
-}
-
-function assertDistinct(domain: string, values: readonly string[], what: string): void {
-  const seen = new Set<string>();
-  for (const v of values) {
-    if (seen.has(v)) throw new QbackupError('INVALID_ARGUMENT', `Cannot back up domain "${domain}": two disks would ${what} "${v}"`);
-    seen.add(v);
-  }
-}
-
-function defaultTarget(disk: AttachedDisk, targetDir: string | undefined, suffix: string): string {
-  if (targetDir !== undefined) return join(targetDir, `${disk.target}.${suffix}.qcow2`);
-  return `${disk.source}.${suffix}`;
 }
 
 /** Backing paths are stored relative to the target so the backup files can move together. */
 function relativeBacking(targetFile: string, backingFile: string): string {
   const rel = relative(dirname(targetFile), backingFile);
   return rel.startsWith('..') ? backingFile : rel || basename(backingFile);
-}
-
-async function virtualSizes(qmp: QmpClient, disks: readonly AttachedDisk[]): Promise<Map<string, number>> {
-  const nodes = await qmp.execute<Array<{ 'node-name'?: string; image?: { 'virtual-size'?: number } }>>('query-named-block-nodes', { flat: true });
-  const out = new Map<string, number>();
-  for (const d of disks) {
-    const n = nodes.find((x) => x['node-name'] === nodeNamesFor(d.diskId).format);
-    out.set(d.diskId, n?.image?.['virtual-size'] ?? 0);
-  }
-  return out;
-}
-
-interface QemuJob {
-  id: string;
-  status: string;
-  'current-progress': number;
-  'total-progress': number;
-  error?: string;
-}
-
-async function queryJobs(qmp: QmpClient): Promise<Map<string, QemuJob>> {
-  const jobs = await qmp.execute<QemuJob[]>('query-jobs');
-  return new Map(jobs.map((j) => [j.id, j]));
-}
-
-function applyProgress(info: JobInfo, jobs: Map<string, QemuJob>): void {
-  let done = 0;
-  let total = 0;
-  for (const d of info.disks) {
-    const j = jobs.get(d.qemuJobId);
-    if (j === undefined) continue;
-    d.bytesDone = j['current-progress'];
-    d.bytesTotal = j['total-progress'];
-    done += j['current-progress'];
-    total += j['total-progress'];
-    if (j.status === 'concluded') {
-      d.state = j.error !== undefined ? (/cancel/i.test(j.error) ? 'cancelled' : 'failed') : 'completed';
-      if (j.error !== undefined) d.error = j.error;
-    }
-  }
-  info.bytesDone = done;
-  info.bytesTotal = total;
-}
-
-/**
- * Removes everything a job put into QEMU, in the order QEMU requires (exports,
- * then the frozen views, then the jobs, then the scratch or target nodes), each
- * step tolerant of what is already gone.
- */
-async function teardown(qmp: QmpClient, info: JobInfo): Promise<void> {
-  const ignore = (): undefined => undefined;
-  for (const d of info.disks) {
-    if (d.pull !== undefined) {
-      const cursor = qmp.eventCursor();
-      const deleted = await qmp.execute('block-export-del', { id: d.pull.exportId, mode: 'hard' }).then(() => true, () => false);
-      if (deleted) await qmp.waitForEvent('BLOCK_EXPORT_DELETED', (e) => e.data['id'] === d.pull?.exportId, 10_000, cursor).catch(ignore);
-    }
-  }
-  for (const d of info.disks) {
-    if (d.pull !== undefined) await qmp.execute('blockdev-del', { 'node-name': d.pull.snapNode }).catch(ignore);
-  }
-  const jobs = await queryJobs(qmp).catch(() => new Map<string, QemuJob>());
-  const live = info.disks.filter((d) => jobs.has(d.qemuJobId) && jobs.get(d.qemuJobId)?.status !== 'concluded').map((d) => d.qemuJobId);
-  for (const id of live) await qmp.execute('job-cancel', { id }).catch(ignore);
-  if (live.length > 0) await waitConcluded(qmp, live, 30_000).catch(ignore);
-  for (const d of info.disks) {
-    await qmp.execute('job-dismiss', { id: d.qemuJobId }).catch(ignore);
-    await qmp.execute('blockdev-del', { 'node-name': d.targetNodes.format }).catch(ignore);
-    await qmp.execute('blockdev-del', { 'node-name': d.targetNodes.file }).catch(ignore);
-    if (d.tmpBitmap !== undefined) {
-      await qmp.execute('block-dirty-bitmap-remove', { node: nodeNamesFor(d.diskId).format, name: d.tmpBitmap }).catch(ignore);
-    }
-  }
-  // One job per domain, and the NBD server of a domain's QEMU is the pull job's own.
-  if (info.mode === 'pull') await qmp.execute('nbd-server-stop').catch(ignore);
 }
 
 /**
@@ -642,12 +366,3 @@ export function pollDelayMs(info: Pick<JobInfo, 'startedMs' | 'bytesDone' | 'byt
   return Math.min(100, Math.max(5, Math.round(remaining / 2)));
 }
 
-async function waitConcluded(qmp: QmpClient, ids: readonly string[], timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const jobs = await queryJobs(qmp);
-    if (ids.every((id) => jobs.get(id) === undefined || jobs.get(id)?.status === 'concluded')) return;
-    if (Date.now() > deadline) throw new QbackupError('QMP_TIMEOUT', `Backup jobs did not stop within ${timeoutMs} ms`);
-    await sleep(50);
-  }
-}

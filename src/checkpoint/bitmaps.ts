@@ -6,6 +6,7 @@
 import { QbackupError } from '../errors.js';
 import type { AttachedDisk } from '../domain/service.js';
 import { imageInfo } from '../qemu/image.js';
+import { readBlockNodes } from '../qemu/block-nodes.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
 import { runTool } from '../qemu/tools.js';
 import type { QmpClient, QmpTransactionAction } from '../qmp/index.js';
@@ -32,38 +33,13 @@ export type BitmapAction =
   | { op: 'merge'; diskId: string; target: string; sources: string[] }
   | { op: 'remove'; diskId: string; bitmap: string };
 
-interface NamedNode {
-  'node-name'?: string;
-  'dirty-bitmaps'?: Array<{
-    name?: string;
-    recording?: boolean;
-    persistent?: boolean;
-    busy?: boolean;
-    inconsistent?: boolean;
-    granularity?: number;
-    count?: number;
-  }>;
-}
-
+/** The bitmaps of each disk's format node, read from QEMU. */
 export async function readBitmapsOnline(qmp: QmpClient, disks: readonly AttachedDisk[]): Promise<DiskBitmaps> {
-  const nodes = await qmp.execute<NamedNode[]>('query-named-block-nodes', { flat: true });
-  const byNode = new Map(nodes.map((n) => [n['node-name'] ?? '', n]));
+  const nodes = await readBlockNodes(qmp);
   const out: DiskBitmaps = new Map();
   for (const d of disks) {
-    const node = byNode.get(nodeNamesFor(d.diskId).format);
-    if (node === undefined) continue;
-    out.set(
-      d.diskId,
-      (node['dirty-bitmaps'] ?? []).map((b) => ({
-        name: b.name ?? '',
-        recording: b.recording ?? false,
-        persistent: b.persistent ?? false,
-        inconsistent: b.inconsistent ?? false,
-        busy: b.busy ?? false,
-        granularity: b.granularity ?? 0,
-        ...(typeof b.count === 'number' ? { count: b.count } : {}),
-      })),
-    );
+    const node = nodes.get(nodeNamesFor(d.diskId).format);
+    if (node !== undefined) out.set(d.diskId, node.bitmaps.map((b) => ({ ...b })));
   }
   return out;
 }
@@ -154,4 +130,18 @@ export async function applyBitmapActions(qmp: QmpClient | undefined, actions: re
   if (actions.length === 0) return;
   if (qmp !== undefined) await qmp.transaction(toTransaction(actions));
   else await applyOffline(actions, disks);
+}
+
+/**
+ * The two transaction actions that build a temporary, non-persistent, disabled
+ * bitmap `name` on a disk holding the merge of `sources` (a chain's bitmaps).
+ * Backups add them to the transaction that starts the job; checkpoint sizes
+ * run them on their own.
+ */
+export function mergedBitmapActions(diskId: string, name: string, sources: readonly string[]): QmpTransactionAction[] {
+  const node = nodeNamesFor(diskId).format;
+  return [
+    { type: 'block-dirty-bitmap-add', data: { node, name, persistent: false, disabled: true } },
+    { type: 'block-dirty-bitmap-merge', data: { node, target: name, bitmaps: [...sources] } },
+  ];
 }

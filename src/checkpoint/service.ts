@@ -19,14 +19,15 @@
 import { randomBytes } from 'node:crypto';
 import { realpathSync } from 'node:fs';
 import { QbackupError } from '../errors.js';
-import type { AttachedDisk, DomainContext, DomainService } from '../domain/service.js';
-import { parseDomainXml } from '../domain/xml.js';
+import type { AttachedDisk, DomainContext, DomainService, UndefineOptions } from '../domain/service.js';
+import { parseDomainXml } from '../libvirt/domain.js';
+import { readBlockNodes } from '../qemu/block-nodes.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
 import { QmpCommandError, type QmpClient } from '../qmp/index.js';
 import type { CheckpointDiskRow, CheckpointLink, CheckpointRow, CheckpointStore, CheckpointSummaryRow } from '../store/checkpoints.js';
-import { applyBitmapActions, readBitmapsOffline, readBitmapsOnline, type BitmapAction, type BitmapState, type DiskBitmaps } from './bitmaps.js';
+import { applyBitmapActions, mergedBitmapActions, readBitmapsOffline, readBitmapsOnline, type BitmapAction, type BitmapState, type DiskBitmaps } from './bitmaps.js';
 import { chainFrom, computeCoverage, type ChainCheckpoint, type DiskCoverage } from './coverage.js';
-import { assertCheckpointName, formatCheckpointXml, parseCheckpointXml, type CheckpointDiskSpec, type CheckpointXml } from './xml.js';
+import { assertCheckpointName, type CheckpointDiskSpec, type CheckpointSpec } from './spec.js';
 
 export interface CheckpointInfo {
   name: string;
@@ -60,7 +61,7 @@ export interface ListFilters {
 /** Points where tests make qbackup die (SIGKILL) to prove crash safety. */
 export type FaultPoint = 'checkpoint-create:after-intent' | 'checkpoint-create:after-qemu' | 'checkpoint-delete:after-intent' | 'checkpoint-delete:after-qemu';
 
-interface CreateIntent {
+export interface CreateIntent {
   row: CheckpointRow;
   disks: CheckpointDiskRow[];
   adds: Array<{ diskId: string; bitmap: string }>;
@@ -82,37 +83,25 @@ export class CheckpointService {
     readonly domains: DomainService,
     readonly store: CheckpointStore,
     private readonly crashAt?: string,
-  ) {
-    domains.hooks.onOpen = (ctx) => this.recover(ctx);
-    domains.hooks.afterStart = async (ctx, qmp) => {
-      await this.reconcile(ctx, qmp);
-    };
-    domains.hooks.afterAttach = async (ctx, _disk, qmp) => {
-      await this.reconcile(ctx, qmp);
-    };
-    domains.hooks.beforeUndefine = (ctx, options) => {
-      if (this.store.links(ctx.row.name).length > 0 && !options.checkpointsMetadata) {
-        throw new QbackupError(
-          'CHECKPOINT_EXISTS',
-          `Cannot undefine domain "${ctx.row.name}": it has checkpoints; pass --checkpoints-metadata to remove their metadata too (bitmaps stay in the images)`,
-        );
-      }
-    };
+  ) {}
+
+  /** Undefining a domain with checkpoints needs the caller to say their metadata goes too. */
+  assertUndefinable(ctx: DomainContext, options: UndefineOptions): void {
+    if (this.store.links(ctx.row.name).length > 0 && !options.checkpointsMetadata) {
+      throw new QbackupError(
+        'CHECKPOINT_EXISTS',
+        `Cannot undefine domain "${ctx.row.name}": it has checkpoints; pass --checkpoints-metadata to remove their metadata too (bitmaps stay in the images)`,
+      );
+    }
   }
 
   // ---- create ----------------------------------------------------------------
 
-  /** checkpoint-create with a <domaincheckpoint> document. */
-  async createFromXml(domain: string, xml: string, options: CreateOptions = {}): Promise<CheckpointInfo> {
-    const spec = parseCheckpointXml(xml);
-    if (options.redefine) return this.redefine(domain, spec, options.redefineValidate ?? false);
+  /** Creates a checkpoint now (checkpoint-create). For an existing one from another system, see redefine. */
+  async create(domain: string, spec: CheckpointSpec = {}): Promise<CheckpointInfo> {
     if (spec.parent !== undefined || spec.creationTime !== undefined || spec.domainXml !== undefined) {
-      throw new QbackupError('INVALID_ARGUMENT', `Cannot create checkpoint of domain "${domain}": <parent>, <creationTime> and <domain> are only accepted with --redefine`);
+      throw new QbackupError('INVALID_ARGUMENT', `Cannot create checkpoint of domain "${domain}": a parent, a creation time and a domain definition are only accepted by redefine`);
     }
-    return this.create(domain, spec);
-  }
-
-  async create(domain: string, spec: CheckpointXml): Promise<CheckpointInfo> {
     return this.domains.withDomain(domain, 'checkpoint-create', async (ctx) => {
       this.domains.hooks.beforeConfigChange?.(ctx, 'checkpoint-create');
       return this.withOptionalQmp(ctx, 'checkpoint-create', async (qmp) => {
@@ -129,7 +118,7 @@ export class CheckpointService {
    * without changing anything. Backups use it to create a checkpoint in the
    * same transaction as the job.
    */
-  async planCreate(ctx: DomainContext, qmp: QmpClient | undefined, spec: CheckpointXml, known?: DiskBitmaps): Promise<CreateIntent> {
+  async planCreate(ctx: DomainContext, qmp: QmpClient | undefined, spec: CheckpointSpec, known?: DiskBitmaps): Promise<CreateIntent> {
     const domain = ctx.row.name;
     const name = spec.name ?? String(Math.floor(Date.now() / 1000));
     assertCheckpointName(name);
@@ -242,7 +231,13 @@ export class CheckpointService {
 
   // ---- redefine --------------------------------------------------------------
 
-  private async redefine(domain: string, spec: CheckpointXml, validate: boolean): Promise<CheckpointInfo> {
+  /**
+   * Imports a checkpoint's metadata (checkpoint-create --redefine): how a
+   * management application restores qbackup's metadata after losing it.
+   * `validate` also checks that the bitmaps exist and are usable.
+   */
+  async redefine(domain: string, spec: CheckpointSpec, options: { validate?: boolean } = {}): Promise<CheckpointInfo> {
+    const validate = options.validate ?? false;
     return this.domains.withDomain(domain, 'checkpoint-create --redefine', async (ctx) => {
       this.domains.hooks.beforeConfigChange?.(ctx, 'checkpoint redefine');
       const what = `Cannot redefine checkpoint ${spec.name !== undefined ? `"${spec.name}"` : ''} of domain "${domain}"`.replace('  ', ' ');
@@ -454,7 +449,12 @@ export class CheckpointService {
     return this.requireCheckpoint(domain, name).parent;
   }
 
-  async dumpXml(domain: string, name: string, options: { noDomain?: boolean; size?: boolean } = {}): Promise<string> {
+  /**
+   * The checkpoint as a full description (checkpoint-dumpxml): name, parent,
+   * creation time, disks and the domain definition at that moment; with
+   * `size`, each covered disk's bytes changed since the checkpoint.
+   */
+  async describe(domain: string, name: string, options: { size?: boolean } = {}): Promise<CheckpointSpec> {
     const cp = this.requireCheckpoint(domain, name);
     const sizes = new Map<string, number>();
     if (options.size) {
@@ -480,10 +480,10 @@ export class CheckpointService {
       if (size !== undefined) spec.size = size;
       return spec;
     });
-    const doc: CheckpointXml = { name: cp.name, creationTime: cp.creation_time, disks, domainXml: cp.domain_xml };
+    const doc: CheckpointSpec = { name: cp.name, creationTime: cp.creation_time, disks, domainXml: cp.domain_xml };
     if (cp.description !== null) doc.description = cp.description;
     if (cp.parent !== null) doc.parent = cp.parent;
-    return formatCheckpointXml(doc, { noDomain: options.noDomain ?? false, includeSize: options.size ?? false });
+    return doc;
   }
 
   /** Per current disk: may a backup since `name` be incremental, and if not, why. */
@@ -521,10 +521,7 @@ export class CheckpointService {
   async withMergedBitmap<T>(qmp: QmpClient, diskId: string, bitmaps: readonly string[], fn: (tempName: string) => Promise<T>): Promise<T> {
     const node = nodeNamesFor(diskId).format;
     const tmp = `${TEMP_BITMAP_PREFIX}${randomBytes(4).toString('hex')}`;
-    await qmp.transaction([
-      { type: 'block-dirty-bitmap-add', data: { node, name: tmp, persistent: false, disabled: true } },
-      { type: 'block-dirty-bitmap-merge', data: { node, target: tmp, bitmaps: [...bitmaps] } },
-    ]);
+    await qmp.transaction(mergedBitmapActions(diskId, tmp, bitmaps));
     try {
       return await fn(tmp);
     } finally {
@@ -655,6 +652,11 @@ export class CheckpointService {
     return this.domains.withQmp(ctx, what, (qmp) => fn(qmp));
   }
 
+  /** Does the domain have a checkpoint of this name? */
+  exists(domain: string, name: string): boolean {
+    return this.store.get(domain, name) !== undefined;
+  }
+
   requireCheckpoint(domain: string, name: string): CheckpointRow {
     this.domains.requireDomain(domain);
     const row = this.store.get(domain, name);
@@ -758,9 +760,8 @@ function deleteActions(intent: DeleteIntent, bitmaps: DiskBitmaps): BitmapAction
 }
 
 async function bitmapCount(qmp: QmpClient, diskId: string, bitmap: string): Promise<number> {
-  const nodes = await qmp.execute<Array<{ 'node-name'?: string; 'dirty-bitmaps'?: Array<{ name?: string; count?: number }> }>>('query-named-block-nodes', { flat: true });
-  const node = nodes.find((n) => n['node-name'] === nodeNamesFor(diskId).format);
-  return node?.['dirty-bitmaps']?.find((b) => b.name === bitmap)?.count ?? 0;
+  const node = (await readBlockNodes(qmp)).get(nodeNamesFor(diskId).format);
+  return node?.bitmaps.find((b) => b.name === bitmap)?.count ?? 0;
 }
 
 function topologicalOrder<T extends CheckpointLink>(rows: readonly T[]): T[] {

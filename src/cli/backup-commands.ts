@@ -2,8 +2,11 @@
 // flags so that the common backup needs no XML.
 
 import type { Command } from 'commander';
-import type { JobInfo } from '../backup/service.js';
-import { formatBackupXml, parseBackupXml } from '../backup/xml.js';
+import { exportUri, type JobInfo } from '../backup/job.js';
+import type { BackupSpec } from '../backup/spec.js';
+import type { CheckpointSpec } from '../checkpoint/spec.js';
+import { formatJobXml, parseBackupSpec } from '../libvirt/backup.js';
+import { parseCheckpointXml } from '../libvirt/checkpoint.js';
 import { QbackupError } from '../errors.js';
 import type { CliContext } from './context.js';
 import { readInput } from './domain-commands.js';
@@ -35,15 +38,15 @@ export function registerBackupCommands(program: Command, cli: CliContext): void 
           if (checkpointFile !== undefined && o.checkpoint !== undefined) {
             throw new QbackupError('INVALID_ARGUMENT', 'Give the new checkpoint either as XML or with --checkpoint, not both');
           }
-          const backupXml = backupFile !== undefined ? readInput(backupFile, 'backup XML') : undefined;
-          if (o.wait && backupXml !== undefined && parseBackupXml(backupXml).mode === 'pull') {
+          const spec: BackupSpec = backupFile !== undefined ? parseBackupSpec(readInput(backupFile, 'backup XML')) : { mode: 'push' };
+          if (o.incremental !== undefined) spec.since = o.incremental;
+          if (o.wait && spec.mode === 'pull') {
             throw new QbackupError('INVALID_ARGUMENT', 'Option --wait is for push mode: a pull job lasts until domjobabort');
           }
-          let job = await qb.backups.begin(domain, {
-            ...(backupXml !== undefined ? { backupXml } : {}),
-            ...(checkpointFile !== undefined ? { checkpointXml: readInput(checkpointFile, 'checkpoint XML') } : {}),
-            ...(o.incremental !== undefined ? { incremental: o.incremental } : {}),
-            ...(o.checkpoint !== undefined ? { checkpointName: o.checkpoint } : {}),
+          const checkpoint: CheckpointSpec | undefined =
+            checkpointFile !== undefined ? parseCheckpointXml(readInput(checkpointFile, 'checkpoint XML')) : o.checkpoint !== undefined ? { name: o.checkpoint } : undefined;
+          let job = await qb.backups.begin(domain, spec, {
+            ...(checkpoint !== undefined ? { checkpoint } : {}),
             ...(o.targetDir !== undefined ? { targetDir: o.targetDir } : {}),
             reuseExternal: o.reuseExternal ?? false,
             strict: o.strict ?? false,
@@ -52,7 +55,7 @@ export function registerBackupCommands(program: Command, cli: CliContext): void 
           if (o.wait) job = await qb.backups.wait(domain, job.id);
           emit(out, job, () => (o.wait ? describeJob(job) : `Backup started (job ${job.id})\n${describeServer(job)}${describeDisks(job)}`));
           if (o.wait && job.state !== 'completed') {
-            throw new QbackupError('TOOL_FAILED', `Backup job "${job.id}" of domain "${domain}" ${job.state}${job.error !== undefined ? `: ${job.error}` : ''}`);
+            throw new QbackupError('BACKUP_FAILED', `Backup job "${job.id}" of domain "${domain}" ${job.state}${job.error !== undefined ? `: ${job.error}` : ''}`);
           }
         });
       },
@@ -65,36 +68,8 @@ export function registerBackupCommands(program: Command, cli: CliContext): void 
     .action(async (domain: string, _o: unknown, cmd: Command) => {
       await cli.run(cmd, async (qb, out) => {
         const job = await qb.backups.info(domain);
-        if (job === undefined) throw new QbackupError('INVALID_ARGUMENT', `Domain "${domain}" has no running backup job`);
-        const server = job.server;
-        const xml = formatBackupXml({
-          mode: job.mode,
-          ...(job.incremental !== undefined ? { incremental: job.incremental } : {}),
-          ...(server !== undefined
-            ? {
-                server:
-                  server.transport === 'tcp'
-                    ? { transport: 'tcp' as const, name: server.host ?? 'localhost', port: server.port ?? 0 }
-                    : { transport: 'unix' as const, socket: server.socket ?? '' },
-              }
-            : {}),
-          disks: job.disks.map((d) => ({
-            name: d.target,
-            backup: true,
-            backupmode: d.mode,
-            ...(d.mode === 'incremental' && d.incremental !== undefined ? { incremental: d.incremental } : {}),
-            state: d.state === 'completed' ? 'complete' : d.state,
-            type: 'file' as const,
-            driverType: d.targetFormat,
-            ...(job.mode === 'push'
-              ? { target: d.targetFile }
-              : {
-                  scratch: d.targetFile,
-                  exportname: d.pull?.exportName ?? d.target,
-                  ...(d.tmpBitmap !== undefined ? { exportbitmap: d.tmpBitmap } : {}),
-                }),
-          })),
-        });
+        if (job === undefined) throw new QbackupError('JOB_NOT_FOUND', `Domain "${domain}" has no running backup job`);
+        const xml = formatJobXml(job);
         emit(out, { job, xml }, () => xml);
       });
     });
@@ -132,7 +107,7 @@ function mibPerSecond(value: string): number {
 function describeServer(job: JobInfo): string {
   const s = job.server;
   if (s === undefined) return '';
-  const where = s.transport === 'tcp' ? `nbd://${s.host ?? 'localhost'}:${s.port ?? 0}/EXPORT` : `nbd+unix:///EXPORT?socket=${s.socket ?? ''}`;
+  const where = exportUri(s, 'EXPORT');
   return `NBD server: ${where} (end the job with domjobabort)\n`;
 }
 

@@ -3,7 +3,8 @@
 
 import type { Command } from 'commander';
 import type { CheckpointInfo } from '../checkpoint/service.js';
-import type { CheckpointDiskSpec } from '../checkpoint/xml.js';
+import type { CheckpointDiskSpec } from '../checkpoint/spec.js';
+import { formatCheckpointXml, parseCheckpointXml } from '../libvirt/checkpoint.js';
 import { QbackupError } from '../errors.js';
 import type { CliContext } from './context.js';
 import { readInput } from './domain-commands.js';
@@ -21,13 +22,10 @@ export function registerCheckpointCommands(program: Command, cli: CliContext): v
       await cli.run(cmd, async (qb, out) => {
         if (o.redefineValidate && !o.redefine) throw new QbackupError('INVALID_ARGUMENT', 'Option --redefine-validate needs --redefine');
         if (o.redefine && file === undefined) throw new QbackupError('INVALID_ARGUMENT', 'Option --redefine needs a checkpoint XML file');
-        const info =
-          file === undefined
-            ? await qb.checkpoints.create(domain, {})
-            : await qb.checkpoints.createFromXml(domain, readInput(file, 'checkpoint XML'), {
-                redefine: o.redefine ?? false,
-                redefineValidate: o.redefineValidate ?? false,
-              });
+        const spec = file === undefined ? {} : parseCheckpointXml(readInput(file, 'checkpoint XML'));
+        const info = o.redefine
+          ? await qb.checkpoints.redefine(domain, spec, { validate: o.redefineValidate ?? false })
+          : await qb.checkpoints.create(domain, spec);
         emit(out, info, () => `Domain checkpoint ${info.name} ${o.redefine ? 'redefined' : 'created'}`);
       });
     });
@@ -95,7 +93,8 @@ export function registerCheckpointCommands(program: Command, cli: CliContext): v
     .option('--size', 'add the bytes changed since the checkpoint per disk (domain must run)')
     .action(async (domain: string, name: string, o: { domain?: boolean; size?: boolean }, cmd: Command) => {
       await cli.run(cmd, async (qb, out) => {
-        const xml = await qb.checkpoints.dumpXml(domain, name, { noDomain: o.domain === false, size: o.size ?? false });
+        const spec = await qb.checkpoints.describe(domain, name, { size: o.size ?? false });
+        const xml = formatCheckpointXml(spec, { noDomain: o.domain === false, includeSize: o.size ?? false });
         emit(out, { name, xml }, () => xml);
       });
     });

@@ -14,6 +14,7 @@
 //   (same real path) reuses the id, another image under the same target gets a
 //   new one.
 
+import { assert } from '../util/assert.js';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, realpathSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
@@ -27,7 +28,7 @@ import { acquireDomainLock } from '../store/lock.js';
 import { isProcessAlive } from '../util/proc.js';
 import { assertDomainName, assertTargetName, busForTarget } from './names.js';
 import type { DiskBus, DiskDefinition, DiskFormat, DomainDefinition } from './types.js';
-import { formatDomainXml, parseDomainXml } from './xml.js';
+import { formatDomainXml, parseDomainXml } from '../libvirt/domain.js';
 
 export type DomainState = 'running' | 'shut off' | 'crashed';
 
@@ -95,7 +96,10 @@ export interface AttachedDisk extends DiskDefinition {
   diskId: string;
 }
 
-/** Hooks other subsystems (checkpoints) register to act at domain lifecycle points. */
+/**
+ * What other subsystems do at domain lifecycle points. Qbackup (src/qbackup.ts)
+ * sets them once, in one place, in the order they must run.
+ */
 export interface DomainHooks {
   afterStart?: (ctx: DomainContext, qmp: QmpClient) => Promise<void>;
   afterAttach?: (ctx: DomainContext, disk: AttachedDisk, qmp: QmpClient | undefined) => Promise<void>;
@@ -107,7 +111,15 @@ export interface DomainHooks {
 }
 
 export class DomainService {
-  readonly hooks: DomainHooks = {};
+  private hooksSet = false;
+  hooks: Readonly<DomainHooks> = {};
+
+  /** Installs the lifecycle hooks; once, by the library's entry point. */
+  setHooks(hooks: DomainHooks): void {
+    assert(!this.hooksSet, 'domain hooks are set once');
+    this.hooksSet = true;
+    this.hooks = hooks;
+  }
 
   constructor(
     readonly store: DomainStore,

@@ -7,12 +7,14 @@ import { copyExtents } from '../nbd/copy.js';
 import { NbdClient } from '../nbd/client.js';
 import { startQemuNbd } from '../qemu/qemu-nbd.js';
 import { QbackupError } from '../errors.js';
+import { serverAddress } from '../backup/job.js';
+import { assert } from '../util/assert.js';
 import type { PullCopier } from './service.js';
 
 export const nbdPullCopier: PullCopier = async ({ job, exportName, dirtyBitmap, targetFile, onProgress }) => {
   const server = job.server;
-  if (server === undefined) throw new QbackupError('INVALID_ARGUMENT', `Backup job "${job.id}" has no NBD server`);
-  const address = server.transport === 'tcp' ? { host: server.host ?? 'localhost', port: server.port ?? 0 } : { socket: server.socket ?? '' };
+  assert(server !== undefined, `backup job "${job.id}" has no NBD server`);
+  const address = serverAddress(server);
   const dirtyContext = dirtyBitmap !== undefined ? `qemu:dirty-bitmap:${dirtyBitmap}` : undefined;
   await using source = await NbdClient.connect(address, {
     exportName,

@@ -16,7 +16,10 @@
 import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, rmSync } from 'node:fs';
 import { dirname, join, relative, resolve } from 'node:path';
-import type { BackupService, JobInfo } from '../backup/service.js';
+import type { JobInfo } from '../backup/job.js';
+import type { BackupService } from '../backup/service.js';
+import type { BackupSpec } from '../backup/spec.js';
+import { assert } from '../util/assert.js';
 import type { CheckpointService } from '../checkpoint/service.js';
 import type { DomainService } from '../domain/service.js';
 import { QbackupError, describeError } from '../errors.js';
@@ -81,6 +84,19 @@ export type PullCopier = (args: {
   onProgress: (done: number, total: number) => void;
 }) => Promise<{ dataBytes: number }>;
 
+/** What one disk's repository backup will be. */
+interface DiskPlan {
+  target: string;
+  diskId: string;
+  source: string;
+  file: string;
+  level: 'full' | 'incremental';
+  since?: string;
+  parent: Manifest | undefined;
+  parentFile?: string;
+  fullReason: string | null;
+}
+
 export class RepositoryService {
   pullCopier: PullCopier = nbdPullCopier;
 
@@ -125,49 +141,8 @@ export class RepositoryService {
   ): Promise<Manifest> {
     const id = newBackupId();
     const checkpoint = `qb-${id}`;
-    const history = repo.manifests(domain);
-    interface Plan {
-      target: string;
-      diskId: string;
-      source: string;
-      file: string;
-      level: 'full' | 'incremental';
-      since?: string;
-      parent: Manifest | undefined;
-      parentFile?: string;
-      fullReason: string | null;
-    }
-    const plans: Plan[] = [];
-    for (const d of selected) {
-      const prev = [...history].reverse().find((m) => m.disks.some((x) => x.diskId === d.diskId));
-      const prevDisk = prev?.disks.find((x) => x.diskId === d.diskId);
-      const plan: Plan = {
-        target: d.target,
-        diskId: d.diskId,
-        source: d.source,
-        file: join(repo.diskDir(domain, d.target, d.diskId), `${id}.qcow2`),
-        level: 'full',
-        parent: undefined,
-        fullReason: null,
-      };
-      if (options.full) plan.fullReason = 'requested with --full';
-      else if (prev === undefined || prevDisk === undefined) plan.fullReason = 'no earlier backup of this disk in the repository';
-      else if (!existsSync(repo.filePath(domain, prevDisk.file))) plan.fullReason = `the file of backup "${prev.id}" is missing`;
-      else if (this.checkpoints.store.get(domain, prev.checkpoint) === undefined) plan.fullReason = `checkpoint "${prev.checkpoint}" of backup "${prev.id}" no longer exists`;
-      else {
-        const cov = (await this.checkpoints.coverage(domain, prev.checkpoint)).find((c) => c.diskId === d.diskId);
-        if (cov === undefined || cov.mode === 'full') {
-          plan.fullReason = (cov?.reasons ?? []).map((r) => `${r.code}: ${r.detail}`).join('; ') || 'no coverage';
-        } else {
-          plan.level = 'incremental';
-          plan.since = prev.checkpoint;
-          plan.parent = prev;
-          plan.parentFile = prevDisk.file;
-        }
-      }
-      plans.push(plan);
-    }
-
+    const plans: DiskPlan[] = [];
+    for (const d of selected) plans.push(await this.planDisk(repo, domain, id, d, options));
     repo.beginPending(domain, { id, files: plans.map((p) => p.file) });
     const startedMs = Date.now();
     try {
@@ -179,25 +154,26 @@ export class RepositoryService {
           p.parentFile !== undefined ? { backingFile: relative(dirname(abs), repo.filePath(domain, p.parentFile)), backingFormat: 'qcow2' } : {};
         await createImage(abs, 'qcow2', size, backing);
       }
-      const diskXml = plans
-        .map((p) => {
-          const modeAttr = p.level === 'incremental' ? `backupmode='incremental' incremental='${p.since ?? ''}'` : `backupmode='full'`;
-          const where = mode === 'push' ? `<target file='${xmlAttr(resolve(repo.filePath(domain, p.file)))}'/>` : '';
-          return `<disk name='${p.target}' backup='yes' type='file' ${modeAttr}><driver type='qcow2'/>${where}</disk>`;
-        })
-        .join('');
-      const backupXml = `<domainbackup mode='${mode}'><disks>${diskXml}</disks></domainbackup>`;
-      let job = await this.backups.begin(domain, { backupXml, checkpointName: checkpoint, reuseExternal: mode === 'push', strict: true });
+      const spec: BackupSpec = {
+        mode,
+        disks: plans.map((p) => ({
+          target: p.target,
+          format: 'qcow2',
+          ...(p.since !== undefined ? { mode: 'incremental', since: p.since } : { mode: 'full' }),
+          ...(mode === 'push' ? { targetFile: resolve(repo.filePath(domain, p.file)) } : {}),
+        })),
+      };
+      let job = await this.backups.begin(domain, spec, { checkpoint: { name: checkpoint }, reuseExternal: mode === 'push', strict: true });
       if (mode === 'push') {
         job = await this.backups.wait(domain, job.id, (j) => options.onProgress?.({ phase: `backup ${domain}`, doneBytes: j.bytesDone, totalBytes: j.bytesTotal }));
         if (job.state !== 'completed') {
-          throw new QbackupError('TOOL_FAILED', `Backup of domain "${domain}" failed: ${job.error ?? job.state}`);
+          throw new QbackupError('BACKUP_FAILED', `Backup of domain "${domain}" failed: ${job.error ?? job.state}`);
         }
       } else {
         try {
           for (const p of plans) {
             const jd = job.disks.find((d) => d.target === p.target);
-            if (jd === undefined) throw new QbackupError('TOOL_FAILED', `Backup job "${job.id}" has no export for disk "${p.target}"`);
+            assert(jd !== undefined, `backup job "${job.id}" has no export for disk "${p.target}"`);
             await this.pullCopier({
               job,
               exportName: jd.pull?.exportName ?? p.target,
@@ -246,11 +222,45 @@ export class RepositoryService {
       repo.cleanLeftovers(domain);
       // The checkpoint made with a failed backup marks nothing in this repository:
       // merge it away so the chain stays as if the attempt never happened.
-      if (this.checkpoints.store.get(domain, checkpoint) !== undefined) {
-        await this.checkpoints.delete(domain, checkpoint).catch(() => undefined);
+      if (this.checkpoints.exists(domain, checkpoint)) {
+        await this.checkpoints.delete(domain, checkpoint).catch((cleanupErr: unknown) => {
+          throw new QbackupError('BACKUP_FAILED', `${describeError(err)} (and removing its checkpoint "${checkpoint}" failed: ${describeError(cleanupErr)})`, { cause: err });
+        });
       }
       throw err;
     }
+  }
+
+  /** Full or incremental for one disk: incremental since the disk's last backup here, when coverage allows. */
+  private async planDisk(repo: Repository, domain: string, id: string, d: ReturnType<DomainService['blockList']>[number], options: RepoBackupOptions): Promise<DiskPlan> {
+    const history = repo.manifests(domain);
+    const prev = [...history].reverse().find((m) => m.disks.some((x) => x.diskId === d.diskId));
+    const prevDisk = prev?.disks.find((x) => x.diskId === d.diskId);
+    const plan: DiskPlan = {
+      target: d.target,
+      diskId: d.diskId,
+      source: d.source,
+      file: join(repo.diskDir(domain, d.target, d.diskId), `${id}.qcow2`),
+      level: 'full',
+      parent: undefined,
+      fullReason: null,
+    };
+    if (options.full) plan.fullReason = 'requested with --full';
+    else if (prev === undefined || prevDisk === undefined) plan.fullReason = 'no earlier backup of this disk in the repository';
+    else if (!existsSync(repo.filePath(domain, prevDisk.file))) plan.fullReason = `the file of backup "${prev.id}" is missing`;
+    else if (!this.checkpoints.exists(domain, prev.checkpoint)) plan.fullReason = `checkpoint "${prev.checkpoint}" of backup "${prev.id}" no longer exists`;
+    else {
+      const cov = (await this.checkpoints.coverage(domain, prev.checkpoint)).find((c) => c.diskId === d.diskId);
+      if (cov === undefined || cov.mode === 'full') {
+        plan.fullReason = (cov?.reasons ?? []).map((r) => `${r.code}: ${r.detail}`).join('; ') || 'no coverage';
+      } else {
+        plan.level = 'incremental';
+        plan.since = prev.checkpoint;
+        plan.parent = prev;
+        plan.parentFile = prevDisk.file;
+      }
+    }
+    return plan;
   }
 
   // ---- list ---------------------------------------------------------------------
@@ -391,7 +401,7 @@ export class RepositoryService {
     const keptCheckpoints = new Set(keep.map((m) => m.checkpoint));
     const checkpointsRemoved: string[] = [];
     for (const m of drop) {
-      if (keptCheckpoints.has(m.checkpoint) || this.checkpoints.store.get(domain, m.checkpoint) === undefined) continue;
+      if (keptCheckpoints.has(m.checkpoint) || !this.checkpoints.exists(domain, m.checkpoint)) continue;
       try {
         await this.checkpoints.delete(domain, m.checkpoint);
         checkpointsRemoved.push(m.checkpoint);
@@ -421,10 +431,6 @@ function pickBackup(repo: Repository, domain: string, options: RestoreOptions): 
 function newBackupId(): string {
   const t = new Date().toISOString().replace(/[-:]/g, '').replace(/\.(\d{3})Z$/, '.$1Z');
   return `${t}-${Math.floor(Math.random() * 0xffff).toString(16).padStart(4, '0')}`;
-}
-
-function xmlAttr(text: string): string {
-  return text.replace(/&/g, '&amp;').replace(/'/g, '&apos;').replace(/</g, '&lt;');
 }
 
 /** qemu-img convert with its -p progress parsed into a percentage callback. */

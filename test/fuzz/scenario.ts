@@ -12,11 +12,12 @@
 // - a disk the model says lost coverage was backed up in full with a reason the
 //   model accepts.
 
+import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { JobInfo } from '../../src/backup/service.js';
+import { exportUri, type JobInfo } from '../../src/backup/job.js';
 import type { CoverageReason } from '../../src/checkpoint/coverage.js';
 import { Qbackup } from '../../src/qbackup.js';
 import { allocatedDataBytes, createImage } from '../../src/qemu/image.js';
@@ -296,22 +297,22 @@ export async function runScenario(options: ScenarioOptions): Promise<ScenarioRes
             contentAtT.set(f, e.contentAt);
           }
           if (action === 'pushBackup') {
-            const started = await qb.backups.begin(DOMAIN, {
-              targetDir: join(dir, 'push', `${step}`),
-              ...(since !== undefined ? { incremental: since } : {}),
-              ...(withCheckpoint !== undefined ? { checkpointName: withCheckpoint } : {}),
-            });
+            const started = await qb.backups.begin(
+              DOMAIN,
+              { mode: 'push', ...(since !== undefined ? { since } : {}) },
+              { targetDir: join(dir, 'push', `${step}`), ...(withCheckpoint !== undefined ? { checkpoint: { name: withCheckpoint } } : {}) },
+            );
             if (withCheckpoint !== undefined) addCheckpoint(withCheckpoint);
             const job = await qb.backups.wait(DOMAIN, started.id);
             log(`    push since ${since ?? '-'} checkpoint ${withCheckpoint ?? '-'}: ${job.disks.map((d) => `${d.target}=${d.mode}${d.backingFile !== undefined ? `(backing ${d.backingFile.split('/').slice(-2).join('/')})` : ''}`).join(' ')}`);
             if (job.state !== 'completed') fail(`push job ${job.state}: ${job.error ?? ''}`);
             await checkJob(job, since, atStart, dirtyAtStart, contentAtT);
           } else {
-            const mode = since !== undefined ? `<incremental>${since}</incremental>` : '';
-            const job = await qb.backups.begin(DOMAIN, {
-              backupXml: `<domainbackup mode='pull'>${mode}</domainbackup>`,
-              ...(withCheckpoint !== undefined ? { checkpointName: withCheckpoint } : {}),
-            });
+            const job = await qb.backups.begin(
+              DOMAIN,
+              { mode: 'pull', ...(since !== undefined ? { since } : {}) },
+              withCheckpoint !== undefined ? { checkpoint: { name: withCheckpoint } } : {},
+            );
             if (withCheckpoint !== undefined) addCheckpoint(withCheckpoint);
             // the guest keeps writing during the job; the export must not change
             const during = rng.pick(attached());
@@ -321,8 +322,8 @@ export async function runScenario(options: ScenarioOptions): Promise<ScenarioRes
             try {
               await checkJob(job, since, atStart, dirtyAtStart, contentAtT);
               for (const jd of job.disks) {
-                const socket = job.server?.socket ?? '';
-                const uri = `nbd+unix:///${jd.pull?.exportName ?? jd.target}?socket=${socket}`;
+                assert.ok(job.server !== undefined);
+                const uri = exportUri(job.server, jd.pull?.exportName ?? jd.target);
                 const raw = join(dir, `pull-${jd.target}.raw`);
                 rmSync(raw, { force: true });
                 execFileSync('nbdcopy', [uri, raw]);

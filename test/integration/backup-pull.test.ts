@@ -9,7 +9,7 @@ import { existsSync, readdirSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import type { JobInfo } from '../../src/backup/service.js';
+import { exportUri, type JobInfo } from '../../src/backup/job.js';
 import { runTool } from '../../src/qemu/tools.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
 import { clustersOf, mergeAdjacent, type Extent } from '../helpers/extents.js';
@@ -19,7 +19,7 @@ const MiB = 1 << 20;
 function uri(job: JobInfo, exportName: string): string {
   const s = job.server;
   assert.ok(s !== undefined);
-  return s.transport === 'tcp' ? `nbd://${s.host ?? 'localhost'}:${s.port ?? 0}/${exportName}` : `nbd+unix:///${exportName}?socket=${s.socket ?? ''}`;
+  return exportUri(s, exportName);
 }
 async function dirtyMap(job: JobInfo, target: string): Promise<Extent[]> {
   const { stdout } = await runTool('nbdinfo', ['--json', `--map=qemu:dirty-bitmap:backup-${target}`, uri(job, target)]);
@@ -78,7 +78,7 @@ describe('pull backups (real QEMU)', () => {
 
   test('full pull with a checkpoint: the export stays frozen while the guest writes', async () => {
     const ref = await reference('ref1.raw');
-    const job = await env.qb.backups.begin('vm', { backupXml: "<domainbackup mode='pull'/>", checkpointName: 'p1' });
+    const job = await env.qb.backups.begin('vm', { mode: 'pull' }, { checkpoint: { name: 'p1' } });
     assert.equal(job.mode, 'pull');
     assert.equal(env.qb.checkpoints.info('vm', 'p1').current, true, 'the checkpoint exists from the job start');
     await guestWrite(env.qb, 'vm', 'sda', 'write -P 0x99 0 8M'); // after the job started: not in the view
@@ -97,7 +97,7 @@ describe('pull backups (real QEMU)', () => {
     await guestWrite(env.qb, 'vm', 'sda', 'write -z 1M 128k');
     await guestWrite(env.qb, 'vm', 'sda', 'discard 2M 64k');
     const ref = await reference('ref2.raw');
-    const job = await env.qb.backups.begin('vm', { backupXml: "<domainbackup mode='pull'><incremental>p1</incremental></domainbackup>", checkpointName: 'p2' });
+    const job = await env.qb.backups.begin('vm', { mode: 'pull', since: 'p1' }, { checkpoint: { name: 'p2' } });
     assert.equal(job.disks[0]?.mode, 'incremental');
     await guestWrite(env.qb, 'vm', 'sda', 'write -P 0x98 12M 64k'); // during the job: neither in the map nor the view
     const expected = clustersOf([
@@ -123,7 +123,7 @@ describe('pull backups (real QEMU)', () => {
     const out = JSON.parse(await env.cliOk(['backup-begin', 'vm', file, '--json'])) as JobInfo;
     const { stdout } = await runTool('nbdinfo', ['--size', `nbd://127.0.0.1:${port}/sda`]);
     assert.equal(Number(stdout.trim()), 16 * MiB);
-    assert.equal(out.server?.port, port);
+    assert.equal(out.server?.transport === 'tcp' ? out.server.port : undefined, port);
     await env.cliOk(['domjobabort', 'vm']);
     await assertNothingLeft();
   });
@@ -135,7 +135,7 @@ describe('pull backups (real QEMU)', () => {
     const raw = await env.cli(['backup-begin', 'vm', env.writeFile('raw.xml', "<domainbackup mode='pull'><disks><disk name='sda'><driver type='raw'/></disk></disks></domainbackup>")]);
     assert.equal(raw.code, 1);
     assert.match(raw.stderr, /scratch image must be qcow2/);
-    await env.qb.backups.begin('vm', { backupXml: "<domainbackup mode='pull'/>" });
+    await env.qb.backups.begin('vm', { mode: 'pull' });
     const second = await env.cli(['backup-begin', 'vm', env.writeFile('p.xml', "<domainbackup mode='pull'/>")]);
     assert.equal(second.code, 1);
     assert.match(second.stderr, /is running/);
@@ -156,7 +156,7 @@ describe('pull backups (real QEMU)', () => {
   });
 
   test('QEMU killed during a pull job: reported failed, scratch and socket removed', async () => {
-    const job = await env.qb.backups.begin('vm', { backupXml: "<domainbackup mode='pull'/>" });
+    const job = await env.qb.backups.begin('vm', { mode: 'pull' });
     const scratch = job.disks[0]?.targetFile ?? '';
     assert.ok(existsSync(scratch));
     const pid = env.qb.domains.info('vm').pid;
@@ -166,6 +166,6 @@ describe('pull backups (real QEMU)', () => {
     const last = await env.qb.backups.lastResult('vm');
     assert.equal(last?.state, 'failed');
     assert.ok(!existsSync(scratch));
-    assert.ok(!existsSync(job.server?.socketDir ?? '/nonexistent-dir-for-test'));
+    assert.ok(!existsSync((job.server?.transport === 'unix' ? job.server.socketDir : undefined) ?? '/nonexistent-dir-for-test'));
   });
 });

@@ -57,7 +57,7 @@ describe('push backups (real QEMU)', () => {
 
   test('full backup with a new checkpoint: one transaction, identical copy', async () => {
     sent = [];
-    const job = await qb.backups.begin('vm', { checkpointName: 'c1', targetDir: env.path('bk') });
+    const job = await qb.backups.begin('vm', { mode: 'push' }, { checkpoint: { name: 'c1' }, targetDir: env.path('bk') });
     assert.equal(job.checkpoint, 'c1');
     const transactions = sent.filter((m) => m.execute === 'transaction');
     assert.equal(transactions.length, 1, 'the job starts with one transaction');
@@ -79,7 +79,7 @@ describe('push backups (real QEMU)', () => {
     await guestWrite(qb, 'vm', 'sda', 'write -z 1M 128k'); // zeroes over data the full backup has
     await guestWrite(qb, 'vm', 'sda', 'discard 2M 64k'); // discard over data the full backup has
     await guestWrite(qb, 'vm', 'sdb', 'write -P 0x44 10M 4k');
-    const started = await qb.backups.begin('vm', { incremental: 'c1', checkpointName: 'c2', targetDir: env.path('bk') });
+    const started = await qb.backups.begin('vm', { mode: 'push', since: 'c1' }, { checkpoint: { name: 'c2' }, targetDir: env.path('bk') });
     const result = await qb.backups.wait('vm', started.id);
     assert.equal(result.state, 'completed', result.error);
     assert.deepEqual(result.disks.map((d) => d.mode), ['incremental', 'incremental']);
@@ -104,7 +104,7 @@ describe('push backups (real QEMU)', () => {
     await guestWrite(qb, 'vm', 'sdc', 'write -P 0x55 0 64k');
 
     const before = readdirSync(env.path('bk')).sort();
-    await assert.rejects(qb.backups.begin('vm', { incremental: 'c2', checkpointName: 'c3', targetDir: env.path('bk'), strict: true }), (err: unknown) => {
+    await assert.rejects(qb.backups.begin('vm', { mode: 'push', since: 'c2' }, { checkpoint: { name: 'c3' }, targetDir: env.path('bk'), strict: true }), (err: unknown) => {
       assert.ok(isQbackupError(err));
       assert.match(err.message, /disk "sdb": detached-since/);
       assert.match(err.message, /disk "sdc": not-in-checkpoint/);
@@ -113,7 +113,7 @@ describe('push backups (real QEMU)', () => {
     assert.deepEqual(readdirSync(env.path('bk')).sort(), before, '--strict leaves nothing behind');
     assert.equal(qb.checkpoints.store.get('vm', 'c3'), undefined);
 
-    const started = await qb.backups.begin('vm', { incremental: 'c2', checkpointName: 'c3', targetDir: env.path('bk') });
+    const started = await qb.backups.begin('vm', { mode: 'push', since: 'c2' }, { checkpoint: { name: 'c3' }, targetDir: env.path('bk') });
     const result = await qb.backups.wait('vm', started.id);
     const byTarget = new Map(result.disks.map((d) => [d.target, d]));
     assert.equal(byTarget.get('sda')?.mode, 'incremental');
@@ -128,7 +128,7 @@ describe('push backups (real QEMU)', () => {
   });
 
   test('while a job runs the configuration is frozen; domjobabort removes its targets', async () => {
-    await qb.backups.begin('vm', { targetDir: env.path('slow'), bandwidthBytesPerSec: 1 * MiB });
+    await qb.backups.begin('vm', { mode: 'push' }, { targetDir: env.path('slow'), bandwidthBytesPerSec: 1 * MiB });
     const job = await qb.backups.info('vm');
     assert.equal(job?.state, 'running');
     const frozen = [
@@ -194,7 +194,7 @@ describe('push backups (real QEMU)', () => {
   });
 
   test('QEMU killed mid-job: the job is reported failed and its partial targets are removed', async () => {
-    await qb.backups.begin('vm', { targetDir: env.path('dead'), bandwidthBytesPerSec: 1 * MiB });
+    await qb.backups.begin('vm', { mode: 'push' }, { targetDir: env.path('dead'), bandwidthBytesPerSec: 1 * MiB });
     const pid = qb.domains.info('vm').pid;
     assert.ok(pid !== undefined);
     process.kill(pid, 'SIGKILL');

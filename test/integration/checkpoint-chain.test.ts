@@ -4,6 +4,7 @@
 // the root checkpoint, across a clean restart and offline changes — and the
 // coverage rules answer "full" with the right reason when coverage is lost.
 
+import { formatCheckpointXml } from '../../src/libvirt/checkpoint.js';
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import type { DiskCoverage } from '../../src/checkpoint/coverage.js';
@@ -90,7 +91,8 @@ describe('checkpoint chain (real QEMU)', () => {
   });
 
   test('checkpoint-dumpxml --size reports the bytes changed since the checkpoint', async () => {
-    const xml = await env.qb.checkpoints.dumpXml('vm', 'c4', { size: true, noDomain: true });
+    const spec = await env.qb.checkpoints.describe('vm', 'c4', { size: true });
+    const xml = formatCheckpointXml(spec, { includeSize: true, noDomain: true });
     const extents = await changedSince(env.qb, 'vm', 'c4', 'sda');
     assert.ok(Array.isArray(extents));
     const bytes = extents.reduce((a, e) => a + e.length, 0);

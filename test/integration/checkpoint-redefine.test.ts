@@ -3,6 +3,7 @@
 // <domaincheckpoint> documents are imported, validated against the bitmaps,
 // and "changed since T" works again exactly as before.
 
+import { formatCheckpointXml } from '../../src/libvirt/checkpoint.js';
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { TestEnv, guestWrite } from '../helpers/env.js';
@@ -27,7 +28,7 @@ describe('checkpoint redefine after metadata loss (real QEMU)', () => {
     await guestWrite(qb, 'vm', 'sda', 'write -P 2 1M 64k');
     await qb.checkpoints.create('vm', { name: 'c2' });
     await guestWrite(qb, 'vm', 'sda', 'write -P 3 2M 64k');
-    const saved = [await qb.checkpoints.dumpXml('vm', 'c1'), await qb.checkpoints.dumpXml('vm', 'c2')];
+    const saved = [formatCheckpointXml(await qb.checkpoints.describe('vm', 'c1')), formatCheckpointXml(await qb.checkpoints.describe('vm', 'c2'))];
     await qb.domains.shutdown('vm');
 
     // the metadata is lost; the images keep their bitmaps

@@ -1,12 +1,12 @@
-// Unit tests for src/backup/xml.ts, with documents modelled on libvirt's
+// Unit tests for src/libvirt/backup.ts, with documents modelled on libvirt's
 // domainbackupxml2xml test inputs and docs/formatbackup.rst.
 
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { isQbackupError } from '../../src/errors.js';
 import type { ErrorCode } from '../../src/errors.js';
-import { formatBackupXml, parseBackupXml } from '../../src/backup/xml.js';
-import type { BackupXml } from '../../src/backup/xml.js';
+import { formatBackupXml, parseBackupXml } from '../../src/libvirt/backup.js';
+import type { BackupXml } from '../../src/libvirt/backup.js';
 
 function assertCode(fn: () => unknown, code: ErrorCode, pattern?: RegExp): void {
   assert.throws(fn, (err: unknown) => {
@@ -141,7 +141,7 @@ describe('parseBackupXml', () => {
     assert.deepEqual(parseBackupXml(PULL_EXPORT), {
       mode: 'pull',
       incremental: '1525889631',
-      server: { transport: 'tcp', name: 'localhost', port: 10809 },
+      server: { transport: 'tcp', name: 'localhost', port: 10809, tls: true },
       disks: [
         { name: 'vda', backup: true, type: 'file', exportname: 'test-vda', exportbitmap: 'blah', driverType: 'qcow2', scratch: '/path/to/file' },
         { name: 'vdb', backup: true, type: 'block', driverType: 'qcow2', scratch: '/dev/block' },
@@ -277,7 +277,7 @@ describe('formatBackupXml', () => {
       [
         '<domainbackup mode="pull">',
         '  <incremental>1525889631</incremental>',
-        '  <server transport="tcp" name="localhost" port="10809"/>',
+        '  <server transport="tcp" name="localhost" port="10809" tls="yes"/>',
         '  <disks>',
         '    <disk name="vda" backup="yes" type="file" exportname="test-vda" exportbitmap="blah">',
         '      <driver type="qcow2"/>',

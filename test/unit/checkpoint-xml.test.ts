@@ -1,13 +1,13 @@
-// Unit tests for src/checkpoint/xml.ts, with documents modelled on libvirt's
+// Unit tests for src/libvirt/checkpoint.ts, with documents modelled on libvirt's
 // qemudomaincheckpointxml2xml test data and docs/formatcheckpoint.rst.
 
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { isQbackupError } from '../../src/errors.js';
 import type { ErrorCode } from '../../src/errors.js';
-import { formatCheckpointXml, parseCheckpointXml } from '../../src/checkpoint/xml.js';
-import type { CheckpointXml } from '../../src/checkpoint/xml.js';
-import { parseDomainXml } from '../../src/domain/xml.js';
+import { formatCheckpointXml, parseCheckpointXml } from '../../src/libvirt/checkpoint.js';
+import type { CheckpointSpec as CheckpointXml } from '../../src/checkpoint/spec.js';
+import { parseDomainXml } from '../../src/libvirt/domain.js';
 
 function assertCode(fn: () => unknown, code: ErrorCode, pattern?: RegExp): void {
   assert.throws(fn, (err: unknown) => {

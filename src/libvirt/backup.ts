@@ -16,13 +16,19 @@
 // - Malformed documents raise INVALID_XML; invalid values handed to
 //   formatBackupXml raise INVALID_ARGUMENT. formatBackupXml's output parses
 //   back to an equal BackupXml.
-// Not modelled (dropped on parse): tls, <encryption>/<seclabel> inside
-// target/scratch, the output-only state attribute, <privateData>.
+// - <encryption> inside a target or scratch is refused (NOT_SUPPORTED), never
+//   dropped; tls='yes' is parsed and refused by the backup service until
+//   qbackup serves TLS.
+// Not modelled (dropped on parse): <seclabel> inside target/scratch,
+// <privateData>.
+//
+// backupSpecFromXml maps a document onto the core's BackupSpec and
+// formatJobXml shows a running job as a document (backup-dumpxml).
 
 import type { Element } from '@xmldom/xmldom';
 import { QbackupError } from '../errors.js';
 import type { ErrorCode } from '../errors.js';
-import { assertCheckpointName } from '../checkpoint/xml.js';
+import { assertCheckpointName } from '../checkpoint/spec.js';
 import {
   appendElement,
   attr,
@@ -33,7 +39,9 @@ import {
   parseXmlDocument,
   serializeIndented,
   textOf,
-} from '../domain/xml.js';
+} from './xml.js';
+import type { JobInfo } from '../backup/job.js';
+import type { BackupDiskSpec, BackupSpec } from '../backup/spec.js';
 
 export type BackupMode = 'push' | 'pull';
 export type BackupDiskMode = 'full' | 'incremental';
@@ -49,6 +57,8 @@ export interface BackupServer {
   port?: number;
   /** Absolute path of the listening UNIX socket (unix only, required). */
   socket?: string;
+  /** tls='yes'|'no' (tcp only). */
+  tls?: boolean;
 }
 
 /** One <disks><disk> entry. */
@@ -191,11 +201,19 @@ function parseServer(el: Element, c: Checker): BackupServer {
   }
   const socket = attr(el, 'socket');
   if (socket !== undefined) server.socket = socket;
+  const tls = attr(el, 'tls');
+  if (tls !== undefined) {
+    if (tls !== 'yes' && tls !== 'no') c.fail(`${c.what} has <server> tls='${tls}', but only 'yes' and 'no' are valid.`);
+    server.tls = tls === 'yes';
+  }
   return server;
 }
 
 /** Reads <target>/<scratch>: file=… for file storage, dev=… for block storage. */
 function parseLocation(el: Element, type: BackupStorageType, disk: string, c: Checker): string {
+  if (firstChild(el, 'encryption') !== undefined) {
+    throw new QbackupError('NOT_SUPPORTED', `${disk} asks for an encrypted <${el.tagName}>, which qbackup does not support yet (refusing rather than writing it unencrypted).`);
+  }
   const key = type === 'block' ? 'dev' : 'file';
   const value = attr(el, key);
   if (value === undefined || value === '') c.fail(`${disk} has a <${el.tagName}> without ${key}=… for its ${type} storage.`);
@@ -308,6 +326,7 @@ export function formatBackupXml(b: BackupXml): string {
     if (b.server.name !== undefined) s.setAttribute('name', b.server.name);
     if (b.server.port !== undefined) s.setAttribute('port', String(b.server.port));
     if (b.server.socket !== undefined) s.setAttribute('socket', b.server.socket);
+    if (b.server.tls !== undefined) s.setAttribute('tls', b.server.tls ? 'yes' : 'no');
   }
 
   if (b.disks !== undefined) {
@@ -330,4 +349,59 @@ export function formatBackupXml(b: BackupXml): string {
     }
   }
   return serializeIndented(root);
+}
+
+/** Parses a `<domainbackup>` document into the core's BackupSpec. */
+export function parseBackupSpec(xml: string): BackupSpec {
+  return backupSpecFromXml(parseBackupXml(xml));
+}
+
+/** The core's view of a parsed document: only disks that take part, libvirt's defaults applied. */
+export function backupSpecFromXml(b: BackupXml): BackupSpec {
+  const spec: BackupSpec = { mode: b.mode };
+  if (b.incremental !== undefined) spec.since = b.incremental;
+  const s = b.server;
+  if (s !== undefined) {
+    spec.server =
+      s.transport === 'unix'
+        ? { transport: 'unix', socket: s.socket ?? '' }
+        : { transport: 'tcp', host: s.name ?? '', port: s.port ?? 0, tls: s.tls ?? false };
+  }
+  if (b.disks !== undefined) {
+    spec.disks = b.disks.filter((d) => d.backup).map((d) => {
+      const disk: BackupDiskSpec = { target: d.name };
+      if (d.backupmode !== undefined) disk.mode = d.backupmode;
+      if (d.incremental !== undefined) disk.since = d.incremental;
+      if (d.driverType !== undefined) disk.format = d.driverType;
+      if (d.target !== undefined) disk.targetFile = d.target;
+      if (d.scratch !== undefined) disk.scratchFile = d.scratch;
+      if (d.exportname !== undefined) disk.exportName = d.exportname;
+      if (d.exportbitmap !== undefined) disk.exportBitmap = d.exportbitmap;
+      return disk;
+    });
+  }
+  return spec;
+}
+
+/** A running (or finished) job as a `<domainbackup>` document, with each disk's state, as libvirt shows it. */
+export function formatJobXml(job: JobInfo): string {
+  const s = job.server;
+  const doc: BackupXml = { mode: job.mode };
+  if (job.incremental !== undefined) doc.incremental = job.incremental;
+  if (s !== undefined) {
+    doc.server = s.transport === 'tcp' ? { transport: 'tcp', name: s.host, port: s.port, ...(s.tls ? { tls: true } : {}) } : { transport: 'unix', socket: s.socket };
+  }
+  doc.disks = job.disks.map((d): BackupDiskXml => {
+    const disk: BackupDiskXml = { name: d.target, backup: true, backupmode: d.mode, state: d.state === 'completed' ? 'complete' : d.state, type: 'file', driverType: d.targetFormat };
+    if (d.mode === 'incremental' && d.incremental !== undefined) disk.incremental = d.incremental;
+    if (job.mode === 'push') {
+      disk.target = d.targetFile;
+    } else {
+      disk.scratch = d.targetFile;
+      disk.exportname = d.pull?.exportName ?? d.target;
+      if (d.tmpBitmap !== undefined) disk.exportbitmap = d.tmpBitmap;
+    }
+    return disk;
+  });
+  return formatBackupXml(doc);
 }

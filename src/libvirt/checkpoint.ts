@@ -1,19 +1,20 @@
 // Reading and writing libvirt <domaincheckpoint> documents
 // (https://libvirt.org/formatcheckpoint.html).
 //
+// Parses into and formats from CheckpointSpec (src/checkpoint/spec.ts).
+//
 // Invariants:
-// - Checkpoint names (own and parent) match CHECKPOINT_NAME_PATTERN, so they
-//   are safe as file names and QEMU bitmap names; violations are INVALID_NAME.
+// - Checkpoint names (own and parent) are checked with assertCheckpointName.
 // - `disks` undefined means the document had no <disks> element (all disks
 //   participate); an empty array means an explicit empty <disks/>.
 // - A disk without a checkpoint attribute is 'bitmap' (libvirt's default);
 //   `bitmap` is only allowed with checkpoint='bitmap'; disk names are unique.
 // - `domainXml` is the <domain> child serialized verbatim; it is not
-//   interpreted here (see src/domain/xml.ts for that).
+//   interpreted here (see ./domain.ts for that).
 // - formatCheckpointXml writes libvirt's element order: name, description,
 //   parent/name, creationTime, disks, domain; two-space indentation; the
 //   embedded <domain> is re-indented to fit. Its output parses back to an
-//   equal CheckpointXml (minus domain/size when the options leave them out).
+//   equal CheckpointSpec (minus domain/size when the options leave them out).
 // - Malformed documents raise INVALID_XML; invalid values handed to
 //   formatCheckpointXml raise INVALID_ARGUMENT (INVALID_NAME for names).
 
@@ -31,51 +32,14 @@ import {
   parseXmlDocument,
   serializeIndented,
   textOf,
-} from '../domain/xml.js';
-
-export type CheckpointDiskType = 'bitmap' | 'no';
-
-export interface CheckpointDiskSpec {
-  /** <disk name=…>: the disk's target dev, e.g. "vda". */
-  name: string;
-  /** <disk checkpoint=…>: 'bitmap' (the default) or 'no'. */
-  checkpoint: CheckpointDiskType;
-  /** <disk bitmap=…>: the tracking bitmap's name; only with checkpoint='bitmap'. */
-  bitmap?: string;
-  /** <disk size=…>: estimated bytes changed since the checkpoint (output only). */
-  size?: number;
-}
-
-export interface CheckpointXml {
-  name?: string;
-  description?: string;
-  /** <parent><name>…</name></parent>. */
-  parent?: string;
-  /** <creationTime>: seconds since the Unix epoch. */
-  creationTime?: number;
-  disks?: CheckpointDiskSpec[];
-  /** The <domain> child, serialized verbatim. */
-  domainXml?: string;
-}
+} from './xml.js';
+import { assertCheckpointName, type CheckpointDiskSpec, type CheckpointSpec } from '../checkpoint/spec.js';
 
 export interface FormatCheckpointOptions {
   /** Leave out <domain> (libvirt's VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN). */
   noDomain?: boolean;
   /** Write the disks' size attribute (libvirt's VIR_DOMAIN_CHECKPOINT_XML_SIZE). */
   includeSize?: boolean;
-}
-
-/** Valid checkpoint names: usable as file names, no leading dot. */
-export const CHECKPOINT_NAME_PATTERN = /^[a-zA-Z0-9_-][a-zA-Z0-9_.-]*$/;
-
-/** Throws INVALID_NAME unless `name` matches CHECKPOINT_NAME_PATTERN. `what` starts the message. */
-export function assertCheckpointName(name: string, what = 'Checkpoint name'): void {
-  if (!CHECKPOINT_NAME_PATTERN.test(name)) {
-    throw new QbackupError(
-      'INVALID_NAME',
-      `${what} ${JSON.stringify(name)} is invalid: use letters, digits, "_", "-" and "." (but no leading ".").`,
-    );
-  }
 }
 
 function label(name: string | undefined): string {
@@ -115,9 +79,9 @@ function lower(text: string): string {
 }
 
 /** Parses a libvirt `<domaincheckpoint>` document. */
-export function parseCheckpointXml(xml: string): CheckpointXml {
+export function parseCheckpointXml(xml: string): CheckpointSpec {
   const root = parseXmlDocument(xml, 'checkpoint XML', 'domaincheckpoint');
-  const cp: CheckpointXml = {};
+  const cp: CheckpointSpec = {};
 
   const nameEl = firstChild(root, 'name');
   if (nameEl !== undefined) {
@@ -170,7 +134,7 @@ export function parseCheckpointXml(xml: string): CheckpointXml {
   return cp;
 }
 
-function validateForFormat(cp: CheckpointXml): void {
+function validateForFormat(cp: CheckpointSpec): void {
   if (cp.name !== undefined) assertCheckpointName(cp.name);
   const what = label(cp.name);
   if (cp.parent !== undefined) assertCheckpointName(cp.parent, `Parent checkpoint name of ${lower(what)}`);
@@ -199,7 +163,7 @@ function validateForFormat(cp: CheckpointXml): void {
  * `noDomain` leaves out the embedded `<domain>`; disk sizes are only written
  * with `includeSize`.
  */
-export function formatCheckpointXml(cp: CheckpointXml, options: FormatCheckpointOptions = {}): string {
+export function formatCheckpointXml(cp: CheckpointSpec, options: FormatCheckpointOptions = {}): string {
   validateForFormat(cp);
   const root = newXmlDocument('domaincheckpoint');
 

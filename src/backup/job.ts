@@ -1,0 +1,131 @@
+// A backup job as recorded in the metadata and shown to callers: what was
+// planned for each disk and how far it got. The record is written before QEMU
+// is told anything and kept current as the job moves, so another process can
+// finish or clean up a job whose owner died (see service.ts).
+
+import { QbackupError } from '../errors.js';
+import type { CoverageProblem } from '../checkpoint/coverage.js';
+import type { CreateIntent } from '../checkpoint/service.js';
+import type { BackupMode, BackupTargetFormat } from './spec.js';
+
+export type DiskJobState = 'running' | 'completed' | 'failed' | 'cancelled';
+export type JobState = 'running' | 'completed' | 'failed' | 'aborted';
+
+/** Where a pull job's exports are served. */
+export type NbdServer =
+  | {
+      transport: 'unix';
+      socket: string;
+      /** A directory qbackup made for the socket (mode 0700), removed with the job. */
+      socketDir?: string;
+    }
+  | { transport: 'tcp'; host: string; port: number; tls: boolean };
+
+/** Pull mode only: the fleecing filter, the frozen view and its export. */
+export interface PullNodes {
+  cbwNode: string;
+  snapNode: string;
+  exportName: string;
+  exportId: string;
+}
+
+export interface JobDisk {
+  target: string;
+  diskId: string;
+  mode: 'full' | 'incremental';
+  incremental?: string;
+  /** Why a disk asked for incrementally got a full backup. */
+  fullReasons?: CoverageProblem[];
+  /** The checkpoint bitmaps merged into `tmpBitmap` (incremental disks). */
+  bitmaps?: string[];
+  tmpBitmap?: string;
+  /** Push: the backup file. Pull: the scratch image. */
+  targetFile: string;
+  targetFormat: BackupTargetFormat;
+  createdTarget: boolean;
+  /** Backing file of an incremental target, or why there is none. */
+  backingFile?: string;
+  backingNote?: string;
+  qemuJobId: string;
+  /** Push: the target's nodes. Pull: the scratch image's nodes. */
+  targetNodes: { file: string; format: string };
+  pull?: PullNodes;
+  state: DiskJobState;
+  error?: string;
+  bytesDone?: number;
+  bytesTotal?: number;
+  /** Disk size when the job started (the push target's or scratch image's size). */
+  virtualSize?: number;
+}
+
+export interface JobInfo {
+  id: string;
+  domain: string;
+  mode: BackupMode;
+  state: JobState;
+  checkpoint?: string;
+  incremental?: string;
+  startedMs: number;
+  endedMs?: number;
+  bytesDone: number;
+  bytesTotal: number;
+  error?: string;
+  /** Errors met while removing the job's nodes, bitmaps and files (the job's outcome stands). */
+  teardownErrors?: string[];
+  /** Pull mode: where the exports are served. */
+  server?: NbdServer;
+  disks: JobDisk[];
+}
+
+/** What the metadata keeps for an active job. */
+export interface JobPayload {
+  info: JobInfo;
+  /** The checkpoint created with the job, committed once QEMU accepted the transaction. */
+  checkpointPlan?: CreateIntent;
+}
+
+/** Parses a stored payload; a damaged one is reported, not trusted. */
+export function parseJobPayload(text: string, domain: string): JobPayload {
+  const value = parseJson(text, domain);
+  const info = (value as { info?: unknown }).info;
+  if (!isJobInfo(info)) throw damaged(domain);
+  return value as JobPayload;
+}
+
+/** Parses a stored job result. */
+export function parseJobInfo(text: string, domain: string): JobInfo {
+  const value = parseJson(text, domain);
+  if (!isJobInfo(value)) throw damaged(domain);
+  return value;
+}
+
+function parseJson(text: string, domain: string): object {
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch (err) {
+    throw damaged(domain, err);
+  }
+  if (typeof value !== 'object' || value === null) throw damaged(domain);
+  return value;
+}
+
+function isJobInfo(v: unknown): v is JobInfo {
+  if (typeof v !== 'object' || v === null) return false;
+  const o = v as Record<string, unknown>;
+  return typeof o['id'] === 'string' && typeof o['domain'] === 'string' && (o['mode'] === 'push' || o['mode'] === 'pull') && Array.isArray(o['disks']);
+}
+
+function damaged(domain: string, cause?: unknown): QbackupError {
+  return new QbackupError('METADATA_INCONSISTENT', `Cannot read the backup job record of domain "${domain}": it is damaged`, cause === undefined ? {} : { cause });
+}
+
+/** The NBD URI of one export of a pull job's server (nbd+unix:// or nbd://), as nbdinfo and qemu-img take it. */
+export function exportUri(server: NbdServer, exportName: string): string {
+  return server.transport === 'tcp' ? `nbd://${server.host}:${server.port}/${exportName}` : `nbd+unix:///${exportName}?socket=${server.socket}`;
+}
+
+/** Where our NBD client connects to reach a pull job's server. */
+export function serverAddress(server: NbdServer): { host: string; port: number } | { socket: string } {
+  return server.transport === 'tcp' ? { host: server.host, port: server.port } : { socket: server.socket };
+}
