@@ -1,7 +1,32 @@
-// Public library API of qbackup.
+// Public library API of qbackup: the entry point, its services, the typed
+// specs callers pass in and the results they get back, the error tree, and
+// the libvirt XML layer for applications that speak libvirt's formats.
 export { Qbackup, type QbackupOptions } from './qbackup.js';
-export { QbackupError, isQbackupError, type ErrorCode } from './errors.js';
+export { QbackupError, isQbackupError, describeError, type ErrorCode } from './errors.js';
+
+// domains
 export * from './domain/service.js';
 export type { DomainDefinition, DiskDefinition, DiskBus, DiskFormat } from './domain/types.js';
+
+// checkpoints
+export { CheckpointService, type CheckpointInfo, type DeleteOptions, type ListFilters } from './checkpoint/service.js';
+export { CHECKPOINT_NAME_PATTERN, assertCheckpointName, type CheckpointSpec, type CheckpointDiskSpec, type CheckpointDiskType } from './checkpoint/spec.js';
+export type { DiskCoverage, CoverageProblem, CoverageReason } from './checkpoint/coverage.js';
+
+// backup jobs
+export { BackupService, type BackupBeginOptions } from './backup/service.js';
+export { validateBackupSpec, type BackupSpec, type BackupDiskSpec, type BackupMode, type BackupDiskMode, type BackupTargetFormat, type NbdServerSpec } from './backup/spec.js';
+export { exportUri, type JobInfo, type JobDisk, type JobState, type DiskJobState, type NbdServer } from './backup/job.js';
+
+// the repository
+export { RepositoryService, type Progress, type RepoBackupOptions, type RestoreOptions, type RestoredDisk, type VerifyProblem, type VerifyReport } from './repository/service.js';
+export type { Manifest, ManifestDisk } from './repository/repo.js';
+
+// libvirt XML at the edge
 export { parseDomainXml, formatDomainXml } from './libvirt/domain.js';
+export { parseCheckpointXml, formatCheckpointXml, type FormatCheckpointOptions } from './libvirt/checkpoint.js';
+export { parseBackupXml, formatBackupXml, parseBackupSpec, backupSpecFromXml, formatJobXml, type BackupXml } from './libvirt/backup.js';
+
+// protocol clients
 export { QmpClient } from './qmp/index.js';
+export { NbdClient } from './nbd/index.js';

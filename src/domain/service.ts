@@ -14,21 +14,22 @@
 //   (same real path) reuses the id, another image under the same target gets a
 //   new one.
 
-import { assert } from '../util/assert.js';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, realpathSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
+import { formatDomainXml, parseDomainXml } from '../libvirt/domain.js';
 import { imageInfo } from '../qemu/image.js';
-import { ROOT_PORT_COUNT, blockdevSpecs, deviceSpec, nodeNamesFor, qemuIoDevicePath, rootPortId } from '../qemu/nodes.js';
+import { hotplugDisk, unplugDisk } from '../qemu/devices.js';
+import { nodeNamesFor, qemuIoDevicePath } from '../qemu/nodes.js';
 import { killProcess, launchQemu, waitForExit } from '../qemu/process.js';
 import { QmpClient } from '../qmp/index.js';
 import type { DomainRow, DomainStore, RuntimeRow } from '../store/domains.js';
 import { acquireDomainLock } from '../store/lock.js';
+import { assert } from '../util/assert.js';
 import { isProcessAlive } from '../util/proc.js';
 import { assertDomainName, assertTargetName, busForTarget } from './names.js';
 import type { DiskBus, DiskDefinition, DiskFormat, DomainDefinition } from './types.js';
-import { formatDomainXml, parseDomainXml } from '../libvirt/domain.js';
 
 export type DomainState = 'running' | 'shut off' | 'crashed';
 
@@ -333,13 +334,13 @@ export class DomainService {
         ...(request.serial !== undefined ? { serial: request.serial } : {}),
       };
       const [checked] = await this.checkImages(name, [def], ctx.disks);
-      if (checked === undefined) throw new Error('unreachable');
+      assert(checked !== undefined, 'checkImages returns one entry per disk');
       const existingRow = this.store.diskBySource(name, checked.resolved);
       const diskId = existingRow?.id ?? newDiskId();
       const disk: AttachedDisk = { ...def, diskId };
       if (ctx.running) {
         await this.withQmp(ctx, 'attach-disk', async (qmp) => {
-          await hotplug(qmp, disk);
+          await hotplugDisk(qmp, disk);
           this.commitAttach(ctx, { def, resolved: checked.resolved }, diskId, true);
           if (this.hooks.afterAttach !== undefined) {
             await this.hooks.afterAttach(this.reloadContext(ctx), disk, qmp);
@@ -359,7 +360,7 @@ export class DomainService {
       const disk = ctx.disks.find((d) => d.target === target);
       if (disk === undefined) throw new QbackupError('DISK_NOT_FOUND', `Domain "${name}" has no disk "${target}"`);
       if (ctx.running) {
-        await this.withQmp(ctx, 'detach-disk', (qmp) => unplug(qmp, name, disk, this.options.detachTimeoutMs ?? 10_000));
+        await this.withQmp(ctx, 'detach-disk', (qmp) => unplugDisk(qmp, name, disk, this.options.detachTimeoutMs ?? 10_000));
       }
       const def = { ...ctx.definition, disks: ctx.definition.disks.filter((d) => d.target !== target) };
       this.store.transaction(() => {
@@ -578,63 +579,6 @@ export class DomainService {
     this.store.upsertDisk({ ...row, attached: 0 });
     this.store.recordDiskEvent(disk.diskId, 'detach', disk.target, live);
   }
-}
-
-// ---- QEMU steps of hotplug ----------------------------------------------------
-
-async function hotplug(qmp: QmpClient, disk: AttachedDisk): Promise<void> {
-  const [fileSpec, formatSpec] = blockdevSpecs(disk);
-  const names = nodeNamesFor(disk.diskId);
-  await qmp.execute('blockdev-add', fileSpec);
-  try {
-    await qmp.execute('blockdev-add', formatSpec);
-    try {
-      const port = disk.bus === 'virtio' ? await freeRootPort(qmp) : undefined;
-      await qmp.execute('device_add', deviceSpec(disk, port));
-    } catch (err) {
-      await qmp.execute('blockdev-del', { 'node-name': names.format }).catch(() => undefined);
-      throw err;
-    }
-  } catch (err) {
-    await qmp.execute('blockdev-del', { 'node-name': names.file }).catch(() => undefined);
-    throw err;
-  }
-}
-
-async function unplug(qmp: QmpClient, domain: string, disk: AttachedDisk, timeoutMs: number): Promise<void> {
-  const cursor = qmp.eventCursor();
-  await qmp.execute('device_del', { id: disk.target });
-  try {
-    await qmp.waitForEvent('DEVICE_DELETED', (e) => e.data['device'] === disk.target, timeoutMs, cursor);
-  } catch (err) {
-    if (!isQbackupError(err, 'QMP_TIMEOUT')) throw err;
-    const hint = disk.bus === 'virtio' ? ': virtio disks are released only by a guest OS that answers the unplug request' : '';
-    throw new QbackupError('QMP_TIMEOUT', `Cannot detach disk "${disk.target}" of domain "${domain}": the guest did not release it within ${timeoutMs} ms${hint}`, {
-      cause: err,
-    });
-  }
-  const names = nodeNamesFor(disk.diskId);
-  await qmp.execute('blockdev-del', { 'node-name': names.format });
-  await qmp.execute('blockdev-del', { 'node-name': names.file });
-}
-
-interface PciDevice {
-  qdev_id?: string;
-  pci_bridge?: { devices?: PciDevice[] };
-}
-
-async function freeRootPort(qmp: QmpClient): Promise<string> {
-  const buses = (await qmp.execute('query-pci')) as Array<{ devices: PciDevice[] }>;
-  const used = new Map<string, number>();
-  for (const bus of buses) {
-    for (const dev of bus.devices) {
-      if (dev.qdev_id !== undefined && dev.pci_bridge !== undefined) used.set(dev.qdev_id, dev.pci_bridge.devices?.length ?? 0);
-    }
-  }
-  for (let i = 0; i < ROOT_PORT_COUNT; i++) {
-    if (used.get(rootPortId(i)) === 0) return rootPortId(i);
-  }
-  throw new QbackupError('NOT_SUPPORTED', `No free PCIe root port for another virtio disk (at most ${ROOT_PORT_COUNT})`);
 }
 
 // ---- small helpers -------------------------------------------------------------

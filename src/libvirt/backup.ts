@@ -119,64 +119,71 @@ function validate(b: BackupXml, c: Checker): void {
   const what = c.what;
   if (b.mode !== 'push' && b.mode !== 'pull') c.fail(`${what} has an invalid mode.`);
   if (b.incremental !== undefined) assertCheckpointName(b.incremental, `Incremental checkpoint name of ${lower(what)}`);
-
-  const s = b.server;
-  if (s !== undefined) {
+  if (b.server !== undefined) {
     if (b.mode !== 'pull') c.fail(`${what} is a push-mode backup but has a <server>, which only pull mode uses.`);
-    if (s.transport === 'tcp') {
-      if (s.name === undefined || s.name === '') c.fail(`${what} has a tcp <server> without a name.`);
-      if (s.port === undefined) c.fail(`${what} has a tcp <server> without a port.`);
-      if (!Number.isInteger(s.port) || s.port < 1 || s.port > 65535) {
-        c.fail(`${what} has an invalid <server> port ${s.port}: expected 1 to 65535.`);
-      }
-      if (s.socket !== undefined) c.fail(`${what} has a tcp <server> with a socket, which only unix transport uses.`);
-    } else if (s.transport === 'unix') {
-      if (s.socket === undefined || s.socket === '') c.fail(`${what} has a unix <server> without a socket.`);
-      if (!isAbsolute(s.socket)) c.fail(`${what} has a relative <server> socket path '${s.socket}'; it must be absolute.`);
-      if (s.name !== undefined || s.port !== undefined) {
-        c.fail(`${what} has a unix <server> with a name or port, which only tcp transport uses.`);
-      }
-    } else {
-      c.fail(`${what} has an invalid <server> transport.`);
-    }
+    validateServer(b.server, c);
   }
-
   const seen = new Set<string>();
   for (const d of b.disks ?? []) {
     if (d.name === '') c.fail(`${what} has a <disk> without a name.`);
     if (seen.has(d.name)) c.fail(`${what} lists disk ${d.name} more than once.`);
     seen.add(d.name);
-    const disk = `Disk ${d.name} of ${lower(what)}`;
-    if (!d.backup) {
-      const extra = Object.keys(d).filter((k) => k !== 'name' && k !== 'backup');
-      if (extra.length > 0) c.fail(`${disk} is excluded with backup='no' but also sets ${extra.join(', ')}.`);
-      continue;
+    validateDisk(d, b.mode, c);
+  }
+}
+
+function validateServer(s: BackupServer, c: Checker): void {
+  const what = c.what;
+  if (s.transport === 'tcp') {
+    if (s.name === undefined || s.name === '') c.fail(`${what} has a tcp <server> without a name.`);
+    if (s.port === undefined) c.fail(`${what} has a tcp <server> without a port.`);
+    if (!Number.isInteger(s.port) || s.port < 1 || s.port > 65535) {
+      c.fail(`${what} has an invalid <server> port ${s.port}: expected 1 to 65535.`);
     }
-    if (d.backupmode !== undefined && d.backupmode !== 'full' && d.backupmode !== 'incremental') {
-      c.fail(`${disk} has an invalid backupmode.`);
+    if (s.socket !== undefined) c.fail(`${what} has a tcp <server> with a socket, which only unix transport uses.`);
+  } else if (s.transport === 'unix') {
+    if (s.socket === undefined || s.socket === '') c.fail(`${what} has a unix <server> without a socket.`);
+    if (!isAbsolute(s.socket)) c.fail(`${what} has a relative <server> socket path '${s.socket}'; it must be absolute.`);
+    if (s.name !== undefined || s.port !== undefined) {
+      c.fail(`${what} has a unix <server> with a name or port, which only tcp transport uses.`);
     }
-    if (d.incremental !== undefined) {
-      assertCheckpointName(d.incremental, `Incremental checkpoint name of ${lower(disk)}`);
-      if (d.backupmode === 'full') c.fail(`${disk} has backupmode='full' but also an incremental checkpoint.`);
+  } else {
+    c.fail(`${what} has an invalid <server> transport.`);
+  }
+}
+
+function validateDisk(d: BackupDiskXml, mode: BackupMode, c: Checker): void {
+  const what = c.what;
+  const disk = `Disk ${d.name} of ${lower(what)}`;
+  if (!d.backup) {
+    const extra = Object.keys(d).filter((k) => k !== 'name' && k !== 'backup');
+    if (extra.length > 0) c.fail(`${disk} is excluded with backup='no' but also sets ${extra.join(', ')}.`);
+    return;
+  }
+  if (d.backupmode !== undefined && d.backupmode !== 'full' && d.backupmode !== 'incremental') {
+    c.fail(`${disk} has an invalid backupmode.`);
+  }
+  if (d.incremental !== undefined) {
+    assertCheckpointName(d.incremental, `Incremental checkpoint name of ${lower(disk)}`);
+    if (d.backupmode === 'full') c.fail(`${disk} has backupmode='full' but also an incremental checkpoint.`);
+  }
+  if (d.type !== undefined && d.type !== 'file' && d.type !== 'block') c.fail(`${disk} has an invalid type.`);
+  if (d.driverType !== undefined && d.driverType !== 'qcow2' && d.driverType !== 'raw') {
+    c.fail(`${disk} has an invalid driver type.`);
+  }
+  if (mode === 'push') {
+    if (d.scratch !== undefined) c.fail(`${disk} has a <scratch>, which only pull-mode backups use.`);
+    if (d.exportname !== undefined || d.exportbitmap !== undefined) {
+      c.fail(`${disk} sets exportname or exportbitmap, which only pull-mode backups use.`);
     }
-    if (d.type !== undefined && d.type !== 'file' && d.type !== 'block') c.fail(`${disk} has an invalid type.`);
-    if (d.driverType !== undefined && d.driverType !== 'qcow2' && d.driverType !== 'raw') {
-      c.fail(`${disk} has an invalid driver type.`);
-    }
-    if (b.mode === 'push') {
-      if (d.scratch !== undefined) c.fail(`${disk} has a <scratch>, which only pull-mode backups use.`);
-      if (d.exportname !== undefined || d.exportbitmap !== undefined) {
-        c.fail(`${disk} sets exportname or exportbitmap, which only pull-mode backups use.`);
-      }
-    } else if (d.target !== undefined) {
-      c.fail(`${disk} has a <target>, which only push-mode backups use.`);
-    }
-    if (d.exportname === '') c.fail(`${disk} has an empty exportname.`);
-    if (d.exportbitmap === '') c.fail(`${disk} has an empty exportbitmap.`);
-    for (const [elName, path] of [['target', d.target], ['scratch', d.scratch]] as const) {
-      if (path !== undefined && !isAbsolute(path)) {
-        c.fail(`${disk} has a relative <${elName}> path '${path}'; it must be absolute.`);
-      }
+  } else if (d.target !== undefined) {
+    c.fail(`${disk} has a <target>, which only push-mode backups use.`);
+  }
+  if (d.exportname === '') c.fail(`${disk} has an empty exportname.`);
+  if (d.exportbitmap === '') c.fail(`${disk} has an empty exportbitmap.`);
+  for (const [elName, path] of [['target', d.target], ['scratch', d.scratch]] as const) {
+    if (path !== undefined && !isAbsolute(path)) {
+      c.fail(`${disk} has a relative <${elName}> path '${path}'; it must be absolute.`);
     }
   }
 }

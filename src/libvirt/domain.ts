@@ -12,7 +12,7 @@ import { randomUUID } from 'node:crypto';
 import type { Document, Element, Node } from '@xmldom/xmldom';
 import { QbackupError } from '../errors.js';
 import type { DiskBus, DiskDefinition, DiskFormat, DomainDefinition } from '../domain/types.js';
-import { appendElement, attr, childElements, docOf, firstChild, isElement, isNamed, newXmlDocument, parseUnsigned, parseXmlDocument, serializeIndented, textOf } from './xml.js';
+import { appendElement, attr, childElements, docOf, firstChild, isNamed, newXmlDocument, parseUnsigned, parseXmlDocument, serializeIndented, textOf } from './xml.js';
 // ---------------------------------------------------------------------------
 // <domain>
 // ---------------------------------------------------------------------------

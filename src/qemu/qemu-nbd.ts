@@ -8,6 +8,7 @@ import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { QbackupError } from '../errors.js';
+import { outputTail } from './tools.js';
 import { sleep } from '../util/proc.js';
 import { socketAccepts } from '../util/socket.js';
 
@@ -33,13 +34,15 @@ export async function startQemuNbd(image: string, options: { format: 'qcow2' | '
     exited = true;
     resolve();
   }));
-  child.on('error', () => undefined);
+  // A spawn failure (qemu-nbd missing) also ends in 'close'; keep its reason for the error below.
+  let spawnError: Error | undefined;
+  child.on('error', (e) => (spawnError = e));
   const deadline = Date.now() + 10_000;
   while (!(existsSync(socket) && (await socketAccepts(socket)))) {
     if (exited || Date.now() > deadline) {
       child.kill('SIGKILL');
       rmSync(dir, { recursive: true, force: true });
-      throw new QbackupError('TOOL_FAILED', `Cannot serve "${image}" with qemu-nbd: ${Buffer.concat(err).toString().trim() || 'it did not start'}`);
+      throw new QbackupError('TOOL_FAILED', `Cannot serve "${image}" with qemu-nbd: ${outputTail(err) || spawnError?.message || 'it did not start'}`);
     }
     await sleep(10);
   }

@@ -3,7 +3,7 @@
 // usually the most precise explanation a user can get.
 
 import { spawn } from 'node:child_process';
-import { QbackupError } from '../errors.js';
+import { QbackupError, type ErrorCode } from '../errors.js';
 
 export interface ToolResult {
   stdout: string;
@@ -14,6 +14,15 @@ export interface RunOptions {
   /** Human description of what is being done, used in error messages. */
   what?: string;
   timeoutMs?: number;
+  /** Streams stdout to this callback instead of collecting it (ToolResult.stdout is then empty). */
+  onStdout?: (chunk: Buffer) => void;
+  /** The code of the error when the tool fails (default TOOL_FAILED). */
+  errorCode?: ErrorCode;
+}
+
+/** The last lines of a tool's error output, as one line: usually its most precise explanation. */
+export function outputTail(chunks: readonly Buffer[], lines = 3): string {
+  return Buffer.concat(chunks).toString('utf8').trim().split('\n').slice(-lines).join(' ').trim();
 }
 
 export function runTool(command: string, args: readonly string[], options: RunOptions = {}): Promise<ToolResult> {
@@ -21,7 +30,8 @@ export function runTool(command: string, args: readonly string[], options: RunOp
     const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     const out: Buffer[] = [];
     const err: Buffer[] = [];
-    child.stdout.on('data', (b: Buffer) => out.push(b));
+    const onStdout = options.onStdout;
+    child.stdout.on('data', onStdout !== undefined ? onStdout : (b: Buffer) => out.push(b));
     child.stderr.on('data', (b: Buffer) => err.push(b));
     let timer: NodeJS.Timeout | undefined;
     if (options.timeoutMs !== undefined) {
@@ -39,10 +49,10 @@ export function runTool(command: string, args: readonly string[], options: RunOp
         resolve({ stdout, stderr });
         return;
       }
-      const text = (stderr.trim() || stdout.trim()).split('\n').slice(-3).join(' ').trim();
+      const text = outputTail(err) || outputTail(out);
       const how = signal !== null ? `was killed by ${signal}` : `exited with status ${code ?? '?'}`;
       reject(
-        new QbackupError('TOOL_FAILED', `${options.what ?? `"${command} ${args.join(' ')}"`} failed: ${text || `${command} ${how}`}`, {
+        new QbackupError(options.errorCode ?? 'TOOL_FAILED', `${options.what ?? `"${command} ${args.join(' ')}"`} failed: ${text || `${command} ${how}`}`, {
           details: { command, args, code, signal, stderr },
         }),
       );

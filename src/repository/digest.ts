@@ -4,9 +4,8 @@
 // order, either the SHA-256 of the block or, for an all-zero block, a fixed
 // marker; so sparse disks hash fast and any changed byte changes the digest.
 
-import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { QbackupError } from '../errors.js';
+import { runTool } from '../qemu/tools.js';
 
 export const DIGEST_BLOCK_BYTES = 1 << 20;
 const ZERO_MARKER = Buffer.from('qbackup-zero-block');
@@ -53,20 +52,14 @@ export class ContentDigest {
  */
 export async function imageDigest(file: string, format: 'qcow2' | 'raw', onBytes?: (bytes: number) => void): Promise<{ digest: string; bytes: number }> {
   const d = new ContentDigest();
-  await new Promise<void>((resolve, reject) => {
-    const args = ['--', '[', 'qemu-nbd', '--read-only', '--format', format, file, ']', '-'];
-    const child = spawn('nbdcopy', args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    const err: Buffer[] = [];
-    child.stdout.on('data', (b: Buffer) => {
+  const args = ['--', '[', 'qemu-nbd', '--read-only', '--format', format, file, ']', '-'];
+  await runTool('nbdcopy', args, {
+    what: `Reading "${file}"`,
+    errorCode: 'IMAGE_ERROR',
+    onStdout: (b) => {
       d.update(b);
       onBytes?.(d.bytes);
-    });
-    child.stderr.on('data', (b: Buffer) => err.push(b));
-    child.on('error', (e) => reject(new QbackupError('TOOL_FAILED', `Cannot read "${file}": ${e.message}`, { cause: e })));
-    child.on('close', (code) => {
-      if (code === 0) resolve();
-      else reject(new QbackupError('IMAGE_ERROR', `Cannot read "${file}": ${Buffer.concat(err).toString().trim().split('\n').pop() ?? `nbdcopy exited with ${code ?? '?'}`}`));
-    });
+    },
   });
   return { digest: d.digest(), bytes: d.bytes };
 }

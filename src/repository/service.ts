@@ -13,7 +13,6 @@
 //   reports success; prune rewrites only the files of kept backups, and only in
 //   ways that keep their content (qemu-img rebase in safe mode).
 
-import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, rmSync } from 'node:fs';
 import { dirname, join, relative, resolve } from 'node:path';
 import type { JobInfo } from '../backup/job.js';
@@ -125,11 +124,23 @@ export class RepositoryService {
     // with their bitmaps, no guest code runs, and it is shut down cleanly after.
     const startedHere = info.state !== 'running';
     if (startedHere) await this.domains.start(domain, { paused: true });
+    let manifest: Manifest;
     try {
-      return await this.backupRunning(repo, domain, selected, mode, options);
-    } finally {
-      if (startedHere) await this.domains.shutdown(domain).catch(() => undefined);
+      manifest = await this.backupRunning(repo, domain, selected, mode, options);
+    } catch (err) {
+      if (startedHere) {
+        await this.domains.shutdown(domain).catch((stopErr: unknown) => {
+          throw new QbackupError('BACKUP_FAILED', `${describeError(err)} (and shutting domain "${domain}" down again failed: ${describeError(stopErr)})`, { cause: err });
+        });
+      }
+      throw err;
     }
+    if (startedHere) {
+      await this.domains.shutdown(domain).catch((stopErr: unknown) => {
+        throw new QbackupError('DOMAIN_RUNNING', `Backup "${manifest.id}" of domain "${domain}" is complete, but shutting the domain down again failed: ${describeError(stopErr)}`, { cause: stopErr });
+      });
+    }
+    return manifest;
   }
 
   private async backupRunning(
@@ -146,63 +157,8 @@ export class RepositoryService {
     repo.beginPending(domain, { id, files: plans.map((p) => p.file) });
     const startedMs = Date.now();
     try {
-      for (const p of plans) {
-        const abs = repo.filePath(domain, p.file);
-        mkdirSync(dirname(abs), { recursive: true });
-        const size = (await imageInfo(p.source, { shared: true })).virtualSize;
-        const backing =
-          p.parentFile !== undefined ? { backingFile: relative(dirname(abs), repo.filePath(domain, p.parentFile)), backingFormat: 'qcow2' } : {};
-        await createImage(abs, 'qcow2', size, backing);
-      }
-      const spec: BackupSpec = {
-        mode,
-        disks: plans.map((p) => ({
-          target: p.target,
-          format: 'qcow2',
-          ...(p.since !== undefined ? { mode: 'incremental', since: p.since } : { mode: 'full' }),
-          ...(mode === 'push' ? { targetFile: resolve(repo.filePath(domain, p.file)) } : {}),
-        })),
-      };
-      let job = await this.backups.begin(domain, spec, { checkpoint: { name: checkpoint }, reuseExternal: mode === 'push', strict: true });
-      if (mode === 'push') {
-        job = await this.backups.wait(domain, job.id, (j) => options.onProgress?.({ phase: `backup ${domain}`, doneBytes: j.bytesDone, totalBytes: j.bytesTotal }));
-        if (job.state !== 'completed') {
-          throw new QbackupError('BACKUP_FAILED', `Backup of domain "${domain}" failed: ${job.error ?? job.state}`);
-        }
-      } else {
-        try {
-          for (const p of plans) {
-            const jd = job.disks.find((d) => d.target === p.target);
-            assert(jd !== undefined, `backup job "${job.id}" has no export for disk "${p.target}"`);
-            await this.pullCopier({
-              job,
-              exportName: jd.pull?.exportName ?? p.target,
-              dirtyBitmap: jd.tmpBitmap,
-              targetFile: repo.filePath(domain, p.file),
-              onProgress: (done, total) => options.onProgress?.({ phase: `backup ${p.target}`, doneBytes: done, totalBytes: total }),
-            });
-          }
-        } finally {
-          await this.backups.abort(domain);
-        }
-      }
-      const disks: ManifestDisk[] = [];
-      for (const p of plans) {
-        const abs = repo.filePath(domain, p.file);
-        const size = (await imageInfo(abs)).virtualSize;
-        const { digest } = await imageDigest(abs, 'qcow2', (done) => options.onProgress?.({ phase: `digest ${p.target}`, doneBytes: done, totalBytes: size }));
-        disks.push({
-          target: p.target,
-          diskId: p.diskId,
-          file: p.file,
-          level: p.level,
-          parent: p.parent?.id ?? null,
-          virtualSize: size,
-          bytesWritten: await allocatedDataBytes(abs),
-          fullReason: p.level === 'full' ? p.fullReason : null,
-          digest,
-        });
-      }
+      await createFiles(repo, domain, plans);
+      await this.copyDisks(repo, domain, plans, mode, checkpoint, options);
       const manifest: Manifest = {
         format: REPO_FORMAT,
         id,
@@ -213,7 +169,7 @@ export class RepositoryService {
         mode,
         checkpoint,
         domainXml: this.domains.dumpXml(domain),
-        disks,
+        disks: await describeDisks(repo, domain, plans, options),
       };
       repo.writeManifest(manifest);
       repo.endPending(domain, id);
@@ -229,6 +185,45 @@ export class RepositoryService {
       }
       throw err;
     }
+  }
+
+  /** Runs the backup job that fills the prepared files: push (QEMU writes them) or pull (our NBD client does). */
+  private async copyDisks(repo: Repository, domain: string, plans: readonly DiskPlan[], mode: 'push' | 'pull', checkpoint: string, options: RepoBackupOptions): Promise<void> {
+    const spec: BackupSpec = {
+      mode,
+      disks: plans.map((p) => ({
+        target: p.target,
+        format: 'qcow2',
+        ...(p.since !== undefined ? { mode: 'incremental', since: p.since } : { mode: 'full' }),
+        ...(mode === 'push' ? { targetFile: resolve(repo.filePath(domain, p.file)) } : {}),
+      })),
+    };
+    let job = await this.backups.begin(domain, spec, { checkpoint: { name: checkpoint }, reuseExternal: mode === 'push', strict: true });
+    if (mode === 'push') {
+      job = await this.backups.wait(domain, job.id, (j) => options.onProgress?.({ phase: `backup ${domain}`, doneBytes: j.bytesDone, totalBytes: j.bytesTotal }));
+      if (job.state !== 'completed') throw new QbackupError('BACKUP_FAILED', `Backup of domain "${domain}" failed: ${job.error ?? job.state}`);
+      return;
+    }
+    try {
+      for (const p of plans) {
+        const jd = job.disks.find((d) => d.target === p.target);
+        assert(jd !== undefined, `backup job "${job.id}" has no export for disk "${p.target}"`);
+        await this.pullCopier({
+          job,
+          exportName: jd.pull?.exportName ?? p.target,
+          dirtyBitmap: jd.tmpBitmap,
+          targetFile: repo.filePath(domain, p.file),
+          onProgress: (done, total) => options.onProgress?.({ phase: `backup ${p.target}`, doneBytes: done, totalBytes: total }),
+        });
+      }
+    } catch (err) {
+      // The copy's error is the one to report; ending the job is cleanup (a dead QEMU has no job to end).
+      await this.backups.abort(domain).catch((abortErr: unknown) => {
+        throw new QbackupError('BACKUP_FAILED', `${describeError(err)} (and ending backup job "${job.id}" failed: ${describeError(abortErr)})`, { cause: err });
+      });
+      throw err;
+    }
+    await this.backups.abort(domain);
   }
 
   /** Full or incremental for one disk: incremental since the disk's last backup here, when coverage allows. */
@@ -413,6 +408,39 @@ export class RepositoryService {
   }
 }
 
+/** Creates each disk's repository file: an empty qcow2 of the disk's size, backed by the previous backup for an incremental. */
+async function createFiles(repo: Repository, domain: string, plans: readonly DiskPlan[]): Promise<void> {
+  for (const p of plans) {
+    const abs = repo.filePath(domain, p.file);
+    mkdirSync(dirname(abs), { recursive: true });
+    const size = (await imageInfo(p.source, { shared: true })).virtualSize;
+    const backing = p.parentFile !== undefined ? { backingFile: relative(dirname(abs), repo.filePath(domain, p.parentFile)), backingFormat: 'qcow2' } : {};
+    await createImage(abs, 'qcow2', size, backing);
+  }
+}
+
+/** The manifest's entry for each disk, with the content digest of the whole image chain. */
+async function describeDisks(repo: Repository, domain: string, plans: readonly DiskPlan[], options: RepoBackupOptions): Promise<ManifestDisk[]> {
+  const disks: ManifestDisk[] = [];
+  for (const p of plans) {
+    const abs = repo.filePath(domain, p.file);
+    const size = (await imageInfo(abs)).virtualSize;
+    const { digest } = await imageDigest(abs, 'qcow2', (done) => options.onProgress?.({ phase: `digest ${p.target}`, doneBytes: done, totalBytes: size }));
+    disks.push({
+      target: p.target,
+      diskId: p.diskId,
+      file: p.file,
+      level: p.level,
+      parent: p.parent?.id ?? null,
+      virtualSize: size,
+      bytesWritten: await allocatedDataBytes(abs),
+      fullReason: p.level === 'full' ? p.fullReason : null,
+      digest,
+    });
+  }
+  return disks;
+}
+
 function pickBackup(repo: Repository, domain: string, options: RestoreOptions): Manifest {
   if (options.backup !== undefined) return repo.manifest(domain, options.backup);
   const all = repo.manifests(domain);
@@ -434,21 +462,12 @@ function newBackupId(): string {
 }
 
 /** qemu-img convert with its -p progress parsed into a percentage callback. */
-function convertWithProgress(source: string, out: string, format: 'qcow2' | 'raw', onPercent: (pct: number) => void): Promise<void> {
-  return new Promise((resolvePromise, reject) => {
-    const child = spawn('qemu-img', ['convert', '-p', '-O', format, source, out], { stdio: ['ignore', 'pipe', 'pipe'] });
-    const err: Buffer[] = [];
-    child.stdout.on('data', (b: Buffer) => {
-      const all = [...b.toString().matchAll(/\((\d+(?:\.\d+)?)\/100%\)/g)];
-      const last = all.at(-1)?.[1];
+async function convertWithProgress(source: string, out: string, format: 'qcow2' | 'raw', onPercent: (pct: number) => void): Promise<void> {
+  await runTool('qemu-img', ['convert', '-p', '-O', format, source, out], {
+    what: `Writing "${out}"`,
+    onStdout: (b) => {
+      const last = [...b.toString().matchAll(/\((\d+(?:\.\d+)?)\/100%\)/g)].at(-1)?.[1];
       if (last !== undefined) onPercent(Number(last));
-    });
-    child.stderr.on('data', (b: Buffer) => err.push(b));
-    child.on('error', (e) => reject(new QbackupError('TOOL_FAILED', `Cannot run qemu-img: ${e.message}`)));
-    child.on('close', (code) => {
-      if (code === 0) resolvePromise();
-      else reject(new QbackupError('TOOL_FAILED', `Cannot write "${out}": ${Buffer.concat(err).toString().trim().split('\n').pop() ?? `qemu-img exited with ${code ?? '?'}`}`));
-    });
+    },
   });
 }
-
