@@ -1,50 +1,70 @@
 // The single error tree of qbackup. Every condition a user, a peer or the
-// environment can cause is a QbackupError with a stable string `code`; the CLI
-// prints `message` (one sentence naming the object and the cause) and exits
-// non-zero. Anything else that escapes is a bug and is printed with its stack.
+// environment can cause is a QbackupError with a stable string `code` (listed
+// with their meanings in ERROR_CODES); the CLI prints `message` (one sentence
+// naming the object and the cause) and exits non-zero. Anything else that
+// escapes is a bug (a failed `assert` from src/util/assert.ts, or any other
+// exception) and is printed with its stack.
+//
+//   Error
+//   ├── QbackupError { code, details, cause }   conditions users, peers and the environment cause
+//   │   ├── QmpCommandError, QmpProtocolError  (src/qmp/)
+//   │   └── NbdCommandError, NbdProtocolError  (src/nbd/errors.ts)
+//   └── AssertionError                         a bug in qbackup or in its caller
 
-export type ErrorCode =
-  | 'INVALID_ARGUMENT'
-  | 'INVALID_NAME'
-  | 'INVALID_XML'
-  | 'DOMAIN_NOT_FOUND'
-  | 'DOMAIN_EXISTS'
-  | 'DOMAIN_RUNNING'
-  | 'DOMAIN_NOT_RUNNING'
-  | 'DOMAIN_LOCKED'
-  | 'DISK_NOT_FOUND'
-  | 'DISK_EXISTS'
-  | 'IMAGE_NOT_FOUND'
-  | 'IMAGE_ERROR'
-  | 'QEMU_START_FAILED'
-  | 'QEMU_DIED'
-  | 'QMP_ERROR'
-  | 'QMP_PROTOCOL'
-  | 'QMP_DISCONNECTED'
-  | 'QMP_TIMEOUT'
-  | 'QMP_STATE'
-  | 'NBD_PROTOCOL'
-  | 'NBD_ERROR'
-  | 'NBD_DISCONNECTED'
-  | 'NBD_TIMEOUT'
-  | 'NBD_STATE'
-  | 'NBD_HANDSHAKE'
-  | 'NBD_EXPORT_NOT_FOUND'
-  | 'TOOL_FAILED'
-  | 'STATE_DIR'
-  | 'CHECKPOINT_NOT_FOUND'
-  | 'CHECKPOINT_EXISTS'
-  | 'CHECKPOINT_INVALID'
-  | 'BITMAP_INCONSISTENT'
-  | 'BACKUP_RUNNING'
-  | 'BACKUP_FAILED'
-  | 'JOB_NOT_FOUND'
-  | 'METADATA_INCONSISTENT'
-  | 'NOT_SUPPORTED'
-  | 'REPO_INVALID'
-  | 'REPO_LOCKED'
-  | 'BACKUP_NOT_FOUND'
-  | 'VERIFY_FAILED';
+/**
+ * Every error code, grouped, with what it means. The HTTP layer maps these to
+ * statuses in one table; a code never changes meaning once released.
+ */
+export const ERROR_CODES = {
+  // -- the caller's request
+  INVALID_ARGUMENT: 'a request that cannot be carried out as given (conflicting options, a path that exists, …)',
+  INVALID_NAME: 'a domain, disk or checkpoint name outside the allowed pattern',
+  INVALID_XML: 'a libvirt document that is malformed or breaks its schema',
+  NOT_SUPPORTED: 'a valid request qbackup refuses rather than weakening it (TLS, encryption, …)',
+  // -- objects that are missing, present or busy
+  DOMAIN_NOT_FOUND: 'no domain of that name',
+  DOMAIN_EXISTS: 'a domain of that name or UUID exists',
+  DOMAIN_RUNNING: 'the domain must be shut off for this',
+  DOMAIN_NOT_RUNNING: 'the domain must be running for this',
+  DOMAIN_LOCKED: 'another command holds the domain',
+  DISK_NOT_FOUND: 'the domain has no disk of that target',
+  DISK_EXISTS: 'the target or the image is in use',
+  IMAGE_NOT_FOUND: 'an image file does not exist',
+  IMAGE_ERROR: 'an image cannot be opened or read as its format',
+  CHECKPOINT_NOT_FOUND: 'no checkpoint of that name',
+  CHECKPOINT_EXISTS: 'a checkpoint of that name exists, or checkpoints block the request',
+  CHECKPOINT_INVALID: 'a checkpoint definition that cannot be redefined as given',
+  BITMAP_INCONSISTENT: 'coverage is lost and the request needs it (e.g. --strict)',
+  BACKUP_RUNNING: 'a backup job runs on the domain',
+  JOB_NOT_FOUND: 'no backup job to show, wait for or abort',
+  BACKUP_NOT_FOUND: 'no backup of that id in the repository',
+  // -- outcomes of work that ran
+  BACKUP_FAILED: 'a backup job or repository backup did not complete',
+  VERIFY_FAILED: 'verification found damage',
+  TOOL_FAILED: 'a QEMU tool (qemu-img, nbdcopy, …) failed; its own message is included',
+  // -- QEMU and its protocols
+  QEMU_START_FAILED: 'QEMU did not start',
+  QEMU_DIED: 'QEMU exited while a command ran',
+  QMP_ERROR: 'QEMU refused a QMP command',
+  QMP_PROTOCOL: 'QEMU sent something that is not QMP',
+  QMP_DISCONNECTED: 'the QMP connection closed',
+  QMP_TIMEOUT: 'QEMU did not answer in time',
+  QMP_STATE: 'a QMP call in the wrong connection state',
+  NBD_PROTOCOL: 'an NBD peer broke the protocol',
+  NBD_ERROR: 'an NBD server answered a request with an error',
+  NBD_DISCONNECTED: 'the NBD connection closed',
+  NBD_TIMEOUT: 'an NBD server did not answer in time',
+  NBD_STATE: 'an NBD call in the wrong connection state',
+  NBD_HANDSHAKE: 'the NBD handshake failed',
+  NBD_EXPORT_NOT_FOUND: 'the NBD server has no export of that name',
+  // -- qbackup's own state
+  STATE_DIR: 'the state directory or metadata database cannot be used',
+  METADATA_INCONSISTENT: 'stored metadata contradicts itself or is damaged',
+  REPO_INVALID: 'a repository that is missing, damaged or of another format',
+  REPO_LOCKED: 'another process holds the repository for this domain',
+} as const;
+
+export type ErrorCode = keyof typeof ERROR_CODES;
 
 export class QbackupError extends Error {
   readonly code: ErrorCode;

@@ -2,7 +2,7 @@
 // specs callers pass in and the results they get back, the error tree, and
 // the libvirt XML layer for applications that speak libvirt's formats.
 export { Qbackup, type QbackupOptions } from './qbackup.js';
-export { QbackupError, isQbackupError, describeError, type ErrorCode } from './errors.js';
+export { ERROR_CODES, QbackupError, isQbackupError, describeError, type ErrorCode } from './errors.js';
 
 // domains
 export * from './domain/service.js';

@@ -1,4 +1,4 @@
-// The coverage rules of SPEC §3, as a pure function of what the metadata and
+// The coverage rules (docs/design.md, "The coverage rules"), as a pure function of what the metadata and
 // the images say. For disk d and checkpoint T, an incremental backup since T is
 // allowed only when every rule holds; otherwise the answer is "full" with every
 // reason that applies. Nothing here talks to QEMU, so the rules can be read

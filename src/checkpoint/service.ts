@@ -1,4 +1,4 @@
-// Checkpoints: the chain model of SPEC §2. Each checkpoint has one bitmap per
+// Checkpoints: the chain model of docs/design.md. Each checkpoint has one bitmap per
 // participating disk; only the current checkpoint's bitmap records. Creating
 // adds the new bitmaps and disables the recording ones in one QMP transaction;
 // deleting merges a checkpoint's bitmap into its parent's (re-enabling the

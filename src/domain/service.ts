@@ -512,7 +512,7 @@ export class DomainService {
     return def.disks.map((d) => {
       const match = rows.find((r) => r.target === d.target);
       if (match === undefined) {
-        throw new QbackupError('STATE_DIR', `Metadata of domain "${row.name}" is inconsistent: disk "${d.target}" has no disk id`);
+        throw new QbackupError('METADATA_INCONSISTENT', `Metadata of domain "${row.name}" is inconsistent: disk "${d.target}" has no disk id`);
       }
       return { ...d, diskId: match.id };
     });

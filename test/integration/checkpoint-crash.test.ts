@@ -1,4 +1,4 @@
-// Crash safety of checkpoint create and delete (SPEC §2, last rule): the CLI
+// Crash safety of checkpoint create and delete (docs/design.md, the chain model's last rule): the CLI
 // kills itself (QBACKUP_CRASH_AT) at each fault point, with the domain running
 // (QMP transactions) and shut off (qemu-img bitmap), and the next command on
 // the domain must find a state it can complete or roll back. The key check is

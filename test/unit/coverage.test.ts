@@ -1,4 +1,4 @@
-// The coverage rules (SPEC §3) as a pure function: each rule alone turns an
+// The coverage rules (docs/design.md) as a pure function: each rule alone turns an
 // incremental into a full with its reason code.
 
 import assert from 'node:assert/strict';
