@@ -1,7 +1,7 @@
 // What a caller asks of a backup job, as a plain value: the mode, which disks
 // and how (full, or incremental since a checkpoint), where push targets go,
 // and where a pull job's NBD server listens. The libvirt layer
-// (src/libvirt/backup.ts) maps <domainbackup> onto this; the repository, the
+// (src/libvirt/backup.ts) maps libvirt's backup XML onto this; the repository, the
 // CLI and embedding applications build it directly.
 //
 // Invariants (validateBackupSpec):

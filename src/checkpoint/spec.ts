@@ -1,5 +1,5 @@
 // What a caller asks of a checkpoint, as a plain value. The libvirt layer
-// (src/libvirt/checkpoint.ts) parses <domaincheckpoint> into this shape and
+// (src/libvirt/checkpoint.ts) parses libvirt's checkpoint XML into this shape and
 // formats checkpoints back; the core never sees XML.
 //
 // Invariants:
