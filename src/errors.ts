@@ -62,6 +62,10 @@ export const ERROR_CODES = {
   METADATA_INCONSISTENT: 'stored metadata contradicts itself or is damaged',
   REPO_INVALID: 'a repository that is missing, damaged or of another format',
   REPO_LOCKED: 'another process holds the repository for this domain',
+  REPO_OBJECT_NOT_FOUND: 'a repository object (pack, index, manifest, key) is missing',
+  REPO_DAMAGED: 'a repository object does not match its id or cannot be decoded',
+  REPO_FULL: 'the storage under the repository is full',
+  WRONG_PASSWORD: 'no key of the repository opens with the given passphrase',
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

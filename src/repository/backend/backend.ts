@@ -1,0 +1,56 @@
+// The small interface every repository backend offers (a local directory
+// now, S3-compatible object storage next), and the key rules they share.
+//
+// Invariants:
+// - Keys are relative, '/'-separated, and every segment matches KEY_SEGMENT
+//   (lower-case letters, digits, '.', '_', '-', no leading '.'), so no key can
+//   name a parent directory, an absolute path or a hidden temporary file. The
+//   store derives every key from validated ids, never from file contents.
+// - putIfAbsent is atomic: a reader sees the whole object or none, and of
+//   several writers racing on one key exactly one wins; the others get false.
+// - Objects are never rewritten in place; delete is idempotent.
+// - Every backend passes the one conformance suite
+//   (test/helpers/backend-conformance.ts).
+
+import { QbackupError } from '../../errors.js';
+
+export interface ObjectInfo {
+  key: string;
+  size: number;
+}
+
+export interface Backend {
+  /** Where the repository lives, for messages (never with credentials). */
+  readonly location: string;
+  /** Stores `data` under `key` unless the key exists; false when it existed (nothing written). */
+  putIfAbsent(key: string, data: Buffer): Promise<boolean>;
+  /** The object's bytes, or `length` bytes from `offset`. Missing: REPO_OBJECT_NOT_FOUND. */
+  get(key: string, range?: { offset: number; length: number }): Promise<Buffer>;
+  /** Size of the object, or undefined when it does not exist. */
+  stat(key: string): Promise<ObjectInfo | undefined>;
+  /** Every object whose key starts with `prefix` (a whole segment path, e.g. "data/"), in no particular order. */
+  list(prefix: string): Promise<ObjectInfo[]>;
+  /** Removes the object; removing a missing one is fine. */
+  delete(key: string): Promise<void>;
+}
+
+export const KEY_SEGMENT = /^[a-z0-9][a-z0-9._-]{0,127}$/;
+
+/** Throws INVALID_ARGUMENT unless `key` follows the key rules. */
+export function assertKey(key: string): void {
+  const segments = key.split('/');
+  if (segments.length === 0 || segments.length > 8 || !segments.every((s) => KEY_SEGMENT.test(s))) {
+    throw new QbackupError('INVALID_ARGUMENT', `Invalid repository object name ${JSON.stringify(key)}`);
+  }
+}
+
+/** Throws INVALID_ARGUMENT unless `prefix` is '' or keys' leading segments followed by '/'. */
+export function assertPrefix(prefix: string): void {
+  if (prefix === '') return;
+  if (!prefix.endsWith('/')) throw new QbackupError('INVALID_ARGUMENT', `Invalid repository listing prefix ${JSON.stringify(prefix)}: it must end with "/"`);
+  assertKey(prefix.slice(0, -1));
+}
+
+export function objectNotFound(location: string, key: string, cause?: unknown): QbackupError {
+  return new QbackupError('REPO_OBJECT_NOT_FOUND', `Repository "${location}" has no object "${key}"`, { details: { key }, ...(cause !== undefined ? { cause } : {}) });
+}
