@@ -42,8 +42,10 @@ export interface NbdClientOptions {
   exportName: string;
   /** Metadata contexts to select, e.g. "base:allocation", "qemu:dirty-bitmap:NAME". */
   metaContexts?: string[];
-  /** Bounds the handshake (default 30 s) and each request (default: none); a timeout fails the connection. */
+  /** Bounds the handshake (default 30 s) and, unless requestTimeoutMs is given, each request; a timeout fails the connection. */
   timeoutMs?: number;
+  /** Longest wait for one request's reply: default timeoutMs when given, else 60 s; 0 = no limit. Fails with NBD_TIMEOUT. */
+  requestTimeoutMs?: number;
 }
 
 export interface NbdExtent {
@@ -99,6 +101,7 @@ export class NbdClient {
       exportName: options.exportName,
       ...(options.metaContexts === undefined ? {} : { metaContexts: options.metaContexts }),
       ...(options.timeoutMs === undefined ? {} : { timeoutMs: options.timeoutMs }),
+      ...(options.requestTimeoutMs === undefined ? {} : { requestTimeoutMs: options.requestTimeoutMs }),
     });
     return new NbdClient(connection);
   }

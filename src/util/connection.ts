@@ -189,6 +189,11 @@ export class ConnectionLifecycle<S extends string> {
     return state;
   }
 
+  /** Whether the connection is in `state` now (a call, so TypeScript does not carry narrowing across awaits). */
+  is(state: S): boolean {
+    return this.state === state;
+  }
+
   get isClosed(): boolean {
     return this.index === this.states.length - 1;
   }
