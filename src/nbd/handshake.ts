@@ -21,8 +21,8 @@
 //   is a bug here, never something a server can cause.
 // - The first refusal or violation ends the handshake in `failed` with a
 //   QbackupError (NbdProtocolError naming the export for violations); after
-//   that, and after `done`, push() only queues bytes: what follows the
-//   handshake is transmission data, for takeLeftover().
+//   that push() drops its input; after `done` it only queues bytes: what
+//   follows the handshake is transmission data, for takeLeftover().
 
 import { QbackupError } from '../errors.js';
 import { assert } from '../util/assert.js';
@@ -179,6 +179,8 @@ export class NbdHandshake {
 
   /** Feeds server bytes and runs every step they complete. Throws only on a bug. */
   push(bytes: Buffer): void {
+    // After a failure nothing the server says matters, and holding it would let it grow without bound.
+    if (this.status === 'failed') return;
     this.input.push(bytes);
     try {
       for (;;) {
