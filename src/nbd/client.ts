@@ -8,7 +8,8 @@
 //   reads and writes never exceed min(maximum payload, 32 MiB), and commands
 //   the export did not offer (write on a read-only export, write zeroes,
 //   flush, block status for a context not negotiated) fail with
-//   NOT_SUPPORTED before anything is sent.
+//   NOT_SUPPORTED before anything is sent. Ranges a user can get wrong are
+//   INVALID_ARGUMENT; arguments of the wrong type are bugs (assertions).
 // - read() returns exactly the requested bytes: structured chunks are placed
 //   by offset, whatever their order, and holes read as zeroes.
 // - blockStatus() and extents() return consecutive extents clipped to the
@@ -17,6 +18,7 @@
 
 import { constants as bufferConstants } from 'node:buffer';
 import { QbackupError } from '../errors.js';
+import { assert } from '../util/assert.js';
 import {
   NBD_CMD_BLOCK_STATUS,
   NBD_CMD_FLAG_NO_HOLE,
@@ -139,7 +141,7 @@ export class NbdClient {
   }
 
   async write(offset: number, data: Uint8Array): Promise<void> {
-    if (!(data instanceof Uint8Array)) throw new QbackupError('INVALID_ARGUMENT', 'write data must be a Buffer or Uint8Array');
+    assert(data instanceof Uint8Array, 'write data must be a Buffer or Uint8Array');
     this.checkWritable('write');
     this.checkRange('write', offset, data.length);
     await Promise.all(
