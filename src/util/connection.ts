@@ -164,7 +164,8 @@ export class ConnectionLifecycle<S extends string> {
   private readonly socket: Socket;
   private readonly states: readonly S[];
   private readonly options: ConnectionLifecycleOptions<S>;
-  private readonly tables: Array<PendingTable<unknown, PendingEntry>> = [];
+  /** One per tracked table: fails all its entries. */
+  private readonly failAlls: Array<() => void> = [];
   private index = 0;
   private reason: Error | undefined;
   private resolveClosed: (reason: Error | undefined) => void = () => undefined;
@@ -212,7 +213,7 @@ export class ConnectionLifecycle<S extends string> {
 
   /** Fails every entry of `table` when the connection ends. */
   track<K, T extends PendingEntry>(table: PendingTable<K, T>): PendingTable<K, T> {
-    this.tables.push(table as unknown as PendingTable<unknown, PendingEntry>);
+    this.failAlls.push(() => table.failAll((entry) => this.disconnectedError(table.describe(entry))));
     return table;
   }
 
@@ -244,7 +245,7 @@ export class ConnectionLifecycle<S extends string> {
     this.reason = reason;
     this.socket.destroy();
     this.options.onShutdown?.(reason);
-    for (const table of this.tables) table.failAll((entry) => this.disconnectedError(table.describe(entry)));
+    for (const failAll of this.failAlls) failAll();
     this.resolveClosed(reason);
     return true;
   }
