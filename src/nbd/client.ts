@@ -8,7 +8,8 @@
 //   reads and writes never exceed min(maximum payload, 32 MiB), and commands
 //   the export did not offer (write on a read-only export, write zeroes,
 //   flush, block status for a context not negotiated) fail with
-//   NOT_SUPPORTED before anything is sent.
+//   NOT_SUPPORTED before anything is sent. Ranges a user can get wrong are
+//   INVALID_ARGUMENT; arguments of the wrong type are bugs (assertions).
 // - read() returns exactly the requested bytes: structured chunks are placed
 //   by offset, whatever their order, and holes read as zeroes.
 // - blockStatus() and extents() return consecutive extents clipped to the
@@ -17,6 +18,7 @@
 
 import { constants as bufferConstants } from 'node:buffer';
 import { QbackupError } from '../errors.js';
+import { assert } from '../util/assert.js';
 import {
   NBD_CMD_BLOCK_STATUS,
   NBD_CMD_FLAG_NO_HOLE,
@@ -42,8 +44,10 @@ export interface NbdClientOptions {
   exportName: string;
   /** Metadata contexts to select, e.g. "base:allocation", "qemu:dirty-bitmap:NAME". */
   metaContexts?: string[];
-  /** Bounds the handshake (default 30 s) and each request (default: none); a timeout fails the connection. */
+  /** Bounds the handshake (default 30 s) and, unless requestTimeoutMs is given, each request; a timeout fails the connection. */
   timeoutMs?: number;
+  /** Longest wait for one request's reply: default timeoutMs when given, else 60 s; 0 = no limit. Fails with NBD_TIMEOUT. */
+  requestTimeoutMs?: number;
 }
 
 export interface NbdExtent {
@@ -99,6 +103,7 @@ export class NbdClient {
       exportName: options.exportName,
       ...(options.metaContexts === undefined ? {} : { metaContexts: options.metaContexts }),
       ...(options.timeoutMs === undefined ? {} : { timeoutMs: options.timeoutMs }),
+      ...(options.requestTimeoutMs === undefined ? {} : { requestTimeoutMs: options.requestTimeoutMs }),
     });
     return new NbdClient(connection);
   }
@@ -136,7 +141,7 @@ export class NbdClient {
   }
 
   async write(offset: number, data: Uint8Array): Promise<void> {
-    if (!(data instanceof Uint8Array)) throw new QbackupError('INVALID_ARGUMENT', 'write data must be a Buffer or Uint8Array');
+    assert(data instanceof Uint8Array, 'write data must be a Buffer or Uint8Array');
     this.checkWritable('write');
     this.checkRange('write', offset, data.length);
     await Promise.all(

@@ -3,14 +3,17 @@
 // and no state, so every byte layout can be tested in isolation.
 //
 // Invariants:
-// - Encoders validate their arguments (a bad argument is our caller's bug or
-//   a user error: INVALID_ARGUMENT) and never emit a field that overflows.
+// - Encoders validate their arguments and never emit a field that
+//   overflows. A value a user can get wrong (a name, an offset) is
+//   INVALID_ARGUMENT (as are the field limits this layer's tests pin down);
+//   a string argument of the wrong type is a bug and fails an assertion.
 // - Decoders take exactly the bytes of one message part (the caller framed
 //   it) and check every length, reserved value and string against the spec;
 //   any violation is an NbdProtocolError. Offsets from the peer are returned
 //   as numbers only when they are exact (at most 2^53 - 1).
 
 import { QbackupError } from '../errors.js';
+import { assert } from '../util/assert.js';
 import {
   NBD_CMD_DISC,
   NBD_FLAG_HAS_FLAGS,
@@ -133,7 +136,7 @@ export interface NbdErrorPayload {
 
 /** UTF-8 bytes of a protocol string, checked against the spec's limits. */
 export function encodeNbdString(value: string, what: string): Buffer {
-  if (typeof value !== 'string') throw new QbackupError('INVALID_ARGUMENT', `${what} must be a string`);
+  assert(typeof value === 'string', `${what} must be a string`);
   if (value.includes('\0')) throw new QbackupError('INVALID_ARGUMENT', `${what} "${value}" must not contain NUL characters`);
   const bytes = Buffer.from(value, 'utf8');
   // Lone surrogates would silently turn into U+FFFD on the wire.

@@ -1,6 +1,6 @@
 // Public surface of the NBD client: wire constants, codec, the push parser,
-// the connection, the high-level NbdClient and copyExtents. Other modules
-// import from here, not from the files.
+// the handshake state machine, the connection, the high-level NbdClient and
+// copyExtents. Other modules import from here, not from the files.
 
 export * from './constants.js';
 export {
@@ -54,6 +54,15 @@ export {
   type NbdRequestInfo,
 } from './parser.js';
 export {
+  MAX_OPTION_REPLY_BYTES,
+  NbdHandshake,
+  defaultBlockSizes,
+  type NbdHandshakeOptions,
+  type NbdHandshakeStatus,
+  type NbdHandshakeStep,
+} from './handshake.js';
+export {
+  DEFAULT_NBD_REQUEST_TIMEOUT_MS,
   NbdConnection,
   NbdConnectionState,
   formatNbdAddress,

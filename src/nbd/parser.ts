@@ -18,7 +18,7 @@
 //   NbdProtocolError naming the export; after that the parser ignores input.
 //   push() throws only what a callback throws.
 
-import { strict as assert } from 'node:assert';
+import { assert } from '../util/assert.js';
 import {
   NBD_CMD_BLOCK_STATUS,
   NBD_CMD_FLAG_REQ_ONE,
@@ -134,19 +134,19 @@ export class ByteQueue {
   peekUInt32BE(): number | undefined {
     if (this.total < 4) return undefined;
     const first = this.chunks[0];
-    assert(first !== undefined);
+    assert(first !== undefined, 'a non-empty queue has a first chunk');
     if (first.length - this.head >= 4) return first.readUInt32BE(this.head);
     let value = 0;
     let chunkIndex = 0;
     let pos = this.head;
     for (let i = 0; i < 4; i++) {
       let chunk = this.chunks[chunkIndex];
-      assert(chunk !== undefined);
+      assert(chunk !== undefined, 'queued chunks hold at least total bytes');
       while (pos >= chunk.length) {
         chunkIndex++;
         pos = 0;
         chunk = this.chunks[chunkIndex];
-        assert(chunk !== undefined);
+        assert(chunk !== undefined, 'queued chunks hold at least total bytes');
       }
       value = value * 256 + (chunk[pos] ?? 0);
       pos++;
@@ -156,11 +156,11 @@ export class ByteQueue {
 
   /** Exactly n bytes, or undefined (consuming nothing) when fewer are queued. */
   take(n: number): Buffer | undefined {
-    assert(Number.isSafeInteger(n) && n >= 0);
+    assert(Number.isSafeInteger(n) && n >= 0, 'take() needs a non-negative integer count');
     if (n > this.total) return undefined;
     if (n === 0) return EMPTY;
     const first = this.chunks[0];
-    assert(first !== undefined);
+    assert(first !== undefined, 'a non-empty queue has a first chunk');
     if (first.length - this.head >= n) {
       const out = first.subarray(this.head, this.head + n);
       this.consume(n);
@@ -170,7 +170,7 @@ export class ByteQueue {
     let filled = 0;
     while (filled < n) {
       const chunk = this.chunks[0];
-      assert(chunk !== undefined);
+      assert(chunk !== undefined, 'queued chunks hold at least total bytes');
       const count = Math.min(chunk.length - this.head, n - filled);
       chunk.copy(out, filled, this.head, this.head + count);
       filled += count;
@@ -271,9 +271,9 @@ export class NbdReplyParser {
     this.maxDescriptors = options.maxDescriptors ?? DEFAULT_MAX_DESCRIPTORS;
     this.onReply = options.onReply;
     this.onError = options.onError;
-    assert(Number.isSafeInteger(this.exportSize) && this.exportSize >= 0);
-    assert(Number.isSafeInteger(this.maxPayloadBytes) && this.maxPayloadBytes > 0);
-    assert(Number.isSafeInteger(this.maxDescriptors) && this.maxDescriptors > 0);
+    assert(Number.isSafeInteger(this.exportSize) && this.exportSize >= 0, 'exportSize must be a non-negative integer');
+    assert(Number.isSafeInteger(this.maxPayloadBytes) && this.maxPayloadBytes > 0, 'maxPayloadBytes must be a positive integer');
+    assert(Number.isSafeInteger(this.maxDescriptors) && this.maxDescriptors > 0, 'maxDescriptors must be a positive integer');
   }
 
   /** Requests whose final reply has not arrived. */
@@ -294,8 +294,8 @@ export class NbdReplyParser {
   /** Registers a request before it is sent, so that its replies are accepted. A cookie in flight must not be reused. */
   expect(cookie: bigint, request: NbdRequestInfo): void {
     assert(!this.inFlight.has(cookie), `NBD cookie ${cookie} is already in flight`);
-    assert(Number.isSafeInteger(request.offset) && request.offset >= 0);
-    assert(Number.isSafeInteger(request.length) && request.length >= 0);
+    assert(Number.isSafeInteger(request.offset) && request.offset >= 0, 'request offset must be a non-negative integer');
+    assert(Number.isSafeInteger(request.length) && request.length >= 0, 'request length must be a non-negative integer');
     this.inFlight.set(cookie, { request, content: new RangeSet(), contexts: new Set(), sawError: false });
   }
 
@@ -462,7 +462,7 @@ export class NbdReplyParser {
       this.checkBlockStatus(tracked, status.contextId, status.descriptors);
       chunk = { type: 'block-status', contextId: status.contextId, descriptors: status.descriptors };
     } else {
-      assert(header.type === NBD_REPLY_TYPE_NONE);
+      assert(header.type === NBD_REPLY_TYPE_NONE, 'only NBD_REPLY_TYPE_NONE is left after the checks in checkStructuredHeader');
       chunk = { type: 'none' };
     }
 

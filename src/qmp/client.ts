@@ -12,9 +12,17 @@
 //   arrived still finds it.
 // - Whatever ends the connection, every pending call and waiter is rejected
 //   with QMP_DISCONNECTED (cause: the root cause), and `closed` resolves once.
+//   The state machine, the pending tables and shutdown are the shared
+//   ConnectionLifecycle (src/util/connection.ts), as in the NBD connection.
+// - Misuse that the types already rule out (a non-array of actions, a
+//   non-string name) is a bug and fails an assertion; bad values a user can
+//   pass through (an empty path, a zero timeout) are INVALID_ARGUMENT.
 
-import { createConnection, type Socket } from 'node:net';
+import { AssertionError } from 'node:assert';
+import type { Socket } from 'node:net';
 import { QbackupError, describeError } from '../errors.js';
+import { assert } from '../util/assert.js';
+import { ConnectionLifecycle, PendingTable, checkTimeoutMs, openSocket, startTimer } from '../util/connection.js';
 import {
   QmpLineParser,
   QmpProtocolError,
@@ -88,15 +96,13 @@ export class QmpCommandError extends QbackupError {
 const DEFAULT_CONNECT_TIMEOUT_MS = 10_000;
 const DEFAULT_TIMEOUT_MS = 30_000;
 const DEFAULT_EVENT_BUFFER_SIZE = 10_000;
-/** setTimeout fires at once for larger delays, so anything beyond is treated as "no timeout". */
-const MAX_TIMER_MS = 2_147_483_647;
+const STATES = [QmpClientState.Connecting, QmpClientState.Ready, QmpClientState.Closed] as const;
 
 interface PendingCall {
   command: string;
   args: Record<string, unknown> | undefined;
   resolve: (value: unknown) => void;
   reject: (error: Error) => void;
-  timer: NodeJS.Timeout | undefined;
 }
 
 interface EventWaiter {
@@ -104,7 +110,6 @@ interface EventWaiter {
   matches: (event: QmpEvent) => boolean;
   resolve: (event: QmpEvent) => void;
   reject: (error: Error) => void;
-  timer: NodeJS.Timeout | undefined;
 }
 
 interface ResolvedOptions {
@@ -120,36 +125,48 @@ export class QmpClient {
   /** Resolves once, when the connection ends: the root cause, or undefined after close(). Never rejects. */
   readonly closed: Promise<Error | undefined>;
 
-  private stateValue: QmpClientState = QmpClientState.Connecting;
+  private readonly lifecycle: ConnectionLifecycle<QmpClientState>;
   private readonly socket: Socket;
   private readonly parser: QmpLineParser;
   private readonly options: ResolvedOptions;
   private nextId = 1;
-  private readonly pending = new Map<number, PendingCall>();
+  private readonly pending: PendingTable<number, PendingCall>;
   private readonly events: QmpEvent[] = [];
   private lastSeq = 0;
-  private readonly waiters = new Set<EventWaiter>();
+  private nextWaiterKey = 1;
+  private readonly waiters: PendingTable<number, EventWaiter>;
   private readonly listeners = new Set<QmpEventListener>();
   private greetingValue: QmpGreeting | undefined;
   private readonly greetingReceived: Promise<QmpGreeting>;
   private settleGreeting: { resolve: (greeting: QmpGreeting) => void; reject: (error: Error) => void } | undefined;
-  private closeReason: Error | undefined;
-  private resolveClosed: (reason: Error | undefined) => void = () => undefined;
-  private readonly socketClosed: Promise<void>;
 
   private constructor(socket: Socket, socketPath: string, options: ResolvedOptions) {
     this.socket = socket;
     this.socketPath = socketPath;
     this.options = options;
-    this.closed = new Promise((resolve) => {
-      this.resolveClosed = resolve;
+    this.lifecycle = new ConnectionLifecycle({
+      socket,
+      states: STATES,
+      address: socketPath,
+      connectionName: `QMP connection to ${socketPath}`,
+      stateCode: 'QMP_STATE',
+      disconnectedCode: 'QMP_DISCONNECTED',
+      details: { socketPath },
+      onShutdown: (reason) => {
+        this.settleGreeting?.reject(reason ?? this.lifecycle.disconnectedError('no QMP greeting received'));
+        this.settleGreeting = undefined;
+      },
     });
+    this.closed = this.lifecycle.closed;
+    this.pending = this.lifecycle.track(new PendingTable({ describe: (call: PendingCall) => `QMP command "${call.command}" got no reply` }));
+    this.waiters = this.lifecycle.track(new PendingTable({ describe: (waiter: EventWaiter) => `stopped waiting for QMP event ${waiter.name}` }));
     this.greetingReceived = new Promise((resolve, reject) => {
       this.settleGreeting = { resolve, reject };
     });
-    // connect() awaits this at once; the handler only keeps a failure before that from counting as unhandled.
+    // Dropping the rejection here is right: connect() awaits this promise at
+    // once and sees it; the handler only keeps a failure that lands before
+    // that await from counting as unhandled.
     this.greetingReceived.catch(() => undefined);
-    this.socketClosed = new Promise((resolve) => socket.once('close', () => resolve()));
 
     const parserOptions = {
       onMessage: (message: Record<string, unknown>) => this.handleObject(message),
@@ -160,14 +177,13 @@ export class QmpClient {
     );
 
     socket.on('data', (chunk: Buffer) => {
-      if (this.stateValue !== QmpClientState.Closed) this.parser.push(chunk);
+      if (!this.lifecycle.isClosed) this.parser.push(chunk);
     });
     socket.on('end', () => {
       const midMessage = this.parser.bufferedBytes > 0 ? ' in the middle of a message' : '';
       this.shutdown(new QbackupError('QMP_DISCONNECTED', `QMP peer at ${socketPath} closed the connection${midMessage}`));
     });
-    // Always listened to: an unhandled 'error' on a socket would crash the process.
-    socket.on('error', (err: Error) => this.shutdown(err));
+    // Socket errors are handled by the lifecycle, which shuts down with them as the cause.
     socket.on('close', () => {
       this.shutdown(new QbackupError('QMP_DISCONNECTED', `QMP connection to ${socketPath} closed`));
     });
@@ -175,12 +191,11 @@ export class QmpClient {
 
   /** Connects, reads the greeting and leaves capabilities negotiation mode. */
   static async connect(socketPath: string, options: QmpConnectOptions = {}): Promise<QmpClient> {
-    if (typeof socketPath !== 'string' || socketPath === '') {
-      throw new QbackupError('INVALID_ARGUMENT', 'QMP socket path must be a non-empty string');
-    }
+    assert(typeof socketPath === 'string', 'QMP socket path must be a string');
+    if (socketPath === '') throw new QbackupError('INVALID_ARGUMENT', 'QMP socket path must be a non-empty string');
     const resolved: ResolvedOptions = {
-      connectTimeoutMs: checkTimeout('connectTimeoutMs', options.connectTimeoutMs, DEFAULT_CONNECT_TIMEOUT_MS),
-      defaultTimeoutMs: checkTimeout('defaultTimeoutMs', options.defaultTimeoutMs, DEFAULT_TIMEOUT_MS),
+      connectTimeoutMs: checkTimeoutMs('connectTimeoutMs', options.connectTimeoutMs) ?? DEFAULT_CONNECT_TIMEOUT_MS,
+      defaultTimeoutMs: checkTimeoutMs('defaultTimeoutMs', options.defaultTimeoutMs) ?? DEFAULT_TIMEOUT_MS,
       maxLineBytes: options.maxLineBytes,
       eventBufferSize: options.eventBufferSize ?? DEFAULT_EVENT_BUFFER_SIZE,
       onTrace: options.onTrace,
@@ -193,8 +208,8 @@ export class QmpClient {
       throw new QbackupError('INVALID_ARGUMENT', `maxLineBytes must be a positive integer, got ${String(maxLineBytes)}`);
     }
 
-    const client = new QmpClient(createConnection({ path: socketPath }), socketPath, resolved);
-    const timer = timerFor(resolved.connectTimeoutMs, () =>
+    const client = new QmpClient(openSocket({ path: socketPath }), socketPath, resolved);
+    const timer = startTimer(resolved.connectTimeoutMs, () =>
       client.shutdown(
         new QbackupError(
           'QMP_TIMEOUT',
@@ -215,7 +230,7 @@ export class QmpClient {
   }
 
   get state(): QmpClientState {
-    return this.stateValue;
+    return this.lifecycle.state;
   }
 
   /** The greeting QEMU sent on connect, with its version. */
@@ -231,25 +246,21 @@ export class QmpClient {
    * against what QEMU sends; callers narrow what they rely on.
    */
   execute<T = unknown>(command: string, args?: Record<string, unknown>, options: QmpExecuteOptions = {}): Promise<T> {
-    if (this.stateValue !== QmpClientState.Ready) {
-      return Promise.reject(
-        new QbackupError(
-          'QMP_STATE',
-          `cannot execute QMP command "${String(command)}": the connection to ${this.socketPath} is ${this.stateValue}`,
-          { details: { command, state: this.stateValue } },
-        ),
-      );
+    if (this.lifecycle.state !== QmpClientState.Ready) {
+      return Promise.reject(this.lifecycle.stateError(`cannot execute QMP command "${String(command)}"`, { command }));
     }
     return this.send(command, args, options.timeoutMs) as Promise<T>;
   }
 
   /** Runs the actions atomically with QMP `transaction`; all of them take effect or none. */
   async transaction(actions: QmpTransactionAction[], options: QmpTransactionOptions = {}): Promise<void> {
-    if (!Array.isArray(actions)) throw new QbackupError('INVALID_ARGUMENT', 'transaction actions must be an array');
+    assert(Array.isArray(actions), 'transaction actions must be an array');
     const wireActions = actions.map((action, index) => {
-      if (!isPlainObject(action) || typeof action.type !== 'string' || action.type === '' || !isPlainObject(action.data)) {
-        throw new QbackupError('INVALID_ARGUMENT', `transaction action ${index} needs a string type and an object data`);
-      }
+      assert(
+        isPlainObject(action) && typeof action.type === 'string' && isPlainObject(action.data),
+        `transaction action ${index} needs a string type and an object data`,
+      );
+      if (action.type === '') throw new QbackupError('INVALID_ARGUMENT', `transaction action ${index} has an empty type`);
       return { type: action.type, data: action.data };
     });
     const args: Record<string, unknown> = { actions: wireActions };
@@ -259,7 +270,8 @@ export class QmpClient {
 
   /** Runs an HMP command line through `human-monitor-command` and returns its output. */
   async humanMonitorCommand(commandLine: string, options: QmpExecuteOptions = {}): Promise<string> {
-    if (typeof commandLine !== 'string' || commandLine.trim() === '') {
+    assert(typeof commandLine === 'string', 'HMP command line must be a string');
+    if (commandLine.trim() === '') {
       throw new QbackupError('INVALID_ARGUMENT', 'HMP command line must be a non-empty string');
     }
     const output = await this.execute('human-monitor-command', { 'command-line': commandLine }, options);
@@ -286,47 +298,35 @@ export class QmpClient {
     timeoutMs?: number,
     after = 0,
   ): Promise<QmpEvent> {
-    if (typeof name !== 'string' || name === '') {
-      return Promise.reject(new QbackupError('INVALID_ARGUMENT', 'event name must be a non-empty string'));
-    }
-    if (!Number.isSafeInteger(after) || after < 0) {
-      return Promise.reject(new QbackupError('INVALID_ARGUMENT', `event cursor must be a non-negative integer, got ${String(after)}`));
-    }
     let timeout: number;
-    try {
-      timeout = checkTimeout('timeoutMs', timeoutMs, this.options.defaultTimeoutMs);
-    } catch (err) {
-      return Promise.reject(err);
-    }
+    let buffered: QmpEvent | undefined;
     const matches = (event: QmpEvent): boolean =>
       event.seq > after && event.event === name && (predicate === undefined || predicate(event));
-
     try {
-      const first = this.events[0];
-      // Sequence numbers are contiguous, so the first candidate's index is computed, not searched.
-      const start = first === undefined ? 0 : Math.max(0, after + 1 - first.seq);
-      for (let i = start; i < this.events.length; i++) {
-        const event = this.events[i];
-        if (event !== undefined && matches(event)) return Promise.resolve(event);
+      assert(typeof name === 'string', 'event name must be a string');
+      if (name === '') throw new QbackupError('INVALID_ARGUMENT', 'event name must be a non-empty string');
+      if (!Number.isSafeInteger(after) || after < 0) {
+        throw new QbackupError('INVALID_ARGUMENT', `event cursor must be a non-negative integer, got ${String(after)}`);
       }
+      timeout = checkTimeoutMs('timeoutMs', timeoutMs) ?? this.options.defaultTimeoutMs;
+      buffered = this.findBufferedEvent(after, matches);
     } catch (err) {
       return Promise.reject(err);
     }
-    if (this.stateValue === QmpClientState.Closed) {
-      return Promise.reject(this.disconnectedError(`stopped waiting for QMP event ${name}`));
+    if (buffered !== undefined) return Promise.resolve(buffered);
+    if (this.lifecycle.isClosed) {
+      return Promise.reject(this.lifecycle.disconnectedError(`stopped waiting for QMP event ${name}`));
     }
-
     return new Promise<QmpEvent>((resolve, reject) => {
-      const waiter: EventWaiter = { name, matches, resolve, reject, timer: undefined };
-      waiter.timer = timerFor(timeout, () => {
-        this.waiters.delete(waiter);
-        reject(
+      this.waiters.add(
+        this.nextWaiterKey++,
+        { name, matches, resolve, reject },
+        timeout,
+        () =>
           new QbackupError('QMP_TIMEOUT', `QMP event ${name} did not arrive within ${timeout} ms`, {
             details: { event: name, timeoutMs: timeout, after },
           }),
-        );
-      });
-      this.waiters.add(waiter);
+      );
     });
   }
 
@@ -341,27 +341,41 @@ export class QmpClient {
   /** Closes the connection; pending calls reject with QMP_DISCONNECTED. Safe to call any number of times. */
   close(): Promise<void> {
     this.shutdown(undefined);
-    return this.socketClosed;
+    return this.lifecycle.socketClosed;
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close();
   }
 
+  /** The first buffered event after `after` that matches; a throwing predicate throws here. */
+  private findBufferedEvent(after: number, matches: (event: QmpEvent) => boolean): QmpEvent | undefined {
+    const first = this.events[0];
+    // Sequence numbers are contiguous, so the first candidate's index is computed, not searched.
+    const start = first === undefined ? 0 : Math.max(0, after + 1 - first.seq);
+    for (let i = start; i < this.events.length; i++) {
+      const event = this.events[i];
+      if (event !== undefined && matches(event)) return event;
+    }
+    return undefined;
+  }
+
   private async handshake(): Promise<void> {
     await this.greetingReceived;
     // The handshake as a whole is bounded by connectTimeoutMs in connect().
     await this.send('qmp_capabilities', undefined, Infinity);
-    if (this.stateValue === QmpClientState.Closed) throw this.disconnectedError('QMP handshake did not finish');
-    this.stateValue = QmpClientState.Ready;
+    if (this.lifecycle.isClosed) throw this.lifecycle.disconnectedError('QMP handshake did not finish');
+    this.lifecycle.advance(QmpClientState.Ready);
   }
 
   private connectFailure(err: unknown): Error {
     if (err instanceof QmpCommandError) return err;
-    const reason = this.closeReason;
+    const reason = this.lifecycle.closeReason;
     if (reason instanceof QbackupError && (reason.code === 'QMP_TIMEOUT' || reason.code === 'QMP_PROTOCOL')) {
       return reason;
     }
+    // A bug stays a bug; wrapping it would make it look like a connection problem.
+    if (err instanceof AssertionError) return err;
     const cause = reason ?? err;
     return new QbackupError('QMP_DISCONNECTED', `cannot connect to QMP socket ${this.socketPath}: ${describeError(cause)}`, {
       cause,
@@ -371,29 +385,28 @@ export class QmpClient {
 
   private send(command: string, args: Record<string, unknown> | undefined, timeoutMs: number | undefined): Promise<unknown> {
     // The handshake sends from `connecting`, after an await during which the peer may already have failed us.
-    if (this.stateValue === QmpClientState.Closed) {
-      return Promise.reject(this.disconnectedError(`QMP command "${command}" not sent`));
+    if (this.lifecycle.isClosed) {
+      return Promise.reject(this.lifecycle.disconnectedError(`QMP command "${command}" not sent`));
     }
     let timeout: number;
     let line: string;
     const id = this.nextId++;
     try {
-      timeout = checkTimeout('timeoutMs', timeoutMs, this.options.defaultTimeoutMs);
+      timeout = checkTimeoutMs('timeoutMs', timeoutMs) ?? this.options.defaultTimeoutMs;
       line = encodeCommand(id, command, args);
     } catch (err) {
       return Promise.reject(err);
     }
     return new Promise<unknown>((resolve, reject) => {
-      const call: PendingCall = { command, args, resolve, reject, timer: undefined };
-      call.timer = timerFor(timeout, () => {
-        this.pending.delete(id);
-        reject(
+      this.pending.add(
+        id,
+        { command, args, resolve, reject },
+        timeout,
+        () =>
           new QbackupError('QMP_TIMEOUT', `QMP command "${command}" got no reply within ${timeout} ms`, {
             details: { command, id, timeoutMs: timeout },
           }),
-        );
-      });
-      this.pending.set(id, call);
+      );
       if (this.options.onTrace !== undefined) {
         this.trace('send', args === undefined ? { execute: command, id } : { execute: command, arguments: args, id });
       }
@@ -402,13 +415,15 @@ export class QmpClient {
   }
 
   private handleObject(raw: Record<string, unknown>): void {
-    if (this.stateValue === QmpClientState.Closed) return;
+    if (this.lifecycle.isClosed) return;
     this.trace('recv', raw);
     let message: QmpMessage;
     try {
       message = classifyMessage(raw);
     } catch (err) {
-      this.shutdown(err instanceof Error ? err : new Error(String(err)));
+      // classifyMessage throws only QmpProtocolError; anything else is a bug and propagates.
+      if (!(err instanceof QmpProtocolError)) throw err;
+      this.shutdown(err);
       return;
     }
     if (message.kind === 'greeting') {
@@ -441,12 +456,10 @@ export class QmpClient {
       this.shutdown(new QmpProtocolError('unexpected-message', `QMP peer sent a reply with ${shown}, which matches no request`));
       return;
     }
-    const call = this.pending.get(id);
     // Ids only grow, so an issued id without a pending call belongs to a call
     // that timed out; dropping its reply needs no record of timed-out ids.
+    const call = this.pending.take(id);
     if (call === undefined) return;
-    this.pending.delete(id);
-    clearTimeout(call.timer);
     if (reply.kind === 'return') call.resolve(reply.value);
     else call.reject(new QmpCommandError(call.command, call.args, reply.errorClass, reply.desc));
   }
@@ -461,17 +474,20 @@ export class QmpClient {
     this.events.push(event);
     if (this.events.length > this.options.eventBufferSize) this.events.shift();
 
-    for (const waiter of [...this.waiters]) {
+    for (const [key, waiter] of this.waiters.entries()) {
+      // A predicate may have closed the client, which already failed the rest.
+      if (!this.waiters.has(key)) continue;
       let hit: boolean;
       try {
         hit = waiter.matches(event);
       } catch (err) {
-        this.settleWaiter(waiter);
+        // The caller's predicate threw: its wait fails with that error; the others go on.
+        this.waiters.take(key);
         waiter.reject(err instanceof Error ? err : new Error(String(err)));
         continue;
       }
       if (hit) {
-        this.settleWaiter(waiter);
+        this.waiters.take(key);
         waiter.resolve(event);
       }
     }
@@ -484,42 +500,9 @@ export class QmpClient {
     }
   }
 
-  private settleWaiter(waiter: EventWaiter): void {
-    this.waiters.delete(waiter);
-    clearTimeout(waiter.timer);
-  }
-
   /** The one way into `closed`; the first reason wins. undefined means close() was called. */
   private shutdown(reason: Error | undefined): void {
-    if (this.stateValue === QmpClientState.Closed) return;
-    this.stateValue = QmpClientState.Closed;
-    this.closeReason = reason;
-    this.socket.destroy();
-
-    const calls = [...this.pending.values()];
-    this.pending.clear();
-    for (const call of calls) {
-      clearTimeout(call.timer);
-      call.reject(this.disconnectedError(`QMP command "${call.command}" got no reply`));
-    }
-    const waiters = [...this.waiters];
-    this.waiters.clear();
-    for (const waiter of waiters) {
-      clearTimeout(waiter.timer);
-      waiter.reject(this.disconnectedError(`stopped waiting for QMP event ${waiter.name}`));
-    }
-    this.settleGreeting?.reject(reason ?? this.disconnectedError('no QMP greeting received'));
-    this.settleGreeting = undefined;
-    this.resolveClosed(reason);
-  }
-
-  private disconnectedError(what: string): QbackupError {
-    const reason = this.closeReason;
-    const message =
-      reason === undefined
-        ? `${what}: the QMP connection to ${this.socketPath} was closed`
-        : `${what}: QMP connection to ${this.socketPath} lost: ${describeError(reason)}`;
-    return new QbackupError('QMP_DISCONNECTED', message, { cause: reason, details: { socketPath: this.socketPath } });
+    this.lifecycle.shutdown(reason);
   }
 
   private trace(direction: QmpTraceDirection, message: object): void {
@@ -531,18 +514,6 @@ export class QmpClient {
       rethrowLater(err);
     }
   }
-}
-
-function checkTimeout(name: string, value: number | undefined, fallback: number): number {
-  if (value === undefined) return fallback;
-  if (typeof value !== 'number' || Number.isNaN(value) || value <= 0) {
-    throw new QbackupError('INVALID_ARGUMENT', `${name} must be a positive number of milliseconds, got ${String(value)}`);
-  }
-  return value;
-}
-
-function timerFor(timeoutMs: number, onTimeout: () => void): NodeJS.Timeout | undefined {
-  return timeoutMs > MAX_TIMER_MS ? undefined : setTimeout(onTimeout, timeoutMs);
 }
 
 /**

@@ -11,6 +11,7 @@
 //   reports through onError and only throws what a callback throws.
 
 import { QbackupError } from '../errors.js';
+import { assert } from '../util/assert.js';
 
 /** QEMU's default limit on a QMP line is far lower; 16 MiB leaves room for large query replies. */
 export const DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024;
@@ -228,9 +229,7 @@ export function encodeCommand(id: number | string, command: string, args?: Recor
   if (typeof command !== 'string' || command === '') {
     throw new QbackupError('INVALID_ARGUMENT', 'QMP command name must be a non-empty string');
   }
-  if (args !== undefined && !isPlainObject(args)) {
-    throw new QbackupError('INVALID_ARGUMENT', `arguments of QMP command "${command}" must be an object`);
-  }
+  assert(args === undefined || isPlainObject(args), `arguments of QMP command "${command}" must be an object`);
   const message: Record<string, unknown> = { execute: command };
   if (args !== undefined) message['arguments'] = args;
   message['id'] = id;
@@ -337,6 +336,7 @@ function safeStringify(value: unknown): string {
   try {
     return JSON.stringify(value) ?? String(value);
   } catch {
+    // Only feeds an error message about the value; the message must not fail over it.
     return '[unprintable]';
   }
 }

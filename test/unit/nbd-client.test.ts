@@ -9,7 +9,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterEach, beforeEach, describe, it } from 'node:test';
+import { afterEach, beforeEach, describe, it, mock } from 'node:test';
 import { isQbackupError, QbackupError } from '../../src/errors.js';
 import {
   NBD_CMD_BLOCK_STATUS,
@@ -363,7 +363,10 @@ async function serve(script: FakeScript = {}): Promise<FakeServer> {
   return server;
 }
 
-async function connect(server: FakeServer, options: { exportName?: string; metaContexts?: string[]; timeoutMs?: number } = {}): Promise<NbdClient> {
+async function connect(
+  server: FakeServer,
+  options: { exportName?: string; metaContexts?: string[]; timeoutMs?: number; requestTimeoutMs?: number } = {},
+): Promise<NbdClient> {
   const client = await NbdClient.connect({ socket: server.path }, { exportName: options.exportName ?? EXPORT, ...options });
   clients.push(client);
   return client;
@@ -710,6 +713,64 @@ describe('NbdClient against a hostile server', () => {
     await assert.rejects(first, (err: unknown) => isQbackupError(err, 'NBD_TIMEOUT') && /NBD_CMD_READ of 4096 bytes at offset 0 on export "vm1-sda" got no reply within 200 ms/.test(err.message));
     await assert.rejects(second, (err: unknown) => isQbackupError(err, 'NBD_DISCONNECTED') && isQbackupError((err as QbackupError).cause, 'NBD_TIMEOUT'));
     assert.equal(client.state, NbdConnectionState.Closed);
+  });
+});
+
+describe('NbdClient request timeouts', () => {
+  // Timers are mocked, so "60 s" passes at once and the outcome does not depend on the machine's speed.
+  afterEach(() => mock.timers.reset());
+
+  /** Whether `promise` is still pending after everything already queued has run. */
+  async function isPending(promise: Promise<unknown>): Promise<boolean> {
+    const marker = Symbol('pending');
+    const winner = await Promise.race([promise.then(() => 'settled', () => 'settled'), new Promise((resolve) => setImmediate(() => resolve(marker)))]);
+    return winner === marker;
+  }
+
+  it('fails a read the server never answers with NBD_TIMEOUT after the default 60 s, naming the export', async () => {
+    const server = await serve({ onRequest: () => undefined });
+    const client = await connect(server);
+    mock.timers.enable({ apis: ['setTimeout'] });
+    const read = client.read(0, 4096);
+    const outcome = read.then(
+      () => undefined,
+      (err: unknown) => err,
+    );
+    await requestsSeen(server, 1);
+    mock.timers.tick(59_999);
+    assert.equal(await isPending(read), true, 'still waiting just before 60 s');
+    mock.timers.tick(1);
+    const err = await outcome;
+    assert.ok(isQbackupError(err, 'NBD_TIMEOUT'), String(err));
+    assert.equal(err.message, 'NBD_CMD_READ of 4096 bytes at offset 0 on export "vm1-sda" got no reply within 60000 ms');
+    assert.equal(err.details['exportName'], EXPORT);
+    assert.equal(await client.closed, err, 'the timeout is the root cause of the connection ending');
+    assert.equal(client.state, NbdConnectionState.Closed);
+    await assert.rejects(client.read(0, 512), (e: unknown) => isQbackupError(e, 'NBD_DISCONNECTED') && (e as QbackupError).cause === err);
+  });
+
+  it('uses requestTimeoutMs over timeoutMs, and 0 waits as long as it takes', async () => {
+    let release: (() => void) | undefined;
+    const server = await serve({
+      onRequest: (request, peer) => {
+        release = () => peer.data(request.cookie, request.offset, Buffer.alloc(request.length, 4), true);
+      },
+    });
+    const patient = await connect(server, { timeoutMs: 1000, requestTimeoutMs: 0 });
+    mock.timers.enable({ apis: ['setTimeout'] });
+    const read = patient.read(0, 4096);
+    await requestsSeen(server, 1);
+    mock.timers.tick(24 * 3600 * 1000);
+    assert.equal(await isPending(read), true, 'no timeout with requestTimeoutMs 0');
+    release?.();
+    assert.deepEqual(await read, Buffer.alloc(4096, 4));
+    assert.equal(patient.state, NbdConnectionState.Ready);
+  });
+
+  it('refuses a negative requestTimeoutMs before connecting', async () => {
+    const server = await serve();
+    await assert.rejects(connect(server, { requestTimeoutMs: -1 }), (err: unknown) => isQbackupError(err, 'INVALID_ARGUMENT') && /requestTimeoutMs/.test(err.message));
+    assert.equal(server.options.length, 0);
   });
 });
 
