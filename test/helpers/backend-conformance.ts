@@ -71,7 +71,7 @@ export function backendConformance(name: string, open: () => Promise<Backend>): 
 
     it('refuses keys that could leave the repository or hide', async () => {
       const b = await open();
-      for (const key of ['../x', 'a/../../x', '/etc/passwd', '.hidden', 'a//b', 'A', 'a/', '', 'a/.tmp-1']) {
+      for (const key of ['../x', 'a/../../x', '/etc/passwd', '.hidden', 'a//b', 'a b', 'a/', '', 'a/.tmp-1', 'x\\y']) {
         await assert.rejects(b.putIfAbsent(key, Buffer.from('x')), (err: unknown) => isQbackupError(err, 'INVALID_ARGUMENT'), key);
         await assert.rejects(b.get(key), (err: unknown) => isQbackupError(err, 'INVALID_ARGUMENT'), key);
         await assert.rejects(b.delete(key), (err: unknown) => isQbackupError(err, 'INVALID_ARGUMENT'), key);

@@ -3,7 +3,7 @@
 //
 // Invariants:
 // - Keys are relative, '/'-separated, and every segment matches KEY_SEGMENT
-//   (lower-case letters, digits, '.', '_', '-', no leading '.'), so no key can
+//   (letters, digits, '.', '_', '+', '-', no leading '.'), so no key can
 //   name a parent directory, an absolute path or a hidden temporary file. The
 //   store derives every key from validated ids, never from file contents.
 // - putIfAbsent is atomic: a reader sees the whole object or none, and of
@@ -34,7 +34,7 @@ export interface Backend {
   delete(key: string): Promise<void>;
 }
 
-export const KEY_SEGMENT = /^[a-z0-9][a-z0-9._-]{0,127}$/;
+export const KEY_SEGMENT = /^[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}$/;
 
 /** Throws INVALID_ARGUMENT unless `key` follows the key rules. */
 export function assertKey(key: string): void {
