@@ -1,0 +1,91 @@
+// A backup's manifest: the record that makes it exist. Written last, in one
+// atomic put, after every chunk and index it names is stored; until then the
+// backup's packs are unreferenced garbage for gc. Parsing treats the content
+// as hostile: every id that later becomes part of an object key is checked
+// against its strict pattern here.
+
+import { QbackupError } from '../errors.js';
+import { CHECKPOINT_NAME_PATTERN } from '../checkpoint/spec.js';
+import { INDEX_ID } from './disk-index.js';
+
+/** Backup ids: UTC time to the millisecond and 4 random hex digits, e.g. 20261129T121127.196Z-af5f. */
+export const BACKUP_ID = /^\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{4}$/;
+const DOMAIN = /^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}$/;
+const DISK_ID = /^dk[0-9a-f]{8}$/;
+
+export interface ManifestDisk {
+  target: string;
+  diskId: string;
+  virtualSize: number;
+  level: 'full' | 'incremental';
+  /** Why the disk got a full backup (null for an incremental). */
+  fullReason: string | null;
+  /** The disk index (full or a delta on the previous backup's). */
+  index: string;
+  /** Bytes read from the VM, and stored as new chunks (after dedup and compression). */
+  bytesRead: number;
+  bytesStored: number;
+  /** Chunks with data (not holes), and how many of them were new to the repository. */
+  chunks: number;
+  newChunks: number;
+}
+
+export interface Manifest {
+  format: 2;
+  id: string;
+  domain: string;
+  uuid: string;
+  time: string;
+  endTime: string;
+  checkpoint: string;
+  /** 'filesystem' when the guest's filesystems were frozen, else 'crash'. */
+  consistency: 'crash' | 'filesystem';
+  /** The domain definition at backup time (libvirt XML). */
+  domainXml: string;
+  disks: ManifestDisk[];
+}
+
+export function manifestKey(domain: string, id: string): string {
+  if (!DOMAIN.test(domain) || domain.includes('..')) throw new QbackupError('INVALID_NAME', `Invalid domain name ${JSON.stringify(domain)}`);
+  if (!BACKUP_ID.test(id)) throw new QbackupError('BACKUP_NOT_FOUND', `Invalid backup id ${JSON.stringify(id)}`);
+  return `snapshots/${domain}/${id}`;
+}
+
+export function newBackupId(now = new Date()): string {
+  const t = now.toISOString().replace(/[-:]/g, '');
+  return `${t}-${Math.floor(Math.random() * 0x10000).toString(16).padStart(4, '0')}`;
+}
+
+/** Parses and checks a stored manifest; it must be the one its key names. */
+export function parseManifest(text: string, domain: string, id: string): Manifest {
+  const bad = (why: string): QbackupError => new QbackupError('REPO_DAMAGED', `Manifest of backup "${id}" (domain "${domain}") is damaged: ${why}`);
+  let v: unknown;
+  try {
+    v = JSON.parse(text);
+  } catch {
+    throw bad('not valid JSON');
+  }
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) throw bad('not an object');
+  const m = v as Record<string, unknown>;
+  if (m['format'] !== 2) throw bad(`format ${String(m['format'])}`);
+  if (m['id'] !== id || m['domain'] !== domain) throw bad('it names another backup');
+  for (const f of ['uuid', 'time', 'endTime', 'checkpoint', 'domainXml'] as const) if (typeof m[f] !== 'string') throw bad(`no ${f}`);
+  if (!CHECKPOINT_NAME_PATTERN.test(m['checkpoint'] as string)) throw bad('an invalid checkpoint name');
+  if (m['consistency'] !== 'crash' && m['consistency'] !== 'filesystem') throw bad('no consistency');
+  if (!Array.isArray(m['disks'])) throw bad('no disks');
+  for (const d of m['disks'] as unknown[]) checkDisk(d, bad);
+  return m as unknown as Manifest;
+}
+
+function checkDisk(v: unknown, bad: (why: string) => QbackupError): void {
+  if (typeof v !== 'object' || v === null) throw bad('a disk is not an object');
+  const d = v as Record<string, unknown>;
+  if (typeof d['target'] !== 'string' || !/^[a-z]{2,8}$/.test(d['target'])) throw bad('a disk has an invalid target');
+  if (typeof d['diskId'] !== 'string' || !DISK_ID.test(d['diskId'])) throw bad(`disk "${String(d['target'])}" has an invalid disk id`);
+  if (typeof d['index'] !== 'string' || !INDEX_ID.test(d['index'])) throw bad(`disk "${String(d['target'])}" names an invalid index`);
+  if (d['level'] !== 'full' && d['level'] !== 'incremental') throw bad(`disk "${String(d['target'])}" has an invalid level`);
+  for (const f of ['virtualSize', 'bytesRead', 'bytesStored', 'chunks', 'newChunks']) {
+    if (!Number.isSafeInteger(d[f]) || (d[f] as number) < 0) throw bad(`disk "${String(d['target'])}" has an invalid ${f}`);
+  }
+  if (d['fullReason'] !== null && typeof d['fullReason'] !== 'string') throw bad(`disk "${String(d['target'])}" has an invalid fullReason`);
+}

@@ -1,0 +1,334 @@
+// A format 2 repository on a backend: its config, keys, packs of chunks,
+// disk indexes, manifests and locks.
+//
+//   config                         plain JSON: format 2, id, chunk size, compression, encrypted
+//   keys/<id>                      the master key wrapped under a passphrase (encrypted repositories)
+//   data/<xx>/<pack id>            packs of stored chunks
+//   index/<pack id>                each pack's header: which chunks it holds, where
+//   indexes/<xx>/<index id>        disk indexes (full or delta), content-addressed
+//   snapshots/<domain>/<backup id> manifests, the commit point of a backup
+//   locks/<lock id>                who is backing up or collecting garbage
+//   condemned/<kind>.<id>          garbage waiting for running backups to end (gc.ts)
+//
+// Invariants:
+// - Every key is built here from validated ids (hex digests, backup ids,
+//   domain names), never from the content of an object.
+// - A chunk is readable only through readChunk, which checks it against its
+//   id; indexes and manifests are checked when parsed.
+
+import { hostname } from 'node:os';
+import { randomBytes } from 'node:crypto';
+import { QbackupError, describeError } from '../errors.js';
+import type { Backend } from './backend/backend.js';
+import { decodeChunk, encodeChunk, ZERO_ID } from './chunk.js';
+import { ChunkCompressor } from './compress.js';
+import { chunkId, newMasterKey, parseKeyFile, seal, unseal, unwrapMasterKey, wrapMasterKey, type MasterKey } from './crypto.js';
+import { decodeIndex, encodeIndex, indexKey, INDEX_ID, MAX_CHAIN, resolveChain, type DiskIndex, type FullIndex } from './disk-index.js';
+import { parseManifest, manifestKey, type Manifest } from './manifest.js';
+import { PACK_ID, PACK_TARGET_BYTES, PackBuilder, packIndexKey, packKey, parseHeader } from './pack.js';
+
+export const REPO_FORMAT = 2;
+export const DEFAULT_CHUNK_BYTES = 64 * 1024;
+
+export interface RepoConfig {
+  format: 2;
+  id: string;
+  chunkSize: number;
+  compression: 'zstd';
+  encrypted: boolean;
+  created: string;
+}
+
+export interface ChunkLocation {
+  packId: string;
+  offset: number;
+  length: number;
+  rawLength: number;
+}
+
+export interface InitOptions {
+  /** Encrypt with a key wrapped under this passphrase. */
+  password?: string;
+  chunkSize?: number;
+}
+
+export class Store {
+  readonly compressor = new ChunkCompressor();
+  /** Chunks known to be stored, by hex id (loaded by loadChunks). */
+  private chunks = new Map<string, ChunkLocation>();
+
+  private constructor(
+    readonly backend: Backend,
+    readonly config: RepoConfig,
+    readonly key: MasterKey | undefined,
+  ) {}
+
+  get location(): string {
+    return this.backend.location;
+  }
+
+  /** Creates a repository; refuses when one (of any format) is already there. */
+  static async init(backend: Backend, options: InitOptions = {}): Promise<Store> {
+    const chunkSize = options.chunkSize ?? DEFAULT_CHUNK_BYTES;
+    if (!Number.isInteger(chunkSize) || chunkSize < 4096 || chunkSize > 4 * 1024 * 1024 || (chunkSize & (chunkSize - 1)) !== 0) {
+      throw new QbackupError('INVALID_ARGUMENT', `Invalid chunk size ${chunkSize}: use a power of two from 4 KiB to 4 MiB`);
+    }
+    const config: RepoConfig = { format: REPO_FORMAT, id: randomBytes(16).toString('hex'), chunkSize, compression: 'zstd', encrypted: options.password !== undefined, created: new Date().toISOString() };
+    const key = options.password !== undefined ? newMasterKey() : undefined;
+    if (key !== undefined && options.password !== undefined) {
+      // The key goes first: a config that says "encrypted" always has a key to open it.
+      await backend.putIfAbsent(`keys/${randomBytes(8).toString('hex')}`, Buffer.from(JSON.stringify(wrapMasterKey(key, options.password, hostname()))));
+    }
+    if (!(await backend.putIfAbsent('config', Buffer.from(`${JSON.stringify(config, null, 2)}\n`)))) {
+      throw new QbackupError('REPO_INVALID', `Cannot create a repository at "${backend.location}": one already exists there`);
+    }
+    return new Store(backend, config, key);
+  }
+
+  /** Opens an existing repository; an encrypted one needs its passphrase. */
+  static async open(backend: Backend, options: { password?: string } = {}): Promise<Store> {
+    const config = await readConfig(backend);
+    if (!config.encrypted) return new Store(backend, config, undefined);
+    if (options.password === undefined) {
+      throw new QbackupError('WRONG_PASSWORD', `Repository "${backend.location}" is encrypted: give its passphrase (QBACKUP_PASSWORD or --password-file)`);
+    }
+    for (const { key: name } of await backend.list('keys/')) {
+      const file = parseKeyFile((await backend.get(name)).toString('utf8'), name);
+      const key = unwrapMasterKey(file, options.password);
+      if (key !== undefined) return new Store(backend, config, key);
+    }
+    throw new QbackupError('WRONG_PASSWORD', `Cannot open repository "${backend.location}": wrong passphrase`);
+  }
+
+  // ---- keys ------------------------------------------------------------------
+
+  async listKeys(): Promise<Array<{ id: string; created: string; host: string }>> {
+    const out = [];
+    for (const { key: name } of await this.backend.list('keys/')) {
+      const file = parseKeyFile((await this.backend.get(name)).toString('utf8'), name);
+      out.push({ id: name.slice(5), created: file.created, host: file.host });
+    }
+    return out;
+  }
+
+  async addKey(password: string): Promise<string> {
+    const key = this.requireEncrypted('add a key to');
+    const id = randomBytes(8).toString('hex');
+    await this.backend.putIfAbsent(`keys/${id}`, Buffer.from(JSON.stringify(wrapMasterKey(key, password, hostname()))));
+    return id;
+  }
+
+  async removeKey(id: string, currentPassword: string): Promise<void> {
+    this.requireEncrypted('remove a key from');
+    if (!/^[0-9a-f]{16}$/.test(id)) throw new QbackupError('INVALID_ARGUMENT', `Invalid key id "${id}"`);
+    const keys = await this.listKeys();
+    if (!keys.some((k) => k.id === id)) throw new QbackupError('INVALID_ARGUMENT', `Repository "${this.location}" has no key "${id}"`);
+    if (keys.length === 1) throw new QbackupError('INVALID_ARGUMENT', `Cannot remove key "${id}": it is the repository's last key`);
+    const file = parseKeyFile((await this.backend.get(`keys/${id}`)).toString('utf8'), id);
+    if (unwrapMasterKey(file, currentPassword) !== undefined) {
+      throw new QbackupError('INVALID_ARGUMENT', `Cannot remove key "${id}": it is the key opened with the current passphrase; open the repository with another one`);
+    }
+    await this.backend.delete(`keys/${id}`);
+  }
+
+  private requireEncrypted(verb: string): MasterKey {
+    if (this.key === undefined) throw new QbackupError('INVALID_ARGUMENT', `Cannot ${verb} repository "${this.location}": it is not encrypted`);
+    return this.key;
+  }
+
+  // ---- chunks ----------------------------------------------------------------
+
+  /** Reads every pack header, so `has` and `readChunk` know where chunks are; `skip` leaves out condemned packs. */
+  async loadChunks(skip: ReadonlySet<string> = new Set()): Promise<void> {
+    const chunks = new Map<string, ChunkLocation>();
+    for (const { key } of await this.backend.list('index/')) {
+      const packId = key.slice(6);
+      if (!PACK_ID.test(packId) || skip.has(packId)) continue;
+      for (const e of await this.packEntries(packId)) {
+        chunks.set(e.id.toString('hex'), { packId, offset: e.offset, length: e.length, rawLength: e.rawLength });
+      }
+    }
+    this.chunks = chunks;
+  }
+
+  async packEntries(packId: string): Promise<ReturnType<typeof parseHeader>> {
+    const stored = await this.backend.get(packIndexKey(packId));
+    return parseHeader(stored, this.key, `Index of pack "${packId}"`, this.config.chunkSize);
+  }
+
+  get chunkCount(): number {
+    return this.chunks.size;
+  }
+
+  locate(id: Buffer): ChunkLocation | undefined {
+    return this.chunks.get(id.toString('hex'));
+  }
+
+  has(id: Buffer): boolean {
+    return id.equals(ZERO_ID) || this.chunks.has(id.toString('hex'));
+  }
+
+  chunkId(data: Uint8Array): Buffer {
+    return chunkId(data, this.key);
+  }
+
+  /** A chunk's plaintext, checked against its id; the zero id reads as zeroes. */
+  async readChunk(id: Buffer): Promise<Buffer> {
+    if (id.equals(ZERO_ID)) return Buffer.alloc(this.config.chunkSize);
+    const hex = id.toString('hex');
+    const loc = this.chunks.get(hex);
+    if (loc === undefined) throw new QbackupError('REPO_OBJECT_NOT_FOUND', `Repository "${this.location}" has no chunk ${hex}`, { details: { chunk: hex } });
+    const blob = await this.backend.get(packKey(loc.packId), { offset: loc.offset, length: loc.length });
+    return decodeChunk(blob, id, loc.rawLength, { compressor: this.compressor, key: this.key }, `Chunk ${hex} in pack "${loc.packId}"`);
+  }
+
+  /** A writer that packs new chunks; call `flush` before referencing them in an index. */
+  chunkWriter(): ChunkWriter {
+    return new ChunkWriter(this);
+  }
+
+  /** Stores a finished pack: the pack first, then its index, so no index names a missing pack. */
+  async storePack(builder: PackBuilder): Promise<string> {
+    const { packId, pack, header } = builder.finish(this.key);
+    await this.backend.putIfAbsent(packKey(packId), pack);
+    await this.backend.putIfAbsent(packIndexKey(packId), header);
+    for (const e of builder.entries) this.chunks.set(e.id.toString('hex'), { packId, offset: e.offset, length: e.length, rawLength: e.rawLength });
+    return packId;
+  }
+
+  // ---- indexes ---------------------------------------------------------------
+
+  async putIndex(index: DiskIndex): Promise<string> {
+    const { indexId, stored } = encodeIndex(index, this.compressor, this.key);
+    await this.backend.putIfAbsent(indexKey(indexId), stored);
+    return indexId;
+  }
+
+  async getIndex(indexId: string): Promise<DiskIndex> {
+    if (!INDEX_ID.test(indexId)) throw new QbackupError('REPO_DAMAGED', `Repository "${this.location}" names an invalid disk index "${indexId}"`);
+    const stored = await this.backend.get(indexKey(indexId));
+    // A full index of a 16 TiB disk at 4 KiB chunks stays below this bound.
+    return decodeIndex(stored, indexId, this.compressor, this.key, `Disk index "${indexId}"`, 2 ** 33);
+  }
+
+  /** The index chain ending at `indexId`, full index first. */
+  async indexChain(indexId: string): Promise<DiskIndex[]> {
+    const chain: DiskIndex[] = [];
+    let at: string | undefined = indexId;
+    while (at !== undefined) {
+      if (chain.length > MAX_CHAIN * 4) throw new QbackupError('REPO_DAMAGED', `Disk index "${indexId}" is damaged: its chain does not end`);
+      const index = await this.getIndex(at);
+      chain.unshift(index);
+      at = index.kind === 'delta' ? index.parent : undefined;
+    }
+    return chain;
+  }
+
+  /** The full slot table of a backup's disk. */
+  async resolveIndex(indexId: string): Promise<FullIndex> {
+    return resolveChain(await this.indexChain(indexId), `Disk index "${indexId}"`);
+  }
+
+  // ---- manifests -------------------------------------------------------------
+
+  /** Writes a manifest: the commit point of a backup. */
+  async putManifest(m: Manifest): Promise<void> {
+    const plain = Buffer.from(`${JSON.stringify(m, null, 2)}\n`);
+    const stored = this.key !== undefined ? seal(this.key.dataKey, plain) : plain;
+    if (!(await this.backend.putIfAbsent(manifestKey(m.domain, m.id), stored))) {
+      throw new QbackupError('REPO_INVALID', `Cannot record backup "${m.id}" in repository "${this.location}": a backup with that id exists`);
+    }
+  }
+
+  async getManifest(domain: string, id: string): Promise<Manifest> {
+    const key = manifestKey(domain, id);
+    const stored = await this.backend.get(key);
+    const plain = this.key !== undefined ? unseal(this.key.dataKey, stored, `Manifest of backup "${id}"`) : stored;
+    return parseManifest(plain.toString('utf8'), domain, id);
+  }
+
+  /** Every manifest (of one domain), oldest first; a damaged one is reported, not skipped. */
+  async manifests(domain?: string): Promise<Manifest[]> {
+    const prefix = domain !== undefined ? `snapshots/${domain}/` : 'snapshots/';
+    const out: Manifest[] = [];
+    for (const { key } of await this.backend.list(prefix)) {
+      const [, dom, id] = key.split('/');
+      if (dom === undefined || id === undefined) continue;
+      out.push(await this.getManifest(dom, id));
+    }
+    return out.sort((a, b) => a.time.localeCompare(b.time) || a.id.localeCompare(b.id));
+  }
+
+  async deleteManifest(domain: string, id: string): Promise<void> {
+    await this.backend.delete(manifestKey(domain, id));
+  }
+}
+
+/** Collects new chunks into packs of about PACK_TARGET_BYTES and stores each when full. */
+export class ChunkWriter {
+  private builder = new PackBuilder();
+  /** Chunks added to the open pack, by hex id (so a chunk is packed once). */
+  private pending = new Set<string>();
+  storedBytes = 0;
+  storedChunks = 0;
+
+  constructor(private readonly store: Store) {}
+
+  /** Is the chunk stored or about to be? */
+  has(id: Buffer): boolean {
+    return this.store.has(id) || this.pending.has(id.toString('hex'));
+  }
+
+  /** Adds a chunk whose stored form was made elsewhere (a worker); stores the pack when full. */
+  async addEncoded(id: Buffer, blob: Buffer, rawLength: number): Promise<void> {
+    const hex = id.toString('hex');
+    if (this.store.has(id) || this.pending.has(hex)) return;
+    this.pending.add(hex);
+    this.builder.add(id, blob, rawLength);
+    this.storedBytes += blob.length;
+    this.storedChunks++;
+    if (this.builder.bytes >= PACK_TARGET_BYTES) await this.flush();
+  }
+
+  /** Encodes and adds a chunk in this thread. */
+  async add(id: Buffer, data: Uint8Array): Promise<void> {
+    if (this.has(id)) return;
+    await this.addEncoded(id, encodeChunk(data, { compressor: this.store.compressor, key: this.store.key }), data.length);
+  }
+
+  async flush(): Promise<void> {
+    if (this.builder.count === 0) return;
+    const builder = this.builder;
+    this.builder = new PackBuilder();
+    this.pending = new Set();
+    await this.store.storePack(builder);
+  }
+}
+
+async function readConfig(backend: Backend): Promise<RepoConfig> {
+  let text: string;
+  try {
+    text = (await backend.get('config')).toString('utf8');
+  } catch (err) {
+    if (err instanceof QbackupError && err.code === 'REPO_OBJECT_NOT_FOUND') {
+      throw new QbackupError('REPO_INVALID', `"${backend.location}" is not a qbackup repository (run qbackup init)`, { cause: err });
+    }
+    throw err;
+  }
+  let v: Partial<RepoConfig> & { format?: unknown };
+  try {
+    v = JSON.parse(text) as Partial<RepoConfig>;
+  } catch (err) {
+    throw new QbackupError('REPO_DAMAGED', `The config of repository "${backend.location}" is not valid JSON: ${describeError(err)}`);
+  }
+  if (typeof v.format === 'number' && v.format > REPO_FORMAT) {
+    throw new QbackupError('REPO_INVALID', `Repository "${backend.location}" has format ${v.format}, newer than this qbackup understands (${REPO_FORMAT})`);
+  }
+  if (v.format !== REPO_FORMAT || typeof v.id !== 'string' || typeof v.chunkSize !== 'number' || v.compression !== 'zstd' || typeof v.encrypted !== 'boolean') {
+    throw new QbackupError('REPO_INVALID', `Repository "${backend.location}" has a config qbackup cannot use (format ${String(v.format)})`);
+  }
+  if (v.chunkSize < 4096 || v.chunkSize > 4 * 1024 * 1024 || (v.chunkSize & (v.chunkSize - 1)) !== 0) {
+    throw new QbackupError('REPO_DAMAGED', `Repository "${backend.location}" has an impossible chunk size ${v.chunkSize}`);
+  }
+  return v as RepoConfig;
+}
