@@ -8,7 +8,7 @@
 // definition that does not match commander is a bug and fails an assertion.
 
 import assert from 'node:assert/strict';
-import type { Command } from 'commander';
+import { Command } from 'commander';
 import type { Qbackup } from '../qbackup.js';
 import type { CliContext } from './context.js';
 import type { OutputOptions } from './output.js';
@@ -88,7 +88,8 @@ function register<A extends Specs<ArgumentSpec<unknown>>, O extends Specs<Option
   }
   // commander calls the action with the arguments, the options and the command.
   cmd.action(async (...params: unknown[]) => {
-    const self = params.at(-1) as Command;
+    const self = params.at(-1);
+    assert.ok(self instanceof Command, 'commander passes the command last');
     await cli.run(self, async (qb, out) => {
       const args = readAll(def.args ?? {}, (key) => params[argKeys.indexOf(key)]);
       const rawOpts = self.opts();
