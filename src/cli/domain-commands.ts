@@ -1,191 +1,158 @@
 // CLI commands for domains and their disks, named and flagged as in virsh.
 
-import { readFileSync } from 'node:fs';
-import type { Command } from 'commander';
-import { QbackupError } from '../errors.js';
-import type { DiskBus, DiskFormat } from '../domain/types.js';
+import type { BlockInfo } from '../domain/service.js';
+import { arg, defineCommand, flag, value, variadicArg, type CliCommand } from './command.js';
+import { oneOfValues, readInput } from './options.js';
 import { emit, table } from './output.js';
-import type { CliContext } from './context.js';
 
-export function registerDomainCommands(program: Command, cli: CliContext): void {
-  program
-    .command('define')
-    .description('define a domain from a libvirt <domain> XML file (updates a shut-off domain with the same name and UUID)')
-    .argument('<file>', 'domain XML file')
-    .action(async (file: string, _o: unknown, cmd: Command) => {
-      await cli.run(cmd, async (qb, out) => {
-        const d = await qb.domains.define(readInput(file, 'domain XML'));
-        emit(out, d, () => `Domain '${d.name}' defined from ${file}`);
+const domain = arg('domain');
+
+export const domainCommands: readonly CliCommand[] = [
+  defineCommand({
+    name: 'define',
+    description: 'define a domain from a libvirt <domain> XML file (updates a shut-off domain with the same name and UUID)',
+    args: { file: arg('file', 'domain XML file') },
+    run: async ({ qb, out, args }) => {
+      const d = await qb.domains.define(readInput(args.file, 'domain XML'));
+      emit(out, d, () => `Domain '${d.name}' defined from ${args.file}`);
+    },
+  }),
+
+  defineCommand({
+    name: 'undefine',
+    description: 'remove a shut-off domain definition (its images are kept)',
+    args: { domain },
+    options: { checkpointsMetadata: flag('--checkpoints-metadata', 'also remove the metadata of its checkpoints') },
+    run: async ({ qb, out, args: { domain: name }, opts }) => {
+      await qb.domains.undefine(name, { checkpointsMetadata: opts.checkpointsMetadata });
+      emit(out, { name, undefined: true }, () => `Domain '${name}' has been undefined`);
+    },
+  }),
+
+  defineCommand({
+    name: 'start',
+    description: 'start a domain in QEMU',
+    args: { domain },
+    options: { paused: flag('--paused', 'leave the CPUs stopped (the block layer works; no guest code runs)') },
+    run: async ({ qb, out, args: { domain: name }, opts }) => {
+      const d = await qb.domains.start(name, { paused: opts.paused });
+      emit(out, d, () => `Domain '${name}' started`);
+    },
+  }),
+
+  defineCommand({
+    name: 'shutdown',
+    description: 'stop a domain cleanly (QMP quit; persistent bitmaps are stored)',
+    args: { domain },
+    run: async ({ qb, out, args: { domain: name } }) => {
+      const d = await qb.domains.shutdown(name);
+      emit(out, d, () => `Domain '${name}' is shut off`);
+    },
+  }),
+
+  defineCommand({
+    name: 'destroy',
+    description: 'kill a domain’s QEMU at once (SIGKILL); bitmaps of this run are lost',
+    args: { domain },
+    run: async ({ qb, out, args: { domain: name } }) => {
+      const d = await qb.domains.destroy(name);
+      emit(out, d, () => `Domain '${name}' destroyed`);
+    },
+  }),
+
+  defineCommand({
+    name: 'list',
+    description: 'list domains (running and crashed; --all adds shut-off ones)',
+    options: { all: flag('--all', 'include shut-off domains') },
+    run: async ({ qb, out, opts }) => {
+      const list = qb.domains.list({ all: opts.all });
+      emit(out, list, () => table(['Id', 'Name', 'State'], list.map((d) => [d.pid !== undefined ? String(d.pid) : '-', d.name, d.state])));
+    },
+  }),
+
+  defineCommand({
+    name: 'dominfo',
+    description: 'show a domain’s state',
+    args: { domain },
+    run: async ({ qb, out, args: { domain: name } }) => {
+      const d = qb.domains.info(name);
+      emit(out, d, () => [`Name:   ${d.name}`, `UUID:   ${d.uuid}`, `State:  ${d.state} (${d.reason})`, `PID:    ${d.pid ?? '-'}`].join('\n'));
+    },
+  }),
+
+  defineCommand({
+    name: 'dumpxml',
+    description: 'print the domain definition, including hot-plugged disks',
+    args: { domain },
+    run: async ({ qb, out, args: { domain: name } }) => {
+      const xml = qb.domains.dumpXml(name);
+      emit(out, { name, xml }, () => xml);
+    },
+  }),
+
+  defineCommand({
+    name: 'domblklist',
+    description: 'list a domain’s disks',
+    args: { domain },
+    options: { details: flag('--details', 'show format, bus, disk id and QEMU node') },
+    run: async ({ qb, out, args: { domain: name }, opts }) => {
+      const disks = qb.domains.blockList(name);
+      emit(out, disks, () => blockListText(disks, opts.details));
+    },
+  }),
+
+  defineCommand({
+    name: 'attach-disk',
+    description: 'attach an image as a disk, live when the domain runs and in its definition',
+    args: { domain, source: arg('source', 'absolute path of the image file'), target: arg('target', 'target name, e.g. sdb (SCSI) or vdb (virtio)') },
+    options: {
+      subdriver: value('--subdriver <format>', 'image format: qcow2 or raw (probed when absent)'),
+      targetbus: value('--targetbus <bus>', 'scsi or virtio (derived from the target name when absent)'),
+      serial: value('--serial <serial>', 'disk serial number'),
+      mode: value('--mode <mode>', '"readonly" for a read-only disk'),
+    },
+    run: async ({ qb, out, args: { domain: name, source, target }, opts: o }) => {
+      const info = await qb.domains.attachDisk(name, {
+        source,
+        target,
+        ...(o.subdriver !== undefined ? { format: oneOfValues('--subdriver', o.subdriver, ['qcow2', 'raw']) } : {}),
+        ...(o.targetbus !== undefined ? { bus: oneOfValues('--targetbus', o.targetbus, ['scsi', 'virtio']) } : {}),
+        ...(o.serial !== undefined ? { serial: o.serial } : {}),
+        ...(o.mode !== undefined ? { readonly: oneOfValues('--mode', o.mode, ['readonly']) === 'readonly' } : {}),
       });
-    });
+      emit(out, info, () => `Disk attached successfully (${info.target}, disk id ${info.diskId})`);
+    },
+  }),
 
-  program
-    .command('undefine')
-    .description('remove a shut-off domain definition (its images are kept)')
-    .argument('<domain>')
-    .option('--checkpoints-metadata', 'also remove the metadata of its checkpoints')
-    .action(async (name: string, o: { checkpointsMetadata?: boolean }, cmd: Command) => {
-      await cli.run(cmd, async (qb, out) => {
-        await qb.domains.undefine(name, { checkpointsMetadata: o.checkpointsMetadata ?? false });
-        emit(out, { name, undefined: true }, () => `Domain '${name}' has been undefined`);
-      });
-    });
+  defineCommand({
+    name: 'detach-disk',
+    description: 'detach a disk, live when the domain runs (SCSI detaches without a guest; virtio needs a guest OS) and from its definition',
+    args: { domain, target: arg('target') },
+    run: async ({ qb, out, args: { domain: name, target } }) => {
+      await qb.domains.detachDisk(name, target);
+      emit(out, { name, target, detached: true }, () => 'Disk detached successfully');
+    },
+  }),
 
-  program
-    .command('start')
-    .description('start a domain in QEMU')
-    .argument('<domain>')
-    .option('--paused', 'leave the CPUs stopped (the block layer works; no guest code runs)')
-    .action(async (name: string, o: { paused?: boolean }, cmd: Command) => {
-      await cli.run(cmd, async (qb, out) => {
-        const d = await qb.domains.start(name, { paused: o.paused ?? false });
-        emit(out, d, () => `Domain '${name}' started`);
-      });
-    });
+  defineCommand({
+    name: 'qemu-monitor-command',
+    description: 'send a raw QMP command (JSON) or, with --hmp, an HMP command line to the domain’s QEMU',
+    args: { domain, command: variadicArg('command') },
+    options: {
+      hmp: flag('--hmp', 'the command is HMP, e.g. qemu-io sda "write -P 0xab 0 64k"'),
+      pretty: flag('--pretty', 'indent the JSON reply'),
+    },
+    run: async ({ qb, out, args: { domain: name, command }, opts }) => {
+      const reply = await qb.domains.monitorCommand(name, command.join(' '), { hmp: opts.hmp });
+      emit(out, reply, () => (typeof reply === 'string' ? reply : JSON.stringify({ return: reply }, null, opts.pretty ? 2 : undefined)));
+    },
+  }),
+];
 
-  program
-    .command('shutdown')
-    .description('stop a domain cleanly (QMP quit; persistent bitmaps are stored)')
-    .argument('<domain>')
-    .action(async (name: string, _o: unknown, cmd: Command) => {
-      await cli.run(cmd, async (qb, out) => {
-        const d = await qb.domains.shutdown(name);
-        emit(out, d, () => `Domain '${name}' is shut off`);
-      });
-    });
-
-  program
-    .command('destroy')
-    .description('kill a domain’s QEMU at once (SIGKILL); bitmaps of this run are lost')
-    .argument('<domain>')
-    .action(async (name: string, _o: unknown, cmd: Command) => {
-      await cli.run(cmd, async (qb, out) => {
-        const d = await qb.domains.destroy(name);
-        emit(out, d, () => `Domain '${name}' destroyed`);
-      });
-    });
-
-  program
-    .command('list')
-    .description('list domains (running and crashed; --all adds shut-off ones)')
-    .option('--all', 'include shut-off domains')
-    .action(async (o: { all?: boolean }, cmd: Command) => {
-      await cli.run(cmd, async (qb, out) => {
-        const list = qb.domains.list({ all: o.all ?? false });
-        emit(out, list, () =>
-          table(
-            ['Id', 'Name', 'State'],
-            list.map((d) => [d.pid !== undefined ? String(d.pid) : '-', d.name, d.state]),
-          ),
-        );
-      });
-    });
-
-  program
-    .command('dominfo')
-    .description('show a domain’s state')
-    .argument('<domain>')
-    .action(async (name: string, _o: unknown, cmd: Command) => {
-      await cli.run(cmd, async (qb, out) => {
-        const d = qb.domains.info(name);
-        emit(out, d, () =>
-          [`Name:   ${d.name}`, `UUID:   ${d.uuid}`, `State:  ${d.state} (${d.reason})`, `PID:    ${d.pid ?? '-'}`].join('\n'),
-        );
-      });
-    });
-
-  program
-    .command('dumpxml')
-    .description('print the domain definition, including hot-plugged disks')
-    .argument('<domain>')
-    .action(async (name: string, _o: unknown, cmd: Command) => {
-      await cli.run(cmd, async (qb, out) => {
-        const xml = qb.domains.dumpXml(name);
-        emit(out, { name, xml }, () => xml);
-      });
-    });
-
-  program
-    .command('domblklist')
-    .description('list a domain’s disks')
-    .argument('<domain>')
-    .option('--details', 'show format, bus, disk id and QEMU node')
-    .action(async (name: string, o: { details?: boolean }, cmd: Command) => {
-      await cli.run(cmd, async (qb, out) => {
-        const disks = qb.domains.blockList(name);
-        emit(out, disks, () =>
-          o.details
-            ? table(
-                ['Target', 'Source', 'Format', 'Bus', 'Disk id', 'Node', 'qemu-io device'],
-                disks.map((d) => [d.target, d.source, d.format, d.bus, d.diskId, d.nodeName, d.qemuIoDevice]),
-              )
-            : table(['Target', 'Source'], disks.map((d) => [d.target, d.source])),
-        );
-      });
-    });
-
-  program
-    .command('attach-disk')
-    .description('attach an image as a disk, live when the domain runs and in its definition')
-    .argument('<domain>')
-    .argument('<source>', 'absolute path of the image file')
-    .argument('<target>', 'target name, e.g. sdb (SCSI) or vdb (virtio)')
-    .option('--subdriver <format>', 'image format: qcow2 or raw (probed when absent)')
-    .option('--targetbus <bus>', 'scsi or virtio (derived from the target name when absent)')
-    .option('--serial <serial>', 'disk serial number')
-    .option('--mode <mode>', '"readonly" for a read-only disk')
-    .action(async (name: string, source: string, target: string, o: { subdriver?: string; targetbus?: string; serial?: string; mode?: string }, cmd: Command) => {
-      await cli.run(cmd, async (qb, out) => {
-        const info = await qb.domains.attachDisk(name, {
-          source,
-          target,
-          ...(o.subdriver !== undefined ? { format: oneOf<DiskFormat>('--subdriver', o.subdriver, ['qcow2', 'raw']) } : {}),
-          ...(o.targetbus !== undefined ? { bus: oneOf<DiskBus>('--targetbus', o.targetbus, ['scsi', 'virtio']) } : {}),
-          ...(o.serial !== undefined ? { serial: o.serial } : {}),
-          ...(o.mode !== undefined ? { readonly: oneOf('--mode', o.mode, ['readonly']) === 'readonly' } : {}),
-        });
-        emit(out, info, () => `Disk attached successfully (${info.target}, disk id ${info.diskId})`);
-      });
-    });
-
-  program
-    .command('detach-disk')
-    .description('detach a disk, live when the domain runs (SCSI detaches without a guest; virtio needs a guest OS) and from its definition')
-    .argument('<domain>')
-    .argument('<target>')
-    .action(async (name: string, target: string, _o: unknown, cmd: Command) => {
-      await cli.run(cmd, async (qb, out) => {
-        await qb.domains.detachDisk(name, target);
-        emit(out, { name, target, detached: true }, () => 'Disk detached successfully');
-      });
-    });
-
-  program
-    .command('qemu-monitor-command')
-    .description('send a raw QMP command (JSON) or, with --hmp, an HMP command line to the domain’s QEMU')
-    .argument('<domain>')
-    .argument('<command...>')
-    .option('--hmp', 'the command is HMP, e.g. qemu-io sda "write -P 0xab 0 64k"')
-    .option('--pretty', 'indent the JSON reply')
-    .action(async (name: string, words: string[], o: { hmp?: boolean; pretty?: boolean }, cmd: Command) => {
-      await cli.run(cmd, async (qb, out) => {
-        const reply = await qb.domains.monitorCommand(name, words.join(' '), { hmp: o.hmp ?? false });
-        emit(out, reply, () => (typeof reply === 'string' ? reply : JSON.stringify({ return: reply }, null, o.pretty ? 2 : undefined)));
-      });
-    });
-}
-
-function oneOf<T extends string>(flag: string, value: string, allowed: readonly T[]): T {
-  if (!(allowed as readonly string[]).includes(value)) {
-    throw new QbackupError('INVALID_ARGUMENT', `Invalid value "${value}" for ${flag}: expected ${allowed.join(' or ')}`);
-  }
-  return value as T;
-}
-
-export function readInput(file: string, what: string): string {
-  try {
-    return readFileSync(file === '-' ? 0 : file, 'utf8');
-  } catch (err) {
-    throw new QbackupError('INVALID_ARGUMENT', `Cannot read ${what} file "${file}": ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'it does not exist' : (err as Error).message}`);
-  }
+function blockListText(disks: readonly BlockInfo[], details: boolean): string {
+  if (!details) return table(['Target', 'Source'], disks.map((d) => [d.target, d.source]));
+  return table(
+    ['Target', 'Source', 'Format', 'Bus', 'Disk id', 'Node', 'qemu-io device'],
+    disks.map((d) => [d.target, d.source, d.format, d.bus, d.diskId, d.nodeName, d.qemuIoDevice]),
+  );
 }

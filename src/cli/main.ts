@@ -1,13 +1,15 @@
 // The qbackup command line: a thin adapter that parses arguments (commander),
-// calls the library, and prints. It never holds state of its own.
+// calls the library, and prints. It never holds state of its own. Each command
+// is one definition (command.ts) in the module of its group.
 
 import { readFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
+import { backupCommands } from './backup-commands.js';
+import { checkpointCommands } from './checkpoint-commands.js';
+import { registerCommands } from './command.js';
 import { createCliContext } from './context.js';
-import { registerBackupCommands } from './backup-commands.js';
-import { registerCheckpointCommands } from './checkpoint-commands.js';
-import { registerDomainCommands } from './domain-commands.js';
-import { registerRepositoryCommands } from './repository-commands.js';
+import { domainCommands } from './domain-commands.js';
+import { repositoryCommands } from './repository-commands.js';
 
 function packageVersion(): string {
   try {
@@ -31,10 +33,7 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
     .showHelpAfterError()
     .exitOverride();
   const cli = createCliContext(env);
-  registerDomainCommands(program, cli);
-  registerCheckpointCommands(program, cli);
-  registerBackupCommands(program, cli);
-  registerRepositoryCommands(program, cli);
+  registerCommands(program, cli, [...domainCommands, ...checkpointCommands, ...backupCommands, ...repositoryCommands]);
   try {
     await program.parseAsync([...argv]);
   } catch (err) {

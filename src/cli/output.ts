@@ -22,8 +22,3 @@ export function table(headers: readonly string[], rows: readonly (readonly strin
   const sep = '-'.repeat(widths.reduce((a, w) => a + w + 3, 0) + 1);
   return [line(headers), sep, ...rows.map(line)].join('\n');
 }
-
-/** commander helper for repeatable options: --disk a --disk b → ['a', 'b']. */
-export function collect(value: string, previous: string[]): string[] {
-  return [...previous, value];
-}

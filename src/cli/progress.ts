@@ -10,6 +10,16 @@ export interface ProgressReporter {
   stop(): void;
 }
 
+/** Runs a long call with a progress bar that is gone before anything is printed. */
+export async function withProgress<T>(out: OutputOptions, call: (onProgress: (p: Progress) => void) => Promise<T>): Promise<T> {
+  const bar = progressReporter(out);
+  try {
+    return await call((p) => bar.update(p));
+  } finally {
+    bar.stop();
+  }
+}
+
 export function progressReporter(out: OutputOptions): ProgressReporter {
   if (out.json || !process.stderr.isTTY) return { update: () => undefined, stop: () => undefined };
   const bar = new cliProgress.SingleBar(

@@ -1,0 +1,57 @@
+// Options and value checks that several commands share. The checks run inside
+// a command's `run`, so a bad value is a QbackupError('INVALID_ARGUMENT'): one
+// sentence on stderr (or a JSON error with --json) and exit status 1. Their
+// messages are part of the CLI's interface and stay as they are.
+
+import { readFileSync } from 'node:fs';
+import { QbackupError } from '../errors.js';
+import { repeatable, requiredValue, type OptionSpec } from './command.js';
+
+/** `--repo <dir>`, required by every repository command. */
+export function repoOption(description = 'repository directory'): OptionSpec<string> {
+  return requiredValue('--repo <dir>', description);
+}
+
+/** `--disk <target>`, repeatable; none given means every disk. */
+export function diskOption(verb: string): OptionSpec<string[]> {
+  return repeatable('--disk <target>', `${verb} only this disk; repeatable`);
+}
+
+/** `Invalid --mode "foo": expected push or pull` */
+export function oneOf<T extends string>(flag: string, value: string, allowed: readonly T[]): T {
+  if (!isOneOf(value, allowed)) throw new QbackupError('INVALID_ARGUMENT', `Invalid ${flag} "${value}": expected ${allowed.join(' or ')}`);
+  return value;
+}
+
+/** attach-disk's phrasing, `Invalid value "vmdk" for --subdriver: expected qcow2 or raw`. */
+export function oneOfValues<T extends string>(flag: string, value: string, allowed: readonly T[]): T {
+  if (!isOneOf(value, allowed)) throw new QbackupError('INVALID_ARGUMENT', `Invalid value "${value}" for ${flag}: expected ${allowed.join(' or ')}`);
+  return value;
+}
+
+function isOneOf<T extends string>(value: string, allowed: readonly T[]): value is T {
+  return (allowed as readonly string[]).includes(value);
+}
+
+/** A number above zero, e.g. `--bandwidth 12.5` (MiB/s). */
+export function positiveNumber(flag: string, value: string, unit: string): number {
+  const n = Number(value);
+  if (!Number.isFinite(n) || n <= 0) throw new QbackupError('INVALID_ARGUMENT', `Invalid ${flag} "${value}": expected a positive number of ${unit}`);
+  return n;
+}
+
+/** A point in time, e.g. `--until 2026-11-25T18:00:00Z`. */
+export function pointInTime(flag: string, value: string): Date {
+  const time = new Date(value);
+  if (Number.isNaN(time.getTime())) throw new QbackupError('INVALID_ARGUMENT', `Invalid ${flag} "${value}": expected a time such as 2026-11-25T18:00:00Z`);
+  return time;
+}
+
+/** The text of an input file named on the command line; `-` reads stdin. */
+export function readInput(file: string, what: string): string {
+  try {
+    return readFileSync(file === '-' ? 0 : file, 'utf8');
+  } catch (err) {
+    throw new QbackupError('INVALID_ARGUMENT', `Cannot read ${what} file "${file}": ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'it does not exist' : (err as Error).message}`);
+  }
+}
