@@ -25,6 +25,9 @@ export const checkpointCommands: readonly CliCommand[] = [
       if (o.redefineValidate && !o.redefine) throw new QbackupError('INVALID_ARGUMENT', 'Option --redefine-validate needs --redefine');
       if (o.redefine && file === undefined) throw new QbackupError('INVALID_ARGUMENT', 'Option --redefine needs a checkpoint XML file');
       const spec = file === undefined ? {} : parseCheckpointXml(readInput(file, 'checkpoint XML'));
+      if (!o.redefine && (spec.parent !== undefined || spec.creationTime !== undefined || spec.domainXml !== undefined)) {
+        throw new QbackupError('INVALID_ARGUMENT', `Cannot create checkpoint of domain "${domain}": <parent>, <creationTime> and <domain> are only accepted with --redefine`);
+      }
       const info = o.redefine ? await qb.checkpoints.redefine(domain, spec, { validate: o.redefineValidate }) : await qb.checkpoints.create(domain, spec);
       emit(out, info, () => `Domain checkpoint ${info.name} ${o.redefine ? 'redefined' : 'created'}`);
     },
