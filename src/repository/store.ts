@@ -315,12 +315,14 @@ async function readConfig(backend: Backend): Promise<RepoConfig> {
     }
     throw err;
   }
-  let v: Partial<RepoConfig> & { format?: unknown };
+  let parsed: unknown;
   try {
-    v = JSON.parse(text) as Partial<RepoConfig>;
+    parsed = JSON.parse(text);
   } catch (err) {
     throw new QbackupError('REPO_DAMAGED', `The config of repository "${backend.location}" is not valid JSON: ${describeError(err)}`);
   }
+  if (typeof parsed !== 'object' || parsed === null) throw new QbackupError('REPO_DAMAGED', `The config of repository "${backend.location}" is not an object`);
+  const v = parsed as Partial<RepoConfig> & { format?: unknown };
   if (typeof v.format === 'number' && v.format > REPO_FORMAT) {
     throw new QbackupError('REPO_INVALID', `Repository "${backend.location}" has format ${v.format}, newer than this qbackup understands (${REPO_FORMAT})`);
   }
