@@ -3,13 +3,13 @@
 // guest write falls between two steps) or is shut off (qemu-img bitmap on the
 // image files; nothing else writes them while we hold the domain's lock).
 
-import { QbackupError } from '../errors.js';
 import type { AttachedDisk } from '../domain/service.js';
 import { imageInfo } from '../qemu/image.js';
 import { readBlockNodes } from '../qemu/block-nodes.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
 import { runTool } from '../qemu/tools.js';
 import type { QmpClient, QmpTransactionAction } from '../qmp/index.js';
+import { assert } from '../util/assert.js';
 
 export interface BitmapState {
   name: string;
@@ -65,7 +65,9 @@ export async function readBitmapsOffline(disks: readonly AttachedDisk[]): Promis
         })),
       );
     } catch {
-      // unreadable image: every bitmap on it counts as missing
+      // Dropped on purpose: the disk is left out of the map, which is how an
+      // unreadable image is reported (coverage: every bitmap missing; a delete
+      // refuses to go on rather than skip the merge).
     }
   }
   return out;
@@ -93,7 +95,8 @@ export function toTransaction(actions: readonly BitmapAction[]): QmpTransactionA
 export async function applyOffline(actions: readonly BitmapAction[], disks: readonly AttachedDisk[]): Promise<void> {
   for (const a of actions) {
     const disk = disks.find((d) => d.diskId === a.diskId);
-    if (disk === undefined) throw new QbackupError('DISK_NOT_FOUND', `Disk id "${a.diskId}" is not attached`);
+    // Plans are built from the attached disks (or from bitmaps read on them).
+    assert(disk !== undefined, `bitmap action on disk id "${a.diskId}", which is not attached`);
     const args = ['bitmap'];
     let bitmap: string;
     switch (a.op) {

@@ -4,6 +4,11 @@
 // deleting merges a checkpoint's bitmap into its parent's (re-enabling the
 // parent when the current one goes) in one transaction.
 //
+// This service reads (metadata, the images' bitmaps), asks a pure planner what
+// to do, applies the plan and records the outcome. The planners live beside it:
+// tree.ts (walking the chain), reconcile.ts, recovery.ts (intents and their
+// completion), redefine.ts, coverage.ts.
+//
 // Invariants:
 // - Metadata never claims coverage the bitmaps do not give. Every change to
 //   QEMU/images and metadata is written as an intent first (table operations),
@@ -15,9 +20,10 @@
 // - Reconciling (at start, attach and before every checkpoint change) records
 //   every bitmap that is missing or inconsistent as a coverage loss, removes
 //   inconsistent ones, and leaves only the newest valid bitmap recording.
+// - Other layers are reached through their services (DomainService), never
+//   through their stores.
 
 import { randomBytes } from 'node:crypto';
-import { realpathSync } from 'node:fs';
 import { QbackupError } from '../errors.js';
 import type { AttachedDisk, DomainContext, DomainService, UndefineOptions } from '../domain/service.js';
 import { parseDomainXml } from '../libvirt/domain.js';
@@ -25,9 +31,17 @@ import { readBlockNodes } from '../qemu/block-nodes.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
 import { QmpCommandError, type QmpClient } from '../qmp/index.js';
 import type { CheckpointDiskRow, CheckpointLink, CheckpointRow, CheckpointStore, CheckpointSummaryRow } from '../store/checkpoints.js';
-import { applyBitmapActions, mergedBitmapActions, readBitmapsOffline, readBitmapsOnline, type BitmapAction, type BitmapState, type DiskBitmaps } from './bitmaps.js';
+import { assert } from '../util/assert.js';
+import { applyBitmapActions, mergedBitmapActions, readBitmapsOffline, readBitmapsOnline, type BitmapAction, type DiskBitmaps } from './bitmaps.js';
 import { chainFrom, computeCoverage, type ChainCheckpoint, type DiskCoverage } from './coverage.js';
-import { assertCheckpointName, type CheckpointDiskSpec, type CheckpointSpec } from './spec.js';
+import { planReconcile, type CoverageLoss } from './reconcile.js';
+import { IntentJournal, createActions, createRollbackActions, deleteActions, planDelete, planRecovery, unreadableDisk, type CreateIntent } from './recovery.js';
+import { applyRedefine, checkRedefine, checkRedefineBitmaps, planRedefine, redefineDiskRows } from './redefine.js';
+import { TEMP_BITMAP_PREFIX, assertCheckpointName, assertNotTemporary, type CheckpointDiskSpec, type CheckpointSpec } from './spec.js';
+import { childrenIndex, countDescendants, postOrder, topologicalOrder } from './tree.js';
+
+export type { CreateIntent } from './recovery.js';
+export { TEMP_BITMAP_PREFIX } from './spec.js';
 
 export interface CheckpointInfo {
   name: string;
@@ -61,29 +75,16 @@ export interface ListFilters {
 /** Points where tests make qbackup die (SIGKILL) to prove crash safety. */
 export type FaultPoint = 'checkpoint-create:after-intent' | 'checkpoint-create:after-qemu' | 'checkpoint-delete:after-intent' | 'checkpoint-delete:after-qemu';
 
-export interface CreateIntent {
-  row: CheckpointRow;
-  disks: CheckpointDiskRow[];
-  adds: Array<{ diskId: string; bitmap: string }>;
-  disables: Array<{ diskId: string; bitmap: string }>;
-}
-
-interface DeleteIntent {
-  name: string;
-  parent: string | null;
-  wasCurrent: boolean;
-  disks: Array<{ diskId: string; bitmap: string; parentBitmap: string | null }>;
-}
-
-/** Prefix of the temporary, non-persistent bitmaps qbackup merges chains into. */
-export const TEMP_BITMAP_PREFIX = 'qbackup-tmp-';
-
 export class CheckpointService {
+  private readonly journal: IntentJournal;
+
   constructor(
     readonly domains: DomainService,
     readonly store: CheckpointStore,
     private readonly crashAt?: string,
-  ) {}
+  ) {
+    this.journal = new IntentJournal(store);
+  }
 
   /** Undefining a domain with checkpoints needs the caller to say their metadata goes too. */
   assertUndefinable(ctx: DomainContext, options: UndefineOptions): void {
@@ -126,40 +127,11 @@ export class CheckpointService {
     if (this.store.get(domain, name) !== undefined) {
       throw new QbackupError('CHECKPOINT_EXISTS', `Cannot create checkpoint "${name}" of domain "${domain}": a checkpoint with that name exists`);
     }
-    const specs = new Map<string, CheckpointDiskSpec>();
-    for (const d of spec.disks ?? []) {
-      if (!ctx.disks.some((x) => x.target === d.name)) {
-        throw new QbackupError('DISK_NOT_FOUND', `Cannot create checkpoint "${name}" of domain "${domain}": the domain has no disk "${d.name}"`);
-      }
-      specs.set(d.name, d);
-    }
+    const specs = diskSpecsByTarget(ctx, name, spec.disks ?? []);
     // `known`: the state reconcile just read (and left unchanged), so it need not be read twice.
     const bitmaps = known ?? (await this.readBitmaps(ctx, qmp));
     const current = this.store.current(domain);
-    const disks: CheckpointDiskRow[] = [];
-    const adds: CreateIntent['adds'] = [];
-    for (const d of ctx.disks) {
-      const s = specs.get(d.target);
-      const wanted = s?.checkpoint ?? (d.format === 'qcow2' && !d.readonly ? 'bitmap' : 'no');
-      if (wanted === 'bitmap') {
-        if (d.format !== 'qcow2') {
-          throw new QbackupError('INVALID_ARGUMENT', `Cannot create checkpoint "${name}" of domain "${domain}": disk "${d.target}" is ${d.format}; bitmaps need qcow2`);
-        }
-        if (d.readonly) {
-          throw new QbackupError('INVALID_ARGUMENT', `Cannot create checkpoint "${name}" of domain "${domain}": disk "${d.target}" is read-only`);
-        }
-        const bitmap = s?.bitmap ?? name;
-        assertCheckpointName(bitmap, 'Bitmap name');
-        assertNotTemporary(bitmap);
-        if ((bitmaps.get(d.diskId) ?? []).some((b) => b.name === bitmap)) {
-          throw new QbackupError('CHECKPOINT_EXISTS', `Cannot create checkpoint "${name}" of domain "${domain}": disk "${d.target}" already has a bitmap "${bitmap}"`);
-        }
-        adds.push({ diskId: d.diskId, bitmap });
-        disks.push({ domain, checkpoint: name, target: d.target, disk_id: d.diskId, mode: 'bitmap', bitmap });
-      } else {
-        disks.push({ domain, checkpoint: name, target: d.target, disk_id: d.diskId, mode: 'no', bitmap: null });
-      }
-    }
+    const { disks, adds } = createDiskRows(ctx, name, specs, bitmaps);
     // Only the (few) recording bitmaps are looked up, not every checkpoint's rows.
     const disables: CreateIntent['disables'] = [];
     for (const d of ctx.disks) {
@@ -174,7 +146,7 @@ export class CheckpointService {
       description: spec.description ?? null,
       creation_time: Math.floor(Date.now() / 1000),
       domain_xml: ctx.row.xml,
-      journal_seq: this.domains.store.journalHead(),
+      journal_seq: this.domains.journalHead(),
       is_current: 1,
       created_seq: this.store.nextCreatedSeq(domain),
     };
@@ -183,23 +155,23 @@ export class CheckpointService {
 
   /** The bitmap actions of a planned checkpoint: adds, then disables (the order offline recovery relies on). */
   createActions(plan: CreateIntent): BitmapAction[] {
-    return [
-      ...plan.adds.map((a): BitmapAction => ({ op: 'add', diskId: a.diskId, bitmap: a.bitmap })),
-      ...plan.disables.map((a): BitmapAction => ({ op: 'disable', diskId: a.diskId, bitmap: a.bitmap })),
-    ];
+    return createActions(plan);
   }
 
   private async applyCreate(ctx: DomainContext, qmp: QmpClient | undefined, plan: CreateIntent): Promise<void> {
-    const domain = ctx.row.name;
-    this.store.transaction(() => this.store.beginOperation(domain, 'checkpoint-create', plan));
+    this.journal.begin(ctx.row.name, { kind: 'checkpoint-create', intent: plan });
     this.fault('checkpoint-create:after-intent');
     try {
-      await applyBitmapActions(qmp, this.createActions(plan), ctx.disks);
+      await applyBitmapActions(qmp, createActions(plan), ctx.disks);
     } catch (err) {
       // A transaction QEMU refused changed nothing, and offline steps are each done
       // or not: roll back now. Anything else (a timeout, a lost connection) may
       // still have been applied: the intent stays for the next command to settle.
-      if (qmp === undefined || err instanceof QmpCommandError) await this.rollbackCreate(ctx, qmp, plan).catch(() => undefined);
+      if (qmp === undefined || err instanceof QmpCommandError) {
+        // Dropped on purpose: the create's error is the one to report, and a failed
+        // rollback leaves the intent in the journal, which the next command settles.
+        await this.rollbackCreate(ctx, qmp, plan).catch(() => undefined);
+      }
       throw err;
     }
     this.fault('checkpoint-create:after-qemu');
@@ -208,25 +180,13 @@ export class CheckpointService {
 
   /** Records a checkpoint whose bitmaps are in place, and clears the intent. */
   commitCreate(plan: CreateIntent): void {
-    this.store.transaction(() => {
-      this.store.setCurrent(plan.row.domain, null);
-      this.store.insert(plan.row, plan.disks);
-      this.store.endOperation(plan.row.domain);
-    });
+    this.journal.commitCreate(plan);
   }
 
   private async rollbackCreate(ctx: DomainContext, qmp: QmpClient | undefined, plan: CreateIntent): Promise<void> {
     const bitmaps = await this.readBitmaps(ctx, qmp);
-    const actions: BitmapAction[] = [];
-    for (const a of plan.adds) {
-      if ((bitmaps.get(a.diskId) ?? []).some((b) => b.name === a.bitmap)) actions.push({ op: 'remove', diskId: a.diskId, bitmap: a.bitmap });
-    }
-    for (const a of plan.disables) {
-      const st = (bitmaps.get(a.diskId) ?? []).find((b) => b.name === a.bitmap);
-      if (st !== undefined && !st.recording && !st.inconsistent) actions.push({ op: 'enable', diskId: a.diskId, bitmap: a.bitmap });
-    }
-    await applyBitmapActions(qmp, actions, ctx.disks);
-    this.store.transaction(() => this.store.endOperation(ctx.row.name));
+    await applyBitmapActions(qmp, createRollbackActions(plan, bitmaps), ctx.disks);
+    this.journal.abandon(ctx.row.name);
   }
 
   // ---- redefine --------------------------------------------------------------
@@ -240,96 +200,28 @@ export class CheckpointService {
     const validate = options.validate ?? false;
     return this.domains.withDomain(domain, 'checkpoint-create --redefine', async (ctx) => {
       this.domains.hooks.beforeConfigChange?.(ctx, 'checkpoint redefine');
-      const what = `Cannot redefine checkpoint ${spec.name !== undefined ? `"${spec.name}"` : ''} of domain "${domain}"`.replace('  ', ' ');
-      if (spec.name === undefined) throw new QbackupError('CHECKPOINT_INVALID', `${what}: the XML has no <name>`);
-      if (spec.creationTime === undefined) throw new QbackupError('CHECKPOINT_INVALID', `${what}: the XML has no <creationTime>`);
-      const name = spec.name;
-      assertNotTemporary(name);
-      const existing = this.store.get(domain, name);
-      const parent = spec.parent ?? null;
-      if (parent !== null) {
-        if (this.store.get(domain, parent) === undefined) {
-          throw new QbackupError('CHECKPOINT_NOT_FOUND', `${what}: its parent "${parent}" does not exist`);
-        }
-        if (parent === name || (existing !== undefined && this.descendants(domain, name).includes(parent))) {
-          throw new QbackupError('CHECKPOINT_INVALID', `${what}: parent "${parent}" would make a cycle`);
-        }
-      }
+      const target = checkRedefine(domain, spec, this.store.links(domain));
       const defXml = spec.domainXml ?? ctx.row.xml;
       const def = parseDomainXml(defXml);
-      const disksTable = this.domains.store.disksOf(domain);
-      const idFor = (target: string): string | null => {
-        const d = def.disks.find((x) => x.target === target);
-        if (d === undefined) return null;
-        let real = d.source;
-        try {
-          real = realpathSync(d.source);
-        } catch {
-          // image gone: match on the path as written
-        }
-        return disksTable.find((r) => r.source === real)?.id ?? null;
-      };
-      const diskSpecs: CheckpointDiskSpec[] =
-        spec.disks ?? def.disks.map((d) => ({ name: d.target, checkpoint: d.format === 'qcow2' && !d.readonly ? 'bitmap' : 'no' }));
-      const rows: CheckpointDiskRow[] = diskSpecs.map((d) => ({
-        domain,
-        checkpoint: name,
-        target: d.name,
-        disk_id: idFor(d.name),
-        mode: d.checkpoint,
-        bitmap: d.checkpoint === 'bitmap' ? (d.bitmap ?? name) : null,
-      }));
+      const diskIds = new Map<string, string | null>();
+      for (const d of def.disks) if (!diskIds.has(d.target)) diskIds.set(d.target, this.domains.diskIdForSource(domain, d.source));
+      const rows = redefineDiskRows(target, spec.disks, def.disks, diskIds);
       if (validate) {
         await this.withOptionalQmp(ctx, 'checkpoint redefine', async (qmp) => {
-          const bitmaps = await this.readBitmaps(ctx, qmp);
-          for (const r of rows) {
-            if (r.mode !== 'bitmap') continue;
-            const disk = ctx.disks.find((d) => d.diskId === r.disk_id);
-            if (disk === undefined) throw new QbackupError('CHECKPOINT_INVALID', `${what}: disk "${r.target}" is not attached to the domain`);
-            const st = (bitmaps.get(disk.diskId) ?? []).find((b) => b.name === r.bitmap);
-            if (st === undefined) throw new QbackupError('CHECKPOINT_INVALID', `${what}: disk "${r.target}" has no bitmap "${r.bitmap ?? ''}"`);
-            if (st.inconsistent || !st.persistent) {
-              throw new QbackupError('CHECKPOINT_INVALID', `${what}: bitmap "${r.bitmap ?? ''}" of disk "${r.target}" is not usable (inconsistent or not persistent)`);
-            }
-          }
+          checkRedefineBitmaps(target.what, rows, ctx.disks, await this.readBitmaps(ctx, qmp));
         });
       }
-      // Detaches after the checkpoint's creation time break coverage from it.
-      const journal = this.domains.store.db
-        .prepare('SELECT COALESCE(MAX(seq), 0) AS s FROM disk_events WHERE at_ms <= ?')
-        .get(spec.creationTime * 1000) as { s: number };
-      const current = this.store.current(domain);
-      const becomesCurrent = existing !== undefined ? existing.is_current === 1 : current === undefined || current.name === parent;
-      const row: CheckpointRow = {
-        domain,
-        name,
-        parent,
-        description: spec.description ?? null,
-        creation_time: spec.creationTime,
-        domain_xml: defXml,
-        journal_seq: journal.s,
-        is_current: becomesCurrent ? 1 : 0,
-        created_seq: existing?.created_seq ?? this.store.nextCreatedSeq(domain),
-      };
+      const journalSeq = this.domains.journalSeqAt(target.creationTime * 1000);
       this.store.transaction(() => {
-        if (existing !== undefined) {
-          // Only the description and the saved domain definition may change: a new
-          // parent or other bitmaps would make the chain claim spans no bitmap covers.
-          const old = this.store.disks(domain, name);
-          const same =
-            existing.parent === parent &&
-            old.length === rows.length &&
-            rows.every((r) => old.some((o) => o.target === r.target && o.mode === r.mode && o.bitmap === r.bitmap && o.disk_id === r.disk_id));
-          if (!same) {
-            throw new QbackupError('CHECKPOINT_INVALID', `${what}: it exists with another parent or other disks; delete it first to define it anew`);
-          }
-          this.store.updateDescription(domain, name, row.description, row.domain_xml);
-        } else {
-          if (becomesCurrent) this.store.setCurrent(domain, null);
-          this.store.insert(row, rows);
-        }
+        const plan = planRedefine(target, { description: spec.description ?? null, domainXml: defXml }, rows, {
+          existingDisks: target.existing === undefined ? [] : this.store.disks(domain, target.name),
+          current: this.store.current(domain),
+          journalSeq,
+          nextCreatedSeq: this.store.nextCreatedSeq(domain),
+        });
+        applyRedefine(this.store, plan);
       });
-      return this.info(domain, name);
+      return this.info(domain, target.name);
     });
   }
 
@@ -342,7 +234,7 @@ export class CheckpointService {
     return this.domains.withDomain(domain, 'checkpoint-delete', async (ctx) => {
       this.domains.hooks.beforeConfigChange?.(ctx, 'checkpoint-delete');
       this.requireCheckpoint(domain, name);
-      const victims = options.children || options.childrenOnly ? this.descendantsPostOrder(domain, name) : [];
+      const victims = options.children || options.childrenOnly ? postOrder(childrenIndex(this.store.links(domain)), name) : [];
       if (!options.childrenOnly) victims.push(name);
       return this.withOptionalQmp(ctx, 'checkpoint-delete', async (qmp) => {
         if (!options.metadata) await this.reconcile(ctx, qmp);
@@ -360,53 +252,14 @@ export class CheckpointService {
     const cp = this.requireCheckpoint(domain, name);
     const bitmaps = await this.readBitmaps(ctx, qmp);
     const parentDisks = cp.parent === null ? [] : this.store.disks(domain, cp.parent);
-    const intent: DeleteIntent = { name, parent: cp.parent, wasCurrent: cp.is_current === 1, disks: [] };
-    for (const d of this.store.disks(domain, name)) {
-      if (d.mode !== 'bitmap' || d.bitmap === null || d.disk_id === null) continue;
-      const disk = ctx.disks.find((x) => x.diskId === d.disk_id);
-      if (disk === undefined) continue; // detached: its bitmaps stay in its image, unused
-      const pd = parentDisks.find((p) => p.disk_id === d.disk_id && p.mode === 'bitmap');
-      intent.disks.push({ diskId: d.disk_id, bitmap: d.bitmap, parentBitmap: pd?.bitmap ?? null });
-    }
-    assertReadable(ctx, bitmaps, intent, `Cannot delete checkpoint "${name}" of domain "${domain}"`);
-    this.store.transaction(() => this.store.beginOperation(domain, 'checkpoint-delete', intent));
+    const intent = planDelete(cp, this.store.disks(domain, name), parentDisks, ctx.disks);
+    const unreadable = unreadableDisk(intent, bitmaps);
+    if (unreadable !== undefined) throw unreadableError(ctx, unreadable, `Cannot delete checkpoint "${name}" of domain "${domain}"`);
+    this.journal.begin(domain, { kind: 'checkpoint-delete', intent });
     this.fault('checkpoint-delete:after-intent');
     await applyBitmapActions(qmp, deleteActions(intent, bitmaps), ctx.disks);
     this.fault('checkpoint-delete:after-qemu');
-    this.commitDelete(domain, intent);
-  }
-
-  private commitDelete(domain: string, intent: DeleteIntent): void {
-    this.store.transaction(() => {
-      if (intent.parent !== null) this.carryGapsToParent(domain, intent.name, intent.parent);
-      this.store.reparentChildren(domain, intent.name, intent.parent);
-      this.store.remove(domain, intent.name);
-      if (intent.wasCurrent) this.store.setCurrent(domain, intent.parent);
-      this.store.endOperation(domain);
-    });
-  }
-
-  /**
-   * Coverage from the parent runs through the deleted checkpoint's bitmap. On
-   * a disk where the parent has a bitmap but the deleted checkpoint has none
-   * (checkpoint='no', or not part of it) or had lost it (a recorded loss), no
-   * bitmap holds the writes of that span, and once the checkpoint is gone the
-   * chain would hide the gap: record it as a loss of the parent instead (inside
-   * the commit, before the checkpoint's own losses are removed).
-   */
-  private carryGapsToParent(domain: string, name: string, parent: string): void {
-    const own = this.store.disks(domain, name);
-    const losses = this.store.losses(domain).filter((l) => l.checkpoint === name);
-    for (const p of this.store.disks(domain, parent)) {
-      if (p.mode !== 'bitmap' || p.disk_id === null) continue;
-      const mine = own.find((d) => d.disk_id === p.disk_id);
-      const loss = losses.find((l) => l.disk_id === p.disk_id);
-      if (mine === undefined || mine.mode !== 'bitmap' || mine.bitmap === null) {
-        this.store.recordLoss(domain, p.disk_id, parent, 'bitmap-missing', `deleted checkpoint "${name}" had no bitmap for disk "${p.target}", so writes after it are not tracked from "${parent}"`);
-      } else if (loss !== undefined) {
-        this.store.recordLoss(domain, p.disk_id, parent, loss.reason, `deleted checkpoint "${name}": ${loss.detail}`);
-      }
-    }
+    this.journal.commitDelete(domain, intent);
   }
 
   /**
@@ -506,7 +359,7 @@ export class CheckpointService {
       computeCoverage({
         path,
         disk: { target: d.target, diskId: d.diskId, format: d.format },
-        eventsSinceT: this.domains.store.diskEvents(d.diskId, t.journal_seq),
+        eventsSinceT: this.domains.diskEvents(d.diskId, t.journal_seq),
         bitmaps: bitmaps.get(d.diskId),
         losses: new Map(losses.filter((l) => l.disk_id === d.diskId).map((l) => [l.checkpoint, { reason: l.reason, detail: l.detail }])),
       }),
@@ -519,12 +372,16 @@ export class CheckpointService {
    * `fn` ends.
    */
   async withMergedBitmap<T>(qmp: QmpClient, diskId: string, bitmaps: readonly string[], fn: (tempName: string) => Promise<T>): Promise<T> {
+    assert(bitmaps.length > 0, `a merged bitmap of disk "${diskId}" needs at least one bitmap`);
     const node = nodeNamesFor(diskId).format;
     const tmp = `${TEMP_BITMAP_PREFIX}${randomBytes(4).toString('hex')}`;
     await qmp.transaction(mergedBitmapActions(diskId, tmp, bitmaps));
     try {
       return await fn(tmp);
     } finally {
+      // Dropped on purpose: `fn`'s outcome is the one to report, and a temporary
+      // bitmap left behind is non-persistent (gone when QEMU stops) and removed
+      // by the next reconcile.
       await qmp.execute('block-dirty-bitmap-remove', { node, name: tmp }).catch(() => undefined);
     }
   }
@@ -534,109 +391,40 @@ export class CheckpointService {
   /**
    * Compares metadata with the bitmaps on each attached disk: records missing
    * and inconsistent ones as lost coverage, removes inconsistent ones and
-   * leftover temporary bitmaps, and makes the right bitmap the recording one.
+   * leftover temporary bitmaps, and makes the right bitmap the recording one
+   * (see planReconcile). Returns the bitmaps as read when nothing was changed.
    */
   async reconcile(ctx: DomainContext, qmp: QmpClient | undefined): Promise<DiskBitmaps | undefined> {
     const domain = ctx.row.name;
     const checkpoints = this.store.links(domain);
+    // Offline without checkpoints there is nothing to compare, and no temporary bitmap survives QEMU.
     if (checkpoints.length === 0 && qmp === undefined) return undefined;
     const bitmaps = await this.readBitmaps(ctx, qmp);
-    const cpDisks = this.store.disks(domain);
-    const current = checkpoints.find((c) => c.is_current === 1);
-    const byName = new Map(checkpoints.map((c) => [c.name, c]));
-    const actions: BitmapAction[] = [];
-    const losses: Array<[string, string, string, string]> = [];
-    // Indexed once: with a long chain, scanning the rows per checkpoint would be quadratic.
-    const bitmapEntries = new Map<string, CheckpointDiskRow>();
-    for (const x of cpDisks) {
-      const key = `${x.checkpoint}\0${x.disk_id ?? ''}`;
-      if (x.mode === 'bitmap' && !bitmapEntries.has(key)) bitmapEntries.set(key, x);
-    }
-    for (const d of ctx.disks) {
-      const actual = bitmaps.get(d.diskId);
-      if (actual === undefined || d.format !== 'qcow2') continue;
-      const actualByName = new Map<string, BitmapState>();
-      for (const b of actual) {
-        if (!actualByName.has(b.name)) actualByName.set(b.name, b);
-        if (b.name.startsWith(TEMP_BITMAP_PREFIX) && !b.busy) actions.push({ op: 'remove', diskId: d.diskId, bitmap: b.name });
-      }
-      const valid: Array<{ cp: CheckpointLink; state: BitmapState }> = [];
-      for (const cp of checkpoints) {
-        const entry = bitmapEntries.get(`${cp.name}\0${d.diskId}`);
-        if (entry === undefined || entry.bitmap === null) continue;
-        const st = actualByName.get(entry.bitmap);
-        if (st === undefined) {
-          losses.push([d.diskId, cp.name, 'bitmap-missing', `bitmap "${entry.bitmap}" of disk "${d.target}" disappeared (lost when QEMU stopped uncleanly, or removed outside qbackup)`]);
-        } else if (st.inconsistent) {
-          losses.push([d.diskId, cp.name, 'bitmap-inconsistent', `bitmap "${entry.bitmap}" of disk "${d.target}" was inconsistent (QEMU did not store it cleanly) and was removed`]);
-          actions.push({ op: 'remove', diskId: d.diskId, bitmap: st.name });
-        } else {
-          valid.push({ cp, state: st });
-        }
-      }
-      // The recorder is the current checkpoint's bitmap or, when that one is gone,
-      // the nearest valid one on the current checkpoint's own path (never a
-      // newer bitmap of another branch).
-      let recorder: { cp: CheckpointLink; state: BitmapState } | undefined;
-      if (current !== undefined && bitmapEntries.has(`${current.name}\0${d.diskId}`)) {
-        const validByName = new Map(valid.map((v) => [v.cp.name, v]));
-        const seen = new Set<string>();
-        for (let at: CheckpointLink | undefined = current; at !== undefined && !seen.has(at.name); at = at.parent === null ? undefined : byName.get(at.parent)) {
-          seen.add(at.name);
-          recorder = validByName.get(at.name);
-          if (recorder !== undefined) break;
-        }
-      }
-      for (const v of valid) {
-        const shouldRecord = v === recorder;
-        if (v.state.recording === shouldRecord) continue;
-        actions.push({ op: shouldRecord ? 'enable' : 'disable', diskId: d.diskId, bitmap: v.state.name });
-        if (shouldRecord && v.cp.name === current?.name) {
-          // The current bitmap was not recording: writes since it stopped are in no bitmap.
-          losses.push([d.diskId, v.cp.name, 'bitmap-inconsistent', `bitmap "${v.state.name}" of disk "${d.target}" was found not recording and was re-enabled; writes in between were not tracked`]);
-        }
-      }
-    }
-    if (losses.length > 0) {
-      this.store.transaction(() => {
-        for (const [diskId, cp, reason, detail] of losses) this.store.recordLoss(domain, diskId, cp, reason, detail);
-      });
-    }
-    await applyBitmapActions(qmp, actions, ctx.disks);
+    const plan = planReconcile({ checkpoints, checkpointDisks: this.store.disks(domain), disks: ctx.disks, bitmaps });
+    this.recordLosses(domain, plan.losses);
+    await applyBitmapActions(qmp, plan.actions, ctx.disks);
     // The bitmaps as read are still the truth only when nothing was changed.
-    return actions.length === 0 ? bitmaps : undefined;
+    return plan.actions.length === 0 ? bitmaps : undefined;
   }
 
   /** Finishes (delete) or rolls back (create) an operation a killed qbackup left behind. */
   async recover(ctx: DomainContext): Promise<void> {
-    const op = this.store.getOperation(ctx.row.name);
-    if (op === undefined) return;
+    const pending = this.journal.pending(ctx.row.name);
+    if (pending === undefined) return;
     await this.withOptionalQmp(ctx, 'recovery', async (qmp) => {
-      if (op.kind === 'checkpoint-create') {
-        const plan = JSON.parse(op.payload) as CreateIntent;
-        const bitmaps = await this.readBitmaps(ctx, qmp);
-        const present = plan.adds.filter((a) => (bitmaps.get(a.diskId) ?? []).some((b) => b.name === a.bitmap));
-        const disabled = plan.disables.filter((a) => (bitmaps.get(a.diskId) ?? []).some((b) => b.name === a.bitmap && !b.recording));
-        // The online transaction is all or nothing; offline, adds come before disables.
-        const happened = plan.adds.length > 0 ? present.length === plan.adds.length : plan.disables.length > 0 && disabled.length === plan.disables.length;
-        if (happened) {
-          // Every new bitmap exists: the change happened; finish it (offline, the disables may be pending).
-          const pending = plan.disables.filter((a) => (bitmaps.get(a.diskId) ?? []).find((b) => b.name === a.bitmap)?.recording === true);
-          await applyBitmapActions(qmp, pending.map((a): BitmapAction => ({ op: 'disable', ...a })), ctx.disks);
-          this.commitCreate(plan);
-        } else {
-          await this.rollbackCreate(ctx, qmp, plan);
-        }
-      } else if (op.kind === 'checkpoint-delete') {
-        const intent = JSON.parse(op.payload) as DeleteIntent;
-        const bitmaps = await this.readBitmaps(ctx, qmp);
-        assertReadable(ctx, bitmaps, intent, `Cannot finish deleting checkpoint "${intent.name}" of domain "${ctx.row.name}"`);
-        await applyBitmapActions(qmp, deleteActions(intent, bitmaps), ctx.disks);
-        this.commitDelete(ctx.row.name, intent);
-      } else {
-        // Another subsystem's operation: not ours to finish.
-        return;
+      const plan = planRecovery(pending, await this.readBitmaps(ctx, qmp));
+      if (plan.outcome === 'unreadable') {
+        throw unreadableError(ctx, plan.diskId, `Cannot finish deleting checkpoint "${plan.intent.name}" of domain "${ctx.row.name}"`);
       }
+      await applyBitmapActions(qmp, plan.actions, ctx.disks);
+      this.journal.settle(ctx.row.name, plan);
+    });
+  }
+
+  private recordLosses(domain: string, losses: readonly CoverageLoss[]): void {
+    if (losses.length === 0) return;
+    this.store.transaction(() => {
+      for (const l of losses) this.store.recordLoss(domain, l.diskId, l.checkpoint, l.reason, l.detail);
     });
   }
 
@@ -667,25 +455,6 @@ export class CheckpointService {
   chainCheckpoints(domain: string): ChainCheckpoint[] {
     const byCheckpoint = groupDisks(this.store.disks(domain));
     return this.store.links(domain).map((row) => ({ row, disks: byCheckpoint.get(row.name) ?? [] }));
-  }
-
-  /** Descendants in pre-order (parents before children). Iterative: chains can be thousands long. */
-  private descendants(domain: string, name: string): string[] {
-    return preOrder(childrenIndex(this.store.links(domain)), name);
-  }
-
-  /** Descendants, children after their own descendants (leaves first). */
-  private descendantsPostOrder(domain: string, name: string): string[] {
-    // The reverse of a pre-order where children are visited last-first is a valid post-order.
-    const children = childrenIndex(this.store.links(domain));
-    const out: string[] = [];
-    const stack = [...(children.get(name) ?? [])];
-    while (stack.length > 0) {
-      const c = stack.pop() as CheckpointLink;
-      out.push(c.name);
-      stack.push(...(children.get(c.name) ?? []));
-    }
-    return out.reverse();
   }
 
   /**
@@ -722,108 +491,66 @@ export class CheckpointService {
   }
 }
 
-/** Names with the temporary prefix are swept by reconcile, so no checkpoint may use one. */
-function assertNotTemporary(name: string): void {
-  if (name.startsWith(TEMP_BITMAP_PREFIX)) {
-    throw new QbackupError('INVALID_NAME', `Invalid name "${name}": names starting with "${TEMP_BITMAP_PREFIX}" are reserved for qbackup's temporary bitmaps`);
+/** The checkpoint's disk specs by target; every one must name an attached disk. */
+function diskSpecsByTarget(ctx: DomainContext, name: string, disks: readonly CheckpointDiskSpec[]): Map<string, CheckpointDiskSpec> {
+  const specs = new Map<string, CheckpointDiskSpec>();
+  for (const d of disks) {
+    if (!ctx.disks.some((x) => x.target === d.name)) {
+      throw new QbackupError('DISK_NOT_FOUND', `Cannot create checkpoint "${name}" of domain "${ctx.row.name}": the domain has no disk "${d.name}"`);
+    }
+    specs.set(d.name, d);
   }
+  return specs;
+}
+
+/**
+ * A new checkpoint's disk rows and the bitmaps it adds: by default every
+ * writable qcow2 disk gets a bitmap named after the checkpoint; a disk asked
+ * for explicitly must be able to hold one, under a name not yet on it.
+ */
+function createDiskRows(
+  ctx: DomainContext,
+  name: string,
+  specs: ReadonlyMap<string, CheckpointDiskSpec>,
+  bitmaps: DiskBitmaps,
+): Pick<CreateIntent, 'disks' | 'adds'> {
+  const domain = ctx.row.name;
+  const what = `Cannot create checkpoint "${name}" of domain "${domain}"`;
+  const disks: CheckpointDiskRow[] = [];
+  const adds: CreateIntent['adds'] = [];
+  for (const d of ctx.disks) {
+    const s = specs.get(d.target);
+    const wanted = s?.checkpoint ?? (d.format === 'qcow2' && !d.readonly ? 'bitmap' : 'no');
+    if (wanted !== 'bitmap') {
+      disks.push({ domain, checkpoint: name, target: d.target, disk_id: d.diskId, mode: 'no', bitmap: null });
+      continue;
+    }
+    if (d.format !== 'qcow2') throw new QbackupError('INVALID_ARGUMENT', `${what}: disk "${d.target}" is ${d.format}; bitmaps need qcow2`);
+    if (d.readonly) throw new QbackupError('INVALID_ARGUMENT', `${what}: disk "${d.target}" is read-only`);
+    const bitmap = s?.bitmap ?? name;
+    assertCheckpointName(bitmap, 'Bitmap name');
+    assertNotTemporary(bitmap);
+    if ((bitmaps.get(d.diskId) ?? []).some((b) => b.name === bitmap)) {
+      throw new QbackupError('CHECKPOINT_EXISTS', `${what}: disk "${d.target}" already has a bitmap "${bitmap}"`);
+    }
+    adds.push({ diskId: d.diskId, bitmap });
+    disks.push({ domain, checkpoint: name, target: d.target, disk_id: d.diskId, mode: 'bitmap', bitmap });
+  }
+  return { disks, adds };
 }
 
 /**
  * A disk whose bitmaps cannot be read must not be treated as having none: the
  * merge would be skipped while the metadata says it happened.
  */
-function assertReadable(ctx: DomainContext, bitmaps: DiskBitmaps, intent: DeleteIntent, what: string): void {
-  for (const d of intent.disks) {
-    if (!bitmaps.has(d.diskId)) {
-      const target = ctx.disks.find((x) => x.diskId === d.diskId)?.target ?? d.diskId;
-      throw new QbackupError('IMAGE_ERROR', `${what}: the bitmaps of disk "${target}" cannot be read`);
-    }
-  }
-}
-
-/** Bitmap steps of a deletion, limited to what still needs doing on the images. */
-function deleteActions(intent: DeleteIntent, bitmaps: DiskBitmaps): BitmapAction[] {
-  const actions: BitmapAction[] = [];
-  for (const d of intent.disks) {
-    const onDisk = bitmaps.get(d.diskId) ?? [];
-    const own = onDisk.find((b) => b.name === d.bitmap);
-    const parent = d.parentBitmap === null ? undefined : onDisk.find((b) => b.name === d.parentBitmap);
-    const parentUsable = parent !== undefined && !parent.inconsistent;
-    if (own !== undefined) {
-      if (parentUsable && !own.inconsistent) actions.push({ op: 'merge', diskId: d.diskId, target: parent.name, sources: [own.name] });
-      actions.push({ op: 'remove', diskId: d.diskId, bitmap: own.name });
-    }
-    if (intent.wasCurrent && parentUsable && !parent.recording) actions.push({ op: 'enable', diskId: d.diskId, bitmap: parent.name });
-  }
-  return actions;
+function unreadableError(ctx: DomainContext, diskId: string, what: string): QbackupError {
+  const target = ctx.disks.find((x) => x.diskId === diskId)?.target ?? diskId;
+  return new QbackupError('IMAGE_ERROR', `${what}: the bitmaps of disk "${target}" cannot be read`);
 }
 
 async function bitmapCount(qmp: QmpClient, diskId: string, bitmap: string): Promise<number> {
   const node = (await readBlockNodes(qmp)).get(nodeNamesFor(diskId).format);
   return node?.bitmaps.find((b) => b.name === bitmap)?.count ?? 0;
-}
-
-function topologicalOrder<T extends CheckpointLink>(rows: readonly T[]): T[] {
-  const names = new Set(rows.map((r) => r.name));
-  const byParent = new Map<string | null, T[]>();
-  for (const r of rows) {
-    const key = r.parent !== null && names.has(r.parent) ? r.parent : null;
-    const list = byParent.get(key);
-    if (list === undefined) byParent.set(key, [r]);
-    else list.push(r);
-  }
-  const out: T[] = [];
-  const placed = new Set<string>();
-  const stack = [...(byParent.get(null) ?? [])].reverse();
-  while (stack.length > 0) {
-    const r = stack.pop() as T;
-    if (placed.has(r.name)) continue;
-    placed.add(r.name);
-    out.push(r);
-    stack.push(...[...(byParent.get(r.name) ?? [])].reverse());
-  }
-  return out;
-}
-
-/** Names below `name`, parents before children, iteratively. */
-function preOrder(children: Map<string, CheckpointLink[]>, name: string): string[] {
-  const out: string[] = [];
-  const stack = [...(children.get(name) ?? [])].reverse();
-  while (stack.length > 0) {
-    const c = stack.pop() as CheckpointLink;
-    out.push(c.name);
-    stack.push(...[...(children.get(c.name) ?? [])].reverse());
-  }
-  return out;
-}
-
-/** Children of each checkpoint, in the order of `rows` (creation order). */
-function childrenIndex(rows: readonly CheckpointLink[]): Map<string, CheckpointLink[]> {
-  const out = new Map<string, CheckpointLink[]>();
-  for (const r of rows) {
-    if (r.parent === null) continue;
-    const list = out.get(r.parent);
-    if (list === undefined) out.set(r.parent, [r]);
-    else list.push(r);
-  }
-  return out;
-}
-
-/** Number of descendants, iteratively (a chain of thousands would be as deep a recursion). */
-function countDescendants(children: ReadonlyMap<string, readonly CheckpointLink[]>, name: string): number {
-  let count = 0;
-  const seen = new Set<string>([name]);
-  const stack = [name];
-  for (let n = stack.pop(); n !== undefined; n = stack.pop()) {
-    for (const c of children.get(n) ?? []) {
-      if (seen.has(c.name)) continue;
-      seen.add(c.name);
-      count++;
-      stack.push(c.name);
-    }
-  }
-  return count;
 }
 
 function groupDisks(rows: readonly CheckpointDiskRow[]): Map<string, CheckpointDiskRow[]> {

@@ -5,6 +5,8 @@
 // Invariants:
 // - Checkpoint names match CHECKPOINT_NAME_PATTERN, so they are safe as file
 //   names and QEMU bitmap names; violations are INVALID_NAME.
+// - No checkpoint or bitmap name starts with TEMP_BITMAP_PREFIX: reconcile
+//   sweeps bitmaps with that prefix.
 // - `disks` undefined means every writable qcow2 disk takes part; an empty
 //   array means none does.
 // - `parent`, `creationTime` and `domainXml` describe an existing checkpoint and
@@ -48,5 +50,15 @@ export function assertCheckpointName(name: string, what = 'Checkpoint name'): vo
       'INVALID_NAME',
       `${what} ${JSON.stringify(name)} is invalid: use letters, digits, "_", "-" and "." (but no leading ".").`,
     );
+  }
+}
+
+/** Prefix of the temporary, non-persistent bitmaps qbackup merges chains into. */
+export const TEMP_BITMAP_PREFIX = 'qbackup-tmp-';
+
+/** Names with the temporary prefix are swept by reconcile, so no checkpoint or bitmap may use one. */
+export function assertNotTemporary(name: string): void {
+  if (name.startsWith(TEMP_BITMAP_PREFIX)) {
+    throw new QbackupError('INVALID_NAME', `Invalid name "${name}": names starting with "${TEMP_BITMAP_PREFIX}" are reserved for qbackup's temporary bitmaps`);
   }
 }

@@ -24,7 +24,7 @@ import { hotplugDisk, unplugDisk } from '../qemu/devices.js';
 import { nodeNamesFor, qemuIoDevicePath } from '../qemu/nodes.js';
 import { killProcess, launchQemu, waitForExit } from '../qemu/process.js';
 import { QmpClient } from '../qmp/index.js';
-import type { DomainRow, DomainStore, RuntimeRow } from '../store/domains.js';
+import type { DiskEventRow, DomainRow, DomainStore, RuntimeRow } from '../store/domains.js';
 import { acquireDomainLock } from '../store/lock.js';
 import { assert } from '../util/assert.js';
 import { isProcessAlive } from '../util/proc.js';
@@ -578,6 +578,31 @@ export class DomainService {
     if (row === undefined) return;
     this.store.upsertDisk({ ...row, attached: 0 });
     this.store.recordDiskEvent(disk.diskId, 'detach', disk.target, live);
+  }
+
+  // ---- reads for other subsystems ------------------------------------------
+  // What checkpoints need of disk identity and the attach/detach journal, so
+  // they call these instead of reaching into DomainStore.
+
+  /** The id of the domain's disk (attached or not) whose image is `source` once resolved; null when none is. */
+  diskIdForSource(domain: string, source: string): string | null {
+    const resolved = resolveSource(source);
+    return this.store.disksOf(domain).find((r) => r.source === resolved)?.id ?? null;
+  }
+
+  /** The newest disk journal sequence number: a point in the global order of attach/detach events. */
+  journalHead(): number {
+    return this.store.journalHead();
+  }
+
+  /** The newest disk journal sequence number of an event at or before `atMs` (0 when none). */
+  journalSeqAt(atMs: number): number {
+    return this.store.journalSeqAt(atMs);
+  }
+
+  /** Attach/detach events of a disk after journal sequence number `afterSeq`, oldest first. */
+  diskEvents(diskId: string, afterSeq = 0): DiskEventRow[] {
+    return this.store.diskEvents(diskId, afterSeq);
   }
 }
 

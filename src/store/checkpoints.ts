@@ -1,6 +1,7 @@
 // SQL access to checkpoints, the disks of each checkpoint, recorded coverage
 // losses and the per-domain intent journal. Rules live in src/checkpoint.
 
+import { QbackupError } from '../errors.js';
 import type { Db } from './db.js';
 
 export interface CheckpointRow {
@@ -41,10 +42,18 @@ export interface CoverageLossRow {
   at_ms: number;
 }
 
-export interface OperationRow {
+interface OperationRow {
   domain: string;
   kind: string;
   payload: string;
+  started_ms: number;
+}
+
+/** A journal entry with its payload parsed (its shape is the writer's to check). */
+export interface PendingOperation {
+  domain: string;
+  kind: string;
+  payload: unknown;
   started_ms: number;
 }
 
@@ -149,8 +158,14 @@ export class CheckpointStore {
       .run(domain, diskId, checkpoint, reason, detail, Date.now());
   }
 
-  getOperation(domain: string): OperationRow | undefined {
-    return this.db.prepare('SELECT * FROM operations WHERE domain = ?').get(domain) as OperationRow | undefined;
+  getOperation(domain: string): PendingOperation | undefined {
+    const row = this.db.prepare('SELECT * FROM operations WHERE domain = ?').get(domain) as OperationRow | undefined;
+    if (row === undefined) return undefined;
+    try {
+      return { ...row, payload: JSON.parse(row.payload) as unknown };
+    } catch (err) {
+      throw new QbackupError('METADATA_INCONSISTENT', `Cannot read the interrupted ${row.kind} of domain "${domain}": its journal entry is not JSON`, { cause: err });
+    }
   }
 
   beginOperation(domain: string, kind: string, payload: unknown): void {

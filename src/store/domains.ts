@@ -111,6 +111,11 @@ export class DomainStore {
     return row?.seq ?? 0;
   }
 
+  /** The newest journal sequence number of an event at or before `atMs`; 0 when there is none. */
+  journalSeqAt(atMs: number): number {
+    return (this.db.prepare('SELECT COALESCE(MAX(seq), 0) AS s FROM disk_events WHERE at_ms <= ?').get(atMs) as { s: number }).s;
+  }
+
   getRuntime(domain: string): RuntimeRow | undefined {
     return this.db.prepare('SELECT * FROM runtime WHERE domain = ?').get(domain) as RuntimeRow | undefined;
   }
