@@ -40,18 +40,8 @@ export interface CopyExtentsResult {
 const DEFAULT_MAX_IN_FLIGHT = 8;
 const DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024;
 
-interface WorkItem {
-  kind: 'data' | 'zero';
-  offset: number;
-  length: number;
-}
-
-export async function copyExtents(source: NbdClient, target: NbdClient, options: CopyExtentsOptions = {}): Promise<CopyExtentsResult> {
-  const maxInFlight = options.maxInFlight ?? DEFAULT_MAX_IN_FLIGHT;
-  if (!Number.isSafeInteger(maxInFlight) || maxInFlight < 1) {
-    throw new QbackupError('INVALID_ARGUMENT', `maxInFlight must be a positive integer, got ${String(options.maxInFlight)}`);
-  }
-  const chunkBytes = chooseChunkBytes(source, target, options.chunkBytes ?? DEFAULT_CHUNK_BYTES);
+/** Refuses a copy the two exports cannot do: different sizes, a read-only target, a missing context. */
+function checkCopyable(source: NbdClient, target: NbdClient, dirtyContext: string | undefined): void {
   if (source.size !== target.size) {
     throw new QbackupError(
       'INVALID_ARGUMENT',
@@ -67,13 +57,58 @@ export async function copyExtents(source: NbdClient, target: NbdClient, options:
       details: { target: target.exportName },
     });
   }
-  const dirtyContext = options.dirtyContext;
   if (dirtyContext !== undefined && !source.contexts.has(dirtyContext)) {
     throw new QbackupError('NOT_SUPPORTED', `Cannot copy the changes of NBD export "${source.exportName}": context "${dirtyContext}" was not negotiated`, {
       details: { source: source.exportName, context: dirtyContext },
     });
   }
+}
 
+/**
+ * Runs `fn` on every item of `work` with at most `maxInFlight` running at
+ * once. The first failure stops new work; it is thrown once the running items
+ * have settled.
+ */
+export async function runPool<T>(work: AsyncGenerator<T> | AsyncIterator<T>, maxInFlight: number, fn: (item: T) => Promise<void>): Promise<void> {
+  const failures: unknown[] = [];
+  const worker = async (): Promise<void> => {
+    while (failures.length === 0) {
+      let next: IteratorResult<T>;
+      try {
+        next = await work.next();
+      } catch (err) {
+        failures.push(err);
+        return;
+      }
+      if (next.done === true || failures.length > 0) return;
+      try {
+        await fn(next.value);
+      } catch (err) {
+        failures.push(err);
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: maxInFlight }, () => worker()));
+  if (failures.length > 0) {
+    await work.return?.(undefined);
+    throw failures[0];
+  }
+}
+
+interface WorkItem {
+  kind: 'data' | 'zero';
+  offset: number;
+  length: number;
+}
+
+export async function copyExtents(source: NbdClient, target: NbdClient, options: CopyExtentsOptions = {}): Promise<CopyExtentsResult> {
+  const maxInFlight = options.maxInFlight ?? DEFAULT_MAX_IN_FLIGHT;
+  if (!Number.isSafeInteger(maxInFlight) || maxInFlight < 1) {
+    throw new QbackupError('INVALID_ARGUMENT', `maxInFlight must be a positive integer, got ${String(options.maxInFlight)}`);
+  }
+  const chunkBytes = chooseChunkBytes(source, target, options.chunkBytes ?? DEFAULT_CHUNK_BYTES);
+  checkCopyable(source, target, options.dirtyContext);
+  const dirtyContext = options.dirtyContext;
   const ranges: NbdExtent[] =
     dirtyContext === undefined
       ? source.size === 0
@@ -86,8 +121,6 @@ export async function copyExtents(source: NbdClient, target: NbdClient, options:
 
   const result: CopyExtentsResult = { dataBytes: 0, zeroBytes: 0 };
   let doneBytes = 0;
-  /** The first failure of any operation; once set, no new work starts. */
-  const failures: unknown[] = [];
   const work = workItems(source, ranges, useAllocation, chunkBytes);
 
   const copyOne = async (item: WorkItem): Promise<void> => {
@@ -108,29 +141,7 @@ export async function copyExtents(source: NbdClient, target: NbdClient, options:
     options.onProgress?.(doneBytes, totalBytes);
   };
 
-  const worker = async (): Promise<void> => {
-    while (failures.length === 0) {
-      let next: IteratorResult<WorkItem>;
-      try {
-        next = await work.next();
-      } catch (err) {
-        failures.push(err);
-        return;
-      }
-      if (next.done === true || failures.length > 0) return;
-      try {
-        await copyOne(next.value);
-      } catch (err) {
-        failures.push(err);
-      }
-    }
-  };
-
-  await Promise.all(Array.from({ length: maxInFlight }, () => worker()));
-  if (failures.length > 0) {
-    await work.return(undefined);
-    throw failures[0];
-  }
+  await runPool(work, maxInFlight, copyOne);
   if (target.canFlush) await target.flush();
   return result;
 }
