@@ -1,0 +1,214 @@
+// One-command backups of a domain into a format 2 repository. Per disk:
+// incremental since the checkpoint of the disk's last backup in this
+// repository when the coverage rules allow it, else full with the reason.
+// The data always comes through a pull-mode job (a frozen view exported over
+// NBD, with the dirty bitmap as a meta context), read by our NBD client into
+// the chunk store; the manifest is written last.
+//
+// Invariants:
+// - Coverage is decided before the job starts and the job runs strict, so an
+//   incremental never silently becomes a copy of the whole disk.
+// - A backup that fails or is killed leaves no manifest: at most packs and
+//   indexes nobody references (gc removes them), and its checkpoint is merged
+//   away (now, or by the next backup of the domain).
+// - A disk whose size changed since its last backup gets a full backup.
+
+import { exportUri, serverAddress, type JobDisk, type JobInfo } from '../backup/job.js';
+import type { BackupService } from '../backup/service.js';
+import type { BackupSpec } from '../backup/spec.js';
+import type { CheckpointService } from '../checkpoint/service.js';
+import type { BlockInfo, DomainService } from '../domain/service.js';
+import { QbackupError, describeError } from '../errors.js';
+import { NbdClient } from '../nbd/client.js';
+import { NBD_CONTEXT_BASE_ALLOCATION } from '../nbd/constants.js';
+import { assert } from '../util/assert.js';
+import { condemnedPacks } from './gc.js';
+import { acquireLock } from './locks.js';
+import { newBackupId, type Manifest, type ManifestDisk } from './manifest.js';
+import { ChunkPool } from './pool.js';
+import { readDisk } from './read-disk.js';
+import type { Store } from './store.js';
+
+export interface Progress {
+  /** What is being done, e.g. "backup sda" or "verify". */
+  phase: string;
+  doneBytes: number;
+  totalBytes: number;
+}
+
+export interface RepoBackupOptions {
+  /** Full backups of every disk, whatever the coverage. */
+  full?: boolean;
+  /** Only these disks (default: every writable disk). */
+  disks?: string[];
+  /** Worker threads that hash and compress (default 2). */
+  workers?: number;
+  onProgress?: (p: Progress) => void;
+}
+
+export interface BackupServices {
+  domains: DomainService;
+  checkpoints: CheckpointService;
+  backups: BackupService;
+}
+
+/** What one disk's backup will be. */
+interface DiskPlan {
+  disk: BlockInfo;
+  level: 'full' | 'incremental';
+  fullReason: string | null;
+  /** The previous backup of this disk here (incremental only). */
+  parent?: { manifest: Manifest; disk: ManifestDisk };
+}
+
+/** Backs up `domain` into `store`; returns the manifest written. */
+export async function backupDomain(services: BackupServices, store: Store, domain: string, options: RepoBackupOptions = {}): Promise<Manifest> {
+  const { domains } = services;
+  const selected = selectDisks(domains, domain, options.disks);
+  await using _lock = await acquireLock(store.backend, 'backup', domain);
+  // A shut-off domain is started with its CPUs stopped: QEMU opens the images
+  // with their bitmaps, no guest code runs, and it is shut down cleanly after.
+  const startedHere = domains.info(domain).state !== 'running';
+  if (startedHere) await domains.start(domain, { paused: true });
+  let manifest: Manifest;
+  try {
+    manifest = await backupRunning(services, store, domain, selected, options);
+  } catch (err) {
+    if (startedHere) {
+      await domains.shutdown(domain).catch((stopErr: unknown) => {
+        throw new QbackupError('BACKUP_FAILED', `${describeError(err)} (and shutting domain "${domain}" down again failed: ${describeError(stopErr)})`, { cause: err });
+      });
+    }
+    throw err;
+  }
+  if (startedHere) {
+    await domains.shutdown(domain).catch((stopErr: unknown) => {
+      throw new QbackupError('DOMAIN_RUNNING', `Backup "${manifest.id}" of domain "${domain}" is complete, but shutting the domain down again failed: ${describeError(stopErr)}`, { cause: stopErr });
+    });
+  }
+  return manifest;
+}
+
+function selectDisks(domains: DomainService, domain: string, targets: readonly string[] | undefined): BlockInfo[] {
+  const all = domains.blockList(domain);
+  for (const t of targets ?? []) {
+    if (!all.some((d) => d.target === t)) throw new QbackupError('DISK_NOT_FOUND', `Domain "${domain}" has no disk "${t}"`);
+  }
+  const selected = all.filter((d) => (targets === undefined || targets.length === 0 ? !d.readonly : targets.includes(d.target)));
+  if (selected.length === 0) throw new QbackupError('INVALID_ARGUMENT', `Cannot back up domain "${domain}": no disk selected`);
+  return selected;
+}
+
+async function backupRunning(services: BackupServices, store: Store, domain: string, selected: readonly BlockInfo[], options: RepoBackupOptions): Promise<Manifest> {
+  const id = newBackupId();
+  const checkpoint = `qb-${id}`;
+  const history = await store.manifests(domain);
+  const plans: DiskPlan[] = [];
+  for (const disk of selected) plans.push(await planDisk(services.checkpoints, domain, history, disk, options));
+  await store.loadChunks(await condemnedPacks(store.backend));
+  const startedMs = Date.now();
+  const pool = new ChunkPool(store, options.workers ?? 2);
+  let job: JobInfo | undefined;
+  try {
+    job = await services.backups.begin(domain, jobSpec(plans), { checkpoint: { name: checkpoint }, strict: true });
+    const disks: ManifestDisk[] = [];
+    for (const plan of plans) disks.push(await readJobDisk(store, pool, job, plan, options));
+    const manifest: Manifest = {
+      format: 2,
+      id,
+      domain,
+      uuid: services.domains.info(domain).uuid,
+      time: new Date(startedMs).toISOString(),
+      endTime: new Date().toISOString(),
+      checkpoint,
+      consistency: 'crash',
+      domainXml: services.domains.dumpXml(domain),
+      disks,
+    };
+    await services.backups.abort(domain); // a pull job's normal end
+    job = undefined;
+    await store.putManifest(manifest);
+    return manifest;
+  } catch (err) {
+    throw await cleanUpFailed(services, domain, job, checkpoint, err);
+  } finally {
+    await pool.close();
+  }
+}
+
+/** The pull job that exports every planned disk, incremental ones with their dirty bitmap. */
+function jobSpec(plans: readonly DiskPlan[]): BackupSpec {
+  return {
+    mode: 'pull',
+    disks: plans.map((p) => ({
+      target: p.disk.target,
+      ...(p.parent !== undefined ? { mode: 'incremental' as const, since: p.parent.manifest.checkpoint } : { mode: 'full' as const }),
+    })),
+  };
+}
+
+/** Full or incremental for one disk: incremental since the disk's last backup here, when coverage allows. */
+async function planDisk(checkpoints: CheckpointService, domain: string, history: readonly Manifest[], disk: BlockInfo, options: RepoBackupOptions): Promise<DiskPlan> {
+  const prev = [...history].reverse().find((m) => m.disks.some((x) => x.diskId === disk.diskId));
+  const prevDisk = prev?.disks.find((x) => x.diskId === disk.diskId);
+  const full = (fullReason: string): DiskPlan => ({ disk, level: 'full', fullReason });
+  if (options.full) return full('requested with --full');
+  if (prev === undefined || prevDisk === undefined) return full('no earlier backup of this disk in the repository');
+  if (!checkpoints.exists(domain, prev.checkpoint)) return full(`checkpoint "${prev.checkpoint}" of backup "${prev.id}" no longer exists`);
+  const cov = (await checkpoints.coverage(domain, prev.checkpoint)).find((c) => c.diskId === disk.diskId);
+  if (cov === undefined || cov.mode === 'full') return full((cov?.reasons ?? []).map((r) => `${r.code}: ${r.detail}`).join('; ') || 'no coverage');
+  return { disk, level: 'incremental', fullReason: null, parent: { manifest: prev, disk: prevDisk } };
+}
+
+/** Reads one exported disk of the job into the store and describes it for the manifest. */
+async function readJobDisk(store: Store, pool: ChunkPool, job: JobInfo, plan: DiskPlan, options: RepoBackupOptions): Promise<ManifestDisk> {
+  const jd: JobDisk | undefined = job.disks.find((d) => d.target === plan.disk.target);
+  assert(jd !== undefined && job.server !== undefined, `backup job "${job.id}" exports disk "${plan.disk.target}"`);
+  const virtualSize = jd.virtualSize ?? 0;
+  // A resized disk cannot take a delta on an index of another size: read it all.
+  const resized = plan.parent !== undefined && plan.parent.disk.virtualSize !== virtualSize;
+  const incremental = plan.level === 'incremental' && !resized && jd.tmpBitmap !== undefined;
+  const dirtyContext = incremental ? `qemu:dirty-bitmap:${jd.tmpBitmap ?? ''}` : undefined;
+  const exportName = jd.pull?.exportName ?? jd.target;
+  await using client = await NbdClient.connect(serverAddress(job.server), {
+    exportName,
+    metaContexts: [NBD_CONTEXT_BASE_ALLOCATION, ...(dirtyContext !== undefined ? [dirtyContext] : [])],
+  });
+  if (dirtyContext !== undefined && !client.contexts.has(dirtyContext)) {
+    throw new QbackupError('NBD_ERROR', `Export ${exportUri(job.server, exportName)} does not offer "${dirtyContext}"`);
+  }
+  const writer = store.chunkWriter();
+  const result = await readDisk(store, pool, writer, {
+    client,
+    dirtyContext,
+    parentIndex: incremental ? plan.parent?.disk.index : undefined,
+    onProgress: (done, total) => options.onProgress?.({ phase: `backup ${plan.disk.target}`, doneBytes: done, totalBytes: total }),
+  });
+  return {
+    target: plan.disk.target,
+    diskId: plan.disk.diskId,
+    virtualSize,
+    level: incremental ? 'incremental' : 'full',
+    fullReason: incremental ? null : resized ? `the disk was resized (${plan.parent?.disk.virtualSize ?? 0} → ${virtualSize} bytes)` : plan.fullReason,
+    index: result.indexId,
+    bytesRead: result.bytesRead,
+    bytesStored: result.bytesStored,
+    chunks: result.chunks,
+    newChunks: result.newChunks,
+  };
+}
+
+/**
+ * After a failure: end the job if it still runs and merge the backup's
+ * checkpoint away, so the chain is as if the attempt never happened. The
+ * original error is what the caller sees; cleanup failures are added to it.
+ */
+async function cleanUpFailed(services: BackupServices, domain: string, job: JobInfo | undefined, checkpoint: string, err: unknown): Promise<unknown> {
+  const problems: string[] = [];
+  if (job !== undefined) await services.backups.abort(domain).catch((e: unknown) => problems.push(`ending backup job "${job.id}": ${describeError(e)}`));
+  if (services.checkpoints.exists(domain, checkpoint)) {
+    await services.checkpoints.delete(domain, checkpoint).catch((e: unknown) => problems.push(`removing checkpoint "${checkpoint}": ${describeError(e)}`));
+  }
+  if (problems.length === 0) return err;
+  return new QbackupError('BACKUP_FAILED', `${describeError(err)} (and cleaning up failed: ${problems.join('; ')})`, { cause: err });
+}

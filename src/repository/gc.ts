@@ -1,0 +1,178 @@
+// Garbage collection: removes packs and disk indexes no backup references,
+// and repacks packs that are mostly garbage.
+//
+// The method, safe while backups run (on this host or others):
+// 1. Mark: every manifest's index chain is live, and every chunk a live
+//    index names.
+// 2. A pack with no live chunk, or an index no manifest reaches, is garbage.
+//    A running backup may be about to reference garbage (it found the chunk
+//    in the store before gc looked, or wrote the pack and not yet its
+//    manifest), so garbage is first *condemned*: a marker object records when
+//    gc found it. Backups that start later ignore condemned packs (they store
+//    such chunks again). A later gc deletes condemned garbage that is still
+//    garbage once every backup running when it was condemned has ended: its
+//    marker is older than the oldest live backup lock. With no backup running
+//    at all, garbage is deleted at once (so a full disk can always be freed,
+//    without writing anything first).
+// 3. Deletion order: a pack's index object goes before the pack (no index
+//    ever names a missing pack); packs that are wholly garbage go before any
+//    repacking, which needs space.
+// 4. Repack: a pack whose live chunks are under half of it is rewritten: the
+//    live chunks go into new packs (stored and indexed first), then the old
+//    pack's index and the pack are deleted.
+// Only one gc runs at a time (a gc lock).
+
+import { QbackupError } from '../errors.js';
+import type { Backend } from './backend/backend.js';
+import { ZERO_ID } from './chunk.js';
+import { indexKey, INDEX_ID, type DiskIndex } from './disk-index.js';
+import { acquireLock, liveLocks } from './locks.js';
+import { PACK_ID, PackBuilder, PACK_TARGET_BYTES, packIndexKey, packKey, type PackEntry } from './pack.js';
+import type { Store } from './store.js';
+
+export interface GcReport {
+  packsDeleted: number;
+  packsRepacked: number;
+  indexesDeleted: number;
+  bytesFreed: number;
+  /** Garbage found while backups run, left for a later gc. */
+  condemned: number;
+}
+
+const CONDEMNED = /^(pack|index)\.([0-9a-f]{64})$/;
+
+/** Packs condemned by a gc: backups do not deduplicate against them. */
+export async function condemnedPacks(backend: Backend): Promise<Set<string>> {
+  const out = new Set<string>();
+  for (const { key } of await backend.list('condemned/')) {
+    const m = CONDEMNED.exec(key.slice(10));
+    if (m?.[1] === 'pack' && m[2] !== undefined) out.add(m[2]);
+  }
+  return out;
+}
+
+export async function collectGarbage(store: Store): Promise<GcReport> {
+  const backend = store.backend;
+  await using _lock = await acquireLock(backend, 'gc', null);
+  const backups = (await liveLocks(backend)).filter((l) => l.info.kind === 'backup');
+  const oldestBackupMs = Math.min(...backups.map((l) => l.info.takenMs));
+  const report: GcReport = { packsDeleted: 0, packsRepacked: 0, indexesDeleted: 0, bytesFreed: 0, condemned: 0 };
+  const { liveIndexes, liveChunks } = await mark(store);
+  const marks = await readMarks(backend);
+  // May this garbage go now? Yes when no backup runs, or it was condemned before every running backup began.
+  const mayDelete = (kind: string, id: string): boolean => backups.length === 0 || (marks.get(`${kind}.${id}`) ?? Infinity) < oldestBackupMs;
+  const packs = await packUsage(store, liveChunks);
+  for (const p of packs.filter((x) => x.liveBytes === 0)) {
+    if (mayDelete('pack', p.packId)) {
+      await backend.delete(packIndexKey(p.packId));
+      await backend.delete(packKey(p.packId));
+      report.packsDeleted++;
+      report.bytesFreed += p.size;
+    } else report.condemned += await condemn(backend, marks, 'pack', p.packId);
+  }
+  for (const { key, size } of await backend.list('indexes/')) {
+    const id = key.split('/').at(-1) ?? '';
+    if (!INDEX_ID.test(id) || liveIndexes.has(id)) continue;
+    if (mayDelete('index', id)) {
+      await backend.delete(indexKey(id));
+      report.indexesDeleted++;
+      report.bytesFreed += size;
+    } else report.condemned += await condemn(backend, marks, 'index', id);
+  }
+  for (const p of packs.filter((x) => x.liveBytes > 0 && x.liveBytes * 2 < x.size)) {
+    report.bytesFreed += await repack(store, p, liveChunks);
+    report.packsRepacked++;
+  }
+  await dropStaleMarks(backend, marks, store, liveIndexes, packs);
+  return report;
+}
+
+/** The live indexes (every chain link of every manifest) and the chunks they name. */
+async function mark(store: Store): Promise<{ liveIndexes: Set<string>; liveChunks: Set<string> }> {
+  const liveIndexes = new Set<string>();
+  const liveChunks = new Set<string>();
+  const addIndex = (id: string, index: DiskIndex): void => {
+    liveIndexes.add(id);
+    for (let at = 0; at < index.ids.length; at += 32) {
+      const chunk = index.ids.subarray(at, at + 32);
+      if (!chunk.equals(ZERO_ID)) liveChunks.add(chunk.toString('hex'));
+    }
+  };
+  for (const m of await store.manifests()) {
+    for (const d of m.disks) {
+      let at: string | undefined = d.index;
+      while (at !== undefined && !liveIndexes.has(at)) {
+        const index = await store.getIndex(at);
+        addIndex(at, index);
+        at = index.kind === 'delta' ? index.parent : undefined;
+      }
+    }
+  }
+  return { liveIndexes, liveChunks };
+}
+
+interface PackUsage {
+  packId: string;
+  size: number;
+  liveBytes: number;
+  entries: PackEntry[];
+}
+
+/** Every pack with its size and the bytes of its live chunks; packs without an index count as all garbage. */
+async function packUsage(store: Store, liveChunks: ReadonlySet<string>): Promise<PackUsage[]> {
+  const out: PackUsage[] = [];
+  const indexed = new Set((await store.backend.list('index/')).map((o) => o.key.slice(6)));
+  for (const { key, size } of await store.backend.list('data/')) {
+    const packId = key.split('/').at(-1) ?? '';
+    if (!PACK_ID.test(packId)) continue;
+    const entries = indexed.has(packId) ? await store.packEntries(packId) : [];
+    const liveBytes = entries.filter((e) => liveChunks.has(e.id.toString('hex'))).reduce((n, e) => n + e.length, 0);
+    out.push({ packId, size, liveBytes, entries });
+  }
+  return out;
+}
+
+async function readMarks(backend: Backend): Promise<Map<string, number>> {
+  const marks = new Map<string, number>();
+  for (const { key } of await backend.list('condemned/')) {
+    const name = key.slice(10);
+    if (!CONDEMNED.test(name)) continue;
+    const text = (await backend.get(key).catch(() => Buffer.from(''))).toString('utf8');
+    const ms = Number(text);
+    marks.set(name, Number.isFinite(ms) && ms > 0 ? ms : Date.now());
+  }
+  return marks;
+}
+
+async function condemn(backend: Backend, marks: Map<string, number>, kind: 'pack' | 'index', id: string): Promise<number> {
+  if (marks.has(`${kind}.${id}`)) return 0;
+  await backend.putIfAbsent(`condemned/${kind}.${id}`, Buffer.from(String(Date.now())));
+  return 1;
+}
+
+/** Moves a pack's live chunks into new packs, then deletes it; returns the bytes freed. */
+async function repack(store: Store, pack: PackUsage, liveChunks: ReadonlySet<string>): Promise<number> {
+  const builder = new PackBuilder();
+  const blob = await store.backend.get(packKey(pack.packId));
+  for (const e of pack.entries) {
+    if (!liveChunks.has(e.id.toString('hex'))) continue;
+    // The stored form moves as is (still compressed and sealed); readChunk checks it on every later read.
+    builder.add(e.id, blob.subarray(e.offset, e.offset + e.length), e.rawLength);
+    if (builder.bytes >= PACK_TARGET_BYTES) throw new QbackupError('REPO_DAMAGED', `Pack "${pack.packId}" holds more than a pack can`);
+  }
+  const newSize = builder.bytes;
+  if (builder.count > 0) await store.storePack(builder);
+  await store.backend.delete(packIndexKey(pack.packId));
+  await store.backend.delete(packKey(pack.packId));
+  return pack.size - newSize;
+}
+
+/** Markers of garbage that came back to life, or is gone, are removed. */
+async function dropStaleMarks(backend: Backend, marks: ReadonlyMap<string, number>, store: Store, liveIndexes: ReadonlySet<string>, packs: readonly PackUsage[]): Promise<void> {
+  const garbagePacks = new Set(packs.filter((p) => p.liveBytes === 0).map((p) => p.packId));
+  for (const name of marks.keys()) {
+    const [kind, id] = name.split('.');
+    const stillGarbage = kind === 'pack' ? garbagePacks.has(id ?? '') : !liveIndexes.has(id ?? '') && (await store.backend.stat(indexKey(id ?? ''))) !== undefined;
+    if (!stillGarbage) await backend.delete(`condemned/${name}`);
+  }
+}

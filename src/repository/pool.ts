@@ -1,0 +1,124 @@
+// Turns chunks read from a VM into stored chunks, on worker threads: each
+// batch is hashed in a worker, the main thread decides which chunks are new
+// (zero chunks and chunks the repository has are not stored), and the same
+// worker compresses and encrypts just those. With no workers it all runs on
+// the main thread (small jobs and tests).
+//
+// Invariants:
+// - A batch goes to one worker for both steps (the worker keeps its chunks
+//   between them); a worker's failure fails the batches it holds.
+// - The ids returned are in the batch's order; a zero chunk's id is ZERO_ID.
+
+import { Worker } from 'node:worker_threads';
+import { QbackupError } from '../errors.js';
+import { assert } from '../util/assert.js';
+import { encodeChunk, isZero, ZERO_ID } from './chunk.js';
+import type { WorkerInit, WorkerReply, WorkerRequest } from './chunk-worker.js';
+import type { ChunkWriter, Store } from './store.js';
+
+interface Slot {
+  worker: Worker;
+  busy: number;
+  waiters: Map<number, (reply: WorkerReply) => void>;
+}
+
+export interface StoreResult {
+  ids: Buffer[];
+  /** Chunks that were new and stored, and their stored bytes. */
+  newChunks: number;
+  storedBytes: number;
+}
+
+export class ChunkPool {
+  private readonly slots: Slot[] = [];
+  private seq = 0;
+
+  constructor(
+    private readonly store: Store,
+    workers: number,
+  ) {
+    const init: WorkerInit = { level: 1, ...(store.key !== undefined ? { dataKey: store.key.dataKey, idKey: store.key.idKey } : {}) };
+    for (let i = 0; i < workers; i++) {
+      const worker = new Worker(new URL('./chunk-worker.js', import.meta.url), { workerData: init });
+      const slot: Slot = { worker, busy: 0, waiters: new Map() };
+      worker.on('message', (reply: WorkerReply) => {
+        const w = slot.waiters.get(reply.seq);
+        slot.waiters.delete(reply.seq);
+        w?.(reply);
+      });
+      worker.on('error', (err) => {
+        for (const w of slot.waiters.values()) w({ op: 'error', seq: -1, message: err.message });
+        slot.waiters.clear();
+      });
+      worker.unref();
+      this.slots.push(slot);
+    }
+  }
+
+  /** Hashes `chunks`, stores the new ones through `writer`, and returns every chunk's id. */
+  async storeChunks(chunks: Buffer[], writer: ChunkWriter): Promise<StoreResult> {
+    if (this.slots.length === 0) return this.storeInline(chunks, writer);
+    const slot = this.slots.reduce((a, b) => (b.busy < a.busy ? b : a));
+    const seq = this.seq++;
+    slot.busy++;
+    try {
+      const hashed = await this.ask(slot, { op: 'hash', seq, chunks });
+      assert(hashed.op === 'hashed', 'a hash request is answered with ids');
+      const ids = hashed.ids.map((id, i) => (hashed.zero[i] === true ? ZERO_ID : Buffer.from(id)));
+      const wanted = ids.map((id) => !id.equals(ZERO_ID) && !writer.has(id));
+      const encoded = await this.ask(slot, { op: 'encode', seq, wanted });
+      assert(encoded.op === 'encoded', 'an encode request is answered with blobs');
+      let newChunks = 0;
+      let storedBytes = 0;
+      for (const [i, blob] of encoded.blobs.entries()) {
+        const id = ids[i];
+        const chunk = chunks[i];
+        if (blob === null || id === undefined || chunk === undefined) continue;
+        const before = writer.storedChunks;
+        await writer.addEncoded(id, Buffer.from(blob.buffer, blob.byteOffset, blob.byteLength), chunk.length);
+        if (writer.storedChunks > before) {
+          newChunks++;
+          storedBytes += blob.byteLength;
+        }
+      }
+      return { ids, newChunks, storedBytes };
+    } finally {
+      slot.busy--;
+    }
+  }
+
+  private async storeInline(chunks: Buffer[], writer: ChunkWriter): Promise<StoreResult> {
+    const ids: Buffer[] = [];
+    let newChunks = 0;
+    let storedBytes = 0;
+    for (const c of chunks) {
+      if (isZero(c)) {
+        ids.push(ZERO_ID);
+        continue;
+      }
+      const id = this.store.chunkId(c);
+      ids.push(id);
+      if (writer.has(id)) continue;
+      const blob = encodeChunk(c, { compressor: this.store.compressor, key: this.store.key });
+      await writer.addEncoded(id, blob, c.length);
+      newChunks++;
+      storedBytes += blob.length;
+    }
+    return { ids, newChunks, storedBytes };
+  }
+
+  private ask(slot: Slot, msg: WorkerRequest): Promise<WorkerReply> {
+    return new Promise((resolve, reject) => {
+      slot.waiters.set(msg.seq, (reply) => {
+        if (reply.op === 'error') reject(new QbackupError('BACKUP_FAILED', `A chunk worker failed: ${reply.message}`));
+        else resolve(reply);
+      });
+      slot.worker.postMessage(msg);
+    });
+  }
+
+  async close(): Promise<void> {
+    await Promise.all(this.slots.map((s) => s.worker.terminate()));
+    this.slots.length = 0;
+  }
+}
