@@ -47,7 +47,7 @@ export type Action =
   | { kind: 'crash' }
   /** The CLI killed (SIGKILL) at `point`; `name` is the checkpoint it creates or deletes. */
   | { kind: 'kill'; point: KillPoint; name: string }
-  /** The library's QMP connection dropped at its `at`-th command, before it reaches QEMU or after QEMU ran it. */
+  /** The library's QMP connection dropped at its `at`-th command that changes something, before it reaches QEMU or after QEMU ran it. */
   | { kind: 'qmp-drop'; op: 'checkpoint' | 'delete' | 'push'; name: string; since?: string; at: number; when: 'before' | 'after' }
   /** Ask checkpoint-coverage since a checkpoint and compare with the model. */
   | { kind: 'coverage'; since: string };
@@ -281,7 +281,7 @@ class Generator {
   qmpDrop(): Action | undefined {
     const { rng } = this;
     const op = rng.pick(['checkpoint', 'delete', 'push'] as const);
-    const at = 1 + rng.int(6);
+    const at = 1 + rng.int(4);
     const when = rng.chance(0.5) ? 'before' : 'after';
     if (op === 'delete') {
       const name = this.victim();

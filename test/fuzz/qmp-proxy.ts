@@ -1,6 +1,7 @@
 // A fault for the oracle: a dropped QMP connection. QEMU's monitor socket is
 // moved aside and a proxy listens at its path, passing lines both ways, until
-// the `at`-th command from qbackup (counted over every connection): then it
+// the `at`-th command from qbackup that changes something (counted over
+// every connection; handshakes and queries pass): then it
 // closes both sides, either before the command reaches QEMU or after QEMU
 // answered it (so the command ran but qbackup never hears). Later connections
 // pass through untouched. remove() puts QEMU's socket back.
@@ -9,6 +10,9 @@
 
 import { renameSync, rmSync } from 'node:fs';
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
+
+/** Commands that change nothing are passed and not counted, so `at` lands on the ones that matter. */
+const READ_ONLY = /^(qmp_capabilities|query-)/;
 
 export interface DropPlan {
   at: number;
@@ -55,8 +59,9 @@ export class QmpDropProxy {
       for (let nl = fromClient.indexOf('\n'); nl >= 0; nl = fromClient.indexOf('\n')) {
         const line = fromClient.slice(0, nl + 1);
         fromClient = fromClient.slice(nl + 1);
-        if (this.dropped === undefined && /"execute"/.test(line) && ++this.commands === this.plan.at) {
-          this.dropped = /"execute"\s*:\s*"([^"]+)"/.exec(line)?.[1] ?? '?';
+        const command = /"execute"\s*:\s*"([^"]+)"/.exec(line)?.[1];
+        if (this.dropped === undefined && command !== undefined && !READ_ONLY.test(command) && ++this.commands === this.plan.at) {
+          this.dropped = command;
           dropping = true;
           if (this.plan.when === 'before') return drop();
           upstream.write(line);
