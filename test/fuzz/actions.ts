@@ -281,7 +281,7 @@ class Generator {
   qmpDrop(): Action | undefined {
     const { rng } = this;
     const op = rng.pick(['checkpoint', 'delete', 'push'] as const);
-    const at = 1 + rng.int(4);
+    const at = 1 + rng.int(3);
     const when = rng.chance(0.5) ? 'before' : 'after';
     if (op === 'delete') {
       const name = this.victim();

@@ -10,7 +10,8 @@
 // so a state that over-claims is caught at once.
 
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statfsSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statfsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { JobInfo } from '../../src/backup/job.js';
 import { isQbackupError } from '../../src/errors.js';
@@ -40,9 +41,8 @@ const REPO_FS_BYTES = 1 << 30;
 export type Outcome = 'done' | 'skipped';
 
 /** Whether this process may mount a tmpfs (root): needed to stage a full repository file system. */
-export async function canMountTmpfs(dir: string): Promise<boolean> {
-  const at = join(dir, 'probe-mount');
-  mkdirSync(at, { recursive: true });
+export async function canMountTmpfs(): Promise<boolean> {
+  const at = mkdtempSync(join(tmpdir(), 'qbfuzz-probe-'));
   try {
     await runTool('mount', ['-t', 'tmpfs', '-o', 'size=1M', 'tmpfs', at]);
     await runTool('umount', [at]);

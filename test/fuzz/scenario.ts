@@ -39,7 +39,7 @@ let tmpfsProbe: Promise<boolean> | undefined;
 
 /** Whether repo-full can be staged here (the repository on a tmpfs); probed once per process. */
 export function repoFullPossible(): Promise<boolean> {
-  tmpfsProbe ??= canMountTmpfs(mkdtempSync(join(tmpdir(), 'qbfuzz-probe-')));
+  tmpfsProbe ??= canMountTmpfs();
   return tmpfsProbe;
 }
 
