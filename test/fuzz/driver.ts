@@ -1,0 +1,469 @@
+// The oracle's driver: runs one Action against a real domain through the
+// library (and through the CLI where a process must die), keeps the model in
+// step with what happened, and calls the checks. It makes no random choice.
+//
+// An action whose disk or checkpoint does not exist at this point (its creator
+// was removed by the shrinker, or a fault went the other way) is skipped.
+// Where a fault makes the outcome uncertain (a killed CLI, a dropped QMP
+// connection), the next command must complete or roll back; the driver then
+// adopts what the metadata says and checks coverage from every checkpoint,
+// so a state that over-claims is caught at once.
+
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statfsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { JobInfo } from '../../src/backup/job.js';
+import { isQbackupError } from '../../src/errors.js';
+import { Qbackup } from '../../src/qbackup.js';
+import { createImage } from '../../src/qemu/image.js';
+import { runTool } from '../../src/qemu/tools.js';
+import { cliPath } from '../helpers/env.js';
+import type { Action } from './actions.js';
+import {
+  checkCheckpoints,
+  checkCoverage,
+  checkJobModes,
+  checkOneSentence,
+  checkPullDisk,
+  checkPushDisk,
+  compareBytes,
+  expectationFor,
+  fail,
+} from './checks.js';
+import { GRAIN, Model, type DiskModel, type DiskSpec } from './model.js';
+import { QmpDropProxy } from './qmp-proxy.js';
+
+export const DOMAIN = 'fz';
+/** Size of the repository's tmpfs outside a repo-full action. */
+const REPO_FS_BYTES = 1 << 30;
+
+export type Outcome = 'done' | 'skipped';
+
+/** Whether this process may mount a tmpfs (root): needed to stage a full repository file system. */
+export async function canMountTmpfs(): Promise<boolean> {
+  const at = mkdtempSync(join(tmpdir(), 'qbfuzz-probe-'));
+  try {
+    await runTool('mount', ['-t', 'tmpfs', '-o', 'size=1M', 'tmpfs', at]);
+    await runTool('umount', [at]);
+    return true;
+  } catch {
+    return false;
+  } finally {
+    rmSync(at, { recursive: true, force: true });
+  }
+}
+
+export class Driver {
+  readonly model = new Model();
+  readonly qb: Qbackup;
+  backupsChecked = 0;
+  /** Model name of a checkpoint → the library's name (repository backups choose their own). */
+  private readonly real = new Map<string, string>();
+  /** Alias of a repository backup → its manifest id. */
+  private readonly repoIds = new Map<string, string>();
+  private readonly stateDir: string;
+  private readonly repoFs: string;
+  private repoMounted = false;
+  private scratch = 0;
+
+  constructor(
+    readonly dir: string,
+    readonly log: (line: string) => void,
+  ) {
+    this.stateDir = join(dir, 'state');
+    this.repoFs = join(dir, 'repofs');
+    this.qb = Qbackup.open({ stateDir: this.stateDir, lockTimeoutMs: 10_000, detachTimeoutMs: 2_000 });
+  }
+
+  private get repo(): string {
+    return join(this.repoFs, 'repo');
+  }
+
+  private file(disk: string): string {
+    return join(this.dir, `${disk}.qcow2`);
+  }
+
+  /** Creates the disks, defines and starts the domain; with `repoOnTmpfs`, the repository lives on a tmpfs so repo-full can shrink it. */
+  async setup(disks: readonly DiskSpec[], repoOnTmpfs: boolean): Promise<void> {
+    mkdirSync(this.repoFs, { recursive: true });
+    if (repoOnTmpfs) {
+      await runTool('mount', ['-t', 'tmpfs', '-o', `size=${REPO_FS_BYTES}`, 'tmpfs', this.repoFs]);
+      this.repoMounted = true;
+    }
+    for (const spec of disks) {
+      await createImage(this.file(spec.name), 'qcow2', spec.sizeBytes, { clusterSizeBytes: spec.clusterSizeBytes });
+      this.model.attach(this.model.addDisk(spec));
+    }
+    const xml = `<domain><name>${DOMAIN}</name><memory unit='MiB'>64</memory><devices>${this.model
+      .attached()
+      .map((d) => `<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${this.file(d.name)}'/><target dev='${d.target ?? ''}' bus='scsi'/></disk>`)
+      .join('')}</devices></domain>`;
+    await this.qb.domains.define(xml);
+    await this.qb.domains.start(DOMAIN, { paused: true });
+  }
+
+  async close(keep: boolean): Promise<void> {
+    try {
+      const pid = this.qb.domains.info(DOMAIN).pid;
+      if (pid !== undefined) process.kill(pid, 'SIGKILL');
+    } catch {
+      // not defined or gone
+    }
+    this.qb.close();
+    if (this.repoMounted) await runTool('umount', ['-l', this.repoFs]).catch(() => undefined);
+    if (!keep) rmSync(this.dir, { recursive: true, force: true });
+  }
+
+  /** Runs one action, then checks that the metadata's checkpoints are the model's. */
+  async execute(a: Action): Promise<Outcome> {
+    if (this.qb.domains.info(DOMAIN).state !== 'running') fail('error', 'the domain is not running before the action');
+    const outcome = await this.dispatch(a);
+    checkCheckpoints(this.model, this.listed());
+    return outcome;
+  }
+
+  // A flat dispatch: one line per kind.
+  private async dispatch(a: Action): Promise<Outcome> {
+    switch (a.kind) {
+      case 'write':
+        return this.guestWrite(a.disk, a.offset, a.length, `write -P ${a.pattern}`, a.pattern);
+      case 'zero':
+        return this.guestWrite(a.disk, a.offset, a.length, 'write -z', 0);
+      case 'discard':
+        return this.guestWrite(a.disk, a.offset, a.length, 'discard', 0);
+      case 'checkpoint':
+        if (this.model.checkpoint(a.name) !== undefined) return 'skipped';
+        await this.qb.checkpoints.create(DOMAIN, { name: a.name });
+        this.model.addCheckpoint(a.name);
+        return 'done';
+      case 'delete':
+        if (this.model.checkpoint(a.name) === undefined) return 'skipped';
+        await this.qb.checkpoints.delete(DOMAIN, this.realName(a.name), { children: a.children });
+        this.model.deleteCheckpoint(a.name, a.children);
+        return 'done';
+      case 'push':
+        return this.push(a.since, a.checkpoint);
+      case 'pull':
+        return this.pull(a.since, a.checkpoint, a.during);
+      case 'repo':
+        return this.repoBackup(a.mode, a.alias);
+      case 'repo-full':
+        return this.repoFull(a.mode, a.alias, a.headroom);
+      case 'attach':
+        return this.attach(a.disk, a.size, a.cluster);
+      case 'detach':
+        return this.detach(a.disk, a.back);
+      case 'reattach':
+        return this.reattach(a.disk, a.offline);
+      case 'restart':
+        await this.qb.domains.shutdown(DOMAIN);
+        await this.qb.domains.start(DOMAIN, { paused: true });
+        return 'done';
+      case 'crash':
+        await this.flushAll();
+        await this.qb.domains.destroy(DOMAIN);
+        await this.qb.domains.start(DOMAIN, { paused: true });
+        this.model.crash();
+        return 'done';
+      case 'kill':
+        return this.kill(a.point, a.name);
+      case 'qmp-drop':
+        return this.qmpDrop(a);
+      case 'coverage':
+        if (this.model.checkpoint(a.since) === undefined) return 'skipped';
+        checkCoverage(this.model, a.since, await this.qb.checkpoints.coverage(DOMAIN, this.realName(a.since)));
+        return 'done';
+    }
+  }
+
+  // ---- names -------------------------------------------------------------------
+
+  private realName(name: string): string {
+    return this.real.get(name) ?? name;
+  }
+
+  /** The metadata's checkpoints, by model name. */
+  private listed(): string[] {
+    const byReal = new Map([...this.real].map(([m, r]) => [r, m]));
+    return this.qb.checkpoints.list(DOMAIN).map((c) => byReal.get(c.name) ?? c.name);
+  }
+
+  // ---- guest I/O -----------------------------------------------------------------
+
+  private async hmp(target: string, cmd: string): Promise<void> {
+    await this.qb.domains.monitorCommand(DOMAIN, `qemu-io -d ${target} "${cmd}"`, { hmp: true });
+  }
+
+  private async flushAll(): Promise<void> {
+    for (const d of this.model.attached()) await this.hmp(d.target ?? '', 'flush');
+  }
+
+  private async guestWrite(disk: string, offset: number, length: number, cmd: string, pattern: number): Promise<Outcome> {
+    const d = this.model.disk(disk);
+    if (d?.target === undefined) return 'skipped';
+    await this.hmp(d.target, `${cmd} ${offset} ${length}`);
+    this.model.write(d, offset, length, pattern);
+    return 'done';
+  }
+
+  // ---- backups -------------------------------------------------------------------
+
+  /** A since or checkpoint that no longer fits the model makes the backup meaningless: skip it. */
+  private backupApplies(since: string | undefined, checkpoint: string | undefined): boolean {
+    return (since === undefined || this.model.checkpoint(since) !== undefined) && (checkpoint === undefined || this.model.checkpoint(checkpoint) === undefined);
+  }
+
+  private async push(since: string | undefined, checkpoint: string | undefined): Promise<Outcome> {
+    if (!this.backupApplies(since, checkpoint)) return 'skipped';
+    await this.flushAll();
+    const e = expectationFor(this.model, since);
+    const started = await this.qb.backups.begin(
+      DOMAIN,
+      { mode: 'push', ...(since !== undefined ? { since: this.realName(since) } : {}) },
+      { targetDir: join(this.dir, 'push', `${++this.scratch}`), ...(checkpoint !== undefined ? { checkpoint: { name: checkpoint } } : {}) },
+    );
+    if (checkpoint !== undefined) this.model.addCheckpoint(checkpoint);
+    const job = await this.qb.backups.wait(DOMAIN, started.id);
+    this.log(`    ${describeJob(job)}`);
+    if (job.state !== 'completed') fail('job', `push job ${job.state}: ${job.error ?? ''}`);
+    checkJobModes(this.model, job, since);
+    for (const jd of job.disks) {
+      await checkPushDisk(this.dir, jd, this.diskAt(jd.target).name, e);
+      this.backupsChecked++;
+    }
+    return 'done';
+  }
+
+  private async pull(since: string | undefined, checkpoint: string | undefined, during: string): Promise<Outcome> {
+    if (!this.backupApplies(since, checkpoint)) return 'skipped';
+    await this.flushAll();
+    const e = expectationFor(this.model, since);
+    const job = await this.qb.backups.begin(
+      DOMAIN,
+      { mode: 'pull', ...(since !== undefined ? { since: this.realName(since) } : {}) },
+      checkpoint !== undefined ? { checkpoint: { name: checkpoint } } : {},
+    );
+    if (checkpoint !== undefined) this.model.addCheckpoint(checkpoint);
+    this.log(`    ${describeJob(job)}`);
+    try {
+      // the guest keeps writing during the job; the export must not change
+      const d = this.model.disk(during);
+      if (d?.target !== undefined) {
+        await this.hmp(d.target, `write -P 0xee 0 ${GRAIN}`);
+        this.model.write(d, 0, GRAIN, 0xee);
+      }
+      checkJobModes(this.model, job, since);
+      for (const jd of job.disks) {
+        checkPullDisk(this.dir, job, jd, this.diskAt(jd.target).name, e);
+        this.backupsChecked++;
+      }
+    } finally {
+      await this.qb.backups.abort(DOMAIN);
+    }
+    return 'done';
+  }
+
+  private diskAt(target: string): DiskModel {
+    return this.model.byTarget(target) ?? fail('job', `the job reports unknown disk ${target}`);
+  }
+
+  // ---- repository ----------------------------------------------------------------
+
+  /** A repository backup: each disk's level as the model expects, then its restore equals the disks at its start. */
+  private async repoBackup(mode: 'push' | 'pull', alias: string): Promise<Outcome> {
+    if (this.model.checkpoint(alias) !== undefined) return 'skipped';
+    await this.flushAll();
+    const expected = new Map(this.model.attached().map((d) => [d.target ?? '', this.model.expectedRepoLevel(d)]));
+    const m = await this.qb.repository.backup(DOMAIN, { repo: this.repo, mode });
+    this.recordRepoBackup(alias, m, expected);
+    await this.checkRestore(alias);
+    return 'done';
+  }
+
+  private recordRepoBackup(alias: string, m: { id: string; checkpoint: string; disks: Array<{ target: string; level: string; fullReason: string | null }> }, expected: Map<string, string>): void {
+    this.log(`    repository backup ${m.id} (${alias} = ${m.checkpoint}): ${m.disks.map((d) => `${d.target}=${d.level}`).join(' ')}`);
+    for (const md of m.disks) {
+      if (!expected.has(md.target)) fail('job', `repository backup has unknown disk ${md.target}`);
+      if (md.level !== expected.get(md.target)) fail('mode', `repository backup of ${md.target}: ${md.level}, expected ${expected.get(md.target) ?? '?'} (${md.fullReason ?? ''})`);
+    }
+    this.real.set(alias, m.checkpoint);
+    this.repoIds.set(alias, m.id);
+    this.model.addRepoBackup(alias);
+  }
+
+  private async checkRestore(alias: string): Promise<void> {
+    const b = this.model.repoBackups.find((x) => x.alias === alias) ?? fail('job', `no repository backup ${alias}`);
+    const to = join(this.dir, `restore-${++this.scratch}`);
+    const r = await this.qb.repository.restore(DOMAIN, { repo: this.repo, backup: this.repoIds.get(alias) ?? '', to, format: 'raw' });
+    for (const rd of r.disks) {
+      compareBytes(readFileSync(rd.file), b.contents.get(rd.target) ?? Buffer.alloc(0), `repository restore of ${alias} disk ${rd.target}`);
+      this.backupsChecked++;
+    }
+    rmSync(to, { recursive: true, force: true });
+  }
+
+  /**
+   * A repository backup with only `headroom` bytes free: it may fit; if not it
+   * fails with one sentence naming the cause, leaves no checkpoint (the
+   * post-step check) and no backup, and every earlier backup still restores.
+   */
+  private async repoFull(mode: 'push' | 'pull', alias: string, headroom: number): Promise<Outcome> {
+    if (!this.repoMounted || this.model.checkpoint(alias) !== undefined) return 'skipped';
+    await this.flushAll();
+    const expected = new Map(this.model.attached().map((d) => [d.target ?? '', this.model.expectedRepoLevel(d)]));
+    mkdirSync(this.repo, { recursive: true });
+    const st = statfsSync(this.repoFs);
+    const used = (st.blocks - st.bfree) * st.bsize;
+    await this.remountRepo(used + headroom);
+    let m: Awaited<ReturnType<Qbackup['repository']['backup']>> | undefined;
+    let error: unknown;
+    try {
+      m = await this.qb.repository.backup(DOMAIN, { repo: this.repo, mode });
+    } catch (err) {
+      error = err;
+    } finally {
+      await this.remountRepo(REPO_FS_BYTES);
+    }
+    if (m !== undefined) {
+      this.log(`    fitted in ${headroom} bytes`);
+      this.recordRepoBackup(alias, m, expected);
+      await this.checkRestore(alias);
+      return 'done';
+    }
+    const message = error instanceof Error ? error.message : String(error);
+    this.log(`    failed: ${message}`);
+    checkOneSentence(message, /No space left on device|ENOSPC/i, `repository backup with ${headroom} bytes free`);
+    const listed = this.qb.repository.list(this.repo, DOMAIN).map((x) => x.id);
+    const known = this.model.repoBackups.map((b) => this.repoIds.get(b.alias) ?? '');
+    if (listed.join(',') !== known.join(',')) fail('fault', `after a failed backup the repository lists [${listed.join(',')}], expected [${known.join(',')}]`);
+    for (const b of this.model.repoBackups) await this.checkRestore(b.alias);
+    return 'done';
+  }
+
+  private async remountRepo(sizeBytes: number): Promise<void> {
+    const size = Math.max(4096, Math.ceil(sizeBytes / 4096) * 4096);
+    await runTool('mount', ['-o', `remount,size=${size}`, this.repoFs]);
+  }
+
+  // ---- configuration -------------------------------------------------------------
+
+  private async attach(disk: string, size: number, cluster: number): Promise<Outcome> {
+    if (this.model.disk(disk) !== undefined) return 'skipped';
+    await createImage(this.file(disk), 'qcow2', size, { clusterSizeBytes: cluster });
+    const d = this.model.addDisk({ name: disk, sizeBytes: size, clusterSizeBytes: cluster });
+    await this.plug(d);
+    return 'done';
+  }
+
+  private async plug(d: DiskModel): Promise<void> {
+    const target = this.model.freeTarget();
+    this.log(`    attach ${d.name} as ${target}`);
+    await this.qb.domains.attachDisk(DOMAIN, { source: this.file(d.name), target });
+    this.model.attach(d);
+  }
+
+  private async detach(disk: string, back: boolean): Promise<Outcome> {
+    const d = this.model.disk(disk);
+    if (d?.target === undefined || this.model.attached().length <= 1) return 'skipped';
+    await this.qb.domains.detachDisk(DOMAIN, d.target);
+    this.model.detach(d);
+    // back at once, before any new checkpoint: only the journal knows it was away
+    if (back) await this.plug(d);
+    return 'done';
+  }
+
+  private async reattach(disk: string, offline: number | undefined): Promise<Outcome> {
+    const d = this.model.disk(disk);
+    if (d === undefined || d.target !== undefined) return 'skipped';
+    if (offline !== undefined) {
+      // someone else writes the image while it is detached
+      const length = Math.min(GRAIN, d.sizeBytes - offline);
+      await runTool('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x5c ${offline} ${length}`, this.file(d.name)]);
+      this.model.writeOffline(d, offline, length, 0x5c);
+    }
+    await this.plug(d);
+    return 'done';
+  }
+
+  // ---- faults --------------------------------------------------------------------
+
+  /** The CLI killed (SIGKILL via QBACKUP_CRASH_AT) at `point`; the next command completes or rolls back. */
+  private async kill(point: string, name: string): Promise<Outcome> {
+    const deleting = point.startsWith('checkpoint-delete');
+    if ((this.model.checkpoint(name) !== undefined) !== deleting) return 'skipped';
+    const killedDir = join(this.dir, 'killed', name);
+    const args = point.startsWith('checkpoint-create')
+      ? ['checkpoint-create-as', DOMAIN, '--name', name]
+      : deleting
+        ? ['checkpoint-delete', DOMAIN, this.realName(name)]
+        : ['backup-begin', DOMAIN, '--target-dir', killedDir, '--checkpoint', name];
+    try {
+      execFileSync(process.execPath, [cliPath, '--state-dir', this.stateDir, ...args], { env: { ...process.env, QBACKUP_CRASH_AT: point }, stdio: 'ignore' });
+    } catch {
+      // expected: it killed itself
+    }
+    await this.settle();
+    const names = new Set(this.listed());
+    if (deleting) {
+      if (names.has(name)) fail('fault', `checkpoint ${name} survived an interrupted delete`);
+      this.model.deleteCheckpoint(name, false);
+    } else if (names.has(name)) {
+      this.model.addCheckpoint(name);
+    }
+    if (!names.has(name) && existsSync(killedDir) && readdirSync(killedDir).length > 0) {
+      fail('fault', `an interrupted backup left files behind: ${readdirSync(killedDir).join(', ')}`);
+    }
+    this.log(`    after the kill: ${name} ${names.has(name) ? 'exists' : 'does not exist'}`);
+    return 'done';
+  }
+
+  /** The next command after a fault: it completes or rolls back what was interrupted; a job left running is waited for. */
+  private async settle(): Promise<void> {
+    const job = await this.qb.backups.info(DOMAIN);
+    if (job !== undefined) await this.qb.backups.wait(DOMAIN, job.id);
+  }
+
+  /** The library's QMP connection dropped at its at-th command; then the next command must recover and never over-claim. */
+  private async qmpDrop(a: Extract<Action, { kind: 'qmp-drop' }>): Promise<Outcome> {
+    const deleting = a.op === 'delete';
+    if ((this.model.checkpoint(a.name) !== undefined) !== deleting) return 'skipped';
+    if (a.since !== undefined && this.model.checkpoint(a.since) === undefined) return 'skipped';
+    const proxy = await QmpDropProxy.install(join(this.stateDir, 'domains', DOMAIN, 'qmp.sock'), { at: a.at, when: a.when });
+    let error: unknown;
+    try {
+      await this.droppedOp(a);
+    } catch (err) {
+      error = err;
+    } finally {
+      await proxy.remove();
+    }
+    const message = error === undefined ? 'it succeeded' : error instanceof Error ? error.message : String(error);
+    this.log(`    dropped ${proxy.dropped === undefined ? 'nothing' : `${a.when} ${proxy.dropped}`}: ${message}`);
+    if (proxy.dropped === undefined && error !== undefined) throw error;
+    if (error !== undefined && !isQbackupError(error)) fail('fault', `a dropped QMP connection gave an untyped error: ${message}`);
+    if (error !== undefined) checkOneSentence(message, /./, 'a dropped QMP connection');
+    await this.settle();
+    const names = new Set(this.listed());
+    if (deleting && !names.has(a.name)) this.model.deleteCheckpoint(a.name, false);
+    if (!deleting && names.has(a.name)) this.model.addCheckpoint(a.name);
+    checkCheckpoints(this.model, this.listed());
+    for (const cp of this.model.chain) checkCoverage(this.model, cp.name, await this.qb.checkpoints.coverage(DOMAIN, this.realName(cp.name)));
+    return 'done';
+  }
+
+  private async droppedOp(a: Extract<Action, { kind: 'qmp-drop' }>): Promise<void> {
+    if (a.op === 'checkpoint') await this.qb.checkpoints.create(DOMAIN, { name: a.name });
+    else if (a.op === 'delete') await this.qb.checkpoints.delete(DOMAIN, this.realName(a.name));
+    else {
+      const spec = { mode: 'push' as const, ...(a.since !== undefined ? { since: this.realName(a.since) } : {}) };
+      const started = await this.qb.backups.begin(DOMAIN, spec, { targetDir: join(this.dir, 'dropped', a.name), checkpoint: { name: a.name } });
+      await this.qb.backups.wait(DOMAIN, started.id);
+    }
+  }
+}
+
+function describeJob(job: JobInfo): string {
+  const disks = job.disks.map((d) => `${d.target}=${d.mode}${d.backingFile !== undefined ? `(backing ${d.backingFile.split('/').slice(-2).join('/')})` : ''}`);
+  return `${job.mode} job ${job.id} since ${job.incremental ?? '-'} checkpoint ${job.checkpoint ?? '-'}: ${disks.join(' ')}`;
+}
