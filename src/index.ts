@@ -19,8 +19,23 @@ export { validateBackupSpec, type BackupSpec, type BackupDiskSpec, type BackupMo
 export { exportUri, type JobInfo, type JobDisk, type JobState, type DiskJobState, type NbdServer } from './backup/job.js';
 
 // the repository
-export { RepositoryService, type Progress, type RepoBackupOptions, type RestoreOptions, type RestoredDisk, type VerifyProblem, type VerifyReport } from './repository/service.js';
-export type { Manifest, ManifestDisk } from './repository/repo.js';
+export {
+  RepositoryService,
+  type Progress,
+  type RepoAccess,
+  type RepoBackupOptions,
+  type RestoreOptions,
+  type RestoredDisk,
+  type PruneResult,
+  type PrunePlan,
+  type RetentionPolicy,
+  type GcReport,
+  type RepoStats,
+  type VerifyProblem,
+  type VerifyReport,
+  type Manifest,
+  type ManifestDisk,
+} from './repository/service.js';
 
 // libvirt XML at the edge
 export { parseDomainXml, formatDomainXml } from './libvirt/domain.js';

@@ -1,29 +1,68 @@
-// CLI commands for the backup repository: backup, backup-list, restore,
-// verify, prune.
+// CLI commands for the backup repository: init, key, backup, backup-list,
+// restore, export, verify, prune, gc, stats. Passphrases come from
+// QBACKUP_PASSWORD or --password-file (never from the command line, where
+// other users could read them).
 
+import { readFileSync } from 'node:fs';
 import { QbackupError } from '../errors.js';
-import type { Manifest } from '../repository/repo.js';
+import type { GcReport, Manifest, PruneResult, RepoAccess, RepoStats, RetentionPolicy, VerifyReport } from '../repository/service.js';
 import { arg, defineCommand, flag, optionalArg, requiredValue, value, valueWithDefault, type CliCommand } from './command.js';
-import { diskOption, oneOf, pointInTime, repoOption } from './options.js';
+import { diskOption, oneOf, pointInTime, positiveNumber, repoOption } from './options.js';
 import { emit, table } from './output.js';
 import { withProgress } from './progress.js';
 
 const domain = arg('domain');
+const passwordFile = value('--password-file <file>', 'read the passphrase from this file (default: $QBACKUP_PASSWORD)');
+const MiB = 1024 * 1024;
 
 export const repositoryCommands: readonly CliCommand[] = [
+  defineCommand({
+    name: 'init',
+    description: 'create a repository (encrypted with --encrypt)',
+    options: { repo: repoOption(), encrypt: flag('--encrypt', 'encrypt with a key wrapped under a passphrase'), passwordFile, chunkSize: value('--chunk-size <KiB>', 'chunk size, a power of two (default 64 KiB, the dirty bitmaps\' granularity)') },
+    run: async ({ qb, out, opts: o }) => {
+      const password = o.encrypt ? requirePassword(o.passwordFile, 'QBACKUP_PASSWORD', '--encrypt') : undefined;
+      const r = await qb.repository.init({ repo: o.repo, ...(password !== undefined ? { password } : {}), ...(o.chunkSize !== undefined ? { chunkSize: positiveNumber('--chunk-size', o.chunkSize, 'KiB') * 1024 } : {}) });
+      emit(out, r, () => `Created ${r.encrypted ? 'encrypted ' : ''}repository ${r.id} at ${o.repo} (chunks of ${r.chunkSize / 1024} KiB)`);
+    },
+  }),
+
+  defineCommand({
+    name: 'key',
+    description: 'list, add or remove the passphrases of an encrypted repository (add: new passphrase from --new-password-file or $QBACKUP_NEW_PASSWORD)',
+    args: { action: arg('action', 'list, add or remove'), id: optionalArg('id', 'the key to remove') },
+    options: { repo: repoOption(), passwordFile, newPasswordFile: value('--new-password-file <file>', 'the passphrase to add') },
+    run: async ({ qb, out, args, opts: o }) => {
+      const action = oneOf('action', args.action, ['list', 'add', 'remove']);
+      const access = repoAccess(o);
+      if (action === 'list') {
+        const keys = await qb.repository.listKeys(access);
+        emit(out, keys, () => table(['Key', 'Created', 'Host'], keys.map((k) => [k.id, k.created, k.host])));
+      } else if (action === 'add') {
+        const id = await qb.repository.addKey(access, requirePassword(o.newPasswordFile, 'QBACKUP_NEW_PASSWORD', 'key add'));
+        emit(out, { id }, () => `Added key ${id}`);
+      } else {
+        if (args.id === undefined) throw new QbackupError('INVALID_ARGUMENT', 'Give the id of the key to remove (see qbackup key list)');
+        await qb.repository.removeKey(access, args.id);
+        emit(out, { id: args.id }, () => `Removed key ${args.id ?? ''}`);
+      }
+    },
+  }),
+
   defineCommand({
     name: 'backup',
     description: 'back up a domain into a repository: incremental since its last backup there when coverage allows, else full',
     args: { domain },
     options: {
-      repo: repoOption('repository directory (created when missing or empty)'),
+      repo: repoOption('repository directory (an unencrypted one is created on first use)'),
+      passwordFile,
       full: flag('--full', 'take a full backup of every disk'),
-      mode: valueWithDefault('--mode <mode>', 'push (QEMU writes the files) or pull (qbackup reads an NBD export)', 'push'),
       disk: diskOption('back up'),
+      workers: valueWithDefault('--workers <n>', 'threads that hash and compress', '2'),
     },
     run: async ({ qb, out, args: { domain }, opts: o }) => {
-      const mode = oneOf('--mode', o.mode, ['push', 'pull']);
-      const m = await withProgress(out, (onProgress) => qb.repository.backup(domain, { repo: o.repo, full: o.full, mode, disks: o.disk, onProgress }));
+      const workers = Math.floor(positiveNumber('--workers', o.workers, 'threads'));
+      const m = await withProgress(out, (onProgress) => qb.repository.backup(domain, { ...repoAccess(o), full: o.full, disks: o.disk, workers, onProgress }));
       emit(out, m, () => describeBackup(m));
     },
   }),
@@ -32,20 +71,22 @@ export const repositoryCommands: readonly CliCommand[] = [
     name: 'backup-list',
     description: 'list the backups in a repository',
     args: { domain: optionalArg('domain') },
-    options: { repo: repoOption() },
+    options: { repo: repoOption(), passwordFile },
     run: async ({ qb, out, args: { domain }, opts }) => {
-      const list = qb.repository.list(opts.repo, domain);
+      const list = await qb.repository.list(repoAccess(opts), domain);
       emit(out, list, () => backupTable(list));
     },
   }),
 
   defineCommand({
     name: 'restore',
-    description: 'restore a backup to standalone images',
+    description: 'restore a backup to new images (--to) or into the disks of a shut-off domain (--into-domain)',
     args: { domain },
     options: {
       repo: repoOption(),
-      to: requiredValue('--to <dir>', 'directory for the restored images (<target>.<format>)'),
+      passwordFile,
+      to: value('--to <dir>', 'directory for the restored images (<target>.<format>)'),
+      intoDomain: value('--into-domain <domain>', 'write into the disks of this shut-off domain with the same targets'),
       backup: value('--backup <id>', 'the backup to restore (default: the latest)'),
       until: value('--until <time>', 'the latest backup taken at or before this time (ISO 8601)'),
       disk: diskOption('restore'),
@@ -54,76 +95,174 @@ export const repositoryCommands: readonly CliCommand[] = [
     run: async ({ qb, out, args: { domain }, opts: o }) => {
       const format = oneOf('--format', o.format, ['qcow2', 'raw']);
       if (o.backup !== undefined && o.until !== undefined) throw new QbackupError('INVALID_ARGUMENT', 'Give either --backup or --until, not both');
+      if ((o.to === undefined) === (o.intoDomain === undefined)) throw new QbackupError('INVALID_ARGUMENT', 'Give either --to or --into-domain');
       const until = o.until !== undefined ? pointInTime('--until', o.until) : undefined;
       const r = await withProgress(out, (onProgress) =>
         qb.repository.restore(domain, {
-          repo: o.repo,
-          to: o.to,
+          ...repoAccess(o),
           format,
           disks: o.disk,
+          ...(o.to !== undefined ? { to: o.to } : {}),
+          ...(o.intoDomain !== undefined ? { intoDomain: o.intoDomain } : {}),
           ...(o.backup !== undefined ? { backup: o.backup } : {}),
           ...(until !== undefined ? { until } : {}),
           onProgress,
         }),
       );
-      emit(out, r, () => [`Restored backup ${r.backup}:`, ...r.disks.map((d) => `  ${d.target} -> ${d.file} (digest verified)`)].join('\n'));
+      emit(out, r, () => [`Restored backup ${r.backup}:`, ...r.disks.map((d) => `  ${d.target} -> ${d.file} (every chunk checked)`)].join('\n'));
+    },
+  }),
+
+  defineCommand({
+    name: 'export',
+    description: 'write one disk of a backup as a standalone qcow2 or raw image',
+    args: { domain },
+    options: { repo: repoOption(), passwordFile, disk: requiredValue('--disk <target>', 'the disk'), to: requiredValue('--to <file>', 'the image to write'), backup: value('--backup <id>', 'the backup (default: the latest)'), format: valueWithDefault('--format <format>', 'qcow2 or raw', 'qcow2') },
+    run: async ({ qb, out, args: { domain }, opts: o }) => {
+      const format = oneOf('--format', o.format, ['qcow2', 'raw']);
+      const r = await withProgress(out, (onProgress) => qb.repository.exportDisk(domain, { ...repoAccess(o), disk: o.disk, file: o.to, format, ...(o.backup !== undefined ? { backup: o.backup } : {}), onProgress }));
+      emit(out, r, () => `Exported disk ${o.disk} of backup ${r.backup} to ${r.file}`);
     },
   }),
 
   defineCommand({
     name: 'verify',
-    description: 'check every file of the backups: qemu-img check, backing links, and the content digest',
+    description: 'check that every chunk the backups name exists (with --read-data: and is intact)',
     args: { domain: optionalArg('domain') },
-    options: { repo: repoOption(), backup: value('--backup <id>', 'only this backup') },
+    options: { repo: repoOption(), passwordFile, backup: value('--backup <id>', 'only this backup'), readData: flag('--read-data', 'read every chunk back and check it against its id'), readDataSubset: value('--read-data-subset <percent>', 'with --read-data, read this share of the chunks (e.g. 10%)') },
     run: async ({ qb, out, args: { domain }, opts: o }) => {
       if (o.backup !== undefined && domain === undefined) throw new QbackupError('INVALID_ARGUMENT', 'Option --backup needs a domain');
+      const percent = o.readDataSubset !== undefined ? positiveNumber('--read-data-subset', o.readDataSubset.replace(/%$/, ''), 'percent') : undefined;
       const report = await withProgress(out, (onProgress) =>
-        qb.repository.verify(o.repo, { ...(domain !== undefined ? { domain } : {}), ...(o.backup !== undefined ? { backup: o.backup } : {}), onProgress }),
+        qb.repository.verify(repoAccess(o), {
+          ...(domain !== undefined ? { domain } : {}),
+          ...(o.backup !== undefined ? { backup: o.backup } : {}),
+          readData: o.readData || percent !== undefined,
+          ...(percent !== undefined ? { readDataPercent: percent } : {}),
+          onProgress: (done, total) => onProgress({ phase: 'verify', doneBytes: done, totalBytes: total }),
+        }),
       );
-      emit(out, report, () =>
-        report.problems.length === 0
-          ? `Verified ${report.backupsChecked} backups (${report.filesChecked} files): all intact`
-          : report.problems.map((p) => `FAILED ${p.domain} ${p.backup} ${p.target}: ${p.file}: ${p.problem}`).join('\n'),
-      );
+      emit(out, report, () => describeVerify(report));
       const first = report.problems[0];
       if (first !== undefined) {
-        throw new QbackupError('VERIFY_FAILED', `Verification failed for ${report.problems.length} file(s); first: "${first.file}" (backup ${first.backup}, disk ${first.target}): ${first.problem}`);
+        throw new QbackupError('VERIFY_FAILED', `Verification found ${report.problems.length} problem(s); first: ${first.object} (used by ${first.backups.join(', ')}): ${first.problem}`);
       }
     },
   }),
 
   defineCommand({
     name: 'prune',
-    description: 'keep the newest N backups of a domain; kept backups still restore to the same bytes',
+    description: 'remove the backups of a domain a retention policy does not keep (their data goes with the next gc)',
     args: { domain },
-    options: { repo: repoOption(), keepLast: requiredValue('--keep-last <n>', 'how many backups to keep') },
+    options: {
+      repo: repoOption(),
+      passwordFile,
+      keepLast: value('--keep-last <n>', 'keep the n newest backups'),
+      keepHourly: value('--keep-hourly <n>', 'keep the newest backup of each of the last n hours with backups'),
+      keepDaily: value('--keep-daily <n>', 'the same per day'),
+      keepWeekly: value('--keep-weekly <n>', 'the same per ISO week'),
+      keepMonthly: value('--keep-monthly <n>', 'the same per month'),
+      keepYearly: value('--keep-yearly <n>', 'the same per year'),
+      dryRun: flag('--dry-run', 'show what would be kept and removed, and change nothing'),
+    },
     run: async ({ qb, out, args: { domain }, opts: o }) => {
-      // The library refuses a count below 1 (and NaN) with its own message.
-      const r = await qb.repository.prune(domain, { repo: o.repo, keepLast: Number(o.keepLast) });
-      emit(out, r, () => `Removed ${r.removed.length} backup(s); kept ${r.kept.join(', ') || 'none'}`);
+      const policy: RetentionPolicy = {};
+      for (const rule of ['keepLast', 'keepHourly', 'keepDaily', 'keepWeekly', 'keepMonthly', 'keepYearly'] as const) {
+        const v = o[rule];
+        if (v !== undefined) policy[rule] = /^\d+$/.test(v) ? Number(v) : NaN;
+      }
+      const r = await qb.repository.prune(domain, { ...repoAccess(o), ...policy, dryRun: o.dryRun });
+      emit(out, r, () => describePrune(r, o.dryRun));
+    },
+  }),
+
+  defineCommand({
+    name: 'gc',
+    description: 'remove data no backup references (safe while backups run; see docs/design.md)',
+    options: { repo: repoOption(), passwordFile },
+    run: async ({ qb, out, opts }) => {
+      const r: GcReport = await qb.repository.gc(repoAccess(opts));
+      emit(out, r, () => `Deleted ${r.packsDeleted} pack(s) and ${r.indexesDeleted} index(es), repacked ${r.packsRepacked}, freed ${(r.bytesFreed / MiB).toFixed(1)} MiB${r.condemned > 0 ? `; ${r.condemned} object(s) wait for running backups to end` : ''}`);
+    },
+  }),
+
+  defineCommand({
+    name: 'stats',
+    description: 'sizes of a repository: logical, referenced, stored, and the dedup and compression ratios',
+    options: { repo: repoOption(), passwordFile },
+    run: async ({ qb, out, opts }) => {
+      const s: RepoStats = await qb.repository.stats(repoAccess(opts));
+      emit(out, s, () =>
+        [
+          `Backups:            ${s.backups}`,
+          `Logical size:       ${(s.logicalBytes / MiB).toFixed(1)} MiB (every disk of every backup)`,
+          `Referenced data:    ${(s.referencedBytes / MiB).toFixed(1)} MiB`,
+          `Unique data:        ${(s.uniqueBytes / MiB).toFixed(1)} MiB in ${s.uniqueChunks} chunks`,
+          `Stored:             ${(s.storedChunkBytes / MiB).toFixed(1)} MiB (repository total ${(s.repositoryBytes / MiB).toFixed(1)} MiB)`,
+          `Dedup ratio:        ${s.dedupRatio.toFixed(2)}`,
+          `Compression ratio:  ${s.compressionRatio.toFixed(2)}`,
+        ].join('\n'),
+      );
     },
   }),
 ];
 
+/** The repository and its passphrase: --password-file, else $QBACKUP_PASSWORD, else none. */
+function repoAccess(o: { repo: string; passwordFile?: string | undefined }): RepoAccess {
+  const password = readPassword(o.passwordFile, 'QBACKUP_PASSWORD');
+  return { repo: o.repo, ...(password !== undefined ? { password } : {}) };
+}
+
+function readPassword(file: string | undefined, env: string): string | undefined {
+  if (file !== undefined) {
+    try {
+      return readFileSync(file, 'utf8').replace(/\r?\n$/, '');
+    } catch (err) {
+      throw new QbackupError('INVALID_ARGUMENT', `Cannot read the passphrase file "${file}": ${(err as Error).message}`);
+    }
+  }
+  return process.env[env];
+}
+
+function requirePassword(file: string | undefined, env: string, what: string): string {
+  const p = readPassword(file, env);
+  if (p === undefined || p === '') throw new QbackupError('INVALID_ARGUMENT', `${what} needs a passphrase: set ${env} or give a passphrase file`);
+  return p;
+}
+
 function backupTable(list: readonly Manifest[]): string {
   return table(
-    ['Backup', 'Domain', 'Time', 'Disks', 'Written'],
+    ['Backup', 'Domain', 'Time', 'Disks', 'Read', 'Stored'],
     list.map((m) => [
       m.id,
       m.domain,
       m.time,
       m.disks.map((d) => `${d.target}:${d.level}`).join(' '),
-      `${(m.disks.reduce((a, d) => a + d.bytesWritten, 0) / 1048576).toFixed(1)} MiB`,
+      `${(m.disks.reduce((a, d) => a + d.bytesRead, 0) / MiB).toFixed(1)} MiB`,
+      `${(m.disks.reduce((a, d) => a + d.bytesStored, 0) / MiB).toFixed(1)} MiB`,
     ]),
   );
 }
 
 function describeBackup(m: Manifest): string {
   return [
-    `Backup ${m.id} of domain ${m.domain} (${m.mode}, checkpoint ${m.checkpoint})`,
+    `Backup ${m.id} of domain ${m.domain} (checkpoint ${m.checkpoint}, ${m.consistency}-consistent)`,
     ...m.disks.map(
       (d) =>
-        `  ${d.target}: ${d.level}${d.parent !== null ? ` on ${d.parent}` : ''}, ${(d.bytesWritten / 1048576).toFixed(1)} MiB written${d.fullReason !== null ? ` (full: ${d.fullReason})` : ''}`,
+        `  ${d.target}: ${d.level}, ${(d.bytesRead / MiB).toFixed(1)} MiB read, ${(d.bytesStored / MiB).toFixed(1)} MiB stored (${d.newChunks} new of ${d.chunks} chunks)${d.fullReason !== null ? ` (full: ${d.fullReason})` : ''}`,
     ),
+  ].join('\n');
+}
+
+function describeVerify(r: VerifyReport): string {
+  if (r.problems.length === 0) return `Verified ${r.backupsChecked} backups: all ${r.chunksChecked} chunks present${r.chunksRead > 0 ? `, ${r.chunksRead} read back intact` : ''}`;
+  return r.problems.map((p) => `DAMAGED ${p.object}: ${p.problem}; used by ${p.backups.join(', ')}`).join('\n');
+}
+
+function describePrune(r: PruneResult, dryRun: boolean): string {
+  return [
+    ...r.keep.map((k) => `keep   ${k.id}  ${k.reasons.join(', ')}`),
+    ...r.remove.map((x) => `${dryRun ? 'would remove' : 'remove'} ${x.id}`),
+    ...r.checkpointsKept.map((c) => `checkpoint ${c.name} stays for now: ${c.reason}`),
   ].join('\n');
 }

@@ -69,7 +69,7 @@ function checkCopyable(source: NbdClient, target: NbdClient, dirtyContext: strin
  * once. The first failure stops new work; it is thrown once the running items
  * have settled.
  */
-export async function runPool<T>(work: AsyncGenerator<T> | AsyncIterator<T>, maxInFlight: number, fn: (item: T) => Promise<void>): Promise<void> {
+export async function runPool<T>(work: Iterator<T> | AsyncIterator<T>, maxInFlight: number, fn: (item: T) => Promise<void>): Promise<void> {
   const failures: unknown[] = [];
   const worker = async (): Promise<void> => {
     while (failures.length === 0) {

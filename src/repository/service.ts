@@ -1,473 +1,217 @@
-// Repository operations: one-command backups into qcow2 chains, listing,
-// restore to standalone images, verification and pruning.
-//
-// Invariants:
-// - Each backup creates the domain's next checkpoint atomically with its job;
-//   the next backup of a disk is incremental since the checkpoint of the last
-//   backup of that disk in this repository, when the coverage rules allow it.
-// - A disk file's backing file is the previous backup of the same disk (a
-//   relative path); a full has none. Coverage is decided before any file is
-//   created and the job runs with --strict, so a file with a backing file is
-//   never filled by a full copy.
-// - Restored bytes are checked against the manifest's digest before restore
-//   reports success; prune rewrites only the files of kept backups, and only in
-//   ways that keep their content (qemu-img rebase in safe mode).
+// The repository as the library offers it: create (init), back up a domain,
+// list, restore (to files or into a shut-off domain's disks), export, verify,
+// prune, gc, stats and keys, on a format 2 store (docs/design.md,
+// "Repository"). Each call opens the repository at `repo` (a local
+// directory), with its passphrase when it is encrypted.
 
-import { existsSync, mkdirSync, rmSync } from 'node:fs';
-import { dirname, join, relative, resolve } from 'node:path';
-import type { JobInfo } from '../backup/job.js';
+import { resolve } from 'node:path';
 import type { BackupService } from '../backup/service.js';
-import type { BackupSpec } from '../backup/spec.js';
-import { assert } from '../util/assert.js';
 import type { CheckpointService } from '../checkpoint/service.js';
 import type { DomainService } from '../domain/service.js';
 import { QbackupError, describeError } from '../errors.js';
-import { allocatedDataBytes, createImage, imageInfo } from '../qemu/image.js';
-import { runTool } from '../qemu/tools.js';
-import { imageDigest } from './digest.js';
-import { nbdPullCopier } from './pull.js';
-import { Repository, REPO_FORMAT, type Manifest, type ManifestDisk } from './repo.js';
+import type { Backend } from './backend/backend.js';
+import { LocalBackend } from './backend/local.js';
+import { backupDomain, type Progress, type RepoBackupOptions } from './backup.js';
+import { collectGarbage, type GcReport } from './gc.js';
+import { acquireLock } from './locks.js';
+import type { Manifest } from './manifest.js';
+import { planPrune, type PrunePlan, type RetentionPolicy } from './prune.js';
+import { restoreIntoImage, restoreToFile, type ImageFormat } from './restore.js';
+import { repositoryStats, type RepoStats } from './stats.js';
+import { Store } from './store.js';
+import { verifyStore, type VerifyOptions, type VerifyReport } from './verify.js';
 
-export interface Progress {
-  /** What is being done, e.g. "backup sda" or "verify 2026…/sda". */
-  phase: string;
-  doneBytes: number;
-  totalBytes: number;
+export type { Progress, RepoBackupOptions } from './backup.js';
+export type { GcReport } from './gc.js';
+export type { Manifest, ManifestDisk } from './manifest.js';
+export type { PrunePlan, RetentionPolicy } from './prune.js';
+export type { RepoStats } from './stats.js';
+export type { VerifyProblem, VerifyReport } from './verify.js';
+
+/** Where a repository is and how to open it. */
+export interface RepoAccess {
+  /** A local directory. */
+  repo: string;
+  /** The passphrase of an encrypted repository. */
+  password?: string;
 }
 
-export interface RepoBackupOptions {
-  repo: string;
-  full?: boolean;
-  mode?: 'push' | 'pull';
-  disks?: string[];
-  onProgress?: (p: Progress) => void;
-}
-
-export interface RestoreOptions {
-  repo: string;
+export interface RestoreOptions extends RepoAccess {
   backup?: string;
-  /** Latest backup taken at or before this time. */
+  /** The latest backup taken at or before this time. */
   until?: Date;
   disks?: string[];
-  to: string;
-  format?: 'qcow2' | 'raw';
+  /** A directory for new images named <target>.<format> … */
+  to?: string;
+  format?: ImageFormat;
+  /** … or write straight into the disks of this shut-off domain. */
+  intoDomain?: string;
   onProgress?: (p: Progress) => void;
+}
+
+export interface PruneResult extends PrunePlan {
+  checkpointsRemoved: string[];
+  /** Checkpoints of removed backups that could not go now (a later prune retries), and why. */
+  checkpointsKept: Array<{ name: string; reason: string }>;
 }
 
 export interface RestoredDisk {
   target: string;
   file: string;
-  digest: string;
-}
-
-export interface VerifyProblem {
-  backup: string;
-  domain: string;
-  target: string;
-  file: string;
-  problem: string;
-}
-
-export interface VerifyReport {
-  backupsChecked: number;
-  filesChecked: number;
-  problems: VerifyProblem[];
-}
-
-/** How pull mode copies one disk's export into its repository file (our NBD client by default). */
-export type PullCopier = (args: {
-  job: JobInfo;
-  exportName: string;
-  dirtyBitmap: string | undefined;
-  targetFile: string;
-  onProgress: (done: number, total: number) => void;
-}) => Promise<{ dataBytes: number }>;
-
-/** What one disk's repository backup will be. */
-interface DiskPlan {
-  target: string;
-  diskId: string;
-  source: string;
-  file: string;
-  level: 'full' | 'incremental';
-  since?: string;
-  parent: Manifest | undefined;
-  parentFile?: string;
-  fullReason: string | null;
 }
 
 export class RepositoryService {
-  pullCopier: PullCopier = nbdPullCopier;
-
   constructor(
     readonly domains: DomainService,
     readonly checkpoints: CheckpointService,
     readonly backups: BackupService,
   ) {}
 
-  // ---- backup --------------------------------------------------------------------
-
-  async backup(domain: string, options: RepoBackupOptions): Promise<Manifest> {
-    const info = this.domains.info(domain);
-    const repo = Repository.open(options.repo, { create: true });
-    using _lock = repo.lock(domain, 'backup');
-    repo.cleanLeftovers(domain);
-    const mode = options.mode ?? 'push';
-    const all = this.domains.blockList(domain);
-    for (const t of options.disks ?? []) {
-      if (!all.some((d) => d.target === t)) throw new QbackupError('DISK_NOT_FOUND', `Domain "${domain}" has no disk "${t}"`);
-    }
-    const selected = all.filter((d) => (options.disks === undefined || options.disks.length === 0 ? !d.readonly : options.disks.includes(d.target)));
-    if (selected.length === 0) throw new QbackupError('INVALID_ARGUMENT', `Cannot back up domain "${domain}": no disk selected`);
-
-    // A shut-off domain is started with its CPUs stopped: QEMU opens the images
-    // with their bitmaps, no guest code runs, and it is shut down cleanly after.
-    const startedHere = info.state !== 'running';
-    if (startedHere) await this.domains.start(domain, { paused: true });
-    let manifest: Manifest;
-    try {
-      manifest = await this.backupRunning(repo, domain, selected, mode, options);
-    } catch (err) {
-      if (startedHere) {
-        await this.domains.shutdown(domain).catch((stopErr: unknown) => {
-          throw new QbackupError('BACKUP_FAILED', `${describeError(err)} (and shutting domain "${domain}" down again failed: ${describeError(stopErr)})`, { cause: err });
-        });
-      }
-      throw err;
-    }
-    if (startedHere) {
-      await this.domains.shutdown(domain).catch((stopErr: unknown) => {
-        throw new QbackupError('DOMAIN_RUNNING', `Backup "${manifest.id}" of domain "${domain}" is complete, but shutting the domain down again failed: ${describeError(stopErr)}`, { cause: stopErr });
-      });
-    }
-    return manifest;
+  /** Creates a repository (encrypted when a passphrase is given). */
+  async init(access: RepoAccess & { chunkSize?: number }): Promise<{ id: string; encrypted: boolean; chunkSize: number }> {
+    const store = await Store.init(backendFor(access.repo), { ...(access.password !== undefined ? { password: access.password } : {}), ...(access.chunkSize !== undefined ? { chunkSize: access.chunkSize } : {}) });
+    return { id: store.config.id, encrypted: store.config.encrypted, chunkSize: store.config.chunkSize };
   }
 
-  private async backupRunning(
-    repo: Repository,
-    domain: string,
-    selected: ReturnType<DomainService['blockList']>,
-    mode: 'push' | 'pull',
-    options: RepoBackupOptions,
-  ): Promise<Manifest> {
-    const id = newBackupId();
-    const checkpoint = `qb-${id}`;
-    const plans: DiskPlan[] = [];
-    for (const d of selected) plans.push(await this.planDisk(repo, domain, id, d, options));
-    repo.beginPending(domain, { id, files: plans.map((p) => p.file) });
-    const startedMs = Date.now();
-    try {
-      await createFiles(repo, domain, plans);
-      await this.copyDisks(repo, domain, plans, mode, checkpoint, options);
-      const manifest: Manifest = {
-        format: REPO_FORMAT,
-        id,
-        domain,
-        uuid: this.domains.info(domain).uuid,
-        time: new Date(startedMs).toISOString(),
-        endTime: new Date().toISOString(),
-        mode,
-        checkpoint,
-        domainXml: this.domains.dumpXml(domain),
-        disks: await describeDisks(repo, domain, plans, options),
-      };
-      repo.writeManifest(manifest);
-      repo.endPending(domain, id);
-      return manifest;
-    } catch (err) {
-      repo.cleanLeftovers(domain);
-      // The checkpoint made with a failed backup marks nothing in this repository:
-      // merge it away so the chain stays as if the attempt never happened.
-      if (this.checkpoints.exists(domain, checkpoint)) {
-        await this.checkpoints.delete(domain, checkpoint).catch((cleanupErr: unknown) => {
-          throw new QbackupError('BACKUP_FAILED', `${describeError(err)} (and removing its checkpoint "${checkpoint}" failed: ${describeError(cleanupErr)})`, { cause: err });
-        });
-      }
-      throw err;
-    }
+  /** Backs up a domain; an unencrypted repository is created on first use. */
+  async backup(domain: string, options: RepoAccess & RepoBackupOptions): Promise<Manifest> {
+    this.domains.requireDomain(domain);
+    const store = await this.open(options, true);
+    return backupDomain({ domains: this.domains, checkpoints: this.checkpoints, backups: this.backups }, store, domain, options);
   }
 
-  /** Runs the backup job that fills the prepared files: push (QEMU writes them) or pull (our NBD client does). */
-  private async copyDisks(repo: Repository, domain: string, plans: readonly DiskPlan[], mode: 'push' | 'pull', checkpoint: string, options: RepoBackupOptions): Promise<void> {
-    const spec: BackupSpec = {
-      mode,
-      disks: plans.map((p) => ({
-        target: p.target,
-        format: 'qcow2',
-        ...(p.since !== undefined ? { mode: 'incremental', since: p.since } : { mode: 'full' }),
-        ...(mode === 'push' ? { targetFile: resolve(repo.filePath(domain, p.file)) } : {}),
-      })),
-    };
-    let job = await this.backups.begin(domain, spec, { checkpoint: { name: checkpoint }, reuseExternal: mode === 'push', strict: true });
-    if (mode === 'push') {
-      job = await this.backups.wait(domain, job.id, (j) => options.onProgress?.({ phase: `backup ${domain}`, doneBytes: j.bytesDone, totalBytes: j.bytesTotal }));
-      if (job.state !== 'completed') throw new QbackupError('BACKUP_FAILED', `Backup of domain "${domain}" failed: ${job.error ?? job.state}`);
-      return;
-    }
-    try {
-      for (const p of plans) {
-        const jd = job.disks.find((d) => d.target === p.target);
-        assert(jd !== undefined, `backup job "${job.id}" has no export for disk "${p.target}"`);
-        await this.pullCopier({
-          job,
-          exportName: jd.pull?.exportName ?? p.target,
-          dirtyBitmap: jd.tmpBitmap,
-          targetFile: repo.filePath(domain, p.file),
-          onProgress: (done, total) => options.onProgress?.({ phase: `backup ${p.target}`, doneBytes: done, totalBytes: total }),
-        });
-      }
-    } catch (err) {
-      // The copy's error is the one to report; ending the job is cleanup (a dead QEMU has no job to end).
-      await this.backups.abort(domain).catch((abortErr: unknown) => {
-        throw new QbackupError('BACKUP_FAILED', `${describeError(err)} (and ending backup job "${job.id}" failed: ${describeError(abortErr)})`, { cause: err });
-      });
-      throw err;
-    }
-    await this.backups.abort(domain);
+  async list(access: RepoAccess, domain?: string): Promise<Manifest[]> {
+    return (await this.open(access)).manifests(domain);
   }
-
-  /** Full or incremental for one disk: incremental since the disk's last backup here, when coverage allows. */
-  private async planDisk(repo: Repository, domain: string, id: string, d: ReturnType<DomainService['blockList']>[number], options: RepoBackupOptions): Promise<DiskPlan> {
-    const history = repo.manifests(domain);
-    const prev = [...history].reverse().find((m) => m.disks.some((x) => x.diskId === d.diskId));
-    const prevDisk = prev?.disks.find((x) => x.diskId === d.diskId);
-    const plan: DiskPlan = {
-      target: d.target,
-      diskId: d.diskId,
-      source: d.source,
-      file: join(repo.diskDir(domain, d.target, d.diskId), `${id}.qcow2`),
-      level: 'full',
-      parent: undefined,
-      fullReason: null,
-    };
-    if (options.full) plan.fullReason = 'requested with --full';
-    else if (prev === undefined || prevDisk === undefined) plan.fullReason = 'no earlier backup of this disk in the repository';
-    else if (!existsSync(repo.filePath(domain, prevDisk.file))) plan.fullReason = `the file of backup "${prev.id}" is missing`;
-    else if (!this.checkpoints.exists(domain, prev.checkpoint)) plan.fullReason = `checkpoint "${prev.checkpoint}" of backup "${prev.id}" no longer exists`;
-    else {
-      const cov = (await this.checkpoints.coverage(domain, prev.checkpoint)).find((c) => c.diskId === d.diskId);
-      if (cov === undefined || cov.mode === 'full') {
-        plan.fullReason = (cov?.reasons ?? []).map((r) => `${r.code}: ${r.detail}`).join('; ') || 'no coverage';
-      } else {
-        plan.level = 'incremental';
-        plan.since = prev.checkpoint;
-        plan.parent = prev;
-        plan.parentFile = prevDisk.file;
-      }
-    }
-    return plan;
-  }
-
-  // ---- list ---------------------------------------------------------------------
-
-  list(repoPath: string, domain?: string): Manifest[] {
-    const repo = Repository.open(repoPath);
-    const domains = domain !== undefined ? [domain] : repo.domains();
-    return domains.flatMap((d) => repo.manifests(d));
-  }
-
-  // ---- restore --------------------------------------------------------------------
 
   async restore(domain: string, options: RestoreOptions): Promise<{ backup: string; disks: RestoredDisk[] }> {
-    const repo = Repository.open(options.repo);
-    const m = pickBackup(repo, domain, options);
-    const format = options.format ?? 'qcow2';
+    const store = await this.open(options);
+    const m = pickBackup(await store.manifests(domain), domain, options);
+    const disks = m.disks.filter((d) => options.disks === undefined || options.disks.length === 0 || options.disks.includes(d.target));
     for (const t of options.disks ?? []) {
       if (!m.disks.some((d) => d.target === t)) throw new QbackupError('DISK_NOT_FOUND', `Backup "${m.id}" of domain "${domain}" has no disk "${t}"`);
     }
-    const disks = m.disks.filter((d) => options.disks === undefined || options.disks.length === 0 || options.disks.includes(d.target));
-    const outputs = disks.map((d) => ({ disk: d, out: join(options.to, `${d.target}.${format}`) }));
-    for (const o of outputs) {
-      if (existsSync(o.out)) throw new QbackupError('INVALID_ARGUMENT', `Cannot restore disk "${o.disk.target}": "${o.out}" exists`);
-      if (!existsSync(repo.filePath(domain, o.disk.file))) {
-        throw new QbackupError('VERIFY_FAILED', `Cannot restore disk "${o.disk.target}" of backup "${m.id}": file "${repo.filePath(domain, o.disk.file)}" is missing`);
-      }
+    await store.loadChunks();
+    if (options.intoDomain !== undefined) return { backup: m.id, disks: await this.restoreIntoDomain(store, m, disks, options.intoDomain, options) };
+    if (options.to === undefined) throw new QbackupError('INVALID_ARGUMENT', `Cannot restore backup "${m.id}": give a directory (--to) or a domain (--into-domain)`);
+    const format = options.format ?? 'qcow2';
+    const out: RestoredDisk[] = [];
+    for (const d of disks) {
+      const file = resolve(options.to, `${d.target}.${format}`);
+      const what = `disk "${d.target}" of backup "${m.id}"`;
+      await restoreToFile(store, await store.resolveIndex(d.index), file, format, { what, onProgress: (done, total) => options.onProgress?.({ phase: `restore ${d.target}`, doneBytes: done, totalBytes: total }) });
+      out.push({ target: d.target, file });
     }
-    mkdirSync(options.to, { recursive: true });
-    const restored: RestoredDisk[] = [];
-    try {
-      for (const { disk, out } of outputs) {
-        await convertWithProgress(repo.filePath(domain, disk.file), out, format, (pct) =>
-          options.onProgress?.({ phase: `restore ${disk.target}`, doneBytes: Math.round((pct / 100) * disk.virtualSize), totalBytes: disk.virtualSize }),
-        );
-        const { digest } = await imageDigest(out, format);
-        if (digest !== disk.digest) {
-          throw new QbackupError('VERIFY_FAILED', `Restore of disk "${disk.target}" from backup "${m.id}" does not match the recorded digest: the backup chain is damaged (run verify)`);
-        }
-        restored.push({ target: disk.target, file: out, digest });
-      }
-    } catch (err) {
-      for (const { out } of outputs) rmSync(out, { force: true });
-      throw err;
-    }
-    return { backup: m.id, disks: restored };
+    return { backup: m.id, disks: out };
   }
 
-  // ---- verify ---------------------------------------------------------------------
-
-  async verify(repoPath: string, options: { domain?: string; backup?: string; onProgress?: (p: Progress) => void } = {}): Promise<VerifyReport> {
-    const repo = Repository.open(repoPath);
-    const report: VerifyReport = { backupsChecked: 0, filesChecked: 0, problems: [] };
-    const domains = options.domain !== undefined ? [options.domain] : repo.domains();
-    for (const domain of domains) {
-      const all = repo.manifests(domain);
-      const byId = new Map(all.map((m) => [m.id, m]));
-      const chosen = options.backup !== undefined ? [repo.manifest(domain, options.backup)] : all;
-      for (const m of chosen) {
-        report.backupsChecked++;
-        for (const d of m.disks) {
-          report.filesChecked++;
-          const abs = repo.filePath(domain, d.file);
-          const problem = (text: string): void => {
-            report.problems.push({ backup: m.id, domain, target: d.target, file: abs, problem: text });
-          };
-          if (!existsSync(abs)) {
-            problem('the file is missing');
-            continue;
-          }
-          try {
-            await runTool('qemu-img', ['check', '-q', '-f', 'qcow2', abs]);
-          } catch (err) {
-            problem(`qemu-img check failed: ${describeError(err)}`);
-            continue;
-          }
-          const info = await imageInfo(abs).catch(() => undefined);
-          const parentDisk = d.parent !== null ? byId.get(d.parent)?.disks.find((x) => x.diskId === d.diskId) : undefined;
-          if (d.parent !== null) {
-            const expected = parentDisk !== undefined ? resolve(repo.filePath(domain, parentDisk.file)) : undefined;
-            const actual = info?.backingFilename !== undefined ? resolve(dirname(abs), info.backingFilename) : undefined;
-            if (parentDisk === undefined) problem(`its parent backup "${d.parent}" is not in the repository`);
-            else if (actual === undefined || actual !== expected) problem(`its backing file is ${actual ?? 'missing'}, expected ${expected ?? '?'}`);
-            else if (!existsSync(actual)) problem(`its backing file "${actual}" is missing`);
-            if (report.problems.some((p) => p.backup === m.id && p.target === d.target)) continue;
-          } else if (info?.backingFilename !== undefined) {
-            problem(`a full backup must not have a backing file, it has "${info.backingFilename}"`);
-            continue;
-          }
-          try {
-            const { digest } = await imageDigest(abs, 'qcow2', (done) => options.onProgress?.({ phase: `verify ${m.id} ${d.target}`, doneBytes: done, totalBytes: d.virtualSize }));
-            if (digest !== d.digest) problem('its content does not match the recorded digest');
-          } catch (err) {
-            problem(`its content cannot be read: ${describeError(err)}`);
-          }
-        }
-      }
-    }
-    return report;
+  /** One disk of a backup as a standalone image file, for other tools. */
+  async exportDisk(domain: string, options: RepoAccess & { backup?: string; disk: string; file: string; format?: ImageFormat; onProgress?: (p: Progress) => void }): Promise<{ backup: string; file: string }> {
+    const store = await this.open(options);
+    const m = pickBackup(await store.manifests(domain), domain, options);
+    const d = m.disks.find((x) => x.target === options.disk);
+    if (d === undefined) throw new QbackupError('DISK_NOT_FOUND', `Backup "${m.id}" of domain "${domain}" has no disk "${options.disk}"`);
+    await store.loadChunks();
+    const file = resolve(options.file);
+    const what = `disk "${d.target}" of backup "${m.id}"`;
+    await restoreToFile(store, await store.resolveIndex(d.index), file, options.format ?? 'qcow2', { what, onProgress: (done, total) => options.onProgress?.({ phase: `export ${d.target}`, doneBytes: done, totalBytes: total }) });
+    return { backup: m.id, file };
   }
 
-  // ---- prune ----------------------------------------------------------------------
-
-  /**
-   * Keeps the newest `keepLast` backups. A kept backup whose disk file builds
-   * on a dropped one is first made standalone (qemu-img rebase in safe mode
-   * copies what it needs from the chain), so it restores to the same bytes.
-   */
-  async prune(domain: string, options: { repo: string; keepLast: number }): Promise<{ removed: string[]; kept: string[]; checkpointsRemoved: string[] }> {
-    if (!Number.isInteger(options.keepLast) || options.keepLast < 1) {
-      throw new QbackupError('INVALID_ARGUMENT', `Invalid --keep-last "${options.keepLast}": keep at least 1 backup`);
-    }
-    const repo = Repository.open(options.repo);
-    using _lock = repo.lock(domain, 'prune');
-    repo.cleanLeftovers(domain);
-    const all = repo.manifests(domain);
-    const drop = all.slice(0, Math.max(0, all.length - options.keepLast));
-    const keep = all.slice(drop.length);
-    const dropped = new Set(drop.map((m) => m.id));
-    for (const m of keep) {
-      let changed = false;
-      const disks: ManifestDisk[] = [];
-      for (const d of m.disks) {
-        if (d.parent !== null && dropped.has(d.parent)) {
-          const abs = repo.filePath(domain, d.file);
-          await runTool('qemu-img', ['rebase', '-f', 'qcow2', '-b', '', abs], { what: `Consolidating "${abs}"` });
-          disks.push({ ...d, level: 'full', parent: null, fullReason: `consolidated when prune removed backup "${d.parent}"` });
-          changed = true;
-        } else {
-          disks.push(d);
-        }
+  /** Writes backed-up disks over the disks of a shut-off domain with the same targets. */
+  private async restoreIntoDomain(store: Store, m: Manifest, disks: Manifest['disks'], domain: string, options: RestoreOptions): Promise<RestoredDisk[]> {
+    return this.domains.withDomain(domain, 'restore --into-domain', async (ctx) => {
+      if (ctx.running) throw new QbackupError('DOMAIN_RUNNING', `Cannot restore into domain "${domain}": it is running; shut it down first`);
+      this.backups.assertNoJob(ctx, 'restore');
+      const out: RestoredDisk[] = [];
+      for (const d of disks) {
+        const target = ctx.disks.find((x) => x.target === d.target);
+        if (target === undefined) throw new QbackupError('DISK_NOT_FOUND', `Cannot restore disk "${d.target}" of backup "${m.id}" into domain "${domain}": it has no disk "${d.target}"`);
+        const what = `disk "${d.target}" of backup "${m.id}"`;
+        await restoreIntoImage(store, await store.resolveIndex(d.index), target.source, target.format, { what, onProgress: (done, total) => options.onProgress?.({ phase: `restore ${d.target}`, doneBytes: done, totalBytes: total }) });
+        out.push({ target: d.target, file: target.source });
       }
-      if (changed) repo.writeManifest({ ...m, disks });
-    }
-    for (const m of drop) repo.removeManifest(domain, m.id);
-    repo.sweepOrphans(domain);
-    // The checkpoints of dropped backups are merged away (their bitmaps fold into
-    // their parents'), so checkpoints do not pile up with every backup.
-    const keptCheckpoints = new Set(keep.map((m) => m.checkpoint));
-    const checkpointsRemoved: string[] = [];
-    for (const m of drop) {
-      if (keptCheckpoints.has(m.checkpoint) || !this.checkpoints.exists(domain, m.checkpoint)) continue;
-      try {
-        await this.checkpoints.delete(domain, m.checkpoint);
-        checkpointsRemoved.push(m.checkpoint);
-      } catch {
-        // e.g. a backup job runs on the domain: the checkpoint stays, a later prune retries
-      }
-    }
-    return { removed: drop.map((m) => m.id), kept: keep.map((m) => m.id), checkpointsRemoved };
-  }
-}
-
-/** Creates each disk's repository file: an empty qcow2 of the disk's size, backed by the previous backup for an incremental. */
-async function createFiles(repo: Repository, domain: string, plans: readonly DiskPlan[]): Promise<void> {
-  for (const p of plans) {
-    const abs = repo.filePath(domain, p.file);
-    mkdirSync(dirname(abs), { recursive: true });
-    const size = (await imageInfo(p.source, { shared: true })).virtualSize;
-    const backing = p.parentFile !== undefined ? { backingFile: relative(dirname(abs), repo.filePath(domain, p.parentFile)), backingFormat: 'qcow2' } : {};
-    await createImage(abs, 'qcow2', size, backing);
-  }
-}
-
-/** The manifest's entry for each disk, with the content digest of the whole image chain. */
-async function describeDisks(repo: Repository, domain: string, plans: readonly DiskPlan[], options: RepoBackupOptions): Promise<ManifestDisk[]> {
-  const disks: ManifestDisk[] = [];
-  for (const p of plans) {
-    const abs = repo.filePath(domain, p.file);
-    const size = (await imageInfo(abs)).virtualSize;
-    const { digest } = await imageDigest(abs, 'qcow2', (done) => options.onProgress?.({ phase: `digest ${p.target}`, doneBytes: done, totalBytes: size }));
-    disks.push({
-      target: p.target,
-      diskId: p.diskId,
-      file: p.file,
-      level: p.level,
-      parent: p.parent?.id ?? null,
-      virtualSize: size,
-      bytesWritten: await allocatedDataBytes(abs),
-      fullReason: p.level === 'full' ? p.fullReason : null,
-      digest,
+      return out;
     });
   }
-  return disks;
+
+  async verify(access: RepoAccess, options: VerifyOptions = {}): Promise<VerifyReport> {
+    return verifyStore(await this.open(access), options);
+  }
+
+  /**
+   * Applies a retention policy to a domain's backups: removes the manifests
+   * of those it does not keep and merges their checkpoints away (coverage of
+   * the kept ones is unchanged). Data goes with the next gc.
+   */
+  async prune(domain: string, options: RepoAccess & RetentionPolicy & { dryRun?: boolean }): Promise<PruneResult> {
+    const store = await this.open(options);
+    const manifests = await store.manifests(domain);
+    const plan = planPrune(manifests, options);
+    if (options.dryRun) return { ...plan, checkpointsRemoved: [], checkpointsKept: [] };
+    await using _lock = await acquireLock(store.backend, 'prune', domain);
+    const removed = new Set(plan.remove.map((r) => r.id));
+    for (const id of removed) await store.deleteManifest(domain, id);
+    const result: PruneResult = { ...plan, checkpointsRemoved: [], checkpointsKept: [] };
+    for (const m of manifests.filter((x) => removed.has(x.id))) {
+      if (!this.checkpoints.exists(domain, m.checkpoint)) continue;
+      try {
+        await this.checkpoints.delete(domain, m.checkpoint);
+        result.checkpointsRemoved.push(m.checkpoint);
+      } catch (err) {
+        // e.g. a backup job runs on the domain: the checkpoint stays, a later prune retries.
+        if (!(err instanceof QbackupError)) throw err;
+        result.checkpointsKept.push({ name: m.checkpoint, reason: describeError(err) });
+      }
+    }
+    return result;
+  }
+
+  async gc(access: RepoAccess): Promise<GcReport> {
+    return collectGarbage(await this.open(access));
+  }
+
+  async stats(access: RepoAccess): Promise<RepoStats> {
+    return repositoryStats(await this.open(access));
+  }
+
+  async listKeys(access: RepoAccess): Promise<Array<{ id: string; created: string; host: string }>> {
+    return (await this.open(access)).listKeys();
+  }
+
+  async addKey(access: RepoAccess, newPassword: string): Promise<string> {
+    return (await this.open(access)).addKey(newPassword);
+  }
+
+  async removeKey(access: RepoAccess, id: string): Promise<void> {
+    await (await this.open(access)).removeKey(id, access.password ?? '');
+  }
+
+  private async open(access: RepoAccess, createIfMissing = false): Promise<Store> {
+    const backend = backendFor(access.repo);
+    try {
+      return await Store.open(backend, access.password !== undefined ? { password: access.password } : {});
+    } catch (err) {
+      if (!createIfMissing || access.password !== undefined || !(err instanceof QbackupError) || !/not a qbackup repository/.test(err.message)) throw err;
+      return Store.init(backend);
+    }
+  }
 }
 
-function pickBackup(repo: Repository, domain: string, options: RestoreOptions): Manifest {
-  if (options.backup !== undefined) return repo.manifest(domain, options.backup);
-  const all = repo.manifests(domain);
-  const until = options.until;
-  const candidates = until === undefined ? all : all.filter((m) => new Date(m.time).getTime() <= until.getTime());
-  const m = candidates.at(-1);
+function backendFor(repo: string): Backend {
+  if (/^[a-z0-9+.-]+:\/\//i.test(repo)) throw new QbackupError('NOT_SUPPORTED', `Cannot open repository "${repo.replace(/\/\/[^@/]*@/, '//')}": only local directories are supported yet`);
+  return new LocalBackend(resolve(repo));
+}
+
+function pickBackup(manifests: readonly Manifest[], domain: string, options: { backup?: string; until?: Date }): Manifest {
+  const m =
+    options.backup !== undefined
+      ? manifests.find((x) => x.id === options.backup)
+      : [...manifests].reverse().find((x) => options.until === undefined || new Date(x.time).getTime() <= (options.until?.getTime() ?? 0));
   if (m === undefined) {
-    throw new QbackupError(
-      'BACKUP_NOT_FOUND',
-      until === undefined ? `Repository "${repo.root}" has no backup of domain "${domain}"` : `Repository "${repo.root}" has no backup of domain "${domain}" taken at or before ${until.toISOString()}`,
-    );
+    const which = options.backup !== undefined ? `"${options.backup}"` : options.until !== undefined ? `taken at or before ${options.until.toISOString()}` : '';
+    throw new QbackupError('BACKUP_NOT_FOUND', `Repository has no backup ${which} of domain "${domain}"`.replace('  ', ' '));
   }
   return m;
 }
 
-function newBackupId(): string {
-  const t = new Date().toISOString().replace(/[-:]/g, '').replace(/\.(\d{3})Z$/, '.$1Z');
-  return `${t}-${Math.floor(Math.random() * 0xffff).toString(16).padStart(4, '0')}`;
-}
-
-/** qemu-img convert with its -p progress parsed into a percentage callback. */
-async function convertWithProgress(source: string, out: string, format: 'qcow2' | 'raw', onPercent: (pct: number) => void): Promise<void> {
-  await runTool('qemu-img', ['convert', '-p', '-O', format, source, out], {
-    what: `Writing "${out}"`,
-    onStdout: (b) => {
-      const last = [...b.toString().matchAll(/\((\d+(?:\.\d+)?)\/100%\)/g)].at(-1)?.[1];
-      if (last !== undefined) onPercent(Number(last));
-    },
-  });
-}

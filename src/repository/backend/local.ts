@@ -156,6 +156,14 @@ export class LocalBackend implements Backend {
 
   /** Creates the directories of `rel` (0700) and checks none is a symlink. */
   private async ensureDir(rel: string): Promise<string> {
+    if (!this.checkedDirs.has(this.root)) {
+      try {
+        await fs.mkdir(this.root, { recursive: true, mode: DIR_MODE });
+      } catch (err) {
+        throw this.failure('create the repository directory', err);
+      }
+      await this.assertRealDir(this.root);
+    }
     let path = this.root;
     for (const seg of rel === '' ? [] : rel.split('/')) {
       path = join(path, seg);

@@ -1,0 +1,79 @@
+// Retention: which backups of a domain a policy keeps, and why (restic's and
+// Proxmox Backup's rules), as a pure function; then deleting the others'
+// manifests. Their chunks and indexes become garbage for gc; a kept backup
+// never depends on a removed one's data, and the index objects a kept backup's
+// chain runs through stay live (gc marks chains, not manifests' own indexes).
+//
+// Rules, newest backup first: keep-last N keeps the N newest; keep-hourly,
+// -daily, -weekly, -monthly, -yearly N keep the newest backup of each of the
+// N most recent hours, days, ISO weeks, months, years that have a backup.
+// Periods are in UTC. A backup kept by several rules lists every reason.
+
+import { QbackupError } from '../errors.js';
+import type { Manifest } from './manifest.js';
+
+export interface RetentionPolicy {
+  keepLast?: number;
+  keepHourly?: number;
+  keepDaily?: number;
+  keepWeekly?: number;
+  keepMonthly?: number;
+  keepYearly?: number;
+}
+
+export interface PrunePlan {
+  keep: Array<{ id: string; time: string; reasons: string[] }>;
+  remove: Array<{ id: string; time: string }>;
+}
+
+const PERIODS: Array<{ rule: keyof RetentionPolicy; name: string; bucket: (d: Date) => string }> = [
+  { rule: 'keepHourly', name: 'hourly', bucket: (d) => d.toISOString().slice(0, 13) },
+  { rule: 'keepDaily', name: 'daily', bucket: (d) => d.toISOString().slice(0, 10) },
+  { rule: 'keepWeekly', name: 'weekly', bucket: isoWeek },
+  { rule: 'keepMonthly', name: 'monthly', bucket: (d) => d.toISOString().slice(0, 7) },
+  { rule: 'keepYearly', name: 'yearly', bucket: (d) => d.toISOString().slice(0, 4) },
+];
+
+export function validatePolicy(policy: RetentionPolicy): void {
+  const rules = Object.entries(policy).filter(([, v]) => v !== undefined);
+  if (rules.length === 0) throw new QbackupError('INVALID_ARGUMENT', 'Give a retention policy (--keep-last, --keep-daily, …): without one every backup would go');
+  for (const [rule, v] of rules) {
+    if (!Number.isSafeInteger(v) || (v as number) < 0) throw new QbackupError('INVALID_ARGUMENT', `Invalid ${rule} ${String(v)}: use a whole number of backups`);
+  }
+  if (rules.every(([, v]) => v === 0)) throw new QbackupError('INVALID_ARGUMENT', 'A retention policy that keeps nothing would remove every backup; keep at least 1');
+}
+
+export function planPrune(manifests: readonly Pick<Manifest, 'id' | 'time'>[], policy: RetentionPolicy): PrunePlan {
+  validatePolicy(policy);
+  const newestFirst = [...manifests].sort((a, b) => b.time.localeCompare(a.time) || b.id.localeCompare(a.id));
+  const reasons = new Map<string, string[]>(newestFirst.map((m) => [m.id, []]));
+  newestFirst.slice(0, policy.keepLast ?? 0).forEach((m, i) => reasons.get(m.id)?.push(`last ${i + 1}`));
+  for (const { rule, name, bucket } of PERIODS) {
+    const limit = policy[rule] ?? 0;
+    const seen = new Set<string>();
+    for (const m of newestFirst) {
+      if (seen.size >= limit) break;
+      const b = bucket(new Date(m.time));
+      if (seen.has(b)) continue;
+      seen.add(b);
+      reasons.get(m.id)?.push(`${name} ${b}`);
+    }
+  }
+  const plan: PrunePlan = { keep: [], remove: [] };
+  for (const m of newestFirst) {
+    const why = reasons.get(m.id) ?? [];
+    if (why.length > 0) plan.keep.push({ id: m.id, time: m.time, reasons: why });
+    else plan.remove.push({ id: m.id, time: m.time });
+  }
+  return plan;
+}
+
+/** ISO 8601 week, e.g. "2026-W48". */
+function isoWeek(d: Date): string {
+  const t = new Date(Date.UTC(d.getUTCFullYear(), d.getUTCMonth(), d.getUTCDate()));
+  const day = t.getUTCDay() || 7;
+  t.setUTCDate(t.getUTCDate() + 4 - day);
+  const yearStart = Date.UTC(t.getUTCFullYear(), 0, 1);
+  const week = Math.ceil(((t.getTime() - yearStart) / 86_400_000 + 1) / 7);
+  return `${t.getUTCFullYear()}-W${String(week).padStart(2, '0')}`;
+}

@@ -1,0 +1,104 @@
+// Verification of a format 2 repository: every chosen backup's index chain
+// parses, every chunk it names is listed in a pack index and its pack exists
+// (fast), and with readData every such chunk is read back and checked
+// against its id. A missing or damaged chunk is reported once, with every
+// backup that uses it, so a damaged chunk is never certified by a later
+// backup that merely references it.
+
+import { createHash } from 'node:crypto';
+import { describeError } from '../errors.js';
+import { ZERO_ID } from './chunk.js';
+import type { Manifest } from './manifest.js';
+import type { Store } from './store.js';
+
+export interface VerifyProblem {
+  /** The damaged or missing object: a chunk id, a disk index or a pack. */
+  object: string;
+  problem: string;
+  /** Every backup (domain/id) that depends on the object. */
+  backups: string[];
+}
+
+export interface VerifyReport {
+  backupsChecked: number;
+  chunksChecked: number;
+  chunksRead: number;
+  problems: VerifyProblem[];
+}
+
+export interface VerifyOptions {
+  domain?: string;
+  backup?: string;
+  readData?: boolean;
+  /** With readData: read this percentage of the chunks (chosen by id, so repeated runs cover different ones only if ids differ). */
+  readDataPercent?: number;
+  onProgress?: (done: number, total: number) => void;
+}
+
+export async function verifyStore(store: Store, options: VerifyOptions = {}): Promise<VerifyReport> {
+  await store.loadChunks();
+  const manifests = (await store.manifests(options.domain)).filter((m) => options.backup === undefined || m.id === options.backup);
+  const users = new Map<string, Set<string>>();
+  const problems = new Map<string, VerifyProblem>();
+  const report = (object: string, problem: string, backup: string): void => {
+    const p = problems.get(object) ?? { object, problem, backups: [] };
+    if (!p.backups.includes(backup)) p.backups.push(backup);
+    problems.set(object, p);
+  };
+  for (const m of manifests) await collectChunks(store, m, users, report);
+  const packs = new Map<string, boolean>();
+  for (const [hex, backups] of users) {
+    const loc = store.locate(Buffer.from(hex, 'hex'));
+    if (loc === undefined) {
+      for (const b of backups) report(`chunk ${hex}`, 'missing: no pack holds it', b);
+      continue;
+    }
+    if (!packs.has(loc.packId)) packs.set(loc.packId, (await store.backend.stat(`data/${loc.packId.slice(0, 2)}/${loc.packId}`)) !== undefined);
+    if (packs.get(loc.packId) !== true) for (const b of backups) report(`chunk ${hex}`, `missing: its pack "${loc.packId}" is gone`, b);
+  }
+  let chunksRead = 0;
+  if (options.readData) chunksRead = await readChunks(store, users, problems, options, report);
+  return { backupsChecked: manifests.length, chunksChecked: users.size, chunksRead, problems: [...problems.values()] };
+}
+
+async function collectChunks(store: Store, m: Manifest, users: Map<string, Set<string>>, report: (object: string, problem: string, backup: string) => void): Promise<void> {
+  const name = `${m.domain}/${m.id}`;
+  for (const d of m.disks) {
+    let table;
+    try {
+      table = await store.resolveIndex(d.index);
+    } catch (err) {
+      report(`index ${d.index}`, describeError(err), name);
+      continue;
+    }
+    for (let at = 0; at < table.ids.length; at += 32) {
+      const id = table.ids.subarray(at, at + 32);
+      if (id.equals(ZERO_ID)) continue;
+      const hex = id.toString('hex');
+      let set = users.get(hex);
+      if (set === undefined) users.set(hex, (set = new Set()));
+      set.add(name);
+    }
+  }
+}
+
+async function readChunks(store: Store, users: ReadonlyMap<string, Set<string>>, problems: ReadonlyMap<string, VerifyProblem>, options: VerifyOptions, report: (object: string, problem: string, backup: string) => void): Promise<number> {
+  const percent = Math.min(100, Math.max(0, options.readDataPercent ?? 100));
+  const chosen = [...users.keys()].filter((hex) => !problems.has(`chunk ${hex}`) && (percent >= 100 || sample(hex) < percent));
+  let read = 0;
+  for (const hex of chosen) {
+    try {
+      await store.readChunk(Buffer.from(hex, 'hex'));
+    } catch (err) {
+      for (const b of users.get(hex) ?? []) report(`chunk ${hex}`, describeError(err), b);
+    }
+    options.onProgress?.(++read, chosen.length);
+  }
+  return read;
+}
+
+/** A stable number in [0, 100) per chunk and day, so subsets differ from day to day. */
+function sample(hex: string): number {
+  const day = new Date().toISOString().slice(0, 10);
+  return createHash('sha256').update(day).update(hex).digest().readUInt32LE(0) % 100;
+}
