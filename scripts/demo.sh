@@ -3,7 +3,7 @@
 # as a guest would, take a full backup into a repository, write again (data,
 # zeroes, discards, a hot-plugged disk), take an incremental backup, restore
 # both, check every restored byte against the disk at backup time, verify the
-# repository, and show the sizes.
+# repository (every chunk read back and checked), and show what it stores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=$(mktemp -d /tmp/qbackup-demo.XXXXXX)
@@ -46,14 +46,16 @@ XML
 
 q define "$work/demo.xml"
 q start demo
-echo "+ guest writes 64 MiB" >&2
-hmp 'qemu-io -d sda "write -P 0xab 0 32M"'
+echo "+ guest writes 64 MiB: 32 MiB of random data, 32 MiB of a repeated pattern" >&2
+head -c 32M /dev/urandom > "$work/random"
+hmp "qemu-io -d sda \"write -s $work/random 0 32M\""
 hmp 'qemu-io -d sda "write -P 0xcd 100M 32M"'
 reference sda "$work/system.qcow2" full-sda
 q backup demo --repo "$repo"
 
 echo "+ guest writes 1 MiB, zeroes 4 MiB, discards 2 MiB; a data disk is hot-plugged" >&2
-hmp 'qemu-io -d sda "write -P 0xee 8M 1M"'
+head -c 1M /dev/urandom > "$work/random1"
+hmp "qemu-io -d sda \"write -s $work/random1 8M 1M\""
 hmp 'qemu-io -d sda "write -z 16M 4M"'
 hmp 'qemu-io -d sda "discard 110M 2M"'
 q attach-disk demo "$work/data.qcow2" sdb
@@ -70,10 +72,10 @@ echo "+ comparing restored images with the disks at backup time" >&2
 same "$work/restore-full/sda.raw" "$work/full-sda.raw" "full backup of sda"
 same "$work/restore-inc/sda.qcow2" "$work/inc-sda.raw" "incremental backup of sda"
 same "$work/restore-inc/sdb.qcow2" "$work/inc-sdb.raw" "hot-plugged sdb (full in the second backup)"
-q verify --repo "$repo"
+q verify --repo "$repo" --read-data
 q shutdown demo
 
 echo "+ sizes" >&2
 du -h "$work/system.qcow2" "$work/data.qcow2" | sed 's|'"$work"'/||'
-find "$repo" -name '*.qcow2' -exec du -h {} + | sed 's|'"$repo"'/||' | sort -k2
+q stats --repo "$repo"
 echo "demo OK: full and incremental backups restore to exactly the bytes the disks held, and verify passes"

@@ -74,6 +74,10 @@ export interface JobInfo {
   teardownErrors?: string[];
   /** Pull mode: where the exports are served. */
   server?: NbdServer;
+  /** The process that reads the exports and ends the job; when it dies, the next command ends the job. */
+  owner?: { pid: number; pidStart: string };
+  /** Merge the job's checkpoint away if the job does not complete (a repository backup's checkpoint). */
+  discardCheckpointOnFailure?: boolean;
   disks: JobDisk[];
 }
 

@@ -34,7 +34,7 @@ import { createImage } from '../qemu/image.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
 import { QmpCommandError, type QmpClient } from '../qmp/index.js';
 import type { JobStore } from '../store/jobs.js';
-import { sleep } from '../util/proc.js';
+import { isProcessAlive, processStartTime, sleep } from '../util/proc.js';
 import { parseJobInfo, parseJobPayload, type JobInfo, type JobPayload } from './job.js';
 import { planBackup, selectDisks, sinceFor, type BeginOptions, type SelectedDisk } from './plan.js';
 import { addTargetNodes, applyProgress, exportDisks, queryJobs, startActions, teardown, waitConcluded } from './qemu.js';
@@ -43,6 +43,13 @@ import { validateBackupSpec, type BackupSpec } from './spec.js';
 export interface BackupBeginOptions extends BeginOptions {
   /** A checkpoint to create in the same instant as the backup. */
   checkpoint?: CheckpointSpec;
+  /**
+   * Pull mode: this process reads the exports and ends the job itself. If it
+   * dies first, the next command on the domain ends the job (nobody else
+   * would), and with discardCheckpointOnFailure merges its checkpoint away.
+   */
+  ownedByCaller?: boolean;
+  discardCheckpointOnFailure?: boolean;
 }
 
 export type BackupFaultPoint = 'backup-begin:before-qemu' | 'backup-begin:after-qemu';
@@ -117,6 +124,8 @@ export class BackupService {
     });
     for (const d of info.disks) d.virtualSize = nodes.get(nodeNamesFor(d.diskId).format)?.virtualSize ?? 0;
     info.startedMs = Date.now();
+    if (options.ownedByCaller) info.owner = { pid: process.pid, pidStart: processStartTime(process.pid) ?? '' };
+    if (options.discardCheckpointOnFailure) info.discardCheckpointOnFailure = true;
     return { info, ...(checkpointPlan !== undefined ? { checkpointPlan } : {}) };
   }
 
@@ -259,12 +268,28 @@ export class BackupService {
     if (!ctx.running) {
       if (row.state === 'finishing') await this.finalize(ctx, undefined, payload, payload.info.state, payload.info.error);
       else await this.finalize(ctx, undefined, payload, 'failed', 'QEMU exited while the job ran');
+      await this.discardCheckpoint(ctx, undefined, payload.info);
       return;
     }
-    await this.domains.withQmp(ctx, 'backup job check', (qmp) => this.reapRunning(ctx, qmp, row.state, payload));
+    await this.domains.withQmp(ctx, 'backup job check', async (qmp) => {
+      await this.reapRunning(ctx, qmp, row.state, payload);
+      await this.discardCheckpoint(ctx, qmp, payload.info);
+    });
+  }
+
+  /** A job that ended without completing and asked for it: its checkpoint is merged away. */
+  private async discardCheckpoint(ctx: DomainContext, qmp: QmpClient | undefined, info: JobInfo): Promise<void> {
+    if (this.store.active(ctx.row.name) !== undefined) return; // still running
+    if (!info.discardCheckpointOnFailure || info.checkpoint === undefined || info.state === 'completed') return;
+    if (this.checkpoints.exists(ctx.row.name, info.checkpoint)) await this.checkpoints.deleteIn(ctx, qmp, info.checkpoint);
   }
 
   private async reapRunning(ctx: DomainContext, qmp: QmpClient, state: 'starting' | 'running' | 'finishing', payload: JobPayload): Promise<void> {
+    const owner = payload.info.owner;
+    if (state !== 'finishing' && owner !== undefined && !isProcessAlive(owner.pid, owner.pidStart === '' ? undefined : owner.pidStart)) {
+      await this.finalize(ctx, qmp, payload, 'failed', `the process that owned the job (pid ${owner.pid}) ended without finishing it`);
+      return;
+    }
     if (state === 'finishing') {
       // The outcome was decided before qbackup stopped: finish exactly that.
       await this.finalize(ctx, qmp, payload, payload.info.state, payload.info.error);

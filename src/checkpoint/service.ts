@@ -247,6 +247,16 @@ export class CheckpointService {
     });
   }
 
+  /**
+   * Deletes one checkpoint inside a command that already holds the domain
+   * (and its QMP, when running): how a failed backup's checkpoint is merged
+   * away when its job is reaped.
+   */
+  async deleteIn(ctx: DomainContext, qmp: QmpClient | undefined, name: string): Promise<void> {
+    await this.reconcile(ctx, qmp);
+    await this.deleteOne(ctx, qmp, name);
+  }
+
   private async deleteOne(ctx: DomainContext, qmp: QmpClient | undefined, name: string): Promise<void> {
     const domain = ctx.row.name;
     const cp = this.requireCheckpoint(domain, name);

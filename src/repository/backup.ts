@@ -109,11 +109,12 @@ async function backupRunning(services: BackupServices, store: Store, domain: str
   const startedMs = Date.now();
   const pool = new ChunkPool(store, options.workers ?? 2);
   let job: JobInfo | undefined;
+  let manifest: Manifest;
   try {
-    job = await services.backups.begin(domain, jobSpec(plans), { checkpoint: { name: checkpoint }, strict: true });
+    job = await services.backups.begin(domain, jobSpec(plans), { checkpoint: { name: checkpoint }, strict: true, ownedByCaller: true, discardCheckpointOnFailure: true });
     const disks: ManifestDisk[] = [];
     for (const plan of plans) disks.push(await readJobDisk(store, pool, job, plan, options));
-    const manifest: Manifest = {
+    manifest = {
       format: 2,
       id,
       domain,
@@ -125,15 +126,19 @@ async function backupRunning(services: BackupServices, store: Store, domain: str
       domainXml: services.domains.dumpXml(domain),
       disks,
     };
-    await services.backups.abort(domain); // a pull job's normal end
-    job = undefined;
     await store.putManifest(manifest);
-    return manifest;
   } catch (err) {
     throw await cleanUpFailed(services, domain, job, checkpoint, err);
   } finally {
     await pool.close();
   }
+  // The pull job's normal end. Were this process killed just before, the next
+  // command would end the job as failed and merge the checkpoint away: the next
+  // backup is then full, never wrong.
+  await services.backups.abort(domain).catch((err: unknown) => {
+    throw new QbackupError('BACKUP_FAILED', `Backup "${id}" of domain "${domain}" is complete, but ending its backup job failed: ${describeError(err)}`, { cause: err });
+  });
+  return manifest;
 }
 
 /** The pull job that exports every planned disk, incremental ones with their dirty bitmap. */
