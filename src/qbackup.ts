@@ -66,6 +66,7 @@ export class Qbackup implements Disposable {
       afterAttach: async (ctx, _disk, qmp) => {
         await this.checkpoints.reconcile(ctx, qmp);
       },
+      sizesMayHaveChanged: (ctx, qmp) => this.checkpoints.noteSizes(ctx, qmp),
       beforeConfigChange: (ctx, what) => this.backups.assertNoJob(ctx, what),
       beforeUndefine: (ctx, options) => this.checkpoints.assertUndefinable(ctx, options),
     });

@@ -9,7 +9,7 @@ import type { CheckpointDiskRow, CheckpointLink, CheckpointRow } from '../store/
 import type { DiskEventRow } from '../store/domains.js';
 import type { BitmapState } from './bitmaps.js';
 
-export type CoverageReason = 'checkpoint-missing' | 'not-in-checkpoint' | 'detached-since' | 'bitmap-missing' | 'bitmap-inconsistent' | 'not-qcow2';
+export type CoverageReason = 'checkpoint-missing' | 'not-in-checkpoint' | 'detached-since' | 'bitmap-missing' | 'bitmap-inconsistent' | 'resized' | 'not-qcow2';
 
 export interface CoverageProblem {
   code: CoverageReason;
@@ -99,7 +99,7 @@ export function computeCoverage(input: CoverageInputs): DiskCoverage {
   if (!reasons.some((r) => r.code === 'not-in-checkpoint' || r.code === 'not-qcow2')) {
     for (const cp of path) {
       const loss = input.losses.get(cp.row.name);
-      if (loss !== undefined) add(loss.reason === 'bitmap-inconsistent' ? 'bitmap-inconsistent' : 'bitmap-missing', loss.detail);
+      if (loss !== undefined) add(lossCode(loss.reason), loss.detail);
     }
     const current = path[path.length - 1];
     // By name, first wins (as find() would): a long chain must not make this quadratic.
@@ -124,4 +124,9 @@ export function computeCoverage(input: CoverageInputs): DiskCoverage {
   }
   const mode = reasons.length === 0 ? 'incremental' : 'full';
   return { target: disk.target, diskId: disk.diskId, mode, reasons, bitmaps: mode === 'incremental' ? names : [] };
+}
+
+/** The coverage reason a recorded loss stands for. */
+function lossCode(reason: string): CoverageReason {
+  return reason === 'bitmap-inconsistent' || reason === 'resized' ? reason : 'bitmap-missing';
 }

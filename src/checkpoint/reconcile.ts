@@ -43,7 +43,7 @@ export interface ReconcileInputs {
 export interface CoverageLoss {
   diskId: string;
   checkpoint: string;
-  reason: 'bitmap-missing' | 'bitmap-inconsistent';
+  reason: 'bitmap-missing' | 'bitmap-inconsistent' | 'resized';
   detail: string;
 }
 

@@ -34,6 +34,7 @@ import type { CheckpointDiskRow, CheckpointLink, CheckpointRow, CheckpointStore,
 import { assert } from '../util/assert.js';
 import { applyBitmapActions, mergedBitmapActions, readBitmapsOffline, readBitmapsOnline, type BitmapAction, type DiskBitmaps } from './bitmaps.js';
 import { chainFrom, computeCoverage, type ChainCheckpoint, type DiskCoverage } from './coverage.js';
+import { planResizes, readDiskSizes } from './resize.js';
 import { planReconcile, type CoverageLoss } from './reconcile.js';
 import { IntentJournal, createActions, createRollbackActions, deleteActions, planDelete, planRecovery, unreadableDisk, type CreateIntent } from './recovery.js';
 import { applyRedefine, checkRedefine, checkRedefineBitmaps, planRedefine, redefineDiskRows } from './redefine.js';
@@ -363,6 +364,7 @@ export class CheckpointService {
     const t = this.requireCheckpoint(domain, name);
     const chain = this.chainCheckpoints(domain);
     const path = chainFrom(chain, name);
+    await this.noteSizes(ctx, qmp);
     const bitmaps = await this.readBitmaps(ctx, qmp);
     const losses = this.store.losses(domain);
     return disks.map((d) =>
@@ -406,6 +408,7 @@ export class CheckpointService {
    */
   async reconcile(ctx: DomainContext, qmp: QmpClient | undefined): Promise<DiskBitmaps | undefined> {
     const domain = ctx.row.name;
+    await this.noteSizes(ctx, qmp);
     const checkpoints = this.store.links(domain);
     // Offline without checkpoints there is nothing to compare, and no temporary bitmap survives QEMU.
     if (checkpoints.length === 0 && qmp === undefined) return undefined;
@@ -429,6 +432,14 @@ export class CheckpointService {
       await applyBitmapActions(qmp, plan.actions, ctx.disks);
       this.journal.settle(ctx.row.name, plan);
     });
+  }
+
+  /** Looks at the disks' sizes: a disk resized since the last look loses coverage (resize.ts). */
+  async noteSizes(ctx: DomainContext, qmp: QmpClient | undefined): Promise<void> {
+    const domain = ctx.row.name;
+    const plan = planResizes(ctx.disks, this.domains.diskSizesSeen(domain), await readDiskSizes(ctx, qmp), this.store.disks(domain));
+    this.recordLosses(domain, plan.losses);
+    for (const [diskId, size] of plan.seen) this.domains.noteDiskSize(diskId, size);
   }
 
   private recordLosses(domain: string, losses: readonly CoverageLoss[]): void {

@@ -1,5 +1,6 @@
 // CLI commands for domains and their disks, named and flagged as in virsh.
 
+import { QbackupError } from '../errors.js';
 import type { BlockInfo } from '../domain/service.js';
 import { arg, defineCommand, flag, value, variadicArg, type CliCommand } from './command.js';
 import { oneOfValues, readInput } from './options.js';
@@ -135,6 +136,17 @@ export const domainCommands: readonly CliCommand[] = [
   }),
 
   defineCommand({
+    name: 'blockresize',
+    description: 'change a disk\'s size (as virsh: a plain number is KiB; or B, K/KiB, M/MiB, G/GiB, T/TiB); the disk loses its checkpoints\' coverage',
+    args: { domain, target: arg('target'), size: arg('size') },
+    options: { shrink: flag('--shrink', 'allow making the disk smaller (its end is lost)') },
+    run: async ({ qb, out, args: { domain: name, target, size }, opts }) => {
+      const info = await qb.domains.blockResize(name, target, scaledSize(size), { shrink: opts.shrink });
+      emit(out, info, () => 'Block device resized');
+    },
+  }),
+
+  defineCommand({
     name: 'qemu-monitor-command',
     description: 'send a raw QMP command (JSON) or, with --hmp, an HMP command line to the domain’s QEMU',
     args: { domain, command: variadicArg('command') },
@@ -155,4 +167,13 @@ function blockListText(disks: readonly BlockInfo[], details: boolean): string {
     ['Target', 'Source', 'Format', 'Bus', 'Disk id', 'Node', 'qemu-io device'],
     disks.map((d) => [d.target, d.source, d.format, d.bus, d.diskId, d.nodeName, d.qemuIoDevice]),
   );
+}
+
+/** virsh's scaled sizes: a plain number is KiB. */
+function scaledSize(text: string): number {
+  const m = /^(\d+)\s*(B|K|KiB|M|MiB|G|GiB|T|TiB)?$/i.exec(text.trim());
+  const units: Record<string, number> = { b: 1, k: 1024, kib: 1024, m: 1024 ** 2, mib: 1024 ** 2, g: 1024 ** 3, gib: 1024 ** 3, t: 1024 ** 4, tib: 1024 ** 4 };
+  const scale = units[(m?.[2] ?? 'k').toLowerCase()];
+  if (m === null || scale === undefined) throw new QbackupError('INVALID_ARGUMENT', `Invalid size "${text}": use a number of KiB or a number with a unit such as 48M or 2GiB`);
+  return Number(m[1]) * scale;
 }

@@ -21,7 +21,9 @@ import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import { formatDomainXml, parseDomainXml } from '../libvirt/domain.js';
 import { imageInfo } from '../qemu/image.js';
 import { hotplugDisk, unplugDisk } from '../qemu/devices.js';
+import { readBlockNodes } from '../qemu/block-nodes.js';
 import { nodeNamesFor, qemuIoDevicePath } from '../qemu/nodes.js';
+import { runTool } from '../qemu/tools.js';
 import { killProcess, launchQemu, waitForExit } from '../qemu/process.js';
 import { QmpClient } from '../qmp/index.js';
 import type { DiskEventRow, DomainRow, DomainStore, RuntimeRow } from '../store/domains.js';
@@ -106,6 +108,8 @@ export interface DomainHooks {
   afterAttach?: (ctx: DomainContext, disk: AttachedDisk, qmp: QmpClient | undefined) => Promise<void>;
   /** Runs inside withDomain, before the command; e.g. to finish an interrupted operation. */
   onOpen?: (ctx: DomainContext) => Promise<void>;
+  /** A disk's size may have changed (a monitor command, blockresize): look at the sizes again. */
+  sizesMayHaveChanged?: (ctx: DomainContext, qmp: QmpClient | undefined) => Promise<void>;
   /** A change to the domain's configuration is about to happen; throw to refuse it. */
   beforeConfigChange?: (ctx: DomainContext, what: string) => void;
   beforeUndefine?: (ctx: DomainContext, options: UndefineOptions) => void;
@@ -370,6 +374,36 @@ export class DomainService {
     });
   }
 
+  /**
+   * Changes a disk's virtual size (virsh blockresize): QMP block_resize when
+   * running, qemu-img resize when shut off. A resize loses the disk's
+   * coverage (see src/checkpoint/resize.ts); growing is always allowed,
+   * shrinking only with `shrink`.
+   */
+  async blockResize(name: string, target: string, sizeBytes: number, options: { shrink?: boolean } = {}): Promise<BlockInfo> {
+    if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % 512 !== 0) {
+      throw new QbackupError('INVALID_ARGUMENT', `Invalid size ${sizeBytes} for disk "${target}": use a positive multiple of 512 bytes`);
+    }
+    return this.withDomain(name, 'blockresize', async (ctx) => {
+      this.hooks.beforeConfigChange?.(ctx, 'blockresize');
+      const disk = ctx.disks.find((d) => d.target === target);
+      if (disk === undefined) throw new QbackupError('DISK_NOT_FOUND', `Domain "${name}" has no disk "${target}"`);
+      if (ctx.running) {
+        await this.withQmp(ctx, 'blockresize', async (qmp) => {
+          const before = (await readBlockNodes(qmp)).get(nodeNamesFor(disk.diskId).format)?.virtualSize ?? 0;
+          if (sizeBytes < before && !options.shrink) throw new QbackupError('INVALID_ARGUMENT', `Cannot shrink disk "${target}" of domain "${name}" from ${before} to ${sizeBytes} bytes without --shrink`);
+          await qmp.execute('block_resize', { 'node-name': nodeNamesFor(disk.diskId).format, size: sizeBytes });
+          await this.hooks.sizesMayHaveChanged?.(ctx, qmp);
+        });
+      } else {
+        await this.hooks.sizesMayHaveChanged?.(ctx, undefined); // remember the size before
+        await runTool('qemu-img', ['resize', '-f', disk.format, ...(options.shrink ? ['--shrink'] : []), disk.source, String(sizeBytes)], { what: `Resizing disk "${target}" of domain "${name}"` });
+        await this.hooks.sizesMayHaveChanged?.(ctx, undefined);
+      }
+      return blockInfo(disk);
+    });
+  }
+
   // ---- monitor passthrough -------------------------------------------------
 
   /**
@@ -381,9 +415,11 @@ export class DomainService {
     return this.withDomain(name, 'qemu-monitor-command', async (ctx) => {
       this.requireRunning(ctx, 'send a monitor command to');
       return this.withQmp(ctx, 'qemu-monitor-command', async (qmp) => {
-        if (options.hmp) return qmp.humanMonitorCommand(command);
-        const { execute, args } = parseMonitorCommand(name, command);
-        return qmp.execute(execute, args);
+        const { execute, args } = options.hmp ? { execute: '', args: undefined } : parseMonitorCommand(name, command);
+        const result = options.hmp ? await qmp.humanMonitorCommand(command) : await qmp.execute(execute, args);
+        // Anything can be done through the monitor, a block_resize too.
+        await this.hooks.sizesMayHaveChanged?.(ctx, qmp);
+        return result;
       });
     });
   }
@@ -603,6 +639,16 @@ export class DomainService {
   /** Attach/detach events of a disk after journal sequence number `afterSeq`, oldest first. */
   diskEvents(diskId: string, afterSeq = 0): DiskEventRow[] {
     return this.store.diskEvents(diskId, afterSeq);
+  }
+
+  /** The virtual size each disk of the domain was last seen with, by disk id. */
+  diskSizesSeen(domain: string): Map<string, number> {
+    return this.store.diskSizes(domain);
+  }
+
+  /** Records the size a disk is seen with now. */
+  noteDiskSize(diskId: string, size: number): void {
+    this.store.transaction(() => this.store.setDiskSize(diskId, size));
   }
 }
 

@@ -131,6 +131,15 @@ const MIGRATIONS: readonly string[] = [
     ended_ms    INTEGER NOT NULL
   );
   `,
+  // 5: the virtual size each disk was last seen with, so a resize between two
+  // looks is noticed (a resize loses coverage: QEMU does not mark grown areas).
+  `
+  CREATE TABLE disk_sizes (
+    disk_id     TEXT PRIMARY KEY REFERENCES disks(id) ON DELETE CASCADE,
+    size        INTEGER NOT NULL,
+    seen_ms     INTEGER NOT NULL
+  );
+  `,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;

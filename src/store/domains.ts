@@ -94,6 +94,16 @@ export class DomainStore {
       .run(row);
   }
 
+  /** The size each disk of the domain was last seen with. */
+  diskSizes(domain: string): Map<string, number> {
+    const rows = this.db.prepare('SELECT s.disk_id, s.size FROM disk_sizes s JOIN disks d ON d.id = s.disk_id WHERE d.domain = ?').all(domain) as Array<{ disk_id: string; size: number }>;
+    return new Map(rows.map((r) => [r.disk_id, r.size]));
+  }
+
+  setDiskSize(diskId: string, size: number): void {
+    this.db.prepare('INSERT INTO disk_sizes (disk_id, size, seen_ms) VALUES (?, ?, ?) ON CONFLICT (disk_id) DO UPDATE SET size = excluded.size, seen_ms = excluded.seen_ms').run(diskId, size, Date.now());
+  }
+
   recordDiskEvent(diskId: string, event: 'attach' | 'detach', target: string, live: boolean): number {
     const info = this.db
       .prepare('INSERT INTO disk_events (disk_id, event, target, live, at_ms) VALUES (?, ?, ?, ?, ?)')
