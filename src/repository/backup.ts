@@ -18,7 +18,7 @@ import type { BackupService } from '../backup/service.js';
 import type { BackupSpec } from '../backup/spec.js';
 import type { CheckpointService } from '../checkpoint/service.js';
 import type { BlockInfo, DomainService } from '../domain/service.js';
-import { QbackupError, describeError } from '../errors.js';
+import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
 import { NBD_CONTEXT_BASE_ALLOCATION } from '../nbd/constants.js';
 import { assert } from '../util/assert.js';
@@ -210,7 +210,12 @@ async function readJobDisk(store: Store, pool: ChunkPool, job: JobInfo, plan: Di
  */
 async function cleanUpFailed(services: BackupServices, domain: string, job: JobInfo | undefined, checkpoint: string, err: unknown): Promise<unknown> {
   const problems: string[] = [];
-  if (job !== undefined) await services.backups.abort(domain).catch((e: unknown) => problems.push(`ending backup job "${job.id}": ${describeError(e)}`));
+  if (job !== undefined) {
+    // JOB_NOT_FOUND: the job already ended (e.g. QEMU died and the job was reaped with it).
+    await services.backups.abort(domain).catch((e: unknown) => {
+      if (!isQbackupError(e, 'JOB_NOT_FOUND')) problems.push(`ending backup job "${job.id}": ${describeError(e)}`);
+    });
+  }
   if (services.checkpoints.exists(domain, checkpoint)) {
     await services.checkpoints.delete(domain, checkpoint).catch((e: unknown) => problems.push(`removing checkpoint "${checkpoint}": ${describeError(e)}`));
   }
