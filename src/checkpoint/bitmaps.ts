@@ -5,23 +5,14 @@
 
 import type { AttachedDisk } from '../domain/service.js';
 import { imageInfo } from '../qemu/image.js';
-import { readBlockNodes } from '../qemu/block-nodes.js';
+import { readBlockNodes, type NodeBitmap } from '../qemu/block-nodes.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
 import { runTool } from '../qemu/tools.js';
 import type { QmpClient, QmpTransactionAction } from '../qmp/index.js';
 import { assert } from '../util/assert.js';
 
-export interface BitmapState {
-  name: string;
-  recording: boolean;
-  persistent: boolean;
-  /** Not stored cleanly (QEMU crashed while it was loaded): unusable, only removable. */
-  inconsistent: boolean;
-  busy: boolean;
-  granularity: number;
-  /** Dirty bytes; known only while the domain runs. */
-  count?: number;
-}
+/** A bitmap as QEMU or qemu-img reports it; the dirty byte count is known only while the domain runs. */
+export type BitmapState = Omit<NodeBitmap, 'count'> & { count?: number };
 
 /** Bitmaps per disk id; a disk whose image could not be read is absent. */
 export type DiskBitmaps = Map<string, BitmapState[]>;
