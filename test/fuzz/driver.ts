@@ -360,7 +360,7 @@ export class Driver {
     }
     const message = error instanceof Error ? error.message : String(error);
     this.log(`    failed: ${message}`);
-    checkOneSentence(message, /No space left on device|ENOSPC/i, `repository backup with ${headroom} bytes free`);
+    checkOneSentence(message, /no space left on (the )?device|ENOSPC/i, `repository backup with ${headroom} bytes free`);
     await this.checkRepoList('fault', 'after a failed backup');
     for (const b of this.model.repoBackups) await this.checkRestore(b.alias);
     return 'done';
