@@ -79,7 +79,11 @@ export async function collectGarbage(store: Store): Promise<GcReport> {
       report.bytesFreed += size;
     } else report.condemned += await condemn(backend, marks, 'index', id);
   }
-  for (const p of packs.filter((x) => x.liveBytes > 0 && x.liveBytes * 2 < x.size)) {
+  // A pack with no dead chunk is never rewritten: it would gain nothing (with
+  // small chunks its header alone can outweigh them), and unencrypted its new
+  // bytes, hence its id, would be the old ones.
+  const hasDead = (p: PackUsage): boolean => p.entries.some((e) => !liveChunks.has(e.id.toString('hex')));
+  for (const p of packs.filter((x) => x.liveBytes > 0 && x.liveBytes * 2 < x.size && hasDead(x))) {
     report.bytesFreed += await repack(store, p, liveChunks);
     report.packsRepacked++;
   }
@@ -161,7 +165,9 @@ async function repack(store: Store, pack: PackUsage, liveChunks: ReadonlySet<str
     if (builder.bytes >= PACK_TARGET_BYTES) throw new QbackupError('REPO_DAMAGED', `Pack "${pack.packId}" holds more than a pack can`);
   }
   const newSize = builder.bytes;
-  if (builder.count > 0) await store.storePack(builder);
+  const newId = builder.count > 0 ? await store.storePack(builder) : undefined;
+  // Packs are content-addressed: the same bytes are the same pack, which must stay.
+  if (newId === pack.packId) return 0;
   await store.backend.delete(packIndexKey(pack.packId));
   await store.backend.delete(packKey(pack.packId));
   return pack.size - newSize;

@@ -92,7 +92,8 @@ async function readChunks(store: Store, users: ReadonlyMap<string, Set<string>>,
     } catch (err) {
       for (const b of users.get(hex) ?? []) report(`chunk ${hex}`, describeError(err), b);
     }
-    options.onProgress?.(++read, chosen.length);
+    read++; // not inside the optional call below: without onProgress its arguments are never evaluated
+    options.onProgress?.(read, chosen.length);
   }
   return read;
 }

@@ -32,10 +32,16 @@ export type Action =
   | { kind: 'push'; since?: string; checkpoint?: string }
   /** A pull backup-begin; the guest writes 64 KiB of 0xee at offset 0 of `during` while the exports are read. */
   | { kind: 'pull'; since?: string; checkpoint?: string; during: string }
-  /** A repository backup; `alias` names its checkpoint in the model. */
-  | { kind: 'repo'; mode: 'push' | 'pull'; alias: string }
+  /** A repository backup (format 2: read through a pull export); `alias` names its checkpoint in the model. */
+  | { kind: 'repo'; alias: string }
   /** A repository backup with only `headroom` bytes free on the repository's file system. */
-  | { kind: 'repo-full'; mode: 'push' | 'pull'; alias: string; headroom: number }
+  | { kind: 'repo-full'; alias: string; headroom: number }
+  /** The repository's prune with keep-last `keep` (older backups and their checkpoints go). */
+  | { kind: 'repo-prune'; keep: number }
+  /** The repository's gc; then every backup still listed restores. */
+  | { kind: 'repo-gc' }
+  /** The repository's verify with --read-data: no problem. */
+  | { kind: 'repo-verify' }
   /** Hot-plug of a new, empty disk. */
   | { kind: 'attach'; disk: string; size: number; cluster: number }
   /** Unplug; `back`: plug it in again at once, before any checkpoint. */
@@ -77,8 +83,11 @@ const FIELDS: Record<ActionKind, readonly string[]> = {
   delete: ['name', 'children'],
   push: ['since?', 'checkpoint?'],
   pull: ['since?', 'checkpoint?', 'during'],
-  repo: ['mode', 'alias'],
-  'repo-full': ['mode', 'alias', 'headroom'],
+  repo: ['alias'],
+  'repo-full': ['alias', 'headroom'],
+  'repo-prune': ['keep'],
+  'repo-gc': [],
+  'repo-verify': [],
   attach: ['disk', 'size', 'cluster'],
   detach: ['disk', 'back'],
   reattach: ['disk', 'offline?'],
@@ -153,8 +162,11 @@ const WEIGHTS = {
   delete: 8,
   push: 10,
   pull: 6,
-  repo: 4,
+  repo: 6,
   'repo-full': 2,
+  'repo-prune': 4,
+  'repo-gc': 1,
+  'repo-verify': 2,
   attach: 2,
   detach: 4,
   reattach: 3,
@@ -167,6 +179,8 @@ const WEIGHTS = {
 
 class Generator {
   readonly model = new Model();
+  /** Actions that must follow the last one (a prune's gc). */
+  readonly followUps: Action[] = [];
   private counter = 0;
   private diskCounter = 0;
 
@@ -218,10 +232,14 @@ class Generator {
       case 'pull':
         return this.backup(kind);
       case 'repo':
-        return { kind, mode: rng.chance(0.5) ? 'pull' : 'push', alias: this.name('r') };
+        return { kind, alias: this.name('r') };
       case 'repo-full':
         if (this.options.repoFull !== true) return undefined;
-        return { kind, mode: rng.chance(0.5) ? 'pull' : 'push', alias: this.name('r'), headroom: rng.pick([0, 4096, 65536, 262144, 1 << 20]) };
+        return { kind, alias: this.name('r'), headroom: rng.pick([0, 4096, 65536, 262144, 1 << 20]) };
+      case 'repo-prune':
+      case 'repo-gc':
+      case 'repo-verify':
+        return this.repoMaintenance(kind);
       case 'attach': {
         if (model.attached().length >= 4) return undefined;
         const d = this.diskSpec();
@@ -243,6 +261,16 @@ class Generator {
         return since === undefined ? undefined : { kind, since };
       }
     }
+  }
+
+  /** Only once the repository holds backups; a prune (keeping 1-3, fewer than there are) is mostly followed by a gc at once. */
+  repoMaintenance(kind: 'repo-prune' | 'repo-gc' | 'repo-verify'): Action | undefined {
+    const { rng } = this;
+    const n = this.model.repoBackups.length;
+    if (kind !== 'repo-prune') return n === 0 ? undefined : { kind };
+    if (n < 2) return undefined;
+    if (rng.chance(0.8)) this.followUps.push({ kind: 'repo-gc' });
+    return { kind, keep: 1 + rng.int(Math.min(3, n - 1)) };
   }
 
   guestWrite(kind: 'write' | 'zero' | 'discard'): Action {
@@ -319,6 +347,9 @@ export function simulate(model: Model, a: Action): void {
     case 'repo':
       model.addRepoBackup(a.alias);
       break;
+    case 'repo-prune':
+      model.pruneRepo(a.keep);
+      break;
     case 'attach':
       model.attach(model.addDisk({ name: a.disk, sizeBytes: a.size, clusterSizeBytes: a.cluster }));
       break;
@@ -354,7 +385,7 @@ function simulateMore(model: Model, a: Action): void {
       else model.addCheckpoint(a.name);
       break;
     default:
-      break; // repo-full, restart, coverage: no change the generator relies on
+      break; // repo-full, repo-gc, repo-verify, restart, coverage: no change the generator relies on
   }
 }
 
@@ -370,7 +401,7 @@ export function generateScenario(seed: number, steps: number, options: GenerateO
   }
   const actions: Action[] = [];
   while (actions.length < steps) {
-    const a = g.next(g.rng.weighted(WEIGHTS));
+    const a = g.followUps.shift() ?? g.next(g.rng.weighted(WEIGHTS));
     if (a === undefined) continue;
     simulate(g.model, a);
     actions.push(a);

@@ -6,7 +6,12 @@
 // - no over-statement and no free pass: a disk the model says is covered is
 //   backed up incrementally, with no more data than the clusters dirtied since
 //   T (+ SLACK_CLUSTERS); a disk that lost coverage is full with a reason the
-//   model accepts; checkpoint-coverage says the same;
+//   model accepts; checkpoint-coverage says the same; a repository backup
+//   picks the level (and a full's reason) the model expects, and an
+//   incremental reads no more than the clusters dirtied since the disk's last
+//   repository backup (incremental = proportional);
+// - the repository after prune, gc and verify: exactly the kept backups are
+//   listed, each restores, verify --read-data finds no problem;
 // - the checkpoints in the metadata are exactly the model's.
 // A failed check throws OracleFailure with a stable `check` code, which the
 // shrinker uses to tell "the same failure" from another one.
@@ -18,12 +23,13 @@ import { exportUri, type JobDisk, type JobInfo } from '../../src/backup/job.js';
 import type { CoverageReason, DiskCoverage } from '../../src/checkpoint/coverage.js';
 import { allocatedDataBytes } from '../../src/qemu/image.js';
 import { runTool } from '../../src/qemu/tools.js';
-import { GRAIN, type Model } from './model.js';
+import type { Manifest } from '../../src/repository/manifest.js';
+import { GRAIN, type Model, type RepoFullReason } from './model.js';
 
 /** Allowed extra data in an incremental, in clusters per disk. */
 export const SLACK_CLUSTERS = 0;
 
-export type CheckCode = 'content' | 'mode' | 'reason' | 'size' | 'dirty-map' | 'checkpoints' | 'coverage' | 'job' | 'fault' | 'error';
+export type CheckCode = 'content' | 'mode' | 'reason' | 'size' | 'dirty-map' | 'checkpoints' | 'coverage' | 'job' | 'fault' | 'prune' | 'verify' | 'error';
 
 export class OracleFailure extends Error {
   constructor(
@@ -164,4 +170,56 @@ export function checkCoverage(model: Model, since: string, coverage: readonly Di
 export function checkOneSentence(message: string, cause: RegExp, what: string): void {
   if (message.includes('\n')) fail('fault', `${what}: the error spans lines: ${JSON.stringify(message)}`);
   if (!cause.test(message)) fail('fault', `${what}: the error does not name the cause (${String(cause)}): ${message}`);
+}
+
+// ---- repository ----------------------------------------------------------------
+
+/** What the model expects of one disk in a repository backup taken now. */
+export interface RepoDiskExpectation {
+  disk: string;
+  sizeBytes: number;
+  /** undefined: incremental; else the reasons a full may give. */
+  full: Set<RepoFullReason> | undefined;
+  /** 64 KiB clusters written since the disk's last repository backup. */
+  dirty: number;
+}
+
+/** Per target: the level, reasons and dirty clusters of every attached disk (taken right before the backup). */
+export function repoExpectations(model: Model): Map<string, RepoDiskExpectation> {
+  return new Map(
+    model.attached().map((d) => [d.target ?? '', { disk: d.name, sizeBytes: d.sizeBytes, full: model.expectedRepoFull(d), dirty: model.dirtySinceRepo(d).size }]),
+  );
+}
+
+/** A full's reason text names one the model accepts. */
+function reasonMatches(text: string, r: RepoFullReason): boolean {
+  if (r === 'no-earlier-backup') return /no earlier backup/.test(text);
+  if (r === 'checkpoint-missing') return /no longer exists|checkpoint-missing:/.test(text);
+  return text.includes(`${r}:`);
+}
+
+/**
+ * A repository manifest against the model: every attached disk, each at the
+ * level the model expects; a full with a reason the model accepts; an
+ * incremental that read no more than the clusters dirtied since (zeroed or
+ * discarded ones may be skipped, so at most, not exactly) and stored no more
+ * chunks than that.
+ */
+export function checkRepoManifest(m: Manifest, expected: ReadonlyMap<string, RepoDiskExpectation>): void {
+  for (const target of expected.keys()) if (!m.disks.some((md) => md.target === target)) fail('job', `repository backup ${m.id} has no disk ${target}`);
+  for (const md of m.disks) {
+    const e = expected.get(md.target) ?? fail('job', `repository backup ${m.id} has unknown disk ${md.target}`);
+    const what = `repository backup of ${md.target} (${e.disk})`;
+    if (md.virtualSize !== e.sizeBytes) fail('job', `${what}: virtual size ${md.virtualSize}, expected ${e.sizeBytes}`);
+    const level = e.full === undefined ? 'incremental' : 'full';
+    if (md.level !== level) fail('mode', `${what}: ${md.level} (${md.fullReason ?? '-'}), expected ${level}${e.full !== undefined ? ` (${[...e.full].join(',')})` : ''}`);
+    if (e.full !== undefined && !(md.fullReason !== null && [...e.full].some((r) => reasonMatches(md.fullReason ?? '', r)))) {
+      fail('reason', `${what}: full for "${md.fullReason ?? ''}", expected one of ${[...e.full].join(',')}`);
+    }
+    if (e.full === undefined && md.fullReason !== null) fail('reason', `${what}: incremental with a full reason "${md.fullReason}"`);
+    if (md.newChunks > md.chunks) fail('size', `${what}: ${md.newChunks} new chunks of ${md.chunks}`);
+    const limit = e.full === undefined ? (e.dirty + SLACK_CLUSTERS) * GRAIN : e.sizeBytes;
+    if (md.bytesRead > limit) fail('size', `${what} (${md.level}): read ${md.bytesRead} bytes, ${e.full === undefined ? `only ${e.dirty} clusters were dirtied since its last backup` : 'more than the disk'}`);
+    if (e.full === undefined && md.chunks > e.dirty + SLACK_CLUSTERS) fail('size', `${what}: ${md.chunks} chunks in the delta, only ${e.dirty} clusters were dirtied`);
+  }
 }

@@ -18,6 +18,7 @@ import { isQbackupError } from '../../src/errors.js';
 import { Qbackup } from '../../src/qbackup.js';
 import { createImage } from '../../src/qemu/image.js';
 import { runTool } from '../../src/qemu/tools.js';
+import type { Manifest } from '../../src/repository/manifest.js';
 import { cliPath } from '../helpers/env.js';
 import type { Action } from './actions.js';
 import {
@@ -27,9 +28,12 @@ import {
   checkOneSentence,
   checkPullDisk,
   checkPushDisk,
+  checkRepoManifest,
   compareBytes,
   expectationFor,
   fail,
+  repoExpectations,
+  type RepoDiskExpectation,
 } from './checks.js';
 import { GRAIN, Model, type DiskModel, type DiskSpec } from './model.js';
 import { QmpDropProxy } from './qmp-proxy.js';
@@ -147,9 +151,15 @@ export class Driver {
       case 'pull':
         return this.pull(a.since, a.checkpoint, a.during);
       case 'repo':
-        return this.repoBackup(a.mode, a.alias);
+        return this.repoBackup(a.alias);
       case 'repo-full':
-        return this.repoFull(a.mode, a.alias, a.headroom);
+        return this.repoFull(a.alias, a.headroom);
+      case 'repo-prune':
+        return this.repoPrune(a.keep);
+      case 'repo-gc':
+        return this.repoGc();
+      case 'repo-verify':
+        return this.repoVerify();
       case 'attach':
         return this.attach(a.disk, a.size, a.cluster);
       case 'detach':
@@ -270,23 +280,39 @@ export class Driver {
 
   // ---- repository ----------------------------------------------------------------
 
-  /** A repository backup: each disk's level as the model expects, then its restore equals the disks at its start. */
-  private async repoBackup(mode: 'push' | 'pull', alias: string): Promise<Outcome> {
+  /** The repository exists (its config was written): prune, gc, verify and list need one. */
+  private repoExists(): boolean {
+    return existsSync(join(this.repo, 'config'));
+  }
+
+  /** Ids of the domain's backups the repository lists, oldest first. */
+  private async listRepo(): Promise<string[]> {
+    if (!this.repoExists()) return [];
+    return (await this.qb.repository.list({ repo: this.repo }, DOMAIN)).map((m) => m.id);
+  }
+
+  /** The repository lists exactly the model's backups. */
+  private async checkRepoList(check: 'prune' | 'fault', when: string): Promise<void> {
+    const listed = await this.listRepo();
+    const known = this.model.repoBackups.map((b) => this.repoIds.get(b.alias) ?? b.alias);
+    if (listed.join(',') !== known.join(',')) fail(check, `${when} the repository lists [${listed.join(',')}], expected [${known.join(',')}]`);
+  }
+
+  /** A repository backup: each disk's level (and a full's reason) as the model expects, an incremental's bytes read bounded by the dirty clusters, then its restore equals the disks at its start. */
+  private async repoBackup(alias: string): Promise<Outcome> {
     if (this.model.checkpoint(alias) !== undefined) return 'skipped';
     await this.flushAll();
-    const expected = new Map(this.model.attached().map((d) => [d.target ?? '', this.model.expectedRepoLevel(d)]));
-    const m = await this.qb.repository.backup(DOMAIN, { repo: this.repo, mode });
+    const expected = repoExpectations(this.model);
+    const m = await this.qb.repository.backup(DOMAIN, { repo: this.repo });
     this.recordRepoBackup(alias, m, expected);
     await this.checkRestore(alias);
     return 'done';
   }
 
-  private recordRepoBackup(alias: string, m: { id: string; checkpoint: string; disks: Array<{ target: string; level: string; fullReason: string | null }> }, expected: Map<string, string>): void {
-    this.log(`    repository backup ${m.id} (${alias} = ${m.checkpoint}): ${m.disks.map((d) => `${d.target}=${d.level}`).join(' ')}`);
-    for (const md of m.disks) {
-      if (!expected.has(md.target)) fail('job', `repository backup has unknown disk ${md.target}`);
-      if (md.level !== expected.get(md.target)) fail('mode', `repository backup of ${md.target}: ${md.level}, expected ${expected.get(md.target) ?? '?'} (${md.fullReason ?? ''})`);
-    }
+  private recordRepoBackup(alias: string, m: Manifest, expected: ReadonlyMap<string, RepoDiskExpectation>): void {
+    const disks = m.disks.map((d) => `${d.target}=${d.level}(read ${d.bytesRead / 1024} KiB, ${d.chunks} chunks, ${d.newChunks} new)`);
+    this.log(`    repository backup ${m.id} (${alias} = ${m.checkpoint}): ${disks.join(' ')}`);
+    checkRepoManifest(m, expected);
     this.real.set(alias, m.checkpoint);
     this.repoIds.set(alias, m.id);
     this.model.addRepoBackup(alias);
@@ -296,6 +322,7 @@ export class Driver {
     const b = this.model.repoBackups.find((x) => x.alias === alias) ?? fail('job', `no repository backup ${alias}`);
     const to = join(this.dir, `restore-${++this.scratch}`);
     const r = await this.qb.repository.restore(DOMAIN, { repo: this.repo, backup: this.repoIds.get(alias) ?? '', to, format: 'raw' });
+    if (r.disks.length !== b.contents.size) fail('content', `repository restore of ${alias} gave ${r.disks.length} disks, expected ${b.contents.size}`);
     for (const rd of r.disks) {
       compareBytes(readFileSync(rd.file), b.contents.get(rd.target) ?? Buffer.alloc(0), `repository restore of ${alias} disk ${rd.target}`);
       this.backupsChecked++;
@@ -308,18 +335,18 @@ export class Driver {
    * fails with one sentence naming the cause, leaves no checkpoint (the
    * post-step check) and no backup, and every earlier backup still restores.
    */
-  private async repoFull(mode: 'push' | 'pull', alias: string, headroom: number): Promise<Outcome> {
+  private async repoFull(alias: string, headroom: number): Promise<Outcome> {
     if (!this.repoMounted || this.model.checkpoint(alias) !== undefined) return 'skipped';
     await this.flushAll();
-    const expected = new Map(this.model.attached().map((d) => [d.target ?? '', this.model.expectedRepoLevel(d)]));
+    const expected = repoExpectations(this.model);
     mkdirSync(this.repo, { recursive: true });
     const st = statfsSync(this.repoFs);
     const used = (st.blocks - st.bfree) * st.bsize;
     await this.remountRepo(used + headroom);
-    let m: Awaited<ReturnType<Qbackup['repository']['backup']>> | undefined;
+    let m: Manifest | undefined;
     let error: unknown;
     try {
-      m = await this.qb.repository.backup(DOMAIN, { repo: this.repo, mode });
+      m = await this.qb.repository.backup(DOMAIN, { repo: this.repo });
     } catch (err) {
       error = err;
     } finally {
@@ -333,11 +360,55 @@ export class Driver {
     }
     const message = error instanceof Error ? error.message : String(error);
     this.log(`    failed: ${message}`);
-    checkOneSentence(message, /No space left on device|ENOSPC/i, `repository backup with ${headroom} bytes free`);
-    const listed = this.qb.repository.list(this.repo, DOMAIN).map((x) => x.id);
-    const known = this.model.repoBackups.map((b) => this.repoIds.get(b.alias) ?? '');
-    if (listed.join(',') !== known.join(',')) fail('fault', `after a failed backup the repository lists [${listed.join(',')}], expected [${known.join(',')}]`);
+    checkOneSentence(message, /no space left on (the )?device|ENOSPC/i, `repository backup with ${headroom} bytes free`);
+    await this.checkRepoList('fault', 'after a failed backup');
     for (const b of this.model.repoBackups) await this.checkRestore(b.alias);
+    return 'done';
+  }
+
+  /**
+   * prune --keep-last `keep`: it removes exactly the older backups, merges
+   * their checkpoints away (the post-step check compares the chain), and the
+   * repository then lists only the kept ones. Restores are checked after gc.
+   */
+  private async repoPrune(keep: number): Promise<Outcome> {
+    if (!this.repoExists()) return 'skipped';
+    const inChain = new Set(this.model.chain.map((c) => c.name));
+    const r = await this.qb.repository.prune(DOMAIN, { repo: this.repo, keepLast: keep });
+    const removed = this.model.pruneRepo(keep);
+    const ids = (bs: ReadonlyArray<{ alias: string }>): string => bs.map((b) => this.repoIds.get(b.alias) ?? b.alias).sort().join(',');
+    const byReal = new Map([...this.real].map(([alias, name]) => [name, alias]));
+    this.log(`    removed [${r.remove.map((x) => x.id).join(',')}], checkpoints [${r.checkpointsRemoved.join(',')}], kept [${r.keep.map((x) => x.id).join(',')}]`);
+    if (r.remove.map((x) => x.id).sort().join(',') !== ids(removed)) fail('prune', `keep-last ${keep} removed [${r.remove.map((x) => x.id).join(',')}], expected [${ids(removed)}]`);
+    if (r.keep.map((x) => x.id).sort().join(',') !== ids(this.model.repoBackups)) fail('prune', `keep-last ${keep} kept [${r.keep.map((x) => x.id).join(',')}], expected [${ids(this.model.repoBackups)}]`);
+    if (r.checkpointsKept.length > 0) fail('prune', `prune could not remove checkpoints: ${r.checkpointsKept.map((k) => `${k.name}: ${k.reason}`).join('; ')}`);
+    const gone = r.checkpointsRemoved.map((n) => byReal.get(n) ?? n).sort().join(',');
+    const expectGone = removed.filter((b) => inChain.has(b.alias)).map((b) => b.alias).sort().join(',');
+    if (gone !== expectGone) fail('prune', `prune removed checkpoints [${gone}], expected [${expectGone}]`);
+    await this.checkRepoList('prune', 'after prune');
+    return 'done';
+  }
+
+  /** gc: the repository still lists exactly the kept backups, and every one restores byte for byte. */
+  private async repoGc(): Promise<Outcome> {
+    if (!this.repoExists()) return 'skipped';
+    const r = await this.qb.repository.gc({ repo: this.repo });
+    this.log(`    gc: ${r.packsDeleted} packs deleted, ${r.packsRepacked} repacked, ${r.indexesDeleted} indexes deleted, ${r.bytesFreed} bytes freed, ${r.condemned} condemned`);
+    if (r.condemned > 0) fail('prune', `gc condemned ${r.condemned} objects although no backup runs`);
+    await this.checkRepoList('prune', 'after gc');
+    for (const b of this.model.repoBackups) await this.checkRestore(b.alias);
+    return 'done';
+  }
+
+  /** verify --read-data: every listed backup checked, every chunk read, no problem. */
+  private async repoVerify(): Promise<Outcome> {
+    if (!this.repoExists()) return 'skipped';
+    const r = await this.qb.repository.verify({ repo: this.repo }, { readData: true });
+    this.log(`    verify: ${r.backupsChecked} backups, ${r.chunksChecked} chunks, ${r.chunksRead} read, ${r.problems.length} problems`);
+    const first = r.problems[0];
+    if (first !== undefined) fail('verify', `verify --read-data: ${r.problems.length} problems, first: ${first.object}: ${first.problem} (${first.backups.join(', ')})`);
+    if (r.backupsChecked !== this.model.repoBackups.length) fail('verify', `verify checked ${r.backupsChecked} backups, the repository has ${this.model.repoBackups.length}`);
+    if (r.chunksRead !== r.chunksChecked) fail('verify', `verify --read-data read ${r.chunksRead} of ${r.chunksChecked} chunks`);
     return 'done';
   }
 

@@ -1,7 +1,8 @@
 // The oracle's pure model of one domain: what every disk holds byte for byte,
 // which disks are attached where, the checkpoint chain and, per checkpoint and
 // disk, the content when it was taken, the 64 KiB clusters written since and
-// why coverage was lost; and the repository backups with their content.
+// why coverage was lost; and the repository backups (those not pruned) with
+// their content and disks.
 // No I/O: the action generator simulates on it, the driver keeps it in step
 // with the real domain, and the checks compare QEMU's bytes and qbackup's
 // claims against it.
@@ -46,13 +47,17 @@ export interface RepoBackupModel {
   alias: string;
   /** Content at the backup's start, by the target the disk had then. */
   contents: Map<string, Buffer>;
+  /** The disks it holds (model names). */
+  disks: Set<string>;
 }
+
+/** Why the repository must back a disk up in full: a coverage reason, or no usable earlier backup. */
+export type RepoFullReason = CoverageReason | 'no-earlier-backup';
 
 export class Model {
   readonly disks: DiskModel[] = [];
   readonly chain: CheckpointModel[] = [];
-  /** Per disk: alias of the checkpoint of its last repository backup. */
-  readonly lastRepo = new Map<string, string>();
+  /** The repository's backups of the domain, oldest first (pruned ones are gone). */
   readonly repoBackups: RepoBackupModel[] = [];
 
   attached(): DiskModel[] {
@@ -153,19 +158,42 @@ export class Model {
     return this.chain.filter((c) => this.attached().some((d) => this.expectedFull(c.name, d) === undefined));
   }
 
+  /** The newest repository backup that holds d: the one its next repository backup builds on. */
+  lastRepo(d: DiskModel): RepoBackupModel | undefined {
+    return [...this.repoBackups].reverse().find((b) => b.disks.has(d.name));
+  }
+
+  /** The repository's rule for d: undefined = incremental since its last backup's checkpoint, else the acceptable reasons for a full. */
+  expectedRepoFull(d: DiskModel): Set<RepoFullReason> | undefined {
+    const last = this.lastRepo(d);
+    return last === undefined ? new Set(['no-earlier-backup']) : this.expectedFull(last.alias, d);
+  }
+
   /** The level the repository must choose for d: incremental when its last backup's checkpoint still covers it. */
   expectedRepoLevel(d: DiskModel): 'full' | 'incremental' {
-    const t = this.lastRepo.get(d.name);
-    return t !== undefined && this.expectedFull(t, d) === undefined ? 'incremental' : 'full';
+    return this.expectedRepoFull(d) === undefined ? 'incremental' : 'full';
+  }
+
+  /** The 64 KiB clusters of d written since its last repository backup (empty when it has none or its checkpoint is gone). */
+  dirtySinceRepo(d: DiskModel): Set<number> {
+    const last = this.lastRepo(d);
+    return new Set(last === undefined ? [] : (this.checkpoint(last.alias)?.disks.get(d.name)?.dirty ?? []));
   }
 
   /** Records a successful repository backup taken at this instant, with checkpoint alias `alias`. */
   addRepoBackup(alias: string): RepoBackupModel {
-    const b: RepoBackupModel = { alias, contents: new Map(this.attached().map((d) => [d.target ?? '', Buffer.from(d.content)])) };
+    const attached = this.attached();
+    const b: RepoBackupModel = { alias, contents: new Map(attached.map((d) => [d.target ?? '', Buffer.from(d.content)])), disks: new Set(attached.map((d) => d.name)) };
     this.repoBackups.push(b);
-    for (const d of this.attached()) this.lastRepo.set(d.name, alias);
     this.addCheckpoint(alias);
     return b;
+  }
+
+  /** keep-last `keep`: removes the older backups and merges their checkpoints away; returns the removed ones, oldest first. */
+  pruneRepo(keep: number): RepoBackupModel[] {
+    const removed = this.repoBackups.splice(0, Math.max(0, this.repoBackups.length - keep));
+    for (const b of removed) this.deleteCheckpoint(b.alias, false);
+    return removed;
   }
 
   /** Per attached disk: its content now. */

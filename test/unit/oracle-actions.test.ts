@@ -20,11 +20,35 @@ test('a scenario is a function of its seed and survives its text form', () => {
   assert.equal(generateScenario(5, 200).actions.some((a) => a.kind === 'repo-full'), false, 'no repo-full where it cannot be staged');
 });
 
+test('repository maintenance: prune keeps fewer than there are and is mostly followed by gc; gc and verify only once there are backups', () => {
+  const kinds = new Map<string, number>();
+  let pruneThenGc = 0;
+  for (let seed = 1; seed <= 40; seed++) {
+    const { actions } = generateScenario(seed, 60, { repoFull: true });
+    let backups = 0;
+    actions.forEach((a, i) => {
+      kinds.set(a.kind, (kinds.get(a.kind) ?? 0) + 1);
+      if (a.kind === 'repo') backups++;
+      if (a.kind === 'repo-gc' || a.kind === 'repo-verify') assert.ok(backups > 0, `seed ${seed}: ${a.kind} before any backup`);
+      if (a.kind === 'repo-prune') {
+        assert.ok(a.keep >= 1 && a.keep <= 3 && a.keep < backups, `seed ${seed}: keep ${a.keep} of ${backups}`);
+        backups = a.keep;
+        if (actions[i + 1]?.kind === 'repo-gc') pruneThenGc++;
+      }
+    });
+  }
+  for (const k of ['repo', 'repo-full', 'repo-prune', 'repo-gc', 'repo-verify']) assert.ok((kinds.get(k) ?? 0) > 0, `no ${k} in 40 seeds`);
+  assert.ok(pruneThenGc > 0, 'no prune followed by gc');
+});
+
 test('parseAction refuses what it does not know', () => {
   assert.throws(() => parseAction('explode disk=disk0'), /unknown action/);
   assert.throws(() => parseAction('write disk=disk0 offset=0 length=512'), /missing field "pattern"/);
   assert.throws(() => parseAction('checkpoint name=c1 colour=red'), /unknown field/);
   assert.deepEqual(parseAction('push since=c1'), { kind: 'push', since: 'c1' });
+  assert.deepEqual(parseAction('repo-prune keep=2'), { kind: 'repo-prune', keep: 2 });
+  assert.deepEqual(parseAction('repo-gc'), { kind: 'repo-gc' });
+  assert.throws(() => parseAction('repo mode=push alias=r1'), /unknown field/, 'format 2 has no push/pull mode');
 });
 
 test('the model: a detach loses coverage, a delete keeps it for earlier checkpoints, a crash loses all', () => {
@@ -46,6 +70,29 @@ test('the model: a detach loses coverage, a delete keeps it for earlier checkpoi
   assert.deepEqual([...(m.expectedFull('c9', a) ?? [])], ['checkpoint-missing']);
   m.crash();
   assert.ok(m.expectedFull('c1', a)?.has('bitmap-missing'));
+});
+
+test('the model of the repository: level and dirty clusters since a disk\'s last backup, prune merges checkpoints away', () => {
+  const m = new Model();
+  const a = m.addDisk({ name: 'disk0', sizeBytes: 1 << 20, clusterSizeBytes: 65536 });
+  const b = m.addDisk({ name: 'disk1', sizeBytes: 1 << 20, clusterSizeBytes: 65536 });
+  m.attach(a);
+  m.attach(b);
+  assert.deepEqual([...(m.expectedRepoFull(a) ?? [])], ['no-earlier-backup']);
+  m.addRepoBackup('r1');
+  m.write(a, 0, 70000, 3);
+  assert.equal(m.expectedRepoLevel(a), 'incremental');
+  assert.deepEqual([...m.dirtySinceRepo(a)].sort(), [0, 1]);
+  m.detach(b);
+  m.addRepoBackup('r2'); // without disk1
+  m.attach(b);
+  assert.equal(m.lastRepo(b)?.alias, 'r1');
+  assert.ok(m.expectedRepoFull(b)?.has('detached-since'));
+  assert.equal(m.dirtySinceRepo(a).size, 0);
+  assert.deepEqual(m.pruneRepo(1).map((x) => x.alias), ['r1']);
+  assert.equal(m.checkpoint('r1'), undefined);
+  assert.deepEqual([...(m.expectedRepoFull(b) ?? [])], ['no-earlier-backup']);
+  assert.equal(m.expectedRepoLevel(a), 'incremental');
 });
 
 test('the shrinker keeps only the actions the failure needs', async () => {
