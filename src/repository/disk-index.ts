@@ -10,7 +10,10 @@
 //           ‖ u32le count ‖ parent (32 bytes; zero for a full)
 //           ‖ full: count × id(32)   delta: count × (u32le slot ‖ id(32)), slots ascending
 //
-// stored as zstd of that, sealed when the repository is encrypted.
+// stored as salt (16 random bytes) ‖ flag ‖ zstd of that (or the plain bytes),
+// sealed when the repository is encrypted. The salt makes every index written
+// a new object: a backup never "writes" an index that merely matches one gc
+// has condemned and is about to delete (gc.ts).
 //
 // Invariants:
 // - A full index has exactly ceil(virtualSize / chunkSize) slots; a delta's
@@ -18,13 +21,14 @@
 // - Chains are at most MAX_CHAIN deltas long: the backup after that writes a
 //   full index again (metadata only; no data is copied).
 
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { QbackupError } from '../errors.js';
 import type { ChunkCompressor } from './compress.js';
 import { seal, unseal, type MasterKey } from './crypto.js';
 
 const MAGIC = Buffer.from('QBX2');
 const HEADER_BYTES = 4 + 1 + 4 + 8 + 4 + 32;
+const SALT_BYTES = 16;
 export const MAX_CHAIN = 16;
 export const INDEX_ID = /^[0-9a-f]{64}$/;
 
@@ -68,7 +72,7 @@ export function encodeIndex(index: DiskIndex, compressor: ChunkCompressor, key: 
   if (index.kind === 'delta') Buffer.from(index.parent, 'hex').copy(head, 21);
   const plain = Buffer.concat([head, body]);
   const packed = compressor.compress(plain);
-  const framed = Buffer.concat([Buffer.of(packed !== undefined ? 1 : 0), packed ?? plain]);
+  const framed = Buffer.concat([randomBytes(SALT_BYTES), Buffer.of(packed !== undefined ? 1 : 0), packed ?? plain]);
   const stored = key !== undefined ? seal(key.dataKey, framed) : framed;
   return { indexId: createHash('sha256').update(stored).digest('hex'), stored };
 }
@@ -87,7 +91,10 @@ export function decodeIndex(stored: Buffer, indexId: string, compressor: ChunkCo
   const bad = (why: string): QbackupError => new QbackupError('REPO_DAMAGED', `${what} is damaged: ${why}`);
   if (createHash('sha256').update(stored).digest('hex') !== indexId) throw bad('its content does not match its id');
   const framed = key !== undefined ? unseal(key.dataKey, stored, what) : stored;
-  const plain = framed[0] === 1 ? decompressBounded(framed.subarray(1), compressor, what, maxBytes) : framed.subarray(1);
+  if (framed.length < SALT_BYTES + 1) throw bad('too short');
+  const flag = framed[SALT_BYTES];
+  const body0 = framed.subarray(SALT_BYTES + 1);
+  const plain = flag === 1 ? decompressBounded(body0, compressor, what, maxBytes) : body0;
   if (plain.length < HEADER_BYTES || !plain.subarray(0, 4).equals(MAGIC)) throw bad('not a disk index');
   const kind = plain.readUInt8(4);
   const chunkSize = plain.readUInt32LE(5);
