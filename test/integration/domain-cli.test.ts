@@ -46,7 +46,7 @@ describe('domain commands (CLI, real QEMU)', () => {
     const status = JSON.parse(await env.cliOk(['qemu-monitor-command', 'web1', '{"execute":"query-status"}'])) as { return: { status: string } };
     assert.equal(status.return.status, 'running');
 
-    const attached = JSON.parse(await env.cliOk(['attach-disk', 'web1', diskB, 'sdb', '--json'])) as { diskId: string };
+    const attached = JSON.parse(await env.cliOk(['attach-disk', 'web1', diskB, 'sdb', '--subdriver', 'qcow2', '--json'])) as { diskId: string };
     const blk = JSON.parse(await env.cliOk(['domblklist', 'web1', '--json'])) as Array<{ target: string; diskId: string; nodeName: string }>;
     assert.deepEqual(blk.map((d) => d.target), ['sda', 'sdb']);
     const nodes = JSON.parse(await env.cliOk(['qemu-monitor-command', 'web1', '{"execute":"query-named-block-nodes","arguments":{"flat":true}}'])) as {
@@ -65,7 +65,7 @@ describe('domain commands (CLI, real QEMU)', () => {
     assert.ok(await imageHasPattern(diskB, 'qcow2', 0x11, 1 << 20, 65536), 'write to the hot-plugged disk is in its image');
 
     // re-attaching the same image keeps its disk id; the journal shows both events
-    const again = JSON.parse(await env.cliOk(['attach-disk', 'web1', diskB, 'sdc', '--json'])) as { diskId: string };
+    const again = JSON.parse(await env.cliOk(['attach-disk', 'web1', diskB, 'sdc', '--subdriver', 'qcow2', '--json'])) as { diskId: string };
     assert.equal(again.diskId, attached.diskId);
     const events = env.qb.domains.store.diskEvents(attached.diskId).map((e) => `${e.event}:${e.target}:${e.live}`);
     assert.deepEqual(events, ['attach:sdb:1', 'detach:sdb:1', 'attach:sdc:1']);
@@ -77,7 +77,7 @@ describe('domain commands (CLI, real QEMU)', () => {
   });
 
   test('attach and detach on a shut-off domain change the definition and the journal', async () => {
-    const r = JSON.parse(await env.cliOk(['attach-disk', 'web1', diskB, 'sdb', '--json'])) as { diskId: string };
+    const r = JSON.parse(await env.cliOk(['attach-disk', 'web1', diskB, 'sdb', '--subdriver', 'qcow2', '--json'])) as { diskId: string };
     assert.match(await env.cliOk(['dumpxml', 'web1']), /dev="sdb"/);
     await env.cliOk(['start', 'web1']);
     await env.cliOk(['qemu-monitor-command', 'web1', '--hmp', 'qemu-io -d sdb "write -P 0x22 0 4k"']);

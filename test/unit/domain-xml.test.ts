@@ -351,6 +351,7 @@ describe('formatDomainXml', () => {
         '  <vcpu>1</vcpu>',
         '  <devices>',
         '    <disk type="file" device="disk">',
+        '      <driver name="qemu" type="raw"/>',
         '      <source file="/x"/>',
         '      <target dev="vda"/>',
         '    </disk>',
