@@ -152,7 +152,8 @@ describe('domain commands (CLI, real QEMU)', () => {
     assert.match(undef.stderr, /it is running/);
     await env.cliOk(['shutdown', 'web1']);
 
-    // An image QEMU cannot open as qcow2 (corrupted header): QEMU's own text is shown.
+    // An image that cannot be opened as qcow2 (corrupted header): checked before
+    // QEMU runs (qemu-img -f qcow2), and the tool's own text is shown.
     const broken = await env.image('broken.qcow2');
     await env.cliOk(['define', env.writeFile('b.xml', env.domainXml('broken', [{ target: 'sda', file: broken }]))]);
     const { openSync, writeSync, closeSync } = await import('node:fs');
@@ -161,8 +162,16 @@ describe('domain commands (CLI, real QEMU)', () => {
     closeSync(fd);
     const r = await env.cli(['start', 'broken']);
     assert.equal(r.code, 1);
-    assert.match(r.stderr, /Cannot start domain "broken": QEMU exited: .*version/i);
+    assert.match(r.stderr, /Cannot start domain "broken": image ".*broken\.qcow2" of disk "sda" cannot be opened as qcow2: .*version/i);
     assert.equal((JSON.parse(await env.cliOk(['dominfo', 'broken', '--json'])) as { state: string }).state, 'shut off');
+    // A QEMU that exits during start-up (it cannot allocate 64 TiB): QEMU's own text is shown, the domain is shut off (failed).
+    const huge = env.domainXml('huge', []).replace("<memory unit='MiB'>64</memory>", "<memory unit='TiB'>64</memory>");
+    await env.cliOk(['define', env.writeFile('huge.xml', huge)]);
+    const h = await env.cli(['start', 'huge']);
+    assert.equal(h.code, 1);
+    assert.match(h.stderr, /Cannot start domain "huge": QEMU exited: .*memory/i);
+    const hugeInfo = JSON.parse(await env.cliOk(['dominfo', 'huge', '--json'])) as { state: string; reason: string };
+    assert.deepEqual([hugeInfo.state, hugeInfo.reason], ['shut off', 'failed']);
 
     await env.cliOk(['undefine', 'web1']);
     assert.ok(!existsSync(`${env.stateDir}/domains/web1`));
