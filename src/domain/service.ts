@@ -44,7 +44,11 @@ export interface DomainSummary {
   name: string;
   uuid: string;
   state: DomainState;
-  /** Why it is in that state: booted, paused, shutdown, destroyed, crashed, defined. */
+  /**
+   * Why it is in that state: booted, paused, shutdown, destroyed, crashed,
+   * defined, failed (a start that did not finish), starting (a start runs, or
+   * died and no command has settled it yet).
+   */
   reason: string;
   pid?: number;
 }

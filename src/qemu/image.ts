@@ -6,7 +6,7 @@
 // whatever the umask: they hold whole disks.
 
 import { chmodSync, closeSync, fchmodSync, openSync } from 'node:fs';
-import { QbackupError } from '../errors.js';
+import { QbackupError, describeError } from '../errors.js';
 import { runTool } from './tools.js';
 
 export type ImageFormat = 'qcow2' | 'raw';
@@ -80,11 +80,15 @@ export async function createImage(
   sizeBytes: number,
   options: { clusterSizeBytes?: number; backingFile?: string; backingFormat?: string } = {},
 ): Promise<void> {
-  const fd = openSync(file, 'w', 0o600);
   try {
-    fchmodSync(fd, 0o600);
-  } finally {
-    closeSync(fd);
+    const fd = openSync(file, 'w', 0o600);
+    try {
+      fchmodSync(fd, 0o600);
+    } finally {
+      closeSync(fd);
+    }
+  } catch (err) {
+    throw new QbackupError('TOOL_FAILED', `Creating image "${file}" failed: ${describeError(err)}`, { cause: err });
   }
   const args = ['create', '-q', '-f', format];
   const opts: string[] = [];
