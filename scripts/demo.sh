@@ -58,7 +58,7 @@ head -c 1M /dev/urandom > "$work/random1"
 hmp "qemu-io -d sda \"write -s $work/random1 8M 1M\""
 hmp 'qemu-io -d sda "write -z 16M 4M"'
 hmp 'qemu-io -d sda "discard 110M 2M"'
-q attach-disk demo "$work/data.qcow2" sdb
+q attach-disk demo "$work/data.qcow2" sdb --subdriver qcow2
 hmp 'qemu-io -d sdb "write -P 0x5a 4M 8M"'
 reference sda "$work/system.qcow2" inc-sda
 reference sdb "$work/data.qcow2" inc-sdb

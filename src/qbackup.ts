@@ -2,7 +2,7 @@
 // metadata database and the services built on it. The CLI (and any embedding
 // application) creates one, calls its services, and closes it.
 
-import { mkdirSync, statSync } from 'node:fs';
+import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { QbackupError } from './errors.js';
 import { BackupService } from './backup/service.js';
@@ -13,6 +13,7 @@ import { CheckpointStore } from './store/checkpoints.js';
 import { RepositoryService } from './repository/service.js';
 import { DomainStore } from './store/domains.js';
 import { JobStore } from './store/jobs.js';
+import { makePrivateDir } from './util/private-dir.js';
 
 export interface QbackupOptions {
   /** Directory for metadata, QMP sockets and QEMU logs. Created (mode 0700) if missing. */
@@ -23,6 +24,8 @@ export interface QbackupOptions {
   qemuBinary?: string;
   detachTimeoutMs?: number;
   shutdownTimeoutMs?: number;
+  /** How long a start, or the adoption of a QEMU a killed start left, waits for QMP. Default 30 s. */
+  startTimeoutMs?: number;
   qmpTrace?: (direction: 'send' | 'recv', message: object) => void;
   /** Test-only fault injection: qbackup kills itself (SIGKILL) at this point. */
   crashAt?: string;
@@ -46,6 +49,7 @@ export class Qbackup implements Disposable {
       ...(options.qemuBinary !== undefined ? { qemuBinary: options.qemuBinary } : {}),
       ...(options.detachTimeoutMs !== undefined ? { detachTimeoutMs: options.detachTimeoutMs } : {}),
       ...(options.shutdownTimeoutMs !== undefined ? { shutdownTimeoutMs: options.shutdownTimeoutMs } : {}),
+      ...(options.startTimeoutMs !== undefined ? { startTimeoutMs: options.startTimeoutMs } : {}),
       ...(options.qmpTrace !== undefined ? { qmpTrace: options.qmpTrace } : {}),
     };
     this.domains = new DomainService(new DomainStore(this.db), domainOptions);
@@ -93,7 +97,7 @@ function prepareStateDir(dir: string): void {
     if (st !== undefined && !st.isDirectory()) {
       throw new QbackupError('STATE_DIR', `Cannot use state directory "${dir}": it is not a directory`);
     }
-    mkdirSync(join(dir, 'domains'), { recursive: true, mode: 0o700 });
+    makePrivateDir(join(dir, 'domains'));
   } catch (err) {
     if (err instanceof QbackupError) throw err;
     throw new QbackupError('STATE_DIR', `Cannot use state directory "${dir}": ${(err as Error).message}`, { cause: err });

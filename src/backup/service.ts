@@ -22,7 +22,7 @@
 //   process reads it, whichever process that is.
 
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, rmSync } from 'node:fs';
+import { existsSync, rmSync } from 'node:fs';
 import { basename, dirname, relative } from 'node:path';
 import type { DiskCoverage } from '../checkpoint/coverage.js';
 import type { CheckpointService } from '../checkpoint/service.js';
@@ -34,6 +34,7 @@ import { createImage } from '../qemu/image.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
 import { QmpCommandError, type QmpClient } from '../qmp/index.js';
 import type { JobStore } from '../store/jobs.js';
+import { makePrivateDir } from '../util/private-dir.js';
 import { isProcessAlive, processStartTime, sleep } from '../util/proc.js';
 import { parseJobInfo, parseJobPayload, type JobInfo, type JobPayload } from './job.js';
 import { planBackup, selectDisks, sinceFor, type BeginOptions, type SelectedDisk } from './plan.js';
@@ -156,7 +157,7 @@ export class BackupService {
     await this.failOnError(ctx, qmp, payload, async () => {
       for (const d of info.disks) {
         if (pull || !options.reuseExternal) {
-          mkdirSync(dirname(d.targetFile), { recursive: true, mode: 0o700 });
+          makePrivateDir(dirname(d.targetFile));
           const backing = d.backingFile !== undefined ? { backingFile: relativeBacking(d.targetFile, d.backingFile), backingFormat: 'qcow2' } : {};
           await createImage(d.targetFile, d.targetFormat, d.virtualSize ?? 0, backing);
           d.createdTarget = true;
@@ -184,7 +185,7 @@ export class BackupService {
     if (pull && info.server !== undefined) {
       const server = info.server;
       await this.failOnError(ctx, qmp, payload, async () => {
-        if (server.transport === 'unix' && server.socketDir !== undefined) mkdirSync(server.socketDir, { recursive: true, mode: 0o700 });
+        if (server.transport === 'unix' && server.socketDir !== undefined) makePrivateDir(server.socketDir);
         await exportDisks(qmp, server, info.disks);
       });
       save('running');

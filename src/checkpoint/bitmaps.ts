@@ -43,7 +43,7 @@ export async function readBitmapsOffline(disks: readonly AttachedDisk[]): Promis
       continue;
     }
     try {
-      const info = await imageInfo(d.source, { shared: true });
+      const info = await imageInfo(d.source, d.format, { shared: true });
       out.set(
         d.diskId,
         info.bitmaps.map((b) => ({

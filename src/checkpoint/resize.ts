@@ -31,7 +31,7 @@ export async function readDiskSizes(ctx: DomainContext, qmp: QmpClient | undefin
     return sizes;
   }
   for (const d of ctx.disks) {
-    const info = await imageInfo(d.source, { shared: true }).catch(() => undefined);
+    const info = await imageInfo(d.source, d.format, { shared: true }).catch(() => undefined);
     if (info !== undefined) sizes.set(d.diskId, info.virtualSize);
   }
   return sizes;

@@ -107,7 +107,7 @@ export const domainCommands: readonly CliCommand[] = [
     description: 'attach an image as a disk, live when the domain runs and in its definition',
     args: { domain, source: arg('source', 'absolute path of the image file'), target: arg('target', 'target name, e.g. sdb (SCSI) or vdb (virtio)') },
     options: {
-      subdriver: value('--subdriver <format>', 'image format: qcow2 or raw (probed when absent)'),
+      subdriver: value('--subdriver <format>', 'image format: qcow2 or raw (raw when absent, as in virsh: a format is never probed)'),
       targetbus: value('--targetbus <bus>', 'scsi or virtio (derived from the target name when absent)'),
       serial: value('--serial <serial>', 'disk serial number'),
       mode: value('--mode <mode>', '"readonly" for a read-only disk'),

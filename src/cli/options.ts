@@ -3,7 +3,7 @@
 // sentence on stderr (or a JSON error with --json) and exit status 1. Their
 // messages are part of the CLI's interface and stay as they are.
 
-import { readFileSync } from 'node:fs';
+import { closeSync, openSync, readSync } from 'node:fs';
 import { QbackupError } from '../errors.js';
 import { repeatable, requiredValue, type OptionSpec } from './command.js';
 
@@ -47,11 +47,31 @@ export function pointInTime(flag: string, value: string): Date {
   return time;
 }
 
+/** Input documents are read up to this size (above every XML document limit), never whole whatever their size. */
+const MAX_INPUT_BYTES = 4 << 20;
+
 /** The text of an input file named on the command line; `-` reads stdin. */
 export function readInput(file: string, what: string): string {
+  let fd: number | undefined;
+  const chunks: Buffer[] = [];
+  let total = 0;
   try {
-    return readFileSync(file === '-' ? 0 : file, 'utf8');
+    fd = file === '-' ? 0 : openSync(file, 'r');
+    for (;;) {
+      const chunk = Buffer.alloc(1 << 16);
+      const n = readSync(fd, chunk, 0, chunk.length, null);
+      if (n === 0) break;
+      chunks.push(chunk.subarray(0, n));
+      total += n;
+      if (total > MAX_INPUT_BYTES) break;
+    }
   } catch (err) {
     throw new QbackupError('INVALID_ARGUMENT', `Cannot read ${what} file "${file}": ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'it does not exist' : (err as Error).message}`);
+  } finally {
+    if (fd !== undefined && fd !== 0) closeSync(fd);
   }
+  if (total > MAX_INPUT_BYTES) {
+    throw new QbackupError('INVALID_XML', `The ${what} file "${file}" is larger than ${MAX_INPUT_BYTES >> 20} MiB.`);
+  }
+  return Buffer.concat(chunks).toString('utf8');
 }

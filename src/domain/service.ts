@@ -12,24 +12,31 @@
 //   written outside our sight.
 // - A disk id belongs to one image of one domain: re-attaching the same image
 //   (same real path) reuses the id, another image under the same target gets a
-//   new one.
+//   new one. An image (one file: device + inode, whatever its path) is a disk
+//   of at most one domain.
+// - Images never choose host files and formats are never probed (./images.ts).
+// - A start records a `starting` runtime with QEMU's pid the moment QEMU is
+//   spawned, before QMP; a start killed at any point leaves a QEMU that the
+//   next command under the lock adopts (it answers QMP) or kills (recorded as
+//   shut off, reason "failed").
 
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, realpathSync, rmSync } from 'node:fs';
+import { realpathSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import { formatDomainXml, parseDomainXml } from '../libvirt/domain.js';
-import { imageInfo } from '../qemu/image.js';
 import { hotplugDisk, unplugDisk } from '../qemu/devices.js';
 import { readBlockNodes } from '../qemu/block-nodes.js';
 import { nodeNamesFor, qemuIoDevicePath } from '../qemu/nodes.js';
 import { runTool } from '../qemu/tools.js';
-import { killProcess, launchQemu, waitForExit } from '../qemu/process.js';
+import { killProcess, launchQemu, qmpChardevArg, waitForExit, waitForQmp, type QemuProcessInfo } from '../qemu/process.js';
 import { QmpClient } from '../qmp/index.js';
 import type { DiskEventRow, DomainRow, DomainStore, RuntimeRow } from '../store/domains.js';
 import { acquireDomainLock } from '../store/lock.js';
 import { assert } from '../util/assert.js';
-import { isProcessAlive } from '../util/proc.js';
+import { makePrivateDir } from '../util/private-dir.js';
+import { findProcessWithArg, isProcessAlive, processStartTime } from '../util/proc.js';
+import { checkDiskImage, imageIdentity, refuseUnsupportedDisk } from './images.js';
 import { assertDomainName, assertTargetName, busForTarget } from './names.js';
 import type { DiskBus, DiskDefinition, DiskFormat, DomainDefinition } from './types.js';
 
@@ -39,7 +46,11 @@ export interface DomainSummary {
   name: string;
   uuid: string;
   state: DomainState;
-  /** Why it is in that state: booted, paused, shutdown, destroyed, crashed, defined. */
+  /**
+   * Why it is in that state: booted, paused, shutdown, destroyed, crashed,
+   * defined, failed (a start that did not finish), starting (a start runs, or
+   * died and no command has settled it yet).
+   */
   reason: string;
   pid?: number;
 }
@@ -61,7 +72,7 @@ export interface BlockInfo {
 export interface AttachDiskRequest {
   source: string;
   target: string;
-  /** Image format; probed with qemu-img when absent. */
+  /** Image format; raw when absent (libvirt's rule: a format is never probed). */
   format?: DiskFormat;
   bus?: DiskBus;
   serial?: string;
@@ -83,6 +94,8 @@ export interface DomainServiceOptions {
   /** How long detach waits for the guest to release a device (virtio needs a guest). */
   detachTimeoutMs?: number;
   shutdownTimeoutMs?: number;
+  /** How long a start (or the adoption of a QEMU a killed start left) waits for QMP. Default 30 s. */
+  startTimeoutMs?: number;
 }
 
 /** What a command sees of its domain while it holds the lock. */
@@ -232,41 +245,87 @@ export class DomainService {
     return this.withDomain(name, 'start', async (ctx) => {
       if (ctx.running) throw new QbackupError('DOMAIN_RUNNING', `Cannot start domain "${name}": it is already running`);
       for (const d of ctx.disks) {
-        if (!existsSync(d.source)) {
-          throw new QbackupError('IMAGE_NOT_FOUND', `Cannot start domain "${name}": image "${d.source}" of disk "${d.target}" does not exist`);
-        }
+        refuseUnsupportedDisk(name, d);
+        await checkDiskImage(d, `Cannot start domain "${name}": image "${d.source}" of disk "${d.target}"`);
       }
       const dir = this.domainDir(name);
-      mkdirSync(dir, { recursive: true, mode: 0o700 });
-      const launched = await launchQemu({
-        name,
-        uuid: ctx.definition.uuid,
-        memoryKiB: ctx.definition.memoryKiB,
-        vcpus: ctx.definition.vcpus,
-        disks: ctx.disks,
-        qmpSocket: join(dir, 'qmp.sock'),
-        logFile: join(dir, 'qemu.log'),
-        paused: options.paused ?? false,
-        accel: this.options.accel ?? 'auto',
-        ...(this.options.qemuBinary !== undefined ? { binary: this.options.qemuBinary } : {}),
-      });
-      this.store.transaction(() =>
-        this.store.setRuntime({
-          domain: name,
-          state: 'running',
-          reason: options.paused ? 'paused' : 'booted',
-          pid: launched.pid,
-          pid_start: launched.pidStart,
-          qmp_socket: launched.qmpSocket,
-        }),
-      );
-      const started: DomainContext = { ...ctx, runtime: this.store.getRuntime(name), running: true };
-      if (this.hooks.afterStart !== undefined) {
-        const hook = this.hooks.afterStart;
-        await this.withQmp(started, 'start', (qmp) => hook(started, qmp));
+      makePrivateDir(dir);
+      const qmpSocket = join(dir, 'qmp.sock');
+      // Recorded before QEMU exists and again, with its pid, the moment it does:
+      // from here on a start killed at any instant leaves a row the next command settles.
+      this.recordStarting(name, null, qmpSocket);
+      let launched: QemuProcessInfo;
+      try {
+        launched = await launchQemu({
+          name,
+          uuid: ctx.definition.uuid,
+          memoryKiB: ctx.definition.memoryKiB,
+          vcpus: ctx.definition.vcpus,
+          disks: ctx.disks,
+          qmpSocket,
+          logFile: join(dir, 'qemu.log'),
+          paused: options.paused ?? false,
+          accel: this.options.accel ?? 'auto',
+          onSpawn: (pid) => this.recordStarting(name, pid, qmpSocket),
+          ...(this.options.startTimeoutMs !== undefined ? { startTimeoutMs: this.options.startTimeoutMs } : {}),
+          ...(this.options.qemuBinary !== undefined ? { binary: this.options.qemuBinary } : {}),
+        });
+      } catch (err) {
+        this.store.transaction(() => this.store.setRuntime({ domain: name, state: 'shutoff', reason: 'failed', pid: null, pid_start: null, qmp_socket: null }));
+        throw err;
       }
+      const reason = options.paused ? 'paused' : 'booted';
+      this.store.transaction(() =>
+        this.store.setRuntime({ domain: name, state: 'running', reason, pid: launched.pid, pid_start: launched.pidStart, qmp_socket: launched.qmpSocket }),
+      );
+      await this.runAfterStart(ctx);
       return this.info(name);
     });
+  }
+
+  /** Runs the afterStart hook on a domain whose QEMU has just started (or been adopted). */
+  private async runAfterStart(ctx: DomainContext): Promise<void> {
+    const hook = this.hooks.afterStart;
+    if (hook === undefined) return;
+    const started: DomainContext = { ...ctx, runtime: this.store.getRuntime(ctx.row.name), running: true };
+    await this.withQmp(started, 'start', (qmp) => hook(started, qmp));
+  }
+
+  private recordStarting(name: string, pid: number | null, qmpSocket: string): void {
+    const pidStart = pid === null ? null : processStartTime(pid) ?? null;
+    this.store.transaction(() => this.store.setRuntime({ domain: name, state: 'starting', reason: 'starting', pid, pid_start: pidStart, qmp_socket: qmpSocket }));
+  }
+
+  /** The QEMU process a `starting` runtime stands for, found by pid or, when none was recorded, by its QMP socket. */
+  private startingProcess(rt: RuntimeRow): { pid: number; startTime: string | undefined } | undefined {
+    if (rt.pid !== null) return isProcessAlive(rt.pid, rt.pid_start) ? { pid: rt.pid, startTime: rt.pid_start ?? undefined } : undefined;
+    return rt.qmp_socket === null ? undefined : findProcessWithArg(qmpChardevArg(rt.qmp_socket));
+  }
+
+  /**
+   * Under the lock, a `starting` runtime means its start died (the start holds
+   * the lock until it records the outcome). Its QEMU is adopted when it
+   * answers QMP within the start timeout; otherwise it is killed and the
+   * domain recorded as shut off (failed). True when a QEMU was adopted.
+   */
+  private async settleStarting(name: string): Promise<boolean> {
+    const rt = this.store.getRuntime(name);
+    if (rt?.state !== 'starting') return false;
+    const qemu = this.startingProcess(rt);
+    if (qemu !== undefined && rt.qmp_socket !== null) {
+      const status = await waitForQmp(rt.qmp_socket, qemu.pid, qemu.startTime, Date.now() + (this.options.startTimeoutMs ?? 30_000));
+      if (status !== undefined) {
+        const reason = status === 'running' ? 'booted' : 'paused';
+        this.store.transaction(() =>
+          this.store.setRuntime({ domain: name, state: 'running', reason, pid: qemu.pid, pid_start: qemu.startTime ?? null, qmp_socket: rt.qmp_socket }),
+        );
+        return true;
+      }
+      killProcess(qemu.pid);
+      await waitForExit(qemu.pid, qemu.startTime, 10_000);
+    }
+    this.store.transaction(() => this.store.setRuntime({ domain: name, state: 'shutoff', reason: 'failed', pid: null, pid_start: null, qmp_socket: null }));
+    return false;
   }
 
   /** Clean stop: QMP quit, so QEMU stores persistent bitmaps in the images. */
@@ -326,13 +385,10 @@ export class DomainService {
       if (ctx.disks.some((d) => d.target === request.target)) {
         throw new QbackupError('DISK_EXISTS', `Cannot attach a disk to domain "${name}": target "${request.target}" is already in use`);
       }
-      const source = absoluteSource(name, request.source);
-      const probed = await this.probeImage(name, request.target, source);
-      const format = request.format ?? (probed === 'qcow2' ? 'qcow2' : 'raw');
       const def: DiskDefinition = {
         target: request.target,
-        source,
-        format,
+        source: absoluteSource(name, request.source),
+        format: request.format ?? 'raw',
         bus: request.bus ?? busForTarget(request.target),
         readonly: request.readonly ?? false,
         ...(request.serial !== undefined ? { serial: request.serial } : {}),
@@ -434,8 +490,11 @@ export class DomainService {
     assertDomainName(name);
     this.requireDomain(name);
     using _lock = await acquireDomainLock(this.store.db, name, command, { timeoutMs: this.options.lockTimeoutMs });
+    // First the runtime a killed start left, so that recovery sees QEMU as it is.
+    const adopted = await this.settleStarting(name);
     const ctx = this.loadContext(name);
     if (this.hooks.onOpen !== undefined) await this.hooks.onOpen(ctx);
+    if (adopted) await this.runAfterStart(this.loadContext(name));
     // `return await`: the lock must outlive fn, not just the call that starts it.
     return await fn(this.loadContext(name));
   }
@@ -537,6 +596,13 @@ export class DomainService {
   }
 
   private summarize(row: DomainRow, rt: RuntimeRow | undefined): DomainSummary {
+    if (rt?.state === 'starting') {
+      // Read without the lock: a start runs (or died) and nothing is settled here.
+      const qemu = this.startingProcess(rt);
+      const summary: DomainSummary = { name: row.name, uuid: row.uuid, state: qemu !== undefined ? 'running' : 'shut off', reason: 'starting' };
+      if (qemu !== undefined) summary.pid = qemu.pid;
+      return summary;
+    }
     const state: DomainState = rt?.state === 'running' || rt?.state === 'stopping' ? 'running' : rt?.state === 'crashed' ? 'crashed' : 'shut off';
     const summary: DomainSummary = { name: row.name, uuid: row.uuid, state, reason: rt?.reason ?? 'defined' };
     if (state === 'running' && rt?.pid != null) summary.pid = rt.pid;
@@ -554,37 +620,30 @@ export class DomainService {
     });
   }
 
-  private async probeImage(domain: string, target: string, source: string): Promise<string> {
-    if (!existsSync(source)) {
-      throw new QbackupError('IMAGE_NOT_FOUND', `Cannot use image "${source}" for disk "${target}" of domain "${domain}": it does not exist`);
-    }
-    try {
-      return (await imageInfo(source, { shared: true })).format;
-    } catch (err) {
-      throw new QbackupError('IMAGE_ERROR', `Cannot use image "${source}" for disk "${target}" of domain "${domain}": ${describeError(err)}`, { cause: err });
-    }
-  }
-
-  /** Checks every image exists, is what its format says, and is not another domain's disk. */
+  /**
+   * Checks what the definition asks of every disk can be honoured, and that
+   * every image exists, is its declared format, names no backing file and is
+   * no other disk's image: of this domain or another, under any path (the
+   * same device and inode is the same image, so a hard link is too).
+   */
   private async checkImages(
     domain: string,
     disks: readonly DiskDefinition[],
     alsoAttached: readonly AttachedDisk[] = [],
   ): Promise<Array<{ def: DiskDefinition; resolved: string }>> {
     const out: Array<{ def: DiskDefinition; resolved: string }> = [];
-    const seen = new Map<string, string>(alsoAttached.map((d) => [resolveSource(d.source), d.target]));
+    const seen = new Map<string, string>();
+    for (const d of alsoAttached) seen.set(imageIdentity(d.source) ?? resolveSource(d.source), d.target);
     for (const def of disks) {
-      const probed = await this.probeImage(domain, def.target, def.source);
-      if (def.format === 'qcow2' && probed !== 'qcow2') {
-        throw new QbackupError('IMAGE_ERROR', `Cannot use image "${def.source}" for disk "${def.target}" of domain "${domain}": it is ${probed}, not qcow2`);
-      }
+      refuseUnsupportedDisk(domain, def);
+      const subject = `Cannot use image "${def.source}" for disk "${def.target}" of domain "${domain}": it`;
+      await checkDiskImage(def, subject);
       const resolved = resolveSource(def.source);
-      const twin = seen.get(resolved);
-      if (twin !== undefined) {
-        throw new QbackupError('DISK_EXISTS', `Cannot use image "${def.source}" for disk "${def.target}" of domain "${domain}": it is already disk "${twin}"`);
-      }
-      seen.set(resolved, def.target);
-      const elsewhere = this.store.attachedElsewhere(domain, resolved);
+      const identity = imageIdentity(def.source) ?? resolved;
+      const twin = seen.get(identity);
+      if (twin !== undefined) throw new QbackupError('DISK_EXISTS', `${subject} is already disk "${twin}"`);
+      seen.set(identity, def.target);
+      const elsewhere = this.store.attachedElsewhere(domain, resolved) ?? this.store.attachedDisksOfOthers(domain).find((r) => imageIdentity(r.source) === identity);
       if (elsewhere !== undefined) {
         throw new QbackupError('DISK_EXISTS', `Cannot use image "${def.source}" for domain "${domain}": it is disk "${elsewhere.target}" of domain "${elsewhere.domain}"`);
       }

@@ -10,7 +10,7 @@ export interface DiskDefinition {
   target: string;
   /** Absolute path of the image file, <source file=…>. */
   source: string;
-  /** <driver type=…>; qcow2 when absent. */
+  /** <driver type=…>; raw when absent, as libvirt's QEMU driver reads it (a format is never probed). */
   format: DiskFormat;
   /** <target bus=…>; derived from the target prefix when absent (sd → scsi, vd → virtio). */
   bus: DiskBus;
@@ -18,6 +18,18 @@ export interface DiskDefinition {
   serial?: string;
   /** <readonly/> present. */
   readonly: boolean;
+  /**
+   * The <encryption format=…> the definition asks for (under <disk> or its
+   * <source>). qbackup cannot pass secrets to QEMU yet, so the domain service
+   * refuses such a disk rather than showing the guest ciphertext.
+   */
+  encryption?: string;
+  /**
+   * The source of a declared <backingStore> chain ("" when it names none). An
+   * empty <backingStore/> means "no backing file" and is not recorded. Refused
+   * by the domain service until chains are supported.
+   */
+  backingStore?: string;
 }
 
 export interface DomainDefinition {

@@ -30,6 +30,8 @@ import {
   newXmlDocument,
   parseUnsigned,
   parseXmlDocument,
+  XML_LIMITS,
+  type XmlLimits,
   serializeIndented,
   textOf,
 } from './xml.js';
@@ -78,9 +80,12 @@ function lower(text: string): string {
   return text.charAt(0).toLowerCase() + text.slice(1);
 }
 
+/** A checkpoint embeds its domain's definition, which may use the domain limits in full. */
+const CHECKPOINT_XML_LIMITS: XmlLimits = { maxBytes: 2 * XML_LIMITS.maxBytes, maxDepth: XML_LIMITS.maxDepth + 1 };
+
 /** Parses a libvirt `<domaincheckpoint>` document. */
 export function parseCheckpointXml(xml: string): CheckpointSpec {
-  const root = parseXmlDocument(xml, 'checkpoint XML', 'domaincheckpoint');
+  const root = parseXmlDocument(xml, 'checkpoint XML', 'domaincheckpoint', CHECKPOINT_XML_LIMITS);
   const cp: CheckpointSpec = {};
 
   const nameEl = firstChild(root, 'name');

@@ -1,8 +1,15 @@
+// Reading and writing libvirt <domain> documents.
+//
+// Invariants:
+// - Only the fields of DomainDefinition are interpreted; every other element,
+//   attribute, comment and namespace of the source document is kept verbatim
 //   by formatDomainXml, which edits a copy of def.sourceXml in place.
 // - Interpreted disks are the <devices><disk> elements with type='file' and
 //   device='disk' (both libvirt's defaults when absent). Other disks (cdrom,
 //   block, network, …) are never interpreted or modified.
 // - parseDomainXml(formatDomainXml(def)) equals def except for sourceXml.
+// - A file disk without <driver type> is raw, as libvirt's QEMU driver reads
+//   it; formatDomainXml always writes the type down.
 // - A missing <memory> means 128 MiB (131072 KiB). libvirt itself requires the
 //   element; qbackup is lenient so that hand-written minimal documents work.
 // - Malformed documents raise QbackupError('INVALID_XML'); invalid
@@ -110,7 +117,7 @@ function parseDisk(disk: Element, domain: string): DiskDefinition {
 
   const driver = firstChild(disk, 'driver');
   const formatAttr = driver === undefined ? undefined : attr(driver, 'type');
-  let format: DiskFormat = 'qcow2';
+  let format: DiskFormat = 'raw';
   if (formatAttr !== undefined) {
     if (!(DISK_FORMATS as readonly string[]).includes(formatAttr)) {
       throw bad(`Disk ${target} of domain ${domain} has format '${formatAttr}', but only qcow2 and raw are supported.`);
@@ -134,6 +141,13 @@ function parseDisk(disk: Element, domain: string): DiskDefinition {
   };
   const serialEl = firstChild(disk, 'serial');
   if (serialEl !== undefined) result.serial = textOf(serialEl);
+  const encryption = firstChild(disk, 'encryption') ?? firstChild(sourceEl ?? disk, 'encryption');
+  if (encryption !== undefined) result.encryption = attr(encryption, 'format') ?? '';
+  const backing = firstChild(disk, 'backingStore');
+  if (backing !== undefined && (attr(backing, 'type') !== undefined || childElements(backing).length > 0)) {
+    const backingSource = firstChild(backing, 'source');
+    result.backingStore = (backingSource === undefined ? undefined : attr(backingSource, 'file')) ?? '';
+  }
   return result;
 }
 
@@ -268,10 +282,11 @@ function removeChildren(parent: Element, name: string): void {
  * and children (cache modes, <address>, <boot>, <seclabel>, …) survive.
  */
 function updateDiskElement(disk: Element, d: DiskDefinition): void {
-  // <driver type=…>: absent means qcow2.
+  // <driver type=…>: always written, so a stored definition never depends on
+  // the default (raw; qbackup once read an absent type as qcow2).
   const driver = firstChild(disk, 'driver');
   const currentFormat = driver === undefined ? undefined : attr(driver, 'type');
-  if ((currentFormat ?? 'qcow2') !== d.format) {
+  if (currentFormat !== d.format) {
     const drv = ensureChild(disk, 'driver', []);
     if (!drv.hasAttribute('name')) drv.setAttribute('name', 'qemu');
     drv.setAttribute('type', d.format);

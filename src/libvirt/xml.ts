@@ -1,6 +1,8 @@
 // The small XML toolkit the libvirt document modules share: a hardened
-// parse (no external entities, size and depth caps applied by the caller's
-// document), element lookup, and a re-indenting serializer.
+// parse (no external entities; a size cap and a nesting-depth cap checked on
+// the text before any DOM is built, so a huge or deeply nested document is one
+// INVALID_XML sentence, never a RangeError or a 370 MB parse), element lookup,
+// and a re-indenting serializer.
 
 import { DOMParser, XMLSerializer } from '@xmldom/xmldom';
 import type { Document, Element, Node } from '@xmldom/xmldom';
@@ -29,12 +31,86 @@ function capitalize(text: string): string {
   return text.charAt(0).toUpperCase() + text.slice(1);
 }
 
+export interface XmlLimits {
+  maxBytes: number;
+  maxDepth: number;
+}
+
+/** Limits of a libvirt document: 1 MiB and 64 levels of elements (real documents use well under 10). */
+export const XML_LIMITS: XmlLimits = { maxBytes: 1 << 20, maxDepth: 64 };
+
+/**
+ * Refuses a document over the size limit or with elements nested deeper than
+ * the depth limit. A linear scan of the text: comments, CDATA, processing
+ * instructions, the DOCTYPE and quoted attribute values are skipped; anything
+ * malformed is left for the parser to name.
+ */
+export function checkXmlLimits(xml: string, what: string, limits: XmlLimits): void {
+  const bytes = Buffer.byteLength(xml);
+  if (bytes > limits.maxBytes) {
+    throw new QbackupError('INVALID_XML', `${capitalize(what)} is larger than ${limits.maxBytes / (1 << 20)} MiB (${bytes} bytes).`);
+  }
+  let depth = 0;
+  let i = xml.indexOf('<');
+  while (i >= 0 && i < xml.length) {
+    const next = xml.charAt(i + 1);
+    if (xml.startsWith('<!--', i)) i = skipPast(xml, '-->', i + 4);
+    else if (xml.startsWith('<![CDATA[', i)) i = skipPast(xml, ']]>', i + 9);
+    else if (next === '?') i = skipPast(xml, '?>', i + 2);
+    else if (next === '!') i = skipDeclaration(xml, i + 2);
+    else if (next === '/') {
+      depth--;
+      i = skipPast(xml, '>', i + 2);
+    } else {
+      const end = tagEnd(xml, i + 1);
+      if (xml.charAt(end - 1) !== '/') depth++;
+      if (depth > limits.maxDepth) {
+        throw new QbackupError('INVALID_XML', `${capitalize(what)} is nested deeper than ${limits.maxDepth} elements.`);
+      }
+      i = end + 1;
+    }
+    i = i < 0 ? -1 : xml.indexOf('<', i);
+  }
+}
+
+function skipPast(xml: string, marker: string, from: number): number {
+  const at = xml.indexOf(marker, from);
+  return at < 0 ? -1 : at + marker.length;
+}
+
+/** Index of the '>' closing a start tag that begins at `from`, skipping quoted attribute values. */
+function tagEnd(xml: string, from: number): number {
+  let quote = '';
+  for (let i = from; i < xml.length; i++) {
+    const c = xml.charAt(i);
+    if (quote !== '') {
+      if (c === quote) quote = '';
+    } else if (c === '"' || c === "'") quote = c;
+    else if (c === '>') return i;
+  }
+  return xml.length;
+}
+
+/** Skips a <!DOCTYPE …> (with an internal subset in brackets) or another <!…> declaration. */
+function skipDeclaration(xml: string, from: number): number {
+  let brackets = 0;
+  for (let i = from; i < xml.length; i++) {
+    const c = xml.charAt(i);
+    if (c === '[') brackets++;
+    else if (c === ']') brackets--;
+    else if (c === '>' && brackets <= 0) return i + 1;
+  }
+  return -1;
+}
+
 /**
  * Parses `xml` and returns its root element, which must be an un-namespaced
  * `<rootName>`. `what` names the document in error messages ("domain XML").
- * Any parser error or fatal error (not warnings) raises INVALID_XML.
+ * A document over `limits` or any parser error or fatal error (not warnings)
+ * raises INVALID_XML.
  */
-export function parseXmlDocument(xml: string, what: string, rootName: string): Element {
+export function parseXmlDocument(xml: string, what: string, rootName: string, limits: XmlLimits = XML_LIMITS): Element {
+  checkXmlLimits(xml, what, limits);
   let problem: string | undefined;
   let doc: Document | undefined;
   try {

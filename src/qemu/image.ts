@@ -1,8 +1,15 @@
-// qemu-img operations on image files that no running QEMU is writing: probing,
-// creating, and (for offline checkpoints) persistent bitmap maintenance.
+// qemu-img operations on image files that no running QEMU is writing:
+// reading their header, creating, and (for offline checkpoints) persistent
+// bitmap maintenance. Every call names the image's format (-f): a format is
+// never probed, so a guest that writes a qcow2 header into a raw disk cannot
+// change how qbackup reads it. Images qbackup creates are owner-only (0600)
+// whatever the umask: they hold whole disks.
 
-import { QbackupError } from '../errors.js';
+import { chmodSync, closeSync, fchmodSync, openSync } from 'node:fs';
+import { QbackupError, describeError } from '../errors.js';
 import { runTool } from './tools.js';
+
+export type ImageFormat = 'qcow2' | 'raw';
 
 export interface ImageBitmapInfo {
   name: string;
@@ -53,21 +60,36 @@ export function parseImageInfo(json: string): ImageInfo {
   return info;
 }
 
-/** `shared` (-U) reads an image that a running QEMU holds open. */
-export async function imageInfo(file: string, options: { shared?: boolean } = {}): Promise<ImageInfo> {
-  const args = ['info', '--output=json'];
+/**
+ * The header of `file` read as `format` (qemu-img fails when it is not one);
+ * the backing file is reported, never opened. `shared` (-U) reads an image
+ * that a running QEMU holds open.
+ */
+export async function imageInfo(file: string, format: ImageFormat, options: { shared?: boolean } = {}): Promise<ImageInfo> {
+  const args = ['info', '--output=json', '-f', format];
   if (options.shared) args.push('-U');
-  args.push(file);
+  args.push('--', file);
   const { stdout } = await runTool('qemu-img', args, { what: `Reading image "${file}"` });
   return parseImageInfo(stdout);
 }
 
+/** Creates (or truncates) `file` as an image, mode 0600 before qemu-img writes anything into it. */
 export async function createImage(
   file: string,
-  format: 'qcow2' | 'raw',
+  format: ImageFormat,
   sizeBytes: number,
   options: { clusterSizeBytes?: number; backingFile?: string; backingFormat?: string } = {},
 ): Promise<void> {
+  try {
+    const fd = openSync(file, 'w', 0o600);
+    try {
+      fchmodSync(fd, 0o600);
+    } finally {
+      closeSync(fd);
+    }
+  } catch (err) {
+    throw new QbackupError('TOOL_FAILED', `Creating image "${file}" failed: ${describeError(err)}`, { cause: err });
+  }
   const args = ['create', '-q', '-f', format];
   const opts: string[] = [];
   if (options.clusterSizeBytes !== undefined) opts.push(`cluster_size=${options.clusterSizeBytes}`);
@@ -75,11 +97,13 @@ export async function createImage(
   if (options.backingFile !== undefined) args.push('-b', options.backingFile, '-F', options.backingFormat ?? 'qcow2');
   args.push(file, String(sizeBytes));
   await runTool('qemu-img', args, { what: `Creating image "${file}"` });
+  // qemu-img reopens the file it creates; make sure nothing widened the mode.
+  chmodSync(file, 0o600);
 }
 
 /** Bytes of data stored in this file itself (not its backing chain, not zero clusters). */
-export async function allocatedDataBytes(file: string): Promise<number> {
-  const { stdout } = await runTool('qemu-img', ['map', '--output=json', file], { what: `Mapping image "${file}"` });
+export async function allocatedDataBytes(file: string, format: ImageFormat = 'qcow2'): Promise<number> {
+  const { stdout } = await runTool('qemu-img', ['map', '--output=json', '-f', format, '--', file], { what: `Mapping image "${file}"` });
   const map = JSON.parse(stdout) as Array<{ length: number; depth: number; data: boolean }>;
   return map.filter((e) => e.depth === 0 && e.data).reduce((a, e) => a + e.length, 0);
 }

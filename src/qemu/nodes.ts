@@ -1,7 +1,8 @@
 // How a qbackup disk appears inside QEMU. Node names derive from the stable
 // disk id (never from the target name, which can be reused by another image),
 // and the guest device id is the target name so that users can address a disk
-// in HMP recipes as they know it: `qemu-io -d sda "write …"`.
+// in HMP recipes as they know it: `qemu-io -d sda "write …"`. Every disk is
+// opened with its declared format and without a backing chain.
 
 import type { DiskBus, DiskDefinition } from '../domain/types.js';
 
@@ -29,12 +30,15 @@ export function blockdevSpecs(disk: QemuDiskSpec): [Record<string, unknown>, Rec
     discard: 'unmap',
     'read-only': disk.readonly,
   };
+  // An explicit driver (never probed), and backing: null so that a qcow2
+  // header naming a backing file never makes QEMU open a host file.
   const format = {
     driver: disk.format,
     'node-name': names.format,
     file: names.file,
     discard: 'unmap',
     'read-only': disk.readonly,
+    ...(disk.format === 'qcow2' ? { backing: null } : {}),
   };
   return [file, format];
 }

@@ -2,7 +2,9 @@
 // detached from the qbackup process that started it (a CLI command ends, the
 // VM does not); it is identified afterwards by pid + start time, reached over
 // its QMP socket (mode 0600 in a 0700 directory), and its stdout/stderr go to a
-// per-domain log, which is also where HMP qemu-io output lands.
+// per-domain log, which is also where HMP qemu-io output lands. The caller
+// learns QEMU's pid the moment it is spawned (onSpawn), before QMP is up, so
+// that a caller killed while QEMU starts leaves it findable.
 
 import { spawn } from 'node:child_process';
 import { accessSync, chmodSync, closeSync, constants, existsSync, openSync, readFileSync, rmSync, statSync, writeSync } from 'node:fs';
@@ -26,6 +28,8 @@ export interface LaunchOptions {
   accel?: 'auto' | 'kvm' | 'tcg';
   binary?: string;
   startTimeoutMs?: number;
+  /** Called synchronously as soon as QEMU is spawned, before it answers QMP. */
+  onSpawn?: (pid: number) => void;
 }
 
 export interface QemuProcessInfo {
@@ -46,6 +50,11 @@ export function kvmUsable(): boolean {
   }
 }
 
+/** The -chardev argument of a domain's QMP socket: also how a QEMU whose pid was lost is found in /proc. */
+export function qmpChardevArg(qmpSocket: string): string {
+  return `socket,id=qmp0,path=${qmpSocket},server=on,wait=off`;
+}
+
 export function buildQemuArgs(options: LaunchOptions): string[] {
   const accel = options.accel ?? 'auto';
   const args: string[] = ['-name', `guest=${options.name}`, '-uuid', options.uuid, '-M', 'q35', '-nodefaults', '-display', 'none'];
@@ -54,7 +63,7 @@ export function buildQemuArgs(options: LaunchOptions): string[] {
   if (accel === 'kvm' || (accel === 'auto' && kvmUsable())) args.push('-accel', 'kvm');
   if (accel !== 'kvm') args.push('-accel', 'tcg');
   args.push('-m', `${Math.max(16, Math.ceil(options.memoryKiB / 1024))}M`, '-smp', String(options.vcpus));
-  args.push('-chardev', `socket,id=qmp0,path=${options.qmpSocket},server=on,wait=off`, '-mon', 'chardev=qmp0,mode=control');
+  args.push('-chardev', qmpChardevArg(options.qmpSocket), '-mon', 'chardev=qmp0,mode=control');
   args.push('-device', `virtio-scsi-pci,id=${SCSI_CONTROLLER_ID}`);
   for (let i = 0; i < ROOT_PORT_COUNT; i++) {
     args.push('-device', `pcie-root-port,id=${rootPortId(i)},chassis=${i + 1},slot=${i + 1}`);
@@ -90,6 +99,7 @@ export async function launchQemu(options: LaunchOptions): Promise<QemuProcessInf
   let spawnError: Error | undefined;
   const child = spawn(binary, args, { detached: true, stdio: ['ignore', logFd, logFd] });
   closeSync(logFd);
+  if (child.pid !== undefined) options.onSpawn?.(child.pid);
   child.on('exit', (code, signal) => {
     exited = { code, signal };
   });
@@ -112,7 +122,7 @@ export async function launchQemu(options: LaunchOptions): Promise<QemuProcessInf
     // The socket listens before QEMU has opened its disks (the kernel accepts
     // into the backlog), so only a QMP exchange proves QEMU got through its
     // start-up; a QEMU that fails on a disk exits during that exchange.
-    if (existsSync(options.qmpSocket) && (await socketAccepts(options.qmpSocket)) && (await qmpAnswers(options.qmpSocket))) break;
+    if ((await qmpStatus(options.qmpSocket)) !== undefined) break;
     if (Date.now() > deadline) {
       if (child.pid !== undefined) killProcess(child.pid);
       throw new QbackupError('QEMU_START_FAILED', `Cannot start domain "${options.name}": QEMU did not open its QMP socket in time (see "${options.logFile}")`);
@@ -125,17 +135,32 @@ export async function launchQemu(options: LaunchOptions): Promise<QemuProcessInf
   return { pid, pidStart: processStartTime(pid) ?? '', qmpSocket: options.qmpSocket, logFile: options.logFile };
 }
 
-async function qmpAnswers(socket: string): Promise<boolean> {
+/** QEMU's run state ("running", "paused", "prelaunch", …) over QMP; undefined when it does not answer. */
+export async function qmpStatus(socket: string): Promise<string | undefined> {
+  if (!existsSync(socket) || !(await socketAccepts(socket))) return undefined;
   try {
     const qmp = await QmpClient.connect(socket, { connectTimeoutMs: 5_000, defaultTimeoutMs: 5_000 });
     try {
-      await qmp.execute('query-status');
-      return true;
+      return (await qmp.execute<{ status: string }>('query-status')).status;
     } finally {
       await qmp.close();
     }
   } catch {
-    return false;
+    return undefined;
+  }
+}
+
+/**
+ * Waits until the QEMU (pid + start time) answers QMP on `socket` and returns
+ * its run state; undefined when it exits or the deadline passes first.
+ */
+export async function waitForQmp(socket: string, pid: number, pidStart: string | undefined, deadlineMs: number): Promise<string | undefined> {
+  for (;;) {
+    if (!isProcessAlive(pid, pidStart)) return undefined;
+    const status = await qmpStatus(socket);
+    if (status !== undefined) return status;
+    if (Date.now() > deadlineMs) return undefined;
+    await sleep(20);
   }
 }
 

@@ -140,6 +140,23 @@ const MIGRATIONS: readonly string[] = [
     seen_ms     INTEGER NOT NULL
   );
   `,
+  // 6: runtime state 'starting': QEMU spawned (pid recorded) but not yet known
+  // to answer QMP, so that a start killed half-way leaves a QEMU the next
+  // command finds. SQLite cannot change a CHECK, so the table is rebuilt.
+  `
+  CREATE TABLE runtime_new (
+    domain      TEXT PRIMARY KEY REFERENCES domains(name) ON DELETE CASCADE,
+    state       TEXT NOT NULL CHECK (state IN ('starting', 'running', 'stopping', 'shutoff', 'crashed')),
+    reason      TEXT NOT NULL,
+    pid         INTEGER,
+    pid_start   TEXT,
+    qmp_socket  TEXT,
+    changed_ms  INTEGER NOT NULL
+  );
+  INSERT INTO runtime_new SELECT domain, state, reason, pid, pid_start, qmp_socket, changed_ms FROM runtime;
+  DROP TABLE runtime;
+  ALTER TABLE runtime_new RENAME TO runtime;
+  `,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;

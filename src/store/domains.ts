@@ -4,7 +4,12 @@
 
 import type { Db } from './db.js';
 
-export type RuntimeState = 'running' | 'stopping' | 'shutoff' | 'crashed';
+/**
+ * starting: QEMU spawned by a start that has not yet seen it answer QMP (pid
+ * set as soon as it exists); running; stopping: a shutdown sent quit;
+ * shutoff; crashed: QEMU exited without our quit or kill.
+ */
+export type RuntimeState = 'starting' | 'running' | 'stopping' | 'shutoff' | 'crashed';
 
 export interface DomainRow {
   name: string;
@@ -83,6 +88,11 @@ export class DomainStore {
   /** An attached disk of any other domain that uses this image. */
   attachedElsewhere(domain: string, source: string): DiskRow | undefined {
     return this.db.prepare('SELECT * FROM disks WHERE domain != ? AND source = ? AND attached = 1').get(domain, source) as DiskRow | undefined;
+  }
+
+  /** Attached disks of every other domain. */
+  attachedDisksOfOthers(domain: string): DiskRow[] {
+    return this.db.prepare('SELECT * FROM disks WHERE domain != ? AND attached = 1').all(domain) as DiskRow[];
   }
 
   upsertDisk(row: DiskRow): void {

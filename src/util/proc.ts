@@ -53,3 +53,32 @@ function threadCount(pid: number): number {
 export function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
+
+/**
+ * The first process (other than ourselves) with `arg` as one of its
+ * command-line arguments, with its start time: how a QEMU whose pid was never
+ * recorded (its starter died at the wrong instant) is found by its unique
+ * QMP socket argument.
+ */
+export function findProcessWithArg(arg: string): { pid: number; startTime: string } | undefined {
+  let entries: string[];
+  try {
+    entries = readdirSync('/proc');
+  } catch {
+    return undefined;
+  }
+  for (const entry of entries) {
+    if (!/^\d+$/.test(entry) || Number(entry) === process.pid) continue;
+    let args: string[];
+    try {
+      args = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0');
+    } catch {
+      continue;
+    }
+    if (!args.includes(arg)) continue;
+    const pid = Number(entry);
+    const startTime = processStartTime(pid);
+    if (startTime !== undefined && isProcessAlive(pid, startTime)) return { pid, startTime };
+  }
+  return undefined;
+}

@@ -430,7 +430,7 @@ export class Driver {
   private async plug(d: DiskModel): Promise<void> {
     const target = this.model.freeTarget();
     this.log(`    attach ${d.name} as ${target}`);
-    await this.qb.domains.attachDisk(DOMAIN, { source: this.file(d.name), target });
+    await this.qb.domains.attachDisk(DOMAIN, { source: this.file(d.name), target, format: 'qcow2' });
     this.model.attach(d);
   }
 

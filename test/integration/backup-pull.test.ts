@@ -84,7 +84,7 @@ describe('pull backups (real QEMU)', () => {
     await guestWrite(env.qb, 'vm', 'sda', 'write -P 0x99 0 8M'); // after the job started: not in the view
     await runTool('nbdcopy', [uri(job, 'sda'), env.path('pulled1.raw')]);
     assert.ok(await identical(env.path('pulled1.raw'), 'raw', ref, 'raw'), 'the export shows the disk at the job start');
-    const r = await env.cli(['attach-disk', 'vm', await env.image('x.qcow2'), 'sdb']);
+    const r = await env.cli(['attach-disk', 'vm', await env.image('x.qcow2'), 'sdb', '--subdriver', 'qcow2']);
     assert.equal(r.code, 1);
     assert.match(r.stderr, new RegExp(`backup job "${job.id}" is running`));
     const ended = await env.qb.backups.abort('vm');

@@ -98,9 +98,9 @@ describe('push backups (real QEMU)', () => {
 
   test('a hot-plugged and a re-attached disk get full backups while the others stay incremental; --strict refuses', async () => {
     const hot = await env.image('hot.qcow2', 8 * MiB);
-    await qb.domains.attachDisk('vm', { source: hot, target: 'sdc' });
+    await qb.domains.attachDisk('vm', { source: hot, target: 'sdc', format: 'qcow2' });
     await qb.domains.detachDisk('vm', 'sdb');
-    await qb.domains.attachDisk('vm', { source: sdb, target: 'sdb' });
+    await qb.domains.attachDisk('vm', { source: sdb, target: 'sdb', format: 'qcow2' });
     await guestWrite(qb, 'vm', 'sdc', 'write -P 0x55 0 64k');
 
     const before = readdirSync(env.path('bk')).sort();
@@ -132,7 +132,7 @@ describe('push backups (real QEMU)', () => {
     const job = await qb.backups.info('vm');
     assert.equal(job?.state, 'running');
     const frozen = [
-      () => qb.domains.attachDisk('vm', { source: env.path('hot2.qcow2'), target: 'sdd' }),
+      () => qb.domains.attachDisk('vm', { source: env.path('hot2.qcow2'), target: 'sdd', format: 'qcow2' }),
       () => qb.domains.detachDisk('vm', 'sdc'),
       () => qb.checkpoints.create('vm', { name: 'during' }),
       () => qb.checkpoints.delete('vm', 'c1'),

@@ -102,7 +102,7 @@ describe('checkpoint chain (real QEMU)', () => {
 
   test('a disk hot-plugged after T is not-in-checkpoint; from a later checkpoint it is incremental', async () => {
     const file = await env.image('hot.qcow2', 8 * MiB, 'qcow2', 512 * 1024);
-    await env.qb.domains.attachDisk('vm', { source: file, target: 'sdb' });
+    await env.qb.domains.attachDisk('vm', { source: file, target: 'sdb', format: 'qcow2' });
     const cov = await coverageOf('c4', 'sdb');
     assert.equal(cov.mode, 'full');
     assert.deepEqual(cov.reasons.map((r) => r.code), ['not-in-checkpoint']);
@@ -118,7 +118,7 @@ describe('checkpoint chain (real QEMU)', () => {
   test('a disk detached and re-attached is detached-since, even with no checkpoint in between', async () => {
     const before = env.qb.domains.blockList('vm').find((d) => d.target === 'sdb');
     await env.qb.domains.detachDisk('vm', 'sdb');
-    await env.qb.domains.attachDisk('vm', { source: before?.source ?? '', target: 'sdb' });
+    await env.qb.domains.attachDisk('vm', { source: before?.source ?? '', target: 'sdb', format: 'qcow2' });
     assert.equal(env.qb.domains.blockList('vm').find((d) => d.target === 'sdb')?.diskId, before?.diskId, 'same image keeps its disk id');
     const cov = await coverageOf('c7', 'sdb');
     assert.equal(cov.mode, 'full');

@@ -46,7 +46,7 @@ describe('domain commands (CLI, real QEMU)', () => {
     const status = JSON.parse(await env.cliOk(['qemu-monitor-command', 'web1', '{"execute":"query-status"}'])) as { return: { status: string } };
     assert.equal(status.return.status, 'running');
 
-    const attached = JSON.parse(await env.cliOk(['attach-disk', 'web1', diskB, 'sdb', '--json'])) as { diskId: string };
+    const attached = JSON.parse(await env.cliOk(['attach-disk', 'web1', diskB, 'sdb', '--subdriver', 'qcow2', '--json'])) as { diskId: string };
     const blk = JSON.parse(await env.cliOk(['domblklist', 'web1', '--json'])) as Array<{ target: string; diskId: string; nodeName: string }>;
     assert.deepEqual(blk.map((d) => d.target), ['sda', 'sdb']);
     const nodes = JSON.parse(await env.cliOk(['qemu-monitor-command', 'web1', '{"execute":"query-named-block-nodes","arguments":{"flat":true}}'])) as {
@@ -65,7 +65,7 @@ describe('domain commands (CLI, real QEMU)', () => {
     assert.ok(await imageHasPattern(diskB, 'qcow2', 0x11, 1 << 20, 65536), 'write to the hot-plugged disk is in its image');
 
     // re-attaching the same image keeps its disk id; the journal shows both events
-    const again = JSON.parse(await env.cliOk(['attach-disk', 'web1', diskB, 'sdc', '--json'])) as { diskId: string };
+    const again = JSON.parse(await env.cliOk(['attach-disk', 'web1', diskB, 'sdc', '--subdriver', 'qcow2', '--json'])) as { diskId: string };
     assert.equal(again.diskId, attached.diskId);
     const events = env.qb.domains.store.diskEvents(attached.diskId).map((e) => `${e.event}:${e.target}:${e.live}`);
     assert.deepEqual(events, ['attach:sdb:1', 'detach:sdb:1', 'attach:sdc:1']);
@@ -77,7 +77,7 @@ describe('domain commands (CLI, real QEMU)', () => {
   });
 
   test('attach and detach on a shut-off domain change the definition and the journal', async () => {
-    const r = JSON.parse(await env.cliOk(['attach-disk', 'web1', diskB, 'sdb', '--json'])) as { diskId: string };
+    const r = JSON.parse(await env.cliOk(['attach-disk', 'web1', diskB, 'sdb', '--subdriver', 'qcow2', '--json'])) as { diskId: string };
     assert.match(await env.cliOk(['dumpxml', 'web1']), /dev="sdb"/);
     await env.cliOk(['start', 'web1']);
     await env.cliOk(['qemu-monitor-command', 'web1', '--hmp', 'qemu-io -d sdb "write -P 0x22 0 4k"']);
@@ -152,7 +152,8 @@ describe('domain commands (CLI, real QEMU)', () => {
     assert.match(undef.stderr, /it is running/);
     await env.cliOk(['shutdown', 'web1']);
 
-    // An image QEMU cannot open as qcow2 (corrupted header): QEMU's own text is shown.
+    // An image that cannot be opened as qcow2 (corrupted header): checked before
+    // QEMU runs (qemu-img -f qcow2), and the tool's own text is shown.
     const broken = await env.image('broken.qcow2');
     await env.cliOk(['define', env.writeFile('b.xml', env.domainXml('broken', [{ target: 'sda', file: broken }]))]);
     const { openSync, writeSync, closeSync } = await import('node:fs');
@@ -161,8 +162,16 @@ describe('domain commands (CLI, real QEMU)', () => {
     closeSync(fd);
     const r = await env.cli(['start', 'broken']);
     assert.equal(r.code, 1);
-    assert.match(r.stderr, /Cannot start domain "broken": QEMU exited: .*version/i);
+    assert.match(r.stderr, /Cannot start domain "broken": image ".*broken\.qcow2" of disk "sda" cannot be opened as qcow2: .*version/i);
     assert.equal((JSON.parse(await env.cliOk(['dominfo', 'broken', '--json'])) as { state: string }).state, 'shut off');
+    // A QEMU that exits during start-up (it cannot allocate 64 TiB): QEMU's own text is shown, the domain is shut off (failed).
+    const huge = env.domainXml('huge', []).replace("<memory unit='MiB'>64</memory>", "<memory unit='TiB'>64</memory>");
+    await env.cliOk(['define', env.writeFile('huge.xml', huge)]);
+    const h = await env.cli(['start', 'huge']);
+    assert.equal(h.code, 1);
+    assert.match(h.stderr, /Cannot start domain "huge": QEMU exited: .*memory/i);
+    const hugeInfo = JSON.parse(await env.cliOk(['dominfo', 'huge', '--json'])) as { state: string; reason: string };
+    assert.deepEqual([hugeInfo.state, hugeInfo.reason], ['shut off', 'failed']);
 
     await env.cliOk(['undefine', 'web1']);
     assert.ok(!existsSync(`${env.stateDir}/domains/web1`));

@@ -15,7 +15,7 @@ describe('domain locking and QEMU death', () => {
     env = new TestEnv();
     await env.defineDomain('vm', [{ target: 'sda' }]);
     const vd = await env.image('vd.qcow2');
-    await env.qb.domains.attachDisk('vm', { source: vd, target: 'vda' });
+    await env.qb.domains.attachDisk('vm', { source: vd, target: 'vda', format: 'qcow2' });
   });
   after(async () => env.cleanup());
 

@@ -121,7 +121,7 @@ describe('backup repository (real QEMU)', () => {
 
   test('a hot-plugged disk is full in the next backup while the others stay incremental', async () => {
     const hot = await env.image('hot.qcow2', 8 * MiB);
-    await env.qb.domains.attachDisk('vm', { source: hot, target: 'sdc' });
+    await env.qb.domains.attachDisk('vm', { source: hot, target: 'sdc', format: 'qcow2' });
     await guestWrite(env.qb, 'vm', 'sdc', 'write -P 0x41 0 1M');
     await guestWrite(env.qb, 'vm', 'sda', 'write -P 0x42 3M 4k');
     const b4 = await backup('b4');

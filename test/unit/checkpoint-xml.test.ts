@@ -347,3 +347,15 @@ describe('formatCheckpointXml', () => {
     assertCode(() => formatCheckpointXml({ name: 'c', domainXml: '<domain>' }), 'INVALID_XML', /domain XML of checkpoint c/);
   });
 });
+
+describe('checkpoint and backup XML limits', () => {
+  it('refuses a checkpoint or backup document nested 5000 levels deep or over its size limit with one sentence', async () => {
+    const { parseBackupXml } = await import('../../src/libvirt/backup.js');
+    const deep = (root: string): string => `<${root}>${'<a>'.repeat(5000)}${'</a>'.repeat(5000)}</${root}>`;
+    assertCode(() => parseCheckpointXml(deep('domaincheckpoint')), 'INVALID_XML', /^Checkpoint XML is nested deeper than \d+ elements\.$/);
+    assertCode(() => parseBackupXml(deep('domainbackup')), 'INVALID_XML', /^Backup XML is nested deeper than \d+ elements\.$/);
+    const big = (root: string): string => `<${root}><description>${'x'.repeat(3 << 20)}</description></${root}>`;
+    assertCode(() => parseCheckpointXml(big('domaincheckpoint')), 'INVALID_XML', /^Checkpoint XML is larger than \d+ MiB/);
+    assertCode(() => parseBackupXml(big('domainbackup')), 'INVALID_XML', /^Backup XML is larger than 1 MiB/);
+  });
+});

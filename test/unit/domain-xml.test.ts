@@ -125,14 +125,33 @@ describe('parseDomainXml', () => {
     ]);
   });
 
-  it('defaults the disk format to qcow2 and derives the bus from the target prefix', () => {
+  it('reads a disk without <driver type> as raw, as libvirt does, and derives the bus from the target prefix', () => {
     const def = parseDomainXml(`<domain><name>d</name><devices>
       <disk type='file' device='disk'><source file='/a.qcow2'/><target dev='vdb'/></disk>
       <disk><driver name='qemu'/><source file='/b.qcow2'/><target dev='sdb'/></disk>
     </devices></domain>`);
     assert.deepEqual(
       def.disks.map((d) => [d.target, d.format, d.bus]),
-      [['vdb', 'qcow2', 'virtio'], ['sdb', 'qcow2', 'scsi']],
+      [['vdb', 'raw', 'virtio'], ['sdb', 'raw', 'scsi']],
+    );
+    // Formatting writes the format down, so the stored definition never depends on the default.
+    const out = formatDomainXml(def);
+    assert.equal(out.match(/type="raw"/g)?.length, 2, out);
+    assert.deepEqual(parseDomainXml(out).disks.map((d) => d.format), ['raw', 'raw']);
+  });
+
+  it('notes <encryption> and a declared <backingStore> chain, and ignores an empty <backingStore/>', () => {
+    const def = parseDomainXml(`<domain><name>d</name><devices>
+      <disk><driver type='qcow2'/><source file='/a.qcow2'/><target dev='sda'/>
+        <encryption format='luks'><secret type='passphrase' uuid='0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f'/></encryption></disk>
+      <disk><driver type='qcow2'/><source file='/b.qcow2'><encryption format='luks'/></source><target dev='sdb'/></disk>
+      <disk><driver type='qcow2'/><source file='/c.qcow2'/><target dev='sdc'/>
+        <backingStore type='file'><format type='raw'/><source file='/base.raw'/><backingStore/></backingStore></disk>
+      <disk><driver type='qcow2'/><source file='/d.qcow2'/><target dev='sdd'/><backingStore/></disk>
+    </devices></domain>`);
+    assert.deepEqual(
+      def.disks.map((d) => [d.target, d.encryption, d.backingStore]),
+      [['sda', 'luks', undefined], ['sdb', 'luks', undefined], ['sdc', undefined, '/base.raw'], ['sdd', undefined, undefined]],
     );
   });
 
@@ -175,6 +194,20 @@ describe('parseDomainXml', () => {
       for (const v of ['lots', '-1', '0', '1.5', '']) {
         assertCode(() => parseDomainXml(`<domain><name>m</name><memory>${v}</memory></domain>`), 'INVALID_XML', /memory/);
       }
+    });
+  });
+
+  describe('size and depth limits', () => {
+    it('refuses a document over 1 MiB with one sentence, before parsing it', () => {
+      const big = `<domain><name>d</name><description>${'x'.repeat(1 << 20)}</description></domain>`;
+      assertCode(() => parseDomainXml(big), 'INVALID_XML', /^Domain XML is larger than 1 MiB \(\d+ bytes\)\.$/);
+    });
+
+    it('refuses a document nested deeper than 64 levels (5000 levels: no RangeError)', () => {
+      const deep = `<domain><name>d</name>${'<a>'.repeat(5000)}${'</a>'.repeat(5000)}</domain>`;
+      assertCode(() => parseDomainXml(deep), 'INVALID_XML', /^Domain XML is nested deeper than 64 elements\.$/);
+      const ok = `<domain><name>d</name>${'<a x="&gt;">'.repeat(60)}<!-- <b><b><b> --><![CDATA[<c><c>]]><e/>${'</a>'.repeat(60)}</domain>`;
+      assert.equal(parseDomainXml(ok).name, 'd');
     });
   });
 
@@ -318,6 +351,7 @@ describe('formatDomainXml', () => {
         '  <vcpu>1</vcpu>',
         '  <devices>',
         '    <disk type="file" device="disk">',
+        '      <driver name="qemu" type="raw"/>',
         '      <source file="/x"/>',
         '      <target dev="vda"/>',
         '    </disk>',
