@@ -79,7 +79,8 @@ export async function collectGarbage(store: Store): Promise<GcReport> {
       report.bytesFreed += size;
     } else report.condemned += await condemn(backend, marks, 'index', id);
   }
-  for (const p of packs.filter((x) => x.liveBytes > 0 && x.liveBytes * 2 < x.size)) {
+  // Only packs with dead chunks: a small pack that is all live stays (its header alone may outweigh its data).
+  for (const p of packs.filter((x) => x.liveBytes > 0 && x.liveBytes * 2 < x.size && x.entries.some((e) => !liveChunks.has(e.id.toString('hex'))))) {
     report.bytesFreed += await repack(store, p, liveChunks);
     report.packsRepacked++;
   }
@@ -161,7 +162,8 @@ async function repack(store: Store, pack: PackUsage, liveChunks: ReadonlySet<str
     if (builder.bytes >= PACK_TARGET_BYTES) throw new QbackupError('REPO_DAMAGED', `Pack "${pack.packId}" holds more than a pack can`);
   }
   const newSize = builder.bytes;
-  if (builder.count > 0) await store.storePack(builder);
+  // Packs are salted (pack.ts), so the new pack is never the old one being deleted.
+  if (builder.count > 0 && (await store.storePack(builder)) === pack.packId) return 0;
   await store.backend.delete(packIndexKey(pack.packId));
   await store.backend.delete(packKey(pack.packId));
   return pack.size - newSize;

@@ -14,6 +14,8 @@ import { existsSync, readFileSync, readdirSync, renameSync, symlinkSync, truncat
 import { join } from 'node:path';
 import { after, before, describe, test, type TestContext } from 'node:test';
 import { runTool } from '../../src/qemu/tools.js';
+import { LocalBackend } from '../../src/repository/backend/local.js';
+import { acquireLock } from '../../src/repository/locks.js';
 import type { GcReport, Manifest, VerifyReport } from '../../src/repository/service.js';
 import { TestEnv, guestWrite, type CliResult } from '../helpers/env.js';
 import { KiB, MiB, cliError, fileTree, flipByte, imageDiffers, liveObjects, randomFile, referenceCopies, repoObjects, spawnCli, waitFor } from '../helpers/repo.js';
@@ -276,6 +278,49 @@ describe('repository format 2 under faults (real QEMU)', () => {
     assert.equal(v.code, 0, v.stderr);
     assert.equal(g1.disks[0]?.level, 'full');
     assert.ok(packsOfR.size > 0);
+  });
+
+  test('gc does not delete a condemned pack that a later backup stores again, byte for byte, while that backup runs', async () => {
+    // A pack's id is the hash of its bytes, so a backup that stores the same
+    // chunks again (it ignores condemned packs) can write a pack identical to
+    // a condemned one. A gc during that backup must not take it for the old garbage.
+    const r = env.path('recondemn-repo');
+    await env.defineDomain('h', [{ target: 'sda', sizeBytes: 16 * MiB }, { target: 'sdb', sizeBytes: 64 * MiB }]);
+    await env.qb.domains.start('h', { paused: true });
+    const C = randomFile(env, 'h-C', 64 * KiB);
+    await guestWrite(env.qb, 'h', 'sda', `write -s ${C} 0 64k`);
+    await backup('h', r, 'h1'); // sda's pack holds C alone
+    await guestWrite(env.qb, 'h', 'sda', 'write -P 0x42 0 64k');
+    await backup('h', r, 'h2', ['--full']);
+    await env.cliOk(['prune', 'h', '--repo', r, '--keep-last', '1']);
+    // gc while another backup runs (a lock this process holds) condemns the pack of C.
+    const other = await acquireLock(new LocalBackend(r), 'backup', 'other');
+    const condemning = await env.qb.repository.gc({ repo: r });
+    await other.release();
+    assert.ok(condemning.condemned >= 1 && condemning.packsDeleted === 0, JSON.stringify(condemning));
+    // h2's pack holds one small compressible chunk: all live, though its header outweighs it. gc keeps it.
+    const kept = await env.cli(['verify', '--repo', r, '--read-data']);
+    assert.equal(kept.code, 0, `gc kept every chunk of the kept backup: ${kept.stdout}`);
+    await new Promise((resolve) => setTimeout(resolve, 20)); // the next backup starts strictly later
+    // C comes back, and sdb gives the backup something to read after sda's pack is stored.
+    await guestWrite(env.qb, 'h', 'sda', `write -s ${C} 0 64k`);
+    await guestWrite(env.qb, 'h', 'sdb', `write -s ${randomFile(env, 'h-big', 48 * MiB)} 0 48M`);
+    const refs3 = await referenceCopies(env, 'h', 'h3');
+    const known = repoObjects(r).packs;
+    const run = spawnCli(env, ['--json', 'backup', 'h', '--repo', r, '--workers', '1']);
+    const sdbStarted = await waitFor(() => [...repoObjects(r).packs].some((p) => !known.has(p)), 60_000);
+    assert.ok(sdbStarted, 'the backup stored a pack of sdb');
+    const during = await env.qb.repository.gc({ repo: r });
+    const staged = run.child.exitCode === null && run.child.signalCode === null;
+    const done = await run.done;
+    assert.equal(done.code, 0, done.stderr);
+    assert.ok(staged, 'gc ran while the backup was still reading sdb');
+    console.log(`# gc during the backup that re-stored a condemned pack: ${JSON.stringify(during)}`);
+    const h3 = JSON.parse(done.stdout) as Manifest;
+    refs.set(h3.id, refs3.get('sda') ?? '');
+    const v = await env.cli(['verify', '--repo', r]);
+    assert.equal(v.code, 0, `every chunk of the new backup is still stored: ${v.stdout}`);
+    await assertRestores('h', r, h3);
   });
 
   describe('kill -9 during a backup', () => {
