@@ -14,10 +14,12 @@
 //    marker is older than the oldest live backup lock. With no backup running
 //    at all, garbage is deleted at once (so a full disk can always be freed,
 //    without writing anything first).
-// 3. Deletion order: a pack's index object goes before the pack (no index
+// 3. Half-written objects (temporary files of a writer killed mid-put) older
+//    than 15 minutes are removed too.
+// 4. Deletion order: a pack's index object goes before the pack (no index
 //    ever names a missing pack); packs that are wholly garbage go before any
 //    repacking, which needs space.
-// 4. Repack: a pack whose live chunks are under half of it is rewritten: the
+// 5. Repack: a pack whose live chunks are under half of it is rewritten: the
 //    live chunks go into new packs (stored and indexed first), then the old
 //    pack's index and the pack are deleted.
 // Only one gc runs at a time (a gc lock).
@@ -37,7 +39,11 @@ export interface GcReport {
   bytesFreed: number;
   /** Garbage found while backups run, left for a later gc. */
   condemned: number;
+  /** Half-written objects of killed writers removed. */
+  temporaryRemoved: number;
 }
+
+const TEMPORARY_AGE_MS = 15 * 60 * 1000;
 
 const CONDEMNED = /^(pack|index)\.([0-9a-f]{64})$/;
 
@@ -56,7 +62,7 @@ export async function collectGarbage(store: Store): Promise<GcReport> {
   await using _lock = await acquireLock(backend, 'gc', null);
   const backups = (await liveLocks(backend)).filter((l) => l.info.kind === 'backup');
   const oldestBackupMs = Math.min(...backups.map((l) => l.info.takenMs));
-  const report: GcReport = { packsDeleted: 0, packsRepacked: 0, indexesDeleted: 0, bytesFreed: 0, condemned: 0 };
+  const report: GcReport = { packsDeleted: 0, packsRepacked: 0, indexesDeleted: 0, bytesFreed: 0, condemned: 0, temporaryRemoved: 0 };
   const { liveIndexes, liveChunks } = await mark(store);
   const marks = await readMarks(backend);
   // May this garbage go now? Yes when no backup runs, or it was condemned before every running backup began.
@@ -88,6 +94,8 @@ export async function collectGarbage(store: Store): Promise<GcReport> {
     report.packsRepacked++;
   }
   await dropStaleMarks(backend, marks, store, liveIndexes, packs);
+  // Writers finish a put within seconds; a temporary object this old belongs to a killed one.
+  report.temporaryRemoved = (await backend.sweepTemporary?.(TEMPORARY_AGE_MS)) ?? 0;
   return report;
 }
 

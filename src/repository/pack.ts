@@ -2,19 +2,24 @@
 // objects are slow on every filesystem and costly on object storage
 // (restic's layout).
 //
-//   pack   = blob₀ ‖ blob₁ ‖ … ‖ header ‖ u32le(header length)
+//   pack   = salt (16 random bytes) ‖ blob₀ ‖ blob₁ ‖ … ‖ header ‖ u32le(header length)
 //   header = "QBP2" ‖ u32le count ‖ count × (id 32 ‖ u32le offset ‖ u32le length ‖ u32le rawLength)
 //
 // The header is sealed when the repository is encrypted. The same header is
 // also written as the pack's index object (index/<pack id>) so that opening a
 // repository reads one small object per pack; a lost index can be rebuilt
-// from the pack's own trailer. A pack's id is the SHA-256 of its bytes.
+// from the pack's own trailer. A pack's id is the SHA-256 of its bytes; the
+// salt makes every pack written a new object, even with the same chunks in
+// the same order: gc (gc.ts) relies on a chunk stored again (by a backup that
+// ignores a condemned pack, or by a repack) landing in a pack that is not the
+// old one, which it may be about to delete. Readers go by the header's
+// offsets, so packs without a salt read the same.
 //
 // Invariants:
 // - Parsing is hostile-input safe: counts, offsets and lengths are checked
 //   against the pack size and the repository's chunk size before use.
 
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { QbackupError } from '../errors.js';
 import { SEAL_OVERHEAD, seal, unseal, type MasterKey } from './crypto.js';
 
@@ -23,6 +28,7 @@ const ENTRY_BYTES = 44;
 /** Packs are closed once they reach this size. */
 export const PACK_TARGET_BYTES = 16 * 1024 * 1024;
 export const PACK_ID = /^[0-9a-f]{64}$/;
+const SALT_BYTES = 16;
 
 export interface PackEntry {
   id: Buffer;
@@ -41,9 +47,9 @@ export function packIndexKey(packId: string): string {
 
 /** Collects stored chunks until a pack is full; `finish` returns the pack's bytes, id and header. */
 export class PackBuilder {
-  private readonly blobs: Buffer[] = [];
+  private readonly blobs: Buffer[] = [randomBytes(SALT_BYTES)];
   readonly entries: PackEntry[] = [];
-  private size = 0;
+  private size = SALT_BYTES;
 
   get bytes(): number {
     return this.size;

@@ -147,7 +147,8 @@ export class RepositoryService {
   async prune(domain: string, options: RepoAccess & RetentionPolicy & { dryRun?: boolean }): Promise<PruneResult> {
     const store = await this.open(options);
     const manifests = await store.manifests(domain);
-    const plan = planPrune(manifests, options);
+    // Only the policy's own fields: the options also carry the repository and its passphrase.
+    const plan = planPrune(manifests, retentionOf(options));
     if (options.dryRun) return { ...plan, checkpointsRemoved: [], checkpointsKept: [] };
     await using _lock = await acquireLock(store.backend, 'prune', domain);
     const removed = new Set(plan.remove.map((r) => r.id));
@@ -196,6 +197,15 @@ export class RepositoryService {
       return Store.init(backend);
     }
   }
+}
+
+function retentionOf(options: RetentionPolicy): RetentionPolicy {
+  const policy: RetentionPolicy = {};
+  for (const rule of ['keepLast', 'keepHourly', 'keepDaily', 'keepWeekly', 'keepMonthly', 'keepYearly'] as const) {
+    const v = options[rule];
+    if (v !== undefined) policy[rule] = v;
+  }
+  return policy;
 }
 
 function backendFor(repo: string): Backend {

@@ -32,6 +32,8 @@ export interface Backend {
   list(prefix: string): Promise<ObjectInfo[]>;
   /** Removes the object; removing a missing one is fine. */
   delete(key: string): Promise<void>;
+  /** Removes half-written objects of writers that died, older than `ageMs`; how many went. */
+  sweepTemporary?(ageMs: number): Promise<number>;
 }
 
 export const KEY_SEGMENT = /^[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}$/;
