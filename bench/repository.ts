@@ -37,6 +37,8 @@ import { ChunkCompressor } from '../src/repository/compress.js';
 import { chunkId } from '../src/repository/crypto.js';
 import type { Manifest } from '../src/repository/manifest.js';
 import { PACK_TARGET_BYTES, PackBuilder, packIndexKey, packKey } from '../src/repository/pack.js';
+import { ChunkPool } from '../src/repository/pool.js';
+import { Store } from '../src/repository/store.js';
 import { CLUSTER_BYTES, halfDataLayout, processCpuMs, warmFile, type BenchEnv, type DataLayout } from './env.js';
 import { Libvirt, peerMissing, Restic, toolVersion, virtnbdbackup, virtnbdrestore, type LibvirtDomain } from './peers.js';
 import { KiB, MiB, now, Prng, run, runWithCpu } from './util.js';
@@ -44,8 +46,19 @@ import { KiB, MiB, now, Prng, run, runWithCpu } from './util.js';
 export type Tool = 'qbackup' | 'virtnbdbackup' | 'restic';
 export const TOOLS: readonly Tool[] = ['qbackup', 'virtnbdbackup', 'restic'];
 
+export interface ThreadCpu {
+  /** This process's main thread (NBD client, dedup decisions, pack assembly, writes). */
+  mainMs: number;
+  /** The chunk pool's worker threads (zero check, SHA-256, zstd): threads that started and ended during the backup. */
+  workersMs: number;
+  /** Threads that outlive the backup: V8's platform threads (garbage collection) and libuv's pool (file I/O). */
+  helpersMs: number;
+}
+
 export interface BackupSample {
   ms: number;
+  /** qbackup only: where this process's CPU went, by thread. */
+  threads?: ThreadCpu;
   /** CPU of the backup tool's process (qbackup: this process, all threads). */
   cpuMs: number;
   /** CPU of the QEMU serving the export (qbackup, virtnbdbackup), NaN otherwise. */
@@ -101,6 +114,10 @@ export interface RepoResults {
   backups: Record<StepName, Record<Tool, BackupSample[]>>;
   /** qbackup's stored bytes (after dedup and compression) of its full backups. */
   qbackupFullStoredBytes: number[];
+  /** An incremental with nothing dirtied: the fixed cost of a backup. */
+  emptyIncremental: Record<'qbackup' | 'virtnbdbackup', number[]>;
+  /** Pieces of that fixed cost, measured alone on the last repository. */
+  fixedCosts: { poolStartMs: number; openAndLoadMs: number; packs: number; pullJobMs: number } | undefined;
   restore: RestoreResults;
   /** Restored images compared across tools (first repetition). */
   restoreCheck: string[];
@@ -148,6 +165,8 @@ export async function benchRepository(s: RepoSetup): Promise<RepoResults> {
     accel: s.accel === 'kvm' ? 'KVM' : 'TCG',
     backups: { full: emptyTools(), spread: emptyTools(), clustered: emptyTools() },
     qbackupFullStoredBytes: [],
+    emptyIncremental: { qbackup: [], virtnbdbackup: [] },
+    fixedCosts: undefined,
     restore: { qbackupQcow2: [], qbackupRaw: [], virtnbdrestore: [], restic: [], convertQcow2: [], convertRaw: [] },
     restoreCheck: [],
     dedup: undefined,
@@ -243,6 +262,15 @@ export async function benchRepository(s: RepoSetup): Promise<RepoResults> {
       log(`  rep ${rep + 1}/${reps} ${step.padEnd(9)} ${TOOLS.map((t) => describe(t, b[t].at(-1))).filter((x) => x !== '').join('  ')}`);
     }
 
+    // Nothing dirtied: what every backup costs whatever it copies.
+    await prepare([qbImage]);
+    r.emptyIncremental.qbackup.push((await qbackupBackup(env, qbRepo, qemuPid, undefined, 'incremental')).sample.ms);
+    if (lv !== undefined) {
+      await prepare([lvImage]);
+      r.emptyIncremental.virtnbdbackup.push((await virtnbdbackup(lv.name, 'inc', vbDir, join(dir, 'lv-scratch'))).ms);
+    }
+    log(`  rep ${rep + 1}/${reps} nothing dirty: qbackup ${sec(r.emptyIncremental.qbackup.at(-1))}${lv !== undefined ? `, virtnbdbackup ${sec(r.emptyIncremental.virtnbdbackup.at(-1))}` : ''}`);
+
     const keepCopy = rep === reps - 1;
     copyImage = await restores(r, rep, { env, dir, qbRepo, vbDir, restic, lv: lv !== undefined, keepCopy, log });
     rmSync(vbDir, { recursive: true, force: true });
@@ -251,6 +279,7 @@ export async function benchRepository(s: RepoSetup): Promise<RepoResults> {
     lastRepo = qbRepo;
   }
 
+  r.fixedCosts = await fixedCosts(env, lastRepo, log);
   r.dedup = await dedup(env, lastRepo, copyImage, log);
   rmSync(lastRepo, { recursive: true, force: true });
   rmSync(copyImage, { force: true });
@@ -316,8 +345,24 @@ function dataFiles(dir: string): Map<string, number> {
   return out;
 }
 
+/** CPU (ms) of each thread of this process, by thread id (/proc/self/task; 10 ms resolution). */
+function threadCpu(): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const tid of readdirSync('/proc/self/task')) {
+    try {
+      const stat = readFileSync(`/proc/self/task/${tid}/stat`, 'utf8');
+      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      out.set(tid, (Number(f[11]) + Number(f[12])) * 10);
+    } catch {
+      // the thread ended meanwhile
+    }
+  }
+  return out;
+}
+
 async function qbackupBackup(env: BenchEnv, repo: string, qemuPid: number, workers: number | undefined, level: 'full' | 'incremental'): Promise<{ sample: BackupSample; manifest: Manifest }> {
   const before = await du(repo);
+  const threads0 = threadCpu();
   const cpu0 = process.cpuUsage();
   const q0 = processCpuMs(qemuPid);
   const t0 = now();
@@ -325,10 +370,16 @@ async function qbackupBackup(env: BenchEnv, repo: string, qemuPid: number, worke
   const ms = now() - t0;
   const cpu = process.cpuUsage(cpu0);
   const qemuCpuMs = processCpuMs(qemuPid) - q0;
+  const threads1 = threadCpu();
+  const main = String(process.pid);
+  const mainMs = (threads1.get(main) ?? 0) - (threads0.get(main) ?? 0);
+  let helpersMs = 0;
+  for (const [tid, t] of threads1) if (tid !== main && threads0.has(tid)) helpersMs += t - (threads0.get(tid) ?? 0);
+  const cpuMs = (cpu.user + cpu.system) / 1000;
   if (m.disks.some((d) => d.level !== level)) throw new Error(`qbackup backup ${m.id} is ${m.disks.map((d) => d.level).join(', ')}, expected ${level}`);
   return {
     manifest: m,
-    sample: { ms, cpuMs: (cpu.user + cpu.system) / 1000, qemuCpuMs, bytesRead: m.disks.reduce((n, d) => n + d.bytesRead, 0), growthBytes: (await du(repo)) - before },
+    sample: { ms, cpuMs, threads: { mainMs, helpersMs, workersMs: Math.max(0, cpuMs - mainMs - helpersMs) }, qemuCpuMs, bytesRead: m.disks.reduce((n, d) => n + d.bytesRead, 0), growthBytes: (await du(repo)) - before },
   };
 }
 
@@ -512,6 +563,34 @@ async function restores(r: RepoResults, rep: number, s: RestoreSetup): Promise<s
     // The repository's newest backup of the domain.
     await s.env.qb.repository.restore(DOMAIN, { repo, to, format });
   }
+}
+
+// ---- the fixed cost of a backup ----------------------------------------------
+
+/** Starting the chunk pool's two workers, opening the repository and reading every pack's index, and a pull job's start and end. */
+async function fixedCosts(env: BenchEnv, repo: string, log: (line: string) => void): Promise<RepoResults['fixedCosts']> {
+  let t0 = now();
+  const store = await Store.open(new LocalBackend(repo));
+  await store.loadChunks();
+  await store.manifests(DOMAIN);
+  const openAndLoadMs = now() - t0;
+  const packs = (await store.backend.list('index/')).length;
+  t0 = now();
+  const pool = new ChunkPool(store, 2);
+  try {
+    // One tiny batch per worker makes both start and answer.
+    const writer = store.chunkWriter();
+    await Promise.all([pool.storeChunks([Buffer.alloc(4096, 1)], writer), pool.storeChunks([Buffer.alloc(4096, 2)], writer)]);
+  } finally {
+    await pool.close();
+  }
+  const poolStartMs = now() - t0;
+  t0 = now();
+  await env.qb.backups.begin(DOMAIN, { mode: 'pull' });
+  await env.qb.backups.abort(DOMAIN);
+  const pullJobMs = now() - t0;
+  log(`  fixed costs: open + load ${packs} pack indexes ${sec(openAndLoadMs)}, start 2 workers ${sec(poolStartMs)}, pull job start + end ${sec(pullJobMs)}`);
+  return { poolStartMs, openAndLoadMs, packs, pullJobMs };
 }
 
 // ---- dedup --------------------------------------------------------------------
