@@ -27,6 +27,7 @@ export class BenchEnv {
   readonly qb: Qbackup;
   private readonly domainNames: string[] = [];
   private cleaned = false;
+  private readonly cleanups: Array<() => Promise<void>> = [];
 
   constructor() {
     this.dir = mkdtempSync(join(tmpdir(), 'qbbench-'));
@@ -76,15 +77,12 @@ ${diskXml}
    */
   async waitGuestIdle(name: string): Promise<void> {
     const pid = this.qb.domains.info(name).pid;
-    if (pid === undefined) return;
-    const deadline = Date.now() + 30_000;
-    let last = processCpuMs(pid);
-    while (Date.now() < deadline) {
-      await sleep(500);
-      const cpu = processCpuMs(pid);
-      if (cpu - last < 50) return;
-      last = cpu;
-    }
+    if (pid !== undefined) await waitProcessIdle(pid);
+  }
+
+  /** Runs `fn` in cleanup(), before the domains stop (last added, first run). */
+  onCleanup(fn: () => Promise<void>): void {
+    this.cleanups.unshift(fn);
   }
 
   /** Runs `fn` with one QMP connection to the domain (holding its lock), e.g. for many guest writes. */
@@ -97,6 +95,13 @@ ${diskXml}
     if (this.cleaned) return;
     this.cleaned = true;
     try {
+      for (const fn of this.cleanups) {
+        try {
+          await fn();
+        } catch (err) {
+          process.stderr.write(`cleanup: ${err instanceof Error ? err.message : String(err)}\n`);
+        }
+      }
       for (const name of this.domainNames) {
         const info = this.qb.domains.list({ all: true }).find((d) => d.name === name);
         if (info?.state !== 'running') continue;
@@ -185,6 +190,18 @@ export function warmFile(file: string): void {
     }
   } finally {
     closeSync(fd);
+  }
+}
+
+/** Waits until a process uses less than 10 % of a CPU (a guest without an OS halts after its firmware gives up booting), at most 30 s. */
+export async function waitProcessIdle(pid: number): Promise<void> {
+  const deadline = Date.now() + 30_000;
+  let last = processCpuMs(pid);
+  while (Date.now() < deadline) {
+    await sleep(500);
+    const cpu = processCpuMs(pid);
+    if (cpu - last < 50) return;
+    last = cpu;
   }
 }
 

@@ -1,7 +1,7 @@
 // §1 Full backup of a disk with half of its clusters random data:
 // qbackup push (backup-begin full + wait) against `qemu-img convert -O qcow2`
-// of the same image, and qbackup pull (the repository's pull copier: our NBD
-// client reading the pull job's export into a qcow2 served by qemu-nbd)
+// of the same image, and qbackup pull (our NBD client, through the bench's
+// pull copier in pull-copy.ts, reading the pull job's export into a qcow2 served by qemu-nbd)
 // against nbdcopy reading the same export into the same kind of target.
 // Every method runs once untimed first (QEMU's I/O thread pool, fresh page
 // cache memory), then each repetition runs every method in turn, so that
@@ -15,8 +15,8 @@ import { rmSync } from 'node:fs';
 import { exportUri, type JobInfo } from '../src/backup/job.js';
 import { createImage } from '../src/qemu/image.js';
 import { startQemuNbd } from '../src/qemu/qemu-nbd.js';
-import { nbdPullCopier } from '../src/repository/pull.js';
 import { processCpuMs, warmFile, type BenchEnv } from './env.js';
+import { pullCopy } from './pull-copy.js';
 import { now, run, runWithCpu, withOwnCpu } from './util.js';
 
 export interface Measured {
@@ -121,7 +121,7 @@ export async function benchFull(s: FullSetup): Promise<FullResults> {
       await createImage(target, 'qcow2', sizeBytes);
       warmFile(source);
       let t0 = now();
-      const ours = await withOwnCpu(() => nbdPullCopier({ job, exportName, dirtyBitmap: undefined, targetFile: target, onProgress: () => undefined }));
+      const ours = await withOwnCpu(() => pullCopy({ job, exportName, dirtyBitmap: undefined, targetFile: target }));
       if (timed) {
         r.pull.ms.push(now() - t0);
         r.pull.cpuMs.push(ours.cpuMs);

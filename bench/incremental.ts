@@ -8,9 +8,9 @@
 
 import { rmSync } from 'node:fs';
 import { allocatedDataBytes, createImage } from '../src/qemu/image.js';
-import { nbdPullCopier } from '../src/repository/pull.js';
 import { CLUSTER_BYTES, hmpWrite, type BenchEnv } from './env.js';
 import { syncAll } from './full.js';
+import { pullCopy } from './pull-copy.js';
 import { MiB, now, Prng } from './util.js';
 
 export type DirtyPattern = 'spread' | 'clustered';
@@ -89,7 +89,7 @@ export async function benchIncremental(s: IncrementalSetup): Promise<Incremental
           const jd = pj.disks[0];
           if (jd?.tmpBitmap === undefined) throw new Error(`pull job ${pj.id} is not incremental`);
           const t1 = now();
-          const res = await nbdPullCopier({ job: pj, exportName: jd.pull?.exportName ?? device, dirtyBitmap: jd.tmpBitmap, targetFile: pullTarget, onProgress: () => undefined });
+          const res = await pullCopy({ job: pj, exportName: jd.pull?.exportName ?? device, dirtyBitmap: jd.tmpBitmap, targetFile: pullTarget });
           c.pullCopyMs.push(now() - t1);
           c.pullDataBytes.push(res.dataBytes);
         } finally {

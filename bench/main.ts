@@ -5,7 +5,10 @@
 // Options: --size-gib N (default 4), --reps N (default 3), --quick (a small,
 // fast run for development), --chain N (checkpoints in the long chain,
 // default 1000), --only LIST (comma-separated sections: full, incremental,
-// repository, control, writes), --doc FILE (default docs/benchmarks.md),
+// repository, control, writes), --peers (the repository section also runs
+// virtnbdbackup, with a libvirtd the bench starts and stops, and restic;
+// without it, or without them installed, it says "skipped: …"),
+// --doc FILE (default docs/benchmarks.md),
 // --no-doc, --json FILE (the raw results, to regenerate the doc with
 // --from-json FILE without measuring again).
 
@@ -19,7 +22,7 @@ import { benchFull, type FullResults } from './full.js';
 import { benchIncremental, type IncrementalCase } from './incremental.js';
 import { loadAverage, machineInfo } from './machine.js';
 import { formatReport, printSummary, type BenchConfig, type BenchResults } from './report.js';
-import { benchRepository, type RepoResults } from './restore.js';
+import { benchRepository, type RepoResults } from './repository.js';
 import { GiB, MiB, now } from './util.js';
 import { benchWrites, type WriteResults } from './writes.js';
 
@@ -40,6 +43,7 @@ function parseOptions(argv: readonly string[]): Options {
       'size-gib': { type: 'string' },
       reps: { type: 'string' },
       quick: { type: 'boolean', default: false },
+      peers: { type: 'boolean', default: false },
       chain: { type: 'string' },
       only: { type: 'string' },
       doc: { type: 'string' },
@@ -66,6 +70,7 @@ function parseOptions(argv: readonly string[]): Options {
   const defaultDoc = resolve(here, '..', '..', 'docs', 'benchmarks.md');
   return {
     quick,
+    peers: values.peers === true,
     sizeBytes: Math.round((sizeGiB * GiB) / MiB) * MiB,
     reps: Math.round(num(values.reps, quick ? 2 : 3, 'reps')),
     chainLength: Math.round(num(values.chain, quick ? 100 : 1000, 'chain')),
@@ -131,8 +136,8 @@ async function main(): Promise<void> {
       incremental = await benchIncremental({ env, domain, device: 'sda', sizeBytes: config.sizeBytes, reps: config.reps, fractions: [0.001, 0.01, 0.1], log });
     }
     if (config.only.has('repository')) {
-      log('§5 repository: backup chain, restore, verify');
-      repository = await benchRepository({ env, domain, device: 'sda', sizeBytes: config.sizeBytes, reps: config.reps, log });
+      log(`§5 repository against virtnbdbackup and restic${config.peers ? '' : ' (skipped: the peers; run with --peers)'}`);
+      repository = await benchRepository({ env, sizeBytes: config.sizeBytes, reps: config.reps, peers: config.peers, accel: machine.accel === 'KVM' ? 'kvm' : 'qemu', log });
     }
     if (config.only.has('control')) {
       log(`§3 control plane (chain of ${config.chainLength})`);

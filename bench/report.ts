@@ -7,12 +7,15 @@ import type { ControlResults, Timing } from './control.js';
 import type { FullResults, Measured } from './full.js';
 import type { IncrementalCase } from './incremental.js';
 import type { MachineInfo } from './machine.js';
-import type { RepoResults } from './restore.js';
+import type { RepoResults } from './repository.js';
+import { repoAnalysis, repoSection, repoSummary, repoTargets } from './report-repository.js';
 import { fmtBytes, fmtMs, fmtPct, fmtRatio, fmtSummaryMs, GiB, mibPerSec, summarize } from './util.js';
 import { WRITE_CONFIGS, type WriteConfig, type WriteResults, type WriteSamples } from './writes.js';
 
 export interface BenchConfig {
   quick: boolean;
+  /** The repository section also runs virtnbdbackup and restic. */
+  peers: boolean;
   sizeBytes: number;
   reps: number;
   chainLength: number;
@@ -93,8 +96,7 @@ function headlines(r: BenchResults): Headline[] {
   }
   const rep = r.repository;
   if (rep !== undefined) {
-    out.push({ what: 'Restore vs `qemu-img convert` of the same chain', target: '–', measured: fmtRatio(speedRatio(rep.restoreMs, rep.convertMs)), ok: undefined });
-    out.push({ what: 'Verify (newest backup) vs `qemu-img compare` of the same chain', target: '–', measured: fmtRatio(speedRatio(rep.verifyLatestMs, rep.compareMs)), ok: undefined });
+    for (const t of repoTargets(rep)) out.push({ what: `§5 ${t.what}${t.target.startsWith('≤') && t.what.includes(' vs ') ? ' (time ratio)' : ''}`, target: t.target, measured: t.measured, ok: t.ok });
   }
   return out;
 }
@@ -123,10 +125,7 @@ export function printSummary(r: BenchResults, log: (line: string) => void): void
     log(`writes (${w.smallWrites} × 4 KiB via HMP): ${WRITE_CONFIGS.map((c) => `${c} ${cell(w.small[c].wallMs)}`).join(', ')}`);
     log(`qemu-img bench (${w.benchWrites} × 4 KiB): ${WRITE_CONFIGS.map((c) => `${c} ${cell(w.offline[c].wallMs)}`).join(', ')}`);
   }
-  const rep = r.repository;
-  if (rep !== undefined) {
-    log(`repository: restore ${cell(rep.restoreMs)} vs convert ${cell(rep.convertMs)}; verify ${cell(rep.verifyLatestMs)} vs compare ${cell(rep.compareMs)}`);
-  }
+  if (r.repository !== undefined) repoSummary(r.repository, log);
   log(`load average: start ${r.loadStart}, end ${r.loadEnd}; ${(r.durationMs / 60000).toFixed(1)} min`);
 }
 
@@ -382,33 +381,7 @@ ${table(['Configuration', '64 MiB write (HMP), wall', '4 KiB write (HMP), µs wa
 `);
   }
 
-  const rep = r.repository;
-  if (rep !== undefined) {
-    const v = rep.virtualBytes;
-    parts.push(`## 5. Repository: backup, restore, verify
-
-A repository chain of ${rep.chainFiles} push backups (\`repository.backup\`, end to end:
-job, manifest, content digest) of the ${size} disk of §1, which by now also
-holds §2's writes (the full backup stores ${fmtBytes(rep.fullDataBytes)} of data): a full,
-then ${rep.chainFiles - 1} incrementals after ${fmtBytes(rep.incrementalDirtyBytes)}
-(1 %) of spread writes each. Restore and verify use the newest backup (a
-chain of ${rep.chainFiles} files). Throughput is disk size ÷ time.
-
-${table(
-  ['Operation', 'Time', 'Throughput', 'Ratio'],
-  [
-    ['repository backup, full (1 run)', fmtMs(rep.backupFullMs), rate(v, [rep.backupFullMs]), '–'],
-    [`repository backup, incremental 1 % (${rep.backupIncrementalMs.length} runs)`, cell(rep.backupIncrementalMs), '–', f !== undefined ? `${fmtPct(med(rep.backupIncrementalMs) / rep.backupFullMs)} of the full` : '–'],
-    ['`repository.restore` (qcow2)', cell(rep.restoreMs), rate(v, rep.restoreMs), fmtRatio(speedRatio(rep.restoreMs, rep.convertMs))],
-    ['`qemu-img convert -O qcow2 TOP OUT` of the same chain', cell(rep.convertMs), rate(v, rep.convertMs), '1.00×'],
-    ['content digest of the restored image alone (part of restore)', cell(rep.digestMs), rate(v, rep.digestMs), '–'],
-    ['`repository.verify` of the newest backup', cell(rep.verifyLatestMs), rate(v, rep.verifyLatestMs), fmtRatio(speedRatio(rep.verifyLatestMs, rep.compareMs))],
-    ['`qemu-img compare TOP RESTORED`', cell(rep.compareMs), rate(v, rep.compareMs), '1.00×'],
-    [`\`repository.verify\` of all ${rep.chainFiles} backups`, cell(rep.verifyAllMs), rate(v * rep.chainFiles, rep.verifyAllMs), '–'],
-  ],
-)}
-`);
-  }
+  if (r.repository !== undefined) parts.push(repoSection(r.repository));
 
   parts.push(analysis(r));
   return `${parts.join('\n')}\n`;
@@ -468,9 +441,6 @@ left for the NBD client's owners.
     const small = inc.find((x) => x.fraction === 0.001 && x.pattern === 'spread');
     const one = inc.filter((x) => x.fraction === 0.01).map((x) => (f !== undefined ? med(x.pushMs) / med(f.push.ms) : Number.NaN));
     const worst = Math.max(...one);
-    const rp = r.repository;
-    const repoNote =
-      rp !== undefined ? ` (§5: ${fmtMs(med(rp.backupIncrementalMs))} for a 1 % incremental against ${fmtMs(rp.backupFullMs)} for the full)` : '';
     const sp = inc.find((x) => x.fraction === 0.01 && x.pattern === 'spread');
     const cl = inc.find((x) => x.fraction === 0.01 && x.pattern === 'clustered');
     const spreadVsClustered =
@@ -490,11 +460,7 @@ dirty bytes${spreadVsClustered}. A pull incremental adds starting and
 stopping qemu-nbd for the target and the NBD server teardown, and its copy
 runs at our NBD client's speed (see the full pull).
 
-At the repository level an incremental is *not* proportional to the dirty
-data: \`repository.backup\` records a content digest of the whole disk for
-every backup, read through the backup chain${repoNote}. Making it proportional needs the digest's per-block hashes
-stored with each backup, so that an incremental rehashes only the blocks
-its dirty extents touch (a repository format change, not done here).
+The repository's incrementals (§5) read only the dirty chunks too.
 `);
   }
   const ctl = r.control;
@@ -534,22 +500,7 @@ ${over('flat-100').toFixed(1)} µs with 100 recording bitmaps (flat model); the 
 load and store them when the image is opened and closed. ${conclusion}
 `);
   }
-  const rep = r.repository;
-  if (rep !== undefined) {
-    out.push(`**Restore (${fmtRatio(speedRatio(rep.restoreMs, rep.convertMs))} of \`qemu-img convert\`) and verify (${fmtRatio(speedRatio(rep.verifyLatestMs, rep.compareMs))} of \`qemu-img compare\`).**
-A restore is \`qemu-img convert\` of the chain followed by the content digest
-of the result, checked against the manifest, so it costs the convert plus
-the digest (${cell(rep.digestMs)} alone); both converts write gigabytes into
-fresh memory here (see Machine), which makes them slower and noisier than in
-§1. Verify is \`qemu-img check\` plus
-the digest of the chain. The digest streams the whole logical disk, holes
-included, from \`nbdcopy\` through a pipe and hashes it in one thread, while
-\`qemu-img compare\` skips what is unallocated in both images. Reading through
-our NBD client with block status and hashing zero extents without reading
-them would remove about half the work for a half-empty disk (the digest's
-definition would not change).
-`);
-  }
+  if (r.repository !== undefined) out.push(repoAnalysis(r.repository));
   out.push(`## Changes made in src/ for this benchmark
 
 - \`src/nbd/client.ts\` \`read()\`: a reply that is a single data chunk covering

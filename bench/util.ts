@@ -4,7 +4,7 @@
 // reported, never pass/fail.
 
 import { spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { closeSync, existsSync, openSync } from 'node:fs';
 import { performance } from 'node:perf_hooks';
 
 export const KiB = 1024;
@@ -48,14 +48,23 @@ export interface RunResult {
 }
 
 /** Runs a command to completion; rejects on a non-zero exit with its stderr. */
-export function run(command: string, args: readonly string[], options: { env?: NodeJS.ProcessEnv; cwd?: string } = {}): Promise<RunResult> {
+export interface RunOptions {
+  env?: NodeJS.ProcessEnv;
+  cwd?: string;
+  /** A file the command reads as its standard input (default: none). */
+  stdinFile?: string;
+}
+
+export function run(command: string, args: readonly string[], options: RunOptions = {}): Promise<RunResult> {
   return new Promise((resolve, reject) => {
+    const stdin = options.stdinFile !== undefined ? openSync(options.stdinFile, 'r') : 'ignore';
     const t0 = performance.now();
-    const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], env: options.env ?? process.env, ...(options.cwd !== undefined ? { cwd: options.cwd } : {}) });
+    const child = spawn(command, args, { stdio: [stdin, 'pipe', 'pipe'], env: options.env ?? process.env, ...(options.cwd !== undefined ? { cwd: options.cwd } : {}) });
+    if (typeof stdin === 'number') closeSync(stdin); // the child has its own copy
     const out: Buffer[] = [];
     const err: Buffer[] = [];
-    child.stdout.on('data', (b: Buffer) => out.push(b));
-    child.stderr.on('data', (b: Buffer) => err.push(b));
+    child.stdout?.on('data', (b: Buffer) => out.push(b));
+    child.stderr?.on('data', (b: Buffer) => err.push(b));
     child.on('error', reject);
     child.on('close', (code, signal) => {
       const ms = performance.now() - t0;
@@ -73,9 +82,9 @@ const TIME_TOOL = existsSync('/usr/bin/time') ? '/usr/bin/time' : undefined;
  * Runs a command and also returns its user + system CPU time (ms) when
  * /usr/bin/time is there (NaN otherwise).
  */
-export async function runWithCpu(command: string, args: readonly string[]): Promise<RunResult & { cpuMs: number }> {
-  if (TIME_TOOL === undefined) return { ...(await run(command, args)), cpuMs: Number.NaN };
-  const r = await run(TIME_TOOL, ['-f', 'QBTIME %U %S', command, ...args]);
+export async function runWithCpu(command: string, args: readonly string[], options: RunOptions = {}): Promise<RunResult & { cpuMs: number }> {
+  if (TIME_TOOL === undefined) return { ...(await run(command, args, options)), cpuMs: Number.NaN };
+  const r = await run(TIME_TOOL, ['-f', 'QBTIME %U %S', command, ...args], options);
   const m = /QBTIME ([\d.]+) ([\d.]+)\s*$/.exec(r.stderr);
   return { ...r, cpuMs: m !== null ? (Number(m[1]) + Number(m[2])) * 1000 : Number.NaN };
 }

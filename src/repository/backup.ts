@@ -41,7 +41,7 @@ export interface RepoBackupOptions {
   full?: boolean;
   /** Only these disks (default: every writable disk). */
   disks?: string[];
-  /** Worker threads that hash and compress (default 2). */
+  /** Worker threads that hash and compress (default 2); a disk with little to read (an incremental of a few dirty MiB) is done on the main thread without starting them. */
   workers?: number;
   onProgress?: (p: Progress) => void;
 }

@@ -1,8 +1,11 @@
 // Turns chunks read from a VM into stored chunks, on worker threads: each
 // batch is hashed in a worker, the main thread decides which chunks are new
 // (zero chunks and chunks the repository has are not stored), and the same
-// worker compresses and encrypts just those. With no workers it all runs on
-// the main thread (small jobs and tests).
+// worker compresses and encrypts just those. With no workers, or for a batch
+// the caller marks inline, it all runs on the main thread (small jobs and
+// tests). Workers start with the first batch that needs them: starting one
+// costs more than hashing and compressing a few MiB, so a backup with little
+// to read never pays for them.
 //
 // Invariants:
 // - A batch goes to one worker for both steps (the worker keeps its chunks
@@ -32,13 +35,19 @@ export interface StoreResult {
 export class ChunkPool {
   private readonly slots: Slot[] = [];
   private seq = 0;
+  private started = false;
+  private closed = false;
 
   constructor(
     private readonly store: Store,
-    workers: number,
-  ) {
+    private readonly workers: number,
+  ) {}
+
+  private start(): void {
+    this.started = true;
+    const store = this.store;
     const init: WorkerInit = { level: 1, ...(store.key !== undefined ? { dataKey: store.key.dataKey, idKey: store.key.idKey } : {}) };
-    for (let i = 0; i < workers; i++) {
+    for (let i = 0; i < this.workers; i++) {
       const worker = new Worker(new URL('./chunk-worker.js', import.meta.url), { workerData: init });
       const slot: Slot = { worker, busy: 0, waiters: new Map() };
       worker.on('message', (reply: WorkerReply) => {
@@ -55,9 +64,15 @@ export class ChunkPool {
     }
   }
 
-  /** Hashes `chunks`, stores the new ones through `writer`, and returns every chunk's id. */
-  async storeChunks(chunks: Buffer[], writer: ChunkWriter): Promise<StoreResult> {
-    if (this.slots.length === 0) return this.storeInline(chunks, writer);
+  /**
+   * Hashes `chunks`, stores the new ones through `writer`, and returns every
+   * chunk's id. With `inline` the batch is done on this thread (the caller
+   * knows there is too little work to be worth starting the workers).
+   */
+  async storeChunks(chunks: Buffer[], writer: ChunkWriter, options: { inline?: boolean } = {}): Promise<StoreResult> {
+    assert(!this.closed, 'storeChunks after close');
+    if (options.inline === true || this.workers === 0) return this.storeInline(chunks, writer);
+    if (!this.started) this.start();
     const slot = this.slots.reduce((a, b) => (b.busy < a.busy ? b : a));
     const seq = this.seq++;
     slot.busy++;
@@ -118,6 +133,7 @@ export class ChunkPool {
   }
 
   async close(): Promise<void> {
+    this.closed = true;
     await Promise.all(this.slots.map((s) => s.worker.terminate()));
     this.slots.length = 0;
   }
