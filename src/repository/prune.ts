@@ -34,8 +34,14 @@ const PERIODS: Array<{ rule: keyof RetentionPolicy; name: string; bucket: (d: Da
   { rule: 'keepYearly', name: 'yearly', bucket: (d) => d.toISOString().slice(0, 4) },
 ];
 
+/** The policy's rules that are set. Only the rule fields count: callers pass wider objects (the repository, the passphrase, dryRun). */
+function setRules(policy: RetentionPolicy): Array<[keyof RetentionPolicy, number | undefined]> {
+  const names: Array<keyof RetentionPolicy> = ['keepLast', ...PERIODS.map((p) => p.rule)];
+  return names.map((rule): [keyof RetentionPolicy, number | undefined] => [rule, policy[rule]]).filter(([, v]) => v !== undefined);
+}
+
 export function validatePolicy(policy: RetentionPolicy): void {
-  const rules = Object.entries(policy).filter(([, v]) => v !== undefined);
+  const rules = setRules(policy);
   if (rules.length === 0) throw new QbackupError('INVALID_ARGUMENT', 'Give a retention policy (--keep-last, --keep-daily, …): without one every backup would go');
   for (const [rule, v] of rules) {
     if (!Number.isSafeInteger(v) || (v as number) < 0) throw new QbackupError('INVALID_ARGUMENT', `Invalid ${rule} ${String(v)}: use a whole number of backups`);
