@@ -71,7 +71,9 @@ describe('HTTP API (real daemon, real QEMU)', () => {
     assertError(await api.post('/api/repository/backups', { domain: 'vm1' }), 400, 'INVALID_ARGUMENT', /missing field "repo"/);
     assertError(await api.post('/api/domains', { xml: 'x'.repeat(2 << 20) }), 413, 'REQUEST_TOO_LARGE');
     assertError(await api.get('/api/domains/..%2F..%2Fetc'), 400, 'INVALID_NAME', /Invalid domain name "..\/..\/etc"/);
-    assertError(await api.get('/api/domains/vm1/checkpoints/..%2Fx'), 400, 'INVALID_NAME');
+    // a checkpoint name is only looked up (never a path), so a traversal is simply not found
+    assertError(await api.get('/api/domains/vm1/checkpoints/..%2Fx'), 404, 'CHECKPOINT_NOT_FOUND', /no checkpoint "..\/x"/);
+    assertError(await api.post('/api/domains/vm1/checkpoints', { name: '../x' }), 400, 'INVALID_NAME');
     assertError(await api.get('/api/domains/nosuch'), 404, 'DOMAIN_NOT_FOUND', /"nosuch"/);
     assertError(await api.get('/api/nothing-here'), 404, 'ROUTE_NOT_FOUND');
     assertError(await api.request('POST', '/api/domains', { raw: { body: '<domain><name>x</name>', type: 'application/xml' } }), 400, 'INVALID_XML');
