@@ -91,6 +91,9 @@ export function httpError(err: unknown): { status: number; body: ErrorBody; inte
   if (e instanceof Error && e.code === 'FST_ERR_CTP_BODY_TOO_LARGE') {
     return { status: 413, body: { code: 'REQUEST_TOO_LARGE', message: 'The request body is larger than the daemon accepts' }, internal: false };
   }
+  if (e instanceof Error && e.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') {
+    return { status: 415, body: { code: 'INVALID_ARGUMENT', message: 'The request body has a content type the API does not take: send application/json (or application/xml where libvirt XML is accepted)' }, internal: false };
+  }
   if (e instanceof Error && typeof e.statusCode === 'number' && e.statusCode >= 400 && e.statusCode < 500) {
     return { status: e.statusCode, body: { code: 'INVALID_ARGUMENT', message: sentence(e.message) }, internal: false };
   }

@@ -73,6 +73,11 @@ export function addRoute<P, Q, B>(app: FastifyInstance, service: QbackupService,
       ...(spec.body !== undefined ? { body: spec.body } : {}),
       response: { '4XX': ERROR_BODY_SCHEMA, '5XX': ERROR_BODY_SCHEMA },
     },
+    // No body at all is an empty object, so a POST with only optional
+    // fields needs none, and a missing required field is named as such.
+    preValidation: async (request) => {
+      if (spec.body !== undefined && request.body === undefined) request.body = {};
+    },
     handler: async (request, reply) => {
       const result = await spec.handler(
         { params: request.params as P, query: request.query as Q, body: request.body as B, who: request.tokenName ?? '', request, reply },

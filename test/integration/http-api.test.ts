@@ -69,6 +69,8 @@ describe('HTTP API (real daemon, real QEMU)', () => {
     assertError(await api.post('/api/domains/vm1/checkpoints', { name: 'c0', colour: 'red' }), 400, 'INVALID_ARGUMENT', /unknown field "colour"/);
     assertError(await api.post('/api/domains/vm1/start', { paused: 'yes' }), 400, 'INVALID_ARGUMENT', /field "paused": expected boolean/);
     assertError(await api.post('/api/repository/backups', { domain: 'vm1' }), 400, 'INVALID_ARGUMENT', /missing field "repo"/);
+    assertError(await api.post('/api/repository/backups'), 400, 'INVALID_ARGUMENT', /missing field "domain"/);
+    assertError(await api.request('POST', '/api/repository/gc', { raw: { body: 'repo=/x', type: 'application/x-www-form-urlencoded' } }), 415, 'INVALID_ARGUMENT', /application\/json/);
     assertError(await api.post('/api/domains', { xml: 'x'.repeat(2 << 20) }), 413, 'REQUEST_TOO_LARGE');
     assertError(await api.get('/api/domains/..%2F..%2Fetc'), 400, 'INVALID_NAME', /Invalid domain name "..\/..\/etc"/);
     // a checkpoint name is only looked up (never a path), so a traversal is simply not found
@@ -144,6 +146,14 @@ describe('HTTP API (real daemon, real QEMU)', () => {
     assert.equal(done['checkpoint'], 'j1');
     assert.ok(existsSync(env.path('push-sda.qcow2')));
     await api.delete('/api/domains/vm1/checkpoints/j1');
+  });
+
+  test('start and shutdown need no body', async () => {
+    await env.defineDomain('vm3', [{ target: 'sda' }]);
+    const started = await api.post('/api/domains/vm3/start');
+    assert.equal(started.status, 200, started.text);
+    assert.equal(obj(started)['state'], 'running');
+    assert.equal(obj(await api.post('/api/domains/vm3/shutdown'))['state'], 'shut off');
   });
 
   test('repository: backup as a task with live progress, one at a time per domain, list, stats, verify, restore, prune, gc', async () => {
