@@ -11,6 +11,7 @@ import type { FastifyInstance } from 'fastify';
 import { QbackupError, describeError } from '../errors.js';
 import type { Qbackup } from '../qbackup.js';
 import { QbackupService, type ServiceOptions } from '../service/service.js';
+import type { RateLimitOptions } from './rate-limit.js';
 import { buildServer } from './server.js';
 
 export interface DaemonOptions extends ServiceOptions {
@@ -20,6 +21,7 @@ export interface DaemonOptions extends ServiceOptions {
   tlsKeyFile?: string;
   bodyLimitBytes?: number;
   version?: string;
+  rateLimit?: RateLimitOptions;
 }
 
 export interface Daemon {
@@ -71,6 +73,7 @@ export async function startDaemon(qb: Qbackup, options: DaemonOptions = {}): Pro
     ...(options.log !== undefined ? { log: options.log } : {}),
     ...(https !== undefined ? { https } : {}),
     ...(options.version !== undefined ? { version: options.version } : {}),
+    ...(options.rateLimit !== undefined ? { rateLimit: options.rateLimit } : {}),
   });
   try {
     await app.listen({ host, port });

@@ -11,6 +11,7 @@ import type { QbackupService } from '../service/service.js';
 import { installAuth } from './auth.js';
 import { ERROR_BODY_SCHEMA, httpError } from './errors.js';
 import { PAGE_HTML } from './page.js';
+import { RateLimiter, type RateLimitOptions } from './rate-limit.js';
 import { checkpointRoutes } from './routes-checkpoints.js';
 import { domainRoutes } from './routes-domains.js';
 import { jobRoutes } from './routes-jobs.js';
@@ -24,6 +25,8 @@ export interface ServerOptions {
   log?: (line: string) => void;
   https?: { cert: Buffer; key: Buffer };
   version?: string;
+  /** Requests per second per client address, and the burst allowed (default 50/s, 500). */
+  rateLimit?: RateLimitOptions;
 }
 
 // Long: the one place that assembles the application, in the order fastify needs.
@@ -48,6 +51,8 @@ export async function buildServer(service: QbackupService, options: ServerOption
   app.addHook('onResponse', async (request, reply) => {
     log(`${request.method} ${request.url.split('?')[0] ?? ''} ${reply.statusCode} ${reply.elapsedTime.toFixed(1)}ms token=${request.tokenName ?? '-'}`);
   });
+  const limiter = new RateLimiter(options.rateLimit ?? { ratePerSec: 50, burst: 500 });
+  app.addHook('onRequest', async (request) => limiter.take(request.ip));
   installAuth(app, service.tokens);
   await app.register(swagger, {
     openapi: {

@@ -87,4 +87,19 @@ describe('service CLI: token, schedule, serve', () => {
       await daemon.close();
     }
   });
+
+  test('a client over its rate limit gets 429 with one sentence', async () => {
+    const daemon = await startDaemon(env.qb, { listen: '127.0.0.1:0', schedulerIntervalMs: 0, rateLimit: { ratePerSec: 0.001, burst: 2 } });
+    try {
+      const token = daemon.service.tokens.create('rl').token;
+      const get = (): Promise<Response> => fetch(`${daemon.url}/api/domains`, { headers: { authorization: `Bearer ${token}` } });
+      assert.equal((await get()).status, 200);
+      assert.equal((await get()).status, 200);
+      const limited = await get();
+      assert.equal(limited.status, 429);
+      assert.deepEqual(await limited.json(), { code: 'RATE_LIMITED', message: 'Too many requests from 127.0.0.1: at most 0.001 a second (bursts of 2); retry later' });
+    } finally {
+      await daemon.close();
+    }
+  });
 });

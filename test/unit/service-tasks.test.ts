@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { ERROR_CODES, type ErrorCode } from '../../src/errors.js';
 import { HTTP_STATUS, httpError } from '../../src/http/errors.js';
+import { RateLimiter } from '../../src/http/rate-limit.js';
 import { Scheduler, Schedules, cronFor } from '../../src/service/schedules.js';
 import { TaskManager } from '../../src/service/tasks.js';
 import { openDatabase, type Db } from '../../src/store/db.js';
@@ -152,5 +153,16 @@ describe('HTTP error table', () => {
     assert.deepEqual(httpError(new QbackupError('DOMAIN_LOCKED', 'Domain "a" is busy')), { status: 409, body: { code: 'DOMAIN_LOCKED', message: 'Domain "a" is busy' }, internal: false });
     assert.equal(httpError(new Error('boom')).status, 500);
     assert.equal(httpError(new Error('boom')).internal, true);
+  });
+});
+
+describe('rate limit', () => {
+  test('a burst is allowed, then requests wait for tokens to come back', () => {
+    const limiter = new RateLimiter({ ratePerSec: 2, burst: 3 });
+    for (let i = 0; i < 3; i++) limiter.take('a', 0);
+    assert.throws(() => limiter.take('a', 0), (e: unknown) => e instanceof QbackupError && e.code === 'RATE_LIMITED' && /Too many requests from a/.test(e.message));
+    limiter.take('b', 0);
+    limiter.take('a', 500);
+    assert.throws(() => limiter.take('a', 500));
   });
 });
