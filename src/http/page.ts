@@ -3,7 +3,10 @@
 // offline). It asks for an API token (kept in the browser's localStorage),
 // then shows domains with their state, disks and last backup in the chosen
 // repository, a "Back up now" button whose progress bar follows the task's
-// event stream, the recent tasks and the schedules.
+// event stream, each domain's checkpoint chain with, per disk, whether an
+// incremental since each checkpoint is possible and why not, the backups
+// with their sizes and the repository's dedup, Verify and Restore buttons,
+// the recent tasks and the schedules.
 
 export const PAGE_HTML = `<!doctype html>
 <html lang="en">
@@ -24,6 +27,11 @@ export const PAGE_HTML = `<!doctype html>
   .state-running { color: #070; } .state-failed { color: #b00; } .state-succeeded { color: #070; }
   .muted { color: #777; } .err { color: #b00; }
   #settings label { margin-right: 1em; }
+  .chain { display: flex; flex-wrap: wrap; align-items: flex-start; gap: .3em; margin: .3em 0; }
+  .ckpt { border: 1px solid #bbb; border-radius: 4px; padding: .2em .5em; font-size: .9em; }
+  .ckpt.current { border-color: #06c; }
+  .arrow { color: #999; align-self: center; }
+  .inc { color: #070; } .full { color: #b60; }
 </style>
 </head>
 <body>
@@ -37,6 +45,12 @@ export const PAGE_HTML = `<!doctype html>
 <p id="error" class="err"></p>
 <h2>Domains</h2>
 <table id="domains"><thead><tr><th>Name</th><th>State</th><th>Disks</th><th>Last backup</th><th></th><th>Progress</th></tr></thead><tbody></tbody></table>
+<h2>Checkpoint chains</h2>
+<p class="muted">Per disk: can a backup since the checkpoint be incremental, and if not, why (the newest 8 checkpoints of each domain).</p>
+<div id="chains"></div>
+<h2>Backups <button id="verify">Verify repository</button></h2>
+<p id="stats" class="muted"></p>
+<table id="backups"><thead><tr><th>Backup</th><th>Domain</th><th>Time</th><th>Disks</th><th>Read</th><th>Stored</th><th></th></tr></thead><tbody></tbody></table>
 <h2>Tasks</h2>
 <table id="tasks"><thead><tr><th>Task</th><th>Kind</th><th>Domain</th><th>State</th><th>Progress</th><th>Started</th><th>Message</th></tr></thead><tbody></tbody></table>
 <h2>Schedules</h2>
@@ -74,8 +88,8 @@ async function lastBackups() {
   } catch (err) { return new Map(); }
 }
 
-async function renderDomains() {
-  const [domains, last] = await Promise.all([api("GET", "/api/domains?all=true"), lastBackups()]);
+async function renderDomains(domains) {
+  const last = await lastBackups();
   const body = $("domains").tBodies[0];
   for (const d of domains) {
     let row = body.querySelector('tr[data-domain="' + CSS.escape(d.name) + '"]');
@@ -132,6 +146,49 @@ async function follow(id, row) {
   refresh();
 }
 
+async function renderChains(domains) {
+  const parts = [];
+  for (const d of domains) {
+    const list = await api("GET", "/api/domains/" + encodeURIComponent(d.name) + "/checkpoints?topological=true");
+    const shown = list.slice(-8);
+    const boxes = [];
+    for (const c of shown) {
+      let cov = "";
+      try {
+        const disks = await api("GET", "/api/domains/" + encodeURIComponent(d.name) + "/checkpoints/" + encodeURIComponent(c.name) + "/coverage");
+        cov = disks.map((x) => x.mode === "incremental" ? "<div class='inc'>" + esc(x.target) + ": incremental</div>" : "<div class='full' title='" + esc(x.reasons.map((r) => r.code + ": " + r.detail).join("; ")) + "'>" + esc(x.target) + ": full (" + esc(x.reasons.map((r) => r.code).join(", ")) + ")</div>").join("");
+      } catch (err) { cov = "<div class='err'>" + esc(err.message) + "</div>"; }
+      boxes.push("<div class='ckpt" + (c.current ? " current" : "") + "' data-checkpoint='" + esc(c.name) + "'><b>" + esc(c.name) + "</b>" + (c.parent ? " <span class='muted'>&larr; " + esc(c.parent) + "</span>" : "") + cov + "</div>");
+    }
+    parts.push("<div data-chain='" + esc(d.name) + "'><b>" + esc(d.name) + "</b>" + (list.length > shown.length ? " <span class='muted'>(" + (list.length - shown.length) + " older)</span>" : "") + "<div class='chain'>" + (boxes.length ? boxes.join("<span class='arrow'>&rarr;</span>") : "<span class='muted'>no checkpoints</span>") + "</div></div>");
+  }
+  $("chains").innerHTML = parts.join("");
+}
+
+async function renderBackups() {
+  if (!repoInput.value) { $("backups").tBodies[0].innerHTML = ""; $("stats").textContent = "Set a repository to see its backups."; return; }
+  const q = "?repo=" + encodeURIComponent(repoInput.value);
+  let list, stats;
+  try { [list, stats] = await Promise.all([api("GET", "/api/repository/backups" + q), api("GET", "/api/repository/stats" + q)]); }
+  catch (err) { $("stats").textContent = err.message; $("backups").tBodies[0].innerHTML = ""; return; }
+  $("stats").textContent = stats.backups + " backups, " + mib(stats.logicalBytes) + " logical, " + mib(stats.storedChunkBytes) + " stored; dedup " + stats.dedupRatio.toFixed(2) + ", compression " + stats.compressionRatio.toFixed(2);
+  $("backups").tBodies[0].innerHTML = list.slice().reverse().map((m) =>
+    "<tr data-backup='" + esc(m.id) + "'><td>" + esc(m.id) + "</td><td>" + esc(m.domain) + "</td><td>" + esc(m.time) + "</td><td>" + m.disks.map((x) => esc(x.target + ":" + x.level) + (x.fullReason ? " <span class='muted'>(" + esc(x.fullReason) + ")</span>" : "")).join(" ") +
+    "</td><td>" + mib(m.disks.reduce((a, x) => a + x.bytesRead, 0)) + "</td><td>" + mib(m.disks.reduce((a, x) => a + x.bytesStored, 0)) + "</td><td><button data-restore='" + esc(m.id) + "' data-domain='" + esc(m.domain) + "'>Restore…</button></td></tr>").join("");
+  for (const b of $("backups").querySelectorAll("button[data-restore]")) b.addEventListener("click", () => restore(b.dataset.domain, b.dataset.restore));
+}
+
+async function restore(domain, backup) {
+  const to = prompt("Restore backup " + backup + " of " + domain + " as qcow2 images into this directory (on the daemon's machine):");
+  if (!to) return;
+  try { await api("POST", "/api/repository/restore", { domain, repo: repoInput.value, backup, to }); refresh(); } catch (err) { showError(err); }
+}
+
+$("verify").addEventListener("click", async () => {
+  if (!repoInput.value) { showError("Set a repository first"); return; }
+  try { await api("POST", "/api/repository/verify", { repo: repoInput.value }); refresh(); } catch (err) { showError(err); }
+});
+
 async function renderTasks() {
   const tasks = await api("GET", "/api/tasks?limit=20");
   $("tasks").tBodies[0].innerHTML = tasks.map((t) => {
@@ -152,16 +209,23 @@ async function renderSchedules() {
     "<tr><td>" + esc(s.id) + "</td><td>" + esc(s.domain) + "</td><td>" + esc(s.when) + "</td><td>" + esc(s.repo) + "</td><td>" + esc(JSON.stringify(s.retention || {})) + "</td><td>" + esc(time(s.nextRunMs)) + "</td></tr>").join("");
 }
 
+let refreshing = false;
 async function refresh() {
   if (!tokenInput.value) { $("who").textContent = "enter a token (qbackup token create NAME)"; return; }
+  if (refreshing) return;
+  refreshing = true;
   try {
     const who = await api("GET", "/api/whoami");
     $("who").textContent = "signed in as " + who.name + (who.readOnly ? " (read-only)" : "");
-    await renderDomains();
+    const domains = await api("GET", "/api/domains?all=true");
+    await renderDomains(domains);
     await renderTasks();
+    await renderChains(domains);
+    await renderBackups();
     await renderSchedules();
     document.body.dataset.ready = "1";
   } catch (err) { showError(err); }
+  finally { refreshing = false; }
 }
 
 $("save").addEventListener("click", () => {

@@ -30,7 +30,7 @@ export function domainRoutes(app: FastifyInstance, service: QbackupService): voi
     handler: ({ body }) => qb.domains.define(xmlOf(body)),
   });
   addRoute<DomainParams, unknown, unknown>(app, service, {
-    method: 'GET', url: '/api/domains/:domain', tag, params: domainParams, summary: 'A domain: state, disks and the backup job if one runs',
+    method: 'GET', url: '/api/domains/:domain', tag, params: domainParams, summary: 'A domain: its state and disks',
     handler: ({ params }) => ({ ...qb.domains.info(params.domain), disks: qb.domains.blockList(params.domain) }),
   });
   addRoute<DomainParams, unknown, unknown>(app, service, {

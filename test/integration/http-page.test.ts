@@ -2,7 +2,8 @@
 // playwright-core; nothing is downloaded) against a real daemon and a real
 // domain: sign in with a token, press "Back up now", see the progress bar
 // fed by the task's event stream reach the end and the backup appear in the
-// domain's row. A screenshot is kept in test-output/http-page.png.
+// domain's row, in the backups table, and its checkpoint in the chain with
+// the disk's coverage. A screenshot is kept in test-output/http-page.png.
 // Without /usr/bin/chromium the test is skipped, except under CI, where
 // .ci/run installs it.
 
@@ -63,6 +64,10 @@ describe('the web page (real browser, real daemon, real QEMU)', { skip }, () => 
     assert.ok(manifest !== undefined);
     await page.waitForFunction(`document.querySelector('tr[data-domain="vm1"]').textContent.includes(${JSON.stringify(manifest.id)})`, undefined, { timeout: 10_000 });
     await page.waitForFunction(`document.querySelector('#tasks tbody').textContent.includes('repository.backup')`);
+    // the backups table lists it with its sizes, and the chain shows its checkpoint with the disk's coverage
+    await page.waitForFunction(`!!document.querySelector('#backups tr[data-backup=${JSON.stringify(manifest.id)}]')`, undefined, { timeout: 10_000 });
+    await page.waitForFunction(`(document.querySelector('#chains [data-checkpoint=${JSON.stringify(manifest.checkpoint)}]')?.textContent ?? '').includes('sda: incremental')`, undefined, { timeout: 10_000 });
+    assert.match((await page.textContent('#stats')) ?? '', /^1 backups, .* dedup \d/);
     const outDir = join(repoRoot, 'test-output');
     mkdirSync(outDir, { recursive: true });
     await page.screenshot({ path: join(outDir, 'http-page.png'), fullPage: true });
