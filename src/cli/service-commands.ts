@@ -73,9 +73,11 @@ export const serviceCommands: readonly CliCommand[] = [
 
   defineCommand({
     name: 'schedule',
-    description: 'manage backup schedules the daemon runs: add DOMAIN --when W --repo DIR [--keep-…], list, remove ID',
+    description: 'manage schedules the daemon runs: add DOMAIN --when W --repo DIR [--keep-…] (a backup with retention), add [DOMAIN] --run verify|gc --when W --repo DIR, list, remove ID',
     args: { action: arg('action', 'add, list or remove'), target: optionalArg('target', 'the domain (add) or the schedule id (remove)') },
     options: {
+      run: valueWithDefault('--run <what>', 'backup, verify or gc', 'backup'),
+      readDataSubset: value('--read-data-subset <percent>', 'verify: also read back this share of the chunks (e.g. 10%)'),
       when: value('--when <schedule>', 'cron pattern ("0 2 * * *") or "daily 02:00", "weekly sun 03:00", "hourly :15"'),
       repo: value('--repo <dir>', 'repository directory'),
       passwordFile: value('--password-file <file>', 'passphrase file of an encrypted repository (read at each run)'),
@@ -95,28 +97,40 @@ export const serviceCommands: readonly CliCommand[] = [
         emit(out, list, () => scheduleTable(list));
         return;
       }
-      if (args.target === undefined) throw new QbackupError('INVALID_ARGUMENT', action === 'add' ? 'Give the domain to schedule' : 'Give the id of the schedule to remove (see qbackup schedule list)');
       if (action === 'remove') {
+        if (args.target === undefined) throw new QbackupError('INVALID_ARGUMENT', 'Give the id of the schedule to remove (see qbackup schedule list)');
         schedules.remove(args.target);
         emit(out, { id: args.target, removed: true }, () => `Removed schedule ${args.target ?? ''}`);
         return;
       }
+      const what = oneOf('--run', o.run, ['backup', 'verify', 'gc']);
       if (o.when === undefined || o.repo === undefined) throw new QbackupError('INVALID_ARGUMENT', 'schedule add needs --when and --repo');
       const retention: RetentionPolicy = {};
       for (const rule of RULES) {
         const v = o[rule];
         if (v !== undefined) retention[rule] = /^\d+$/.test(v) ? Number(v) : NaN;
       }
-      const s = schedules.add({ domain: args.target, when: o.when, repo: resolve(o.repo), ...(o.passwordFile !== undefined ? { passwordFile: resolve(o.passwordFile) } : {}), ...(o.full ? { full: true } : {}), ...(Object.keys(retention).length > 0 ? { retention } : {}) });
-      emit(out, s, () => `Added schedule ${s.id}: back up ${s.domain} ${s.when} (cron "${s.cron}") into ${s.repo}; next run ${s.nextRunMs !== null ? new Date(s.nextRunMs).toISOString() : 'never'}`);
+      const percent = o.readDataSubset !== undefined ? Number(o.readDataSubset.replace(/%$/, '')) : undefined;
+      const s = schedules.add({
+        action: what,
+        ...(args.target !== undefined ? { domain: args.target } : {}),
+        when: o.when,
+        repo: resolve(o.repo),
+        ...(o.passwordFile !== undefined ? { passwordFile: resolve(o.passwordFile) } : {}),
+        ...(o.full ? { full: true } : {}),
+        ...(Object.keys(retention).length > 0 ? { retention } : {}),
+        ...(percent !== undefined ? { readDataPercent: percent } : {}),
+      });
+      const subject = s.action === 'backup' ? `back up ${s.domain ?? ''}` : `${s.action ?? ''}${s.domain !== undefined ? ` ${s.domain}` : ''}`;
+      emit(out, s, () => `Added schedule ${s.id}: ${subject} ${s.when} (cron "${s.cron}") in ${s.repo}; next run ${s.nextRunMs !== null ? new Date(s.nextRunMs).toISOString() : 'never'}`);
     },
   }),
 ];
 
 function scheduleTable(list: readonly ScheduleInfo[]): string {
   return table(
-    ['Id', 'Domain', 'When', 'Repository', 'Retention', 'Next run'],
-    list.map((s) => [s.id, s.domain, s.when, s.repo, Object.entries(s.retention ?? {}).map(([k, v]) => `${k}=${String(v)}`).join(' ') || '-', s.nextRunMs !== null ? new Date(s.nextRunMs).toISOString() : '-']),
+    ['Id', 'Action', 'Domain', 'When', 'Repository', 'Retention', 'Next run'],
+    list.map((s) => [s.id, s.action ?? 'backup', s.domain ?? '-', s.when, s.repo, Object.entries(s.retention ?? {}).map(([k, v]) => `${k}=${String(v)}`).join(' ') || '-', s.nextRunMs !== null ? new Date(s.nextRunMs).toISOString() : '-']),
   );
 }
 

@@ -91,16 +91,7 @@ function longRepositoryRoutes(app: FastifyInstance, service: QbackupService): vo
     body: object({ repo, domain: str({ maxLength: 256 }), backup: str({ maxLength: 256 }), readData: bool, readDataPercent: { type: 'number', exclusiveMinimum: 0, maximum: 100 } }, ['repo']),
     handler: ({ body: b, request, who }) => {
       if (b.backup !== undefined && b.domain === undefined) throw new QbackupError('INVALID_ARGUMENT', 'Option backup needs a domain');
-      return tasks.submit({
-        kind: 'repository.verify', requestedBy: who,
-        run: async (ctx) => {
-          const report = await qb.repository.verify(access(request, b.repo), { ...(b.domain !== undefined ? { domain: b.domain } : {}), ...(b.backup !== undefined ? { backup: b.backup } : {}), readData: b.readData === true || b.readDataPercent !== undefined, ...(b.readDataPercent !== undefined ? { readDataPercent: b.readDataPercent } : {}), onProgress: (done, total) => ctx.progress({ phase: 'verify', doneBytes: done, totalBytes: total }) });
-          for (const p of report.problems) ctx.log(`DAMAGED ${p.object}: ${p.problem}; used by ${p.backups.join(', ')}`);
-          const first = report.problems[0];
-          if (first !== undefined) throw new QbackupError('VERIFY_FAILED', `Verification found ${report.problems.length} problem(s); first: ${first.object} (used by ${first.backups.join(', ')}): ${first.problem}`);
-          return report;
-        },
-      });
+      return service.verify({ ...access(request, b.repo), ...(b.domain !== undefined ? { domain: b.domain } : {}), ...(b.backup !== undefined ? { backup: b.backup } : {}), ...(b.readData !== undefined ? { readData: b.readData } : {}), ...(b.readDataPercent !== undefined ? { readDataPercent: b.readDataPercent } : {}), requestedBy: who });
     },
   });
   addRoute<unknown, unknown, PruneBody>(app, service, {

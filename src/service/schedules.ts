@@ -1,6 +1,7 @@
-// Backup schedules with retention: per domain, when to back up (a cron
-// pattern, or "daily 02:00", "weekly sun 03:00", "hourly :15"), into which
-// repository, and which backups to keep afterwards. The Scheduler decides
+// Schedules: per domain, when to back up (a cron pattern, or "daily
+// 02:00", "weekly sun 03:00", "hourly :15"), into which repository, and
+// which backups to keep afterwards (retention); and per repository, when to
+// verify it or collect its garbage. The Scheduler decides
 // which schedules are due; it takes its clock as a parameter (tests move
 // time for the scheduler only) and hands due runs to a callback (the
 // daemon turns them into tasks).
@@ -8,8 +9,9 @@
 // Invariants:
 // - A run missed while the daemon was down runs once at the next tick, not
 //   once per missed slot: after a run the schedule's last run is "now".
-// - A due schedule whose domain already has a backup under way is skipped
-//   (and counted as run), so one domain never gets two backups at once.
+// - A due schedule whose work is already under way (a backup of the same
+//   domain, a verify or gc) is skipped and counted as run, so one domain
+//   never gets two backups at once.
 
 import { randomBytes } from 'node:crypto';
 import { Cron } from 'croner';
@@ -18,8 +20,13 @@ import { QbackupError, describeError } from '../errors.js';
 import type { RetentionPolicy } from '../repository/service.js';
 import type { ScheduleRow, ScheduleStore } from '../store/schedules.js';
 
+export type ScheduleAction = 'backup' | 'verify' | 'gc';
+
 export interface ScheduleSpec {
-  domain: string;
+  /** What runs (default backup). */
+  action?: ScheduleAction;
+  /** The domain to back up (backup: required; verify: only its backups; gc: none). */
+  domain?: string;
   /** Cron pattern (5 fields, local time) or "daily HH:MM", "weekly DAY HH:MM", "hourly :MM". */
   when: string;
   repo: string;
@@ -29,6 +36,8 @@ export interface ScheduleSpec {
   retention?: RetentionPolicy;
   /** Every run a full backup. */
   full?: boolean;
+  /** Verify: also read back this percentage of the chunks. */
+  readDataPercent?: number;
 }
 
 export interface ScheduleInfo extends ScheduleSpec {
@@ -97,7 +106,16 @@ export function nextRun(cron: string, afterMs: number): number | null {
 const RETENTION_KEYS = ['keepLast', 'keepHourly', 'keepDaily', 'keepWeekly', 'keepMonthly', 'keepYearly'] as const;
 
 function checkSpec(spec: ScheduleSpec): void {
-  assertDomainName(spec.domain);
+  const action = spec.action ?? 'backup';
+  if (!['backup', 'verify', 'gc'].includes(action)) throw new QbackupError('INVALID_ARGUMENT', `Invalid schedule action "${action}": expected backup, verify or gc`);
+  if (spec.domain !== undefined) assertDomainName(spec.domain);
+  if (action === 'backup' && spec.domain === undefined) throw new QbackupError('INVALID_ARGUMENT', 'A backup schedule needs a domain');
+  if (action === 'gc' && spec.domain !== undefined) throw new QbackupError('INVALID_ARGUMENT', `A gc schedule works on the whole repository, not on domain "${spec.domain}"`);
+  if (action !== 'backup' && (spec.retention !== undefined || spec.full !== undefined)) throw new QbackupError('INVALID_ARGUMENT', `Retention and full belong to backup schedules, not to a ${action} schedule`);
+  if (action !== 'verify' && spec.readDataPercent !== undefined) throw new QbackupError('INVALID_ARGUMENT', 'readDataPercent belongs to verify schedules');
+  if (spec.readDataPercent !== undefined && !(spec.readDataPercent > 0 && spec.readDataPercent <= 100)) {
+    throw new QbackupError('INVALID_ARGUMENT', `Invalid readDataPercent ${spec.readDataPercent}: expected more than 0 and at most 100`);
+  }
   if (spec.repo === '' || !spec.repo.startsWith('/')) throw new QbackupError('INVALID_ARGUMENT', `Invalid schedule repository "${spec.repo}": give an absolute path`);
   if (spec.passwordFile !== undefined && !spec.passwordFile.startsWith('/')) {
     throw new QbackupError('INVALID_ARGUMENT', `Invalid schedule passphrase file "${spec.passwordFile}": give an absolute path`);
@@ -115,7 +133,7 @@ export class Schedules {
     checkSpec(spec);
     const cron = cronFor(spec.when);
     const id = `s${randomBytes(4).toString('hex')}`;
-    this.store.insert({ id, domain: spec.domain, payload: JSON.stringify({ ...spec, cron }), created_ms: nowMs, last_run_ms: null });
+    this.store.insert({ id, domain: spec.domain ?? null, payload: JSON.stringify({ action: 'backup', ...spec, cron }), created_ms: nowMs, last_run_ms: null });
     return this.get(id);
   }
 
@@ -148,7 +166,7 @@ function toInfo(row: ScheduleRow): ScheduleInfo {
   return { ...spec, id: row.id, createdMs: row.created_ms, lastRunMs: row.last_run_ms, nextRunMs: nextRun(spec.cron, row.last_run_ms ?? row.created_ms) };
 }
 
-/** Finds due schedules on each tick and hands them to `run`; `busy` says whether a domain has a backup under way. */
+/** Finds due schedules on each tick and hands them to `run`; `busy` says whether a schedule's work is already under way. */
 export class Scheduler {
   private timer: NodeJS.Timeout | undefined;
 
@@ -156,7 +174,7 @@ export class Scheduler {
     private readonly schedules: Schedules,
     private readonly clock: Clock,
     private readonly run: (s: ScheduleInfo) => void,
-    private readonly busy: (domain: string) => boolean,
+    private readonly busy: (s: ScheduleInfo) => boolean,
     private readonly log: (message: string) => void = () => undefined,
   ) {}
 
@@ -167,8 +185,8 @@ export class Scheduler {
     for (const s of this.schedules.list()) {
       if (s.nextRunMs === null || s.nextRunMs > now) continue;
       this.schedules.markRun(s.id, now);
-      if (this.busy(s.domain)) {
-        this.log(`schedule ${s.id}: skipped the run due at ${new Date(s.nextRunMs).toISOString()}: a backup of domain "${s.domain}" is under way`);
+      if (this.busy(s)) {
+        this.log(`schedule ${s.id}: skipped the run due at ${new Date(s.nextRunMs).toISOString()}: ${s.action === 'backup' ? `a backup of domain "${s.domain ?? ''}"` : `a ${s.action ?? 'backup'}`} is under way`);
         continue;
       }
       try {

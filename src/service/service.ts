@@ -49,7 +49,7 @@ export class QbackupService {
     this.schedules = new Schedules(new ScheduleStore(qb.db));
     this.interrupted = this.tasks.recoverInterrupted();
     const log = options.log ?? (() => undefined);
-    this.scheduler = new Scheduler(this.schedules, options.clock ?? systemClock, (s) => this.runSchedule(s), (domain) => this.backupUnderWay(domain), log);
+    this.scheduler = new Scheduler(this.schedules, options.clock ?? systemClock, (s) => this.runSchedule(s), (s) => this.scheduleBusy(s), log);
   }
 
   /**
@@ -111,15 +111,48 @@ export class QbackupService {
     return { manifest, prune };
   }
 
+  private scheduleBusy(s: ScheduleInfo): boolean {
+    if (s.action === 'verify' || s.action === 'gc') return this.tasks.active({ kind: `repository.${s.action}` }).length > 0;
+    return s.domain !== undefined && this.backupUnderWay(s.domain);
+  }
+
   private runSchedule(s: ScheduleInfo): void {
     const password = s.passwordFile !== undefined ? readPasswordFile(s.passwordFile) : undefined;
-    this.backup({
-      domain: s.domain,
-      repo: s.repo,
-      ...(password !== undefined ? { password } : {}),
-      ...(s.full !== undefined ? { full: s.full } : {}),
-      ...(s.retention !== undefined ? { retention: s.retention } : {}),
-      requestedBy: `schedule ${s.id}`,
+    const access: RepoAccess = { repo: s.repo, ...(password !== undefined ? { password } : {}) };
+    const requestedBy = `schedule ${s.id}`;
+    if (s.action === 'verify') {
+      this.verify({ ...access, ...(s.domain !== undefined ? { domain: s.domain } : {}), ...(s.readDataPercent !== undefined ? { readDataPercent: s.readDataPercent } : {}), requestedBy });
+      return;
+    }
+    if (s.action === 'gc') {
+      this.tasks.submit({ kind: 'repository.gc', requestedBy, run: () => this.qb.repository.gc(access) });
+      return;
+    }
+    if (s.domain === undefined) throw new QbackupError('METADATA_INCONSISTENT', `Backup schedule "${s.id}" names no domain`);
+    this.backup({ domain: s.domain, ...access, ...(s.full !== undefined ? { full: s.full } : {}), ...(s.retention !== undefined ? { retention: s.retention } : {}), requestedBy });
+  }
+
+  /** Queues a verify of the repository (or of one domain's backups); the task fails when it finds damage, naming it. */
+  verify(request: RepoAccess & { domain?: string; backup?: string; readData?: boolean; readDataPercent?: number; requestedBy?: string }): TaskInfo {
+    const { domain, backup, readDataPercent, requestedBy, ...rest } = request;
+    const access: RepoAccess = { repo: rest.repo, ...(rest.password !== undefined ? { password: rest.password } : {}) };
+    return this.tasks.submit({
+      kind: 'repository.verify',
+      ...(requestedBy !== undefined ? { requestedBy } : {}),
+      run: async (ctx) => {
+        const report = await this.qb.repository.verify(access, {
+          ...(domain !== undefined ? { domain } : {}),
+          ...(backup !== undefined ? { backup } : {}),
+          readData: request.readData === true || readDataPercent !== undefined,
+          ...(readDataPercent !== undefined ? { readDataPercent } : {}),
+          onProgress: (done, total) => ctx.progress({ phase: 'verify', doneBytes: done, totalBytes: total }),
+        });
+        for (const p of report.problems) ctx.log(`DAMAGED ${p.object}: ${p.problem}; used by ${p.backups.join(', ')}`);
+        const first = report.problems[0];
+        if (first !== undefined) throw new QbackupError('VERIFY_FAILED', `Verification found ${report.problems.length} problem(s); first: ${first.object} (used by ${first.backups.join(', ')}): ${first.problem}`);
+        ctx.log(`verified ${report.backupsChecked} backups: ${report.chunksChecked} chunks present${report.chunksRead > 0 ? `, ${report.chunksRead} read back intact` : ''}`);
+        return report;
+      },
     });
   }
 }

@@ -141,8 +141,8 @@ const MIGRATIONS: readonly string[] = [
   );
   `,
   // 6: the daemon (qbackup serve): its tasks (long operations, kept after they
-  // end, bounded), API tokens (only their SHA-256 is stored) and backup
-  // schedules with their retention policies.
+  // end, bounded), API tokens (only their SHA-256 is stored) and schedules
+  // (backups with their retention policies, verify, gc).
   `
   CREATE TABLE tasks (
     id          TEXT PRIMARY KEY,
@@ -163,7 +163,7 @@ const MIGRATIONS: readonly string[] = [
   );
   CREATE TABLE schedules (
     id          TEXT PRIMARY KEY,
-    domain      TEXT NOT NULL,
+    domain      TEXT,
     payload     TEXT NOT NULL,
     created_ms  INTEGER NOT NULL,
     last_run_ms INTEGER

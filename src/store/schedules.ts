@@ -5,7 +5,7 @@ import type { Db } from './db.js';
 
 export interface ScheduleRow {
   id: string;
-  domain: string;
+  domain: string | null;
   payload: string;
   created_ms: number;
   last_run_ms: number | null;

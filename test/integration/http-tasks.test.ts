@@ -3,7 +3,7 @@
 // as failed with the reason, after the library has ended the orphaned job
 // (the next backup succeeds); finished tasks survive a restart; the
 // scheduler (with a fake clock for its own time only) runs a backup, applies
-// retention, and runs a missed slot once.
+// retention, runs a missed slot once, and runs verify and gc schedules.
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -93,7 +93,7 @@ describe('daemon tasks and schedules (real QEMU)', () => {
     }
   });
 
-  test('the scheduler (fake clock) backs up, applies retention, and runs missed slots once', async () => {
+  test('the scheduler (fake clock) backs up, applies retention, runs missed slots once, and runs verify and gc schedules', async () => {
     const repo = env.path('sched-repo');
     let now = Date.now();
     const daemon = await startDaemon(env.qb, { listen: '127.0.0.1:0', schedulerIntervalMs: 0, clock: { now: () => now } });
@@ -116,6 +116,20 @@ describe('daemon tasks and schedules (real QEMU)', () => {
       const left = await env.qb.repository.list({ repo }, 'vm1');
       assert.deepEqual(left.map((m) => m.id), [runs.at(-1)], 'retention keepLast=1 leaves the newest backup');
       assert.equal(daemon.service.schedules.get(s.id).lastRunMs, now);
+
+      // verify and gc schedules run on the same repository
+      daemon.service.schedules.remove(s.id);
+      const verify = daemon.service.schedules.add({ action: 'verify', when: 'hourly', repo, readDataPercent: 100 });
+      const gc = daemon.service.schedules.add({ action: 'gc', when: 'hourly', repo });
+      now += 2 * 3_600_000;
+      assert.deepEqual(daemon.service.scheduler.tick().sort(), [gc.id, verify.id].sort());
+      const kinds = new Map(daemon.service.tasks.list(2).map((t) => [t.kind, t.id]));
+      for (const kind of ['repository.verify', 'repository.gc']) {
+        const id = kinds.get(kind);
+        assert.ok(id !== undefined, kind);
+        const done = await daemon.service.tasks.wait(id);
+        assert.equal(done.state, 'succeeded', `${kind}: ${JSON.stringify(done.error)}`);
+      }
     } finally {
       await daemon.close();
     }

@@ -108,7 +108,7 @@ describe('schedules', () => {
     let busy = false;
     const ran: string[] = [];
     const logs: string[] = [];
-    const scheduler = new Scheduler(schedules, { now: () => now }, (s) => ran.push(s.domain), () => busy, (m) => logs.push(m));
+    const scheduler = new Scheduler(schedules, { now: () => now }, (s) => ran.push(s.domain ?? '-'), () => busy, (m) => logs.push(m));
     const s = schedules.add({ domain: 'vm1', when: 'hourly', repo: '/r' }, start);
     assert.deepEqual(scheduler.tick(), []);
     now = start + 3_600_000;
@@ -123,6 +123,10 @@ describe('schedules', () => {
     assert.deepEqual(ran, ['vm1', 'vm1']);
     assert.throws(() => schedules.add({ domain: '../etc', when: 'hourly', repo: '/r' }), (e: unknown) => e instanceof QbackupError && e.code === 'INVALID_NAME');
     assert.throws(() => schedules.add({ domain: 'vm1', when: 'hourly', repo: 'relative' }), /give an absolute path/);
+    assert.throws(() => schedules.add({ when: 'hourly', repo: '/r' }), /A backup schedule needs a domain/);
+    assert.throws(() => schedules.add({ action: 'gc', domain: 'vm1', when: 'hourly', repo: '/r' }), /whole repository/);
+    assert.throws(() => schedules.add({ action: 'verify', when: 'hourly', repo: '/r', retention: { keepLast: 1 } }), /belong to backup schedules/);
+    assert.equal(schedules.add({ action: 'gc', when: 'weekly sun 04:00', repo: '/r' }).cron, '0 4 * * 0');
   });
 });
 
