@@ -31,7 +31,7 @@ export function taskRoutes(app: FastifyInstance, service: QbackupService): void 
   });
   addRoute<IdParams, unknown, unknown>(app, service, {
     method: 'GET', url: '/api/tasks/:id/events', tag, params: taskParams, summary: 'Server-sent events: a "task" event with the task on every change, until it ends',
-    handler: ({ params, reply, request }) => {
+    handler: ({ params, reply }) => {
       const first = tasks.get(params.id);
       reply.hijack();
       const res = reply.raw;
@@ -55,7 +55,8 @@ export function taskRoutes(app: FastifyInstance, service: QbackupService): void 
         send(e.task);
         if (e.task.endedMs !== null) stop();
       });
-      request.raw.on('close', stop);
+      // the response closes when the client goes away (or after end())
+      res.on('close', stop);
     },
   });
   scheduleRoutes(app, service);
