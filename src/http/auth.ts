@@ -10,6 +10,8 @@ import type { TokenStore } from '../store/tokens.js';
 
 declare module 'fastify' {
   interface FastifyRequest {
+    /** The name and access of the token the request came with (set by the auth hook). */
+    tokenName?: string;
     tokenReadOnly?: boolean;
   }
 }

@@ -89,9 +89,3 @@ export function addRoute<P, Q, B>(app: FastifyInstance, service: QbackupService,
     },
   });
 }
-
-declare module 'fastify' {
-  interface FastifyRequest {
-    tokenName?: string;
-  }
-}

@@ -83,8 +83,10 @@ function longRepositoryRoutes(app: FastifyInstance, service: QbackupService): vo
   addRoute<unknown, unknown, ExportBody>(app, service, {
     method: 'POST', url: '/api/repository/export', tag, status: 202, summary: 'Write one disk of a backup as a standalone image; returns a task',
     body: object({ domain: str({ maxLength: 256 }), repo, disk: str({ maxLength: 64 }), file: str(), backup: str({ maxLength: 256 }), format }, ['domain', 'repo', 'disk', 'file']),
-    handler: ({ body: b, request, who }) =>
-      tasks.submit({ kind: 'repository.export', requestedBy: who, run: (ctx) => qb.repository.exportDisk(b.domain, { ...access(request, b.repo), disk: b.disk, file: b.file, format: b.format ?? 'qcow2', ...(b.backup !== undefined ? { backup: b.backup } : {}), onProgress: (p) => ctx.progress(p) }) }),
+    handler: ({ body: b, request, who }) => {
+      const options = { ...access(request, b.repo), disk: b.disk, file: b.file, format: b.format ?? 'qcow2', ...(b.backup !== undefined ? { backup: b.backup } : {}) };
+      return tasks.submit({ kind: 'repository.export', requestedBy: who, run: (ctx) => qb.repository.exportDisk(b.domain, { ...options, onProgress: (p) => ctx.progress(p) }) });
+    },
   });
   addRoute<unknown, unknown, VerifyBody>(app, service, {
     method: 'POST', url: '/api/repository/verify', tag, status: 202, summary: 'Check that every chunk the backups name exists (readData: and is intact); returns a task that fails on damage',
@@ -97,11 +99,17 @@ function longRepositoryRoutes(app: FastifyInstance, service: QbackupService): vo
   addRoute<unknown, unknown, PruneBody>(app, service, {
     method: 'POST', url: '/api/repository/prune', tag, status: 202, summary: "Remove the backups of a domain a retention policy does not keep (dryRun: only show); returns a task",
     body: object({ domain: str({ maxLength: 256 }), repo, keepLast: int(1), keepHourly: int(1), keepDaily: int(1), keepWeekly: int(1), keepMonthly: int(1), keepYearly: int(1), dryRun: bool }, ['domain', 'repo']),
-    handler: ({ body: { domain, repo: r, ...policy }, request, who }) => tasks.submit({ kind: 'repository.prune', domain, requestedBy: who, run: () => qb.repository.prune(domain, { ...access(request, r), ...policy }) }),
+    handler: ({ body: { domain, repo: r, ...policy }, request, who }) => {
+      const repoAccess = access(request, r);
+      return tasks.submit({ kind: 'repository.prune', domain, requestedBy: who, run: () => qb.repository.prune(domain, { ...repoAccess, ...policy }) });
+    },
   });
   addRoute<unknown, unknown, { repo: string }>(app, service, {
     method: 'POST', url: '/api/repository/gc', tag, status: 202, summary: 'Remove data no backup references (safe while backups run); returns a task',
     body: object({ repo }, ['repo']),
-    handler: ({ body, request, who }) => tasks.submit({ kind: 'repository.gc', requestedBy: who, run: () => qb.repository.gc(access(request, body.repo)) }),
+    handler: ({ body, request, who }) => {
+      const repoAccess = access(request, body.repo);
+      return tasks.submit({ kind: 'repository.gc', requestedBy: who, run: () => qb.repository.gc(repoAccess) });
+    },
   });
 }

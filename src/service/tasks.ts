@@ -301,8 +301,6 @@ function newTaskId(): string {
   return `t${Date.now().toString(36)}-${randomBytes(4).toString('hex')}`;
 }
 
-export const TASK_ID_PATTERN = /^t[0-9a-z]{1,12}-[0-9a-f]{8}$/;
-
 function snapshot(info: TaskInfo): TaskInfo {
   return { ...info, progress: info.progress === null ? null : { ...info.progress }, log: [...info.log] };
 }
