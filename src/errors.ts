@@ -66,6 +66,16 @@ export const ERROR_CODES = {
   REPO_DAMAGED: 'a repository object does not match its id or cannot be decoded',
   REPO_FULL: 'the storage under the repository is full',
   WRONG_PASSWORD: 'no key of the repository opens with the given passphrase',
+  // -- the daemon (qbackup serve)
+  TASK_NOT_FOUND: 'no task of that id (it may have aged out of the kept history)',
+  TASK_NOT_CANCELLABLE: 'the task cannot stop mid-way; it ends on its own',
+  TASK_INTERRUPTED: 'the daemon stopped while the task was running',
+  SCHEDULE_NOT_FOUND: 'no schedule of that id',
+  AUTH_REQUIRED: 'the request carries no API token, or one that is unknown or revoked',
+  READ_ONLY_TOKEN: 'a read-only token asked for a change',
+  ROUTE_NOT_FOUND: 'no API endpoint at that path and method',
+  REQUEST_TOO_LARGE: 'the request body is larger than the daemon accepts',
+  RATE_LIMITED: 'too many requests from one client; retry later',
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

@@ -45,3 +45,9 @@ export { parseBackupXml, formatBackupXml, parseBackupSpec, backupSpecFromXml, fo
 // protocol clients
 export { QmpClient } from './qmp/index.js';
 export { NbdClient } from './nbd/index.js';
+
+// the service (what `qbackup serve` runs; src/http is its HTTP adapter)
+export { QbackupService, BACKUP_TASK, type ServiceOptions, type BackupRequest } from './service/service.js';
+export { TaskManager, type TaskInfo, type TaskState, type TaskProgress, type TaskContext, type TaskRequest, type TaskEvent, type TaskManagerOptions } from './service/tasks.js';
+export { Schedules, Scheduler, cronFor, nextRun, systemClock, type Clock, type ScheduleSpec, type ScheduleInfo } from './service/schedules.js';
+export { TokenStore, TOKEN_NAME_PATTERN, type TokenInfo } from './store/tokens.js';

@@ -10,6 +10,7 @@ import { registerCommands } from './command.js';
 import { createCliContext } from './context.js';
 import { domainCommands } from './domain-commands.js';
 import { repositoryCommands } from './repository-commands.js';
+import { serviceCommands } from './service-commands.js';
 
 function packageVersion(): string {
   try {
@@ -33,7 +34,7 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
     .showHelpAfterError()
     .exitOverride();
   const cli = createCliContext(env);
-  registerCommands(program, cli, [...domainCommands, ...checkpointCommands, ...backupCommands, ...repositoryCommands]);
+  registerCommands(program, cli, [...domainCommands, ...checkpointCommands, ...backupCommands, ...repositoryCommands, ...serviceCommands]);
   try {
     await program.parseAsync([...argv]);
   } catch (err) {

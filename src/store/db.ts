@@ -157,6 +157,35 @@ const MIGRATIONS: readonly string[] = [
   DROP TABLE runtime;
   ALTER TABLE runtime_new RENAME TO runtime;
   `,
+  // 7: the daemon (qbackup serve): its tasks (long operations, kept after they
+  // end, bounded), API tokens (only their SHA-256 is stored) and schedules
+  // (backups with their retention policies, verify, gc).
+  `
+  CREATE TABLE tasks (
+    id          TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    domain      TEXT,
+    state       TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    payload     TEXT NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    ended_ms    INTEGER
+  );
+  CREATE INDEX tasks_by_created ON tasks (created_ms);
+  CREATE TABLE api_tokens (
+    name        TEXT PRIMARY KEY,
+    hash        TEXT NOT NULL UNIQUE,
+    read_only   INTEGER NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    last_used_ms INTEGER
+  );
+  CREATE TABLE schedules (
+    id          TEXT PRIMARY KEY,
+    domain      TEXT,
+    payload     TEXT NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    last_run_ms INTEGER
+  );
+  `,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;

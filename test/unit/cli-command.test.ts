@@ -11,6 +11,7 @@ import { arg, defineCommand, flag, optionalArg, registerCommands, repeatable, va
 import type { CliContext } from '../../src/cli/context.js';
 import { domainCommands } from '../../src/cli/domain-commands.js';
 import { repositoryCommands } from '../../src/cli/repository-commands.js';
+import { serviceCommands } from '../../src/cli/service-commands.js';
 import type { Qbackup } from '../../src/qbackup.js';
 
 /** A context that runs the command without opening the library (no test here touches it). */
@@ -67,7 +68,7 @@ describe('CLI command definitions', () => {
   });
 
   test('every qbackup command registers once, under a unique name', () => {
-    const all = [...domainCommands, ...checkpointCommands, ...backupCommands, ...repositoryCommands];
+    const all = [...domainCommands, ...checkpointCommands, ...backupCommands, ...repositoryCommands, ...serviceCommands];
     const p = program(all);
     assert.equal(p.commands.length, all.length);
     assert.equal(new Set(all.map((c) => c.name)).size, all.length);

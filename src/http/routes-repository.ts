@@ -1,0 +1,115 @@
+// Repository endpoints. Long operations (backup, restore, export, verify,
+// prune, gc) answer 202 with a task at once; listing and stats answer
+// directly. The passphrase of an encrypted repository travels in the
+// X-Repository-Password header (never in a URL, never stored in a task).
+
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import { QbackupError } from '../errors.js';
+import type { RepoAccess, RetentionPolicy } from '../repository/service.js';
+import type { QbackupService } from '../service/service.js';
+import { addRoute, bool, int, object, str, strings } from './route.js';
+
+const tag = 'repository';
+const repo = str({ minLength: 1 });
+const retention = object({ keepLast: int(1), keepHourly: int(1), keepDaily: int(1), keepWeekly: int(1), keepMonthly: int(1), keepYearly: int(1) });
+const format = { type: 'string', enum: ['qcow2', 'raw'] } as const;
+
+function access(request: FastifyRequest, repoPath: string): RepoAccess {
+  const header = request.headers['x-repository-password'];
+  const password = Array.isArray(header) ? header[0] : header;
+  return { repo: repoPath, ...(password !== undefined && password !== '' ? { password } : {}) };
+}
+
+function pointInTime(value: string): Date {
+  const time = new Date(value);
+  if (Number.isNaN(time.getTime())) throw new QbackupError('INVALID_ARGUMENT', `Invalid until "${value}": expected a time such as 2026-11-25T18:00:00Z`);
+  return time;
+}
+
+interface BackupBody { domain: string; repo: string; full?: boolean; disks?: string[]; retention?: RetentionPolicy }
+interface RestoreBody { domain: string; repo: string; backup?: string; until?: string; disks?: string[]; to?: string; intoDomain?: string; format?: 'qcow2' | 'raw' }
+interface ExportBody { domain: string; repo: string; disk: string; file: string; backup?: string; format?: 'qcow2' | 'raw' }
+interface VerifyBody { repo: string; domain?: string; backup?: string; readData?: boolean; readDataPercent?: number }
+interface PruneBody extends RetentionPolicy { domain: string; repo: string; dryRun?: boolean }
+
+export function repositoryRoutes(app: FastifyInstance, service: QbackupService): void {
+  const qb = service.qb;
+  addRoute<unknown, unknown, { repo: string; chunkSize?: number }>(app, service, {
+    method: 'POST', url: '/api/repository/init', tag, status: 201, summary: 'Create a repository (encrypted when X-Repository-Password is given)',
+    body: object({ repo, chunkSize: int(4096) }, ['repo']),
+    handler: ({ body, request }) => qb.repository.init({ ...access(request, body.repo), ...(body.chunkSize !== undefined ? { chunkSize: body.chunkSize } : {}) }),
+  });
+  addRoute<unknown, unknown, BackupBody>(app, service, {
+    method: 'POST', url: '/api/repository/backups', tag, status: 202,
+    summary: 'Back up a domain into a repository (incremental when coverage allows), then apply a retention policy if given; returns a task',
+    body: object({ domain: str({ maxLength: 256 }), repo, full: bool, disks: strings, retention }, ['domain', 'repo']),
+    handler: ({ body, request, who }) =>
+      service.backup({
+        domain: body.domain,
+        ...access(request, body.repo),
+        ...(body.full !== undefined ? { full: body.full } : {}),
+        ...(body.disks !== undefined ? { disks: body.disks } : {}),
+        ...(body.retention !== undefined ? { retention: body.retention } : {}),
+        requestedBy: who,
+      }),
+  });
+  addRoute<unknown, { repo: string; domain?: string }, unknown>(app, service, {
+    method: 'GET', url: '/api/repository/backups', tag, summary: 'List the backups in a repository (?domain= for one domain)',
+    query: object({ repo, domain: str({ maxLength: 256 }) }, ['repo']),
+    handler: ({ query, request }) => qb.repository.list(access(request, query.repo), query.domain),
+  });
+  addRoute<unknown, { repo: string }, unknown>(app, service, {
+    method: 'GET', url: '/api/repository/stats', tag, summary: 'Sizes of a repository: logical, referenced, stored, dedup and compression ratios',
+    query: object({ repo }, ['repo']),
+    handler: ({ query, request }) => qb.repository.stats(access(request, query.repo)),
+  });
+  longRepositoryRoutes(app, service);
+}
+
+function longRepositoryRoutes(app: FastifyInstance, service: QbackupService): void {
+  const qb = service.qb;
+  const tasks = service.tasks;
+  addRoute<unknown, unknown, RestoreBody>(app, service, {
+    method: 'POST', url: '/api/repository/restore', tag, status: 202, summary: 'Restore a backup to new images (to) or into the disks of a shut-off domain (intoDomain); returns a task',
+    body: object({ domain: str({ maxLength: 256 }), repo, backup: str({ maxLength: 256 }), until: str({ maxLength: 64 }), disks: strings, to: str(), intoDomain: str({ maxLength: 256 }), format }, ['domain', 'repo']),
+    handler: ({ body: b, request, who }) => {
+      if (b.backup !== undefined && b.until !== undefined) throw new QbackupError('INVALID_ARGUMENT', 'Give either backup or until, not both');
+      if ((b.to === undefined) === (b.intoDomain === undefined)) throw new QbackupError('INVALID_ARGUMENT', 'Give either to or intoDomain');
+      const until = b.until !== undefined ? pointInTime(b.until) : undefined;
+      const options = { ...access(request, b.repo), ...(b.backup !== undefined ? { backup: b.backup } : {}), ...(until !== undefined ? { until } : {}), ...(b.disks !== undefined ? { disks: b.disks } : {}), ...(b.to !== undefined ? { to: b.to } : {}), ...(b.intoDomain !== undefined ? { intoDomain: b.intoDomain } : {}), format: b.format ?? 'qcow2' };
+      return tasks.submit({ kind: 'repository.restore', domain: b.intoDomain ?? b.domain, requestedBy: who, run: (ctx) => qb.repository.restore(b.domain, { ...options, onProgress: (p) => ctx.progress(p) }) });
+    },
+  });
+  addRoute<unknown, unknown, ExportBody>(app, service, {
+    method: 'POST', url: '/api/repository/export', tag, status: 202, summary: 'Write one disk of a backup as a standalone image; returns a task',
+    body: object({ domain: str({ maxLength: 256 }), repo, disk: str({ maxLength: 64 }), file: str(), backup: str({ maxLength: 256 }), format }, ['domain', 'repo', 'disk', 'file']),
+    handler: ({ body: b, request, who }) => {
+      const options = { ...access(request, b.repo), disk: b.disk, file: b.file, format: b.format ?? 'qcow2', ...(b.backup !== undefined ? { backup: b.backup } : {}) };
+      return tasks.submit({ kind: 'repository.export', requestedBy: who, run: (ctx) => qb.repository.exportDisk(b.domain, { ...options, onProgress: (p) => ctx.progress(p) }) });
+    },
+  });
+  addRoute<unknown, unknown, VerifyBody>(app, service, {
+    method: 'POST', url: '/api/repository/verify', tag, status: 202, summary: 'Check that every chunk the backups name exists (readData: and is intact); returns a task that fails on damage',
+    body: object({ repo, domain: str({ maxLength: 256 }), backup: str({ maxLength: 256 }), readData: bool, readDataPercent: { type: 'number', exclusiveMinimum: 0, maximum: 100 } }, ['repo']),
+    handler: ({ body: b, request, who }) => {
+      if (b.backup !== undefined && b.domain === undefined) throw new QbackupError('INVALID_ARGUMENT', 'Option backup needs a domain');
+      return service.verify({ ...access(request, b.repo), ...(b.domain !== undefined ? { domain: b.domain } : {}), ...(b.backup !== undefined ? { backup: b.backup } : {}), ...(b.readData !== undefined ? { readData: b.readData } : {}), ...(b.readDataPercent !== undefined ? { readDataPercent: b.readDataPercent } : {}), requestedBy: who });
+    },
+  });
+  addRoute<unknown, unknown, PruneBody>(app, service, {
+    method: 'POST', url: '/api/repository/prune', tag, status: 202, summary: "Remove the backups of a domain a retention policy does not keep (dryRun: only show); returns a task",
+    body: object({ domain: str({ maxLength: 256 }), repo, keepLast: int(1), keepHourly: int(1), keepDaily: int(1), keepWeekly: int(1), keepMonthly: int(1), keepYearly: int(1), dryRun: bool }, ['domain', 'repo']),
+    handler: ({ body: { domain, repo: r, ...policy }, request, who }) => {
+      const repoAccess = access(request, r);
+      return tasks.submit({ kind: 'repository.prune', domain, requestedBy: who, run: () => qb.repository.prune(domain, { ...repoAccess, ...policy }) });
+    },
+  });
+  addRoute<unknown, unknown, { repo: string }>(app, service, {
+    method: 'POST', url: '/api/repository/gc', tag, status: 202, summary: 'Remove data no backup references (safe while backups run); returns a task',
+    body: object({ repo }, ['repo']),
+    handler: ({ body, request, who }) => {
+      const repoAccess = access(request, body.repo);
+      return tasks.submit({ kind: 'repository.gc', requestedBy: who, run: () => qb.repository.gc(repoAccess) });
+    },
+  });
+}
