@@ -21,7 +21,7 @@
 //   shut off, reason "failed").
 
 import { randomBytes } from 'node:crypto';
-import { realpathSync, rmSync } from 'node:fs';
+import { closeSync, openSync, readSync, realpathSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import { formatDomainXml, parseDomainXml } from '../libvirt/domain.js';
@@ -385,9 +385,11 @@ export class DomainService {
       if (ctx.disks.some((d) => d.target === request.target)) {
         throw new QbackupError('DISK_EXISTS', `Cannot attach a disk to domain "${name}": target "${request.target}" is already in use`);
       }
+      const source = absoluteSource(name, request.source);
+      if (request.format === undefined) refuseAmbiguousFormat(name, request.target, source);
       const def: DiskDefinition = {
         target: request.target,
-        source: absoluteSource(name, request.source),
+        source,
         format: request.format ?? 'raw',
         bus: request.bus ?? busForTarget(request.target),
         readonly: request.readonly ?? false,
@@ -738,6 +740,35 @@ function resolveSource(source: string): string {
     return source;
   }
 }
+
+/**
+ * Without a format a disk is raw (libvirt's rule), but an image that starts
+ * with a qcow2 header is ambiguous: a qcow2 the user meant (whose header may
+ * name a host file) or a raw disk a guest wrote a header into. qbackup never
+ * guesses: it asks for --subdriver.
+ */
+function refuseAmbiguousFormat(domain: string, target: string, source: string): void {
+  let head = Buffer.alloc(0);
+  try {
+    const fd = openSync(source, 'r');
+    try {
+      head = Buffer.alloc(4);
+      readSync(fd, head, 0, 4, 0);
+    } finally {
+      closeSync(fd);
+    }
+  } catch {
+    return; // a missing or unreadable image is reported by the checks that follow, with its reason
+  }
+  if (head.equals(QCOW2_MAGIC)) {
+    throw new QbackupError(
+      'INVALID_ARGUMENT',
+      `Cannot attach "${source}" as disk "${target}" of domain "${domain}" without a format: it starts with a qcow2 header; give --subdriver qcow2 (a backing file it names is refused) or --subdriver raw`,
+    );
+  }
+}
+
+const QCOW2_MAGIC = Buffer.from([0x51, 0x46, 0x49, 0xfb]);
 
 function absoluteSource(domain: string, source: string): string {
   if (!source.startsWith('/')) {

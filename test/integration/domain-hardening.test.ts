@@ -82,6 +82,11 @@ describe('domain hardening (real QEMU)', () => {
     assert.equal(attach.code, 1);
     oneSentence(attach.stderr);
     assert.match(attach.stderr, /evil\.qcow2.*backing file "\/etc\/shadow"/);
+    // Without --subdriver (the issue's own example), refused too: never guessed, never opened as qcow2.
+    const bare = await env.cli(['attach-disk', 'vm', evil, 'sdb']);
+    assert.equal(bare.code, 1);
+    oneSentence(bare.stderr);
+    assert.match(bare.stderr, /evil\.qcow2.*qcow2 header/);
     const xml = env.writeFile('evil.xml', env.domainXml('evil', [{ target: 'sda', file: evil }]));
     const define = await env.cli(['define', xml]);
     assert.equal(define.code, 1);
@@ -118,7 +123,7 @@ describe('domain hardening (real QEMU)', () => {
     assert.deepEqual(env.qb.domains.list({ all: true }).map((d) => d.name), ['vm']);
   });
 
-  test('without a format a disk is raw: a guest-written qcow2 header stays raw bytes after re-attach', async () => {
+  test('without a format a disk is raw: a guest-written qcow2 header stays raw bytes after re-attach, and an ambiguous image needs a format', async () => {
     // The guest of a raw disk writes a qcow2 header naming a host file (here: the header of a real qcow2).
     const raw = await env.image('guest.raw', 16 * MiB, 'raw');
     const evil = env.path('header.qcow2');
@@ -130,7 +135,12 @@ describe('domain hardening (real QEMU)', () => {
 
     await env.cliOk(['attach-disk', 'vm', raw, 'sdb', '--subdriver', 'raw']);
     await env.cliOk(['detach-disk', 'vm', 'sdb']);
-    await env.cliOk(['attach-disk', 'vm', raw, 'sdb']);
+    // Re-attached without a format, an image that starts with a qcow2 header is not guessed at: refused.
+    const ambiguous = await env.cli(['attach-disk', 'vm', raw, 'sdb']);
+    assert.equal(ambiguous.code, 1);
+    oneSentence(ambiguous.stderr);
+    assert.match(ambiguous.stderr, /starts with a qcow2 header; give --subdriver qcow2 .* or --subdriver raw/);
+    await env.cliOk(['attach-disk', 'vm', raw, 'sdb', '--subdriver', 'raw']);
     const blk = JSON.parse(await env.cliOk(['domblklist', 'vm', '--json'])) as Array<{ target: string; format: string }>;
     assert.deepEqual(blk.map((d) => [d.target, d.format]), [['sda', 'qcow2'], ['sdb', 'raw']]);
     assert.match(await env.cliOk(['dumpxml', 'vm']), /type="raw"/);
