@@ -68,6 +68,7 @@ export const ERROR_CODES = {
   WRONG_PASSWORD: 'no key of the repository opens with the given passphrase',
   // -- the daemon (qbackup serve)
   TASK_NOT_FOUND: 'no task of that id (it may have aged out of the kept history)',
+  TASK_CANCELLED: 'a task was cancelled while it ran',
   TASK_NOT_CANCELLABLE: 'the task cannot stop mid-way; it ends on its own',
   TASK_INTERRUPTED: 'the daemon stopped while the task was running',
   SCHEDULE_NOT_FOUND: 'no schedule of that id',

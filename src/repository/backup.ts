@@ -44,6 +44,8 @@ export interface RepoBackupOptions {
   /** Worker threads that hash and compress (default 2); a disk with little to read (an incremental of a few dirty MiB) is done on the main thread without starting them. */
   workers?: number;
   onProgress?: (p: Progress) => void;
+  /** Stops the backup between reads (it then fails, is cleaned up like any failed backup, and lists nothing). */
+  signal?: AbortSignal;
 }
 
 export interface BackupServices {
@@ -187,6 +189,7 @@ async function readJobDisk(store: Store, pool: ChunkPool, job: JobInfo, plan: Di
     client,
     dirtyContext,
     parentIndex: incremental ? plan.parent?.disk.index : undefined,
+    ...(options.signal !== undefined ? { signal: options.signal } : {}),
     onProgress: (done, total) => options.onProgress?.({ phase: `backup ${plan.disk.target}`, doneBytes: done, totalBytes: total }),
   });
   return {

@@ -36,6 +36,8 @@ export interface ReadDiskOptions {
   /** The parent's index (incremental only). */
   parentIndex: string | undefined;
   onProgress?: (doneBytes: number, totalBytes: number) => void;
+  /** Checked before every read: an aborted signal stops the copy with its reason. */
+  signal?: AbortSignal;
 }
 
 export interface DiskReadResult {
@@ -60,6 +62,7 @@ export async function readDisk(store: Store, pool: ChunkPool, writer: ChunkWrite
   const total = runs.reduce((n, r) => n + r.count * chunkSize, 0);
   const inline = total <= INLINE_MAX_BYTES;
   await runPool(runs[Symbol.iterator](), READS_IN_FLIGHT, async (run) => {
+    options.signal?.throwIfAborted();
     const offset = run.first * chunkSize;
     const length = Math.min(run.count * chunkSize, client.size - offset);
     const data = await client.read(offset, length);

@@ -33,6 +33,8 @@ export interface VerifyOptions {
   /** With readData: read this percentage of the chunks (chosen by id, so repeated runs cover different ones only if ids differ). */
   readDataPercent?: number;
   onProgress?: (done: number, total: number) => void;
+  /** Checked between backups and between chunks read: an aborted signal stops verify with its reason. */
+  signal?: AbortSignal;
 }
 
 export async function verifyStore(store: Store, options: VerifyOptions = {}): Promise<VerifyReport> {
@@ -45,7 +47,10 @@ export async function verifyStore(store: Store, options: VerifyOptions = {}): Pr
     if (!p.backups.includes(backup)) p.backups.push(backup);
     problems.set(object, p);
   };
-  for (const m of manifests) await collectChunks(store, m, users, report);
+  for (const m of manifests) {
+    options.signal?.throwIfAborted();
+    await collectChunks(store, m, users, report);
+  }
   const packs = new Map<string, boolean>();
   for (const [hex, backups] of users) {
     const loc = store.locate(Buffer.from(hex, 'hex'));
@@ -87,6 +92,7 @@ async function readChunks(store: Store, users: ReadonlyMap<string, Set<string>>,
   const chosen = [...users.keys()].filter((hex) => !problems.has(`chunk ${hex}`) && (percent >= 100 || sample(hex) < percent));
   let read = 0;
   for (const hex of chosen) {
+    options.signal?.throwIfAborted();
     try {
       await store.readChunk(Buffer.from(hex, 'hex'));
     } catch (err) {

@@ -90,6 +90,7 @@ export class QbackupService {
       kind: BACKUP_TASK,
       domain: request.domain,
       ...(request.requestedBy !== undefined ? { requestedBy: request.requestedBy } : {}),
+      cancellable: true,
       run: (ctx) => this.runBackup(ctx, request),
     });
   }
@@ -102,6 +103,7 @@ export class QbackupService {
       ...(r.full !== undefined ? { full: r.full } : {}),
       ...(r.disks !== undefined ? { disks: r.disks } : {}),
       onProgress: (p) => ctx.progress(p),
+      signal: ctx.signal,
     });
     for (const d of manifest.disks) ctx.log(`${d.target}: ${d.level}, ${d.bytesRead} bytes read, ${d.bytesStored} stored${d.fullReason !== null ? ` (full: ${d.fullReason})` : ''}`);
     ctx.log(`backup ${manifest.id} written`);
@@ -139,6 +141,7 @@ export class QbackupService {
     return this.tasks.submit({
       kind: 'repository.verify',
       ...(requestedBy !== undefined ? { requestedBy } : {}),
+      cancellable: true,
       run: async (ctx) => {
         const report = await this.qb.repository.verify(access, {
           ...(domain !== undefined ? { domain } : {}),
@@ -146,6 +149,7 @@ export class QbackupService {
           readData: request.readData === true || readDataPercent !== undefined,
           ...(readDataPercent !== undefined ? { readDataPercent } : {}),
           onProgress: (done, total) => ctx.progress({ phase: 'verify', doneBytes: done, totalBytes: total }),
+          signal: ctx.signal,
         });
         for (const p of report.problems) ctx.log(`DAMAGED ${p.object}: ${p.problem}; used by ${p.backups.join(', ')}`);
         const first = report.problems[0];

@@ -200,7 +200,7 @@ export class TaskManager {
     if (!live.info.cancellable) {
       throw new QbackupError('TASK_NOT_CANCELLABLE', `Cannot cancel task "${id}": a running ${live.info.kind} cannot stop mid-way; it ends on its own`);
     }
-    live.abort.abort(new QbackupError('INVALID_ARGUMENT', `Task "${id}" was cancelled`));
+    live.abort.abort(new QbackupError('TASK_CANCELLED', `Task "${id}" was cancelled`));
     this.appendLog(live, 'cancel requested');
     return snapshot(live.info);
   }

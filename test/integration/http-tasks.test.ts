@@ -93,6 +93,36 @@ describe('daemon tasks and schedules (real QEMU)', () => {
     }
   });
 
+  test('a running backup task can be cancelled: the task ends cancelled, no backup is listed, no checkpoint or job is left, the next backup works', async () => {
+    await env.defineDomain('big', [{ target: 'sda', sizeBytes: 96 << 20 }]);
+    await env.qb.domains.start('big', { paused: true });
+    await env.qb.domains.monitorCommand('big', 'qemu-io -d sda "write -P 0x5a 0 96M"', { hmp: true });
+    const repo = env.path('cancel-repo');
+    const daemon = await startDaemon(env.qb, { listen: '127.0.0.1:0', schedulerIntervalMs: 0 });
+    try {
+      const before = env.qb.checkpoints.list('big').map((c) => c.name);
+      // One worker and a copy the size of several packs: the task is still reading when it is cancelled.
+      const task = daemon.service.backup({ domain: 'big', repo });
+      const end = Date.now() + 60_000;
+      while (daemon.service.tasks.get(task.id).state !== 'running' || (daemon.service.tasks.get(task.id).progress?.doneBytes ?? 0) === 0) {
+        if (Date.now() > end) throw new Error('the backup task never made progress');
+        await new Promise((r) => setTimeout(r, 5));
+      }
+      daemon.service.tasks.cancel(task.id);
+      const done = await daemon.service.tasks.wait(task.id);
+      assert.equal(done.state, 'cancelled', JSON.stringify(done.error));
+      assert.equal(done.error?.code, 'TASK_CANCELLED');
+      assert.deepEqual(await env.qb.repository.list({ repo }, 'big'), []);
+      assert.deepEqual(env.qb.checkpoints.list('big').map((c) => c.name), before, 'the cancelled backup\'s checkpoint is merged away');
+      assert.equal(await env.qb.backups.info('big'), undefined, 'no backup job is left');
+      const again = await daemon.service.tasks.wait(daemon.service.backup({ domain: 'big', repo }).id);
+      assert.equal(again.state, 'succeeded', JSON.stringify(again.error));
+    } finally {
+      await daemon.close();
+      await env.qb.domains.destroy('big');
+    }
+  });
+
   test('the scheduler (fake clock) backs up, applies retention, runs missed slots once, and runs verify and gc schedules', async () => {
     const repo = env.path('sched-repo');
     let now = Date.now();
