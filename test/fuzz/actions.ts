@@ -9,7 +9,7 @@
 // actions (shrinking) leaves it meaningful; the driver skips an action whose
 // disk or checkpoint does not exist at that point.
 
-import { GRAIN, Model, type DiskSpec } from './model.js';
+import { GRAIN, MAX_DISK_BYTES, MIN_DISK_BYTES, Model, type DiskModel, type DiskSpec } from './model.js';
 import { Prng } from './prng.js';
 
 export const KILL_POINTS = [
@@ -21,6 +21,15 @@ export const KILL_POINTS = [
   'backup-begin:after-qemu',
 ] as const;
 export type KillPoint = (typeof KILL_POINTS)[number];
+
+/**
+ * How a resize is done: `blockresize` = the library's blockResize while
+ * running (QMP block_resize); `qmp` = a raw QMP block_resize on the disk's
+ * node through monitorCommand; `offline` = shut down, blockResize (qemu-img
+ * resize), start again.
+ */
+export const RESIZE_PATHS = ['blockresize', 'qmp', 'offline'] as const;
+export type ResizePath = (typeof RESIZE_PATHS)[number];
 
 export type Action =
   | { kind: 'write'; disk: string; offset: number; length: number; pattern: number }
@@ -42,6 +51,8 @@ export type Action =
   | { kind: 'repo-gc' }
   /** The repository's verify with --read-data: no problem. */
   | { kind: 'repo-verify' }
+  /** The disk's virtual size set to `size` (grow or shrink) along `via`. */
+  | { kind: 'resize'; disk: string; size: number; via: ResizePath }
   /** Hot-plug of a new, empty disk. */
   | { kind: 'attach'; disk: string; size: number; cluster: number }
   /** Unplug; `back`: plug it in again at once, before any checkpoint. */
@@ -88,6 +99,7 @@ const FIELDS: Record<ActionKind, readonly string[]> = {
   'repo-prune': ['keep'],
   'repo-gc': [],
   'repo-verify': [],
+  resize: ['disk', 'size', 'via'],
   attach: ['disk', 'size', 'cluster'],
   detach: ['disk', 'back'],
   reattach: ['disk', 'offline?'],
@@ -167,6 +179,7 @@ const WEIGHTS = {
   'repo-prune': 4,
   'repo-gc': 1,
   'repo-verify': 2,
+  resize: 2,
   attach: 2,
   detach: 4,
   reattach: 3,
@@ -240,6 +253,8 @@ class Generator {
       case 'repo-gc':
       case 'repo-verify':
         return this.repoMaintenance(kind);
+      case 'resize':
+        return this.resize();
       case 'attach': {
         if (model.attached().length >= 4) return undefined;
         const d = this.diskSpec();
@@ -271,6 +286,33 @@ class Generator {
     if (n < 2) return undefined;
     if (rng.chance(0.8)) this.followUps.push({ kind: 'repo-gc' });
     return { kind, keep: 1 + rng.int(Math.min(3, n - 1)) };
+  }
+
+  /**
+   * A new size for an attached disk, in whole clusters of its image (QEMU
+   * 7.2's qcow2 keeps the rest of a partial last cluster on a shrink and shows
+   * it again on a grow), within MIN_DISK_BYTES..MAX_DISK_BYTES: a step of a
+   * few clusters or anywhere in the range. A shrink is sometimes followed by
+   * a grow back to the old size at once — the case QEMU does not mark dirty.
+   */
+  resize(): Action | undefined {
+    const { rng } = this;
+    const d = rng.pick(this.model.attached());
+    const size = this.newSize(d);
+    if (size === undefined) return undefined;
+    if (size < d.sizeBytes && rng.chance(0.4)) this.followUps.push({ kind: 'resize', disk: d.name, size: d.sizeBytes, via: rng.pick(RESIZE_PATHS) });
+    return { kind: 'resize', disk: d.name, size, via: rng.pick(RESIZE_PATHS) };
+  }
+
+  newSize(d: DiskModel): number | undefined {
+    const { rng } = this;
+    const unit = d.clusterSizeBytes;
+    const lo = Math.ceil(MIN_DISK_BYTES / unit);
+    const hi = Math.floor(MAX_DISK_BYTES / unit);
+    const now = Math.round(d.sizeBytes / unit);
+    const units = rng.chance(0.5) ? now + (rng.chance(0.5) ? -1 : 1) * (1 + rng.int(8)) : lo + rng.int(hi - lo + 1);
+    const clamped = Math.min(hi, Math.max(lo, units));
+    return clamped === now ? undefined : clamped * unit;
   }
 
   guestWrite(kind: 'write' | 'zero' | 'discard'): Action {
@@ -370,8 +412,13 @@ function simulateMore(model: Model, a: Action): void {
     case 'reattach': {
       const d = model.disk(a.disk);
       if (d === undefined || d.target !== undefined) break;
-      if (a.offline !== undefined) model.writeOffline(d, a.offline, Math.min(GRAIN, d.sizeBytes - a.offline), 0x5c);
+      if (a.offline !== undefined && a.offline < d.sizeBytes) model.writeOffline(d, a.offline, Math.min(GRAIN, d.sizeBytes - a.offline), 0x5c);
       model.attach(d);
+      break;
+    }
+    case 'resize': {
+      const d = model.disk(a.disk);
+      if (d?.target !== undefined) model.resize(d, a.size);
       break;
     }
     case 'crash':

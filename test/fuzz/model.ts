@@ -2,7 +2,9 @@
 // which disks are attached where, the checkpoint chain and, per checkpoint and
 // disk, the content when it was taken, the 64 KiB clusters written since and
 // why coverage was lost; and the repository backups (those not pruned) with
-// their content and disks.
+// their content and disks. A disk's size changes with a resize: its content is
+// cut or extended with zeroes, so a shrink and a grow back read zeroes in the
+// regrown area.
 // No I/O: the action generator simulates on it, the driver keeps it in step
 // with the real domain, and the checks compare QEMU's bytes and qbackup's
 // claims against it.
@@ -16,6 +18,9 @@ import type { CoverageReason } from '../../src/checkpoint/coverage.js';
 
 /** QEMU's default bitmap granularity (capped at 64 KiB). */
 export const GRAIN = 65536;
+/** The sizes a resize stays within. */
+export const MIN_DISK_BYTES = 1 << 20;
+export const MAX_DISK_BYTES = 6 << 20;
 /** Targets handed out in order, first free first. */
 const TARGETS = ['sda', 'sdb', 'sdc', 'sdd', 'sde', 'sdf', 'sdg', 'sdh', 'sdi', 'sdj'];
 
@@ -45,7 +50,7 @@ export interface CheckpointModel {
 
 export interface RepoBackupModel {
   alias: string;
-  /** Content at the backup's start, by the target the disk had then. */
+  /** Content at the backup's start, by the target the disk had then (its length is the disk's size then). */
   contents: Map<string, Buffer>;
   /** The disks it holds (model names). */
   disks: Set<string>;
@@ -108,6 +113,21 @@ export class Model {
       if (entry === undefined) continue;
       for (let c = Math.floor(offset / GRAIN); c * GRAIN < offset + length; c++) entry.dirty.add(c);
     }
+  }
+
+  /**
+   * A resize to `sizeBytes` (a multiple of the disk's cluster size): the
+   * content is cut or extended with zeroes, and every checkpoint with a bitmap
+   * on the disk loses coverage ("resized"); later checkpoints start clean. The
+   * same size is no change.
+   */
+  resize(d: DiskModel, sizeBytes: number): void {
+    if (sizeBytes === d.sizeBytes) return;
+    const content = Buffer.alloc(sizeBytes);
+    d.content.copy(content, 0, 0, Math.min(sizeBytes, d.content.length));
+    d.content = content;
+    d.sizeBytes = sizeBytes;
+    this.lose(d, 'resized');
   }
 
   /** A write while detached: no bitmap sees it (coverage is already lost by the detach). */

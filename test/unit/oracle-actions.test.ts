@@ -4,8 +4,8 @@
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { formatAction, formatScenario, generateScenario, parseAction, parseScenario, type Action, type Scenario } from '../fuzz/actions.js';
-import { Model } from '../fuzz/model.js';
+import { formatAction, formatScenario, generateScenario, parseAction, parseScenario, RESIZE_PATHS, type Action, type Scenario } from '../fuzz/actions.js';
+import { MAX_DISK_BYTES, MIN_DISK_BYTES, Model } from '../fuzz/model.js';
 import type { RunResult } from '../fuzz/scenario.js';
 import { shrink } from '../fuzz/shrink.js';
 
@@ -41,6 +41,32 @@ test('repository maintenance: prune keeps fewer than there are and is mostly fol
   assert.ok(pruneThenGc > 0, 'no prune followed by gc');
 });
 
+test('resizes: whole clusters within the bounds, every path, shrinks sometimes grown back at once; guest I/O stays inside the disk', () => {
+  const paths = new Set<string>();
+  let grows = 0;
+  let shrinks = 0;
+  let growBack = 0;
+  for (let seed = 1; seed <= 40; seed++) {
+    const s = generateScenario(seed, 60, { repoFull: true });
+    const sizes = new Map(s.setup.map((d) => [d.name, d]));
+    s.actions.forEach((a, i) => {
+      if (a.kind === 'attach') sizes.set(a.disk, { name: a.disk, sizeBytes: a.size, clusterSizeBytes: a.cluster });
+      const d = 'disk' in a ? sizes.get(a.disk) : undefined;
+      if (a.kind === 'write' || a.kind === 'zero' || a.kind === 'discard') assert.ok(d !== undefined && a.offset + a.length <= d.sizeBytes, `seed ${seed}: ${formatAction(a)} past the end`);
+      if (a.kind !== 'resize' || d === undefined) return;
+      assert.ok(a.size >= MIN_DISK_BYTES && a.size <= MAX_DISK_BYTES && a.size % d.clusterSizeBytes === 0 && a.size !== d.sizeBytes, `seed ${seed}: ${formatAction(a)} of ${d.sizeBytes}/${d.clusterSizeBytes}`);
+      paths.add(a.via);
+      if (a.size > d.sizeBytes) grows++;
+      else shrinks++;
+      const next = s.actions[i + 1];
+      if (a.size < d.sizeBytes && next?.kind === 'resize' && next.disk === a.disk && next.size === d.sizeBytes) growBack++;
+      d.sizeBytes = a.size;
+    });
+  }
+  assert.deepEqual([...paths].sort(), [...RESIZE_PATHS].sort());
+  assert.ok(grows > 0 && shrinks > 0 && growBack > 0, `${grows} grows, ${shrinks} shrinks, ${growBack} grown back`);
+});
+
 test('parseAction refuses what it does not know', () => {
   assert.throws(() => parseAction('explode disk=disk0'), /unknown action/);
   assert.throws(() => parseAction('write disk=disk0 offset=0 length=512'), /missing field "pattern"/);
@@ -48,6 +74,8 @@ test('parseAction refuses what it does not know', () => {
   assert.deepEqual(parseAction('push since=c1'), { kind: 'push', since: 'c1' });
   assert.deepEqual(parseAction('repo-prune keep=2'), { kind: 'repo-prune', keep: 2 });
   assert.deepEqual(parseAction('repo-gc'), { kind: 'repo-gc' });
+  assert.deepEqual(parseAction('resize disk=disk1 size=3145728 via=qmp'), { kind: 'resize', disk: 'disk1', size: 3145728, via: 'qmp' });
+  assert.throws(() => parseAction('resize disk=disk1 size=3145728'), /missing field "via"/);
   assert.throws(() => parseAction('repo mode=push alias=r1'), /unknown field/, 'format 2 has no push/pull mode');
 });
 
@@ -70,6 +98,32 @@ test('the model: a detach loses coverage, a delete keeps it for earlier checkpoi
   assert.deepEqual([...(m.expectedFull('c9', a) ?? [])], ['checkpoint-missing']);
   m.crash();
   assert.ok(m.expectedFull('c1', a)?.has('bitmap-missing'));
+});
+
+test('the model: a resize cuts or zero-extends the content (a regrown area reads zeroes) and loses coverage of earlier checkpoints only', () => {
+  const m = new Model();
+  const a = m.addDisk({ name: 'disk0', sizeBytes: 2 << 20, clusterSizeBytes: 65536 });
+  const b = m.addDisk({ name: 'disk1', sizeBytes: 1 << 20, clusterSizeBytes: 65536 });
+  m.attach(a);
+  m.attach(b);
+  m.write(a, 0, 2 << 20, 0xab);
+  m.addCheckpoint('c1');
+  m.addRepoBackup('r1');
+  m.resize(a, 1 << 20);
+  assert.equal(a.content.length, 1 << 20);
+  assert.equal(a.sizeBytes, 1 << 20);
+  m.addCheckpoint('c2');
+  m.resize(a, 2 << 20);
+  assert.equal(a.content.length, 2 << 20);
+  assert.equal(a.content[(1 << 20) - 1], 0xab);
+  assert.ok(a.content.subarray(1 << 20).every((x) => x === 0), 'the regrown area reads zeroes');
+  for (const cp of ['c1', 'r1', 'c2']) assert.deepEqual([...(m.expectedFull(cp, a) ?? [])], ['resized'], cp);
+  assert.equal(m.expectedFull('c1', b), undefined, 'the other disk keeps its coverage');
+  assert.deepEqual([...(m.expectedRepoFull(a) ?? [])], ['resized']);
+  m.addCheckpoint('c3');
+  assert.equal(m.expectedFull('c3', a), undefined, 'a later checkpoint starts clean');
+  m.resize(a, 2 << 20);
+  assert.equal(m.expectedFull('c3', a), undefined, 'the same size is no resize');
 });
 
 test('the model of the repository: level and dirty clusters since a disk\'s last backup, prune merges checkpoints away', () => {
