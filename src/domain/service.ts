@@ -763,7 +763,7 @@ function refuseAmbiguousFormat(domain: string, target: string, source: string): 
   if (head.equals(QCOW2_MAGIC)) {
     throw new QbackupError(
       'INVALID_ARGUMENT',
-      `Cannot attach "${source}" as disk "${target}" of domain "${domain}" without a format: it starts with a qcow2 header; give --subdriver qcow2 (a backing file it names is refused) or --subdriver raw`,
+      `Cannot attach "${source}" as disk "${target}" of domain "${domain}" without a format: it starts with a qcow2 header; give its format, qcow2 (a backing file it names is refused) or raw`,
     );
   }
 }

@@ -139,7 +139,7 @@ describe('domain hardening (real QEMU)', () => {
     const ambiguous = await env.cli(['attach-disk', 'vm', raw, 'sdb']);
     assert.equal(ambiguous.code, 1);
     oneSentence(ambiguous.stderr);
-    assert.match(ambiguous.stderr, /starts with a qcow2 header; give --subdriver qcow2 .* or --subdriver raw/);
+    assert.match(ambiguous.stderr, /starts with a qcow2 header; give its format, qcow2 .* or raw/);
     await env.cliOk(['attach-disk', 'vm', raw, 'sdb', '--subdriver', 'raw']);
     const blk = JSON.parse(await env.cliOk(['domblklist', 'vm', '--json'])) as Array<{ target: string; format: string }>;
     assert.deepEqual(blk.map((d) => [d.target, d.format]), [['sda', 'qcow2'], ['sdb', 'raw']]);

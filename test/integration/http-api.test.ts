@@ -95,10 +95,10 @@ describe('HTTP API (real daemon, real QEMU)', () => {
     assert.equal(started.status, 200, started.text);
     assert.equal(obj(started)['state'], 'running');
     const data = await env.image('data.qcow2', 4 << 20);
-    const attached = await api.post('/api/domains/vm1/disks', { source: data, target: 'sdb' });
+    const attached = await api.post('/api/domains/vm1/disks', { source: data, target: 'sdb', format: 'qcow2' });
     assert.equal(attached.status, 201, attached.text);
     assert.deepEqual((obj(await api.get('/api/domains/vm1'))['disks'] as Obj[]).map((d) => d['target']), ['sda', 'sdb']);
-    assertError(await api.post('/api/domains/vm1/disks', { source: data, target: 'sdc' }), 409, 'DISK_EXISTS');
+    assertError(await api.post('/api/domains/vm1/disks', { source: data, target: 'sdc', format: 'qcow2' }), 409, 'DISK_EXISTS');
     assert.equal((await api.delete('/api/domains/vm1/disks/sdb')).status, 200);
     assert.match(String(obj(await api.get('/api/domains/vm1/xml'))['xml']), /<name>vm1<\/name>/);
     assert.equal((await api.delete('/api/domains/vm2')).status, 200);
