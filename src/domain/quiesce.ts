@@ -98,7 +98,7 @@ async function freeze(target: QuiesceTarget, mode: QuiesceMode, timeouts: Quiesc
   try {
     agent = await GuestAgentClient.connect(target.agentSocket, domain, { connectTimeoutMs: timeouts.connectTimeoutMs ?? 5_000 });
   } catch (err) {
-    return cannot(`the guest agent does not answer (${describeError(err)})`, err);
+    return cannot(`the guest agent does not answer, or another client holds its socket (${describeError(err)})`, err);
   }
   try {
     await agent.freeze(timeouts.freezeTimeoutMs ?? 60_000);

@@ -7,8 +7,10 @@
 
 import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { parseDomainXml } from '../../src/libvirt/domain.js';
+import { GuestAgentClient } from '../../src/qemu/guest-agent.js';
 import { runTool } from '../../src/qemu/tools.js';
 import { sleep } from '../../src/util/proc.js';
 import { repoRoot, type TestEnv } from './env.js';
@@ -153,4 +155,84 @@ export function checkListedFiles(env: TestEnv, image: string, list: 'sums' | 'sy
   rmSync(out, { recursive: true, force: true });
   if (files < lines.length - bad.length) throw new Error('impossible: fewer files than good lines');
   return { listed: lines.length, bad };
+}
+
+/** Connects to a running guest's agent. */
+export async function guestAgent(env: TestEnv, domain: string): Promise<GuestAgentClient> {
+  const socket = env.qb.domains.guestAgentSocket(parseDomainXml(env.qb.domains.dumpXml(domain)));
+  if (socket === undefined) throw new Error(`domain ${domain} has no agent channel`);
+  return GuestAgentClient.connect(socket, domain, { connectTimeoutMs: 30_000, timeoutMs: 60_000 });
+}
+
+/**
+ * Runs a shell command in the guest through the agent (guest-exec) and
+ * returns its exit status and output. Connects for the command only: QEMU
+ * serves one client of the agent's socket at a time, and qbackup's quiesce
+ * needs it.
+ */
+export async function guestRun(env: TestEnv, domain: string, command: string, timeoutMs = 120_000): Promise<{ exitcode: number; out: string }> {
+  const agent = await guestAgent(env, domain);
+  try {
+    return await runInGuest(agent, command, timeoutMs);
+  } finally {
+    agent.close();
+  }
+}
+
+async function runInGuest(agent: GuestAgentClient, command: string, timeoutMs: number): Promise<{ exitcode: number; out: string }> {
+  const { pid } = await agent.execute<{ pid: number }>('guest-exec', { path: '/bin/sh', arg: ['-c', command], 'capture-output': true });
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const st = await agent.execute<{ exited: boolean; exitcode?: number; 'out-data'?: string; 'err-data'?: string }>('guest-exec-status', { pid });
+    if (st.exited) {
+      const text = (b64: string | undefined): string => Buffer.from(b64 ?? '', 'base64').toString('utf8');
+      return { exitcode: st.exitcode ?? -1, out: text(st['out-data']) + text(st['err-data']) };
+    }
+    if (Date.now() > deadline) throw new Error(`"${command}" still runs in the guest after ${timeoutMs} ms`);
+    await sleep(200);
+  }
+}
+
+export interface ByteRange {
+  offset: number;
+  length: number;
+}
+
+/** The byte ranges a file's data occupies in a raw ext4 image (debugfs "blocks", block size from dumpe2fs). */
+export function fileRanges(image: string, path: string): ByteRange[] {
+  const header = spawnSync('dumpe2fs', ['-h', image], { encoding: 'utf8' }).stdout;
+  const blockSize = Number(/Block size:\s*(\d+)/.exec(header)?.[1] ?? NaN);
+  if (!Number.isSafeInteger(blockSize)) throw new Error(`no block size in dumpe2fs -h ${image}`);
+  const out = spawnSync('debugfs', ['-R', `blocks ${path}`, image], { encoding: 'utf8' }).stdout;
+  const blocks = out.trim().split(/\s+/).filter((b) => b !== '').map(Number).sort((a, b) => a - b);
+  const ranges: ByteRange[] = [];
+  for (const b of blocks) {
+    const last = ranges[ranges.length - 1];
+    if (last !== undefined && last.offset + last.length === b * blockSize) last.length += blockSize;
+    else ranges.push({ offset: b * blockSize, length: blockSize });
+  }
+  return ranges;
+}
+
+export function readRange(file: string, range: ByteRange): Buffer {
+  const fd = openSync(file, 'r');
+  try {
+    const buf = Buffer.alloc(range.length);
+    readSync(fd, buf, 0, range.length, range.offset);
+    return buf;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+export function isZero(buf: Buffer): boolean {
+  for (const b of buf) if (b !== 0) return false;
+  return true;
+}
+
+/** The part of `r` made of whole `unit`-aligned units. */
+export function alignedInside(r: ByteRange, unit: number): ByteRange {
+  const start = Math.ceil(r.offset / unit) * unit;
+  const end = Math.floor((r.offset + r.length) / unit) * unit;
+  return { offset: start, length: Math.max(0, end - start) };
 }
