@@ -8,6 +8,8 @@
 //   writing afterwards (thawed).
 // - Without quiesce the backup is crash-consistent: fsck.ext4 -fy replays
 //   the journal, and every file listed before the guest's last sync is intact.
+// - checkpoint-create-as --quiesce and a push backup-begin with a checkpoint
+//   and --quiesce record 'filesystem'; the push target is clean.
 // - A restored disk boots: a new domain on it mounts the filesystem and its
 //   guest checks every listed file (reader workload, on the serial console).
 // - Without an agent channel --quiesce fails with one sentence, and
@@ -18,6 +20,7 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { parseDomainXml } from '../../src/libvirt/domain.js';
 import { GuestAgentClient } from '../../src/qemu/guest-agent.js';
+import { runTool } from '../../src/qemu/tools.js';
 import type { Manifest } from '../../src/repository/service.js';
 import { TestEnv } from '../helpers/env.js';
 import { checkListedFiles, ext4Disk, fsck, guestBoot, guestDomainXml, needsRecovery, waitForConsole, writerProgress } from '../helpers/guest.js';
@@ -100,6 +103,24 @@ describe('a real Linux guest: quiesced backups restore clean, crash-consistent o
     const synced = checkListedFiles(env, image, 'synced');
     assert.deepEqual(synced.bad, []);
     assert.ok(synced.listed >= 10);
+  });
+
+  test('checkpoint-create-as --quiesce and backup-begin --checkpoint --quiesce (push) freeze the guest for their instant', async () => {
+    const cp = JSON.parse(await env.cliOk(['--json', 'checkpoint-create-as', 'g1', '--name', 'cq', '--quiesce'])) as { name: string; consistency: string };
+    assert.equal(cp.consistency, 'filesystem');
+    const refused = await env.cli(['backup-begin', 'g1', '--target-dir', env.path('push0'), '--quiesce']);
+    assert.equal(refused.code, 1);
+    assert.match(refused.stderr, /quiescing needs a checkpoint/);
+    await writerMovesOn(10);
+    const dir = env.path('push');
+    const job = JSON.parse(await env.cliOk(['--json', 'backup-begin', 'g1', '--checkpoint', 'cp2', '--target-dir', dir, '--quiesce', '--wait'])) as { state: string; consistency: string; disks: Array<{ targetFile: string }> };
+    assert.equal(job.state, 'completed');
+    assert.equal(job.consistency, 'filesystem');
+    const image = env.path('push-sda.raw');
+    await runTool('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', job.disks[0]?.targetFile ?? '', image]);
+    assert.equal(needsRecovery(image), false);
+    assert.equal(fsck(image, '-fn').status, 0);
+    assert.deepEqual(checkListedFiles(env, image, 'sums').bad, []);
   });
 
   test('a restored disk boots: the guest mounts it and every listed file checks out', async () => {
