@@ -57,6 +57,7 @@ export const ERROR_CODES = {
   NBD_STATE: 'an NBD call in the wrong connection state',
   NBD_HANDSHAKE: 'the NBD handshake failed',
   NBD_EXPORT_NOT_FOUND: 'the NBD server has no export of that name',
+  GUEST_AGENT: 'quiescing needs the guest agent and it is not configured, did not answer, or could not freeze or thaw the filesystems',
   // -- qbackup's own state
   STATE_DIR: 'the state directory or metadata database cannot be used',
   METADATA_INCONSISTENT: 'stored metadata contradicts itself or is damaged',

@@ -6,10 +6,11 @@ export { ERROR_CODES, QbackupError, isQbackupError, describeError, type ErrorCod
 
 // domains
 export * from './domain/service.js';
-export type { DomainDefinition, DiskDefinition, DiskBus, DiskFormat } from './domain/types.js';
+export type { DomainDefinition, DiskDefinition, DiskBus, DiskFormat, KernelBoot, GuestAgentChannel } from './domain/types.js';
+export { freezeGuest, withQuiesce, type Consistency, type Frozen, type QuiesceMode, type QuiesceTarget, type QuiesceTimeouts } from './domain/quiesce.js';
 
 // checkpoints
-export { CheckpointService, type CheckpointInfo, type DeleteOptions, type ListFilters } from './checkpoint/service.js';
+export { CheckpointService, type CheckpointCreateOptions, type CheckpointInfo, type DeleteOptions, type ListFilters } from './checkpoint/service.js';
 export { CHECKPOINT_NAME_PATTERN, assertCheckpointName, type CheckpointSpec, type CheckpointDiskSpec, type CheckpointDiskType } from './checkpoint/spec.js';
 export type { DiskCoverage, CoverageProblem, CoverageReason } from './checkpoint/coverage.js';
 
@@ -51,3 +52,4 @@ export { QbackupService, BACKUP_TASK, type ServiceOptions, type BackupRequest } 
 export { TaskManager, type TaskInfo, type TaskState, type TaskProgress, type TaskContext, type TaskRequest, type TaskEvent, type TaskManagerOptions } from './service/tasks.js';
 export { Schedules, Scheduler, cronFor, nextRun, systemClock, type Clock, type ScheduleSpec, type ScheduleInfo } from './service/schedules.js';
 export { TokenStore, TOKEN_NAME_PATTERN, type TokenInfo } from './store/tokens.js';
+export { GuestAgentClient, type GuestAgentOptions } from './qemu/guest-agent.js';

@@ -78,6 +78,8 @@ export interface JobInfo {
   owner?: { pid: number; pidStart: string };
   /** Merge the job's checkpoint away if the job does not complete (a repository backup's checkpoint). */
   discardCheckpointOnFailure?: boolean;
+  /** 'filesystem' when the guest's filesystems were frozen for the start transaction (quiesce), else 'crash'. */
+  consistency?: 'crash' | 'filesystem';
   disks: JobDisk[];
 }
 

@@ -28,6 +28,8 @@ import type { DiskCoverage } from '../checkpoint/coverage.js';
 import type { CheckpointService } from '../checkpoint/service.js';
 import type { CheckpointSpec } from '../checkpoint/spec.js';
 import { QbackupError, describeError } from '../errors.js';
+import { freezeGuest, type Frozen, type QuiesceMode } from '../domain/quiesce.js';
+import { assert } from '../util/assert.js';
 import type { DomainContext, DomainService } from '../domain/service.js';
 import { readBlockNodes } from '../qemu/block-nodes.js';
 import { createImage } from '../qemu/image.js';
@@ -51,6 +53,12 @@ export interface BackupBeginOptions extends BeginOptions {
    */
   ownedByCaller?: boolean;
   discardCheckpointOnFailure?: boolean;
+  /**
+   * With a checkpoint: freeze the guest's filesystems through its agent
+   * around the start transaction (required, or optional: crash-consistent
+   * without an agent). The job's `consistency` says which it was.
+   */
+  quiesce?: QuiesceMode;
 }
 
 export type BackupFaultPoint = 'backup-begin:before-qemu' | 'backup-begin:after-qemu';
@@ -84,6 +92,9 @@ export class BackupService {
     const cp = options.checkpoint;
     if (cp !== undefined && (cp.parent !== undefined || cp.creationTime !== undefined || cp.domainXml !== undefined)) {
       throw new QbackupError('INVALID_ARGUMENT', `Cannot start a backup of domain "${domain}": the new checkpoint may not set a parent, a creation time or a domain definition (they are for redefine)`);
+    }
+    if (options.quiesce !== undefined && cp === undefined) {
+      throw new QbackupError('INVALID_ARGUMENT', `Cannot start a backup of domain "${domain}": quiescing needs a checkpoint created with the backup`);
     }
     if (spec.server?.transport === 'tcp' && spec.server.tls) {
       throw new QbackupError('NOT_SUPPORTED', `Cannot start a backup of domain "${domain}": TLS for NBD exports is not supported yet (refusing rather than serving the disks unencrypted)`);
@@ -168,14 +179,24 @@ export class BackupService {
       this.fault('backup-begin:before-qemu');
     });
     const checkpointActions = checkpointPlan !== undefined ? this.checkpoints.createActions(checkpointPlan) : [];
+    const target = { domain, running: ctx.running, agentSocket: this.domains.guestAgentSocket(ctx.definition) };
+    let frozen: Frozen | undefined;
+    await this.failOnError(ctx, qmp, payload, async () => {
+      frozen = await freezeGuest(target, options.quiesce);
+    });
+    assert(frozen !== undefined, 'freezeGuest returned');
+    info.consistency = frozen.consistency;
     try {
       await qmp.transaction(startActions(info, checkpointActions, options.bandwidthBytesPerSec), { completionMode: 'individual' });
     } catch (err) {
+      const thawError = await frozen.thaw();
       // Refused by QEMU: nothing started. Otherwise (a timeout, a lost connection)
       // it may have: the job stays recorded as starting for the next command to settle.
       if (err instanceof QmpCommandError) await this.finalize(ctx, qmp, payload, 'failed', describeError(err));
+      if (thawError !== undefined) throw new QbackupError('GUEST_AGENT', `${describeError(err)} (and ${describeError(thawError)})`, { cause: err });
       throw err;
     }
+    const thawError = await frozen.thaw();
     this.fault('backup-begin:after-qemu');
     // The transaction made the checkpoint's bitmaps: record it before anything else can fail.
     this.store.transaction(() => {
@@ -189,6 +210,9 @@ export class BackupService {
         await exportDisks(qmp, server, info.disks);
       });
       save('running');
+    }
+    if (thawError !== undefined) {
+      throw new QbackupError('GUEST_AGENT', `Backup job "${info.id}" of domain "${domain}" is running, but ${describeError(thawError)}`, { cause: thawError });
     }
     return info;
   }

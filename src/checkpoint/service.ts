@@ -23,6 +23,7 @@
 // - Other layers are reached through their services (DomainService), never
 //   through their stores.
 
+import { withQuiesce, type Consistency, type QuiesceMode } from '../domain/quiesce.js';
 import { randomBytes } from 'node:crypto';
 import { QbackupError } from '../errors.js';
 import type { AttachedDisk, DomainContext, DomainService, UndefineOptions } from '../domain/service.js';
@@ -54,6 +55,13 @@ export interface CheckpointInfo {
   children: number;
   descendants: number;
   disks: Array<{ target: string; diskId: string | null; checkpoint: 'bitmap' | 'no'; bitmap: string | null }>;
+  /** Set by create: 'filesystem' when the guest's filesystems were frozen for it (quiesce), else 'crash'. */
+  consistency?: Consistency;
+}
+
+export interface CheckpointCreateOptions {
+  /** Freeze the guest's filesystems through its agent around the checkpoint: required, or optional (crash-consistent without an agent). */
+  quiesce?: QuiesceMode;
 }
 
 export interface CreateOptions {
@@ -100,7 +108,7 @@ export class CheckpointService {
   // ---- create ----------------------------------------------------------------
 
   /** Creates a checkpoint now (checkpoint-create). For an existing one from another system, see redefine. */
-  async create(domain: string, spec: CheckpointSpec = {}): Promise<CheckpointInfo> {
+  async create(domain: string, spec: CheckpointSpec = {}, options: CheckpointCreateOptions = {}): Promise<CheckpointInfo> {
     if (spec.parent !== undefined || spec.creationTime !== undefined || spec.domainXml !== undefined) {
       throw new QbackupError('INVALID_ARGUMENT', `Cannot create checkpoint of domain "${domain}": a parent, a creation time and a domain definition are only accepted by redefine`);
     }
@@ -109,8 +117,9 @@ export class CheckpointService {
       return this.withOptionalQmp(ctx, 'checkpoint-create', async (qmp) => {
         const bitmaps = await this.reconcile(ctx, qmp);
         const plan = await this.planCreate(ctx, qmp, spec, bitmaps);
-        await this.applyCreate(ctx, qmp, plan);
-        return this.info(domain, plan.row.name);
+        const target = { domain, running: ctx.running, agentSocket: this.domains.guestAgentSocket(ctx.definition) };
+        const { consistency } = await withQuiesce(target, options.quiesce, () => this.applyCreate(ctx, qmp, plan));
+        return { ...this.info(domain, plan.row.name), consistency };
       });
     });
   }

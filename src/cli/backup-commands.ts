@@ -8,7 +8,7 @@ import { formatJobXml, parseBackupSpec } from '../libvirt/backup.js';
 import { parseCheckpointXml } from '../libvirt/checkpoint.js';
 import { QbackupError } from '../errors.js';
 import { arg, defineCommand, flag, optionalArg, value, type CliCommand } from './command.js';
-import { positiveNumber, readInput } from './options.js';
+import { positiveNumber, quiesceMode, quiesceOptions, readInput } from './options.js';
 import { emit } from './output.js';
 
 const domain = arg('domain');
@@ -30,6 +30,7 @@ export const backupCommands: readonly CliCommand[] = [
       strict: flag('--strict', 'refuse the job when a disk cannot be backed up incrementally'),
       bandwidth: value('--bandwidth <MiB/s>', 'limit the copy rate of each disk'),
       wait: flag('--wait', 'wait until the job ends and print its result'),
+      ...quiesceOptions(),
     },
     run: async ({ qb, out, args, opts: o }) => {
       const { spec, checkpoint } = readJobRequest(args, o);
@@ -38,6 +39,7 @@ export const backupCommands: readonly CliCommand[] = [
         ...(o.targetDir !== undefined ? { targetDir: o.targetDir } : {}),
         reuseExternal: o.reuseExternal,
         strict: o.strict,
+        ...quiesceMode(o),
         ...(o.bandwidth !== undefined ? { bandwidthBytesPerSec: Math.round(positiveNumber('--bandwidth', o.bandwidth, 'MiB/s') * 1024 * 1024) } : {}),
       });
       if (o.wait) job = await qb.backups.wait(args.domain, job.id);

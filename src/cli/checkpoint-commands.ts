@@ -6,7 +6,7 @@ import type { CheckpointDiskSpec } from '../checkpoint/spec.js';
 import { formatCheckpointXml, parseCheckpointXml } from '../libvirt/checkpoint.js';
 import { QbackupError } from '../errors.js';
 import { arg, defineCommand, flag, optionalArg, repeatable, value, type CliCommand } from './command.js';
-import { readInput } from './options.js';
+import { quiesceMode, quiesceOptions, readInput } from './options.js';
 import { emit, table } from './output.js';
 
 const domain = arg('domain');
@@ -20,6 +20,7 @@ export const checkpointCommands: readonly CliCommand[] = [
     options: {
       redefine: flag('--redefine', 'import checkpoint metadata (name, creationTime, parent) without touching bitmaps'),
       redefineValidate: flag('--redefine-validate', 'with --redefine, check that the bitmaps exist and are usable'),
+      ...quiesceOptions(),
     },
     run: async ({ qb, out, args: { domain, file }, opts: o }) => {
       if (o.redefineValidate && !o.redefine) throw new QbackupError('INVALID_ARGUMENT', 'Option --redefine-validate needs --redefine');
@@ -28,8 +29,9 @@ export const checkpointCommands: readonly CliCommand[] = [
       if (!o.redefine && (spec.parent !== undefined || spec.creationTime !== undefined || spec.domainXml !== undefined)) {
         throw new QbackupError('INVALID_ARGUMENT', `Cannot create checkpoint of domain "${domain}": <parent>, <creationTime> and <domain> are only accepted with --redefine`);
       }
-      const info = o.redefine ? await qb.checkpoints.redefine(domain, spec, { validate: o.redefineValidate }) : await qb.checkpoints.create(domain, spec);
-      emit(out, info, () => `Domain checkpoint ${info.name} ${o.redefine ? 'redefined' : 'created'}`);
+      if (o.redefine && (o.quiesce || o.quiesceOptional)) throw new QbackupError('INVALID_ARGUMENT', 'Option --quiesce cannot be used with --redefine');
+      const info = o.redefine ? await qb.checkpoints.redefine(domain, spec, { validate: o.redefineValidate }) : await qb.checkpoints.create(domain, spec, quiesceMode(o));
+      emit(out, info, () => `Domain checkpoint ${info.name} ${o.redefine ? 'redefined' : 'created'}${quiescedText(info)}`);
     },
   }),
 
@@ -41,6 +43,7 @@ export const checkpointCommands: readonly CliCommand[] = [
       name: value('--name <name>', 'checkpoint name (default: creation time in seconds)'),
       description: value('--description <text>', 'description'),
       diskspec: repeatable('--diskspec <spec>', 'TARGET,checkpoint=bitmap|no[,bitmap=NAME]; repeatable'),
+      ...quiesceOptions(),
     },
     run: async ({ qb, out, args: { domain }, opts: o }) => {
       const disks = o.diskspec.map(parseDiskspec);
@@ -48,8 +51,8 @@ export const checkpointCommands: readonly CliCommand[] = [
         ...(o.name !== undefined ? { name: o.name } : {}),
         ...(o.description !== undefined ? { description: o.description } : {}),
         ...(disks.length > 0 ? { disks } : {}),
-      });
-      emit(out, info, () => `Domain checkpoint ${info.name} created`);
+      }, quiesceMode(o));
+      emit(out, info, () => `Domain checkpoint ${info.name} created${quiescedText(info)}`);
     },
   }),
 
@@ -192,4 +195,9 @@ function renderTree(list: readonly CheckpointInfo[]): string {
   };
   walk(null, '');
   return lines.join('\n');
+}
+
+/** What a human reads after "created": nothing, unless quiescing was asked for and did not happen. */
+function quiescedText(info: CheckpointInfo): string {
+  return info.consistency === 'filesystem' ? " (guest's filesystems frozen)" : '';
 }

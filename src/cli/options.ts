@@ -5,7 +5,8 @@
 
 import { closeSync, openSync, readSync } from 'node:fs';
 import { QbackupError } from '../errors.js';
-import { repeatable, requiredValue, type OptionSpec } from './command.js';
+import type { QuiesceMode } from '../domain/quiesce.js';
+import { flag, repeatable, requiredValue, type OptionSpec } from './command.js';
 
 /** `--repo <dir>`, required by every repository command. */
 export function repoOption(description = 'repository directory'): OptionSpec<string> {
@@ -74,4 +75,18 @@ export function readInput(file: string, what: string): string {
     throw new QbackupError('INVALID_XML', `The ${what} file "${file}" is larger than ${MAX_INPUT_BYTES >> 20} MiB.`);
   }
   return Buffer.concat(chunks).toString('utf8');
+}
+
+/** `--quiesce` and `--quiesce-optional`: freeze the guest's filesystems through its agent (virsh's --quiesce). */
+export function quiesceOptions(): { quiesce: OptionSpec<boolean>; quiesceOptional: OptionSpec<boolean> } {
+  return {
+    quiesce: flag('--quiesce', "freeze the guest's filesystems through its agent for the checkpoint; fail without an agent"),
+    quiesceOptional: flag('--quiesce-optional', 'like --quiesce, but go on crash-consistent when the agent is missing or does not answer'),
+  };
+}
+
+/** The library's quiesce mode for those two flags. */
+export function quiesceMode(o: { quiesce: boolean; quiesceOptional: boolean }): { quiesce?: QuiesceMode } {
+  if (o.quiesceOptional) return { quiesce: 'optional' };
+  return o.quiesce ? { quiesce: 'required' } : {};
 }

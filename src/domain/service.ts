@@ -29,7 +29,7 @@ import { hotplugDisk, unplugDisk } from '../qemu/devices.js';
 import { readBlockNodes } from '../qemu/block-nodes.js';
 import { nodeNamesFor, qemuIoDevicePath } from '../qemu/nodes.js';
 import { runTool } from '../qemu/tools.js';
-import { killProcess, launchQemu, qmpChardevArg, waitForExit, waitForQmp, type QemuProcessInfo } from '../qemu/process.js';
+import { killProcess, launchQemu, qmpChardevArg, waitForExit, waitForQmp, type LaunchOptions, type QemuProcessInfo } from '../qemu/process.js';
 import { QmpClient } from '../qmp/index.js';
 import type { DiskEventRow, DomainRow, DomainStore, RuntimeRow } from '../store/domains.js';
 import { acquireDomainLock } from '../store/lock.js';
@@ -173,6 +173,26 @@ export class DomainService {
     return join(this.options.stateDir, 'domains', name);
   }
 
+  /** Where the guest's serial console is written (truncated at each start). */
+  consoleLog(name: string): string {
+    return join(this.domainDir(name), 'console.log');
+  }
+
+  /** The socket of the domain's guest agent channel; undefined when the definition has none. */
+  guestAgentSocket(definition: DomainDefinition): string | undefined {
+    if (definition.guestAgent === undefined) return undefined;
+    return definition.guestAgent.path ?? join(this.domainDir(definition.name), 'agent.sock');
+  }
+
+  private guestLaunchOptions(definition: DomainDefinition): Pick<LaunchOptions, 'consoleLog' | 'kernelBoot' | 'agentSocket'> {
+    const agentSocket = this.guestAgentSocket(definition);
+    return {
+      consoleLog: this.consoleLog(definition.name),
+      ...(definition.kernelBoot !== undefined ? { kernelBoot: definition.kernelBoot } : {}),
+      ...(agentSocket !== undefined ? { agentSocket } : {}),
+    };
+  }
+
   // ---- definition ----------------------------------------------------------
 
   /**
@@ -264,6 +284,7 @@ export class DomainService {
           disks: ctx.disks,
           qmpSocket,
           logFile: join(dir, 'qemu.log'),
+          ...this.guestLaunchOptions(ctx.definition),
           paused: options.paused ?? false,
           accel: this.options.accel ?? 'auto',
           onSpawn: (pid) => this.recordStarting(name, pid, qmpSocket),

@@ -32,6 +32,22 @@ export interface DiskDefinition {
   backingStore?: string;
 }
 
+/** Direct kernel boot, libvirt's <os><kernel>/<initrd>/<cmdline>. */
+export interface KernelBoot {
+  /** Absolute path of the kernel image. */
+  kernel: string;
+  /** Absolute path of the initramfs, when there is one. */
+  initrd?: string;
+  /** The kernel command line, when there is one. */
+  cmdline?: string;
+}
+
+/** The QEMU guest agent's channel: <channel type='unix'> with target org.qemu.guest_agent.0. */
+export interface GuestAgentChannel {
+  /** <source mode='bind' path=…>; absent: agent.sock in the domain's state directory. */
+  path?: string;
+}
+
 export interface DomainDefinition {
   name: string;
   /** Lower-case canonical UUID; generated when the document has none. */
@@ -42,6 +58,10 @@ export interface DomainDefinition {
   vcpus: number;
   /** File-backed disks with device='disk', in document order. */
   disks: DiskDefinition[];
+  /** <os><kernel> present: QEMU boots this kernel (-kernel, -initrd, -append). */
+  kernelBoot?: KernelBoot;
+  /** A guest agent channel is configured (the only <channel> qbackup interprets). */
+  guestAgent?: GuestAgentChannel;
   /**
    * The document this definition came from, serialized. formatDomainXml uses it
    * as the template so that unknown elements and attributes survive; it is never

@@ -33,6 +33,7 @@ export const HTTP_STATUS: Readonly<Record<ErrorCode, number>> = {
   TOOL_FAILED: 500,
   QEMU_START_FAILED: 500,
   QEMU_DIED: 500,
+  GUEST_AGENT: 502,
   QMP_ERROR: 500,
   QMP_PROTOCOL: 502,
   QMP_DISCONNECTED: 502,

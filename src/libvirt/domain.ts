@@ -12,13 +12,16 @@
 //   it; formatDomainXml always writes the type down.
 // - A missing <memory> means 128 MiB (131072 KiB). libvirt itself requires the
 //   element; qbackup is lenient so that hand-written minimal documents work.
+// - <os><kernel>/<initrd>/<cmdline> (direct kernel boot) and the guest agent's
+//   <channel type='unix'> (target virtio, name org.qemu.guest_agent.0) are
+//   interpreted; other <os> children and other channels are kept, unread.
 // - Malformed documents raise QbackupError('INVALID_XML'); invalid
 //   DomainDefinition values handed to formatDomainXml raise 'INVALID_ARGUMENT'.
 
 import { randomUUID } from 'node:crypto';
 import type { Document, Element, Node } from '@xmldom/xmldom';
 import { QbackupError } from '../errors.js';
-import type { DiskBus, DiskDefinition, DiskFormat, DomainDefinition } from '../domain/types.js';
+import type { DiskBus, DiskDefinition, DiskFormat, DomainDefinition, GuestAgentChannel, KernelBoot } from '../domain/types.js';
 import { appendElement, attr, childElements, docOf, firstChild, isNamed, newXmlDocument, parseUnsigned, parseXmlDocument, serializeIndented, textOf } from './xml.js';
 // ---------------------------------------------------------------------------
 // <domain>
@@ -151,6 +154,57 @@ function parseDisk(disk: Element, domain: string): DiskDefinition {
   return result;
 }
 
+/** The guest agent's name on its virtio-serial port (libvirt's and QEMU's convention). */
+export const GUEST_AGENT_CHANNEL = 'org.qemu.guest_agent.0';
+
+function absolutePath(value: string | undefined, what: string, domain: string): string | undefined {
+  if (value === undefined) return undefined;
+  const trimmed = value.trim();
+  if (!trimmed.startsWith('/')) throw bad(`Domain ${domain} has a relative ${what} path '${trimmed}'; it must be absolute.`);
+  if (trimmed.includes(',')) throw bad(`Domain ${domain} has a ${what} path '${trimmed}' with a comma, which QEMU's options cannot carry.`);
+  return trimmed;
+}
+
+/** <os><kernel>…: undefined when the domain does not boot a kernel directly. */
+function parseKernelBoot(root: Element, domain: string): KernelBoot | undefined {
+  const os = firstChild(root, 'os');
+  const kernelEl = os === undefined ? undefined : firstChild(os, 'kernel');
+  if (os === undefined || kernelEl === undefined) return undefined;
+  const kernel = absolutePath(textOf(kernelEl), 'kernel', domain);
+  if (kernel === undefined) throw bad(`Domain ${domain} has an empty <kernel>.`);
+  const result: KernelBoot = { kernel };
+  const initrdEl = firstChild(os, 'initrd');
+  const initrd = initrdEl === undefined ? undefined : absolutePath(textOf(initrdEl), 'initrd', domain);
+  if (initrd !== undefined) result.initrd = initrd;
+  const cmdlineEl = firstChild(os, 'cmdline');
+  if (cmdlineEl !== undefined) result.cmdline = textOf(cmdlineEl).trim();
+  return result;
+}
+
+function isAgentChannel(channel: Element): boolean {
+  const target = firstChild(channel, 'target');
+  return target !== undefined && attr(target, 'type') === 'virtio' && attr(target, 'name') === GUEST_AGENT_CHANNEL;
+}
+
+/** The guest agent's <channel>, when the domain has one. Only type='unix' with mode='bind' (QEMU listens) is supported. */
+function parseGuestAgent(root: Element, domain: string): GuestAgentChannel | undefined {
+  const devices = firstChild(root, 'devices');
+  const channels = devices === undefined ? [] : childElements(devices, 'channel').filter(isAgentChannel);
+  const [channel, extra] = channels;
+  if (channel === undefined) return undefined;
+  if (extra !== undefined) throw bad(`Domain ${domain} has more than one ${GUEST_AGENT_CHANNEL} channel.`);
+  if (attr(channel, 'type') !== 'unix') {
+    throw new QbackupError('NOT_SUPPORTED', `Domain ${domain} has a guest agent channel of type '${attr(channel, 'type') ?? ''}'; only type='unix' is supported.`);
+  }
+  const source = firstChild(channel, 'source');
+  const mode = source === undefined ? 'bind' : attr(source, 'mode') ?? 'bind';
+  if (mode !== 'bind') {
+    throw new QbackupError('NOT_SUPPORTED', `Domain ${domain} has a guest agent channel with source mode '${mode}'; only mode='bind' is supported.`);
+  }
+  const path = absolutePath(source === undefined ? undefined : attr(source, 'path'), 'guest agent socket', domain);
+  return path === undefined ? {} : { path };
+}
+
 /**
  * Parses a libvirt `<domain>` document into the fields qbackup interprets.
  * The input is kept verbatim as `sourceXml`.
@@ -200,7 +254,12 @@ export function parseDomainXml(xml: string): DomainDefinition {
     }
   }
 
-  return { name, uuid, memoryKiB, vcpus, disks, sourceXml: xml };
+  const def: DomainDefinition = { name, uuid, memoryKiB, vcpus, disks, sourceXml: xml };
+  const kernelBoot = parseKernelBoot(root, name);
+  if (kernelBoot !== undefined) def.kernelBoot = kernelBoot;
+  const guestAgent = parseGuestAgent(root, name);
+  if (guestAgent !== undefined) def.guestAgent = guestAgent;
+  return def;
 }
 
 // --- formatting -------------------------------------------------------------
@@ -220,6 +279,10 @@ function validateDefinition(def: DomainDefinition): void {
   }
   if (!Number.isSafeInteger(def.vcpus) || def.vcpus <= 0) {
     throw invalidDef(`Domain ${def.name} has an invalid vCPU count ${def.vcpus}.`);
+  }
+  const paths = [def.kernelBoot?.kernel, def.kernelBoot?.initrd, def.guestAgent?.path];
+  for (const p of paths) {
+    if (p !== undefined && !p.startsWith('/')) throw invalidDef(`Domain ${def.name} has a relative path '${p}'; it must be absolute.`);
   }
   const seen = new Set<string>();
   for (const d of def.disks) {
@@ -397,10 +460,51 @@ function syncDisks(devices: Element, disks: readonly DiskDefinition[], domain: s
   }
 }
 
+/** Sets a child's text when it differs (so formatting survives), or removes it when `text` is undefined. */
+function syncText(parent: Element, name: string, text: string | undefined, after: readonly string[]): void {
+  const el = firstChild(parent, name);
+  if (text === undefined) removeChildren(parent, name);
+  else if (el === undefined || textOf(el).trim() !== text) setChildText(parent, name, text, after);
+}
+
+/** Makes <os>'s kernel, initrd and cmdline say what `boot` says; other <os> children are left alone. */
+function syncKernelBoot(root: Element, boot: DomainDefinition['kernelBoot']): void {
+  let os = firstChild(root, 'os');
+  if (os === undefined) {
+    if (boot === undefined) return;
+    os = ensureChild(root, 'os', ['name', 'uuid', 'genid', 'title', 'description', 'metadata', 'maxMemory', 'memory', 'currentMemory', 'blkiotune', 'memtune', 'memoryBacking', 'vcpu', 'vcpus', 'iothreads', 'cputune', 'numatune', 'resource', 'sysinfo', 'bootloader']);
+  }
+  syncText(os, 'kernel', boot?.kernel, ['type', 'firmware', 'loader', 'nvram']);
+  syncText(os, 'initrd', boot?.initrd, ['type', 'firmware', 'loader', 'nvram', 'kernel']);
+  syncText(os, 'cmdline', boot?.cmdline, ['type', 'firmware', 'loader', 'nvram', 'kernel', 'initrd']);
+}
+
+/** Makes the guest agent's <channel> say what `agent` says (added, its path changed, or removed). */
+function syncGuestAgent(devices: Element, agent: GuestAgentChannel | undefined): void {
+  const existing = childElements(devices, 'channel').filter(isAgentChannel);
+  if (agent === undefined) {
+    for (const c of existing) devices.removeChild(c);
+    return;
+  }
+  let channel = existing[0];
+  if (channel === undefined) {
+    channel = appendElement(devices, 'channel');
+    channel.setAttribute('type', 'unix');
+    appendElement(channel, 'source').setAttribute('mode', 'bind');
+    const target = appendElement(channel, 'target');
+    target.setAttribute('type', 'virtio');
+    target.setAttribute('name', GUEST_AGENT_CHANNEL);
+  }
+  const source = ensureChild(channel, 'source', []);
+  if (agent.path === undefined) source.removeAttribute('path');
+  else if (attr(source, 'path') !== agent.path) source.setAttribute('path', agent.path);
+}
+
 /**
  * Writes `def` as a libvirt `<domain>` document. `def.sourceXml` is the
- * template: name, uuid, memory (in KiB, unit='KiB'), vcpu and the set of
- * interpreted file disks are updated; everything else is preserved. With an
+ * template: name, uuid, memory (in KiB, unit='KiB'), vcpu, the set of
+ * interpreted file disks, <os>'s kernel/initrd/cmdline and the guest agent's
+ * channel are updated; everything else is preserved. With an
  * empty sourceXml a fresh `<domain type='kvm'>` document is built. The result
  * is indented with two spaces and ends with a newline.
  */
@@ -417,11 +521,13 @@ export function formatDomainXml(def: DomainDefinition): string {
   memory.setAttribute('unit', 'KiB');
   setChildText(root, 'vcpu', String(def.vcpus), ['name', 'uuid', 'genid', 'title', 'description', 'metadata', 'maxMemory', 'memory', 'currentMemory', 'blkiotune', 'memtune', 'memoryBacking']);
 
+  syncKernelBoot(root, def.kernelBoot);
   let devices = firstChild(root, 'devices');
   if (devices === undefined) {
-    if (def.disks.length === 0) return serializeIndented(root);
+    if (def.disks.length === 0 && def.guestAgent === undefined) return serializeIndented(root);
     devices = appendElement(root, 'devices');
   }
   syncDisks(devices, def.disks, def.name);
+  syncGuestAgent(devices, def.guestAgent);
   return serializeIndented(root);
 }

@@ -2,16 +2,19 @@
 // detached from the qbackup process that started it (a CLI command ends, the
 // VM does not); it is identified afterwards by pid + start time, reached over
 // its QMP socket (mode 0600 in a 0700 directory), and its stdout/stderr go to a
-// per-domain log, which is also where HMP qemu-io output lands. The caller
+// per-domain log, which is also where HMP qemu-io output lands; the guest's
+// serial console goes to its own file. A domain with a guest agent channel
+// gets a virtio-serial port whose host side is a socket QEMU listens on. The caller
 // learns QEMU's pid the moment it is spawned (onSpawn), before QMP is up, so
 // that a caller killed while QEMU starts leaves it findable.
 
 import { spawn } from 'node:child_process';
-import { accessSync, chmodSync, closeSync, constants, existsSync, openSync, readFileSync, rmSync, statSync, writeSync } from 'node:fs';
+import { accessSync, chmodSync, closeSync, constants, existsSync, lstatSync, openSync, readFileSync, rmSync, statSync, writeSync } from 'node:fs';
 import { QbackupError } from '../errors.js';
 import { isProcessAlive, processStartTime, sleep } from '../util/proc.js';
 import { socketAccepts } from '../util/socket.js';
 import { QmpClient } from '../qmp/client.js';
+import type { KernelBoot } from '../domain/types.js';
 import { ROOT_PORT_COUNT, SCSI_CONTROLLER_ID, blockdevSpecs, deviceSpec, rootPortId, type QemuDiskSpec } from './nodes.js';
 
 export interface LaunchOptions {
@@ -22,6 +25,12 @@ export interface LaunchOptions {
   disks: readonly QemuDiskSpec[];
   qmpSocket: string;
   logFile: string;
+  /** The guest's serial console (ttyS0) is written here, truncated at each start. */
+  consoleLog?: string;
+  /** Direct kernel boot (-kernel, -initrd, -append). */
+  kernelBoot?: KernelBoot;
+  /** The guest agent's socket: QEMU listens on it for qbackup, the agent talks on virtio-serial port org.qemu.guest_agent.0. */
+  agentSocket?: string;
   /** Start with the CPUs stopped (virsh start --paused). The block layer works either way. */
   paused?: boolean;
   /** 'auto' uses KVM when /dev/kvm is usable and falls back to TCG. */
@@ -77,7 +86,33 @@ export function buildQemuArgs(options: LaunchOptions): string[] {
     }
     args.push('-device', JSON.stringify(deviceSpec(disk, port)));
   }
+  args.push(...guestArgs(options));
   if (options.paused) args.push('-S');
+  return args;
+}
+
+/** QEMU's option syntax doubles a comma inside a value. */
+function optionValue(value: string): string {
+  return value.replace(/,/g, ',,');
+}
+
+/** The serial console, direct kernel boot and the guest agent's virtio-serial port. */
+function guestArgs(options: LaunchOptions): string[] {
+  const args: string[] = [];
+  if (options.consoleLog !== undefined) {
+    args.push('-chardev', `file,id=console0,path=${optionValue(options.consoleLog)}`, '-serial', 'chardev:console0');
+  }
+  const boot = options.kernelBoot;
+  if (boot !== undefined) {
+    args.push('-kernel', boot.kernel);
+    if (boot.initrd !== undefined) args.push('-initrd', boot.initrd);
+    if (boot.cmdline !== undefined) args.push('-append', boot.cmdline);
+  }
+  if (options.agentSocket !== undefined) {
+    args.push('-chardev', `socket,id=qga0,path=${optionValue(options.agentSocket)},server=on,wait=off`);
+    args.push('-device', 'virtio-serial-pci,id=virtio-serial0');
+    args.push('-device', 'virtserialport,bus=virtio-serial0.0,chardev=qga0,name=org.qemu.guest_agent.0');
+  }
   return args;
 }
 
@@ -89,7 +124,16 @@ export async function launchQemu(options: LaunchOptions): Promise<QemuProcessInf
   if (Buffer.byteLength(options.qmpSocket) > MAX_SOCKET_PATH) {
     throw new QbackupError('STATE_DIR', `Cannot start domain "${options.name}": the QMP socket path "${options.qmpSocket}" is longer than ${MAX_SOCKET_PATH} bytes; use a shorter state directory`);
   }
+  if (options.agentSocket !== undefined && Buffer.byteLength(options.agentSocket) > MAX_SOCKET_PATH) {
+    throw new QbackupError('INVALID_ARGUMENT', `Cannot start domain "${options.name}": the guest agent socket path "${options.agentSocket}" is longer than ${MAX_SOCKET_PATH} bytes`);
+  }
   rmSync(options.qmpSocket, { force: true });
+  if (options.consoleLog !== undefined) {
+    closeSync(openSync(options.consoleLog, 'w', 0o600)); // QEMU truncates it, keeping the mode
+    chmodSync(options.consoleLog, 0o600);
+  }
+  // Only a leftover socket is removed: the path comes from the domain's XML.
+  if (options.agentSocket !== undefined && lstatSync(options.agentSocket, { throwIfNoEntry: false })?.isSocket() === true) rmSync(options.agentSocket);
   const args = buildQemuArgs(options);
   const binary = options.binary ?? 'qemu-system-x86_64';
   const logFd = openSync(options.logFile, 'a', 0o600);
@@ -130,6 +174,7 @@ export async function launchQemu(options: LaunchOptions): Promise<QemuProcessInf
     await sleep(20);
   }
   chmodSync(options.qmpSocket, 0o600);
+  if (options.agentSocket !== undefined) chmodSync(options.agentSocket, 0o600);
   const pid = child.pid;
   if (pid === undefined) throw new QbackupError('QEMU_START_FAILED', `Cannot start domain "${options.name}": no pid`);
   return { pid, pidStart: processStartTime(pid) ?? '', qmpSocket: options.qmpSocket, logFile: options.logFile };

@@ -18,6 +18,7 @@ import type { BackupService } from '../backup/service.js';
 import type { BackupSpec } from '../backup/spec.js';
 import type { CheckpointService } from '../checkpoint/service.js';
 import type { BlockInfo, DomainService } from '../domain/service.js';
+import type { QuiesceMode } from '../domain/quiesce.js';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
 import { NBD_CONTEXT_BASE_ALLOCATION } from '../nbd/constants.js';
@@ -43,6 +44,12 @@ export interface RepoBackupOptions {
   disks?: string[];
   /** Worker threads that hash and compress (default 2); a disk with little to read (an incremental of a few dirty MiB) is done on the main thread without starting them. */
   workers?: number;
+  /**
+   * Freeze the guest's filesystems through its agent for the backup's
+   * instant: required, or optional (the backup is then crash-consistent when
+   * the agent is missing). The manifest's `consistency` says which it was.
+   */
+  quiesce?: QuiesceMode;
   onProgress?: (p: Progress) => void;
   /** Stops the backup between reads (it then fails, is cleaned up like any failed backup, and lists nothing). */
   signal?: AbortSignal;
@@ -71,10 +78,13 @@ export async function backupDomain(services: BackupServices, store: Store, domai
   // A shut-off domain is started with its CPUs stopped: QEMU opens the images
   // with their bitmaps, no guest code runs, and it is shut down cleanly after.
   const startedHere = domains.info(domain).state !== 'running';
+  if (startedHere && options.quiesce === 'required') {
+    throw new QbackupError('GUEST_AGENT', `Cannot quiesce domain "${domain}": it is not running`);
+  }
   if (startedHere) await domains.start(domain, { paused: true });
   let manifest: Manifest;
   try {
-    manifest = await backupRunning(services, store, domain, selected, options);
+    manifest = await backupRunning(services, store, domain, selected, options, startedHere);
   } catch (err) {
     if (startedHere) {
       await domains.shutdown(domain).catch((stopErr: unknown) => {
@@ -101,7 +111,7 @@ function selectDisks(domains: DomainService, domain: string, targets: readonly s
   return selected;
 }
 
-async function backupRunning(services: BackupServices, store: Store, domain: string, selected: readonly BlockInfo[], options: RepoBackupOptions): Promise<Manifest> {
+async function backupRunning(services: BackupServices, store: Store, domain: string, selected: readonly BlockInfo[], options: RepoBackupOptions, startedHere: boolean): Promise<Manifest> {
   const id = newBackupId();
   const checkpoint = `qb-${id}`;
   const history = await store.manifests(domain);
@@ -113,7 +123,9 @@ async function backupRunning(services: BackupServices, store: Store, domain: str
   let job: JobInfo | undefined;
   let manifest: Manifest;
   try {
-    job = await services.backups.begin(domain, jobSpec(plans), { checkpoint: { name: checkpoint }, strict: true, ownedByCaller: true, discardCheckpointOnFailure: true });
+    // A domain started here, paused, runs no agent: its disks are as it left them.
+    const quiesce = options.quiesce !== undefined && !startedHere ? { quiesce: options.quiesce } : {};
+    job = await services.backups.begin(domain, jobSpec(plans), { checkpoint: { name: checkpoint }, strict: true, ownedByCaller: true, discardCheckpointOnFailure: true, ...quiesce });
     const disks: ManifestDisk[] = [];
     for (const plan of plans) disks.push(await readJobDisk(store, pool, job, plan, options));
     manifest = {
@@ -124,7 +136,7 @@ async function backupRunning(services: BackupServices, store: Store, domain: str
       time: new Date(startedMs).toISOString(),
       endTime: new Date().toISOString(),
       checkpoint,
-      consistency: 'crash',
+      consistency: job.consistency ?? 'crash',
       domainXml: services.domains.dumpXml(domain),
       disks,
     };

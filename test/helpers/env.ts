@@ -37,10 +37,11 @@ export class TestEnv {
   readonly stateDir: string;
   readonly qb: Qbackup;
 
-  constructor(prefix = 'qbt-') {
+  /** `accel`: the guest tests force TCG (a /dev/kvm that exists but runs no guest is seen in CI sandboxes). */
+  constructor(prefix = 'qbt-', options: { accel?: 'auto' | 'kvm' | 'tcg'; detachTimeoutMs?: number } = {}) {
     this.dir = mkdtempSync(join(tmpdir(), prefix));
     this.stateDir = join(this.dir, 'state');
-    this.qb = Qbackup.open({ stateDir: this.stateDir, lockTimeoutMs: 5_000, detachTimeoutMs: 2_000 });
+    this.qb = Qbackup.open({ stateDir: this.stateDir, lockTimeoutMs: 5_000, detachTimeoutMs: options.detachTimeoutMs ?? 2_000, ...(options.accel !== undefined ? { accel: options.accel } : {}) });
   }
 
   path(name: string): string {

@@ -508,3 +508,69 @@ describe('formatDomainXml', () => {
     assert.equal(again.disks[0]?.serial, '<s&>');
   });
 });
+
+describe('domain XML: direct kernel boot and the guest agent channel', () => {
+  const GUEST = `<domain type='kvm'>
+  <name>g1</name>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>/boot/vmlinuz</kernel>
+    <initrd>/boot/initrd.gz</initrd>
+    <cmdline>console=ttyS0 qb.workload=writer</cmdline>
+    <boot dev='hd'/>
+  </os>
+  <devices>
+    <channel type='unix'>
+      <source mode='bind' path='/run/g1.agent'/>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+      <address type='virtio-serial' controller='0' bus='0' port='1'/>
+    </channel>
+    <channel type='pty'><target type='virtio' name='org.example.other'/></channel>
+  </devices>
+</domain>`;
+
+  it('reads <os><kernel>/<initrd>/<cmdline> and the agent channel', () => {
+    const def = parseDomainXml(GUEST);
+    assert.deepEqual(def.kernelBoot, { kernel: '/boot/vmlinuz', initrd: '/boot/initrd.gz', cmdline: 'console=ttyS0 qb.workload=writer' });
+    assert.deepEqual(def.guestAgent, { path: '/run/g1.agent' });
+  });
+
+  it('has neither without the elements, and no path when <source> names none', () => {
+    const def = parseDomainXml(MINIMAL);
+    assert.equal(def.kernelBoot, undefined);
+    assert.equal(def.guestAgent, undefined);
+    const noPath = parseDomainXml(`<domain><name>g</name><devices><channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel></devices></domain>`);
+    assert.deepEqual(noPath.guestAgent, {});
+  });
+
+  it('keeps other <os> children, the other channel and the <address> through a round trip', () => {
+    const def = parseDomainXml(GUEST);
+    const out = formatDomainXml(def);
+    assert.deepEqual(withoutSource(parseDomainXml(out)), withoutSource(def));
+    assert.match(out, /<boot dev="hd"\/>/);
+    assert.match(out, /org\.example\.other/);
+    assert.match(out, /<address type="virtio-serial"/);
+  });
+
+  it('changes and removes them', () => {
+    const def = parseDomainXml(GUEST);
+    const changed = parseDomainXml(formatDomainXml({ ...def, kernelBoot: { kernel: '/k2' }, guestAgent: {} }));
+    assert.deepEqual(changed.kernelBoot, { kernel: '/k2' });
+    assert.deepEqual(changed.guestAgent, {});
+    const { kernelBoot: _k, guestAgent: _g, ...bare } = def;
+    const removed = formatDomainXml(bare);
+    assert.deepEqual(withoutSource(parseDomainXml(removed)), withoutSource(bare));
+    assert.match(removed, /org\.example\.other/);
+  });
+
+  it('writes them into a fresh document', () => {
+    const def = { ...parseDomainXml(MINIMAL), sourceXml: '', kernelBoot: { kernel: '/k', cmdline: 'a b' }, guestAgent: { path: '/s' } };
+    assert.deepEqual(withoutSource(parseDomainXml(formatDomainXml(def))), withoutSource(def));
+  });
+
+  it('refuses relative paths and unsupported channel shapes', () => {
+    assertCode(() => parseDomainXml(GUEST.replace('/boot/vmlinuz', 'vmlinuz')), 'INVALID_XML', /relative kernel/);
+    assertCode(() => parseDomainXml(GUEST.replace("mode='bind'", "mode='connect'")), 'NOT_SUPPORTED', /connect/);
+    assertCode(() => parseDomainXml(GUEST.replace("<channel type='unix'>", "<channel type='pty'>")), 'NOT_SUPPORTED', /pty/);
+  });
+});

@@ -29,4 +29,16 @@ describe('blockdevSpecs', () => {
     const blockdevs = args.filter((_, i) => args[i - 1] === '-blockdev').map((a) => JSON.parse(a) as Record<string, unknown>);
     assert.deepEqual(blockdevs.map((b) => [b['driver'], b['backing']]), [['file', undefined], ['qcow2', null], ['file', undefined], ['raw', undefined]]);
   });
+
+  it('adds the console, direct kernel boot and the agent port', () => {
+    const args = buildQemuArgs({
+      name: 'vm', uuid: '00000000-0000-0000-0000-000000000001', memoryKiB: 262144, vcpus: 1, disks: [], qmpSocket: '/s', logFile: '/l', accel: 'tcg',
+      consoleLog: '/c,1', kernelBoot: { kernel: '/k', initrd: '/i', cmdline: 'console=ttyS0' }, agentSocket: '/a',
+    });
+    const text = args.join(' ');
+    assert.match(text, /-chardev file,id=console0,path=\/c,,1 -serial chardev:console0/);
+    assert.match(text, /-kernel \/k -initrd \/i -append console=ttyS0/);
+    assert.match(text, /-chardev socket,id=qga0,path=\/a,server=on,wait=off/);
+    assert.match(text, /virtserialport,bus=virtio-serial0\.0,chardev=qga0,name=org\.qemu\.guest_agent\.0/);
+  });
 });
