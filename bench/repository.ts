@@ -40,6 +40,7 @@ import { PACK_TARGET_BYTES, PackBuilder, packIndexKey, packKey } from '../src/re
 import { ChunkPool } from '../src/repository/pool.js';
 import { Store } from '../src/repository/store.js';
 import { CLUSTER_BYTES, halfDataLayout, processCpuMs, warmFile, type BenchEnv, type DataLayout } from './env.js';
+import { loadAverage } from './machine.js';
 import { Libvirt, peerMissing, Restic, toolVersion, virtnbdbackup, virtnbdrestore, type LibvirtDomain } from './peers.js';
 import { KiB, MiB, now, Prng, run, runWithCpu } from './util.js';
 
@@ -124,6 +125,8 @@ export interface RepoResults {
   dedup: { dataBytes: number; bytesStored: number; growthBytes: number; newChunks: number; chunks: number; ms: number } | undefined;
   workers: Record<string, BackupSample[]>;
   breakdown: Breakdown | undefined;
+  /** Load average (1, 5, 15 min) when the section started and ended. */
+  load: [string, string];
 }
 
 export interface RepoSetup {
@@ -172,6 +175,7 @@ export async function benchRepository(s: RepoSetup): Promise<RepoResults> {
     dedup: undefined,
     workers: { '1': [], '2': [] },
     breakdown: undefined,
+    load: [loadAverage(), ''],
   };
 
   const raw = join(dir, 'sda.raw');
@@ -298,6 +302,7 @@ export async function benchRepository(s: RepoSetup): Promise<RepoResults> {
   await prepare([qbImage]);
   r.breakdown = await breakdown(env, join(dir, 'scratch-repo'), log);
   rmSync(join(dir, 'scratch-repo'), { recursive: true, force: true });
+  r.load[1] = loadAverage();
   return r;
 }
 
