@@ -264,11 +264,12 @@ ${fmtMs(qemu)} in QEMU serving the export${
 in ${fmtMs(bd.nbdcopyNullMs)}), zero check ${fmtMs(bd.zeroCheckMs)}, SHA-256 ${fmtMs(bd.hashMs)}, zstd
 ${fmtMs(bd.compressMs)}, pack assembly ${fmtMs(bd.packFinishMs)}, pack writes ${fmtMs(bd.packWriteMs)}. Hashing and compressing are
 the part the workers share out; the rest of the CPU is moving bytes and the memory they churn: every byte is copied from
-the socket into a fresh 1 MiB read buffer, cloned into a worker, compressed into a fresh buffer (thrown away for random
-data), framed into another, sent back, and concatenated into a fresh 16 MiB pack whose SHA-256 (the pack id) is computed
-again on the main thread; V8 collects garbage every few tens of MiB of such external memory (the helper threads' CPU).
-Next steps, not done here: move the read buffer to the worker instead of cloning it (transfer list; needs the NBD client
-to promise the buffer is its own), frame raw chunks without copying them, and hash each pack as its blobs arrive.`
+the socket into a fresh 1 MiB read buffer (which now moves to a worker without a copy), compressed into a fresh buffer
+(thrown away for random data), framed into another, sent back, and concatenated into a fresh 16 MiB pack whose SHA-256
+(the pack id) is computed again on the main thread; V8 collects garbage every few tens of MiB of such external memory
+(the helper threads' CPU). Next steps, not done here: read NBD payloads straight into reusable buffers, frame raw chunks
+without copying them, write packs from their blobs (writev) instead of concatenating them, and hash each pack as its
+blobs arrive.`
         : ''
     }
 `);

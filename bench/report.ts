@@ -520,6 +520,11 @@ load and store them when the image is opened and closed. ${conclusion}
   packs. A/B in one process on a 1 GiB disk with 1 % spread dirty (10 MiB),
   6 interleaved rounds on the loaded machine: a 1 % incremental took 684 ms
   (median) before and 463 ms after, faster in every round.
+- \`src/repository/pool.ts\`, \`read-disk.ts\`: a read buffer that holds nothing
+  but the read (the NBD client's fresh 1 MiB buffer) moves to the chunk worker
+  with a transfer list instead of being copied into it. A/B in one process,
+  1 GiB disk (530 MB of data), 5 interleaved full backups: CPU 6.21 s before,
+  5.85 s after (lower in every round); wall time within the machine's noise.
 
 Earlier rounds:
 
