@@ -155,12 +155,14 @@ export function formatReport(r: BenchResults): string {
   const size = `${c.sizeBytes / GiB} GiB`;
   parts.push(`# Benchmarks
 
-Measured by \`npm run bench\` (\`bench/\`): qbackup against QEMU's own tools on
-the same data, in the same run. Every number is a median with the range
-(min–max) of ${c.reps} repetitions unless a row says otherwise; ratios are
-throughput ratios (time of the other tool ÷ our time, so > 1 means qbackup is
-faster). Nothing here is a pass/fail test: the targets say what we aim for,
-and the last section says what limits us where we fall short.
+Measured by \`npm run bench\` (\`bench/\`): qbackup against QEMU's own tools
+and (§5, the repository) against virtnbdbackup and restic, on the same data, in
+the same run. Every number is a median with the range (min–max) of ${c.reps}
+repetitions unless a row says otherwise; ratios in §1–§4 are throughput ratios
+(time of the other tool ÷ our time, so > 1 means qbackup is faster), in §5
+time ratios as its targets are written (our time ÷ theirs, so < 1 means
+qbackup is faster). Nothing here is a pass/fail test: the targets say what we
+aim for, and the last section says what limits us where we fall short.
 
 ${c.quick ? '**This is a quick run (`--quick`): small disk, short chain, few repetitions. Do not quote it.**\n\n' : ''}Run: \`npm run bench${c.argv.length > 0 ? ` -- ${c.argv.join(' ')}` : ''}\` at ${r.startedAt}, ${(r.durationMs / 60000).toFixed(1)} minutes.
 
