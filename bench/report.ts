@@ -240,7 +240,7 @@ ${table(
       row('`qemu-img convert -U -t writeback -O qcow2 SRC OUT`', f.convertWriteback, f.push),
     ];
     const pullRows: string[][] = [
-      row('**qbackup pull**: our NBD client (`nbdPullCopier`) → qemu-nbd qcow2', f.pull, f.pull),
+      row('**qbackup pull**: our NBD client (`bench/pull-copy.ts`) → qemu-nbd qcow2', f.pull, f.pull),
       row('`nbdcopy --flush EXPORT` → the same kind of qemu-nbd qcow2 target', f.nbdcopy, f.pull),
       row('`nbdcopy --flush EXPORT out.raw` (a raw file, for reference)', f.nbdcopyRaw, f.pull),
     ];
@@ -270,8 +270,10 @@ ${fmtBytes(f.pullDataBytes)} as data and the rest as zeroes.
 ${table(['Method', 'Time', 'Throughput', 'CPU of the copying process', 'qbackup ÷ this'], rows)}
 
 **Pull** (one pull job, its NBD export read by each method in turn; the
-target is a fresh qcow2 served by qemu-nbd exactly as the repository's pull
-path serves it, qemu-nbd start and stop included for both):
+target is a fresh qcow2 served by qemu-nbd, as the format 1 repository's pull
+path served it (the bench keeps that copier in \`bench/pull-copy.ts\`; the
+format 2 repository reads into its chunk store instead, §5), qemu-nbd start
+and stop included for both):
 
 ${table(['Method', 'Time', 'Throughput', 'CPU of the copying process', 'qbackup ÷ this'], pullRows)}
 `);
