@@ -128,7 +128,7 @@ export async function benchControl(s: ControlSetup): Promise<ControlResults> {
     r.beginFirstByteMs.push(now() - start);
     // A small disk can be done before the abort: then the job completed and its target stays.
     const aborted = await env.qb.backups.abort(s.bigDomain).catch((err: unknown) => {
-      if (isQbackupError(err, 'INVALID_ARGUMENT')) return undefined;
+      if (isQbackupError(err, 'INVALID_ARGUMENT') || isQbackupError(err, 'JOB_NOT_FOUND')) return undefined;
       throw err;
     });
     if (aborted === undefined) {

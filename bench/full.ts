@@ -1,8 +1,8 @@
 // §1 Full backup of a disk with half of its clusters random data:
 // qbackup push (backup-begin full + wait) against `qemu-img convert -O qcow2`
 // of the same image, and qbackup pull (our NBD client, through the bench's
-// pull copier in pull-copy.ts, reading the pull job's export into a qcow2 served by qemu-nbd)
-// against nbdcopy reading the same export into the same kind of target.
+// copier in pull-copy.ts, reading the pull job's export into a qcow2 served
+// by qemu-nbd) against nbdcopy reading the same export into the same kind of target.
 // Every method runs once untimed first (QEMU's I/O thread pool, fresh page
 // cache memory), then each repetition runs every method in turn, so that
 // background load hits them alike. Before each timed run written data is

@@ -40,6 +40,7 @@ import { PACK_TARGET_BYTES, PackBuilder, packIndexKey, packKey } from '../src/re
 import { ChunkPool } from '../src/repository/pool.js';
 import { Store } from '../src/repository/store.js';
 import { CLUSTER_BYTES, halfDataLayout, processCpuMs, warmFile, type BenchEnv, type DataLayout } from './env.js';
+import { loadAverage } from './machine.js';
 import { Libvirt, peerMissing, Restic, toolVersion, virtnbdbackup, virtnbdrestore, type LibvirtDomain } from './peers.js';
 import { KiB, MiB, now, Prng, run, runWithCpu } from './util.js';
 
@@ -124,6 +125,8 @@ export interface RepoResults {
   dedup: { dataBytes: number; bytesStored: number; growthBytes: number; newChunks: number; chunks: number; ms: number } | undefined;
   workers: Record<string, BackupSample[]>;
   breakdown: Breakdown | undefined;
+  /** Load average (1, 5, 15 min) when the section started and ended. */
+  load: [string, string];
 }
 
 export interface RepoSetup {
@@ -172,6 +175,7 @@ export async function benchRepository(s: RepoSetup): Promise<RepoResults> {
     dedup: undefined,
     workers: { '1': [], '2': [] },
     breakdown: undefined,
+    load: [loadAverage(), ''],
   };
 
   const raw = join(dir, 'sda.raw');
@@ -298,6 +302,7 @@ export async function benchRepository(s: RepoSetup): Promise<RepoResults> {
   await prepare([qbImage]);
   r.breakdown = await breakdown(env, join(dir, 'scratch-repo'), log);
   rmSync(join(dir, 'scratch-repo'), { recursive: true, force: true });
+  r.load[1] = loadAverage();
   return r;
 }
 
@@ -577,11 +582,14 @@ async function fixedCosts(env: BenchEnv, repo: string, log: (line: string) => vo
   const packs = (await store.backend.list('index/')).length;
   t0 = now();
   const pool = new ChunkPool(store, 2);
+  // The pool's workers are unref'd (a backup's NBD socket keeps the process alive); here nothing else would.
+  const keepAlive = setInterval(() => undefined, 1000);
   try {
     // One tiny batch per worker makes both start and answer.
     const writer = store.chunkWriter();
     await Promise.all([pool.storeChunks([Buffer.alloc(4096, 1)], writer), pool.storeChunks([Buffer.alloc(4096, 2)], writer)]);
   } finally {
+    clearInterval(keepAlive);
     await pool.close();
   }
   const poolStartMs = now() - t0;

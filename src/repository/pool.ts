@@ -11,6 +11,8 @@
 // - A batch goes to one worker for both steps (the worker keeps its chunks
 //   between them); a worker's failure fails the batches it holds.
 // - The ids returned are in the batch's order; a zero chunk's id is ZERO_ID.
+// - A batch sent with `transfer` gives its memory to the worker: the caller
+//   must own every byte of the chunks' ArrayBuffers and not touch them after.
 
 import { Worker } from 'node:worker_threads';
 import { QbackupError } from '../errors.js';
@@ -69,15 +71,18 @@ export class ChunkPool {
    * chunk's id. With `inline` the batch is done on this thread (the caller
    * knows there is too little work to be worth starting the workers).
    */
-  async storeChunks(chunks: Buffer[], writer: ChunkWriter, options: { inline?: boolean } = {}): Promise<StoreResult> {
+  async storeChunks(chunks: Buffer[], writer: ChunkWriter, options: { inline?: boolean; transfer?: boolean } = {}): Promise<StoreResult> {
     assert(!this.closed, 'storeChunks after close');
     if (options.inline === true || this.workers === 0) return this.storeInline(chunks, writer);
     if (!this.started) this.start();
     const slot = this.slots.reduce((a, b) => (b.busy < a.busy ? b : a));
     const seq = this.seq++;
+    // With `transfer` the chunks' memory moves to the worker (no copy) and is unusable here after.
+    const lengths = chunks.map((c) => c.length);
+    const transfer = options.transfer === true ? [...new Set(chunks.map((c) => c.buffer))].filter((b): b is ArrayBuffer => b instanceof ArrayBuffer) : [];
     slot.busy++;
     try {
-      const hashed = await this.ask(slot, { op: 'hash', seq, chunks });
+      const hashed = await this.ask(slot, { op: 'hash', seq, chunks }, transfer);
       assert(hashed.op === 'hashed', 'a hash request is answered with ids');
       const ids = hashed.ids.map((id, i) => (hashed.zero[i] === true ? ZERO_ID : Buffer.from(id)));
       const wanted = ids.map((id) => !id.equals(ZERO_ID) && !writer.has(id));
@@ -87,10 +92,10 @@ export class ChunkPool {
       let storedBytes = 0;
       for (const [i, blob] of encoded.blobs.entries()) {
         const id = ids[i];
-        const chunk = chunks[i];
-        if (blob === null || id === undefined || chunk === undefined) continue;
+        const rawLength = lengths[i];
+        if (blob === null || id === undefined || rawLength === undefined) continue;
         const before = writer.storedChunks;
-        await writer.addEncoded(id, Buffer.from(blob.buffer, blob.byteOffset, blob.byteLength), chunk.length);
+        await writer.addEncoded(id, Buffer.from(blob.buffer, blob.byteOffset, blob.byteLength), rawLength);
         if (writer.storedChunks > before) {
           newChunks++;
           storedBytes += blob.byteLength;
@@ -122,13 +127,13 @@ export class ChunkPool {
     return { ids, newChunks, storedBytes };
   }
 
-  private ask(slot: Slot, msg: WorkerRequest): Promise<WorkerReply> {
+  private ask(slot: Slot, msg: WorkerRequest, transfer: ArrayBuffer[] = []): Promise<WorkerReply> {
     return new Promise((resolve, reject) => {
       slot.waiters.set(msg.seq, (reply) => {
         if (reply.op === 'error') reject(new QbackupError('BACKUP_FAILED', `A chunk worker failed: ${reply.message}`));
         else resolve(reply);
       });
-      slot.worker.postMessage(msg);
+      slot.worker.postMessage(msg, transfer);
     });
   }
 

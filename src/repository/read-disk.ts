@@ -69,7 +69,7 @@ export async function readDisk(store: Store, pool: ChunkPool, writer: ChunkWrite
     result.bytesRead += length;
     const chunks: Buffer[] = [];
     for (let at = 0; at < length; at += chunkSize) chunks.push(data.subarray(at, Math.min(at + chunkSize, length)));
-    const stored = await pool.storeChunks(chunks, writer, { inline });
+    const stored = await pool.storeChunks(chunks, writer, { inline, transfer: ownsBuffer(data) });
     stored.ids.forEach((id, i) => ids.set(run.first + i, id));
     result.newChunks += stored.newChunks;
     result.bytesStored += stored.storedBytes;
@@ -95,6 +95,19 @@ async function buildIndex(store: Store, ids: Map<number, Buffer>, slots: number,
   const chain = await store.indexChain(parent);
   if (chain.length <= MAX_CHAIN) return delta;
   return resolveChain([...chain, delta], 'the new disk index');
+}
+
+/**
+ * True when nothing but `data` lives in its ArrayBuffer, so it can move to a
+ * worker without a copy: the buffer ends where `data` ends, and what comes
+ * before it (at most a reply header, already parsed) is too short to hold
+ * another reply. A read of more than one socket read's worth (our 1 MiB
+ * reads) is assembled by the NBD client into such a fresh buffer; a small
+ * reply may be a view into a socket buffer shared with the next reply, and
+ * is then copied to the worker as before.
+ */
+function ownsBuffer(data: Buffer): boolean {
+  return data.buffer instanceof ArrayBuffer && data.byteOffset <= 32 && data.byteOffset + data.byteLength === data.buffer.byteLength;
 }
 
 interface Run {
