@@ -306,8 +306,11 @@ read also starts two chunk workers (${fmtMs(fc.poolStartMs)} here); smaller ones
   for (const t of missed.filter((x) => x.what.startsWith('Restore'))) {
     out.push(`*${t.what}* (${t.measured}). A restore reads every chunk of the newest backup from its pack (one ranged read per run of
 adjacent chunks), checks it against its id (SHA-256 of the plaintext${bd !== undefined ? `: ${fmtMs(bd.hashMs)} alone for this much data` : ''}),
-decompresses it, and writes each 64 KiB chunk as its own write (an NBD request to qemu-nbd for qcow2, a pwrite for raw), then
-flushes. The floor, \`qemu-img convert\` of a qcow2 copy, does none of the checking and writes in large requests.
+decompresses it, and writes each 64 KiB chunk as its own write (an NBD request to qemu-nbd for qcow2, a pwrite for raw; the
+64 writes of a run now go out together), then flushes. All of it runs on the main thread (the id check alone is one
+SHA-256 pass over the data), and it allocates a fresh buffer per chunk read, decompressed and written, which this
+machine makes expensive when memory is short (by then the page cache holds every image, repository and restore of the
+repetition). The floor, \`qemu-img convert\` of a qcow2 copy, does none of the checking and writes in large requests.
 Writing runs of adjacent chunks as one request (concatenated) was tried while developing the bench and used more CPU,
 not less, on this machine (A/B on a 1 GiB disk: raw restore CPU about 1.6 s before, 1.9–2.8 s after), so it was not kept;
 \`writev\` for raw files and several NBD writes in flight per run are the next things to try.
