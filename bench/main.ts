@@ -111,6 +111,15 @@ async function main(): Promise<void> {
       void env.cleanup().finally(() => process.exit(130));
     });
   }
+  // A promise that never settles with nothing else pending would end the process without the finally below
+  // (leaving QEMUs running): clean up and say so instead.
+  let finished = false;
+  process.once('beforeExit', () => {
+    if (finished) return;
+    log('bench stopped: it was waiting for something that can no longer happen (a bug in the bench); cleaning up');
+    process.exitCode = 1;
+    void env.cleanup();
+  });
   log(`qbackup bench: ${config.sizeBytes / GiB} GiB disk, ${config.reps} repetitions${config.quick ? ' (quick)' : ''}; load average ${loadStart}; work dir ${env.dir}`);
   let full: FullResults | undefined;
   let incremental: IncrementalCase[] | undefined;
@@ -173,6 +182,7 @@ async function main(): Promise<void> {
       log(`wrote ${config.doc}`);
     }
   } finally {
+    finished = true;
     await env.cleanup();
   }
 }

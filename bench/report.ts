@@ -529,6 +529,10 @@ load and store them when the image is opened and closed. ${conclusion}
   with a transfer list instead of being copied into it. A/B in one process,
   1 GiB disk (530 MB of data), 5 interleaved full backups: CPU 6.21 s before,
   5.85 s after (lower in every round); wall time within the machine's noise.
+- \`src/repository/restore.ts\`: the writes of a run of 64 chunks go out
+  together (all settle before the run ends) instead of one round trip per
+  64 KiB chunk. A/B on a calm machine, 4 GiB disk with 2 GiB of data: raw
+  restore 6.53 s before, 5.08 s after; qcow2 9.4 s before, 8.7 s after.
 
 Earlier rounds:
 

@@ -78,14 +78,20 @@ async function copyTable(store: Store, table: FullIndex, sink: Sink, writeZeroes
   };
   await runPool(runs(), RUNS_IN_FLIGHT, async ({ first, count }) => {
     const datas = await readRun(store, table, first, count, options.what);
+    // The run's writes go out together: one at a time, a restore waited for a
+    // round trip to qemu-nbd (or the thread pool) per 64 KiB chunk.
+    const writes: Array<Promise<void>> = [];
     for (let i = 0; i < count; i++) {
       const offset = (first + i) * chunkSize;
       const length = Math.min(chunkSize, total - offset);
       const data = datas[i];
-      if (data !== undefined) await sink.write(offset, data.subarray(0, length));
-      else if (writeZeroes) await sink.zero(offset, length);
+      if (data !== undefined) writes.push(sink.write(offset, data.subarray(0, length)));
+      else if (writeZeroes) writes.push(sink.zero(offset, length));
       done += length;
     }
+    // Every write settles before the run ends (and before the sink can be closed); the first failure is thrown.
+    const failed = (await Promise.allSettled(writes)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed !== undefined) throw failed.reason;
     options.onProgress?.(done, total);
   });
 }
