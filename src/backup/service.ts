@@ -79,11 +79,6 @@ export class BackupService {
     }
   }
 
-  /** The push target recorded for a checkpoint's disk, if a completed job wrote one. */
-  targetFor(domain: string, checkpoint: string, diskId: string): string | undefined {
-    return this.store.targetFor(domain, checkpoint, diskId);
-  }
-
   // ---- begin -----------------------------------------------------------------
 
   /** Starts a backup job; a push job runs on (see wait), a pull job lasts until abort. */
@@ -141,15 +136,22 @@ export class BackupService {
     return { info, ...(checkpointPlan !== undefined ? { checkpointPlan } : {}) };
   }
 
-  /** Coverage since each incremental disk's checkpoint, by disk id. */
+  /**
+   * Coverage since each incremental disk's checkpoint, by disk id: one
+   * coverage question per checkpoint for all its disks (each question reads
+   * QEMU's node graph), not one per disk.
+   */
   private async coverageOf(ctx: DomainContext, qmp: QmpClient, spec: BackupSpec, selected: readonly SelectedDisk[]): Promise<Map<string, DiskCoverage>> {
-    const out = new Map<string, DiskCoverage>();
+    const bySince = new Map<string, SelectedDisk['disk'][]>();
     for (const { disk, spec: diskSpec } of selected) {
       const since = sinceFor(spec, diskSpec);
       if (since === undefined) continue;
       this.checkpoints.requireCheckpoint(ctx.row.name, since);
-      const [cov] = await this.checkpoints.coverageIn(ctx, qmp, since, [disk]);
-      if (cov !== undefined) out.set(disk.diskId, cov);
+      bySince.set(since, [...(bySince.get(since) ?? []), disk]);
+    }
+    const out = new Map<string, DiskCoverage>();
+    for (const [since, disks] of bySince) {
+      for (const cov of await this.checkpoints.coverageIn(ctx, qmp, since, disks)) out.set(cov.diskId, cov);
     }
     return out;
   }
