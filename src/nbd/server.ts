@@ -18,7 +18,7 @@ import { readFileSync } from 'node:fs';
 import { chmod, rm } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
-import { TLSSocket, createSecureContext, type SecureContext } from 'node:tls';
+import { createSecureContext, createServer as createTlsServer, type TLSSocket } from 'node:tls';
 import { QbackupError } from '../errors.js';
 import { assert } from '../util/assert.js';
 import { encodeServerGreeting as encodeGreeting } from './server-codec.js';
@@ -30,7 +30,9 @@ export type NbdListen = { transport: 'unix'; socket: string } | { transport: 'tc
 export interface NbdTlsCredentials {
   /** The directory they came from (for messages). */
   dir: string;
-  context: SecureContext;
+  ca: Buffer;
+  cert: Buffer;
+  key: Buffer;
 }
 
 export interface NbdServerOptions {
@@ -60,8 +62,10 @@ export function loadTlsCredentials(dir: string): NbdTlsCredentials {
       throw new QbackupError('INVALID_ARGUMENT', `Cannot use TLS certificate directory "${dir}": cannot read ${name} (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`, { cause: err });
     }
   };
+  const creds = { dir, ca: read('ca-cert.pem'), cert: read('server-cert.pem'), key: read('server-key.pem') };
   try {
-    return { dir, context: createSecureContext({ ca: read('ca-cert.pem'), cert: read('server-cert.pem'), key: read('server-key.pem') }) };
+    createSecureContext({ ca: creds.ca, cert: creds.cert, key: creds.key }); // refuses a key that does not fit its certificate, or bad PEM
+    return creds;
   } catch (err) {
     if (err instanceof QbackupError) throw err;
     throw new QbackupError('INVALID_ARGUMENT', `Cannot use TLS certificate directory "${dir}": ${(err as Error).message}`, { cause: err });
@@ -187,7 +191,9 @@ export class NbdServer implements AsyncDisposable {
       },
       flow: (on) => (on ? stream.resume() : stream.pause()),
       startTls: () => {
-        stream = this.upgrade(raw, session, () => hangUp());
+        this.upgrade(raw, session, (secure) => {
+          stream = secure;
+        });
       },
       close: hangUp,
       log: (line) => this.log(line),
@@ -213,28 +219,29 @@ export class NbdServer implements AsyncDisposable {
     raw.write(encodeGreeting());
   }
 
-  /** Wraps the raw socket in TLS after STARTTLS; the session resumes once the client's certificate checks out. */
-  private upgrade(raw: Socket, session: NbdServerSession, hangUp: () => void): Socket {
+  /**
+   * Hands the raw socket to a TLS server after STARTTLS (a tls.Server, not a
+   * bare TLSSocket, because only the server checks the client's certificate
+   * against the CA and refuses it); the session resumes once it checks out.
+   */
+  private upgrade(raw: Socket, session: NbdServerSession, attach: (secure: TLSSocket) => void): void {
     const tls = this.options.tls;
     assert(tls !== undefined, 'STARTTLS is acknowledged only when TLS is configured');
     raw.removeAllListeners('data');
     raw.removeAllListeners('drain');
-    const secure = new TLSSocket(raw, { isServer: true, secureContext: tls.context, requestCert: true, rejectUnauthorized: true });
-    secure.on('secure', () => {
-      if (!secure.authorized) {
-        this.log(`NBD client dropped: TLS client certificate not accepted (${String(secure.authorizationError)})`);
-        hangUp();
-        return;
-      }
+    const handshake = createTlsServer({ ca: tls.ca, cert: tls.cert, key: tls.key, requestCert: true, rejectUnauthorized: true });
+    handshake.on('secureConnection', (secure: TLSSocket) => {
+      secure.on('data', (b: Buffer) => session.push(b));
+      secure.on('drain', () => session.drained());
+      secure.on('error', () => session.close());
+      attach(secure);
       session.tlsReady();
     });
-    secure.on('data', (b: Buffer) => session.push(b));
-    secure.on('drain', () => session.drained());
-    secure.on('error', (err) => {
-      this.log(`NBD client dropped: TLS failed: ${err.message}`);
+    handshake.on('tlsClientError', (err) => {
+      this.log(`NBD client dropped: TLS handshake failed: ${err.message}`);
       session.close();
       raw.destroy();
     });
-    return secure;
+    handshake.emit('connection', raw);
   }
 }
