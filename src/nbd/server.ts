@@ -22,7 +22,7 @@ import { createSecureContext, createServer as createTlsServer, type TLSSocket } 
 import { QbackupError } from '../errors.js';
 import { assert } from '../util/assert.js';
 import { encodeServerGreeting as encodeGreeting } from './server-codec.js';
-import { NbdServerSession, type NbdServerExport, type NbdSessionTransport } from './server-session.js';
+import { ByteBudget, NbdServerSession, type NbdServerExport, type NbdSessionTransport } from './server-session.js';
 
 export type NbdListen = { transport: 'unix'; socket: string } | { transport: 'tcp'; host: string; port: number };
 
@@ -46,10 +46,13 @@ export interface NbdServerOptions {
   maxConnections?: number;
   /** How long a client may take from connecting to its first request phase. Default 30 s. */
   handshakeTimeoutMs?: number;
+  /** Bytes of reads served at once over all clients. Default 256 MiB. */
+  readBudgetBytes?: number;
 }
 
 const DEFAULT_MAX_CONNECTIONS = 64;
 const DEFAULT_HANDSHAKE_TIMEOUT_MS = 30_000;
+const DEFAULT_READ_BUDGET_BYTES = 256 * 1024 * 1024;
 /** After we hang up, how long the peer gets to read our last bytes before the socket is destroyed. */
 const LINGER_MS = 2_000;
 
@@ -86,6 +89,7 @@ export class NbdServer implements AsyncDisposable {
   readonly exports: ReadonlyMap<string, NbdServerExport>;
   readonly tls: boolean;
   private readonly sessions = new Set<NbdServerSession>();
+  private readonly budget: ByteBudget;
   private closing: Promise<void> | undefined;
 
   private constructor(
@@ -96,6 +100,7 @@ export class NbdServer implements AsyncDisposable {
     this.listen = listen;
     this.exports = new Map(options.exports.map((e) => [e.name, e]));
     this.tls = options.tls !== undefined;
+    this.budget = new ByteBudget(options.readBudgetBytes ?? DEFAULT_READ_BUDGET_BYTES);
     server.on('connection', (socket) => this.accept(socket));
     server.on('error', (err) => this.log(`NBD server error: ${err.message}`));
   }
@@ -198,7 +203,7 @@ export class NbdServer implements AsyncDisposable {
       close: hangUp,
       log: (line) => this.log(line),
     };
-    const session = new NbdServerSession({ exports: this.exports, tls: this.tls, transport, peer });
+    const session = new NbdServerSession({ exports: this.exports, tls: this.tls, transport, peer, budget: this.budget });
     this.sessions.add(session);
     const timer = setTimeout(() => {
       if (session.state !== 'transmission' && session.state !== 'draining' && session.state !== 'closed') {

@@ -14,6 +14,7 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import {
   BASE_ALLOCATION_ID,
+  ByteBudget,
   ByteQueue,
   NBD_CMD_BLOCK_STATUS,
   NBD_CMD_DISC,
@@ -588,5 +589,43 @@ describe('NBD server session with TLS required (no socket)', () => {
     assert.equal(replyType(out.pop()), NBD_REP_ERR_INVALID);
     s.push(encodeOption(NBD_OPT_SET_META_CONTEXT, Buffer.alloc(0)));
     assert.equal(replyType(out.pop()), NBD_REP_ERR_INVALID);
+  });
+});
+
+describe('NBD server read budget', () => {
+  it('ByteBudget grants in order and never beyond its capacity', async () => {
+    const b = new ByteBudget(100);
+    const order: string[] = [];
+    const g1 = await b.acquire(60);
+    const p2 = b.acquire(50).then((g) => (order.push('second'), g));
+    const p3 = b.acquire(500).then((g) => (order.push('third'), g)); // capped at the capacity
+    await new Promise((r) => setImmediate(r));
+    assert.deepEqual(order, []);
+    b.release(g1);
+    const g2 = await p2;
+    assert.deepEqual(order, ['second']);
+    b.release(g2);
+    assert.equal(await p3, 100);
+    assert.deepEqual(order, ['second', 'third']);
+  });
+
+  it('a server whose budget holds two blocks still answers many pipelined reads from several clients', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'qbt-nbdsrv-'));
+    const disk = new MemoryExport('sda', 16, new Set([3]));
+    disk.delayMs = () => 5;
+    const server = await NbdServer.start({ exports: [disk], listen: { transport: 'unix', socket: join(dir, 's') }, readBudgetBytes: 2 * BLOCK });
+    try {
+      await Promise.all(
+        [0, 1, 2].map(async () => {
+          await using c = await NbdClient.connect({ socket: join(dir, 's') }, { exportName: 'sda' });
+          const reads = Array.from({ length: 16 }, (_, b) => c.read(b * BLOCK, BLOCK).then((data) => assert.ok(data.equals(disk.data.subarray(b * BLOCK, (b + 1) * BLOCK)))));
+          await Promise.all(reads);
+          assert.ok((await c.read(0, 16 * BLOCK)).equals(disk.data), 'a read larger than the whole budget');
+        }),
+      );
+    } finally {
+      await server.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
