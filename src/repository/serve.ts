@@ -26,15 +26,16 @@ import { runPool } from '../nbd/copy.js';
 import { NbdExportError, type NbdExportSegment, type NbdServerExport } from '../nbd/server-session.js';
 import { NbdServer, formatNbdUri, loadTlsCredentials, type NbdListen, type NbdTlsCredentials } from '../nbd/server.js';
 import { makePrivateDir } from '../util/private-dir.js';
-import { ZERO_ID } from './chunk.js';
+import { ZERO_ID, decodeChunk } from './chunk.js';
 import type { FullIndex } from './disk-index.js';
 import { acquireLock, type HeldLock } from './locks.js';
 import type { Manifest } from './manifest.js';
-import type { Store } from './store.js';
+import { packKey } from './pack.js';
+import type { ChunkLocation, Store } from './store.js';
 
 /** Decoded chunks kept for repeated reads, shared by the exports of one server. */
 export const DEFAULT_CACHE_BYTES = 32 * 1024 * 1024;
-/** Chunks of one read fetched from the repository at once. */
+/** Ranged pack reads of one request in flight at once. */
 const CHUNK_READS_IN_FLIGHT = 8;
 
 export type ServeListen =
@@ -76,7 +77,15 @@ export interface BackupServer extends AsyncDisposable {
   close(): Promise<void>;
 }
 
-/** Decoded chunks by hex id, least recently used first out, bounded in bytes. */
+/** Most chunks fetched with one ranged read of a pack. */
+const RUN_CHUNKS = 64;
+
+/**
+ * Decoded chunks by hex id, least recently used first out, bounded in bytes.
+ * Misses are fetched together: chunks that lie back to back in one pack come
+ * in one ranged read, and a chunk being fetched for one read is not fetched
+ * again for another. Failures are per chunk and never cached.
+ */
 export class ChunkCache {
   private readonly entries = new Map<string, Buffer>();
   private readonly loading = new Map<string, Promise<Buffer>>();
@@ -87,21 +96,81 @@ export class ChunkCache {
     private readonly capacityBytes: number,
   ) {}
 
-  async get(id: Buffer): Promise<Buffer> {
-    const hex = id.toString('hex');
-    const hit = this.entries.get(hex);
-    if (hit !== undefined) {
-      this.entries.delete(hex);
-      this.entries.set(hex, hit);
-      return hit;
+  /** Each chunk's plaintext, or the error that kept it from being read. */
+  async getMany(ids: readonly Buffer[]): Promise<Map<string, Buffer | Error>> {
+    const out = new Map<string, Buffer | Error>();
+    const waits: Array<Promise<void>> = [];
+    const misses: Array<{ id: Buffer; hex: string; resolve: (b: Buffer) => void; reject: (e: Error) => void }> = [];
+    for (const id of ids) {
+      const hex = id.toString('hex');
+      if (out.has(hex)) continue;
+      const hit = this.entries.get(hex);
+      if (hit !== undefined) {
+        this.entries.delete(hex);
+        this.entries.set(hex, hit);
+        out.set(hex, hit);
+        continue;
+      }
+      let pending = this.loading.get(hex);
+      if (pending === undefined) {
+        let resolve!: (b: Buffer) => void;
+        let reject!: (e: Error) => void;
+        pending = new Promise<Buffer>((res, rej) => ((resolve = res), (reject = rej)));
+        pending.catch(() => undefined); // observed below; an unawaited duplicate must not crash the process
+        this.loading.set(hex, pending);
+        misses.push({ id, hex, resolve, reject });
+      }
+      out.set(hex, new Error('pending'));
+      waits.push(pending.then((b) => void out.set(hex, b), (e: unknown) => void out.set(hex, e instanceof Error ? e : new Error(String(e)))));
     }
-    const pending = this.loading.get(hex);
-    if (pending !== undefined) return pending;
-    const load = this.store.readChunk(id).finally(() => this.loading.delete(hex));
-    this.loading.set(hex, load);
-    const data = await load;
-    this.put(hex, data);
-    return data;
+    await this.fetch(misses);
+    await Promise.all(waits);
+    return out;
+  }
+
+  private async fetch(misses: Array<{ id: Buffer; hex: string; resolve: (b: Buffer) => void; reject: (e: Error) => void }>): Promise<void> {
+    const settle = (m: (typeof misses)[number], result: Buffer | Error): void => {
+      this.loading.delete(m.hex);
+      if (result instanceof Error) m.reject(result);
+      else {
+        this.put(m.hex, result);
+        m.resolve(result);
+      }
+    };
+    const located: Array<{ m: (typeof misses)[number]; loc: ChunkLocation }> = [];
+    for (const m of misses) {
+      const loc = this.store.locate(m.id);
+      if (loc === undefined) settle(m, new QbackupError('REPO_OBJECT_NOT_FOUND', `the repository has no chunk ${m.hex}`));
+      else located.push({ m, loc });
+    }
+    located.sort((a, b) => a.loc.packId.localeCompare(b.loc.packId) || a.loc.offset - b.loc.offset);
+    const runs: Array<typeof located> = [];
+    for (const x of located) {
+      const run = runs.at(-1);
+      const last = run?.at(-1);
+      if (run !== undefined && last !== undefined && run.length < RUN_CHUNKS && last.loc.packId === x.loc.packId && last.loc.offset + last.loc.length === x.loc.offset) run.push(x);
+      else runs.push([x]);
+    }
+    await runPool(runs.values(), CHUNK_READS_IN_FLIGHT, async (run) => {
+      const first = run[0];
+      const last = run.at(-1);
+      if (first === undefined || last === undefined) return;
+      let blob: Buffer;
+      try {
+        blob = await this.store.backend.get(packKey(first.loc.packId), { offset: first.loc.offset, length: last.loc.offset + last.loc.length - first.loc.offset });
+      } catch (err) {
+        for (const x of run) settle(x.m, err instanceof Error ? err : new Error(String(err)));
+        return;
+      }
+      for (const { m, loc } of run) {
+        const at = loc.offset - first.loc.offset;
+        try {
+          settle(m, decodeChunk(blob.subarray(at, at + loc.length), m.id, loc.rawLength, { compressor: this.store.compressor, key: this.store.key }, `Chunk ${m.hex} in pack "${loc.packId}"`));
+        } catch (err) {
+          settle(m, err instanceof Error ? err : new Error(String(err)));
+        }
+      }
+    });
   }
 
   private put(hex: string, data: Buffer): void {
@@ -142,19 +211,19 @@ export class BackupDiskExport implements NbdServerExport {
     const cs = this.chunkSize;
     const first = Math.floor(offset / cs);
     const last = Math.floor((offset + length - 1) / cs);
+    const wanted: Buffer[] = [];
+    for (let slot = first; slot <= last; slot++) if (!this.id(slot).equals(ZERO_ID)) wanted.push(this.id(slot));
+    const got = await this.cache.getMany(wanted);
     const datas = new Map<number, Buffer>();
-    const slots = function* (): Generator<number> {
-      for (let s = first; s <= last; s++) yield s;
-    };
-    await runPool(slots(), CHUNK_READS_IN_FLIGHT, async (slot) => {
+    for (let slot = first; slot <= last; slot++) {
       const id = this.id(slot);
-      if (id.equals(ZERO_ID)) return;
-      try {
-        datas.set(slot, await this.cache.get(id));
-      } catch (err) {
-        throw new NbdExportError(NBD_EIO, `chunk ${id.toString('hex')} (disk offset ${slot * cs}) of ${this.description} cannot be read: ${describeError(err)}`);
+      if (id.equals(ZERO_ID)) continue;
+      const r = got.get(id.toString('hex'));
+      if (!(r instanceof Buffer)) {
+        throw new NbdExportError(NBD_EIO, `chunk ${id.toString('hex')} (disk offset ${slot * cs}) of ${this.description} cannot be read: ${describeError(r)}`);
       }
-    });
+      datas.set(slot, r);
+    }
     const out: NbdExportSegment[] = [];
     for (let slot = first; slot <= last; slot++) {
       const start = Math.max(offset, slot * cs);
