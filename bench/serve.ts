@@ -80,10 +80,13 @@ async function main(): Promise<void> {
       ['nbdcopy to a file', (uri: string) => run('nbdcopy', [uri, out])],
       ['qemu-img convert -O raw', (uri: string) => run('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', uri, out])],
     ] as const) {
+      const cpu0 = process.cpuUsage();
       const a = await reps(n, async () => void (await tool(ours)));
+      const cpu = process.cpuUsage(cpu0);
+      const serverCpuMs = (cpu.user + cpu.system) / 1000 / n;
       const b = await reps(n, async () => void (await tool(theirs)));
       const rate = what === 'nbdinfo --map' ? '' : ` (${fmtRate(size, a)})`;
-      rows.push(`| ${what} | ${a.toFixed(0)} ms${rate} | ${b.toFixed(0)} ms |`);
+      rows.push(`| ${what} | ${a.toFixed(0)} ms${rate} | ${serverCpuMs.toFixed(0)} ms | ${b.toFixed(0)} ms |`);
     }
     await served.close();
     await baseline.stop();
@@ -94,7 +97,7 @@ async function main(): Promise<void> {
       await restoreToFile(store, table, out, 'raw', { what: 'bench disk' });
     });
     console.log(`${sizeMiB} MiB disk, median of ${n}; serving ready after ${readyMs.toFixed(0)} ms (lock, manifest, index, pack headers, listen)\n`);
-    console.log('| read | from `serve-backup` | same bytes from qemu-nbd (raw file) |\n|---|---|---|');
+    console.log('| read | from `serve-backup` | its server CPU | same bytes from qemu-nbd (raw file) |\n|---|---|---|---|');
     for (const r of rows) console.log(r);
     console.log(`\n\`restore --format raw\` of the same backup: ${restoreMs.toFixed(0)} ms (${fmtRate(size, restoreMs)})`);
   } finally {
