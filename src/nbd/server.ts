@@ -53,6 +53,8 @@ export interface NbdServerOptions {
 const DEFAULT_MAX_CONNECTIONS = 64;
 const DEFAULT_HANDSHAKE_TIMEOUT_MS = 30_000;
 const DEFAULT_READ_BUDGET_BYTES = 256 * 1024 * 1024;
+/** sun_path holds 108 bytes with the terminating NUL. */
+const MAX_SOCKET_PATH_BYTES = 107;
 /** After we hang up, how long the peer gets to read our last bytes before the socket is destroyed. */
 const LINGER_MS = 2_000;
 
@@ -111,6 +113,9 @@ export class NbdServer implements AsyncDisposable {
     for (const e of options.exports) {
       assert(!names.has(e.name), `export names must be unique ("${e.name}")`);
       names.add(e.name);
+    }
+    if (options.listen.transport === 'unix' && Buffer.byteLength(options.listen.socket) > MAX_SOCKET_PATH_BYTES) {
+      throw new QbackupError('INVALID_ARGUMENT', `Cannot serve NBD on socket "${options.listen.socket}": the path is ${Buffer.byteLength(options.listen.socket)} bytes long, and a unix socket path may have at most ${MAX_SOCKET_PATH_BYTES}`);
     }
     const server = createServer({ pauseOnConnect: false, noDelay: true });
     server.maxConnections = options.maxConnections ?? DEFAULT_MAX_CONNECTIONS;

@@ -7,7 +7,7 @@
 // test/integration/serve-backup.test.ts.
 
 import { strict as assert } from 'node:assert';
-import { mkdtempSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -589,6 +589,22 @@ describe('NBD server session with TLS required (no socket)', () => {
     assert.equal(replyType(out.pop()), NBD_REP_ERR_INVALID);
     s.push(encodeOption(NBD_OPT_SET_META_CONTEXT, Buffer.alloc(0)));
     assert.equal(replyType(out.pop()), NBD_REP_ERR_INVALID);
+  });
+});
+
+describe('NBD server listening', () => {
+  it('refuses a unix socket path longer than sun_path allows, and a socket that exists', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'qbt-nbdsrv-'));
+    try {
+      const exp = new MemoryExport('sda', 1, new Set());
+      await assert.rejects(NbdServer.start({ exports: [exp], listen: { transport: 'unix', socket: join(dir, 'x'.repeat(120)) } }), /may have at most 107/);
+      const first = await NbdServer.start({ exports: [exp], listen: { transport: 'unix', socket: join(dir, 's') } });
+      await assert.rejects(NbdServer.start({ exports: [exp], listen: { transport: 'unix', socket: join(dir, 's') } }), /Cannot serve NBD on socket .*EADDRINUSE/);
+      await first.close();
+      assert.equal(existsSync(join(dir, 's')), false, 'close removes the socket');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
 
