@@ -15,7 +15,8 @@
 //   chunks of a served backup are never deleted under a client even when
 //   the backup is pruned meanwhile.
 // - Decoded chunks are kept in a small LRU cache shared by every export of
-//   the server; concurrent reads of one chunk decode it once.
+//   the server; concurrent reads of one chunk decode it once, and the misses
+//   of one read that lie back to back in a pack come in one ranged read.
 
 import { mkdtemp, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -28,7 +29,7 @@ import { NbdServer, formatNbdUri, loadTlsCredentials, type NbdListen, type NbdTl
 import { makePrivateDir } from '../util/private-dir.js';
 import { ZERO_ID, decodeChunk } from './chunk.js';
 import type { FullIndex } from './disk-index.js';
-import { acquireLock, type HeldLock } from './locks.js';
+import { acquireLock } from './locks.js';
 import type { Manifest } from './manifest.js';
 import { packKey } from './pack.js';
 import type { ChunkLocation, Store } from './store.js';
@@ -99,11 +100,13 @@ export class ChunkCache {
   /** Each chunk's plaintext, or the error that kept it from being read. */
   async getMany(ids: readonly Buffer[]): Promise<Map<string, Buffer | Error>> {
     const out = new Map<string, Buffer | Error>();
+    const seen = new Set<string>();
     const waits: Array<Promise<void>> = [];
     const misses: Array<{ id: Buffer; hex: string; resolve: (b: Buffer) => void; reject: (e: Error) => void }> = [];
     for (const id of ids) {
       const hex = id.toString('hex');
-      if (out.has(hex)) continue;
+      if (seen.has(hex)) continue;
+      seen.add(hex);
       const hit = this.entries.get(hex);
       if (hit !== undefined) {
         this.entries.delete(hex);
@@ -120,7 +123,6 @@ export class ChunkCache {
         this.loading.set(hex, pending);
         misses.push({ id, hex, resolve, reject });
       }
-      out.set(hex, new Error('pending'));
       waits.push(pending.then((b) => void out.set(hex, b), (e: unknown) => void out.set(hex, e instanceof Error ? e : new Error(String(e)))));
     }
     await this.fetch(misses);
@@ -271,14 +273,15 @@ export async function serveBackup(store: Store, options: ServeBackupOptions): Pr
     const listen = await listenAddress(options, cleanups);
     const server = await NbdServer.start({ exports, listen, ...(tlsCreds !== undefined ? { tls: tlsCreds } : {}), ...(options.log !== undefined ? { log: options.log } : {}) });
     cleanups.push(() => server.close());
-    return served(server, m, exports, lock, undo);
+    return served(server, m, exports, undo);
   } catch (err) {
     await undo();
     throw err;
   }
 }
 
-function served(server: NbdServer, m: Manifest, exports: readonly BackupDiskExport[], _lock: HeldLock, undo: () => Promise<void>): BackupServer {
+/** The handle callers get; `undo` closes the server, removes the socket directory and releases the lock. */
+function served(server: NbdServer, m: Manifest, exports: readonly BackupDiskExport[], undo: () => Promise<void>): BackupServer {
   let closing: Promise<void> | undefined;
   const close = (): Promise<void> => (closing ??= undo());
   return {
