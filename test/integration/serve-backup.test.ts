@@ -3,7 +3,8 @@
 //   and CLI) and read back by nbdinfo --map (zero chunks are holes),
 //   nbdcopy, qemu-img compare, qemu-io (QEMU's own NBD client) and
 //   qbackup's NbdClient: each reads exactly the bytes the disk held when its
-//   backup started.
+//   backup started. A running qemu-storage-daemon opens an export as an
+//   `nbd` block node and passes its bytes and holes on.
 // - TCP with TLS (certificates made by openssl): nbdinfo and nbdcopy over
 //   nbds://, qemu-img with tls-creds-x509; a client without the CA's
 //   certificate and a clear-text client are refused; TCP without TLS needs
@@ -14,11 +15,13 @@
 //   chunks until serving stops.
 
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { cpSync, existsSync, readFileSync, renameSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { NBD_CONTEXT_BASE_ALLOCATION, NBD_EIO, NbdClient, NbdCommandError } from '../../src/nbd/index.js';
 import { runTool } from '../../src/qemu/tools.js';
+import { socketAccepts } from '../../src/util/socket.js';
 import { LocalBackend } from '../../src/repository/backend/local.js';
 import type { BackupServer, Manifest } from '../../src/repository/service.js';
 import { Store } from '../../src/repository/store.js';
@@ -31,6 +34,15 @@ interface MapEntry {
   length: number;
   type: number;
   description: string;
+}
+
+async function waitForAsync(check: () => Promise<boolean>, timeoutMs: number): Promise<boolean> {
+  const end = Date.now() + timeoutMs;
+  while (Date.now() < end) {
+    if (await check()) return true;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return false;
 }
 
 async function nbdMap(uri: string, extra: string[] = []): Promise<MapEntry[]> {
@@ -123,6 +135,29 @@ describe('serve-backup: a backup served over NBD (real QEMU, nbd tools)', () => 
     assert.doesNotMatch(stdout, /Pattern verification failed/);
     await server.close();
     assert.equal(existsSync(dirname(socket)), false, 'the socket directory is removed');
+  });
+
+  test('a running QEMU reads the export as a block node (qemu-storage-daemon, driver nbd) and passes on its bytes and holes', async () => {
+    await using server = await env.qb.repository.serveBackup('vm', { repo, backup: b2.id, disks: ['sda'] });
+    const socket = server.listen.transport === 'unix' ? server.listen.socket : '';
+    const qsd = env.path('qsd.sock');
+    const child = spawn('qemu-storage-daemon', [
+      '--blockdev', `driver=nbd,node-name=backup,server.type=unix,server.path=${socket},export=sda,read-only=on`,
+      '--nbd-server', `addr.type=unix,addr.path=${qsd}`,
+      '--export', 'type=nbd,id=e0,node-name=backup,name=again,writable=off',
+    ], { stdio: 'ignore' });
+    try {
+      assert.ok(await waitForAsync(() => socketAccepts(qsd), 10_000), 'qemu-storage-daemon serves');
+      const uri = `nbd+unix:///again?socket=${qsd}`;
+      // QEMU asked our server for base:allocation and reports the same holes.
+      assert.deepEqual(holes(await nbdMap(uri)), [[1, 1.125], [4, 8], [10, 20], [21, 32]]);
+      const copy = env.path('via-qemu.raw');
+      await runTool('nbdcopy', [uri, copy]);
+      assert.equal(await imageDiffers(copy, 'raw', ref(b2, 'sda')), undefined);
+    } finally {
+      child.kill('SIGKILL');
+      await new Promise((r) => child.once('exit', r));
+    }
   });
 
   test('CLI: the newest backup by default, --json line, SIGTERM ends it cleanly', async () => {
