@@ -1,8 +1,9 @@
 // The NBD client's read path against nbdcopy, on one export: a raw file of
 // random data served read-only by qemu-nbd, read whole into nothing. Our
 // client reads it the way the repository backup does (src/repository/
-// read-disk.ts: 1 MiB reads, 4 in flight) and the way copy.ts does (4 MiB
-// reads, 8 in flight); nbdcopy copies it to `null:` with one connection and
+// read-disk.ts: 1 MiB reads into new buffers, 4 in flight), the same into
+// reused buffers, and the way copy.ts does (4 MiB reads into reused buffers,
+// 8 in flight); nbdcopy copies it to `null:` with one connection and
 // with its default four. Reported per method: wall time and the CPU time
 // (user + system) of the reading process — ours from process.cpuUsage(),
 // nbdcopy's from /usr/bin/time. Nothing is asserted.
@@ -36,18 +37,32 @@ interface Method {
   run: (socket: string) => Promise<{ ms: number; cpuMs: number }>;
 }
 
-/** Reads the whole export with requests of `requestBytes`, `inFlight` at once, dropping the data. */
-function ourRead(requestBytes: number, inFlight: number): (socket: string) => Promise<{ ms: number; cpuMs: number }> {
+/**
+ * Reads the whole export with requests of `requestBytes`, `inFlight` at
+ * once, dropping the data: each into a new buffer (`read`, as the repository
+ * backup does: the buffers move on to worker threads), or into buffers the
+ * reader reuses (`readInto`, as copy.ts does).
+ */
+function ourRead(requestBytes: number, inFlight: number, reuse: boolean): (socket: string) => Promise<{ ms: number; cpuMs: number }> {
   return async (socket) => {
     await using client = await NbdClient.connect({ socket }, { exportName: '' });
     const t0 = now();
     const { cpuMs } = await withOwnCpu(async () => {
       let next = 0;
       let sink = 0;
+      const free: Buffer[] = [];
       const pieces: Iterator<number> = { next: () => (next < client.size ? { done: false, value: (next += requestBytes) - requestBytes } : { done: true, value: undefined }) };
       await runPool(pieces, inFlight, async (offset) => {
-        const data = await client.read(offset, Math.min(requestBytes, client.size - offset));
-        sink ^= data[data.length - 1] ?? 0;
+        const length = Math.min(requestBytes, client.size - offset);
+        if (!reuse) {
+          const data = await client.read(offset, length);
+          sink ^= data[length - 1] ?? 0;
+          return;
+        }
+        const buffer = free.pop() ?? Buffer.allocUnsafe(requestBytes);
+        await client.readInto(offset, buffer.subarray(0, length));
+        sink ^= buffer[length - 1] ?? 0;
+        free.push(buffer);
       });
       return sink;
     });
@@ -63,8 +78,9 @@ function nbdcopy(connections: number): (socket: string) => Promise<{ ms: number;
 }
 
 const methods: Method[] = [
-  { name: 'qbackup NbdClient.read, 1 MiB × 4 in flight (repository backup)', ours: true, run: ourRead(MiB, 4) },
-  { name: 'qbackup NbdClient.read, 4 MiB × 8 in flight (copy.ts)', ours: true, run: ourRead(4 * MiB, 8) },
+  { name: 'qbackup `read`, 1 MiB × 4 in flight, new buffers (repository backup)', ours: true, run: ourRead(MiB, 4, false) },
+  { name: 'qbackup `readInto`, 1 MiB × 4 in flight, reused buffers', ours: true, run: ourRead(MiB, 4, true) },
+  { name: 'qbackup `readInto`, 4 MiB × 8 in flight, reused buffers (copy.ts)', ours: true, run: ourRead(4 * MiB, 8, true) },
   { name: '`nbdcopy --connections=1 EXPORT null:`', ours: false, run: nbdcopy(1) },
   { name: '`nbdcopy EXPORT null:` (4 connections)', ours: false, run: nbdcopy(4) },
 ].filter((m) => values.only === undefined || (values.only === 'ours') === m.ours);
