@@ -18,7 +18,9 @@ import type { Backend, ObjectInfo } from '../../src/repository/backend/backend.j
 import { LocalBackend } from '../../src/repository/backend/local.js';
 import { ZERO_ID } from '../../src/repository/chunk.js';
 import { planFold, type FoldInput } from '../../src/repository/fold.js';
+import { isQbackupError } from '../../src/errors.js';
 import { collectGarbage } from '../../src/repository/gc.js';
+import { acquireLock } from '../../src/repository/locks.js';
 import type { Manifest } from '../../src/repository/manifest.js';
 import { pruneStore } from '../../src/repository/prune.js';
 import { Store } from '../../src/repository/store.js';
@@ -228,6 +230,22 @@ describe('prune folds index chains (local store)', () => {
     // Nothing more to fold: a second prune writes nothing.
     const second = await pruneStore(again, 'vm', { keepLast: 2 });
     assert.deepEqual(second.plan.folds, []);
+  });
+
+  it('prune and gc exclude each other (a gc would take a folded index for garbage before its manifest lands)', async () => {
+    const fx = await buildFixture(3);
+    const store = await Store.open(new LocalBackend(fx.dir));
+    {
+      await using _prune = await acquireLock(store.backend, 'prune', 'vm');
+      await assert.rejects(collectGarbage(store), (err: unknown) => isQbackupError(err, 'REPO_LOCKED') && /a prune of domain "vm" runs/.test((err as Error).message));
+    }
+    {
+      await using _gc = await acquireLock(store.backend, 'gc', null);
+      await assert.rejects(pruneStore(store, 'vm', { keepLast: 1 }), (err: unknown) => isQbackupError(err, 'REPO_LOCKED') && /a gc runs/.test((err as Error).message));
+      // A dry run takes no lock.
+      assert.equal((await pruneStore(store, 'vm', { keepLast: 1 }, { dryRun: true })).plan.remove.length, 2);
+    }
+    assert.equal((await store.manifests('vm')).length, 3, 'nothing was removed');
   });
 
   it('a dry run plans the folds and changes nothing', async () => {
