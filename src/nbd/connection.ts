@@ -23,6 +23,9 @@
 // - close() is the soft disconnect: it waits for requests in flight, sends
 //   NBD_CMD_DISC and lets the server hang up. During the handshake a refusal
 //   is answered with NBD_OPT_ABORT; only protocol violations cut the socket.
+// - The socket reads into one reused buffer, or straight into the buffer a
+//   large payload is being gathered in (parser.readTarget()); bytes of the
+//   reused buffer are pushed as transient, so nothing keeps a view of them.
 // - Misuse the types rule out or that only a caller bug produces (sending
 //   NBD_CMD_DISC, data on a non-write) fails an assertion.
 
