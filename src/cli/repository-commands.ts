@@ -314,6 +314,7 @@ function describePrune(r: PruneResult, dryRun: boolean): string {
   return [
     ...r.keep.map((k) => `keep   ${k.id}  ${k.reasons.join(', ')}`),
     ...r.remove.map((x) => `${dryRun ? 'would remove' : 'remove'} ${x.id}`),
+    ...r.folds.map((f) => `${dryRun ? 'would fold' : 'fold'}   ${f.backup} ${f.target}: ${f.kind === 'full' ? 'a full index' : `a delta on ${f.base?.backup ?? ''}`} replaces ${f.folded.length} index link(s)`),
     ...r.checkpointsKept.map((c) => `checkpoint ${c.name} stays for now: ${c.reason}`),
   ].join('\n');
 }

@@ -34,6 +34,7 @@ import {
 } from './constants.js';
 import type { NbdBlockSizes } from './codec.js';
 import { NbdConnection, type NbdAddress, type NbdConnectionState, type NbdNegotiated } from './connection.js';
+import type { NbdReplyChunk } from './parser.js';
 
 /** Largest effect length of one write-zeroes or block-status request: below 2^32, a multiple of 64 KiB. */
 const MAX_EFFECT_BYTES = 0xffff0000;
@@ -112,32 +113,31 @@ export class NbdClient {
     return this.connection.state;
   }
 
-  /** Reads [offset, offset + length); large reads go out as several requests at once. */
+  /** Reads [offset, offset + length) into a new buffer; large reads go out as several requests at once. */
   async read(offset: number, length: number): Promise<Buffer> {
     this.checkRange('read', offset, length);
     if (length > bufferConstants.MAX_LENGTH) throw new QbackupError('INVALID_ARGUMENT', `read of ${length} bytes is larger than one buffer can hold`);
-    // Data chunks are views of received bytes that nothing else reuses, so
-    // they are kept and assembled at the end: a reply that is one data chunk
-    // covering the whole range (the common case) is returned without a copy.
-    const chunks: Array<{ offset: number; data: Buffer }> = [];
-    await Promise.all(
-      this.split(offset, length, this.maxTransferBytes).map((piece) =>
-        this.connection.request({
-          command: NBD_CMD_READ,
-          offset: piece.offset,
-          length: piece.length,
-          onChunk: (chunk) => {
-            if (chunk.type === 'data') chunks.push({ offset: chunk.offset, data: chunk.data });
-          },
-        }),
-      ),
-    );
-    const only = chunks.length === 1 ? chunks[0] : undefined;
-    if (only !== undefined && only.offset === offset && only.data.length === length) return only.data;
-    // Zero-filled, so holes need no copying.
-    const out = Buffer.alloc(length);
-    for (const c of chunks) c.data.copy(out, c.offset - offset);
+    const out = Buffer.allocUnsafe(length);
+    await this.readInto(offset, out);
     return out;
+  }
+
+  /**
+   * Reads [offset, offset + target.length) straight into `target` (the
+   * server's data is gathered there as it arrives, holes are zeroed), so a
+   * caller that reuses its buffers allocates nothing per read. On failure
+   * the content of `target` is undefined.
+   */
+  async readInto(offset: number, target: Buffer): Promise<void> {
+    assert(Buffer.isBuffer(target), 'read target must be a Buffer');
+    this.checkRange('read', offset, target.length);
+    const pieces = this.split(offset, target.length, this.maxTransferBytes);
+    const requests: Array<Promise<void>> = [];
+    for (const piece of pieces) {
+      const into = target.subarray(piece.offset - offset, piece.offset - offset + piece.length);
+      requests.push(this.connection.request({ command: NBD_CMD_READ, offset: piece.offset, length: piece.length, into, onChunk: (chunk) => placeChunk(chunk, into, piece.offset) }));
+    }
+    await Promise.all(requests);
   }
 
   async write(offset: number, data: Uint8Array): Promise<void> {
@@ -281,5 +281,13 @@ export class NbdClient {
     const pieces: Array<{ offset: number; length: number }> = [];
     for (let pos = offset; pos < offset + length; pos += max) pieces.push({ offset: pos, length: Math.min(max, offset + length - pos) });
     return pieces;
+  }
+}
+
+/** A read reply's chunk in the read's buffer: a hole is zeroed; data normally arrived in place already. */
+function placeChunk(chunk: NbdReplyChunk, into: Buffer, intoOffset: number): void {
+  if (chunk.type === 'hole') into.fill(0, chunk.offset - intoOffset, chunk.offset - intoOffset + chunk.length);
+  else if (chunk.type === 'data' && (chunk.data.buffer !== into.buffer || chunk.data.byteOffset !== into.byteOffset + chunk.offset - intoOffset)) {
+    chunk.data.copy(into, chunk.offset - intoOffset);
   }
 }

@@ -23,6 +23,9 @@
 // - close() is the soft disconnect: it waits for requests in flight, sends
 //   NBD_CMD_DISC and lets the server hang up. During the handshake a refusal
 //   is answered with NBD_OPT_ABORT; only protocol violations cut the socket.
+// - The socket reads into one reused buffer, or straight into the buffer a
+//   large payload is being gathered in (parser.readTarget()); bytes of the
+//   reused buffer are pushed as transient, so nothing keeps a view of them.
 // - Misuse the types rule out or that only a caller bug produces (sending
 //   NBD_CMD_DISC, data on a non-write) fails an assertion.
 
@@ -81,9 +84,13 @@ export interface NbdRequestOptions {
   data?: Uint8Array;
   /** Sees every non-error chunk of the reply as it arrives (read data, holes, block status). */
   onChunk?: (chunk: NbdReplyChunk) => void;
+  /** NBD_CMD_READ only: a buffer of `length` bytes the data is read straight into (holes are not written; see parser.ts). */
+  into?: Buffer;
 }
 
 const DEFAULT_HANDSHAKE_TIMEOUT_MS = 30_000;
+/** The socket's reused read buffer: one read takes at most this much of what the kernel holds. */
+const READ_BUFFER_BYTES = 256 * 1024;
 export const DEFAULT_NBD_REQUEST_TIMEOUT_MS = 60_000;
 /** How long to wait for the server to hang up after NBD_CMD_DISC or NBD_OPT_ABORT. */
 const DISCONNECT_GRACE_MS = 5_000;
@@ -182,7 +189,8 @@ export class NbdConnection {
     socket.on('connect', () => {
       if (this.lifecycle.state === NbdConnectionState.Connecting) this.lifecycle.advance(NbdConnectionState.Negotiating);
     });
-    socket.on('data', (chunk: Buffer) => this.handleData(chunk));
+    // Bytes arrive through the socket's read callback (connect()), or as 'data' events on a socket opened without one.
+    socket.on('data', (chunk: Buffer) => this.handleData(chunk, false));
     socket.on('end', () => this.handleHangUp());
     socket.on('close', () => this.handleHangUp());
     // Socket errors are handled by the lifecycle, which shuts down with them as the cause.
@@ -191,8 +199,20 @@ export class NbdConnection {
   /** Connects and negotiates; resolves in state `ready`. */
   static async connect(address: NbdAddress, options: NbdConnectionOptions): Promise<NbdConnection> {
     const resolved = resolveOptions(address, options);
-    const socket = openSocket('socket' in address ? { path: address.socket } : { host: address.host, port: address.port });
-    const connection = new NbdConnection(socket, resolved);
+    // Replies are read into one reused buffer (no allocation per socket
+    // read; the parser copies what it keeps), or straight into the buffer of
+    // a large payload that is arriving (no copy at all).
+    let connection: NbdConnection | undefined;
+    const shared = Buffer.allocUnsafe(READ_BUFFER_BYTES);
+    const readInto = {
+      buffer: (): Buffer => connection?.parser?.readTarget() ?? shared,
+      callback: (n: number, buf: Buffer): boolean => {
+        connection?.handleData(buf.subarray(0, n), buf.buffer === shared.buffer);
+        return true;
+      },
+    };
+    const socket = openSocket('socket' in address ? { path: address.socket } : { host: address.host, port: address.port }, readInto);
+    connection = new NbdConnection(socket, resolved);
     const { exportName, handshakeTimeoutMs } = resolved;
     const timer = startTimer(handshakeTimeoutMs, () =>
       connection.shutdown(
@@ -253,6 +273,7 @@ export class NbdConnection {
       assert(command !== NBD_CMD_DISC, 'NBD_CMD_DISC is sent by close()');
       assert((command === NBD_CMD_WRITE) === (data !== undefined), 'NBD_CMD_WRITE, and only it, carries data');
       assert(command !== NBD_CMD_READ || length <= parser.maxPayloadBytes, `read of ${length} bytes exceeds the accepted payload of ${parser.maxPayloadBytes}`);
+      assert(options.into === undefined || (command === NBD_CMD_READ && options.into.length === length), 'a read target is for NBD_CMD_READ and has its length');
       header = encodeRequest({ flags, type: command, cookie, offset, length });
     } catch (err) {
       return Promise.reject(err);
@@ -260,7 +281,7 @@ export class NbdConnection {
     return new Promise<void>((resolve, reject) => {
       const request: PendingRequest = { command, offset, length, onChunk: options.onChunk, resolve, reject, firstError: undefined };
       this.pending.add(cookie, request, this.requestTimeoutMs, () => this.timeoutError(request));
-      parser.expect(cookie, { command, flags, offset, length });
+      parser.expect(cookie, options.into === undefined ? { command, flags, offset, length } : { command, flags, offset, length, into: options.into });
       this.socket.cork();
       this.socket.write(header);
       if (data !== undefined && data.length > 0) this.socket.write(data);
@@ -355,16 +376,18 @@ export class NbdConnection {
 
   // ---- Transmission ------------------------------------------------------------
 
-  private handleData(chunk: Buffer): void {
+  /** Bytes from the server; `transient` ones are a view of the reused read buffer, valid only during this call. */
+  private handleData(chunk: Buffer, transient: boolean): void {
     switch (this.lifecycle.state) {
       case NbdConnectionState.Connecting:
       case NbdConnectionState.Negotiating:
-        this.pumpHandshake(chunk);
+        // The handshake keeps what it is given; its messages are small.
+        this.pumpHandshake(transient ? Buffer.from(chunk) : chunk);
         return;
       case NbdConnectionState.Ready:
       case NbdConnectionState.Closing:
         // Closing after a refused handshake has no parser: the server's last words are dropped.
-        this.parser?.push(chunk);
+        this.parser?.push(chunk, transient);
         return;
       case NbdConnectionState.Closed:
         return;

@@ -10,7 +10,8 @@
 //   target with a backing file qemu records those as zero clusters, so an
 //   extent that is zero now can never show the older data beneath it.
 // - At most maxInFlight copy operations run at once, each with one request
-//   in flight on each side.
+//   in flight on each side, each reading into a buffer of its own that is
+//   reused (no allocation per piece).
 // - The first failure stops new work; the copy rejects with it once the
 //   operations already running have settled. The target is flushed only
 //   after everything succeeded.
@@ -123,15 +124,24 @@ export async function copyExtents(source: NbdClient, target: NbdClient, options:
   let doneBytes = 0;
   const work = workItems(source, ranges, useAllocation, chunkBytes);
 
+  // One buffer per operation in flight, reused: a read lands in it and its
+  // write has been answered (so sent) before it is handed out again.
+  const buffers: Buffer[] = [];
   const copyOne = async (item: WorkItem): Promise<void> => {
     if (item.kind === 'data') {
-      const data = await source.read(item.offset, item.length);
-      if (data.equals(zeroes.subarray(0, data.length))) {
-        await target.writeZeroes(item.offset, item.length);
-        result.zeroBytes += item.length;
-      } else {
-        await target.write(item.offset, data);
-        result.dataBytes += item.length;
+      const buffer = buffers.pop() ?? Buffer.allocUnsafe(chunkBytes);
+      try {
+        const data = buffer.subarray(0, item.length);
+        await source.readInto(item.offset, data);
+        if (data.equals(zeroes.subarray(0, data.length))) {
+          await target.writeZeroes(item.offset, item.length);
+          result.zeroBytes += item.length;
+        } else {
+          await target.write(item.offset, data);
+          result.dataBytes += item.length;
+        }
+      } finally {
+        buffers.push(buffer);
       }
     } else {
       await target.writeZeroes(item.offset, item.length);

@@ -45,6 +45,7 @@ import {
   decodeOffsetHole,
   decodeSimpleReplyHeader,
   decodeStructuredReplyHeader,
+  readU64,
   type NbdBlockDescriptor,
   type NbdSimpleReplyHeader,
   type NbdStructuredReplyHeader,
@@ -70,6 +71,13 @@ export interface NbdRequestInfo {
   readonly flags: number;
   readonly offset: number;
   readonly length: number;
+  /**
+   * NBD_CMD_READ only: the caller's buffer of `length` bytes for the data.
+   * Data chunks are then written straight into it (their `data` is a view of
+   * it) and nothing else is allocated for them; holes are left for the caller
+   * to zero. On a failed read its content is undefined.
+   */
+  readonly into?: Buffer;
 }
 
 export type NbdReplyChunk =
@@ -113,10 +121,15 @@ export interface NbdReplyParserOptions {
 
 /**
  * A FIFO of byte chunks from which exact-length pieces are taken. A piece that
- * lies in one chunk is a view; otherwise it is copied once.
+ * lies in one chunk is a view; otherwise it is copied once. A chunk pushed as
+ * *transient* (a view of a read buffer the socket reuses) is never handed out
+ * as a view: pieces of it are copied, and retain() copies what is left of it
+ * before its buffer is reused.
  */
 export class ByteQueue {
   private readonly chunks: Buffer[] = [];
+  /** Per chunk: true when its memory is only valid until the next push. */
+  private readonly transient: boolean[] = [];
   private head = 0;
   private total = 0;
 
@@ -124,9 +137,10 @@ export class ByteQueue {
     return this.total;
   }
 
-  push(bytes: Buffer): void {
+  push(bytes: Buffer, transient = false): void {
     if (bytes.length === 0) return;
     this.chunks.push(bytes);
+    this.transient.push(transient);
     this.total += bytes.length;
   }
 
@@ -161,22 +175,40 @@ export class ByteQueue {
     if (n === 0) return EMPTY;
     const first = this.chunks[0];
     assert(first !== undefined, 'a non-empty queue has a first chunk');
-    if (first.length - this.head >= n) {
+    if (first.length - this.head >= n && this.transient[0] !== true) {
       const out = first.subarray(this.head, this.head + n);
       this.consume(n);
       return out;
     }
     const out = Buffer.allocUnsafe(n);
-    let filled = 0;
-    while (filled < n) {
+    this.moveInto(out, 0, n);
+    return out;
+  }
+
+  /** Moves up to `max` queued bytes into `target` at `at`; returns how many. */
+  moveInto(target: Buffer, at: number, max: number): number {
+    let moved = 0;
+    while (moved < max && this.total > 0) {
       const chunk = this.chunks[0];
       assert(chunk !== undefined, 'queued chunks hold at least total bytes');
-      const count = Math.min(chunk.length - this.head, n - filled);
-      chunk.copy(out, filled, this.head, this.head + count);
-      filled += count;
+      const count = Math.min(chunk.length - this.head, max - moved);
+      chunk.copy(target, at + moved, this.head, this.head + count);
+      moved += count;
       this.consume(count);
     }
-    return out;
+    return moved;
+  }
+
+  /** Copies what is left of transient chunks, so their buffers may be reused. */
+  retain(): void {
+    for (let i = 0; i < this.chunks.length; i++) {
+      const chunk = this.chunks[i];
+      if (chunk === undefined || this.transient[i] !== true) continue;
+      const start = i === 0 ? this.head : 0;
+      this.chunks[i] = Buffer.from(chunk.subarray(start));
+      this.transient[i] = false;
+      if (i === 0) this.head = 0;
+    }
   }
 
   /** Everything queued, as one buffer. */
@@ -190,6 +222,7 @@ export class ByteQueue {
     const first = this.chunks[0];
     if (first !== undefined && this.head === first.length) {
       this.chunks.shift();
+      this.transient.shift();
       this.head = 0;
     }
   }
@@ -244,9 +277,27 @@ interface Tracked {
   sawError: boolean;
 }
 
-type PendingHeader =
+type PendingHeader = (
   | { kind: 'simple'; header: NbdSimpleReplyHeader; tracked: Tracked; payloadLength: number }
-  | { kind: 'structured'; header: NbdStructuredReplyHeader; tracked: Tracked; payloadLength: number };
+  | { kind: 'structured'; header: NbdStructuredReplyHeader; tracked: Tracked; payloadLength: number }
+) & {
+  /**
+   * Where the payload is gathered as its bytes arrive (one copy, however the
+   * socket splits it): a large payload's own buffer, or for a read with
+   * `into` the data's place in the caller's buffer.
+   */
+  sink?: Buffer;
+  filled?: number;
+  /** The offset of an OFFSET_DATA chunk whose data goes into the caller's buffer (its prefix is consumed first). */
+  dataOffset?: number;
+};
+
+/**
+ * A payload at least this long that has not fully arrived is gathered into
+ * its own buffer as its bytes come in, instead of queueing the socket's
+ * pieces and copying them together at the end.
+ */
+const SINK_MIN_BYTES = 64 * 1024;
 
 export class NbdReplyParser {
   readonly exportName: string;
@@ -283,7 +334,9 @@ export class NbdReplyParser {
 
   /** Bytes received but not yet part of an emitted reply. */
   get bufferedBytes(): number {
-    return this.queue.length + (this.pending === undefined ? 0 : this.pending.kind === 'simple' ? NBD_SIMPLE_REPLY_SIZE : NBD_STRUCTURED_REPLY_SIZE);
+    const pending = this.pending;
+    if (pending === undefined) return this.queue.length;
+    return this.queue.length + (pending.filled ?? 0) + (pending.kind === 'simple' ? NBD_SIMPLE_REPLY_SIZE : NBD_STRUCTURED_REPLY_SIZE);
   }
 
   /** True once a violation was reported or stop() was called. */
@@ -299,23 +352,59 @@ export class NbdReplyParser {
     this.inFlight.set(cookie, { request, content: new RangeSet(), contexts: new Set(), sawError: false });
   }
 
-  /** Feeds bytes from the server; replies and errors come out through the callbacks. */
-  push(bytes: Buffer): void {
+  /**
+   * Feeds bytes from the server; replies and errors come out through the
+   * callbacks. With `transient`, `bytes` is only valid during this call (a
+   * read buffer the socket reuses): nothing emitted is a view of it, and
+   * what is left of it is copied before push returns.
+   */
+  push(bytes: Buffer, transient = false): void {
     if (this.stopped) return;
-    this.queue.push(bytes);
-    while (!this.stopped) {
-      let reply: NbdReply | undefined;
-      try {
-        reply = this.next();
-      } catch (err) {
-        if (!(err instanceof NbdProtocolError)) throw err;
-        this.stopped = true;
-        this.onError(err.forExport(this.exportName));
-        return;
-      }
-      if (reply === undefined) return;
-      this.onReply(reply);
+    if (this.isReadTarget(bytes)) {
+      // The socket read straight into the pending payload's buffer (readTarget): nothing to copy.
+      const pending = this.pending;
+      assert(pending !== undefined, 'a read target belongs to a pending payload');
+      pending.filled = (pending.filled ?? 0) + bytes.length;
+      transient = false;
+    } else {
+      this.queue.push(bytes, transient);
     }
+    try {
+      while (!this.stopped) {
+        let reply: NbdReply | undefined;
+        try {
+          reply = this.next();
+        } catch (err) {
+          if (!(err instanceof NbdProtocolError)) throw err;
+          this.stopped = true;
+          this.onError(err.forExport(this.exportName));
+          return;
+        }
+        if (reply === undefined) return;
+        this.onReply(reply);
+      }
+    } finally {
+      if (transient) this.queue.retain();
+    }
+  }
+
+  /**
+   * Where the next bytes read from the socket may go directly: the rest of a
+   * large payload's own buffer, while nothing else is queued (so the next
+   * bytes are that payload's). Undefined otherwise. Bytes read into it are
+   * then given to push() as a view of it, and are not copied again.
+   */
+  readTarget(): Buffer | undefined {
+    const pending = this.pending;
+    if (this.stopped || pending?.sink === undefined || this.queue.length > 0) return undefined;
+    return pending.sink.subarray(pending.filled ?? 0);
+  }
+
+  private isReadTarget(bytes: Buffer): boolean {
+    const pending = this.pending;
+    if (pending?.sink === undefined || this.queue.length > 0 || bytes.buffer !== pending.sink.buffer) return false;
+    const filled = pending.filled ?? 0;
+    return bytes.byteOffset === pending.sink.byteOffset + filled && bytes.length <= pending.sink.length - filled;
   }
 
   /** Ignores all further input (the connection is closing). */
@@ -343,11 +432,57 @@ export class NbdReplyParser {
         throw new NbdProtocolError('bad-magic', `reply has unknown magic 0x${magic.toString(16).padStart(8, '0')}${hint}`);
       }
     }
-    const payload = this.queue.take(this.pending.payloadLength);
+    const payload = this.payload(this.pending);
     if (payload === undefined) return undefined;
     const pending = this.pending;
     this.pending = undefined;
-    return pending.kind === 'simple' ? this.finishSimple(pending.header, pending.tracked, payload) : this.finishStructured(pending.header, pending.tracked, payload);
+    return pending.kind === 'simple' ? this.finishSimple(pending.header, pending.tracked, payload) : this.finishStructured(pending.header, pending.tracked, payload, pending.dataOffset);
+  }
+
+  /**
+   * The pending reply's whole payload once it has arrived (for data going
+   * into the caller's buffer: the data); a large one is gathered into its
+   * sink meanwhile.
+   */
+  private payload(pending: PendingHeader): Buffer | undefined {
+    if (pending.sink === undefined) {
+      const sink = this.sinkFor(pending);
+      if (sink === null) return undefined;
+      if (sink === undefined) return this.queue.take(pending.payloadLength);
+      pending.sink = sink;
+      pending.filled = 0;
+    }
+    const filled = pending.filled ?? 0;
+    pending.filled = filled + this.queue.moveInto(pending.sink, filled, pending.sink.length - filled);
+    return pending.filled === pending.sink.length ? pending.sink : undefined;
+  }
+
+  /**
+   * Where the pending payload is to be gathered: undefined to take it from
+   * the queue as it is (it has arrived, or is small), null to wait for an
+   * OFFSET_DATA chunk's offset prefix.
+   */
+  private sinkFor(pending: PendingHeader): Buffer | null | undefined {
+    const length = pending.payloadLength;
+    const { request } = pending.tracked;
+    const into = request.into;
+    if (into !== undefined && length > 0) {
+      if (pending.kind === 'simple') return into.subarray(0, length);
+      if (pending.header.type === NBD_REPLY_TYPE_OFFSET_DATA) {
+        const prefix = this.queue.length >= 8 ? this.queue.take(8) : undefined;
+        if (prefix === undefined) return null;
+        const offset = readU64(prefix, 0, 'data chunk offset');
+        // Checked before a byte lands in the caller's buffer (addContent checks overlaps when it is complete).
+        if (offset < request.offset || offset + length - 8 > request.offset + request.length) {
+          throw new NbdProtocolError('out-of-range', `data chunk [${offset}, ${offset + length - 8}) lies outside the read [${request.offset}, ${request.offset + request.length})`);
+        }
+        pending.dataOffset = offset;
+        return into.subarray(offset - request.offset, offset - request.offset + length - 8);
+      }
+    }
+    if (this.queue.length >= length || length < SINK_MIN_BYTES) return undefined;
+    // The header was checked, so length is bounded by the request and maxPayloadBytes.
+    return Buffer.allocUnsafe(length);
   }
 
   private lookup(cookie: bigint, what: string): Tracked {
@@ -438,7 +573,7 @@ export class NbdReplyParser {
     return { kind: 'structured', header, tracked, payloadLength: length };
   }
 
-  private finishStructured(header: NbdStructuredReplyHeader, tracked: Tracked, payload: Buffer): NbdReply {
+  private finishStructured(header: NbdStructuredReplyHeader, tracked: Tracked, payload: Buffer, dataOffset: number | undefined): NbdReply {
     const { request } = tracked;
     const requestEnd = request.offset + request.length;
     let chunk: NbdReplyChunk;
@@ -450,7 +585,8 @@ export class NbdReplyParser {
       tracked.sawError = true;
       chunk = { type: 'error', replyType: header.type, ...decoded };
     } else if (header.type === NBD_REPLY_TYPE_OFFSET_DATA) {
-      const { offset, data } = decodeOffsetData(payload);
+      // Data gathered into the caller's buffer arrives without its offset prefix, already read.
+      const { offset, data } = dataOffset !== undefined ? { offset: dataOffset, data: payload } : decodeOffsetData(payload);
       this.addContent(tracked, offset, data.length, 'data');
       chunk = { type: 'data', offset, data };
     } else if (header.type === NBD_REPLY_TYPE_OFFSET_HOLE) {

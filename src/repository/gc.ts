@@ -26,7 +26,9 @@
 // 5. Repack: a pack whose live chunks are under half of it is rewritten: the
 //    live chunks go into new packs (stored and indexed first), then the old
 //    pack's index and the pack are deleted.
-// Only one gc runs at a time (a gc lock).
+// 6. Before marking, manifest generations a newer one replaced (left by an
+//    interrupted prune, fold.ts) are deleted: readers use only the newest.
+// Only one gc runs at a time, and never beside a prune (locks.ts).
 
 import { QbackupError } from '../errors.js';
 import type { Backend } from './backend/backend.js';
@@ -68,6 +70,7 @@ export async function collectGarbage(store: Store): Promise<GcReport> {
   const backups = (await liveLocks(backend)).filter((l) => l.info.kind === 'backup' || l.info.kind === 'serve');
   const oldestBackupMs = Math.min(...backups.map((l) => l.info.takenMs));
   const report: GcReport = { packsDeleted: 0, packsRepacked: 0, indexesDeleted: 0, bytesFreed: 0, condemned: 0, temporaryRemoved: 0 };
+  await store.dropSupersededManifests();
   const { liveIndexes, liveChunks } = await mark(store);
   const marks = await readMarks(backend);
   // May this garbage go now? Yes when no backup runs, or it was condemned before every running backup began.

@@ -6,8 +6,11 @@
 // whoever finds it, so no lock of a killed qbackup blocks the next command.
 //
 // Rules: at most one backup per domain at a time; at most one gc at a time;
-// any number of `serve` locks (a backup served over NBD, serve.ts). gc never
-// deletes what a running backup or a served backup may still reference (gc.ts).
+// at most one prune per domain, and never a prune and a gc at once (a prune
+// writes folded indexes that gc would take for garbage until their manifest
+// lands); any number of `serve` locks (a backup served over NBD, serve.ts).
+// gc never deletes what a running backup or a served backup may still
+// reference (gc.ts).
 
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
@@ -62,10 +65,10 @@ export async function acquireLock(backend: Backend, kind: LockKind, domain: stri
   await backend.putIfAbsent(`locks/${id}`, Buffer.from(JSON.stringify(info)));
   // Write first, then look: of two racing takers at least one sees the other.
   const others = (await liveLocks(backend)).filter((l) => l.id !== id);
-  const conflict = kind === 'serve' ? undefined : others.find((l) => l.info.kind === kind && (kind === 'gc' || l.info.domain === domain));
+  const conflict = others.find((l) => conflicts(kind, domain, l.info));
   if (conflict !== undefined) {
     await backend.delete(`locks/${id}`);
-    const what = kind === 'gc' ? 'a gc' : `a ${kind} of domain "${domain ?? ''}"`;
+    const what = conflict.info.kind === 'gc' ? 'a gc' : `a ${conflict.info.kind} of domain "${conflict.info.domain ?? ''}"`;
     throw new QbackupError('REPO_LOCKED', `Repository "${backend.location}" is in use: ${what} runs (process ${conflict.info.pid} on ${conflict.info.host})`);
   }
   let released = false;
@@ -75,6 +78,13 @@ export async function acquireLock(backend: Backend, kind: LockKind, domain: stri
     await backend.delete(`locks/${id}`);
   };
   return { id, info, release, [Symbol.asyncDispose]: release };
+}
+
+function conflicts(kind: LockKind, domain: string | null, other: LockInfo): boolean {
+  if (kind === 'serve' || other.kind === 'serve') return false;
+  if (kind === 'gc') return other.kind === 'gc' || other.kind === 'prune';
+  if (kind === 'prune' && other.kind === 'gc') return true;
+  return other.kind === kind && other.domain === domain;
 }
 
 function isAlive(info: LockInfo): boolean {

@@ -3,6 +3,13 @@
 // backup's packs are unreferenced garbage for gc. Parsing treats the content
 // as hostile: every id that later becomes part of an object key is checked
 // against its strict pattern here.
+//
+// Manifests are never rewritten in place. When prune folds a backup's index
+// chain (fold.ts), the backup gets a new *generation* of its manifest, a new
+// object `snapshots/<domain>/<id>.g<n>` naming the new indexes; the older
+// generation is deleted after it. Readers use the newest generation of each
+// backup id, so a crash between the two steps leaves two complete manifests
+// of which the newer counts.
 
 import { QbackupError } from '../errors.js';
 import { CHECKPOINT_NAME_PATTERN } from '../checkpoint/spec.js';
@@ -43,12 +50,29 @@ export interface Manifest {
   /** The domain definition at backup time (libvirt XML). */
   domainXml: string;
   disks: ManifestDisk[];
+  /** Which generation of the backup's manifest this is; absent for the first (written by the backup itself). */
+  generation?: number;
 }
 
-export function manifestKey(domain: string, id: string): string {
+/** Generations above this are refused (a fold writes one per prune that touches the backup). */
+const MAX_GENERATION = 999_999;
+
+export function manifestKey(domain: string, id: string, generation = 1): string {
   if (!DOMAIN.test(domain) || domain.includes('..')) throw new QbackupError('INVALID_NAME', `Invalid domain name ${JSON.stringify(domain)}`);
   if (!BACKUP_ID.test(id)) throw new QbackupError('BACKUP_NOT_FOUND', `Invalid backup id ${JSON.stringify(id)}`);
-  return `snapshots/${domain}/${id}`;
+  if (!Number.isSafeInteger(generation) || generation < 1 || generation > MAX_GENERATION) throw new QbackupError('INVALID_ARGUMENT', `Invalid manifest generation ${generation} of backup "${id}"`);
+  return generation === 1 ? `snapshots/${domain}/${id}` : `snapshots/${domain}/${id}.g${generation}`;
+}
+
+/** The backup id and generation a manifest object's last key segment names, or undefined when it names none. */
+export function parseManifestName(name: string): { id: string; generation: number } | undefined {
+  const m = /^(.+?)(?:\.g([1-9][0-9]{0,5}))?$/.exec(name);
+  const id = m?.[1];
+  if (id === undefined || !BACKUP_ID.test(id)) return undefined;
+  const generation = m?.[2] !== undefined ? Number(m[2]) : 1;
+  // "<id>.g1" is not a name any writer uses: only the plain id is generation 1.
+  if (generation === 1 && m?.[2] !== undefined) return undefined;
+  return { id, generation };
 }
 
 export function newBackupId(now = new Date()): string {
@@ -57,7 +81,7 @@ export function newBackupId(now = new Date()): string {
 }
 
 /** Parses and checks a stored manifest; it must be the one its key names. */
-export function parseManifest(text: string, domain: string, id: string): Manifest {
+export function parseManifest(text: string, domain: string, id: string, generation = 1): Manifest {
   const bad = (why: string): QbackupError => new QbackupError('REPO_DAMAGED', `Manifest of backup "${id}" (domain "${domain}") is damaged: ${why}`);
   let v: unknown;
   try {
@@ -69,6 +93,7 @@ export function parseManifest(text: string, domain: string, id: string): Manifes
   const m = v as Record<string, unknown>;
   if (m['format'] !== 2) throw bad(`format ${String(m['format'])}`);
   if (m['id'] !== id || m['domain'] !== domain) throw bad('it names another backup');
+  if ((m['generation'] ?? 1) !== generation) throw bad(`it is not generation ${generation} of its manifest`);
   for (const f of ['uuid', 'time', 'endTime', 'checkpoint', 'domainXml'] as const) if (typeof m[f] !== 'string') throw bad(`no ${f}`);
   if (!CHECKPOINT_NAME_PATTERN.test(m['checkpoint'] as string)) throw bad('an invalid checkpoint name');
   if (m['consistency'] !== 'crash' && m['consistency'] !== 'filesystem') throw bad('no consistency');

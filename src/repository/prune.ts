@@ -1,8 +1,15 @@
 // Retention: which backups of a domain a policy keeps, and why (restic's and
 // Proxmox Backup's rules), as a pure function; then deleting the others'
-// manifests. Their chunks and indexes become garbage for gc; a kept backup
-// never depends on a removed one's data, and the index objects a kept backup's
-// chain runs through stay live (gc marks chains, not manifests' own indexes).
+// manifests and folding the kept backups' index chains (fold.ts), so the
+// chunks and indexes only removed backups used become garbage for gc.
+//
+// Order of pruneStore: replaced manifest generations left by an interrupted
+// prune go first; then the removed backups' manifests (no space needed: a
+// full repository can always be pruned, and gc, which marks whole chains,
+// keeps every link a kept backup still runs through); then the folds, each
+// new index and manifest generation stored before the old generation goes.
+// Prune and gc exclude each other (locks.ts), so gc never sees a folded index
+// before the manifest that names it.
 //
 // Rules, newest backup first: keep-last N keeps the N newest; keep-hourly,
 // -daily, -weekly, -monthly, -yearly N keep the newest backup of each of the
@@ -10,7 +17,10 @@
 // Periods are in UTC. A backup kept by several rules lists every reason.
 
 import { QbackupError } from '../errors.js';
+import { executeFold, planFold, readParents, type FoldStep } from './fold.js';
+import { acquireLock } from './locks.js';
 import type { Manifest } from './manifest.js';
+import type { Store } from './store.js';
 
 export interface RetentionPolicy {
   keepLast?: number;
@@ -24,6 +34,8 @@ export interface RetentionPolicy {
 export interface PrunePlan {
   keep: Array<{ id: string; time: string; reasons: string[] }>;
   remove: Array<{ id: string; time: string }>;
+  /** The kept disks whose index chains are folded (they ran through removed backups or unowned links). */
+  folds: FoldStep[];
 }
 
 const PERIODS: Array<{ rule: keyof RetentionPolicy; name: string; bucket: (d: Date) => string }> = [
@@ -65,13 +77,35 @@ export function planPrune(manifests: readonly Pick<Manifest, 'id' | 'time'>[], p
       reasons.get(m.id)?.push(`${name} ${b}`);
     }
   }
-  const plan: PrunePlan = { keep: [], remove: [] };
+  const plan: PrunePlan = { keep: [], remove: [], folds: [] };
   for (const m of newestFirst) {
     const why = reasons.get(m.id) ?? [];
     if (why.length > 0) plan.keep.push({ id: m.id, time: m.time, reasons: why });
     else plan.remove.push({ id: m.id, time: m.time });
   }
   return plan;
+}
+
+/**
+ * Applies `policy` to the backups of `domain` in `store`: removes the
+ * manifests of those it does not keep and folds the kept ones' index chains.
+ * With `dryRun`, only plans. Returns the plan carried out and the removed
+ * backups' manifests (their checkpoints are the caller's to merge away).
+ */
+export async function pruneStore(store: Store, domain: string, policy: RetentionPolicy, options: { dryRun?: boolean } = {}): Promise<{ plan: PrunePlan; removed: Manifest[] }> {
+  validatePolicy(policy);
+  await using _lock = options.dryRun ? undefined : await acquireLock(store.backend, 'prune', domain);
+  if (!options.dryRun) await store.dropSupersededManifests(domain);
+  const manifests = await store.manifests(domain);
+  const plan = planPrune(manifests, policy);
+  const keepIds = new Set(plan.keep.map((k) => k.id));
+  const kept = manifests.filter((m) => keepIds.has(m.id));
+  const removed = manifests.filter((m) => !keepIds.has(m.id));
+  plan.folds = planFold({ kept, parents: await readParents(store, kept) });
+  if (options.dryRun) return { plan, removed };
+  for (const m of removed) await store.deleteManifest(domain, m.id);
+  await executeFold(store, kept, plan.folds);
+  return { plan, removed };
 }
 
 /** ISO 8601 week, e.g. "2026-W48". */

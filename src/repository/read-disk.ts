@@ -100,11 +100,10 @@ async function buildIndex(store: Store, ids: Map<number, Buffer>, slots: number,
 /**
  * True when nothing but `data` lives in its ArrayBuffer, so it can move to a
  * worker without a copy: the buffer ends where `data` ends, and what comes
- * before it (at most a reply header, already parsed) is too short to hold
- * another reply. A read of more than one socket read's worth (our 1 MiB
- * reads) is assembled by the NBD client into such a fresh buffer; a small
- * reply may be a view into a socket buffer shared with the next reply, and
- * is then copied to the worker as before.
+ * before it is too short to hold anything else. The NBD client's read()
+ * gathers a read into a buffer of its own, a fresh one for our 1 MiB reads;
+ * a small read may share Node's buffer pool, and is then copied to the
+ * worker as before.
  */
 function ownsBuffer(data: Buffer): boolean {
   return data.buffer instanceof ArrayBuffer && data.byteOffset <= 32 && data.byteOffset + data.byteLength === data.buffer.byteLength;

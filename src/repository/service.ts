@@ -13,9 +13,8 @@ import type { Backend } from './backend/backend.js';
 import { LocalBackend } from './backend/local.js';
 import { backupDomain, type Progress, type RepoBackupOptions } from './backup.js';
 import { collectGarbage, type GcReport } from './gc.js';
-import { acquireLock } from './locks.js';
 import type { Manifest } from './manifest.js';
-import { planPrune, type PrunePlan, type RetentionPolicy } from './prune.js';
+import { pruneStore, type PrunePlan, type RetentionPolicy } from './prune.js';
 import { restoreIntoImage, restoreToFile, type ImageFormat } from './restore.js';
 import { serveBackup, type BackupServer, type ServeListen } from './serve.js';
 import { repositoryStats, type RepoStats } from './stats.js';
@@ -25,6 +24,7 @@ import { verifyStore, type VerifyOptions, type VerifyReport } from './verify.js'
 export type { Progress, RepoBackupOptions } from './backup.js';
 export type { GcReport } from './gc.js';
 export type { Manifest, ManifestDisk } from './manifest.js';
+export type { FoldStep } from './fold.js';
 export type { PrunePlan, RetentionPolicy } from './prune.js';
 export type { RepoStats } from './stats.js';
 export type { BackupServer, ServeListen, ServedExport } from './serve.js';
@@ -161,20 +161,17 @@ export class RepositoryService {
 
   /**
    * Applies a retention policy to a domain's backups: removes the manifests
-   * of those it does not keep and merges their checkpoints away (coverage of
-   * the kept ones is unchanged). Data goes with the next gc.
+   * of those it does not keep, folds the kept ones' index chains off them
+   * (metadata only), and merges their checkpoints away (coverage of the kept
+   * ones is unchanged). Their data goes with the next gc.
    */
   async prune(domain: string, options: RepoAccess & RetentionPolicy & { dryRun?: boolean }): Promise<PruneResult> {
     const store = await this.open(options);
-    const manifests = await store.manifests(domain);
     // Only the policy's own fields: the options also carry the repository and its passphrase.
-    const plan = planPrune(manifests, retentionOf(options));
-    if (options.dryRun) return { ...plan, checkpointsRemoved: [], checkpointsKept: [] };
-    await using _lock = await acquireLock(store.backend, 'prune', domain);
-    const removed = new Set(plan.remove.map((r) => r.id));
-    for (const id of removed) await store.deleteManifest(domain, id);
+    const { plan, removed } = await pruneStore(store, domain, retentionOf(options), options.dryRun ? { dryRun: true } : {});
     const result: PruneResult = { ...plan, checkpointsRemoved: [], checkpointsKept: [] };
-    for (const m of manifests.filter((x) => removed.has(x.id))) {
+    if (options.dryRun) return result;
+    for (const m of removed) {
       if (!this.checkpoints.exists(domain, m.checkpoint)) continue;
       try {
         await this.checkpoints.delete(domain, m.checkpoint);

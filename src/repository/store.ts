@@ -24,7 +24,7 @@ import { decodeChunk, encodeChunk, ZERO_ID } from './chunk.js';
 import { ChunkCompressor } from './compress.js';
 import { chunkId, newMasterKey, parseKeyFile, seal, unseal, unwrapMasterKey, wrapMasterKey, type MasterKey } from './crypto.js';
 import { decodeIndex, encodeIndex, indexKey, INDEX_ID, MAX_CHAIN, resolveChain, type DiskIndex, type FullIndex } from './disk-index.js';
-import { parseManifest, manifestKey, type Manifest } from './manifest.js';
+import { parseManifest, parseManifestName, manifestKey, type Manifest } from './manifest.js';
 import { PACK_ID, PACK_TARGET_BYTES, PackBuilder, packIndexKey, packKey, parseHeader } from './pack.js';
 
 export const REPO_FORMAT = 2;
@@ -231,36 +231,97 @@ export class Store {
 
   // ---- manifests -------------------------------------------------------------
 
-  /** Writes a manifest: the commit point of a backup. */
+  /** Writes a manifest (its generation's object): the commit point of a backup. */
   async putManifest(m: Manifest): Promise<void> {
     const plain = Buffer.from(`${JSON.stringify(m, null, 2)}\n`);
     const stored = this.key !== undefined ? seal(this.key.dataKey, plain) : plain;
-    if (!(await this.backend.putIfAbsent(manifestKey(m.domain, m.id), stored))) {
+    if (!(await this.backend.putIfAbsent(manifestKey(m.domain, m.id, m.generation ?? 1), stored))) {
       throw new QbackupError('REPO_INVALID', `Cannot record backup "${m.id}" in repository "${this.location}": a backup with that id exists`);
     }
   }
 
-  async getManifest(domain: string, id: string): Promise<Manifest> {
-    const key = manifestKey(domain, id);
+  async getManifest(domain: string, id: string, generation = 1): Promise<Manifest> {
+    const key = manifestKey(domain, id, generation);
     const stored = await this.backend.get(key);
     const plain = this.key !== undefined ? unseal(this.key.dataKey, stored, `Manifest of backup "${id}"`) : stored;
-    return parseManifest(plain.toString('utf8'), domain, id);
+    return parseManifest(plain.toString('utf8'), domain, id, generation);
   }
 
-  /** Every manifest (of one domain), oldest first; a damaged one is reported, not skipped. */
-  async manifests(domain?: string): Promise<Manifest[]> {
+  /** Every manifest object (of one domain): each backup id with its generations, newest last. */
+  async manifestObjects(domain?: string): Promise<Array<{ domain: string; id: string; generations: number[] }>> {
     const prefix = domain !== undefined ? `snapshots/${domain}/` : 'snapshots/';
-    const out: Manifest[] = [];
+    const byId = new Map<string, { domain: string; id: string; generations: number[] }>();
     for (const { key } of await this.backend.list(prefix)) {
-      const [, dom, id] = key.split('/');
-      if (dom === undefined || id === undefined) continue;
-      out.push(await this.getManifest(dom, id));
+      const [, dom, name] = key.split('/');
+      if (dom === undefined || name === undefined) continue;
+      const parsed = parseManifestName(name);
+      // A name no writer makes: getManifest then reports it as one sentence.
+      const { id, generation } = parsed ?? { id: name, generation: 1 };
+      const entry = byId.get(`${dom}/${id}`) ?? { domain: dom, id, generations: [] };
+      entry.generations.push(generation);
+      byId.set(`${dom}/${id}`, entry);
+    }
+    for (const e of byId.values()) e.generations.sort((a, b) => a - b);
+    return [...byId.values()];
+  }
+
+  /**
+   * Every backup (of one domain), oldest first, each as its newest manifest
+   * generation; a damaged one is reported, not skipped. A manifest that a
+   * concurrent prune replaced or deleted between listing and reading is read
+   * again from a fresh listing, or left out when it is gone.
+   */
+  async manifests(domain?: string): Promise<Manifest[]> {
+    const out: Manifest[] = [];
+    for (const o of await this.manifestObjects(domain)) {
+      const m = await this.newestManifest(o.domain, o.id, o.generations.at(-1) ?? 1);
+      if (m !== undefined) out.push(m);
     }
     return out.sort((a, b) => a.time.localeCompare(b.time) || a.id.localeCompare(b.id));
   }
 
+  private async newestManifest(domain: string, id: string, generation: number): Promise<Manifest | undefined> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await this.getManifest(domain, id, generation);
+      } catch (err) {
+        if (!(err instanceof QbackupError && err.code === 'REPO_OBJECT_NOT_FOUND') || attempt >= 3) throw err;
+      }
+      const now = (await this.manifestObjects(domain)).find((o) => o.id === id);
+      if (now === undefined) return undefined;
+      generation = now.generations.at(-1) ?? 1;
+    }
+  }
+
+  /**
+   * Records a backup's manifest again with new disks (folded indexes): the
+   * next generation is written first, then the one it replaces is deleted.
+   */
+  async replaceManifest(m: Manifest, disks: Manifest['disks']): Promise<Manifest> {
+    const generation = (m.generation ?? 1) + 1;
+    const next: Manifest = { ...m, disks, generation };
+    await this.putManifest(next);
+    await this.backend.delete(manifestKey(m.domain, m.id, m.generation ?? 1));
+    return next;
+  }
+
+  /** Deletes every generation of a backup's manifest, the newest last (so an interrupted delete never resurrects an older one). */
   async deleteManifest(domain: string, id: string): Promise<void> {
-    await this.backend.delete(manifestKey(domain, id));
+    const o = (await this.manifestObjects(domain)).find((x) => x.id === id);
+    const generations = o?.generations ?? [1];
+    for (const g of generations) await this.backend.delete(manifestKey(domain, id, g));
+  }
+
+  /** Deletes manifest generations a newer one replaced (left by a prune that was interrupted); how many went. */
+  async dropSupersededManifests(domain?: string): Promise<number> {
+    let n = 0;
+    for (const o of await this.manifestObjects(domain)) {
+      for (const g of o.generations.slice(0, -1)) {
+        await this.backend.delete(manifestKey(o.domain, o.id, g));
+        n++;
+      }
+    }
+    return n;
   }
 }
 

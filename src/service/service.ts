@@ -4,7 +4,7 @@
 // tokens and schedules through the same classes.
 
 import { readFileSync } from 'node:fs';
-import { QbackupError, describeError } from '../errors.js';
+import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import type { Qbackup } from '../qbackup.js';
 import type { Manifest, PruneResult, RepoAccess, RetentionPolicy } from '../repository/service.js';
 import { ScheduleStore } from '../store/schedules.js';
@@ -108,7 +108,15 @@ export class QbackupService {
     for (const d of manifest.disks) ctx.log(`${d.target}: ${d.level}, ${d.bytesRead} bytes read, ${d.bytesStored} stored${d.fullReason !== null ? ` (full: ${d.fullReason})` : ''}`);
     ctx.log(`backup ${manifest.id} written`);
     if (r.retention === undefined || Object.keys(r.retention).length === 0) return { manifest };
-    const prune = await this.qb.repository.prune(r.domain, { ...access, ...r.retention });
+    let prune: PruneResult;
+    try {
+      prune = await this.qb.repository.prune(r.domain, { ...access, ...r.retention });
+    } catch (err) {
+      // A gc holds the repository (prune and gc exclude each other): the backup stands, the next one's prune applies the policy.
+      if (!isQbackupError(err, 'REPO_LOCKED')) throw err;
+      ctx.log(`retention not applied this time: ${describeError(err)}`);
+      return { manifest };
+    }
     ctx.log(`retention: kept ${prune.keep.length}, removed ${prune.remove.length}${prune.remove.length > 0 ? ` (${prune.remove.map((x) => x.id).join(', ')})` : ''}`);
     return { manifest, prune };
   }

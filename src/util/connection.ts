@@ -23,10 +23,27 @@ export const MAX_TIMER_MS = 2_147_483_647;
 
 export type SocketAddress = { path: string } | { host: string; port: number };
 
-/** Starts connecting; the socket's 'connect' or 'error' event tells how it went. TCP gets TCP_NODELAY. */
-export function openSocket(address: SocketAddress): Socket {
-  if ('path' in address) return createConnection({ path: address.path });
-  const socket = createConnection({ host: address.host, port: address.port });
+/**
+ * Reads into caller-owned memory instead of a new buffer per read: `buffer`
+ * is one buffer the socket reuses, or a function called before each read for
+ * the buffer to read into. `callback` sees the bytes read (the buffer and
+ * how many bytes of it), valid only until it returns unless the caller owns
+ * that memory; returning false pauses the socket.
+ */
+export interface SocketReadInto {
+  buffer: Buffer | (() => Buffer);
+  callback: (bytesRead: number, buffer: Buffer) => boolean;
+}
+
+/**
+ * Starts connecting; the socket's 'connect' or 'error' event tells how it
+ * went. TCP gets TCP_NODELAY. With `readInto`, received bytes go to its
+ * callback instead of 'data' events.
+ */
+export function openSocket(address: SocketAddress, readInto?: SocketReadInto): Socket {
+  const onread = readInto !== undefined ? { onread: readInto } : {};
+  if ('path' in address) return createConnection({ path: address.path, ...onread });
+  const socket = createConnection({ host: address.host, port: address.port, ...onread });
   socket.setNoDelay(true);
   return socket;
 }

@@ -251,7 +251,8 @@ describe('repository format 2: prune and gc (real QEMU)', () => {
   }
   /**
    * What gc must do, computed independently of gc: packs with no chunk a live
-   * index names go, packs under half live are rewritten, unreachable indexes go.
+   * index names go, packs under half live with a dead chunk are rewritten,
+   * unreachable indexes go.
    */
   async function expectedGc(): Promise<{ deleted: Set<string>; repacked: Set<string>; liveChunks: Set<string>; garbageIndexes: Set<string> }> {
     const { indexes, named: chunks, store } = await liveObjects(repo);
@@ -260,9 +261,12 @@ describe('repository format 2: prune and gc (real QEMU)', () => {
     const repacked = new Set<string>();
     for (const packId of objects.packs) {
       const size = readFileSync(join(repo, 'data', packId.slice(0, 2), packId)).length;
-      const live = (await store.packEntries(packId)).filter((e) => chunks.has(e.id.toString('hex'))).reduce((n, e) => n + e.length, 0);
+      const entries = await store.packEntries(packId);
+      const live = entries.filter((e) => chunks.has(e.id.toString('hex'))).reduce((n, e) => n + e.length, 0);
+      // A pack without a dead chunk is never rewritten, however small its chunks (gc.ts).
+      const hasDead = entries.some((e) => !chunks.has(e.id.toString('hex')));
       if (live === 0) deleted.add(packId);
-      else if (live * 2 < size) repacked.add(packId);
+      else if (live * 2 < size && hasDead) repacked.add(packId);
     }
     return { deleted, repacked, liveChunks: new Set(chunks.keys()), garbageIndexes: new Set([...objects.indexes].filter((i) => !indexes.has(i))) };
   }
@@ -295,10 +299,9 @@ describe('repository format 2: prune and gc (real QEMU)', () => {
   after(async () => env.cleanup());
 
   test('prune --dry-run shows keep reasons and changes nothing; prune and gc keep every kept backup exact and free exactly the garbage', async () => {
-    // A disk index chain stays whole while any backup runs through it (prune
-    // does not fold deltas), so the chunks its older links name stay live. p2
-    // is a full so that p1 (and its data, all overwritten) is outside the
-    // chain the kept backups run through.
+    // p2 is a full so that p1 (and its data, all overwritten) is outside the
+    // chain the kept backups run through; prune folds p3's chain (through the
+    // removed p2) into a full index and rebases p4 on it.
     await w(`write -s ${randomFile(env, 'A', 4 * MiB)} 0 4M`);
     const p1 = await backup('p1');
     await w(`write -s ${randomFile(env, 'B', 4 * MiB)} 0 4M`); // every chunk of p1 is overwritten
@@ -316,7 +319,14 @@ describe('repository format 2: prune and gc (real QEMU)', () => {
     const checkpointsBefore = env.qb.checkpoints.list('pr').map((c) => c.name);
     const dry = await env.cliOk(['prune', 'pr', '--repo', repo, '--keep-last', '2', '--keep-hourly', '1', '--dry-run']);
     const hour = new Date(p4.time).toISOString().slice(0, 13);
-    assert.deepEqual(dry.trim().split('\n'), [`keep   ${p4.id}  last 1, hourly ${hour}`, `keep   ${p3.id}  last 2`, `would remove ${p2.id}`, `would remove ${p1.id}`]);
+    assert.deepEqual(dry.trim().split('\n'), [
+      `keep   ${p4.id}  last 1, hourly ${hour}`,
+      `keep   ${p3.id}  last 2`,
+      `would remove ${p2.id}`,
+      `would remove ${p1.id}`,
+      `would fold   ${p3.id} sda: a full index replaces 2 index link(s)`,
+      `would fold   ${p4.id} sda: a delta on ${p3.id} replaces 1 index link(s)`,
+    ]);
     assert.deepEqual(fileTree(repo), treeBefore, 'a dry run changes no file of the repository');
     assert.deepEqual(env.qb.checkpoints.list('pr').map((c) => c.name), checkpointsBefore);
     const dryJson = JSON.parse(await env.cliOk(['--json', 'prune', 'pr', '--repo', repo, '--keep-daily', '1', '--dry-run'])) as PruneResult;
@@ -333,15 +343,17 @@ describe('repository format 2: prune and gc (real QEMU)', () => {
     assert.deepEqual(pruned.keep.map((k) => k.id), [p4.id, p3.id]);
     assert.deepEqual(pruned.remove.map((x) => x.id), [p2.id, p1.id]);
     assert.deepEqual(pruned.checkpointsRemoved.sort(), [p1.checkpoint, p2.checkpoint].sort());
+    assert.deepEqual(pruned.folds.map((f) => [f.backup, f.kind, f.folded.length]), [[p3.id, 'full', 2], [p4.id, 'delta', 1]]);
     assert.deepEqual(env.qb.checkpoints.list('pr').map((c) => c.name).sort(), [p3.checkpoint, p4.checkpoint].sort());
     assert.deepEqual((await env.qb.repository.list({ repo }, 'pr')).map((m) => m.id), [p3.id, p4.id]);
     for (const m of [p3, p4]) await assertRestores(m);
 
-    // gc: p1's index and pack (all of A, overwritten) go; the chain p3 and p4 run through (p2, p3, p4) stays.
+    // gc: p1's pack (all of A, overwritten) goes; so do the indexes of p1 and
+    // p2 and the replaced ones of p3 and p4. B and C stay: p3 still holds them.
     const stats0 = JSON.parse(await env.cliOk(['--json', 'stats', '--repo', repo])) as RepoStats;
     const gc1 = await gcExactly();
     assert.equal(gc1.packsDeleted, 1, 'the pack of A');
-    assert.equal(gc1.indexesDeleted, 1, 'p1\'s index; the kept backups still run through p2\'s');
+    assert.equal(gc1.indexesDeleted, 4, 'the indexes of p1 and p2, and the two that folding replaced');
     for (const m of [p3, p4]) await assertRestores(m);
     const stats1 = JSON.parse(await env.cliOk(['--json', 'stats', '--repo', repo])) as RepoStats;
     assert.ok(stats0.repositoryBytes - stats1.repositoryBytes >= 4 * MiB, `gc freed the 4 MiB of A (${stats0.repositoryBytes} → ${stats1.repositoryBytes})`);
@@ -352,7 +364,7 @@ describe('repository format 2: prune and gc (real QEMU)', () => {
     assert.equal(p5.disks[0]?.newChunks, 0, 'a full of unchanged data stores nothing new');
     await env.cliOk(['prune', 'pr', '--repo', repo, '--keep-last', '1']);
     const gc2 = await gcExactly();
-    assert.equal(gc2.indexesDeleted, 3, 'the indexes of p2, p3 and p4');
+    assert.equal(gc2.indexesDeleted, 2, 'the (folded) indexes of p3 and p4');
     assert.equal(gc2.packsRepacked, 1, 'the pack of B and C: 16 of its 80 chunks live');
     await assertRestores(p5);
     // No garbage is left: every stored chunk is referenced, every index reachable.
@@ -376,6 +388,79 @@ describe('repository format 2: prune and gc (real QEMU)', () => {
     assert.equal(p6.disks[0]?.level, 'incremental');
     assert.equal(p6.disks[0]?.bytesRead, 64 * KiB);
     for (const m of [p5, p6]) await assertRestores(m);
+  });
+
+  test('prune keep-last 1 of a full and three incrementals folds the chain: the newest restores exactly, gc frees exactly the chunks only the removed backups used, verify --read-data passes', async () => {
+    await env.defineDomain('fo', [{ target: 'sda', sizeBytes: 16 * MiB }]);
+    await env.qb.domains.start('fo', { paused: true });
+    const fw = (command: string): Promise<void> => guestWrite(env.qb, 'fo', 'sda', command);
+    const frefs = new Map<string, string>();
+    const fbackup = async (tag: string): Promise<Manifest> => {
+      const ref = (await referenceCopies(env, 'fo', tag)).get('sda') ?? '';
+      const m = JSON.parse(await env.cliOk(['--json', 'backup', 'fo', '--repo', repo])) as Manifest;
+      frefs.set(m.id, ref);
+      return m;
+    };
+    await fw(`write -s ${randomFile(env, 'F0', 4 * MiB)} 0 4M`);
+    const full = await fbackup('f0');
+    await fw(`write -s ${randomFile(env, 'F1', 3 * MiB)} 0 3M`); // overwrites most of the full's data
+    const inc1 = await fbackup('f1');
+    await fw(`write -s ${randomFile(env, 'F2', MiB)} 6M 1M`);
+    await fw('write -z 3M 512k'); // zeroes over the full's data
+    const inc2 = await fbackup('f2');
+    await fw(`write -s ${randomFile(env, 'F3', MiB)} 6M 1M`); // all of inc2's new data overwritten
+    const inc3 = await fbackup('f3');
+    assert.deepEqual([full, inc1, inc2, inc3].map((m) => m.disks[0]?.level), ['full', 'incremental', 'incremental', 'incremental']);
+
+    // Which chunks only the removed backups use, computed from the resolved views before the prune.
+    const before = await liveObjects(repo);
+    const exclusive = [...before.chunks].filter(([, users]) => ![...users].some((u) => u === `fo/${inc3.id}`)).map(([hex]) => hex);
+    const newest = [...before.chunks].filter(([, users]) => users.has(`fo/${inc3.id}`)).map(([hex]) => hex);
+    const othersChunks = new Set([...before.chunks].filter(([, users]) => [...users].some((u) => !u.startsWith('fo/'))).map(([hex]) => hex));
+    assert.ok(exclusive.length >= 48 + 8 + 16, `the removed backups hold data of their own (${exclusive.length} chunks)`);
+
+    const pruned = JSON.parse(await env.cliOk(['--json', 'prune', 'fo', '--repo', repo, '--keep-last', '1'])) as PruneResult;
+    assert.deepEqual(pruned.remove.map((x) => x.id).sort(), [full.id, inc1.id, inc2.id].sort());
+    assert.deepEqual(pruned.folds.map((f) => [f.backup, f.kind, f.folded.length]), [[inc3.id, 'full', 4]]);
+    const listed = await env.qb.repository.list({ repo }, 'fo');
+    assert.deepEqual(listed.map((m) => [m.id, m.generation]), [[inc3.id, 2]]);
+    assert.equal(listed[0]?.disks[0]?.level, 'incremental', 'the manifest still says how the backup was taken');
+    const restoreNewest = async (): Promise<void> => {
+      const file = env.path(`restore-fo-${++restores}.raw`);
+      await env.cliOk(['export', 'fo', '--repo', repo, '--backup', inc3.id, '--disk', 'sda', '--to', file, '--format', 'raw']);
+      assert.equal(await imageDiffers(file, 'raw', frefs.get(inc3.id) ?? ''), undefined, 'the kept newest backup restores exactly');
+    };
+    await restoreNewest();
+    for (const gone of [full, inc1, inc2]) {
+      const r = await env.cli(['--json', 'export', 'fo', '--repo', repo, '--backup', gone.id, '--disk', 'sda', '--to', env.path('gone.raw'), '--format', 'raw']);
+      assert.equal(cliError(r).code, 'BACKUP_NOT_FOUND');
+    }
+
+    // After the fold no live index names a chunk only the removed backups
+    // used (before it, the kept chain's links named them all), so gc frees
+    // them: inc2's pack is all garbage, the full's pack is 1/8 live and is
+    // rewritten without them.
+    for (const hex of exclusive) assert.ok(before.named.has(hex), 'before the prune, the chain named every chunk of the removed backups');
+    const folded = await liveObjects(repo);
+    for (const hex of exclusive) if (!othersChunks.has(hex)) assert.ok(!folded.named.has(hex), `chunk ${hex} only the removed backups used is garbage`);
+    await gcExactly();
+    const afterGc = await liveObjects(repo);
+    for (const hex of exclusive) {
+      if (!othersChunks.has(hex)) assert.equal(afterGc.store.locate(Buffer.from(hex, 'hex')), undefined, `chunk ${hex} only the removed backups used is gone`);
+    }
+    for (const hex of newest) assert.ok(afterGc.store.locate(Buffer.from(hex, 'hex')) !== undefined, `chunk ${hex} of the kept backup stays`);
+    await restoreNewest();
+    const v = await env.cli(['verify', '--repo', repo, 'fo', '--read-data']);
+    assert.equal(v.code, 0, v.stderr);
+
+    // The chain goes on from the folded index.
+    await fw('write -P 0x5a 9M 64k');
+    const inc4 = await fbackup('f4');
+    assert.equal(inc4.disks[0]?.level, 'incremental');
+    assert.equal(inc4.disks[0]?.bytesRead, 64 * KiB);
+    const file = env.path(`restore-fo-${++restores}.raw`);
+    await env.cliOk(['export', 'fo', '--repo', repo, '--backup', inc4.id, '--disk', 'sda', '--to', file, '--format', 'raw']);
+    assert.equal(await imageDiffers(file, 'raw', frefs.get(inc4.id) ?? ''), undefined);
   });
 
   test('restore of a pruned backup is refused with one sentence', async () => {

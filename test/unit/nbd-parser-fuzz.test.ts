@@ -188,7 +188,23 @@ interface Run {
   errors: unknown[];
 }
 
-function run(conversation: Conversation, pushes: Buffer[]): Run {
+/**
+ * Pushes each piece as the socket's reused read buffer would deliver it:
+ * copied into one scratch buffer, pushed as transient, then overwritten.
+ */
+function runTransient(conversation: Conversation, pushes: Buffer[]): Run {
+  const scratch = Buffer.alloc(Math.max(1, ...pushes.map((p) => p.length)));
+  const transient = pushes.map((p) => {
+    p.copy(scratch);
+    return scratch.subarray(0, p.length);
+  });
+  return run(conversation, transient, (parser, piece) => {
+    parser.push(piece, true);
+    scratch.fill(0xa5);
+  }, pushes);
+}
+
+function run(conversation: Conversation, pushes: Buffer[], push?: (parser: NbdReplyParser, piece: Buffer) => void, sources?: Buffer[]): Run {
   const replies: NbdReply[] = [];
   const errors: unknown[] = [];
   const parser = new NbdReplyParser({
@@ -200,7 +216,13 @@ function run(conversation: Conversation, pushes: Buffer[]): Run {
     onError: (e) => errors.push(e),
   });
   for (const [cookie, request] of conversation.requests) parser.expect(cookie, request);
-  for (const piece of pushes) parser.push(piece);
+  pushes.forEach((piece, i) => {
+    if (push === undefined) parser.push(piece);
+    else {
+      sources?.[i]?.copy(piece);
+      push(parser, piece);
+    }
+  });
   return { parser, replies, errors };
 }
 
@@ -246,6 +268,20 @@ describe('NbdReplyParser (seeded)', () => {
           assert.deepEqual(again.errors, [], `round ${round}`);
           assert.deepEqual(again.replies, reference.replies, `round ${round}, split ${split}`);
         }
+      }
+    });
+  });
+
+  it('parses random valid and mutated conversations the same when every piece is a reused (transient) buffer', { timeout: 10_000 }, () => {
+    withSeed(SEED_VAR, 31_339, FILE, (random) => {
+      for (let round = 0; round < 300; round++) {
+        const conversation = randomConversation(random);
+        const bytes = random.chance(0.5) ? conversation.stream : mutate(random, conversation.stream);
+        const pieces = randomSplit(random, bytes, random.pick([2, 7, 64, 1000]));
+        const owned = run(conversation, pieces);
+        const transient = runTransient(conversation, pieces);
+        assert.deepEqual(transient.replies, owned.replies, `round ${round}`);
+        assert.deepEqual(transient.errors.map(String), owned.errors.map(String), `round ${round}`);
       }
     });
   });
