@@ -31,6 +31,12 @@ export interface BeginOptions {
   strict?: boolean;
   /** Copy rate limit per disk (QEMU's job speed), bytes per second. */
   bandwidthBytesPerSec?: number;
+  /**
+   * Pull mode over TCP with TLS: the directory with ca-cert.pem,
+   * server-cert.pem and server-key.pem (libvirt's backup_tls_x509_cert_dir).
+   * Default: the backup service's (STATE_DIR/pki/qbackup).
+   */
+  tlsCertDir?: string;
 }
 
 export interface SelectedDisk {
@@ -53,6 +59,8 @@ export interface PlanInputs {
   bitmapNames: ReadonlyMap<string, readonly string[]>;
   /** Where default scratch images and sockets go. */
   domainDir: string;
+  /** A TCP server with TLS: the checked, absolute certificate directory. */
+  tlsCertDir?: string;
   /** Does this file exist? */
   exists: (path: string) => boolean;
   /** The push target recorded for a checkpoint and disk, if any. */
@@ -103,7 +111,7 @@ export function planBackup(inputs: PlanInputs): JobInfo {
     startedMs: 0,
     bytesDone: 0,
     bytesTotal: 0,
-    ...(spec.mode === 'pull' ? { server: serverFor(spec, inputs.domainDir, inputs.jobId) } : {}),
+    ...(spec.mode === 'pull' ? { server: serverFor(inputs) } : {}),
     disks,
   };
 }
@@ -181,10 +189,17 @@ function planPushDisk(inputs: PlanInputs, d: JobDisk, diskSpec: BackupDiskSpec, 
   }
 }
 
-/** Where the NBD server of a pull job listens: as asked, else a unix socket in a private directory. */
-function serverFor(spec: BackupSpec, domainDir: string, jobId: string): NbdServer {
+/**
+ * Where the NBD server of a pull job listens: as asked, else a unix socket in
+ * a private directory. TCP with TLS gets its credentials object's id.
+ */
+function serverFor({ spec, domainDir, jobId, tlsCertDir, domain }: PlanInputs): NbdServer {
   const s = spec.server;
-  if (s?.transport === 'tcp') return { transport: 'tcp', host: s.host, port: s.port, tls: s.tls };
+  if (s?.transport === 'tcp' && s.tls) {
+    if (tlsCertDir === undefined) throw new QbackupError('TLS_CREDENTIALS', `Cannot serve the backup of domain "${domain}" over TLS: no certificate directory was given`);
+    return { transport: 'tcp', host: s.host, port: s.port, tls: true, tlsCertDir, tlsCredsId: `bk${jobId.slice(7)}-tls` };
+  }
+  if (s?.transport === 'tcp') return { transport: 'tcp', host: s.host, port: s.port, tls: false };
   if (s?.transport === 'unix') return { transport: 'unix', socket: s.socket };
   const dir = join(domainDir, `nbd-${jobId.slice(7)}`);
   return { transport: 'unix', socket: join(dir, 'nbd.sock'), socketDir: dir };

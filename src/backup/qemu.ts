@@ -8,6 +8,7 @@ import { mergedBitmapActions, toTransaction, type BitmapAction } from '../checkp
 import { QbackupError, describeError } from '../errors.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
 import { QmpCommandError, type QmpClient, type QmpTransactionAction } from '../qmp/index.js';
+import { assert } from '../util/assert.js';
 import { sleep } from '../util/proc.js';
 import type { JobDisk, JobInfo, NbdServer } from './job.js';
 
@@ -49,6 +50,19 @@ export async function addTargetNodes(qmp: QmpClient, d: JobDisk): Promise<void> 
   });
 }
 
+/**
+ * Pull mode over TLS, before the transaction: QEMU's x509 credentials for the
+ * NBD server, loaded from the job's certificate directory (QEMU reads and
+ * checks the files now, so a bad certificate fails the job before it starts).
+ * Clients must present a certificate signed by the same CA (verify-peer).
+ */
+export async function addTlsCredentials(qmp: QmpClient, server: NbdServer): Promise<void> {
+  if (server.transport !== 'tcp' || !server.tls) return;
+  const { tlsCredsId: id, tlsCertDir: dir } = server;
+  assert(id !== undefined && dir !== undefined, 'a TLS server has a credentials id and directory');
+  await qmp.execute('object-add', { 'qom-type': 'tls-creds-x509', id, dir, endpoint: 'server', 'verify-peer': true });
+}
+
 /** Pull mode, after the transaction: snapshot-access nodes over the fleecing filters, one read-only export each. */
 export async function exportDisks(qmp: QmpClient, server: NbdServer, disks: readonly JobDisk[]): Promise<void> {
   for (const d of disks) {
@@ -56,7 +70,8 @@ export async function exportDisks(qmp: QmpClient, server: NbdServer, disks: read
   }
   const addr =
     server.transport === 'tcp' ? { type: 'inet', data: { host: server.host, port: String(server.port) } } : { type: 'unix', data: { path: server.socket } };
-  await qmp.execute('nbd-server-start', { addr });
+  const tlsCreds = server.transport === 'tcp' && server.tls ? { 'tls-creds': server.tlsCredsId } : {};
+  await qmp.execute('nbd-server-start', { addr, ...tlsCreds });
   for (const d of disks) {
     if (d.pull === undefined) continue;
     await qmp.execute('block-export-add', {
@@ -159,6 +174,9 @@ export async function teardown(qmp: QmpClient, info: JobInfo): Promise<string[]>
   }
   // One job per domain, and the NBD server of a domain's QEMU is the pull job's own.
   if (info.mode === 'pull') await step('stop the NBD server', () => qmp.execute('nbd-server-stop'));
+  // After the server, which holds a reference to it (QEMU refuses to delete an object in use).
+  const creds = info.server?.transport === 'tcp' ? info.server.tlsCredsId : undefined;
+  if (creds !== undefined) await step(`remove TLS credentials "${creds}"`, () => qmp.execute('object-del', { id: creds }));
   return errors;
 }
 
