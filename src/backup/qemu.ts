@@ -60,7 +60,12 @@ export async function addTlsCredentials(qmp: QmpClient, server: NbdServer): Prom
   if (server.transport !== 'tcp' || !server.tls) return;
   const { tlsCredsId: id, tlsCertDir: dir } = server;
   assert(id !== undefined && dir !== undefined, 'a TLS server has a credentials id and directory');
-  await qmp.execute('object-add', { 'qom-type': 'tls-creds-x509', id, dir, endpoint: 'server', 'verify-peer': true });
+  try {
+    await qmp.execute('object-add', { 'qom-type': 'tls-creds-x509', id, dir, endpoint: 'server', 'verify-peer': true });
+  } catch (err) {
+    if (!(err instanceof QmpCommandError)) throw err;
+    throw new QbackupError('TLS_CREDENTIALS', `Cannot serve NBD exports over TLS with the certificates in "${dir}": QEMU refused them (${err.desc})`, { cause: err, details: { dir } });
+  }
 }
 
 /** Pull mode, after the transaction: snapshot-access nodes over the fleecing filters, one read-only export each. */
