@@ -4,6 +4,7 @@
 
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
+import { exportUri } from '../../src/backup/job.js';
 import { planBackup, selectDisks, type PlanInputs } from '../../src/backup/plan.js';
 import { validateBackupSpec, type BackupSpec } from '../../src/backup/spec.js';
 import type { DiskCoverage } from '../../src/checkpoint/coverage.js';
@@ -141,6 +142,29 @@ describe('validateBackupSpec', () => {
     code(() => validateBackupSpec({ mode: 'push', server: { transport: 'unix', socket: '/s' } }), 'INVALID_ARGUMENT', /only pull mode/);
     code(() => validateBackupSpec({ mode: 'push', disks: [{ target: 'sda', mode: 'full', since: 'c1' }] }), 'INVALID_ARGUMENT', /full mode and also/);
     code(() => validateBackupSpec({ mode: 'push', since: '../x' }), 'INVALID_NAME');
+  });
+});
+
+describe('planning a TLS server', () => {
+  const tcp = (tls: boolean): BackupSpec => ({ mode: 'pull', server: { transport: 'tcp', host: '127.0.0.1', port: 10809, tls } });
+
+  it('gives a TLS server its certificate directory and a credentials object id; a plain one gets neither', () => {
+    const job = planBackup(inputs(tcp(true), { tlsCertDir: '/pki/qbackup' }));
+    assert.deepEqual(job.server, { transport: 'tcp', host: '127.0.0.1', port: 10809, tls: true, tlsCertDir: '/pki/qbackup', tlsCredsId: 'bk0123abcd-tls' });
+    assert.deepEqual(planBackup(inputs(tcp(false))).server, { transport: 'tcp', host: '127.0.0.1', port: 10809, tls: false });
+    assert.match(formatJobXml(job), /<server transport="tcp" name="127.0.0.1" port="10809" tls="yes"\/>/);
+  });
+
+  it('refuses TLS without a certificate directory rather than serving in the clear', () => {
+    code(() => planBackup(inputs(tcp(true))), 'TLS_CREDENTIALS', /^Cannot serve the backup of domain "vm" over TLS: no certificate directory was given$/);
+  });
+
+  it('shows the export of a TLS server as nbds://', () => {
+    const job = planBackup(inputs(tcp(true), { tlsCertDir: '/pki' }));
+    assert.ok(job.server !== undefined);
+    assert.equal(exportUri(job.server, 'sda'), 'nbds://127.0.0.1:10809/sda');
+    assert.equal(exportUri({ transport: 'tcp', host: '::1', port: 1, tls: false }, 'a b'), 'nbd://[::1]:1/a%20b');
+    assert.equal(exportUri({ transport: 'unix', socket: '/run/x/nbd.sock' }, 'sda'), 'nbd+unix:///sda?socket=/run/x/nbd.sock');
   });
 });
 
