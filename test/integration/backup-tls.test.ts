@@ -13,6 +13,7 @@
 //   directory (STATE_DIR/pki/qbackup) and the backup restores exactly.
 
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { cpSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
@@ -22,7 +23,7 @@ import { isQbackupError } from '../../src/errors.js';
 import { NbdClient } from '../../src/nbd/index.js';
 import { runTool } from '../../src/qemu/tools.js';
 import { readClientCredentials } from '../../src/util/pki.js';
-import { TestEnv, guestWrite } from '../helpers/env.js';
+import { TestEnv, guestWrite, repoRoot } from '../helpers/env.js';
 import { makePki, type Pki } from '../helpers/pki.js';
 import { imageDiffers, referenceCopy } from '../helpers/repo.js';
 
@@ -174,6 +175,32 @@ describe('pull exports over TCP with TLS (real QEMU)', () => {
     assert.deepEqual(env.qb.checkpoints.list('vm'), []);
     const last = await env.qb.backups.lastResult('vm');
     assert.equal(last?.state, 'failed');
+  });
+
+  test('qbackup killed while starting a TLS job, or the job\'s reader gone: the next command removes the credentials object too', async () => {
+    for (const point of ['backup-begin:before-qemu', 'backup-begin:after-qemu']) {
+      const port = await freePort();
+      const r = await env.cli(['backup-begin', 'vm', tcpXml(port), '--tls-cert-dir', pki.dir, '--checkpoint', `k-${point.slice(-4)}`], { env: { QBACKUP_CRASH_AT: point } });
+      assert.notEqual(r.code, 0, point);
+      // The kill left QEMU's credentials object behind; any command on the domain reaps the job.
+      assert.equal(await env.qb.backups.info('vm'), undefined, `${point}: no job left`);
+      await assertQemuUntouched();
+      for (const c of env.qb.checkpoints.list('vm')) await env.qb.checkpoints.delete('vm', c.name);
+    }
+    // A job owned by a reader process that exited without ending it (as a killed repository backup leaves it): reaped, object removed.
+    const port = await freePort();
+    const script = `
+      const { Qbackup } = await import(${JSON.stringify(join(repoRoot, 'dist', 'src', 'qbackup.js'))});
+      const qb = Qbackup.open({ stateDir: ${JSON.stringify(env.stateDir)} });
+      await qb.backups.begin('vm', { mode: 'pull', server: { transport: 'tcp', host: '127.0.0.1', port: ${port}, tls: true } }, { tlsCertDir: ${JSON.stringify(pki.dir)}, ownedByCaller: true });
+      qb.close();`;
+    execFileSync(process.execPath, ['--input-type=module', '-e', script]);
+    // Any command reaps first (even the monitor command below), so the job is already settled here.
+    await assertQemuUntouched();
+    const last = await env.qb.backups.lastResult('vm');
+    assert.equal(last?.state, 'failed');
+    assert.match(last?.error ?? '', /the process that owned the job \(pid \d+\) ended without finishing it/);
+    assert.ok(last?.server?.transport === 'tcp' && last.server.tlsCredsId !== undefined, 'that job was served with TLS');
   });
 
   test('qbackup backup --tcp reads over TLS with the default certificate directory; the backup restores exactly', async () => {
