@@ -34,6 +34,12 @@ export interface QbackupOptions {
    * client-key.pem). Default: STATE_DIR/pki/qbackup. Read only when TLS is used.
    */
   tlsCertDir?: string;
+  /**
+   * Passphrases of LUKS-encrypted push targets and scratch images, one file
+   * per libvirt secret UUID holding the passphrase's bytes (0600). Default:
+   * STATE_DIR/secrets.
+   */
+  secretsDir?: string;
   /** Test-only fault injection: qbackup kills itself (SIGKILL) at this point. */
   crashAt?: string;
 }
@@ -63,6 +69,7 @@ export class Qbackup implements Disposable {
     this.checkpoints = new CheckpointService(this.domains, new CheckpointStore(this.db), options.crashAt);
     this.backups = new BackupService(this.domains, this.checkpoints, new JobStore(this.db), options.crashAt, {
       tlsCertDir: options.tlsCertDir ?? join(options.stateDir, 'pki', 'qbackup'),
+      secretsDir: options.secretsDir ?? join(options.stateDir, 'secrets'),
     });
     this.repository = new RepositoryService(this.domains, this.checkpoints, this.backups);
     // Every hook of the library, in the order it must run. On open: first

@@ -65,6 +65,8 @@ export interface JobDisk {
   bytesTotal?: number;
   /** Disk size when the job started (the push target's or scratch image's size). */
   virtualSize?: number;
+  /** LUKS: the secret's UUID, its passphrase file, and the id of QEMU's secret object (removed with the job). */
+  encryption?: { secret: string; secretFile: string; secretId: string };
 }
 
 export interface JobInfo {

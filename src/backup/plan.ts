@@ -11,7 +11,8 @@
 // - push: the target file (given, or next to the disk, or in targetDir) and,
 //   for an incremental, the backing file (the backup that created the
 //   checkpoint, when it still exists) so that the target opens as a whole disk;
-// - pull: the scratch file, the export name and the exported bitmap's name.
+// - pull: the scratch file, the export name and the exported bitmap's name;
+// - LUKS: the passphrase file of the disk's secret and QEMU's secret object id.
 
 import { join, resolve } from 'node:path';
 import { QbackupError } from '../errors.js';
@@ -61,6 +62,8 @@ export interface PlanInputs {
   domainDir: string;
   /** A TCP server with TLS: the checked, absolute certificate directory. */
   tlsCertDir?: string;
+  /** Where the passphrase of a secret (by UUID) is kept; needed when a disk asks for encryption. */
+  secretFile?: (uuid: string) => string;
   /** Does this file exist? */
   exists: (path: string) => boolean;
   /** The push target recorded for a checkpoint and disk, if any. */
@@ -146,6 +149,13 @@ function planDisk(inputs: PlanInputs, { disk, spec: diskSpec }: SelectedDisk): J
       d.bitmaps = cov.bitmaps;
       d.tmpBitmap = pull ? (diskSpec.exportBitmap ?? `backup-${disk.target}`) : `${TEMP_BITMAP_PREFIX}${short}-${disk.target}`;
     }
+  }
+  if (diskSpec.encryption !== undefined) {
+    if (inputs.secretFile === undefined) {
+      throw new QbackupError('NOT_SUPPORTED', `Cannot encrypt the backup of disk "${disk.target}" of domain "${domain}": no secrets directory was given`);
+    }
+    const secret = diskSpec.encryption.secret;
+    d.encryption = { secret, secretFile: inputs.secretFile(secret), secretId: `bk${short}-${disk.target}-sec` };
   }
   if (pull) planPullDisk(inputs, d, diskSpec);
   else planPushDisk(inputs, d, diskSpec, disk);

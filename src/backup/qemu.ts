@@ -38,8 +38,10 @@ export function startActions(info: JobInfo, checkpointActions: readonly BitmapAc
   return actions;
 }
 
-/** Opens a job's target (push) or scratch (pull) image as QEMU nodes. */
+/** Opens a job's target (push) or scratch (pull) image as QEMU nodes; a LUKS one with its secret object first. */
 export async function addTargetNodes(qmp: QmpClient, d: JobDisk): Promise<void> {
+  const enc = d.encryption;
+  if (enc !== undefined) await qmp.execute('object-add', { 'qom-type': 'secret', id: enc.secretId, file: enc.secretFile });
   await qmp.execute('blockdev-add', { driver: 'file', 'node-name': d.targetNodes.file, filename: d.targetFile });
   // backing: null — the job writes every cluster it copies, so a previous backup is never opened.
   await qmp.execute('blockdev-add', {
@@ -47,6 +49,7 @@ export async function addTargetNodes(qmp: QmpClient, d: JobDisk): Promise<void> 
     'node-name': d.targetNodes.format,
     file: d.targetNodes.file,
     ...(d.targetFormat === 'qcow2' ? { backing: null } : {}),
+    ...(enc !== undefined ? { encrypt: { format: 'luks', 'key-secret': enc.secretId } } : {}),
   });
 }
 
@@ -174,6 +177,8 @@ export async function teardown(qmp: QmpClient, info: JobInfo): Promise<string[]>
     await step(`dismiss job "${d.qemuJobId}"`, () => qmp.execute('job-dismiss', { id: d.qemuJobId }));
     await step(`remove node "${d.targetNodes.format}"`, () => qmp.execute('blockdev-del', { 'node-name': d.targetNodes.format }));
     await step(`remove node "${d.targetNodes.file}"`, () => qmp.execute('blockdev-del', { 'node-name': d.targetNodes.file }));
+    const secret = d.encryption?.secretId;
+    if (secret !== undefined) await step(`remove secret "${secret}"`, () => qmp.execute('object-del', { id: secret }));
     const tmp = d.tmpBitmap;
     if (tmp !== undefined) await step(`remove bitmap "${tmp}"`, () => qmp.execute('block-dirty-bitmap-remove', { node: nodeNamesFor(d.diskId).format, name: tmp }));
   }

@@ -37,6 +37,7 @@ import { nodeNamesFor } from '../qemu/nodes.js';
 import { QmpCommandError, type QmpClient } from '../qmp/index.js';
 import type { JobStore } from '../store/jobs.js';
 import { checkServerCredentials } from '../util/pki.js';
+import { checkSecretFile, secretFilePath } from '../util/secrets.js';
 import { makePrivateDir } from '../util/private-dir.js';
 import { isProcessAlive, processStartTime, sleep } from '../util/proc.js';
 import { parseJobInfo, parseJobPayload, type JobInfo, type JobPayload } from './job.js';
@@ -67,6 +68,8 @@ export type BackupFaultPoint = 'backup-begin:before-qemu' | 'backup-begin:after-
 export interface BackupServiceSettings {
   /** Default certificate directory of pull jobs served over TCP with TLS (libvirt's backup_tls_x509_cert_dir). */
   tlsCertDir?: string;
+  /** Where the passphrases of LUKS targets and scratch images are kept, one file per secret UUID. */
+  secretsDir?: string;
 }
 
 export class BackupService {
@@ -104,6 +107,7 @@ export class BackupService {
       throw new QbackupError('INVALID_ARGUMENT', `Cannot start a backup of domain "${domain}": quiescing needs a checkpoint created with the backup`);
     }
     const tlsCertDir = this.tlsCertDirFor(domain, spec, options);
+    this.checkSecrets(domain, spec);
     return this.domains.withDomain(domain, 'backup-begin', async (ctx) => {
       if (!ctx.running) {
         throw new QbackupError('DOMAIN_NOT_RUNNING', `Cannot back up domain "${domain}": it is not running (backups of shut-off domains are not supported yet)`);
@@ -137,6 +141,16 @@ export class BackupService {
     return checkServerCredentials(dir, what);
   }
 
+  /** Every LUKS disk's passphrase file, checked before anything starts. */
+  private checkSecrets(domain: string, spec: BackupSpec): void {
+    for (const d of spec.disks ?? []) {
+      if (d.encryption === undefined) continue;
+      const what = `Cannot encrypt the backup of disk "${d.target}" of domain "${domain}"`;
+      if (this.settings.secretsDir === undefined) throw new QbackupError('SECRET_NOT_FOUND', `${what}: no secrets directory was given`);
+      checkSecretFile(this.settings.secretsDir, d.encryption.secret, what);
+    }
+  }
+
   /** Reads what the planner needs, plans the job and the checkpoint; changes nothing. */
   private async prepare(ctx: DomainContext, qmp: QmpClient, spec: BackupSpec, options: BackupBeginOptions, tlsCertDir: string | undefined): Promise<JobPayload> {
     const domain = ctx.row.name;
@@ -157,6 +171,7 @@ export class BackupService {
       bitmapNames,
       domainDir: this.domains.domainDir(domain),
       ...(tlsCertDir !== undefined ? { tlsCertDir } : {}),
+      ...(this.settings.secretsDir !== undefined ? { secretFile: secretFilePathIn(this.settings.secretsDir) } : {}),
       exists: existsSync,
       previousTarget: (checkpoint, diskId) => this.store.targetFor(domain, checkpoint, diskId),
     });
@@ -204,7 +219,8 @@ export class BackupService {
         if (pull || !options.reuseExternal) {
           makePrivateDir(dirname(d.targetFile));
           const backing = d.backingFile !== undefined ? { backingFile: relativeBacking(d.targetFile, d.backingFile), backingFormat: 'qcow2' } : {};
-          await createImage(d.targetFile, d.targetFormat, d.virtualSize ?? 0, backing);
+          const luks = d.encryption !== undefined ? { luksSecretFile: d.encryption.secretFile } : {};
+          await createImage(d.targetFile, d.targetFormat, d.virtualSize ?? 0, { ...backing, ...luks });
           d.createdTarget = true;
           save('starting');
         }
@@ -421,6 +437,10 @@ export class BackupService {
     });
     return info;
   }
+}
+
+function secretFilePathIn(dir: string): (uuid: string) => string {
+  return (uuid) => secretFilePath(dir, uuid);
 }
 
 function removeFile(path: string, errors: string[]): void {
