@@ -10,7 +10,7 @@ import { validateBackupSpec, type BackupSpec } from '../../src/backup/spec.js';
 import type { DiskCoverage } from '../../src/checkpoint/coverage.js';
 import type { AttachedDisk } from '../../src/domain/service.js';
 import { isQbackupError } from '../../src/errors.js';
-import { formatJobXml, parseBackupSpec } from '../../src/libvirt/backup.js';
+import { formatBackupXml, formatJobXml, parseBackupSpec, parseBackupXml } from '../../src/libvirt/backup.js';
 
 const disks: AttachedDisk[] = [
   { target: 'sda', source: '/img/a.qcow2', format: 'qcow2', bus: 'scsi', readonly: false, diskId: 'd1' },
@@ -181,12 +181,29 @@ describe('libvirt <domainbackup> ↔ BackupSpec', () => {
     });
   });
 
-  it('refuses an encrypted target rather than dropping the encryption', () => {
-    code(
-      () => parseBackupSpec(`<domainbackup><disks><disk name='sda'><target file='/t.qcow2'><encryption format='luks'><secret type='passphrase' uuid='x'/></encryption></target></disk></disks></domainbackup>`),
-      'NOT_SUPPORTED',
-      /encrypted/,
-    );
+  it('keeps LUKS encryption of a target or scratch, and refuses every other kind rather than dropping it', () => {
+    const uuid = '6F2A0A3E-1C2B-4D5E-8F90-0123456789AB';
+    const enc = (inner: string, driver = ''): string =>
+      `<domainbackup><disks><disk name='sda'>${driver}<target file='/t.qcow2'><encryption ${inner}</encryption></target></disk></disks></domainbackup>`;
+    const spec = parseBackupSpec(enc(`format='luks'><secret type='passphrase' uuid='${uuid}'/>`));
+    assert.deepEqual(spec.disks, [{ target: 'sda', targetFile: '/t.qcow2', encryption: { format: 'luks', secret: uuid.toLowerCase() } }]);
+    const xml = parseBackupXml(enc(`format='luks'><secret type='passphrase' uuid='${uuid}'/>`));
+    assert.deepEqual(parseBackupXml(formatBackupXml(xml)), xml, 'round trip');
+    assert.match(formatBackupXml(xml), /<target file="\/t.qcow2">\s*<encryption format="luks">\s*<secret type="passphrase" uuid="6f2a0a3e-1c2b-4d5e-8f90-0123456789ab"\/>/);
+    code(() => parseBackupSpec(enc(`format='qcow'><secret type='passphrase' uuid='${uuid}'/>`)), 'NOT_SUPPORTED', /in format 'qcow' \(only luks is supported\)/);
+    code(() => parseBackupSpec(enc(`format='luks'><secret type='passphrase' usage='x'/>`)), 'NOT_SUPPORTED', /named by usage/);
+    code(() => parseBackupSpec(enc(`format='luks'><secret type='passphrase' uuid='${uuid}'/>`, "<driver type='raw'/>")), 'NOT_SUPPORTED', /encrypted raw destination/);
+    code(() => parseBackupSpec(enc(`format='luks'><secret type='passphrase' uuid='../../etc'/>`)), 'INVALID_XML', /is not a UUID/);
+    code(() => parseBackupSpec(enc(`format='luks'>`)), 'INVALID_XML', /without exactly one <secret>/);
+    code(() => validateBackupSpec({ mode: 'push', disks: [{ target: 'sda', encryption: { format: 'luks', secret: '../x' } }] }), 'INVALID_ARGUMENT', /not a lower-case UUID/);
+    code(() => validateBackupSpec({ mode: 'push', disks: [{ target: 'sda', format: 'raw', encryption: { format: 'luks', secret: uuid.toLowerCase() } }] }), 'NOT_SUPPORTED', /qcow2 only/);
+  });
+
+  it('plans a LUKS disk with its passphrase file and a secret object id', () => {
+    const secret = '6f2a0a3e-1c2b-4d5e-8f90-0123456789ab';
+    const job = planBackup(inputs({ mode: 'push', disks: [{ target: 'sda', encryption: { format: 'luks', secret } }] }, { secretFile: (u) => `/state/secrets/${u}` }));
+    assert.deepEqual(job.disks[0]?.encryption, { secret, secretFile: `/state/secrets/${secret}`, secretId: 'bk0123abcd-sda-sec' });
+    assert.match(formatJobXml(job), new RegExp(`<encryption format="luks">\\s*<secret type="passphrase" uuid="${secret}"/>`));
   });
 
   it('shows a planned job as <domainbackup> with each disk state', () => {

@@ -1,16 +1,17 @@
-// NBD URIs (src/nbd/uri.ts) and TLS certificate directories (src/util/pki.ts)
-// without sockets: what each URI means, what is refused and why (a TLS scheme
+// NBD URIs (src/nbd/uri.ts), TLS certificate directories (src/util/pki.ts)
+// and LUKS passphrase files (src/util/secrets.ts) without sockets or QEMU: what each URI means, what is refused and why (a TLS scheme
 // is never weakened), the round trip through formatNbdUri, and the one
 // sentence for a missing, incomplete or unreadable certificate directory.
 
 import assert from 'node:assert/strict';
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { isQbackupError, type ErrorCode } from '../../src/errors.js';
 import { formatNbdUri, parseNbdUri, type NbdUri } from '../../src/nbd/uri.js';
 import { checkServerCredentials, readClientCredentials } from '../../src/util/pki.js';
+import { checkSecretFile } from '../../src/util/secrets.js';
 
 function code(fn: () => unknown, expected: ErrorCode, pattern: RegExp): void {
   assert.throws(fn, (err: unknown) => {
@@ -91,5 +92,22 @@ describe('certificate directories', () => {
     const garbage = dirWith('garbage', []);
     writeFileSync(join(garbage, 'ca-cert.pem'), 'not a certificate');
     code(() => readClientCredentials(garbage, 'x'), 'TLS_CREDENTIALS', /ca-cert\.pem in certificate directory ".*garbage" cannot be read \(not a PEM file\)/);
+  });
+
+  it('LUKS passphrase files: present, non-empty, a regular file, owner-only', () => {
+    const dir = join(root, 'secrets');
+    mkdirSync(dir);
+    const uuid = '6f2a0a3e-1c2b-4d5e-8f90-0123456789ab';
+    const what = 'Cannot encrypt the backup of disk "sda" of domain "vm"';
+    code(() => checkSecretFile(dir, uuid, what), 'SECRET_NOT_FOUND', new RegExp(`^${what}: secret ${uuid} has no passphrase file ".*/secrets/${uuid}"$`));
+    writeFileSync(join(dir, uuid), '', { mode: 0o600 });
+    code(() => checkSecretFile(dir, uuid, what), 'SECRET_NOT_FOUND', /is empty$/);
+    writeFileSync(join(dir, uuid), 'pass', { mode: 0o600 });
+    chmodSync(join(dir, uuid), 0o640);
+    code(() => checkSecretFile(dir, uuid, what), 'SECRET_NOT_FOUND', /is readable by other users \(make it 0600\)$/);
+    chmodSync(join(dir, uuid), 0o600);
+    assert.equal(checkSecretFile(dir, uuid, what), join(dir, uuid));
+    mkdirSync(join(dir, '0d8f3c2a-5b6e-4f70-8a9b-c0d1e2f3a4b5'));
+    code(() => checkSecretFile(dir, '0d8f3c2a-5b6e-4f70-8a9b-c0d1e2f3a4b5', what), 'SECRET_NOT_FOUND', /is not a regular file$/);
   });
 });
