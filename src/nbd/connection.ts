@@ -369,13 +369,17 @@ export class NbdConnection {
   private tlsFailure(err: Error): Error {
     if (this.lifecycle.state !== NbdConnectionState.Negotiating && this.lifecycle.state !== NbdConnectionState.Connecting) return err;
     const code = (err as { code?: unknown }).code;
-    const certificate = typeof code === 'string' && /CERT|SIGNATURE|ISSUER|SELF_SIGNED|ALTNAME|VERIFY/.test(code);
+    const name = typeof code === 'string' ? code : '';
     const ca = this.tls?.dir !== undefined ? ` by the CA in "${this.tls.dir}"` : ' by the given CA';
-    const why = certificate
-      ? /ALTNAME/.test(String(code))
-        ? `the server's certificate is not for "${this.tlsHost}" (${err.message})`
-        : `the server's certificate is not trusted${ca} (${err.message})`
-      : `the TLS handshake failed (${err.message})`;
+    const noClientCert = this.tls?.cert === undefined ? '; it may require a client certificate (client-cert.pem and client-key.pem), and none was given' : '';
+    // OpenSSL's messages run over lines with source locations; its `reason` is the part for people.
+    const reason = (err as { reason?: unknown }).reason;
+    const detail = (typeof reason === 'string' && reason !== '' ? reason : err.message).replace(/\s+/g, ' ').trim();
+    let why = `the TLS handshake failed (${detail})`;
+    // The server's alerts (e.g. "certificate required") are about us; the other certificate errors are about its certificate.
+    if (name.includes('ALERT')) why = `the server refused the TLS handshake (${detail})${noClientCert}`;
+    else if (name.includes('ALTNAME')) why = `the server's certificate is not for "${this.tlsHost}" (${detail})`;
+    else if (/CERT|SIGNATURE|ISSUER|SELF_SIGNED|VERIFY/.test(name)) why = `the server's certificate is not trusted${ca} (${detail})`;
     return new QbackupError('NBD_TLS', `Cannot open NBD export "${this.exportName}" on ${this.address} with TLS: ${why}`, {
       cause: err,
       details: { exportName: this.exportName, address: this.address, ...(typeof code === 'string' ? { tlsError: code } : {}) },

@@ -122,6 +122,7 @@ describe('pull exports over TCP with TLS (real QEMU)', () => {
     cpSync(join(pki.dir, 'ca-cert.pem'), join(caOnly, 'ca-cert.pem'));
     const anonymous = await rejects(NbdClient.connectUri(`nbds://127.0.0.1:${port}/sda?tls-certificates=${caOnly}`));
     assert.ok(isQbackupError(anonymous, 'NBD_TLS'), String(anonymous));
+    assert.match(anonymous.message, /client certificate/);
     // The wrong host name for the certificate.
     const misnamed = await rejects(NbdClient.connectUri(`${tlsUri}&tls-hostname=backup.example`));
     assert.ok(isQbackupError(misnamed, 'NBD_TLS'));
