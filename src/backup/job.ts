@@ -28,6 +28,9 @@ export type NbdServer =
       /** With TLS: the server's certificate directory (absolute) and the id of QEMU's tls-creds-x509 object made from it, removed with the job. */
       tlsCertDir?: string;
       tlsCredsId?: string;
+      /** With TLS, optionally: the only client certificate DN accepted, and the id of QEMU's authz-simple object that says so. */
+      tlsClientIdentity?: string;
+      tlsAuthzId?: string;
     };
 
 /** Pull mode only: the fleecing filter, the frozen view and its export. */

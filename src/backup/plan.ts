@@ -38,6 +38,12 @@ export interface BeginOptions {
    * Default: the backup service's (STATE_DIR/pki/qbackup).
    */
   tlsCertDir?: string;
+  /**
+   * With TLS: accept only the client whose certificate's distinguished name
+   * is exactly this, e.g. "CN=backup-client" (QEMU's tls-authz); default: any
+   * client with a certificate from the CA.
+   */
+  tlsClientIdentity?: string;
 }
 
 export interface SelectedDisk {
@@ -203,11 +209,14 @@ function planPushDisk(inputs: PlanInputs, d: JobDisk, diskSpec: BackupDiskSpec, 
  * Where the NBD server of a pull job listens: as asked, else a unix socket in
  * a private directory. TCP with TLS gets its credentials object's id.
  */
-function serverFor({ spec, domainDir, jobId, tlsCertDir, domain }: PlanInputs): NbdServer {
+function serverFor({ spec, domainDir, jobId, tlsCertDir, domain, options }: PlanInputs): NbdServer {
   const s = spec.server;
   if (s?.transport === 'tcp' && s.tls) {
     if (tlsCertDir === undefined) throw new QbackupError('TLS_CREDENTIALS', `Cannot serve the backup of domain "${domain}" over TLS: no certificate directory was given`);
-    return { transport: 'tcp', host: s.host, port: s.port, tls: true, tlsCertDir, tlsCredsId: `bk${jobId.slice(7)}-tls` };
+    const short = jobId.slice(7);
+    const identity = options.tlsClientIdentity;
+    const authz = identity !== undefined ? { tlsAuthzId: `bk${short}-authz`, tlsClientIdentity: identity } : {};
+    return { transport: 'tcp', host: s.host, port: s.port, tls: true, tlsCertDir, tlsCredsId: `bk${short}-tls`, ...authz };
   }
   if (s?.transport === 'tcp') return { transport: 'tcp', host: s.host, port: s.port, tls: false };
   if (s?.transport === 'unix') return { transport: 'unix', socket: s.socket };

@@ -61,8 +61,11 @@ export async function addTargetNodes(qmp: QmpClient, d: JobDisk): Promise<void> 
  */
 export async function addTlsCredentials(qmp: QmpClient, server: NbdServer): Promise<void> {
   if (server.transport !== 'tcp' || !server.tls) return;
-  const { tlsCredsId: id, tlsCertDir: dir } = server;
+  const { tlsCredsId: id, tlsCertDir: dir, tlsAuthzId, tlsClientIdentity } = server;
   assert(id !== undefined && dir !== undefined, 'a TLS server has a credentials id and directory');
+  if (tlsAuthzId !== undefined && tlsClientIdentity !== undefined) {
+    await qmp.execute('object-add', { 'qom-type': 'authz-simple', id: tlsAuthzId, identity: tlsClientIdentity });
+  }
   try {
     await qmp.execute('object-add', { 'qom-type': 'tls-creds-x509', id, dir, endpoint: 'server', 'verify-peer': true });
   } catch (err) {
@@ -78,7 +81,10 @@ export async function exportDisks(qmp: QmpClient, server: NbdServer, disks: read
   }
   const addr =
     server.transport === 'tcp' ? { type: 'inet', data: { host: server.host, port: String(server.port) } } : { type: 'unix', data: { path: server.socket } };
-  const tlsCreds = server.transport === 'tcp' && server.tls ? { 'tls-creds': server.tlsCredsId } : {};
+  const tlsCreds =
+    server.transport === 'tcp' && server.tls
+      ? { 'tls-creds': server.tlsCredsId, ...(server.tlsAuthzId !== undefined ? { 'tls-authz': server.tlsAuthzId } : {}) }
+      : {};
   await qmp.execute('nbd-server-start', { addr, ...tlsCreds });
   for (const d of disks) {
     if (d.pull === undefined) continue;
@@ -185,8 +191,10 @@ export async function teardown(qmp: QmpClient, info: JobInfo): Promise<string[]>
   // One job per domain, and the NBD server of a domain's QEMU is the pull job's own.
   if (info.mode === 'pull') await step('stop the NBD server', () => qmp.execute('nbd-server-stop'));
   // After the server, which holds a reference to it (QEMU refuses to delete an object in use).
-  const creds = info.server?.transport === 'tcp' ? info.server.tlsCredsId : undefined;
-  if (creds !== undefined) await step(`remove TLS credentials "${creds}"`, () => qmp.execute('object-del', { id: creds }));
+  const server = info.server?.transport === 'tcp' ? info.server : undefined;
+  for (const [what, id] of [['TLS credentials', server?.tlsCredsId], ['TLS client authorization', server?.tlsAuthzId]] as const) {
+    if (id !== undefined) await step(`remove ${what} "${id}"`, () => qmp.execute('object-del', { id }));
+  }
   return errors;
 }
 

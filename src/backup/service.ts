@@ -130,13 +130,16 @@ export class BackupService {
   private tlsCertDirFor(domain: string, spec: BackupSpec, options: BackupBeginOptions): string | undefined {
     const tls = spec.server?.transport === 'tcp' && spec.server.tls;
     if (!tls) {
-      if (options.tlsCertDir !== undefined) {
-        throw new QbackupError('INVALID_ARGUMENT', `Cannot start a backup of domain "${domain}": a TLS certificate directory was given, but the job is not served over TCP with TLS (<server transport='tcp' ... tls='yes'/>)`);
+      if (options.tlsCertDir !== undefined || options.tlsClientIdentity !== undefined) {
+        throw new QbackupError('INVALID_ARGUMENT', `Cannot start a backup of domain "${domain}": TLS settings (a certificate directory or a client identity) were given, but the job is not served over TCP with TLS (<server transport='tcp' ... tls='yes'/>)`);
       }
       return undefined;
     }
     const dir = options.tlsCertDir ?? this.settings.tlsCertDir;
     const what = `Cannot serve the backup of domain "${domain}" over TLS`;
+    if (options.tlsClientIdentity !== undefined && options.tlsClientIdentity.trim() === '') {
+      throw new QbackupError('INVALID_ARGUMENT', `${what}: the accepted client identity is empty`);
+    }
     if (dir === undefined) throw new QbackupError('TLS_CREDENTIALS', `${what}: no certificate directory was given`);
     return checkServerCredentials(dir, what);
   }

@@ -523,14 +523,16 @@ export class NbdConnection {
     const state = this.lifecycle.state;
     const midMessage = (this.parser?.bufferedBytes ?? this.handshake.bufferedBytes) > 0 ? ' in the middle of a message' : '';
     const phase = state === NbdConnectionState.Ready || state === NbdConnectionState.Closing ? '' : ' during the handshake';
-    if (phase !== '' && this.tls !== undefined && this.tls.cert === undefined && this.handshake.step.name !== 'greeting') {
-      // QEMU's exports verify clients: without a client certificate the server just hangs up after TLS.
+    if (phase !== '' && this.tls !== undefined && this.handshake.step.name !== 'greeting') {
+      // QEMU checks the client's certificate (and its tls-authz) and, when it refuses, just hangs up.
+      const why =
+        this.tls.cert === undefined
+          ? 'likely because it requires a client certificate (client-cert.pem and client-key.pem) and none was given'
+          : 'likely because it does not accept this client certificate (another CA, or not the identity its authorization allows)';
       this.shutdown(
-        new QbackupError(
-          'NBD_TLS',
-          `Cannot open NBD export "${this.exportName}" on ${this.address} with TLS: the server closed the connection, likely because it requires a client certificate (client-cert.pem and client-key.pem) and none was given`,
-          { details: { exportName: this.exportName, address: this.address } },
-        ),
+        new QbackupError('NBD_TLS', `Cannot open NBD export "${this.exportName}" on ${this.address} with TLS: the server closed the connection, ${why}`, {
+          details: { exportName: this.exportName, address: this.address },
+        }),
       );
       return;
     }

@@ -159,7 +159,7 @@ describe('pull exports over TCP with TLS (real QEMU)', () => {
     // A directory for a job that is not served with TLS is a mistake, not a setting to ignore.
     const plainJob = await env.cli(['backup-begin', 'vm', tcpXml(port, 'no'), '--tls-cert-dir', pki.dir]);
     assert.equal(plainJob.code, 1);
-    assert.match(plainJob.stderr, /a TLS certificate directory was given, but the job is not served over TCP with TLS/);
+    assert.match(plainJob.stderr, /TLS settings \(a certificate directory or a client identity\) were given, but the job is not served over TCP with TLS/);
     await assertQemuUntouched();
   });
 
@@ -202,6 +202,34 @@ describe('pull exports over TCP with TLS (real QEMU)', () => {
     assert.equal(last?.state, 'failed');
     assert.match(last?.error ?? '', /the process that owned the job \(pid \d+\) ended without finishing it/);
     assert.ok(last?.server?.transport === 'tcp' && last.server.tlsCredsId !== undefined, 'that job was served with TLS');
+  });
+
+  test('--tls-client-dn: only the client certificate with that distinguished name is served', async () => {
+    const port = await freePort();
+    const ref = await referenceCopy(env, 'vm', 'sda', env.path('ref-authz.raw'));
+    const uri = `nbds://127.0.0.1:${port}/sda?tls-certificates=${pki.dir}`;
+    await env.cliOk(['backup-begin', 'vm', tcpXml(port), '--tls-cert-dir', pki.dir, '--tls-client-dn', 'CN=qbackup test client']);
+    const client = await NbdClient.connectUri(uri);
+    assert.ok((await client.read(0, client.size)).equals(readFileSync(ref)));
+    await client.close();
+    await env.cliOk(['domjobabort', 'vm']);
+    await assertQemuUntouched();
+    const objects = async (): Promise<string[]> => ((await qmp('qom-list', { path: '/objects' })) as Array<{ type: string }>).map((o) => o.type);
+    assert.ok(!(await objects()).includes('child<authz-simple>'), 'authorization object removed');
+
+    const port2 = await freePort();
+    await env.cliOk(['backup-begin', 'vm', tcpXml(port2), '--tls-cert-dir', pki.dir, '--tls-client-dn', 'CN=someone else']);
+    assert.ok((await objects()).includes('child<authz-simple>'));
+    const refused = await rejects(NbdClient.connectUri(`nbds://127.0.0.1:${port2}/sda?tls-certificates=${pki.dir}`));
+    assert.ok(isQbackupError(refused, 'NBD_TLS'), String(refused));
+    assert.match(refused.message, /does not accept this client certificate/);
+    await assert.rejects(runTool('nbdinfo', ['--size', `nbds://127.0.0.1:${port2}/sda?tls-certificates=${pki.dir}`]));
+    await env.cliOk(['domjobabort', 'vm']);
+    await assertQemuUntouched();
+    assert.ok(!(await objects()).includes('child<authz-simple>'));
+    const plain = await env.cli(['backup-begin', 'vm', tcpXml(port2, 'no'), '--tls-client-dn', 'CN=x']);
+    assert.equal(plain.code, 1);
+    assert.match(plain.stderr, /not served over TCP with TLS/);
   });
 
   test('qbackup backup --tcp reads over TLS with the default certificate directory; the backup restores exactly', async () => {

@@ -155,6 +155,11 @@ describe('planning a TLS server', () => {
     assert.match(formatJobXml(job), /<server transport="tcp" name="127.0.0.1" port="10809" tls="yes"\/>/);
   });
 
+  it('an accepted client identity adds an authorization object', () => {
+    const job = planBackup(inputs(tcp(true), { tlsCertDir: '/pki', options: { tlsClientIdentity: 'CN=backup-client' } }));
+    assert.deepEqual(job.server, { transport: 'tcp', host: '127.0.0.1', port: 10809, tls: true, tlsCertDir: '/pki', tlsCredsId: 'bk0123abcd-tls', tlsAuthzId: 'bk0123abcd-authz', tlsClientIdentity: 'CN=backup-client' });
+  });
+
   it('refuses TLS without a certificate directory rather than serving in the clear', () => {
     code(() => planBackup(inputs(tcp(true))), 'TLS_CREDENTIALS', /^Cannot serve the backup of domain "vm" over TLS: no certificate directory was given$/);
   });
