@@ -57,6 +57,9 @@ export const ERROR_CODES = {
   NBD_STATE: 'an NBD call in the wrong connection state',
   NBD_HANDSHAKE: 'the NBD handshake failed',
   NBD_EXPORT_NOT_FOUND: 'the NBD server has no export of that name',
+  NBD_TLS: 'TLS with an NBD server could not be set up (STARTTLS refused, an untrusted or unacceptable certificate); never answered by falling back to plain',
+  SECRET_NOT_FOUND: 'the passphrase file of a secret (STATE_DIR/secrets/UUID) is missing, empty, unreadable or readable by others',
+  TLS_CREDENTIALS: 'a TLS certificate directory is missing, unreadable or lacks a file it needs (ca-cert.pem, server-cert.pem, …)',
   GUEST_AGENT: 'quiescing needs the guest agent and it is not configured, did not answer, or could not freeze or thaw the filesystems',
   // -- qbackup's own state
   STATE_DIR: 'the state directory or metadata database cannot be used',

@@ -27,6 +27,19 @@ export interface QbackupOptions {
   /** How long a start, or the adoption of a QEMU a killed start left, waits for QMP. Default 30 s. */
   startTimeoutMs?: number;
   qmpTrace?: (direction: 'send' | 'recv', message: object) => void;
+  /**
+   * Certificate directory of pull-mode exports over TCP with TLS (ca-cert.pem,
+   * server-cert.pem, server-key.pem; libvirt's backup_tls_x509_cert_dir), and
+   * of the repository backup's own TLS client (ca-cert.pem, client-cert.pem,
+   * client-key.pem). Default: STATE_DIR/pki/qbackup. Read only when TLS is used.
+   */
+  tlsCertDir?: string;
+  /**
+   * Passphrases of LUKS-encrypted push targets and scratch images, one file
+   * per libvirt secret UUID holding the passphrase's bytes (0600). Default:
+   * STATE_DIR/secrets.
+   */
+  secretsDir?: string;
   /** Test-only fault injection: qbackup kills itself (SIGKILL) at this point. */
   crashAt?: string;
 }
@@ -54,7 +67,10 @@ export class Qbackup implements Disposable {
     };
     this.domains = new DomainService(new DomainStore(this.db), domainOptions);
     this.checkpoints = new CheckpointService(this.domains, new CheckpointStore(this.db), options.crashAt);
-    this.backups = new BackupService(this.domains, this.checkpoints, new JobStore(this.db), options.crashAt);
+    this.backups = new BackupService(this.domains, this.checkpoints, new JobStore(this.db), options.crashAt, {
+      tlsCertDir: options.tlsCertDir ?? join(options.stateDir, 'pki', 'qbackup'),
+      secretsDir: options.secretsDir ?? join(options.stateDir, 'secrets'),
+    });
     this.repository = new RepositoryService(this.domains, this.checkpoints, this.backups);
     // Every hook of the library, in the order it must run. On open: first
     // complete or roll back an interrupted checkpoint change, then settle a

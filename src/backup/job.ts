@@ -6,6 +6,7 @@
 import { QbackupError } from '../errors.js';
 import type { CoverageProblem } from '../checkpoint/coverage.js';
 import type { CreateIntent } from '../checkpoint/service.js';
+import { formatNbdUri } from '../nbd/uri.js';
 import type { BackupMode, BackupTargetFormat } from './spec.js';
 
 export type DiskJobState = 'running' | 'completed' | 'failed' | 'cancelled';
@@ -19,7 +20,18 @@ export type NbdServer =
       /** A directory qbackup made for the socket (mode 0700), removed with the job. */
       socketDir?: string;
     }
-  | { transport: 'tcp'; host: string; port: number; tls: boolean };
+  | {
+      transport: 'tcp';
+      host: string;
+      port: number;
+      tls: boolean;
+      /** With TLS: the server's certificate directory (absolute) and the id of QEMU's tls-creds-x509 object made from it, removed with the job. */
+      tlsCertDir?: string;
+      tlsCredsId?: string;
+      /** With TLS, optionally: the only client certificate DN accepted, and the id of QEMU's authz-simple object that says so. */
+      tlsClientIdentity?: string;
+      tlsAuthzId?: string;
+    };
 
 /** Pull mode only: the fleecing filter, the frozen view and its export. */
 export interface PullNodes {
@@ -56,6 +68,8 @@ export interface JobDisk {
   bytesTotal?: number;
   /** Disk size when the job started (the push target's or scratch image's size). */
   virtualSize?: number;
+  /** LUKS: the secret's UUID, its passphrase file, and the id of QEMU's secret object (removed with the job). */
+  encryption?: { secret: string; secretFile: string; secretId: string };
 }
 
 export interface JobInfo {
@@ -126,9 +140,14 @@ function damaged(domain: string, cause?: unknown): QbackupError {
   return new QbackupError('METADATA_INCONSISTENT', `Cannot read the backup job record of domain "${domain}": it is damaged`, cause === undefined ? {} : { cause });
 }
 
-/** The NBD URI of one export of a pull job's server (nbd+unix:// or nbd://), as nbdinfo and qemu-img take it. */
+/**
+ * The NBD URI of one export of a pull job's server (nbd+unix://, nbd:// or,
+ * with TLS, nbds://), as nbdinfo and qemu-img take it. A TLS client adds its
+ * own ?tls-certificates=DIR (a directory with ca-cert.pem, client-cert.pem, client-key.pem).
+ */
 export function exportUri(server: NbdServer, exportName: string): string {
-  return server.transport === 'tcp' ? `nbd://${server.host}:${server.port}/${exportName}` : `nbd+unix:///${exportName}?socket=${server.socket}`;
+  const address = server.transport === 'tcp' ? { host: server.host, port: server.port } : { socket: server.socket };
+  return formatNbdUri({ address, exportName, tls: server.transport === 'tcp' && server.tls });
 }
 
 /** Where our NBD client connects to reach a pull job's server. */

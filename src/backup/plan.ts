@@ -11,7 +11,8 @@
 // - push: the target file (given, or next to the disk, or in targetDir) and,
 //   for an incremental, the backing file (the backup that created the
 //   checkpoint, when it still exists) so that the target opens as a whole disk;
-// - pull: the scratch file, the export name and the exported bitmap's name.
+// - pull: the scratch file, the export name and the exported bitmap's name;
+// - LUKS: the passphrase file of the disk's secret and QEMU's secret object id.
 
 import { join, resolve } from 'node:path';
 import { QbackupError } from '../errors.js';
@@ -31,6 +32,18 @@ export interface BeginOptions {
   strict?: boolean;
   /** Copy rate limit per disk (QEMU's job speed), bytes per second. */
   bandwidthBytesPerSec?: number;
+  /**
+   * Pull mode over TCP with TLS: the directory with ca-cert.pem,
+   * server-cert.pem and server-key.pem (libvirt's backup_tls_x509_cert_dir).
+   * Default: the backup service's (STATE_DIR/pki/qbackup).
+   */
+  tlsCertDir?: string;
+  /**
+   * With TLS: accept only the client whose certificate's distinguished name
+   * is exactly this, e.g. "CN=backup-client" (QEMU's tls-authz); default: any
+   * client with a certificate from the CA.
+   */
+  tlsClientIdentity?: string;
 }
 
 export interface SelectedDisk {
@@ -53,6 +66,10 @@ export interface PlanInputs {
   bitmapNames: ReadonlyMap<string, readonly string[]>;
   /** Where default scratch images and sockets go. */
   domainDir: string;
+  /** A TCP server with TLS: the checked, absolute certificate directory. */
+  tlsCertDir?: string;
+  /** Where the passphrase of a secret (by UUID) is kept; needed when a disk asks for encryption. */
+  secretFile?: (uuid: string) => string;
   /** Does this file exist? */
   exists: (path: string) => boolean;
   /** The push target recorded for a checkpoint and disk, if any. */
@@ -103,7 +120,7 @@ export function planBackup(inputs: PlanInputs): JobInfo {
     startedMs: 0,
     bytesDone: 0,
     bytesTotal: 0,
-    ...(spec.mode === 'pull' ? { server: serverFor(spec, inputs.domainDir, inputs.jobId) } : {}),
+    ...(spec.mode === 'pull' ? { server: serverFor(inputs) } : {}),
     disks,
   };
 }
@@ -138,6 +155,13 @@ function planDisk(inputs: PlanInputs, { disk, spec: diskSpec }: SelectedDisk): J
       d.bitmaps = cov.bitmaps;
       d.tmpBitmap = pull ? (diskSpec.exportBitmap ?? `backup-${disk.target}`) : `${TEMP_BITMAP_PREFIX}${short}-${disk.target}`;
     }
+  }
+  if (diskSpec.encryption !== undefined) {
+    if (inputs.secretFile === undefined) {
+      throw new QbackupError('NOT_SUPPORTED', `Cannot encrypt the backup of disk "${disk.target}" of domain "${domain}": no secrets directory was given`);
+    }
+    const secret = diskSpec.encryption.secret;
+    d.encryption = { secret, secretFile: inputs.secretFile(secret), secretId: `bk${short}-${disk.target}-sec` };
   }
   if (pull) planPullDisk(inputs, d, diskSpec);
   else planPushDisk(inputs, d, diskSpec, disk);
@@ -181,10 +205,20 @@ function planPushDisk(inputs: PlanInputs, d: JobDisk, diskSpec: BackupDiskSpec, 
   }
 }
 
-/** Where the NBD server of a pull job listens: as asked, else a unix socket in a private directory. */
-function serverFor(spec: BackupSpec, domainDir: string, jobId: string): NbdServer {
+/**
+ * Where the NBD server of a pull job listens: as asked, else a unix socket in
+ * a private directory. TCP with TLS gets its credentials object's id.
+ */
+function serverFor({ spec, domainDir, jobId, tlsCertDir, domain, options }: PlanInputs): NbdServer {
   const s = spec.server;
-  if (s?.transport === 'tcp') return { transport: 'tcp', host: s.host, port: s.port, tls: s.tls };
+  if (s?.transport === 'tcp' && s.tls) {
+    if (tlsCertDir === undefined) throw new QbackupError('TLS_CREDENTIALS', `Cannot serve the backup of domain "${domain}" over TLS: no certificate directory was given`);
+    const short = jobId.slice(7);
+    const identity = options.tlsClientIdentity;
+    const authz = identity !== undefined ? { tlsAuthzId: `bk${short}-authz`, tlsClientIdentity: identity } : {};
+    return { transport: 'tcp', host: s.host, port: s.port, tls: true, tlsCertDir, tlsCredsId: `bk${short}-tls`, ...authz };
+  }
+  if (s?.transport === 'tcp') return { transport: 'tcp', host: s.host, port: s.port, tls: false };
   if (s?.transport === 'unix') return { transport: 'unix', socket: s.socket };
   const dir = join(domainDir, `nbd-${jobId.slice(7)}`);
   return { transport: 'unix', socket: join(dir, 'nbd.sock'), socketDir: dir };

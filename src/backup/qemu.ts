@@ -8,6 +8,7 @@ import { mergedBitmapActions, toTransaction, type BitmapAction } from '../checkp
 import { QbackupError, describeError } from '../errors.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
 import { QmpCommandError, type QmpClient, type QmpTransactionAction } from '../qmp/index.js';
+import { assert } from '../util/assert.js';
 import { sleep } from '../util/proc.js';
 import type { JobDisk, JobInfo, NbdServer } from './job.js';
 
@@ -37,8 +38,10 @@ export function startActions(info: JobInfo, checkpointActions: readonly BitmapAc
   return actions;
 }
 
-/** Opens a job's target (push) or scratch (pull) image as QEMU nodes. */
+/** Opens a job's target (push) or scratch (pull) image as QEMU nodes; a LUKS one with its secret object first. */
 export async function addTargetNodes(qmp: QmpClient, d: JobDisk): Promise<void> {
+  const enc = d.encryption;
+  if (enc !== undefined) await qmp.execute('object-add', { 'qom-type': 'secret', id: enc.secretId, file: enc.secretFile });
   await qmp.execute('blockdev-add', { driver: 'file', 'node-name': d.targetNodes.file, filename: d.targetFile });
   // backing: null — the job writes every cluster it copies, so a previous backup is never opened.
   await qmp.execute('blockdev-add', {
@@ -46,7 +49,29 @@ export async function addTargetNodes(qmp: QmpClient, d: JobDisk): Promise<void> 
     'node-name': d.targetNodes.format,
     file: d.targetNodes.file,
     ...(d.targetFormat === 'qcow2' ? { backing: null } : {}),
+    ...(enc !== undefined ? { encrypt: { format: 'luks', 'key-secret': enc.secretId } } : {}),
   });
+}
+
+/**
+ * Pull mode over TLS, before the transaction: QEMU's x509 credentials for the
+ * NBD server, loaded from the job's certificate directory (QEMU reads and
+ * checks the files now, so a bad certificate fails the job before it starts).
+ * Clients must present a certificate signed by the same CA (verify-peer).
+ */
+export async function addTlsCredentials(qmp: QmpClient, server: NbdServer): Promise<void> {
+  if (server.transport !== 'tcp' || !server.tls) return;
+  const { tlsCredsId: id, tlsCertDir: dir, tlsAuthzId, tlsClientIdentity } = server;
+  assert(id !== undefined && dir !== undefined, 'a TLS server has a credentials id and directory');
+  if (tlsAuthzId !== undefined && tlsClientIdentity !== undefined) {
+    await qmp.execute('object-add', { 'qom-type': 'authz-simple', id: tlsAuthzId, identity: tlsClientIdentity });
+  }
+  try {
+    await qmp.execute('object-add', { 'qom-type': 'tls-creds-x509', id, dir, endpoint: 'server', 'verify-peer': true });
+  } catch (err) {
+    if (!(err instanceof QmpCommandError)) throw err;
+    throw new QbackupError('TLS_CREDENTIALS', `Cannot serve NBD exports over TLS with the certificates in "${dir}": QEMU refused them (${err.desc})`, { cause: err, details: { dir } });
+  }
 }
 
 /** Pull mode, after the transaction: snapshot-access nodes over the fleecing filters, one read-only export each. */
@@ -56,7 +81,11 @@ export async function exportDisks(qmp: QmpClient, server: NbdServer, disks: read
   }
   const addr =
     server.transport === 'tcp' ? { type: 'inet', data: { host: server.host, port: String(server.port) } } : { type: 'unix', data: { path: server.socket } };
-  await qmp.execute('nbd-server-start', { addr });
+  const tlsCreds =
+    server.transport === 'tcp' && server.tls
+      ? { 'tls-creds': server.tlsCredsId, ...(server.tlsAuthzId !== undefined ? { 'tls-authz': server.tlsAuthzId } : {}) }
+      : {};
+  await qmp.execute('nbd-server-start', { addr, ...tlsCreds });
   for (const d of disks) {
     if (d.pull === undefined) continue;
     await qmp.execute('block-export-add', {
@@ -154,11 +183,18 @@ export async function teardown(qmp: QmpClient, info: JobInfo): Promise<string[]>
     await step(`dismiss job "${d.qemuJobId}"`, () => qmp.execute('job-dismiss', { id: d.qemuJobId }));
     await step(`remove node "${d.targetNodes.format}"`, () => qmp.execute('blockdev-del', { 'node-name': d.targetNodes.format }));
     await step(`remove node "${d.targetNodes.file}"`, () => qmp.execute('blockdev-del', { 'node-name': d.targetNodes.file }));
+    const secret = d.encryption?.secretId;
+    if (secret !== undefined) await step(`remove secret "${secret}"`, () => qmp.execute('object-del', { id: secret }));
     const tmp = d.tmpBitmap;
     if (tmp !== undefined) await step(`remove bitmap "${tmp}"`, () => qmp.execute('block-dirty-bitmap-remove', { node: nodeNamesFor(d.diskId).format, name: tmp }));
   }
   // One job per domain, and the NBD server of a domain's QEMU is the pull job's own.
   if (info.mode === 'pull') await step('stop the NBD server', () => qmp.execute('nbd-server-stop'));
+  // After the server, which holds a reference to it (QEMU refuses to delete an object in use).
+  const server = info.server?.transport === 'tcp' ? info.server : undefined;
+  for (const [what, id] of [['TLS credentials', server?.tlsCredsId], ['TLS client authorization', server?.tlsAuthzId]] as const) {
+    if (id !== undefined) await step(`remove ${what} "${id}"`, () => qmp.execute('object-del', { id }));
+  }
   return errors;
 }
 

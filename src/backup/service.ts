@@ -36,11 +36,13 @@ import { createImage } from '../qemu/image.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
 import { QmpCommandError, type QmpClient } from '../qmp/index.js';
 import type { JobStore } from '../store/jobs.js';
+import { checkServerCredentials } from '../util/pki.js';
+import { checkSecretFile, secretFilePath } from '../util/secrets.js';
 import { makePrivateDir } from '../util/private-dir.js';
 import { isProcessAlive, processStartTime, sleep } from '../util/proc.js';
 import { parseJobInfo, parseJobPayload, type JobInfo, type JobPayload } from './job.js';
 import { planBackup, selectDisks, sinceFor, type BeginOptions, type SelectedDisk } from './plan.js';
-import { addTargetNodes, applyProgress, exportDisks, queryJobs, startActions, teardown, waitConcluded } from './qemu.js';
+import { addTargetNodes, addTlsCredentials, applyProgress, exportDisks, queryJobs, startActions, teardown, waitConcluded } from './qemu.js';
 import { validateBackupSpec, type BackupSpec } from './spec.js';
 
 export interface BackupBeginOptions extends BeginOptions {
@@ -63,13 +65,26 @@ export interface BackupBeginOptions extends BeginOptions {
 
 export type BackupFaultPoint = 'backup-begin:before-qemu' | 'backup-begin:after-qemu';
 
+export interface BackupServiceSettings {
+  /** Default certificate directory of pull jobs served over TCP with TLS (libvirt's backup_tls_x509_cert_dir). */
+  tlsCertDir?: string;
+  /** Where the passphrases of LUKS targets and scratch images are kept, one file per secret UUID. */
+  secretsDir?: string;
+}
+
 export class BackupService {
   constructor(
     readonly domains: DomainService,
     readonly checkpoints: CheckpointService,
     private readonly store: JobStore,
     private readonly crashAt?: string,
+    private readonly settings: BackupServiceSettings = {},
   ) {}
+
+  /** The certificate directory a TLS pull job uses unless its options name another. */
+  get defaultTlsCertDir(): string | undefined {
+    return this.settings.tlsCertDir;
+  }
 
   /** A configuration change is about to happen on the domain: refused while a job runs. */
   assertNoJob(ctx: DomainContext, what: string): void {
@@ -91,9 +106,8 @@ export class BackupService {
     if (options.quiesce !== undefined && cp === undefined) {
       throw new QbackupError('INVALID_ARGUMENT', `Cannot start a backup of domain "${domain}": quiescing needs a checkpoint created with the backup`);
     }
-    if (spec.server?.transport === 'tcp' && spec.server.tls) {
-      throw new QbackupError('NOT_SUPPORTED', `Cannot start a backup of domain "${domain}": TLS for NBD exports is not supported yet (refusing rather than serving the disks unencrypted)`);
-    }
+    const tlsCertDir = this.tlsCertDirFor(domain, spec, options);
+    this.checkSecrets(domain, spec);
     return this.domains.withDomain(domain, 'backup-begin', async (ctx) => {
       if (!ctx.running) {
         throw new QbackupError('DOMAIN_NOT_RUNNING', `Cannot back up domain "${domain}": it is not running (backups of shut-off domains are not supported yet)`);
@@ -101,14 +115,47 @@ export class BackupService {
       const active = this.store.active(domain);
       if (active !== undefined) throw new QbackupError('BACKUP_RUNNING', `Cannot start a backup of domain "${domain}": backup job "${active.id}" is running`);
       return this.domains.withQmp(ctx, 'backup-begin', async (qmp) => {
-        const payload = await this.prepare(ctx, qmp, spec, options);
+        const payload = await this.prepare(ctx, qmp, spec, options, tlsCertDir);
         return this.execute(ctx, qmp, payload, options);
       });
     });
   }
 
+  /**
+   * A pull job served over TCP with TLS: its certificate directory, checked
+   * before anything starts (QEMU would find a missing file only once the job
+   * had changed its state). A directory given for a job without TLS is a
+   * mistake the user should hear about, not a setting to ignore.
+   */
+  private tlsCertDirFor(domain: string, spec: BackupSpec, options: BackupBeginOptions): string | undefined {
+    const tls = spec.server?.transport === 'tcp' && spec.server.tls;
+    if (!tls) {
+      if (options.tlsCertDir !== undefined || options.tlsClientIdentity !== undefined) {
+        throw new QbackupError('INVALID_ARGUMENT', `Cannot start a backup of domain "${domain}": TLS settings (a certificate directory or a client identity) were given, but the job is not served over TCP with TLS (<server transport='tcp' ... tls='yes'/>)`);
+      }
+      return undefined;
+    }
+    const dir = options.tlsCertDir ?? this.settings.tlsCertDir;
+    const what = `Cannot serve the backup of domain "${domain}" over TLS`;
+    if (options.tlsClientIdentity !== undefined && options.tlsClientIdentity.trim() === '') {
+      throw new QbackupError('INVALID_ARGUMENT', `${what}: the accepted client identity is empty`);
+    }
+    if (dir === undefined) throw new QbackupError('TLS_CREDENTIALS', `${what}: no certificate directory was given`);
+    return checkServerCredentials(dir, what);
+  }
+
+  /** Every LUKS disk's passphrase file, checked before anything starts. */
+  private checkSecrets(domain: string, spec: BackupSpec): void {
+    for (const d of spec.disks ?? []) {
+      if (d.encryption === undefined) continue;
+      const what = `Cannot encrypt the backup of disk "${d.target}" of domain "${domain}"`;
+      if (this.settings.secretsDir === undefined) throw new QbackupError('SECRET_NOT_FOUND', `${what}: no secrets directory was given`);
+      checkSecretFile(this.settings.secretsDir, d.encryption.secret, what);
+    }
+  }
+
   /** Reads what the planner needs, plans the job and the checkpoint; changes nothing. */
-  private async prepare(ctx: DomainContext, qmp: QmpClient, spec: BackupSpec, options: BackupBeginOptions): Promise<JobPayload> {
+  private async prepare(ctx: DomainContext, qmp: QmpClient, spec: BackupSpec, options: BackupBeginOptions, tlsCertDir: string | undefined): Promise<JobPayload> {
     const domain = ctx.row.name;
     const jobId = `backup-${randomBytes(4).toString('hex')}`;
     const selected = selectDisks(domain, ctx.disks, spec);
@@ -126,6 +173,8 @@ export class BackupService {
       coverage,
       bitmapNames,
       domainDir: this.domains.domainDir(domain),
+      ...(tlsCertDir !== undefined ? { tlsCertDir } : {}),
+      ...(this.settings.secretsDir !== undefined ? { secretFile: secretFilePathIn(this.settings.secretsDir) } : {}),
       exists: existsSync,
       previousTarget: (checkpoint, diskId) => this.store.targetFor(domain, checkpoint, diskId),
     });
@@ -168,11 +217,13 @@ export class BackupService {
     this.store.transaction(() => this.store.insert({ domain, id: info.id, state: 'starting', payload: JSON.stringify(payload), started_ms: info.startedMs }));
     const save = (state: 'starting' | 'running'): void => this.store.transaction(() => this.store.update(domain, state, JSON.stringify(payload)));
     await this.failOnError(ctx, qmp, payload, async () => {
+      if (info.server !== undefined) await addTlsCredentials(qmp, info.server);
       for (const d of info.disks) {
         if (pull || !options.reuseExternal) {
           makePrivateDir(dirname(d.targetFile));
           const backing = d.backingFile !== undefined ? { backingFile: relativeBacking(d.targetFile, d.backingFile), backingFormat: 'qcow2' } : {};
-          await createImage(d.targetFile, d.targetFormat, d.virtualSize ?? 0, backing);
+          const luks = d.encryption !== undefined ? { luksSecretFile: d.encryption.secretFile } : {};
+          await createImage(d.targetFile, d.targetFormat, d.virtualSize ?? 0, { ...backing, ...luks });
           d.createdTarget = true;
           save('starting');
         }
@@ -389,6 +440,10 @@ export class BackupService {
     });
     return info;
   }
+}
+
+function secretFilePathIn(dir: string): (uuid: string) => string {
+  return (uuid) => secretFilePath(dir, uuid);
 }
 
 function removeFile(path: string, errors: string[]): void {

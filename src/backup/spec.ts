@@ -13,6 +13,8 @@
 //   `exportBitmap`; never the other mode's fields. Paths are absolute.
 // - `server` only in pull mode: a unix socket path (absolute), or a TCP host
 //   and port 1..65535 with an explicit TLS choice.
+// - `encryption` (LUKS, the passphrase secret named by a lower-case UUID) is
+//   for qcow2 targets and scratch images only; a raw one is NOT_SUPPORTED.
 
 import { QbackupError } from '../errors.js';
 import { assertCheckpointName } from '../checkpoint/spec.js';
@@ -41,6 +43,12 @@ export interface BackupDiskSpec {
   exportName?: string;
   /** Pull: the name of the exported dirty bitmap (default: backup-<target>). */
   exportBitmap?: string;
+  /**
+   * Write the push target or pull scratch image as a LUKS-encrypted qcow2;
+   * the passphrase is the secret of that UUID (libvirt's <secret uuid=…>),
+   * read from the backup service's secrets directory (STATE_DIR/secrets/UUID).
+   */
+  encryption?: { format: 'luks'; secret: string };
 }
 
 export interface BackupSpec {
@@ -52,6 +60,9 @@ export interface BackupSpec {
   /** Pull mode: where to serve the exports; absent: a unix socket only the owner can reach. */
   server?: NbdServerSpec;
 }
+
+/** A secret's UUID: also its file name in the secrets directory, so nothing else may pass. */
+const SECRET_UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
 /** Throws INVALID_ARGUMENT (or INVALID_NAME) when `spec` breaks an invariant listed above. */
 export function validateBackupSpec(spec: BackupSpec, what = 'Backup description'): void {
@@ -95,6 +106,13 @@ export function validateBackupSpec(spec: BackupSpec, what = 'Backup description'
     if (d.exportBitmap === '') fail(`gives ${disk} an empty export bitmap name.`);
     for (const [name, path] of [['target file', d.targetFile], ['scratch file', d.scratchFile]] as const) {
       if (path !== undefined && !path.startsWith('/')) fail(`gives ${disk} a relative ${name} "${path}"; it must be absolute.`);
+    }
+    if (d.encryption !== undefined) {
+      if (d.encryption.format !== 'luks') fail(`gives ${disk} an encryption format other than luks.`);
+      if (!SECRET_UUID.test(d.encryption.secret)) fail(`gives ${disk} an encryption secret "${d.encryption.secret}" that is not a lower-case UUID.`);
+      if (d.format === 'raw') {
+        throw new QbackupError('NOT_SUPPORTED', `${what} asks for an encrypted raw image for ${disk}; qbackup encrypts qcow2 only (refusing rather than writing it unencrypted).`);
+      }
     }
   }
 }

@@ -29,6 +29,8 @@ export const backupCommands: readonly CliCommand[] = [
       reuseExternal: flag('--reuse-external', 'write into existing target files instead of creating them'),
       strict: flag('--strict', 'refuse the job when a disk cannot be backed up incrementally'),
       bandwidth: value('--bandwidth <MiB/s>', 'limit the copy rate of each disk'),
+      tlsCertDir: value('--tls-cert-dir <dir>', "pull over TCP with tls='yes': QEMU's ca-cert.pem, server-cert.pem, server-key.pem (default STATE_DIR/pki/qbackup)"),
+      tlsClientDn: value('--tls-client-dn <dn>', "with tls='yes': accept only the client certificate with this distinguished name, e.g. CN=backup-client"),
       wait: flag('--wait', 'wait until the job ends and print its result'),
       ...quiesceOptions(),
     },
@@ -37,6 +39,8 @@ export const backupCommands: readonly CliCommand[] = [
       let job = await qb.backups.begin(args.domain, spec, {
         ...(checkpoint !== undefined ? { checkpoint } : {}),
         ...(o.targetDir !== undefined ? { targetDir: o.targetDir } : {}),
+        ...(o.tlsCertDir !== undefined ? { tlsCertDir: o.tlsCertDir } : {}),
+        ...(o.tlsClientDn !== undefined ? { tlsClientIdentity: o.tlsClientDn } : {}),
         reuseExternal: o.reuseExternal,
         strict: o.strict,
         ...quiesceMode(o),
@@ -103,7 +107,8 @@ function describeServer(job: JobInfo): string {
   const s = job.server;
   if (s === undefined) return '';
   const where = exportUri(s, 'EXPORT');
-  return `NBD server: ${where} (end the job with domjobabort)\n`;
+  const tls = s.transport === 'tcp' && s.tls ? `; TLS with certificates from ${s.tlsCertDir ?? '?'}: clients add ?tls-certificates=DIR (ca-cert.pem, client-cert.pem, client-key.pem)` : '';
+  return `NBD server: ${where} (end the job with domjobabort${tls})\n`;
 }
 
 function describeDisks(job: JobInfo): string {

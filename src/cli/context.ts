@@ -40,6 +40,8 @@ export function createCliContext(env: NodeJS.ProcessEnv): CliContext {
           // Test-only fault injection (see CheckpointService): never set it in production.
           ...(env['QBACKUP_CRASH_AT'] ? { crashAt: env['QBACKUP_CRASH_AT'] } : {}),
           ...(env['QBACKUP_ACCEL'] === 'tcg' || env['QBACKUP_ACCEL'] === 'kvm' ? { accel: env['QBACKUP_ACCEL'] } : {}),
+          // Like libvirt's backup_tls_x509_cert_dir: the default certificate directory of TLS exports (and of `serve`).
+          ...(env['QBACKUP_TLS_CERT_DIR'] ? { tlsCertDir: env['QBACKUP_TLS_CERT_DIR'] } : {}),
         });
         await fn(qb, out);
       } catch (err) {

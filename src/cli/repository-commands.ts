@@ -7,7 +7,7 @@ import { readFileSync } from 'node:fs';
 import { QbackupError } from '../errors.js';
 import type { GcReport, Manifest, PruneResult, RepoAccess, RepoStats, RetentionPolicy, ServeListen, VerifyReport } from '../repository/service.js';
 import { arg, defineCommand, flag, optionalArg, requiredValue, value, valueWithDefault, type CliCommand } from './command.js';
-import { diskOption, oneOf, pointInTime, positiveNumber, quiesceMode, quiesceOptions, repoOption } from './options.js';
+import { diskOption, hostPort, oneOf, pointInTime, positiveNumber, quiesceMode, quiesceOptions, repoOption } from './options.js';
 import { emit, table } from './output.js';
 import { withProgress } from './progress.js';
 import { untilSignal } from './service-commands.js';
@@ -60,11 +60,19 @@ export const repositoryCommands: readonly CliCommand[] = [
       full: flag('--full', 'take a full backup of every disk'),
       disk: diskOption('back up'),
       workers: valueWithDefault('--workers <n>', 'threads that hash and compress', '2'),
+      tcp: value('--tcp <host:port>', 'read the disks over TCP with TLS instead of a private unix socket'),
+      tlsCertDir: value('--tls-cert-dir <dir>', 'with --tcp: ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem, client-key.pem (default STATE_DIR/pki/qbackup)'),
       ...quiesceOptions(),
     },
     run: async ({ qb, out, args: { domain }, opts: o }) => {
       const workers = Math.floor(positiveNumber('--workers', o.workers, 'threads'));
-      const m = await withProgress(out, (onProgress) => qb.repository.backup(domain, { ...repoAccess(o), full: o.full, disks: o.disk, workers, ...quiesceMode(o), onProgress }));
+      const network = {
+        ...(o.tcp !== undefined ? { tcp: hostPort('--tcp', o.tcp) } : {}),
+        ...(o.tlsCertDir !== undefined ? { tlsCertDir: o.tlsCertDir } : {}),
+      };
+      const m = await withProgress(out, (onProgress) =>
+        qb.repository.backup(domain, { ...repoAccess(o), full: o.full, disks: o.disk, workers, ...quiesceMode(o), ...network, onProgress }),
+      );
       emit(out, m, () => describeBackup(m));
     },
   }),

@@ -16,9 +16,11 @@
 // - Malformed documents raise INVALID_XML; invalid values handed to
 //   formatBackupXml raise INVALID_ARGUMENT. formatBackupXml's output parses
 //   back to an equal BackupXml.
-// - <encryption> inside a target or scratch is refused (NOT_SUPPORTED), never
-//   dropped; tls='yes' is parsed and refused by the backup service until
-//   qbackup serves TLS.
+// - <encryption format='luks'><secret type='passphrase' uuid=…/></encryption>
+//   inside a qcow2 target or scratch is kept (the job writes a LUKS-encrypted
+//   qcow2); any other encryption (another format, a secret by usage, a raw
+//   destination) is refused (NOT_SUPPORTED), never dropped. tls='yes' is kept
+//   and served with TLS.
 // Not modelled (dropped on parse): <seclabel> inside target/scratch,
 // <privateData>.
 //
@@ -88,6 +90,8 @@ export interface BackupDiskXml {
   target?: string;
   /** Pull mode: <scratch file=…> (or dev=… for type='block'), the temporary overlay. */
   scratch?: string;
+  /** <encryption format='luks'> inside the target or scratch: the passphrase secret's UUID. */
+  encryption?: { format: 'luks'; secretUuid: string };
 }
 
 export interface BackupXml {
@@ -186,7 +190,17 @@ function validateDisk(d: BackupDiskXml, mode: BackupMode, c: Checker): void {
       c.fail(`${disk} has a relative <${elName}> path '${path}'; it must be absolute.`);
     }
   }
+  if (d.encryption !== undefined) {
+    if (d.target === undefined && d.scratch === undefined) c.fail(`${disk} has an encryption without a <target> or <scratch> to put it on.`);
+    if (d.encryption.format !== 'luks' || !UUID_PATTERN.test(d.encryption.secretUuid)) c.fail(`${disk} has an invalid encryption.`);
+    if (d.driverType === 'raw') {
+      throw new QbackupError('NOT_SUPPORTED', `${disk} asks for an encrypted raw destination; qbackup encrypts qcow2 only (refusing rather than writing it unencrypted).`);
+    }
+  }
 }
+
+/** libvirt's secret UUIDs (any case; stored lower case). */
+const UUID_PATTERN = /^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$/;
 
 function lower(text: string): string {
   return text.charAt(0).toLowerCase() + text.slice(1);
@@ -216,11 +230,30 @@ function parseServer(el: Element, c: Checker): BackupServer {
   return server;
 }
 
+/**
+ * <encryption> inside <target>/<scratch>: LUKS with a passphrase secret named
+ * by UUID is the one kind qbackup writes; anything else is refused, never dropped.
+ */
+function parseEncryption(el: Element, disk: string, c: Checker): BackupDiskXml['encryption'] {
+  const enc = firstChild(el, 'encryption');
+  if (enc === undefined) return undefined;
+  const refuse = (why: string): never => {
+    throw new QbackupError('NOT_SUPPORTED', `${disk} asks for an encrypted <${el.tagName}> ${why}, which qbackup does not support (refusing rather than writing it unencrypted).`);
+  };
+  const format = attr(enc, 'format');
+  if (format !== 'luks') refuse(`in format '${format ?? ''}' (only luks is supported)`);
+  const secrets = childElements(enc, 'secret');
+  const secret = secrets[0];
+  if (secrets.length !== 1 || secret === undefined) c.fail(`${disk} has an <encryption> without exactly one <secret>.`);
+  if (attr(secret, 'type') !== 'passphrase') c.fail(`${disk} has an <encryption> <secret> whose type is not 'passphrase'.`);
+  const uuid = attr(secret, 'uuid');
+  if (uuid === undefined) return refuse('whose secret is named by usage, not by uuid');
+  if (!UUID_PATTERN.test(uuid)) c.fail(`${disk} has an <encryption> secret uuid '${uuid}' that is not a UUID.`);
+  return { format: 'luks', secretUuid: uuid.toLowerCase() };
+}
+
 /** Reads <target>/<scratch>: file=… for file storage, dev=… for block storage. */
 function parseLocation(el: Element, type: BackupStorageType, disk: string, c: Checker): string {
-  if (firstChild(el, 'encryption') !== undefined) {
-    throw new QbackupError('NOT_SUPPORTED', `${disk} asks for an encrypted <${el.tagName}>, which qbackup does not support yet (refusing rather than writing it unencrypted).`);
-  }
   const key = type === 'block' ? 'dev' : 'file';
   const value = attr(el, key);
   if (value === undefined || value === '') c.fail(`${disk} has a <${el.tagName}> without ${key}=… for its ${type} storage.`);
@@ -269,11 +302,15 @@ function parseDisk(el: Element, mode: BackupMode, c: Checker): BackupDiskXml {
   if (target !== undefined) {
     if (mode !== 'push') c.fail(`${disk} has a <target>, which only push-mode backups use.`);
     d.target = parseLocation(target, d.type ?? 'file', disk, c);
+    const encryption = parseEncryption(target, disk, c);
+    if (encryption !== undefined) d.encryption = encryption;
   }
   const scratch = firstChild(el, 'scratch');
   if (scratch !== undefined) {
     if (mode !== 'pull') c.fail(`${disk} has a <scratch>, which only pull-mode backups use.`);
     d.scratch = parseLocation(scratch, d.type ?? 'file', disk, c);
+    const encryption = parseEncryption(scratch, disk, c);
+    if (encryption !== undefined) d.encryption = encryption;
   }
   return d;
 }
@@ -351,8 +388,18 @@ export function formatBackupXml(b: BackupXml): string {
       if (d.state !== undefined) el.setAttribute('state', d.state);
       if (d.driverType !== undefined) appendElement(el, 'driver').setAttribute('type', d.driverType);
       const key = d.type === 'block' ? 'dev' : 'file';
-      if (d.target !== undefined) appendElement(el, 'target').setAttribute(key, d.target);
-      if (d.scratch !== undefined) appendElement(el, 'scratch').setAttribute(key, d.scratch);
+      const location = (name: 'target' | 'scratch', path: string): void => {
+        const loc = appendElement(el, name);
+        loc.setAttribute(key, path);
+        if (d.encryption === undefined) return;
+        const enc = appendElement(loc, 'encryption');
+        enc.setAttribute('format', d.encryption.format);
+        const secret = appendElement(enc, 'secret');
+        secret.setAttribute('type', 'passphrase');
+        secret.setAttribute('uuid', d.encryption.secretUuid);
+      };
+      if (d.target !== undefined) location('target', d.target);
+      if (d.scratch !== undefined) location('scratch', d.scratch);
     }
   }
   return serializeIndented(root);
@@ -384,6 +431,7 @@ export function backupSpecFromXml(b: BackupXml): BackupSpec {
       if (d.scratch !== undefined) disk.scratchFile = d.scratch;
       if (d.exportname !== undefined) disk.exportName = d.exportname;
       if (d.exportbitmap !== undefined) disk.exportBitmap = d.exportbitmap;
+      if (d.encryption !== undefined) disk.encryption = { format: 'luks', secret: d.encryption.secretUuid };
       return disk;
     });
   }
@@ -408,6 +456,7 @@ export function formatJobXml(job: JobInfo): string {
       disk.exportname = d.pull?.exportName ?? d.target;
       if (d.tmpBitmap !== undefined) disk.exportbitmap = d.tmpBitmap;
     }
+    if (d.encryption !== undefined) disk.encryption = { format: 'luks', secretUuid: d.encryption.secret };
     return disk;
   });
   return formatBackupXml(doc);

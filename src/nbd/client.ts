@@ -33,7 +33,9 @@ import {
   NBD_MAX_PAYLOAD_UNLIMITED,
 } from './constants.js';
 import type { NbdBlockSizes } from './codec.js';
-import { NbdConnection, type NbdAddress, type NbdConnectionState, type NbdNegotiated } from './connection.js';
+import { readClientCredentials } from '../util/pki.js';
+import { parseNbdUri } from './uri.js';
+import { NbdConnection, type NbdAddress, type NbdConnectionState, type NbdNegotiated, type NbdTlsOptions } from './connection.js';
 import type { NbdReplyChunk } from './parser.js';
 
 /** Largest effect length of one write-zeroes or block-status request: below 2^32, a multiple of 64 KiB. */
@@ -49,6 +51,8 @@ export interface NbdClientOptions {
   timeoutMs?: number;
   /** Longest wait for one request's reply: default timeoutMs when given, else 60 s; 0 = no limit. Fails with NBD_TIMEOUT. */
   requestTimeoutMs?: number;
+  /** Talk TLS (NBD_OPT_STARTTLS first, never plain instead); see readClientCredentials for a certificate directory. */
+  tls?: NbdTlsOptions;
 }
 
 export interface NbdExtent {
@@ -105,8 +109,28 @@ export class NbdClient {
       ...(options.metaContexts === undefined ? {} : { metaContexts: options.metaContexts }),
       ...(options.timeoutMs === undefined ? {} : { timeoutMs: options.timeoutMs }),
       ...(options.requestTimeoutMs === undefined ? {} : { requestTimeoutMs: options.requestTimeoutMs }),
+      ...(options.tls === undefined ? {} : { tls: options.tls }),
     });
     return new NbdClient(connection);
+  }
+
+  /**
+   * Connects to the export an NBD URI names (nbd://, nbds://, nbd+unix://,
+   * nbds+unix://). A TLS URI takes its credentials from options.tls or from
+   * tls-certificates=DIR; with neither it is refused, never opened in the clear.
+   */
+  static async connectUri(uri: string, options: Omit<NbdClientOptions, 'exportName'> = {}): Promise<NbdClient> {
+    const u = parseNbdUri(uri);
+    let tls = options.tls;
+    if (u.tls && tls === undefined) {
+      if (u.tlsCertificates === undefined) {
+        throw new QbackupError('TLS_CREDENTIALS', `Cannot open NBD URI "${uri}" with TLS: give tls-certificates=DIR (a directory with ca-cert.pem, client-cert.pem and client-key.pem)`);
+      }
+      tls = readClientCredentials(u.tlsCertificates, `Cannot open NBD URI "${uri}" with TLS`);
+    }
+    if (u.tls && tls !== undefined && u.tlsHostname !== undefined) tls = { ...tls, servername: u.tlsHostname };
+    const { tls: _ignored, ...rest } = options;
+    return NbdClient.connect(u.address, { ...rest, exportName: u.exportName, ...(u.tls && tls !== undefined ? { tls } : {}) });
   }
 
   get state(): NbdConnectionState {

@@ -20,6 +20,12 @@
 //   violation, timeout, close()), every pending request is rejected once,
 //   with NBD_DISCONNECTED carrying the root cause, and `closed` resolves
 //   once with that cause.
+// - With `tls`, the handshake's NBD_OPT_STARTTLS is accepted before anything
+//   else is said, the socket is upgraded in place (node:tls over the same
+//   socket, the server's certificate checked against the given CA and the
+//   host name or address), and every later byte goes over TLS. A refusal, an
+//   untrusted certificate or a failed TLS handshake ends the connection with
+//   NBD_TLS; nothing is ever sent in the clear instead.
 // - close() is the soft disconnect: it waits for requests in flight, sends
 //   NBD_CMD_DISC and lets the server hang up. During the handshake a refusal
 //   is answered with NBD_OPT_ABORT; only protocol violations cut the socket.
@@ -30,9 +36,11 @@
 //   NBD_CMD_DISC, data on a non-write) fails an assertion.
 
 import { AssertionError } from 'node:assert';
-import type { Socket } from 'node:net';
+import { isIP, type Socket } from 'node:net';
+import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import { QbackupError, describeError } from '../errors.js';
 import { assert } from '../util/assert.js';
+import type { TlsClientCredentials } from '../util/pki.js';
 import { ConnectionLifecycle, PendingTable, checkTimeoutMs, openSocket, startTimer } from '../util/connection.js';
 import { NBD_CMD_DISC, NBD_CMD_READ, NBD_CMD_WRITE, NBD_ESHUTDOWN, nbdCommandName } from './constants.js';
 import { encodeAbortOption, encodeMetaContextOption, encodeNbdString, encodeRequest } from './codec.js';
@@ -53,6 +61,15 @@ export type NbdConnectionState = (typeof NbdConnectionState)[keyof typeof NbdCon
 
 export type NbdAddress = { socket: string } | { host: string; port: number };
 
+/** TLS for one connection: the CA that signed the server's certificate, and the client's own certificate and key when the server verifies clients. */
+export interface NbdTlsOptions extends TlsClientCredentials {
+  /**
+   * The name the server's certificate must carry. Default: the TCP host (a
+   * name or an address), or "localhost" over a unix socket.
+   */
+  servername?: string;
+}
+
 export interface NbdConnectionOptions {
   exportName: string;
   /** Metadata contexts to select, e.g. "base:allocation", "qemu:dirty-bitmap:NAME". */
@@ -70,6 +87,8 @@ export interface NbdConnectionOptions {
   requestTimeoutMs?: number;
   /** Largest reply payload accepted; see parser.ts. */
   maxPayloadBytes?: number;
+  /** Negotiate TLS (NBD_OPT_STARTTLS) before anything else; never falls back to plain. */
+  tls?: NbdTlsOptions;
 }
 
 export interface NbdRequestOptions {
@@ -124,6 +143,9 @@ interface ResolvedOptions {
   handshakeTimeoutMs: number;
   requestTimeoutMs: number;
   maxPayloadBytes: number | undefined;
+  tls: NbdTlsOptions | undefined;
+  /** The name the server's certificate is checked against (TLS only). */
+  tlsHost: string;
 }
 
 export function formatNbdAddress(address: NbdAddress): string {
@@ -141,7 +163,10 @@ export class NbdConnection {
   readonly requestTimeoutMs: number;
 
   private readonly lifecycle: ConnectionLifecycle<NbdConnectionState>;
-  private readonly socket: Socket;
+  /** The TCP or unix socket; after STARTTLS, the TLS socket over it. */
+  private socket: Socket;
+  private readonly tls: NbdTlsOptions | undefined;
+  private readonly tlsHost: string;
   private readonly maxPayloadBytes: number | undefined;
   private readonly handshake: NbdHandshake;
   private readonly handshakeDone: Promise<void>;
@@ -159,7 +184,9 @@ export class NbdConnection {
     this.exportName = options.exportName;
     this.requestTimeoutMs = options.requestTimeoutMs;
     this.maxPayloadBytes = options.maxPayloadBytes;
-    this.handshake = new NbdHandshake({ exportName: options.exportName, metaContexts: options.metaContexts, address: options.address });
+    this.tls = options.tls;
+    this.tlsHost = options.tlsHost;
+    this.handshake = new NbdHandshake({ exportName: options.exportName, metaContexts: options.metaContexts, address: options.address, tls: options.tls !== undefined });
     this.handshakeDone = new Promise((resolve, reject) => {
       this.settleHandshake = { resolve, reject };
     });
@@ -189,12 +216,16 @@ export class NbdConnection {
     socket.on('connect', () => {
       if (this.lifecycle.state === NbdConnectionState.Connecting) this.lifecycle.advance(NbdConnectionState.Negotiating);
     });
-    // Bytes arrive through the socket's read callback (connect()), or as 'data' events on a socket opened without one.
-    socket.on('data', (chunk: Buffer) => this.handleData(chunk, false));
-    socket.on('end', () => this.handleHangUp());
+    // Bytes arrive through the socket's read callback (connect()), or as 'data' events on a socket opened without one
+    // (and on the TLS socket after STARTTLS).
+    socket.on('data', this.onData);
+    socket.on('end', this.onEnd);
     socket.on('close', () => this.handleHangUp());
     // Socket errors are handled by the lifecycle, which shuts down with them as the cause.
   }
+
+  private readonly onData = (chunk: Buffer): void => this.handleData(chunk, false);
+  private readonly onEnd = (): void => this.handleHangUp();
 
   /** Connects and negotiates; resolves in state `ready`. */
   static async connect(address: NbdAddress, options: NbdConnectionOptions): Promise<NbdConnection> {
@@ -312,13 +343,69 @@ export class NbdConnection {
     handshake.push(chunk);
     const out = handshake.takeOutput();
     if (out.length > 0) this.socket.write(out);
-    if (handshake.status === 'failed') {
+    if (handshake.step.name === 'tls-upgrade') {
+      this.upgradeToTls();
+    } else if (handshake.status === 'failed') {
       assert(handshake.error !== undefined, 'a failed handshake has an error');
       this.settleHandshake?.reject(handshake.error);
       this.settleHandshake = undefined;
     } else if (handshake.status === 'done') {
       this.finishHandshake();
     }
+  }
+
+  /**
+   * The server accepted NBD_OPT_STARTTLS: TLS over the same socket. The plain
+   * socket's data now feeds the TLS layer only; its 'close' still ends the
+   * connection. Once the TLS handshake is done the NBD handshake goes on.
+   */
+  private upgradeToTls(): void {
+    const tls = this.tls;
+    assert(tls !== undefined, 'STARTTLS is only sent with TLS options');
+    const plain = this.socket;
+    plain.off('data', this.onData);
+    plain.off('end', this.onEnd);
+    const secure: TLSSocket = tlsConnect({
+      socket: plain,
+      ca: tls.ca,
+      ...(tls.cert !== undefined ? { cert: tls.cert } : {}),
+      ...(tls.key !== undefined ? { key: tls.key } : {}),
+      host: this.tlsHost,
+      // SNI carries names only (RFC 6066); an address is still checked against the certificate's IP entries.
+      ...(isIP(this.tlsHost) === 0 ? { servername: this.tlsHost } : {}),
+      minVersion: 'TLSv1.2',
+    });
+    this.socket = secure;
+    secure.on('error', (err: Error) => this.shutdown(this.tlsFailure(err)));
+    secure.on('data', this.onData);
+    secure.on('end', this.onEnd);
+    secure.on('secureConnect', () => {
+      if (this.lifecycle.state !== NbdConnectionState.Negotiating) return;
+      this.handshake.tlsEstablished();
+      const out = this.handshake.takeOutput();
+      if (out.length > 0) secure.write(out);
+    });
+  }
+
+  /** A TLS error while negotiating is NBD_TLS, naming the export and what failed; later ones are socket errors like any other. */
+  private tlsFailure(err: Error): Error {
+    if (this.lifecycle.state !== NbdConnectionState.Negotiating && this.lifecycle.state !== NbdConnectionState.Connecting) return err;
+    const code = (err as { code?: unknown }).code;
+    const name = typeof code === 'string' ? code : '';
+    const ca = this.tls?.dir !== undefined ? ` by the CA in "${this.tls.dir}"` : ' by the given CA';
+    const noClientCert = this.tls?.cert === undefined ? '; it may require a client certificate (client-cert.pem and client-key.pem), and none was given' : '';
+    // OpenSSL's messages run over lines with source locations; its `reason` is the part for people.
+    const reason = (err as { reason?: unknown }).reason;
+    const detail = (typeof reason === 'string' && reason !== '' ? reason : err.message).replace(/\s+/g, ' ').trim();
+    let why = `the TLS handshake failed (${detail})`;
+    // The server's alerts (e.g. "certificate required") are about us; the other certificate errors are about its certificate.
+    if (name.includes('ALERT')) why = `the server refused the TLS handshake (${detail})${noClientCert}`;
+    else if (name.includes('ALTNAME')) why = `the server's certificate is not for "${this.tlsHost}" (${detail})`;
+    else if (/CERT|SIGNATURE|ISSUER|SELF_SIGNED|VERIFY/.test(name)) why = `the server's certificate is not trusted${ca} (${detail})`;
+    return new QbackupError('NBD_TLS', `Cannot open NBD export "${this.exportName}" on ${this.address} with TLS: ${why}`, {
+      cause: err,
+      details: { exportName: this.exportName, address: this.address, ...(typeof code === 'string' ? { tlsError: code } : {}) },
+    });
   }
 
   private finishHandshake(): void {
@@ -361,7 +448,7 @@ export class NbdConnection {
   private async abortNegotiation(failure: Error): Promise<void> {
     const soft =
       failure instanceof QbackupError &&
-      (failure.code === 'NBD_EXPORT_NOT_FOUND' || failure.code === 'NBD_HANDSHAKE') &&
+      (failure.code === 'NBD_EXPORT_NOT_FOUND' || failure.code === 'NBD_HANDSHAKE' || failure.code === 'NBD_TLS') &&
       this.handshake.optionsStarted &&
       this.lifecycle.state === NbdConnectionState.Negotiating;
     if (soft) {
@@ -460,6 +547,19 @@ export class NbdConnection {
     const state = this.lifecycle.state;
     const midMessage = (this.parser?.bufferedBytes ?? this.handshake.bufferedBytes) > 0 ? ' in the middle of a message' : '';
     const phase = state === NbdConnectionState.Ready || state === NbdConnectionState.Closing ? '' : ' during the handshake';
+    if (phase !== '' && this.tls !== undefined && this.handshake.step.name !== 'greeting') {
+      // QEMU checks the client's certificate (and its tls-authz) and, when it refuses, just hangs up.
+      const why =
+        this.tls.cert === undefined
+          ? 'likely because it requires a client certificate (client-cert.pem and client-key.pem) and none was given'
+          : 'likely because it does not accept this client certificate (another CA, or not the identity its authorization allows)';
+      this.shutdown(
+        new QbackupError('NBD_TLS', `Cannot open NBD export "${this.exportName}" on ${this.address} with TLS: the server closed the connection, ${why}`, {
+          details: { exportName: this.exportName, address: this.address },
+        }),
+      );
+      return;
+    }
     this.shutdown(
       new QbackupError('NBD_DISCONNECTED', `NBD server at ${this.address} closed the connection to export "${this.exportName}"${phase}${midMessage}`, {
         details: { exportName: this.exportName, address: this.address },
@@ -506,7 +606,18 @@ function resolveOptions(address: NbdAddress, options: NbdConnectionOptions): Res
     handshakeTimeoutMs: timeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS,
     requestTimeoutMs: requestTimeoutMs ?? timeoutMs ?? DEFAULT_NBD_REQUEST_TIMEOUT_MS,
     maxPayloadBytes: options.maxPayloadBytes,
+    tls: checkTls(options.tls),
+    tlsHost: options.tls?.servername ?? ('socket' in address ? 'localhost' : address.host),
   };
+}
+
+function checkTls(tls: NbdTlsOptions | undefined): NbdTlsOptions | undefined {
+  if (tls === undefined) return undefined;
+  assert(tls !== null && typeof tls === 'object', 'NBD tls options must be an object');
+  if (tls.ca === undefined || tls.ca.length === 0) throw new QbackupError('INVALID_ARGUMENT', 'NBD TLS needs a CA certificate to check the server against');
+  if ((tls.cert === undefined) !== (tls.key === undefined)) throw new QbackupError('INVALID_ARGUMENT', 'NBD TLS needs both a client certificate and its key, or neither');
+  if (tls.servername === '') throw new QbackupError('INVALID_ARGUMENT', 'NBD TLS server name must be non-empty');
+  return tls;
 }
 
 function checkAddress(address: NbdAddress): string {

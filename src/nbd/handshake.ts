@@ -7,6 +7,7 @@
 //
 // Steps, in the only order they can run:
 //   recvGreeting → recvHandshakeFlags → (send client flags)
+//   [startStartTls → recvStartTlsReply → tls-upgrade … tlsEstablished]   only with TLS
 //   startStructuredReply → recvStructuredReplyReply
 //   [startMetaContext → recvMetaContextReply …]   only with structured replies and contexts asked for
 //   startGo → recvGoReply …                        NBD_REP_ERR_UNSUP falls back to:
@@ -19,6 +20,12 @@
 //   payload is capped (MAX_OPTION_REPLY_BYTES) before a byte of it is held.
 // - Every step asserts the state it must be entered in; a failed assertion
 //   is a bug here, never something a server can cause.
+// - With TLS asked for, NBD_OPT_STARTTLS is the first option and every later
+//   one goes over TLS. The handshake never continues in the clear: a server
+//   that refuses STARTTLS (unsupported, policy, anything) ends it with
+//   NBD_TLS, and bytes sent in the clear after its ACK are a violation. The
+//   TLS session itself is the connection's work: in step `tls-upgrade` the
+//   handshake waits until the connection calls tlsEstablished().
 // - The first refusal or violation ends the handshake in `failed` with a
 //   QbackupError (NbdProtocolError naming the export for violations); after
 //   that push() drops its input; after `done` it only queues bytes: what
@@ -39,9 +46,11 @@ import {
   NBD_MAX_STRING,
   NBD_OPT_GO,
   NBD_OPT_SET_META_CONTEXT,
+  NBD_OPT_STARTTLS,
   NBD_OPT_STRUCTURED_REPLY,
   NBD_OPTION_REPLY_HEADER_SIZE,
   NBD_REP_ACK,
+  NBD_REP_ERR_INVALID,
   NBD_REP_ERR_POLICY,
   NBD_REP_ERR_SHUTDOWN,
   NBD_REP_ERR_TLS_REQD,
@@ -64,6 +73,7 @@ import {
   encodeExportNameOption,
   encodeGoOption,
   encodeMetaContextOption,
+  encodeOption,
   encodeStructuredReplyOption,
   type NbdBlockSizes,
   type NbdExportNameReply,
@@ -89,6 +99,8 @@ export interface NbdNegotiated {
   /** False when the server sent no NBD_INFO_BLOCK_SIZE and the spec's defaults apply. */
   blockSizesAdvertised: boolean;
   structuredReplies: boolean;
+  /** True when everything after NBD_OPT_STARTTLS, transmission included, runs over TLS. */
+  tls: boolean;
   /** Contexts the server selected: name → context id. */
   contexts: ReadonlyMap<string, number>;
   /** NBD_INFO_NAME, when the server sent one. */
@@ -103,6 +115,8 @@ export interface NbdHandshakeOptions {
   metaContexts: readonly string[];
   /** The server as shown in messages: "unix:/path" or "host:port". */
   address: string;
+  /** Start with NBD_OPT_STARTTLS and go on only over TLS. */
+  tls?: boolean;
 }
 
 /** Where the handshake is: the message it waits for, or how it ended. */
@@ -111,6 +125,8 @@ export type NbdHandshakeStep =
   | { readonly name: 'handshake-flags' }
   | { readonly name: 'option-reply-header'; readonly option: number }
   | { readonly name: 'option-reply-payload'; readonly option: number; readonly reply: number; readonly length: number }
+  /** The server accepted NBD_OPT_STARTTLS: the connection sets up TLS, then calls tlsEstablished(). */
+  | { readonly name: 'tls-upgrade' }
   | { readonly name: 'export-name-reply' }
   | { readonly name: 'export-name-zeroes'; readonly reply: NbdExportNameReply }
   | { readonly name: 'done' }
@@ -130,6 +146,8 @@ export class NbdHandshake {
   readonly exportName: string;
   readonly address: string;
   private readonly metaContexts: readonly string[];
+  private readonly tlsRequired: boolean;
+  private tlsActive = false;
   private readonly input = new ByteQueue();
   private output: Buffer[] = [];
   private stepValue: NbdHandshakeStep = { name: 'greeting' };
@@ -145,6 +163,7 @@ export class NbdHandshake {
     this.exportName = options.exportName;
     this.address = options.address;
     this.metaContexts = options.metaContexts;
+    this.tlsRequired = options.tls === true;
   }
 
   get step(): NbdHandshakeStep {
@@ -184,6 +203,13 @@ export class NbdHandshake {
     this.input.push(bytes);
     try {
       for (;;) {
+        if (this.stepValue.name === 'tls-upgrade') {
+          // Anything now is either a TLS record for the connection's TLS layer, which never reaches here, or plaintext.
+          if (this.input.length > 0) {
+            throw new NbdProtocolError('unexpected-reply', `server sent ${this.input.length} bytes in the clear after accepting NBD_OPT_STARTTLS`);
+          }
+          return;
+        }
         const needed = this.bytesNeeded();
         if (needed === undefined) return;
         const piece = this.input.take(needed);
@@ -227,6 +253,7 @@ export class NbdHandshake {
         return EXPORT_NAME_REPLY_BYTES;
       case 'export-name-zeroes':
         return EXPORT_NAME_ZEROES_BYTES;
+      case 'tls-upgrade':
       case 'done':
       case 'failed':
         return undefined;
@@ -248,6 +275,7 @@ export class NbdHandshake {
         return this.recvExportNameReply(bytes);
       case 'export-name-zeroes':
         return this.finish(step.reply, false);
+      case 'tls-upgrade':
       case 'done':
       case 'failed':
         assert(false, `NBD handshake received bytes in step ${step.name}`);
@@ -290,7 +318,8 @@ export class NbdHandshake {
     this.noZeroes = (handshakeFlags & NBD_FLAG_NO_ZEROES) !== 0;
     this.send(encodeClientFlags(NBD_FLAG_C_FIXED_NEWSTYLE | (this.noZeroes ? NBD_FLAG_C_NO_ZEROES : 0)));
     this.clientFlagsSent = true;
-    this.startStructuredReply();
+    if (this.tlsRequired) this.startStartTls();
+    else this.startStructuredReply();
   }
 
   // ---- Option replies (shared framing) -------------------------------------------
@@ -315,6 +344,8 @@ export class NbdHandshake {
 
   private recvOptionReply(option: number, reply: number, payload: Buffer): void {
     switch (option) {
+      case NBD_OPT_STARTTLS:
+        return this.recvStartTlsReply(reply, payload);
       case NBD_OPT_STRUCTURED_REPLY:
         return this.recvStructuredReplyReply(reply, payload);
       case NBD_OPT_SET_META_CONTEXT:
@@ -326,10 +357,58 @@ export class NbdHandshake {
     }
   }
 
+  // ---- NBD_OPT_STARTTLS -------------------------------------------------------------
+
+  private startStartTls(): void {
+    assert(this.clientFlagsSent && this.tlsRequired && !this.tlsActive, 'NBD_OPT_STARTTLS is the first option, sent once');
+    this.send(encodeOption(NBD_OPT_STARTTLS));
+    this.expectOptionReply(NBD_OPT_STARTTLS);
+  }
+
+  private recvStartTlsReply(reply: number, payload: Buffer): void {
+    if (reply === NBD_REP_ACK) {
+      checkEmptyAck(NBD_OPT_STARTTLS, payload);
+      this.stepValue = { name: 'tls-upgrade' };
+    } else if (isNbdReplyError(reply)) {
+      // Whatever the refusal, never go on in the clear.
+      throw this.tlsRefused(reply, payload);
+    } else {
+      throw unexpectedOptionReply(NBD_OPT_STARTTLS, reply);
+    }
+  }
+
+  /**
+   * The connection finished the TLS handshake the server agreed to: every
+   * later byte, both ways, goes over TLS. Negotiation goes on from the first
+   * option. Returns nothing; the next bytes to send are in takeOutput().
+   */
+  tlsEstablished(): void {
+    assert(this.stepValue.name === 'tls-upgrade', 'tlsEstablished() follows an accepted NBD_OPT_STARTTLS');
+    this.tlsActive = true;
+    this.startStructuredReply();
+  }
+
+  private tlsRefused(reply: number, payload: Buffer): QbackupError {
+    const serverMessage = decodeOptionErrorMessage(payload);
+    const why =
+      reply === NBD_REP_ERR_UNSUP
+        ? 'the server does not support TLS'
+        : reply === NBD_REP_ERR_POLICY
+          ? 'the server refused TLS by policy'
+          : reply === NBD_REP_ERR_INVALID
+            ? 'the server refused NBD_OPT_STARTTLS as invalid'
+            : `the server answered NBD_OPT_STARTTLS with ${nbdReplyName(reply)}`;
+    return new QbackupError(
+      'NBD_TLS',
+      `Cannot open NBD export "${this.exportName}" on ${this.address} with TLS: ${why}, and qbackup does not fall back to an unencrypted connection${serverMessage === '' ? '' : ` (server: ${serverMessage})`}`,
+      { details: { exportName: this.exportName, address: this.address, option: nbdOptionName(NBD_OPT_STARTTLS), reply: nbdReplyName(reply), serverMessage } },
+    );
+  }
+
   // ---- NBD_OPT_STRUCTURED_REPLY ----------------------------------------------------
 
   private startStructuredReply(): void {
-    assert(this.clientFlagsSent && !this.structuredReplies, 'NBD_OPT_STRUCTURED_REPLY is the first option');
+    assert(this.clientFlagsSent && !this.structuredReplies && this.tlsActive === this.tlsRequired, 'NBD_OPT_STRUCTURED_REPLY is the first option (after TLS, when asked for)');
     this.send(encodeStructuredReplyOption());
     this.expectOptionReply(NBD_OPT_STRUCTURED_REPLY);
   }
@@ -441,6 +520,7 @@ export class NbdHandshake {
       blockSizes: blockSizes ?? defaultBlockSizes(),
       blockSizesAdvertised: blockSizes !== undefined,
       structuredReplies: this.structuredReplies,
+      tls: this.tlsActive,
       contexts: this.contexts,
       canonicalName: this.go.canonicalName,
       description: this.go.description,
@@ -462,7 +542,7 @@ export class NbdHandshake {
     }
     const why =
       reply === NBD_REP_ERR_TLS_REQD
-        ? 'the server requires TLS, which qbackup does not use'
+        ? 'the server requires TLS, and this connection was not asked to use it (give TLS credentials, e.g. a certificate directory)'
         : reply === NBD_REP_ERR_SHUTDOWN
           ? 'the server is shutting down'
           : reply === NBD_REP_ERR_POLICY

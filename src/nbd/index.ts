@@ -71,7 +71,9 @@ export {
   type NbdConnectionOptions,
   type NbdNegotiated,
   type NbdRequestOptions,
+  type NbdTlsOptions,
 } from './connection.js';
+export { NBD_DEFAULT_PORT, formatNbdUri, parseNbdUri, type NbdUri } from './uri.js';
 export { NbdClient, type NbdClientOptions, type NbdExtent, type NbdWriteZeroesOptions } from './client.js';
 export { copyExtents, type CopyExtentsOptions, type CopyExtentsResult } from './copy.js';
 export {

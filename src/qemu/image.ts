@@ -78,7 +78,7 @@ export async function createImage(
   file: string,
   format: ImageFormat,
   sizeBytes: number,
-  options: { clusterSizeBytes?: number; backingFile?: string; backingFormat?: string } = {},
+  options: { clusterSizeBytes?: number; backingFile?: string; backingFormat?: string; luksSecretFile?: string } = {},
 ): Promise<void> {
   try {
     const fd = openSync(file, 'w', 0o600);
@@ -93,8 +93,17 @@ export async function createImage(
   const args = ['create', '-q', '-f', format];
   const opts: string[] = [];
   if (options.clusterSizeBytes !== undefined) opts.push(`cluster_size=${options.clusterSizeBytes}`);
+  if (options.luksSecretFile !== undefined) {
+    // QEMU option syntax: a comma in a value is written twice.
+    args.push('--object', `secret,id=qbsec0,file=${options.luksSecretFile.replace(/,/g, ',,')}`);
+    opts.push('encrypt.format=luks', 'encrypt.key-secret=qbsec0');
+  }
   if (opts.length > 0) args.push('-o', opts.join(','));
-  if (options.backingFile !== undefined) args.push('-b', options.backingFile, '-F', options.backingFormat ?? 'qcow2');
+  if (options.backingFile !== undefined) {
+    args.push('-b', options.backingFile, '-F', options.backingFormat ?? 'qcow2');
+    // An encrypted backing file cannot be opened without its secret; the size is given, so it need not be.
+    if (options.luksSecretFile !== undefined) args.push('-u');
+  }
   args.push(file, String(sizeBytes));
   await runTool('qemu-img', args, { what: `Creating image "${file}"` });
   // qemu-img reopens the file it creates; make sure nothing widened the mode.

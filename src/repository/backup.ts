@@ -12,6 +12,11 @@
 //   indexes nobody references (gc removes them), and its checkpoint is merged
 //   away (now, or by the next backup of the domain).
 // - A disk whose size changed since its last backup gets a full backup.
+// - The exports are read over a private unix socket (plain: only this user
+//   can reach it), or, when asked, over TCP and then always with TLS: QEMU
+//   serves with the server half of the certificate directory, our client
+//   reads with the client half. Both halves are checked before the domain
+//   is touched.
 
 import { exportUri, serverAddress, type JobDisk, type JobInfo } from '../backup/job.js';
 import type { BackupService } from '../backup/service.js';
@@ -23,6 +28,7 @@ import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
 import { NBD_CONTEXT_BASE_ALLOCATION } from '../nbd/constants.js';
 import { assert } from '../util/assert.js';
+import { checkServerCredentials, readClientCredentials, type TlsClientCredentials } from '../util/pki.js';
 import { condemnedPacks } from './gc.js';
 import { acquireLock } from './locks.js';
 import { newBackupId, type Manifest, type ManifestDisk } from './manifest.js';
@@ -51,6 +57,13 @@ export interface RepoBackupOptions {
    */
   quiesce?: QuiesceMode;
   onProgress?: (p: Progress) => void;
+  /** Serve the exports on this TCP address, with TLS, instead of a private unix socket (e.g. to read them through a network). */
+  tcp?: { host: string; port: number };
+  /**
+   * With `tcp`: the certificate directory holding the server's files (for
+   * QEMU) and the client's (for the reader); default: the backup service's.
+   */
+  tlsCertDir?: string;
   /** Stops the backup between reads (it then fails, is cleaned up like any failed backup, and lists nothing). */
   signal?: AbortSignal;
 }
@@ -74,6 +87,7 @@ interface DiskPlan {
 export async function backupDomain(services: BackupServices, store: Store, domain: string, options: RepoBackupOptions = {}): Promise<Manifest> {
   const { domains } = services;
   const selected = selectDisks(domains, domain, options.disks);
+  const tls = tlsFor(services, domain, options);
   await using _lock = await acquireLock(store.backend, 'backup', domain);
   // A shut-off domain is started with its CPUs stopped: QEMU opens the images
   // with their bitmaps, no guest code runs, and it is shut down cleanly after.
@@ -84,7 +98,7 @@ export async function backupDomain(services: BackupServices, store: Store, domai
   if (startedHere) await domains.start(domain, { paused: true });
   let manifest: Manifest;
   try {
-    manifest = await backupRunning(services, store, domain, selected, options, startedHere);
+    manifest = await backupRunning(services, store, domain, selected, { ...options, ...tls }, startedHere);
   } catch (err) {
     if (startedHere) {
       await domains.shutdown(domain).catch((stopErr: unknown) => {
@@ -101,6 +115,19 @@ export async function backupDomain(services: BackupServices, store: Store, domai
   return manifest;
 }
 
+/** Over TCP: both halves of the certificate directory, checked now; the client's credentials for the reader. */
+function tlsFor(services: BackupServices, domain: string, options: RepoBackupOptions): { clientTls?: TlsClientCredentials; tlsCertDir?: string } {
+  if (options.tcp === undefined) {
+    if (options.tlsCertDir !== undefined) throw new QbackupError('INVALID_ARGUMENT', `Cannot back up domain "${domain}": a TLS certificate directory was given, but the exports are read over a unix socket (give a TCP address too)`);
+    return {};
+  }
+  const what = `Cannot back up domain "${domain}" over TCP with TLS`;
+  const dir = options.tlsCertDir ?? services.backups.defaultTlsCertDir;
+  if (dir === undefined) throw new QbackupError('TLS_CREDENTIALS', `${what}: no certificate directory was given`);
+  const tlsCertDir = checkServerCredentials(dir, what);
+  return { clientTls: readClientCredentials(tlsCertDir, what), tlsCertDir };
+}
+
 function selectDisks(domains: DomainService, domain: string, targets: readonly string[] | undefined): BlockInfo[] {
   const all = domains.blockList(domain);
   for (const t of targets ?? []) {
@@ -111,7 +138,10 @@ function selectDisks(domains: DomainService, domain: string, targets: readonly s
   return selected;
 }
 
-async function backupRunning(services: BackupServices, store: Store, domain: string, selected: readonly BlockInfo[], options: RepoBackupOptions, startedHere: boolean): Promise<Manifest> {
+/** The options once TLS credentials are read. */
+type RunOptions = RepoBackupOptions & { clientTls?: TlsClientCredentials };
+
+async function backupRunning(services: BackupServices, store: Store, domain: string, selected: readonly BlockInfo[], options: RunOptions, startedHere: boolean): Promise<Manifest> {
   const id = newBackupId();
   const checkpoint = `qb-${id}`;
   const history = await store.manifests(domain);
@@ -125,7 +155,15 @@ async function backupRunning(services: BackupServices, store: Store, domain: str
   try {
     // A domain started here, paused, runs no agent: its disks are as it left them.
     const quiesce = options.quiesce !== undefined && !startedHere ? { quiesce: options.quiesce } : {};
-    job = await services.backups.begin(domain, jobSpec(plans), { checkpoint: { name: checkpoint }, strict: true, ownedByCaller: true, discardCheckpointOnFailure: true, ...quiesce });
+    const tlsDir = options.tlsCertDir !== undefined ? { tlsCertDir: options.tlsCertDir } : {};
+    job = await services.backups.begin(domain, jobSpec(plans, options.tcp), {
+      checkpoint: { name: checkpoint },
+      strict: true,
+      ownedByCaller: true,
+      discardCheckpointOnFailure: true,
+      ...quiesce,
+      ...tlsDir,
+    });
     const disks: ManifestDisk[] = [];
     for (const plan of plans) disks.push(await readJobDisk(store, pool, job, plan, options));
     manifest = {
@@ -156,9 +194,10 @@ async function backupRunning(services: BackupServices, store: Store, domain: str
 }
 
 /** The pull job that exports every planned disk, incremental ones with their dirty bitmap. */
-function jobSpec(plans: readonly DiskPlan[]): BackupSpec {
+function jobSpec(plans: readonly DiskPlan[], tcp: RepoBackupOptions['tcp']): BackupSpec {
   return {
     mode: 'pull',
+    ...(tcp !== undefined ? { server: { transport: 'tcp' as const, host: tcp.host, port: tcp.port, tls: true } } : {}),
     disks: plans.map((p) => ({
       target: p.disk.target,
       ...(p.parent !== undefined ? { mode: 'incremental' as const, since: p.parent.manifest.checkpoint } : { mode: 'full' as const }),
@@ -180,7 +219,7 @@ async function planDisk(checkpoints: CheckpointService, domain: string, history:
 }
 
 /** Reads one exported disk of the job into the store and describes it for the manifest. */
-async function readJobDisk(store: Store, pool: ChunkPool, job: JobInfo, plan: DiskPlan, options: RepoBackupOptions): Promise<ManifestDisk> {
+async function readJobDisk(store: Store, pool: ChunkPool, job: JobInfo, plan: DiskPlan, options: RunOptions): Promise<ManifestDisk> {
   const jd: JobDisk | undefined = job.disks.find((d) => d.target === plan.disk.target);
   assert(jd !== undefined && job.server !== undefined, `backup job "${job.id}" exports disk "${plan.disk.target}"`);
   const virtualSize = jd.virtualSize ?? 0;
@@ -192,6 +231,7 @@ async function readJobDisk(store: Store, pool: ChunkPool, job: JobInfo, plan: Di
   await using client = await NbdClient.connect(serverAddress(job.server), {
     exportName,
     metaContexts: [NBD_CONTEXT_BASE_ALLOCATION, ...(dirtyContext !== undefined ? [dirtyContext] : [])],
+    ...(job.server.transport === 'tcp' && job.server.tls ? { tls: requireClientTls(options.clientTls, job.id) } : {}),
   });
   if (dirtyContext !== undefined && !client.contexts.has(dirtyContext)) {
     throw new QbackupError('NBD_ERROR', `Export ${exportUri(job.server, exportName)} does not offer "${dirtyContext}"`);
@@ -216,6 +256,11 @@ async function readJobDisk(store: Store, pool: ChunkPool, job: JobInfo, plan: Di
     chunks: result.chunks,
     newChunks: result.newChunks,
   };
+}
+
+function requireClientTls(tls: TlsClientCredentials | undefined, jobId: string): TlsClientCredentials {
+  assert(tls !== undefined, `backup job "${jobId}" serves over TLS, so its reader has client credentials`);
+  return tls;
 }
 
 /**

@@ -4,12 +4,13 @@
 
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
+import { exportUri } from '../../src/backup/job.js';
 import { planBackup, selectDisks, type PlanInputs } from '../../src/backup/plan.js';
 import { validateBackupSpec, type BackupSpec } from '../../src/backup/spec.js';
 import type { DiskCoverage } from '../../src/checkpoint/coverage.js';
 import type { AttachedDisk } from '../../src/domain/service.js';
 import { isQbackupError } from '../../src/errors.js';
-import { formatJobXml, parseBackupSpec } from '../../src/libvirt/backup.js';
+import { formatBackupXml, formatJobXml, parseBackupSpec, parseBackupXml } from '../../src/libvirt/backup.js';
 
 const disks: AttachedDisk[] = [
   { target: 'sda', source: '/img/a.qcow2', format: 'qcow2', bus: 'scsi', readonly: false, diskId: 'd1' },
@@ -144,6 +145,34 @@ describe('validateBackupSpec', () => {
   });
 });
 
+describe('planning a TLS server', () => {
+  const tcp = (tls: boolean): BackupSpec => ({ mode: 'pull', server: { transport: 'tcp', host: '127.0.0.1', port: 10809, tls } });
+
+  it('gives a TLS server its certificate directory and a credentials object id; a plain one gets neither', () => {
+    const job = planBackup(inputs(tcp(true), { tlsCertDir: '/pki/qbackup' }));
+    assert.deepEqual(job.server, { transport: 'tcp', host: '127.0.0.1', port: 10809, tls: true, tlsCertDir: '/pki/qbackup', tlsCredsId: 'bk0123abcd-tls' });
+    assert.deepEqual(planBackup(inputs(tcp(false))).server, { transport: 'tcp', host: '127.0.0.1', port: 10809, tls: false });
+    assert.match(formatJobXml(job), /<server transport="tcp" name="127.0.0.1" port="10809" tls="yes"\/>/);
+  });
+
+  it('an accepted client identity adds an authorization object', () => {
+    const job = planBackup(inputs(tcp(true), { tlsCertDir: '/pki', options: { tlsClientIdentity: 'CN=backup-client' } }));
+    assert.deepEqual(job.server, { transport: 'tcp', host: '127.0.0.1', port: 10809, tls: true, tlsCertDir: '/pki', tlsCredsId: 'bk0123abcd-tls', tlsAuthzId: 'bk0123abcd-authz', tlsClientIdentity: 'CN=backup-client' });
+  });
+
+  it('refuses TLS without a certificate directory rather than serving in the clear', () => {
+    code(() => planBackup(inputs(tcp(true))), 'TLS_CREDENTIALS', /^Cannot serve the backup of domain "vm" over TLS: no certificate directory was given$/);
+  });
+
+  it('shows the export of a TLS server as nbds://', () => {
+    const job = planBackup(inputs(tcp(true), { tlsCertDir: '/pki' }));
+    assert.ok(job.server !== undefined);
+    assert.equal(exportUri(job.server, 'sda'), 'nbds://127.0.0.1:10809/sda');
+    assert.equal(exportUri({ transport: 'tcp', host: '::1', port: 1, tls: false }, 'a b'), 'nbd://[::1]:1/a%20b');
+    assert.equal(exportUri({ transport: 'unix', socket: '/run/x/nbd.sock' }, 'sda'), 'nbd+unix:///sda?socket=/run/x/nbd.sock');
+  });
+});
+
 describe('libvirt <domainbackup> ↔ BackupSpec', () => {
   it('maps libvirt documents onto the spec: excluded disks dropped, server typed, tls kept', () => {
     const spec = parseBackupSpec(`<domainbackup mode='pull'><incremental>c1</incremental>
@@ -157,12 +186,29 @@ describe('libvirt <domainbackup> ↔ BackupSpec', () => {
     });
   });
 
-  it('refuses an encrypted target rather than dropping the encryption', () => {
-    code(
-      () => parseBackupSpec(`<domainbackup><disks><disk name='sda'><target file='/t.qcow2'><encryption format='luks'><secret type='passphrase' uuid='x'/></encryption></target></disk></disks></domainbackup>`),
-      'NOT_SUPPORTED',
-      /encrypted/,
-    );
+  it('keeps LUKS encryption of a target or scratch, and refuses every other kind rather than dropping it', () => {
+    const uuid = '6F2A0A3E-1C2B-4D5E-8F90-0123456789AB';
+    const enc = (inner: string, driver = ''): string =>
+      `<domainbackup><disks><disk name='sda'>${driver}<target file='/t.qcow2'><encryption ${inner}</encryption></target></disk></disks></domainbackup>`;
+    const spec = parseBackupSpec(enc(`format='luks'><secret type='passphrase' uuid='${uuid}'/>`));
+    assert.deepEqual(spec.disks, [{ target: 'sda', targetFile: '/t.qcow2', encryption: { format: 'luks', secret: uuid.toLowerCase() } }]);
+    const xml = parseBackupXml(enc(`format='luks'><secret type='passphrase' uuid='${uuid}'/>`));
+    assert.deepEqual(parseBackupXml(formatBackupXml(xml)), xml, 'round trip');
+    assert.match(formatBackupXml(xml), /<target file="\/t.qcow2">\s*<encryption format="luks">\s*<secret type="passphrase" uuid="6f2a0a3e-1c2b-4d5e-8f90-0123456789ab"\/>/);
+    code(() => parseBackupSpec(enc(`format='qcow'><secret type='passphrase' uuid='${uuid}'/>`)), 'NOT_SUPPORTED', /in format 'qcow' \(only luks is supported\)/);
+    code(() => parseBackupSpec(enc(`format='luks'><secret type='passphrase' usage='x'/>`)), 'NOT_SUPPORTED', /named by usage/);
+    code(() => parseBackupSpec(enc(`format='luks'><secret type='passphrase' uuid='${uuid}'/>`, "<driver type='raw'/>")), 'NOT_SUPPORTED', /encrypted raw destination/);
+    code(() => parseBackupSpec(enc(`format='luks'><secret type='passphrase' uuid='../../etc'/>`)), 'INVALID_XML', /is not a UUID/);
+    code(() => parseBackupSpec(enc(`format='luks'>`)), 'INVALID_XML', /without exactly one <secret>/);
+    code(() => validateBackupSpec({ mode: 'push', disks: [{ target: 'sda', encryption: { format: 'luks', secret: '../x' } }] }), 'INVALID_ARGUMENT', /not a lower-case UUID/);
+    code(() => validateBackupSpec({ mode: 'push', disks: [{ target: 'sda', format: 'raw', encryption: { format: 'luks', secret: uuid.toLowerCase() } }] }), 'NOT_SUPPORTED', /qcow2 only/);
+  });
+
+  it('plans a LUKS disk with its passphrase file and a secret object id', () => {
+    const secret = '6f2a0a3e-1c2b-4d5e-8f90-0123456789ab';
+    const job = planBackup(inputs({ mode: 'push', disks: [{ target: 'sda', encryption: { format: 'luks', secret } }] }, { secretFile: (u) => `/state/secrets/${u}` }));
+    assert.deepEqual(job.disks[0]?.encryption, { secret, secretFile: `/state/secrets/${secret}`, secretId: 'bk0123abcd-sda-sec' });
+    assert.match(formatJobXml(job), new RegExp(`<encryption format="luks">\\s*<secret type="passphrase" uuid="${secret}"/>`));
   });
 
   it('shows a planned job as <domainbackup> with each disk state', () => {

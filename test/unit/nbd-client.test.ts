@@ -5,11 +5,12 @@
 // test/integration/nbd-interop.test.ts.
 
 import { strict as assert } from 'node:assert';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterEach, beforeEach, describe, it, mock } from 'node:test';
+import { afterEach, before, beforeEach, describe, it, mock } from 'node:test';
+import { TLSSocket } from 'node:tls';
 import { isQbackupError, QbackupError } from '../../src/errors.js';
 import {
   NBD_CMD_BLOCK_STATUS,
@@ -28,6 +29,7 @@ import {
   NBD_OPT_ABORT,
   NBD_OPT_GO,
   NBD_OPT_SET_META_CONTEXT,
+  NBD_OPT_STARTTLS,
   NBD_OPT_STRUCTURED_REPLY,
   NBD_REPLY_FLAG_DONE,
   NBD_REPLY_TYPE_BLOCK_STATUS,
@@ -39,7 +41,10 @@ import {
   NbdCommandError,
   NbdConnectionState,
   NbdProtocolError,
+  type NbdTlsOptions,
 } from '../../src/nbd/index.js';
+import { readClientCredentials } from '../../src/util/pki.js';
+import { makePki } from '../helpers/pki.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -67,6 +72,12 @@ interface FakeScript {
   refuseContexts?: boolean;
   /** Handles a request; default: the in-memory disk below. */
   onRequest?: (request: FakeRequest, peer: Peer) => void;
+  /**
+   * NBD_OPT_STARTTLS: upgrade with this server identity (every other option
+   * before it gets NBD_REP_ERR_TLS_REQD, as QEMU does), or answer it with
+   * this refusal, or ACK it and then talk in the clear.
+   */
+  tls?: { cert: Buffer; key: Buffer; ca?: Buffer } | { refuse: number } | 'plaintext-after-ack';
 }
 
 /** Reads exact byte counts from a socket; undefined at end of stream. */
@@ -182,6 +193,8 @@ class FakeServer {
   readonly disk: Buffer;
   /** Options received, in order. */
   readonly options: number[] = [];
+  /** Options received over TLS, in order. */
+  readonly tlsOptions: number[] = [];
   /** Transmission requests received, in order (NBD_CMD_DISC included). */
   readonly requests: FakeRequest[] = [];
   readonly sockets = new Set<Socket>();
@@ -215,8 +228,9 @@ class FakeServer {
   }
 
   private async serve(socket: Socket): Promise<void> {
-    const reader = new Reader(socket);
-    const peer = new Peer(socket, this);
+    let reader = new Reader(socket);
+    let peer = new Peer(socket, this);
+    let secure = false;
     const script = this.script;
     const hello = script.hello ?? 'newstyle';
     if (hello === 'oldstyle') {
@@ -242,6 +256,27 @@ class FakeServer {
       const data = await reader.read(header.readUInt32BE(12));
       if (data === undefined) return;
       this.options.push(option);
+      if (secure) this.tlsOptions.push(option);
+      const tls = script.tls;
+      if (option === NBD_OPT_STARTTLS && tls !== undefined) {
+        if (tls === 'plaintext-after-ack') {
+          peer.write(Buffer.concat([optionReply(option, 1), Buffer.from('hello in the clear')]));
+        } else if ('refuse' in tls) {
+          peer.write(optionReply(option, tls.refuse, Buffer.from('no TLS here')));
+        } else {
+          peer.write(optionReply(option, 1));
+          const upgraded = new TLSSocket(socket, { isServer: true, cert: tls.cert, key: tls.key, ...(tls.ca !== undefined ? { ca: tls.ca, requestCert: true, rejectUnauthorized: true } : {}) });
+          upgraded.on('error', () => socket.destroy());
+          reader = new Reader(upgraded);
+          peer = new Peer(upgraded, this);
+          secure = true;
+        }
+        continue;
+      }
+      if (tls !== undefined && !secure && option !== NBD_OPT_ABORT) {
+        peer.write(optionReply(option, 0x80000005, Buffer.from('TLS first')));
+        continue;
+      }
       if (option === NBD_OPT_STRUCTURED_REPLY) {
         peer.write(optionReply(option, script.structured === false ? 0x80000001 : 1));
       } else if (option === NBD_OPT_SET_META_CONTEXT) {
@@ -341,6 +376,31 @@ class FakeServer {
 
 // ---- Helpers ----------------------------------------------------------------
 
+/** Certificates made once for the TLS tests: ours, and another CA's. */
+interface TestPki {
+  server: { cert: Buffer; key: Buffer; ca: Buffer };
+  client: NbdTlsOptions;
+  otherCaClient: NbdTlsOptions;
+}
+let pkiCache: TestPki | undefined;
+function testPki(): TestPki {
+  if (pkiCache !== undefined) return pkiCache;
+  const root = mkdtempSync(join(tmpdir(), 'qbt-nbd-pki-'));
+  try {
+    const ours = makePki(join(root, 'ours'));
+    const other = makePki(join(root, 'other'));
+    const file = (name: string): Buffer => readFileSync(join(ours.dir, name));
+    pkiCache = {
+      server: { cert: file('server-cert.pem'), key: file('server-key.pem'), ca: file('ca-cert.pem') },
+      client: readClientCredentials(ours.dir, 'test'),
+      otherCaClient: readClientCredentials(other.dir, 'test'),
+    };
+    return pkiCache;
+  } finally {
+    rmSync(root, { recursive: true, force: true });
+  }
+}
+
 let dir: string;
 let servers: FakeServer[];
 let clients: NbdClient[];
@@ -365,7 +425,7 @@ async function serve(script: FakeScript = {}): Promise<FakeServer> {
 
 async function connect(
   server: FakeServer,
-  options: { exportName?: string; metaContexts?: string[]; timeoutMs?: number; requestTimeoutMs?: number } = {},
+  options: { exportName?: string; metaContexts?: string[]; timeoutMs?: number; requestTimeoutMs?: number; tls?: NbdTlsOptions } = {},
 ): Promise<NbdClient> {
   const client = await NbdClient.connect({ socket: server.path }, { exportName: options.exportName ?? EXPORT, ...options });
   clients.push(client);
@@ -818,5 +878,99 @@ describe('NbdClient close', () => {
     }
     await requestsSeen(server, 2);
     assert.equal(server.requests[1]?.type, NBD_CMD_DISC);
+  });
+});
+
+describe('NbdClient TLS', () => {
+  before(() => {
+    testPki();
+  });
+
+  it('sends NBD_OPT_STARTTLS first, then negotiates and reads over TLS', async () => {
+    const pki = testPki();
+    const server = await serve({ tls: pki.server, contexts: { 'base:allocation': 5 } });
+    const client = await connect(server, { tls: pki.client, metaContexts: ['base:allocation'] });
+    assert.equal(client.negotiated.tls, true);
+    assert.deepEqual(server.options, [NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY, NBD_OPT_SET_META_CONTEXT, NBD_OPT_GO]);
+    assert.deepEqual(server.tlsOptions, [NBD_OPT_STRUCTURED_REPLY, NBD_OPT_SET_META_CONTEXT, NBD_OPT_GO], 'everything after STARTTLS went over TLS');
+    assert.ok((await client.read(4096, 64 * KiB)).equals(server.disk.subarray(4096, 4096 + 64 * KiB)));
+    await client.close();
+    assert.equal(server.requests.at(-1)?.type, NBD_CMD_DISC);
+  });
+
+  it('never falls back to plain when the server refuses STARTTLS: NBD_TLS, and only NBD_OPT_ABORT follows', async () => {
+    const pki = testPki();
+    for (const [refuse, why] of [
+      [0x80000001, /the server does not support TLS, and qbackup does not fall back to an unencrypted connection \(server: no TLS here\)$/],
+      [0x80000002, /the server refused TLS by policy/],
+      [0x80000003, /refused NBD_OPT_STARTTLS as invalid/],
+    ] as const) {
+      const server = await serve({ tls: { refuse } });
+      await assert.rejects(connect(server, { tls: pki.client }), (err: unknown) => {
+        assert.ok(isQbackupError(err, 'NBD_TLS'), String(err));
+        assert.match(err.message, new RegExp(`^Cannot open NBD export "${EXPORT}" on unix:.* with TLS: `));
+        assert.match(err.message, why);
+        return true;
+      });
+      assert.deepEqual(server.options, [NBD_OPT_STARTTLS, NBD_OPT_ABORT]);
+    }
+  });
+
+  it('a server that talks in the clear after accepting STARTTLS breaks the protocol', async () => {
+    const server = await serve({ tls: 'plaintext-after-ack' });
+    await assert.rejects(connect(server, { tls: testPki().client }), (err: unknown) => {
+      assert.ok(err instanceof NbdProtocolError, String(err));
+      assert.match(err.message, /sent 18 bytes in the clear after accepting NBD_OPT_STARTTLS/);
+      return true;
+    });
+  });
+
+  it('a certificate from another CA is refused before any option goes out', async () => {
+    const pki = testPki();
+    const server = await serve({ tls: pki.server });
+    await assert.rejects(connect(server, { tls: pki.otherCaClient }), (err: unknown) => {
+      assert.ok(isQbackupError(err, 'NBD_TLS'), String(err));
+      assert.match(err.message, /with TLS: the server's certificate is not trusted by the CA in ".*other"/);
+      return true;
+    });
+    assert.deepEqual(server.options, [NBD_OPT_STARTTLS]);
+  });
+
+  it('checks the server name: the default over a unix socket is localhost; another name fails', async () => {
+    const pki = testPki();
+    const server = await serve({ tls: pki.server });
+    await assert.rejects(connect(server, { tls: { ...pki.client, servername: 'backup.example' } }), (err: unknown) => {
+      assert.ok(isQbackupError(err, 'NBD_TLS'), String(err));
+      assert.match(err.message, /certificate is not for "backup\.example"/);
+      return true;
+    });
+  });
+
+  it('a server that verifies clients refuses one without a certificate, with one sentence', async () => {
+    const pki = testPki();
+    const server = await serve({ tls: pki.server });
+    const { cert: _c, key: _k, ...caOnly } = pki.client;
+    await assert.rejects(connect(server, { tls: caOnly }), (err: unknown) => {
+      assert.ok(isQbackupError(err, 'NBD_TLS'), String(err));
+      assert.match(err.message, new RegExp(`^Cannot open NBD export "${EXPORT}" on unix:.* with TLS: .*client certificate`));
+      assert.doesNotMatch(err.message, /not trusted/);
+      return true;
+    });
+  });
+
+  it('without TLS, a server that requires it is reported as such', async () => {
+    const server = await serve({ tls: testPki().server });
+    await assert.rejects(connect(server), (err: unknown) => {
+      assert.ok(isQbackupError(err, 'NBD_HANDSHAKE'), String(err));
+      assert.match(err.message, /the server requires TLS, and this connection was not asked to use it/);
+      return true;
+    });
+  });
+
+  it('checks TLS options before connecting', async () => {
+    const pki = testPki();
+    const server = await serve();
+    await assert.rejects(connect(server, { tls: { ca: Buffer.alloc(0) } }), /needs a CA certificate/);
+    await assert.rejects(connect(server, { tls: { ca: pki.server.ca, cert: pki.server.cert } }), /both a client certificate and its key/);
   });
 });

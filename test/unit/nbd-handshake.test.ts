@@ -18,6 +18,7 @@ import {
   NBD_OPT_EXPORT_NAME,
   NBD_OPT_GO,
   NBD_OPT_SET_META_CONTEXT,
+  NBD_OPT_STARTTLS,
   NBD_OPT_STRUCTURED_REPLY,
   NbdHandshake,
   NbdProtocolError,
@@ -40,6 +41,7 @@ const REP_INFO = 3;
 const REP_META_CONTEXT = 4;
 const ERR_UNSUP = 0x80000001;
 const ERR_POLICY = 0x80000002;
+const ERR_INVALID = 0x80000003;
 const ERR_TLS_REQD = 0x80000005;
 const ERR_UNKNOWN = 0x80000006;
 const ERR_SHUTDOWN = 0x80000007;
@@ -214,6 +216,7 @@ describe('NbdHandshake: good servers', () => {
       blockSizes: { minimum: 512, preferred: 4096, maximum: 32 * MiB },
       blockSizesAdvertised: true,
       structuredReplies: true,
+      tls: false,
       contexts: new Map([
         ['base:allocation', 1],
         ['qemu:dirty-bitmap:b0', 5],
@@ -396,7 +399,7 @@ describe('NbdHandshake: server refusals', () => {
     const cases: Array<[number, RegExp]> = [
       [ERR_POLICY, /Cannot open NBD export "disk0" on unix:\/test\/nbd.sock: the server refused it by policy: go away/],
       [ERR_SHUTDOWN, /the server is shutting down: go away/],
-      [ERR_TLS_REQD, /the server requires TLS, which qbackup does not use: go away/],
+      [ERR_TLS_REQD, /the server requires TLS, and this connection was not asked to use it \(give TLS credentials, e.g. a certificate directory\): go away/],
       [0x80000009, /the server replied NBD_REP_ERR_TOO_BIG: go away/],
     ];
     for (const [type, pattern] of cases) {
@@ -415,6 +418,73 @@ describe('NbdHandshake: server refusals', () => {
       feed(contexts, greeting(), reply(NBD_OPT_STRUCTURED_REPLY, REP_ACK), reply(NBD_OPT_SET_META_CONTEXT, type));
       expectFailure(contexts, 'NBD_HANDSHAKE', /Cannot open NBD export "disk0"/);
     }
+  });
+});
+
+describe('NbdHandshake: STARTTLS', () => {
+  function tlsHandshake(): NbdHandshake {
+    return new NbdHandshake({ exportName: EXPORT, metaContexts: ['base:allocation'], address: ADDRESS, tls: true });
+  }
+
+  it('sends NBD_OPT_STARTTLS first, waits for the connection after the ACK, then negotiates from the start', () => {
+    const h = tlsHandshake();
+    const first = sentOptions(feed(h, greeting()), true);
+    assert.deepEqual(first.options, [{ option: NBD_OPT_STARTTLS, data: Buffer.alloc(0) }], 'nothing but STARTTLS goes out in the clear');
+    assert.equal(feed(h, reply(NBD_OPT_STARTTLS, REP_ACK)).length, 0);
+    assert.deepEqual(h.step, { name: 'tls-upgrade' });
+    assert.equal(h.status, 'running');
+    h.tlsEstablished();
+    assert.deepEqual(sentOptions(h.takeOutput(), false).options, [{ option: NBD_OPT_STRUCTURED_REPLY, data: Buffer.alloc(0) }]);
+    feed(h, reply(NBD_OPT_STRUCTURED_REPLY, REP_ACK), metaContext(1, 'base:allocation'), reply(NBD_OPT_SET_META_CONTEXT, REP_ACK), infoExport(4 * MiB), reply(NBD_OPT_GO, REP_ACK));
+    assert.equal(h.status, 'done');
+    assert.equal(h.result.tls, true);
+    assert.equal(h.result.size, 4 * MiB);
+    const plain = handshake([]);
+    feed(plain, greeting(), reply(NBD_OPT_STRUCTURED_REPLY, REP_ACK), infoExport(MiB), reply(NBD_OPT_GO, REP_ACK));
+    assert.equal(plain.result.tls, false);
+  });
+
+  it('a refused STARTTLS ends the handshake with NBD_TLS and never goes on in the clear', () => {
+    const cases: Array<[number, RegExp]> = [
+      [ERR_UNSUP, /^Cannot open NBD export "disk0" on unix:\/test\/nbd.sock with TLS: the server does not support TLS, and qbackup does not fall back to an unencrypted connection \(server: nope\)$/],
+      [ERR_POLICY, /the server refused TLS by policy/],
+      [ERR_INVALID, /the server refused NBD_OPT_STARTTLS as invalid/],
+      [ERR_SHUTDOWN, /the server answered NBD_OPT_STARTTLS with NBD_REP_ERR_SHUTDOWN/],
+    ];
+    for (const [type, pattern] of cases) {
+      const h = tlsHandshake();
+      feed(h, greeting());
+      assert.equal(feed(h, reply(NBD_OPT_STARTTLS, type, Buffer.from('nope'))).length, 0, 'no option follows a refusal');
+      const error = expectFailure(h, 'NBD_TLS', pattern);
+      assert.equal(error.details['option'], 'NBD_OPT_STARTTLS');
+      assert.equal(h.optionsStarted, true, 'the connection answers with NBD_OPT_ABORT');
+    }
+  });
+
+  it('bytes in the clear after the ACK, an ACK with a payload, or a reply to another option break the protocol', () => {
+    const sameChunk = tlsHandshake();
+    feed(sameChunk, greeting(), Buffer.concat([reply(NBD_OPT_STARTTLS, REP_ACK), Buffer.from('plain')]));
+    expectFailure(sameChunk, 'NBD_PROTOCOL', /sent 5 bytes in the clear after accepting NBD_OPT_STARTTLS/, 'unexpected-reply');
+    const later = tlsHandshake();
+    feed(later, greeting(), reply(NBD_OPT_STARTTLS, REP_ACK), Buffer.from('x'));
+    expectFailure(later, 'NBD_PROTOCOL', /sent 1 bytes in the clear/, 'unexpected-reply');
+    const payload = tlsHandshake();
+    feed(payload, greeting(), reply(NBD_OPT_STARTTLS, REP_ACK, Buffer.from('hi')));
+    expectFailure(payload, 'NBD_PROTOCOL', /NBD_REP_ACK to NBD_OPT_STARTTLS carries 2 bytes/, 'bad-length');
+    const other = tlsHandshake();
+    feed(other, greeting(), reply(NBD_OPT_STRUCTURED_REPLY, REP_ACK));
+    expectFailure(other, 'NBD_PROTOCOL', /is for NBD_OPT_STRUCTURED_REPLY, but NBD_OPT_STARTTLS was sent/, 'unexpected-reply');
+    const info = tlsHandshake();
+    feed(info, greeting(), reply(NBD_OPT_STARTTLS, REP_INFO, Buffer.alloc(2)));
+    expectFailure(info, 'NBD_PROTOCOL', /unexpected NBD_REP_INFO in reply to NBD_OPT_STARTTLS/, 'unexpected-reply');
+  });
+
+  it('tlsEstablished() outside the upgrade step is a bug', () => {
+    const h = tlsHandshake();
+    assert.throws(() => h.tlsEstablished(), /tlsEstablished\(\) follows an accepted NBD_OPT_STARTTLS/);
+    const plain = handshake();
+    feed(plain, greeting());
+    assert.throws(() => plain.tlsEstablished(), /AssertionError|follows an accepted/);
   });
 });
 
