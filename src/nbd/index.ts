@@ -89,4 +89,4 @@ export {
   type NbdSessionState,
   type NbdSessionTransport,
 } from './server-session.js';
-export { NbdServer, formatNbdUri, loadTlsCredentials, type NbdListen, type NbdServerOptions, type NbdTlsCredentials } from './server.js';
+export { NbdServer, listenUri, loadTlsCredentials, type NbdListen, type NbdServerOptions, type NbdTlsCredentials } from './server.js';

@@ -14,6 +14,7 @@
 // - close() is idempotent: it stops listening, hangs up every client and
 //   removes the socket file.
 
+import { formatNbdUri } from './uri.js';
 import { readFileSync } from 'node:fs';
 import { chmod, rm } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
@@ -78,11 +79,10 @@ export function loadTlsCredentials(dir: string): NbdTlsCredentials {
 }
 
 /** `nbd+unix:///NAME?socket=PATH`, `nbd://HOST:PORT/NAME`, or `nbds://…` with TLS. */
-export function formatNbdUri(listen: NbdListen, exportName: string, tls: boolean): string {
-  const name = encodeURIComponent(exportName);
-  if (listen.transport === 'unix') return `nbd${tls ? 's' : ''}+unix:///${name}?socket=${listen.socket}`;
-  const host = listen.host.includes(':') ? `[${listen.host}]` : listen.host;
-  return `nbd${tls ? 's' : ''}://${host}:${listen.port}/${name}`;
+/** The URI of one export of a server listening at `listen` (src/nbd/uri.ts spells it). */
+export function listenUri(listen: NbdListen, exportName: string, tls: boolean): string {
+  const address = listen.transport === 'unix' ? { socket: listen.socket } : { host: listen.host, port: listen.port };
+  return formatNbdUri({ address, exportName, tls });
 }
 
 export class NbdServer implements AsyncDisposable {
@@ -145,7 +145,7 @@ export class NbdServer implements AsyncDisposable {
 
   /** URI of an export for nbdinfo, nbdcopy, qemu-img. */
   uri(exportName: string): string {
-    return formatNbdUri(this.listen, exportName, this.tls);
+    return listenUri(this.listen, exportName, this.tls);
   }
 
   /** Clients connected now. */

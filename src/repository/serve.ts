@@ -25,7 +25,7 @@ import { NBD_EIO, NBD_STATE_HOLE, NBD_STATE_ZERO } from '../nbd/constants.js';
 import type { NbdBlockDescriptor } from '../nbd/codec.js';
 import { runPool } from '../nbd/copy.js';
 import { NbdExportError, type NbdExportSegment, type NbdServerExport } from '../nbd/server-session.js';
-import { NbdServer, formatNbdUri, loadTlsCredentials, type NbdListen, type NbdTlsCredentials } from '../nbd/server.js';
+import { NbdServer, listenUri, loadTlsCredentials, type NbdListen, type NbdTlsCredentials } from '../nbd/server.js';
 import { makePrivateDir } from '../util/private-dir.js';
 import { ZERO_ID, decodeChunk } from './chunk.js';
 import type { FullIndex } from './disk-index.js';
@@ -288,7 +288,7 @@ function served(server: NbdServer, m: Manifest, exports: readonly BackupDiskExpo
     domain: m.domain,
     backup: m.id,
     exports: exports.map((e) => ({ name: e.name, size: e.size, uri: server.uri(e.name) })),
-    uri: formatNbdUri(server.listen, '', server.tls),
+    uri: listenUri(server.listen, '', server.tls),
     listen: server.listen,
     tls: server.tls,
     close,
