@@ -146,17 +146,21 @@ function parseDisk(disk: Element, domain: string): DiskDefinition {
   if (serialEl !== undefined) result.serial = textOf(serialEl);
   const encryption = firstChild(disk, 'encryption') ?? firstChild(sourceEl ?? disk, 'encryption');
   if (encryption !== undefined) result.encryption = attr(encryption, 'format') ?? '';
-  const backing = firstChild(disk, 'backingStore');
-  if (backing !== undefined && (attr(backing, 'type') !== undefined || childElements(backing).length > 0)) {
-    const nbd = parseNbdBacking(backing, target, domain);
-    if (nbd !== undefined) {
-      result.nbdBacking = nbd;
-    } else {
-      const backingSource = firstChild(backing, 'source');
-      result.backingStore = (backingSource === undefined ? undefined : attr(backingSource, 'file')) ?? '';
-    }
-  }
+  parseBackingStore(disk, result, domain);
   return result;
+}
+
+/** A declared <backingStore>: an NBD export becomes `nbdBacking`, any other chain `backingStore` (refused later). */
+function parseBackingStore(disk: Element, result: DiskDefinition, domain: string): void {
+  const backing = firstChild(disk, 'backingStore');
+  if (backing === undefined || (attr(backing, 'type') === undefined && childElements(backing).length === 0)) return;
+  const nbd = parseNbdBacking(backing, result.target, domain);
+  if (nbd !== undefined) {
+    result.nbdBacking = nbd;
+    return;
+  }
+  const backingSource = firstChild(backing, 'source');
+  result.backingStore = (backingSource === undefined ? undefined : attr(backingSource, 'file')) ?? '';
 }
 
 /**
