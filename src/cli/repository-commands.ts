@@ -1,16 +1,17 @@
 // CLI commands for the backup repository: init, key, backup, backup-list,
-// restore, export, verify, prune, gc, stats. Passphrases come from
+// restore, export, serve-backup, verify, prune, gc, stats. Passphrases come from
 // QBACKUP_PASSWORD or --password-file (never from the command line, where
 // other users could read them).
 
 import { readFileSync } from 'node:fs';
 import { QbackupError } from '../errors.js';
 import type { Qbackup } from '../qbackup.js';
-import type { GcReport, InstantRestoreInfo, Manifest, PruneResult, RepoAccess, RepoStats, RetentionPolicy, VerifyReport } from '../repository/service.js';
+import type { GcReport, InstantRestoreInfo, Manifest, PruneResult, RepoAccess, RepoStats, RetentionPolicy, ServeListen, VerifyReport } from '../repository/service.js';
 import { arg, defineCommand, flag, optionalArg, requiredValue, value, valueWithDefault, type CliCommand } from './command.js';
 import { diskOption, oneOf, pointInTime, positiveNumber, quiesceMode, quiesceOptions, repoOption } from './options.js';
 import { emit, table, type OutputOptions } from './output.js';
 import { progressReporter, withProgress } from './progress.js';
+import { untilSignal } from './service-commands.js';
 
 const domain = arg('domain');
 const passwordFile = value('--password-file <file>', 'read the passphrase from this file (default: $QBACKUP_PASSWORD)');
@@ -139,6 +140,41 @@ export const repositoryCommands: readonly CliCommand[] = [
   }),
 
   defineCommand({
+    name: 'serve-backup',
+    description: 'serve disks of a backup read-only over NBD (one export per disk, named after its target) until SIGINT or SIGTERM',
+    args: { domain },
+    options: {
+      repo: repoOption(),
+      passwordFile,
+      backup: value('--backup <id>', 'the backup to serve (default: the latest)'),
+      disk: diskOption('serve'),
+      socket: value('--socket <path>', 'unix socket to create (default: a new 0600 socket in a private directory of the state directory)'),
+      tcp: value('--tcp <host:port>', 'listen on TCP instead (needs --tls-cert-dir, or --no-tls)'),
+      tlsCertDir: value('--tls-cert-dir <dir>', 'x509 credentials for TLS: ca-cert.pem, server-cert.pem, server-key.pem; clients need a certificate of that CA'),
+      tls: flag('--no-tls', 'with --tcp: serve in clear text'),
+    },
+    run: async ({ qb, out, args: { domain }, opts: o }) => {
+      const listen = serveListen(o);
+      const server = await qb.repository.serveBackup(domain, {
+        ...repoAccess(o),
+        listen,
+        disks: o.disk,
+        ...(o.backup !== undefined ? { backup: o.backup } : {}),
+        log: (line) => process.stderr.write(`${new Date().toISOString()} ${line}\n`),
+      });
+      try {
+        const where = server.listen.transport === 'unix' ? { socket: server.listen.socket } : { host: server.listen.host, port: server.listen.port };
+        // One line either way, so a parent process can read it as soon as clients may connect.
+        const event = { event: 'serving', domain, backup: server.backup, uri: server.uri, tls: server.tls, ...where, exports: server.exports };
+        process.stdout.write(out.json ? `${JSON.stringify(event)}\n` : `serving ${server.exports.length} export(s) on ${server.uri}\n`);
+        await untilSignal();
+      } finally {
+        await server.close();
+      }
+    },
+  }),
+
+  defineCommand({
     name: 'verify',
     description: 'check that every chunk the backups name exists (with --read-data: and is intact)',
     args: { domain: optionalArg('domain') },
@@ -219,6 +255,20 @@ export const repositoryCommands: readonly CliCommand[] = [
     },
   }),
 ];
+
+/** --socket, or --tcp with --tls-cert-dir or --no-tls (the library refuses TCP without TLS unless told). */
+function serveListen(o: { socket?: string | undefined; tcp?: string | undefined; tlsCertDir?: string | undefined; tls: boolean }): ServeListen {
+  if (o.tcp === undefined) {
+    if (o.tlsCertDir !== undefined || !o.tls) throw new QbackupError('INVALID_ARGUMENT', 'Options --tls-cert-dir and --no-tls go with --tcp');
+    return { transport: 'unix', ...(o.socket !== undefined ? { socket: o.socket } : {}) };
+  }
+  if (o.socket !== undefined) throw new QbackupError('INVALID_ARGUMENT', 'Give either --socket or --tcp, not both');
+  const m = /^(?:\[([^\]]+)\]|([^:]+)):(\d{1,5})$/.exec(o.tcp);
+  const port = Number(m?.[3]);
+  const host = m?.[1] ?? m?.[2];
+  if (host === undefined || !(port >= 0 && port <= 65535)) throw new QbackupError('INVALID_ARGUMENT', `Invalid --tcp "${o.tcp}": expected HOST:PORT, e.g. 127.0.0.1:10809`);
+  return { transport: 'tcp', host, port, ...(o.tlsCertDir !== undefined ? { tlsCertDir: o.tlsCertDir } : {}), ...(!o.tls ? { noTls: true } : {}) };
+}
 
 /** The repository and its passphrase: --password-file, else $QBACKUP_PASSWORD, else none. */
 function repoAccess(o: { repo: string; passwordFile?: string | undefined }): RepoAccess {

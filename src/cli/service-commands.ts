@@ -134,7 +134,8 @@ function scheduleTable(list: readonly ScheduleInfo[]): string {
   );
 }
 
-function untilSignal(): Promise<void> {
+/** Resolves at the first SIGINT or SIGTERM (long-running commands stop cleanly on either). */
+export function untilSignal(): Promise<void> {
   return new Promise((resolvePromise) => {
     const done = (): void => {
       process.off('SIGINT', done);

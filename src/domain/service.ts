@@ -175,6 +175,11 @@ export class DomainService {
     return join(this.options.stateDir, 'domains', name);
   }
 
+  /** The state directory's area for sockets of long-running commands (serve-backup). */
+  runDir(): string {
+    return join(this.options.stateDir, 'run');
+  }
+
   /** Where the guest's serial console is written (truncated at each start). */
   consoleLog(name: string): string {
     return join(this.domainDir(name), 'console.log');

@@ -1,6 +1,7 @@
-// Public surface of the NBD client: wire constants, codec, the push parser,
+// Public surface of NBD: wire constants, codec, the push parser,
 // the handshake state machine, the connection, the high-level NbdClient and
-// copyExtents. Other modules import from here, not from the files.
+// copyExtents, and the server (sessions over bytes, the listening NbdServer).
+// Other modules import from here, not from the files.
 
 export * from './constants.js';
 export {
@@ -73,3 +74,16 @@ export {
 } from './connection.js';
 export { NbdClient, type NbdClientOptions, type NbdExtent, type NbdWriteZeroesOptions } from './client.js';
 export { copyExtents, type CopyExtentsOptions, type CopyExtentsResult } from './copy.js';
+export {
+  BASE_ALLOCATION_ID,
+  MAX_IN_FLIGHT,
+  MAX_OPTION_BYTES,
+  MAX_REQUEST_BYTES,
+  NbdExportError,
+  NbdServerSession,
+  type NbdExportSegment,
+  type NbdServerExport,
+  type NbdSessionState,
+  type NbdSessionTransport,
+} from './server-session.js';
+export { NbdServer, formatNbdUri, loadTlsCredentials, type NbdListen, type NbdServerOptions, type NbdTlsCredentials } from './server.js';

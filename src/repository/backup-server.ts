@@ -29,6 +29,8 @@ export interface BackupServerSpec {
   /** The server's stdout (its announcement) and stderr. */
   outFile: string;
   logFile: string;
+  /** The state directory the server opens (it keeps nothing there for a serve). */
+  stateDir?: string;
   /** The program to run, argv[0] first; default: this qbackup's CLI under this Node.js. */
   command?: readonly string[];
   timeoutMs?: number;
@@ -43,25 +45,16 @@ export interface BackupServerProcess {
 
 const MAX_SOCKET_PATH = 107;
 
-/**
- * The default program. Until `qbackup serve-backup` is in this tree, a
- * stand-in with the same command line and announcement serves (it restores
- * the disks to raw files first); then this becomes
- * `[process.execPath, packageFile('bin/qbackup')]`.
- */
+/** The default program: this package's `qbackup` under this Node.js. */
 export function defaultServerCommand(): string[] {
-  return ['/bin/bash', packageFile('scripts/serve-backup-standin.sh')];
-}
-
-/** A file of this package (this module is dist/src/repository/backup-server.js). */
-function packageFile(path: string): string {
-  return fileURLToPath(new URL(`../../../${path}`, import.meta.url));
+  return [process.execPath, fileURLToPath(new URL('../../../bin/qbackup', import.meta.url))];
 }
 
 /** The command line of the server for `spec`. */
 export function serverArgv(spec: BackupServerSpec): string[] {
   const disks = spec.disks.flatMap((d) => ['--disk', d]);
-  return [...(spec.command ?? defaultServerCommand()), '--json', 'serve-backup', '--repo', spec.repo, spec.domain, '--backup', spec.backupId, ...disks, '--socket', spec.socket];
+  const stateDir = spec.stateDir !== undefined ? ['--state-dir', spec.stateDir] : [];
+  return [...(spec.command ?? defaultServerCommand()), ...stateDir, '--json', 'serve-backup', '--repo', spec.repo, spec.domain, '--backup', spec.backupId, ...disks, '--socket', spec.socket];
 }
 
 /**
@@ -93,7 +86,7 @@ export async function startBackupServer(spec: BackupServerSpec): Promise<BackupS
   const pidStart = processStartTime(pid) ?? '';
   const deadline = Date.now() + (spec.timeoutMs ?? 60_000);
   for (;;) {
-    const exports = readAnnouncement(spec.outFile);
+    const exports = readAnnouncement(spec.outFile, spec.backupId);
     if (exports !== undefined && (await socketAccepts(spec.socket))) return { pid, pidStart, exports };
     if (!isProcessAlive(pid, pidStart)) {
       throw new QbackupError('TOOL_FAILED', `The server of backup "${spec.backupId}" exited before serving: ${logTail(spec.logFile)}`);
@@ -106,8 +99,8 @@ export async function startBackupServer(spec: BackupServerSpec): Promise<BackupS
   }
 }
 
-/** The exports of the server's `{"event":"serving",…}` line, once it is written. */
-function readAnnouncement(file: string): Map<string, number> | undefined {
+/** The exports of the server's `{"event":"serving","backup":…,"exports":[…]}` line, once it is written; none when it names another backup. */
+function readAnnouncement(file: string, backupId: string): Map<string, number> | undefined {
   if (!existsSync(file)) return undefined;
   for (const line of readFileSync(file, 'utf8').split('\n')) {
     if (!line.startsWith('{') || line.length > 1_000_000) continue;
@@ -117,8 +110,9 @@ function readAnnouncement(file: string): Map<string, number> | undefined {
     } catch {
       continue; // a line still being written
     }
-    const rec = doc as { event?: unknown; exports?: unknown };
+    const rec = doc as { event?: unknown; exports?: unknown; backup?: unknown };
     if (rec.event !== 'serving' || !Array.isArray(rec.exports)) continue;
+    if (rec.backup !== backupId) return new Map(); // another backup: no export matches what the caller expects
     const exports = new Map<string, number>();
     for (const e of rec.exports as unknown[]) {
       const x = e as { name?: unknown; size?: unknown };

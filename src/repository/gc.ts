@@ -13,7 +13,9 @@
 //    garbage once every backup running when it was condemned has ended: its
 //    marker is older than the oldest live backup lock. With no backup running
 //    at all, garbage is deleted at once (so a full disk can always be freed,
-//    without writing anything first).
+//    without writing anything first). A backup served over NBD (a `serve`
+//    lock) counts as running, so pruning it does not free its chunks
+//    under a client; they go with the first gc after serving stops.
 // 3. Half-written objects (temporary files of a writer killed mid-put) older
 //    than 15 minutes are removed too.
 // 4. Deletion order: a pack's index object goes before the pack (no index
@@ -60,7 +62,8 @@ export async function condemnedPacks(backend: Backend): Promise<Set<string>> {
 export async function collectGarbage(store: Store): Promise<GcReport> {
   const backend = store.backend;
   await using _lock = await acquireLock(backend, 'gc', null);
-  const backups = (await liveLocks(backend)).filter((l) => l.info.kind === 'backup');
+  // A served backup counts as running: its manifest may be pruned while a client reads its chunks.
+  const backups = (await liveLocks(backend)).filter((l) => l.info.kind === 'backup' || l.info.kind === 'serve');
   const oldestBackupMs = Math.min(...backups.map((l) => l.info.takenMs));
   const report: GcReport = { packsDeleted: 0, packsRepacked: 0, indexesDeleted: 0, bytesFreed: 0, condemned: 0, temporaryRemoved: 0 };
   const { liveIndexes, liveChunks } = await mark(store);

@@ -240,7 +240,7 @@ export class InstantRestoreService {
     try {
       server = await startBackupServer({
         repo: record.repo, domain: record.sourceDomain, backupId: record.backupId, disks: record.disks.map((d) => d.target), socket: record.socket,
-        outFile: join(dir, 'server.out'), logFile: join(dir, 'server.log'),
+        outFile: join(dir, 'server.out'), logFile: join(dir, 'server.log'), stateDir: this.domains.options.stateDir,
         ...(pass !== undefined ? { password: pass } : {}),
         ...(this.options.serverCommand !== undefined ? { command: this.options.serverCommand } : {}),
         ...(this.options.serverTimeoutMs !== undefined ? { timeoutMs: this.options.serverTimeoutMs } : {}),

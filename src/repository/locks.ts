@@ -6,7 +6,8 @@
 // whoever finds it, so no lock of a killed qbackup blocks the next command.
 //
 // Rules: at most one backup per domain at a time; at most one gc at a time;
-// gc never deletes what a running backup may still reference (gc.ts).
+// any number of `serve` locks (a backup served over NBD, serve.ts). gc never
+// deletes what a running backup or a served backup may still reference (gc.ts).
 
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
@@ -14,7 +15,7 @@ import { QbackupError } from '../errors.js';
 import { isProcessAlive, processStartTime } from '../util/proc.js';
 import type { Backend } from './backend/backend.js';
 
-export type LockKind = 'backup' | 'prune' | 'gc';
+export type LockKind = 'backup' | 'prune' | 'gc' | 'serve';
 
 export interface LockInfo {
   kind: LockKind;
@@ -52,7 +53,7 @@ export async function liveLocks(backend: Backend): Promise<Array<{ id: string; i
 
 /**
  * Takes a lock of `kind`; refused (REPO_LOCKED) when a conflicting live lock
- * exists: another backup of the same domain, or another gc.
+ * exists: another backup of the same domain, or another gc. Serve locks never conflict.
  */
 export async function acquireLock(backend: Backend, kind: LockKind, domain: string | null): Promise<HeldLock> {
   const id = randomBytes(8).toString('hex');
@@ -61,7 +62,7 @@ export async function acquireLock(backend: Backend, kind: LockKind, domain: stri
   await backend.putIfAbsent(`locks/${id}`, Buffer.from(JSON.stringify(info)));
   // Write first, then look: of two racing takers at least one sees the other.
   const others = (await liveLocks(backend)).filter((l) => l.id !== id);
-  const conflict = others.find((l) => l.info.kind === kind && (kind === 'gc' || l.info.domain === domain));
+  const conflict = kind === 'serve' ? undefined : others.find((l) => l.info.kind === kind && (kind === 'gc' || l.info.domain === domain));
   if (conflict !== undefined) {
     await backend.delete(`locks/${id}`);
     const what = kind === 'gc' ? 'a gc' : `a ${kind} of domain "${domain ?? ''}"`;

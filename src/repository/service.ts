@@ -1,7 +1,7 @@
 // The repository as the library offers it: create (init), back up a domain,
-// list, restore (to files or into a shut-off domain's disks), export, verify,
-// prune, gc, stats and keys, on a format 2 store (docs/design.md,
-// "Repository"). Each call opens the repository at `repo` (a local
+// list, restore (to files or into a shut-off domain's disks), export, serve
+// over NBD, verify, prune, gc, stats and keys, on a format 2 store
+// (docs/design.md, "Repository"). Each call opens the repository at `repo` (a local
 // directory), with its passphrase when it is encrypted.
 
 import { resolve } from 'node:path';
@@ -18,6 +18,7 @@ import type { Manifest } from './manifest.js';
 import { planPrune, type PrunePlan, type RetentionPolicy } from './prune.js';
 import type { InstantRestoreInfo, InstantRestoreOptions, InstantRestoreService } from './instant.js';
 import { restoreIntoImage, restoreToFile, type ImageFormat } from './restore.js';
+import { serveBackup, type BackupServer, type ServeListen } from './serve.js';
 import { repositoryStats, type RepoStats } from './stats.js';
 import { Store } from './store.js';
 import { verifyStore, type VerifyOptions, type VerifyReport } from './verify.js';
@@ -28,6 +29,7 @@ export type { InstantDiskInfo, InstantRestoreInfo, InstantRestoreOptions } from 
 export type { Manifest, ManifestDisk } from './manifest.js';
 export type { PrunePlan, RetentionPolicy } from './prune.js';
 export type { RepoStats } from './stats.js';
+export type { BackupServer, ServeListen, ServedExport } from './serve.js';
 export type { VerifyProblem, VerifyReport } from './verify.js';
 
 /** Where a repository is and how to open it. */
@@ -148,6 +150,24 @@ export class RepositoryService {
         out.push({ target: d.target, file: target.source });
       }
       return out;
+    });
+  }
+
+  /**
+   * Serves disks of a backup (default: the newest of the domain) read-only
+   * over NBD, one export per disk named after its target, until the
+   * returned server is closed. The default unix socket is in a fresh 0700
+   * directory of the state directory's run area.
+   */
+  async serveBackup(domain: string, options: RepoAccess & { backup?: string; disks?: string[]; listen?: ServeListen; log?: (line: string) => void }): Promise<BackupServer> {
+    const store = await this.open(options);
+    return serveBackup(store, {
+      domain,
+      listen: options.listen ?? { transport: 'unix' },
+      runDir: this.domains.runDir(),
+      ...(options.backup !== undefined ? { backup: options.backup } : {}),
+      ...(options.disks !== undefined ? { disks: options.disks } : {}),
+      ...(options.log !== undefined ? { log: options.log } : {}),
     });
   }
 

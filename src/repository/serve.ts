@@ -1,0 +1,266 @@
+// Serving a backup over NBD: one read-only export per disk, named after the
+// disk's target, all on one socket, read straight from the repository
+// (docs/design.md, "Serving backups").
+//
+// Invariants:
+// - A backup is served from its index chain resolved in memory; every chunk
+//   is read through Store.readChunk, so it is decompressed, decrypted and
+//   checked against its id before any byte of it is sent. A chunk that fails
+//   (damaged, missing, the repository gone) fails that read with EIO and one
+//   log line; the server keeps serving.
+// - Zero slots are holes: reads send them as NBD_REPLY_TYPE_OFFSET_HOLE and
+//   base:allocation reports them as hole|zero.
+// - The server never writes to the repository except its lock: a `serve`
+//   lock, held while serving, that gc counts like a running backup, so the
+//   chunks of a served backup are never deleted under a client even when
+//   the backup is pruned meanwhile.
+// - Decoded chunks are kept in a small LRU cache shared by every export of
+//   the server; concurrent reads of one chunk decode it once.
+
+import { mkdtemp, rm, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { QbackupError, describeError } from '../errors.js';
+import { NBD_EIO, NBD_STATE_HOLE, NBD_STATE_ZERO } from '../nbd/constants.js';
+import type { NbdBlockDescriptor } from '../nbd/codec.js';
+import { runPool } from '../nbd/copy.js';
+import { NbdExportError, type NbdExportSegment, type NbdServerExport } from '../nbd/server-session.js';
+import { NbdServer, formatNbdUri, loadTlsCredentials, type NbdListen, type NbdTlsCredentials } from '../nbd/server.js';
+import { makePrivateDir } from '../util/private-dir.js';
+import { ZERO_ID } from './chunk.js';
+import type { FullIndex } from './disk-index.js';
+import { acquireLock, type HeldLock } from './locks.js';
+import type { Manifest } from './manifest.js';
+import type { Store } from './store.js';
+
+/** Decoded chunks kept for repeated reads, shared by the exports of one server. */
+export const DEFAULT_CACHE_BYTES = 32 * 1024 * 1024;
+/** Chunks of one read fetched from the repository at once. */
+const CHUNK_READS_IN_FLIGHT = 8;
+
+export type ServeListen =
+  /** A unix socket; without `socket`, `nbd.sock` in a fresh 0700 directory under `runDir`. */
+  | { transport: 'unix'; socket?: string }
+  /** TCP: TLS with x509 credentials from `tlsCertDir`, or clear text only with `noTls`. */
+  | { transport: 'tcp'; host: string; port: number; tlsCertDir?: string; noTls?: boolean };
+
+export interface ServeBackupOptions {
+  domain: string;
+  /** Default: the newest backup of the domain. */
+  backup?: string;
+  /** Targets to export; default every disk of the backup. */
+  disks?: readonly string[];
+  listen: ServeListen;
+  /** Where the default socket directory is made (the state directory's run area). */
+  runDir?: string;
+  /** One line per failed read or dropped client. */
+  log?: (line: string) => void;
+  cacheBytes?: number;
+}
+
+export interface ServedExport {
+  /** The disk's target, e.g. "sda". */
+  name: string;
+  size: number;
+  uri: string;
+}
+
+export interface BackupServer extends AsyncDisposable {
+  domain: string;
+  backup: string;
+  exports: ServedExport[];
+  /** The server without an export name, e.g. nbd+unix:///?socket=PATH. */
+  uri: string;
+  listen: NbdListen;
+  tls: boolean;
+  /** Stops serving, hangs up every client, removes the socket (and its directory when made here) and releases the lock. Idempotent. */
+  close(): Promise<void>;
+}
+
+/** Decoded chunks by hex id, least recently used first out, bounded in bytes. */
+export class ChunkCache {
+  private readonly entries = new Map<string, Buffer>();
+  private readonly loading = new Map<string, Promise<Buffer>>();
+  private bytes = 0;
+
+  constructor(
+    private readonly store: Store,
+    private readonly capacityBytes: number,
+  ) {}
+
+  async get(id: Buffer): Promise<Buffer> {
+    const hex = id.toString('hex');
+    const hit = this.entries.get(hex);
+    if (hit !== undefined) {
+      this.entries.delete(hex);
+      this.entries.set(hex, hit);
+      return hit;
+    }
+    const pending = this.loading.get(hex);
+    if (pending !== undefined) return pending;
+    const load = this.store.readChunk(id).finally(() => this.loading.delete(hex));
+    this.loading.set(hex, load);
+    const data = await load;
+    this.put(hex, data);
+    return data;
+  }
+
+  private put(hex: string, data: Buffer): void {
+    if (data.length > this.capacityBytes || this.entries.has(hex)) return;
+    this.entries.set(hex, data);
+    this.bytes += data.length;
+    for (const [k, v] of this.entries) {
+      if (this.bytes <= this.capacityBytes) break;
+      this.entries.delete(k);
+      this.bytes -= v.length;
+    }
+  }
+}
+
+/** One disk of a backup as an NBD export. */
+export class BackupDiskExport implements NbdServerExport {
+  readonly size: number;
+  readonly preferredBlockBytes: number;
+  private readonly chunkSize: number;
+
+  constructor(
+    readonly name: string,
+    readonly description: string,
+    private readonly table: FullIndex,
+    private readonly cache: ChunkCache,
+  ) {
+    this.size = table.virtualSize;
+    this.chunkSize = table.chunkSize;
+    this.preferredBlockBytes = Math.max(512, Math.min(table.chunkSize, 1 << 20));
+  }
+
+  private id(slot: number): Buffer {
+    return this.table.ids.subarray(slot * 32, slot * 32 + 32);
+  }
+
+  async read(offset: number, length: number): Promise<NbdExportSegment[]> {
+    if (length === 0) return [];
+    const cs = this.chunkSize;
+    const first = Math.floor(offset / cs);
+    const last = Math.floor((offset + length - 1) / cs);
+    const datas = new Map<number, Buffer>();
+    const slots = function* (): Generator<number> {
+      for (let s = first; s <= last; s++) yield s;
+    };
+    await runPool(slots(), CHUNK_READS_IN_FLIGHT, async (slot) => {
+      const id = this.id(slot);
+      if (id.equals(ZERO_ID)) return;
+      try {
+        datas.set(slot, await this.cache.get(id));
+      } catch (err) {
+        throw new NbdExportError(NBD_EIO, `chunk ${id.toString('hex')} (disk offset ${slot * cs}) of ${this.description} cannot be read: ${describeError(err)}`);
+      }
+    });
+    const out: NbdExportSegment[] = [];
+    for (let slot = first; slot <= last; slot++) {
+      const start = Math.max(offset, slot * cs);
+      const end = Math.min(offset + length, (slot + 1) * cs);
+      const data = datas.get(slot);
+      const prev = out.at(-1);
+      if (data === undefined && prev !== undefined && prev.data === undefined) prev.length += end - start;
+      else out.push({ offset: start, length: end - start, data: data?.subarray(start - slot * cs, end - slot * cs) });
+    }
+    return out;
+  }
+
+  async blockStatus(offset: number, length: number, maxDescriptors: number): Promise<NbdBlockDescriptor[]> {
+    const cs = this.chunkSize;
+    const end = offset + length;
+    const out: NbdBlockDescriptor[] = [];
+    for (let slot = Math.floor(offset / cs); slot * cs < end; slot++) {
+      const flags = this.id(slot).equals(ZERO_ID) ? NBD_STATE_HOLE | NBD_STATE_ZERO : 0;
+      const bytes = Math.min(end, (slot + 1) * cs) - Math.max(offset, slot * cs);
+      const prev = out.at(-1);
+      if (prev !== undefined && prev.flags === flags) prev.length += bytes;
+      else if (out.length === maxDescriptors) break;
+      else out.push({ length: bytes, flags });
+      // A descriptor length is 32 bits; NBD_CMD_BLOCK_STATUS lengths are too, so the sum never overflows one.
+    }
+    return out;
+  }
+}
+
+/** Serves the chosen disks of one backup until close(). */
+export async function serveBackup(store: Store, options: ServeBackupOptions): Promise<BackupServer> {
+  const tlsCreds = tlsFor(options.listen);
+  const lock = await acquireLock(store.backend, 'serve', options.domain);
+  const cleanups: Array<() => Promise<void>> = [() => lock.release()];
+  const undo = async (): Promise<void> => {
+    for (const c of cleanups.reverse()) await c().catch(() => undefined);
+  };
+  try {
+    const m = pickBackup(await store.manifests(options.domain), options.domain, options.backup);
+    const disks = chooseDisks(m, options.disks);
+    await store.loadChunks();
+    const cache = new ChunkCache(store, options.cacheBytes ?? DEFAULT_CACHE_BYTES);
+    const exports: BackupDiskExport[] = [];
+    for (const d of disks) exports.push(new BackupDiskExport(d.target, `disk "${d.target}" of backup "${m.id}" of domain "${m.domain}"`, await store.resolveIndex(d.index), cache));
+    const listen = await listenAddress(options, cleanups);
+    const server = await NbdServer.start({ exports, listen, ...(tlsCreds !== undefined ? { tls: tlsCreds } : {}), ...(options.log !== undefined ? { log: options.log } : {}) });
+    cleanups.push(() => server.close());
+    return served(server, m, exports, lock, undo);
+  } catch (err) {
+    await undo();
+    throw err;
+  }
+}
+
+function served(server: NbdServer, m: Manifest, exports: readonly BackupDiskExport[], _lock: HeldLock, undo: () => Promise<void>): BackupServer {
+  let closing: Promise<void> | undefined;
+  const close = (): Promise<void> => (closing ??= undo());
+  return {
+    domain: m.domain,
+    backup: m.id,
+    exports: exports.map((e) => ({ name: e.name, size: e.size, uri: server.uri(e.name) })),
+    uri: formatNbdUri(server.listen, '', server.tls),
+    listen: server.listen,
+    tls: server.tls,
+    close,
+    [Symbol.asyncDispose]: close,
+  };
+}
+
+function tlsFor(listen: ServeListen): NbdTlsCredentials | undefined {
+  if (listen.transport === 'unix') return undefined;
+  const where = `${listen.host}:${listen.port}`;
+  if (listen.tlsCertDir !== undefined && listen.noTls === true) throw new QbackupError('INVALID_ARGUMENT', `Cannot serve on ${where}: give either a TLS certificate directory or no-TLS, not both`);
+  if (listen.tlsCertDir !== undefined) return loadTlsCredentials(listen.tlsCertDir);
+  if (listen.noTls !== true) {
+    throw new QbackupError('NOT_SUPPORTED', `Cannot serve backups on TCP ${where} without TLS: give a TLS certificate directory (--tls-cert-dir), or --no-tls to serve in clear text`);
+  }
+  return undefined;
+}
+
+/** The listening address; a default unix socket goes in a fresh private directory that close() removes. */
+async function listenAddress(options: ServeBackupOptions, cleanups: Array<() => Promise<void>>): Promise<NbdListen> {
+  const l = options.listen;
+  if (l.transport === 'tcp') return { transport: 'tcp', host: l.host, port: l.port };
+  if (l.socket !== undefined) {
+    if ((await stat(l.socket).catch(() => undefined)) !== undefined) throw new QbackupError('INVALID_ARGUMENT', `Cannot serve on socket "${l.socket}": it exists`);
+    return { transport: 'unix', socket: l.socket };
+  }
+  if (options.runDir === undefined) throw new QbackupError('INVALID_ARGUMENT', 'Cannot serve on a unix socket: give its path or a run directory for a default one');
+  makePrivateDir(options.runDir);
+  const dir = await mkdtemp(join(options.runDir, 'serve-'));
+  cleanups.push(() => rm(dir, { recursive: true, force: true }));
+  return { transport: 'unix', socket: join(dir, 'nbd.sock') };
+}
+
+function pickBackup(manifests: readonly Manifest[], domain: string, id: string | undefined): Manifest {
+  const m = id !== undefined ? manifests.find((x) => x.id === id) : manifests.at(-1);
+  if (m === undefined) throw new QbackupError('BACKUP_NOT_FOUND', id !== undefined ? `Repository has no backup "${id}" of domain "${domain}"` : `Repository has no backup of domain "${domain}"`);
+  return m;
+}
+
+function chooseDisks(m: Manifest, targets: readonly string[] | undefined): Manifest['disks'] {
+  if (targets === undefined || targets.length === 0) return m.disks;
+  return [...new Set(targets)].map((t) => {
+    const d = m.disks.find((x) => x.target === t);
+    if (d === undefined) throw new QbackupError('DISK_NOT_FOUND', `Backup "${m.id}" of domain "${m.domain}" has no disk "${t}"`);
+    return d;
+  });
+}
