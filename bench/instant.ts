@@ -4,7 +4,7 @@
 // - instant: `qbackup restore --instant --as …` as a user runs it (the CLI,
 //   so Node.js start-up and the server's start are inside the time) until it
 //   returns with the domain running ("VM runs"), then until every byte is
-//   local and the server stopped (`domjobinfo` polled, "data moved");
+//   local and the server stopped (polled as `domjobinfo` reads it, "data moved");
 // - plain: `qbackup restore --to DIR` (qcow2), then define and start a domain
 //   on the restored image ("VM runs" = restore + start).
 // Writes the results into docs/benchmarks.md between the "instant restore"
@@ -73,16 +73,18 @@ async function oneSize(env: BenchEnv, sizeBytes: number, reps: number, log: (l: 
   const s = { instantRuns: [] as number[], instantDone: [] as number[], plainRestore: [] as number[], plainRuns: [] as number[] };
   for (let i = 0; i < reps; i++) {
     const inst = `ir${gib}-${i}`;
+    const plain = `pr${gib}-${i}`;
+    env.onCleanup(() => dropDomains(env, [inst, plain]));
     let t0 = now();
     await qb(env, ['restore', name, '--repo', repo, '--instant', '--as', inst, '--to', env.path(inst)]);
     s.instantRuns.push(now() - t0);
-    while (!/Job type:\s+None/.test(await qb(env, ['domjobinfo', inst]))) await sleep(100);
+    // Polled in this process (a CLI per poll would take CPU from the copy on a small machine).
+    while ((await env.qb.instant.info(inst)) !== undefined) await sleep(100);
     s.instantDone.push(now() - t0);
     await env.qb.domains.destroy(inst);
     await env.qb.domains.undefine(inst);
     rmSync(env.path(inst), { recursive: true, force: true });
 
-    const plain = `pr${gib}-${i}`;
     t0 = now();
     await qb(env, ['restore', name, '--repo', repo, '--to', env.path(plain)]);
     s.plainRestore.push(now() - t0);
@@ -99,6 +101,15 @@ async function oneSize(env: BenchEnv, sizeBytes: number, reps: number, log: (l: 
     instantRunsMs: summarize(s.instantRuns), instantDoneMs: summarize(s.instantDone),
     plainRestoreMs: summarize(s.plainRestore), plainRunsMs: summarize(s.plainRuns),
   };
+}
+
+/** Interrupted: the restored domains go, and with them their servers (undefine stops them). */
+async function dropDomains(env: BenchEnv, names: readonly string[]): Promise<void> {
+  for (const n of names) {
+    if (!env.qb.domains.list({ all: true }).some((d) => d.name === n)) continue;
+    if (env.qb.domains.info(n).state === 'running') await env.qb.domains.destroy(n);
+    await env.qb.domains.undefine(n);
+  }
 }
 
 const fmt = (x: Summary): string => (x.n > 1 ? `${fmtMs(x.median)} (${fmtMs(x.min)}–${fmtMs(x.max)})` : fmtMs(x.median));
@@ -118,7 +129,7 @@ with the domain running (Node.js start-up, the \`serve-backup\` process start,
 overlay creation, define, QEMU start and the first \`block-stream\` included),
 against a plain \`qbackup restore --to DIR\` followed by \`qbackup start\`. "Data
 moved": until every byte is in the local overlay, the server stopped and the
-definition without backing (\`domjobinfo\` polled every 100 ms), against the plain restore alone. The disk holds random data
+definition without backing (the library's \`instant.info\`, what \`domjobinfo\` shows, polled every 100 ms), against the plain restore alone. The disk holds random data
 (incompressible; about half of the 1 GiB disk, 256 MiB spread over larger ones), the rest holes.
 
 | disk | VM runs: instant | VM runs: plain restore + start | data moved: instant | plain restore |
@@ -156,6 +167,12 @@ async function main(): Promise<void> {
   const loadStart = loadAverage();
   const startedAt = new Date().toISOString();
   const results: SizeResult[] = [];
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+    process.once(signal, () => {
+      log(`${signal}: cleaning up`);
+      void env.cleanup().finally(() => process.exit(130));
+    });
+  }
   try {
     for (const size of sizes) results.push(await oneSize(env, size, reps, log));
   } finally {

@@ -149,6 +149,8 @@ export function planInstantRestore(m: Manifest, o: { name: string; overlayDir: s
 export class InstantRestoreService {
   /** The passphrase used when a server of an encrypted repository must be restarted by a later command. */
   password: string | undefined;
+  /** The passphrase of the repository an instant restore is beginning from, while its domain starts. */
+  private startPassword: string | undefined;
 
   constructor(
     readonly domains: DomainService,
@@ -181,17 +183,19 @@ export class InstantRestoreService {
     };
     this.saveRecord(record);
     let defined = false;
+    // The start serves the backup (beforeStart), with this command's passphrase.
+    this.startPassword = access.password;
     try {
-      options.onProgress?.('serving the backup');
-      await this.ensureServer(record, access.password);
       for (const d of plan.disks) await createImage(d.overlay, 'qcow2', d.sizeBytes);
       await this.domains.define(formatDomainXml(plan.definition));
       defined = true;
-      options.onProgress?.('starting the domain');
+      options.onProgress?.('serving the backup and starting the domain');
       await this.domains.start(name);
     } catch (err) {
       await this.undoBegin(record, defined);
       throw err;
+    } finally {
+      this.startPassword = undefined;
     }
     const info = await this.info(name);
     if (info === undefined) return this.lastResult(name) ?? this.describe(record, new Map());
@@ -227,7 +231,7 @@ export class InstantRestoreService {
    */
   private async ensureServer(record: InstantRecord, password?: string): Promise<void> {
     if (record.server !== null && backupServerAlive(record.server.pid, record.server.pidStart)) return;
-    const pass = password ?? this.password;
+    const pass = password ?? this.startPassword ?? this.password;
     if (record.encrypted && pass === undefined) {
       throw new QbackupError(
         'BACKUP_SERVER',
@@ -292,7 +296,15 @@ export class InstantRestoreService {
       await this.finishOffline(record);
       return;
     }
-    if (!ctx.running) return; // a start brings the server up (beforeStart)
+    if (!ctx.running) {
+      // Nothing reads the backup now; a served backup holds off gc's repacking. A start serves it again (beforeStart).
+      if (record.server !== null) {
+        await stopBackupServer(record.server.pid, record.server.pidStart);
+        record.server = null;
+        this.saveRecord(record);
+      }
+      return;
+    }
     await this.domains.withQmp(ctx, 'instant restore check', (qmp) => this.settleRunning(ctx, qmp, record));
   }
 
