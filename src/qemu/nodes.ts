@@ -25,9 +25,10 @@ export function nodeNamesFor(diskId: string): DiskNodeNames {
 /**
  * How long QEMU's NBD client holds guest reads while the server of a backing
  * export is away (it reconnects on its own meanwhile); after that, reads fail
- * until it is back.
+ * until it is back. Short, because QEMU 7.2's monitor can stall while
+ * requests are held (measured: QMP unanswered until the delay ran out).
  */
-export const NBD_RECONNECT_DELAY_S = 30;
+export const NBD_RECONNECT_DELAY_S = 5;
 
 /** The blockdev-add argument object of a disk's declared NBD backing, or undefined when it has none. */
 export function backingNodeSpec(disk: QemuDiskSpec): Record<string, unknown> | undefined {

@@ -59,6 +59,8 @@ export interface InstantDiskRecord {
   overlay: string;
   /** The QEMU job that streams it. */
   jobId: string;
+  /** Why its last job failed, when one was started again after a failure. */
+  lastError?: string;
 }
 
 /** What is kept on disk while an instant restore runs. */
@@ -84,6 +86,7 @@ export interface InstantDiskInfo {
   status: string;
   doneBytes: number;
   totalBytes: number;
+  /** The job's error, or that of the last job that failed before this one was started. */
   error?: string;
 }
 
@@ -305,6 +308,9 @@ export class InstantRestoreService {
       }
       return;
     }
+    // A dead server first, without QEMU: until it is back, QEMU's monitor may
+    // not answer (its NBD client holds requests for the reconnect delay).
+    await this.ensureServer(record);
     await this.domains.withQmp(ctx, 'instant restore check', (qmp) => this.settleRunning(ctx, qmp, record));
   }
 
@@ -332,9 +338,12 @@ export class InstantRestoreService {
     if (restart.length > 0) {
       await this.ensureServer(record);
       for (const d of restart) {
+        const failed = jobs.get(d.jobId)?.error;
+        if (failed !== undefined) d.lastError = failed;
         if (jobs.has(d.jobId)) await qmp.execute('job-dismiss', { id: d.jobId });
         await startStream(qmp, ctx, d, record.speedBytesPerSec);
       }
+      this.saveRecord(record);
       return;
     }
     if (pending.every((d) => jobs.get(d.jobId)?.status === 'concluded')) await this.finalize(ctx, qmp, record, jobs);
@@ -408,7 +417,8 @@ export class InstantRestoreService {
         const j = jobs.get(d.jobId);
         const status = j === undefined ? 'waiting' : j.status === 'concluded' && j.error === undefined ? 'completed' : j.status;
         const info: InstantDiskInfo = { target: d.target, overlay: d.overlay, sizeBytes: d.sizeBytes, status, doneBytes: j?.done ?? 0, totalBytes: j?.total ?? d.sizeBytes };
-        if (j?.error !== undefined) info.error = j.error;
+        const error = j?.error ?? d.lastError;
+        if (error !== undefined) info.error = error;
         return info;
       }),
     };

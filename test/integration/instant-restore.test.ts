@@ -9,6 +9,8 @@
 //   socket serving the same backup, and the copy completes with the right bytes;
 // - QEMU killed mid-copy: starting the domain again serves the backup again
 //   and the copy completes;
+// - an encrypted repository: the passphrase reaches the server, and a
+//   restart without it is refused with one sentence saying what to do;
 // - name clashes are refused with one sentence, nothing created.
 
 import assert from 'node:assert/strict';
@@ -153,6 +155,31 @@ describe('instant restore (real QEMU)', () => {
     await env.qb.domains.shutdown('copy3');
     assert.equal(await imageDiffers(env.path('copy3/sda.qcow2'), 'qcow2', await expected('sda', 'copy3', [])), undefined);
     assert.equal(await imageDiffers(env.path('copy3/sdb.qcow2'), 'qcow2', await expected('sdb', 'copy3', ['write -P 0x62 5M 64k'])), undefined);
+  });
+
+  test('encrypted repository: the server gets the passphrase; a restart without it is refused with one sentence, with it the copy completes', async () => {
+    const secure = env.path('secure');
+    const pw = { QBACKUP_PASSWORD: 'instant secret' };
+    assert.equal((await env.cli(['init', '--repo', secure, '--encrypt'], { env: pw })).code, 0);
+    const b = await env.cli(['--json', 'backup', 'vm', '--repo', secure, '--full'], { env: pw });
+    assert.equal(b.code, 0, b.stderr);
+    const r = await env.cli(['restore', 'vm', '--repo', secure, '--instant', '--as', 'copy4', '--to', env.path('copy4'), '--bandwidth', '2'], { env: pw });
+    assert.equal(r.code, 0, r.stderr);
+    const record = env.qb.instant.loadRecord('copy4') as InstantRecord;
+    assert.ok(record.encrypted && record.server !== null);
+    process.kill(record.server.pid, 'SIGKILL');
+    await sleep(300);
+    const without = await env.cli(['domjobinfo', 'copy4'], { env: { QBACKUP_PASSWORD: '' } });
+    assert.equal(without.code, 1);
+    assert.match(without.stderr, /^error: The server of backup ".*" for domain "copy4" is not running and the repository is encrypted: run the command again with the passphrase in QBACKUP_PASSWORD/);
+    const withPw = await env.cli(['domjobinfo', 'copy4'], { env: pw });
+    assert.equal(withPw.code, 0, withPw.stderr);
+    assert.match(withPw.stdout, /Instant restore \(streaming\)/);
+    const w = await env.cli(['restore', 'vm', '--repo', secure, '--instant', '--as', 'copy4', '--wait'], { env: pw });
+    assert.match(w.stderr, /a domain of that name exists/, 'a second restore under the same name is refused even while the first copies');
+    await waitDone('copy4');
+    await env.qb.domains.shutdown('copy4');
+    for (const t of ['sda', 'sdb']) assert.equal(await imageDiffers(env.path(`copy4/${t}.qcow2`), 'qcow2', await expected(t, 'copy4', [])), undefined);
   });
 
   test('a name that is taken is refused with one sentence, and nothing is made', async () => {
