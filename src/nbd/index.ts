@@ -76,6 +76,7 @@ export { NbdClient, type NbdClientOptions, type NbdExtent, type NbdWriteZeroesOp
 export { copyExtents, type CopyExtentsOptions, type CopyExtentsResult } from './copy.js';
 export {
   BASE_ALLOCATION_ID,
+  ByteBudget,
   MAX_IN_FLIGHT,
   MAX_OPTION_BYTES,
   MAX_REQUEST_BYTES,

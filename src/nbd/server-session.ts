@@ -20,7 +20,8 @@
 // - Replies go out whole: the chunks of one reply are written in one go, so
 //   replies of pipelined requests never interleave, and they may come out of
 //   order (each carries its cookie). At most MAX_IN_FLIGHT requests run at
-//   once; past that the session stops reading until one finishes.
+//   once; past that the session stops reading until one finishes. Reads
+//   also wait for room in the server's shared ByteBudget.
 // - After close() nothing more is written; late results are dropped.
 
 import {
@@ -154,8 +155,42 @@ export interface NbdSessionTransport {
   log(line: string): void;
 }
 
+/**
+ * Bytes of reads being served at once, shared by every session of a server,
+ * so many clients with many large reads cannot make the server hold more
+ * than `capacity` bytes of replies. Waiters are served in order.
+ */
+export class ByteBudget {
+  private used = 0;
+  private readonly waiters: Array<{ bytes: number; resolve: () => void }> = [];
+
+  constructor(readonly capacity: number) {}
+
+  async acquire(bytes: number): Promise<number> {
+    const n = Math.min(bytes, this.capacity);
+    if (this.waiters.length === 0 && this.used + n <= this.capacity) {
+      this.used += n;
+      return n;
+    }
+    await new Promise<void>((resolve) => this.waiters.push({ bytes: n, resolve }));
+    return n;
+  }
+
+  /** Gives back what acquire returned. */
+  release(granted: number): void {
+    this.used -= granted;
+    for (let w = this.waiters[0]; w !== undefined && this.used + w.bytes <= this.capacity; w = this.waiters[0]) {
+      this.waiters.shift();
+      this.used += w.bytes;
+      w.resolve();
+    }
+  }
+}
+
 export interface NbdSessionOptions {
   exports: ReadonlyMap<string, NbdServerExport>;
+  /** Shared bound on bytes of reads in flight (default: none). */
+  budget?: ByteBudget;
   /** TLS is offered, and required before anything else. */
   tls: boolean;
   transport: NbdSessionTransport;
@@ -512,7 +547,10 @@ export class NbdServerSession {
       return;
     }
     const offset = Number(req.offset);
+    const budget = req.type === NBD_CMD_READ ? this.options.budget : undefined;
+    const granted = (await budget?.acquire(req.length)) ?? 0;
     try {
+      if (this.stateValue === 'closed') return;
       if (req.type === NBD_CMD_READ) this.sendRead(req, await exp.read(offset, req.length));
       else this.sendBlockStatus(req, await exp.blockStatus(offset, req.length, (req.flags & NBD_CMD_FLAG_REQ_ONE) !== 0 ? 1 : MAX_DESCRIPTORS));
     } catch (err) {
@@ -520,6 +558,8 @@ export class NbdServerSession {
       const message = err instanceof Error ? err.message : String(err);
       this.options.transport.log(`${nbdCommandName(req.type)} of ${req.length} bytes at offset ${offset} on export "${exp.name}" failed: ${message}`);
       this.sendError(req.cookie, errno, message);
+    } finally {
+      budget?.release(granted);
     }
   }
 

@@ -18,11 +18,11 @@ import { readFileSync } from 'node:fs';
 import { chmod, rm } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
-import { TLSSocket, createSecureContext, type SecureContext } from 'node:tls';
+import { createSecureContext, createServer as createTlsServer, type TLSSocket } from 'node:tls';
 import { QbackupError } from '../errors.js';
 import { assert } from '../util/assert.js';
 import { encodeServerGreeting as encodeGreeting } from './server-codec.js';
-import { NbdServerSession, type NbdServerExport, type NbdSessionTransport } from './server-session.js';
+import { ByteBudget, NbdServerSession, type NbdServerExport, type NbdSessionTransport } from './server-session.js';
 
 export type NbdListen = { transport: 'unix'; socket: string } | { transport: 'tcp'; host: string; port: number };
 
@@ -30,7 +30,9 @@ export type NbdListen = { transport: 'unix'; socket: string } | { transport: 'tc
 export interface NbdTlsCredentials {
   /** The directory they came from (for messages). */
   dir: string;
-  context: SecureContext;
+  ca: Buffer;
+  cert: Buffer;
+  key: Buffer;
 }
 
 export interface NbdServerOptions {
@@ -44,10 +46,13 @@ export interface NbdServerOptions {
   maxConnections?: number;
   /** How long a client may take from connecting to its first request phase. Default 30 s. */
   handshakeTimeoutMs?: number;
+  /** Bytes of reads served at once over all clients. Default 256 MiB. */
+  readBudgetBytes?: number;
 }
 
 const DEFAULT_MAX_CONNECTIONS = 64;
 const DEFAULT_HANDSHAKE_TIMEOUT_MS = 30_000;
+const DEFAULT_READ_BUDGET_BYTES = 256 * 1024 * 1024;
 /** After we hang up, how long the peer gets to read our last bytes before the socket is destroyed. */
 const LINGER_MS = 2_000;
 
@@ -60,8 +65,10 @@ export function loadTlsCredentials(dir: string): NbdTlsCredentials {
       throw new QbackupError('INVALID_ARGUMENT', `Cannot use TLS certificate directory "${dir}": cannot read ${name} (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`, { cause: err });
     }
   };
+  const creds = { dir, ca: read('ca-cert.pem'), cert: read('server-cert.pem'), key: read('server-key.pem') };
   try {
-    return { dir, context: createSecureContext({ ca: read('ca-cert.pem'), cert: read('server-cert.pem'), key: read('server-key.pem') }) };
+    createSecureContext({ ca: creds.ca, cert: creds.cert, key: creds.key }); // refuses a key that does not fit its certificate, or bad PEM
+    return creds;
   } catch (err) {
     if (err instanceof QbackupError) throw err;
     throw new QbackupError('INVALID_ARGUMENT', `Cannot use TLS certificate directory "${dir}": ${(err as Error).message}`, { cause: err });
@@ -82,6 +89,7 @@ export class NbdServer implements AsyncDisposable {
   readonly exports: ReadonlyMap<string, NbdServerExport>;
   readonly tls: boolean;
   private readonly sessions = new Set<NbdServerSession>();
+  private readonly budget: ByteBudget;
   private closing: Promise<void> | undefined;
 
   private constructor(
@@ -92,6 +100,7 @@ export class NbdServer implements AsyncDisposable {
     this.listen = listen;
     this.exports = new Map(options.exports.map((e) => [e.name, e]));
     this.tls = options.tls !== undefined;
+    this.budget = new ByteBudget(options.readBudgetBytes ?? DEFAULT_READ_BUDGET_BYTES);
     server.on('connection', (socket) => this.accept(socket));
     server.on('error', (err) => this.log(`NBD server error: ${err.message}`));
   }
@@ -187,12 +196,14 @@ export class NbdServer implements AsyncDisposable {
       },
       flow: (on) => (on ? stream.resume() : stream.pause()),
       startTls: () => {
-        stream = this.upgrade(raw, session, () => hangUp());
+        this.upgrade(raw, session, (secure) => {
+          stream = secure;
+        });
       },
       close: hangUp,
       log: (line) => this.log(line),
     };
-    const session = new NbdServerSession({ exports: this.exports, tls: this.tls, transport, peer });
+    const session = new NbdServerSession({ exports: this.exports, tls: this.tls, transport, peer, budget: this.budget });
     this.sessions.add(session);
     const timer = setTimeout(() => {
       if (session.state !== 'transmission' && session.state !== 'draining' && session.state !== 'closed') {
@@ -213,28 +224,29 @@ export class NbdServer implements AsyncDisposable {
     raw.write(encodeGreeting());
   }
 
-  /** Wraps the raw socket in TLS after STARTTLS; the session resumes once the client's certificate checks out. */
-  private upgrade(raw: Socket, session: NbdServerSession, hangUp: () => void): Socket {
+  /**
+   * Hands the raw socket to a TLS server after STARTTLS (a tls.Server, not a
+   * bare TLSSocket, because only the server checks the client's certificate
+   * against the CA and refuses it); the session resumes once it checks out.
+   */
+  private upgrade(raw: Socket, session: NbdServerSession, attach: (secure: TLSSocket) => void): void {
     const tls = this.options.tls;
     assert(tls !== undefined, 'STARTTLS is acknowledged only when TLS is configured');
     raw.removeAllListeners('data');
     raw.removeAllListeners('drain');
-    const secure = new TLSSocket(raw, { isServer: true, secureContext: tls.context, requestCert: true, rejectUnauthorized: true });
-    secure.on('secure', () => {
-      if (!secure.authorized) {
-        this.log(`NBD client dropped: TLS client certificate not accepted (${String(secure.authorizationError)})`);
-        hangUp();
-        return;
-      }
+    const handshake = createTlsServer({ ca: tls.ca, cert: tls.cert, key: tls.key, requestCert: true, rejectUnauthorized: true });
+    handshake.on('secureConnection', (secure: TLSSocket) => {
+      secure.on('data', (b: Buffer) => session.push(b));
+      secure.on('drain', () => session.drained());
+      secure.on('error', () => session.close());
+      attach(secure);
       session.tlsReady();
     });
-    secure.on('data', (b: Buffer) => session.push(b));
-    secure.on('drain', () => session.drained());
-    secure.on('error', (err) => {
-      this.log(`NBD client dropped: TLS failed: ${err.message}`);
+    handshake.on('tlsClientError', (err) => {
+      this.log(`NBD client dropped: TLS handshake failed: ${err.message}`);
       session.close();
       raw.destroy();
     });
-    return secure;
+    handshake.emit('connection', raw);
   }
 }

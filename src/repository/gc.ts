@@ -16,6 +16,8 @@
 //    without writing anything first). A backup served over NBD (a `serve`
 //    lock) counts as running, so pruning it does not free its chunks
 //    under a client; they go with the first gc after serving stops.
+//    No pack is repacked while a backup is served (step 5 drops dead
+//    chunks without condemning them first).
 // 3. Half-written objects (temporary files of a writer killed mid-put) older
 //    than 15 minutes are removed too.
 // 4. Deletion order: a pack's index object goes before the pack (no index
@@ -92,7 +94,9 @@ export async function collectGarbage(store: Store): Promise<GcReport> {
   // small chunks its header alone can outweigh them), and unencrypted its new
   // bytes, hence its id, would be the old ones.
   const hasDead = (p: PackUsage): boolean => p.entries.some((e) => !liveChunks.has(e.id.toString('hex')));
-  for (const p of packs.filter((x) => x.liveBytes > 0 && x.liveBytes * 2 < x.size && hasDead(x))) {
+  // Repacking drops dead chunks at once, so it waits while a backup is served (its chunks may be dead by now).
+  const serving = backups.some((l) => l.info.kind === 'serve');
+  for (const p of packs.filter((x) => !serving && x.liveBytes > 0 && x.liveBytes * 2 < x.size && hasDead(x))) {
     report.bytesFreed += await repack(store, p, liveChunks);
     report.packsRepacked++;
   }
