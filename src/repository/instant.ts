@@ -26,6 +26,7 @@
 //   already copied stays; streaming skips it). A start of the domain brings the
 //   server up first (beforeStart) and the streams after (afterStart).
 
+import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { closeSync, existsSync, fsyncSync, openSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
@@ -40,6 +41,8 @@ import type { QmpClient } from '../qmp/index.js';
 import { makePrivateDir } from '../util/private-dir.js';
 import { sleep } from '../util/proc.js';
 import { backupServerAlive, signalBackupServer, startBackupServer, stopBackupServer, type BackupServerProcess } from './backup-server.js';
+import { ZERO_ID } from './chunk.js';
+import type { FullIndex } from './disk-index.js';
 import type { Manifest } from './manifest.js';
 
 export interface InstantRestoreOptions {
@@ -166,7 +169,12 @@ export class InstantRestoreService {
    * Serves backup `m`, creates the overlays, defines and starts the domain on
    * them, and has QEMU start copying. Returns as soon as the domain runs.
    */
-  async begin(m: Manifest, access: { repo: string; password?: string; encrypted: boolean }, options: InstantRestoreOptions): Promise<InstantRestoreInfo> {
+  async begin(
+    m: Manifest,
+    access: { repo: string; password?: string; encrypted: boolean },
+    options: InstantRestoreOptions,
+    holes: ReadonlyMap<string, ReadonlyArray<{ offset: number; length: number }>> = new Map(),
+  ): Promise<InstantRestoreInfo> {
     const name = options.as ?? m.domain;
     assertDomainName(name);
     this.refuseClash(name, m);
@@ -189,7 +197,10 @@ export class InstantRestoreService {
     // The start serves the backup (beforeStart), with this command's passphrase.
     this.startPassword = access.password;
     try {
-      for (const d of plan.disks) await createImage(d.overlay, 'qcow2', d.sizeBytes);
+      for (const d of plan.disks) {
+        await createImage(d.overlay, 'qcow2', d.sizeBytes);
+        await markZeroes(d.overlay, holes.get(d.target) ?? []);
+      }
       await this.domains.define(formatDomainXml(plan.definition));
       defined = true;
       options.onProgress?.('serving the backup and starting the domain');
@@ -446,6 +457,45 @@ export class InstantRestoreService {
   private removeRecord(domain: string): void {
     rmSync(join(this.domains.domainDir(domain), RECORD), { force: true });
   }
+}
+
+// ---- holes ---------------------------------------------------------------------------------
+
+/**
+ * The byte ranges where a backed-up disk is all zeroes (its index names the
+ * zero chunk there), merged. The overlays get these as qcow2 zero clusters
+ * before the domain starts: reads there never reach the server, and the copy
+ * skips them (the overlay has them), so a sparse disk moves only its data.
+ */
+export function zeroRanges(table: FullIndex): Array<{ offset: number; length: number }> {
+  const out: Array<{ offset: number; length: number }> = [];
+  const slots = table.ids.length / 32;
+  for (let i = 0; i < slots; i++) {
+    if (!table.ids.subarray(i * 32, i * 32 + 32).equals(ZERO_ID)) continue;
+    const offset = i * table.chunkSize;
+    const length = Math.min(table.chunkSize, table.virtualSize - offset);
+    const last = out.at(-1);
+    if (last !== undefined && last.offset + last.length === offset) last.length += length;
+    else out.push({ offset, length });
+  }
+  return out;
+}
+
+/** Writes zero clusters (allocated in the overlay, so nothing below is read) over `ranges` of a new overlay. */
+async function markZeroes(overlay: string, ranges: ReadonlyArray<{ offset: number; length: number }>): Promise<void> {
+  if (ranges.length === 0) return;
+  const script = ranges.map((r) => `write -z ${r.offset} ${r.length}\n`).join('');
+  const output = await new Promise<string>((resolvePromise, reject) => {
+    const child = spawn('qemu-io', ['-f', 'qcow2', '--', overlay], { stdio: ['pipe', 'pipe', 'pipe'] });
+    const out: Buffer[] = [];
+    child.stdout.on('data', (b: Buffer) => out.push(b));
+    child.stderr.on('data', (b: Buffer) => out.push(b));
+    child.on('error', reject);
+    child.on('close', (code) => (code === 0 ? resolvePromise(Buffer.concat(out).toString()) : reject(new Error(`qemu-io exited with status ${code ?? '?'}: ${Buffer.concat(out).toString().slice(-300)}`))));
+    child.stdin.end(script);
+  });
+  const failed = output.split('\n').find((l) => /error|failed/i.test(l));
+  if (failed !== undefined) throw new QbackupError('IMAGE_ERROR', `Cannot mark the holes of overlay "${overlay}": ${failed.trim()}`);
 }
 
 // ---- QMP steps -----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import { collectGarbage, type GcReport } from './gc.js';
 import { acquireLock } from './locks.js';
 import type { Manifest } from './manifest.js';
 import { planPrune, type PrunePlan, type RetentionPolicy } from './prune.js';
-import type { InstantRestoreInfo, InstantRestoreOptions, InstantRestoreService } from './instant.js';
+import { zeroRanges, type InstantRestoreInfo, type InstantRestoreOptions, type InstantRestoreService } from './instant.js';
 import { restoreIntoImage, restoreToFile, type ImageFormat } from './restore.js';
 import { serveBackup, type BackupServer, type ServeListen } from './serve.js';
 import { repositoryStats, type RepoStats } from './stats.js';
@@ -120,7 +120,9 @@ export class RepositoryService {
     const store = await this.open(options);
     const m = pickBackup(await store.manifests(domain), domain, options);
     const access = { repo: options.repo, encrypted: store.config.encrypted, ...(options.password !== undefined ? { password: options.password } : {}) };
-    return this.instant.begin(m, access, options);
+    const holes = new Map<string, Array<{ offset: number; length: number }>>();
+    for (const d of m.disks) holes.set(d.target, zeroRanges(await store.resolveIndex(d.index)));
+    return this.instant.begin(m, access, options, holes);
   }
 
   /** One disk of a backup as a standalone image file, for other tools. */

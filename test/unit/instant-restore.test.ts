@@ -12,7 +12,7 @@ import { formatDomainXml, parseDomainXml } from '../../src/libvirt/domain.js';
 import { backingNodeSpec, blockdevSpecs } from '../../src/qemu/nodes.js';
 import { buildQemuArgs } from '../../src/qemu/process.js';
 import { serverArgv } from '../../src/repository/backup-server.js';
-import { planInstantRestore } from '../../src/repository/instant.js';
+import { planInstantRestore, zeroRanges } from '../../src/repository/instant.js';
 import type { Manifest } from '../../src/repository/manifest.js';
 
 const NBD_DISK = `<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/o/sda.qcow2'/>
@@ -113,3 +113,20 @@ describe('the backup server command line', () => {
     assert.deepEqual(argv, ['qb', '--state-dir', '/st', '--json', 'serve-backup', '--repo', '/repo', 'vm', '--backup', 'B', '--disk', 'sda', '--disk', 'vdb', '--socket', '/s/b.sock']);
   });
 });
+
+describe('zeroRanges', () => {
+  it('merges runs of zero chunks into byte ranges, the last one cut at the disk size', () => {
+    const chunk = 64 * 1024;
+    const ids = Buffer.alloc(6 * 32);
+    for (const slot of [1, 4]) ids.fill(0xab, slot * 32, slot * 32 + 32); // data at slots 1 and 4
+    const size = 5 * chunk + 4096; // a partial sixth chunk, zero
+    assert.deepEqual(zeroRanges({ kind: 'full', chunkSize: chunk, virtualSize: size, ids }), [
+      { offset: 0, length: chunk },
+      { offset: 2 * chunk, length: 2 * chunk },
+      { offset: 5 * chunk, length: 4096 },
+    ]);
+    ids.fill(0xcd);
+    assert.deepEqual(zeroRanges({ kind: 'full', chunkSize: chunk, virtualSize: size, ids }), []);
+  });
+});
+
