@@ -36,10 +36,11 @@ describe('instant restore (real QEMU)', () => {
     await env.defineDomain('vm', [{ target: 'sda', sizeBytes: 32 * MiB }, { target: 'sdb', sizeBytes: 16 * MiB }]);
     await env.qb.domains.start('vm');
     for (const [target, cmd] of [
-      ['sda', 'write -P 0x11 0 4M'],
-      ['sda', 'write -P 0x22 10M 3M'],
+      // ~30 MiB of data, so that a copy capped at 2–4 MiB/s lasts long enough to act during it.
+      ['sda', 'write -P 0x11 0 12M'],
+      ['sda', 'write -P 0x22 14M 8M'],
       ['sda', 'write -P 0x5a 31M 1M'],
-      ['sdb', 'write -P 0x33 1M 2M'],
+      ['sdb', 'write -P 0x33 1M 8M'],
     ] as const) {
       await guestWrite(env.qb, 'vm', target, cmd);
     }
@@ -93,7 +94,7 @@ describe('instant restore (real QEMU)', () => {
 
     // Writes while the copy runs: over data, over a hole, and across the copy's front.
     const writes = new Map([
-      ['sda', ['write -P 0x77 1M 64k', 'write -P 0x78 20M 1M', 'write -P 0x79 31M 4k']],
+      ['sda', ['write -P 0x77 1M 64k', 'write -P 0x78 24M 1M', 'write -P 0x79 31M 4k']],
       ['sdb', ['write -P 0x7a 0 128k']],
     ]);
     for (const [t, cmds] of writes) for (const c of cmds) await guestWrite(env.qb, 'copy1', t, c);
