@@ -40,6 +40,7 @@ import { nodeNamesFor } from '../qemu/nodes.js';
 import type { QmpClient } from '../qmp/index.js';
 import { makePrivateDir } from '../util/private-dir.js';
 import { sleep } from '../util/proc.js';
+import { socketAccepts } from '../util/socket.js';
 import { backupServerAlive, signalBackupServer, startBackupServer, stopBackupServer, type BackupServerProcess } from './backup-server.js';
 import { ZERO_ID } from './chunk.js';
 import type { FullIndex } from './disk-index.js';
@@ -284,14 +285,18 @@ export class InstantRestoreService {
     const backed = ctx.disks.filter((d) => d.nbdBacking !== undefined);
     if (backed.length === 0) return;
     const record = this.loadRecord(ctx.row.name);
-    if (record === undefined) {
-      const d = backed[0];
+    if (record !== undefined) {
+      await this.ensureServer(record);
+      return;
+    }
+    // Not ours: the user serves it, or the start is refused.
+    for (const d of backed) {
+      if (await socketAccepts(d.nbdBacking?.socket ?? '')) continue;
       throw new QbackupError(
         'BACKUP_SERVER',
-        `Cannot start domain "${ctx.row.name}": disk "${d?.target ?? ''}" is backed by NBD export "${d?.nbdBacking?.exportName ?? ''}" on "${d?.nbdBacking?.socket ?? ''}", which no instant restore of qbackup serves; serve it there or define the disk without that <backingStore>`,
+        `Cannot start domain "${ctx.row.name}": disk "${d.target}" is backed by NBD export "${d.nbdBacking?.exportName ?? ''}" on "${d.nbdBacking?.socket ?? ''}", where nothing serves and no instant restore of qbackup is recorded; serve it there or define the disk without that <backingStore>`,
       );
     }
-    await this.ensureServer(record);
   }
 
   /** After QEMU started (or on any later command): the copy jobs run or are restarted. */

@@ -11,7 +11,9 @@
 //   and the copy completes;
 // - an encrypted repository: the passphrase reaches the server, and a
 //   restart without it is refused with one sentence saying what to do;
-// - name clashes are refused with one sentence, nothing created.
+// - name clashes are refused with one sentence, nothing created; a domain
+//   declaring an NBD backing that nothing serves (and no restore recorded)
+//   does not start, with one sentence.
 
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
@@ -183,7 +185,7 @@ describe('instant restore (real QEMU)', () => {
     for (const t of ['sda', 'sdb']) assert.equal(await imageDiffers(env.path(`copy4/${t}.qcow2`), 'qcow2', await expected(t, 'copy4', [])), undefined);
   });
 
-  test('a name that is taken is refused with one sentence, and nothing is made', async () => {
+  test('a name that is taken is refused with one sentence, and nothing is made; an NBD backing nothing serves is refused at start', async () => {
     const running = await env.cli(['restore', 'vm', '--repo', repo, '--instant', '--to', env.path('clash1')]);
     assert.equal(running.code, 1);
     assert.match(running.stderr, /^error: Cannot restore backup ".*" instantly as domain "vm": a domain of that name exists \(running\); give the restored domain another name with --as/);
@@ -191,6 +193,16 @@ describe('instant restore (real QEMU)', () => {
     assert.equal(taken.code, 1);
     assert.match(taken.stderr, /domain "copy1": a domain of that name exists \(shut off\); choose another name with --as/);
     assert.ok(!existsSync(env.path('clash1')) && !existsSync(env.path('clash2')));
+    // A definition declaring an NBD backing that nothing serves, with no restore recorded: start refuses.
+    const overlay = await env.image('orphan.qcow2', 16 * MiB);
+    await env.qb.domains.define(env.domainXml('orphan', [{ target: 'sda', file: overlay }]).replace(
+      "<target dev='sda'",
+      `<backingStore type='network'><format type='raw'/><source protocol='nbd' name='sda'><host transport='unix' socket='${env.path('none.sock')}'/></source></backingStore><target dev='sda'`,
+    ));
+    const orphan = await env.cli(['start', 'orphan']);
+    assert.equal(orphan.code, 1);
+    assert.match(orphan.stderr, /^error: Cannot start domain "orphan": disk "sda" is backed by NBD export "sda" on ".*none\.sock", where nothing serves and no instant restore of qbackup is recorded/);
+    assert.equal(env.qb.domains.info('orphan').state, 'shut off');
     const flags = await env.cli(['restore', 'vm', '--repo', repo, '--to', env.path('x'), '--as', 'y']);
     assert.match(flags.stderr, /Option --as needs --instant/);
   });
