@@ -42,6 +42,7 @@ export const ERROR_CODES = {
   BACKUP_FAILED: 'a backup job or repository backup did not complete',
   VERIFY_FAILED: 'verification found damage',
   TOOL_FAILED: 'a QEMU tool (qemu-img, nbdcopy, …) failed; its own message is included',
+  BACKUP_SERVER: 'the process serving a backup to an instant restore did not start, or serves other disks or sizes than the restore recorded',
   // -- QEMU and its protocols
   QEMU_START_FAILED: 'QEMU did not start',
   QEMU_DIED: 'QEMU exited while a command ran',

@@ -10,6 +10,7 @@ import { CheckpointService } from './checkpoint/service.js';
 import { DomainService, type DomainServiceOptions } from './domain/service.js';
 import { openDatabase, type Db } from './store/db.js';
 import { CheckpointStore } from './store/checkpoints.js';
+import { InstantRestoreService } from './repository/instant.js';
 import { RepositoryService } from './repository/service.js';
 import { DomainStore } from './store/domains.js';
 import { JobStore } from './store/jobs.js';
@@ -40,6 +41,12 @@ export interface QbackupOptions {
    * STATE_DIR/secrets.
    */
   secretsDir?: string;
+  /** The passphrase a command uses when it must restart the server of an instant restore from an encrypted repository. */
+  repositoryPassword?: string;
+  /** The program that serves a backup over NBD to an instant restore (argv prefix); default: this qbackup's `serve-backup`. */
+  backupServerCommand?: readonly string[];
+  /** How long starting that server may take. Default 60 s. */
+  backupServerTimeoutMs?: number;
   /** Test-only fault injection: qbackup kills itself (SIGKILL) at this point. */
   crashAt?: string;
 }
@@ -50,6 +57,7 @@ export class Qbackup implements Disposable {
   readonly checkpoints: CheckpointService;
   readonly backups: BackupService;
   readonly repository: RepositoryService;
+  readonly instant: InstantRestoreService;
   private closed = false;
 
   private constructor(readonly options: QbackupOptions) {
@@ -71,24 +79,37 @@ export class Qbackup implements Disposable {
       tlsCertDir: options.tlsCertDir ?? join(options.stateDir, 'pki', 'qbackup'),
       secretsDir: options.secretsDir ?? join(options.stateDir, 'secrets'),
     });
-    this.repository = new RepositoryService(this.domains, this.checkpoints, this.backups);
+    this.instant = new InstantRestoreService(this.domains, {
+      ...(options.backupServerCommand !== undefined ? { serverCommand: options.backupServerCommand } : {}),
+      ...(options.backupServerTimeoutMs !== undefined ? { serverTimeoutMs: options.backupServerTimeoutMs } : {}),
+    });
+    this.instant.password = options.repositoryPassword;
+    this.repository = new RepositoryService(this.domains, this.checkpoints, this.backups, this.instant);
     // Every hook of the library, in the order it must run. On open: first
     // complete or roll back an interrupted checkpoint change, then settle a
-    // backup job (which may commit its checkpoint).
+    // backup job (which may commit its checkpoint), then an instant restore
+    // (finalize a finished copy, bring back a dead server or copy job). A
+    // start serves the backup of an instant restore first, and copies after.
     this.domains.setHooks({
       onOpen: async (ctx) => {
         await this.checkpoints.recover(ctx);
         await this.backups.reap(ctx);
+        await this.instant.onOpen(ctx);
       },
+      beforeStart: (ctx) => this.instant.beforeStart(ctx),
       afterStart: async (ctx, qmp) => {
         await this.checkpoints.reconcile(ctx, qmp);
+        await this.instant.afterStart(ctx, qmp);
       },
       afterAttach: async (ctx, _disk, qmp) => {
         await this.checkpoints.reconcile(ctx, qmp);
       },
       sizesMayHaveChanged: (ctx, qmp) => this.checkpoints.noteSizes(ctx, qmp),
       beforeConfigChange: (ctx, what) => this.backups.assertNoJob(ctx, what),
-      beforeUndefine: (ctx, options) => this.checkpoints.assertUndefinable(ctx, options),
+      beforeUndefine: (ctx, options) => {
+        this.checkpoints.assertUndefinable(ctx, options);
+        this.instant.beforeUndefine(ctx);
+      },
     });
   }
 

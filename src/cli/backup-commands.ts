@@ -9,6 +9,7 @@ import { parseCheckpointXml } from '../libvirt/checkpoint.js';
 import { QbackupError } from '../errors.js';
 import { arg, defineCommand, flag, optionalArg, value, type CliCommand } from './command.js';
 import { positiveNumber, quiesceMode, quiesceOptions, readInput } from './options.js';
+import { describeInstant } from './repository-commands.js';
 import { emit } from './output.js';
 
 const domain = arg('domain');
@@ -68,11 +69,18 @@ export const backupCommands: readonly CliCommand[] = [
 
   defineCommand({
     name: 'domjobinfo',
-    description: 'show the running backup job (or, with --completed, the last finished one)',
+    description: 'show the running backup job or instant restore (or, with --completed, the last finished backup job)',
     args: { domain },
     options: { completed: flag('--completed', 'show the last finished job') },
     run: async ({ qb, out, args: { domain }, opts }) => {
       const job = opts.completed ? await qb.backups.lastResult(domain) : await qb.backups.info(domain);
+      if (job === undefined && !opts.completed) {
+        const instant = await qb.instant.info(domain);
+        if (instant !== undefined) {
+          emit(out, instant, () => describeInstant(instant));
+          return;
+        }
+      }
       emit(out, job ?? null, () => (job === undefined ? 'Job type:         None' : describeJob(job)));
     },
   }),

@@ -39,6 +39,8 @@ export function createCliContext(env: NodeJS.ProcessEnv): CliContext {
           lockTimeoutMs,
           // Test-only fault injection (see CheckpointService): never set it in production.
           ...(env['QBACKUP_CRASH_AT'] ? { crashAt: env['QBACKUP_CRASH_AT'] } : {}),
+          // A command that must restart the server of an instant restore from an encrypted repository needs its passphrase.
+          ...(env['QBACKUP_PASSWORD'] ? { repositoryPassword: env['QBACKUP_PASSWORD'] } : {}),
           ...(env['QBACKUP_ACCEL'] === 'tcg' || env['QBACKUP_ACCEL'] === 'kvm' ? { accel: env['QBACKUP_ACCEL'] } : {}),
           // Like libvirt's backup_tls_x509_cert_dir: the default certificate directory of TLS exports (and of `serve`).
           ...(env['QBACKUP_TLS_CERT_DIR'] ? { tlsCertDir: env['QBACKUP_TLS_CERT_DIR'] } : {}),

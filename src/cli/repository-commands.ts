@@ -5,11 +5,12 @@
 
 import { readFileSync } from 'node:fs';
 import { QbackupError } from '../errors.js';
-import type { GcReport, Manifest, PruneResult, RepoAccess, RepoStats, RetentionPolicy, ServeListen, VerifyReport } from '../repository/service.js';
+import type { Qbackup } from '../qbackup.js';
+import type { GcReport, InstantRestoreInfo, Manifest, PruneResult, RepoAccess, RepoStats, RetentionPolicy, ServeListen, VerifyReport } from '../repository/service.js';
 import { arg, defineCommand, flag, optionalArg, requiredValue, value, valueWithDefault, type CliCommand } from './command.js';
 import { diskOption, hostPort, oneOf, pointInTime, positiveNumber, quiesceMode, quiesceOptions, repoOption } from './options.js';
-import { emit, table } from './output.js';
-import { withProgress } from './progress.js';
+import { emit, table, type OutputOptions } from './output.js';
+import { progressReporter, withProgress } from './progress.js';
 import { untilSignal } from './service-commands.js';
 
 const domain = arg('domain');
@@ -90,12 +91,16 @@ export const repositoryCommands: readonly CliCommand[] = [
 
   defineCommand({
     name: 'restore',
-    description: 'restore a backup to new images (--to) or into the disks of a shut-off domain (--into-domain)',
+    description: 'restore a backup to new images (--to) or into the disks of a shut-off domain (--into-domain); with --instant, run the domain from the backup at once while QEMU copies it into local overlays',
     args: { domain },
     options: {
       repo: repoOption(),
       passwordFile,
-      to: value('--to <dir>', 'directory for the restored images (<target>.<format>)'),
+      to: value('--to <dir>', 'directory for the restored images (<target>.<format>); with --instant, for the overlays (<target>.qcow2, default STATE_DIR/images/NAME)'),
+      instant: flag('--instant', 'define and start the domain on overlays over the backup served by NBD; QEMU then copies the data in (see domjobinfo)'),
+      as: value('--as <name>', 'with --instant: the name of the restored domain (default: the backed-up one)'),
+      wait: flag('--wait', 'with --instant: wait until every byte is local and the server stopped'),
+      bandwidth: value('--bandwidth <MiB/s>', 'with --instant: limit the copy rate of each disk'),
       intoDomain: value('--into-domain <domain>', 'write into the disks of this shut-off domain with the same targets'),
       backup: value('--backup <id>', 'the backup to restore (default: the latest)'),
       until: value('--until <time>', 'the latest backup taken at or before this time (ISO 8601)'),
@@ -105,8 +110,15 @@ export const repositoryCommands: readonly CliCommand[] = [
     run: async ({ qb, out, args: { domain }, opts: o }) => {
       const format = oneOf('--format', o.format, ['qcow2', 'raw']);
       if (o.backup !== undefined && o.until !== undefined) throw new QbackupError('INVALID_ARGUMENT', 'Give either --backup or --until, not both');
-      if ((o.to === undefined) === (o.intoDomain === undefined)) throw new QbackupError('INVALID_ARGUMENT', 'Give either --to or --into-domain');
       const until = o.until !== undefined ? pointInTime('--until', o.until) : undefined;
+      if (o.instant) {
+        await runInstantRestore(qb, out, domain, { ...o, until });
+        return;
+      }
+      for (const [flagName, given] of [['--as', o.as !== undefined], ['--wait', o.wait], ['--bandwidth', o.bandwidth !== undefined]] as const) {
+        if (given) throw new QbackupError('INVALID_ARGUMENT', `Option ${flagName} needs --instant`);
+      }
+      if ((o.to === undefined) === (o.intoDomain === undefined)) throw new QbackupError('INVALID_ARGUMENT', 'Give either --to or --into-domain');
       const r = await withProgress(out, (onProgress) =>
         qb.repository.restore(domain, {
           ...repoAccess(o),
@@ -325,4 +337,56 @@ function describePrune(r: PruneResult, dryRun: boolean): string {
     ...r.folds.map((f) => `${dryRun ? 'would fold' : 'fold'}   ${f.backup} ${f.target}: ${f.kind === 'full' ? 'a full index' : `a delta on ${f.base?.backup ?? ''}`} replaces ${f.folded.length} index link(s)`),
     ...r.checkpointsKept.map((c) => `checkpoint ${c.name} stays for now: ${c.reason}`),
   ].join('\n');
+}
+
+/** `restore --instant`: starts the domain from the backup; with --wait, follows the copy to its end. */
+async function runInstantRestore(
+  qb: Qbackup,
+  out: OutputOptions,
+  domain: string,
+  o: { repo: string; passwordFile?: string | undefined; to?: string | undefined; as?: string | undefined; backup?: string | undefined; until: Date | undefined; intoDomain?: string | undefined; disk: string[]; format: string; wait: boolean; bandwidth?: string | undefined },
+): Promise<void> {
+  if (o.intoDomain !== undefined || o.disk.length > 0 || o.format !== 'qcow2') {
+    throw new QbackupError('INVALID_ARGUMENT', 'Option --instant restores every disk of the backup into qcow2 overlays; it takes neither --into-domain, --disk nor --format');
+  }
+  const speed = o.bandwidth !== undefined ? Math.round(positiveNumber('--bandwidth', o.bandwidth, 'MiB/s') * MiB) : undefined;
+  const started = await qb.repository.instantRestore(domain, {
+    ...repoAccess(o),
+    ...(o.to !== undefined ? { to: o.to } : {}),
+    ...(o.as !== undefined ? { as: o.as } : {}),
+    ...(o.backup !== undefined ? { backup: o.backup } : {}),
+    ...(o.until !== undefined ? { until: o.until } : {}),
+    ...(speed !== undefined ? { speedBytesPerSec: speed } : {}),
+  });
+  if (!o.wait) {
+    emit(out, started, () => `Domain ${started.domain} runs from backup ${started.backup}; its data is being copied in (see domjobinfo ${started.domain})\n${describeInstant(started)}`);
+    return;
+  }
+  const bar = progressReporter(out);
+  let result: InstantRestoreInfo;
+  try {
+    result = await qb.instant.wait(started.domain, (info) => {
+      const done = info.disks.reduce((a, d) => a + d.doneBytes, 0);
+      const total = info.disks.reduce((a, d) => a + d.totalBytes, 0);
+      bar.update({ phase: `copying into ${started.domain}`, doneBytes: done, totalBytes: total });
+    });
+  } finally {
+    bar.stop();
+  }
+  emit(out, result, () => `Domain ${result.domain} runs on its local images; backup ${result.backup} is no longer served\n${describeInstant(result)}`);
+}
+
+/** An instant restore as domjobinfo and restore --instant print it. */
+export function describeInstant(info: InstantRestoreInfo): string {
+  const lines = [
+    `Job type:         Instant restore (${info.state})`,
+    `Backup:           ${info.backup} of domain ${info.sourceDomain} in ${info.repo}`,
+    `Served on:        ${info.socket}${info.serverPid !== null ? ` (pid ${info.serverPid})` : ''}`,
+  ];
+  for (const d of info.disks) {
+    const pct = d.totalBytes > 0 ? Math.floor((d.doneBytes / d.totalBytes) * 100) : 100;
+    lines.push(`Disk ${d.target}:`.padEnd(18) + `${d.status}, ${pct}% (${(d.doneBytes / MiB).toFixed(1)} of ${(d.totalBytes / MiB).toFixed(1)} MiB) into ${d.overlay}${d.error !== undefined ? `; last error: ${d.error}` : ''}`);
+  }
+  if (info.dropped !== undefined && info.dropped.length > 0) lines.push(`Left out:         ${info.dropped.join(', ')} (not in the backup)`);
+  return lines.join('\n');
 }

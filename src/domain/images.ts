@@ -3,8 +3,10 @@
 // one (read with `qemu-img info -f FORMAT`, never probed), a qcow2 whose header
 // names a backing file is refused (chains are not supported yet, and QEMU
 // opens disks with backing: null), and what qbackup cannot honour in the
-// definition (<encryption>, a declared <backingStore> chain) is refused rather
-// than kept and ignored. Identity is the file (device + inode), so a hard link
+// definition (<encryption>, a declared <backingStore> chain of files) is
+// refused rather than kept and ignored. The one declared backing accepted is a
+// raw NBD export on a unix socket under a qcow2 image (an instant restore):
+// the definition names it, never the image. Identity is the file (device + inode), so a hard link
 // is the same image as its other names.
 
 import { existsSync, statSync } from 'node:fs';
@@ -19,6 +21,12 @@ export function refuseUnsupportedDisk(domain: string, disk: DiskDefinition): voi
     throw new QbackupError(
       'NOT_SUPPORTED',
       `Cannot use disk "${disk.target}" of domain "${domain}": it asks for <encryption${format}>, and qbackup cannot pass encryption secrets to QEMU yet`,
+    );
+  }
+  if (disk.nbdBacking !== undefined && (disk.format !== 'qcow2' || disk.readonly)) {
+    throw new QbackupError(
+      'NOT_SUPPORTED',
+      `Cannot use disk "${disk.target}" of domain "${domain}": an NBD <backingStore> needs a writable qcow2 image above it`,
     );
   }
   if (disk.backingStore !== undefined) {

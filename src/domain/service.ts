@@ -38,7 +38,7 @@ import { makePrivateDir } from '../util/private-dir.js';
 import { findProcessWithArg, isProcessAlive, processStartTime } from '../util/proc.js';
 import { checkDiskImage, imageIdentity, refuseUnsupportedDisk } from './images.js';
 import { assertDomainName, assertTargetName, busForTarget } from './names.js';
-import type { DiskBus, DiskDefinition, DiskFormat, DomainDefinition } from './types.js';
+import type { DiskBus, DiskDefinition, DiskFormat, DomainDefinition, NbdBacking } from './types.js';
 
 export type DomainState = 'running' | 'shut off' | 'crashed';
 
@@ -117,6 +117,8 @@ export interface AttachedDisk extends DiskDefinition {
  * sets them once, in one place, in the order they must run.
  */
 export interface DomainHooks {
+  /** Runs before QEMU is launched, e.g. to bring up what a disk's declared backing needs. */
+  beforeStart?: (ctx: DomainContext) => Promise<void>;
   afterStart?: (ctx: DomainContext, qmp: QmpClient) => Promise<void>;
   afterAttach?: (ctx: DomainContext, disk: AttachedDisk, qmp: QmpClient | undefined) => Promise<void>;
   /** Runs inside withDomain, before the command; e.g. to finish an interrupted operation. */
@@ -273,6 +275,7 @@ export class DomainService {
         refuseUnsupportedDisk(name, d);
         await checkDiskImage(d, `Cannot start domain "${name}": image "${d.source}" of disk "${d.target}"`);
       }
+      await this.hooks.beforeStart?.(ctx);
       const dir = this.domainDir(name);
       makePrivateDir(dir);
       const qmpSocket = join(dir, 'qmp.sock');
@@ -701,6 +704,21 @@ export class DomainService {
     if (row === undefined) return;
     this.store.upsertDisk({ ...row, attached: 0 });
     this.store.recordDiskEvent(disk.diskId, 'detach', disk.target, live);
+  }
+
+  /**
+   * Sets or drops the declared NBD backing of disks in the stored definition
+   * (an instant restore adds them, and drops them once QEMU has copied every
+   * byte into the images). Only the backing changes.
+   */
+  setNbdBackings(ctx: DomainContext, backings: ReadonlyMap<string, NbdBacking | undefined>): void {
+    const disks = ctx.definition.disks.map((d) => {
+      if (!backings.has(d.target)) return d;
+      const { nbdBacking: _old, ...rest } = d;
+      const next = backings.get(d.target);
+      return next === undefined ? rest : { ...rest, nbdBacking: next };
+    });
+    this.store.transaction(() => this.store.updateDomainXml(ctx.row.name, formatDomainXml({ ...ctx.definition, disks })));
   }
 
   // ---- reads for other subsystems ------------------------------------------

@@ -30,6 +30,22 @@ export interface DiskDefinition {
    * by the domain service until chains are supported.
    */
   backingStore?: string;
+  /**
+   * A declared backing of the qcow2 image that is an NBD export on a unix
+   * socket (libvirt's `<backingStore type='network'>` with `<source
+   * protocol='nbd'>`): how an instant restore runs a disk over a backup
+   * while QEMU copies it into the image. The image's own header names no
+   * backing file; QEMU gets the backing as an explicit node.
+   */
+  nbdBacking?: NbdBacking;
+}
+
+/** A raw NBD export on a unix socket, as a disk's backing. */
+export interface NbdBacking {
+  /** Absolute path of the unix socket. */
+  socket: string;
+  /** The export name. */
+  exportName: string;
 }
 
 /** Direct kernel boot, libvirt's <os><kernel>/<initrd>/<cmdline>. */

@@ -31,6 +31,7 @@ export const HTTP_STATUS: Readonly<Record<ErrorCode, number>> = {
   BACKUP_FAILED: 500,
   VERIFY_FAILED: 500,
   TOOL_FAILED: 500,
+  BACKUP_SERVER: 502,
   QEMU_START_FAILED: 500,
   QEMU_DIED: 500,
   GUEST_AGENT: 502,

@@ -21,7 +21,7 @@
 import { randomUUID } from 'node:crypto';
 import type { Document, Element, Node } from '@xmldom/xmldom';
 import { QbackupError } from '../errors.js';
-import type { DiskBus, DiskDefinition, DiskFormat, DomainDefinition, GuestAgentChannel, KernelBoot } from '../domain/types.js';
+import type { DiskBus, DiskDefinition, DiskFormat, DomainDefinition, GuestAgentChannel, KernelBoot, NbdBacking } from '../domain/types.js';
 import { appendElement, attr, childElements, docOf, firstChild, isNamed, newXmlDocument, parseUnsigned, parseXmlDocument, serializeIndented, textOf } from './xml.js';
 // ---------------------------------------------------------------------------
 // <domain>
@@ -146,12 +146,45 @@ function parseDisk(disk: Element, domain: string): DiskDefinition {
   if (serialEl !== undefined) result.serial = textOf(serialEl);
   const encryption = firstChild(disk, 'encryption') ?? firstChild(sourceEl ?? disk, 'encryption');
   if (encryption !== undefined) result.encryption = attr(encryption, 'format') ?? '';
-  const backing = firstChild(disk, 'backingStore');
-  if (backing !== undefined && (attr(backing, 'type') !== undefined || childElements(backing).length > 0)) {
-    const backingSource = firstChild(backing, 'source');
-    result.backingStore = (backingSource === undefined ? undefined : attr(backingSource, 'file')) ?? '';
-  }
+  parseBackingStore(disk, result, domain);
   return result;
+}
+
+/** A declared <backingStore>: an NBD export becomes `nbdBacking`, any other chain `backingStore` (refused later). */
+function parseBackingStore(disk: Element, result: DiskDefinition, domain: string): void {
+  const backing = firstChild(disk, 'backingStore');
+  if (backing === undefined || (attr(backing, 'type') === undefined && childElements(backing).length === 0)) return;
+  const nbd = parseNbdBacking(backing, result.target, domain);
+  if (nbd !== undefined) {
+    result.nbdBacking = nbd;
+    return;
+  }
+  const backingSource = firstChild(backing, 'source');
+  result.backingStore = (backingSource === undefined ? undefined : attr(backingSource, 'file')) ?? '';
+}
+
+/**
+ * `<backingStore type='network'><format type='raw'/><source protocol='nbd'
+ * name='EXPORT'><host transport='unix' socket='/PATH'/></source></backingStore>`,
+ * the one backing qbackup opens; undefined for any other kind (refused later
+ * by the domain service, with the other unsupported chains).
+ */
+function parseNbdBacking(backing: Element, target: string, domain: string): NbdBacking | undefined {
+  const source = firstChild(backing, 'source');
+  if (attr(backing, 'type') !== 'network' || source === undefined || attr(source, 'protocol') !== 'nbd') return undefined;
+  if (childElements(backing, 'backingStore').some((b) => attr(b, 'type') !== undefined || childElements(b).length > 0)) return undefined;
+  const host = firstChild(source, 'host');
+  const format = firstChild(backing, 'format');
+  const socket = host === undefined ? undefined : attr(host, 'socket');
+  const exportName = attr(source, 'name') ?? '';
+  if (host === undefined || attr(host, 'transport') !== 'unix' || socket === undefined || !socket.startsWith('/')) {
+    throw bad(`Disk ${target} of domain ${domain} has an NBD backing that is not on a unix socket with an absolute path; only that kind is supported.`);
+  }
+  if (format !== undefined && attr(format, 'type') !== 'raw') {
+    throw bad(`Disk ${target} of domain ${domain} has an NBD backing of format '${attr(format, 'type') ?? ''}'; only raw is supported.`);
+  }
+  if (exportName === '' || Buffer.byteLength(exportName) > 4096) throw bad(`Disk ${target} of domain ${domain} has an NBD backing without a valid export name.`);
+  return { socket, exportName };
 }
 
 /** The guest agent's name on its virtio-serial port (libvirt's and QEMU's convention). */
@@ -375,6 +408,29 @@ function updateDiskElement(disk: Element, d: DiskDefinition): void {
       setChildText(disk, 'serial', d.serial, ['driver', 'source', 'target', 'readonly']);
     }
   }
+  syncNbdBacking(disk, d.nbdBacking);
+}
+
+/** Writes the disk's NBD backing, or removes a network backing the definition no longer has. */
+function syncNbdBacking(disk: Element, nbd: NbdBacking | undefined): void {
+  const current = firstChild(disk, 'backingStore');
+  if (nbd === undefined) {
+    if (current !== undefined && attr(current, 'type') === 'network') removeChildren(disk, 'backingStore');
+    return;
+  }
+  const existing = current === undefined ? undefined : parseNbdBacking(current, '', '');
+  if (existing !== undefined && existing.socket === nbd.socket && existing.exportName === nbd.exportName) return;
+  removeChildren(disk, 'backingStore');
+  const backing = docOf(disk).createElement('backingStore');
+  backing.setAttribute('type', 'network');
+  appendElement(backing, 'format').setAttribute('type', 'raw');
+  const source = appendElement(backing, 'source');
+  source.setAttribute('protocol', 'nbd');
+  source.setAttribute('name', nbd.exportName);
+  const host = appendElement(source, 'host');
+  host.setAttribute('transport', 'unix');
+  host.setAttribute('socket', nbd.socket);
+  insertAfterAny(disk, backing, ['driver', 'source']);
 }
 
 function newDiskElement(doc: Document, d: DiskDefinition): Element {
@@ -390,6 +446,7 @@ function newDiskElement(doc: Document, d: DiskDefinition): Element {
   target.setAttribute('bus', d.bus);
   if (d.readonly) appendElement(disk, 'readonly');
   if (d.serial !== undefined) appendElement(disk, 'serial', d.serial);
+  syncNbdBacking(disk, d.nbdBacking);
   return disk;
 }
 

@@ -15,7 +15,7 @@ import { isProcessAlive, processStartTime, sleep } from '../util/proc.js';
 import { socketAccepts } from '../util/socket.js';
 import { QmpClient } from '../qmp/client.js';
 import type { KernelBoot } from '../domain/types.js';
-import { ROOT_PORT_COUNT, SCSI_CONTROLLER_ID, blockdevSpecs, deviceSpec, rootPortId, type QemuDiskSpec } from './nodes.js';
+import { ROOT_PORT_COUNT, SCSI_CONTROLLER_ID, backingNodeSpec, blockdevSpecs, deviceSpec, rootPortId, type QemuDiskSpec } from './nodes.js';
 
 export interface LaunchOptions {
   name: string;
@@ -79,6 +79,8 @@ export function buildQemuArgs(options: LaunchOptions): string[] {
   }
   let nextPort = 0;
   for (const disk of options.disks) {
+    const backing = backingNodeSpec(disk);
+    if (backing !== undefined) args.push('-blockdev', JSON.stringify(backing));
     for (const spec of blockdevSpecs(disk)) args.push('-blockdev', JSON.stringify(spec));
     const port = disk.bus === 'virtio' ? rootPortId(nextPort++) : undefined;
     if (port !== undefined && nextPort > ROOT_PORT_COUNT) {

@@ -15,6 +15,7 @@ import { backupDomain, type Progress, type RepoBackupOptions } from './backup.js
 import { collectGarbage, type GcReport } from './gc.js';
 import type { Manifest } from './manifest.js';
 import { pruneStore, type PrunePlan, type RetentionPolicy } from './prune.js';
+import { zeroRanges, type InstantRestoreInfo, type InstantRestoreOptions, type InstantRestoreService } from './instant.js';
 import { restoreIntoImage, restoreToFile, type ImageFormat } from './restore.js';
 import { serveBackup, type BackupServer, type ServeListen } from './serve.js';
 import { repositoryStats, type RepoStats } from './stats.js';
@@ -23,6 +24,7 @@ import { verifyStore, type VerifyOptions, type VerifyReport } from './verify.js'
 
 export type { Progress, RepoBackupOptions } from './backup.js';
 export type { GcReport } from './gc.js';
+export type { InstantDiskInfo, InstantRestoreInfo, InstantRestoreOptions } from './instant.js';
 export type { Manifest, ManifestDisk } from './manifest.js';
 export type { FoldStep } from './fold.js';
 export type { PrunePlan, RetentionPolicy } from './prune.js';
@@ -67,6 +69,7 @@ export class RepositoryService {
     readonly domains: DomainService,
     readonly checkpoints: CheckpointService,
     readonly backups: BackupService,
+    readonly instant: InstantRestoreService,
   ) {}
 
   /** Creates a repository (encrypted when a passphrase is given). */
@@ -105,6 +108,21 @@ export class RepositoryService {
       out.push({ target: d.target, file });
     }
     return { backup: m.id, disks: out };
+  }
+
+  /**
+   * Instant restore (docs/design.md): the domain (or a new one, `as`) runs at
+   * once from the backup served over NBD, while QEMU copies the data into new
+   * local overlays. Returns as soon as the domain runs; `instant.wait` follows
+   * the copy, which any later command on the domain finalizes.
+   */
+  async instantRestore(domain: string, options: RepoAccess & InstantRestoreOptions & { backup?: string; until?: Date }): Promise<InstantRestoreInfo> {
+    const store = await this.open(options);
+    const m = pickBackup(await store.manifests(domain), domain, options);
+    const access = { repo: options.repo, encrypted: store.config.encrypted, ...(options.password !== undefined ? { password: options.password } : {}) };
+    const holes = new Map<string, Array<{ offset: number; length: number }>>();
+    for (const d of m.disks) holes.set(d.target, zeroRanges(await store.resolveIndex(d.index)));
+    return this.instant.begin(m, access, options, holes);
   }
 
   /** One disk of a backup as a standalone image file, for other tools. */
