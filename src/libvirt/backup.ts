@@ -411,6 +411,19 @@ export function parseBackupSpec(xml: string): BackupSpec {
 }
 
 /** The core's view of a parsed document: only disks that take part, libvirt's defaults applied. */
+/**
+ * A TCP export's TLS must be chosen: libvirt reads a missing `tls` as its
+ * configured default, and qbackup puts no disk on the network in the clear
+ * unless the description says so (tls='no').
+ */
+function explicitTls(s: NonNullable<BackupXml['server']>): boolean {
+  if (s.tls !== undefined) return s.tls;
+  throw new QbackupError(
+    'INVALID_ARGUMENT',
+    `Backup description serves over TCP (${s.name ?? ''}:${s.port ?? ''}) without choosing TLS: add tls='yes' for an encrypted, authenticated export, or tls='no' to allow a plain one that anyone who can reach the port can read`,
+  );
+}
+
 export function backupSpecFromXml(b: BackupXml): BackupSpec {
   const spec: BackupSpec = { mode: b.mode };
   if (b.incremental !== undefined) spec.since = b.incremental;
@@ -419,7 +432,7 @@ export function backupSpecFromXml(b: BackupXml): BackupSpec {
     spec.server =
       s.transport === 'unix'
         ? { transport: 'unix', socket: s.socket ?? '' }
-        : { transport: 'tcp', host: s.name ?? '', port: s.port ?? 0, tls: s.tls ?? false };
+        : { transport: 'tcp', host: s.name ?? '', port: s.port ?? 0, tls: explicitTls(s) };
   }
   if (b.disks !== undefined) {
     spec.disks = b.disks.filter((d) => d.backup).map((d) => {

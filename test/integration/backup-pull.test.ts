@@ -120,7 +120,11 @@ describe('pull backups (real QEMU)', () => {
   test('TCP server on an explicit port', async () => {
     const port = await freePort();
     const file = env.writeFile('tcp.xml', `<domainbackup mode='pull'><server transport='tcp' name='127.0.0.1' port='${port}'/></domainbackup>`);
-    const out = JSON.parse(await env.cliOk(['backup-begin', 'vm', file, '--json'])) as JobInfo;
+    const unchosen = await env.cli(['backup-begin', 'vm', file]);
+    assert.equal(unchosen.code, 1);
+    assert.match(unchosen.stderr, /without choosing TLS: add tls='yes'/);
+    const plain = env.writeFile('tcp-plain.xml', `<domainbackup mode='pull'><server transport='tcp' name='127.0.0.1' port='${port}' tls='no'/></domainbackup>`);
+    const out = JSON.parse(await env.cliOk(['backup-begin', 'vm', plain, '--json'])) as JobInfo;
     const { stdout } = await runTool('nbdinfo', ['--size', `nbd://127.0.0.1:${port}/sda`]);
     assert.equal(Number(stdout.trim()), 16 * MiB);
     assert.equal(out.server?.transport === 'tcp' ? out.server.port : undefined, port);

@@ -186,6 +186,11 @@ describe('libvirt <domainbackup> ↔ BackupSpec', () => {
     });
   });
 
+  it('refuses a TCP server that does not choose TLS, and keeps an explicit tls=no', () => {
+    code(() => parseBackupSpec(`<domainbackup mode='pull'><server transport='tcp' name='127.0.0.1' port='10809'/></domainbackup>`), 'INVALID_ARGUMENT', /over TCP \(127\.0\.0\.1:10809\) without choosing TLS/);
+    assert.deepEqual(parseBackupSpec(`<domainbackup mode='pull'><server transport='tcp' name='h' port='1' tls='no'/></domainbackup>`).server, { transport: 'tcp', host: 'h', port: 1, tls: false });
+  });
+
   it('keeps LUKS encryption of a target or scratch, and refuses every other kind rather than dropping it', () => {
     const uuid = '6F2A0A3E-1C2B-4D5E-8F90-0123456789AB';
     const enc = (inner: string, driver = ''): string =>
