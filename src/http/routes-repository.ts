@@ -7,7 +7,8 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { QbackupError } from '../errors.js';
 import type { RepoAccess, RetentionPolicy } from '../repository/service.js';
 import type { QbackupService } from '../service/service.js';
-import { addRoute, bool, int, object, str, strings } from './route.js';
+import { domainParams } from './routes-domains.js';
+import { addRoute, bool, flagValue, int, object, queryFlag, str, strings } from './route.js';
 
 const tag = 'repository';
 const repo = str({ minLength: 1 });
@@ -30,6 +31,7 @@ interface BackupBody { domain: string; repo: string; full?: boolean; disks?: str
 interface RestoreBody { domain: string; repo: string; backup?: string; until?: string; disks?: string[]; to?: string; intoDomain?: string; format?: 'qcow2' | 'raw' }
 interface ExportBody { domain: string; repo: string; disk: string; file: string; backup?: string; format?: 'qcow2' | 'raw' }
 interface VerifyBody { repo: string; domain?: string; backup?: string; readData?: boolean; readDataPercent?: number }
+interface InstantBody { domain: string; repo: string; backup?: string; until?: string; as?: string; to?: string; speedBytesPerSec?: number }
 interface PruneBody extends RetentionPolicy { domain: string; repo: string; dryRun?: boolean }
 
 export function repositoryRoutes(app: FastifyInstance, service: QbackupService): void {
@@ -64,6 +66,7 @@ export function repositoryRoutes(app: FastifyInstance, service: QbackupService):
     handler: ({ query, request }) => qb.repository.stats(access(request, query.repo)),
   });
   longRepositoryRoutes(app, service);
+  instantRestoreRoutes(app, service);
 }
 
 function longRepositoryRoutes(app: FastifyInstance, service: QbackupService): void {
@@ -110,6 +113,41 @@ function longRepositoryRoutes(app: FastifyInstance, service: QbackupService): vo
     handler: ({ body, request, who }) => {
       const repoAccess = access(request, body.repo);
       return tasks.submit({ kind: 'repository.gc', requestedBy: who, run: () => qb.repository.gc(repoAccess) });
+    },
+  });
+}
+
+/**
+ * Instant restore answers when the domain runs (seconds, whatever the disk
+ * size); the copy goes on inside QEMU and GET shows it, as domjobinfo does.
+ */
+function instantRestoreRoutes(app: FastifyInstance, service: QbackupService): void {
+  const qb = service.qb;
+  addRoute<unknown, unknown, InstantBody>(app, service, {
+    method: 'POST', url: '/api/repository/restore-instant', tag, status: 201,
+    summary: 'Run a domain (or a new one, as) from a backup at once while QEMU copies its data into local overlays (to); answers when the domain runs',
+    body: object({ domain: str({ maxLength: 256 }), repo, backup: str({ maxLength: 256 }), until: str({ maxLength: 64 }), as: str({ maxLength: 256 }), to: str(), speedBytesPerSec: int(1) }, ['domain', 'repo']),
+    handler: ({ body: b, request }) => {
+      if (b.backup !== undefined && b.until !== undefined) throw new QbackupError('INVALID_ARGUMENT', 'Give either backup or until, not both');
+      return qb.repository.instantRestore(b.domain, {
+        ...access(request, b.repo),
+        ...(b.backup !== undefined ? { backup: b.backup } : {}),
+        ...(b.until !== undefined ? { until: pointInTime(b.until) } : {}),
+        ...(b.as !== undefined ? { as: b.as } : {}),
+        ...(b.to !== undefined ? { to: b.to } : {}),
+        ...(b.speedBytesPerSec !== undefined ? { speedBytesPerSec: b.speedBytesPerSec } : {}),
+      });
+    },
+  });
+  addRoute<{ domain: string }, { completed?: string }, unknown>(app, service, {
+    method: 'GET', url: '/api/domains/:domain/instant-restore', tag, params: domainParams,
+    summary: "The instant restore moving a domain's data, with fresh progress (?completed=true: the last finished one)",
+    query: object({ completed: queryFlag }),
+    handler: async ({ params: p, query: q }) => {
+      const completed = flagValue(q.completed);
+      const info = completed ? qb.instant.lastResult(p.domain) : await qb.instant.info(p.domain);
+      if (info === undefined) throw new QbackupError('JOB_NOT_FOUND', completed ? `Domain "${p.domain}" has no finished instant restore` : `Domain "${p.domain}" has no instant restore moving data`);
+      return info;
     },
   });
 }

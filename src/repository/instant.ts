@@ -372,6 +372,11 @@ export class InstantRestoreService {
    * stopped and the record removed.
    */
   private async finalize(ctx: DomainContext, qmp: QmpClient, record: InstantRecord, jobs: Map<string, StreamJob>): Promise<void> {
+    // The copied bytes must be on disk before the definition stops declaring
+    // the backing: until a flush, QEMU keeps the overlays' qcow2 metadata in
+    // memory, and a QEMU killed then would leave images that read zeroes
+    // where the backup had data. A paused guest is finalized later.
+    if (!(await flushByPause(qmp))) return;
     for (const d of record.disks) {
       if (jobs.has(d.jobId)) await qmp.execute('job-dismiss', { id: d.jobId });
     }
@@ -522,6 +527,20 @@ async function queryStreamJobs(qmp: QmpClient): Promise<Map<string, StreamJob>> 
     out.set(j.id, job);
   }
   return out;
+}
+
+/**
+ * Flushes every image of the domain by pausing the guest for a moment (QEMU
+ * flushes all block nodes when it stops a running guest; QMP has no flush
+ * command). False when the guest is not running: pausing a paused guest
+ * flushes nothing.
+ */
+async function flushByPause(qmp: QmpClient): Promise<boolean> {
+  const status = (await qmp.execute('query-status')) as { running: boolean };
+  if (!status.running) return false;
+  await qmp.execute('stop');
+  await qmp.execute('cont');
+  return true;
 }
 
 /** Starts copying the disk's backing into its overlay; the job stays until dismissed, so its outcome is never missed. */

@@ -205,6 +205,30 @@ describe('HTTP API (real daemon, real QEMU)', () => {
     assertError(await api.post('/api/repository/restore', { domain: 'vm1', repo }), 400, 'INVALID_ARGUMENT', /Give either to or intoDomain/);
   });
 
+  test('instant restore: answers when the new domain runs; GET follows the copy to its end; the copy survives a destroy', async () => {
+    assertError(await api.post('/api/repository/restore-instant', { domain: 'vm1', repo, backup: 'x', until: '2026-01-01T00:00:00Z' }), 400, 'INVALID_ARGUMENT', /either backup or until/);
+    assertError(await api.get('/api/domains/vm1/instant-restore'), 404, 'JOB_NOT_FOUND', /no instant restore/);
+    const to = env.path('instant');
+    const started = await api.post('/api/repository/restore-instant', { domain: 'vm1', repo, as: 'vm1i', to });
+    assert.equal(started.status, 201, started.text);
+    assert.equal(obj(started)['domain'], 'vm1i');
+    assert.equal(obj(await api.get('/api/domains/vm1i'))['state'], 'running');
+    assertError(await api.post('/api/repository/restore-instant', { domain: 'vm1', repo, as: 'vm1i', to: env.path('again') }), 409, 'DOMAIN_EXISTS');
+    let info: ApiResponse;
+    const deadline = Date.now() + 120_000;
+    while ((info = await api.get('/api/domains/vm1i/instant-restore')).status === 200) {
+      assert.ok(Date.now() < deadline, `the copy did not end: ${info.text}`);
+      assert.equal(obj(info)['state'], 'streaming');
+      await new Promise((r) => setTimeout(r, 300));
+    }
+    assertError(info, 404, 'JOB_NOT_FOUND');
+    const done = obj(await api.get('/api/domains/vm1i/instant-restore?completed=true'));
+    assert.equal(done['state'], 'completed', JSON.stringify(done));
+    // Killed at once (no flush at shutdown): what the copy moved is on disk all the same.
+    assert.equal((await api.post('/api/domains/vm1i/destroy', {})).status, 200);
+    assert.ok(await imageHasPattern(`${to}/sda.qcow2`, 'qcow2', 0xab, 0, 4 << 20), 'the local image holds the backup');
+  });
+
   test('schedules: add, list, show, remove; bad schedules are refused', async () => {
     const added = await api.post('/api/schedules', { domain: 'vm1', when: 'daily 02:00', repo, retention: { keepDaily: 7 } });
     assert.equal(added.status, 201, added.text);
