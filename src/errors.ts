@@ -36,6 +36,7 @@ export const ERROR_CODES = {
   CHECKPOINT_INVALID: 'a checkpoint definition that cannot be redefined as given',
   BITMAP_INCONSISTENT: 'coverage is lost and the request needs it (e.g. --strict)',
   BACKUP_RUNNING: 'a backup job runs on the domain',
+  RESTORE_RUNNING: "an instant restore is still copying the domain's data",
   JOB_NOT_FOUND: 'no backup job to show, wait for or abort',
   BACKUP_NOT_FOUND: 'no backup of that id in the repository',
   // -- outcomes of work that ran

@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { QbackupError } from './errors.js';
 import { BackupService } from './backup/service.js';
 import { CheckpointService } from './checkpoint/service.js';
-import { DomainService, type DomainServiceOptions } from './domain/service.js';
+import { DomainService, refuseWhileRestoring, type DomainServiceOptions } from './domain/service.js';
 import { openDatabase, type Db } from './store/db.js';
 import { CheckpointStore } from './store/checkpoints.js';
 import { InstantRestoreService } from './repository/instant.js';
@@ -105,7 +105,11 @@ export class Qbackup implements Disposable {
         await this.checkpoints.reconcile(ctx, qmp);
       },
       sizesMayHaveChanged: (ctx, qmp) => this.checkpoints.noteSizes(ctx, qmp),
-      beforeConfigChange: (ctx, what) => this.backups.assertNoJob(ctx, what),
+      beforeConfigChange: (ctx, what) => {
+        this.backups.assertNoJob(ctx, what);
+        // An undefine may end an instant restore (its server goes with it).
+        if (what !== 'undefine') refuseWhileRestoring(ctx, what);
+      },
       beforeUndefine: (ctx, options) => {
         this.checkpoints.assertUndefinable(ctx, options);
         this.instant.beforeUndefine(ctx);

@@ -30,7 +30,7 @@ import type { CheckpointSpec } from '../checkpoint/spec.js';
 import { QbackupError, describeError } from '../errors.js';
 import { freezeGuest, type Frozen, type QuiesceMode } from '../domain/quiesce.js';
 import { assert } from '../util/assert.js';
-import type { DomainContext, DomainService } from '../domain/service.js';
+import { refuseWhileRestoring, type DomainContext, type DomainService } from '../domain/service.js';
 import { readBlockNodes } from '../qemu/block-nodes.js';
 import { createImage } from '../qemu/image.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
@@ -114,6 +114,7 @@ export class BackupService {
       }
       const active = this.store.active(domain);
       if (active !== undefined) throw new QbackupError('BACKUP_RUNNING', `Cannot start a backup of domain "${domain}": backup job "${active.id}" is running`);
+      refuseWhileRestoring(ctx, 'start a backup');
       return this.domains.withQmp(ctx, 'backup-begin', async (qmp) => {
         const payload = await this.prepare(ctx, qmp, spec, options, tlsCertDir);
         return this.execute(ctx, qmp, payload, options);

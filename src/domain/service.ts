@@ -130,6 +130,20 @@ export interface DomainHooks {
   beforeUndefine?: (ctx: DomainContext, options: UndefineOptions) => void;
 }
 
+/**
+ * Refuses `what` while a disk still reads from a backup served over NBD (an
+ * instant restore is copying it in): checkpoints, backups and changes of the
+ * disks wait until every byte is local.
+ */
+export function refuseWhileRestoring(ctx: DomainContext, what: string): void {
+  const disk = ctx.disks.find((d) => d.nbdBacking !== undefined);
+  if (disk === undefined) return;
+  throw new QbackupError(
+    'RESTORE_RUNNING',
+    `Cannot ${what} on domain "${ctx.row.name}": disk "${disk.target}" still reads from its backup while an instant restore copies the data in (domjobinfo shows the progress); try again when it ends`,
+  );
+}
+
 export class DomainService {
   private hooksSet = false;
   hooks: Readonly<DomainHooks> = {};

@@ -103,6 +103,12 @@ describe('instant restore (real QEMU)', () => {
     const mid = await env.cli(['domjobinfo', 'copy1']);
     assert.match(mid.stdout, /Instant restore \(streaming\)/);
     assert.ok((await env.qb.instant.info('copy1'))?.disks.some((d) => d.doneBytes < d.totalBytes), 'the copy was still running while the guest wrote');
+    // While disks still read from the backup: no checkpoint, no backup, no change of disks.
+    for (const args of [['checkpoint-create-as', 'copy1', '--name', 'c1'], ['backup', 'copy1', '--repo', env.path('repo2')], ['blockresize', 'copy1', 'sda', '64M']]) {
+      const refused = await env.cli(args);
+      assert.equal(refused.code, 1, `${args.join(' ')}: ${refused.stderr}`);
+      assert.match(refused.stderr, /still reads from its backup while an instant restore copies the data in/);
+    }
 
     const done = await waitDone('copy1');
     assert.ok(done.disks.every((d) => d.status === 'completed'));
