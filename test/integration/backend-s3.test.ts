@@ -3,11 +3,13 @@
 // buckets, prefixes, the endpoint going away, foreign objects).
 
 import assert from 'node:assert/strict';
-import { describe, it } from 'node:test';
+import { after, describe, it } from 'node:test';
 import { isQbackupError } from '../../src/errors.js';
 import { parseS3Url, S3Backend } from '../../src/repository/backend/s3.js';
 import { backendConformance } from '../helpers/backend-conformance.js';
-import { ceph } from '../helpers/ceph.js';
+import { ceph, stopCeph } from '../helpers/ceph.js';
+
+after(stopCeph);
 
 backendConformance('S3 (Ceph radosgw)', async () => (await ceph()).freshBackend());
 
