@@ -99,10 +99,10 @@ describe('S3 backend on radosgw', () => {
     const lease = (domain: string, leaseMs: number): Buffer => Buffer.from(JSON.stringify({ kind: 'backup', domain, host: 'dead-host.invalid', boot: 'x', pid: 7, pidStart: '1', takenMs: now - 600_000, leaseMs }));
     await b.putIfAbsent('locks/00000000000000d1', lease('web', now - CLOCK_SKEW_MS - 5_000));
     await b.putIfAbsent('locks/00000000000000a1', lease('db', now + 60_000));
-    const web = await acquireLock(b, 'backup', 'web', { leaseMs: 400 });
+    const web = await acquireLock(b, 'backup', 'web', { leaseMs: 4000 });
     await assert.rejects(acquireLock(b, 'backup', 'db'), (err: unknown) => isQbackupError(err, 'REPO_LOCKED'));
     const firstId = web.id;
-    await new Promise((r) => setTimeout(r, 350));
+    await new Promise((r) => setTimeout(r, 1500)); // renewed every second (a quarter of the lease)
     assert.notEqual(web.id, firstId, 'renewed');
     await web.assertHeld();
     const ids = (await liveLocks(b)).map((l) => l.id).sort();
