@@ -60,7 +60,7 @@ async function main(): Promise<void> {
     await env.cleanup();
     if (given === undefined) execFileSync(script, ['down', cephDir], { stdio: 'ignore' });
   }
-  const restic = (await run('restic', ['version'])).stdout.trim().split('\n')[0] ?? 'restic';
+  const restic = (await run('restic', ['version'])).stdout.trim().split(' compiled')[0] ?? 'restic';
   const section = report(samples, { sizeBytes, dirtyPct, reps, started, minutes: (Date.now() - started.getTime()) / 60_000, load: `${loadBefore} → ${loadAverage()}`, restic });
   console.log(section);
   if (values['no-doc'] !== true) {
