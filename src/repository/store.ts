@@ -28,7 +28,7 @@ import { decodeIndex, encodeIndex, indexKey, INDEX_ID, MAX_CHAIN, resolveChain, 
 import { parseManifest, manifestKey, type Manifest } from './manifest.js';
 import { PACK_ID, PACK_TARGET_BYTES, PackBuilder, packIndexKey, packKey, parseHeader } from './pack.js';
 
-/** Pack headers read at once when loading the chunk map. */
+/** Small objects (pack headers, manifests) read at once when loading them all. */
 const HEADER_READS_IN_FLIGHT = 8;
 
 export const REPO_FORMAT = 2;
@@ -255,11 +255,12 @@ export class Store {
   async manifests(domain?: string): Promise<Manifest[]> {
     const prefix = domain !== undefined ? `snapshots/${domain}/` : 'snapshots/';
     const out: Manifest[] = [];
-    for (const { key } of await this.backend.list(prefix)) {
+    // Several at once: on object storage each read is a round trip.
+    await runPool((await this.backend.list(prefix))[Symbol.iterator](), HEADER_READS_IN_FLIGHT, async ({ key }) => {
       const [, dom, id] = key.split('/');
-      if (dom === undefined || id === undefined) continue;
+      if (dom === undefined || id === undefined) return;
       out.push(await this.getManifest(dom, id));
-    }
+    });
     return out.sort((a, b) => a.time.localeCompare(b.time) || a.id.localeCompare(b.id));
   }
 
