@@ -8,12 +8,14 @@
 #                              prints the S3 settings as environment lines
 #   scripts/ceph.sh env DIR    print those lines again
 #   scripts/ceph.sh down DIR   stop every daemon by the PID it wrote, remove DIR
+#   scripts/ceph.sh stop-rgw DIR / restart-rgw DIR
+#                              stop (or restart) the gateway alone, by its PID
 #
 # The environment lines (also in DIR/env, mode 0600):
 #   AWS_ENDPOINT_URL_S3, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 #   QBACKUP_S3_PATH_STYLE=1 (radosgw here has no DNS names for buckets)
-#   CEPH_RGW_PID (the radosgw process, which tests stop and restart)
-#   CEPH_CONF (for ceph/radosgw-admin commands)
+#   CEPH_CONF (for ceph/radosgw-admin commands), CEPH_RGW_PID_FILE
+#   (the radosgw process id, which tests stop and restart)
 # Ports: CEPH_MON_PORT and CEPH_RGW_PORT, or free ones picked at start.
 set -euo pipefail
 
