@@ -9,9 +9,9 @@
 
 import { execFile, execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
 import { S3Backend, type S3Settings } from '../../src/repository/backend/s3.js';
 import { repoRoot } from './env.js';
@@ -60,6 +60,7 @@ async function bringUp(): Promise<Ceph> {
       stopper = undefined;
       try {
         execFileSync(script, ['down', dir], { stdio: 'ignore' });
+        rmSync(dirname(dir), { recursive: true, force: true });
       } catch {
         // best effort
       }
