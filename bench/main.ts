@@ -23,6 +23,7 @@ import { instantSectionOf } from './instant.js';
 import { benchIncremental, type IncrementalCase } from './incremental.js';
 import { loadAverage, machineInfo } from './machine.js';
 import { formatReport, printSummary, type BenchConfig, type BenchResults } from './report.js';
+import { keepS3Section } from './s3-doc.js';
 import { benchRepository, type RepoResults } from './repository.js';
 import { GiB, MiB, now } from './util.js';
 import { benchWrites, type WriteResults } from './writes.js';
@@ -107,7 +108,7 @@ async function main(): Promise<void> {
     const saved = JSON.parse(readFileSync(config.fromJson, 'utf8')) as BenchResults;
     printSummary(saved, log);
     if (config.doc !== undefined) {
-      writeFileSync(config.doc, withInstantSection(config.doc, formatReport(saved)));
+      writeFileSync(config.doc, keepS3Section(config.doc, withInstantSection(config.doc, formatReport(saved))));
       log(`wrote ${config.doc}`);
     }
     return;
@@ -190,7 +191,7 @@ async function main(): Promise<void> {
       log(`wrote ${config.json}`);
     }
     if (config.doc !== undefined) {
-      writeFileSync(config.doc, withInstantSection(config.doc, formatReport(results)));
+      writeFileSync(config.doc, keepS3Section(config.doc, withInstantSection(config.doc, formatReport(results))));
       log(`wrote ${config.doc}`);
     }
   } finally {

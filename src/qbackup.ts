@@ -11,6 +11,7 @@ import { DomainService, refuseWhileRestoring, type DomainServiceOptions } from '
 import { openDatabase, type Db } from './store/db.js';
 import { CheckpointStore } from './store/checkpoints.js';
 import { InstantRestoreService } from './repository/instant.js';
+import type { BackendSettings } from './repository/backend/open.js';
 import { RepositoryService } from './repository/service.js';
 import { DomainStore } from './store/domains.js';
 import { JobStore } from './store/jobs.js';
@@ -49,6 +50,8 @@ export interface QbackupOptions {
   backupServerTimeoutMs?: number;
   /** Test-only fault injection: qbackup kills itself (SIGKILL) at this point. */
   crashAt?: string;
+  /** How to reach repositories on object storage (s3://…). */
+  backends?: BackendSettings;
 }
 
 export class Qbackup implements Disposable {
@@ -84,7 +87,7 @@ export class Qbackup implements Disposable {
       ...(options.backupServerTimeoutMs !== undefined ? { serverTimeoutMs: options.backupServerTimeoutMs } : {}),
     });
     this.instant.password = options.repositoryPassword;
-    this.repository = new RepositoryService(this.domains, this.checkpoints, this.backups, this.instant);
+    this.repository = new RepositoryService(this.domains, this.checkpoints, this.backups, this.instant, options.backends ?? {});
     // Every hook of the library, in the order it must run. On open: first
     // complete or roll back an interrupted checkpoint change, then settle a
     // backup job (which may commit its checkpoint), then an instant restore

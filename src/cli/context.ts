@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import type { Command } from 'commander';
 import { QbackupError } from '../errors.js';
 import { Qbackup } from '../qbackup.js';
+import type { BackendSettings } from '../repository/backend/open.js';
 import type { OutputOptions } from './output.js';
 
 export interface GlobalOptions {
@@ -44,6 +45,7 @@ export function createCliContext(env: NodeJS.ProcessEnv): CliContext {
           ...(env['QBACKUP_ACCEL'] === 'tcg' || env['QBACKUP_ACCEL'] === 'kvm' ? { accel: env['QBACKUP_ACCEL'] } : {}),
           // Like libvirt's backup_tls_x509_cert_dir: the default certificate directory of TLS exports (and of `serve`).
           ...(env['QBACKUP_TLS_CERT_DIR'] ? { tlsCertDir: env['QBACKUP_TLS_CERT_DIR'] } : {}),
+          backends: backendSettings(env),
         });
         await fn(qb, out);
       } catch (err) {
@@ -53,6 +55,16 @@ export function createCliContext(env: NodeJS.ProcessEnv): CliContext {
       }
     },
   };
+}
+
+/**
+ * What the S3 backend takes from the environment beyond the SDK's own
+ * variables (AWS_ENDPOINT_URL_S3, AWS_REGION, AWS_ACCESS_KEY_ID, …, which the
+ * SDK reads itself): path-style addressing.
+ */
+export function backendSettings(env: NodeJS.ProcessEnv): BackendSettings {
+  const pathStyle = env['QBACKUP_S3_PATH_STYLE'];
+  return pathStyle === '1' || pathStyle === 'true' ? { s3: { pathStyle: true } } : {};
 }
 
 function parseSeconds(value: string | undefined, fallback: number): number {

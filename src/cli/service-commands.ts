@@ -5,6 +5,7 @@
 
 import { resolve } from 'node:path';
 import { QbackupError } from '../errors.js';
+import { isRemoteRepo } from '../repository/backend/open.js';
 import type { RetentionPolicy } from '../repository/service.js';
 import { Schedules, type ScheduleInfo } from '../service/schedules.js';
 import { ScheduleStore } from '../store/schedules.js';
@@ -79,7 +80,7 @@ export const serviceCommands: readonly CliCommand[] = [
       run: valueWithDefault('--run <what>', 'backup, verify or gc', 'backup'),
       readDataSubset: value('--read-data-subset <percent>', 'verify: also read back this share of the chunks (e.g. 10%)'),
       when: value('--when <schedule>', 'cron pattern ("0 2 * * *") or "daily 02:00", "weekly sun 03:00", "hourly :15"'),
-      repo: value('--repo <dir>', 'repository directory'),
+      repo: value('--repo <dir|s3://bucket/prefix>', 'repository directory or s3:// bucket'),
       passwordFile: value('--password-file <file>', 'passphrase file of an encrypted repository (read at each run)'),
       full: flag('--full', 'every run a full backup'),
       keepLast: value('--keep-last <n>', 'after each backup keep the n newest'),
@@ -115,7 +116,7 @@ export const serviceCommands: readonly CliCommand[] = [
         action: what,
         ...(args.target !== undefined ? { domain: args.target } : {}),
         when: o.when,
-        repo: resolve(o.repo),
+        repo: isRemoteRepo(o.repo) ? o.repo : resolve(o.repo),
         ...(o.passwordFile !== undefined ? { passwordFile: resolve(o.passwordFile) } : {}),
         ...(o.full ? { full: true } : {}),
         ...(Object.keys(retention).length > 0 ? { retention } : {}),

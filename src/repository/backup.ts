@@ -30,7 +30,7 @@ import { NBD_CONTEXT_BASE_ALLOCATION } from '../nbd/constants.js';
 import { assert } from '../util/assert.js';
 import { checkServerCredentials, readClientCredentials, type TlsClientCredentials } from '../util/pki.js';
 import { condemnedPacks } from './gc.js';
-import { acquireLock } from './locks.js';
+import { acquireLock, type HeldLock } from './locks.js';
 import { newBackupId, type Manifest, type ManifestDisk } from './manifest.js';
 import { ChunkPool } from './pool.js';
 import { readDisk } from './read-disk.js';
@@ -88,7 +88,7 @@ export async function backupDomain(services: BackupServices, store: Store, domai
   const { domains } = services;
   const selected = selectDisks(domains, domain, options.disks);
   const tls = tlsFor(services, domain, options);
-  await using _lock = await acquireLock(store.backend, 'backup', domain);
+  await using lock = await acquireLock(store.backend, 'backup', domain);
   // A shut-off domain is started with its CPUs stopped: QEMU opens the images
   // with their bitmaps, no guest code runs, and it is shut down cleanly after.
   const startedHere = domains.info(domain).state !== 'running';
@@ -98,7 +98,7 @@ export async function backupDomain(services: BackupServices, store: Store, domai
   if (startedHere) await domains.start(domain, { paused: true });
   let manifest: Manifest;
   try {
-    manifest = await backupRunning(services, store, domain, selected, { ...options, ...tls }, startedHere);
+    manifest = await backupRunning(services, store, domain, selected, { ...options, ...tls }, startedHere, lock);
   } catch (err) {
     if (startedHere) {
       await domains.shutdown(domain).catch((stopErr: unknown) => {
@@ -141,7 +141,7 @@ function selectDisks(domains: DomainService, domain: string, targets: readonly s
 /** The options once TLS credentials are read. */
 type RunOptions = RepoBackupOptions & { clientTls?: TlsClientCredentials };
 
-async function backupRunning(services: BackupServices, store: Store, domain: string, selected: readonly BlockInfo[], options: RunOptions, startedHere: boolean): Promise<Manifest> {
+async function backupRunning(services: BackupServices, store: Store, domain: string, selected: readonly BlockInfo[], options: RunOptions, startedHere: boolean, lock: HeldLock): Promise<Manifest> {
   const id = newBackupId();
   const checkpoint = `qb-${id}`;
   const history = await store.manifests(domain);
@@ -178,6 +178,8 @@ async function backupRunning(services: BackupServices, store: Store, domain: str
       domainXml: services.domains.dumpXml(domain),
       disks,
     };
+    // A gc on another host may have judged this backup dead and deleted what it references.
+    await lock.assertHeld();
     await store.putManifest(manifest);
   } catch (err) {
     throw await cleanUpFailed(services, domain, job, checkpoint, err);

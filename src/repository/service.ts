@@ -1,8 +1,8 @@
 // The repository as the library offers it: create (init), back up a domain,
 // list, restore (to files or into a shut-off domain's disks), export, serve
 // over NBD, verify, prune, gc, stats and keys, on a format 2 store
-// (docs/design.md, "Repository"). Each call opens the repository at `repo` (a local
-// directory), with its passphrase when it is encrypted.
+// (docs/design.md, "Repository"). Each call opens the repository at `repo` (a
+// local directory or s3://BUCKET/PREFIX), with its passphrase when it is encrypted.
 
 import { resolve } from 'node:path';
 import type { BackupService } from '../backup/service.js';
@@ -10,7 +10,7 @@ import type { CheckpointService } from '../checkpoint/service.js';
 import type { DomainService } from '../domain/service.js';
 import { QbackupError, describeError } from '../errors.js';
 import type { Backend } from './backend/backend.js';
-import { LocalBackend } from './backend/local.js';
+import { isRemoteRepo, openBackend, type BackendSettings } from './backend/open.js';
 import { backupDomain, type Progress, type RepoBackupOptions } from './backup.js';
 import { collectGarbage, type GcReport } from './gc.js';
 import type { Manifest } from './manifest.js';
@@ -34,7 +34,7 @@ export type { VerifyProblem, VerifyReport } from './verify.js';
 
 /** Where a repository is and how to open it. */
 export interface RepoAccess {
-  /** A local directory. */
+  /** A local directory, or s3://BUCKET/PREFIX. */
   repo: string;
   /** The passphrase of an encrypted repository. */
   password?: string;
@@ -70,11 +70,18 @@ export class RepositoryService {
     readonly checkpoints: CheckpointService,
     readonly backups: BackupService,
     readonly instant: InstantRestoreService,
+    /** How to reach object storage (the adapters read the environment, not the library). */
+    readonly backendSettings: BackendSettings = {},
   ) {}
+
+  private readonly remote = new Map<string, Promise<Backend>>();
 
   /** Creates a repository (encrypted when a passphrase is given). */
   async init(access: RepoAccess & { chunkSize?: number }): Promise<{ id: string; encrypted: boolean; chunkSize: number }> {
-    const store = await Store.init(backendFor(access.repo), { ...(access.password !== undefined ? { password: access.password } : {}), ...(access.chunkSize !== undefined ? { chunkSize: access.chunkSize } : {}) });
+    const backend = await this.backendFor(access.repo);
+    // A bucket is created by init only: a mistyped name on any other command is an error, not a new bucket.
+    await backend.createContainer?.();
+    const store = await Store.init(backend, { ...(access.password !== undefined ? { password: access.password } : {}), ...(access.chunkSize !== undefined ? { chunkSize: access.chunkSize } : {}) });
     return { id: store.config.id, encrypted: store.config.encrypted, chunkSize: store.config.chunkSize };
   }
 
@@ -223,8 +230,24 @@ export class RepositoryService {
     await (await this.open(access)).removeKey(id, access.password ?? '');
   }
 
+  /**
+   * The backend of `repo`. Remote ones are kept for the life of the service:
+   * an S3 client holds a pool of connections that a long-running daemon
+   * should reuse, not open anew per request.
+   */
+  private async backendFor(repo: string): Promise<Backend> {
+    if (!isRemoteRepo(repo)) return openBackend(repo, this.backendSettings);
+    let backend = this.remote.get(repo);
+    if (backend === undefined) {
+      backend = openBackend(repo, this.backendSettings);
+      this.remote.set(repo, backend);
+      backend.catch(() => this.remote.delete(repo));
+    }
+    return backend;
+  }
+
   private async open(access: RepoAccess, createIfMissing = false): Promise<Store> {
-    const backend = backendFor(access.repo);
+    const backend = await this.backendFor(access.repo);
     try {
       return await Store.open(backend, access.password !== undefined ? { password: access.password } : {});
     } catch (err) {
@@ -241,11 +264,6 @@ function retentionOf(options: RetentionPolicy): RetentionPolicy {
     if (v !== undefined) policy[rule] = v;
   }
   return policy;
-}
-
-function backendFor(repo: string): Backend {
-  if (/^[a-z0-9+.-]+:\/\//i.test(repo)) throw new QbackupError('NOT_SUPPORTED', `Cannot open repository "${repo.replace(/\/\/[^@/]*@/, '//')}": only local directories are supported yet`);
-  return new LocalBackend(resolve(repo));
 }
 
 function pickBackup(manifests: readonly Manifest[], domain: string, options: { backup?: string; until?: Date }): Manifest {

@@ -263,7 +263,8 @@ describe('prune folds index chains (local store)', () => {
     const probe = new CrashingBackend(new LocalBackend(cpDir(fx.dir)), Infinity);
     await pruneStore(await Store.open(probe), 'vm', { keepLast: 2 });
     assert.ok(probe.mutations >= 10, `a prune makes ${probe.mutations} writes and deletes`);
-    for (let budget = 0; budget < probe.mutations; budget++) {
+    // The last one is the lock's release, whose failure a prune shrugs off (an unreleased lease expires on its own).
+    for (let budget = 0; budget < probe.mutations - 1; budget++) {
       const dir = cpDir(fx.dir);
       const crashing = new CrashingBackend(new LocalBackend(dir), budget);
       await assert.rejects(pruneStore(await Store.open(crashing), 'vm', { keepLast: 2 }));
