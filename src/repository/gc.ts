@@ -22,7 +22,9 @@
 // 5. Repack: a pack whose live chunks are under half of it is rewritten: the
 //    live chunks go into new packs (stored and indexed first), then the old
 //    pack's index and the pack are deleted.
-// Only one gc runs at a time (a gc lock).
+// Only one gc runs at a time (a gc lock). A copy reading the repository
+// (a "copy" lock, copy.ts) counts as a running backup in step 2, and step 5
+// waits for a later gc while one is held.
 
 import { QbackupError } from '../errors.js';
 import type { Backend } from './backend/backend.js';
@@ -60,7 +62,10 @@ export async function condemnedPacks(backend: Backend): Promise<Set<string>> {
 export async function collectGarbage(store: Store): Promise<GcReport> {
   const backend = store.backend;
   await using _lock = await acquireLock(backend, 'gc', null);
-  const backups = (await liveLocks(backend)).filter((l) => l.info.kind === 'backup');
+  // A copy reading this repository counts as a running backup: what it reads stays until it ends.
+  const locks = await liveLocks(backend);
+  const backups = locks.filter((l) => l.info.kind === 'backup' || l.info.kind === 'copy');
+  const copying = locks.some((l) => l.info.kind === 'copy');
   const oldestBackupMs = Math.min(...backups.map((l) => l.info.takenMs));
   const report: GcReport = { packsDeleted: 0, packsRepacked: 0, indexesDeleted: 0, bytesFreed: 0, condemned: 0, temporaryRemoved: 0 };
   const { liveIndexes, liveChunks } = await mark(store);
@@ -89,7 +94,8 @@ export async function collectGarbage(store: Store): Promise<GcReport> {
   // small chunks its header alone can outweigh them), and unencrypted its new
   // bytes, hence its id, would be the old ones.
   const hasDead = (p: PackUsage): boolean => p.entries.some((e) => !liveChunks.has(e.id.toString('hex')));
-  for (const p of packs.filter((x) => x.liveBytes > 0 && x.liveBytes * 2 < x.size && hasDead(x))) {
+  // A repack deletes packs with live chunks: not while a copy may be reading them.
+  for (const p of packs.filter((x) => !copying && x.liveBytes > 0 && x.liveBytes * 2 < x.size && hasDead(x))) {
     report.bytesFreed += await repack(store, p, liveChunks);
     report.packsRepacked++;
   }

@@ -1,4 +1,4 @@
-// Who is using a repository: one small object per backup, prune or gc in
+// Who is using a repository: one small object per backup, prune, copy or gc in
 // locks/. A lock names its process (host, pid and the pid's start time) and
 // when it was taken. Another process on the same host checks whether that
 // process still runs; a lock from another host counts until its lease runs
@@ -6,7 +6,10 @@
 // whoever finds it, so no lock of a killed qbackup blocks the next command.
 //
 // Rules: at most one backup per domain at a time; at most one gc at a time;
-// gc never deletes what a running backup may still reference (gc.ts).
+// gc never deletes what a running backup may still reference (gc.ts). A
+// "copy" lock marks a repository being read by a copy into another one
+// (copy.ts): it conflicts with nothing, and gc treats it like a running
+// backup (garbage is condemned, not deleted) and does not repack under it.
 
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
@@ -14,7 +17,7 @@ import { QbackupError } from '../errors.js';
 import { isProcessAlive, processStartTime } from '../util/proc.js';
 import type { Backend } from './backend/backend.js';
 
-export type LockKind = 'backup' | 'prune' | 'gc';
+export type LockKind = 'backup' | 'prune' | 'gc' | 'copy';
 
 export interface LockInfo {
   kind: LockKind;
@@ -61,7 +64,7 @@ export async function acquireLock(backend: Backend, kind: LockKind, domain: stri
   await backend.putIfAbsent(`locks/${id}`, Buffer.from(JSON.stringify(info)));
   // Write first, then look: of two racing takers at least one sees the other.
   const others = (await liveLocks(backend)).filter((l) => l.id !== id);
-  const conflict = others.find((l) => l.info.kind === kind && (kind === 'gc' || l.info.domain === domain));
+  const conflict = kind === 'copy' ? undefined : others.find((l) => l.info.kind === kind && (kind === 'gc' || l.info.domain === domain));
   if (conflict !== undefined) {
     await backend.delete(`locks/${id}`);
     const what = kind === 'gc' ? 'a gc' : `a ${kind} of domain "${domain ?? ''}"`;

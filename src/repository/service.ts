@@ -12,6 +12,7 @@ import { QbackupError, describeError } from '../errors.js';
 import type { Backend } from './backend/backend.js';
 import { LocalBackend } from './backend/local.js';
 import { backupDomain, type Progress, type RepoBackupOptions } from './backup.js';
+import { copyBackups, type CopyOptions, type CopyReport } from './copy.js';
 import { collectGarbage, type GcReport } from './gc.js';
 import { acquireLock } from './locks.js';
 import type { Manifest } from './manifest.js';
@@ -22,6 +23,7 @@ import { Store } from './store.js';
 import { verifyStore, type VerifyOptions, type VerifyReport } from './verify.js';
 
 export type { Progress, RepoBackupOptions } from './backup.js';
+export type { CopyReport, CopySelection } from './copy.js';
 export type { GcReport } from './gc.js';
 export type { Manifest, ManifestDisk } from './manifest.js';
 export type { PrunePlan, RetentionPolicy } from './prune.js';
@@ -168,6 +170,27 @@ export class RepositoryService {
     return result;
   }
 
+  /**
+   * Copies backups from one repository into another (docs/design.md,
+   * "Copying between repositories"). An unencrypted target is created on
+   * first use with the source's chunk size; an encrypted one must exist.
+   */
+  async copy(options: CopyOptions & { from: RepoAccess; to: RepoAccess }): Promise<CopyReport> {
+    const source = await this.open(options.from);
+    const backend = backendFor(options.to.repo);
+    let target: Store | undefined;
+    let targetCreated = false;
+    try {
+      target = await Store.open(backend, options.to.password !== undefined ? { password: options.to.password } : {});
+    } catch (err) {
+      if (options.to.password !== undefined || !isMissingRepository(err)) throw err;
+      targetCreated = true;
+      // A dry run creates nothing: the plan is made against an empty target.
+      if (options.dryRun !== true) target = await Store.init(backend, { chunkSize: source.config.chunkSize });
+    }
+    return copyBackups(source, target, { ...options, targetCreated });
+  }
+
   async gc(access: RepoAccess): Promise<GcReport> {
     return collectGarbage(await this.open(access));
   }
@@ -193,10 +216,14 @@ export class RepositoryService {
     try {
       return await Store.open(backend, access.password !== undefined ? { password: access.password } : {});
     } catch (err) {
-      if (!createIfMissing || access.password !== undefined || !(err instanceof QbackupError) || !/not a qbackup repository/.test(err.message)) throw err;
+      if (!createIfMissing || access.password !== undefined || !isMissingRepository(err)) throw err;
       return Store.init(backend);
     }
   }
+}
+
+function isMissingRepository(err: unknown): boolean {
+  return err instanceof QbackupError && err.code === 'REPO_INVALID' && /not a qbackup repository/.test(err.message);
 }
 
 function retentionOf(options: RetentionPolicy): RetentionPolicy {
