@@ -8,7 +8,7 @@ import { resolve } from 'node:path';
 import type { BackupService } from '../backup/service.js';
 import type { CheckpointService } from '../checkpoint/service.js';
 import type { DomainService } from '../domain/service.js';
-import { QbackupError, describeError } from '../errors.js';
+import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import type { Backend } from './backend/backend.js';
 import { LocalBackend } from './backend/local.js';
 import { backupDomain, type Progress, type RepoBackupOptions } from './backup.js';
@@ -176,7 +176,10 @@ export class RepositoryService {
    * first use with the source's chunk size; an encrypted one must exist.
    */
   async copy(options: CopyOptions & { from: RepoAccess; to: RepoAccess }): Promise<CopyReport> {
-    const source = await this.open(options.from);
+    const source = await this.open(options.from).catch((err: unknown) => {
+      if (options.from.password !== undefined || !isQbackupError(err, 'WRONG_PASSWORD')) throw err;
+      throw new QbackupError('WRONG_PASSWORD', `Cannot copy from repository "${backendFor(options.from.repo).location}": it is encrypted and no passphrase was given for it`, { cause: err });
+    });
     const backend = backendFor(options.to.repo);
     let target: Store | undefined;
     let targetCreated = false;
