@@ -7,7 +7,9 @@
 // only the chunks the target lacks; a damaged chunk, a wrong passphrase, a
 // chunk-size mismatch, an unknown backup and a copy into itself are refused
 // with one sentence and list nothing new; --dry-run creates nothing;
-// `verify --read-data` passes on every target.
+// `verify --read-data` passes on every target. The daemon runs copies from
+// a schedule (created over HTTP, fake clock) and from POST /api/repository/copy
+// with both passphrases in headers.
 //
 // Only local directories are exercised here: copy speaks to both
 // repositories through the Backend interface only, so the S3 backend's case
@@ -18,10 +20,12 @@ import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { startDaemon } from '../../src/http/daemon.js';
 import { LocalBackend } from '../../src/repository/backend/local.js';
 import type { CopyReport, Manifest } from '../../src/repository/service.js';
 import { Store } from '../../src/repository/store.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
+import { ApiClient } from '../helpers/http.js';
 import { KiB, MiB, cliError, fileTree, flipByte, imageDiffers, liveObjects, randomFile, referenceCopies } from '../helpers/repo.js';
 
 describe('qbackup copy between repositories (real QEMU)', () => {
@@ -231,5 +235,46 @@ describe('qbackup copy between repositories (real QEMU)', () => {
     assert.deepEqual((await env.qb.repository.list({ repo: one })).map((m) => m.id), [second.id]);
     await assertRestores(one, second);
     await verifyReadData(one);
+  });
+
+  test('the daemon: a copy schedule added over HTTP runs on its cron; POST /api/repository/copy takes both passphrases in headers', async () => {
+    let now = Date.now();
+    const daemon = await startDaemon(env.qb, { listen: '127.0.0.1:0', schedulerIntervalMs: 0, clock: { now: () => now } });
+    try {
+      const api = new ApiClient(daemon.url, daemon.bootstrapToken);
+      const scheduled = env.path('scheduled');
+      const bad = await api.post('/api/schedules', { action: 'copy', domain: 'vm', when: 'hourly', repo: r1 });
+      assert.equal(bad.status, 400, bad.text);
+      assert.match(bad.text, /A copy schedule needs a target repository/);
+      const added = await api.post('/api/schedules', { action: 'copy', domain: 'vm', when: 'hourly', repo: r1, to: scheduled });
+      assert.equal(added.status, 201, added.text);
+      const id = (added.body as { id: string }).id;
+      now += 2 * 3_600_000;
+      assert.deepEqual(daemon.service.scheduler.tick(), [id]);
+      const task = daemon.service.tasks.list(1)[0];
+      assert.equal(task?.kind, 'repository.copy');
+      const done = await daemon.service.tasks.wait(task?.id ?? '');
+      assert.equal(done.state, 'succeeded', JSON.stringify(done.error));
+      assert.equal(done.requestedBy, `schedule ${id}`);
+      assert.deepEqual((await env.qb.repository.list({ repo: scheduled }, 'vm')).map((m) => m.id), backups.map((m) => m.id));
+
+      // Over HTTP: the encrypted e2 of an earlier test into a new plain repository, one backup.
+      const viaHttp = env.path('via-http');
+      const last = backups.at(-1) as Manifest;
+      const wrong = await api.post('/api/repository/copy', { from: env.path('e2'), to: viaHttp }, { headers: { 'x-source-repository-password': 'nope' } });
+      assert.equal(wrong.status, 202, wrong.text);
+      const failed = await daemon.service.tasks.wait((wrong.body as { id: string }).id);
+      assert.equal(failed.state, 'failed');
+      assert.equal(failed.error?.code, 'WRONG_PASSWORD');
+      const accepted = await api.post('/api/repository/copy', { from: env.path('e2'), to: viaHttp, domain: 'vm', backups: [last.id] }, { headers: { 'x-source-repository-password': 'two' } });
+      assert.equal(accepted.status, 202, accepted.text);
+      const ok = await daemon.service.tasks.wait((accepted.body as { id: string }).id);
+      assert.equal(ok.state, 'succeeded', JSON.stringify(ok.error));
+      assert.deepEqual((ok.result as CopyReport).copied.map((b) => b.id), [last.id]);
+      assert.ok(!JSON.stringify(ok).includes('two"'), 'no passphrase in the task');
+      await assertRestores(viaHttp, last);
+    } finally {
+      await daemon.close();
+    }
   });
 });
