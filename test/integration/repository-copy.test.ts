@@ -6,7 +6,9 @@
 // every backup still restores identically; a second domain's copy stores
 // only the chunks the target lacks; a damaged chunk, a wrong passphrase, a
 // chunk-size mismatch, an unknown backup and a copy into itself are refused
-// with one sentence and list nothing new; --dry-run creates nothing;
+// with one sentence and list nothing new; --dry-run creates nothing; a
+// copy killed once its first pack is in the target lists only backups
+// that restore, and the next copy completes;
 // `verify --read-data` passes on every target. The daemon runs copies from
 // a schedule (created over HTTP, fake clock) and from POST /api/repository/copy
 // with both passphrases in headers.
@@ -26,7 +28,7 @@ import type { CopyReport, Manifest } from '../../src/repository/service.js';
 import { Store } from '../../src/repository/store.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
 import { ApiClient } from '../helpers/http.js';
-import { KiB, MiB, cliError, fileTree, flipByte, imageDiffers, liveObjects, randomFile, referenceCopies } from '../helpers/repo.js';
+import { KiB, MiB, cliError, fileTree, flipByte, imageDiffers, liveObjects, randomFile, referenceCopies, spawnCli, waitFor } from '../helpers/repo.js';
 
 describe('qbackup copy between repositories (real QEMU)', () => {
   let env: TestEnv;
@@ -276,5 +278,22 @@ describe('qbackup copy between repositories (real QEMU)', () => {
     } finally {
       await daemon.close();
     }
+  });
+
+  test('a copy killed once its first pack is written lists only backups that restore; the next copy completes', async () => {
+    const e4 = env.path('e4');
+    const pw = { QBACKUP_PASSWORD: 'four' };
+    await env.cli(['init', '--repo', e4, '--encrypt'], { env: pw });
+    const { child, done } = spawnCli(env, ['copy', 'vm', '--from', r1, '--to', e4], pw);
+    const wrote = await waitFor(() => [...fileTree(join(e4, 'data')).keys()].length > 0, 60_000);
+    child.kill('SIGKILL');
+    const r = await done;
+    assert.ok(wrote, `the copy wrote a pack (it ended ${r.code}: ${r.stderr})`);
+    const listed = await env.qb.repository.list({ repo: e4, password: 'four' });
+    for (const m of listed) await assertRestores(e4, m, 'four');
+    const rest = await copy(['vm', '--from', r1, '--to', e4], pw);
+    assert.equal(rest.copied.length + listed.length, backups.length, `${listed.length} listed after the kill`);
+    for (const m of backups) await assertRestores(e4, m, 'four');
+    await verifyReadData(e4, pw);
   });
 });

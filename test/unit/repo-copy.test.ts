@@ -12,6 +12,8 @@ import { after, describe, test } from 'node:test';
 import { QbackupError } from '../../src/errors.js';
 import { LocalBackend } from '../../src/repository/backend/local.js';
 import { ZERO_ID } from '../../src/repository/chunk.js';
+import { collectGarbage } from '../../src/repository/gc.js';
+import { acquireLock } from '../../src/repository/locks.js';
 import { chainIds, copyBackups, firstLinkToWrite, knownIndexes, planCopy, translateIndex } from '../../src/repository/copy.js';
 import type { DiskIndex, FullIndex } from '../../src/repository/disk-index.js';
 import type { Manifest } from '../../src/repository/manifest.js';
@@ -112,5 +114,26 @@ describe('copy between two local repositories (no QEMU)', () => {
     assert.deepEqual(again.copied, []);
     assert.equal(again.skipped.length, 2);
     assert.equal(again.chunksRead, 0);
+  });
+
+  test('copy locks on the source: two coexist; gc under them condemns garbage instead of deleting it', async () => {
+    const store = await Store.init(new LocalBackend(join(dir, 'g')));
+    const c = (n: number): Buffer => Buffer.alloc(65536, n);
+    await write(store, '20260101T000000.000Z-0001', [c(1), null, null, null]);
+    const gone = await write(store, '20260102T000000.000Z-0002', [c(2), c(3), null, null]);
+    await store.deleteManifest('a', gone.id);
+    const first = await acquireLock(store.backend, 'copy', null);
+    const second = await acquireLock(store.backend, 'copy', null);
+    try {
+      const held = await collectGarbage(store);
+      assert.equal(held.packsDeleted, 0, 'a copy may still read it');
+      assert.equal(held.condemned, 2, 'its pack and its index wait');
+    } finally {
+      await second.release();
+      await first.release();
+    }
+    const free = await collectGarbage(store);
+    assert.equal(free.packsDeleted, 1);
+    assert.equal(free.indexesDeleted, 1);
   });
 });
