@@ -66,6 +66,8 @@ export const ERROR_CODES = {
   REPO_OBJECT_NOT_FOUND: 'a repository object (pack, index, manifest, key) is missing',
   REPO_DAMAGED: 'a repository object does not match its id or cannot be decoded',
   REPO_FULL: 'the storage under the repository is full',
+  REPO_ACCESS_DENIED: 'the object store refused the credentials, or none are configured',
+  REPO_UNAVAILABLE: 'the object store cannot be reached or kept failing (after retries)',
   WRONG_PASSWORD: 'no key of the repository opens with the given passphrase',
   // -- the daemon (qbackup serve)
   TASK_NOT_FOUND: 'no task of that id (it may have aged out of the kept history)',

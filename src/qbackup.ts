@@ -10,6 +10,7 @@ import { CheckpointService } from './checkpoint/service.js';
 import { DomainService, type DomainServiceOptions } from './domain/service.js';
 import { openDatabase, type Db } from './store/db.js';
 import { CheckpointStore } from './store/checkpoints.js';
+import type { BackendSettings } from './repository/backend/open.js';
 import { RepositoryService } from './repository/service.js';
 import { DomainStore } from './store/domains.js';
 import { JobStore } from './store/jobs.js';
@@ -29,6 +30,8 @@ export interface QbackupOptions {
   qmpTrace?: (direction: 'send' | 'recv', message: object) => void;
   /** Test-only fault injection: qbackup kills itself (SIGKILL) at this point. */
   crashAt?: string;
+  /** How to reach repositories on object storage (s3://…). */
+  backends?: BackendSettings;
 }
 
 export class Qbackup implements Disposable {
@@ -55,7 +58,7 @@ export class Qbackup implements Disposable {
     this.domains = new DomainService(new DomainStore(this.db), domainOptions);
     this.checkpoints = new CheckpointService(this.domains, new CheckpointStore(this.db), options.crashAt);
     this.backups = new BackupService(this.domains, this.checkpoints, new JobStore(this.db), options.crashAt);
-    this.repository = new RepositoryService(this.domains, this.checkpoints, this.backups);
+    this.repository = new RepositoryService(this.domains, this.checkpoints, this.backups, options.backends ?? {});
     // Every hook of the library, in the order it must run. On open: first
     // complete or roll back an interrupted checkpoint change, then settle a
     // backup job (which may commit its checkpoint).

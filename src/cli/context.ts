@@ -3,6 +3,7 @@
 // exit status. User-caused errors (QbackupError) print their message only;
 // anything else is a bug and prints its stack.
 
+import type { BackendSettings } from '../repository/backend/open.js';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import type { Command } from 'commander';
@@ -40,6 +41,7 @@ export function createCliContext(env: NodeJS.ProcessEnv): CliContext {
           // Test-only fault injection (see CheckpointService): never set it in production.
           ...(env['QBACKUP_CRASH_AT'] ? { crashAt: env['QBACKUP_CRASH_AT'] } : {}),
           ...(env['QBACKUP_ACCEL'] === 'tcg' || env['QBACKUP_ACCEL'] === 'kvm' ? { accel: env['QBACKUP_ACCEL'] } : {}),
+          backends: backendSettings(env),
         });
         await fn(qb, out);
       } catch (err) {
@@ -49,6 +51,16 @@ export function createCliContext(env: NodeJS.ProcessEnv): CliContext {
       }
     },
   };
+}
+
+/**
+ * What the S3 backend takes from the environment beyond the SDK's own
+ * variables (AWS_ENDPOINT_URL_S3, AWS_REGION, AWS_ACCESS_KEY_ID, …, which the
+ * SDK reads itself): path-style addressing.
+ */
+export function backendSettings(env: NodeJS.ProcessEnv): BackendSettings {
+  const pathStyle = env['QBACKUP_S3_PATH_STYLE'];
+  return pathStyle === '1' || pathStyle === 'true' ? { s3: { pathStyle: true } } : {};
 }
 
 function parseSeconds(value: string | undefined, fallback: number): number {

@@ -24,7 +24,7 @@ import { NbdClient } from '../nbd/client.js';
 import { NBD_CONTEXT_BASE_ALLOCATION } from '../nbd/constants.js';
 import { assert } from '../util/assert.js';
 import { condemnedPacks } from './gc.js';
-import { acquireLock } from './locks.js';
+import { acquireLock, type HeldLock } from './locks.js';
 import { newBackupId, type Manifest, type ManifestDisk } from './manifest.js';
 import { ChunkPool } from './pool.js';
 import { readDisk } from './read-disk.js';
@@ -74,7 +74,7 @@ interface DiskPlan {
 export async function backupDomain(services: BackupServices, store: Store, domain: string, options: RepoBackupOptions = {}): Promise<Manifest> {
   const { domains } = services;
   const selected = selectDisks(domains, domain, options.disks);
-  await using _lock = await acquireLock(store.backend, 'backup', domain);
+  await using lock = await acquireLock(store.backend, 'backup', domain);
   // A shut-off domain is started with its CPUs stopped: QEMU opens the images
   // with their bitmaps, no guest code runs, and it is shut down cleanly after.
   const startedHere = domains.info(domain).state !== 'running';
@@ -84,7 +84,7 @@ export async function backupDomain(services: BackupServices, store: Store, domai
   if (startedHere) await domains.start(domain, { paused: true });
   let manifest: Manifest;
   try {
-    manifest = await backupRunning(services, store, domain, selected, options, startedHere);
+    manifest = await backupRunning(services, store, domain, selected, options, startedHere, lock);
   } catch (err) {
     if (startedHere) {
       await domains.shutdown(domain).catch((stopErr: unknown) => {
@@ -111,7 +111,7 @@ function selectDisks(domains: DomainService, domain: string, targets: readonly s
   return selected;
 }
 
-async function backupRunning(services: BackupServices, store: Store, domain: string, selected: readonly BlockInfo[], options: RepoBackupOptions, startedHere: boolean): Promise<Manifest> {
+async function backupRunning(services: BackupServices, store: Store, domain: string, selected: readonly BlockInfo[], options: RepoBackupOptions, startedHere: boolean, lock: HeldLock): Promise<Manifest> {
   const id = newBackupId();
   const checkpoint = `qb-${id}`;
   const history = await store.manifests(domain);
@@ -140,6 +140,8 @@ async function backupRunning(services: BackupServices, store: Store, domain: str
       domainXml: services.domains.dumpXml(domain),
       disks,
     };
+    // A gc on another host may have judged this backup dead and deleted what it references.
+    await lock.assertHeld();
     await store.putManifest(manifest);
   } catch (err) {
     throw await cleanUpFailed(services, domain, job, checkpoint, err);

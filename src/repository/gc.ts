@@ -11,7 +11,9 @@
 //    gc found it. Backups that start later ignore condemned packs (they store
 //    such chunks again). A later gc deletes condemned garbage that is still
 //    garbage once every backup running when it was condemned has ended: its
-//    marker is older than the oldest live backup lock. With no backup running
+//    marker is older than the oldest live backup lock (by CLOCK_SKEW_MS, as
+//    marker and lock may come from hosts whose clocks differ; a backup lock
+//    is a lease that other hosts honour until it expires, locks.ts). With no backup running
 //    at all, garbage is deleted at once (so a full disk can always be freed,
 //    without writing anything first).
 // 3. Half-written objects (temporary files of a writer killed mid-put) older
@@ -30,7 +32,7 @@ import { QbackupError } from '../errors.js';
 import type { Backend } from './backend/backend.js';
 import { ZERO_ID } from './chunk.js';
 import { indexKey, INDEX_ID, type DiskIndex } from './disk-index.js';
-import { acquireLock, liveLocks } from './locks.js';
+import { acquireLock, CLOCK_SKEW_MS, liveLocks } from './locks.js';
 import { PACK_ID, PackBuilder, PACK_TARGET_BYTES, packIndexKey, packKey, type PackEntry } from './pack.js';
 import type { Store } from './store.js';
 
@@ -70,8 +72,9 @@ export async function collectGarbage(store: Store): Promise<GcReport> {
   const report: GcReport = { packsDeleted: 0, packsRepacked: 0, indexesDeleted: 0, bytesFreed: 0, condemned: 0, temporaryRemoved: 0 };
   const { liveIndexes, liveChunks } = await mark(store);
   const marks = await readMarks(backend);
-  // May this garbage go now? Yes when no backup runs, or it was condemned before every running backup began.
-  const mayDelete = (kind: string, id: string): boolean => backups.length === 0 || (marks.get(`${kind}.${id}`) ?? Infinity) < oldestBackupMs;
+  // May this garbage go now? Yes when no backup runs, or it was condemned
+  // before every running backup began, by a margin for the clocks of other hosts.
+  const mayDelete = (kind: string, id: string): boolean => backups.length === 0 || (marks.get(`${kind}.${id}`) ?? Infinity) < oldestBackupMs - CLOCK_SKEW_MS;
   const packs = await packUsage(store, liveChunks);
   for (const p of packs.filter((x) => x.liveBytes === 0)) {
     if (mayDelete('pack', p.packId)) {

@@ -1,9 +1,21 @@
-// Who is using a repository: one small object per backup, prune, copy or gc in
-// locks/. A lock names its process (host, pid and the pid's start time) and
-// when it was taken. Another process on the same host checks whether that
-// process still runs; a lock from another host counts until its lease runs
-// out (refreshed while it is held). A dead holder's lock is removed by
-// whoever finds it, so no lock of a killed qbackup blocks the next command.
+// Who is using a repository: one small lease object per backup, prune, copy
+// or gc in locks/. A lease names its holder (host, boot id, pid and the
+// pid's start time), when the lock was first taken (`takenMs`) and until when it holds
+// (`leaseMs`). The holder renews it every quarter of the lease by writing a
+// new lease object (new id, same `takenMs`, later `leaseMs`) and deleting
+// the old one: objects are never rewritten in place, which object storage
+// cannot do atomically anyway.
+//
+// Liveness as others judge it:
+// - same host and boot (same /proc/sys/kernel/random/boot_id): the holder
+//   runs while its pid runs with the same start time, so the lock of a
+//   killed qbackup goes at once;
+// - any other host: the lease counts until `leaseMs` plus a margin for clock
+//   skew between hosts (CLOCK_SKEW_MS). A host that died stops renewing, so
+//   its lease runs out and whoever finds it removes it.
+// A holder that cannot renew in time (the store was unreachable, the host was
+// suspended) has lost its lock: `assertHeld` says so, and a backup checks it
+// before its manifest commits, because a gc elsewhere may have judged it dead.
 //
 // Rules: at most one backup per domain at a time; at most one gc at a time;
 // gc never deletes what a running backup may still reference (gc.ts). A
@@ -12,8 +24,9 @@
 // backup (garbage is condemned, not deleted) and does not repack under it.
 
 import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { hostname } from 'node:os';
-import { QbackupError } from '../errors.js';
+import { QbackupError, describeError } from '../errors.js';
 import { isProcessAlive, processStartTime } from '../util/proc.js';
 import type { Backend } from './backend/backend.js';
 
@@ -23,20 +36,33 @@ export interface LockInfo {
   kind: LockKind;
   domain: string | null;
   host: string;
+  /** The kernel's boot id: with `host`, tells whether `pid` can be checked here. */
+  boot?: string;
   pid: number;
   pidStart: string;
-  /** When the lock was taken, ms since the epoch. */
+  /** When the lock was taken, ms since the epoch (kept across renewals). */
   takenMs: number;
-  /** Until when a holder on another host counts as alive, ms since the epoch. */
+  /** Until when the holder counts as alive to other hosts, ms since the epoch. */
   leaseMs: number;
 }
 
-const LEASE_MS = 10 * 60 * 1000;
+/** How long a lease lasts; renewed every quarter of it. */
+export const LEASE_MS = 2 * 60 * 1000;
+/** How far apart the clocks of hosts sharing a repository may be. */
+export const CLOCK_SKEW_MS = 60 * 1000;
 const LOCK_ID = /^[0-9a-f]{16}$/;
 
+export interface LockOptions {
+  /** Lease length (tests shorten it). Default LEASE_MS. */
+  leaseMs?: number;
+}
+
 export interface HeldLock extends AsyncDisposable {
+  /** The current lease object's id (changes on renewal). */
   readonly id: string;
   readonly info: LockInfo;
+  /** Throws REPO_LOCKED when the lease was lost: not renewed in time, or removed by another process. */
+  assertHeld(): Promise<void>;
   release(): Promise<void>;
 }
 
@@ -55,33 +81,135 @@ export async function liveLocks(backend: Backend): Promise<Array<{ id: string; i
 
 /**
  * Takes a lock of `kind`; refused (REPO_LOCKED) when a conflicting live lock
- * exists: another backup of the same domain, or another gc.
+ * exists: another backup of the same domain, or another gc. The lease is
+ * renewed in the background until release.
  */
-export async function acquireLock(backend: Backend, kind: LockKind, domain: string | null): Promise<HeldLock> {
-  const id = randomBytes(8).toString('hex');
+export async function acquireLock(backend: Backend, kind: LockKind, domain: string | null, options: LockOptions = {}): Promise<HeldLock> {
+  const leaseLengthMs = options.leaseMs ?? LEASE_MS;
   const now = Date.now();
-  const info: LockInfo = { kind, domain, host: hostname(), pid: process.pid, pidStart: processStartTime(process.pid) ?? '', takenMs: now, leaseMs: now + LEASE_MS };
-  await backend.putIfAbsent(`locks/${id}`, Buffer.from(JSON.stringify(info)));
+  const boot = bootId();
+  const info: LockInfo = { kind, domain, host: hostname(), ...(boot !== undefined ? { boot } : {}), pid: process.pid, pidStart: processStartTime(process.pid) ?? '', takenMs: now, leaseMs: now + leaseLengthMs };
+  const first = await writeLease(backend, info);
   // Write first, then look: of two racing takers at least one sees the other.
-  const others = (await liveLocks(backend)).filter((l) => l.id !== id);
+  const others = (await liveLocks(backend)).filter((l) => l.id !== first && !sameHolder(l.info, info));
   const conflict = kind === 'copy' ? undefined : others.find((l) => l.info.kind === kind && (kind === 'gc' || l.info.domain === domain));
   if (conflict !== undefined) {
-    await backend.delete(`locks/${id}`);
+    await backend.delete(`locks/${first}`);
     const what = kind === 'gc' ? 'a gc' : `a ${kind} of domain "${domain ?? ''}"`;
     throw new QbackupError('REPO_LOCKED', `Repository "${backend.location}" is in use: ${what} runs (process ${conflict.info.pid} on ${conflict.info.host})`);
   }
-  let released = false;
-  const release = async (): Promise<void> => {
-    if (released) return;
-    released = true;
-    await backend.delete(`locks/${id}`);
-  };
-  return { id, info, release, [Symbol.asyncDispose]: release };
+  return new Lease(backend, first, info, leaseLengthMs);
+}
+
+/** A held lock and its renewal timer. */
+class Lease implements HeldLock {
+  /** Why the last renewal failed, for diagnostics. */
+  lastError: string | undefined;
+  private lost: string | undefined;
+  private released = false;
+  private renewing: Promise<void> = Promise.resolve();
+  private readonly timer: NodeJS.Timeout;
+
+  constructor(
+    private readonly backend: Backend,
+    private current: string,
+    private lease: LockInfo,
+    private readonly leaseLengthMs: number,
+  ) {
+    this.timer = setInterval(() => {
+      this.renewing = this.renewing.then(() => this.renew());
+    }, Math.max(10, Math.floor(leaseLengthMs / 4)));
+    this.timer.unref();
+  }
+
+  get id(): string {
+    return this.current;
+  }
+
+  get info(): LockInfo {
+    return this.lease;
+  }
+
+  async assertHeld(): Promise<void> {
+    await this.renewing;
+    if (this.lost === undefined && Date.now() >= this.lease.leaseMs) this.lost = 'its lease ran out before it could be renewed';
+    if (this.lost === undefined && (await this.backend.stat(`locks/${this.current}`)) === undefined) this.lost = 'another process removed it as expired';
+    if (this.lost !== undefined) {
+      throw new QbackupError('REPO_LOCKED', `Lost the ${this.lease.kind} lock on repository "${this.backend.location}": ${this.lost}`);
+    }
+  }
+
+  async release(): Promise<void> {
+    if (this.released) return;
+    this.released = true;
+    clearInterval(this.timer);
+    await this.renewing;
+    // A lock that cannot be removed now (the store is unreachable) expires on its own.
+    await this.backend.delete(`locks/${this.current}`).catch(() => undefined);
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.release();
+  }
+
+  /** Writes the next lease and drops the old one, unless the lease is already lost. */
+  private async renew(): Promise<void> {
+    if (this.released || this.lost !== undefined) return;
+    const now = Date.now();
+    // Too late to renew: other hosts may already count this holder as dead.
+    if (now >= this.lease.leaseMs) {
+      this.lost = 'its lease ran out before it could be renewed';
+      return;
+    }
+    try {
+      if ((await this.backend.stat(`locks/${this.current}`)) === undefined) {
+        this.lost = 'another process removed it as expired';
+        return;
+      }
+      const next: LockInfo = { ...this.lease, leaseMs: now + this.leaseLengthMs };
+      const id = await writeLease(this.backend, next);
+      const old = this.current;
+      this.current = id;
+      this.lease = next;
+      await this.backend.delete(`locks/${old}`);
+    } catch (err) {
+      // Renewal retries on the next tick; the lease holds until leaseMs.
+      this.lastError = describeError(err);
+    }
+  }
+}
+
+async function writeLease(backend: Backend, info: LockInfo): Promise<string> {
+  for (;;) {
+    const id = randomBytes(8).toString('hex');
+    if (await backend.putIfAbsent(`locks/${id}`, Buffer.from(JSON.stringify(info)))) return id;
+  }
+}
+
+/** The same holder's leases (old and new during a renewal) never conflict with each other. */
+function sameHolder(a: LockInfo, b: LockInfo): boolean {
+  return a.host === b.host && a.boot === b.boot && a.pid === b.pid && a.pidStart === b.pidStart && a.takenMs === b.takenMs && a.kind === b.kind;
 }
 
 function isAlive(info: LockInfo): boolean {
-  if (info.host === hostname()) return isProcessAlive(info.pid, info.pidStart === '' ? undefined : info.pidStart);
-  return Date.now() < info.leaseMs;
+  const boot = bootId();
+  if (info.host === hostname() && (info.boot === undefined || boot === undefined || info.boot === boot)) {
+    return isProcessAlive(info.pid, info.pidStart === '' ? undefined : info.pidStart);
+  }
+  return Date.now() < info.leaseMs + CLOCK_SKEW_MS;
+}
+
+let cachedBoot: string | null | undefined;
+
+function bootId(): string | undefined {
+  if (cachedBoot === undefined) {
+    try {
+      cachedBoot = readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim() || null;
+    } catch {
+      cachedBoot = null;
+    }
+  }
+  return cachedBoot ?? undefined;
 }
 
 async function readLock(backend: Backend, key: string): Promise<LockInfo | undefined> {
@@ -98,6 +226,6 @@ async function readLock(backend: Backend, key: string): Promise<LockInfo | undef
   } catch {
     return undefined; // a torn lock of a dead writer: treated as dead, and removed
   }
-  if (v === null || typeof v !== 'object' || typeof v.pid !== 'number' || typeof v.host !== 'string' || typeof v.takenMs !== 'number') return undefined;
+  if (v === null || typeof v !== 'object' || typeof v.pid !== 'number' || typeof v.host !== 'string' || typeof v.takenMs !== 'number' || typeof v.leaseMs !== 'number') return undefined;
   return v as LockInfo;
 }

@@ -2,7 +2,7 @@
 // list, restore (to files or into a shut-off domain's disks), export, verify,
 // prune, gc, stats and keys, on a format 2 store (docs/design.md,
 // "Repository"). Each call opens the repository at `repo` (a local
-// directory), with its passphrase when it is encrypted.
+// directory or s3://BUCKET/PREFIX), with its passphrase when it is encrypted.
 
 import { resolve } from 'node:path';
 import type { BackupService } from '../backup/service.js';
@@ -10,7 +10,7 @@ import type { CheckpointService } from '../checkpoint/service.js';
 import type { DomainService } from '../domain/service.js';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import type { Backend } from './backend/backend.js';
-import { LocalBackend } from './backend/local.js';
+import { openBackend, type BackendSettings } from './backend/open.js';
 import { backupDomain, type Progress, type RepoBackupOptions } from './backup.js';
 import { copyBackups, type CopyOptions, type CopyReport } from './copy.js';
 import { collectGarbage, type GcReport } from './gc.js';
@@ -32,7 +32,7 @@ export type { VerifyProblem, VerifyReport } from './verify.js';
 
 /** Where a repository is and how to open it. */
 export interface RepoAccess {
-  /** A local directory. */
+  /** A local directory, or s3://BUCKET/PREFIX. */
   repo: string;
   /** The passphrase of an encrypted repository. */
   password?: string;
@@ -67,11 +67,16 @@ export class RepositoryService {
     readonly domains: DomainService,
     readonly checkpoints: CheckpointService,
     readonly backups: BackupService,
+    /** How to reach object storage (the adapters read the environment, not the library). */
+    readonly backendSettings: BackendSettings = {},
   ) {}
 
   /** Creates a repository (encrypted when a passphrase is given). */
   async init(access: RepoAccess & { chunkSize?: number }): Promise<{ id: string; encrypted: boolean; chunkSize: number }> {
-    const store = await Store.init(backendFor(access.repo), { ...(access.password !== undefined ? { password: access.password } : {}), ...(access.chunkSize !== undefined ? { chunkSize: access.chunkSize } : {}) });
+    const backend = await openBackend(access.repo, this.backendSettings);
+    // A bucket is created by init only: a mistyped name on any other command is an error, not a new bucket.
+    await backend.createContainer?.();
+    const store = await Store.init(backend, { ...(access.password !== undefined ? { password: access.password } : {}), ...(access.chunkSize !== undefined ? { chunkSize: access.chunkSize } : {}) });
     return { id: store.config.id, encrypted: store.config.encrypted, chunkSize: store.config.chunkSize };
   }
 
@@ -176,11 +181,12 @@ export class RepositoryService {
    * first use with the source's chunk size; an encrypted one must exist.
    */
   async copy(options: CopyOptions & { from: RepoAccess; to: RepoAccess }): Promise<CopyReport> {
-    const source = await this.open(options.from).catch((err: unknown) => {
+    const sourceBackend = await openBackend(options.from.repo, this.backendSettings);
+    const source = await Store.open(sourceBackend, options.from.password !== undefined ? { password: options.from.password } : {}).catch((err: unknown) => {
       if (options.from.password !== undefined || !isQbackupError(err, 'WRONG_PASSWORD')) throw err;
-      throw new QbackupError('WRONG_PASSWORD', `Cannot copy from repository "${backendFor(options.from.repo).location}": it is encrypted and no passphrase was given for it`, { cause: err });
+      throw new QbackupError('WRONG_PASSWORD', `Cannot copy from repository "${sourceBackend.location}": it is encrypted and no passphrase was given for it`, { cause: err });
     });
-    const backend = backendFor(options.to.repo);
+    const backend = await openBackend(options.to.repo, this.backendSettings);
     let target: Store | undefined;
     let targetCreated = false;
     try {
@@ -215,7 +221,7 @@ export class RepositoryService {
   }
 
   private async open(access: RepoAccess, createIfMissing = false): Promise<Store> {
-    const backend = backendFor(access.repo);
+    const backend = await openBackend(access.repo, this.backendSettings);
     try {
       return await Store.open(backend, access.password !== undefined ? { password: access.password } : {});
     } catch (err) {
@@ -236,11 +242,6 @@ function retentionOf(options: RetentionPolicy): RetentionPolicy {
     if (v !== undefined) policy[rule] = v;
   }
   return policy;
-}
-
-function backendFor(repo: string): Backend {
-  if (/^[a-z0-9+.-]+:\/\//i.test(repo)) throw new QbackupError('NOT_SUPPORTED', `Cannot open repository "${repo.replace(/\/\/[^@/]*@/, '//')}": only local directories are supported yet`);
-  return new LocalBackend(resolve(repo));
 }
 
 function pickBackup(manifests: readonly Manifest[], domain: string, options: { backup?: string; until?: Date }): Manifest {

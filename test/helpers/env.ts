@@ -8,6 +8,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Qbackup } from '../../src/qbackup.js';
+import type { BackendSettings } from '../../src/repository/backend/open.js';
 import { createImage } from '../../src/qemu/image.js';
 import { runTool } from '../../src/qemu/tools.js';
 
@@ -38,10 +39,11 @@ export class TestEnv {
   readonly qb: Qbackup;
 
   /** `accel`: the guest tests force TCG (a /dev/kvm that exists but runs no guest is seen in CI sandboxes). */
-  constructor(prefix = 'qbt-', options: { accel?: 'auto' | 'kvm' | 'tcg'; detachTimeoutMs?: number } = {}) {
+  /** `backends`: how the library reaches s3:// repositories (the CLI takes the same from the environment). */
+  constructor(prefix = 'qbt-', options: { accel?: 'auto' | 'kvm' | 'tcg'; detachTimeoutMs?: number; backends?: BackendSettings } = {}) {
     this.dir = mkdtempSync(join(tmpdir(), prefix));
     this.stateDir = join(this.dir, 'state');
-    this.qb = Qbackup.open({ stateDir: this.stateDir, lockTimeoutMs: 5_000, detachTimeoutMs: options.detachTimeoutMs ?? 2_000, ...(options.accel !== undefined ? { accel: options.accel } : {}) });
+    this.qb = Qbackup.open({ stateDir: this.stateDir, lockTimeoutMs: 5_000, detachTimeoutMs: options.detachTimeoutMs ?? 2_000, ...(options.accel !== undefined ? { accel: options.accel } : {}), ...(options.backends !== undefined ? { backends: options.backends } : {}) });
   }
 
   path(name: string): string {

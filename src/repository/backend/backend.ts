@@ -32,6 +32,10 @@ export interface Backend {
   list(prefix: string): Promise<ObjectInfo[]>;
   /** Removes the object; removing a missing one is fine. */
   delete(key: string): Promise<void>;
+  /** Creates the container the repository lives in (an S3 bucket) unless it exists; only `init` calls it. */
+  createContainer?(): Promise<void>;
+  /** Releases connections; idempotent. */
+  close?(): void;
   /** Removes half-written objects of writers that died, older than `ageMs`; how many went. */
   sweepTemporary?(ageMs: number): Promise<number>;
 }

@@ -1,0 +1,86 @@
+// Repository locks as leases: renewal, a dead host's lease taken over once it
+// runs out, a live one from another host honoured, and a holder that lost its
+// lease told so before it commits anything.
+
+import assert from 'node:assert/strict';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, it } from 'node:test';
+import { isQbackupError } from '../../src/errors.js';
+import { LocalBackend } from '../../src/repository/backend/local.js';
+import { acquireLock, CLOCK_SKEW_MS, liveLocks, type LockInfo } from '../../src/repository/locks.js';
+
+const fresh = (): LocalBackend => new LocalBackend(mkdtempSync(join(tmpdir(), 'qb-locks-')));
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+function otherHost(overrides: Partial<LockInfo>): Buffer {
+  const now = Date.now();
+  const info: LockInfo = { kind: 'backup', domain: 'web', host: 'host-b.invalid', boot: 'other-boot', pid: 4242, pidStart: '1', takenMs: now - 60_000, leaseMs: now + 60_000, ...overrides };
+  return Buffer.from(JSON.stringify(info));
+}
+
+describe('repository locks as leases', () => {
+  it('renews the lease by a new object, keeping when the lock was taken', async () => {
+    const b = fresh();
+    const lock = await acquireLock(b, 'backup', 'web', { leaseMs: 200 });
+    try {
+      const firstId = lock.id;
+      const { takenMs, leaseMs } = lock.info;
+      await sleep(180);
+      assert.notEqual(lock.id, firstId, 'renewed under a new id');
+      assert.equal(lock.info.takenMs, takenMs);
+      assert.ok(lock.info.leaseMs > leaseMs);
+      const keys = (await b.list('locks/')).map((o) => o.key);
+      assert.deepEqual(keys, [`locks/${lock.id}`], 'the old lease object is gone');
+      await lock.assertHeld();
+    } finally {
+      await lock.release();
+    }
+    assert.deepEqual(await b.list('locks/'), []);
+  });
+
+  it('a live lease of another host blocks a second backup of the domain and counts for gc', async () => {
+    const b = fresh();
+    await b.putIfAbsent('locks/00000000000000aa', otherHost({}));
+    await assert.rejects(acquireLock(b, 'backup', 'web'), (err: unknown) => isQbackupError(err, 'REPO_LOCKED') && /process 4242 on host-b\.invalid/.test((err as Error).message));
+    const other = await acquireLock(b, 'backup', 'db');
+    await other.release();
+    assert.equal((await liveLocks(b)).length, 1);
+  });
+
+  it('the lease of a dead host is taken over once it ran out (beyond the clock-skew margin)', async () => {
+    const b = fresh();
+    await b.putIfAbsent('locks/00000000000000bb', otherHost({ leaseMs: Date.now() - CLOCK_SKEW_MS - 1 }));
+    await b.putIfAbsent('locks/00000000000000cc', otherHost({ domain: 'db', leaseMs: Date.now() - 1000 }));
+    const lock = await acquireLock(b, 'backup', 'web');
+    try {
+      const left = (await b.list('locks/')).map((o) => o.key).sort();
+      assert.deepEqual(left, ['locks/00000000000000cc', `locks/${lock.id}`].sort(), 'the expired lease went; one inside the skew margin stays');
+    } finally {
+      await lock.release();
+    }
+  });
+
+  it('a holder whose lease object was removed as expired is told before it commits', async () => {
+    const b = fresh();
+    const lock = await acquireLock(b, 'backup', 'web', { leaseMs: 60_000 });
+    await b.delete(`locks/${lock.id}`); // what a gc on another host does to a lease it thinks ran out
+    await assert.rejects(lock.assertHeld(), (err: unknown) => isQbackupError(err, 'REPO_LOCKED') && /Lost the backup lock/.test((err as Error).message));
+    await lock.release();
+  });
+
+  it('a lease that could not be renewed in time is lost, and not renewed later', async () => {
+    const b = fresh();
+    const lock = await acquireLock(b, 'backup', 'web', { leaseMs: 100 });
+    // Block the renewals: the event loop is busy past the whole lease.
+    const until = Date.now() + 150;
+    while (Date.now() < until) {
+      // busy
+    }
+    await sleep(60);
+    await assert.rejects(lock.assertHeld(), (err: unknown) => isQbackupError(err, 'REPO_LOCKED') && /ran out/.test((err as Error).message));
+    await lock.release();
+    assert.deepEqual(await b.list('locks/'), []);
+  });
+});
