@@ -196,7 +196,7 @@ export async function copyBackups(source: Store, target: Store | undefined, opti
     report.skipped = plan.skip;
     await source.loadChunks();
     await target.loadChunks(await condemnedPacks(target.backend));
-    const copier = new Copier(source, target, knownIndexes(sourceManifests, targetManifests), report, options);
+    const copier = new Copier(source, target, knownIndexes(sourceManifests, targetManifests), report, options, locks);
     try {
       for (const m of plan.copy) await copier.copyBackup(m);
     } finally {
@@ -252,6 +252,7 @@ class Copier {
     private readonly known: Map<string, string>,
     private readonly report: CopyReport,
     private readonly options: CopyOptions,
+    private readonly locks: readonly HeldLock[],
   ) {
     this.same = sameKeys(source, target);
     this.writer = target.chunkWriter();
@@ -277,6 +278,8 @@ class Copier {
     this.report.bytesStored = this.writer.storedBytes;
     const out: ManifestDisk[] = [];
     for (const dc of disks) out.push({ ...dc.disk, index: await this.writeLinks(dc) });
+    // As a backup does: a lease lost meanwhile (a gc elsewhere judged this copy dead) must not commit.
+    for (const l of this.locks) if (l.info.kind === 'backup' && l.info.domain === m.domain) await l.assertHeld();
     await this.target.putManifest({ ...m, disks: out });
     this.report.copied.push({ domain: m.domain, id: m.id });
   }
