@@ -117,9 +117,9 @@ export const serviceCommands: readonly CliCommand[] = [
         action: what,
         ...(args.target !== undefined ? { domain: args.target } : {}),
         when: o.when,
-        repo: resolve(o.repo),
+        repo: repoLocation(o.repo),
         ...(o.passwordFile !== undefined ? { passwordFile: resolve(o.passwordFile) } : {}),
-        ...(o.to !== undefined ? { to: resolve(o.to) } : {}),
+        ...(o.to !== undefined ? { to: repoLocation(o.to) } : {}),
         ...(o.toPasswordFile !== undefined ? { toPasswordFile: resolve(o.toPasswordFile) } : {}),
         ...(o.full ? { full: true } : {}),
         ...(Object.keys(retention).length > 0 ? { retention } : {}),
@@ -130,6 +130,11 @@ export const serviceCommands: readonly CliCommand[] = [
     },
   }),
 ];
+
+/** A local directory made absolute; an s3:// URL as given. */
+function repoLocation(repo: string): string {
+  return /^[a-z0-9+.-]+:\/\//i.test(repo) ? repo : resolve(repo);
+}
 
 function scheduleTable(list: readonly ScheduleInfo[]): string {
   return table(

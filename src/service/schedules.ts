@@ -116,8 +116,9 @@ function checkSpec(spec: ScheduleSpec): void {
   if (!['backup', 'verify', 'gc', 'copy'].includes(action)) throw new QbackupError('INVALID_ARGUMENT', `Invalid schedule action "${action}": expected backup, verify, gc or copy`);
   if (action === 'copy' && spec.to === undefined) throw new QbackupError('INVALID_ARGUMENT', 'A copy schedule needs a target repository (to)');
   if (action !== 'copy' && (spec.to !== undefined || spec.toPasswordFile !== undefined)) throw new QbackupError('INVALID_ARGUMENT', `A target repository belongs to copy schedules, not to a ${action} schedule`);
-  for (const [what, path] of [['repository', spec.to], ['passphrase file', spec.toPasswordFile]] as const) {
-    if (path !== undefined && !path.startsWith('/')) throw new QbackupError('INVALID_ARGUMENT', `Invalid schedule target ${what} "${path}": give an absolute path`);
+  if (spec.to !== undefined && !isRepoLocation(spec.to)) throw new QbackupError('INVALID_ARGUMENT', `Invalid schedule target repository "${spec.to}": give an absolute path or an s3:// URL`);
+  if (spec.toPasswordFile !== undefined && !spec.toPasswordFile.startsWith('/')) {
+    throw new QbackupError('INVALID_ARGUMENT', `Invalid schedule target passphrase file "${spec.toPasswordFile}": give an absolute path`);
   }
   if (spec.to !== undefined && spec.to === spec.repo) throw new QbackupError('INVALID_ARGUMENT', `A copy schedule cannot copy repository "${spec.repo}" into itself`);
   if (spec.domain !== undefined) assertDomainName(spec.domain);
@@ -128,7 +129,7 @@ function checkSpec(spec: ScheduleSpec): void {
   if (spec.readDataPercent !== undefined && !(spec.readDataPercent > 0 && spec.readDataPercent <= 100)) {
     throw new QbackupError('INVALID_ARGUMENT', `Invalid readDataPercent ${spec.readDataPercent}: expected more than 0 and at most 100`);
   }
-  if (spec.repo === '' || !spec.repo.startsWith('/')) throw new QbackupError('INVALID_ARGUMENT', `Invalid schedule repository "${spec.repo}": give an absolute path`);
+  if (!isRepoLocation(spec.repo)) throw new QbackupError('INVALID_ARGUMENT', `Invalid schedule repository "${spec.repo}": give an absolute path or an s3:// URL`);
   if (spec.passwordFile !== undefined && !spec.passwordFile.startsWith('/')) {
     throw new QbackupError('INVALID_ARGUMENT', `Invalid schedule passphrase file "${spec.passwordFile}": give an absolute path`);
   }
@@ -136,6 +137,11 @@ function checkSpec(spec: ScheduleSpec): void {
     const v = spec.retention?.[key];
     if (v !== undefined && (!Number.isInteger(v) || v < 1)) throw new QbackupError('INVALID_ARGUMENT', `Invalid retention ${key} ${v}: expected a whole number above zero`);
   }
+}
+
+/** A schedule names a repository that means the same whatever the daemon's working directory. */
+function isRepoLocation(repo: string): boolean {
+  return repo.startsWith('/') || /^s3:\/\/[^/]/.test(repo);
 }
 
 export class Schedules {
