@@ -317,7 +317,7 @@ class Copier {
       const list = byPack.get(loc.packId) ?? [];
       list.push({ hex, loc });
       byPack.set(loc.packId, list);
-      total++;
+      total += loc.rawLength;
     }
     const batch: Array<{ hex: string; data: Buffer }> = [];
     let batchBytes = 0;
@@ -335,7 +335,8 @@ class Copier {
             batchBytes = 0;
           }
         }
-        this.options.onProgress?.({ phase: `copy ${m.domain}/${m.id}`, doneBytes: ++done, totalBytes: total });
+        done += data.length;
+        this.options.onProgress?.({ phase: `copy ${m.domain}/${m.id}`, doneBytes: done, totalBytes: total });
       }
     }
     await this.storeBatch(batch);
