@@ -8,6 +8,7 @@ import { randomFillSync } from 'node:crypto';
 import { closeSync, ftruncateSync, mkdirSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import type { BackendSettings } from '../src/repository/backend/open.js';
 import { Qbackup } from '../src/qbackup.js';
 import type { QmpClient } from '../src/qmp/index.js';
 import { KiB, MiB, Prng, run, sleep } from './util.js';
@@ -29,10 +30,11 @@ export class BenchEnv {
   private cleaned = false;
   private readonly cleanups: Array<() => Promise<void>> = [];
 
-  constructor() {
+  /** `backends`: how the library reaches s3:// repositories (the S3 bench). */
+  constructor(backends?: BackendSettings) {
     this.dir = mkdtempSync(join(tmpdir(), 'qbbench-'));
     this.stateDir = join(this.dir, 'state');
-    this.qb = Qbackup.open({ stateDir: this.stateDir, lockTimeoutMs: 60_000 });
+    this.qb = Qbackup.open({ stateDir: this.stateDir, lockTimeoutMs: 60_000, ...(backends !== undefined ? { backends } : {}) });
   }
 
   path(...parts: string[]): string {

@@ -3,12 +3,12 @@
 // exit status. User-caused errors (QbackupError) print their message only;
 // anything else is a bug and prints its stack.
 
-import type { BackendSettings } from '../repository/backend/open.js';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import type { Command } from 'commander';
 import { QbackupError } from '../errors.js';
 import { Qbackup } from '../qbackup.js';
+import type { BackendSettings } from '../repository/backend/open.js';
 import type { OutputOptions } from './output.js';
 
 export interface GlobalOptions {

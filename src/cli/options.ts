@@ -8,9 +8,9 @@ import { QbackupError } from '../errors.js';
 import type { QuiesceMode } from '../domain/quiesce.js';
 import { flag, repeatable, requiredValue, type OptionSpec } from './command.js';
 
-/** `--repo <dir>`, required by every repository command. */
-export function repoOption(description = 'repository directory'): OptionSpec<string> {
-  return requiredValue('--repo <dir>', description);
+/** `--repo <dir|s3://bucket/prefix>`, required by every repository command. */
+export function repoOption(description = 'repository directory, or s3://BUCKET/PREFIX (S3 settings from AWS_* variables, QBACKUP_S3_PATH_STYLE=1 for path-style)'): OptionSpec<string> {
+  return requiredValue('--repo <dir|s3://bucket/prefix>', description);
 }
 
 /** `--disk <target>`, repeatable; none given means every disk. */

@@ -56,7 +56,7 @@ export const repositoryCommands: readonly CliCommand[] = [
     description: 'back up a domain into a repository: incremental since its last backup there when coverage allows, else full',
     args: { domain },
     options: {
-      repo: repoOption('repository directory (an unencrypted one is created on first use)'),
+      repo: repoOption('repository directory or s3://BUCKET/PREFIX (an unencrypted one is created on first use; a bucket only by init)'),
       passwordFile,
       full: flag('--full', 'take a full backup of every disk'),
       disk: diskOption('back up'),

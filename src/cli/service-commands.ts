@@ -5,6 +5,7 @@
 
 import { resolve } from 'node:path';
 import { QbackupError } from '../errors.js';
+import { isRemoteRepo } from '../repository/backend/open.js';
 import type { RetentionPolicy } from '../repository/service.js';
 import { Schedules, type ScheduleInfo } from '../service/schedules.js';
 import { ScheduleStore } from '../store/schedules.js';
@@ -79,9 +80,9 @@ export const serviceCommands: readonly CliCommand[] = [
       run: valueWithDefault('--run <what>', 'backup, verify, gc or copy', 'backup'),
       readDataSubset: value('--read-data-subset <percent>', 'verify: also read back this share of the chunks (e.g. 10%)'),
       when: value('--when <schedule>', 'cron pattern ("0 2 * * *") or "daily 02:00", "weekly sun 03:00", "hourly :15"'),
-      repo: value('--repo <dir>', 'repository directory'),
+      repo: value('--repo <dir|s3://bucket/prefix>', 'repository directory or s3:// bucket'),
       passwordFile: value('--password-file <file>', 'passphrase file of an encrypted repository (read at each run)'),
-      to: value('--to <dir>', 'copy: the target repository (--repo is the source)'),
+      to: value('--to <dir|s3://bucket/prefix>', 'copy: the target repository (--repo is the source)'),
       toPasswordFile: value('--to-password-file <file>', 'copy: passphrase file of an encrypted target'),
       full: flag('--full', 'every run a full backup'),
       keepLast: value('--keep-last <n>', 'after each backup keep the n newest'),
@@ -133,7 +134,7 @@ export const serviceCommands: readonly CliCommand[] = [
 
 /** A local directory made absolute; an s3:// URL as given. */
 function repoLocation(repo: string): string {
-  return /^[a-z0-9+.-]+:\/\//i.test(repo) ? repo : resolve(repo);
+  return isRemoteRepo(repo) ? repo : resolve(repo);
 }
 
 function scheduleTable(list: readonly ScheduleInfo[]): string {

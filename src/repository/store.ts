@@ -19,6 +19,7 @@
 import { hostname } from 'node:os';
 import { randomBytes } from 'node:crypto';
 import { QbackupError, describeError } from '../errors.js';
+import { runPool } from '../nbd/copy.js';
 import type { Backend } from './backend/backend.js';
 import { decodeChunk, encodeChunk, ZERO_ID } from './chunk.js';
 import { ChunkCompressor } from './compress.js';
@@ -26,6 +27,9 @@ import { chunkId, newMasterKey, parseKeyFile, seal, unseal, unwrapMasterKey, wra
 import { decodeIndex, encodeIndex, indexKey, INDEX_ID, MAX_CHAIN, resolveChain, type DiskIndex, type FullIndex } from './disk-index.js';
 import { parseManifest, manifestKey, type Manifest } from './manifest.js';
 import { PACK_ID, PACK_TARGET_BYTES, PackBuilder, packIndexKey, packKey, parseHeader } from './pack.js';
+
+/** Pack headers read at once when loading the chunk map. */
+const HEADER_READS_IN_FLIGHT = 8;
 
 export const REPO_FORMAT = 2;
 export const DEFAULT_CHUNK_BYTES = 64 * 1024;
@@ -141,13 +145,13 @@ export class Store {
   /** Reads every pack header, so `has` and `readChunk` know where chunks are; `skip` leaves out condemned packs. */
   async loadChunks(skip: ReadonlySet<string> = new Set()): Promise<void> {
     const chunks = new Map<string, ChunkLocation>();
-    for (const { key } of await this.backend.list('index/')) {
-      const packId = key.slice(6);
-      if (!PACK_ID.test(packId) || skip.has(packId)) continue;
+    const packIds = (await this.backend.list('index/')).map(({ key }) => key.slice(6)).filter((id) => PACK_ID.test(id) && !skip.has(id));
+    // Several headers at once: on object storage each read is a round trip.
+    await runPool(packIds[Symbol.iterator](), HEADER_READS_IN_FLIGHT, async (packId) => {
       for (const e of await this.packEntries(packId)) {
         chunks.set(e.id.toString('hex'), { packId, offset: e.offset, length: e.length, rawLength: e.rawLength });
       }
-    }
+    });
     this.chunks = chunks;
   }
 
@@ -269,6 +273,9 @@ export class ChunkWriter {
   private builder = new PackBuilder();
   /** Chunks added to the open pack, by hex id (so a chunk is packed once). */
   private pending = new Set<string>();
+  /** The full pack being stored while the next one fills (object storage is far away), and its chunks. */
+  private uploading: Promise<void> | undefined;
+  private uploadingIds = new Set<string>();
   storedBytes = 0;
   storedChunks = 0;
 
@@ -276,18 +283,18 @@ export class ChunkWriter {
 
   /** Is the chunk stored or about to be? */
   has(id: Buffer): boolean {
-    return this.store.has(id) || this.pending.has(id.toString('hex'));
+    const hex = id.toString('hex');
+    return this.store.has(id) || this.pending.has(hex) || this.uploadingIds.has(hex);
   }
 
   /** Adds a chunk whose stored form was made elsewhere (a worker); stores the pack when full. */
   async addEncoded(id: Buffer, blob: Buffer, rawLength: number): Promise<void> {
-    const hex = id.toString('hex');
-    if (this.store.has(id) || this.pending.has(hex)) return;
-    this.pending.add(hex);
+    if (this.has(id)) return;
+    this.pending.add(id.toString('hex'));
     this.builder.add(id, blob, rawLength);
     this.storedBytes += blob.length;
     this.storedChunks++;
-    if (this.builder.bytes >= PACK_TARGET_BYTES) await this.flush();
+    if (this.builder.bytes >= PACK_TARGET_BYTES) await this.rotate();
   }
 
   /** Encodes and adds a chunk in this thread. */
@@ -296,12 +303,34 @@ export class ChunkWriter {
     await this.addEncoded(id, encodeChunk(data, { compressor: this.store.compressor, key: this.store.key }), data.length);
   }
 
+  /** Stores every chunk added so far; they may be referenced once it returns. */
   async flush(): Promise<void> {
+    await this.rotate();
+    await this.settle();
+  }
+
+  /** Starts storing the open pack once the previous one is stored: at most one upload runs behind the filling pack. */
+  private async rotate(): Promise<void> {
+    await this.settle();
     if (this.builder.count === 0) return;
     const builder = this.builder;
     this.builder = new PackBuilder();
+    this.uploadingIds = this.pending;
     this.pending = new Set();
-    await this.store.storePack(builder);
+    this.uploading = this.store.storePack(builder).then(() => undefined);
+    // Failures surface at the next rotate or flush; mark this one handled meanwhile.
+    this.uploading.catch(() => undefined);
+  }
+
+  private async settle(): Promise<void> {
+    const upload = this.uploading;
+    if (upload === undefined) return;
+    try {
+      await upload;
+    } finally {
+      this.uploading = undefined;
+      this.uploadingIds = new Set();
+    }
   }
 }
 

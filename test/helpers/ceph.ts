@@ -17,6 +17,8 @@ import { S3Backend, type S3Settings } from '../../src/repository/backend/s3.js';
 import { repoRoot } from './env.js';
 
 const run = promisify(execFile);
+// The SDK's notice about its future Node versions is noise in test output.
+process.env['AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED'] ??= 'true';
 const script = join(repoRoot, 'scripts', 'ceph.sh');
 
 export interface Ceph {

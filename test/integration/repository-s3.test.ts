@@ -17,6 +17,7 @@ describe('repository on S3 (Ceph radosgw, real QEMU)', () => {
   let c: Ceph;
   let hostA: TestEnv;
   let hostB: TestEnv;
+  let restores = 0;
   before(async () => {
     c = await ceph();
     hostA = new TestEnv('qbt-s3a-', { backends: { s3: c.settings } });
@@ -35,7 +36,7 @@ describe('repository on S3 (Ceph radosgw, real QEMU)', () => {
   };
   const backup = async (env: TestEnv, domain: string, repo: string, extra: string[] = []): Promise<Manifest> => JSON.parse(await ok(env, ['--json', 'backup', domain, '--repo', repo, ...extra])) as Manifest;
   const assertRestores = async (env: TestEnv, repo: string, m: Manifest, refs: Map<string, string>): Promise<void> => {
-    const out = await env.qb.repository.restore(m.domain, { repo, backup: m.id, to: env.path(`restore-${m.id}`), format: 'raw' });
+    const out = await env.qb.repository.restore(m.domain, { repo, backup: m.id, to: env.path(`restore-${m.id}-${++restores}`), format: 'raw' });
     for (const d of out.disks) assert.equal(await imageDiffers(d.file, 'raw', refs.get(d.target) ?? ''), undefined, `backup ${m.id} disk ${d.target}`);
   };
 
@@ -58,7 +59,7 @@ describe('repository on S3 (Ceph radosgw, real QEMU)', () => {
     const verify = JSON.parse(await ok(hostA, ['--json', 'verify', '--repo', repo, '--read-data'])) as VerifyReport;
     assert.deepEqual(verify.problems, []);
     await ok(hostA, ['prune', 'web', '--repo', repo, '--keep-last', '1']);
-    const listed = JSON.parse(await ok(hostA, ['--json', 'list', '--repo', repo])) as Manifest[];
+    const listed = JSON.parse(await ok(hostA, ['--json', 'backup-list', '--repo', repo])) as Manifest[];
     assert.deepEqual(listed.map((m) => m.id), [m2.id]);
     await ok(hostA, ['gc', '--repo', repo]);
     assert.deepEqual((JSON.parse(await ok(hostA, ['--json', 'verify', '--repo', repo, '--read-data'])) as VerifyReport).problems, []);
@@ -91,7 +92,7 @@ describe('repository on S3 (Ceph radosgw, real QEMU)', () => {
     await guestWrite(hostB.qb, 'beta', 'sda', 'write -P 0x33 24M 1M');
     await backup(hostB, 'beta', repo, ['--full']);
     await ok(hostB, ['prune', 'beta', '--repo', repo, '--keep-last', '1']);
-    await guestWrite(hostA.qb, 'alpha', 'sda', `write -s ${randomFile(hostA, 'alpha-more', 24 * MiB)} 0 24M`);
+    await guestWrite(hostA.qb, 'alpha', 'sda', `write -s ${randomFile(hostA, 'alpha-more', 30 * MiB)} 0 30M`);
     refs.set('alpha', await referenceCopies(hostA, 'alpha', 'second'));
     const running = spawnCli(hostA, ['--json', 'backup', 'alpha', '--repo', repo, '--full', '--workers', '1'], c.env);
     const probe = new S3Backend({ bucket: repo.slice(5, repo.indexOf('/', 5)), prefix: 'fleet/', pathStyle: true }, c.settings);
@@ -102,6 +103,8 @@ describe('repository on S3 (Ceph radosgw, real QEMU)', () => {
     const done = await running.done;
     assert.equal(done.code, 0, done.stderr);
     console.log(`# gc on host B during host A's backup (still running: ${stillRunning}): ${JSON.stringify(gc)}`);
+    // It saw host A's lease: beta's old data was condemned, not deleted.
+    assert.ok(gc.condemned > 0 && gc.packsDeleted === 0, JSON.stringify(gc));
     const ma2 = JSON.parse(done.stdout) as Manifest;
     assert.deepEqual((JSON.parse(await ok(hostB, ['--json', 'verify', '--repo', repo, '--read-data'])) as VerifyReport).problems, []);
     await assertRestores(hostA, repo, ma2, refs.get('alpha') ?? new Map());
@@ -126,7 +129,7 @@ describe('repository on S3 (Ceph radosgw, real QEMU)', () => {
     const e2 = cliError(wrong);
     assert.equal(e2.code, 'REPO_ACCESS_DENIED');
     assert.ok(!wrong.stderr.includes('not-the-secret-at-all') && !wrong.stderr.includes(c.env['AWS_ACCESS_KEY_ID'] ?? '?'), wrong.stderr);
-    assert.deepEqual(JSON.parse(await ok(hostA, ['--json', 'list', '--repo', repo])), []);
+    assert.deepEqual(JSON.parse(await ok(hostA, ['--json', 'backup-list', '--repo', repo])), []);
     assert.equal(hostA.qb.checkpoints.list('cred').length, 0, 'no checkpoint was left behind');
   });
 
@@ -152,7 +155,7 @@ describe('repository on S3 (Ceph radosgw, real QEMU)', () => {
     const e = cliError(failed);
     assert.ok(['REPO_UNAVAILABLE', 'BACKUP_FAILED'].includes(e.code), JSON.stringify(e));
     assert.match(e.message, /cannot be reached/);
-    assert.deepEqual(JSON.parse(await ok(hostA, ['--json', 'list', '--repo', repo])), [], 'no listed backup');
+    assert.deepEqual(JSON.parse(await ok(hostA, ['--json', 'backup-list', '--repo', repo])), [], 'no listed backup');
     const m = await backup(hostA, 'away', repo);
     await assertRestores(hostA, repo, m, refs);
     await hostA.qb.domains.destroy('away');
