@@ -17,10 +17,16 @@ describe('copy local → S3 → local (Ceph radosgw, real QEMU)', () => {
   const refs = new Map<string, Map<string, string>>();
   const backups: Manifest[] = [];
 
+  // Started from the suite's body, not from a hook: the helper registers the
+  // cluster's teardown with after(), which inside a before hook of Node 20 runs
+  // before the tests rather than after them.
+  const cluster = ceph();
+  cluster.catch(() => undefined); // awaited (and so reported) in before()
+
   before(async () => {
     delete process.env['QBACKUP_PASSWORD'];
     delete process.env['QBACKUP_FROM_PASSWORD'];
-    c = await ceph();
+    c = await cluster;
     env = new TestEnv('qbt-copys3-', { backends: { s3: c.settings } });
   });
   after(async () => env?.cleanup());
