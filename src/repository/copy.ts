@@ -190,13 +190,15 @@ export async function copyBackups(source: Store, target: Store | undefined, opti
   if (first.copy.length === 0) return report;
   const locks = await takeLocks(source, target, [...new Set(first.copy.map((m) => m.domain))]);
   try {
-    // Planned again under the locks: another copy may have finished meanwhile.
+    // Planned again under the locks: another copy may have finished, or a
+    // prune in the source removed a backup, meanwhile.
+    const sourceNow = await source.manifests(options.domain);
     const targetManifests = await target.manifests(options.domain);
-    const plan = planCopy(sourceManifests, targetManifests, options);
+    const plan = planCopy(sourceNow, targetManifests, options);
     report.skipped = plan.skip;
     await source.loadChunks();
     await target.loadChunks(await condemnedPacks(target.backend));
-    const copier = new Copier(source, target, knownIndexes(sourceManifests, targetManifests), report, options, locks);
+    const copier = new Copier(source, target, knownIndexes(sourceNow, targetManifests), report, options, locks);
     try {
       for (const m of plan.copy) await copier.copyBackup(m);
     } finally {
