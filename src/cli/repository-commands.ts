@@ -194,8 +194,8 @@ export const repositoryCommands: readonly CliCommand[] = [
     description: 'copy backups (of a domain, or --backup ID) into another repository: only the chunks it lacks, re-encrypted when the keys differ; copying again copies nothing',
     args: { domain: optionalArg('domain', 'only this domain\'s backups') },
     options: {
-      from: requiredValue('--from <dir>', 'the source repository'),
-      to: requiredValue('--to <dir>', 'the target repository (an unencrypted one is created on first use)'),
+      from: requiredValue('--from <dir|s3://bucket/prefix>', 'the source repository'),
+      to: requiredValue('--to <dir|s3://bucket/prefix>', 'the target repository (an unencrypted one is created on first use; a bucket must exist)'),
       fromPasswordFile: value('--from-password-file <file>', 'the source\'s passphrase (default: $QBACKUP_FROM_PASSWORD)'),
       toPasswordFile: value('--to-password-file <file>', 'the target\'s passphrase (default: $QBACKUP_PASSWORD)'),
       backup: repeatable('--backup <id>', 'only this backup; repeatable'),
