@@ -307,8 +307,8 @@ class Copier {
     return mapped;
   }
 
-  /** Reads, checks and stores every chunk the links name that the target needs. */
-  private async copyChunks(m: Manifest, disks: readonly DiskCopy[]): Promise<void> {
+  /** The chunks the links name that the target needs, by source pack, and their plaintext bytes. */
+  private chunksToRead(m: Manifest, disks: readonly DiskCopy[]): { byPack: Map<string, SourceChunk[]>; total: number } {
     const byPack = new Map<string, SourceChunk[]>();
     let total = 0;
     for (const hex of chunksNamed(disks.flatMap((d) => d.links))) {
@@ -321,27 +321,54 @@ class Copier {
       byPack.set(loc.packId, list);
       total += loc.rawLength;
     }
-    const batch: Array<{ hex: string; data: Buffer }> = [];
+    return { byPack, total };
+  }
+
+  /**
+   * Reads, checks and stores every chunk the links name that the target
+   * needs. Re-keyed chunks go to the workers in batches, as many in flight as
+   * there are workers, while this thread reads and checks the next ones.
+   */
+  private async copyChunks(m: Manifest, disks: readonly DiskCopy[]): Promise<void> {
+    const { byPack, total } = this.chunksToRead(m, disks);
+    const inFlight = new Set<Promise<void>>();
+    let failure: { err: unknown } | undefined;
+    const send = async (batch: Array<{ hex: string; data: Buffer }>): Promise<void> => {
+      const p: Promise<void> = this.storeBatch(batch)
+        .catch((err: unknown) => void (failure ??= { err }))
+        .finally(() => inFlight.delete(p));
+      inFlight.add(p);
+      while (inFlight.size > Math.max(1, this.options.workers ?? 2)) await Promise.race(inFlight);
+      if (failure !== undefined) throw failure.err;
+    };
+    let batch: Array<{ hex: string; data: Buffer }> = [];
     let batchBytes = 0;
     let done = 0;
-    for (const [packId, chunks] of byPack) {
-      for await (const { hex, loc, blob } of readRuns(this.source, m, packId, chunks)) {
-        this.options.signal?.throwIfAborted();
-        const data = this.check(m, hex, loc, blob);
-        if (this.same) await this.writer.addEncoded(Buffer.from(hex, 'hex'), blob, loc.rawLength);
-        else {
-          batch.push({ hex, data });
-          batchBytes += data.length;
-          if (batchBytes >= BATCH_BYTES) {
-            await this.storeBatch(batch);
-            batchBytes = 0;
+    try {
+      for (const [packId, chunks] of byPack) {
+        for await (const { hex, loc, blob } of readRuns(this.source, m, packId, chunks)) {
+          this.options.signal?.throwIfAborted();
+          const data = this.check(m, hex, loc, blob);
+          if (this.same) await this.writer.addEncoded(Buffer.from(hex, 'hex'), blob, loc.rawLength);
+          else {
+            batch.push({ hex, data });
+            batchBytes += data.length;
+            if (batchBytes >= BATCH_BYTES) {
+              await send(batch);
+              batch = [];
+              batchBytes = 0;
+            }
           }
+          done += data.length;
+          this.options.onProgress?.({ phase: `copy ${m.domain}/${m.id}`, doneBytes: done, totalBytes: total });
         }
-        done += data.length;
-        this.options.onProgress?.({ phase: `copy ${m.domain}/${m.id}`, doneBytes: done, totalBytes: total });
       }
+      await send(batch);
+    } finally {
+      // Nothing may still be writing when the caller flushes the writer or closes the pool.
+      await Promise.all(inFlight);
     }
-    await this.storeBatch(batch);
+    if (failure !== undefined) throw failure.err;
   }
 
   private check(m: Manifest, hex: string, loc: ChunkLocation, blob: Buffer): Buffer {
@@ -356,7 +383,7 @@ class Copier {
     }
   }
 
-  /** Gives a batch of plaintexts their target ids and stores the new ones; empties the batch. */
+  /** Gives a batch of plaintexts their target ids and stores the new ones. */
   private async storeBatch(batch: Array<{ hex: string; data: Buffer }>): Promise<void> {
     if (batch.length === 0) return;
     const inline = batch.length < 16;
@@ -366,7 +393,6 @@ class Copier {
       assert(id !== undefined, 'the pool returns an id per chunk');
       this.ids.set(c.hex, id);
     }
-    batch.length = 0;
   }
 }
 
