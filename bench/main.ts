@@ -22,6 +22,7 @@ import { benchFull, type FullResults } from './full.js';
 import { benchIncremental, type IncrementalCase } from './incremental.js';
 import { loadAverage, machineInfo } from './machine.js';
 import { formatReport, printSummary, type BenchConfig, type BenchResults } from './report.js';
+import { keepS3Section } from './s3-doc.js';
 import { benchRepository, type RepoResults } from './repository.js';
 import { GiB, MiB, now } from './util.js';
 import { benchWrites, type WriteResults } from './writes.js';
@@ -95,7 +96,7 @@ async function main(): Promise<void> {
     const saved = JSON.parse(readFileSync(config.fromJson, 'utf8')) as BenchResults;
     printSummary(saved, log);
     if (config.doc !== undefined) {
-      writeFileSync(config.doc, formatReport(saved));
+      writeFileSync(config.doc, keepS3Section(config.doc, formatReport(saved)));
       log(`wrote ${config.doc}`);
     }
     return;
@@ -178,7 +179,7 @@ async function main(): Promise<void> {
       log(`wrote ${config.json}`);
     }
     if (config.doc !== undefined) {
-      writeFileSync(config.doc, formatReport(results));
+      writeFileSync(config.doc, keepS3Section(config.doc, formatReport(results)));
       log(`wrote ${config.doc}`);
     }
   } finally {

@@ -10,7 +10,7 @@ import type { CheckpointService } from '../checkpoint/service.js';
 import type { DomainService } from '../domain/service.js';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import type { Backend } from './backend/backend.js';
-import { openBackend, type BackendSettings } from './backend/open.js';
+import { isRemoteRepo, openBackend, type BackendSettings } from './backend/open.js';
 import { backupDomain, type Progress, type RepoBackupOptions } from './backup.js';
 import { copyBackups, type CopyOptions, type CopyReport } from './copy.js';
 import { collectGarbage, type GcReport } from './gc.js';
@@ -71,9 +71,11 @@ export class RepositoryService {
     readonly backendSettings: BackendSettings = {},
   ) {}
 
+  private readonly remote = new Map<string, Promise<Backend>>();
+
   /** Creates a repository (encrypted when a passphrase is given). */
   async init(access: RepoAccess & { chunkSize?: number }): Promise<{ id: string; encrypted: boolean; chunkSize: number }> {
-    const backend = await openBackend(access.repo, this.backendSettings);
+    const backend = await this.backendFor(access.repo);
     // A bucket is created by init only: a mistyped name on any other command is an error, not a new bucket.
     await backend.createContainer?.();
     const store = await Store.init(backend, { ...(access.password !== undefined ? { password: access.password } : {}), ...(access.chunkSize !== undefined ? { chunkSize: access.chunkSize } : {}) });
@@ -220,8 +222,24 @@ export class RepositoryService {
     await (await this.open(access)).removeKey(id, access.password ?? '');
   }
 
+  /**
+   * The backend of `repo`. Remote ones are kept for the life of the service:
+   * an S3 client holds a pool of connections that a long-running daemon
+   * should reuse, not open anew per request.
+   */
+  private async backendFor(repo: string): Promise<Backend> {
+    if (!isRemoteRepo(repo)) return openBackend(repo, this.backendSettings);
+    let backend = this.remote.get(repo);
+    if (backend === undefined) {
+      backend = openBackend(repo, this.backendSettings);
+      this.remote.set(repo, backend);
+      backend.catch(() => this.remote.delete(repo));
+    }
+    return backend;
+  }
+
   private async open(access: RepoAccess, createIfMissing = false): Promise<Store> {
-    const backend = await openBackend(access.repo, this.backendSettings);
+    const backend = await this.backendFor(access.repo);
     try {
       return await Store.open(backend, access.password !== undefined ? { password: access.password } : {});
     } catch (err) {

@@ -1,7 +1,8 @@
 // A real object store for the S3 tests: the single-node Ceph of
 // scripts/ceph.sh (radosgw on 127.0.0.1), started once per test file on
-// first use and stopped (by PID) when the file's tests end. When it cannot
-// start, the tests that need it fail: they are never skipped.
+// first use and stopped (by PID) by `stopCeph`, which each file registers as
+// a top-level `after` hook, and at the latest when the process exits. When
+// it cannot start, the tests that need it fail: they are never skipped.
 //
 // QBACKUP_TEST_CEPH_DIR may name the directory of a cluster already up
 // (scripts/ceph.sh up DIR); it is then used and left running.
@@ -11,7 +12,6 @@ import { randomBytes } from 'node:crypto';
 import { mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { after } from 'node:test';
 import { promisify } from 'node:util';
 import { S3Backend, type S3Settings } from '../../src/repository/backend/s3.js';
 import { repoRoot } from './env.js';
@@ -38,6 +38,13 @@ export interface Ceph {
 }
 
 let started: Promise<Ceph> | undefined;
+let stopper: (() => void) | undefined;
+
+/** Stops this file's cluster (if it started one); idempotent. */
+export function stopCeph(): void {
+  stopper?.();
+  started = undefined;
+}
 
 /** The cluster of this test file, started on first call. */
 export function ceph(): Promise<Ceph> {
@@ -49,15 +56,21 @@ async function bringUp(): Promise<Ceph> {
   const given = process.env['QBACKUP_TEST_CEPH_DIR'];
   const dir = given ?? join(mkdtempSync(join(tmpdir(), 'qb-ceph-')), 'cluster');
   if (given === undefined) {
-    const down = (): void => {
+    stopper = (): void => {
+      stopper = undefined;
       try {
         execFileSync(script, ['down', dir], { stdio: 'ignore' });
       } catch {
-        // best effort at exit
+        // best effort
       }
     };
-    after(down);
-    process.once('exit', down);
+    process.once('exit', () => stopper?.());
+    for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+      process.once(signal, () => {
+        stopper?.();
+        process.exit(1);
+      });
+    }
     try {
       await run(script, ['up', dir], { timeout: 120_000 });
     } catch (err) {

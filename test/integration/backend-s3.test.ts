@@ -3,11 +3,14 @@
 // buckets, prefixes, the endpoint going away, foreign objects).
 
 import assert from 'node:assert/strict';
-import { describe, it } from 'node:test';
+import { after, describe, it } from 'node:test';
 import { isQbackupError } from '../../src/errors.js';
 import { parseS3Url, S3Backend } from '../../src/repository/backend/s3.js';
+import { acquireLock, CLOCK_SKEW_MS, liveLocks } from '../../src/repository/locks.js';
 import { backendConformance } from '../helpers/backend-conformance.js';
-import { ceph } from '../helpers/ceph.js';
+import { ceph, stopCeph } from '../helpers/ceph.js';
+
+after(stopCeph);
 
 backendConformance('S3 (Ceph radosgw)', async () => (await ceph()).freshBackend());
 
@@ -84,9 +87,26 @@ describe('S3 backend on radosgw', () => {
     const b = await c.freshBackend();
     const raw = new S3Backend({ bucket: b.where.bucket, prefix: '', pathStyle: true }, c.settings);
     await raw.putIfAbsent('repo/data/ok', Buffer.from('1'));
-    // A key with a space cannot be one of ours; write it through the raw client's prefix trick.
+    // A segment starting with '.' cannot be one of our keys: write one through a backend whose prefix ends in it.
     const foreign = new S3Backend({ bucket: b.where.bucket, prefix: 'repo/data/.hidden-', pathStyle: true }, c.settings);
     await foreign.putIfAbsent('x', Buffer.from('2'));
     assert.deepEqual((await b.list('data/')).map((o) => o.key), ['data/ok']);
+  });
+
+  it('locks on the bucket: the expired lease of a dead host is taken over, a live one is honoured, renewals rotate', async () => {
+    const b = await (await ceph()).freshBackend();
+    const now = Date.now();
+    const lease = (domain: string, leaseMs: number): Buffer => Buffer.from(JSON.stringify({ kind: 'backup', domain, host: 'dead-host.invalid', boot: 'x', pid: 7, pidStart: '1', takenMs: now - 600_000, leaseMs }));
+    await b.putIfAbsent('locks/00000000000000d1', lease('web', now - CLOCK_SKEW_MS - 5_000));
+    await b.putIfAbsent('locks/00000000000000a1', lease('db', now + 60_000));
+    const web = await acquireLock(b, 'backup', 'web', { leaseMs: 4000 });
+    await assert.rejects(acquireLock(b, 'backup', 'db'), (err: unknown) => isQbackupError(err, 'REPO_LOCKED'));
+    const firstId = web.id;
+    await new Promise((r) => setTimeout(r, 1500)); // renewed every second (a quarter of the lease)
+    assert.notEqual(web.id, firstId, 'renewed');
+    await web.assertHeld();
+    const ids = (await liveLocks(b)).map((l) => l.id).sort();
+    assert.deepEqual(ids, ['00000000000000a1', web.id].sort(), 'the dead lease is gone, the renewed one and the live one stay');
+    await web.release();
   });
 });
