@@ -183,12 +183,12 @@ export class RepositoryService {
    * first use with the source's chunk size; an encrypted one must exist.
    */
   async copy(options: CopyOptions & { from: RepoAccess; to: RepoAccess }): Promise<CopyReport> {
-    const sourceBackend = await openBackend(options.from.repo, this.backendSettings);
+    const sourceBackend = await this.backendFor(options.from.repo);
     const source = await Store.open(sourceBackend, options.from.password !== undefined ? { password: options.from.password } : {}).catch((err: unknown) => {
       if (options.from.password !== undefined || !isQbackupError(err, 'WRONG_PASSWORD')) throw err;
       throw new QbackupError('WRONG_PASSWORD', `Cannot copy from repository "${sourceBackend.location}": it is encrypted and no passphrase was given for it`, { cause: err });
     });
-    const backend = await openBackend(options.to.repo, this.backendSettings);
+    const backend = await this.backendFor(options.to.repo);
     let target: Store | undefined;
     let targetCreated = false;
     try {
