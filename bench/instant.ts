@@ -12,6 +12,7 @@
 //
 // Options: --sizes-gib 1,8 (default), --reps N (default 3), --no-doc.
 
+import { withSection } from './doc-sections.js';
 import { spawn } from 'node:child_process';
 import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
@@ -24,8 +25,6 @@ import { fmtMs, GiB, MiB, now, sleep, summarize, type Summary } from './util.js'
 const here = dirname(fileURLToPath(import.meta.url));
 const root = resolve(here, '..', '..');
 const cli = join(root, 'bin', 'qbackup');
-export const INSTANT_BEGIN = '<!-- instant-restore:begin -->';
-export const INSTANT_END = '<!-- instant-restore:end -->';
 
 interface SizeResult {
   sizeBytes: number;
@@ -116,8 +115,7 @@ const fmt = (x: Summary): string => (x.n > 1 ? `${fmtMs(x.median)} (${fmtMs(x.mi
 
 function formatSection(results: readonly SizeResult[], meta: { startedAt: string; reps: number; loadStart: string; loadEnd: string; argv: string[] }): string {
   const rows = results.map((r) => `| ${r.sizeBytes / GiB} GiB (${(r.dataBytes / MiB).toFixed(0)} MiB data) | ${fmt(r.instantRunsMs)} | ${fmt(r.plainRunsMs)} | ${fmt(r.instantDoneMs)} | ${fmt(r.plainRestoreMs)} |`);
-  return `${INSTANT_BEGIN}
-## Instant restore
+  return `## 9. Instant restore
 
 Measured by \`npm run bench:instant${meta.argv.length > 0 ? ` -- ${meta.argv.join(' ')}` : ''}\` (\`bench/instant.ts\`) at ${meta.startedAt}, median (min–max) of ${meta.reps}
 repetitions; load average at start ${meta.loadStart}, at end ${meta.loadEnd}. The machine is
@@ -145,23 +143,7 @@ round trip to the server (which reads, checks and decompresses its chunks), whil
 restore keeps four runs of 64 chunks in flight. Holes cost nothing (they are zero clusters in
 the overlay before the start). The way to close that gap is \`blockdev-mirror\` (many requests
 in flight) into a new image and a pivot, which changes the disk's image under the domain.
-${INSTANT_END}
 `;
-}
-
-/** Puts the section into the doc, replacing an earlier one, else at the end. */
-export function spliceInstantSection(doc: string, section: string): string {
-  const a = doc.indexOf(INSTANT_BEGIN);
-  const b = doc.indexOf(INSTANT_END);
-  if (a >= 0 && b > a) return `${doc.slice(0, a)}${section.trimEnd()}${doc.slice(b + INSTANT_END.length)}`;
-  return `${doc.trimEnd()}\n\n${section}`;
-}
-
-/** The instant restore section of a doc, when it has one (the main bench keeps it). */
-export function instantSectionOf(doc: string): string | undefined {
-  const a = doc.indexOf(INSTANT_BEGIN);
-  const b = doc.indexOf(INSTANT_END);
-  return a >= 0 && b > a ? `${doc.slice(a, b + INSTANT_END.length)}\n` : undefined;
 }
 
 async function main(): Promise<void> {
@@ -190,7 +172,7 @@ async function main(): Promise<void> {
   log(section);
   const doc = join(root, 'docs', 'benchmarks.md');
   if (values['no-doc'] !== true && existsSync(doc)) {
-    writeFileSync(doc, spliceInstantSection(readFileSync(doc, 'utf8'), section));
+    writeFileSync(doc, withSection(readFileSync(doc, 'utf8'), 'instant-restore', section));
     log(`wrote ${doc}`);
   }
 }

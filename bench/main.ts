@@ -19,11 +19,10 @@ import { parseArgs } from 'node:util';
 import { benchControl, type ControlResults } from './control.js';
 import { BenchEnv, createRandomImage, halfDataLayout } from './env.js';
 import { benchFull, type FullResults } from './full.js';
-import { instantSectionOf } from './instant.js';
 import { benchIncremental, type IncrementalCase } from './incremental.js';
 import { loadAverage, machineInfo } from './machine.js';
 import { formatReport, printSummary, type BenchConfig, type BenchResults } from './report.js';
-import { keepS3Section } from './s3-doc.js';
+import { keepMarkedSections } from './doc-sections.js';
 import { benchRepository, type RepoResults } from './repository.js';
 import { GiB, MiB, now } from './util.js';
 import { benchWrites, type WriteResults } from './writes.js';
@@ -88,17 +87,6 @@ function parseOptions(argv: readonly string[]): Options {
   };
 }
 
-/** The report, followed by the instant restore section the doc already has (measured by bench/instant.ts). */
-function withInstantSection(doc: string, report: string): string {
-  let previous: string | undefined;
-  try {
-    previous = instantSectionOf(readFileSync(doc, 'utf8'));
-  } catch {
-    previous = undefined;
-  }
-  return previous === undefined ? report : `${report.trimEnd()}\n\n${previous}`;
-}
-
 async function main(): Promise<void> {
   const config = parseOptions(process.argv.slice(2));
   const log = (line: string): void => {
@@ -108,7 +96,7 @@ async function main(): Promise<void> {
     const saved = JSON.parse(readFileSync(config.fromJson, 'utf8')) as BenchResults;
     printSummary(saved, log);
     if (config.doc !== undefined) {
-      writeFileSync(config.doc, keepS3Section(config.doc, withInstantSection(config.doc, formatReport(saved))));
+      writeFileSync(config.doc, keepMarkedSections(config.doc, formatReport(saved)));
       log(`wrote ${config.doc}`);
     }
     return;
@@ -191,7 +179,7 @@ async function main(): Promise<void> {
       log(`wrote ${config.json}`);
     }
     if (config.doc !== undefined) {
-      writeFileSync(config.doc, keepS3Section(config.doc, withInstantSection(config.doc, formatReport(results))));
+      writeFileSync(config.doc, keepMarkedSections(config.doc, formatReport(results)));
       log(`wrote ${config.doc}`);
     }
   } finally {

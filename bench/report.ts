@@ -199,7 +199,7 @@ npm run bench -- --peers             # the run below: --size-gib 4 --reps 3, cha
 npm run bench                        # the same without virtnbdbackup and restic ("skipped: …" in §5)
 npm run bench -- --quick             # small and fast, for development
 npm run bench -- --size-gib 8 --reps 5 --only full,incremental --no-doc
-npm run bench:s3 -- --size-mib 1024 --reps 2   # §7: qbackup and restic into a local radosgw (scripts/ceph.sh)
+npm run bench:s3 -- --size-mib 1024 --reps 2   # §10: qbackup and restic into a local radosgw (scripts/ceph.sh)
 \`\`\`
 
 Options: \`--size-gib N\`, \`--reps N\`, \`--quick\`, \`--chain N\`,

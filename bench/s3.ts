@@ -22,7 +22,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { BenchEnv, CLUSTER_BYTES, createRandomImage, halfDataLayout, hmpWrite } from './env.js';
 import { loadAverage } from './machine.js';
-import { withS3Section } from './s3-doc.js';
+import { withSection } from './doc-sections.js';
 import { MiB, Prng, fmtRatio, mibPerSec, run, runWithCpu, summarize, timed } from './util.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -65,7 +65,7 @@ async function main(): Promise<void> {
   console.log(section);
   if (values['no-doc'] !== true) {
     const doc = values.doc ?? resolve(here, '..', '..', 'docs', 'benchmarks.md');
-    writeFileSync(doc, withS3Section(readFileSync(doc, 'utf8'), section));
+    writeFileSync(doc, withSection(readFileSync(doc, 'utf8'), 's3', section));
     console.log(`wrote the S3 section of ${doc}`);
   }
 }
@@ -161,7 +161,7 @@ function report(samples: readonly Row[][], info: RunInfo): string {
   const med = (f: (r: Row) => number, i: number): { median: number; min: number; max: number } => summarize(samples.map((rows) => f(rows[i] ?? (first[i] as Row))));
   const sec = (s: { median: number; min: number; max: number }): string => `${(s.median / 1000).toFixed(1)} s (${(s.min / 1000).toFixed(1)}–${(s.max / 1000).toFixed(1)})`;
   const lines: string[] = [];
-  lines.push('## 7. Repository on S3 (Ceph radosgw) against restic');
+  lines.push('## 10. Repository on S3 (Ceph radosgw) against restic');
   lines.push('');
   lines.push(`Measured by \`npm run bench:s3 -- --size-mib ${info.sizeBytes / MiB} --reps ${info.reps}\` (\`bench/s3.ts\`) at ${info.started.toISOString()}, ${info.minutes.toFixed(1)} minutes; load average (1, 5, 15 min) ${info.load}. Needs Debian's ceph-mon, ceph-osd, radosgw, ceph-common and restic (the bench installs nothing).`);
   lines.push('');

@@ -1,13 +1,15 @@
 // CLI commands for the backup repository: init, key, backup, backup-list,
-// restore, export, serve-backup, verify, prune, gc, stats. Passphrases come from
+// restore, export, serve-backup, verify, prune, gc, stats, copy. Passphrases come from
 // QBACKUP_PASSWORD or --password-file (never from the command line, where
-// other users could read them).
+// other users could read them); copy reads the source's from
+// QBACKUP_FROM_PASSWORD or --from-password-file and the target's as every
+// other command does (restic's RESTIC_FROM_PASSWORD convention).
 
 import { readFileSync } from 'node:fs';
 import { QbackupError } from '../errors.js';
 import type { Qbackup } from '../qbackup.js';
-import type { GcReport, InstantRestoreInfo, Manifest, PruneResult, RepoAccess, RepoStats, RetentionPolicy, ServeListen, VerifyReport } from '../repository/service.js';
-import { arg, defineCommand, flag, optionalArg, requiredValue, value, valueWithDefault, type CliCommand } from './command.js';
+import type { CopyReport, GcReport, InstantRestoreInfo, Manifest, PruneResult, RepoAccess, RepoStats, RetentionPolicy, ServeListen, VerifyReport } from '../repository/service.js';
+import { arg, defineCommand, flag, optionalArg, repeatable, requiredValue, value, valueWithDefault, type CliCommand } from './command.js';
 import { diskOption, hostPort, oneOf, pointInTime, positiveNumber, quiesceMode, quiesceOptions, repoOption } from './options.js';
 import { emit, table, type OutputOptions } from './output.js';
 import { progressReporter, withProgress } from './progress.js';
@@ -244,6 +246,30 @@ export const repositoryCommands: readonly CliCommand[] = [
   }),
 
   defineCommand({
+    name: 'copy',
+    description: 'copy backups (of a domain, or --backup ID) into another repository: only the chunks it lacks, re-encrypted when the keys differ; copying again copies nothing',
+    args: { domain: optionalArg('domain', 'only this domain\'s backups') },
+    options: {
+      from: requiredValue('--from <dir|s3://bucket/prefix>', 'the source repository'),
+      to: requiredValue('--to <dir|s3://bucket/prefix>', 'the target repository (an unencrypted one is created on first use; a bucket must exist)'),
+      fromPasswordFile: value('--from-password-file <file>', 'the source\'s passphrase (default: $QBACKUP_FROM_PASSWORD)'),
+      toPasswordFile: value('--to-password-file <file>', 'the target\'s passphrase (default: $QBACKUP_PASSWORD)'),
+      backup: repeatable('--backup <id>', 'only this backup; repeatable'),
+      dryRun: flag('--dry-run', 'show which backups would be copied, and copy nothing'),
+      workers: valueWithDefault('--workers <n>', 'threads that hash and compress when chunks are re-encrypted', '2'),
+    },
+    run: async ({ qb, out, args: { domain }, opts: o }) => {
+      const workers = Math.floor(positiveNumber('--workers', o.workers, 'threads'));
+      const from = repoAccess({ repo: o.from, passwordFile: o.fromPasswordFile }, 'QBACKUP_FROM_PASSWORD');
+      const to = repoAccess({ repo: o.to, passwordFile: o.toPasswordFile });
+      const r = await withProgress(out, (onProgress) =>
+        qb.repository.copy({ from, to, backups: o.backup, dryRun: o.dryRun, workers, onProgress, ...(domain !== undefined ? { domain } : {}) }),
+      );
+      emit(out, r, () => describeCopy(r));
+    },
+  }),
+
+  defineCommand({
     name: 'stats',
     description: 'sizes of a repository: logical, referenced, stored, and the dedup and compression ratios',
     options: { repo: repoOption(), passwordFile },
@@ -279,8 +305,8 @@ function serveListen(o: { socket?: string | undefined; tcp?: string | undefined;
 }
 
 /** The repository and its passphrase: --password-file, else $QBACKUP_PASSWORD, else none. */
-function repoAccess(o: { repo: string; passwordFile?: string | undefined }): RepoAccess {
-  const password = readPassword(o.passwordFile, 'QBACKUP_PASSWORD');
+function repoAccess(o: { repo: string; passwordFile?: string | undefined }, env = 'QBACKUP_PASSWORD'): RepoAccess {
+  const password = readPassword(o.passwordFile, env);
   return { repo: o.repo, ...(password !== undefined ? { password } : {}) };
 }
 
@@ -323,6 +349,22 @@ function describeBackup(m: Manifest): string {
         `  ${d.target}: ${d.level}, ${(d.bytesRead / MiB).toFixed(1)} MiB read, ${(d.bytesStored / MiB).toFixed(1)} MiB stored (${d.newChunks} new of ${d.chunks} chunks)${d.fullReason !== null ? ` (full: ${d.fullReason})` : ''}`,
     ),
   ].join('\n');
+}
+
+function describeCopy(r: CopyReport): string {
+  const lines = r.skipped.map((b) => `skip ${b.domain}/${b.id}: ${b.reason}`);
+  if (r.dryRun) {
+    lines.push(...r.copied.map((b) => `would copy ${b.domain}/${b.id}`));
+    if (r.targetCreated) lines.push(`would create repository ${r.to}`);
+    return lines.join('\n') || 'Nothing to copy';
+  }
+  if (r.copied.length === 0) return [...lines, `Nothing to copy: ${r.skipped.length} backup(s) already in ${r.to}`].join('\n');
+  lines.push(...r.copied.map((b) => `copied ${b.domain}/${b.id}`));
+  lines.push(
+    `Copied ${r.copied.length} backup(s) from ${r.from} to ${r.to}${r.targetCreated ? ' (created)' : ''}${r.reencrypted ? ', re-encrypted' : ''}: ` +
+      `${r.chunksRead} chunk(s) read and checked (${(r.bytesRead / MiB).toFixed(1)} MiB), ${r.chunksStored} stored (${(r.bytesStored / MiB).toFixed(1)} MiB), ${r.indexesWritten} index(es) written`,
+  );
+  return lines.join('\n');
 }
 
 function describeVerify(r: VerifyReport): string {

@@ -74,14 +74,16 @@ export const serviceCommands: readonly CliCommand[] = [
 
   defineCommand({
     name: 'schedule',
-    description: 'manage schedules the daemon runs: add DOMAIN --when W --repo DIR [--keep-…] (a backup with retention), add [DOMAIN] --run verify|gc --when W --repo DIR, list, remove ID',
+    description: 'manage schedules the daemon runs: add DOMAIN --when W --repo DIR [--keep-…] (a backup with retention), add [DOMAIN] --run verify|gc --when W --repo DIR, add [DOMAIN] --run copy --when W --repo DIR --to DIR, list, remove ID',
     args: { action: arg('action', 'add, list or remove'), target: optionalArg('target', 'the domain (add) or the schedule id (remove)') },
     options: {
-      run: valueWithDefault('--run <what>', 'backup, verify or gc', 'backup'),
+      run: valueWithDefault('--run <what>', 'backup, verify, gc or copy', 'backup'),
       readDataSubset: value('--read-data-subset <percent>', 'verify: also read back this share of the chunks (e.g. 10%)'),
       when: value('--when <schedule>', 'cron pattern ("0 2 * * *") or "daily 02:00", "weekly sun 03:00", "hourly :15"'),
       repo: value('--repo <dir|s3://bucket/prefix>', 'repository directory or s3:// bucket'),
       passwordFile: value('--password-file <file>', 'passphrase file of an encrypted repository (read at each run)'),
+      to: value('--to <dir|s3://bucket/prefix>', 'copy: the target repository (--repo is the source)'),
+      toPasswordFile: value('--to-password-file <file>', 'copy: passphrase file of an encrypted target'),
       full: flag('--full', 'every run a full backup'),
       keepLast: value('--keep-last <n>', 'after each backup keep the n newest'),
       keepHourly: value('--keep-hourly <n>', 'and the newest of each of the last n hours'),
@@ -104,7 +106,7 @@ export const serviceCommands: readonly CliCommand[] = [
         emit(out, { id: args.target, removed: true }, () => `Removed schedule ${args.target ?? ''}`);
         return;
       }
-      const what = oneOf('--run', o.run, ['backup', 'verify', 'gc']);
+      const what = oneOf('--run', o.run, ['backup', 'verify', 'gc', 'copy']);
       if (o.when === undefined || o.repo === undefined) throw new QbackupError('INVALID_ARGUMENT', 'schedule add needs --when and --repo');
       const retention: RetentionPolicy = {};
       for (const rule of RULES) {
@@ -116,22 +118,29 @@ export const serviceCommands: readonly CliCommand[] = [
         action: what,
         ...(args.target !== undefined ? { domain: args.target } : {}),
         when: o.when,
-        repo: isRemoteRepo(o.repo) ? o.repo : resolve(o.repo),
+        repo: repoLocation(o.repo),
         ...(o.passwordFile !== undefined ? { passwordFile: resolve(o.passwordFile) } : {}),
+        ...(o.to !== undefined ? { to: repoLocation(o.to) } : {}),
+        ...(o.toPasswordFile !== undefined ? { toPasswordFile: resolve(o.toPasswordFile) } : {}),
         ...(o.full ? { full: true } : {}),
         ...(Object.keys(retention).length > 0 ? { retention } : {}),
         ...(percent !== undefined ? { readDataPercent: percent } : {}),
       });
       const subject = s.action === 'backup' ? `back up ${s.domain ?? ''}` : `${s.action ?? ''}${s.domain !== undefined ? ` ${s.domain}` : ''}`;
-      emit(out, s, () => `Added schedule ${s.id}: ${subject} ${s.when} (cron "${s.cron}") in ${s.repo}; next run ${s.nextRunMs !== null ? new Date(s.nextRunMs).toISOString() : 'never'}`);
+      emit(out, s, () => `Added schedule ${s.id}: ${subject} ${s.when} (cron "${s.cron}") in ${s.repo}${s.to !== undefined ? ` to ${s.to}` : ''}; next run ${s.nextRunMs !== null ? new Date(s.nextRunMs).toISOString() : 'never'}`);
     },
   }),
 ];
 
+/** A local directory made absolute; an s3:// URL as given. */
+function repoLocation(repo: string): string {
+  return isRemoteRepo(repo) ? repo : resolve(repo);
+}
+
 function scheduleTable(list: readonly ScheduleInfo[]): string {
   return table(
     ['Id', 'Action', 'Domain', 'When', 'Repository', 'Retention', 'Next run'],
-    list.map((s) => [s.id, s.action ?? 'backup', s.domain ?? '-', s.when, s.repo, Object.entries(s.retention ?? {}).map(([k, v]) => `${k}=${String(v)}`).join(' ') || '-', s.nextRunMs !== null ? new Date(s.nextRunMs).toISOString() : '-']),
+    list.map((s) => [s.id, s.action ?? 'backup', s.domain ?? '-', s.when, s.to !== undefined ? `${s.repo} -> ${s.to}` : s.repo, Object.entries(s.retention ?? {}).map(([k, v]) => `${k}=${String(v)}`).join(' ') || '-', s.nextRunMs !== null ? new Date(s.nextRunMs).toISOString() : '-']),
   );
 }
 

@@ -206,7 +206,7 @@ async function renderTasks() {
 async function renderSchedules() {
   const list = await api("GET", "/api/schedules");
   $("schedules").tBodies[0].innerHTML = list.map((s) =>
-    "<tr><td>" + esc(s.id) + "</td><td>" + esc(s.domain) + "</td><td>" + esc(s.when) + "</td><td>" + esc(s.repo) + "</td><td>" + esc(JSON.stringify(s.retention || {})) + "</td><td>" + esc(time(s.nextRunMs)) + "</td></tr>").join("");
+    "<tr><td>" + esc(s.id) + "</td><td>" + esc(s.domain) + "</td><td>" + esc(s.when) + "</td><td>" + esc(s.to ? s.repo + " → " + s.to + " (copy)" : s.repo) + "</td><td>" + esc(JSON.stringify(s.retention || {})) + "</td><td>" + esc(time(s.nextRunMs)) + "</td></tr>").join("");
 }
 
 let refreshing = false;

@@ -1,7 +1,8 @@
 // Repository endpoints. Long operations (backup, restore, export, verify,
-// prune, gc) answer 202 with a task at once; listing and stats answer
+// prune, gc, copy) answer 202 with a task at once; listing and stats answer
 // directly. The passphrase of an encrypted repository travels in the
-// X-Repository-Password header (never in a URL, never stored in a task).
+// X-Repository-Password header (never in a URL, never stored in a task); a
+// copy's source passphrase in X-Source-Repository-Password.
 
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { QbackupError } from '../errors.js';
@@ -15,8 +16,8 @@ const repo = str({ minLength: 1 });
 const retention = object({ keepLast: int(1), keepHourly: int(1), keepDaily: int(1), keepWeekly: int(1), keepMonthly: int(1), keepYearly: int(1) });
 const format = { type: 'string', enum: ['qcow2', 'raw'] } as const;
 
-function access(request: FastifyRequest, repoPath: string): RepoAccess {
-  const header = request.headers['x-repository-password'];
+function access(request: FastifyRequest, repoPath: string, headerName = 'x-repository-password'): RepoAccess {
+  const header = request.headers[headerName];
   const password = Array.isArray(header) ? header[0] : header;
   return { repo: repoPath, ...(password !== undefined && password !== '' ? { password } : {}) };
 }
@@ -32,6 +33,7 @@ interface RestoreBody { domain: string; repo: string; backup?: string; until?: s
 interface ExportBody { domain: string; repo: string; disk: string; file: string; backup?: string; format?: 'qcow2' | 'raw' }
 interface VerifyBody { repo: string; domain?: string; backup?: string; readData?: boolean; readDataPercent?: number }
 interface InstantBody { domain: string; repo: string; backup?: string; until?: string; as?: string; to?: string; speedBytesPerSec?: number }
+interface CopyBody { from: string; to: string; domain?: string; backups?: string[]; dryRun?: boolean }
 interface PruneBody extends RetentionPolicy { domain: string; repo: string; dryRun?: boolean }
 
 export function repositoryRoutes(app: FastifyInstance, service: QbackupService): void {
@@ -107,6 +109,7 @@ function longRepositoryRoutes(app: FastifyInstance, service: QbackupService): vo
       return tasks.submit({ kind: 'repository.prune', domain, requestedBy: who, run: () => qb.repository.prune(domain, { ...repoAccess, ...policy }) });
     },
   });
+  copyRoute(app, service);
   addRoute<unknown, unknown, { repo: string }>(app, service, {
     method: 'POST', url: '/api/repository/gc', tag, status: 202, summary: 'Remove data no backup references (safe while backups run); returns a task',
     body: object({ repo }, ['repo']),
@@ -149,5 +152,22 @@ function instantRestoreRoutes(app: FastifyInstance, service: QbackupService): vo
       if (info === undefined) throw new QbackupError('JOB_NOT_FOUND', completed ? `Domain "${p.domain}" has no finished instant restore` : `Domain "${p.domain}" has no instant restore moving data`);
       return info;
     },
+  });
+}
+
+function copyRoute(app: FastifyInstance, service: QbackupService): void {
+  addRoute<unknown, unknown, CopyBody>(app, service, {
+    method: 'POST', url: '/api/repository/copy', tag, status: 202,
+    summary: 'Copy backups (of a domain, or the ids in backups) from one repository into another: only the chunks the target lacks, re-encrypted when the keys differ (source passphrase in X-Source-Repository-Password, target\'s in X-Repository-Password); returns a task',
+    body: object({ from: repo, to: repo, domain: str({ maxLength: 256 }), backups: strings, dryRun: bool }, ['from', 'to']),
+    handler: ({ body: b, request, who }) =>
+      service.copy({
+        from: access(request, b.from, 'x-source-repository-password'),
+        to: access(request, b.to),
+        ...(b.domain !== undefined ? { domain: b.domain } : {}),
+        ...(b.backups !== undefined ? { backups: b.backups } : {}),
+        ...(b.dryRun !== undefined ? { dryRun: b.dryRun } : {}),
+        requestedBy: who,
+      }),
   });
 }

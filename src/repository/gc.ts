@@ -30,13 +30,16 @@
 //    pack's index and the pack are deleted.
 // 6. Before marking, manifest generations a newer one replaced (left by an
 //    interrupted prune, fold.ts) are deleted: readers use only the newest.
-// Only one gc runs at a time, and never beside a prune (locks.ts).
+// Only one gc runs at a time, and never beside a prune (locks.ts). A copy
+// reading the repository (a `copy` lock, copy.ts) is a reader like a served
+// backup: it counts as a running backup in step 2, and step 5 waits for a
+// later gc while a reader holds a lock.
 
 import { QbackupError } from '../errors.js';
 import type { Backend } from './backend/backend.js';
 import { ZERO_ID } from './chunk.js';
 import { indexKey, INDEX_ID, type DiskIndex } from './disk-index.js';
-import { acquireLock, CLOCK_SKEW_MS, liveLocks } from './locks.js';
+import { acquireLock, CLOCK_SKEW_MS, isReader, liveLocks } from './locks.js';
 import { PACK_ID, PackBuilder, PACK_TARGET_BYTES, packIndexKey, packKey, type PackEntry } from './pack.js';
 import type { Store } from './store.js';
 
@@ -68,8 +71,9 @@ export async function condemnedPacks(backend: Backend): Promise<Set<string>> {
 export async function collectGarbage(store: Store): Promise<GcReport> {
   const backend = store.backend;
   await using _lock = await acquireLock(backend, 'gc', null);
-  // A served backup counts as running: its manifest may be pruned while a client reads its chunks.
-  const backups = (await liveLocks(backend)).filter((l) => l.info.kind === 'backup' || l.info.kind === 'serve');
+  // A reader (a served backup, a copy) counts as running: what it reads stays until it ends.
+  const backups = (await liveLocks(backend)).filter((l) => l.info.kind === 'backup' || isReader(l.info.kind));
+  const reading = backups.some((l) => isReader(l.info.kind));
   const oldestBackupMs = Math.min(...backups.map((l) => l.info.takenMs));
   const report: GcReport = { packsDeleted: 0, packsRepacked: 0, indexesDeleted: 0, bytesFreed: 0, condemned: 0, temporaryRemoved: 0 };
   await store.dropSupersededManifests();
@@ -100,9 +104,8 @@ export async function collectGarbage(store: Store): Promise<GcReport> {
   // small chunks its header alone can outweigh them), and unencrypted its new
   // bytes, hence its id, would be the old ones.
   const hasDead = (p: PackUsage): boolean => p.entries.some((e) => !liveChunks.has(e.id.toString('hex')));
-  // Repacking drops dead chunks at once, so it waits while a backup is served (its chunks may be dead by now).
-  const serving = backups.some((l) => l.info.kind === 'serve');
-  for (const p of packs.filter((x) => !serving && x.liveBytes > 0 && x.liveBytes * 2 < x.size && hasDead(x))) {
+  // Repacking drops dead chunks at once, so it waits while a reader holds a lock (what it reads may be dead by now).
+  for (const p of packs.filter((x) => !reading && x.liveBytes > 0 && x.liveBytes * 2 < x.size && hasDead(x))) {
     report.bytesFreed += await repack(store, p, liveChunks);
     report.packsRepacked++;
   }

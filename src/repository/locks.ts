@@ -1,6 +1,6 @@
-// Who is using a repository: one small lease object per backup, prune or gc
-// in locks/. A lease names its holder (host, boot id, pid and the pid's start
-// time), when the lock was first taken (`takenMs`) and until when it holds
+// Who is using a repository: one small lease object per backup, prune, copy
+// or gc in locks/. A lease names its holder (host, boot id, pid and the
+// pid's start time), when the lock was first taken (`takenMs`) and until when it holds
 // (`leaseMs`). The holder renews it every quarter of the lease by writing a
 // new lease object (new id, same `takenMs`, later `leaseMs`) and deleting
 // the old one: objects are never rewritten in place, which object storage
@@ -20,9 +20,10 @@
 // Rules: at most one backup per domain at a time; at most one gc at a time;
 // at most one prune per domain, and never a prune and a gc at once (a prune
 // writes folded indexes that gc would take for garbage until their manifest
-// lands); any number of `serve` locks (a backup served over NBD, serve.ts).
-// gc never deletes what a running backup or a served backup may still
-// reference (gc.ts).
+// lands). Readers conflict with nothing: a `serve` lock (a backup served over
+// NBD, serve.ts) and a `copy` lock (a repository read by a copy into another,
+// copy.ts). gc never deletes what a running backup or a reader may still
+// reference, and repacks nothing while a reader holds a lock (gc.ts).
 
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
@@ -31,7 +32,12 @@ import { QbackupError, describeError } from '../errors.js';
 import { isProcessAlive, processStartTime } from '../util/proc.js';
 import type { Backend } from './backend/backend.js';
 
-export type LockKind = 'backup' | 'prune' | 'gc' | 'serve';
+export type LockKind = 'backup' | 'prune' | 'gc' | 'serve' | 'copy';
+
+/** Locks of processes that only read the repository's data. */
+export function isReader(kind: LockKind): boolean {
+  return kind === 'serve' || kind === 'copy';
+}
 
 export interface LockInfo {
   kind: LockKind;
@@ -193,7 +199,7 @@ function sameHolder(a: LockInfo, b: LockInfo): boolean {
 }
 
 function conflicts(kind: LockKind, domain: string | null, other: LockInfo): boolean {
-  if (kind === 'serve' || other.kind === 'serve') return false;
+  if (isReader(kind) || isReader(other.kind)) return false;
   if (kind === 'gc') return other.kind === 'gc' || other.kind === 'prune';
   if (kind === 'prune' && other.kind === 'gc') return true;
   return other.kind === kind && other.domain === domain;

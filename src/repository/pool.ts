@@ -60,6 +60,7 @@ export class ChunkPool {
       worker.on('error', (err) => {
         for (const w of slot.waiters.values()) w({ op: 'error', seq: -1, message: err.message });
         slot.waiters.clear();
+        worker.unref();
       });
       worker.unref();
       this.slots.push(slot);
@@ -129,7 +130,11 @@ export class ChunkPool {
 
   private ask(slot: Slot, msg: WorkerRequest, transfer: ArrayBuffer[] = []): Promise<WorkerReply> {
     return new Promise((resolve, reject) => {
+      // An idle worker does not keep the process alive; one with a request out must
+      // (a caller with nothing else pending, such as a copy, would otherwise exit mid-way).
+      slot.worker.ref();
       slot.waiters.set(msg.seq, (reply) => {
+        if (slot.waiters.size === 0) slot.worker.unref();
         if (reply.op === 'error') reject(new QbackupError('BACKUP_FAILED', `A chunk worker failed: ${reply.message}`));
         else resolve(reply);
       });

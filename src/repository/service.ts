@@ -8,10 +8,11 @@ import { resolve } from 'node:path';
 import type { BackupService } from '../backup/service.js';
 import type { CheckpointService } from '../checkpoint/service.js';
 import type { DomainService } from '../domain/service.js';
-import { QbackupError, describeError } from '../errors.js';
+import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import type { Backend } from './backend/backend.js';
 import { isRemoteRepo, openBackend, type BackendSettings } from './backend/open.js';
 import { backupDomain, type Progress, type RepoBackupOptions } from './backup.js';
+import { copyBackups, type CopyOptions, type CopyReport } from './copy.js';
 import { collectGarbage, type GcReport } from './gc.js';
 import type { Manifest } from './manifest.js';
 import { pruneStore, type PrunePlan, type RetentionPolicy } from './prune.js';
@@ -23,6 +24,7 @@ import { Store } from './store.js';
 import { verifyStore, type VerifyOptions, type VerifyReport } from './verify.js';
 
 export type { Progress, RepoBackupOptions } from './backup.js';
+export type { CopyReport, CopySelection } from './copy.js';
 export type { GcReport } from './gc.js';
 export type { InstantDiskInfo, InstantRestoreInfo, InstantRestoreOptions } from './instant.js';
 export type { Manifest, ManifestDisk } from './manifest.js';
@@ -210,6 +212,31 @@ export class RepositoryService {
     return result;
   }
 
+  /**
+   * Copies backups from one repository into another (docs/design.md,
+   * "Copying between repositories"). An unencrypted target is created on
+   * first use with the source's chunk size; an encrypted one must exist.
+   */
+  async copy(options: CopyOptions & { from: RepoAccess; to: RepoAccess }): Promise<CopyReport> {
+    const sourceBackend = await this.backendFor(options.from.repo);
+    const source = await Store.open(sourceBackend, options.from.password !== undefined ? { password: options.from.password } : {}).catch((err: unknown) => {
+      if (options.from.password !== undefined || !isQbackupError(err, 'WRONG_PASSWORD')) throw err;
+      throw new QbackupError('WRONG_PASSWORD', `Cannot copy from repository "${sourceBackend.location}": it is encrypted and no passphrase was given for it`, { cause: err });
+    });
+    const backend = await this.backendFor(options.to.repo);
+    let target: Store | undefined;
+    let targetCreated = false;
+    try {
+      target = await Store.open(backend, options.to.password !== undefined ? { password: options.to.password } : {});
+    } catch (err) {
+      if (options.to.password !== undefined || !isMissingRepository(err)) throw err;
+      targetCreated = true;
+      // A dry run creates nothing: the plan is made against an empty target.
+      if (options.dryRun !== true) target = await Store.init(backend, { chunkSize: source.config.chunkSize });
+    }
+    return copyBackups(source, target, { ...options, targetCreated });
+  }
+
   async gc(access: RepoAccess): Promise<GcReport> {
     return collectGarbage(await this.open(access));
   }
@@ -251,10 +278,14 @@ export class RepositoryService {
     try {
       return await Store.open(backend, access.password !== undefined ? { password: access.password } : {});
     } catch (err) {
-      if (!createIfMissing || access.password !== undefined || !(err instanceof QbackupError) || !/not a qbackup repository/.test(err.message)) throw err;
+      if (!createIfMissing || access.password !== undefined || !isMissingRepository(err)) throw err;
       return Store.init(backend);
     }
   }
+}
+
+function isMissingRepository(err: unknown): boolean {
+  return err instanceof QbackupError && err.code === 'REPO_INVALID' && /not a qbackup repository/.test(err.message);
 }
 
 function retentionOf(options: RetentionPolicy): RetentionPolicy {

@@ -1,7 +1,8 @@
 // Schedules: per domain, when to back up (a cron pattern, or "daily
 // 02:00", "weekly sun 03:00", "hourly :15"), into which repository, and
 // which backups to keep afterwards (retention); and per repository, when to
-// verify it or collect its garbage. The Scheduler decides
+// verify it, collect its garbage or copy its backups into another
+// repository. The Scheduler decides
 // which schedules are due; it takes its clock as a parameter (tests move
 // time for the scheduler only) and hands due runs to a callback (the
 // daemon turns them into tasks).
@@ -20,18 +21,23 @@ import { QbackupError, describeError } from '../errors.js';
 import type { RetentionPolicy } from '../repository/service.js';
 import type { ScheduleRow, ScheduleStore } from '../store/schedules.js';
 
-export type ScheduleAction = 'backup' | 'verify' | 'gc';
+export type ScheduleAction = 'backup' | 'verify' | 'gc' | 'copy';
 
 export interface ScheduleSpec {
   /** What runs (default backup). */
   action?: ScheduleAction;
-  /** The domain to back up (backup: required; verify: only its backups; gc: none). */
+  /** The domain to back up (backup: required; verify, copy: only its backups; gc: none). */
   domain?: string;
   /** Cron pattern (5 fields, local time) or "daily HH:MM", "weekly DAY HH:MM", "hourly :MM". */
   when: string;
+  /** The repository (copy: the source). */
   repo: string;
   /** A file holding the passphrase of an encrypted repository (read at each run). */
   passwordFile?: string;
+  /** Copy: the target repository (an unencrypted one is created on first use). */
+  to?: string;
+  /** Copy: a file holding the target's passphrase. */
+  toPasswordFile?: string;
   /** Applied after each successful backup; empty: keep everything. */
   retention?: RetentionPolicy;
   /** Every run a full backup. */
@@ -107,7 +113,14 @@ const RETENTION_KEYS = ['keepLast', 'keepHourly', 'keepDaily', 'keepWeekly', 'ke
 
 function checkSpec(spec: ScheduleSpec): void {
   const action = spec.action ?? 'backup';
-  if (!['backup', 'verify', 'gc'].includes(action)) throw new QbackupError('INVALID_ARGUMENT', `Invalid schedule action "${action}": expected backup, verify or gc`);
+  if (!['backup', 'verify', 'gc', 'copy'].includes(action)) throw new QbackupError('INVALID_ARGUMENT', `Invalid schedule action "${action}": expected backup, verify, gc or copy`);
+  if (action === 'copy' && spec.to === undefined) throw new QbackupError('INVALID_ARGUMENT', 'A copy schedule needs a target repository (to)');
+  if (action !== 'copy' && (spec.to !== undefined || spec.toPasswordFile !== undefined)) throw new QbackupError('INVALID_ARGUMENT', `A target repository belongs to copy schedules, not to a ${action} schedule`);
+  if (spec.to !== undefined && !isRepoLocation(spec.to)) throw new QbackupError('INVALID_ARGUMENT', `Invalid schedule target repository "${spec.to}": give an absolute path or an s3:// URL`);
+  if (spec.toPasswordFile !== undefined && !spec.toPasswordFile.startsWith('/')) {
+    throw new QbackupError('INVALID_ARGUMENT', `Invalid schedule target passphrase file "${spec.toPasswordFile}": give an absolute path`);
+  }
+  if (spec.to !== undefined && spec.to === spec.repo) throw new QbackupError('INVALID_ARGUMENT', `A copy schedule cannot copy repository "${spec.repo}" into itself`);
   if (spec.domain !== undefined) assertDomainName(spec.domain);
   if (action === 'backup' && spec.domain === undefined) throw new QbackupError('INVALID_ARGUMENT', 'A backup schedule needs a domain');
   if (action === 'gc' && spec.domain !== undefined) throw new QbackupError('INVALID_ARGUMENT', `A gc schedule works on the whole repository, not on domain "${spec.domain}"`);
@@ -116,7 +129,7 @@ function checkSpec(spec: ScheduleSpec): void {
   if (spec.readDataPercent !== undefined && !(spec.readDataPercent > 0 && spec.readDataPercent <= 100)) {
     throw new QbackupError('INVALID_ARGUMENT', `Invalid readDataPercent ${spec.readDataPercent}: expected more than 0 and at most 100`);
   }
-  if (spec.repo === '' || !spec.repo.startsWith('/')) throw new QbackupError('INVALID_ARGUMENT', `Invalid schedule repository "${spec.repo}": give an absolute path`);
+  if (!isRepoLocation(spec.repo)) throw new QbackupError('INVALID_ARGUMENT', `Invalid schedule repository "${spec.repo}": give an absolute path or an s3:// URL`);
   if (spec.passwordFile !== undefined && !spec.passwordFile.startsWith('/')) {
     throw new QbackupError('INVALID_ARGUMENT', `Invalid schedule passphrase file "${spec.passwordFile}": give an absolute path`);
   }
@@ -124,6 +137,11 @@ function checkSpec(spec: ScheduleSpec): void {
     const v = spec.retention?.[key];
     if (v !== undefined && (!Number.isInteger(v) || v < 1)) throw new QbackupError('INVALID_ARGUMENT', `Invalid retention ${key} ${v}: expected a whole number above zero`);
   }
+}
+
+/** A schedule names a repository that means the same whatever the daemon's working directory. */
+function isRepoLocation(repo: string): boolean {
+  return repo.startsWith('/') || /^s3:\/\/[^/]/.test(repo);
 }
 
 export class Schedules {

@@ -22,6 +22,16 @@ export interface ServiceOptions extends TaskManagerOptions {
 }
 
 export const BACKUP_TASK = 'repository.backup';
+export const COPY_TASK = 'repository.copy';
+
+export interface CopyRequest {
+  from: RepoAccess;
+  to: RepoAccess;
+  domain?: string;
+  backups?: string[];
+  dryRun?: boolean;
+  requestedBy?: string;
+}
 
 export interface BackupRequest extends RepoAccess {
   domain: string;
@@ -121,7 +131,27 @@ export class QbackupService {
     return { manifest, prune };
   }
 
+  /** Queues a copy of backups into another repository; the task's result is the copy's report. */
+  copy(request: CopyRequest): TaskInfo {
+    const { requestedBy, ...options } = request;
+    return this.tasks.submit({
+      kind: COPY_TASK,
+      // One task per domain at a time: the copy holds the target's backup lock of the domain.
+      ...(request.domain !== undefined ? { domain: request.domain } : {}),
+      ...(requestedBy !== undefined ? { requestedBy } : {}),
+      cancellable: true,
+      run: async (ctx) => {
+        ctx.log(`copying ${request.domain !== undefined ? `the backups of domain "${request.domain}"` : 'backups'} from ${request.from.repo} to ${request.to.repo}`);
+        const r = await this.qb.repository.copy({ ...options, onProgress: (p) => ctx.progress(p), signal: ctx.signal });
+        for (const b of r.copied) ctx.log(`${r.dryRun ? 'would copy' : 'copied'} ${b.domain}/${b.id}`);
+        ctx.log(`${r.copied.length} copied, ${r.skipped.length} already there; ${r.chunksRead} chunks read and checked, ${r.chunksStored} stored (${r.bytesStored} bytes)`);
+        return r;
+      },
+    });
+  }
+
   private scheduleBusy(s: ScheduleInfo): boolean {
+    if (s.action === 'copy') return this.tasks.active({ kind: COPY_TASK }).length > 0;
     if (s.action === 'verify' || s.action === 'gc') return this.tasks.active({ kind: `repository.${s.action}` }).length > 0;
     return s.domain !== undefined && this.backupUnderWay(s.domain);
   }
@@ -132,6 +162,12 @@ export class QbackupService {
     const requestedBy = `schedule ${s.id}`;
     if (s.action === 'verify') {
       this.verify({ ...access, ...(s.domain !== undefined ? { domain: s.domain } : {}), ...(s.readDataPercent !== undefined ? { readDataPercent: s.readDataPercent } : {}), requestedBy });
+      return;
+    }
+    if (s.action === 'copy') {
+      const toPassword = s.toPasswordFile !== undefined ? readPasswordFile(s.toPasswordFile) : undefined;
+      const to: RepoAccess = { repo: s.to ?? '', ...(toPassword !== undefined ? { password: toPassword } : {}) };
+      this.copy({ from: access, to, ...(s.domain !== undefined ? { domain: s.domain } : {}), requestedBy });
       return;
     }
     if (s.action === 'gc') {

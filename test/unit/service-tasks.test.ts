@@ -127,6 +127,13 @@ describe('schedules', () => {
     assert.throws(() => schedules.add({ action: 'gc', domain: 'vm1', when: 'hourly', repo: '/r' }), /whole repository/);
     assert.throws(() => schedules.add({ action: 'verify', when: 'hourly', repo: '/r', retention: { keepLast: 1 } }), /belong to backup schedules/);
     assert.equal(schedules.add({ action: 'gc', when: 'weekly sun 04:00', repo: '/r' }).cron, '0 4 * * 0');
+    // copy: a target is required, belongs to copy only, and is absolute or s3://
+    assert.throws(() => schedules.add({ action: 'copy', when: 'hourly', repo: '/r' }), /A copy schedule needs a target repository/);
+    assert.throws(() => schedules.add({ action: 'backup', domain: 'vm1', when: 'hourly', repo: '/r', to: '/t' }), /belongs to copy schedules/);
+    assert.throws(() => schedules.add({ action: 'copy', when: 'hourly', repo: '/r', to: 'rel' }), /target repository "rel": give an absolute path or an s3:\/\/ URL/);
+    assert.throws(() => schedules.add({ action: 'copy', when: 'hourly', repo: '/r', to: '/r' }), /into itself/);
+    const copy = schedules.add({ action: 'copy', domain: 'vm1', when: 'daily 03:00', repo: '/r', to: 's3://bucket/copies', toPasswordFile: '/pw' });
+    assert.deepEqual([copy.action, copy.domain, copy.to, copy.toPasswordFile], ['copy', 'vm1', 's3://bucket/copies', '/pw']);
   });
 });
 
