@@ -23,7 +23,8 @@
 // lands). Readers conflict with nothing: a `serve` lock (a backup served over
 // NBD, serve.ts) and a `copy` lock (a repository read by a copy into another,
 // copy.ts). gc never deletes what a running backup or a reader may still
-// reference, and repacks nothing while a reader holds a lock (gc.ts).
+// reference, and repacks nothing while a reader holds a lock (gc.ts). A
+// backup or reader that begins while a gc runs waits for it to end.
 
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
@@ -62,6 +63,10 @@ const LOCK_ID = /^[0-9a-f]{16}$/;
 export interface LockOptions {
   /** Lease length (tests shorten it). Default LEASE_MS. */
   leaseMs?: number;
+  /** How often a backup or reader looks again while a gc runs. Default 1 s. */
+  gcPollMs?: number;
+  /** Told once when a backup or reader waits for a running gc. */
+  onWait?: (why: string) => void;
 }
 
 export interface HeldLock extends AsyncDisposable {
@@ -105,7 +110,35 @@ export async function acquireLock(backend: Backend, kind: LockKind, domain: stri
     const what = conflict.info.kind === 'gc' ? 'a gc' : `a ${conflict.info.kind} of domain "${conflict.info.domain ?? ''}"`;
     throw new QbackupError('REPO_LOCKED', `Repository "${backend.location}" is in use: ${what} runs (process ${conflict.info.pid} on ${conflict.info.host})`);
   }
-  return new Lease(backend, first, info, leaseLengthMs);
+  const lease = new Lease(backend, first, info, leaseLengthMs);
+  if (kind !== 'gc' && kind !== 'prune') {
+    try {
+      await waitWhileGcRuns(backend, options);
+    } catch (err) {
+      await lease.release();
+      throw err;
+    }
+  }
+  return lease;
+}
+
+/**
+ * A gc decides what is garbage from the locks it saw when it began, so a
+ * backup or reader that began after it must not look at the repository's
+ * packs until it ends: it could deduplicate against (or read) a pack the gc
+ * is deleting. Its own lock is written first, so a gc beginning from now on
+ * sees it; one already running is waited for (a dead one's lock goes by the
+ * usual rules).
+ */
+async function waitWhileGcRuns(backend: Backend, options: LockOptions): Promise<void> {
+  let told = false;
+  for (;;) {
+    const gc = (await liveLocks(backend)).find((l) => l.info.kind === 'gc');
+    if (gc === undefined) return;
+    if (!told) options.onWait?.(`waiting for a gc of repository "${backend.location}" to end (process ${gc.info.pid} on ${gc.info.host})`);
+    told = true;
+    await new Promise((r) => setTimeout(r, options.gcPollMs ?? 1000));
+  }
 }
 
 /** A held lock and its renewal timer. */
