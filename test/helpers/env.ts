@@ -122,9 +122,12 @@ ${diskXml}
   async cleanup(): Promise<void> {
     try {
       for (const d of this.qb.domains.list()) {
-        if (d.pid !== undefined) {
+        // QEMU, and the server of an instant restore a failed test left running (it outlives its command by design).
+        const server = this.qb.instant.loadRecord(d.name)?.server?.pid;
+        for (const pid of [d.pid, server]) {
+          if (pid === undefined) continue;
           try {
-            process.kill(d.pid, 'SIGKILL');
+            process.kill(pid, 'SIGKILL');
           } catch {
             // already gone
           }
