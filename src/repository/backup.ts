@@ -88,7 +88,8 @@ export async function backupDomain(services: BackupServices, store: Store, domai
   const { domains } = services;
   const selected = selectDisks(domains, domain, options.disks);
   const tls = tlsFor(services, domain, options);
-  await using lock = await acquireLock(store.backend, 'backup', domain);
+  // A gc that is running is waited for (locks.ts); the wait shows as a phase of the progress.
+  await using lock = await acquireLock(store.backend, 'backup', domain, { onWait: () => options.onProgress?.({ phase: 'waiting for a gc to end', doneBytes: 0, totalBytes: 0 }) });
   // A shut-off domain is started with its CPUs stopped: QEMU opens the images
   // with their bitmaps, no guest code runs, and it is shut down cleanly after.
   const startedHere = domains.info(domain).state !== 'running';
