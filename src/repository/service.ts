@@ -279,9 +279,19 @@ export class RepositoryService {
       return await Store.open(backend, access.password !== undefined ? { password: access.password } : {});
     } catch (err) {
       if (!createIfMissing || access.password !== undefined || !isMissingRepository(err)) throw err;
-      return Store.init(backend);
+      try {
+        return await Store.init(backend);
+      } catch (initErr) {
+        // Another process created it between our look and our write (two first backups at once): use theirs.
+        if (!isCreatedMeanwhile(initErr)) throw initErr;
+        return Store.open(backend);
+      }
     }
   }
+}
+
+function isCreatedMeanwhile(err: unknown): boolean {
+  return err instanceof QbackupError && err.code === 'REPO_INVALID' && /one already exists there/.test(err.message);
 }
 
 function isMissingRepository(err: unknown): boolean {
