@@ -85,6 +85,7 @@ export class Qbackup implements Disposable {
     this.instant = new InstantRestoreService(this.domains, {
       ...(options.backupServerCommand !== undefined ? { serverCommand: options.backupServerCommand } : {}),
       ...(options.backupServerTimeoutMs !== undefined ? { serverTimeoutMs: options.backupServerTimeoutMs } : {}),
+      ...(options.backends?.s3 !== undefined ? { s3: options.backends.s3 } : {}),
     });
     this.instant.password = options.repositoryPassword;
     this.repository = new RepositoryService(this.domains, this.checkpoints, this.backups, this.instant, options.backends ?? {});

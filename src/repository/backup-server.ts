@@ -9,6 +9,7 @@
 // exports it announces against the sizes it expects, so a server of another
 // backup is never taken for the right one.
 
+import type { S3Settings } from './backend/s3.js';
 import { spawn } from 'node:child_process';
 import { closeSync, existsSync, openSync, readFileSync, rmSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
@@ -17,9 +18,11 @@ import { isProcessAlive, processStartTime, sleep } from '../util/proc.js';
 import { socketAccepts } from '../util/socket.js';
 
 export interface BackupServerSpec {
-  /** The repository (absolute path) and its passphrase, handed to the server in its environment. */
+  /** The repository (absolute path, or s3://…) and its passphrase, handed to the server in its environment. */
   repo: string;
   password?: string;
+  /** How to reach object storage: handed to the server in its environment too (never on its command line). */
+  s3?: S3Settings;
   /** The domain the backup is of, in the repository. */
   domain: string;
   backupId: string;
@@ -58,6 +61,25 @@ export function serverArgv(spec: BackupServerSpec): string[] {
 }
 
 /**
+ * What a server needs to reach an S3 repository: the AWS SDK's variables and
+ * files as this process has them (HOME for ~/.aws), overridden by the
+ * library's explicit settings.
+ */
+function s3Environment(s3: S3Settings | undefined): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {};
+  for (const [k, v] of Object.entries(process.env)) if ((k.startsWith('AWS_') || k === 'HOME') && v !== undefined) env[k] = v;
+  if (s3?.endpoint !== undefined) env['AWS_ENDPOINT_URL_S3'] = s3.endpoint;
+  if (s3?.region !== undefined) env['AWS_REGION'] = s3.region;
+  if (s3?.credentials !== undefined) {
+    env['AWS_ACCESS_KEY_ID'] = s3.credentials.accessKeyId;
+    env['AWS_SECRET_ACCESS_KEY'] = s3.credentials.secretAccessKey;
+    if (s3.credentials.sessionToken !== undefined) env['AWS_SESSION_TOKEN'] = s3.credentials.sessionToken;
+  }
+  if (s3?.pathStyle === true) env['QBACKUP_S3_PATH_STYLE'] = '1';
+  return env;
+}
+
+/**
  * Starts the server detached and returns once it has announced its exports
  * and its socket accepts connections. A server that exits or stays silent
  * past the timeout is killed and the error carries the end of its log.
@@ -72,7 +94,7 @@ export async function startBackupServer(spec: BackupServerSpec): Promise<BackupS
   const err = openSync(spec.logFile, 'a', 0o600);
   let pid: number | undefined;
   try {
-    const env: NodeJS.ProcessEnv = { PATH: process.env['PATH'] ?? '/usr/bin:/bin' };
+    const env: NodeJS.ProcessEnv = { PATH: process.env['PATH'] ?? '/usr/bin:/bin', ...s3Environment(spec.s3) };
     if (spec.password !== undefined) env['QBACKUP_PASSWORD'] = spec.password;
     const child = spawn(argv[0] ?? '', argv.slice(1), { detached: true, stdio: ['ignore', out, err], env });
     child.on('error', () => undefined); // a failed spawn shows as an exit below

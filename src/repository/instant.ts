@@ -26,6 +26,8 @@
 //   already copied stays; streaming skips it). A start of the domain brings the
 //   server up first (beforeStart) and the streams after (afterStart).
 
+import { isRemoteRepo } from './backend/open.js';
+import type { S3Settings } from './backend/s3.js';
 import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { closeSync, existsSync, fsyncSync, openSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
@@ -161,7 +163,7 @@ export class InstantRestoreService {
 
   constructor(
     readonly domains: DomainService,
-    readonly options: { serverCommand?: readonly string[]; serverTimeoutMs?: number } = {},
+    readonly options: { serverCommand?: readonly string[]; serverTimeoutMs?: number; s3?: S3Settings } = {},
   ) {}
 
   // ---- begin -----------------------------------------------------------------
@@ -190,7 +192,7 @@ export class InstantRestoreService {
     makePrivateDir(overlayDir);
     makePrivateDir(dirname(socket));
     const record: InstantRecord = {
-      version: 1, domain: name, repo: resolve(access.repo), encrypted: access.encrypted, sourceDomain: m.domain, backupId: m.id,
+      version: 1, domain: name, repo: isRemoteRepo(access.repo) ? access.repo : resolve(access.repo), encrypted: access.encrypted, sourceDomain: m.domain, backupId: m.id,
       socket, disks: plan.disks, speedBytesPerSec: options.speedBytesPerSec ?? 0, server: null, startedMs: Date.now(),
     };
     this.saveRecord(record);
@@ -262,6 +264,7 @@ export class InstantRestoreService {
         outFile: join(dir, 'server.out'), logFile: join(dir, 'server.log'), stateDir: this.domains.options.stateDir,
         ...(pass !== undefined ? { password: pass } : {}),
         ...(this.options.serverCommand !== undefined ? { command: this.options.serverCommand } : {}),
+        ...(this.options.s3 !== undefined ? { s3: this.options.s3 } : {}),
         ...(this.options.serverTimeoutMs !== undefined ? { timeoutMs: this.options.serverTimeoutMs } : {}),
       });
     } catch (err) {

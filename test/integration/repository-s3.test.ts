@@ -69,6 +69,24 @@ describe('repository on S3 (Ceph radosgw, real QEMU)', () => {
     await hostA.qb.domains.destroy('web');
   });
 
+  test('instant restore from the bucket: the domain runs from S3 while its data moves in, then holds the backup', async () => {
+    const repo = `s3://${c.bucket()}/instant`;
+    await ok(hostA, ['init', '--repo', repo]);
+    await hostA.defineDomain('app', [{ target: 'sda', sizeBytes: 16 * MiB }]);
+    await hostA.qb.domains.start('app', { paused: true });
+    await guestWrite(hostA.qb, 'app', 'sda', `write -s ${randomFile(hostA, 'app-data', 4 * MiB)} 0 4M`);
+    const refs = await referenceCopies(hostA, 'app', 'app1');
+    await backup(hostA, 'app', repo);
+    await hostA.qb.domains.destroy('app');
+    // The server is a separate process: it reaches the bucket with the library's S3 settings, handed over in its environment.
+    await hostA.qb.repository.instantRestore('app', { repo, as: 'app2', to: hostA.path('app2') });
+    assert.equal(hostA.qb.domains.info('app2').state, 'running');
+    const done = await hostA.qb.instant.wait('app2', undefined, 200);
+    assert.equal(done.state, 'completed');
+    await hostA.qb.domains.destroy('app2');
+    assert.equal(await imageDiffers(hostA.path('app2/sda.qcow2'), 'qcow2', refs.get('sda') ?? ''), undefined);
+  });
+
   test('two hosts back up two domains into one bucket at once and share chunks; gc on one while the other backs up loses nothing', async () => {
     const repo = `s3://${c.bucket()}/fleet`;
     await ok(hostA, ['init', '--repo', repo]);
