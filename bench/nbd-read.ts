@@ -18,7 +18,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { NbdClient } from '../src/nbd/client.js';
-import { runPool } from '../src/nbd/copy.js';
+import { runPool } from '../src/util/run-pool.js';
 import { MiB, fmtMs, now, runWithCpu, summarize, withOwnCpu } from './util.js';
 
 const { values } = parseArgs({

@@ -30,7 +30,7 @@ import { join } from 'node:path';
 import { serverAddress, exportUri } from '../src/backup/job.js';
 import { NbdClient } from '../src/nbd/client.js';
 import { NBD_CONTEXT_BASE_ALLOCATION, NBD_STATE_ZERO } from '../src/nbd/constants.js';
-import { runPool } from '../src/nbd/copy.js';
+import { runPool } from '../src/util/run-pool.js';
 import { LocalBackend } from '../src/repository/backend/local.js';
 import { isZero } from '../src/repository/chunk.js';
 import { ChunkCompressor } from '../src/repository/compress.js';

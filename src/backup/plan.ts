@@ -40,7 +40,7 @@ export interface BeginOptions {
   tlsCertDir?: string;
   /**
    * With TLS: accept only the client whose certificate's distinguished name
-   * is exactly this, e.g. "CN=backup-client" (QEMU's tls-authz); default: any
+   * is exactly this, e.g. "CN=backup-client" (QEMU's tls-authz); default: every
    * client with a certificate from the CA.
    */
   tlsClientIdentity?: string;

@@ -42,11 +42,12 @@ export function positiveNumber(flag: string, value: string, unit: string): numbe
 }
 
 /** HOST:PORT or [IPv6]:PORT, e.g. `--tcp 127.0.0.1:10809`. */
-export function hostPort(flag: string, value: string): { host: string; port: number } {
+export function hostPort(flag: string, value: string, options: { anyPort?: boolean } = {}): { host: string; port: number } {
   const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:\s[\]]+)):(\d{1,5})$/.exec(value.trim());
   const port = Number(m?.[3]);
   const host = m?.[1] ?? m?.[2];
-  if (host === undefined || !Number.isInteger(port) || port < 1 || port > 65535) {
+  // Port 0 asks a listener for any free port.
+  if (host === undefined || !Number.isInteger(port) || port < (options.anyPort === true ? 0 : 1) || port > 65535) {
     throw new QbackupError('INVALID_ARGUMENT', `Invalid ${flag} "${value}": expected HOST:PORT such as 127.0.0.1:10809`);
   }
   return { host, port };

@@ -297,10 +297,7 @@ function serveListen(o: { socket?: string | undefined; tcp?: string | undefined;
     return { transport: 'unix', ...(o.socket !== undefined ? { socket: o.socket } : {}) };
   }
   if (o.socket !== undefined) throw new QbackupError('INVALID_ARGUMENT', 'Give either --socket or --tcp, not both');
-  const m = /^(?:\[([^\]]+)\]|([^:]+)):(\d{1,5})$/.exec(o.tcp);
-  const port = Number(m?.[3]);
-  const host = m?.[1] ?? m?.[2];
-  if (host === undefined || !(port >= 0 && port <= 65535)) throw new QbackupError('INVALID_ARGUMENT', `Invalid --tcp "${o.tcp}": expected HOST:PORT, e.g. 127.0.0.1:10809`);
+  const { host, port } = hostPort('--tcp', o.tcp, { anyPort: true });
   return { transport: 'tcp', host, port, ...(o.tlsCertDir !== undefined ? { tlsCertDir: o.tlsCertDir } : {}), ...(!o.tls ? { noTls: true } : {}) };
 }
 

@@ -16,6 +16,7 @@
 //   operations already running have settled. The target is flushed only
 //   after everything succeeded.
 
+import { runPool } from '../util/run-pool.js';
 import { QbackupError } from '../errors.js';
 import type { NbdClient, NbdExtent } from './client.js';
 import { NBD_CONTEXT_BASE_ALLOCATION, NBD_STATE_DIRTY, NBD_STATE_ZERO } from './constants.js';
@@ -62,37 +63,6 @@ function checkCopyable(source: NbdClient, target: NbdClient, dirtyContext: strin
     throw new QbackupError('NOT_SUPPORTED', `Cannot copy the changes of NBD export "${source.exportName}": context "${dirtyContext}" was not negotiated`, {
       details: { source: source.exportName, context: dirtyContext },
     });
-  }
-}
-
-/**
- * Runs `fn` on every item of `work` with at most `maxInFlight` running at
- * once. The first failure stops new work; it is thrown once the running items
- * have settled.
- */
-export async function runPool<T>(work: Iterator<T> | AsyncIterator<T>, maxInFlight: number, fn: (item: T) => Promise<void>): Promise<void> {
-  const failures: unknown[] = [];
-  const worker = async (): Promise<void> => {
-    while (failures.length === 0) {
-      let next: IteratorResult<T>;
-      try {
-        next = await work.next();
-      } catch (err) {
-        failures.push(err);
-        return;
-      }
-      if (next.done === true || failures.length > 0) return;
-      try {
-        await fn(next.value);
-      } catch (err) {
-        failures.push(err);
-      }
-    }
-  };
-  await Promise.all(Array.from({ length: maxInFlight }, () => worker()));
-  if (failures.length > 0) {
-    await work.return?.(undefined);
-    throw failures[0];
   }
 }
 

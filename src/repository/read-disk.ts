@@ -12,7 +12,7 @@
 
 import { NBD_CONTEXT_BASE_ALLOCATION, NBD_STATE_DIRTY, NBD_STATE_ZERO } from '../nbd/constants.js';
 import type { NbdClient } from '../nbd/client.js';
-import { runPool } from '../nbd/copy.js';
+import { runPool } from '../util/run-pool.js';
 import { ZERO_ID } from './chunk.js';
 import { MAX_CHAIN, resolveChain, slotCount, type DiskIndex } from './disk-index.js';
 import type { ChunkPool } from './pool.js';

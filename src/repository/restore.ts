@@ -8,7 +8,7 @@ import { constants, promises as fs } from 'node:fs';
 import { dirname } from 'node:path';
 import { QbackupError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
-import { runPool } from '../nbd/copy.js';
+import { runPool } from '../util/run-pool.js';
 import { createImage } from '../qemu/image.js';
 import { startQemuNbd } from '../qemu/qemu-nbd.js';
 import { ZERO_ID } from './chunk.js';

@@ -23,7 +23,7 @@ import { join } from 'node:path';
 import { QbackupError, describeError } from '../errors.js';
 import { NBD_EIO, NBD_STATE_HOLE, NBD_STATE_ZERO } from '../nbd/constants.js';
 import type { NbdBlockDescriptor } from '../nbd/codec.js';
-import { runPool } from '../nbd/copy.js';
+import { runPool } from '../util/run-pool.js';
 import { NbdExportError, type NbdExportSegment, type NbdServerExport } from '../nbd/server-session.js';
 import { NbdServer, listenUri, loadTlsCredentials, type NbdListen, type NbdTlsCredentials } from '../nbd/server.js';
 import { makePrivateDir } from '../util/private-dir.js';

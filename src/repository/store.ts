@@ -19,7 +19,7 @@
 import { hostname } from 'node:os';
 import { randomBytes } from 'node:crypto';
 import { QbackupError, describeError } from '../errors.js';
-import { runPool } from '../nbd/copy.js';
+import { runPool } from '../util/run-pool.js';
 import type { Backend } from './backend/backend.js';
 import { decodeChunk, encodeChunk, ZERO_ID } from './chunk.js';
 import { ChunkCompressor } from './compress.js';
