@@ -105,7 +105,18 @@ export async function createImage(
     if (options.luksSecretFile !== undefined) args.push('-u');
   }
   args.push(file, String(sizeBytes));
-  await runTool('qemu-img', args, { what: `Creating image "${file}"` });
+  // LUKS creation times its key derivation by the thread's CPU time; on a
+  // loaded machine QEMU sometimes measures none and gives up ("Unable to get
+  // accurate CPU usage"). That is a failed measurement, not a failed image:
+  // it is tried again.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await runTool('qemu-img', args, { what: `Creating image "${file}"` });
+      break;
+    } catch (err) {
+      if (options.luksSecretFile === undefined || attempt >= 3 || !/Unable to get accurate CPU usage/.test(describeError(err))) throw err;
+    }
+  }
   // qemu-img reopens the file it creates; make sure nothing widened the mode.
   chmodSync(file, 0o600);
 }
