@@ -77,6 +77,7 @@ export const ERROR_CODES = {
   // -- the daemon (qbackup serve)
   TASK_NOT_FOUND: 'no task of that id (it may have aged out of the kept history)',
   TASK_CANCELLED: 'a task was cancelled while it ran',
+  CANCELLED: 'the caller cancelled a long operation (its AbortSignal fired)',
   TASK_NOT_CANCELLABLE: 'the task cannot stop mid-way; it ends on its own',
   TASK_INTERRUPTED: 'the daemon stopped while the task was running',
   SCHEDULE_NOT_FOUND: 'no schedule of that id',
