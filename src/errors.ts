@@ -86,6 +86,14 @@ export const ERROR_CODES = {
   ROUTE_NOT_FOUND: 'no API endpoint at that path and method',
   REQUEST_TOO_LARGE: 'the request body is larger than the daemon accepts',
   RATE_LIMITED: 'too many requests from one client; retry later',
+  // -- libvirt (the libvirt driver's RPC client, src/drivers/libvirt/)
+  LIBVIRT_UNAVAILABLE: 'no libvirt daemon answers at the connection URI (no socket, or nothing listening on it)',
+  LIBVIRT_ACCESS_DENIED: "libvirt refused this client: permission denied on its socket, or an authentication qbackup does not do (polkit, SASL)",
+  LIBVIRT_ERROR: "libvirt refused a call; its own message is kept",
+  LIBVIRT_PROTOCOL: 'the libvirt daemon sent something that is not its RPC protocol',
+  LIBVIRT_DISCONNECTED: 'the connection to the libvirt daemon closed',
+  LIBVIRT_TIMEOUT: 'the libvirt daemon did not answer in time',
+  LIBVIRT_STATE: 'a libvirt call in the wrong connection state',
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;
