@@ -153,7 +153,7 @@ export class LibvirtClient {
     await this.connection.call(PROCEDURES.domainCheckpointDelete, { checkpoint, flags });
   }
 
-  /** Starts a backup job (<domainbackup>), with a checkpoint created atomically when checkpointXml is given. */
+  /** Starts a backup job from its backup XML, with a checkpoint created atomically when checkpointXml is given. */
   async backupBegin(dom: LibvirtDomainRef, backupXml: string, checkpointXml?: string | undefined, flags = 0): Promise<void> {
     await this.connection.call(PROCEDURES.domainBackupBegin, { dom, backupXml, checkpointXml, flags });
   }
