@@ -12,5 +12,12 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y "${need[@]}"
   fi
 fi
+# libvirt for the libvirt driver and its tests (they start libvirtd themselves when none runs)
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  if ! dpkg -s libvirt-daemon-system libvirt-clients >/dev/null 2>&1; then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y libvirt-daemon-system libvirt-clients
+  fi
+fi
 npm ci
 npm run build
