@@ -14,6 +14,8 @@ import { after, before, describe, it } from 'node:test';
 import { LIBVIRT, LibvirtClient, type LibvirtDomainRef, type LibvirtEvent } from '../../src/drivers/libvirt/index.js';
 import { isQbackupError } from '../../src/errors.js';
 import { NbdClient } from '../../src/nbd/index.js';
+import { createImage } from '../../src/qemu/image.js';
+import { runTool } from '../../src/qemu/tools.js';
 import { mergeAdjacent, type Extent } from '../helpers/extents.js';
 import {
   createTestDisks,
@@ -140,11 +142,71 @@ describe('libvirt RPC client against the real libvirtd', () => {
       assert.deepEqual(listed, ['c1', 'c2']);
       assert.deepEqual(virshNames(await virsh(['checkpoint-list', name, '--name'])), ['c1', 'c2']);
       const c1 = await client.checkpointLookupByName(dom, 'c1');
-      assert.match(await client.checkpointGetXmlDesc(c1), /<name>c1<\/name>/);
+      const c1Xml = await client.checkpointGetXmlDesc(c1);
+      assert.match(c1Xml, /<name>c1<\/name>/);
+      // Redefine: drop c2's metadata only (its bitmaps stay), then define it again from its XML.
+      const c2 = await client.checkpointLookupByName(dom, 'c2');
+      const c2Xml = await client.checkpointGetXmlDesc(c2);
+      await client.checkpointDelete(c2, LIBVIRT.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY);
+      assert.deepEqual(virshNames(await virsh(['checkpoint-list', name, '--name'])), ['c1']);
+      const redefined = await client.checkpointCreateXml(dom, c2Xml, LIBVIRT.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE);
+      assert.equal(redefined.name, 'c2');
+      assert.deepEqual(virshNames(await virsh(['checkpoint-list', name, '--name'])), ['c1', 'c2']);
       await client.checkpointDelete(c1);
       await client.checkpointDelete(await client.checkpointLookupByName(dom, 'c2'));
       assert.deepEqual(await client.listAllCheckpoints(dom), []);
       assert.deepEqual(virshNames(await virsh(['checkpoint-list', name, '--name'])), []);
+    } finally {
+      await removeTestDomain(client, name);
+      remove();
+    }
+  });
+
+  it('block copy with pivot, block pull and their events; quiescing without an agent is GUEST_AGENT', async () => {
+    const name = testDomainName('blockjobs');
+    const { dir, remove } = libvirtTestDir();
+    try {
+      // sdb's image has a backing file holding data; block pull moves it into the overlay.
+      const [sda] = await createTestDisks(dir, ['sda'], DISK_BYTES);
+      const base = join(dir, 'base.qcow2');
+      const overlay = join(dir, 'sdb.qcow2');
+      await createImage(base, 'qcow2', DISK_BYTES);
+      await runTool('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x42 0 1M', base]);
+      await runTool('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', overlay]);
+      assert.ok(sda !== undefined);
+      let dom = await client.defineXml(testDomainXml(name, [sda, { target: 'sdb', file: overlay }]));
+      dom = await client.create(dom);
+      await assert.rejects(client.fsFreeze(dom), (err: unknown) => isQbackupError(err, 'GUEST_AGENT') && /guest agent/i.test(err.message));
+      const callbackId = await client.registerDomainEvent(LIBVIRT.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, dom);
+      const blockEvent = (dst: string, status: number, after: number) =>
+        client.waitForEvent((e) => e.kind === 'block-job-2' && e.callbackID === callbackId && e.dst === dst && e.status === status, 60_000, after);
+
+      // Block copy of sda to a new image, pivoted once it is ready.
+      await guestWrite(client, dom, 'sda', 'write -P 0x77 0 1M');
+      const copy = join(dir, 'sda-copy.qcow2');
+      let cursor = client.eventCursor();
+      await client.blockCopy(dom, 'sda', `<disk type='file'><source file='${copy}'/><driver type='qcow2'/></disk>`, [], LIBVIRT.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB);
+      const ready = await blockEvent('sda', LIBVIRT.VIR_DOMAIN_BLOCK_JOB_READY, cursor);
+      assert.equal(ready.kind === 'block-job-2' ? ready.type : -1, LIBVIRT.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY);
+      const info = await client.getBlockJobInfo(dom, 'sda');
+      assert.equal(info?.type, LIBVIRT.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY);
+      assert.equal(info?.cur, info?.end);
+      cursor = client.eventCursor();
+      await client.blockJobAbort(dom, 'sda', LIBVIRT.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT);
+      await blockEvent('sda', LIBVIRT.VIR_DOMAIN_BLOCK_JOB_COMPLETED, cursor);
+      assert.ok((await client.getXmlDesc(dom)).includes(`<source file='${copy}'`), 'sda now reads from the copy');
+      assert.equal(await client.getBlockJobInfo(dom, 'sda'), undefined);
+
+      // Block pull of sdb: the backing file's data moves into the overlay.
+      cursor = client.eventCursor();
+      await client.blockPull(dom, 'sdb');
+      await blockEvent('sdb', LIBVIRT.VIR_DOMAIN_BLOCK_JOB_COMPLETED, cursor);
+      await client.deregisterDomainEvent(callbackId);
+      await client.destroy(dom);
+      const overlayInfo = JSON.parse((await runTool('qemu-img', ['info', '--output=json', overlay])).stdout) as Record<string, unknown>;
+      assert.equal(overlayInfo['backing-filename'], undefined);
+      assert.match((await runTool('qemu-io', ['-r', '-f', 'qcow2', '-c', 'read -P 0x42 0 1M', overlay])).stdout, /read 1048576\/1048576 bytes/);
+      assert.doesNotMatch((await runTool('qemu-io', ['-r', '-f', 'qcow2', '-c', 'read -P 0x77 0 1M', copy])).stdout, /Pattern verification failed/);
     } finally {
       await removeTestDomain(client, name);
       remove();

@@ -16,6 +16,7 @@
 import { QbackupError, describeError, isQbackupError } from '../../errors.js';
 import * as C from './rpc/constants.js';
 import { LibvirtConnection, type LibvirtCallOptions, type LibvirtConnectionOptions, type LibvirtEvent } from './rpc/connection.js';
+import { LibvirtCallError } from './rpc/errors.js';
 import { PROCEDURES } from './rpc/procedures.js';
 import { typedParamsRecord, type LibvirtCheckpointRef, type LibvirtDomainRef, type LibvirtTypedParam } from './rpc/structs.js';
 import { parseConnectUri, type ParseConnectUriOptions } from './uri.js';
@@ -203,13 +204,13 @@ export class LibvirtClient {
     await this.connection.call(PROCEDURES.domainBlockJobAbort, { dom, path: disk, flags });
   }
 
-  /** Freezes the guest's filesystems through its agent; returns how many. */
+  /** Freezes the guest's filesystems through its agent; returns how many. Any refusal is GUEST_AGENT, with libvirt's message. */
   async fsFreeze(dom: LibvirtDomainRef, mountpoints: string[] = []): Promise<number> {
-    return (await this.connection.call(PROCEDURES.domainFsfreeze, { dom, mountpoints, flags: 0 })).filesystems;
+    return guestAgentCall(async () => (await this.connection.call(PROCEDURES.domainFsfreeze, { dom, mountpoints, flags: 0 })).filesystems);
   }
 
   async fsThaw(dom: LibvirtDomainRef, mountpoints: string[] = []): Promise<number> {
-    return (await this.connection.call(PROCEDURES.domainFsthaw, { dom, mountpoints, flags: 0 })).filesystems;
+    return guestAgentCall(async () => (await this.connection.call(PROCEDURES.domainFsthaw, { dom, mountpoints, flags: 0 })).filesystems);
   }
 
   /** QEMU monitor passthrough (QMP JSON, or HMP with VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP). */
@@ -252,6 +253,18 @@ export class LibvirtClient {
 
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close();
+  }
+}
+
+/** libvirt says "argument unsupported: QEMU guest agent is not configured" (or "not valid" when the agent is absent): for quiescing all of it means the guest agent. */
+async function guestAgentCall<T>(call: () => Promise<T>): Promise<T> {
+  try {
+    return await call();
+  } catch (err) {
+    if (err instanceof LibvirtCallError && err.code !== 'DOMAIN_NOT_FOUND') {
+      throw new QbackupError('GUEST_AGENT', err.message, { cause: err, details: { ...err.details } });
+    }
+    throw err;
   }
 }
 
