@@ -18,9 +18,14 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { LIBVIRT, LIBVIRT_SYSTEM_SOCKET, type LibvirtClient, type LibvirtDomainRef } from '../../src/drivers/libvirt/index.js';
 import { isQbackupError } from '../../src/errors.js';
-import { createImage } from '../../src/qemu/image.js';
 
 const execFileAsync = promisify(execFile);
+
+/** Runs a QEMU tool (qemu-img, qemu-io) and returns its stdout; a non-zero exit throws with its stderr. */
+export async function tool(program: string, args: readonly string[]): Promise<string> {
+  const { stdout } = await execFileAsync(program, [...args], { maxBuffer: 16 << 20 });
+  return stdout;
+}
 
 export const LIBVIRT_URI = 'qemu:///system';
 const VIRTLOGD_SOCKET = '/var/run/libvirt/virtlogd-sock';
@@ -136,12 +141,12 @@ export interface TestDisk {
   file: string;
 }
 
-/** qcow2 images (64 KiB clusters) for the given targets. */
+/** qcow2 images (64 KiB clusters, qemu-img's default) for the given targets. */
 export async function createTestDisks(dir: string, targets: readonly string[], sizeBytes: number): Promise<TestDisk[]> {
   const disks: TestDisk[] = [];
   for (const target of targets) {
     const file = join(dir, `${target}.qcow2`);
-    await createImage(file, 'qcow2', sizeBytes);
+    await tool('qemu-img', ['create', '-q', '-f', 'qcow2', file, String(sizeBytes)]);
     disks.push({ target, file });
   }
   return disks;
@@ -209,6 +214,21 @@ export async function removeTestDomain(client: LibvirtClient, name: string): Pro
 
 /** `virsh` as the independent reference; returns stdout. */
 export async function virsh(args: readonly string[]): Promise<string> {
-  const { stdout } = await execFileAsync('virsh', ['-c', LIBVIRT_URI, ...args]);
-  return stdout;
+  return tool('virsh', ['-c', LIBVIRT_URI, ...args]);
+}
+
+export interface Extent {
+  offset: number;
+  length: number;
+}
+
+/** Sorted, with touching extents joined. */
+export function mergeAdjacent(extents: readonly Extent[]): Extent[] {
+  const out: Extent[] = [];
+  for (const e of [...extents].sort((a, b) => a.offset - b.offset)) {
+    const last = out.at(-1);
+    if (last !== undefined && last.offset + last.length === e.offset) last.length += e.length;
+    else out.push({ ...e });
+  }
+  return out;
 }

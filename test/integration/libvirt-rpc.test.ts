@@ -14,18 +14,18 @@ import { after, before, describe, it } from 'node:test';
 import { LIBVIRT, LibvirtClient, type LibvirtDomainRef, type LibvirtEvent } from '../../src/drivers/libvirt/index.js';
 import { isQbackupError } from '../../src/errors.js';
 import { NbdClient } from '../../src/nbd/index.js';
-import { createImage } from '../../src/qemu/image.js';
-import { runTool } from '../../src/qemu/tools.js';
-import { mergeAdjacent, type Extent } from '../helpers/extents.js';
 import {
   createTestDisks,
   guestWrite,
   libvirtTestDir,
+  mergeAdjacent,
   removeTestDomain,
   startLibvirt,
   testDomainName,
   testDomainXml,
+  tool,
   virsh,
+  type Extent,
   type LibvirtDaemon,
 } from '../helpers/libvirt.js';
 
@@ -170,9 +170,9 @@ describe('libvirt RPC client against the real libvirtd', () => {
       const [sda] = await createTestDisks(dir, ['sda'], DISK_BYTES);
       const base = join(dir, 'base.qcow2');
       const overlay = join(dir, 'sdb.qcow2');
-      await createImage(base, 'qcow2', DISK_BYTES);
-      await runTool('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x42 0 1M', base]);
-      await runTool('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', overlay]);
+      await tool('qemu-img', ['create', '-q', '-f', 'qcow2', base, String(DISK_BYTES)]);
+      await tool('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x42 0 1M', base]);
+      await tool('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', overlay]);
       assert.ok(sda !== undefined);
       let dom = await client.defineXml(testDomainXml(name, [sda, { target: 'sdb', file: overlay }]));
       dom = await client.create(dom);
@@ -203,10 +203,10 @@ describe('libvirt RPC client against the real libvirtd', () => {
       await blockEvent('sdb', LIBVIRT.VIR_DOMAIN_BLOCK_JOB_COMPLETED, cursor);
       await client.deregisterDomainEvent(callbackId);
       await client.destroy(dom);
-      const overlayInfo = JSON.parse((await runTool('qemu-img', ['info', '--output=json', overlay])).stdout) as Record<string, unknown>;
+      const overlayInfo = JSON.parse(await tool('qemu-img', ['info', '--output=json', overlay])) as Record<string, unknown>;
       assert.equal(overlayInfo['backing-filename'], undefined);
-      assert.match((await runTool('qemu-io', ['-r', '-f', 'qcow2', '-c', 'read -P 0x42 0 1M', overlay])).stdout, /read 1048576\/1048576 bytes/);
-      assert.doesNotMatch((await runTool('qemu-io', ['-r', '-f', 'qcow2', '-c', 'read -P 0x77 0 1M', copy])).stdout, /Pattern verification failed/);
+      assert.match(await tool('qemu-io', ['-r', '-f', 'qcow2', '-c', 'read -P 0x42 0 1M', overlay]), /read 1048576\/1048576 bytes/);
+      assert.doesNotMatch(await tool('qemu-io', ['-r', '-f', 'qcow2', '-c', 'read -P 0x77 0 1M', copy]), /Pattern verification failed/);
     } finally {
       await removeTestDomain(client, name);
       remove();
