@@ -162,7 +162,7 @@ describe('libvirt RPC client against the real libvirtd', () => {
     }
   });
 
-  it('block copy with pivot, block pull and their events; quiescing without an agent is GUEST_AGENT', async () => {
+  it('block copy with pivot, block pull and their events, block resize; quiescing without an agent is GUEST_AGENT', async () => {
     const name = testDomainName('blockjobs');
     const { dir, remove } = libvirtTestDir();
     try {
@@ -202,7 +202,11 @@ describe('libvirt RPC client against the real libvirtd', () => {
       await client.blockPull(dom, 'sdb');
       await blockEvent('sdb', LIBVIRT.VIR_DOMAIN_BLOCK_JOB_COMPLETED, cursor);
       await client.deregisterDomainEvent(callbackId);
-      await client.destroy(dom);
+      // Resize through libvirt and read the new capacity back.
+      await client.blockResize(dom, 'sdb', BigInt(DISK_BYTES * 2));
+      assert.equal((await client.getBlockInfo(dom, 'sdb')).capacity, BigInt(DISK_BYTES * 2));
+      await client.destroy(dom, LIBVIRT.VIR_DOMAIN_DESTROY_GRACEFUL);
+      assert.equal((await client.getState(dom)).state, LIBVIRT.VIR_DOMAIN_SHUTOFF);
       const overlayInfo = JSON.parse(await tool('qemu-img', ['info', '--output=json', overlay])) as Record<string, unknown>;
       assert.equal(overlayInfo['backing-filename'], undefined);
       assert.match(await tool('qemu-io', ['-r', '-f', 'qcow2', '-c', 'read -P 0x42 0 1M', overlay]), /read 1048576\/1048576 bytes/);

@@ -196,6 +196,17 @@ describe('procedures', () => {
     roundTrip(PROCEDURES.domainDefineXmlFlags, { xml: '<domain/>', flags: 1 }, cat(str('<domain/>'), u32(1)), { dom: DOM }, domBytes);
     roundTrip(PROCEDURES.domainCreateWithFlags, { dom: DOM, flags: 0 }, cat(domBytes, u32(0)), { dom: DOM }, domBytes);
     roundTrip(PROCEDURES.domainDestroyFlags, { dom: DOM, flags: 0 }, cat(domBytes, u32(0)), undefined, Buffer.alloc(0));
+    roundTrip(PROCEDURES.domainShutdownFlags, { dom: DOM, flags: 0 }, cat(domBytes, u32(0)), undefined, Buffer.alloc(0));
+    roundTrip(PROCEDURES.domainAttachDeviceFlags, { dom: DOM, xml: '<disk/>', flags: 3 }, cat(domBytes, str('<disk/>'), u32(3)), undefined, Buffer.alloc(0));
+    roundTrip(PROCEDURES.domainDetachDeviceFlags, { dom: DOM, xml: '<disk/>', flags: 1 }, cat(domBytes, str('<disk/>'), u32(1)), undefined, Buffer.alloc(0));
+    roundTrip(
+      PROCEDURES.domainGetBlockInfo,
+      { dom: DOM, path: 'sda', flags: 0 },
+      cat(domBytes, str('sda'), u32(0)),
+      { allocation: 1n, capacity: 2n, physical: 3n },
+      cat(u64(1n), u64(2n), u64(3n)),
+    );
+    roundTrip(PROCEDURES.domainBlockResize, { dom: DOM, disk: 'sda', size: 1n << 30n, flags: 1 }, cat(domBytes, str('sda'), u64(1n << 30n), u32(1)), undefined, Buffer.alloc(0));
     roundTrip(PROCEDURES.domainUndefineFlags, { dom: DOM, flags: 16 }, cat(domBytes, u32(16)), undefined, Buffer.alloc(0));
     const cp = { name: 'c1', dom: DOM };
     const cpBytes = cat(str('c1'), domBytes);

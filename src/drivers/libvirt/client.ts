@@ -128,6 +128,30 @@ export class LibvirtClient {
     await this.connection.call(PROCEDURES.domainDestroyFlags, { dom, flags });
   }
 
+  /** Asks the guest to shut down (ACPI or agent); a guest without an OS ignores it: use destroy with VIR_DOMAIN_DESTROY_GRACEFUL. */
+  async shutdown(dom: LibvirtDomainRef, flags = 0): Promise<void> {
+    await this.connection.call(PROCEDURES.domainShutdownFlags, { dom, flags });
+  }
+
+  /** Hot-plugs a device from its XML (flags: VIR_DOMAIN_AFFECT_LIVE | _CONFIG). */
+  async attachDevice(dom: LibvirtDomainRef, xml: string, flags = 0): Promise<void> {
+    await this.connection.call(PROCEDURES.domainAttachDeviceFlags, { dom, xml, flags });
+  }
+
+  async detachDevice(dom: LibvirtDomainRef, xml: string, flags = 0): Promise<void> {
+    await this.connection.call(PROCEDURES.domainDetachDeviceFlags, { dom, xml, flags });
+  }
+
+  /** A disk's sizes in bytes: capacity (virtual size), allocation, physical. */
+  async getBlockInfo(dom: LibvirtDomainRef, disk: string): Promise<{ capacity: bigint; allocation: bigint; physical: bigint }> {
+    return this.connection.call(PROCEDURES.domainGetBlockInfo, { dom, path: disk, flags: 0 });
+  }
+
+  /** Resizes a disk; pass VIR_DOMAIN_BLOCK_RESIZE_BYTES for a size in bytes (else KiB). */
+  async blockResize(dom: LibvirtDomainRef, disk: string, size: bigint, flags: number = C.VIR_DOMAIN_BLOCK_RESIZE_BYTES): Promise<void> {
+    await this.connection.call(PROCEDURES.domainBlockResize, { dom, disk, size, flags });
+  }
+
   /** flags: VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA is needed while checkpoints exist. */
   async undefine(dom: LibvirtDomainRef, flags = 0): Promise<void> {
     await this.connection.call(PROCEDURES.domainUndefineFlags, { dom, flags });

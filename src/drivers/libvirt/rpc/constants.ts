@@ -71,8 +71,11 @@ export const REMOTE_PROC_CONNECT_SUPPORTS_FEATURE = 60;
 export const REMOTE_PROC_AUTH_LIST = 66;
 export const REMOTE_PROC_AUTH_POLKIT = 70;
 export const REMOTE_PROC_CONNECT_GET_LIB_VERSION = 157;
+export const REMOTE_PROC_DOMAIN_ATTACH_DEVICE_FLAGS = 160;
+export const REMOTE_PROC_DOMAIN_DETACH_DEVICE_FLAGS = 161;
 export const REMOTE_PROC_DOMAIN_GET_JOB_INFO = 163;
 export const REMOTE_PROC_DOMAIN_ABORT_JOB = 164;
+export const REMOTE_PROC_DOMAIN_GET_BLOCK_INFO = 194;
 export const REMOTE_PROC_DOMAIN_CREATE_WITH_FLAGS = 196;
 export const REMOTE_PROC_DOMAIN_GET_STATE = 212;
 export const REMOTE_PROC_DOMAIN_UNDEFINE_FLAGS = 231;
@@ -80,6 +83,8 @@ export const REMOTE_PROC_DOMAIN_DESTROY_FLAGS = 234;
 export const REMOTE_PROC_DOMAIN_BLOCK_JOB_ABORT = 237;
 export const REMOTE_PROC_DOMAIN_GET_BLOCK_JOB_INFO = 238;
 export const REMOTE_PROC_DOMAIN_BLOCK_PULL = 240;
+export const REMOTE_PROC_DOMAIN_BLOCK_RESIZE = 251;
+export const REMOTE_PROC_DOMAIN_SHUTDOWN_FLAGS = 258;
 export const REMOTE_PROC_DOMAIN_BLOCK_REBASE = 266;
 export const REMOTE_PROC_CONNECT_LIST_ALL_DOMAINS = 273;
 export const REMOTE_PROC_DOMAIN_GET_JOB_STATS = 298;
@@ -134,6 +139,15 @@ export const VIR_DOMAIN_PMSUSPENDED = 7;
 /** virConnectListAllDomainsFlags (the ones qbackup uses) */
 export const VIR_CONNECT_LIST_DOMAINS_ACTIVE = 1;
 export const VIR_CONNECT_LIST_DOMAINS_INACTIVE = 2;
+/** virDomainCreateFlags */
+export const VIR_DOMAIN_START_PAUSED = 1;
+/** virDomainDestroyFlagsValues: SIGTERM only, so QEMU closes its images cleanly (persistent bitmaps stored). */
+export const VIR_DOMAIN_DESTROY_GRACEFUL = 1;
+/** virDomainModificationImpact */
+export const VIR_DOMAIN_AFFECT_LIVE = 1;
+export const VIR_DOMAIN_AFFECT_CONFIG = 2;
+/** virDomainBlockResizeFlags */
+export const VIR_DOMAIN_BLOCK_RESIZE_BYTES = 1;
 /** virDomainXMLFlags */
 export const VIR_DOMAIN_XML_SECURE = 1;
 export const VIR_DOMAIN_XML_INACTIVE = 2;

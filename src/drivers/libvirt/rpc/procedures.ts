@@ -72,6 +72,16 @@ export const PROCEDURES = {
   domainCreateWithFlags: remote('domain-create-with-flags', C.REMOTE_PROC_DOMAIN_CREATE_WITH_FLAGS, domFlags, domRet),
   domainDestroy: remote('domain-destroy', C.REMOTE_PROC_DOMAIN_DESTROY, domOnly, xdrVoid),
   domainDestroyFlags: remote('domain-destroy-flags', C.REMOTE_PROC_DOMAIN_DESTROY_FLAGS, domFlags, xdrVoid),
+  domainShutdownFlags: remote('domain-shutdown-flags', C.REMOTE_PROC_DOMAIN_SHUTDOWN_FLAGS, domFlags, xdrVoid),
+  domainAttachDeviceFlags: remote('domain-attach-device-flags', C.REMOTE_PROC_DOMAIN_ATTACH_DEVICE_FLAGS, xdrStruct({ dom: remoteDomain, xml: remoteString, flags: xdrUint }), xdrVoid),
+  domainDetachDeviceFlags: remote('domain-detach-device-flags', C.REMOTE_PROC_DOMAIN_DETACH_DEVICE_FLAGS, xdrStruct({ dom: remoteDomain, xml: remoteString, flags: xdrUint }), xdrVoid),
+  domainGetBlockInfo: remote(
+    'domain-get-block-info',
+    C.REMOTE_PROC_DOMAIN_GET_BLOCK_INFO,
+    xdrStruct({ dom: remoteDomain, path: remoteString, flags: xdrUint }),
+    xdrStruct({ allocation: xdrUhyper, capacity: xdrUhyper, physical: xdrUhyper }),
+  ),
+  domainBlockResize: remote('domain-block-resize', C.REMOTE_PROC_DOMAIN_BLOCK_RESIZE, xdrStruct({ dom: remoteDomain, disk: remoteString, size: xdrUhyper, flags: xdrUint }), xdrVoid),
   domainUndefineFlags: remote('domain-undefine-flags', C.REMOTE_PROC_DOMAIN_UNDEFINE_FLAGS, domFlags, xdrVoid),
   domainCheckpointCreateXml: remote(
     'domain-checkpoint-create-xml',
