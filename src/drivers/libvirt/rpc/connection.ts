@@ -168,17 +168,17 @@ export class LibvirtConnection {
     if (!this.lifecycle.is(LibvirtConnectionState.Ready)) {
       return Promise.reject(this.lifecycle.closeReason !== undefined ? this.lifecycle.disconnectedError(`cannot call ${procedure.name}`) : this.lifecycle.stateError(`cannot call ${procedure.name}`));
     }
-    let body: Buffer;
+    const serial = this.nextSerial;
+    let message: Buffer;
     let timeoutMs: number;
     try {
       timeoutMs = checkTimeoutMs('timeoutMs', options.timeoutMs) ?? this.defaultTimeoutMs;
       const writer = new XdrWriter();
       procedure.args.encode(writer, args);
-      body = writer.finish();
+      message = encodeMessage({ program: procedure.program, version: procedure.version, procedure: procedure.procedure, type: C.VIR_NET_CALL, serial, status: C.VIR_NET_OK }, writer.finish());
     } catch (err) {
       return Promise.reject(err);
     }
-    const serial = this.nextSerial;
     this.nextSerial = this.nextSerial >= 0xffff_ffff ? 1 : this.nextSerial + 1;
     return new Promise<R>((resolve, reject) => {
       this.pending.add(
@@ -187,7 +187,7 @@ export class LibvirtConnection {
         timeoutMs,
         () => new QbackupError('LIBVIRT_TIMEOUT', `libvirt at ${this.label} did not answer ${procedure.name} within ${timeoutMs} ms`, { details: { procedure: procedure.name, timeoutMs } }),
       );
-      this.write({ program: procedure.program, version: procedure.version, procedure: procedure.procedure, type: C.VIR_NET_CALL, serial, status: C.VIR_NET_OK }, body);
+      this.socket.write(message);
     });
   }
 

@@ -11,6 +11,7 @@
 // - The first violation is reported once through onError; after it the
 //   parser ignores input. push() throws only what a callback throws.
 
+import { QbackupError } from '../../../errors.js';
 import * as C from './constants.js';
 import { LibvirtProtocolError } from './errors.js';
 
@@ -36,7 +37,7 @@ const PREFIX_BYTES = C.VIR_NET_MESSAGE_LEN_MAX + C.VIR_NET_MESSAGE_HEADER_MAX;
 export function encodeMessage(header: LibvirtHeader, body: Uint8Array): Buffer {
   const total = PREFIX_BYTES + body.length;
   if (total > C.VIR_NET_MESSAGE_LEN_MAX + C.VIR_NET_MESSAGE_MAX) {
-    throw new LibvirtProtocolError('bad-length', `a message of ${total} bytes is larger than libvirt accepts`);
+    throw new QbackupError('INVALID_ARGUMENT', `Cannot send a message of ${total} bytes to libvirt: it accepts at most ${C.VIR_NET_MESSAGE_MAX + C.VIR_NET_MESSAGE_LEN_MAX}`);
   }
   const out = Buffer.alloc(total);
   out.writeUInt32BE(total, 0);
