@@ -41,7 +41,7 @@ export interface LibvirtBlockJobInfo {
 
 export class LibvirtClient {
   readonly connection: LibvirtConnection;
-  /** The URI the client was opened with. */
+  /** The URI the client was opened with (or the label / socket path given to connectSocket). */
   readonly uri: string;
   private closing: Promise<void> | undefined;
 
@@ -54,11 +54,20 @@ export class LibvirtClient {
   static async connect(uri: string, options: LibvirtClientOptions = {}): Promise<LibvirtClient> {
     const parsed = parseConnectUri(uri, options);
     if (parsed.driver !== 'libvirt') throw new QbackupError('INVALID_ARGUMENT', `Connection URI "${uri}" selects qbackup's own driver, not libvirt`);
-    const connection = await LibvirtConnection.connect(parsed.socketPath, { ...options, label: uri });
-    const client = new LibvirtClient(connection, uri);
+    return LibvirtClient.connectSocket(parsed.socketPath, parsed.name, { ...options, label: uri });
+  }
+
+  /**
+   * Opens a libvirt connection on a daemon's socket, sending `name` (e.g.
+   * "qemu:///system") in connect-open; for callers that resolved the URI
+   * themselves. `options.label` names the daemon in messages.
+   */
+  static async connectSocket(socketPath: string, name: string, options: LibvirtConnectionOptions = {}): Promise<LibvirtClient> {
+    const connection = await LibvirtConnection.connect(socketPath, options);
+    const client = new LibvirtClient(connection, connection.label);
     try {
       await client.authenticate();
-      await connection.call(PROCEDURES.connectOpen, { name: parsed.name, flags: 0 });
+      await connection.call(PROCEDURES.connectOpen, { name, flags: 0 });
       return client;
     } catch (err) {
       await connection.close();
