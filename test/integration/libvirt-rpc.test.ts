@@ -122,7 +122,9 @@ describe('libvirt RPC client against the real libvirtd', () => {
       await guestWrite(client, dom, 'sdb', models.sdb.write(0xef, (2 << 20) + (64 << 10), 128 << 10));
       await client.backupBegin(dom, pullBackupXml(socket, 'c1'), checkpointXml('c2'));
       const stats = await client.getJobStats(dom);
-      assert.notEqual(stats.type, LIBVIRT.VIR_DOMAIN_JOB_NONE);
+      assert.equal(stats.type, LIBVIRT.VIR_DOMAIN_JOB_UNBOUNDED);
+      assert.equal(stats.fields['operation'], LIBVIRT.VIR_DOMAIN_JOB_OPERATION_BACKUP);
+      assert.equal((await client.getJobInfo(dom)).type, LIBVIRT.VIR_DOMAIN_JOB_UNBOUNDED);
       const incXml = await client.backupGetXmlDesc(dom);
       for (const target of ['sda', 'sdb'] as const) {
         assert.match(incXml, new RegExp(`exportbitmap='backup-${target}'`));
@@ -134,8 +136,13 @@ describe('libvirt RPC client against the real libvirtd', () => {
           assert.ok((await nbd.read(e.offset, e.length)).equals(models[target].bytes.subarray(e.offset, e.offset + e.length)), `bytes of ${target} at ${e.offset}`);
         }
       }
-      await endJobAndAwaitEvent(client, dom, callbackId);
+      const completed = await endJobAndAwaitEvent(client, dom, callbackId);
+      assert.equal(completed.kind === 'job-completed' ? completed.params.find((p) => p.field === 'operation')?.value : undefined, LIBVIRT.VIR_DOMAIN_JOB_OPERATION_BACKUP);
       await client.deregisterDomainEvent(callbackId);
+      assert.equal((await client.getJobStats(dom, LIBVIRT.VIR_DOMAIN_JOB_STATS_COMPLETED)).type, LIBVIRT.VIR_DOMAIN_JOB_COMPLETED);
+      // No job left: libvirt says so, and the backup's XML is gone with it.
+      await assert.rejects(client.abortJob(dom), (err: unknown) => isQbackupError(err, 'LIBVIRT_ERROR') && /no job is active/.test(err.message));
+      await assert.rejects(client.backupGetXmlDesc(dom), (err: unknown) => isQbackupError(err, 'JOB_NOT_FOUND'));
 
       // Checkpoints: ours, as virsh sees them too; deleted through the client.
       const listed = (await client.listAllCheckpoints(dom)).map((c) => c.name).sort();

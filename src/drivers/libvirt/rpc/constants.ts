@@ -179,6 +179,8 @@ export const VIR_DOMAIN_JOB_UNBOUNDED = 2;
 export const VIR_DOMAIN_JOB_COMPLETED = 3;
 export const VIR_DOMAIN_JOB_FAILED = 4;
 export const VIR_DOMAIN_JOB_CANCELLED = 5;
+/** virDomainJobOperation (the "operation" job statistic) */
+export const VIR_DOMAIN_JOB_OPERATION_BACKUP = 9;
 /** virDomainGetJobStatsFlags */
 export const VIR_DOMAIN_JOB_STATS_COMPLETED = 1;
 export const VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED = 2;
