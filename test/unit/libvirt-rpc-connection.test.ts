@@ -5,10 +5,12 @@
 // is tested in test/integration/libvirt-rpc.test.ts.)
 
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { execFile, spawnSync } from 'node:child_process';
+import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { afterEach, beforeEach, describe, it } from 'node:test';
 import {
   EVENT_BODIES,
@@ -88,6 +90,16 @@ class FakePeer {
 }
 
 const stateReply = (state: number) => body(PROCEDURES.domainGetState.ret, { state, reason: 0 });
+
+const NOBODY = 65534;
+const CLIENT_MODULE = pathToFileURL(join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'src', 'drivers', 'libvirt', 'index.js')).href;
+
+/** Running a client as another user needs root, and a checkout that user may read (a clone under /root is not). */
+function permissionTestSkip(): string | false {
+  if (process.getuid?.() !== 0) return 'needs root to run a client as another user';
+  const probe = spawnSync(process.execPath, ['-e', `require('node:fs').accessSync(${JSON.stringify(fileURLToPath(CLIENT_MODULE))}, 4)`], { uid: NOBODY, gid: NOBODY, cwd: '/' });
+  return probe.status === 0 ? false : 'the compiled client is not readable by another user here';
+}
 
 describe('libvirt connection over a fake daemon', () => {
   let daemon: FakeDaemon;
@@ -200,4 +212,18 @@ describe('libvirt connection over a fake daemon', () => {
     auth = [LIBVIRT.REMOTE_AUTH_POLKIT];
     await assert.rejects(LibvirtClient.connect(uri), (err: unknown) => isQbackupError(err, 'LIBVIRT_ACCESS_DENIED') && /polkit refused/.test(err.message));
   });
+
+  it('permission denied on the socket is one sentence', { skip: permissionTestSkip() }, async () => {
+    // The daemon's directory is root's alone (0700): a client running as nobody cannot reach the socket.
+    chmodSync(daemon.dir, 0o700);
+    const uri = `qemu+unix:///system?socket=${daemon.path}`;
+    const script = `import(${JSON.stringify(CLIENT_MODULE)}).then(({ LibvirtClient }) => LibvirtClient.connect(${JSON.stringify(uri)})).then(() => console.log('{}'), (e) => console.log(JSON.stringify({ code: e.code, message: e.message })))`;
+    const out = await new Promise<string>((resolve, reject) =>
+      execFile(process.execPath, ['-e', script], { uid: NOBODY, gid: NOBODY, cwd: '/' }, (err, stdout) => (err ? reject(err) : resolve(stdout))),
+    );
+    const result = JSON.parse(out) as { code?: string; message?: string };
+    assert.equal(result.code, 'LIBVIRT_ACCESS_DENIED');
+    assert.equal(result.message, `Permission denied on libvirt's socket ${daemon.path} for ${uri}: run as root or as a member of the group that owns it`);
+  });
 });
+
