@@ -37,6 +37,8 @@ export interface LibvirtDaemon {
   started: boolean;
   /** Stops what was started, by pid; nothing otherwise. Idempotent. */
   stop(): Promise<void>;
+  /** Stops and starts again the libvirtd this process started (running domains survive, as with systemd's restart); refuses one it did not start. */
+  restart(): Promise<void>;
 }
 
 /** Whether something accepts connections on a unix socket. */
@@ -94,7 +96,12 @@ async function startDaemon(program: string, pidFile: string, env: NodeJS.Process
 /** A libvirt daemon to talk to: the running one, or one started here. */
 export async function startLibvirt(): Promise<LibvirtDaemon> {
   const socketPath = LIBVIRT_SYSTEM_SOCKET;
-  if (await socketAnswers(socketPath)) return { uri: LIBVIRT_URI, socketPath, started: false, stop: async () => undefined };
+  if (await socketAnswers(socketPath)) {
+    const restart = async (): Promise<void> => {
+      throw new Error('the tests did not start this libvirtd, so they do not restart it');
+    };
+    return { uri: LIBVIRT_URI, socketPath, started: false, stop: async () => undefined, restart };
+  }
   const dir = mkdtempSync(join(tmpdir(), 'qbt-libvirtd-'));
   const env = { ...process.env, LIBVIRT_LOG_OUTPUTS: `3:file:${join(dir, 'daemon.log')}` };
   const pids: number[] = [];
@@ -106,16 +113,25 @@ export async function startLibvirt(): Promise<LibvirtDaemon> {
     for (const pid of [...pids].reverse()) await stopPid(pid);
     rmSync(dir, { recursive: true, force: true });
   };
-  try {
-    if (!(await socketAnswers(VIRTLOGD_SOCKET))) pids.push(await startDaemon('virtlogd', join(dir, 'virtlogd.pid'), env));
+  const startLibvirtd = async (): Promise<void> => {
+    rmSync(join(dir, 'libvirtd.pid'), { force: true });
     pids.push(await startDaemon('libvirtd', join(dir, 'libvirtd.pid'), env));
     await waitFor(`libvirtd to listen on ${socketPath}`, () => socketAnswers(socketPath), 30_000);
+  };
+  const restart = async (): Promise<void> => {
+    const libvirtd = pids.pop();
+    if (libvirtd !== undefined) await stopPid(libvirtd);
+    await startLibvirtd();
+  };
+  try {
+    if (!(await socketAnswers(VIRTLOGD_SOCKET))) pids.push(await startDaemon('virtlogd', join(dir, 'virtlogd.pid'), env));
+    await startLibvirtd();
   } catch (err) {
     const log = existsSync(join(dir, 'daemon.log')) ? readFileSync(join(dir, 'daemon.log'), 'utf8').split('\n').slice(-20).join('\n') : '';
     await stop();
     throw new Error(`Cannot start libvirtd for the tests (install libvirt-daemon-system and libvirt-clients: bash scripts/setup.sh): ${(err as Error).message}\n${log}`);
   }
-  return { uri: LIBVIRT_URI, socketPath, started: true, stop };
+  return { uri: LIBVIRT_URI, socketPath, started: true, stop, restart };
 }
 
 /** A unique name for a test domain: `qbt-lv-<pid>-<n>-<what>`. */

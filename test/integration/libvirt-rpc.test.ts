@@ -260,6 +260,23 @@ describe('libvirt RPC client against the real libvirtd', () => {
       remove();
     }
   });
+
+  it('a libvirtd restart fails what was pending with LIBVIRT_DISCONNECTED and its cause; a new connection works', async (t) => {
+    if (!daemon.started) {
+      t.diagnostic('libvirtd was not started by the tests, so they do not restart it');
+      return;
+    }
+    const other = await LibvirtClient.connect(daemon.uri);
+    await daemon.restart();
+    const cause = await other.connection.closed;
+    assert.ok(isQbackupError(cause, 'LIBVIRT_DISCONNECTED'), String(cause));
+    assert.match(cause.message, /libvirt at qemu:\/\/\/system closed the connection/);
+    await assert.rejects(other.listAllDomains(), (err: unknown) => isQbackupError(err, 'LIBVIRT_DISCONNECTED') && err.cause === cause);
+    await other.close();
+    await client.close();
+    client = await LibvirtClient.connect(daemon.uri);
+    assert.ok((await client.getLibVersion()) >= 9_000_000);
+  });
 });
 
 function virshNames(out: string): string[] {
