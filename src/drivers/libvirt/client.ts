@@ -11,7 +11,7 @@
 // - Every libvirt error keeps libvirt's message (LibvirtCallError) and maps
 //   to qbackup's code (DOMAIN_NOT_FOUND, CHECKPOINT_NOT_FOUND, …).
 // - close() says connect-close when it can, then closes the socket; it is
-//   idempotent and never throws.
+//   idempotent, and a connection already lost is no error to it.
 
 import { QbackupError, describeError, isQbackupError } from '../../errors.js';
 import * as C from './rpc/constants.js';
@@ -269,7 +269,7 @@ export class LibvirtClient {
     return this.connection.eventCursor();
   }
 
-  /** connect-close, then the socket. Idempotent; never throws. */
+  /** connect-close, then the socket. Idempotent; a lost connection is no error here. */
   close(): Promise<void> {
     this.closing ??= (async () => {
       try {
