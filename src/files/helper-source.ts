@@ -6,8 +6,8 @@
 // Protocol: one JSON request per line on stdin, one JSON reply per line on
 // stdout ({"id", "ok"} or {"id", "error"}); every string is ASCII JSON whose
 // \u00XX escapes stand for raw bytes (guest names are bytes, not text). File
-// contents go out on fd 3, exactly `size` bytes per download, announced by
-// the reply to the preceding lstat. End of stdin closes the handle, which
+// contents go out on fd 3, exactly the file's size per download (the caller
+// knows it from an lstat of the read-only filesystem). End of stdin closes the handle, which
 // stops the appliance; libguestfs's recovery process stops it too when this
 // process is killed.
 
@@ -17,6 +17,7 @@ use warnings;
 use Sys::Guestfs;
 use JSON::PP;
 use IO::Handle;
+use POSIX ();
 
 my $json = JSON::PP->new->ascii->canonical;
 STDOUT->autoflush(1);
@@ -81,7 +82,8 @@ $ops{mount} = sub {
 $ops{lstat} = sub {
   my ($r) = @_;
   my $p = bytes_of($r->{path});
-  my $s = stat_of($g->lstatns($p));
+  my %st = $g->lstatns($p);
+  my $s = stat_of(\%st);
   $s->{link} = $g->readlink($p) if is_link($s->{mode});
   return $s;
 };
@@ -107,9 +109,36 @@ $ops{readdir} = sub {
   }
   return \@out;
 };
+# libguestfs downloads into a file name; fd 3 is a socket, which cannot be
+# opened by name, so a forked copier moves the bytes from a pipe to fd 3.
 $ops{download} = sub {
   my ($r) = @_;
-  $g->download(bytes_of($r->{path}), '/dev/fd/3');
+  pipe(my $rd, my $wr) or die "pipe: $!\n";
+  my $pid = fork();
+  die "fork: $!\n" unless defined $pid;
+  if ($pid == 0) {
+    # The copier: never returns, and _exit skips the handle's destructor (which would stop the appliance).
+    close $wr;
+    open(my $out, '>&=', 3) or POSIX::_exit(1);
+    my $buf;
+    while (1) {
+      my $n = sysread($rd, $buf, 1 << 16);
+      POSIX::_exit(defined $n ? 0 : 1) if !$n;
+      my $off = 0;
+      while ($off < $n) {
+        my $w = syswrite($out, $buf, $n - $off, $off);
+        POSIX::_exit(1) unless defined $w;
+        $off += $w;
+      }
+    }
+  }
+  close $rd;
+  my $ok = eval { $g->download(bytes_of($r->{path}), '/dev/fd/' . fileno($wr)); 1 };
+  my $err = $@;
+  close $wr;
+  waitpid($pid, 0);
+  die $err unless $ok;
+  die "copying the file out failed\n" if $? != 0;
   return JSON::PP::true;
 };
 
