@@ -132,8 +132,12 @@ export class GuestfsAppliance implements AsyncDisposable {
       return a;
     } catch (err) {
       await a.close();
-      if (err instanceof QbackupError && err.code === 'APPLIANCE_FAILED') throw err;
-      throw new QbackupError('APPLIANCE_FAILED', `The file-browsing appliance cannot start: ${err instanceof Error ? err.message : String(err)}${a.stderrHint()}; run libguestfs-test-tool to see why (scripts/setup.sh installs libguestfs-tools and a kernel for it)`, { cause: err });
+      if (/Can't locate Sys\/Guestfs/.test(a.stderrTail) || (err instanceof QbackupError && /ENOENT/.test(err.message))) {
+        throw new QbackupError('APPLIANCE_FAILED', 'The file-browsing appliance cannot start: libguestfs and its Perl binding are not installed; install libguestfs-tools and linux-image-amd64 (scripts/setup.sh does)', { cause: err });
+      }
+      if (err instanceof QbackupError && err.code === 'APPLIANCE_TIMEOUT') throw err;
+      const why = (err instanceof Error ? err.message : String(err)).replace(/[.\s]+$/, '');
+      throw new QbackupError('APPLIANCE_FAILED', `The file-browsing appliance cannot start (${why}${a.stderrHint()}): run libguestfs-test-tool to see why, and install libguestfs-tools and linux-image-amd64 (scripts/setup.sh does)`, { cause: err });
     }
   }
 

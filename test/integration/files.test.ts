@@ -18,6 +18,7 @@
 // software emulation costs tens of seconds).
 
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, lstatSync, mkdirSync, readFileSync, readdirSync, readlinkSync, statSync } from 'node:fs';
 import { join } from 'node:path';
@@ -268,11 +269,25 @@ describe('files: browse and fetch files of backups (libguestfs appliance over ou
   });
 
   test('an appliance that cannot start says so in one sentence with the fix', async () => {
+    // A disk that opens (qemu-nbd serving a small image), and libguestfs pointed at an appliance that is not there.
     const dir = env.path('no-appliance');
     mkdirSync(dir);
-    await assert.rejects(
-      GuestfsAppliance.launch([{ socket: join(dir, 'none.sock'), export: 'sda' }], { environment: { PATH: process.env['PATH'] ?? '/usr/bin:/bin', LIBGUESTFS_PATH: join(dir, 'nothing'), LIBGUESTFS_CACHEDIR: dir, TMPDIR: dir } }),
-      (err: unknown) => err instanceof QbackupError && err.code === 'APPLIANCE_FAILED' && /libguestfs-test-tool/.test(err.message) && !err.message.includes('\n'),
-    );
+    const image = await env.image('tiny.raw', 1 * MiB, 'raw');
+    const socket = join(dir, 'nbd.sock');
+    const nbd = spawn('qemu-nbd', ['--persistent', '--read-only', '--format=raw', '--export-name=sda', `--socket=${socket}`, image], { stdio: 'ignore' });
+    try {
+      assert.ok(await waitFor(() => existsSync(socket), 10_000), 'qemu-nbd listens');
+      await assert.rejects(
+        GuestfsAppliance.launch([{ socket, export: 'sda' }], { environment: { PATH: process.env['PATH'] ?? '/usr/bin:/bin', LIBGUESTFS_PATH: join(dir, 'nothing'), LIBGUESTFS_CACHEDIR: dir, TMPDIR: dir } }),
+        (err: unknown) => {
+          assert.ok(err instanceof QbackupError && err.code === 'APPLIANCE_FAILED', String(err));
+          assert.match(err.message, /^The file-browsing appliance cannot start \(.*\): run libguestfs-test-tool to see why, and install libguestfs-tools and linux-image-amd64 \(scripts\/setup\.sh does\)$/);
+          assert.ok(!err.message.includes('\n'));
+          return true;
+        },
+      );
+    } finally {
+      nbd.kill('SIGKILL');
+    }
   });
 });
