@@ -49,6 +49,10 @@ function access(request: FastifyRequest, repoPath: string): RepoAccess {
   return { repo: repoPath, ...(password !== undefined && password !== '' ? { password } : {}) };
 }
 
+type WithSession = <T>(request: FastifyRequest, id: string, sel: { repo: string; domain?: string | undefined; disks?: readonly string[] | undefined; fs?: string | undefined }, fn: (s: FileSession) => Promise<T>) => Promise<T>;
+
+const disksOf = (s: string | undefined): string[] | undefined => (s === undefined || s === '' ? undefined : s.split(',').filter((x) => x !== ''));
+
 export function fileRoutes(app: FastifyInstance, service: QbackupService): void {
   const qb = service.qb;
   const warm = new WarmSessions(qb.repository, {
@@ -58,7 +62,7 @@ export function fileRoutes(app: FastifyInstance, service: QbackupService): void 
   app.addHook('onClose', async () => warm.close());
 
   /** Runs `fn` on the warm session of backup `id` (its domain found in the repository when not given). */
-  const withSession = async <T>(request: FastifyRequest, id: string, sel: { repo: string; domain?: string | undefined; disks?: readonly string[] | undefined; fs?: string | undefined }, fn: (s: FileSession) => Promise<T>): Promise<T> => {
+  const withSession: WithSession = async (request, id, sel, fn) => {
     const a = access(request, sel.repo);
     let domain = sel.domain;
     if (domain === undefined) {
@@ -67,8 +71,12 @@ export function fileRoutes(app: FastifyInstance, service: QbackupService): void 
     }
     return warm.use({ ...a, domain, backup: id, disks: sel.disks, fs: sel.fs }, fn);
   };
-  const disksOf = (s: string | undefined): string[] | undefined => (s === undefined || s === '' ? undefined : s.split(',').filter((x) => x !== ''));
+  listingRoutes(app, service, withSession);
+  contentRoute(app, service, withSession);
+  restoreRoute(app, service, withSession);
+}
 
+function listingRoutes(app: FastifyInstance, service: QbackupService, withSession: WithSession): void {
   addRoute<{ id: string }, Selection, unknown>(app, service, {
     method: 'GET', url: '/api/repository/backups/:id/filesystems', tag, params: idParams,
     summary: "A backup's filesystems (device, disk, type, size, label, where mounted) and the operating systems found in it",
@@ -91,7 +99,9 @@ export function fileRoutes(app: FastifyInstance, service: QbackupService): void 
         return { backup: s.backup.id, domain: s.backup.domain, time: s.backup.time, path: at.path, type: at.type, entries };
       }),
   });
+}
 
+function contentRoute(app: FastifyInstance, service: QbackupService, withSession: WithSession): void {
   addRoute<{ id: string }, Selection & { path: string }, unknown>(app, service, {
     method: 'GET', url: '/api/repository/backups/:id/files/content', tag, params: idParams,
     summary: 'Download one file of a backup (streamed; symlinks followed inside the guest tree); always an attachment',
@@ -116,21 +126,22 @@ export function fileRoutes(app: FastifyInstance, service: QbackupService): void 
       return reply.send(body);
     },
   });
+}
 
+function restoreRoute(app: FastifyInstance, service: QbackupService, withSession: WithSession): void {
   addRoute<{ id: string }, unknown, RestoreBody>(app, service, {
     method: 'POST', url: '/api/repository/backups/:id/files/restore', tag, status: 202, params: idParams,
     summary: 'Copy files and directories of a backup into a directory of this host (modes, owners, times and symlinks kept; nothing overwritten); returns a task',
     body: object({ repo, domain: str({ maxLength: 256 }), disks: strings, fs: str({ maxLength: 256 }), paths: { ...strings, minItems: 1, items: { type: 'string', minLength: 1, maxLength: 4096 } }, to: str({ minLength: 1 }) }, ['repo', 'paths', 'to']),
     handler: ({ params: p, body: b, request, who }) => {
       const sel = { repo: b.repo, domain: b.domain, disks: b.disks, fs: b.fs };
-      const task = service.tasks.submit({
+      return service.tasks.submit({
         // No domain: copying files out of a backup neither waits for nor blocks the domain's own tasks.
         kind: 'repository.files-restore',
         cancellable: true,
         requestedBy: who,
         run: (ctx) => withSession(request, p.id, sel, async (s) => ({ backup: s.backup.id, to: b.to, ...(await s.get(b.paths, b.to, ctx.signal)) })),
       });
-      return task;
     },
   });
 }
