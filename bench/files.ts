@@ -116,6 +116,7 @@ async function main(): Promise<void> {
       ...rows,
       '',
       'The cold start is the appliance boot under TCG. virt-ls pays the same boot. The daemon keeps the session warm, so only the first request of a backup pays it.',
+      `The fetch is slower than the floor's copy once booted (guestfish copy-out minus virt-ls's boot, about ${s(Math.max(0, copyOutMs - virtLsMs))}). qbackup's path adds chunk decoding in our NBD server, which runs in the same process as the reader here, and the helper's pipe copy. How the time splits between them has not been measured yet.`,
     ].join('\n');
     console.log(section);
     if (values['no-doc'] !== true) {
