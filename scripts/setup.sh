@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   need=()
-  for pkg in qemu-system-x86 qemu-utils qemu-block-extra libnbd-bin e2fsprogs openssl chromium ceph-mon ceph-osd radosgw ceph-common; do
+  for pkg in qemu-system-x86 qemu-utils qemu-block-extra libnbd-bin e2fsprogs openssl chromium ceph-mon ceph-osd radosgw ceph-common libguestfs-tools linux-image-amd64; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
   done
   if [ ${#need[@]} -gt 0 ]; then

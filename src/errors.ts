@@ -39,6 +39,9 @@ export const ERROR_CODES = {
   RESTORE_RUNNING: "an instant restore is still copying the domain's data",
   JOB_NOT_FOUND: 'no backup job to show, wait for or abort',
   BACKUP_NOT_FOUND: 'no backup of that id in the repository',
+  FILE_NOT_FOUND: 'no file or directory at that path in a backed-up filesystem',
+  FILESYSTEM_NOT_FOUND: 'a backup has no filesystem of that device, or none to choose on its own',
+  FILE_TOO_LARGE: 'a file or listing is larger than the limit of one operation',
   // -- outcomes of work that ran
   BACKUP_FAILED: 'a backup job or repository backup did not complete',
   VERIFY_FAILED: 'verification found damage',
@@ -62,6 +65,8 @@ export const ERROR_CODES = {
   NBD_TLS: 'TLS with an NBD server could not be set up (STARTTLS refused, an untrusted or unacceptable certificate); never answered by falling back to plain',
   SECRET_NOT_FOUND: 'the passphrase file of a secret (STATE_DIR/secrets/UUID) is missing, empty, unreadable or readable by others',
   TLS_CREDENTIALS: 'a TLS certificate directory is missing, unreadable or lacks a file it needs (ca-cert.pem, server-cert.pem, …)',
+  APPLIANCE_FAILED: 'the libguestfs appliance that reads backed-up filesystems cannot start or stopped',
+  APPLIANCE_TIMEOUT: 'the libguestfs appliance did not finish an operation in time (it was stopped)',
   GUEST_AGENT: 'quiescing needs the guest agent and it is not configured, did not answer, or could not freeze or thaw the filesystems',
   // -- qbackup's own state
   STATE_DIR: 'the state directory or metadata database cannot be used',

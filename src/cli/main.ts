@@ -9,6 +9,7 @@ import { checkpointCommands } from './checkpoint-commands.js';
 import { registerCommands } from './command.js';
 import { createCliContext } from './context.js';
 import { domainCommands } from './domain-commands.js';
+import { filesCommands } from './files-commands.js';
 import { repositoryCommands } from './repository-commands.js';
 import { serviceCommands } from './service-commands.js';
 
@@ -34,7 +35,7 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
     .showHelpAfterError()
     .exitOverride();
   const cli = createCliContext(env);
-  registerCommands(program, cli, [...domainCommands, ...checkpointCommands, ...backupCommands, ...repositoryCommands, ...serviceCommands]);
+  registerCommands(program, cli, [...domainCommands, ...checkpointCommands, ...backupCommands, ...repositoryCommands, ...serviceCommands, ...filesCommands]);
   try {
     await program.parseAsync([...argv]);
   } catch (err) {

@@ -8,6 +8,8 @@
 // with their sizes and the repository's dedup, Verify and Restore buttons,
 // the recent tasks and the schedules.
 
+import { FILE_BROWSER_HTML, FILE_BROWSER_SCRIPT } from './page-files.js';
+
 export const PAGE_HTML = `<!doctype html>
 <html lang="en">
 <head>
@@ -51,7 +53,7 @@ export const PAGE_HTML = `<!doctype html>
 <h2>Backups <button id="verify">Verify repository</button></h2>
 <p id="stats" class="muted"></p>
 <table id="backups"><thead><tr><th>Backup</th><th>Domain</th><th>Time</th><th>Disks</th><th>Read</th><th>Stored</th><th></th></tr></thead><tbody></tbody></table>
-<h2>Tasks</h2>
+${FILE_BROWSER_HTML}<h2>Tasks</h2>
 <table id="tasks"><thead><tr><th>Task</th><th>Kind</th><th>Domain</th><th>State</th><th>Progress</th><th>Started</th><th>Message</th></tr></thead><tbody></tbody></table>
 <h2>Schedules</h2>
 <table id="schedules"><thead><tr><th>Id</th><th>Domain</th><th>When</th><th>Repository</th><th>Retention</th><th>Next run</th></tr></thead><tbody></tbody></table>
@@ -237,6 +239,7 @@ $("save").addEventListener("click", () => {
 refresh();
 setInterval(refresh, 5000);
 </script>
+<script>${FILE_BROWSER_SCRIPT}</script>
 </body>
 </html>
 `;

@@ -14,6 +14,7 @@ import { PAGE_HTML } from './page.js';
 import { RateLimiter, type RateLimitOptions } from './rate-limit.js';
 import { checkpointRoutes } from './routes-checkpoints.js';
 import { domainRoutes } from './routes-domains.js';
+import { fileRoutes } from './routes-files.js';
 import { jobRoutes } from './routes-jobs.js';
 import { repositoryRoutes } from './routes-repository.js';
 import { taskRoutes } from './routes-tasks.js';
@@ -67,6 +68,7 @@ export async function buildServer(service: QbackupService, options: ServerOption
   jobRoutes(app, service);
   repositoryRoutes(app, service);
   taskRoutes(app, service);
+  fileRoutes(app, service);
   app.get('/api/whoami', { schema: { summary: 'The token this request was made with', tags: ['auth'] } }, async (request) => ({ name: request.tokenName ?? null, readOnly: request.tokenReadOnly ?? false }));
   app.get('/api/openapi.json', { schema: { hide: true } }, async () => app.swagger());
   app.get('/', { schema: { hide: true } }, async (_request, reply) => reply.type('text/html; charset=utf-8').header('content-security-policy', "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'").send(PAGE_HTML));
