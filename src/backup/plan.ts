@@ -17,8 +17,8 @@
 import { join, resolve } from 'node:path';
 import { QbackupError } from '../errors.js';
 import type { DiskCoverage } from '../checkpoint/coverage.js';
-import { TEMP_BITMAP_PREFIX } from '../checkpoint/service.js';
-import type { AttachedDisk } from '../domain/service.js';
+import { TEMP_BITMAP_PREFIX } from '../checkpoint/checkpoints.js';
+import type { AttachedDisk } from '../domain/domains.js';
 import type { JobDisk, JobInfo, NbdServer } from './job.js';
 import type { BackupDiskSpec, BackupSpec } from './spec.js';
 

@@ -8,7 +8,7 @@
 import { readFileSync } from 'node:fs';
 import { QbackupError } from '../errors.js';
 import type { Qbackup } from '../qbackup.js';
-import type { CopyReport, GcReport, InstantRestoreInfo, Manifest, PruneResult, RepoAccess, RepoStats, RetentionPolicy, ServeListen, VerifyReport } from '../repository/service.js';
+import type { CopyReport, GcReport, InstantRestoreInfo, Manifest, PruneResult, RepoAccess, RepoStats, RetentionPolicy, ServeListen, VerifyReport } from '../repository/repository.js';
 import { arg, defineCommand, flag, optionalArg, repeatable, requiredValue, value, valueWithDefault, type CliCommand } from './command.js';
 import { diskOption, hostPort, oneOf, pointInTime, positiveNumber, quiesceMode, quiesceOptions, repoOption } from './options.js';
 import { emit, table, type OutputOptions } from './output.js';

@@ -6,8 +6,8 @@
 
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { QbackupError } from '../errors.js';
-import type { RepoAccess, RetentionPolicy } from '../repository/service.js';
-import type { QbackupService } from '../service/service.js';
+import type { RepoAccess, RetentionPolicy } from '../repository/repository.js';
+import type { QbackupService } from '../service/daemon-service.js';
 import { domainParams } from './routes-domains.js';
 import { addRoute, bool, flagValue, int, object, queryFlag, str, strings } from './route.js';
 

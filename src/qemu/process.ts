@@ -14,7 +14,7 @@ import { QbackupError } from '../errors.js';
 import { isProcessAlive, processStartTime, sleep } from '../util/proc.js';
 import { socketAccepts } from '../util/socket.js';
 import { QmpClient } from '../qmp/client.js';
-import type { KernelBoot } from '../domain/types.js';
+import type { KernelBoot } from '../model/definition.js';
 import { ROOT_PORT_COUNT, SCSI_CONTROLLER_ID, backingNodeSpec, blockdevSpecs, deviceSpec, rootPortId, type QemuDiskSpec } from './nodes.js';
 
 export interface LaunchOptions {

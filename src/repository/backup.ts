@@ -19,10 +19,10 @@
 //   is touched.
 
 import { exportUri, serverAddress, type JobDisk, type JobInfo } from '../backup/job.js';
-import type { BackupService } from '../backup/service.js';
+import type { BackupService } from '../backup/jobs.js';
 import type { BackupSpec } from '../backup/spec.js';
-import type { CheckpointService } from '../checkpoint/service.js';
-import type { BlockInfo, DomainService } from '../domain/service.js';
+import type { CheckpointService } from '../checkpoint/checkpoints.js';
+import type { BlockInfo, DomainService } from '../domain/domains.js';
 import type { QuiesceMode } from '../domain/quiesce.js';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';

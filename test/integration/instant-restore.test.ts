@@ -18,9 +18,9 @@
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
 import { after, before, describe, test } from 'node:test';
-import { runTool } from '../../src/qemu/tools.js';
-import type { InstantRecord, InstantRestoreInfo } from '../../src/repository/instant.js';
-import type { Manifest } from '../../src/repository/service.js';
+import { runTool } from '../../src/image/tools.js';
+import type { InstantRecord, InstantRestoreInfo } from '../../src/instant/restore.js';
+import type { Manifest } from '../../src/repository/repository.js';
 import { isProcessAlive, sleep } from '../../src/util/proc.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
 import { MiB, imageDiffers, referenceCopy } from '../helpers/repo.js';

@@ -8,7 +8,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { S3Backend } from '../../src/repository/backend/s3.js';
-import type { Manifest, RepoStats, VerifyReport } from '../../src/repository/service.js';
+import type { Manifest, RepoStats, VerifyReport } from '../../src/repository/repository.js';
 import { ceph, stopCeph, type Ceph } from '../helpers/ceph.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
 import { MiB, cliError, imageDiffers, randomFile, referenceCopies, spawnCli } from '../helpers/repo.js';

@@ -5,9 +5,9 @@
 // local directory or s3://BUCKET/PREFIX), with its passphrase when it is encrypted.
 
 import { resolve } from 'node:path';
-import type { BackupService } from '../backup/service.js';
-import type { CheckpointService } from '../checkpoint/service.js';
-import type { DomainService } from '../domain/service.js';
+import type { BackupService } from '../backup/jobs.js';
+import type { CheckpointService } from '../checkpoint/checkpoints.js';
+import type { DomainService } from '../domain/domains.js';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import type { Backend } from './backend/backend.js';
 import { isRemoteRepo, openBackend, type BackendSettings } from './backend/open.js';
@@ -16,7 +16,7 @@ import { copyBackups, type CopyOptions, type CopyReport } from './copy.js';
 import { collectGarbage, type GcReport } from './gc.js';
 import type { Manifest } from './manifest.js';
 import { pruneStore, type PrunePlan, type RetentionPolicy } from './prune.js';
-import { zeroRanges, type InstantRestoreInfo, type InstantRestoreOptions, type InstantRestoreService } from './instant.js';
+import { zeroRanges, type InstantRestoreInfo, type InstantRestoreOptions, type InstantRestoreService } from '../instant/restore.js';
 import { restoreIntoImage, restoreToFile, type ImageFormat } from './restore.js';
 import { serveBackup, type BackupServer, type ServeListen } from './serve.js';
 import { repositoryStats, type RepoStats } from './stats.js';
@@ -26,7 +26,7 @@ import { verifyStore, type VerifyOptions, type VerifyReport } from './verify.js'
 export type { Progress, RepoBackupOptions } from './backup.js';
 export type { CopyReport, CopySelection } from './copy.js';
 export type { GcReport } from './gc.js';
-export type { InstantDiskInfo, InstantRestoreInfo, InstantRestoreOptions } from './instant.js';
+export type { InstantDiskInfo, InstantRestoreInfo, InstantRestoreOptions } from '../instant/restore.js';
 export type { Manifest, ManifestDisk } from './manifest.js';
 export type { FoldStep } from './fold.js';
 export type { PrunePlan, RetentionPolicy } from './prune.js';

@@ -26,8 +26,8 @@
 import { withQuiesce, type Consistency, type QuiesceMode } from '../domain/quiesce.js';
 import { randomBytes } from 'node:crypto';
 import { QbackupError } from '../errors.js';
-import type { AttachedDisk, DomainContext, DomainService, UndefineOptions } from '../domain/service.js';
-import { parseDomainXml } from '../libvirt/domain.js';
+import type { AttachedDisk, DomainContext, DomainService, UndefineOptions } from '../domain/domains.js';
+import { parseDomainXml } from '../model/definition-xml.js';
 import { readBlockNodes } from '../qemu/block-nodes.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
 import { QmpCommandError, type QmpClient } from '../qmp/index.js';

@@ -24,11 +24,11 @@ import { randomBytes } from 'node:crypto';
 import { closeSync, openSync, readSync, realpathSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
-import { formatDomainXml, parseDomainXml } from '../libvirt/domain.js';
+import { formatDomainXml, parseDomainXml } from '../model/definition-xml.js';
 import { hotplugDisk, unplugDisk } from '../qemu/devices.js';
 import { readBlockNodes } from '../qemu/block-nodes.js';
 import { nodeNamesFor, qemuIoDevicePath } from '../qemu/nodes.js';
-import { runTool } from '../qemu/tools.js';
+import { runTool } from '../image/tools.js';
 import { killProcess, launchQemu, qmpChardevArg, waitForExit, waitForQmp, type LaunchOptions, type QemuProcessInfo } from '../qemu/process.js';
 import { QmpClient } from '../qmp/index.js';
 import type { DiskEventRow, DomainRow, DomainStore, RuntimeRow } from '../store/domains.js';
@@ -38,7 +38,7 @@ import { makePrivateDir } from '../util/private-dir.js';
 import { findProcessWithArg, isProcessAlive, processStartTime } from '../util/proc.js';
 import { checkDiskImage, imageIdentity, refuseUnsupportedDisk } from './images.js';
 import { assertDomainName, assertTargetName, busForTarget } from './names.js';
-import type { DiskBus, DiskDefinition, DiskFormat, DomainDefinition, NbdBacking } from './types.js';
+import type { DiskBus, DiskDefinition, DiskFormat, DomainDefinition, NbdBacking } from '../model/definition.js';
 
 export type DomainState = 'running' | 'shut off' | 'crashed';
 

@@ -9,7 +9,7 @@
 // exports it announces against the sizes it expects, so a server of another
 // backup is never taken for the right one.
 
-import type { S3Settings } from './backend/s3.js';
+import type { S3Settings } from '../repository/backend/s3.js';
 import { spawn } from 'node:child_process';
 import { closeSync, existsSync, openSync, readFileSync, rmSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';

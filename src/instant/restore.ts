@@ -26,27 +26,27 @@
 //   already copied stays; streaming skips it). A start of the domain brings the
 //   server up first (beforeStart) and the streams after (afterStart).
 
-import { isRemoteRepo } from './backend/open.js';
-import type { S3Settings } from './backend/s3.js';
+import { isRemoteRepo } from '../repository/backend/open.js';
+import type { S3Settings } from '../repository/backend/s3.js';
 import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { closeSync, existsSync, fsyncSync, openSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { describeError, QbackupError } from '../errors.js';
-import { formatDomainXml, parseDomainXml } from '../libvirt/domain.js';
-import type { DomainContext, DomainService } from '../domain/service.js';
-import type { DiskDefinition, DomainDefinition } from '../domain/types.js';
+import { formatDomainXml, parseDomainXml } from '../model/definition-xml.js';
+import type { DomainContext, DomainService } from '../domain/domains.js';
+import type { DiskDefinition, DomainDefinition } from '../model/definition.js';
 import { assertDomainName } from '../domain/names.js';
-import { createImage } from '../qemu/image.js';
+import { createImage } from '../image/qemu-img.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
 import type { QmpClient } from '../qmp/index.js';
 import { makePrivateDir } from '../util/private-dir.js';
 import { sleep } from '../util/proc.js';
 import { socketAccepts } from '../util/socket.js';
-import { backupServerAlive, signalBackupServer, startBackupServer, stopBackupServer, type BackupServerProcess } from './backup-server.js';
-import { ZERO_ID } from './chunk.js';
-import type { FullIndex } from './disk-index.js';
-import type { Manifest } from './manifest.js';
+import { backupServerAlive, signalBackupServer, startBackupServer, stopBackupServer, type BackupServerProcess } from './server.js';
+import { ZERO_ID } from '../repository/chunk.js';
+import type { FullIndex } from '../repository/disk-index.js';
+import type { Manifest } from '../repository/manifest.js';
 
 export interface InstantRestoreOptions {
   /** Name of the new domain; default: the backed-up domain's name. */

@@ -6,7 +6,7 @@
 import { readFileSync } from 'node:fs';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import type { Qbackup } from '../qbackup.js';
-import type { Manifest, PruneResult, RepoAccess, RetentionPolicy } from '../repository/service.js';
+import type { Manifest, PruneResult, RepoAccess, RetentionPolicy } from '../repository/repository.js';
 import { ScheduleStore } from '../store/schedules.js';
 import { TaskStore } from '../store/tasks.js';
 import { TokenStore } from '../store/tokens.js';
