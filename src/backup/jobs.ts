@@ -30,6 +30,7 @@ import type { CheckpointSpec } from '../checkpoint/spec.js';
 import { QbackupError, describeError } from '../errors.js';
 import { freezeGuest, type Frozen, type QuiesceMode } from '../domain/quiesce.js';
 import { assert } from '../util/assert.js';
+import { noFaults, type Faults } from '../util/faults.js';
 import { refuseWhileRestoring, type DomainContext, type DomainService } from '../domain/domains.js';
 import { readBlockNodes } from '../qemu/block-nodes.js';
 import { createImage } from '../image/qemu-img.js';
@@ -67,9 +68,11 @@ export type BackupFaultPoint = 'backup-begin:before-qemu' | 'backup-begin:after-
 
 export interface BackupServiceSettings {
   /** Default certificate directory of pull jobs served over TCP with TLS (libvirt's backup_tls_x509_cert_dir). */
-  tlsCertDir?: string;
+  tlsCertDir?: string | undefined;
   /** Where the passphrases of LUKS targets and scratch images are kept, one file per secret UUID. */
-  secretsDir?: string;
+  secretsDir?: string | undefined;
+  /** Test-only fault injection (src/util/faults.ts). */
+  faults?: Faults | undefined;
 }
 
 export class BackupService {
@@ -77,7 +80,6 @@ export class BackupService {
     readonly domains: DomainService,
     readonly checkpoints: CheckpointService,
     private readonly store: JobStore,
-    private readonly crashAt?: string,
     private readonly settings: BackupServiceSettings = {},
   ) {}
 
@@ -403,7 +405,7 @@ export class BackupService {
   }
 
   private fault(point: BackupFaultPoint): void {
-    if (this.crashAt === point) process.kill(process.pid, 'SIGKILL');
+    (this.settings.faults ?? noFaults).at(point);
   }
 
   /**

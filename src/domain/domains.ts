@@ -87,15 +87,15 @@ export interface UndefineOptions {
 export interface DomainServiceOptions {
   stateDir: string;
   lockTimeoutMs: number;
-  accel?: 'auto' | 'kvm' | 'tcg';
-  qemuBinary?: string;
+  accel?: 'auto' | 'kvm' | 'tcg' | undefined;
+  qemuBinary?: string | undefined;
   /** Sees every QMP message sent and received (for diagnostics and tests). */
-  qmpTrace?: (direction: 'send' | 'recv', message: object) => void;
+  qmpTrace?: ((direction: 'send' | 'recv', message: object) => void) | undefined;
   /** How long detach waits for the guest to release a device (virtio needs a guest). */
-  detachTimeoutMs?: number;
-  shutdownTimeoutMs?: number;
+  detachTimeoutMs?: number | undefined;
+  shutdownTimeoutMs?: number | undefined;
   /** How long a start (or the adoption of a QEMU a killed start left) waits for QMP. Default 30 s. */
-  startTimeoutMs?: number;
+  startTimeoutMs?: number | undefined;
 }
 
 /** What a command sees of its domain while it holds the lock. */

@@ -132,7 +132,7 @@ function instantRestoreRoutes(app: FastifyInstance, service: QbackupService): vo
     body: object({ domain: str({ maxLength: 256 }), repo, backup: str({ maxLength: 256 }), until: str({ maxLength: 64 }), as: str({ maxLength: 256 }), to: str(), speedBytesPerSec: int(1) }, ['domain', 'repo']),
     handler: ({ body: b, request }) => {
       if (b.backup !== undefined && b.until !== undefined) throw new QbackupError('INVALID_ARGUMENT', 'Give either backup or until, not both');
-      return qb.repository.instantRestore(b.domain, {
+      return qb.instant.restore(b.domain, {
         ...access(request, b.repo),
         ...(b.backup !== undefined ? { backup: b.backup } : {}),
         ...(b.until !== undefined ? { until: pointInTime(b.until) } : {}),

@@ -1,61 +1,67 @@
-// Instant restore: a domain runs from a backup at once, and QEMU moves the
-// data into local images while it runs.
+// Instant restore: a domain runs from a backup at once, and the hypervisor
+// moves the data into local images while it runs.
 //
-// How: a server process exports the backup's disks over NBD (one unix socket,
-// one read-only export per disk, named by the target); each disk becomes a
-// new, empty qcow2 overlay whose *definition* declares the export as its
-// backing (`<backingStore type='network'>`; the overlay's header names
-// nothing, so no image chooses a host file); the domain is defined and
-// started on the overlays, so guest reads fall through to the backup and
-// guest writes stay in the overlays; then one QEMU `block-stream` job per
-// disk copies every backing byte into its overlay. When all jobs have
-// completed, the NBD nodes are deleted, the backings dropped from the stored
-// definition and the server stopped: the domain no longer needs the backup.
+// How: a server process (./server.ts) exports the backup's disks over NBD
+// (one unix socket, one read-only export per disk, named by the target);
+// each disk becomes a new, empty qcow2 overlay whose *definition* declares
+// the export as its backing (`<backingStore type='network'>`; the overlay's
+// header names nothing, so no image chooses a host file); the domain is
+// defined and started on the overlays, so guest reads fall through to the
+// backup and guest writes stay in the overlays; then one copy job per disk
+// (./copy.ts) copies every backing byte into its overlay. When all jobs have
+// completed, the backings are dropped and the server stopped: the domain no
+// longer needs the backup.
+//
+// This module talks to the hypervisor through the driver interface
+// (src/drivers/driver.ts) only, and keeps its own record in the state
+// database (src/store/instant.ts).
 //
 // Invariants:
-// - The restore's record (STATE_DIR/domains/NAME/instant-restore.json, written
-//   whole and renamed) names the repository, the backup id and each disk's
-//   size before the domain exists, and is removed only once the definition has
-//   no NBD backing left. A server is only ever (re)started for that backup id,
-//   and its announced exports must have exactly the recorded sizes, so the
-//   guest never reads another backup's data.
+// - The restore's record names the repository, the backup id and each
+//   disk's size before the domain exists, and is removed only once the
+//   definition has no NBD backing left. A server is only ever (re)started for
+//   that backup id, and its announced exports must have exactly the recorded
+//   sizes, so the guest never reads another backup's data.
 // - Everything after the start is settled by whichever command comes next on
 //   the domain (the onOpen hook): a finished copy is finalized, a server that
 //   died is restarted on the same socket (QEMU's NBD client reconnects on its
-//   own), a stream job that failed or is missing is started again (data
-//   already copied stays; streaming skips it). A start of the domain brings the
-//   server up first (beforeStart) and the streams after (afterStart).
+//   own), a copy job that failed or is missing is started again (data
+//   already copied stays; copying skips it). A start of the domain brings the
+//   server up first (beforeStart) and the copies after (afterStart).
 
-import { isRemoteRepo } from '../repository/backend/open.js';
-import type { S3Settings } from '../repository/backend/s3.js';
-import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { closeSync, existsSync, fsyncSync, openSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
+import type { CopyJob, DomainSession, HypervisorDriver } from '../drivers/driver.js';
 import { describeError, QbackupError } from '../errors.js';
 import { formatDomainXml, parseDomainXml } from '../model/definition-xml.js';
-import type { DomainContext, DomainService } from '../domain/domains.js';
 import type { DiskDefinition, DomainDefinition } from '../model/definition.js';
-import { assertDomainName } from '../domain/names.js';
-import { createImage } from '../image/qemu-img.js';
-import { nodeNamesFor } from '../qemu/nodes.js';
-import type { QmpClient } from '../qmp/index.js';
-import { makePrivateDir } from '../util/private-dir.js';
-import { sleep } from '../util/proc.js';
-import { socketAccepts } from '../util/socket.js';
-import { backupServerAlive, signalBackupServer, startBackupServer, stopBackupServer, type BackupServerProcess } from './server.js';
+import { isRemoteRepo } from '../repository/backend/open.js';
+import type { S3Settings } from '../repository/backend/s3.js';
 import { ZERO_ID } from '../repository/chunk.js';
 import type { FullIndex } from '../repository/disk-index.js';
 import type { Manifest } from '../repository/manifest.js';
+import type { RepoAccess, RepositoryService } from '../repository/repository.js';
+import type { Db } from '../store/db.js';
+import { InstantStore } from '../store/instant.js';
+import { noCredentials, type Credentials } from '../util/credentials.js';
+import { throwIfCancelled, type OperationOptions } from '../util/operation.js';
+import { makePrivateDir } from '../util/private-dir.js';
+import { sleep } from '../util/proc.js';
+import { socketAccepts } from '../util/socket.js';
+import { assertDomainName } from '../domain/names.js';
+import { settleCopies } from './copy.js';
+import { backupServerAlive, signalBackupServer, startBackupServer, stopBackupServer, type BackupServerProcess } from './server.js';
 
-export interface InstantRestoreOptions {
+export type { Credentials } from '../util/credentials.js';
+
+export interface InstantRestoreOptions extends OperationOptions {
   /** Name of the new domain; default: the backed-up domain's name. */
-  as?: string;
+  as?: string | undefined;
   /** Directory for the overlays (<target>.qcow2); default STATE_DIR/images/NAME. */
-  to?: string;
+  to?: string | undefined;
   /** Copy rate cap per disk, bytes per second (QEMU's block-stream `speed`); default unlimited. */
-  speedBytesPerSec?: number;
-  onProgress?: (phase: string) => void;
+  speedBytesPerSec?: number | undefined;
 }
 
 /** One disk of an instant restore. */
@@ -122,9 +128,6 @@ export interface InstantPlan {
   socket: string;
 }
 
-const RECORD = 'instant-restore.json';
-const LAST = 'instant-restore.last.json';
-
 export function jobIdFor(target: string): string {
   return `instant-${target}`;
 }
@@ -155,40 +158,81 @@ export function planInstantRestore(m: Manifest, o: { name: string; overlayDir: s
   return { name: o.name, definition, disks, dropped, overlayDir: o.overlayDir, socket: o.socket };
 }
 
+export interface InstantServiceOptions {
+  /** The state directory: the server's socket is in STATE_DIR/domains/NAME/nbd, overlays default to STATE_DIR/images/NAME. */
+  stateDir: string;
+  /** The program that serves the backup (argv prefix); default: this qbackup's serve-backup. */
+  serverCommand?: readonly string[] | undefined;
+  serverTimeoutMs?: number | undefined;
+  s3?: S3Settings | undefined;
+  /** Passphrases and the server's environment, from the caller. */
+  credentials?: Credentials | undefined;
+}
+
 export class InstantRestoreService {
-  /** The passphrase used when a server of an encrypted repository must be restarted by a later command. */
-  password: string | undefined;
+  private readonly store: InstantStore;
+  private readonly credentials: Credentials;
   /** The passphrase of the repository an instant restore is beginning from, while its domain starts. */
   private startPassword: string | undefined;
 
   constructor(
-    readonly domains: DomainService,
-    readonly options: { serverCommand?: readonly string[]; serverTimeoutMs?: number; s3?: S3Settings } = {},
-  ) {}
+    readonly driver: HypervisorDriver,
+    readonly repository: RepositoryService,
+    db: Db,
+    readonly options: InstantServiceOptions,
+  ) {
+    this.store = new InstantStore(db);
+    this.credentials = options.credentials ?? noCredentials;
+    driver.setLifecycleHooks({
+      onOpen: (s) => this.onOpen(s),
+      beforeStart: (s) => this.beforeStart(s),
+      afterStart: (s) => this.afterStart(s),
+      beforeUndefine: (s) => this.beforeUndefine(s),
+    });
+  }
+
+  private domainDir(name: string): string {
+    return join(this.options.stateDir, 'domains', name);
+  }
 
   // ---- begin -----------------------------------------------------------------
 
   /**
+   * Instant restore (docs/design.md): the domain (or a new one, `as`) runs at
+   * once from the backup served over NBD, while the hypervisor copies the
+   * data into new local overlays. Returns as soon as the domain runs; `wait`
+   * follows the copy, which any later command on the domain finalizes.
+   */
+  async restore(domain: string, options: RepoAccess & InstantRestoreOptions & { backup?: string | undefined; until?: Date | undefined }): Promise<InstantRestoreInfo> {
+    const { store, manifest: m } = await this.repository.findBackup(domain, options);
+    const holes = new Map<string, Array<{ offset: number; length: number }>>();
+    for (const d of m.disks) holes.set(d.target, zeroRanges(await store.resolveIndex(d.index)));
+    return this.begin(m, { repo: options.repo, encrypted: store.config.encrypted, password: options.password }, options, holes);
+  }
+
+  /**
    * Serves backup `m`, creates the overlays, defines and starts the domain on
-   * them, and has QEMU start copying. Returns as soon as the domain runs.
+   * them, and has the copies start. Returns as soon as the domain runs.
    */
   async begin(
     m: Manifest,
-    access: { repo: string; password?: string; encrypted: boolean },
+    access: { repo: string; password?: string | undefined; encrypted: boolean },
     options: InstantRestoreOptions,
     holes: ReadonlyMap<string, ReadonlyArray<{ offset: number; length: number }>> = new Map(),
   ): Promise<InstantRestoreInfo> {
     const name = options.as ?? m.domain;
     assertDomainName(name);
-    this.refuseClash(name, m);
-    const overlayDir = resolve(options.to ?? join(this.domains.options.stateDir, 'images', name));
-    const socket = join(this.domains.domainDir(name), 'nbd', 'backup.sock');
-    const uuidTaken = this.domains.store.getDomainByUuid(parseDomainXml(m.domainXml).uuid) !== undefined;
+    const domains = await this.driver.listDomains();
+    this.refuseClash(name, m, domains);
+    const overlayDir = resolve(options.to ?? join(this.options.stateDir, 'images', name));
+    const socket = join(this.domainDir(name), 'nbd', 'backup.sock');
+    const uuidTaken = domains.some((d) => d.uuid === parseDomainXml(m.domainXml).uuid);
     const plan = planInstantRestore(m, { name, overlayDir, socket, uuidTaken });
     if (plan.disks.length === 0) throw new QbackupError('INVALID_ARGUMENT', `Cannot restore backup "${m.id}" of domain "${m.domain}" instantly: it holds no disk of its definition`);
     for (const d of plan.disks) {
       if (existsSync(d.overlay)) throw new QbackupError('INVALID_ARGUMENT', `Cannot restore disk "${d.target}" of backup "${m.id}" instantly: "${d.overlay}" exists`);
     }
+    throwIfCancelled(options.signal, `The instant restore of backup "${m.id}"`);
     makePrivateDir(overlayDir);
     makePrivateDir(dirname(socket));
     const record: InstantRecord = {
@@ -201,13 +245,14 @@ export class InstantRestoreService {
     this.startPassword = access.password;
     try {
       for (const d of plan.disks) {
-        await createImage(d.overlay, 'qcow2', d.sizeBytes);
-        await markZeroes(d.overlay, holes.get(d.target) ?? []);
+        throwIfCancelled(options.signal, `The instant restore of backup "${m.id}"`);
+        await this.driver.createOverlay(d.overlay, d.sizeBytes, holes.get(d.target) ?? []);
       }
-      await this.domains.define(formatDomainXml(plan.definition));
+      await this.driver.defineDomain(formatDomainXml(plan.definition));
       defined = true;
-      options.onProgress?.('serving the backup and starting the domain');
-      await this.domains.start(name);
+      options.logger?.log({ level: 'info', msg: 'serving the backup and starting the domain', fields: { domain: name, backup: m.id } });
+      options.onProgress?.({ phase: 'serving the backup and starting the domain', doneBytes: 0, totalBytes: 0 });
+      await this.driver.startDomain(name);
     } catch (err) {
       await this.undoBegin(record, defined);
       throw err;
@@ -219,23 +264,22 @@ export class InstantRestoreService {
     return plan.dropped.length > 0 ? { ...info, dropped: plan.dropped } : info;
   }
 
-  private refuseClash(name: string, m: Manifest): void {
-    const existing = this.domains.store.getDomain(name);
+  private refuseClash(name: string, m: Manifest, domains: ReadonlyArray<{ name: string; state: string }>): void {
+    const existing = domains.find((d) => d.name === name);
     if (existing === undefined) return;
-    const state = this.domains.info(name).state;
     const hint = name === m.domain ? '; give the restored domain another name with --as, or undefine the existing one first' : '; choose another name with --as';
-    throw new QbackupError('DOMAIN_EXISTS', `Cannot restore backup "${m.id}" instantly as domain "${name}": a domain of that name exists (${state})${hint}`);
+    throw new QbackupError('DOMAIN_EXISTS', `Cannot restore backup "${m.id}" instantly as domain "${name}": a domain of that name exists (${existing.state})${hint}`);
   }
 
   /** Removes what a failed begin made: the domain (if defined), the server, the overlays, the record. */
   private async undoBegin(record: InstantRecord, defined: boolean): Promise<void> {
     if (defined) {
-      await this.domains.undefine(record.domain).catch(() => undefined);
+      await this.driver.undefineDomain(record.domain).catch(() => undefined);
     }
     const current = this.loadRecord(record.domain) ?? record;
     if (current.server !== null) await stopBackupServer(current.server.pid, current.server.pidStart);
     for (const d of record.disks) rmSync(d.overlay, { force: true });
-    this.removeRecord(record.domain);
+    this.store.forget(record.domain);
     rmSync(dirname(record.socket), { recursive: true, force: true });
   }
 
@@ -246,9 +290,9 @@ export class InstantRestoreService {
    * server is kept, a dead one restarted. The exports must be the recorded
    * disks with the recorded sizes, or the server is stopped and nothing is used.
    */
-  private async ensureServer(record: InstantRecord, password?: string): Promise<void> {
+  private async ensureServer(record: InstantRecord): Promise<void> {
     if (record.server !== null && backupServerAlive(record.server.pid, record.server.pidStart)) return;
-    const pass = password ?? this.startPassword ?? this.password;
+    const pass = this.startPassword ?? this.credentials.repositoryPassword(record.repo);
     if (record.encrypted && pass === undefined) {
       throw new QbackupError(
         'BACKUP_SERVER',
@@ -261,11 +305,9 @@ export class InstantRestoreService {
     try {
       server = await startBackupServer({
         repo: record.repo, domain: record.sourceDomain, backupId: record.backupId, disks: record.disks.map((d) => d.target), socket: record.socket,
-        outFile: join(dir, 'server.out'), logFile: join(dir, 'server.log'), stateDir: this.domains.options.stateDir,
-        ...(pass !== undefined ? { password: pass } : {}),
-        ...(this.options.serverCommand !== undefined ? { command: this.options.serverCommand } : {}),
-        ...(this.options.s3 !== undefined ? { s3: this.options.s3 } : {}),
-        ...(this.options.serverTimeoutMs !== undefined ? { timeoutMs: this.options.serverTimeoutMs } : {}),
+        outFile: join(dir, 'server.out'), logFile: join(dir, 'server.log'), stateDir: this.options.stateDir,
+        password: pass, command: this.options.serverCommand, s3: this.options.s3, timeoutMs: this.options.serverTimeoutMs,
+        environment: this.credentials.helperEnvironment(),
       });
     } catch (err) {
       throw new QbackupError('BACKUP_SERVER', `Cannot serve backup "${record.backupId}" to domain "${record.domain}": ${describeError(err)}`, { cause: err });
@@ -281,13 +323,13 @@ export class InstantRestoreService {
     this.saveRecord(record);
   }
 
-  // ---- hooks (wired in src/qbackup.ts) -------------------------------------------
+  // ---- lifecycle hooks (installed on the driver) -----------------------------------
 
-  /** Before QEMU starts: a disk declaring an NBD backing needs its server. */
-  async beforeStart(ctx: DomainContext): Promise<void> {
-    const backed = ctx.disks.filter((d) => d.nbdBacking !== undefined);
+  /** Before the domain starts: a disk declaring an NBD backing needs its server. */
+  private async beforeStart(s: DomainSession): Promise<void> {
+    const backed = s.disks.filter((d) => d.nbdBacking !== undefined);
     if (backed.length === 0) return;
-    const record = this.loadRecord(ctx.row.name);
+    const record = this.loadRecord(s.domain);
     if (record !== undefined) {
       await this.ensureServer(record);
       return;
@@ -297,28 +339,28 @@ export class InstantRestoreService {
       if (await socketAccepts(d.nbdBacking?.socket ?? '')) continue;
       throw new QbackupError(
         'BACKUP_SERVER',
-        `Cannot start domain "${ctx.row.name}": disk "${d.target}" is backed by NBD export "${d.nbdBacking?.exportName ?? ''}" on "${d.nbdBacking?.socket ?? ''}", where nothing serves and no instant restore of qbackup is recorded; serve it there or define the disk without that <backingStore>`,
+        `Cannot start domain "${s.domain}": disk "${d.target}" is backed by NBD export "${d.nbdBacking?.exportName ?? ''}" on "${d.nbdBacking?.socket ?? ''}", where nothing serves and no instant restore of qbackup is recorded; serve it there or define the disk without that <backingStore>`,
       );
     }
   }
 
-  /** After QEMU started (or on any later command): the copy jobs run or are restarted. */
-  async afterStart(ctx: DomainContext, qmp: QmpClient): Promise<void> {
-    const record = this.loadRecord(ctx.row.name);
+  /** After the domain started: the copy jobs run or are restarted. */
+  private async afterStart(s: DomainSession): Promise<void> {
+    const record = this.loadRecord(s.domain);
     if (record === undefined) return;
-    await this.settleRunning(ctx, qmp, record);
+    await this.settle(s, record);
   }
 
   /** On every command's open: finalize a finished copy, bring back a dead server or job. */
-  async onOpen(ctx: DomainContext): Promise<void> {
-    const record = this.loadRecord(ctx.row.name);
+  private async onOpen(s: DomainSession): Promise<void> {
+    const record = this.loadRecord(s.domain);
     if (record === undefined) return;
-    if (!ctx.disks.some((d) => d.nbdBacking !== undefined)) {
+    if (!s.disks.some((d) => d.nbdBacking !== undefined)) {
       // The definition was already finalized; only the server and the record remain.
-      await this.finishOffline(record);
+      await this.finish(record);
       return;
     }
-    if (!ctx.running) {
+    if (!s.running) {
       // Nothing reads the backup now; a served backup holds off gc's repacking. A start serves it again (beforeStart).
       if (record.server !== null) {
         await stopBackupServer(record.server.pid, record.server.pidStart);
@@ -327,75 +369,31 @@ export class InstantRestoreService {
       }
       return;
     }
-    // A dead server first, without QEMU: until it is back, QEMU's monitor may
-    // not answer (its NBD client holds requests for the reconnect delay).
+    // A dead server first: until it is back, QEMU's monitor may not answer
+    // (its NBD client holds requests for the reconnect delay).
     await this.ensureServer(record);
-    await this.domains.withQmp(ctx, 'instant restore check', (qmp) => this.settleRunning(ctx, qmp, record));
+    await this.settle(s, record);
   }
 
-  /** Undefine: the server goes, and the record with the domain's directory. */
-  beforeUndefine(ctx: DomainContext): void {
-    const record = this.loadRecord(ctx.row.name);
+  /** Undefine: the server goes, and the record and last result with the domain. */
+  private beforeUndefine(s: DomainSession): void {
+    const record = this.loadRecord(s.domain);
     if (record?.server != null) signalBackupServer(record.server.pid, record.server.pidStart);
+    this.store.forget(s.domain);
   }
 
-  // ---- settling a running domain --------------------------------------------------
-
-  /**
-   * The stream jobs of a running domain: a completed one is dismissed once
-   * all are complete (then the restore is finalized), a failed or missing one
-   * is started again with the server up first.
-   */
-  private async settleRunning(ctx: DomainContext, qmp: QmpClient, record: InstantRecord): Promise<void> {
-    const jobs = await queryStreamJobs(qmp);
-    const backed = new Set(ctx.disks.filter((d) => d.nbdBacking !== undefined).map((d) => d.target));
-    const pending = record.disks.filter((d) => backed.has(d.target));
-    const restart = pending.filter((d) => {
-      const j = jobs.get(d.jobId);
-      return j === undefined || (j.status === 'concluded' && j.error !== undefined);
-    });
-    if (restart.length > 0) {
-      await this.ensureServer(record);
-      for (const d of restart) {
-        const failed = jobs.get(d.jobId)?.error;
-        if (failed !== undefined) d.lastError = failed;
-        if (jobs.has(d.jobId)) await qmp.execute('job-dismiss', { id: d.jobId });
-        await startStream(qmp, ctx, d, record.speedBytesPerSec);
-      }
-      this.saveRecord(record);
-      return;
-    }
-    if (pending.every((d) => jobs.get(d.jobId)?.status === 'concluded')) await this.finalize(ctx, qmp, record, jobs);
-    else if (pending.some((d) => jobs.get(d.jobId)?.status === 'running')) await this.ensureServer(record);
+  private async settle(s: DomainSession, record: InstantRecord): Promise<void> {
+    const outcome = await settleCopies(s, record, () => this.ensureServer(record));
+    if (outcome.changed) this.saveRecord(record);
+    if (outcome.finalized !== undefined) await this.finish(record, outcome.finalized);
   }
 
-  /**
-   * Every byte is local: the jobs are dismissed, the NBD nodes deleted, the
-   * backings dropped from the definition (the commit point), then the server
-   * stopped and the record removed.
-   */
-  private async finalize(ctx: DomainContext, qmp: QmpClient, record: InstantRecord, jobs: Map<string, StreamJob>): Promise<void> {
-    // The copied bytes must be on disk before the definition stops declaring
-    // the backing: until a flush, QEMU keeps the overlays' qcow2 metadata in
-    // memory, and a QEMU killed then would leave images that read zeroes
-    // where the backup had data. A paused guest is finalized later.
-    if (!(await flushByPause(qmp))) return;
-    for (const d of record.disks) {
-      if (jobs.has(d.jobId)) await qmp.execute('job-dismiss', { id: d.jobId });
-    }
-    for (const d of ctx.disks.filter((x) => x.nbdBacking !== undefined)) {
-      await qmp.execute('blockdev-del', { 'node-name': nodeNamesFor(d.diskId).backing });
-    }
-    this.domains.setNbdBackings(ctx, new Map(record.disks.map((d) => [d.target, undefined])));
-    await this.finishOffline(record, jobs);
-  }
-
-  private async finishOffline(record: InstantRecord, jobs = new Map<string, StreamJob>()): Promise<void> {
+  /** Every byte is local and the definition says so: the server stops, the result is kept, the record goes. */
+  private async finish(record: InstantRecord, jobs = new Map<string, CopyJob>()): Promise<void> {
     if (record.server !== null) await stopBackupServer(record.server.pid, record.server.pidStart);
     const last: InstantRestoreInfo = { ...this.describe(record, jobs), state: 'completed', serverPid: null, endedMs: Date.now() };
     for (const d of last.disks) Object.assign(d, { status: 'completed', doneBytes: d.sizeBytes, totalBytes: d.sizeBytes });
-    writeJsonAtomic(join(this.domains.domainDir(record.domain), LAST), last);
-    this.removeRecord(record.domain);
+    this.store.finish(record.domain, JSON.stringify(last));
     rmSync(dirname(record.socket), { recursive: true, force: true });
   }
 
@@ -403,36 +401,41 @@ export class InstantRestoreService {
 
   /** The running instant restore of the domain with fresh progress; undefined when none runs. */
   async info(domain: string): Promise<InstantRestoreInfo | undefined> {
-    return this.domains.withDomain(domain, 'domjobinfo', async (ctx) => {
+    return this.driver.withSession(domain, 'domjobinfo', async (s) => {
       const record = this.loadRecord(domain);
       if (record === undefined) return undefined;
-      const jobs = ctx.running ? await this.domains.withQmp(ctx, 'domjobinfo', queryStreamJobs) : new Map<string, StreamJob>();
+      const jobs = s.running ? await s.copyJobs() : new Map<string, CopyJob>();
       return this.describe(record, jobs);
     });
   }
 
   /** The last instant restore that completed on the domain. */
   lastResult(domain: string): InstantRestoreInfo | undefined {
-    const file = join(this.domains.domainDir(domain), LAST);
-    if (!existsSync(file)) return undefined;
-    return JSON.parse(readFileSync(file, 'utf8')) as InstantRestoreInfo;
+    const text = this.store.result(domain);
+    return text === undefined ? undefined : (JSON.parse(text) as InstantRestoreInfo);
   }
 
-  /** Polls (without holding the domain between polls) until every byte is local; returns the result. */
-  async wait(domain: string, onProgress?: (info: InstantRestoreInfo) => void, pollMs = 500): Promise<InstantRestoreInfo> {
+  /**
+   * Polls (without holding the domain between polls) until every byte is
+   * local; returns the result. Progress is the bytes copied of all disks; an
+   * aborted signal stops the wait (the copy goes on).
+   */
+  async wait(domain: string, options: OperationOptions & { onInfo?: ((info: InstantRestoreInfo) => void) | undefined; pollMs?: number | undefined } = {}): Promise<InstantRestoreInfo> {
     for (;;) {
+      throwIfCancelled(options.signal, `Waiting for the instant restore of domain "${domain}"`);
       const info = await this.info(domain);
       if (info === undefined) {
         const last = this.lastResult(domain);
         if (last === undefined) throw new QbackupError('JOB_NOT_FOUND', `Domain "${domain}" has no instant restore running or completed`);
         return last;
       }
-      onProgress?.(info);
-      await sleep(pollMs);
+      options.onInfo?.(info);
+      options.onProgress?.({ phase: `instant restore ${domain}`, doneBytes: sum(info.disks.map((d) => d.doneBytes)), totalBytes: sum(info.disks.map((d) => d.totalBytes)) });
+      await sleep(options.pollMs ?? 500);
     }
   }
 
-  private describe(record: InstantRecord, jobs: Map<string, StreamJob>): InstantRestoreInfo {
+  private describe(record: InstantRecord, jobs: Map<string, CopyJob>): InstantRestoreInfo {
     const alive = record.server !== null && backupServerAlive(record.server.pid, record.server.pidStart);
     return {
       domain: record.domain, sourceDomain: record.sourceDomain, backup: record.backupId, repo: record.repo, socket: record.socket,
@@ -440,7 +443,7 @@ export class InstantRestoreService {
       disks: record.disks.map((d) => {
         const j = jobs.get(d.jobId);
         const status = j === undefined ? 'waiting' : j.status === 'concluded' && j.error === undefined ? 'completed' : j.status;
-        const info: InstantDiskInfo = { target: d.target, overlay: d.overlay, sizeBytes: d.sizeBytes, status, doneBytes: j?.done ?? 0, totalBytes: j?.total ?? d.sizeBytes };
+        const info: InstantDiskInfo = { target: d.target, overlay: d.overlay, sizeBytes: d.sizeBytes, status, doneBytes: j?.doneBytes ?? 0, totalBytes: j?.totalBytes ?? d.sizeBytes };
         const error = j?.error ?? d.lastError;
         if (error !== undefined) info.error = error;
         return info;
@@ -450,26 +453,32 @@ export class InstantRestoreService {
 
   // ---- the record ----------------------------------------------------------------------
 
+  /** The running restore's record; one left as a JSON file by an older qbackup is taken into the database. */
   loadRecord(domain: string): InstantRecord | undefined {
-    const file = join(this.domains.domainDir(domain), RECORD);
-    if (!existsSync(file)) return undefined;
+    const legacy = join(this.domainDir(domain), 'instant-restore.json');
+    let text = this.store.record(domain);
+    if (text === undefined && existsSync(legacy)) {
+      text = readFileSync(legacy, 'utf8');
+      this.store.saveRecord(domain, text);
+      rmSync(legacy, { force: true });
+    }
+    if (text === undefined) return undefined;
     try {
-      const r = JSON.parse(readFileSync(file, 'utf8')) as InstantRecord;
+      const r = JSON.parse(text) as InstantRecord;
       if (r.version !== 1 || r.domain !== domain || !Array.isArray(r.disks)) throw new Error('unknown layout');
       return r;
     } catch (err) {
-      throw new QbackupError('METADATA_INCONSISTENT', `The instant restore record of domain "${domain}" ("${file}") cannot be read: ${describeError(err)}`, { cause: err });
+      throw new QbackupError('METADATA_INCONSISTENT', `The instant restore record of domain "${domain}" cannot be read: ${describeError(err)}`, { cause: err });
     }
   }
 
   private saveRecord(record: InstantRecord): void {
-    makePrivateDir(this.domains.domainDir(record.domain));
-    writeJsonAtomic(join(this.domains.domainDir(record.domain), RECORD), record);
+    this.store.saveRecord(record.domain, JSON.stringify(record));
   }
+}
 
-  private removeRecord(domain: string): void {
-    rmSync(join(this.domains.domainDir(domain), RECORD), { force: true });
-  }
+function sum(values: readonly number[]): number {
+  return values.reduce((a, b) => a + b, 0);
 }
 
 // ---- holes ---------------------------------------------------------------------------------
@@ -494,79 +503,3 @@ export function zeroRanges(table: FullIndex): Array<{ offset: number; length: nu
   return out;
 }
 
-/** Writes zero clusters (allocated in the overlay, so nothing below is read) over `ranges` of a new overlay. */
-async function markZeroes(overlay: string, ranges: ReadonlyArray<{ offset: number; length: number }>): Promise<void> {
-  if (ranges.length === 0) return;
-  const script = ranges.map((r) => `write -z ${r.offset} ${r.length}\n`).join('');
-  const output = await new Promise<string>((resolvePromise, reject) => {
-    const child = spawn('qemu-io', ['-f', 'qcow2', '--', overlay], { stdio: ['pipe', 'pipe', 'pipe'] });
-    const out: Buffer[] = [];
-    child.stdout.on('data', (b: Buffer) => out.push(b));
-    child.stderr.on('data', (b: Buffer) => out.push(b));
-    child.on('error', reject);
-    child.on('close', (code) => (code === 0 ? resolvePromise(Buffer.concat(out).toString()) : reject(new Error(`qemu-io exited with status ${code ?? '?'}: ${Buffer.concat(out).toString().slice(-300)}`))));
-    child.stdin.end(script);
-  });
-  const failed = output.split('\n').find((l) => /error|failed/i.test(l));
-  if (failed !== undefined) throw new QbackupError('IMAGE_ERROR', `Cannot mark the holes of overlay "${overlay}": ${failed.trim()}`);
-}
-
-// ---- QMP steps -----------------------------------------------------------------------------
-
-interface StreamJob {
-  status: string;
-  done: number;
-  total: number;
-  error?: string;
-}
-
-async function queryStreamJobs(qmp: QmpClient): Promise<Map<string, StreamJob>> {
-  const jobs = (await qmp.execute('query-jobs')) as Array<{ id: string; type: string; status: string; 'current-progress': number; 'total-progress': number; error?: string }>;
-  const out = new Map<string, StreamJob>();
-  for (const j of jobs) {
-    if (j.type !== 'stream' || !j.id.startsWith('instant-')) continue;
-    const job: StreamJob = { status: j.status, done: j['current-progress'], total: j['total-progress'] };
-    if (j.error !== undefined) job.error = j.error;
-    out.set(j.id, job);
-  }
-  return out;
-}
-
-/**
- * Flushes every image of the domain by pausing the guest for a moment (QEMU
- * flushes all block nodes when it stops a running guest; QMP has no flush
- * command). False when the guest is not running: pausing a paused guest
- * flushes nothing.
- */
-async function flushByPause(qmp: QmpClient): Promise<boolean> {
-  const status = (await qmp.execute('query-status')) as { running: boolean };
-  if (!status.running) return false;
-  await qmp.execute('stop');
-  await qmp.execute('cont');
-  return true;
-}
-
-/** Starts copying the disk's backing into its overlay; the job stays until dismissed, so its outcome is never missed. */
-async function startStream(qmp: QmpClient, ctx: DomainContext, d: InstantDiskRecord, speed: number): Promise<void> {
-  const disk = ctx.disks.find((x) => x.target === d.target);
-  if (disk === undefined) throw new QbackupError('DISK_NOT_FOUND', `Domain "${ctx.row.name}" has no disk "${d.target}" to restore into`);
-  await qmp.execute('block-stream', {
-    'job-id': d.jobId,
-    device: nodeNamesFor(disk.diskId).format,
-    'auto-dismiss': false,
-    ...(speed > 0 ? { speed } : {}),
-  });
-}
-
-/** Temporary file, fsync, rename: a reader sees the old record or the new one, whole. */
-function writeJsonAtomic(file: string, value: unknown): void {
-  const tmp = `${file}.tmp`;
-  const fd = openSync(tmp, 'w', 0o600);
-  try {
-    writeFileSync(fd, `${JSON.stringify(value, null, 2)}\n`);
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-  renameSync(tmp, file);
-}

@@ -71,7 +71,7 @@ export class QbackupService {
     const domains = new Set(this.interrupted.map((t) => t.domain).filter((d): d is string => d !== null));
     for (const d of domains) {
       try {
-        await this.qb.backups.info(d);
+        await this.qb.driver.endOrphanedBackup(d);
       } catch (err) {
         this.options.log?.(`cleanup of domain "${d}" after an interrupted task failed: ${describeError(err)}`);
       }

@@ -109,7 +109,7 @@ describe('planInstantRestore', () => {
 
 describe('the backup server command line', () => {
   it('asks serve-backup for exactly the recorded backup, disks and socket', () => {
-    const argv = serverArgv({ repo: '/repo', domain: 'vm', backupId: 'B', disks: ['sda', 'vdb'], socket: '/s/b.sock', outFile: '/o', logFile: '/l', command: ['qb'], stateDir: '/st' });
+    const argv = serverArgv({ repo: '/repo', domain: 'vm', backupId: 'B', disks: ['sda', 'vdb'], socket: '/s/b.sock', outFile: '/o', logFile: '/l', command: ['qb'], stateDir: '/st', environment: {} });
     assert.deepEqual(argv, ['qb', '--state-dir', '/st', '--json', 'serve-backup', '--repo', '/repo', 'vm', '--backup', 'B', '--disk', 'sda', '--disk', 'vdb', '--socket', '/s/b.sock']);
   });
 });
