@@ -61,7 +61,7 @@ export interface BackupBeginOptions extends BeginOptions {
    * around the start transaction (required, or optional: crash-consistent
    * without an agent). The job's `consistency` says which it was.
    */
-  quiesce?: QuiesceMode;
+  quiesce?: QuiesceMode | undefined;
 }
 
 export type BackupFaultPoint = 'backup-begin:before-qemu' | 'backup-begin:after-qemu';
@@ -176,7 +176,7 @@ export class BackupService {
       coverage,
       bitmapNames,
       domainDir: this.domains.domainDir(domain),
-      ...(tlsCertDir !== undefined ? { tlsCertDir } : {}),
+      tlsCertDir,
       ...(this.settings.secretsDir !== undefined ? { secretFile: secretFilePathIn(this.settings.secretsDir) } : {}),
       exists: existsSync,
       previousTarget: (checkpoint, diskId) => this.store.targetFor(domain, checkpoint, diskId),

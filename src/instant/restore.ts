@@ -47,7 +47,7 @@ import { InstantStore } from '../store/instant.js';
 import { noCredentials, type Credentials } from '../util/credentials.js';
 import { throwIfCancelled, type OperationOptions } from '../util/operation.js';
 import { makePrivateDir } from '../util/private-dir.js';
-import { sleep } from '../util/proc.js';
+import { processStartTime, sleep } from '../util/proc.js';
 import { socketAccepts } from '../util/socket.js';
 import { assertDomainName } from '../domain/names.js';
 import { settleCopies } from './copy.js';
@@ -88,6 +88,8 @@ export interface InstantRecord {
   speedBytesPerSec: number;
   server: { pid: number; pidStart: string } | null;
   startedMs: number;
+  /** The process beginning the restore, until the domain is defined: a record whose owner died before that is an orphan. */
+  owner?: { pid: number; pidStart: string } | undefined;
 }
 
 export interface InstantDiskInfo {
@@ -235,9 +237,12 @@ export class InstantRestoreService {
     throwIfCancelled(options.signal, `The instant restore of backup "${m.id}"`);
     makePrivateDir(overlayDir);
     makePrivateDir(dirname(socket));
+    // What a begin killed earlier under this name left (its server first).
+    await this.reapOrphan(name);
     const record: InstantRecord = {
       version: 1, domain: name, repo: isRemoteRepo(access.repo) ? access.repo : resolve(access.repo), encrypted: access.encrypted, sourceDomain: m.domain, backupId: m.id,
       socket, disks: plan.disks, speedBytesPerSec: options.speedBytesPerSec ?? 0, server: null, startedMs: Date.now(),
+      owner: { pid: process.pid, pidStart: processStartTime(process.pid) ?? '' },
     };
     this.saveRecord(record);
     let defined = false;
@@ -250,6 +255,10 @@ export class InstantRestoreService {
       }
       await this.driver.defineDomain(formatDomainXml(plan.definition));
       defined = true;
+      // From here the domain owns the record: its commands settle it.
+      const owned = this.loadRecord(name) ?? record;
+      delete owned.owner;
+      this.saveRecord(owned);
       options.logger?.log({ level: 'info', msg: 'serving the backup and starting the domain', fields: { domain: name, backup: m.id } });
       options.onProgress?.({ phase: 'serving the backup and starting the domain', doneBytes: 0, totalBytes: 0 });
       await this.driver.startDomain(name);
@@ -308,14 +317,23 @@ export class InstantRestoreService {
         outFile: join(dir, 'server.out'), logFile: join(dir, 'server.log'), stateDir: this.options.stateDir,
         password: pass, command: this.options.serverCommand, s3: this.options.s3, timeoutMs: this.options.serverTimeoutMs,
         environment: this.credentials.helperEnvironment(),
+        onSpawn: (spawned) => {
+          record.server = spawned;
+          this.saveRecord(record);
+        },
       });
     } catch (err) {
+      // startBackupServer stopped what it spawned; the record must not keep naming it.
+      record.server = null;
+      this.saveRecord(record);
       throw new QbackupError('BACKUP_SERVER', `Cannot serve backup "${record.backupId}" to domain "${record.domain}": ${describeError(err)}`, { cause: err });
     }
     for (const d of record.disks) {
       const size = server.exports.get(d.target);
       if (size !== d.sizeBytes) {
         await stopBackupServer(server.pid, server.pidStart);
+        record.server = null;
+        this.saveRecord(record);
         throw new QbackupError('BACKUP_SERVER', `The server of backup "${record.backupId}" exports disk "${d.target}" with ${size ?? 'no'} bytes, but the restore of domain "${record.domain}" recorded ${d.sizeBytes}; it was stopped`);
       }
     }
@@ -395,6 +413,33 @@ export class InstantRestoreService {
     for (const d of last.disks) Object.assign(d, { status: 'completed', doneBytes: d.sizeBytes, totalBytes: d.sizeBytes });
     this.store.finish(record.domain, JSON.stringify(last));
     rmSync(dirname(record.socket), { recursive: true, force: true });
+  }
+
+  // ---- orphans -------------------------------------------------------------------
+
+  /**
+   * Stops what an instant restore left when the process beginning it died
+   * before its domain was defined (no command on a domain would ever settle
+   * it): its server (whose lease would keep gc from freeing space), its socket
+   * directory and its record. A record whose domain exists is the domain's,
+   * settled by its next command; one whose owner still runs is left alone.
+   */
+  async reapOrphan(domain: string): Promise<boolean> {
+    const record = this.loadRecord(domain);
+    if (record === undefined) return false;
+    if (record.owner === undefined || backupServerAlive(record.owner.pid, record.owner.pidStart)) return false;
+    if ((await this.driver.listDomains()).some((d) => d.name === domain)) return false;
+    if (record.server !== null) await stopBackupServer(record.server.pid, record.server.pidStart);
+    this.store.forget(domain);
+    rmSync(dirname(record.socket), { recursive: true, force: true });
+    return true;
+  }
+
+  /** Every orphaned restore (the daemon runs this when it starts); returns the domains reaped. */
+  async reapOrphans(): Promise<string[]> {
+    const reaped: string[] = [];
+    for (const domain of this.store.domains()) if (await this.reapOrphan(domain)) reaped.push(domain);
+    return reaped;
   }
 
   // ---- observe ------------------------------------------------------------------------

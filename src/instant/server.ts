@@ -39,6 +39,12 @@ export interface BackupServerSpec {
   /** The program to run, argv[0] first; default: this qbackup's CLI under this Node.js. */
   command?: readonly string[] | undefined;
   timeoutMs?: number | undefined;
+  /**
+   * Called the moment the process exists, before it serves: the caller
+   * records it then, so a caller killed while waiting leaves a server the
+   * next command finds (and stops or keeps), never an orphan.
+   */
+  onSpawn?: ((server: { pid: number; pidStart: string }) => void) | undefined;
 }
 
 export interface BackupServerProcess {
@@ -107,6 +113,7 @@ export async function startBackupServer(spec: BackupServerSpec): Promise<BackupS
   }
   if (pid === undefined) throw new QbackupError('TOOL_FAILED', `Cannot serve backup "${spec.backupId}": "${argv[0] ?? ''}" did not start`);
   const pidStart = processStartTime(pid) ?? '';
+  spec.onSpawn?.({ pid, pidStart });
   const deadline = Date.now() + (spec.timeoutMs ?? 60_000);
   for (;;) {
     const exports = readAnnouncement(spec.outFile, spec.backupId);

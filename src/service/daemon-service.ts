@@ -76,6 +76,13 @@ export class QbackupService {
         this.options.log?.(`cleanup of domain "${d}" after an interrupted task failed: ${describeError(err)}`);
       }
     }
+    // Instant restores whose beginning process died before their domain existed: their servers go.
+    try {
+      const reaped = await this.qb.instant.reapOrphans();
+      for (const d of reaped) this.options.log?.(`stopped the backup server of an instant restore of "${d}" that never started`);
+    } catch (err) {
+      this.options.log?.(`looking for orphaned instant restores failed: ${describeError(err)}`);
+    }
     const interval = this.options.schedulerIntervalMs ?? 30_000;
     if (interval > 0) this.scheduler.start(interval);
   }

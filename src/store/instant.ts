@@ -35,6 +35,11 @@ export class InstantStore {
     }).immediate();
   }
 
+  /** The domains with a restore record. */
+  domains(): string[] {
+    return (this.db.prepare('SELECT domain FROM instant_restores ORDER BY domain').all() as Array<{ domain: string }>).map((r) => r.domain);
+  }
+
   result(domain: string): string | undefined {
     return (this.db.prepare('SELECT result FROM instant_results WHERE domain = ?').get(domain) as { result: string } | undefined)?.result;
   }

@@ -107,8 +107,8 @@ export class QemuDriver implements HypervisorDriver {
       strict: true,
       ownedByCaller: true,
       discardCheckpointOnFailure: true,
-      ...(request.quiesce !== undefined ? { quiesce: request.quiesce } : {}),
-      ...(request.tlsCertDir !== undefined ? { tlsCertDir: request.tlsCertDir } : {}),
+      quiesce: request.quiesce,
+      tlsCertDir: request.tlsCertDir,
     });
     return pullBackupOf(job, request.checkpoint);
   }
