@@ -31,6 +31,7 @@ import { QbackupError, describeError } from '../errors.js';
 import { freezeGuest, type Frozen, type QuiesceMode } from '../domain/quiesce.js';
 import { assert } from '../util/assert.js';
 import { noFaults, type Faults } from '../util/faults.js';
+import { throwIfCancelled, type OperationOptions } from '../util/operation.js';
 import { refuseWhileRestoring, type DomainContext, type DomainService } from '../domain/domains.js';
 import { readBlockNodes } from '../qemu/block-nodes.js';
 import { createImage } from '../image/qemu-img.js';
@@ -325,16 +326,21 @@ export class BackupService {
     });
   }
 
-  /** Polls (without holding the domain between polls) until the job ends; returns its result. */
-  async wait(domain: string, jobId: string, onProgress?: (info: JobInfo) => void): Promise<JobInfo> {
+  /**
+   * Polls (without holding the domain between polls) until the job ends;
+   * returns its result. An aborted signal stops the wait, not the job.
+   */
+  async wait(domain: string, jobId: string, options: OperationOptions & { onInfo?: ((info: JobInfo) => void) | undefined } = {}): Promise<JobInfo> {
     for (;;) {
+      throwIfCancelled(options.signal, `Waiting for backup job "${jobId}" of domain "${domain}"`);
       const info = await this.info(domain);
       if (info === undefined || info.id !== jobId) {
         const result = this.store.result(jobId);
         if (result === undefined) throw new QbackupError('JOB_NOT_FOUND', `Backup job "${jobId}" of domain "${domain}" is neither running nor finished`);
         return parseJobInfo(result, domain);
       }
-      onProgress?.(info);
+      options.onInfo?.(info);
+      options.onProgress?.({ phase: `backup job ${jobId}`, doneBytes: info.bytesDone, totalBytes: info.bytesTotal });
       await sleep(pollDelayMs(info, Date.now()));
     }
   }
