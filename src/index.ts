@@ -19,6 +19,16 @@ export { BackupService, type BackupBeginOptions } from './backup/jobs.js';
 export { validateBackupSpec, type BackupSpec, type BackupDiskSpec, type BackupMode, type BackupDiskMode, type BackupTargetFormat, type NbdServerSpec } from './backup/spec.js';
 export { exportUri, type JobInfo, type JobDisk, type JobState, type DiskJobState, type NbdServer } from './backup/job.js';
 
+// hypervisor drivers (what the repository, instant restore and the daemon use)
+export type { HypervisorDriver, DriverDomain, DriverDisk, PullBackup, PullBackupRequest, PullExport, ExportServer, DomainSession, CopyJob, LifecycleHooks } from './drivers/driver.js';
+export { openDriver, parseConnectionUri, registerLibvirtDriver, type ConnectionUri, type DriverSources, type LibvirtDriverFactory } from './drivers/open.js';
+export { QemuDriver, QEMU_DRIVER_URI } from './drivers/qemu/driver.js';
+
+// instant restore
+export { InstantRestoreService, type InstantRestoreInfo, type InstantDiskInfo, type InstantRestoreOptions, type InstantServiceOptions } from './instant/restore.js';
+export type { Credentials } from './util/credentials.js';
+export type { Faults } from './util/faults.js';
+
 // the repository
 export {
   RepositoryService,

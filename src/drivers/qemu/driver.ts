@@ -73,7 +73,7 @@ export class QemuDriver implements HypervisorDriver {
   async withShutOffDisks<T>(name: string, what: string, fn: (disks: readonly DriverDisk[]) => Promise<T>): Promise<T> {
     return this.domains.withDomain(name, what, async (ctx) => {
       if (ctx.running) throw new QbackupError('DOMAIN_RUNNING', `Cannot ${what} domain "${name}": it is running; shut it down first`);
-      this.engine.backups.assertNoJob(ctx, what);
+      this.engine.backups.assertNoJob(ctx, 'write the disks');
       return fn(ctx.disks.map(driverDisk));
     });
   }
