@@ -26,7 +26,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { FileSession } from '../src/files/index.js';
 import { Qbackup } from '../src/qbackup.js';
-import { runTool } from '../src/qemu/tools.js';
+import { runTool } from '../src/image/tools.js';
 import { ext4Image, partitionedDisk, writeTree } from '../test/helpers/guest-fs.js';
 import { withSection } from './doc-sections.js';
 import { loadAverage } from './machine.js';

@@ -24,7 +24,7 @@ import { mkdirSync, readFileSync, readdirSync, renameSync, rmSync, writeFileSync
 import { join } from 'node:path';
 import type { Writable } from 'node:stream';
 import { QbackupError } from '../errors.js';
-import type { BackupServer, Manifest, RepoAccess, RepositoryService } from '../repository/service.js';
+import type { BackupServer, Manifest, RepoAccess, RepositoryService } from '../repository/repository.js';
 import { isProcessAlive, processStartTime } from '../util/proc.js';
 import { makePrivateDir } from '../util/private-dir.js';
 import { throwIfCancelled } from '../util/operation.js';

@@ -12,7 +12,7 @@
 
 import { createHash } from 'node:crypto';
 import { QbackupError } from '../errors.js';
-import type { RepositoryService } from '../repository/service.js';
+import type { RepositoryService } from '../repository/repository.js';
 import { FileSession, type FileSessionOptions } from './session.js';
 
 interface Slot {

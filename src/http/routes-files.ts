@@ -12,8 +12,8 @@ import { PassThrough } from 'node:stream';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { QbackupError } from '../errors.js';
 import { WarmSessions, type FileSession } from '../files/index.js';
-import type { RepoAccess } from '../repository/service.js';
-import type { QbackupService } from '../service/service.js';
+import type { RepoAccess } from '../repository/repository.js';
+import type { QbackupService } from '../service/daemon-service.js';
 import { addRoute, object, str, strings } from './route.js';
 
 const tag = 'files';

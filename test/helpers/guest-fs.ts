@@ -8,7 +8,7 @@
 
 import { chmodSync, lchownSync, mkdirSync, symlinkSync, utimesSync, writeFileSync, lutimesSync, chownSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import { runTool } from '../../src/qemu/tools.js';
+import { runTool } from '../../src/image/tools.js';
 
 export const MiB = 1024 * 1024;
 
