@@ -10,7 +10,7 @@
 import assert from 'node:assert/strict';
 import { Command } from 'commander';
 import type { Qbackup } from '../qbackup.js';
-import type { CliContext } from './context.js';
+import type { CliContext, CommandEnv } from './context.js';
 import type { OutputOptions } from './output.js';
 
 /** A positional argument: its commander syntax and how to read commander's value. */
@@ -37,6 +37,8 @@ type ValuesOf<S> = { [K in keyof S]: S[K] extends { read(raw: unknown): infer T 
 export interface RunInput<A, O> {
   qb: Qbackup;
   out: OutputOptions;
+  /** The environment main() was handed, the configuration and the credentials built from them. */
+  cli: CommandEnv;
   args: ValuesOf<A>;
   opts: ValuesOf<O>;
 }
@@ -90,11 +92,11 @@ function register<A extends Specs<ArgumentSpec<unknown>>, O extends Specs<Option
   cmd.action(async (...params: unknown[]) => {
     const self = params.at(-1);
     assert.ok(self instanceof Command, 'commander passes the command last');
-    await cli.run(self, async (qb, out) => {
+    await cli.run(self, async (qb, out, ce) => {
       const args = readAll(def.args ?? {}, (key) => params[argKeys.indexOf(key)]);
       const rawOpts = self.opts();
       const opts = readAll(def.options ?? {}, (key) => rawOpts[key]);
-      await def.run({ qb, out, args: args as ValuesOf<A>, opts: opts as ValuesOf<O> });
+      await def.run({ qb, out, cli: ce, args: args as ValuesOf<A>, opts: opts as ValuesOf<O> });
     });
   });
 }
