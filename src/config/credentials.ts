@@ -71,19 +71,21 @@ export class Credentials {
     return password !== undefined ? { repo: location, password } : { repo: location };
   }
 
-  /** The backend settings with each configured s3:// repository's endpoint, region and keys. */
+  /** The backend settings with each configured s3:// repository's endpoint, region and keys (its credentials file read when it is opened). */
   backendSettings(base: BackendSettings = {}): BackendSettings {
-    const perLocation: Record<string, S3Settings> = {};
-    for (const r of this.config.repositories.values()) {
-      if (!r.location.startsWith('s3://')) continue;
-      const s: S3Settings = { ...base.s3 };
-      if (r.endpoint !== undefined) s.endpoint = r.endpoint;
-      if (r.region !== undefined) s.region = r.region;
-      if (r.pathStyle !== undefined) s.pathStyle = r.pathStyle;
-      if (r.credentialsFile !== undefined) s.credentials = readCredentialsFile(r.credentialsFile, r.name);
-      perLocation[r.location] = s;
-    }
-    return { ...base, s3ByLocation: perLocation };
+    return {
+      ...base,
+      s3For: (location) => {
+        const r = this.atLocation(location);
+        if (r === undefined || !r.location.startsWith('s3://')) return undefined;
+        const s: S3Settings = { ...base.s3 };
+        if (r.endpoint !== undefined) s.endpoint = r.endpoint;
+        if (r.region !== undefined) s.region = r.region;
+        if (r.pathStyle !== undefined) s.pathStyle = r.pathStyle;
+        if (r.credentialsFile !== undefined) s.credentials = readCredentialsFile(r.credentialsFile, r.name);
+        return s;
+      },
+    };
   }
 }
 
