@@ -5,6 +5,7 @@
 
 import { resolve } from 'node:path';
 import { QbackupError } from '../errors.js';
+import { runDaemon } from './serve.js';
 import { isRemoteRepo } from '../repository/backend/open.js';
 import type { RetentionPolicy } from '../repository/service.js';
 import { Schedules, type ScheduleInfo } from '../service/schedules.js';
@@ -19,32 +20,15 @@ const RULES = ['keepLast', 'keepHourly', 'keepDaily', 'keepWeekly', 'keepMonthly
 export const serviceCommands: readonly CliCommand[] = [
   defineCommand({
     name: 'serve',
-    description: 'run the HTTP API, tasks, schedules and the web page (loopback by default; other addresses need TLS)',
+    description: 'run the HTTP API, tasks, schedules, metrics and the web page (loopback by default; other addresses need TLS); SIGHUP re-reads the configuration',
     options: {
-      listen: valueWithDefault('--listen <host:port>', 'address to listen on', '127.0.0.1:8470'),
+      listen: value('--listen <host:port>', 'address to listen on (default: server.listen of the configuration, else 127.0.0.1:8470)'),
       tlsCert: value('--tls-cert <file>', 'TLS certificate (PEM)'),
       tlsKey: value('--tls-key <file>', 'TLS private key (PEM)'),
-      maxTasks: valueWithDefault('--max-tasks <n>', 'long operations running at once', '2'),
+      maxTasks: value('--max-tasks <n>', 'long operations running at once (default: server.max-tasks, else 2)'),
     },
-    run: async ({ qb, out, opts: o }) => {
-      const maxConcurrent = Number(o.maxTasks);
-      if (!Number.isInteger(maxConcurrent) || maxConcurrent < 1) throw new QbackupError('INVALID_ARGUMENT', `Invalid --max-tasks "${o.maxTasks}": expected a whole number above zero`);
-      const { startDaemon } = await import('../http/daemon.js');
-      const daemon = await startDaemon(qb, {
-        listen: o.listen,
-        ...(o.tlsCert !== undefined ? { tlsCertFile: o.tlsCert } : {}),
-        ...(o.tlsKey !== undefined ? { tlsKeyFile: o.tlsKey } : {}),
-        maxConcurrent,
-        log: (line) => process.stderr.write(`${new Date().toISOString()} ${line}\n`),
-      });
-      const t = daemon.bootstrapToken;
-      emit(out, { url: daemon.url, ...(t !== undefined ? { bootstrapToken: { name: 'admin', token: t } } : {}) }, () =>
-        [`qbackup serve: listening on ${daemon.url}`, ...(t !== undefined ? [`Created API token "admin" (shown only now; keep it): ${t}`] : [])].join('\n'),
-      );
-      for (const task of daemon.service.interrupted) process.stderr.write(`task ${task.id} marked failed: ${task.error?.message ?? ''}\n`);
-      await untilSignal();
-      process.stderr.write('qbackup serve: stopping (running tasks finish first)\n');
-      await daemon.close();
+    run: async ({ qb, out, cli, opts: o }) => {
+      await runDaemon(qb, out, cli, o);
     },
   }),
 

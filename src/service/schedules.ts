@@ -44,7 +44,16 @@ export interface ScheduleSpec {
   full?: boolean;
   /** Verify: also read back this percentage of the chunks. */
   readDataPercent?: number;
+  /** The configured schedule's name, for schedules imported from the configuration file. */
+  name?: string;
+  /** Dead man's switch URL fetched after each run (with /fail after a failure). */
+  pingUrl?: string;
+  /** Notification targets of this schedule's outcomes (default: every target). */
+  notify?: string[];
 }
+
+/** Ids of schedules imported from the configuration file: this prefix and the schedule's name. */
+export const CONFIG_SCHEDULE_PREFIX = 'config-';
 
 export interface ScheduleInfo extends ScheduleSpec {
   id: string;
@@ -167,6 +176,42 @@ export class Schedules {
 
   remove(id: string): void {
     if (!this.store.remove(id)) throw new QbackupError('SCHEDULE_NOT_FOUND', `Schedule "${id}" does not exist`);
+  }
+
+  /**
+   * Makes the schedules imported from the configuration file what `specs`
+   * says (keyed by name): new ones are added, changed ones updated (keeping
+   * their last run, so a re-read does not make them due), and those no longer
+   * in the file removed. Schedules added by `schedule add` or the API stay.
+   * Checks every spec before changing anything.
+   */
+  sync(specs: readonly (ScheduleSpec & { name: string })[], nowMs = Date.now()): { added: string[]; updated: string[]; removed: string[] } {
+    const prepared = specs.map((spec) => {
+      checkSpec(spec);
+      return { id: `${CONFIG_SCHEDULE_PREFIX}${spec.name}`, spec, cron: cronFor(spec.when) };
+    });
+    const result = { added: [] as string[], updated: [] as string[], removed: [] as string[] };
+    this.store.db.transaction(() => {
+      const wanted = new Set(prepared.map((p) => p.id));
+      for (const row of this.store.all()) {
+        if (row.id.startsWith(CONFIG_SCHEDULE_PREFIX) && !wanted.has(row.id)) {
+          this.store.remove(row.id);
+          result.removed.push(row.id);
+        }
+      }
+      for (const { id, spec, cron } of prepared) {
+        const payload = JSON.stringify({ action: 'backup', ...spec, cron });
+        const row = this.store.get(id);
+        if (row === undefined) {
+          this.store.insert({ id, domain: spec.domain ?? null, payload, created_ms: nowMs, last_run_ms: null });
+          result.added.push(id);
+        } else if (row.payload !== payload) {
+          this.store.update(id, spec.domain ?? null, payload);
+          result.updated.push(id);
+        }
+      }
+    })();
+    return result;
   }
 
   markRun(id: string, atMs: number): void {
