@@ -28,7 +28,7 @@ export interface ScheduleSpec {
   action?: ScheduleAction;
   /** The domain to back up (backup: required; verify, copy: only its backups; gc: none). */
   domain?: string;
-  /** Cron pattern (5 fields, local time) or "daily HH:MM", "weekly DAY HH:MM", "hourly :MM". */
+  /** Cron pattern (5 fields, or 6 with seconds first; local time) or "daily HH:MM", "weekly DAY HH:MM", "hourly :MM". */
   when: string;
   /** The repository (copy: the source). */
   repo: string;
@@ -95,7 +95,9 @@ export function cronFor(when: string): string {
     if (minute > 59) throw invalidWhen(when);
     return `${minute} * * * *`;
   }
-  if (!/^[0-9*,/\-a-z ]+$/.test(text) || text.split(/\s+/).length !== 5) throw invalidWhen(when);
+  // Five fields, or six with seconds first (croner's extension: "*/10 * * * * *").
+  const fields = text.split(/\s+/).length;
+  if (!/^[0-9*,/\-a-z ]+$/.test(text) || (fields !== 5 && fields !== 6)) throw invalidWhen(when);
   try {
     new Cron(text, { paused: true }).stop();
   } catch (err) {
@@ -232,6 +234,7 @@ function toInfo(row: ScheduleRow): ScheduleInfo {
 /** Finds due schedules on each tick and hands them to `run`; `busy` says whether a schedule's work is already under way. */
 export class Scheduler {
   private timer: NodeJS.Timeout | undefined;
+  private running = false;
 
   constructor(
     private readonly schedules: Schedules,
@@ -262,15 +265,28 @@ export class Scheduler {
     return started;
   }
 
-  /** Ticks now (missed runs run once) and then every `intervalMs` of real time. */
+  /**
+   * Ticks now (missed runs run once), then again when the next schedule falls
+   * due, and at least every `intervalMs` (schedules added through the API or
+   * a reload are seen by then).
+   */
   start(intervalMs = 30_000): void {
-    this.tick();
-    this.timer = setInterval(() => this.tick(), intervalMs);
-    this.timer.unref();
+    this.stop();
+    this.running = true;
+    const loop = (): void => {
+      if (!this.running) return;
+      this.tick();
+      const now = this.clock.now();
+      const due = Math.min(...this.schedules.list().map((s) => s.nextRunMs ?? Infinity));
+      this.timer = setTimeout(loop, Math.max(20, Math.min(intervalMs, due - now)));
+      this.timer.unref();
+    };
+    loop();
   }
 
   stop(): void {
-    if (this.timer !== undefined) clearInterval(this.timer);
+    this.running = false;
+    if (this.timer !== undefined) clearTimeout(this.timer);
     this.timer = undefined;
   }
 }
