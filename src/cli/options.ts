@@ -97,8 +97,9 @@ export function quiesceOptions(): { quiesce: OptionSpec<boolean>; quiesceOptiona
   };
 }
 
-/** The library's quiesce mode for those two flags. */
-export function quiesceMode(o: { quiesce: boolean; quiesceOptional: boolean }): { quiesce?: QuiesceMode } {
+/** The library's quiesce mode for those two flags; neither given: the configuration's defaults.quiesce, if any. */
+export function quiesceMode(o: { quiesce: boolean; quiesceOptional: boolean }, configured?: 'none' | 'optional' | 'required' | undefined): { quiesce?: QuiesceMode } {
   if (o.quiesceOptional) return { quiesce: 'optional' };
-  return o.quiesce ? { quiesce: 'required' } : {};
+  if (o.quiesce) return { quiesce: 'required' };
+  return configured === 'optional' || configured === 'required' ? { quiesce: configured } : {};
 }

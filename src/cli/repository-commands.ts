@@ -76,7 +76,7 @@ export const repositoryCommands: readonly CliCommand[] = [
         ...(o.tlsCertDir !== undefined ? { tlsCertDir: o.tlsCertDir } : {}),
       };
       const m = await withProgress(out, (onProgress) =>
-        qb.repository.backup(domain, { ...repoAccess(cli, o), full: o.full, disks: o.disk, workers, ...quiesceMode(o), ...network, onProgress }),
+        qb.repository.backup(domain, { ...repoAccess(cli, o), full: o.full, disks: o.disk, workers, ...quiesceMode(o, cli.config.defaults.quiesce), ...network, onProgress }),
       );
       emit(out, m, () => describeBackup(m));
     },
@@ -116,7 +116,7 @@ export const repositoryCommands: readonly CliCommand[] = [
       if (o.backup !== undefined && o.until !== undefined) throw new QbackupError('INVALID_ARGUMENT', 'Give either --backup or --until, not both');
       const until = o.until !== undefined ? pointInTime('--until', o.until) : undefined;
       if (o.instant) {
-        await runInstantRestore(qb, out, repoAccess(cli, o), domain, { ...o, until });
+        await runInstantRestore(qb, out, repoAccess(cli, o), domain, { ...o, bandwidth: o.bandwidth ?? configuredBandwidth(cli.config.defaults.bandwidth), until });
         return;
       }
       for (const [flagName, given] of [['--as', o.as !== undefined], ['--wait', o.wait], ['--bandwidth', o.bandwidth !== undefined]] as const) {
@@ -281,6 +281,11 @@ export const repositoryCommands: readonly CliCommand[] = [
     },
   }),
 ];
+
+/** defaults.bandwidth of the configuration, as --bandwidth would give it. */
+function configuredBandwidth(mibPerSec: number | undefined): string | undefined {
+  return mibPerSec !== undefined ? String(mibPerSec) : undefined;
+}
 
 /** --socket, or --tcp with --tls-cert-dir or --no-tls (the library refuses TCP without TLS unless told). */
 function serveListen(o: { socket?: string | undefined; tcp?: string | undefined; tlsCertDir?: string | undefined; tls: boolean }): ServeListen {
