@@ -5,6 +5,7 @@
 #                                (better-sqlite3 and zstd-napi built here for this Node)
 #   /usr/bin/qbackup             a link to /usr/lib/qbackup/bin/qbackup
 #   /lib/systemd/system/qbackup.service
+#   /usr/share/bash-completion/completions/qbackup
 #   /usr/share/doc/qbackup/      README.md, config.md, metrics.md, examples/config.yaml,
 #                                grafana-dashboard.json
 # Depends: nodejs (>= 20), qemu-system-x86, qemu-utils.
@@ -30,6 +31,8 @@ cp "$root/package-lock.json" "$lib/"
 (cd "$lib" && npm ci --omit=dev --ignore-scripts=false --no-audit --no-fund --loglevel=error >&2)
 rm -f "$lib/package-lock.json"
 ln -s ../lib/qbackup/bin/qbackup "$stage/usr/bin/qbackup"
+mkdir -p "$stage/usr/share/bash-completion/completions"
+QBACKUP_STATE_DIR="$work/state" node "$lib/bin/qbackup" completion bash > "$stage/usr/share/bash-completion/completions/qbackup"
 install -m 0644 "$root/packaging/qbackup.service" "$stage/lib/systemd/system/qbackup.service"
 install -m 0644 "$root/packaging/config.example.yaml" "$stage/usr/share/doc/qbackup/examples/config.yaml"
 for doc in README.md docs/config.md docs/metrics.md docs/grafana-dashboard.json; do

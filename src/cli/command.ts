@@ -46,6 +46,8 @@ export interface RunInput<A, O> {
 export interface CommandDefinition<A extends Specs<ArgumentSpec<unknown>>, O extends Specs<OptionSpec<unknown>>> {
   readonly name: string;
   readonly description: string;
+  /** Left out of help (commands for scripts, such as the completion helper). */
+  readonly hidden?: boolean;
   /** In command-line order. */
   readonly args?: A;
   /** In the order help lists them. */
@@ -74,7 +76,7 @@ function register<A extends Specs<ArgumentSpec<unknown>>, O extends Specs<Option
   cli: CliContext,
   def: CommandDefinition<A, O>,
 ): void {
-  const cmd = program.command(def.name).description(def.description);
+  const cmd = program.command(def.name, { hidden: def.hidden ?? false }).description(def.description);
   const argKeys = Object.keys(def.args ?? {});
   for (const [key, spec] of Object.entries<ArgumentSpec<unknown>>(def.args ?? {})) {
     const arg = cmd.createArgument(spec.syntax, spec.description);

@@ -6,6 +6,7 @@ import { readFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
 import { backupCommands } from './backup-commands.js';
 import { checkpointCommands } from './checkpoint-commands.js';
+import { completionCommands } from './completion.js';
 import { configCommands } from './config-commands.js';
 import { registerCommands } from './command.js';
 import { createCliContext } from './context.js';
@@ -37,6 +38,7 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
     .exitOverride();
   const cli = createCliContext(env);
   registerCommands(program, cli, [...domainCommands, ...checkpointCommands, ...backupCommands, ...repositoryCommands, ...serviceCommands, ...configCommands]);
+  registerCommands(program, cli, completionCommands(program));
   try {
     await program.parseAsync([...argv]);
   } catch (err) {
