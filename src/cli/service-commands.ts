@@ -6,7 +6,6 @@
 import { resolve } from 'node:path';
 import { QbackupError } from '../errors.js';
 import { runDaemon } from './serve.js';
-import { isRemoteRepo } from '../repository/backend/open.js';
 import type { RetentionPolicy } from '../repository/service.js';
 import { Schedules, type ScheduleInfo } from '../service/schedules.js';
 import { ScheduleStore } from '../store/schedules.js';
@@ -64,7 +63,7 @@ export const serviceCommands: readonly CliCommand[] = [
       run: valueWithDefault('--run <what>', 'backup, verify, gc or copy', 'backup'),
       readDataSubset: value('--read-data-subset <percent>', 'verify: also read back this share of the chunks (e.g. 10%)'),
       when: value('--when <schedule>', 'cron pattern ("0 2 * * *") or "daily 02:00", "weekly sun 03:00", "hourly :15"'),
-      repo: value('--repo <dir|s3://bucket/prefix>', 'repository directory or s3:// bucket'),
+      repo: value('--repo <name|dir|s3://bucket/prefix>', 'a configured repository, a directory or an s3:// bucket'),
       passwordFile: value('--password-file <file>', 'passphrase file of an encrypted repository (read at each run)'),
       to: value('--to <dir|s3://bucket/prefix>', 'copy: the target repository (--repo is the source)'),
       toPasswordFile: value('--to-password-file <file>', 'copy: passphrase file of an encrypted target'),
@@ -76,7 +75,7 @@ export const serviceCommands: readonly CliCommand[] = [
       keepMonthly: value('--keep-monthly <n>', 'the same per month'),
       keepYearly: value('--keep-yearly <n>', 'the same per year'),
     },
-    run: async ({ qb, out, args, opts: o }) => {
+    run: async ({ qb, out, cli, args, opts: o }) => {
       const schedules = new Schedules(new ScheduleStore(qb.db));
       const action = oneOf('action', args.action, ['add', 'list', 'remove']);
       if (action === 'list') {
@@ -102,9 +101,9 @@ export const serviceCommands: readonly CliCommand[] = [
         action: what,
         ...(args.target !== undefined ? { domain: args.target } : {}),
         when: o.when,
-        repo: repoLocation(o.repo),
+        repo: cli.credentials.location(o.repo),
         ...(o.passwordFile !== undefined ? { passwordFile: resolve(o.passwordFile) } : {}),
-        ...(o.to !== undefined ? { to: repoLocation(o.to) } : {}),
+        ...(o.to !== undefined ? { to: cli.credentials.location(o.to) } : {}),
         ...(o.toPasswordFile !== undefined ? { toPasswordFile: resolve(o.toPasswordFile) } : {}),
         ...(o.full ? { full: true } : {}),
         ...(Object.keys(retention).length > 0 ? { retention } : {}),
@@ -115,11 +114,6 @@ export const serviceCommands: readonly CliCommand[] = [
     },
   }),
 ];
-
-/** A local directory made absolute; an s3:// URL as given. */
-function repoLocation(repo: string): string {
-  return isRemoteRepo(repo) ? repo : resolve(repo);
-}
 
 function scheduleTable(list: readonly ScheduleInfo[]): string {
   return table(

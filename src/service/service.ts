@@ -164,12 +164,18 @@ export class QbackupService {
    * and this is not one of them.
    */
   access(repo: string, password?: string | undefined): RepoAccess {
+    this.location(repo);
+    return this.creds.access(repo, { value: password === '' ? undefined : password }, {});
+  }
+
+  /** The location `repo` names (a configured name or a location), refused like access() when it is not allowed; reads no secret. */
+  location(repo: string): string {
     const location = this.creds.location(repo);
     if (restrictsRepositories(this.configuration) && this.creds.atLocation(location) === undefined && !this.configuration.allowRepositories.includes(location)) {
       const names = [...this.configuration.repositories.keys()];
       throw new QbackupError('REPOSITORY_NOT_ALLOWED', `Repository "${repo}" is not in the configuration${this.configuration.file !== undefined ? ` "${this.configuration.file}"` : ''}: the daemon reaches only ${names.length > 0 ? names.map((n) => `"${n}"`).join(', ') : 'the allowed locations'}`, { details: { repo } });
     }
-    return this.creds.access(repo, { value: password === '' ? undefined : password }, {});
+    return location;
   }
 
   /** The name metrics and notifications give a location: the configured one, else the location itself. */
