@@ -11,7 +11,7 @@
 // STATE_DIR/admin-token (0600) so that it never reaches a log.
 
 import { spawn } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { QbackupError, describeError } from '../errors.js';
 import type { Qbackup } from '../qbackup.js';
@@ -52,7 +52,9 @@ export async function runDaemon(qb: Qbackup, out: OutputOptions, cli: CommandEnv
   let tokenFile: string | undefined;
   if (t !== undefined && !out.json && !process.stdout.isTTY) {
     tokenFile = join(qb.options.stateDir, 'admin-token');
-    writeFileSync(tokenFile, `${t}\n`, { mode: 0o600 });
+    // A new file only this user reads (never through a link left in its place).
+    rmSync(tokenFile, { force: true });
+    writeFileSync(tokenFile, `${t}\n`, { mode: 0o600, flag: 'wx' });
   }
   emit(out, { url: daemon.url, ...(t !== undefined ? { bootstrapToken: { name: 'admin', token: t } } : {}) }, () =>
     [

@@ -12,9 +12,8 @@
 // - reload() swaps the configuration between tasks' starts: a running task
 //   keeps the access it was started with.
 
-import { readFileSync } from 'node:fs';
 import { emptyConfig, restrictsRepositories, type QbackupConfig, type ScheduleConfig } from '../config/config.js';
-import { Credentials } from '../config/credentials.js';
+import { Credentials, readSecretFile } from '../config/credentials.js';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import type { Qbackup } from '../qbackup.js';
 import type { Manifest, PruneResult, RepoAccess, RepoStats, RetentionPolicy } from '../repository/service.js';
@@ -341,14 +340,14 @@ export class QbackupService {
   }
 
   private startSchedule(s: ScheduleInfo): TaskInfo {
-    const password = s.passwordFile !== undefined ? readPasswordFile(s.passwordFile) : undefined;
+    const password = s.passwordFile !== undefined ? readSecretFile(s.passwordFile, 'passphrase file') : undefined;
     const access: RepoAccess = this.access(s.repo, password);
     const requestedBy = `schedule ${s.name ?? s.id}`;
     if (s.action === 'verify') {
       return this.verify({ ...access, ...(s.domain !== undefined ? { domain: s.domain } : {}), ...(s.readDataPercent !== undefined ? { readDataPercent: s.readDataPercent } : {}), requestedBy });
     }
     if (s.action === 'copy') {
-      const toPassword = s.toPasswordFile !== undefined ? readPasswordFile(s.toPasswordFile) : undefined;
+      const toPassword = s.toPasswordFile !== undefined ? readSecretFile(s.toPasswordFile, 'passphrase file') : undefined;
       const to: RepoAccess = this.access(s.to ?? '', toPassword);
       return this.copy({ from: access, to, ...(s.domain !== undefined ? { domain: s.domain } : {}), requestedBy });
     }
@@ -383,13 +382,5 @@ export class QbackupService {
         return report;
       },
     }));
-  }
-}
-
-function readPasswordFile(file: string): string {
-  try {
-    return readFileSync(file, 'utf8').replace(/\r?\n$/, '');
-  } catch (err) {
-    throw new QbackupError('INVALID_ARGUMENT', `Cannot read the passphrase file "${file}": ${describeError(err)}`);
   }
 }
