@@ -2,7 +2,7 @@
 # Builds the Debian package qbackup_VERSION_ARCH.deb with dpkg-deb, from the
 # npm tarball of this tree (npm pack, which builds dist/ through prepack):
 #   /usr/lib/qbackup/            the package and its production node_modules
-#                                (better-sqlite3 and zstd-napi built here for this Node)
+#                                (better-sqlite3 and zstd-napi as built for this Node)
 #   /usr/bin/qbackup             a link to /usr/lib/qbackup/bin/qbackup
 #   /lib/systemd/system/qbackup.service
 #   /usr/share/bash-completion/completions/qbackup
@@ -26,9 +26,16 @@ stage="$work/root"
 lib="$stage/usr/lib/qbackup"
 mkdir -p "$lib" "$stage/usr/bin" "$stage/lib/systemd/system" "$stage/usr/share/doc/qbackup/examples" "$stage/DEBIAN"
 tar -xzf "$tarball" -C "$lib" --strip-components=1
-# Production dependencies only, exactly as the lock file pins them.
+# Production dependencies only, exactly as the lock file pins them: the tree's
+# own node_modules (built for this Node by npm ci) less the development ones,
+# else a fresh npm ci (which builds better-sqlite3 and zstd-napi from source).
 cp "$root/package-lock.json" "$lib/"
-(cd "$lib" && npm ci --omit=dev --ignore-scripts=false --no-audit --no-fund --loglevel=error >&2)
+if [ -d "$root/node_modules/better-sqlite3/build/Release" ]; then
+  cp -a "$root/node_modules" "$lib/node_modules"
+  (cd "$lib" && npm prune --omit=dev --no-audit --no-fund --loglevel=error >&2)
+else
+  (cd "$lib" && npm ci --omit=dev --no-audit --no-fund --loglevel=error >&2)
+fi
 rm -f "$lib/package-lock.json"
 ln -s ../lib/qbackup/bin/qbackup "$stage/usr/bin/qbackup"
 mkdir -p "$stage/usr/share/bash-completion/completions"
