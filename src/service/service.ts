@@ -50,6 +50,7 @@ export interface RepositoryFacts {
 }
 
 export const BACKUP_TASK = 'repository.backup';
+const STATS_MAX_AGE_MS = 60_000;
 export const COPY_TASK = 'repository.copy';
 
 export interface CopyRequest {
@@ -83,6 +84,7 @@ export class QbackupService {
   readonly repositoryFacts = new Map<string, RepositoryFacts>();
   private configuration: QbackupConfig;
   private creds: Credentials;
+  private readonly statsReading = new Set<string>();
   /** What each live task works on, for its notification and the metrics. */
   private readonly taskContext = new Map<string, { repo?: string | undefined; schedule?: ScheduleInfo | undefined }>();
 
@@ -208,18 +210,23 @@ export class QbackupService {
     const facts = this.repositoryFacts.get(location) ?? { label: this.repositoryLabel(location) };
     this.repositoryFacts.set(location, facts);
     if (task.kind === 'repository.verify' && (task.state === 'succeeded' || task.state === 'failed')) facts.lastVerify = { ok: task.state === 'succeeded', timeMs: task.endedMs ?? Date.now() };
-    void this.refreshStats(location);
+    // Reading the sizes reads every index: at most once a minute per repository (a gc's change is always read).
+    if (facts.statsTimeMs === undefined || Date.now() - facts.statsTimeMs > STATS_MAX_AGE_MS || task.kind === 'repository.gc') void this.refreshStats(location);
   }
 
   /** Reads a repository's sizes for the metrics; a repository that cannot be read now keeps its last figures. */
   async refreshStats(location: string): Promise<void> {
     const facts = this.repositoryFacts.get(location) ?? { label: this.repositoryLabel(location) };
     this.repositoryFacts.set(location, facts);
+    if (this.statsReading.has(location)) return;
+    this.statsReading.add(location);
     try {
       facts.stats = await this.qb.repository.stats(this.creds.access(location, {}, {}));
       facts.statsTimeMs = Date.now();
     } catch (err) {
       this.logger.log({ level: 'debug', msg: 'repository sizes not read', fields: { repository: facts.label, error: describeError(err) } });
+    } finally {
+      this.statsReading.delete(location);
     }
   }
 
