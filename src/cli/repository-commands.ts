@@ -4,19 +4,18 @@
 // by passwords.ts, and results printed by formatters.ts.
 
 import { QbackupError } from '../errors.js';
-import type { Qbackup } from '../qbackup.js';
-import type { GcReport, InstantRestoreInfo, RepoAccess, RepoStats, RetentionPolicy, ServeListen } from '../repository/service.js';
+import type { GcReport, RepoStats, RetentionPolicy, ServeListen } from '../repository/service.js';
 import { arg, defineCommand, flag, optionalArg, repeatable, requiredValue, value, valueWithDefault, type CliCommand } from './command.js';
-import { backupTable, describeBackup, describeCopy, describeGc, describeInstant, describePrune, describeStats, describeVerify } from './formatters.js';
+import { backupTable, describeBackup, describeCopy, describeGc, describePrune, describeStats, describeVerify } from './formatters.js';
 import { diskOption, hostPort, oneOf, pointInTime, positiveNumber, quiesceMode, quiesceOptions, repoOption } from './options.js';
-import { emit, table, type OutputOptions } from './output.js';
+import { emit, table } from './output.js';
 import { FROM_PASSWORD_VARIABLE, NEW_PASSWORD_VARIABLE, PASSWORD_VARIABLE, repoAccess, repoName, requirePassword } from './passwords.js';
-import { progressReporter, withProgress } from './progress.js';
+import { withProgress } from './progress.js';
+import { runInstantRestore } from './restore-instant.js';
 import { untilSignal } from './service-commands.js';
 
 const domain = arg('domain');
 const passwordFile = value('--password-file <file>', 'read the passphrase from this file (default: the configured repository\'s password-file or password-command, else $QBACKUP_PASSWORD)');
-const MiB = 1024 * 1024;
 
 export const repositoryCommands: readonly CliCommand[] = [
   defineCommand({
@@ -297,42 +296,3 @@ function serveListen(o: { socket?: string | undefined; tcp?: string | undefined;
   const { host, port } = hostPort('--tcp', o.tcp, { anyPort: true });
   return { transport: 'tcp', host, port, ...(o.tlsCertDir !== undefined ? { tlsCertDir: o.tlsCertDir } : {}), ...(!o.tls ? { noTls: true } : {}) };
 }
-
-/** `restore --instant`: starts the domain from the backup; with --wait, follows the copy to its end. */
-async function runInstantRestore(
-  qb: Qbackup,
-  out: OutputOptions,
-  access: RepoAccess,
-  domain: string,
-  o: { to?: string | undefined; as?: string | undefined; backup?: string | undefined; until: Date | undefined; intoDomain?: string | undefined; disk: string[]; format: string; wait: boolean; bandwidth?: string | undefined },
-): Promise<void> {
-  if (o.intoDomain !== undefined || o.disk.length > 0 || o.format !== 'qcow2') {
-    throw new QbackupError('INVALID_ARGUMENT', 'Option --instant restores every disk of the backup into qcow2 overlays; it takes neither --into-domain, --disk nor --format');
-  }
-  const speed = o.bandwidth !== undefined ? Math.round(positiveNumber('--bandwidth', o.bandwidth, 'MiB/s') * MiB) : undefined;
-  const started = await qb.repository.instantRestore(domain, {
-    ...access,
-    ...(o.to !== undefined ? { to: o.to } : {}),
-    ...(o.as !== undefined ? { as: o.as } : {}),
-    ...(o.backup !== undefined ? { backup: o.backup } : {}),
-    ...(o.until !== undefined ? { until: o.until } : {}),
-    ...(speed !== undefined ? { speedBytesPerSec: speed } : {}),
-  });
-  if (!o.wait) {
-    emit(out, started, () => `Domain ${started.domain} runs from backup ${started.backup}; its data is being copied in (see domjobinfo ${started.domain})\n${describeInstant(started)}`);
-    return;
-  }
-  const bar = progressReporter(out);
-  let result: InstantRestoreInfo;
-  try {
-    result = await qb.instant.wait(started.domain, (info) => {
-      const done = info.disks.reduce((a, d) => a + d.doneBytes, 0);
-      const total = info.disks.reduce((a, d) => a + d.totalBytes, 0);
-      bar.update({ phase: `copying into ${started.domain}`, doneBytes: done, totalBytes: total });
-    });
-  } finally {
-    bar.stop();
-  }
-  emit(out, result, () => `Domain ${result.domain} runs on its local images; backup ${result.backup} is no longer served\n${describeInstant(result)}`);
-}
-
