@@ -42,8 +42,11 @@ if [ "$deb" = 1 ]; then
   file=$(bash "$root/scripts/build-deb.sh" "$work")
   apt-get install -y "$file" >&2
   trap 'apt-get purge -y qbackup >&2 || true; cleanup' EXIT
-  dpkg -L qbackup | grep -qx /lib/systemd/system/qbackup.service
-  dpkg -L qbackup | grep -qx /usr/share/doc/qbackup/examples/config.yaml
+  files=$(dpkg -L qbackup)
+  for f in /usr/bin/qbackup /lib/systemd/system/qbackup.service /usr/share/doc/qbackup/examples/config.yaml /usr/share/bash-completion/completions/qbackup; do
+    grep -qx "$f" <<<"$files" || { echo "check-package: the package lacks $f" >&2; exit 1; }
+  done
+  qbackup --version
   exec_start=$(sed -n 's/^ExecStart=//p' /lib/systemd/system/qbackup.service)
   printf 'server:\n  listen: 127.0.0.1:0\nmetrics: token\n' > "$work/config.yaml"
   # The unit's command line as systemd would run it, with a private state directory and configuration.
@@ -53,7 +56,8 @@ if [ "$deb" = 1 ]; then
   url=$(sed -n 's/^qbackup serve: listening on //p' "$work/serve.out")
   [ -n "$url" ] || { cat "$work/serve.err" >&2; echo "check-package: qbackup serve did not start" >&2; exit 1; }
   token=$(cat "$work/state-deb/admin-token")
-  curl -fsS -H "Authorization: Bearer $token" "$url/metrics" | grep -q '^# HELP qbackup_tasks'
+  metrics=$(curl -fsS -H "Authorization: Bearer $token" "$url/metrics")
+  grep -q '^# HELP qbackup_tasks' <<<"$metrics" || { echo "check-package: /metrics lacks qbackup_tasks" >&2; exit 1; }
   kill -TERM "$server"; wait "$server" || true; server=
   echo "ok: the .deb installs, and qbackup serve starts from the unit's ExecStart line" >&2
 fi
