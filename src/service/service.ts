@@ -50,8 +50,9 @@ export interface RepositoryFacts {
 }
 
 export const BACKUP_TASK = 'repository.backup';
-const STATS_MAX_AGE_MS = 60_000;
 export const COPY_TASK = 'repository.copy';
+/** How old a repository's sizes may grow before a task on it reads them again. */
+const STATS_MAX_AGE_MS = 60_000;
 
 export interface CopyRequest {
   from: RepoAccess;
