@@ -12,7 +12,7 @@ import { emit, table } from './output.js';
 import { FROM_PASSWORD_VARIABLE, NEW_PASSWORD_VARIABLE, PASSWORD_VARIABLE, repoAccess, repoName, requirePassword } from './passwords.js';
 import { withProgress } from './progress.js';
 import { runInstantRestore } from './restore-instant.js';
-import { untilSignal } from './service-commands.js';
+import { untilSignal } from './serve.js';
 
 const domain = arg('domain');
 const passwordFile = value('--password-file <file>', 'read the passphrase from this file (default: the configured repository\'s password-file or password-command, else $QBACKUP_PASSWORD)');

@@ -76,7 +76,7 @@ export async function runDaemon(qb: Qbackup, out: OutputOptions, cli: CommandEnv
   };
   process.on('SIGHUP', reload);
   try {
-    await untilStop();
+    await untilSignal();
   } finally {
     process.off('SIGHUP', reload);
   }
@@ -95,7 +95,8 @@ function notifySystemd(env: NodeJS.ProcessEnv, logger: Logger): void {
   });
 }
 
-function untilStop(): Promise<void> {
+/** Resolves at the first SIGINT or SIGTERM (long-running commands stop cleanly on either). */
+export function untilSignal(): Promise<void> {
   return new Promise((resolvePromise) => {
     const done = (): void => {
       process.off('SIGINT', done);

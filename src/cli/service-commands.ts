@@ -121,16 +121,3 @@ function scheduleTable(list: readonly ScheduleInfo[]): string {
     list.map((s) => [s.id, s.action ?? 'backup', s.domain ?? '-', s.when, s.to !== undefined ? `${s.repo} -> ${s.to}` : s.repo, Object.entries(s.retention ?? {}).map(([k, v]) => `${k}=${String(v)}`).join(' ') || '-', s.nextRunMs !== null ? new Date(s.nextRunMs).toISOString() : '-']),
   );
 }
-
-/** Resolves at the first SIGINT or SIGTERM (long-running commands stop cleanly on either). */
-export function untilSignal(): Promise<void> {
-  return new Promise((resolvePromise) => {
-    const done = (): void => {
-      process.off('SIGINT', done);
-      process.off('SIGTERM', done);
-      resolvePromise();
-    };
-    process.on('SIGINT', done);
-    process.on('SIGTERM', done);
-  });
-}
