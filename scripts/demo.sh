@@ -6,13 +6,15 @@
 # repository (every chunk read back and checked), and show what it stores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# QBACKUP_BIN: another qbackup to run the demo with (e.g. one installed from the npm tarball or the .deb).
+qb=${QBACKUP_BIN:-./bin/qbackup}
 work=$(mktemp -d /tmp/qbackup-demo.XXXXXX)
 export QBACKUP_STATE_DIR="$work/state"
 repo="$work/repo"
-q() { echo "+ qbackup $*" >&2; ./bin/qbackup "$@"; }
-hmp() { ./bin/qbackup qemu-monitor-command demo --hmp "$1" >/dev/null; }
+q() { echo "+ qbackup $*" >&2; "$qb" "$@"; }
+hmp() { "$qb" qemu-monitor-command demo --hmp "$1" >/dev/null; }
 cleanup() {
-  ./bin/qbackup destroy demo >/dev/null 2>&1 || true
+  "$qb" destroy demo >/dev/null 2>&1 || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -65,7 +67,7 @@ reference sdb "$work/data.qcow2" inc-sdb
 q backup demo --repo "$repo"
 q backup-list --repo "$repo"
 
-full=$(./bin/qbackup backup-list --repo "$repo" demo --json | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>console.log(JSON.parse(s)[0].id))')
+full=$("$qb" backup-list --repo "$repo" demo --json | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>console.log(JSON.parse(s)[0].id))')
 q restore demo --repo "$repo" --backup "$full" --to "$work/restore-full" --format raw
 q restore demo --repo "$repo" --to "$work/restore-inc"
 echo "+ comparing restored images with the disks at backup time" >&2

@@ -80,6 +80,10 @@ export const ERROR_CODES = {
   REPO_ACCESS_DENIED: 'the object store refused the credentials, or none are configured',
   REPO_UNAVAILABLE: 'the object store cannot be reached or kept failing (after retries)',
   WRONG_PASSWORD: 'no key of the repository opens with the given passphrase',
+  // -- the configuration file
+  CONFIG_INVALID: 'the configuration file cannot be read, is not YAML, or breaks its schema (the message names the file and line)',
+  REPOSITORY_NOT_ALLOWED: 'the daemon reaches only the repositories its configuration names, and this is not one of them',
+  PASSWORD_UNAVAILABLE: 'a passphrase file or command of a repository gave no passphrase',
   // -- the daemon (qbackup serve)
   TASK_NOT_FOUND: 'no task of that id (it may have aged out of the kept history)',
   TASK_CANCELLED: 'a task was cancelled while it ran',

@@ -9,7 +9,7 @@ import { parseCheckpointXml } from '../libvirt/checkpoint.js';
 import { QbackupError } from '../errors.js';
 import { arg, defineCommand, flag, optionalArg, value, type CliCommand } from './command.js';
 import { positiveNumber, quiesceMode, quiesceOptions, readInput } from './options.js';
-import { describeInstant } from './repository-commands.js';
+import { describeInstant } from './formatters.js';
 import { emit } from './output.js';
 
 const domain = arg('domain');

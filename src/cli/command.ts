@@ -10,7 +10,7 @@
 import assert from 'node:assert/strict';
 import { Command } from 'commander';
 import type { Qbackup } from '../qbackup.js';
-import type { CliContext } from './context.js';
+import type { CliContext, CommandEnv } from './context.js';
 import type { OutputOptions } from './output.js';
 
 /** A positional argument: its commander syntax and how to read commander's value. */
@@ -37,6 +37,8 @@ type ValuesOf<S> = { [K in keyof S]: S[K] extends { read(raw: unknown): infer T 
 export interface RunInput<A, O> {
   qb: Qbackup;
   out: OutputOptions;
+  /** The environment main() was handed, the configuration and the credentials built from them. */
+  cli: CommandEnv;
   args: ValuesOf<A>;
   opts: ValuesOf<O>;
 }
@@ -44,6 +46,8 @@ export interface RunInput<A, O> {
 export interface CommandDefinition<A extends Specs<ArgumentSpec<unknown>>, O extends Specs<OptionSpec<unknown>>> {
   readonly name: string;
   readonly description: string;
+  /** Left out of help (commands for scripts, such as the completion helper). */
+  readonly hidden?: boolean;
   /** In command-line order. */
   readonly args?: A;
   /** In the order help lists them. */
@@ -72,7 +76,7 @@ function register<A extends Specs<ArgumentSpec<unknown>>, O extends Specs<Option
   cli: CliContext,
   def: CommandDefinition<A, O>,
 ): void {
-  const cmd = program.command(def.name).description(def.description);
+  const cmd = program.command(def.name, { hidden: def.hidden ?? false }).description(def.description);
   const argKeys = Object.keys(def.args ?? {});
   for (const [key, spec] of Object.entries<ArgumentSpec<unknown>>(def.args ?? {})) {
     const arg = cmd.createArgument(spec.syntax, spec.description);
@@ -90,11 +94,11 @@ function register<A extends Specs<ArgumentSpec<unknown>>, O extends Specs<Option
   cmd.action(async (...params: unknown[]) => {
     const self = params.at(-1);
     assert.ok(self instanceof Command, 'commander passes the command last');
-    await cli.run(self, async (qb, out) => {
+    await cli.run(self, async (qb, out, ce) => {
       const args = readAll(def.args ?? {}, (key) => params[argKeys.indexOf(key)]);
       const rawOpts = self.opts();
       const opts = readAll(def.options ?? {}, (key) => rawOpts[key]);
-      await def.run({ qb, out, args: args as ValuesOf<A>, opts: opts as ValuesOf<O> });
+      await def.run({ qb, out, cli: ce, args: args as ValuesOf<A>, opts: opts as ValuesOf<O> });
     });
   });
 }

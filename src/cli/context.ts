@@ -6,10 +6,12 @@
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import type { Command } from 'commander';
+import type { QbackupConfig } from '../config/config.js';
+import { Credentials } from '../config/credentials.js';
+import { defaultConfigFile, loadConfigFile } from '../config/load.js';
 import { QbackupError } from '../errors.js';
 import { Qbackup } from '../qbackup.js';
 import type { BackendSettings } from '../repository/backend/open.js';
-import type { Credentials } from '../util/credentials.js';
 import { crashAtPoint } from '../util/faults.js';
 import type { OutputOptions } from './output.js';
 
@@ -17,16 +19,44 @@ export interface GlobalOptions {
   stateDir?: string;
   json?: boolean;
   lockTimeout?: string;
+  config?: string;
+}
+
+/** What a command may use beyond the library: its environment, the configuration and the credentials built from both. */
+export interface CommandEnv {
+  readonly env: NodeJS.ProcessEnv;
+  readonly config: QbackupConfig;
+  /** The config file's name (whether or not it exists), for messages and for re-reading it. */
+  readonly configFile: string;
+  readonly credentials: Credentials;
 }
 
 export interface CliContext {
-  run(cmd: Command, fn: (qb: Qbackup, out: OutputOptions) => Promise<void>): Promise<void>;
+  run(cmd: Command, fn: (qb: Qbackup, out: OutputOptions, ce: CommandEnv) => Promise<void>): Promise<void>;
 }
 
-export function defaultStateDir(env: NodeJS.ProcessEnv): string {
+export function defaultStateDir(env: NodeJS.ProcessEnv, config?: QbackupConfig): string {
   if (env['QBACKUP_STATE_DIR']) return env['QBACKUP_STATE_DIR'];
+  if (config?.server.stateDir !== undefined) return config.server.stateDir;
   if (process.getuid?.() === 0) return '/var/lib/qbackup';
   return join(env['XDG_STATE_HOME'] || join(homedir(), '.local', 'state'), 'qbackup');
+}
+
+/** The configuration a command runs with: --config F (which must exist), else the default file if there is one. */
+export function loadCliConfig(env: NodeJS.ProcessEnv, given: string | undefined): { config: QbackupConfig; configFile: string } {
+  const configFile = given ?? env['QBACKUP_CONFIG'] ?? defaultConfigFile(env, process.getuid?.() === 0);
+  return { config: loadConfigFile(configFile, given !== undefined || env['QBACKUP_CONFIG'] !== undefined), configFile };
+}
+
+/**
+ * The credentials of the CLI and the daemon: the configuration's, then
+ * $QBACKUP_PASSWORD; a helper process (the server of an instant restore) gets
+ * PATH, HOME (for ~/.aws) and the AWS SDK's variables.
+ */
+export function cliCredentials(env: NodeJS.ProcessEnv, config: QbackupConfig): Credentials {
+  const helper: Record<string, string> = {};
+  for (const [k, v] of Object.entries(env)) if ((k === 'PATH' || k === 'HOME' || k.startsWith('AWS_')) && v !== undefined) helper[k] = v;
+  return new Credentials(config, { value: env['QBACKUP_PASSWORD'] || undefined }, helper);
 }
 
 export function createCliContext(env: NodeJS.ProcessEnv): CliContext {
@@ -36,41 +66,27 @@ export function createCliContext(env: NodeJS.ProcessEnv): CliContext {
       const out: OutputOptions = { json: opts.json ?? false };
       let qb: Qbackup | undefined;
       try {
+        const { config, configFile } = loadCliConfig(env, opts.config);
+        const credentials = cliCredentials(env, config);
         const lockTimeoutMs = parseSeconds(opts.lockTimeout ?? env['QBACKUP_LOCK_TIMEOUT'], 30) * 1000;
         qb = Qbackup.open({
-          stateDir: opts.stateDir ?? defaultStateDir(env),
+          stateDir: opts.stateDir ?? defaultStateDir(env, config),
           lockTimeoutMs,
           // Test-only fault injection (src/util/faults.ts): never set it in production.
           faults: env['QBACKUP_CRASH_AT'] ? crashAtPoint(env['QBACKUP_CRASH_AT']) : undefined,
           // A command that must restart the server of an instant restore from an encrypted repository needs its passphrase.
-          credentials: cliCredentials(env),
+          credentials,
           ...(env['QBACKUP_ACCEL'] === 'tcg' || env['QBACKUP_ACCEL'] === 'kvm' ? { accel: env['QBACKUP_ACCEL'] } : {}),
           // Like libvirt's backup_tls_x509_cert_dir: the default certificate directory of TLS exports (and of `serve`).
           ...(env['QBACKUP_TLS_CERT_DIR'] ? { tlsCertDir: env['QBACKUP_TLS_CERT_DIR'] } : {}),
-          backends: backendSettings(env),
+          backends: credentials.backendSettings(backendSettings(env)),
         });
-        await fn(qb, out);
+        await fn(qb, out, { env, config, configFile, credentials });
       } catch (err) {
         reportError(err, out);
       } finally {
         qb?.close();
       }
-    },
-  };
-}
-
-/**
- * Passphrases and helper environments from the CLI's environment: the
- * passphrase in QBACKUP_PASSWORD; a helper (the server of an instant restore)
- * gets PATH, HOME (for ~/.aws) and the AWS SDK's variables.
- */
-export function cliCredentials(env: NodeJS.ProcessEnv): Credentials {
-  return {
-    repositoryPassword: () => env['QBACKUP_PASSWORD'] || undefined,
-    helperEnvironment: () => {
-      const out: Record<string, string> = {};
-      for (const [k, v] of Object.entries(env)) if ((k === 'PATH' || k === 'HOME' || k.startsWith('AWS_')) && v !== undefined) out[k] = v;
-      return out;
     },
   };
 }

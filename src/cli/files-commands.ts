@@ -6,11 +6,11 @@
 // sessions instead. Every name from the guest is printed escaped, so a
 // hostile filename cannot drive the terminal.
 
-import { readFileSync } from 'node:fs';
 import { QbackupError } from '../errors.js';
 import { FileSession, escapeName, type FileEntry } from '../files/index.js';
 import type { Qbackup } from '../qbackup.js';
 import { arg, defineCommand, flag, value, type ArgumentSpec, type CliCommand } from './command.js';
+import { repoAccess } from './passwords.js';
 import { diskOption, oneOf, pointInTime, positiveNumber, repoOption } from './options.js';
 import { emit, table } from './output.js';
 
@@ -42,15 +42,13 @@ export const filesCommands: readonly CliCommand[] = [
       maxBytes: value('--max-bytes <MiB>', 'cat, get: refuse files larger than this'),
       timeout: value('--timeout <seconds>', 'stop the appliance when one operation takes longer (default 120; booting it has 600)'),
     },
-    run: async ({ qb, out, args, opts: o }) => {
+    run: async ({ qb, out, cli, args, opts: o }) => {
       const action = oneOf('action', args.action, ACTIONS);
       checkArguments(action, args.paths, o);
       if (o.backup !== undefined && o.until !== undefined) throw new QbackupError('INVALID_ARGUMENT', 'Give either --backup or --until, not both');
       const until = o.until !== undefined ? pointInTime('--until', o.until) : undefined;
-      const password = readPassword(o.passwordFile);
       const session = await FileSession.open(qb.repository, {
-        repo: o.repo,
-        ...(password !== undefined ? { password } : {}),
+        ...repoAccess(cli, o),
         domain: args.domain,
         backup: o.backup,
         until,
@@ -177,17 +175,5 @@ function applianceSettings(qb: Qbackup, timeout: string | undefined): { backendS
     ...(qb.options.accel === 'tcg' ? { backendSettings: ['force_tcg'] } : {}),
     ...(timeout !== undefined ? { requestTimeoutMs: positiveNumber('--timeout', timeout, 'seconds') * 1000 } : {}),
   };
-}
-
-function readPassword(file: string | undefined): string | undefined {
-  if (file !== undefined) {
-    try {
-      return readFileSync(file, 'utf8').replace(/\r?\n$/, '');
-    } catch (err) {
-      throw new QbackupError('INVALID_ARGUMENT', `Cannot read the passphrase file "${file}": ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
-    }
-  }
-  const env = process.env['QBACKUP_PASSWORD'];
-  return env !== undefined && env !== '' ? env : undefined;
 }
 

@@ -6,6 +6,8 @@ import { readFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
 import { backupCommands } from './backup-commands.js';
 import { checkpointCommands } from './checkpoint-commands.js';
+import { completionCommands } from './completion.js';
+import { configCommands } from './config-commands.js';
 import { registerCommands } from './command.js';
 import { createCliContext } from './context.js';
 import { domainCommands } from './domain-commands.js';
@@ -29,13 +31,15 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
     .name('qbackup')
     .description('Checkpoints and incremental disk backups for QEMU/KVM virtual machines')
     .option('--state-dir <dir>', 'metadata directory (default: $QBACKUP_STATE_DIR, /var/lib/qbackup as root, else ~/.local/state/qbackup)')
+    .option('--config <file>', 'configuration file (default: /etc/qbackup/config.yaml as root, else ~/.config/qbackup/config.yaml, if it exists)')
     .option('--json', 'print results as JSON')
     .option('--lock-timeout <seconds>', 'how long to wait for another command on the same domain (default 30)')
     .version(packageVersion(), '-V, --version')
     .showHelpAfterError()
     .exitOverride();
   const cli = createCliContext(env);
-  registerCommands(program, cli, [...domainCommands, ...checkpointCommands, ...backupCommands, ...repositoryCommands, ...serviceCommands, ...filesCommands]);
+  registerCommands(program, cli, [...domainCommands, ...checkpointCommands, ...backupCommands, ...repositoryCommands, ...serviceCommands, ...filesCommands, ...configCommands]);
+  registerCommands(program, cli, completionCommands(program));
   try {
     await program.parseAsync([...argv]);
   } catch (err) {

@@ -6,11 +6,11 @@
 import { closeSync, openSync, readSync } from 'node:fs';
 import { QbackupError } from '../errors.js';
 import type { QuiesceMode } from '../domain/quiesce.js';
-import { flag, repeatable, requiredValue, type OptionSpec } from './command.js';
+import { flag, repeatable, value, type OptionSpec } from './command.js';
 
-/** `--repo <dir|s3://bucket/prefix>`, required by every repository command. */
-export function repoOption(description = 'repository directory, or s3://BUCKET/PREFIX (S3 settings from AWS_* variables, QBACKUP_S3_PATH_STYLE=1 for path-style)'): OptionSpec<string> {
-  return requiredValue('--repo <dir|s3://bucket/prefix>', description);
+/** `--repo <name|dir|s3://bucket/prefix>`: a configured repository's name or a location; absent means the configured default. */
+export function repoOption(description = 'a repository named in the configuration file, a directory, or s3://BUCKET/PREFIX (S3 settings from the configuration or AWS_* variables); default: defaults.repository'): OptionSpec<string | undefined> {
+  return value('--repo <name|dir|s3://bucket/prefix>', description);
 }
 
 /** `--disk <target>`, repeatable; none given means every disk. */
@@ -97,8 +97,9 @@ export function quiesceOptions(): { quiesce: OptionSpec<boolean>; quiesceOptiona
   };
 }
 
-/** The library's quiesce mode for those two flags. */
-export function quiesceMode(o: { quiesce: boolean; quiesceOptional: boolean }): { quiesce?: QuiesceMode } {
+/** The library's quiesce mode for those two flags; neither given: the configuration's defaults.quiesce, if any. */
+export function quiesceMode(o: { quiesce: boolean; quiesceOptional: boolean }, configured?: 'none' | 'optional' | 'required' | undefined): { quiesce?: QuiesceMode } {
   if (o.quiesceOptional) return { quiesce: 'optional' };
-  return o.quiesce ? { quiesce: 'required' } : {};
+  if (o.quiesce) return { quiesce: 'required' };
+  return configured === 'optional' || configured === 'required' ? { quiesce: configured } : {};
 }

@@ -6,6 +6,7 @@
 import { resolve } from 'node:path';
 import { QbackupError } from '../errors.js';
 import { isRemoteRepo } from '../repository/backend/open.js';
+import { runDaemon } from './serve.js';
 import type { RetentionPolicy } from '../repository/repository.js';
 import { Schedules, type ScheduleInfo } from '../service/schedules.js';
 import { ScheduleStore } from '../store/schedules.js';
@@ -19,32 +20,15 @@ const RULES = ['keepLast', 'keepHourly', 'keepDaily', 'keepWeekly', 'keepMonthly
 export const serviceCommands: readonly CliCommand[] = [
   defineCommand({
     name: 'serve',
-    description: 'run the HTTP API, tasks, schedules and the web page (loopback by default; other addresses need TLS)',
+    description: 'run the HTTP API, tasks, schedules, metrics and the web page (loopback by default; other addresses need TLS); SIGHUP re-reads the configuration',
     options: {
-      listen: valueWithDefault('--listen <host:port>', 'address to listen on', '127.0.0.1:8470'),
+      listen: value('--listen <host:port>', 'address to listen on (default: server.listen of the configuration, else 127.0.0.1:8470)'),
       tlsCert: value('--tls-cert <file>', 'TLS certificate (PEM)'),
       tlsKey: value('--tls-key <file>', 'TLS private key (PEM)'),
-      maxTasks: valueWithDefault('--max-tasks <n>', 'long operations running at once', '2'),
+      maxTasks: value('--max-tasks <n>', 'long operations running at once (default: server.max-tasks, else 2)'),
     },
-    run: async ({ qb, out, opts: o }) => {
-      const maxConcurrent = Number(o.maxTasks);
-      if (!Number.isInteger(maxConcurrent) || maxConcurrent < 1) throw new QbackupError('INVALID_ARGUMENT', `Invalid --max-tasks "${o.maxTasks}": expected a whole number above zero`);
-      const { startDaemon } = await import('../http/daemon.js');
-      const daemon = await startDaemon(qb, {
-        listen: o.listen,
-        ...(o.tlsCert !== undefined ? { tlsCertFile: o.tlsCert } : {}),
-        ...(o.tlsKey !== undefined ? { tlsKeyFile: o.tlsKey } : {}),
-        maxConcurrent,
-        log: (line) => process.stderr.write(`${new Date().toISOString()} ${line}\n`),
-      });
-      const t = daemon.bootstrapToken;
-      emit(out, { url: daemon.url, ...(t !== undefined ? { bootstrapToken: { name: 'admin', token: t } } : {}) }, () =>
-        [`qbackup serve: listening on ${daemon.url}`, ...(t !== undefined ? [`Created API token "admin" (shown only now; keep it): ${t}`] : [])].join('\n'),
-      );
-      for (const task of daemon.service.interrupted) process.stderr.write(`task ${task.id} marked failed: ${task.error?.message ?? ''}\n`);
-      await untilSignal();
-      process.stderr.write('qbackup serve: stopping (running tasks finish first)\n');
-      await daemon.close();
+    run: async ({ qb, out, cli, opts: o }) => {
+      await runDaemon(qb, out, cli, o);
     },
   }),
 
@@ -80,7 +64,7 @@ export const serviceCommands: readonly CliCommand[] = [
       run: valueWithDefault('--run <what>', 'backup, verify, gc or copy', 'backup'),
       readDataSubset: value('--read-data-subset <percent>', 'verify: also read back this share of the chunks (e.g. 10%)'),
       when: value('--when <schedule>', 'cron pattern ("0 2 * * *") or "daily 02:00", "weekly sun 03:00", "hourly :15"'),
-      repo: value('--repo <dir|s3://bucket/prefix>', 'repository directory or s3:// bucket'),
+      repo: value('--repo <name|dir|s3://bucket/prefix>', 'a configured repository, a directory or an s3:// bucket'),
       passwordFile: value('--password-file <file>', 'passphrase file of an encrypted repository (read at each run)'),
       to: value('--to <dir|s3://bucket/prefix>', 'copy: the target repository (--repo is the source)'),
       toPasswordFile: value('--to-password-file <file>', 'copy: passphrase file of an encrypted target'),
@@ -92,7 +76,7 @@ export const serviceCommands: readonly CliCommand[] = [
       keepMonthly: value('--keep-monthly <n>', 'the same per month'),
       keepYearly: value('--keep-yearly <n>', 'the same per year'),
     },
-    run: async ({ qb, out, args, opts: o }) => {
+    run: async ({ qb, out, cli, args, opts: o }) => {
       const schedules = new Schedules(new ScheduleStore(qb.db));
       const action = oneOf('action', args.action, ['add', 'list', 'remove']);
       if (action === 'list') {
@@ -118,9 +102,9 @@ export const serviceCommands: readonly CliCommand[] = [
         action: what,
         ...(args.target !== undefined ? { domain: args.target } : {}),
         when: o.when,
-        repo: repoLocation(o.repo),
+        repo: cli.credentials.location(o.repo),
         ...(o.passwordFile !== undefined ? { passwordFile: resolve(o.passwordFile) } : {}),
-        ...(o.to !== undefined ? { to: repoLocation(o.to) } : {}),
+        ...(o.to !== undefined ? { to: cli.credentials.location(o.to) } : {}),
         ...(o.toPasswordFile !== undefined ? { toPasswordFile: resolve(o.toPasswordFile) } : {}),
         ...(o.full ? { full: true } : {}),
         ...(Object.keys(retention).length > 0 ? { retention } : {}),
@@ -132,27 +116,9 @@ export const serviceCommands: readonly CliCommand[] = [
   }),
 ];
 
-/** A local directory made absolute; an s3:// URL as given. */
-function repoLocation(repo: string): string {
-  return isRemoteRepo(repo) ? repo : resolve(repo);
-}
-
 function scheduleTable(list: readonly ScheduleInfo[]): string {
   return table(
     ['Id', 'Action', 'Domain', 'When', 'Repository', 'Retention', 'Next run'],
     list.map((s) => [s.id, s.action ?? 'backup', s.domain ?? '-', s.when, s.to !== undefined ? `${s.repo} -> ${s.to}` : s.repo, Object.entries(s.retention ?? {}).map(([k, v]) => `${k}=${String(v)}`).join(' ') || '-', s.nextRunMs !== null ? new Date(s.nextRunMs).toISOString() : '-']),
   );
-}
-
-/** Resolves at the first SIGINT or SIGTERM (long-running commands stop cleanly on either). */
-export function untilSignal(): Promise<void> {
-  return new Promise((resolvePromise) => {
-    const done = (): void => {
-      process.off('SIGINT', done);
-      process.off('SIGTERM', done);
-      resolvePromise();
-    };
-    process.on('SIGINT', done);
-    process.on('SIGTERM', done);
-  });
 }

@@ -16,9 +16,9 @@ import { buildServer } from './server.js';
 
 export interface DaemonOptions extends ServiceOptions {
   /** host:port; default 127.0.0.1:8470. Port 0 picks a free one. */
-  listen?: string;
-  tlsCertFile?: string;
-  tlsKeyFile?: string;
+  listen?: string | undefined;
+  tlsCertFile?: string | undefined;
+  tlsKeyFile?: string | undefined;
   bodyLimitBytes?: number;
   version?: string;
   rateLimit?: RateLimitOptions;
@@ -71,6 +71,7 @@ export async function startDaemon(qb: Qbackup, options: DaemonOptions = {}): Pro
   const app = await buildServer(service, {
     ...(options.bodyLimitBytes !== undefined ? { bodyLimitBytes: options.bodyLimitBytes } : {}),
     ...(options.log !== undefined ? { log: options.log } : {}),
+    logger: service.logger,
     ...(https !== undefined ? { https } : {}),
     ...(options.version !== undefined ? { version: options.version } : {}),
     ...(options.rateLimit !== undefined ? { rateLimit: options.rateLimit } : {}),

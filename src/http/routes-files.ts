@@ -46,7 +46,8 @@ function contentDisposition(name: string): string {
 function access(request: FastifyRequest, repoPath: string): RepoAccess {
   const header = request.headers['x-repository-password'];
   const password = Array.isArray(header) ? header[0] : header;
-  return { repo: repoPath, ...(password !== undefined && password !== '' ? { password } : {}) };
+  // The daemon's one rule for repositories (configured names and allowed locations only) and passphrases.
+  return request.server.qbackupService.access(repoPath, password);
 }
 
 type WithSession = <T>(request: FastifyRequest, id: string, sel: { repo: string; domain?: string | undefined; disks?: readonly string[] | undefined; fs?: string | undefined }, fn: (s: FileSession) => Promise<T>) => Promise<T>;

@@ -16,10 +16,11 @@ const repo = str({ minLength: 1 });
 const retention = object({ keepLast: int(1), keepHourly: int(1), keepDaily: int(1), keepWeekly: int(1), keepMonthly: int(1), keepYearly: int(1) });
 const format = { type: 'string', enum: ['qcow2', 'raw'] } as const;
 
+/** A configured repository's name or a location, through the service (allow-list, configured passphrase unless the header gives one). */
 function access(request: FastifyRequest, repoPath: string, headerName = 'x-repository-password'): RepoAccess {
   const header = request.headers[headerName];
   const password = Array.isArray(header) ? header[0] : header;
-  return { repo: repoPath, ...(password !== undefined && password !== '' ? { password } : {}) };
+  return request.server.qbackupService.access(repoPath, password);
 }
 
 function pointInTime(value: string): Date {

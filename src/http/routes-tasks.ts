@@ -71,12 +71,13 @@ function scheduleRoutes(app: FastifyInstance, service: QbackupService): void {
   });
   addRoute<unknown, unknown, ScheduleSpec>(app, service, {
     method: 'POST', url: '/api/schedules', tag, status: 201,
-    summary: 'Add a schedule: action (backup, verify, gc or copy), domain, when (cron or "daily 02:00", "weekly sun 03:00", "hourly :15"), repo, retention and full (backup), readDataPercent (verify), to and toPasswordFile (copy: the target), passwordFile',
+    summary: 'Add a schedule: action (backup, verify, gc or copy), domain, when (cron or "daily 02:00", "weekly sun 03:00", "hourly :15"), repo (a configured name or a location), retention and full (backup), readDataPercent (verify), to and toPasswordFile (copy: the target), passwordFile',
     body: object(
       { action: { type: 'string', enum: ['backup', 'verify', 'gc', 'copy'] }, domain: str({ maxLength: 256 }), when: str({ maxLength: 128 }), repo: str({ minLength: 1 }), passwordFile: str(), to: str({ minLength: 1 }), toPasswordFile: str(), retention, full: bool, readDataPercent: { type: 'number' } },
       ['when', 'repo'],
     ),
-    handler: ({ body }) => service.schedules.add(body),
+    // repo and to: a configured name or a location, stored as the location (refused when the configuration does not allow it).
+    handler: ({ body }) => service.schedules.add({ ...body, repo: service.location(body.repo), ...(body.to !== undefined ? { to: service.location(body.to) } : {}) }),
   });
   addRoute<IdParams, unknown, unknown>(app, service, {
     method: 'GET', url: '/api/schedules/:id', tag, params: taskParams, summary: 'A schedule',

@@ -8,6 +8,7 @@
 import swagger from '@fastify/swagger';
 import Fastify, { type FastifyInstance } from 'fastify';
 import type { QbackupService } from '../service/daemon-service.js';
+import type { Logger } from '../util/operation.js';
 import { installAuth } from './auth.js';
 import { ERROR_BODY_SCHEMA, httpError } from './errors.js';
 import { PAGE_HTML } from './page.js';
@@ -16,14 +17,24 @@ import { checkpointRoutes } from './routes-checkpoints.js';
 import { domainRoutes } from './routes-domains.js';
 import { fileRoutes } from './routes-files.js';
 import { jobRoutes } from './routes-jobs.js';
+import { metricsRoute } from './metrics.js';
 import { repositoryRoutes } from './routes-repository.js';
 import { taskRoutes } from './routes-tasks.js';
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** The service the routes work on (routes reach it from a request as request.server.qbackupService). */
+    qbackupService: QbackupService;
+  }
+}
 
 export interface ServerOptions {
   /** Largest request body accepted (default 1 MiB). */
   bodyLimitBytes?: number;
   /** Receives one line per request (method, url, status, ms, token name) and errors. */
   log?: (line: string) => void;
+  /** Receives one event per request and per internal error (instead of `log`). */
+  logger?: Logger | undefined;
   https?: { cert: Buffer; key: Buffer };
   version?: string;
   /** Requests per second per client address, and the burst allowed (default 50/s, 500). */
@@ -32,7 +43,8 @@ export interface ServerOptions {
 
 // Long: the one place that assembles the application, in the order fastify needs.
 export async function buildServer(service: QbackupService, options: ServerOptions = {}): Promise<FastifyInstance> {
-  const log = options.log ?? (() => undefined);
+  const logger = options.logger;
+  const log = options.log ?? ((line: string): void => logger?.log({ level: 'info', msg: line }));
   const app = Fastify({
     logger: false,
     bodyLimit: options.bodyLimitBytes ?? 1 << 20,
@@ -40,6 +52,7 @@ export async function buildServer(service: QbackupService, options: ServerOption
     ajv: { customOptions: { removeAdditional: false, coerceTypes: false, useDefaults: false, allErrors: false } },
     return503OnClosing: true,
   });
+  app.decorate('qbackupService', service);
   app.addContentTypeParser(['application/xml', 'text/xml'], { parseAs: 'string' }, (_request, body, done) => done(null, body));
   app.setErrorHandler((err, request, reply) => {
     const e = httpError(err);
@@ -50,7 +63,12 @@ export async function buildServer(service: QbackupService, options: ServerOption
     void reply.code(404).send({ code: 'ROUTE_NOT_FOUND', message: `There is no API endpoint ${request.method} ${request.url.split('?')[0] ?? ''}` });
   });
   app.addHook('onResponse', async (request, reply) => {
-    log(`${request.method} ${request.url.split('?')[0] ?? ''} ${reply.statusCode} ${reply.elapsedTime.toFixed(1)}ms token=${request.tokenName ?? '-'}`);
+    const path = request.url.split('?')[0] ?? '';
+    if (options.log === undefined && logger !== undefined) {
+      logger.log({ level: 'info', msg: 'request', fields: { method: request.method, path, status: reply.statusCode, ms: Number(reply.elapsedTime.toFixed(1)), token: request.tokenName ?? null } });
+      return;
+    }
+    log(`${request.method} ${path} ${reply.statusCode} ${reply.elapsedTime.toFixed(1)}ms token=${request.tokenName ?? '-'}`);
   });
   const limiter = new RateLimiter(options.rateLimit ?? { ratePerSec: 50, burst: 500 });
   app.addHook('onRequest', async (request) => limiter.take(request.ip));
@@ -69,6 +87,7 @@ export async function buildServer(service: QbackupService, options: ServerOption
   repositoryRoutes(app, service);
   taskRoutes(app, service);
   fileRoutes(app, service);
+  metricsRoute(app, service);
   app.get('/api/whoami', { schema: { summary: 'The token this request was made with', tags: ['auth'] } }, async (request) => ({ name: request.tokenName ?? null, readOnly: request.tokenReadOnly ?? false }));
   app.get('/api/openapi.json', { schema: { hide: true } }, async () => app.swagger());
   app.get('/', { schema: { hide: true } }, async (_request, reply) => reply.type('text/html; charset=utf-8').header('content-security-policy', "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'").send(PAGE_HTML));

@@ -1,16 +1,28 @@
 // The long-running service around one Qbackup: tasks (long operations in the
 // background), API tokens, backup schedules and the scheduler that runs
-// them. The HTTP daemon (src/http) is an adapter over this; the CLI manages
-// tokens and schedules through the same classes.
+// them, the configuration (named repositories, schedules imported from the
+// file, notification targets) and what the metrics report. The HTTP daemon
+// (src/http) is an adapter over this; the CLI manages tokens and schedules
+// through the same classes.
+//
+// Invariants:
+// - With a configuration that names repositories (or lists allowed ones),
+//   every repository the service opens is one of them (REPOSITORY_NOT_ALLOWED
+//   otherwise); without one, any location is reached, as before.
+// - reload() swaps the configuration between tasks' starts: a running task
+//   keeps the access it was started with.
 
-import { readFileSync } from 'node:fs';
+import { emptyConfig, restrictsRepositories, type QbackupConfig, type ScheduleConfig } from '../config/config.js';
+import { Credentials, readSecretFile } from '../config/credentials.js';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import type { Qbackup } from '../qbackup.js';
-import type { Manifest, PruneResult, RepoAccess, RetentionPolicy } from '../repository/repository.js';
+import type { Manifest, PruneResult, RepoAccess, RepoStats, RetentionPolicy } from '../repository/repository.js';
 import { ScheduleStore } from '../store/schedules.js';
 import { TaskStore } from '../store/tasks.js';
 import { TokenStore } from '../store/tokens.js';
-import { Scheduler, Schedules, systemClock, type Clock, type ScheduleInfo } from './schedules.js';
+import { silentLogger, type Logger } from '../util/operation.js';
+import { Notifier, type NotifierOptions, type Outcome } from './notifications.js';
+import { Scheduler, Schedules, systemClock, type Clock, type ScheduleInfo, type ScheduleSpec } from './schedules.js';
 import { TaskManager, type TaskContext, type TaskInfo, type TaskManagerOptions } from './tasks.js';
 
 export interface ServiceOptions extends TaskManagerOptions {
@@ -19,10 +31,28 @@ export interface ServiceOptions extends TaskManagerOptions {
   /** How often the scheduler looks for due schedules (default 30 s); 0: only on tick(). */
   schedulerIntervalMs?: number;
   log?: (message: string) => void;
+  /** Structured events (task started and ended, schedule runs, notifications); takes precedence over `log`. */
+  logger?: Logger | undefined;
+  /** The configuration (default: none, every location reachable, no notifications). */
+  config?: QbackupConfig | undefined;
+  /** Passphrases and S3 settings of the configured repositories (default: built from `config` alone). */
+  credentials?: Credentials | undefined;
+  notifier?: NotifierOptions | undefined;
+}
+
+/** What the metrics report about one repository, as of the last task that touched it. */
+export interface RepositoryFacts {
+  /** The configured name, else the location. */
+  label: string;
+  stats?: RepoStats | undefined;
+  statsTimeMs?: number | undefined;
+  lastVerify?: { ok: boolean; timeMs: number } | undefined;
 }
 
 export const BACKUP_TASK = 'repository.backup';
 export const COPY_TASK = 'repository.copy';
+/** How old a repository's sizes may grow before a task on it reads them again. */
+const STATS_MAX_AGE_MS = 60_000;
 
 export interface CopyRequest {
   from: RepoAccess;
@@ -49,17 +79,156 @@ export class QbackupService {
   readonly scheduler: Scheduler;
   /** Tasks a previous process left unfinished, marked failed at open. */
   readonly interrupted: TaskInfo[];
+  readonly logger: Logger;
+  readonly notifier: Notifier;
+  /** Per repository location: sizes and the last verify, for the metrics. */
+  readonly repositoryFacts = new Map<string, RepositoryFacts>();
+  private configuration: QbackupConfig;
+  private creds: Credentials;
+  private readonly statsReading = new Set<string>();
+  /** What each live task works on, for its notification and the metrics. */
+  private readonly taskContext = new Map<string, { repo?: string | undefined; schedule?: ScheduleInfo | undefined }>();
 
   constructor(
     readonly qb: Qbackup,
     private readonly options: ServiceOptions = {},
   ) {
+    const legacy = options.log;
+    this.logger = options.logger ?? (legacy !== undefined ? { log: (e) => legacy(e.msg) } : silentLogger);
+    this.configuration = options.config ?? emptyConfig();
+    this.creds = options.credentials ?? new Credentials(this.configuration);
+    this.notifier = new Notifier(() => this.configuration.notifications, { ...options.notifier, logger: this.logger });
     this.tasks = new TaskManager(new TaskStore(qb.db), options);
     this.tokens = new TokenStore(qb.db);
     this.schedules = new Schedules(new ScheduleStore(qb.db));
     this.interrupted = this.tasks.recoverInterrupted();
-    const log = options.log ?? (() => undefined);
+    this.importSchedules();
+    const log = (msg: string): void => this.logger.log({ level: 'info', msg });
     this.scheduler = new Scheduler(this.schedules, options.clock ?? systemClock, (s) => this.runSchedule(s), (s) => this.scheduleBusy(s), log);
+    this.tasks.subscribe((e) => {
+      if (e.type === 'state') this.taskChanged(e.task);
+    });
+  }
+
+  get config(): QbackupConfig {
+    return this.configuration;
+  }
+
+  get credentials(): Credentials {
+    return this.creds;
+  }
+
+  /**
+   * Takes a new configuration (SIGHUP): named repositories, notification
+   * targets and metrics access change at once; the schedules of the file are
+   * re-imported (a changed retention applies from the next run). Running
+   * and queued tasks are not touched.
+   */
+  reload(config: QbackupConfig, credentials: Credentials = new Credentials(config)): { added: string[]; updated: string[]; removed: string[] } {
+    const previous = { config: this.configuration, creds: this.creds };
+    this.configuration = config;
+    this.creds = credentials;
+    try {
+      return this.importSchedules();
+    } catch (err) {
+      this.configuration = previous.config;
+      this.creds = previous.creds;
+      throw err;
+    }
+  }
+
+  /** The schedules of the configuration file, imported into the schedule table (see Schedules.sync). */
+  private importSchedules(): { added: string[]; updated: string[]; removed: string[] } {
+    const specs = this.configuration.schedules.map((c) => this.scheduleSpec(c));
+    const r = this.schedules.sync(specs);
+    if (r.added.length + r.updated.length + r.removed.length > 0) {
+      this.logger.log({ level: 'info', msg: 'schedules imported from the configuration', fields: { added: r.added.join(',') || undefined, updated: r.updated.join(',') || undefined, removed: r.removed.join(',') || undefined } });
+    }
+    return r;
+  }
+
+  private scheduleSpec(c: ScheduleConfig): ScheduleSpec & { name: string } {
+    const spec: ScheduleSpec & { name: string } = { name: c.name, action: c.run, when: c.when, repo: this.creds.location(c.repository) };
+    if (c.domain !== undefined) spec.domain = c.domain;
+    if (c.to !== undefined) spec.to = this.creds.location(c.to);
+    if (c.full !== undefined) spec.full = c.full;
+    if (c.retention !== undefined) spec.retention = c.retention;
+    if (c.readDataPercent !== undefined) spec.readDataPercent = c.readDataPercent;
+    if (c.pingUrl !== undefined) spec.pingUrl = c.pingUrl;
+    if (c.notify !== undefined) spec.notify = c.notify;
+    return spec;
+  }
+
+  /**
+   * The repository `repo` names (a configured name or a location) and its
+   * passphrase: `password` when the caller gave one (an API header), else the
+   * configured one. Refused when the configuration restricts repositories
+   * and this is not one of them.
+   */
+  access(repo: string, password?: string | undefined): RepoAccess {
+    this.location(repo);
+    return this.creds.access(repo, { value: password === '' ? undefined : password }, {});
+  }
+
+  /** The location `repo` names (a configured name or a location), refused like access() when it is not allowed; reads no secret. */
+  location(repo: string): string {
+    const location = this.creds.location(repo);
+    if (restrictsRepositories(this.configuration) && this.creds.atLocation(location) === undefined && !this.configuration.allowRepositories.includes(location)) {
+      const names = [...this.configuration.repositories.keys()];
+      throw new QbackupError('REPOSITORY_NOT_ALLOWED', `Repository "${repo}" is not in the configuration${this.configuration.file !== undefined ? ` "${this.configuration.file}"` : ''}: the daemon reaches only ${names.length > 0 ? names.map((n) => `"${n}"`).join(', ') : 'the allowed locations'}`, { details: { repo } });
+    }
+    return location;
+  }
+
+  /** The name metrics and notifications give a location: the configured one, else the location itself. */
+  repositoryLabel(location: string): string {
+    return this.creds.atLocation(location)?.name ?? location;
+  }
+
+  private taskChanged(task: TaskInfo): void {
+    const fields = { task: task.id, kind: task.kind, domain: task.domain ?? undefined, requestedBy: task.requestedBy ?? undefined };
+    if (task.state === 'queued' || task.state === 'running') {
+      this.logger.log({ level: 'info', msg: `task ${task.state}`, fields });
+      return;
+    }
+    this.logger.log({ level: task.state === 'failed' ? 'error' : 'info', msg: `task ${task.state}`, fields: { ...fields, code: task.error?.code, error: task.error?.message } });
+    const context = this.taskContext.get(task.id);
+    this.taskContext.delete(task.id);
+    if (context?.repo !== undefined) this.recordRepositoryFacts(task, context.repo);
+    if (task.state === 'cancelled') return;
+    const ok = task.state === 'succeeded';
+    this.outcome(ok ? 'success' : 'failure', task.kind, task.domain, context?.schedule, context?.repo, task.id, ok ? `Task "${task.id}" (${task.kind}${task.domain !== null ? ` of domain "${task.domain}"` : ''}) succeeded` : (task.error?.message ?? `Task "${task.id}" failed`));
+  }
+
+  private outcome(event: 'success' | 'failure', kind: string, domain: string | null, schedule: ScheduleInfo | undefined, repo: string | undefined, taskId: string | null, message: string): void {
+    const o: Outcome = { event, taskId, kind, domain, schedule: schedule !== undefined ? (schedule.name ?? schedule.id) : null, repository: repo !== undefined ? this.repositoryLabel(repo) : null, message, timeMs: Date.now() };
+    void this.notifier.notify(o, schedule?.notify);
+    if (schedule?.pingUrl !== undefined) void this.notifier.ping(schedule.pingUrl, event === 'success', o.schedule ?? '');
+  }
+
+  /** After a task on a repository: its last verify, and fresh sizes for the metrics (best effort). */
+  private recordRepositoryFacts(task: TaskInfo, location: string): void {
+    const facts = this.repositoryFacts.get(location) ?? { label: this.repositoryLabel(location) };
+    this.repositoryFacts.set(location, facts);
+    if (task.kind === 'repository.verify' && (task.state === 'succeeded' || task.state === 'failed')) facts.lastVerify = { ok: task.state === 'succeeded', timeMs: task.endedMs ?? Date.now() };
+    // Reading the sizes reads every index: at most once a minute per repository (a gc's change is always read).
+    if (facts.statsTimeMs === undefined || Date.now() - facts.statsTimeMs > STATS_MAX_AGE_MS || task.kind === 'repository.gc') void this.refreshStats(location);
+  }
+
+  /** Reads a repository's sizes for the metrics; a repository that cannot be read now keeps its last figures. */
+  async refreshStats(location: string): Promise<void> {
+    const facts = this.repositoryFacts.get(location) ?? { label: this.repositoryLabel(location) };
+    this.repositoryFacts.set(location, facts);
+    if (this.statsReading.has(location)) return;
+    this.statsReading.add(location);
+    try {
+      facts.stats = await this.qb.repository.stats(this.creds.access(location, {}, {}));
+      facts.statsTimeMs = Date.now();
+    } catch (err) {
+      this.logger.log({ level: 'debug', msg: 'repository sizes not read', fields: { repository: facts.label, error: describeError(err) } });
+    } finally {
+      this.statsReading.delete(location);
+    }
   }
 
   /**
@@ -79,10 +248,11 @@ export class QbackupService {
     // Instant restores whose beginning process died before their domain existed: their servers go.
     try {
       const reaped = await this.qb.instant.reapOrphans();
-      for (const d of reaped) this.options.log?.(`stopped the backup server of an instant restore of "${d}" that never started`);
+      for (const d of reaped) this.logger.log({ level: 'warn', msg: 'stopped the backup server of an instant restore that never started', fields: { domain: d } });
     } catch (err) {
-      this.options.log?.(`looking for orphaned instant restores failed: ${describeError(err)}`);
+      this.logger.log({ level: 'warn', msg: 'looking for orphaned instant restores failed', fields: { error: describeError(err) } });
     }
+    for (const r of this.configuration.repositories.values()) void this.refreshStats(r.location);
     const interval = this.options.schedulerIntervalMs ?? 30_000;
     if (interval > 0) this.scheduler.start(interval);
   }
@@ -90,6 +260,7 @@ export class QbackupService {
   async close(): Promise<void> {
     this.scheduler.stop();
     await this.tasks.close();
+    await this.notifier.idle();
   }
 
   backupUnderWay(domain: string): boolean {
@@ -103,13 +274,15 @@ export class QbackupService {
     if (running !== undefined) {
       throw new QbackupError('BACKUP_RUNNING', `Cannot back up domain "${request.domain}": task "${running.id}" is already backing it up`);
     }
-    return this.tasks.submit({
+    const task = this.tasks.submit({
       kind: BACKUP_TASK,
       domain: request.domain,
       ...(request.requestedBy !== undefined ? { requestedBy: request.requestedBy } : {}),
       cancellable: true,
       run: (ctx) => this.runBackup(ctx, request),
     });
+    this.taskContext.set(task.id, { repo: request.repo });
+    return task;
   }
 
   private async runBackup(ctx: TaskContext, r: BackupRequest): Promise<{ manifest: Manifest; prune?: PruneResult }> {
@@ -141,7 +314,7 @@ export class QbackupService {
   /** Queues a copy of backups into another repository; the task's result is the copy's report. */
   copy(request: CopyRequest): TaskInfo {
     const { requestedBy, ...options } = request;
-    return this.tasks.submit({
+    return this.track(request.to.repo, this.tasks.submit({
       kind: COPY_TASK,
       // One task per domain at a time: the copy holds the target's backup lock of the domain.
       ...(request.domain !== undefined ? { domain: request.domain } : {}),
@@ -154,7 +327,13 @@ export class QbackupService {
         ctx.log(`${r.copied.length} copied, ${r.skipped.length} already there; ${r.chunksRead} chunks read and checked, ${r.chunksStored} stored (${r.bytesStored} bytes)`);
         return r;
       },
-    });
+    }));
+  }
+
+  /** Remembers the repository a task works on (for its notification and the metrics). */
+  private track(repo: string, task: TaskInfo): TaskInfo {
+    this.taskContext.set(task.id, { ...this.taskContext.get(task.id), repo });
+    return task;
   }
 
   private scheduleBusy(s: ScheduleInfo): boolean {
@@ -163,33 +342,42 @@ export class QbackupService {
     return s.domain !== undefined && this.backupUnderWay(s.domain);
   }
 
+  /** Starts a due schedule's task; a schedule that cannot start is a failure too (notified, pinged), then reported to the scheduler. */
   private runSchedule(s: ScheduleInfo): void {
-    const password = s.passwordFile !== undefined ? readPasswordFile(s.passwordFile) : undefined;
-    const access: RepoAccess = { repo: s.repo, ...(password !== undefined ? { password } : {}) };
-    const requestedBy = `schedule ${s.id}`;
+    let task: TaskInfo;
+    try {
+      task = this.startSchedule(s);
+    } catch (err) {
+      this.outcome('failure', s.action === 'backup' || s.action === undefined ? BACKUP_TASK : `repository.${s.action}`, s.domain ?? null, s, s.repo, null, `Schedule "${s.name ?? s.id}" could not start: ${describeError(err)}`);
+      throw err;
+    }
+    this.taskContext.set(task.id, { ...this.taskContext.get(task.id), repo: s.repo, schedule: s });
+  }
+
+  private startSchedule(s: ScheduleInfo): TaskInfo {
+    const password = s.passwordFile !== undefined ? readSecretFile(s.passwordFile, 'passphrase file') : undefined;
+    const access: RepoAccess = this.access(s.repo, password);
+    const requestedBy = `schedule ${s.name ?? s.id}`;
     if (s.action === 'verify') {
-      this.verify({ ...access, ...(s.domain !== undefined ? { domain: s.domain } : {}), ...(s.readDataPercent !== undefined ? { readDataPercent: s.readDataPercent } : {}), requestedBy });
-      return;
+      return this.verify({ ...access, ...(s.domain !== undefined ? { domain: s.domain } : {}), ...(s.readDataPercent !== undefined ? { readDataPercent: s.readDataPercent } : {}), requestedBy });
     }
     if (s.action === 'copy') {
-      const toPassword = s.toPasswordFile !== undefined ? readPasswordFile(s.toPasswordFile) : undefined;
-      const to: RepoAccess = { repo: s.to ?? '', ...(toPassword !== undefined ? { password: toPassword } : {}) };
-      this.copy({ from: access, to, ...(s.domain !== undefined ? { domain: s.domain } : {}), requestedBy });
-      return;
+      const toPassword = s.toPasswordFile !== undefined ? readSecretFile(s.toPasswordFile, 'passphrase file') : undefined;
+      const to: RepoAccess = this.access(s.to ?? '', toPassword);
+      return this.copy({ from: access, to, ...(s.domain !== undefined ? { domain: s.domain } : {}), requestedBy });
     }
     if (s.action === 'gc') {
-      this.tasks.submit({ kind: 'repository.gc', requestedBy, run: () => this.qb.repository.gc(access) });
-      return;
+      return this.track(access.repo, this.tasks.submit({ kind: 'repository.gc', requestedBy, run: () => this.qb.repository.gc(access) }));
     }
     if (s.domain === undefined) throw new QbackupError('METADATA_INCONSISTENT', `Backup schedule "${s.id}" names no domain`);
-    this.backup({ domain: s.domain, ...access, ...(s.full !== undefined ? { full: s.full } : {}), ...(s.retention !== undefined ? { retention: s.retention } : {}), requestedBy });
+    return this.backup({ domain: s.domain, ...access, ...(s.full !== undefined ? { full: s.full } : {}), ...(s.retention !== undefined ? { retention: s.retention } : {}), requestedBy });
   }
 
   /** Queues a verify of the repository (or of one domain's backups); the task fails when it finds damage, naming it. */
   verify(request: RepoAccess & { domain?: string; backup?: string; readData?: boolean; readDataPercent?: number; requestedBy?: string }): TaskInfo {
     const { domain, backup, readDataPercent, requestedBy, ...rest } = request;
     const access: RepoAccess = { repo: rest.repo, ...(rest.password !== undefined ? { password: rest.password } : {}) };
-    return this.tasks.submit({
+    return this.track(access.repo, this.tasks.submit({
       kind: 'repository.verify',
       ...(requestedBy !== undefined ? { requestedBy } : {}),
       cancellable: true,
@@ -208,14 +396,6 @@ export class QbackupService {
         ctx.log(`verified ${report.backupsChecked} backups: ${report.chunksChecked} chunks present${report.chunksRead > 0 ? `, ${report.chunksRead} read back intact` : ''}`);
         return report;
       },
-    });
-  }
-}
-
-function readPasswordFile(file: string): string {
-  try {
-    return readFileSync(file, 'utf8').replace(/\r?\n$/, '');
-  } catch (err) {
-    throw new QbackupError('INVALID_ARGUMENT', `Cannot read the passphrase file "${file}": ${describeError(err)}`);
+    }));
   }
 }

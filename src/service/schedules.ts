@@ -28,7 +28,7 @@ export interface ScheduleSpec {
   action?: ScheduleAction;
   /** The domain to back up (backup: required; verify, copy: only its backups; gc: none). */
   domain?: string;
-  /** Cron pattern (5 fields, local time) or "daily HH:MM", "weekly DAY HH:MM", "hourly :MM". */
+  /** Cron pattern (5 fields, or 6 with seconds first; local time) or "daily HH:MM", "weekly DAY HH:MM", "hourly :MM". */
   when: string;
   /** The repository (copy: the source). */
   repo: string;
@@ -44,7 +44,16 @@ export interface ScheduleSpec {
   full?: boolean;
   /** Verify: also read back this percentage of the chunks. */
   readDataPercent?: number;
+  /** The configured schedule's name, for schedules imported from the configuration file. */
+  name?: string;
+  /** Dead man's switch URL fetched after each run (with /fail after a failure). */
+  pingUrl?: string;
+  /** Notification targets of this schedule's outcomes (default: every target). */
+  notify?: string[];
 }
+
+/** Ids of schedules imported from the configuration file: this prefix and the schedule's name. */
+export const CONFIG_SCHEDULE_PREFIX = 'config-';
 
 export interface ScheduleInfo extends ScheduleSpec {
   id: string;
@@ -86,7 +95,9 @@ export function cronFor(when: string): string {
     if (minute > 59) throw invalidWhen(when);
     return `${minute} * * * *`;
   }
-  if (!/^[0-9*,/\-a-z ]+$/.test(text) || text.split(/\s+/).length !== 5) throw invalidWhen(when);
+  // Five fields, or six with seconds first (croner's extension: "*/10 * * * * *").
+  const fields = text.split(/\s+/).length;
+  if (!/^[0-9*,/\-a-z ]+$/.test(text) || (fields !== 5 && fields !== 6)) throw invalidWhen(when);
   try {
     new Cron(text, { paused: true }).stop();
   } catch (err) {
@@ -169,6 +180,42 @@ export class Schedules {
     if (!this.store.remove(id)) throw new QbackupError('SCHEDULE_NOT_FOUND', `Schedule "${id}" does not exist`);
   }
 
+  /**
+   * Makes the schedules imported from the configuration file what `specs`
+   * says (keyed by name): new ones are added, changed ones updated (keeping
+   * their last run, so a re-read does not make them due), and those no longer
+   * in the file removed. Schedules added by `schedule add` or the API stay.
+   * Checks every spec before changing anything.
+   */
+  sync(specs: readonly (ScheduleSpec & { name: string })[], nowMs = Date.now()): { added: string[]; updated: string[]; removed: string[] } {
+    const prepared = specs.map((spec) => {
+      checkSpec(spec);
+      return { id: `${CONFIG_SCHEDULE_PREFIX}${spec.name}`, spec, cron: cronFor(spec.when) };
+    });
+    const result = { added: [] as string[], updated: [] as string[], removed: [] as string[] };
+    this.store.db.transaction(() => {
+      const wanted = new Set(prepared.map((p) => p.id));
+      for (const row of this.store.all()) {
+        if (row.id.startsWith(CONFIG_SCHEDULE_PREFIX) && !wanted.has(row.id)) {
+          this.store.remove(row.id);
+          result.removed.push(row.id);
+        }
+      }
+      for (const { id, spec, cron } of prepared) {
+        const payload = JSON.stringify({ action: 'backup', ...spec, cron });
+        const row = this.store.get(id);
+        if (row === undefined) {
+          this.store.insert({ id, domain: spec.domain ?? null, payload, created_ms: nowMs, last_run_ms: null });
+          result.added.push(id);
+        } else if (row.payload !== payload) {
+          this.store.update(id, spec.domain ?? null, payload);
+          result.updated.push(id);
+        }
+      }
+    })();
+    return result;
+  }
+
   markRun(id: string, atMs: number): void {
     this.store.setLastRun(id, atMs);
   }
@@ -187,6 +234,7 @@ function toInfo(row: ScheduleRow): ScheduleInfo {
 /** Finds due schedules on each tick and hands them to `run`; `busy` says whether a schedule's work is already under way. */
 export class Scheduler {
   private timer: NodeJS.Timeout | undefined;
+  private running = false;
 
   constructor(
     private readonly schedules: Schedules,
@@ -217,15 +265,28 @@ export class Scheduler {
     return started;
   }
 
-  /** Ticks now (missed runs run once) and then every `intervalMs` of real time. */
+  /**
+   * Ticks now (missed runs run once), then again when the next schedule falls
+   * due, and at least every `intervalMs` (schedules added through the API or
+   * a reload are seen by then).
+   */
   start(intervalMs = 30_000): void {
-    this.tick();
-    this.timer = setInterval(() => this.tick(), intervalMs);
-    this.timer.unref();
+    this.stop();
+    this.running = true;
+    const loop = (): void => {
+      if (!this.running) return;
+      this.tick();
+      const now = this.clock.now();
+      const due = Math.min(...this.schedules.list().map((s) => s.nextRunMs ?? Infinity));
+      this.timer = setTimeout(loop, Math.max(20, Math.min(intervalMs, due - now)));
+      this.timer.unref();
+    };
+    loop();
   }
 
   stop(): void {
-    if (this.timer !== undefined) clearInterval(this.timer);
+    this.running = false;
+    if (this.timer !== undefined) clearTimeout(this.timer);
     this.timer = undefined;
   }
 }

@@ -30,6 +30,11 @@ export class ScheduleStore {
     return this.db.prepare('DELETE FROM schedules WHERE id = ?').run(id).changes > 0;
   }
 
+  /** Replaces what a schedule says, keeping when it was created and last ran. */
+  update(id: string, domain: string | null, payload: string): void {
+    this.db.prepare('UPDATE schedules SET domain = ?, payload = ? WHERE id = ?').run(domain, payload, id);
+  }
+
   setLastRun(id: string, ms: number): void {
     this.db.prepare('UPDATE schedules SET last_run_ms = ? WHERE id = ?').run(ms, id);
   }

@@ -8,7 +8,7 @@ import { Command } from 'commander';
 import { backupCommands } from '../../src/cli/backup-commands.js';
 import { checkpointCommands } from '../../src/cli/checkpoint-commands.js';
 import { arg, defineCommand, flag, optionalArg, registerCommands, repeatable, value, valueWithDefault, variadicArg, type CliCommand } from '../../src/cli/command.js';
-import type { CliContext } from '../../src/cli/context.js';
+import type { CliContext, CommandEnv } from '../../src/cli/context.js';
 import { domainCommands } from '../../src/cli/domain-commands.js';
 import { repositoryCommands } from '../../src/cli/repository-commands.js';
 import { serviceCommands } from '../../src/cli/service-commands.js';
@@ -17,7 +17,7 @@ import type { Qbackup } from '../../src/qbackup.js';
 /** A context that runs the command without opening the library (no test here touches it). */
 const fakeCli: CliContext = {
   async run(_cmd, fn) {
-    await fn({} as Qbackup, { json: false });
+    await fn({} as Qbackup, { json: false }, {} as CommandEnv);
   },
 };
 

@@ -11,6 +11,8 @@ import type { S3Settings } from './s3.js';
 /** Backend settings the adapters pass in (the library reads no environment). */
 export interface BackendSettings {
   s3?: S3Settings;
+  /** Settings of one s3:// location (a configured repository's endpoint and keys), used instead of `s3`; asked when the repository is opened. */
+  s3For?: ((location: string) => S3Settings | undefined) | undefined;
 }
 
 /** True when `repo` names object storage rather than a local directory. */
@@ -21,7 +23,7 @@ export function isRemoteRepo(repo: string): boolean {
 export async function openBackend(repo: string, settings: BackendSettings = {}): Promise<Backend> {
   if (repo.startsWith('s3://')) {
     const { S3Backend, parseS3Url } = await import('./s3.js');
-    return new S3Backend(parseS3Url(repo), settings.s3 ?? {});
+    return new S3Backend(parseS3Url(repo), settings.s3For?.(repo) ?? settings.s3 ?? {});
   }
   if (isRemoteRepo(repo)) {
     const scheme = repo.slice(0, repo.indexOf(':'));
