@@ -2,7 +2,7 @@
 // metadata database and the services built on it. The CLI (and any embedding
 // application) creates one, calls its services, and closes it.
 
-import { statSync } from 'node:fs';
+import { chmodSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { QbackupError } from './errors.js';
 import { BackupService } from './backup/service.js';
@@ -16,6 +16,7 @@ import { RepositoryService } from './repository/service.js';
 import { DomainStore } from './store/domains.js';
 import { JobStore } from './store/jobs.js';
 import { makePrivateDir } from './util/private-dir.js';
+import type { Logger } from './util/operation.js';
 
 export interface QbackupOptions {
   /** Directory for metadata, QMP sockets and QEMU logs. Created (mode 0700) if missing. */
@@ -50,6 +51,8 @@ export interface QbackupOptions {
   backupServerTimeoutMs?: number;
   /** Test-only fault injection: qbackup kills itself (SIGKILL) at this point. */
   crashAt?: string;
+  /** Where warnings of opening the state directory go (e.g. a mode made private). */
+  logger?: Logger | undefined;
   /** How to reach repositories on object storage (s3://…). */
   backends?: BackendSettings;
 }
@@ -64,7 +67,7 @@ export class Qbackup implements Disposable {
   private closed = false;
 
   private constructor(readonly options: QbackupOptions) {
-    prepareStateDir(options.stateDir);
+    prepareStateDir(options.stateDir, options.logger);
     this.db = openDatabase(join(options.stateDir, 'qbackup.db'));
     const domainOptions: DomainServiceOptions = {
       stateDir: options.stateDir,
@@ -136,11 +139,16 @@ export class Qbackup implements Disposable {
   }
 }
 
-function prepareStateDir(dir: string): void {
+function prepareStateDir(dir: string, logger: Logger | undefined): void {
   try {
     const st = statSync(dir, { throwIfNoEntry: false });
     if (st !== undefined && !st.isDirectory()) {
       throw new QbackupError('STATE_DIR', `Cannot use state directory "${dir}": it is not a directory`);
+    }
+    // It holds the inventory, image paths, task history and token hashes: owner only.
+    if (st !== undefined && (st.mode & 0o077) !== 0) {
+      chmodSync(dir, 0o700);
+      logger?.log({ level: 'warn', msg: `State directory "${dir}" was readable by others (mode 0${(st.mode & 0o777).toString(8)}): set it to 0700` });
     }
     makePrivateDir(join(dir, 'domains'));
   } catch (err) {

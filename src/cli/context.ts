@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import type { Command } from 'commander';
 import { QbackupError } from '../errors.js';
 import { Qbackup } from '../qbackup.js';
+import { lineLogger } from '../util/operation.js';
 import type { BackendSettings } from '../repository/backend/open.js';
 import type { OutputOptions } from './output.js';
 
@@ -46,6 +47,7 @@ export function createCliContext(env: NodeJS.ProcessEnv): CliContext {
           // Like libvirt's backup_tls_x509_cert_dir: the default certificate directory of TLS exports (and of `serve`).
           ...(env['QBACKUP_TLS_CERT_DIR'] ? { tlsCertDir: env['QBACKUP_TLS_CERT_DIR'] } : {}),
           backends: backendSettings(env),
+          logger: lineLogger((line) => process.stderr.write(`warning: ${line}\n`)),
         });
         await fn(qb, out);
       } catch (err) {

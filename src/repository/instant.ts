@@ -30,7 +30,7 @@ import { isRemoteRepo } from './backend/open.js';
 import type { S3Settings } from './backend/s3.js';
 import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { closeSync, existsSync, fsyncSync, openSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, fsyncSync, lstatSync, openSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { describeError, QbackupError } from '../errors.js';
 import { formatDomainXml, parseDomainXml } from '../libvirt/domain.js';
@@ -38,6 +38,7 @@ import type { DomainContext, DomainService } from '../domain/service.js';
 import type { DiskDefinition, DomainDefinition } from '../domain/types.js';
 import { assertDomainName } from '../domain/names.js';
 import { createImage } from '../qemu/image.js';
+import { createExclusiveFile, refusePseudoFilesystem } from '../util/safe-create.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
 import type { QmpClient } from '../qmp/index.js';
 import { makePrivateDir } from '../util/private-dir.js';
@@ -187,7 +188,8 @@ export class InstantRestoreService {
     const plan = planInstantRestore(m, { name, overlayDir, socket, uuidTaken });
     if (plan.disks.length === 0) throw new QbackupError('INVALID_ARGUMENT', `Cannot restore backup "${m.id}" of domain "${m.domain}" instantly: it holds no disk of its definition`);
     for (const d of plan.disks) {
-      if (existsSync(d.overlay)) throw new QbackupError('INVALID_ARGUMENT', `Cannot restore disk "${d.target}" of backup "${m.id}" instantly: "${d.overlay}" exists`);
+      refusePseudoFilesystem(d.overlay, `Cannot restore disk "${d.target}" of backup "${m.id}" instantly`);
+      if (lstatSync(d.overlay, { throwIfNoEntry: false }) !== undefined) throw new QbackupError('INVALID_ARGUMENT', `Cannot restore disk "${d.target}" of backup "${m.id}" instantly: "${d.overlay}" exists`);
     }
     makePrivateDir(overlayDir);
     makePrivateDir(dirname(socket));
@@ -201,8 +203,10 @@ export class InstantRestoreService {
     this.startPassword = access.password;
     try {
       for (const d of plan.disks) {
-        await createImage(d.overlay, 'qcow2', d.sizeBytes);
-        await markZeroes(d.overlay, holes.get(d.target) ?? []);
+        // Created exclusively, never through a planted symlink; the tools reach it by descriptor.
+        await using overlay = await createExclusiveFile(d.overlay, `Cannot restore disk "${d.target}" of backup "${m.id}" instantly`);
+        await createImage(overlay.fdPath, 'qcow2', d.sizeBytes);
+        await markZeroes(overlay.fdPath, holes.get(d.target) ?? []);
       }
       await this.domains.define(formatDomainXml(plan.definition));
       defined = true;
