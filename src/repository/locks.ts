@@ -78,9 +78,19 @@ export interface HeldLock extends AsyncDisposable {
   release(): Promise<void>;
 }
 
-/** Every lock whose holder is alive; dead holders' locks are removed on the way. */
+/**
+ * A lock object is written in milliseconds: a temporary file of a lock
+ * writer older than a lease (plus clock skew) belongs to a writer that is gone.
+ */
+const STALE_LOCK_TEMPORARY_MS = LEASE_MS + CLOCK_SKEW_MS;
+
+/**
+ * Every lock whose holder is alive; dead holders' locks, and temporary files
+ * of lock writers that are gone, are removed on the way.
+ */
 export async function liveLocks(backend: Backend): Promise<Array<{ id: string; info: LockInfo }>> {
   const out: Array<{ id: string; info: LockInfo }> = [];
+  await backend.sweepTemporary?.(STALE_LOCK_TEMPORARY_MS, 'locks/');
   for (const { key } of await backend.list('locks/')) {
     const id = key.slice(6);
     if (!LOCK_ID.test(id)) continue;
