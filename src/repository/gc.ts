@@ -39,7 +39,7 @@ import { QbackupError } from '../errors.js';
 import type { Backend } from './backend/backend.js';
 import { ZERO_ID } from './chunk.js';
 import { indexKey, INDEX_ID, type DiskIndex } from './disk-index.js';
-import { acquireLock, CLOCK_SKEW_MS, isReader, liveLocks } from './locks.js';
+import { acquireLock, CLOCK_SKEW_MS, ensureReserve, isReader, liveLocks } from './locks.js';
 import { PACK_ID, PackBuilder, PACK_TARGET_BYTES, packIndexKey, packKey, type PackEntry } from './pack.js';
 import type { Store } from './store.js';
 
@@ -112,6 +112,8 @@ export async function collectGarbage(store: Store): Promise<GcReport> {
   await dropStaleMarks(backend, marks, store, liveIndexes, packs);
   // Writers finish a put within seconds; a temporary object this old belongs to a killed one.
   report.temporaryRemoved = (await backend.sweepTemporary?.(TEMPORARY_AGE_MS)) ?? 0;
+  // Put back the room a prune or gc on a full disk used (when there is room now).
+  await ensureReserve(backend);
   return report;
 }
 

@@ -22,6 +22,7 @@ import { QbackupError, describeError } from '../errors.js';
 import { runPool } from '../util/run-pool.js';
 import type { Backend } from './backend/backend.js';
 import { decodeChunk, encodeChunk, ZERO_ID } from './chunk.js';
+import { ensureReserve } from './locks.js';
 import { ChunkCompressor } from './compress.js';
 import { chunkId, newMasterKey, parseKeyFile, seal, unseal, unwrapMasterKey, wrapMasterKey, type MasterKey } from './crypto.js';
 import { decodeIndex, encodeIndex, indexKey, INDEX_ID, MAX_CHAIN, resolveChain, type DiskIndex, type FullIndex } from './disk-index.js';
@@ -86,6 +87,7 @@ export class Store {
     if (!(await backend.putIfAbsent('config', Buffer.from(`${JSON.stringify(config, null, 2)}\n`)))) {
       throw new QbackupError('REPO_INVALID', `Cannot create a repository at "${backend.location}": one already exists there`);
     }
+    await ensureReserve(backend); // the room that lets prune and gc run on a full disk
     return new Store(backend, config, key);
   }
 
