@@ -12,10 +12,11 @@ import { installAuth } from './auth.js';
 import { ERROR_BODY_SCHEMA, httpError } from './errors.js';
 import { PAGE_HTML } from './page.js';
 import { RateLimiter, type RateLimitOptions } from './rate-limit.js';
+import { PassphraseGuard, type PassphraseBackoffOptions } from './passphrase-guard.js';
 import { checkpointRoutes } from './routes-checkpoints.js';
 import { domainRoutes } from './routes-domains.js';
 import { jobRoutes } from './routes-jobs.js';
-import { repositoryRoutes } from './routes-repository.js';
+import { guardPassphrases, repositoryRoutes } from './routes-repository.js';
 import { taskRoutes } from './routes-tasks.js';
 
 export interface ServerOptions {
@@ -27,6 +28,8 @@ export interface ServerOptions {
   version?: string;
   /** Requests per second per client address, and the burst allowed (default 50/s, 500). */
   rateLimit?: RateLimitOptions;
+  /** How wrong repository passphrases are held back (per client and per repository). */
+  passphraseBackoff?: PassphraseBackoffOptions | undefined;
 }
 
 // Long: the one place that assembles the application, in the order fastify needs.
@@ -65,6 +68,7 @@ export async function buildServer(service: QbackupService, options: ServerOption
   domainRoutes(app, service);
   checkpointRoutes(app, service);
   jobRoutes(app, service);
+  guardPassphrases(app, service, new PassphraseGuard(options.passphraseBackoff));
   repositoryRoutes(app, service);
   taskRoutes(app, service);
   app.get('/api/whoami', { schema: { summary: 'The token this request was made with', tags: ['auth'] } }, async (request) => ({ name: request.tokenName ?? null, readOnly: request.tokenReadOnly ?? false }));
