@@ -552,9 +552,14 @@ function syncGuestAgent(devices: Element, agent: GuestAgentChannel | undefined):
     target.setAttribute('type', 'virtio');
     target.setAttribute('name', GUEST_AGENT_CHANNEL);
   }
+  // Only the path is ours: a channel without <source> (libvirt picks the
+  // path) stays without one, and every other attribute and child stays as it is.
+  if (agent.path === undefined) {
+    firstChild(channel, 'source')?.removeAttribute('path');
+    return;
+  }
   const source = ensureChild(channel, 'source', []);
-  if (agent.path === undefined) source.removeAttribute('path');
-  else if (attr(source, 'path') !== agent.path) source.setAttribute('path', agent.path);
+  if (attr(source, 'path') !== agent.path) source.setAttribute('path', agent.path);
 }
 
 /**
