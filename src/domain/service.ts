@@ -24,7 +24,7 @@ import { randomBytes } from 'node:crypto';
 import { closeSync, openSync, readSync, realpathSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
-import { formatDomainXml, parseDomainXml } from '../libvirt/domain.js';
+import { domainVirtType, formatDomainXml, parseDomainXml } from '../libvirt/domain.js';
 import { hotplugDisk, unplugDisk } from '../qemu/devices.js';
 import { readBlockNodes } from '../qemu/block-nodes.js';
 import { nodeNamesFor, qemuIoDevicePath } from '../qemu/nodes.js';
@@ -309,6 +309,7 @@ export class DomainService {
           ...this.guestLaunchOptions(ctx.definition),
           paused: options.paused ?? false,
           accel: this.options.accel ?? 'auto',
+          virtType: domainVirtType(ctx.definition.sourceXml),
           onSpawn: (pid) => this.recordStarting(name, pid, qmpSocket),
           ...(this.options.startTimeoutMs !== undefined ? { startTimeoutMs: this.options.startTimeoutMs } : {}),
           ...(this.options.qemuBinary !== undefined ? { binary: this.options.qemuBinary } : {}),

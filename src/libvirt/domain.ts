@@ -238,6 +238,13 @@ function parseGuestAgent(root: Element, domain: string): GuestAgentChannel | und
   return path === undefined ? {} : { path };
 }
 
+/** The `<domain type>` of a document ('qemu', 'kvm', …), undefined when absent or empty. */
+export function domainVirtType(xml: string): string | undefined {
+  if (xml.trim() === '') return undefined;
+  const type = attr(parseXmlDocument(xml, 'domain XML', 'domain'), 'type');
+  return type === undefined || type === '' ? undefined : type;
+}
+
 /**
  * Parses a libvirt `<domain>` document into the fields qbackup interprets.
  * The input is kept verbatim as `sourceXml`.
