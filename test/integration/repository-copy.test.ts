@@ -264,10 +264,9 @@ describe('qbackup copy between repositories (real QEMU)', () => {
       const viaHttp = env.path('via-http');
       const last = backups.at(-1) as Manifest;
       const wrong = await api.post('/api/repository/copy', { from: env.path('e2'), to: viaHttp }, { headers: { 'x-source-repository-password': 'nope' } });
-      assert.equal(wrong.status, 202, wrong.text);
-      const failed = await daemon.service.tasks.wait((wrong.body as { id: string }).id);
-      assert.equal(failed.state, 'failed');
-      assert.equal(failed.error?.code, 'WRONG_PASSWORD');
+      // Refused at once (and counted against guessing), not in a task.
+      assert.equal(wrong.status, 403, wrong.text);
+      assert.equal((wrong.body as { code: string }).code, 'WRONG_PASSWORD');
       const accepted = await api.post('/api/repository/copy', { from: env.path('e2'), to: viaHttp, domain: 'vm', backups: [last.id] }, { headers: { 'x-source-repository-password': 'two' } });
       assert.equal(accepted.status, 202, accepted.text);
       const ok = await daemon.service.tasks.wait((accepted.body as { id: string }).id);
