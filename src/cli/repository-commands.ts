@@ -86,7 +86,9 @@ export const repositoryCommands: readonly CliCommand[] = [
     args: { domain: optionalArg('domain') },
     options: { repo: repoOption(), passwordFile },
     run: async ({ qb, out, args: { domain }, opts }) => {
-      const list = await qb.repository.list(repoAccess(opts), domain);
+      const { backups: list, damaged } = await qb.repository.inventory(repoAccess(opts), domain);
+      // A damaged manifest is named (on stderr, so --json output stays a list of backups); the rest are listed.
+      for (const d of damaged) process.stderr.write(`warning: ${d.problem} ("${d.key}"); run qbackup verify\n`);
       emit(out, list, () => backupTable(list));
     },
   }),

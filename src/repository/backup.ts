@@ -145,7 +145,8 @@ type RunOptions = RepoBackupOptions & { clientTls?: TlsClientCredentials };
 async function backupRunning(services: BackupServices, store: Store, domain: string, selected: readonly BlockInfo[], options: RunOptions, startedHere: boolean, lock: HeldLock): Promise<Manifest> {
   const id = newBackupId();
   const checkpoint = `qb-${id}`;
-  const history = await store.manifests(domain);
+  // A damaged manifest never stops a new backup: the newest readable one is the parent.
+  const history = (await store.readableManifests(domain)).manifests;
   const plans: DiskPlan[] = [];
   for (const disk of selected) plans.push(await planDisk(services.checkpoints, domain, history, disk, options));
   await store.loadChunks(await condemnedPacks(store.backend));

@@ -20,7 +20,7 @@ import { zeroRanges, type InstantRestoreInfo, type InstantRestoreOptions, type I
 import { restoreIntoImage, restoreToFile, type ImageFormat } from './restore.js';
 import { serveBackup, type BackupServer, type ServeListen } from './serve.js';
 import { repositoryStats, type RepoStats } from './stats.js';
-import { Store } from './store.js';
+import { Store, type DamagedManifest } from './store.js';
 import { verifyStore, type VerifyOptions, type VerifyReport } from './verify.js';
 
 export type { Progress, RepoBackupOptions } from './backup.js';
@@ -31,6 +31,7 @@ export type { Manifest, ManifestDisk } from './manifest.js';
 export type { FoldStep } from './fold.js';
 export type { PrunePlan, RetentionPolicy } from './prune.js';
 export type { RepoStats } from './stats.js';
+export type { DamagedManifest } from './store.js';
 export type { BackupServer, ServeListen, ServedExport } from './serve.js';
 export type { VerifyProblem, VerifyReport } from './verify.js';
 
@@ -94,13 +95,20 @@ export class RepositoryService {
     return backupDomain({ domains: this.domains, checkpoints: this.checkpoints, backups: this.backups }, store, domain, options);
   }
 
+  /** The readable backups (of a domain), oldest first; a damaged manifest is left out (see inventory). */
   async list(access: RepoAccess, domain?: string): Promise<Manifest[]> {
-    return (await this.open(access)).manifests(domain);
+    return (await this.inventory(access, domain)).backups;
+  }
+
+  /** The readable backups and, by name, every manifest that cannot be read. */
+  async inventory(access: RepoAccess, domain?: string): Promise<{ backups: Manifest[]; damaged: DamagedManifest[] }> {
+    const { manifests, damaged } = await (await this.open(access)).readableManifests(domain);
+    return { backups: manifests, damaged };
   }
 
   async restore(domain: string, options: RestoreOptions): Promise<{ backup: string; disks: RestoredDisk[] }> {
     const store = await this.open(options);
-    const m = pickBackup(await store.manifests(domain), domain, options);
+    const m = pickBackup((await store.readableManifests(domain)).manifests, domain, options);
     const disks = m.disks.filter((d) => options.disks === undefined || options.disks.length === 0 || options.disks.includes(d.target));
     for (const t of options.disks ?? []) {
       if (!m.disks.some((d) => d.target === t)) throw new QbackupError('DISK_NOT_FOUND', `Backup "${m.id}" of domain "${domain}" has no disk "${t}"`);
@@ -127,7 +135,7 @@ export class RepositoryService {
    */
   async instantRestore(domain: string, options: RepoAccess & InstantRestoreOptions & { backup?: string; until?: Date }): Promise<InstantRestoreInfo> {
     const store = await this.open(options);
-    const m = pickBackup(await store.manifests(domain), domain, options);
+    const m = pickBackup((await store.readableManifests(domain)).manifests, domain, options);
     const access = { repo: options.repo, encrypted: store.config.encrypted, ...(options.password !== undefined ? { password: options.password } : {}) };
     const holes = new Map<string, Array<{ offset: number; length: number }>>();
     for (const d of m.disks) holes.set(d.target, zeroRanges(await store.resolveIndex(d.index)));
@@ -137,7 +145,7 @@ export class RepositoryService {
   /** One disk of a backup as a standalone image file, for other tools. */
   async exportDisk(domain: string, options: RepoAccess & { backup?: string; disk: string; file: string; format?: ImageFormat; onProgress?: (p: Progress) => void }): Promise<{ backup: string; file: string }> {
     const store = await this.open(options);
-    const m = pickBackup(await store.manifests(domain), domain, options);
+    const m = pickBackup((await store.readableManifests(domain)).manifests, domain, options);
     const d = m.disks.find((x) => x.target === options.disk);
     if (d === undefined) throw new QbackupError('DISK_NOT_FOUND', `Backup "${m.id}" of domain "${domain}" has no disk "${options.disk}"`);
     await store.loadChunks();

@@ -39,7 +39,9 @@ export interface VerifyOptions {
 
 export async function verifyStore(store: Store, options: VerifyOptions = {}): Promise<VerifyReport> {
   await store.loadChunks();
-  const manifests = (await store.manifests(options.domain)).filter((m) => options.backup === undefined || m.id === options.backup);
+  // A manifest that cannot be read is a problem named by its key; the others are verified all the same.
+  const readable = await store.readableManifests(options.domain);
+  const manifests = readable.manifests.filter((m) => options.backup === undefined || m.id === options.backup);
   const users = new Map<string, Set<string>>();
   const problems = new Map<string, VerifyProblem>();
   const report = (object: string, problem: string, backup: string): void => {
@@ -47,6 +49,7 @@ export async function verifyStore(store: Store, options: VerifyOptions = {}): Pr
     if (!p.backups.includes(backup)) p.backups.push(backup);
     problems.set(object, p);
   };
+  for (const d of readable.damaged) if (options.backup === undefined || d.id === options.backup) report(`manifest ${d.key}`, d.problem, `${d.domain}/${d.id}`);
   for (const m of manifests) {
     options.signal?.throwIfAborted();
     await collectChunks(store, m, users, report);
