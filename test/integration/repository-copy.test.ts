@@ -52,7 +52,7 @@ describe('qbackup copy between repositories (real QEMU)', () => {
 
   async function refused(args: string[], code: string, message: RegExp, extraEnv: Record<string, string> = {}): Promise<void> {
     const r = await env.cli(['--json', 'copy', ...args], { env: extraEnv });
-    assert.equal(r.code, 1, r.stdout);
+    assert.equal(r.code, 1, r.stdout + r.stderr);
     const e = cliError(r);
     assert.equal(e.code, code, e.message);
     assert.match(e.message, message);

@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { Manifest } from '../../src/repository/service.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
-import { MiB, imageDiffers, referenceCopies } from '../helpers/repo.js';
+import { MiB, flipByte, imageDiffers, referenceCopies, repoObjects } from '../helpers/repo.js';
 
 describe('a damaged manifest stays local (real QEMU)', () => {
   let env: TestEnv;
@@ -55,6 +55,18 @@ describe('a damaged manifest stays local (real QEMU)', () => {
     // The others still list and restore.
     const list = JSON.parse(await env.cliOk(['--json', 'backup-list', '--repo', repo])) as Manifest[];
     assert.deepEqual(list.map((m) => m.id), [backups[0]?.id, backups[2]?.id]);
+  });
+
+  test('a byte flipped in a plain pack index (an offset) is found by verify without reading data', async () => {
+    const { repo } = await threeBackups();
+    const { packIndexes } = repoObjects(repo);
+    const first = [...packIndexes][0];
+    assert.ok(first !== undefined);
+    const file = join(repo, 'index', first);
+    flipByte(file, 8 + 32); // the low byte of entry 0's offset
+    const v = await env.cli(['--json', 'verify', '--repo', repo]);
+    assert.equal(v.code, 1, `verify fails: ${v.stdout}`);
+    assert.match(v.stdout + v.stderr, /differs from the header in its pack's trailer/);
   });
 
   test('a truncated manifest of the oldest backup: list, restore, verify of the others and a new backup all work, and it is named', async () => {
