@@ -100,11 +100,10 @@ export function parseManifest(text: string, domain: string, id: string, generati
   }
   if (typeof v !== 'object' || v === null || Array.isArray(v)) throw bad('not an object');
   const m = v as Record<string, unknown>;
-  if ('sha256' in m) {
-    const { sha256, ...rest } = m;
-    if (typeof sha256 !== 'string' || sha256 !== manifestChecksum(rest)) throw bad('its checksum does not match its content');
-    delete m['sha256'];
-  }
+  // The checksum is compared last, so that hostile content is named for what is wrong with it.
+  const hasChecksum = 'sha256' in m;
+  const { sha256, ...rest } = m;
+  if (hasChecksum) delete m['sha256'];
   if (m['format'] !== 2) throw bad(`format ${String(m['format'])}`);
   if (m['id'] !== id || m['domain'] !== domain) throw bad('it names another backup');
   if ((m['generation'] ?? 1) !== generation) throw bad(`it is not generation ${generation} of its manifest`);
@@ -113,6 +112,7 @@ export function parseManifest(text: string, domain: string, id: string, generati
   if (m['consistency'] !== 'crash' && m['consistency'] !== 'filesystem') throw bad('no consistency');
   if (!Array.isArray(m['disks'])) throw bad('no disks');
   for (const d of m['disks'] as unknown[]) checkDisk(d, bad);
+  if (hasChecksum && (typeof sha256 !== 'string' || sha256 !== manifestChecksum(rest))) throw bad('its checksum does not match its content');
   return m as unknown as Manifest;
 }
 

@@ -311,8 +311,10 @@ export class Store {
         const m = await this.newestManifest(o.domain, o.id, generation);
         if (m !== undefined) manifests.push(m);
       } catch (err) {
-        if (!(err instanceof QbackupError && err.code === 'REPO_DAMAGED')) throw err;
-        damaged.push({ domain: o.domain, id: o.id, generation, key: manifestKey(o.domain, o.id, generation), problem: err.message });
+        // Damaged content, or a name no writer makes: this object cannot be read, the others can.
+        if (!(err instanceof QbackupError && ['REPO_DAMAGED', 'BACKUP_NOT_FOUND', 'INVALID_NAME', 'INVALID_ARGUMENT'].includes(err.code))) throw err;
+        const key = `snapshots/${o.domain}/${o.id}${generation === 1 ? '' : `.g${generation}`}`;
+        damaged.push({ domain: o.domain, id: o.id, generation, key, problem: err.message });
       }
     });
     manifests.sort((a, b) => a.time.localeCompare(b.time) || a.id.localeCompare(b.id));
