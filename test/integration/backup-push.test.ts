@@ -200,7 +200,11 @@ describe('push backups (real QEMU)', () => {
     assert.ok(pid !== undefined);
     process.kill(pid, 'SIGKILL');
     // Wait for the job to notice (a fixed pause is too short on a loaded machine).
-    await eventually(async () => (JSON.parse(await env.cliOk(['domjobinfo', 'vm', '--completed', '--json'])) as { state?: string }).state === 'failed', 30_000);
+    // A command in the instant QEMU dies may say so (QEMU_DIED): poll past it.
+    await eventually(async () => {
+      const r = await env.cli(['domjobinfo', 'vm', '--completed', '--json']);
+      return r.code === 0 && (JSON.parse(r.stdout) as { state?: string }).state === 'failed';
+    }, 30_000);
     const r = await env.cliOk(['domjobinfo', 'vm', '--completed', '--json']);
     const last = JSON.parse(r) as { state: string; error: string };
     assert.equal(last.state, 'failed');
