@@ -21,6 +21,7 @@ import { restoreIntoImage, restoreToFile, type ImageFormat } from './restore.js'
 import { serveBackup, type BackupServer, type ServeListen } from './serve.js';
 import { repositoryStats, type RepoStats } from './stats.js';
 import { Store, type DamagedManifest } from './store.js';
+import { executeRepair, planRepair, type RepairPlan, type RepairReport } from './repair.js';
 import { verifyStore, type VerifyOptions, type VerifyReport } from './verify.js';
 
 export type { Progress, RepoBackupOptions } from './backup.js';
@@ -32,6 +33,7 @@ export type { FoldStep } from './fold.js';
 export type { PrunePlan, RetentionPolicy } from './prune.js';
 export type { RepoStats } from './stats.js';
 export type { DamagedManifest } from './store.js';
+export type { RepairPlan, RepairReport } from './repair.js';
 export type { BackupServer, ServeListen, ServedExport } from './serve.js';
 export type { VerifyProblem, VerifyReport } from './verify.js';
 
@@ -192,6 +194,19 @@ export class RepositoryService {
 
   async verify(access: RepoAccess, options: VerifyOptions = {}): Promise<VerifyReport> {
     return verifyStore(await this.open(access), options);
+  }
+
+  /**
+   * Repairs what can be repaired (repair.ts): damaged manifests moved to
+   * quarantine/, lost pack indexes rebuilt from their packs' trailers.
+   * `confirm` sees the plan first; nothing changes unless it answers true.
+   */
+  async repair(access: RepoAccess, confirm: (plan: RepairPlan) => Promise<boolean>): Promise<RepairReport | undefined> {
+    const store = await this.open(access);
+    const plan = await planRepair(store);
+    if (plan.quarantine.length === 0 && plan.rebuildIndexes.length === 0) return { ...plan, lost: [] };
+    if (!(await confirm(plan))) return undefined;
+    return executeRepair(store, plan);
   }
 
   /**

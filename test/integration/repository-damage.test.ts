@@ -7,7 +7,7 @@
 // Each test builds its own repository.
 
 import assert from 'node:assert/strict';
-import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { Manifest } from '../../src/repository/service.js';
@@ -89,5 +89,34 @@ describe('a damaged manifest stays local (real QEMU)', () => {
 
     const b = await env.cli(['--json', 'backup', 'vm', '--repo', repo]);
     assert.equal(b.code, 0, b.stderr);
+  });
+
+  test('verify --repair: asks first; then quarantines the damaged manifest, rebuilds a lost pack index, says what was lost, and verify passes', async () => {
+    const { repo, backups, ref } = await threeBackups();
+    const oldest = backups[0] as Manifest;
+    truncateSync(manifestFile(repo, oldest.id), 40);
+    const { packIndexes } = repoObjects(repo);
+    const lostIndex = [...packIndexes][0] ?? '';
+    rmSync(join(repo, 'index', lostIndex));
+    assert.equal((await env.cli(['verify', '--repo', repo])).code, 1);
+
+    const declined = await env.cli(['verify', '--repo', repo, '--repair'], { input: 'n\n' });
+    assert.equal(declined.code, 1);
+    assert.match(declined.stderr, /Repair plan:/);
+    assert.match(declined.stderr, /Repair not confirmed: nothing changed/);
+    assert.ok(existsSync(manifestFile(repo, oldest.id)) && !existsSync(join(repo, 'index', lostIndex)), 'nothing changed');
+
+    const r = await env.cli(['verify', '--repo', repo, '--repair', '--yes']);
+    assert.equal(r.code, 0, r.stdout + r.stderr);
+    assert.match(r.stderr, new RegExp(`1 pack index\\(es\\) rebuilt, 1 manifest\\(s\\) quarantined; lost backups: vm/${oldest.id}`));
+    assert.ok(existsSync(join(repo, 'quarantine', 'vm', oldest.id)), 'the damaged manifest is kept aside');
+    assert.ok(existsSync(join(repo, 'index', lostIndex)), 'the index is back');
+    const v = await env.cli(['verify', '--repo', repo, '--read-data']);
+    assert.equal(v.code, 0, v.stdout + v.stderr);
+    const list = await env.cli(['--json', 'backup-list', '--repo', repo]);
+    assert.equal(list.stderr, '');
+    const to = env.path(`repaired-${n}`);
+    await env.cliOk(['restore', 'vm', '--repo', repo, '--to', to, '--format', 'raw']);
+    assert.equal(await imageDiffers(join(to, 'sda.raw'), 'raw', ref.get('sda') ?? ''), undefined);
   });
 });
