@@ -31,7 +31,7 @@ same() { # A B WHAT
 qemu-img create -q -f qcow2 "$work/system.qcow2" 256M
 qemu-img create -q -f qcow2 "$work/data.qcow2" 64M
 cat > "$work/demo.xml" <<XML
-<domain type='kvm'>
+<domain type='qemu'>
   <name>demo</name>
   <memory unit='MiB'>128</memory>
   <vcpu>1</vcpu>

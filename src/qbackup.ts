@@ -2,7 +2,7 @@
 // metadata database and the services built on it. The CLI (and any embedding
 // application) creates one, calls its services, and closes it.
 
-import { statSync } from 'node:fs';
+import { chmodSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { QbackupError } from './errors.js';
 import type { BackupService } from './backup/jobs.js';
@@ -18,6 +18,7 @@ import type { BackendSettings } from './repository/backend/open.js';
 import { RepositoryService } from './repository/repository.js';
 import type { Faults } from './util/faults.js';
 import { makePrivateDir } from './util/private-dir.js';
+import type { Logger } from './util/operation.js';
 
 export interface QbackupOptions {
   /** Directory for metadata, QMP sockets and QEMU logs. Created (mode 0700) if missing. */
@@ -61,6 +62,8 @@ export interface QbackupOptions {
   backupServerTimeoutMs?: number | undefined;
   /** Test-only fault injection (src/util/faults.ts). */
   faults?: Faults | undefined;
+  /** Where warnings of opening the state directory go (e.g. a mode made private). */
+  logger?: Logger | undefined;
   /** How to reach repositories on object storage (s3://…). */
   backends?: BackendSettings | undefined;
 }
@@ -76,7 +79,7 @@ export class Qbackup implements Disposable {
   private closed = false;
 
   private constructor(readonly options: QbackupOptions) {
-    prepareStateDir(options.stateDir);
+    prepareStateDir(options.stateDir, options.logger);
     this.db = openDatabase(join(options.stateDir, 'qbackup.db'));
     this.engine = new QemuEngine(this.db, { ...options, lockTimeoutMs: options.lockTimeoutMs ?? 30_000 });
     this.driver = openDriver(options.connect, { qemu: () => new QemuDriver(this.engine) });
@@ -117,11 +120,16 @@ export class Qbackup implements Disposable {
   }
 }
 
-function prepareStateDir(dir: string): void {
+function prepareStateDir(dir: string, logger: Logger | undefined): void {
   try {
     const st = statSync(dir, { throwIfNoEntry: false });
     if (st !== undefined && !st.isDirectory()) {
       throw new QbackupError('STATE_DIR', `Cannot use state directory "${dir}": it is not a directory`);
+    }
+    // It holds the inventory, image paths, task history and token hashes: owner only.
+    if (st !== undefined && (st.mode & 0o077) !== 0) {
+      chmodSync(dir, 0o700);
+      logger?.log({ level: 'warn', msg: `State directory "${dir}" was readable by others (mode 0${(st.mode & 0o777).toString(8)}): set it to 0700` });
     }
     makePrivateDir(join(dir, 'domains'));
   } catch (err) {

@@ -11,6 +11,7 @@ import { Credentials } from '../config/credentials.js';
 import { defaultConfigFile, loadConfigFile } from '../config/load.js';
 import { QbackupError } from '../errors.js';
 import { Qbackup } from '../qbackup.js';
+import { lineLogger } from '../util/operation.js';
 import type { BackendSettings } from '../repository/backend/open.js';
 import { crashAtPoint } from '../util/faults.js';
 import type { OutputOptions } from './output.js';
@@ -80,6 +81,7 @@ export function createCliContext(env: NodeJS.ProcessEnv): CliContext {
           // Like libvirt's backup_tls_x509_cert_dir: the default certificate directory of TLS exports (and of `serve`).
           ...(env['QBACKUP_TLS_CERT_DIR'] ? { tlsCertDir: env['QBACKUP_TLS_CERT_DIR'] } : {}),
           backends: credentials.backendSettings(backendSettings(env)),
+          logger: lineLogger((line) => process.stderr.write(`warning: ${line}\n`)),
         });
         await fn(qb, out, { env, config, configFile, credentials });
       } catch (err) {

@@ -15,7 +15,28 @@ import { runInstantRestore } from './restore-instant.js';
 import { untilSignal } from './serve.js';
 
 const domain = arg('domain');
+
+/** One line of standard input ('' at its end). */
+function readLine(): Promise<string> {
+  return new Promise((resolve) => {
+    let text = '';
+    const done = (): void => {
+      process.stdin.off('data', onData);
+      process.stdin.off('end', done);
+      process.stdin.pause();
+      resolve(text.split('\n')[0] ?? '');
+    };
+    const onData = (b: Buffer): void => {
+      text += b.toString('utf8');
+      if (text.includes('\n')) done();
+    };
+    process.stdin.on('data', onData);
+    process.stdin.on('end', done);
+    process.stdin.resume();
+  });
+}
 const passwordFile = value('--password-file <file>', 'read the passphrase from this file (default: the configured repository\'s password-file or password-command, else $QBACKUP_PASSWORD)');
+const MiB = 1024 * 1024;
 
 export const repositoryCommands: readonly CliCommand[] = [
   defineCommand({
@@ -87,7 +108,9 @@ export const repositoryCommands: readonly CliCommand[] = [
     args: { domain: optionalArg('domain') },
     options: { repo: repoOption(), passwordFile },
     run: async ({ qb, out, cli, args: { domain }, opts }) => {
-      const list = await qb.repository.list(repoAccess(cli, opts), domain);
+      const { backups: list, damaged } = await qb.repository.inventory(repoAccess(cli, opts), domain);
+      // A damaged manifest is named (on stderr, so --json output stays a list of backups); the rest are listed.
+      for (const d of damaged) process.stderr.write(`warning: ${d.problem} ("${d.key}"); run qbackup verify\n`);
       emit(out, list, () => backupTable(list));
     },
   }),
@@ -189,9 +212,25 @@ export const repositoryCommands: readonly CliCommand[] = [
     name: 'verify',
     description: 'check that every chunk the backups name exists (with --read-data: and is intact)',
     args: { domain: optionalArg('domain') },
-    options: { repo: repoOption(), passwordFile, backup: value('--backup <id>', 'only this backup'), readData: flag('--read-data', 'read every chunk back and check it against its id'), readDataSubset: value('--read-data-subset <percent>', 'with --read-data, read this share of the chunks (e.g. 10%)') },
+    options: {
+      repo: repoOption(), passwordFile, backup: value('--backup <id>', 'only this backup'), readData: flag('--read-data', 'read every chunk back and check it against its id'), readDataSubset: value('--read-data-subset <percent>', 'with --read-data, read this share of the chunks (e.g. 10%)'),
+      repair: flag('--repair', 'first move damaged manifests to quarantine/ and rebuild lost pack indexes from their packs (asks first)'),
+      yes: flag('--yes', 'with --repair, do not ask'),
+    },
     run: async ({ qb, out, cli, args: { domain }, opts: o }) => {
       if (o.backup !== undefined && domain === undefined) throw new QbackupError('INVALID_ARGUMENT', 'Option --backup needs a domain');
+      if (o.repair) {
+        const done = await qb.repository.repair(repoAccess(cli, o), async (plan) => {
+          const lines = [...plan.quarantine.map((d) => `  quarantine "${d.key}" (backup "${d.id}" of domain "${d.domain}" is lost): ${d.problem}`), ...plan.rebuildIndexes.map((p) => `  rebuild the index of pack "${p}" from its trailer`)];
+          process.stderr.write(`Repair plan:\n${lines.join('\n')}\n`);
+          if (o.yes) return true;
+          process.stderr.write('Go ahead? [y/N] ');
+          return /^y(es)?$/i.test((await readLine()).trim());
+        });
+        if (done === undefined) throw new QbackupError('INVALID_ARGUMENT', 'Repair not confirmed: nothing changed');
+        if (done.quarantine.length + done.rebuildIndexes.length === 0) process.stderr.write('Nothing to repair.\n');
+        else process.stderr.write(`Repaired: ${done.rebuildIndexes.length} pack index(es) rebuilt, ${done.quarantine.length} manifest(s) quarantined; lost backups: ${done.lost.length === 0 ? 'none' : done.lost.join(', ')}\n`);
+      }
       const percent = o.readDataSubset !== undefined ? positiveNumber('--read-data-subset', o.readDataSubset.replace(/%$/, ''), 'percent') : undefined;
       const report = await withProgress(out, (onProgress) =>
         qb.repository.verify(repoAccess(cli, o), {

@@ -14,7 +14,7 @@
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { QbackupError, isQbackupError } from '../errors.js';
-import { formatDomainXml, parseDomainXml } from '../model/definition-xml.js';
+import { domainVirtType, formatDomainXml, parseDomainXml } from '../model/definition-xml.js';
 import type { DomainDefinition, NbdBacking } from '../model/definition.js';
 import { killProcess, launchQemu, waitForExit, type LaunchOptions, type QemuProcessInfo } from '../qemu/process.js';
 import type { QmpClient } from '../qmp/index.js';
@@ -216,6 +216,7 @@ export class DomainService {
           ...this.guestLaunchOptions(ctx.definition),
           paused: options.paused ?? false,
           accel: this.options.accel ?? 'auto',
+          virtType: domainVirtType(ctx.definition.sourceXml),
           onSpawn: (pid) => this.sessions.recordStarting(name, pid, qmpSocket),
           startTimeoutMs: this.options.startTimeoutMs,
           binary: this.options.qemuBinary,

@@ -12,6 +12,7 @@ import { QbackupError, describeError } from '../errors.js';
 import type { Qbackup } from '../qbackup.js';
 import { QbackupService, type ServiceOptions } from '../service/daemon-service.js';
 import type { RateLimitOptions } from './rate-limit.js';
+import type { PassphraseBackoffOptions } from './passphrase-guard.js';
 import { buildServer } from './server.js';
 
 export interface DaemonOptions extends ServiceOptions {
@@ -22,6 +23,7 @@ export interface DaemonOptions extends ServiceOptions {
   bodyLimitBytes?: number;
   version?: string;
   rateLimit?: RateLimitOptions;
+  passphraseBackoff?: PassphraseBackoffOptions | undefined;
 }
 
 export interface Daemon {
@@ -75,6 +77,7 @@ export async function startDaemon(qb: Qbackup, options: DaemonOptions = {}): Pro
     ...(https !== undefined ? { https } : {}),
     ...(options.version !== undefined ? { version: options.version } : {}),
     ...(options.rateLimit !== undefined ? { rateLimit: options.rateLimit } : {}),
+    passphraseBackoff: options.passphraseBackoff,
   });
   try {
     await app.listen({ host, port });

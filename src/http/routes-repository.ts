@@ -4,11 +4,13 @@
 // X-Repository-Password header (never in a URL, never stored in a task); a
 // copy's source passphrase in X-Source-Repository-Password.
 
+import { isAbsolute } from 'node:path';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { QbackupError } from '../errors.js';
 import type { RepoAccess, RetentionPolicy } from '../repository/repository.js';
 import type { QbackupService } from '../service/daemon-service.js';
 import { domainParams } from './routes-domains.js';
+import type { PassphraseGuard } from './passphrase-guard.js';
 import { addRoute, bool, flagValue, int, object, queryFlag, str, strings } from './route.js';
 
 const tag = 'repository';
@@ -18,9 +20,64 @@ const format = { type: 'string', enum: ['qcow2', 'raw'] } as const;
 
 /** A configured repository's name or a location, through the service (allow-list, configured passphrase unless the header gives one). */
 function access(request: FastifyRequest, repoPath: string, headerName = 'x-repository-password'): RepoAccess {
+  assertRepoLocation(repoPath);
   const header = request.headers[headerName];
   const password = Array.isArray(header) ? header[0] : header;
   return request.server.qbackupService.access(repoPath, password);
+}
+
+/** A relative path would resolve against the daemon's working directory: refused. */
+function assertRepoLocation(repoPath: string): void {
+  if (!isAbsolute(repoPath) && !repoPath.startsWith('s3://')) {
+    throw new QbackupError('INVALID_ARGUMENT', `Invalid repository "${repoPath}": the daemon takes an absolute path or an s3:// location`);
+  }
+}
+
+/** Which repositories a request names, each with the header of its passphrase. */
+function namedRepositories(request: FastifyRequest): Array<{ repo: string; header: string }> {
+  const url = request.url.split('?')[0] ?? '';
+  const body = (typeof request.body === 'object' && request.body !== null ? request.body : {}) as Record<string, unknown>;
+  const query = (typeof request.query === 'object' && request.query !== null ? request.query : {}) as Record<string, unknown>;
+  const out: Array<{ repo: string; header: string }> = [];
+  const add = (v: unknown, header: string): void => {
+    if (typeof v === 'string' && v !== '') out.push({ repo: v, header });
+  };
+  if (url === '/api/repository/copy') {
+    add(body['from'], 'x-source-repository-password');
+    add(body['to'], 'x-repository-password');
+  } else add(body['repo'] ?? query['repo'], 'x-repository-password');
+  return out;
+}
+
+/**
+ * Before a repository route runs: every repository it names is an absolute
+ * path or s3:// location, and each passphrase it carries is tried first
+ * under the guard (a task route would otherwise fail only in its task, where
+ * nothing counts it). `init` makes a key rather than trying one.
+ */
+export function guardPassphrases(app: FastifyInstance, service: QbackupService, guard: PassphraseGuard): void {
+  app.addHook('preHandler', async (request) => {
+    const url = request.url.split('?')[0] ?? '';
+    if (!url.startsWith('/api/repository/')) return;
+    for (const { repo: r, header } of namedRepositories(request)) {
+      assertRepoLocation(r);
+      const given = request.headers[header];
+      const password = Array.isArray(given) ? given[0] : given;
+      if (password === undefined || password === '' || url === '/api/repository/init') continue;
+      const client = request.tokenName ?? request.ip;
+      guard.assertAllowed(client, r);
+      try {
+        await service.qb.repository.listKeys({ repo: r, password });
+      } catch (err) {
+        if (err instanceof QbackupError && err.code === 'WRONG_PASSWORD') {
+          guard.failed(client, r);
+          throw err;
+        }
+        continue; // not a passphrase failure: the route itself reports it
+      }
+      guard.succeeded(client, r);
+    }
+  });
 }
 
 function pointInTime(value: string): Date {

@@ -13,12 +13,13 @@ import { installAuth } from './auth.js';
 import { ERROR_BODY_SCHEMA, httpError } from './errors.js';
 import { PAGE_HTML } from './page.js';
 import { RateLimiter, type RateLimitOptions } from './rate-limit.js';
+import { PassphraseGuard, type PassphraseBackoffOptions } from './passphrase-guard.js';
 import { checkpointRoutes } from './routes-checkpoints.js';
 import { domainRoutes } from './routes-domains.js';
 import { fileRoutes } from './routes-files.js';
 import { jobRoutes } from './routes-jobs.js';
 import { metricsRoute } from './metrics.js';
-import { repositoryRoutes } from './routes-repository.js';
+import { guardPassphrases, repositoryRoutes } from './routes-repository.js';
 import { taskRoutes } from './routes-tasks.js';
 
 declare module 'fastify' {
@@ -39,6 +40,8 @@ export interface ServerOptions {
   version?: string;
   /** Requests per second per client address, and the burst allowed (default 50/s, 500). */
   rateLimit?: RateLimitOptions;
+  /** How wrong repository passphrases are held back (per client and per repository). */
+  passphraseBackoff?: PassphraseBackoffOptions | undefined;
 }
 
 // Long: the one place that assembles the application, in the order fastify needs.
@@ -84,6 +87,7 @@ export async function buildServer(service: QbackupService, options: ServerOption
   domainRoutes(app, service);
   checkpointRoutes(app, service);
   jobRoutes(app, service);
+  guardPassphrases(app, service, new PassphraseGuard(options.passphraseBackoff));
   repositoryRoutes(app, service);
   taskRoutes(app, service);
   fileRoutes(app, service);

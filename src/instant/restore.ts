@@ -30,7 +30,7 @@
 //   server up first (beforeStart) and the copies after (afterStart).
 
 import { randomUUID } from 'node:crypto';
-import { existsSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, lstatSync, readFileSync, rmSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import type { CopyJob, DomainSession, HypervisorDriver } from '../drivers/driver.js';
 import { describeError, QbackupError } from '../errors.js';
@@ -46,6 +46,7 @@ import type { Db } from '../store/db.js';
 import { InstantStore } from '../store/instant.js';
 import { noCredentials, type Credentials } from '../util/credentials.js';
 import { throwIfCancelled, type OperationOptions } from '../util/operation.js';
+import { refusePseudoFilesystem } from '../util/safe-create.js';
 import { makePrivateDir } from '../util/private-dir.js';
 import { processStartTime, sleep } from '../util/proc.js';
 import { socketAccepts } from '../util/socket.js';
@@ -232,7 +233,8 @@ export class InstantRestoreService {
     const plan = planInstantRestore(m, { name, overlayDir, socket, uuidTaken });
     if (plan.disks.length === 0) throw new QbackupError('INVALID_ARGUMENT', `Cannot restore backup "${m.id}" of domain "${m.domain}" instantly: it holds no disk of its definition`);
     for (const d of plan.disks) {
-      if (existsSync(d.overlay)) throw new QbackupError('INVALID_ARGUMENT', `Cannot restore disk "${d.target}" of backup "${m.id}" instantly: "${d.overlay}" exists`);
+      refusePseudoFilesystem(d.overlay, `Cannot restore disk "${d.target}" of backup "${m.id}" instantly`);
+      if (lstatSync(d.overlay, { throwIfNoEntry: false }) !== undefined) throw new QbackupError('INVALID_ARGUMENT', `Cannot restore disk "${d.target}" of backup "${m.id}" instantly: "${d.overlay}" exists`);
     }
     throwIfCancelled(options.signal, `The instant restore of backup "${m.id}"`);
     makePrivateDir(overlayDir);

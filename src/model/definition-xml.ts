@@ -238,6 +238,13 @@ function parseGuestAgent(root: Element, domain: string): GuestAgentChannel | und
   return path === undefined ? {} : { path };
 }
 
+/** The `<domain type>` of a document ('qemu', 'kvm', …), undefined when absent or empty. */
+export function domainVirtType(xml: string): string | undefined {
+  if (xml.trim() === '') return undefined;
+  const type = attr(parseXmlDocument(xml, 'domain XML', 'domain'), 'type');
+  return type === undefined || type === '' ? undefined : type;
+}
+
 /**
  * Parses a libvirt `<domain>` document into the fields qbackup interprets.
  * The input is kept verbatim as `sourceXml`.
@@ -552,9 +559,14 @@ function syncGuestAgent(devices: Element, agent: GuestAgentChannel | undefined):
     target.setAttribute('type', 'virtio');
     target.setAttribute('name', GUEST_AGENT_CHANNEL);
   }
+  // Only the path is ours: a channel without <source> (libvirt picks the
+  // path) stays without one, and every other attribute and child stays as it is.
+  if (agent.path === undefined) {
+    firstChild(channel, 'source')?.removeAttribute('path');
+    return;
+  }
   const source = ensureChild(channel, 'source', []);
-  if (agent.path === undefined) source.removeAttribute('path');
-  else if (attr(source, 'path') !== agent.path) source.setAttribute('path', agent.path);
+  if (attr(source, 'path') !== agent.path) source.setAttribute('path', agent.path);
 }
 
 /**

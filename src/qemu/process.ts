@@ -33,8 +33,10 @@ export interface LaunchOptions {
   agentSocket?: string | undefined;
   /** Start with the CPUs stopped (virsh start --paused). The block layer works either way. */
   paused?: boolean;
-  /** 'auto' uses KVM when /dev/kvm is usable and falls back to TCG. */
+  /** 'auto' follows `virtType` (see accelArgs); 'kvm' or 'tcg' forces one. */
   accel?: 'auto' | 'kvm' | 'tcg';
+  /** The <domain type> of the definition: 'qemu' (TCG) or 'kvm' (KVM). */
+  virtType?: string | undefined;
   binary?: string | undefined;
   startTimeoutMs?: number | undefined;
   /** Called synchronously as soon as QEMU is spawned, before it answers QMP. */
@@ -59,18 +61,33 @@ export function kvmUsable(): boolean {
   }
 }
 
+/**
+ * The -accel arguments. An explicit 'kvm' or 'tcg' wins; 'auto' follows the
+ * domain type as libvirt does: 'qemu' is software emulation (TCG) even where
+ * /dev/kvm opens (a nested host may open it and never run a guest), 'kvm' is
+ * KVM or a refusal. A document without a type keeps the old lenient choice:
+ * KVM when usable, else TCG (QEMU tries -accel options in order).
+ */
+export function accelArgs(accel: 'auto' | 'kvm' | 'tcg', virtType: string | undefined, domain: string, kvmIsUsable: boolean): string[] {
+  if (accel === 'kvm') return ['-accel', 'kvm'];
+  if (accel === 'tcg' || virtType === 'qemu') return ['-accel', 'tcg'];
+  if (virtType === 'kvm') {
+    if (!kvmIsUsable) {
+      throw new QbackupError('NOT_SUPPORTED', `Cannot start domain "${domain}": it is of type 'kvm' but KVM is not usable on this host (/dev/kvm); use <domain type='qemu'> for software emulation`);
+    }
+    return ['-accel', 'kvm'];
+  }
+  return kvmIsUsable ? ['-accel', 'kvm', '-accel', 'tcg'] : ['-accel', 'tcg'];
+}
+
 /** The -chardev argument of a domain's QMP socket: also how a QEMU whose pid was lost is found in /proc. */
 export function qmpChardevArg(qmpSocket: string): string {
   return `socket,id=qmp0,path=${qmpSocket},server=on,wait=off`;
 }
 
 export function buildQemuArgs(options: LaunchOptions): string[] {
-  const accel = options.accel ?? 'auto';
   const args: string[] = ['-name', `guest=${options.name}`, '-uuid', options.uuid, '-M', 'q35', '-nodefaults', '-display', 'none'];
-  // QEMU tries -accel options in order, so "kvm then tcg" survives a /dev/kvm
-  // that is present but refuses to create a VM.
-  if (accel === 'kvm' || (accel === 'auto' && kvmUsable())) args.push('-accel', 'kvm');
-  if (accel !== 'kvm') args.push('-accel', 'tcg');
+  args.push(...accelArgs(options.accel ?? 'auto', options.virtType, options.name, options.accel === 'auto' || options.accel === undefined ? kvmUsable() : false));
   args.push('-m', `${Math.max(16, Math.ceil(options.memoryKiB / 1024))}M`, '-smp', String(options.vcpus));
   args.push('-chardev', qmpChardevArg(options.qmpSocket), '-mon', 'chardev=qmp0,mode=control');
   args.push('-device', `virtio-scsi-pci,id=${SCSI_CONTROLLER_ID}`);

@@ -129,7 +129,8 @@ type RunOptions = RepoBackupOptions & { clientTls?: TlsClientCredentials };
 async function backupRunning(driver: HypervisorDriver, store: Store, domain: string, selected: readonly DriverDisk[], options: RunOptions, startedHere: boolean, lock: HeldLock): Promise<Manifest> {
   const id = newBackupId();
   const checkpoint = `qb-${id}`;
-  const history = await store.manifests(domain);
+  // A damaged manifest never stops a new backup: the newest readable one is the parent.
+  const history = (await store.readableManifests(domain)).manifests;
   const plans: DiskPlan[] = [];
   const checkpoints = new Set(await driver.checkpoints(domain));
   for (const disk of selected) plans.push(await planDisk(driver, checkpoints, domain, history, disk, options));

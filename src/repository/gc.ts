@@ -39,8 +39,8 @@ import { QbackupError } from '../errors.js';
 import type { Backend } from './backend/backend.js';
 import { ZERO_ID } from './chunk.js';
 import { indexKey, INDEX_ID, type DiskIndex } from './disk-index.js';
-import { acquireLock, CLOCK_SKEW_MS, isReader, liveLocks } from './locks.js';
-import { PACK_ID, PackBuilder, PACK_TARGET_BYTES, packIndexKey, packKey, type PackEntry } from './pack.js';
+import { acquireLock, CLOCK_SKEW_MS, ensureReserve, isReader, liveLocks } from './locks.js';
+import { PACK_ID, PackBuilder, PACK_TARGET_BYTES, packIndexKey, packKey, parseHeader, type PackEntry } from './pack.js';
 import type { Store } from './store.js';
 
 export interface GcReport {
@@ -52,6 +52,8 @@ export interface GcReport {
   condemned: number;
   /** Half-written objects of killed writers removed. */
   temporaryRemoved: number;
+  /** Lost pack indexes written again from their pack's trailer (the pack held live chunks). */
+  indexesRebuilt: number;
 }
 
 const TEMPORARY_AGE_MS = 15 * 60 * 1000;
@@ -75,14 +77,14 @@ export async function collectGarbage(store: Store): Promise<GcReport> {
   const backups = (await liveLocks(backend)).filter((l) => l.info.kind === 'backup' || isReader(l.info.kind));
   const reading = backups.some((l) => isReader(l.info.kind));
   const oldestBackupMs = Math.min(...backups.map((l) => l.info.takenMs));
-  const report: GcReport = { packsDeleted: 0, packsRepacked: 0, indexesDeleted: 0, bytesFreed: 0, condemned: 0, temporaryRemoved: 0 };
+  const report: GcReport = { packsDeleted: 0, packsRepacked: 0, indexesDeleted: 0, bytesFreed: 0, condemned: 0, temporaryRemoved: 0, indexesRebuilt: 0 };
   await store.dropSupersededManifests();
   const { liveIndexes, liveChunks } = await mark(store);
   const marks = await readMarks(backend);
   // May this garbage go now? Yes when no backup runs, or it was condemned
   // before every running backup began, by a margin for the clocks of other hosts.
   const mayDelete = (kind: string, id: string): boolean => backups.length === 0 || (marks.get(`${kind}.${id}`) ?? Infinity) < oldestBackupMs - CLOCK_SKEW_MS;
-  const packs = await packUsage(store, liveChunks);
+  const packs = await packUsage(store, liveChunks, report);
   for (const p of packs.filter((x) => x.liveBytes === 0)) {
     if (mayDelete('pack', p.packId)) {
       await backend.delete(packIndexKey(p.packId));
@@ -112,6 +114,8 @@ export async function collectGarbage(store: Store): Promise<GcReport> {
   await dropStaleMarks(backend, marks, store, liveIndexes, packs);
   // Writers finish a put within seconds; a temporary object this old belongs to a killed one.
   report.temporaryRemoved = (await backend.sweepTemporary?.(TEMPORARY_AGE_MS)) ?? 0;
+  // Put back the room a prune or gc on a full disk used (when there is room now).
+  await ensureReserve(backend);
   return report;
 }
 
@@ -146,18 +150,59 @@ interface PackUsage {
   entries: PackEntry[];
 }
 
-/** Every pack with its size and the bytes of its live chunks; packs without an index count as all garbage. */
-async function packUsage(store: Store, liveChunks: ReadonlySet<string>): Promise<PackUsage[]> {
+/**
+ * Every pack with its size and the bytes of its live chunks. A pack without
+ * an index is read by its trailer: a killed writer's pack (stored before its
+ * index, named by no manifest, or holding copies of chunks another pack
+ * holds) is garbage; a pack whose index was lost and which alone holds live
+ * chunks gets its index back from the trailer and is kept. A pack with
+ * neither an index nor a readable trailer cannot be read at all: garbage.
+ */
+async function packUsage(store: Store, liveChunks: ReadonlySet<string>, report: GcReport): Promise<PackUsage[]> {
   const out: PackUsage[] = [];
   const indexed = new Set((await store.backend.list('index/')).map((o) => o.key.slice(6)));
+  const unindexed: Array<{ packId: string; size: number }> = [];
+  const inIndexedPacks = new Set<string>();
   for (const { key, size } of await store.backend.list('data/')) {
     const packId = key.split('/').at(-1) ?? '';
     if (!PACK_ID.test(packId)) continue;
-    const entries = indexed.has(packId) ? await store.packEntries(packId) : [];
-    const liveBytes = entries.filter((e) => liveChunks.has(e.id.toString('hex'))).reduce((n, e) => n + e.length, 0);
-    out.push({ packId, size, liveBytes, entries });
+    if (!indexed.has(packId)) {
+      unindexed.push({ packId, size });
+      continue;
+    }
+    const entries = await store.packEntries(packId);
+    for (const e of entries) inIndexedPacks.add(e.id.toString('hex'));
+    out.push(usage(packId, size, entries, liveChunks));
+  }
+  for (const { packId, size } of unindexed) {
+    const trailer = (await readTrailer(store, packId, size)) ?? { header: Buffer.alloc(0), entries: [] };
+    // Live chunks found nowhere else: the pack's index was lost, not never written.
+    if (trailer.entries.some((e) => liveChunks.has(e.id.toString('hex')) && !inIndexedPacks.has(e.id.toString('hex')))) {
+      await store.backend.putIfAbsent(packIndexKey(packId), trailer.header);
+      report.indexesRebuilt++;
+      out.push(usage(packId, size, trailer.entries, liveChunks));
+    } else out.push({ packId, size, liveBytes: 0, entries: [] }); // a killed writer's pack, or copies of chunks stored elsewhere
   }
   return out;
+}
+
+function usage(packId: string, size: number, entries: PackEntry[], liveChunks: ReadonlySet<string>): PackUsage {
+  const liveBytes = entries.filter((e) => liveChunks.has(e.id.toString('hex'))).reduce((n, e) => n + e.length, 0);
+  return { packId, size, liveBytes, entries };
+}
+
+/** The header in a pack's trailer and its entries; undefined when it cannot be read. */
+async function readTrailer(store: Store, packId: string, size: number): Promise<{ header: Buffer; entries: PackEntry[] } | undefined> {
+  try {
+    if (size < 4) return { header: Buffer.alloc(0), entries: [] };
+    const headerLength = (await store.backend.get(packKey(packId), { offset: size - 4, length: 4 })).readUInt32LE(0);
+    if (headerLength > size - 4) return undefined;
+    const header = await store.backend.get(packKey(packId), { offset: size - 4 - headerLength, length: headerLength });
+    return { header, entries: parseHeader(header, store.key, `Trailer of pack "${packId}"`, store.config.chunkSize, size - 4 - headerLength) };
+  } catch (err) {
+    if (err instanceof QbackupError && (err.code === 'REPO_DAMAGED' || err.code === 'REPO_OBJECT_NOT_FOUND')) return undefined;
+    throw err;
+  }
 }
 
 async function readMarks(backend: Backend): Promise<Map<string, number>> {

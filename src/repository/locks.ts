@@ -78,9 +78,19 @@ export interface HeldLock extends AsyncDisposable {
   release(): Promise<void>;
 }
 
-/** Every lock whose holder is alive; dead holders' locks are removed on the way. */
+/**
+ * A lock object is written in milliseconds: a temporary file of a lock
+ * writer older than a lease (plus clock skew) belongs to a writer that is gone.
+ */
+const STALE_LOCK_TEMPORARY_MS = LEASE_MS + CLOCK_SKEW_MS;
+
+/**
+ * Every lock whose holder is alive; dead holders' locks, and temporary files
+ * of lock writers that are gone, are removed on the way.
+ */
 export async function liveLocks(backend: Backend): Promise<Array<{ id: string; info: LockInfo }>> {
   const out: Array<{ id: string; info: LockInfo }> = [];
+  await backend.sweepTemporary?.(STALE_LOCK_TEMPORARY_MS, 'locks/');
   for (const { key } of await backend.list('locks/')) {
     const id = key.slice(6);
     if (!LOCK_ID.test(id)) continue;
@@ -101,7 +111,13 @@ export async function acquireLock(backend: Backend, kind: LockKind, domain: stri
   const now = Date.now();
   const boot = bootId();
   const info: LockInfo = { kind, domain, host: hostname(), ...(boot !== undefined ? { boot } : {}), pid: process.pid, pidStart: processStartTime(process.pid) ?? '', takenMs: now, leaseMs: now + leaseLengthMs };
-  const first = await writeLease(backend, info);
+  const first = await writeLease(backend, info).catch(async (err: unknown) => {
+    // Prune and gc are what frees a full disk: their lock may use the reserve.
+    if ((kind !== 'prune' && kind !== 'gc') || !(err instanceof QbackupError && err.code === 'REPO_FULL')) throw err;
+    if ((await backend.stat(RESERVE_KEY)) === undefined) throw err;
+    await backend.delete(RESERVE_KEY);
+    return writeLease(backend, info);
+  });
   // Write first, then look: of two racing takers at least one sees the other.
   const others = (await liveLocks(backend)).filter((l) => l.id !== first && !sameHolder(l.info, info));
   const conflict = others.find((l) => conflicts(kind, domain, l.info));
@@ -216,6 +232,28 @@ class Lease implements HeldLock {
       // Renewal retries on the next tick; the lease holds until leaseMs.
       this.lastError = describeError(err);
     }
+  }
+}
+
+/**
+ * The space a repository keeps in reserve (docs/design.md, "A full
+ * repository"): an object of random bytes (so no filesystem compresses it
+ * away), written by init and again by every gc that ends with room for it. A
+ * prune or gc whose lock cannot be written for want of space deletes it and
+ * writes its lock (and the few small objects a prune needs) in its room.
+ */
+export const RESERVE_KEY = 'reserve';
+export const RESERVE_BYTES = 1024 * 1024;
+
+/** Writes the reserve unless it is there; false when there is no room for it (never an error then). */
+export async function ensureReserve(backend: Backend): Promise<boolean> {
+  if ((await backend.stat(RESERVE_KEY)) !== undefined) return true;
+  try {
+    await backend.putIfAbsent(RESERVE_KEY, randomBytes(RESERVE_BYTES));
+    return true;
+  } catch (err) {
+    if (err instanceof QbackupError && err.code === 'REPO_FULL') return false;
+    throw err;
   }
 }
 

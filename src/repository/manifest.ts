@@ -10,7 +10,16 @@
 // generation is deleted after it. Readers use the newest generation of each
 // backup id, so a crash between the two steps leaves two complete manifests
 // of which the newer counts.
+//
+// In a plain (unencrypted) repository a manifest carries its own checksum: a
+// last field "sha256", the SHA-256 of the manifest serialized without it
+// (JSON, two-space indent, as written), so any flipped byte is detected, not
+// only those that break the JSON. Encrypted manifests are authenticated by
+// their seal instead. Manifests written before the field existed have none and
+// are read as before; qbackups of that time ignore the field, so the
+// repository format does not change.
 
+import { createHash } from 'node:crypto';
 import { QbackupError } from '../errors.js';
 import { CHECKPOINT_NAME_PATTERN } from '../checkpoint/spec.js';
 import { INDEX_ID } from './disk-index.js';
@@ -91,6 +100,10 @@ export function parseManifest(text: string, domain: string, id: string, generati
   }
   if (typeof v !== 'object' || v === null || Array.isArray(v)) throw bad('not an object');
   const m = v as Record<string, unknown>;
+  // The checksum is compared last, so that hostile content is named for what is wrong with it.
+  const hasChecksum = 'sha256' in m;
+  const { sha256, ...rest } = m;
+  if (hasChecksum) delete m['sha256'];
   if (m['format'] !== 2) throw bad(`format ${String(m['format'])}`);
   if (m['id'] !== id || m['domain'] !== domain) throw bad('it names another backup');
   if ((m['generation'] ?? 1) !== generation) throw bad(`it is not generation ${generation} of its manifest`);
@@ -99,7 +112,19 @@ export function parseManifest(text: string, domain: string, id: string, generati
   if (m['consistency'] !== 'crash' && m['consistency'] !== 'filesystem') throw bad('no consistency');
   if (!Array.isArray(m['disks'])) throw bad('no disks');
   for (const d of m['disks'] as unknown[]) checkDisk(d, bad);
+  if (hasChecksum && (typeof sha256 !== 'string' || sha256 !== manifestChecksum(rest))) throw bad('its checksum does not match its content');
   return m as unknown as Manifest;
+}
+
+function manifestChecksum(body: object): string {
+  return createHash('sha256').update(JSON.stringify(body, null, 2)).digest('hex');
+}
+
+/** The stored form of a manifest in a plain repository: its JSON with the checksum as last field. */
+export function serializeManifestWithChecksum(m: Manifest): Buffer {
+  const { ...body } = m as unknown as Record<string, unknown>;
+  delete body['sha256'];
+  return Buffer.from(`${JSON.stringify({ ...body, sha256: manifestChecksum(body) }, null, 2)}\n`);
 }
 
 function checkDisk(v: unknown, bad: (why: string) => QbackupError): void {

@@ -17,7 +17,8 @@ import { pruneStore, type PrunePlan, type RetentionPolicy } from './prune.js';
 import { restoreIntoImage, restoreToFile, type ImageFormat } from './restore.js';
 import { serveBackup, type BackupServer, type ServeListen } from './serve.js';
 import { repositoryStats, type RepoStats } from './stats.js';
-import { Store } from './store.js';
+import { Store, type DamagedManifest } from './store.js';
+import { executeRepair, planRepair, type RepairPlan, type RepairReport } from './repair.js';
 import { verifyStore, type VerifyOptions, type VerifyReport } from './verify.js';
 
 export type { Progress, RepoBackupOptions } from './backup.js';
@@ -27,6 +28,8 @@ export type { Manifest, ManifestDisk } from './manifest.js';
 export type { FoldStep } from './fold.js';
 export type { PrunePlan, RetentionPolicy } from './prune.js';
 export type { RepoStats } from './stats.js';
+export type { DamagedManifest } from './store.js';
+export type { RepairPlan, RepairReport } from './repair.js';
 export type { BackupServer, ServeListen, ServedExport } from './serve.js';
 export type { VerifyProblem, VerifyReport } from './verify.js';
 
@@ -94,13 +97,20 @@ export class RepositoryService {
     return backupDomain(this.driver, store, domain, options);
   }
 
+  /** The readable backups (of a domain), oldest first; a damaged manifest is left out (see inventory). */
   async list(access: RepoAccess, domain?: string): Promise<Manifest[]> {
-    return (await this.open(access)).manifests(domain);
+    return (await this.inventory(access, domain)).backups;
+  }
+
+  /** The readable backups and, by name, every manifest that cannot be read. */
+  async inventory(access: RepoAccess, domain?: string): Promise<{ backups: Manifest[]; damaged: DamagedManifest[] }> {
+    const { manifests, damaged } = await (await this.open(access)).readableManifests(domain);
+    return { backups: manifests, damaged };
   }
 
   async restore(domain: string, options: RestoreOptions): Promise<{ backup: string; disks: RestoredDisk[] }> {
     const store = await this.open(options);
-    const m = pickBackup(await store.manifests(domain), domain, options);
+    const m = pickBackup((await store.readableManifests(domain)).manifests, domain, options);
     const disks = m.disks.filter((d) => options.disks === undefined || options.disks.length === 0 || options.disks.includes(d.target));
     for (const t of options.disks ?? []) {
       if (!m.disks.some((d) => d.target === t)) throw new QbackupError('DISK_NOT_FOUND', `Backup "${m.id}" of domain "${domain}" has no disk "${t}"`);
@@ -126,13 +136,13 @@ export class RepositoryService {
    */
   async findBackup(domain: string, options: RepoAccess & { backup?: string | undefined; until?: Date | undefined }): Promise<{ store: Store; manifest: Manifest }> {
     const store = await this.open(options);
-    return { store, manifest: pickBackup(await store.manifests(domain), domain, options) };
+    return { store, manifest: pickBackup((await store.readableManifests(domain)).manifests, domain, options) };
   }
 
   /** One disk of a backup as a standalone image file, for other tools. */
   async exportDisk(domain: string, options: RepoAccess & { backup?: string; disk: string; file: string; format?: ImageFormat; onProgress?: (p: Progress) => void }): Promise<{ backup: string; file: string }> {
     const store = await this.open(options);
-    const m = pickBackup(await store.manifests(domain), domain, options);
+    const m = pickBackup((await store.readableManifests(domain)).manifests, domain, options);
     const d = m.disks.find((x) => x.target === options.disk);
     if (d === undefined) throw new QbackupError('DISK_NOT_FOUND', `Backup "${m.id}" of domain "${domain}" has no disk "${options.disk}"`);
     await store.loadChunks();
@@ -177,6 +187,19 @@ export class RepositoryService {
 
   async verify(access: RepoAccess, options: VerifyOptions = {}): Promise<VerifyReport> {
     return verifyStore(await this.open(access), options);
+  }
+
+  /**
+   * Repairs what can be repaired (repair.ts): damaged manifests moved to
+   * quarantine/, lost pack indexes rebuilt from their packs' trailers.
+   * `confirm` sees the plan first; nothing changes unless it answers true.
+   */
+  async repair(access: RepoAccess, confirm: (plan: RepairPlan) => Promise<boolean>): Promise<RepairReport | undefined> {
+    const store = await this.open(access);
+    const plan = await planRepair(store);
+    if (plan.quarantine.length === 0 && plan.rebuildIndexes.length === 0) return { ...plan, lost: [] };
+    if (!(await confirm(plan))) return undefined;
+    return executeRepair(store, plan);
   }
 
   /**

@@ -4,11 +4,11 @@
 // is read; a new image is written under a temporary name and renamed into
 // place only when complete, so nothing partial ever looks finished.
 
-import { constants, promises as fs } from 'node:fs';
-import { dirname } from 'node:path';
+import type { FileHandle } from 'node:fs/promises';
 import { QbackupError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
 import { runPool } from '../util/run-pool.js';
+import { createNewFile } from '../util/safe-create.js';
 import { createImage } from '../image/qemu-img.js';
 import { startQemuNbd } from '../image/qemu-nbd.js';
 import { ZERO_ID } from './chunk.js';
@@ -37,23 +37,14 @@ export interface WriteDiskOptions {
 
 /** Writes the table's disk into a new image file at `path`. */
 export async function restoreToFile(store: Store, table: FullIndex, path: string, format: ImageFormat, options: WriteDiskOptions): Promise<void> {
-  await fs.mkdir(dirname(path), { recursive: true, mode: 0o700 });
-  if (await fs.lstat(path).catch(() => undefined)) throw new QbackupError('INVALID_ARGUMENT', `Cannot restore ${options.what}: "${path}" exists`);
-  const partial = `${path}.partial`;
-  await fs.rm(partial, { force: true });
+  await using out = await createNewFile(path, `Cannot restore ${options.what}`);
+  const sink = format === 'raw' ? await rawSink(out.handle, table.virtualSize) : await qcow2Sink(out.fdPath, table.virtualSize);
   try {
-    const sink = format === 'raw' ? await rawSink(partial, table.virtualSize) : await qcow2Sink(partial, table.virtualSize);
-    try {
-      await copyTable(store, table, sink, false, options);
-    } finally {
-      await sink.close();
-    }
-    await fs.chmod(partial, 0o600);
-    await fs.rename(partial, path);
-  } catch (err) {
-    await fs.rm(partial, { force: true });
-    throw err;
+    await copyTable(store, table, sink, false, options);
+  } finally {
+    await sink.close();
   }
+  await out.commit();
 }
 
 /** Writes the table's disk over an existing image (a shut-off domain's disk) of the same size. */
@@ -129,21 +120,18 @@ async function readRun(store: Store, table: FullIndex, first: number, count: num
   return out;
 }
 
-async function rawSink(path: string, size: number): Promise<Sink> {
-  const fh = await fs.open(path, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
+async function rawSink(fh: FileHandle, size: number): Promise<Sink> {
   await fh.truncate(size);
   return {
     write: async (offset, data) => {
       await fh.write(data, 0, data.length, offset);
     },
     zero: async () => undefined, // a new sparse file reads zero already
-    close: async () => {
-      await fh.sync();
-      await fh.close();
-    },
+    close: async () => undefined, // the new file syncs and closes it on commit
   };
 }
 
+/** `path` names the new file through /proc (see util/safe-create.ts): qemu-img and qemu-nbd reach no other. */
 async function qcow2Sink(path: string, size: number): Promise<Sink> {
   await createImage(path, 'qcow2', size);
   const server = await startQemuNbd(path, { format: 'qcow2' });

@@ -264,7 +264,7 @@ export async function serveBackup(store: Store, options: ServeBackupOptions): Pr
     for (const c of cleanups.reverse()) await c().catch(() => undefined);
   };
   try {
-    const m = pickBackup(await store.manifests(options.domain), options.domain, options.backup);
+    const m = pickBackup((await store.readableManifests(options.domain)).manifests, options.domain, options.backup);
     const disks = chooseDisks(m, options.disks);
     await store.loadChunks();
     const cache = new ChunkCache(store, options.cacheBytes ?? DEFAULT_CACHE_BYTES);

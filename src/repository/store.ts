@@ -22,16 +22,26 @@ import { QbackupError, describeError } from '../errors.js';
 import { runPool } from '../util/run-pool.js';
 import type { Backend } from './backend/backend.js';
 import { decodeChunk, encodeChunk, ZERO_ID } from './chunk.js';
+import { ensureReserve } from './locks.js';
 import { ChunkCompressor } from './compress.js';
 import { chunkId, newMasterKey, parseKeyFile, seal, unseal, unwrapMasterKey, wrapMasterKey, type MasterKey } from './crypto.js';
 import { decodeIndex, encodeIndex, indexKey, INDEX_ID, MAX_CHAIN, resolveChain, type DiskIndex, type FullIndex } from './disk-index.js';
-import { parseManifest, parseManifestName, manifestKey, type Manifest } from './manifest.js';
+import { parseManifest, parseManifestName, manifestKey, serializeManifestWithChecksum, type Manifest } from './manifest.js';
 import { PACK_ID, PACK_TARGET_BYTES, PackBuilder, packIndexKey, packKey, parseHeader } from './pack.js';
 
 /** Small objects (pack headers, manifests) read at once when loading them all. */
 const HEADER_READS_IN_FLIGHT = 8;
 
 export const REPO_FORMAT = 2;
+
+/** A manifest that could not be read: which one, and why (one sentence). */
+export interface DamagedManifest {
+  domain: string;
+  id: string;
+  generation: number;
+  key: string;
+  problem: string;
+}
 export const DEFAULT_CHUNK_BYTES = 64 * 1024;
 
 export interface RepoConfig {
@@ -86,6 +96,7 @@ export class Store {
     if (!(await backend.putIfAbsent('config', Buffer.from(`${JSON.stringify(config, null, 2)}\n`)))) {
       throw new QbackupError('REPO_INVALID', `Cannot create a repository at "${backend.location}": one already exists there`);
     }
+    await ensureReserve(backend); // the room that lets prune and gc run on a full disk
     return new Store(backend, config, key);
   }
 
@@ -237,8 +248,8 @@ export class Store {
 
   /** Writes a manifest (its generation's object): the commit point of a backup. */
   async putManifest(m: Manifest): Promise<void> {
-    const plain = Buffer.from(`${JSON.stringify(m, null, 2)}\n`);
-    const stored = this.key !== undefined ? seal(this.key.dataKey, plain) : plain;
+    // Sealed (authenticated) when encrypted, else with its own checksum (manifest.ts).
+    const stored = this.key !== undefined ? seal(this.key.dataKey, Buffer.from(`${JSON.stringify(m, null, 2)}\n`)) : serializeManifestWithChecksum(m);
     if (!(await this.backend.putIfAbsent(manifestKey(m.domain, m.id, m.generation ?? 1), stored))) {
       throw new QbackupError('REPO_INVALID', `Cannot record backup "${m.id}" in repository "${this.location}": a backup with that id exists`);
     }
@@ -283,6 +294,32 @@ export class Store {
       if (m !== undefined) out.push(m);
     });
     return out.sort((a, b) => a.time.localeCompare(b.time) || a.id.localeCompare(b.id));
+  }
+
+  /**
+   * Like manifests(), but a manifest that cannot be read (damaged, truncated,
+   * failing its checksum) is set aside and named instead of failing the whole
+   * listing: one damaged backup never hides the others. gc and prune use the
+   * strict manifests(): they must not act on a repository they cannot fully read.
+   */
+  async readableManifests(domain?: string): Promise<{ manifests: Manifest[]; damaged: DamagedManifest[] }> {
+    const manifests: Manifest[] = [];
+    const damaged: DamagedManifest[] = [];
+    await runPool((await this.manifestObjects(domain))[Symbol.iterator](), HEADER_READS_IN_FLIGHT, async (o) => {
+      const generation = o.generations.at(-1) ?? 1;
+      try {
+        const m = await this.newestManifest(o.domain, o.id, generation);
+        if (m !== undefined) manifests.push(m);
+      } catch (err) {
+        // Damaged content, or a name no writer makes: this object cannot be read, the others can.
+        if (!(err instanceof QbackupError && ['REPO_DAMAGED', 'BACKUP_NOT_FOUND', 'INVALID_NAME', 'INVALID_ARGUMENT'].includes(err.code))) throw err;
+        const key = `snapshots/${o.domain}/${o.id}${generation === 1 ? '' : `.g${generation}`}`;
+        damaged.push({ domain: o.domain, id: o.id, generation, key, problem: err.message });
+      }
+    });
+    manifests.sort((a, b) => a.time.localeCompare(b.time) || a.id.localeCompare(b.id));
+    damaged.sort((a, b) => a.domain.localeCompare(b.domain) || a.id.localeCompare(b.id));
+    return { manifests, damaged };
   }
 
   private async newestManifest(domain: string, id: string, generation: number): Promise<Manifest | undefined> {

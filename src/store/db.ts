@@ -2,8 +2,12 @@
 // every process that works on it (WAL, busy timeout), with a versioned schema.
 // Migrations run in order inside one transaction each; a database written by a
 // newer qbackup (higher user_version than we know) is refused rather than
-// guessed at.
+// guessed at. The database and its -wal/-shm files are owner-only (0600)
+// whatever the directory's mode or the umask: they are created so before
+// SQLite opens them (SQLite gives its -wal/-shm the database file's mode), and
+// older ones readable by others are narrowed on open.
 
+import { chmodSync, closeSync, constants, lstatSync, openSync } from 'node:fs';
 import Database from 'better-sqlite3';
 import { QbackupError, describeError } from '../errors.js';
 
@@ -204,9 +208,23 @@ const MIGRATIONS: readonly string[] = [
 
 export const SCHEMA_VERSION = MIGRATIONS.length;
 
+/** Creates `file` 0600 if missing (never through a symlink) and narrows it and its -wal/-shm to 0600. */
+function makePrivateFiles(file: string): void {
+  try {
+    closeSync(openSync(file, constants.O_RDWR | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600));
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+  }
+  for (const f of [file, `${file}-wal`, `${file}-shm`]) {
+    const st = lstatSync(f, { throwIfNoEntry: false });
+    if (st !== undefined && st.isFile() && (st.mode & 0o077) !== 0) chmodSync(f, st.mode & 0o700);
+  }
+}
+
 export function openDatabase(file: string): Db {
   let db: Db;
   try {
+    makePrivateFiles(file);
     db = new Database(file);
   } catch (err) {
     throw new QbackupError('STATE_DIR', `Cannot open the metadata database "${file}": ${describeError(err)}`, { cause: err });

@@ -33,17 +33,21 @@ export interface DiskXml {
   bus?: 'scsi' | 'virtio';
 }
 
+// Every qbackup process a test starts (CLI, daemon, servers) runs its
+// domains under TCG, whatever their type says: see TestEnv's `accel`.
+process.env['QBACKUP_ACCEL'] ??= 'tcg';
+
 export class TestEnv {
   readonly dir: string;
   readonly stateDir: string;
   readonly qb: Qbackup;
 
-  /** `accel`: the guest tests force TCG (a /dev/kvm that exists but runs no guest is seen in CI sandboxes). */
+  /** `accel`: TCG unless a test says otherwise (a /dev/kvm that exists but runs no guest is seen in CI sandboxes, and the test domains are type='kvm'). */
   /** `backends`: how the library reaches s3:// repositories (the CLI takes the same from the environment). */
   constructor(prefix = 'qbt-', options: { accel?: 'auto' | 'kvm' | 'tcg'; detachTimeoutMs?: number; backends?: BackendSettings } = {}) {
     this.dir = mkdtempSync(join(tmpdir(), prefix));
     this.stateDir = join(this.dir, 'state');
-    this.qb = Qbackup.open({ stateDir: this.stateDir, lockTimeoutMs: 5_000, detachTimeoutMs: options.detachTimeoutMs ?? 2_000, ...(options.accel !== undefined ? { accel: options.accel } : {}), ...(options.backends !== undefined ? { backends: options.backends } : {}) });
+    this.qb = Qbackup.open({ stateDir: this.stateDir, lockTimeoutMs: 5_000, detachTimeoutMs: options.detachTimeoutMs ?? 2_000, accel: options.accel ?? 'tcg', ...(options.backends !== undefined ? { backends: options.backends } : {}) });
   }
 
   path(name: string): string {

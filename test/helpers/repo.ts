@@ -92,6 +92,16 @@ export async function waitFor(check: () => boolean, timeoutMs: number): Promise<
   return check();
 }
 
+/** Polls an async `check` every 50 ms until it is true; false after `timeoutMs`. */
+export async function eventually(check: () => Promise<boolean> | boolean, timeoutMs: number): Promise<boolean> {
+  const end = Date.now() + timeoutMs;
+  while (Date.now() < end) {
+    if (await check()) return true;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return check();
+}
+
 /** Every file under `dir` (relative path → size), following no symlinks. */
 export function fileTree(dir: string): Map<string, number> {
   const out = new Map<string, number>();

@@ -13,6 +13,7 @@ import { exportUri, type JobInfo } from '../../src/backup/job.js';
 import { runTool } from '../../src/image/tools.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
 import { clustersOf, mergeAdjacent, type Extent } from '../helpers/extents.js';
+import { eventually } from '../helpers/repo.js';
 
 const MiB = 1 << 20;
 
@@ -166,7 +167,9 @@ describe('pull backups (real QEMU)', () => {
     const pid = env.qb.domains.info('vm').pid;
     assert.ok(pid !== undefined);
     process.kill(pid, 'SIGKILL');
-    await new Promise((r) => setTimeout(r, 300));
+    // Wait for the job to notice (a fixed pause is too short on a loaded machine).
+    // A command in the instant QEMU dies may say so (QEMU_DIED): poll past it.
+    await eventually(async () => (await env.qb.backups.lastResult('vm').catch(() => undefined))?.state === 'failed', 30_000);
     const last = await env.qb.backups.lastResult('vm');
     assert.equal(last?.state, 'failed');
     assert.ok(!existsSync(scratch));

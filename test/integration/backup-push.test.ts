@@ -12,6 +12,7 @@ import { isQbackupError } from '../../src/errors.js';
 import { Qbackup } from '../../src/qbackup.js';
 import { runTool } from '../../src/image/tools.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
+import { eventually } from '../helpers/repo.js';
 
 const MiB = 1 << 20;
 
@@ -198,7 +199,12 @@ describe('push backups (real QEMU)', () => {
     const pid = qb.domains.info('vm').pid;
     assert.ok(pid !== undefined);
     process.kill(pid, 'SIGKILL');
-    await new Promise((r) => setTimeout(r, 300));
+    // Wait for the job to notice (a fixed pause is too short on a loaded machine).
+    // A command in the instant QEMU dies may say so (QEMU_DIED): poll past it.
+    await eventually(async () => {
+      const r = await env.cli(['domjobinfo', 'vm', '--completed', '--json']);
+      return r.code === 0 && (JSON.parse(r.stdout) as { state?: string }).state === 'failed';
+    }, 30_000);
     const r = await env.cliOk(['domjobinfo', 'vm', '--completed', '--json']);
     const last = JSON.parse(r) as { state: string; error: string };
     assert.equal(last.state, 'failed');

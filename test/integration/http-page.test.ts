@@ -49,6 +49,9 @@ describe('the web page (real browser, real daemon, real QEMU)', { skip }, () => 
     await page.click('#save');
     const row = page.locator('tr[data-domain="vm1"]');
     await row.waitFor();
+    // The row can appear before its state cell is filled: wait for the state asserted.
+    const stateCell = `document.querySelector('tr[data-domain="vm1"] td:nth-child(2)')`;
+    await page.waitForFunction(`(${stateCell}?.textContent ?? '') === 'running'`, undefined, { timeout: 10_000 });
     assert.equal(await row.locator('td').nth(1).textContent(), 'running');
     // Every text the progress label shows, in order. (Browser code is given
     // as text: the project's TypeScript has no DOM types.)

@@ -23,7 +23,7 @@ import type { InstantRecord, InstantRestoreInfo } from '../../src/instant/restor
 import type { Manifest } from '../../src/repository/repository.js';
 import { isProcessAlive, sleep } from '../../src/util/proc.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
-import { MiB, imageDiffers, referenceCopy } from '../helpers/repo.js';
+import { MiB, imageDiffers, referenceCopy, waitFor } from '../helpers/repo.js';
 
 describe('instant restore (real QEMU)', () => {
   let env: TestEnv;
@@ -132,8 +132,8 @@ describe('instant restore (real QEMU)', () => {
     assert.ok(first.server !== null);
     await guestWrite(env.qb, 'copy2', 'sda', 'write -P 0x61 2M 64k');
     process.kill(first.server.pid, 'SIGKILL');
-    await sleep(300);
-    assert.ok(!isProcessAlive(first.server.pid));
+    const firstPid = first.server.pid;
+    assert.ok(await waitFor(() => !isProcessAlive(firstPid), 10_000), 'the server is gone');
     // Any command on the domain settles it.
     const info = await env.qb.instant.info('copy2');
     const second = env.qb.instant.loadRecord('copy2') as InstantRecord;
@@ -155,8 +155,11 @@ describe('instant restore (real QEMU)', () => {
     await guestWrite(env.qb, 'copy3', 'sdb', 'flush');
     const record = env.qb.instant.loadRecord('copy3') as InstantRecord;
     await env.qb.domains.destroy('copy3');
-    if (record.server !== null) process.kill(record.server.pid, 'SIGKILL');
-    await sleep(200);
+    if (record.server !== null) {
+      const pid = record.server.pid;
+      process.kill(pid, 'SIGKILL');
+      assert.ok(await waitFor(() => !isProcessAlive(pid), 10_000));
+    }
     await env.qb.domains.start('copy3');
     const again = env.qb.instant.loadRecord('copy3') as InstantRecord;
     assert.ok(again.server !== null && isProcessAlive(again.server.pid, again.server.pidStart));
@@ -176,8 +179,9 @@ describe('instant restore (real QEMU)', () => {
     assert.equal(r.code, 0, r.stderr);
     const record = env.qb.instant.loadRecord('copy4') as InstantRecord;
     assert.ok(record.encrypted && record.server !== null);
-    process.kill(record.server.pid, 'SIGKILL');
-    await sleep(300);
+    const serverPid = record.server.pid;
+    process.kill(serverPid, 'SIGKILL');
+    assert.ok(await waitFor(() => !isProcessAlive(serverPid), 10_000));
     const without = await env.cli(['domjobinfo', 'copy4'], { env: { QBACKUP_PASSWORD: '' } });
     assert.equal(without.code, 1);
     assert.match(without.stderr, /^error: The server of backup ".*" for domain "copy4" is not running and the repository is encrypted: run the command again with the passphrase in QBACKUP_PASSWORD/);

@@ -52,7 +52,7 @@ describe('qbackup copy between repositories (real QEMU)', () => {
 
   async function refused(args: string[], code: string, message: RegExp, extraEnv: Record<string, string> = {}): Promise<void> {
     const r = await env.cli(['--json', 'copy', ...args], { env: extraEnv });
-    assert.equal(r.code, 1, r.stdout);
+    assert.equal(r.code, 1, r.stdout + r.stderr);
     const e = cliError(r);
     assert.equal(e.code, code, e.message);
     assert.match(e.message, message);
@@ -260,15 +260,17 @@ describe('qbackup copy between repositories (real QEMU)', () => {
       assert.equal(done.requestedBy, `schedule ${id}`);
       assert.deepEqual((await env.qb.repository.list({ repo: scheduled }, 'vm')).map((m) => m.id), backups.map((m) => m.id));
 
-      // Over HTTP: the encrypted e2 of an earlier test into a new plain repository, one backup.
+      // Over HTTP: an encrypted repository (made here, not by an earlier test) into a new plain one, one backup.
+      const source = env.path('e-http');
+      await env.cli(['init', '--repo', source, '--encrypt'], { env: { QBACKUP_PASSWORD: 'two' } });
+      await copy(['vm', '--from', r1, '--to', source], { QBACKUP_PASSWORD: 'two' });
       const viaHttp = env.path('via-http');
       const last = backups.at(-1) as Manifest;
-      const wrong = await api.post('/api/repository/copy', { from: env.path('e2'), to: viaHttp }, { headers: { 'x-source-repository-password': 'nope' } });
-      assert.equal(wrong.status, 202, wrong.text);
-      const failed = await daemon.service.tasks.wait((wrong.body as { id: string }).id);
-      assert.equal(failed.state, 'failed');
-      assert.equal(failed.error?.code, 'WRONG_PASSWORD');
-      const accepted = await api.post('/api/repository/copy', { from: env.path('e2'), to: viaHttp, domain: 'vm', backups: [last.id] }, { headers: { 'x-source-repository-password': 'two' } });
+      const wrong = await api.post('/api/repository/copy', { from: source, to: viaHttp }, { headers: { 'x-source-repository-password': 'nope' } });
+      // Refused at once (and counted against guessing), not in a task.
+      assert.equal(wrong.status, 403, wrong.text);
+      assert.equal((wrong.body as { code: string }).code, 'WRONG_PASSWORD');
+      const accepted = await api.post('/api/repository/copy', { from: source, to: viaHttp, domain: 'vm', backups: [last.id] }, { headers: { 'x-source-repository-password': 'two' } });
       assert.equal(accepted.status, 202, accepted.text);
       const ok = await daemon.service.tasks.wait((accepted.body as { id: string }).id);
       assert.equal(ok.state, 'succeeded', JSON.stringify(ok.error));

@@ -2,7 +2,7 @@
 // filesystem can get wrong (symlinks out of the repository, file modes).
 
 import assert from 'node:assert/strict';
-import { mkdirSync, mkdtempSync, statSync, symlinkSync, writeFileSync, readFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, promises as fsPromises, statSync, symlinkSync, writeFileSync, readFileSync, type BigIntStats, type Stats } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
@@ -47,6 +47,27 @@ describe('local backend on a hostile or shared filesystem', () => {
       assert.equal(statSync(join(b.root, 'data')).mode & 0o777, 0o700);
     } finally {
       process.umask(old);
+    }
+  });
+});
+
+describe('local backend listings under concurrent deletes', () => {
+  it('an entry deleted between the directory read and its stat is skipped, not an error', async () => {
+    const b = fresh();
+    for (const k of ['locks/00000000000000a1', 'locks/00000000000000a2', 'data/aa/x1']) await b.putIfAbsent(k, Buffer.from('x'));
+    // Another process deletes each entry right after our readdir saw it.
+    const realLstat = fsPromises.lstat;
+    const patched = async (...args: Parameters<typeof realLstat>): Promise<Stats | BigIntStats> => {
+      const p = String(args[0]);
+      if (p.endsWith('00000000000000a1') || p.endsWith('x1')) await fsPromises.rm(p, { force: true });
+      return realLstat(...args);
+    };
+    fsPromises.lstat = patched as typeof fsPromises.lstat;
+    try {
+      assert.deepEqual((await b.list('locks/')).map((o) => o.key), ['locks/00000000000000a2']);
+      assert.deepEqual(await b.list('data/'), []);
+    } finally {
+      fsPromises.lstat = realLstat;
     }
   });
 });

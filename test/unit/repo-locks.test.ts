@@ -3,13 +3,13 @@
 // lease told so before it commits anything.
 
 import assert from 'node:assert/strict';
-import { mkdtempSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { isQbackupError } from '../../src/errors.js';
 import { LocalBackend } from '../../src/repository/backend/local.js';
-import { acquireLock, CLOCK_SKEW_MS, liveLocks, type LockInfo } from '../../src/repository/locks.js';
+import { acquireLock, CLOCK_SKEW_MS, LEASE_MS, liveLocks, type LockInfo } from '../../src/repository/locks.js';
 
 const fresh = (): LocalBackend => new LocalBackend(mkdtempSync(join(tmpdir(), 'qb-locks-')));
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -31,7 +31,8 @@ describe('a gc and the backups that begin while it runs', () => {
       return l;
     });
     const serve = acquireLock(b, 'serve', 'web', { gcPollMs: 20 });
-    await sleep(200);
+    // Wait until the backup reports that it waits (not a fixed pause: a loaded machine may be late).
+    for (let i = 0; i < 200 && waits.length === 0; i++) await sleep(50);
     assert.equal(backupTaken, false, 'the backup waits while the gc runs');
     assert.equal(waits.length, 1);
     assert.match(waits[0] ?? '', /waiting for a gc of repository/);
@@ -53,12 +54,13 @@ describe('a gc and the backups that begin while it runs', () => {
 describe('repository locks as leases', () => {
   it('renews the lease by a new object, keeping when the lock was taken', async () => {
     const b = fresh();
-    const lock = await acquireLock(b, 'backup', 'web', { leaseMs: 400 });
+    // A lease long enough that a loaded machine cannot let it run out between renewals.
+    const lock = await acquireLock(b, 'backup', 'web', { leaseMs: 2000 });
     try {
       const firstId = lock.id;
       const { takenMs, leaseMs } = lock.info;
-      // Renewed every 100 ms; a loaded machine may be late, so look for up to 2 s.
-      for (let i = 0; i < 40 && lock.id === firstId; i++) await sleep(50);
+      // Renewed every 500 ms; a loaded machine may be late, so look for up to 10 s.
+      for (let i = 0; i < 200 && lock.id === firstId; i++) await sleep(50);
       assert.notEqual(lock.id, firstId, 'renewed under a new id');
       assert.equal(lock.info.takenMs, takenMs);
       assert.ok(lock.info.leaseMs > leaseMs);
@@ -113,5 +115,23 @@ describe('repository locks as leases', () => {
     await assert.rejects(lock.assertHeld(), (err: unknown) => isQbackupError(err, 'REPO_LOCKED') && /ran out/.test((err as Error).message));
     await lock.release();
     assert.deepEqual(await b.list('locks/'), []);
+  });
+});
+
+describe('temporary lock files left by a killed writer', () => {
+  it('the next lock scan removes a locks/.tmp-* file once its writer is gone (older than a lease), and keeps a fresh one', async () => {
+    const b = fresh();
+    const stale = join(b.root, 'locks', '.tmp-00112233aabbccdd');
+    const fresh1 = join(b.root, 'locks', '.tmp-99887766aabbccdd');
+    mkdirSync(join(b.root, 'locks'), { recursive: true });
+    writeFileSync(stale, 'half a lock');
+    writeFileSync(fresh1, 'a lock being written');
+    const old = new Date(Date.now() - LEASE_MS - CLOCK_SKEW_MS - 1000);
+    utimesSync(stale, old, old);
+    await liveLocks(b);
+    assert.ok(!existsSync(stale), 'the stale temporary file is removed');
+    assert.ok(existsSync(fresh1), 'a writer that may still be alive keeps its file');
+    const lock = await acquireLock(b, 'gc', null);
+    await lock.release();
   });
 });

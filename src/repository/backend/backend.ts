@@ -36,8 +36,8 @@ export interface Backend {
   createContainer?(): Promise<void>;
   /** Releases connections; idempotent. */
   close?(): void;
-  /** Removes half-written objects of writers that died, older than `ageMs`; how many went. */
-  sweepTemporary?(ageMs: number): Promise<number>;
+  /** Removes half-written objects of writers that died, older than `ageMs` (under `prefix` when given); how many went. */
+  sweepTemporary?(ageMs: number, prefix?: string): Promise<number>;
 }
 
 export const KEY_SEGMENT = /^[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}$/;

@@ -113,7 +113,14 @@ export class LocalBackend implements Backend {
         const key = rel === '' ? e.name : `${rel}/${e.name}`;
         // Symlinks and other odd entries are never followed or listed.
         if (e.isDirectory()) await walk(key);
-        else if (e.isFile()) out.push({ key, size: (await fs.lstat(join(this.root, key))).size });
+        else if (e.isFile()) {
+          // Deleted (by a concurrent prune, gc or lock release) since the directory was read: not there.
+          const st = await fs.lstat(join(this.root, key)).catch((err: unknown) => {
+            if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+            throw this.failure(`list "${rel}"`, err);
+          });
+          if (st !== undefined) out.push({ key, size: st.size });
+        }
       }
     };
     const start = prefix.replace(/\/$/, '');
@@ -133,8 +140,9 @@ export class LocalBackend implements Backend {
     }
   }
 
-  /** Removes temporary files older than `ageMs` left by writers that died. */
-  async sweepTemporary(ageMs: number): Promise<number> {
+  /** Removes temporary files older than `ageMs` left by writers that died (under `prefix`, default everywhere). */
+  async sweepTemporary(ageMs: number, prefix = ''): Promise<number> {
+    assertPrefix(prefix);
     let removed = 0;
     const walk = async (dir: string): Promise<void> => {
       const entries = await fs.readdir(dir, { withFileTypes: true }).catch(() => []);
@@ -142,15 +150,17 @@ export class LocalBackend implements Backend {
         const p = join(dir, e.name);
         if (e.isDirectory()) await walk(p);
         else if (e.isFile() && e.name.startsWith('.tmp-')) {
-          const st = await fs.lstat(p);
-          if (Date.now() - st.mtimeMs > ageMs) {
+          const st = await fs.lstat(p).catch(() => undefined); // gone already: its writer finished
+          if (st !== undefined && Date.now() - st.mtimeMs > ageMs) {
             await fs.rm(p, { force: true });
             removed++;
           }
         }
       }
     };
-    await walk(this.root);
+    const start = prefix.replace(/\/$/, '');
+    if (start !== '') await this.checkDir(start);
+    await walk(start === '' ? this.root : join(this.root, start));
     return removed;
   }
 
