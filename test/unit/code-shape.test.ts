@@ -70,7 +70,7 @@ const LAYERS: readonly (readonly string[])[] = [
   ['repository/'],
   ['instant/', 'files/'],
   ['qbackup.ts'],
-  ['service/'],
+  ['service/', 'config/'],
   ['libvirt/'],
   ['http/', 'cli/', 'index.ts'],
 ];
