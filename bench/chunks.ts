@@ -142,7 +142,7 @@ async function measure(o: ReturnType<typeof parse>): Promise<ChunkBenchResult> {
       keep('restoreRaw', await profiled(prof, () => env.qb.repository.restore('bench', { repo, to: join(out, 'raw'), format: 'raw' })));
       keep('restoreQcow2', await profiled(prof, () => env.qb.repository.restore('bench', { repo, to: join(out, 'qcow2'), format: 'qcow2' })));
       keep('verify', await profiled(prof, () => env.qb.repository.verify({ repo }, { readData: true })));
-      keep('nbdcopyNull', await profiled(undefined, () => run('nbdcopy', ['--', '[', 'qemu-nbd', '-r', '-U', '-f', 'qcow2', source, ']', 'null:'])));
+      keep('nbdcopyNull', await profiled(undefined, () => run('nbdcopy', ['--', '[', 'qemu-nbd', '-r', '--image-opts', `driver=qcow2,file.driver=file,file.filename=${source},file.locking=off`, ']', 'null:'])));
       keep('convertQcow2', await profiled(undefined, () => run('qemu-img', ['convert', '-U', '-f', 'qcow2', '-O', 'qcow2', source, join(out, 'floor.qcow2')])));
       keep('convertRaw', await profiled(undefined, () => run('qemu-img', ['convert', '-U', '-f', 'qcow2', '-O', 'raw', source, join(out, 'floor.raw')])));
       // Correctness, untimed: both restores hold the disk's bytes.
