@@ -1,0 +1,97 @@
+// The readers' worker pool: decodes ranged reads of packs (decrypt,
+// decompress, check against ids) off the main thread, for every reader of
+// chunks (Store.readChunks, Store.checkPack). One pool per process, shared by
+// every repository open in it (the key travels with each request), started
+// with the first read big enough to be worth it; idle workers never keep the
+// process alive.
+//
+// Invariants:
+// - A request's bytes are transferred to the worker when the caller hands
+//   them over (`transfer`), else copied; the plaintexts come back in one
+//   transferred buffer.
+// - A worker that dies fails the requests it holds, and is replaced at the
+//   next request.
+
+import { availableParallelism } from 'node:os';
+import { Worker } from 'node:worker_threads';
+import { QbackupError } from '../errors.js';
+import { ChunkCompressor } from './compress.js';
+import { decodeEntries, type DecodeEntry, type DecodeReply, type DecodeRequest, type WorkerReply } from './chunk-worker.js';
+import type { MasterKey } from './crypto.js';
+
+/** Below this many bytes a request is decoded on the calling thread: a round trip to a worker costs more. */
+export const INLINE_DECODE_BYTES = 256 * 1024;
+
+interface Slot {
+  worker: Worker;
+  busy: number;
+  waiters: Map<number, (reply: WorkerReply) => void>;
+  dead: boolean;
+}
+
+class DecodePool {
+  private readonly slots: Slot[] = [];
+  private seq = 0;
+  private readonly inline = new ChunkCompressor();
+
+  constructor(private readonly size: number) {}
+
+  async decode(bytes: Buffer, entries: DecodeEntry[], key: MasterKey | undefined, options: { packId?: string | undefined; transfer?: boolean | undefined } = {}): Promise<DecodeReply> {
+    const request: DecodeRequest = { op: 'decode', seq: this.seq++, bytes, entries, dataKey: key?.dataKey, idKey: key?.idKey, packId: options.packId };
+    if (this.size === 0 || bytes.length < INLINE_DECODE_BYTES) return decodeEntries(request, this.inline);
+    const slot = this.pick();
+    const ownsAll = bytes.byteOffset === 0 && bytes.byteLength === bytes.buffer.byteLength && bytes.buffer instanceof ArrayBuffer;
+    const transfer = options.transfer === true && ownsAll ? [bytes.buffer as ArrayBuffer] : [];
+    slot.busy++;
+    try {
+      const reply = await new Promise<WorkerReply>((resolve) => {
+        slot.worker.ref();
+        slot.waiters.set(request.seq, (r) => {
+          if (slot.waiters.size === 0) slot.worker.unref();
+          resolve(r);
+        });
+        slot.worker.postMessage(request, transfer);
+      });
+      if (reply.op === 'error') throw new QbackupError('REPO_DAMAGED', `A chunk decoder failed: ${reply.message}`);
+      if (reply.op !== 'decoded') throw new Error('a decode request is answered with plaintexts');
+      return reply;
+    } finally {
+      slot.busy--;
+    }
+  }
+
+  private pick(): Slot {
+    for (let i = this.slots.length - 1; i >= 0; i--) if (this.slots[i]?.dead === true) this.slots.splice(i, 1);
+    if (this.slots.length < this.size && this.slots.every((s) => s.busy > 0)) this.slots.push(this.spawn());
+    return this.slots.reduce((a, b) => (b.busy < a.busy ? b : a));
+  }
+
+  private spawn(): Slot {
+    const worker = new Worker(new URL('./chunk-worker.js', import.meta.url), { workerData: { level: 1 } });
+    const slot: Slot = { worker, busy: 0, waiters: new Map(), dead: false };
+    worker.on('message', (reply: WorkerReply) => {
+      const w = slot.waiters.get(reply.seq);
+      slot.waiters.delete(reply.seq);
+      w?.(reply);
+    });
+    const fail = (message: string): void => {
+      slot.dead = true;
+      for (const w of slot.waiters.values()) w({ op: 'error', seq: -1, message });
+      slot.waiters.clear();
+    };
+    worker.on('error', (err) => fail(err.message));
+    worker.on('exit', (code) => fail(`the worker exited (${code})`));
+    worker.unref();
+    return slot;
+  }
+}
+
+let shared: DecodePool | undefined;
+
+/** The process's decode pool: as many workers as cores, at most 4. */
+export function decodePool(): DecodePool {
+  shared ??= new DecodePool(Math.max(1, Math.min(4, availableParallelism())));
+  return shared;
+}
+
+export type { DecodePool };
