@@ -198,7 +198,7 @@ export const repositoryCommands: readonly CliCommand[] = [
           ...(o.backup !== undefined ? { backup: o.backup } : {}),
           readData: o.readData || percent !== undefined,
           ...(percent !== undefined ? { readDataPercent: percent } : {}),
-          onProgress: (done, total) => onProgress({ phase: 'verify', doneBytes: done, totalBytes: total }),
+          onProgress,
         }),
       );
       emit(out, report, () => describeVerify(report));

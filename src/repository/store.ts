@@ -78,8 +78,8 @@ export type ChunkReadResult = { data: Buffer; stored?: Buffer } | { error: Qback
 
 export interface InitOptions {
   /** Encrypt with a key wrapped under this passphrase. */
-  password?: string;
-  chunkSize?: number;
+  password?: string | undefined;
+  chunkSize?: number | undefined;
 }
 
 export class Store {
@@ -116,7 +116,7 @@ export class Store {
   }
 
   /** Opens an existing repository; an encrypted one needs its passphrase. */
-  static async open(backend: Backend, options: { password?: string } = {}): Promise<Store> {
+  static async open(backend: Backend, options: { password?: string | undefined } = {}): Promise<Store> {
     const config = await readConfig(backend);
     if (!config.encrypted) return new Store(backend, config, undefined);
     if (options.password === undefined) {

@@ -192,7 +192,7 @@ export class QbackupService {
           ...(backup !== undefined ? { backup } : {}),
           readData: request.readData === true || readDataPercent !== undefined,
           ...(readDataPercent !== undefined ? { readDataPercent } : {}),
-          onProgress: (done, total) => ctx.progress({ phase: 'verify', doneBytes: done, totalBytes: total }),
+          onProgress: (p) => ctx.progress(p),
           signal: ctx.signal,
         });
         for (const p of report.problems) ctx.log(`DAMAGED ${p.object}: ${p.problem}; used by ${p.backups.join(', ')}`);
