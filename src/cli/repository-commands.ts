@@ -111,7 +111,6 @@ export const repositoryCommands: readonly CliCommand[] = [
     },
     run: async ({ qb, out, args: { domain }, opts: o }) => {
       const format = oneOf('--format', o.format, ['qcow2', 'raw']);
-      if (o.backup !== undefined && o.until !== undefined) throw new QbackupError('INVALID_ARGUMENT', 'Give either --backup or --until, not both');
       const until = o.until !== undefined ? pointInTime('--until', o.until) : undefined;
       if (o.instant) {
         await runInstantRestore(qb, out, domain, { ...o, until });

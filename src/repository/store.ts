@@ -71,6 +71,8 @@ export interface ReadChunksOptions {
   /** Checked before each ranged read. */
   signal?: AbortSignal | undefined;
   readsInFlight?: number | undefined;
+  /** Where each id lies (in the order of `ids`), when the caller knows better than the loaded indexes (gc's repack reads one given pack). */
+  locations?: readonly ChunkLocation[] | undefined;
 }
 
 /** One chunk read by readChunks: its plaintext (and stored form when asked), or why it could not be read. */
@@ -230,7 +232,7 @@ export class Store {
         w.at.push(i);
         continue;
       }
-      const loc = this.chunks.get(hex);
+      const loc = options.locations !== undefined ? options.locations[i] : this.chunks.get(hex);
       if (loc === undefined) out[i] = { error: new QbackupError('REPO_OBJECT_NOT_FOUND', `Repository "${this.location}" has no chunk ${hex}`, { details: { chunk: hex } }) };
       else wanted.set(hex, { id, loc, at: [i] });
     }

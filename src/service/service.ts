@@ -120,7 +120,7 @@ export class QbackupService {
     if (r.retention === undefined || Object.keys(r.retention).length === 0) return { manifest };
     let prune: PruneResult;
     try {
-      prune = await this.qb.repository.prune(r.domain, { ...access, ...r.retention });
+      prune = await this.qb.repository.prune(r.domain, { ...access, ...r.retention, signal: ctx.signal });
     } catch (err) {
       // A gc holds the repository (prune and gc exclude each other): the backup stands, the next one's prune applies the policy.
       if (!isQbackupError(err, 'REPO_LOCKED')) throw err;
@@ -171,7 +171,7 @@ export class QbackupService {
       return;
     }
     if (s.action === 'gc') {
-      this.tasks.submit({ kind: 'repository.gc', requestedBy, run: () => this.qb.repository.gc(access) });
+      this.tasks.submit({ kind: 'repository.gc', requestedBy, cancellable: true, run: (ctx) => this.qb.repository.gc(access, { onProgress: (p) => ctx.progress(p), signal: ctx.signal }) });
       return;
     }
     if (s.domain === undefined) throw new QbackupError('METADATA_INCONSISTENT', `Backup schedule "${s.id}" names no domain`);
