@@ -53,9 +53,37 @@ export interface DecodeReply {
   packError?: string | undefined;
 }
 
-export type WorkerRequest = { op: 'hash'; seq: number; chunks: Uint8Array[] } | { op: 'encode'; seq: number; wanted: boolean[] } | DecodeRequest;
+/** A pack's parts (salt, blobs, header, trailer length) to be put together and hashed. */
+export interface AssembleRequest {
+  op: 'assemble';
+  seq: number;
+  parts: Uint8Array[];
+}
 
-export type WorkerReply = { op: 'hashed'; seq: number; ids: Uint8Array[]; zero: boolean[] } | { op: 'encoded'; seq: number; blobs: Array<Uint8Array | null> } | DecodeReply | { op: 'error'; seq: number; message: string };
+export interface AssembleReply {
+  op: 'assembled';
+  seq: number;
+  pack: Uint8Array;
+  packId: string;
+}
+
+export type WorkerRequest = { op: 'hash'; seq: number; chunks: Uint8Array[] } | { op: 'encode'; seq: number; wanted: boolean[] } | DecodeRequest | AssembleRequest;
+
+export type WorkerReply = { op: 'hashed'; seq: number; ids: Uint8Array[]; zero: boolean[] } | { op: 'encoded'; seq: number; blobs: Array<Uint8Array | null> } | DecodeReply | AssembleReply | { op: 'error'; seq: number; message: string };
+
+/** A pack's bytes in one buffer of its own, and its id (the SHA-256 of every byte), hashed as the parts are copied in. */
+export function assemblePack(msg: AssembleRequest): AssembleReply {
+  const total = msg.parts.reduce((n, p) => n + p.byteLength, 0);
+  const pack = Buffer.allocUnsafeSlow(total);
+  const hash = createHash('sha256');
+  let at = 0;
+  for (const p of msg.parts) {
+    pack.set(p, at);
+    hash.update(p);
+    at += p.byteLength;
+  }
+  return { op: 'assembled', seq: msg.seq, pack, packId: hash.digest('hex') };
+}
 
 const init = (workerData ?? { level: 1 }) as WorkerInit;
 const key: MasterKey | undefined = init.dataKey !== undefined && init.idKey !== undefined ? { dataKey: Buffer.from(init.dataKey), idKey: Buffer.from(init.idKey) } : undefined;
@@ -93,6 +121,7 @@ export function decodeEntries(msg: DecodeRequest, codecCompressor: ChunkCompress
 
 function handle(msg: WorkerRequest): WorkerReply {
   if (msg.op === 'decode') return decodeEntries(msg, compressor);
+  if (msg.op === 'assemble') return assemblePack(msg);
   if (msg.op === 'hash') {
     waiting.set(msg.seq, msg.chunks);
     const zero = msg.chunks.map((c) => isZero(c));
@@ -111,6 +140,6 @@ parentPort?.on('message', (msg: WorkerRequest) => {
     reply = { op: 'error', seq: msg.seq, message: err instanceof Error ? err.message : String(err) };
   }
   const transfer =
-    reply.op === 'encoded' ? reply.blobs.filter((b): b is Uint8Array => b !== null).map((b) => b.buffer as ArrayBuffer) : reply.op === 'decoded' ? [reply.plain.buffer as ArrayBuffer] : [];
+    reply.op === 'encoded' ? reply.blobs.filter((b): b is Uint8Array => b !== null).map((b) => b.buffer as ArrayBuffer) : reply.op === 'decoded' ? [reply.plain.buffer as ArrayBuffer] : reply.op === 'assembled' ? [reply.pack.buffer as ArrayBuffer] : [];
   parentPort?.postMessage(reply, transfer);
 });

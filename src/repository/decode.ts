@@ -1,6 +1,7 @@
-// The readers' worker pool: decodes ranged reads of packs (decrypt,
-// decompress, check against ids) off the main thread, for every reader of
-// chunks (Store.readChunks, Store.checkPack). One pool per process, shared by
+// The repository's shared worker pool: decodes ranged reads of packs
+// (decrypt, decompress, check against ids) off the main thread, for every
+// reader of chunks (Store.readChunks, Store.checkPack), and puts full packs
+// together and hashes them for every writer (Store.storePack). One pool per process, shared by
 // every repository open in it (the key travels with each request), started
 // with the first read big enough to be worth it; idle workers never keep the
 // process alive.
@@ -16,7 +17,7 @@ import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { QbackupError } from '../errors.js';
 import { ChunkCompressor } from './compress.js';
-import { decodeEntries, type DecodeEntry, type DecodeReply, type DecodeRequest, type WorkerReply } from './chunk-worker.js';
+import { assemblePack, decodeEntries, type AssembleRequest, type DecodeEntry, type DecodeReply, type DecodeRequest, type WorkerReply, type WorkerRequest } from './chunk-worker.js';
 import type { MasterKey } from './crypto.js';
 
 /** Below this many bytes a request is decoded on the calling thread: a round trip to a worker costs more. */
@@ -39,9 +40,27 @@ class DecodePool {
   async decode(bytes: Buffer, entries: DecodeEntry[], key: MasterKey | undefined, options: { packId?: string | undefined; transfer?: boolean | undefined } = {}): Promise<DecodeReply> {
     const request: DecodeRequest = { op: 'decode', seq: this.seq++, bytes, entries, dataKey: key?.dataKey, idKey: key?.idKey, packId: options.packId };
     if (this.size === 0 || bytes.length < INLINE_DECODE_BYTES) return decodeEntries(request, this.inline);
+    const reply = await this.ask(request, options.transfer === true && ownsAll(bytes) ? [bytes.buffer as ArrayBuffer] : []);
+    if (reply.op !== 'decoded') throw new Error('a decode request is answered with plaintexts');
+    return reply;
+  }
+
+  /**
+   * A pack's parts in one buffer and its id, put together and hashed on a
+   * worker: the writer's thread neither copies nor hashes the pack. Parts
+   * that own their whole memory, except those in `keep`, move to the worker
+   * and are unusable after.
+   */
+  async assemble(parts: readonly Buffer[], keep: readonly Buffer[] = []): Promise<{ pack: Buffer; packId: string }> {
+    const request: AssembleRequest = { op: 'assemble', seq: this.seq++, parts: [...parts] };
+    const total = parts.reduce((n, p) => n + p.length, 0);
+    const reply = this.size === 0 || total < INLINE_DECODE_BYTES ? assemblePack(request) : await this.ask(request, [...new Set(parts.filter((p) => ownsAll(p) && !keep.includes(p)).map((p) => p.buffer as ArrayBuffer))]);
+    if (reply.op !== 'assembled') throw new Error('an assemble request is answered with a pack');
+    return { pack: Buffer.from(reply.pack.buffer, reply.pack.byteOffset, reply.pack.byteLength), packId: reply.packId };
+  }
+
+  private async ask(request: WorkerRequest, transfer: ArrayBuffer[]): Promise<WorkerReply> {
     const slot = this.pick();
-    const ownsAll = bytes.byteOffset === 0 && bytes.byteLength === bytes.buffer.byteLength && bytes.buffer instanceof ArrayBuffer;
-    const transfer = options.transfer === true && ownsAll ? [bytes.buffer as ArrayBuffer] : [];
     slot.busy++;
     try {
       const reply = await new Promise<WorkerReply>((resolve) => {
@@ -52,8 +71,7 @@ class DecodePool {
         });
         slot.worker.postMessage(request, transfer);
       });
-      if (reply.op === 'error') throw new QbackupError('REPO_DAMAGED', `A chunk decoder failed: ${reply.message}`);
-      if (reply.op !== 'decoded') throw new Error('a decode request is answered with plaintexts');
+      if (reply.op === 'error') throw new QbackupError('REPO_DAMAGED', `A chunk worker failed: ${reply.message}`);
       return reply;
     } finally {
       slot.busy--;
@@ -84,6 +102,11 @@ class DecodePool {
     worker.unref();
     return slot;
   }
+}
+
+/** True when `b` is the whole of its memory, which can then move to a worker without a copy. */
+function ownsAll(b: Buffer): boolean {
+  return b.buffer instanceof ArrayBuffer && b.byteOffset === 0 && b.byteLength === b.buffer.byteLength && b.byteLength > 0;
 }
 
 let shared: DecodePool | undefined;

@@ -311,7 +311,9 @@ export class Store {
 
   /** Stores a finished pack: the pack first, then its index, so no index names a missing pack. */
   async storePack(builder: PackBuilder): Promise<string> {
-    const { packId, pack, header } = builder.finish(this.key);
+    const { parts, header } = builder.finishParts(this.key);
+    // Put together and hashed on a worker; the blobs are not ours after this.
+    const { pack, packId } = await decodePool().assemble(parts, [header]);
     await this.backend.putIfAbsent(packKey(packId), pack);
     await this.backend.putIfAbsent(packIndexKey(packId), header);
     for (const e of builder.entries) this.chunks.set(e.id.toString('hex'), { packId, offset: e.offset, length: e.length, rawLength: e.rawLength });
