@@ -282,23 +282,20 @@ export class Store {
 
   /**
    * Reads a whole pack, checks its bytes against its id (the SHA-256 of the
-   * pack: salt, chunks and trailer) and decodes each of `ids` (chunks the
-   * pack holds by the loaded indexes) against its id, on the decode pool.
+   * pack: salt, chunks and trailer) and decodes every chunk its index lists
+   * against its id, on the decode pool. `chunkErrors` has every damaged
+   * chunk of the pack, by hex id.
    */
-  async checkPack(packId: string, ids: readonly Buffer[]): Promise<{ bytes: number; packError: string | undefined; chunkErrors: Map<string, QbackupError> }> {
+  async checkPack(packId: string): Promise<{ bytes: number; packError: string | undefined; chunkErrors: Map<string, QbackupError> }> {
+    const listed = await this.packEntries(packId);
     const bytes = await this.backend.get(packKey(packId));
-    const entries: DecodeEntry[] = [];
-    for (const id of ids) {
-      const loc = this.chunks.get(id.toString('hex'));
-      if (loc === undefined || loc.packId !== packId) continue;
-      entries.push({ id, at: loc.offset, length: loc.length, rawLength: loc.rawLength, what: `Chunk ${id.toString('hex')} in pack "${packId}"` });
-    }
+    const entries: DecodeEntry[] = listed.map((e) => ({ id: e.id, at: e.offset, length: e.length, rawLength: e.rawLength, what: `Chunk ${e.id.toString('hex')} in pack "${packId}"` }));
     const length = bytes.length;
     const reply = await decodePool().decode(bytes, entries, this.key, { packId, transfer: true });
     const chunkErrors = new Map<string, QbackupError>();
-    for (const [k, e] of entries.entries()) {
+    for (const [k, e] of listed.entries()) {
       const r = reply.results[k];
-      const hex = Buffer.from(e.id).toString('hex');
+      const hex = e.id.toString('hex');
       if (r === undefined || 'error' in r) chunkErrors.set(hex, new QbackupError('REPO_DAMAGED', r?.error ?? 'not decoded', { details: { chunk: hex } }));
     }
     return { bytes: length, packError: reply.packError !== undefined ? `Pack "${packId}" is damaged: ${reply.packError}` : undefined, chunkErrors };

@@ -2,8 +2,11 @@
 // parses, every chunk it names is listed in a pack index and its pack exists
 // (fast), and with readData every pack holding such chunks is read whole
 // (several at once), hashed whole against its id (so a flipped byte in its
-// salt or trailer is found too) and each of those chunks decoded and checked
-// against its id, on the decode pool's workers (Store.checkPack). A missing
+// salt or trailer is found too) and each of its chunks decoded and checked
+// against its id, on the decode pool's workers (Store.checkPack). A damaged
+// chunk is reported with the backups that use it (others in the same pack
+// stay certified); a pack that does not hash to its id although every chunk
+// in it is intact is reported with every backup that uses the pack. A missing
 // or damaged chunk or pack is reported once, with every backup that uses it,
 // so damage is never certified by a later backup that merely references it.
 
@@ -123,9 +126,14 @@ async function readChunks(store: Store, users: ReadonlyMap<string, Set<string>>,
   await runPool(byPack.entries(), PACKS_IN_FLIGHT, async ([packId, p]) => {
     throwIfCancelled(options.signal, 'Verify');
     try {
-      const checked = await store.checkPack(packId, p.ids);
-      if (checked.packError !== undefined) damaged(`pack ${packId}`, checked.packError, p.ids);
-      for (const [hex, err] of checked.chunkErrors) damaged(`chunk ${hex}`, describeError(err), [Buffer.from(hex, 'hex')]);
+      const checked = await store.checkPack(packId);
+      // A damaged chunk explains a pack that does not hash to its id; with
+      // every chunk intact the damage is in the salt or the trailer.
+      if (checked.packError !== undefined && checked.chunkErrors.size === 0) damaged(`pack ${packId}`, checked.packError, p.ids);
+      for (const id of p.ids) {
+        const err = checked.chunkErrors.get(id.toString('hex'));
+        if (err !== undefined) damaged(`chunk ${id.toString('hex')}`, describeError(err), [id]);
+      }
     } catch (err) {
       damaged(`pack ${packId}`, `cannot be read: ${describeError(err)}`, p.ids);
     }
