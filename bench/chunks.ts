@@ -168,7 +168,7 @@ function median(xs: readonly number[]): number {
 export function formatChunksReport(runs: readonly ChunkBenchResult[]): string {
   const lines: string[] = [];
   const first = runs[0];
-  lines.push('## The chunk path: full backup, restore and verify against the floors');
+  lines.push('## 11. The chunk path: full backup, restore and verify against the floors');
   lines.push('');
   lines.push(
     `\`npm run bench:chunks\` (bench/chunks.ts), in-process, ${first !== undefined ? `${first.sizeBytes / GiB} GiB disk with ${(first.dataBytes / MiB).toFixed(0)} MiB of random data` : ''}, ` +

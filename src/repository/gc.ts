@@ -122,12 +122,9 @@ export async function collectGarbage(store: Store, options: OperationOptions = {
   // Repacking drops dead chunks at once, so it waits while a reader holds a lock (what it reads may be dead by now).
   for (const p of packs.filter((x) => toRepack(x))) {
     cancelled();
-    const freed = await repack(store, p, liveChunks);
-    if (freed === undefined) options.logger?.log({ level: 'warn', msg: 'pack not repacked: a live chunk in it is damaged (verify --read-data names it)', fields: { pack: p.packId } });
-    else {
-      report.bytesFreed += freed;
-      report.packsRepacked++;
-    }
+    const freed = await repack(store, p, liveChunks, options);
+    report.bytesFreed += freed ?? 0;
+    report.packsRepacked += freed !== undefined ? 1 : 0;
     progress(p.size);
   }
   await dropStaleMarks(backend, marks, store, liveIndexes, packs);
@@ -204,7 +201,7 @@ async function condemn(backend: Backend, marks: Map<string, number>, kind: 'pack
  * bytes freed, or undefined (the pack left as it is) when a live chunk in it
  * does not read back intact: damage is never copied into a new pack.
  */
-async function repack(store: Store, pack: PackUsage, liveChunks: ReadonlySet<string>): Promise<number | undefined> {
+async function repack(store: Store, pack: PackUsage, liveChunks: ReadonlySet<string>, options: OperationOptions): Promise<number | undefined> {
   const builder = new PackBuilder();
   const live = pack.entries.filter((e) => liveChunks.has(e.id.toString('hex')));
   // Through the one read path: each chunk checked against its id; the stored form moves as it is (still compressed and sealed).
@@ -214,7 +211,10 @@ async function repack(store: Store, pack: PackUsage, liveChunks: ReadonlySet<str
   );
   for (const [i, e] of live.entries()) {
     const r = read[i];
-    if (r === undefined || 'error' in r || r.stored === undefined) return undefined;
+    if (r === undefined || 'error' in r || r.stored === undefined) {
+      options.logger?.log({ level: 'warn', msg: 'pack not repacked: a live chunk in it is damaged (verify --read-data names it)', fields: { pack: pack.packId } });
+      return undefined;
+    }
     builder.add(e.id, r.stored, e.rawLength);
     if (builder.bytes >= PACK_TARGET_BYTES) throw new QbackupError('REPO_DAMAGED', `Pack "${pack.packId}" holds more than a pack can`);
   }

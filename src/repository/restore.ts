@@ -96,24 +96,32 @@ async function copyTable(store: Store, table: FullIndex, sink: Sink, writeZeroes
     // round trip to qemu-nbd (or the thread pool) per write.
     const writes: Array<Promise<void>> = [];
     let pending: { offset: number; data: Buffer } | undefined;
+    let zeroes: { offset: number; length: number } | undefined;
     const push = (): void => {
       if (pending !== undefined) writes.push(sink.write(pending.offset, pending.data));
       pending = undefined;
+      if (zeroes !== undefined) writes.push(sink.zero(zeroes.offset, zeroes.length));
+      zeroes = undefined;
     };
     for (let i = 0; i < count; i++) {
       const offset = (first + i) * chunkSize;
       const length = Math.min(chunkSize, total - offset);
+      done += length;
       const data = datas[i]?.subarray(0, length);
       if (data === undefined) {
-        push();
-        if (writeZeroes) writes.push(sink.zero(offset, length));
+        if (!writeZeroes) continue;
+        // Adjacent zero slots go out as one write-zeroes request.
+        if (zeroes !== undefined && zeroes.offset + zeroes.length === offset && zeroes.length < MAX_WRITE_BYTES) zeroes.length += length;
+        else {
+          push();
+          zeroes = { offset, length };
+        }
       } else if (pending !== undefined && pending.offset + pending.data.length === offset && pending.data.buffer === data.buffer && pending.data.byteOffset + pending.data.length === data.byteOffset && pending.data.length < MAX_WRITE_BYTES) {
         pending.data = Buffer.from(data.buffer, pending.data.byteOffset, pending.data.length + data.length);
       } else {
         push();
         pending = { offset, data };
       }
-      done += length;
     }
     push();
     // Every write settles before the run ends (and before the sink can be closed); the first failure is thrown.

@@ -236,17 +236,8 @@ export class Store {
       if (loc === undefined) out[i] = { error: new QbackupError('REPO_OBJECT_NOT_FOUND', `Repository "${this.location}" has no chunk ${hex}`, { details: { chunk: hex } }) };
       else wanted.set(hex, { id, loc, at: [i] });
     }
-    const sorted = [...wanted.values()].sort((a, b) => a.loc.packId.localeCompare(b.loc.packId) || a.loc.offset - b.loc.offset);
-    const runs: Array<typeof sorted> = [];
-    for (const x of sorted) {
-      const run = runs.at(-1);
-      const first = run?.[0];
-      const last = run?.at(-1);
-      const fits = first !== undefined && last !== undefined && last.loc.packId === x.loc.packId && x.loc.offset - (last.loc.offset + last.loc.length) <= READ_GAP_BYTES && x.loc.offset + x.loc.length - first.loc.offset <= READ_RUN_BYTES;
-      if (fits && x.loc.offset >= last.loc.offset + last.loc.length) run?.push(x);
-      else runs.push([x]);
-    }
-    const settle = (x: (typeof sorted)[number], r: ChunkReadResult): void => {
+    const runs = readRuns([...wanted.values()]);
+    const settle = (x: { at: number[] }, r: ChunkReadResult): void => {
       for (const i of x.at) out[i] = r;
     };
     await runPool(runs.values(), options.readsInFlight ?? READS_IN_FLIGHT, async (run) => {
@@ -284,11 +275,13 @@ export class Store {
    * Reads a whole pack, checks its bytes against its id (the SHA-256 of the
    * pack: salt, chunks and trailer) and decodes every chunk its index lists
    * against its id, on the decode pool. `chunkErrors` has every damaged
-   * chunk of the pack, by hex id.
+   * chunk of the pack, by hex id. `sizeBytes`, when known, is the pack's
+   * size as listed: the pack is then read in one request.
    */
-  async checkPack(packId: string): Promise<{ bytes: number; packError: string | undefined; chunkErrors: Map<string, QbackupError> }> {
+  async checkPack(packId: string, sizeBytes?: number): Promise<{ bytes: number; packError: string | undefined; chunkErrors: Map<string, QbackupError> }> {
     const listed = await this.packEntries(packId);
-    const bytes = await this.backend.get(packKey(packId));
+    // With its size known (from a listing), the pack comes in one read request.
+    const bytes = await this.backend.get(packKey(packId), sizeBytes !== undefined && sizeBytes > 0 ? { offset: 0, length: sizeBytes } : undefined);
     const entries: DecodeEntry[] = listed.map((e) => ({ id: e.id, at: e.offset, length: e.length, rawLength: e.rawLength, what: `Chunk ${e.id.toString('hex')} in pack "${packId}"` }));
     const length = bytes.length;
     const reply = await decodePool().decode(bytes, entries, this.key, { packId, transfer: true });
@@ -511,6 +504,22 @@ export class ChunkWriter {
       this.uploadingIds = new Set();
     }
   }
+}
+
+/** Chunks sorted by pack and offset, grouped into runs that one ranged read fetches (close together in one pack, at most READ_RUN_BYTES). */
+function readRuns<T extends { loc: ChunkLocation }>(chunks: T[]): T[][] {
+  chunks.sort((a, b) => a.loc.packId.localeCompare(b.loc.packId) || a.loc.offset - b.loc.offset);
+  const runs: T[][] = [];
+  for (const x of chunks) {
+    const run = runs.at(-1);
+    const first = run?.[0];
+    const last = run?.at(-1);
+    const end = last !== undefined ? last.loc.offset + last.loc.length : 0;
+    const fits = first !== undefined && last !== undefined && last.loc.packId === x.loc.packId && x.loc.offset >= end && x.loc.offset - end <= READ_GAP_BYTES && x.loc.offset + x.loc.length - first.loc.offset <= READ_RUN_BYTES;
+    if (fits) run?.push(x);
+    else runs.push([x]);
+  }
+  return runs;
 }
 
 async function readConfig(backend: Backend): Promise<RepoConfig> {

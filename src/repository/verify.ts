@@ -126,7 +126,7 @@ async function readChunks(store: Store, users: ReadonlyMap<string, Set<string>>,
   await runPool(byPack.entries(), PACKS_IN_FLIGHT, async ([packId, p]) => {
     throwIfCancelled(options.signal, 'Verify');
     try {
-      const checked = await store.checkPack(packId);
+      const checked = await store.checkPack(packId, p.bytes);
       // A damaged chunk explains a pack that does not hash to its id; with
       // every chunk intact the damage is in the salt or the trailer.
       if (checked.packError !== undefined && checked.chunkErrors.size === 0) damaged(`pack ${packId}`, checked.packError, p.ids);
