@@ -160,6 +160,26 @@ async function measure(o: ReturnType<typeof parse>): Promise<ChunkBenchResult> {
   return result;
 }
 
+/** Runs with the same label (interleaved with others) as one: their samples together, the first profile, the loads of each. */
+function mergeByLabel(runs: readonly ChunkBenchResult[]): ChunkBenchResult[] {
+  const out: ChunkBenchResult[] = [];
+  for (const r of runs) {
+    const m = out.find((x) => x.label === r.label);
+    if (m === undefined) {
+      out.push({ ...r, ms: Object.fromEntries(STEPS.map((s) => [s, [...r.ms[s]]])) as unknown as Record<Step, number[]>, profiles: { ...r.profiles } });
+      continue;
+    }
+    for (const s of STEPS) m.ms[s].push(...r.ms[s]);
+    for (const s of STEPS) {
+      const hot = r.profiles[s];
+      if (m.profiles[s] === undefined && hot !== undefined) m.profiles[s] = hot;
+    }
+    m.reps += r.reps;
+    m.loadStart = `${m.loadStart}; ${r.loadStart}`;
+  }
+  return out;
+}
+
 function median(xs: readonly number[]): number {
   return summarize(xs).median;
 }
@@ -177,7 +197,7 @@ export function formatChunksReport(runs: readonly ChunkBenchResult[]): string {
       '`qemu-img convert` of the image to qcow2 / raw for the restores. Every restore was compared byte for byte with the disk.',
   );
   lines.push('');
-  lines.push(`| step | ${runs.map((r) => `${r.label} (load ${r.loadStart})`).join(' | ')} |`);
+  lines.push(`| step | ${runs.map((r) => `${r.label} (${r.reps} runs)`).join(' | ')} |`);
   lines.push(`|---|${runs.map(() => '---|').join('')}`);
   const row = (name: string, step: Step, floor: Step | undefined): void => {
     lines.push(`| ${name} | ${runs.map((r) => `${fmtMs(median(r.ms[step]))}${floor !== undefined ? ` (${(median(r.ms[step]) / median(r.ms[floor])).toFixed(1)}× floor)` : ''}`).join(' | ')} |`);
@@ -189,6 +209,8 @@ export function formatChunksReport(runs: readonly ChunkBenchResult[]): string {
   row('floor: nbdcopy → null', 'nbdcopyNull', undefined);
   row('floor: qemu-img convert → qcow2', 'convertQcow2', undefined);
   row('floor: qemu-img convert → raw', 'convertRaw', undefined);
+  lines.push('');
+  for (const r of runs) lines.push(`Load averages (1, 5, 15 min) at the start of each "${r.label}" run: ${r.loadStart}.`);
   for (const r of runs) {
     const steps = (['full', 'restoreRaw', 'restoreQcow2', 'verify'] as const).filter((s) => r.profiles[s] !== undefined);
     if (steps.length === 0) continue;
@@ -205,7 +227,7 @@ export function formatChunksReport(runs: readonly ChunkBenchResult[]): string {
 async function main(): Promise<void> {
   const o = parse();
   if (o.report !== undefined) {
-    const runs = o.report.map((f) => JSON.parse(readFileSync(resolve(f), 'utf8')) as ChunkBenchResult);
+    const runs = mergeByLabel(o.report.map((f) => JSON.parse(readFileSync(resolve(f), 'utf8')) as ChunkBenchResult));
     const text = formatChunksReport(runs);
     writeFileSync(o.doc, withSection(readFileSync(o.doc, 'utf8'), 'chunks', text));
     process.stdout.write(`${text}\n\nwrote ${o.doc}\n`);
