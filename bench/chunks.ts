@@ -12,7 +12,8 @@
 // inspector) and the top self-time functions are kept in the JSON.
 //
 // Options: --size-gib N (default 1), --reps N (default 2), --label NAME,
-// --json FILE, --prof, --report FILE,FILE… [--doc FILE].
+// --json FILE, --prof, --report FILE,FILE… [--notes FILE.md] [--doc FILE]
+// (the notes, measured by hand, follow the generated table).
 
 import { execFileSync } from 'node:child_process';
 import { readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
@@ -47,7 +48,7 @@ interface ChunkBenchResult {
   profiles: Partial<Record<Step, HotFunction[]>>;
 }
 
-function parse(): { sizeBytes: number; reps: number; label: string; json: string | undefined; prof: boolean; report: string[] | undefined; doc: string } {
+function parse(): { sizeBytes: number; reps: number; label: string; json: string | undefined; prof: boolean; report: string[] | undefined; notes: string | undefined; doc: string } {
   const { values } = parseArgs({
     options: {
       'size-gib': { type: 'string' },
@@ -56,6 +57,7 @@ function parse(): { sizeBytes: number; reps: number; label: string; json: string
       json: { type: 'string' },
       prof: { type: 'boolean', default: false },
       report: { type: 'string' },
+      notes: { type: 'string' },
       doc: { type: 'string' },
     },
     strict: true,
@@ -68,6 +70,7 @@ function parse(): { sizeBytes: number; reps: number; label: string; json: string
     json: values.json,
     prof: values.prof === true,
     report: values.report?.split(','),
+    notes: values.notes,
     doc: resolve(values.doc ?? resolve(here, '..', '..', 'docs', 'benchmarks.md')),
   };
 }
@@ -228,7 +231,8 @@ async function main(): Promise<void> {
   const o = parse();
   if (o.report !== undefined) {
     const runs = mergeByLabel(o.report.map((f) => JSON.parse(readFileSync(resolve(f), 'utf8')) as ChunkBenchResult));
-    const text = formatChunksReport(runs);
+    const notes = o.notes !== undefined ? `\n\n${readFileSync(resolve(o.notes), 'utf8').trim()}` : '';
+    const text = `${formatChunksReport(runs)}${notes}`;
     writeFileSync(o.doc, withSection(readFileSync(o.doc, 'utf8'), 'chunks', text));
     process.stdout.write(`${text}\n\nwrote ${o.doc}\n`);
     return;

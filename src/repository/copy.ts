@@ -34,7 +34,7 @@
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import { assert } from '../util/assert.js';
 import { ZERO_ID } from './chunk.js';
-import { throwIfCancelled } from '../util/operation.js';
+import { throwIfCancelled, type Logger } from '../util/operation.js';
 import { type DiskIndex } from './disk-index.js';
 import { condemnedPacks } from './gc.js';
 import { acquireLock, type HeldLock } from './locks.js';
@@ -62,8 +62,11 @@ export interface CopyOptions extends CopySelection {
   dryRun?: boolean;
   /** Worker threads that hash and compress when ids change (default 2). */
   workers?: number;
-  onProgress?: (p: Progress) => void;
-  signal?: AbortSignal;
+  onProgress?: ((p: Progress) => void) | undefined;
+  /** Checked between groups of chunks read: a cancelled copy leaves at most unreferenced packs and indexes in the target. */
+  signal?: AbortSignal | undefined;
+  /** One event per backup copied. */
+  logger?: Logger | undefined;
 }
 
 export interface CopyReport {
@@ -283,6 +286,7 @@ class Copier {
     for (const l of this.locks) if (l.info.kind === 'backup' && l.info.domain === m.domain) await l.assertHeld();
     await this.target.putManifest({ ...m, disks: out });
     this.report.copied.push({ domain: m.domain, id: m.id });
+    this.options.logger?.log({ level: 'info', msg: 'backup copied', fields: { domain: m.domain, backup: m.id } });
   }
 
   /** Writes the links the target lacks; returns the target's id of the last. */

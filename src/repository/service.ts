@@ -109,6 +109,9 @@ export class RepositoryService {
     for (const t of options.disks ?? []) {
       if (!m.disks.some((d) => d.target === t)) throw new QbackupError('DISK_NOT_FOUND', `Backup "${m.id}" of domain "${domain}" has no disk "${t}"`);
     }
+    if (options.intoDomain !== undefined && options.to !== undefined) {
+      throw new QbackupError('INVALID_ARGUMENT', `Cannot restore backup "${m.id}": give either a directory (to) or a domain (intoDomain), not both`);
+    }
     await store.loadChunks();
     if (options.intoDomain !== undefined) return { backup: m.id, disks: await this.restoreIntoDomain(store, m, disks, options.intoDomain, options) };
     if (options.to === undefined) throw new QbackupError('INVALID_ARGUMENT', `Cannot restore backup "${m.id}": give a directory (--to) or a domain (--into-domain)`);
