@@ -45,6 +45,8 @@ interface ChunkBenchResult {
   loadStart: string;
   loadEnd: string;
   ms: Record<Step, number[]>;
+  /** CPU (user + system, every thread of this process) of each in-process step, ms. */
+  cpuMs?: Partial<Record<Step, number[]>>;
   profiles: Partial<Record<Step, HotFunction[]>>;
 }
 
@@ -76,7 +78,7 @@ function parse(): { sizeBytes: number; reps: number; label: string; json: string
 }
 
 /** Runs `fn`, profiling the main thread when `session` is given; returns the top self-time functions. */
-async function profiled(session: Session | undefined, fn: () => Promise<unknown>): Promise<{ ms: number; hot: HotFunction[] | undefined }> {
+async function profiled(session: Session | undefined, fn: () => Promise<unknown>): Promise<{ ms: number; cpuMs: number; hot: HotFunction[] | undefined }> {
   const post = <T>(method: string, params?: object): Promise<T> =>
     new Promise((res, rej) => session?.post(method, params ?? {}, (err, r) => (err !== null ? rej(err) : res(r as T))));
   if (session !== undefined) {
@@ -85,11 +87,14 @@ async function profiled(session: Session | undefined, fn: () => Promise<unknown>
     await post('Profiler.start');
   }
   const t0 = now();
+  const c0 = process.cpuUsage();
   await fn();
   const ms = now() - t0;
-  if (session === undefined) return { ms, hot: undefined };
+  const c = process.cpuUsage(c0);
+  const cpuMs = (c.user + c.system) / 1000;
+  if (session === undefined) return { ms, cpuMs, hot: undefined };
   const { profile } = await post<{ profile: Profiler.Profile }>('Profiler.stop');
-  return { ms, hot: hotFunctions(profile) };
+  return { ms, cpuMs, hot: hotFunctions(profile) };
 }
 
 /** Self time per function (summed over its nodes), the top 8. */
@@ -122,7 +127,7 @@ async function measure(o: ReturnType<typeof parse>): Promise<ChunkBenchResult> {
   session?.connect();
   const result: ChunkBenchResult = {
     label: o.label, startedAt: new Date().toISOString(), sizeBytes: o.sizeBytes, dataBytes: 0, reps: o.reps, loadStart: loadAverage(), loadEnd: '',
-    ms: Object.fromEntries(STEPS.map((s) => [s, []])) as unknown as Record<Step, number[]>, profiles: {},
+    ms: Object.fromEntries(STEPS.map((s) => [s, []])) as unknown as Record<Step, number[]>, cpuMs: {}, profiles: {},
   };
   try {
     const layout = halfDataLayout(o.sizeBytes, 7);
@@ -135,8 +140,10 @@ async function measure(o: ReturnType<typeof parse>): Promise<ChunkBenchResult> {
     const out = env.subdir('out');
     for (let rep = 0; rep < o.reps; rep++) {
       const prof = rep === 0 ? session : undefined;
-      const keep = (step: Step, r: { ms: number; hot: HotFunction[] | undefined }): void => {
+      const keep = (step: Step, r: { ms: number; cpuMs: number; hot: HotFunction[] | undefined }): void => {
         result.ms[step].push(r.ms);
+        const cpu = (result.cpuMs ??= {});
+        (cpu[step] ??= []).push(r.cpuMs);
         if (r.hot !== undefined) result.profiles[step] = r.hot;
       };
       rmSync(repo, { recursive: true, force: true });
@@ -151,7 +158,7 @@ async function measure(o: ReturnType<typeof parse>): Promise<ChunkBenchResult> {
       // Correctness, untimed: both restores hold the disk's bytes.
       execFileSync('cmp', [join(out, 'raw', 'sda.raw'), join(out, 'floor.raw')]);
       execFileSync('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'raw', join(out, 'qcow2', 'sda.qcow2'), join(out, 'floor.raw')]);
-      log(`  rep ${rep + 1}: ${STEPS.map((s) => `${s} ${fmtMs(result.ms[s].at(-1) ?? NaN)}`).join(', ')}; restored bytes equal the disk's (raw ${statSync(join(out, 'raw', 'sda.raw')).size} B)`);
+      log(`  rep ${rep + 1}: ${STEPS.map((s) => `${s} ${fmtMs(result.ms[s].at(-1) ?? NaN)} (cpu ${fmtMs(result.cpuMs?.[s]?.at(-1) ?? NaN)})`).join(', ')}; restored bytes equal the disk's (raw ${statSync(join(out, 'raw', 'sda.raw')).size} B)`);
       rmSync(out, { recursive: true, force: true });
       env.subdir('out');
     }
@@ -169,10 +176,13 @@ function mergeByLabel(runs: readonly ChunkBenchResult[]): ChunkBenchResult[] {
   for (const r of runs) {
     const m = out.find((x) => x.label === r.label);
     if (m === undefined) {
-      out.push({ ...r, ms: Object.fromEntries(STEPS.map((s) => [s, [...r.ms[s]]])) as unknown as Record<Step, number[]>, profiles: { ...r.profiles } });
+      const cpuMs: Partial<Record<Step, number[]>> = {};
+      for (const s of STEPS) if (r.cpuMs?.[s] !== undefined) cpuMs[s] = [...(r.cpuMs[s] ?? [])];
+      out.push({ ...r, ms: Object.fromEntries(STEPS.map((s) => [s, [...r.ms[s]]])) as unknown as Record<Step, number[]>, cpuMs, profiles: { ...r.profiles } });
       continue;
     }
     for (const s of STEPS) m.ms[s].push(...r.ms[s]);
+    for (const s of STEPS) if (r.cpuMs?.[s] !== undefined) ((m.cpuMs ??= {})[s] ??= []).push(...(r.cpuMs[s] ?? []));
     for (const s of STEPS) {
       const hot = r.profiles[s];
       if (m.profiles[s] === undefined && hot !== undefined) m.profiles[s] = hot;
@@ -209,6 +219,13 @@ export function formatChunksReport(runs: readonly ChunkBenchResult[]): string {
   row('restore raw', 'restoreRaw', 'convertRaw');
   row('restore qcow2', 'restoreQcow2', 'convertQcow2');
   row('verify --read-data', 'verify', undefined);
+  const cpuRow = (name: string, step: Step): void => {
+    lines.push(`| ${name} | ${runs.map((r) => (r.cpuMs?.[step] !== undefined ? fmtMs(median(r.cpuMs[step] ?? [])) : '–')).join(' | ')} |`);
+  };
+  cpuRow('CPU of qbackup, full backup', 'full');
+  cpuRow('CPU of qbackup, restore raw', 'restoreRaw');
+  cpuRow('CPU of qbackup, restore qcow2', 'restoreQcow2');
+  cpuRow('CPU of qbackup, verify --read-data', 'verify');
   row('floor: nbdcopy → null', 'nbdcopyNull', undefined);
   row('floor: qemu-img convert → qcow2', 'convertQcow2', undefined);
   row('floor: qemu-img convert → raw', 'convertRaw', undefined);
