@@ -135,7 +135,6 @@ export const repositoryCommands: readonly CliCommand[] = [
     },
     run: async ({ qb, out, cli, args: { domain }, opts: o }) => {
       const format = oneOf('--format', o.format, ['qcow2', 'raw']);
-      if (o.backup !== undefined && o.until !== undefined) throw new QbackupError('INVALID_ARGUMENT', 'Give either --backup or --until, not both');
       const until = o.until !== undefined ? pointInTime('--until', o.until) : undefined;
       if (o.instant) {
         await runInstantRestore(qb, out, repoAccess(cli, o), domain, { ...o, bandwidth: o.bandwidth ?? configuredBandwidth(cli.config.defaults.bandwidth), until });
@@ -238,7 +237,7 @@ export const repositoryCommands: readonly CliCommand[] = [
           ...(o.backup !== undefined ? { backup: o.backup } : {}),
           readData: o.readData || percent !== undefined,
           ...(percent !== undefined ? { readDataPercent: percent } : {}),
-          onProgress: (done, total) => onProgress({ phase: 'verify', doneBytes: done, totalBytes: total }),
+          onProgress,
         }),
       );
       emit(out, report, () => describeVerify(report));

@@ -7,7 +7,7 @@
 import { isAbsolute } from 'node:path';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { QbackupError } from '../errors.js';
-import type { RepoAccess, RetentionPolicy } from '../repository/repository.js';
+import { checkBackupChoice, type RepoAccess, type RetentionPolicy } from '../repository/repository.js';
 import type { QbackupService } from '../service/daemon-service.js';
 import { domainParams } from './routes-domains.js';
 import type { PassphraseGuard } from './passphrase-guard.js';
@@ -136,11 +136,12 @@ function longRepositoryRoutes(app: FastifyInstance, service: QbackupService): vo
     method: 'POST', url: '/api/repository/restore', tag, status: 202, summary: 'Restore a backup to new images (to) or into the disks of a shut-off domain (intoDomain); returns a task',
     body: object({ domain: str({ maxLength: 256 }), repo, backup: str({ maxLength: 256 }), until: str({ maxLength: 64 }), disks: strings, to: str(), intoDomain: str({ maxLength: 256 }), format }, ['domain', 'repo']),
     handler: ({ body: b, request, who }) => {
-      if (b.backup !== undefined && b.until !== undefined) throw new QbackupError('INVALID_ARGUMENT', 'Give either backup or until, not both');
       if ((b.to === undefined) === (b.intoDomain === undefined)) throw new QbackupError('INVALID_ARGUMENT', 'Give either to or intoDomain');
       const until = b.until !== undefined ? pointInTime(b.until) : undefined;
+      // The library's rule, checked before the task is queued so the request itself is refused.
+      checkBackupChoice(b.domain, { backup: b.backup, until });
       const options = { ...access(request, b.repo), ...(b.backup !== undefined ? { backup: b.backup } : {}), ...(until !== undefined ? { until } : {}), ...(b.disks !== undefined ? { disks: b.disks } : {}), ...(b.to !== undefined ? { to: b.to } : {}), ...(b.intoDomain !== undefined ? { intoDomain: b.intoDomain } : {}), format: b.format ?? 'qcow2' };
-      return tasks.submit({ kind: 'repository.restore', domain: b.intoDomain ?? b.domain, requestedBy: who, run: (ctx) => qb.repository.restore(b.domain, { ...options, onProgress: (p) => ctx.progress(p) }) });
+      return tasks.submit({ kind: 'repository.restore', domain: b.intoDomain ?? b.domain, requestedBy: who, cancellable: true, run: (ctx) => qb.repository.restore(b.domain, { ...options, onProgress: (p) => ctx.progress(p), signal: ctx.signal }) });
     },
   });
   addRoute<unknown, unknown, ExportBody>(app, service, {
@@ -148,7 +149,7 @@ function longRepositoryRoutes(app: FastifyInstance, service: QbackupService): vo
     body: object({ domain: str({ maxLength: 256 }), repo, disk: str({ maxLength: 64 }), file: str(), backup: str({ maxLength: 256 }), format }, ['domain', 'repo', 'disk', 'file']),
     handler: ({ body: b, request, who }) => {
       const options = { ...access(request, b.repo), disk: b.disk, file: b.file, format: b.format ?? 'qcow2', ...(b.backup !== undefined ? { backup: b.backup } : {}) };
-      return tasks.submit({ kind: 'repository.export', requestedBy: who, run: (ctx) => qb.repository.exportDisk(b.domain, { ...options, onProgress: (p) => ctx.progress(p) }) });
+      return tasks.submit({ kind: 'repository.export', requestedBy: who, cancellable: true, run: (ctx) => qb.repository.exportDisk(b.domain, { ...options, onProgress: (p) => ctx.progress(p), signal: ctx.signal }) });
     },
   });
   addRoute<unknown, unknown, VerifyBody>(app, service, {
@@ -164,7 +165,7 @@ function longRepositoryRoutes(app: FastifyInstance, service: QbackupService): vo
     body: object({ domain: str({ maxLength: 256 }), repo, keepLast: int(1), keepHourly: int(1), keepDaily: int(1), keepWeekly: int(1), keepMonthly: int(1), keepYearly: int(1), dryRun: bool }, ['domain', 'repo']),
     handler: ({ body: { domain, repo: r, ...policy }, request, who }) => {
       const repoAccess = access(request, r);
-      return tasks.submit({ kind: 'repository.prune', domain, requestedBy: who, run: () => qb.repository.prune(domain, { ...repoAccess, ...policy }) });
+      return tasks.submit({ kind: 'repository.prune', domain, requestedBy: who, cancellable: true, run: (ctx) => qb.repository.prune(domain, { ...repoAccess, ...policy, onProgress: (p) => ctx.progress(p), signal: ctx.signal }) });
     },
   });
   copyRoute(app, service);
@@ -173,7 +174,7 @@ function longRepositoryRoutes(app: FastifyInstance, service: QbackupService): vo
     body: object({ repo }, ['repo']),
     handler: ({ body, request, who }) => {
       const repoAccess = access(request, body.repo);
-      return tasks.submit({ kind: 'repository.gc', requestedBy: who, run: () => qb.repository.gc(repoAccess) });
+      return tasks.submit({ kind: 'repository.gc', requestedBy: who, cancellable: true, run: (ctx) => qb.repository.gc(repoAccess, { onProgress: (p) => ctx.progress(p), signal: ctx.signal }) });
     },
   });
 }
@@ -189,7 +190,6 @@ function instantRestoreRoutes(app: FastifyInstance, service: QbackupService): vo
     summary: 'Run a domain (or a new one, as) from a backup at once while QEMU copies its data into local overlays (to); answers when the domain runs',
     body: object({ domain: str({ maxLength: 256 }), repo, backup: str({ maxLength: 256 }), until: str({ maxLength: 64 }), as: str({ maxLength: 256 }), to: str(), speedBytesPerSec: int(1) }, ['domain', 'repo']),
     handler: ({ body: b, request }) => {
-      if (b.backup !== undefined && b.until !== undefined) throw new QbackupError('INVALID_ARGUMENT', 'Give either backup or until, not both');
       return qb.instant.restore(b.domain, {
         ...access(request, b.repo),
         ...(b.backup !== undefined ? { backup: b.backup } : {}),

@@ -1,10 +1,18 @@
-// The worker-thread side of the chunk pool (pool.ts): hashes a batch of
-// chunks and, for those the main thread asks for, compresses and encrypts
-// them. Runs in a worker so that both cores hash and compress while the main
-// thread reads from the VM and writes packs.
+// The worker-thread side of the chunk pools (pool.ts for writing, decode.ts
+// for reading). Writing: hashes a batch of chunks and, for those the main
+// thread asks for, compresses and encrypts them. Reading: decodes (decrypts,
+// decompresses) a ranged read of a pack, checks every chunk against its id
+// and, when asked, the whole pack against its id. Runs in a worker so that
+// both cores hash, compress and decode while the main thread does the I/O.
+//
+// Invariants:
+// - A decode reply carries every chunk's plaintext in one transferred buffer
+//   (in the request's order), or that chunk's error; one damaged chunk never
+//   hides the others.
 
+import { createHash } from 'node:crypto';
 import { parentPort, workerData } from 'node:worker_threads';
-import { encodeChunk, isZero } from './chunk.js';
+import { decodeChunk, encodeChunk, isZero } from './chunk.js';
 import { ChunkCompressor } from './compress.js';
 import { chunkId, type MasterKey } from './crypto.js';
 
@@ -14,17 +22,106 @@ export interface WorkerInit {
   level: number;
 }
 
-export type WorkerRequest = { op: 'hash'; seq: number; chunks: Uint8Array[] } | { op: 'encode'; seq: number; wanted: boolean[] };
+/** One chunk of a decode request: where it lies in the request's bytes, and what it must be. */
+export interface DecodeEntry {
+  id: Uint8Array;
+  at: number;
+  length: number;
+  rawLength: number;
+  what: string;
+}
 
-export type WorkerReply = { op: 'hashed'; seq: number; ids: Uint8Array[]; zero: boolean[] } | { op: 'encoded'; seq: number; blobs: Array<Uint8Array | null> } | { op: 'error'; seq: number; message: string };
+export interface DecodeRequest {
+  op: 'decode';
+  seq: number;
+  bytes: Uint8Array;
+  entries: DecodeEntry[];
+  dataKey?: Uint8Array | undefined;
+  idKey?: Uint8Array | undefined;
+  /** When `bytes` is a whole pack: its id, checked as the SHA-256 of every byte. */
+  packId?: string | undefined;
+}
 
-const init = workerData as WorkerInit;
+export interface DecodeReply {
+  op: 'decoded';
+  seq: number;
+  /** The plaintexts back to back, in the entries' order (a failed entry takes no room). */
+  plain: Uint8Array;
+  /** Per entry: its plaintext's offset in `plain`, or the error's message. */
+  results: Array<{ at: number } | { error: string }>;
+  /** The whole pack's hash, when asked: undefined when it matches, else why not. */
+  packError?: string | undefined;
+}
+
+/** A pack's parts (salt, blobs, header, trailer length) to be put together and hashed. */
+export interface AssembleRequest {
+  op: 'assemble';
+  seq: number;
+  parts: Uint8Array[];
+}
+
+export interface AssembleReply {
+  op: 'assembled';
+  seq: number;
+  pack: Uint8Array;
+  packId: string;
+}
+
+export type WorkerRequest = { op: 'hash'; seq: number; chunks: Uint8Array[] } | { op: 'encode'; seq: number; wanted: boolean[] } | DecodeRequest | AssembleRequest;
+
+export type WorkerReply = { op: 'hashed'; seq: number; ids: Uint8Array[]; zero: boolean[] } | { op: 'encoded'; seq: number; blobs: Array<Uint8Array | null> } | DecodeReply | AssembleReply | { op: 'error'; seq: number; message: string };
+
+/** A pack's bytes in one buffer of its own, and its id (the SHA-256 of every byte), hashed as the parts are copied in. */
+export function assemblePack(msg: AssembleRequest): AssembleReply {
+  const total = msg.parts.reduce((n, p) => n + p.byteLength, 0);
+  const pack = Buffer.allocUnsafeSlow(total);
+  const hash = createHash('sha256');
+  let at = 0;
+  for (const p of msg.parts) {
+    pack.set(p, at);
+    hash.update(p);
+    at += p.byteLength;
+  }
+  return { op: 'assembled', seq: msg.seq, pack, packId: hash.digest('hex') };
+}
+
+const init = (workerData ?? { level: 1 }) as WorkerInit;
 const key: MasterKey | undefined = init.dataKey !== undefined && init.idKey !== undefined ? { dataKey: Buffer.from(init.dataKey), idKey: Buffer.from(init.idKey) } : undefined;
 const compressor = new ChunkCompressor(init.level);
 /** Chunks hashed and waiting for the main thread's decision, by batch. */
 const waiting = new Map<number, Uint8Array[]>();
 
+/** Decodes every entry of a request into one buffer; the work of Store.readChunks off the main thread. */
+export function decodeEntries(msg: DecodeRequest, codecCompressor: ChunkCompressor): DecodeReply {
+  const bytes = Buffer.from(msg.bytes.buffer, msg.bytes.byteOffset, msg.bytes.byteLength);
+  const readKey = msg.dataKey !== undefined && msg.idKey !== undefined ? { dataKey: Buffer.from(msg.dataKey), idKey: Buffer.from(msg.idKey) } : undefined;
+  let packError: string | undefined;
+  if (msg.packId !== undefined) {
+    const actual = createHash('sha256').update(bytes).digest('hex');
+    if (actual !== msg.packId) packError = `its bytes hash to ${actual}, not to its id`;
+  }
+  const total = msg.entries.reduce((n, e) => n + e.rawLength, 0);
+  // Never from the shared small-buffer pool: its memory is transferred to the caller.
+  const plain = Buffer.allocUnsafeSlow(total);
+  let at = 0;
+  const results: DecodeReply['results'] = msg.entries.map((e) => {
+    try {
+      const blob = bytes.subarray(e.at, e.at + e.length);
+      if (blob.length !== e.length) return { error: `${e.what} is damaged: its pack is shorter than its index says` };
+      const data = decodeChunk(blob, Buffer.from(e.id), e.rawLength, { compressor: codecCompressor, key: readKey }, e.what);
+      data.copy(plain, at);
+      at += data.length;
+      return { at: at - data.length };
+    } catch (err) {
+      return { error: err instanceof Error ? err.message : String(err) };
+    }
+  });
+  return { op: 'decoded', seq: msg.seq, plain: plain.subarray(0, at), results, packError };
+}
+
 function handle(msg: WorkerRequest): WorkerReply {
+  if (msg.op === 'decode') return decodeEntries(msg, compressor);
+  if (msg.op === 'assemble') return assemblePack(msg);
   if (msg.op === 'hash') {
     waiting.set(msg.seq, msg.chunks);
     const zero = msg.chunks.map((c) => isZero(c));
@@ -42,6 +139,7 @@ parentPort?.on('message', (msg: WorkerRequest) => {
   } catch (err) {
     reply = { op: 'error', seq: msg.seq, message: err instanceof Error ? err.message : String(err) };
   }
-  const transfer = reply.op === 'encoded' ? reply.blobs.filter((b): b is Uint8Array => b !== null).map((b) => b.buffer as ArrayBuffer) : [];
+  const transfer =
+    reply.op === 'encoded' ? reply.blobs.filter((b): b is Uint8Array => b !== null).map((b) => b.buffer as ArrayBuffer) : reply.op === 'decoded' ? [reply.plain.buffer as ArrayBuffer] : reply.op === 'assembled' ? [reply.pack.buffer as ArrayBuffer] : [];
   parentPort?.postMessage(reply, transfer);
 });

@@ -1,7 +1,8 @@
 // Chunk compression: zstd (level 1 by default), chosen by measuring on this
 // kind of machine (docs/benchmarks.md): it gives up on incompressible data at
 // about 1 GB/s and compresses text-like data better than lz4 at a similar
-// speed. A chunk is stored raw whenever compression would not make it smaller.
+// speed. A chunk is stored raw whenever compression would not make it
+// smaller, or when its head does not compress (compress() below).
 //
 // Invariants:
 // - Decompression never allocates more than the caller's bound: the frame's
@@ -16,6 +17,9 @@ interface ZstdBinding {
 }
 const binding = createRequire(import.meta.url)('zstd-napi/binding') as ZstdBinding;
 
+/** The head of a chunk compressed first, to tell whether the rest is worth it. */
+const SAMPLE_BYTES = 4096;
+
 export class ChunkCompressor {
   private readonly compressor = new Compressor();
   private readonly decompressor = new Decompressor();
@@ -24,8 +28,18 @@ export class ChunkCompressor {
     this.compressor.setParameters({ compressionLevel: level });
   }
 
-  /** The compressed bytes, or undefined when they would not be smaller than `data`. */
+  /**
+   * The compressed bytes, or undefined when they would not be smaller than
+   * `data`. A chunk whose first SAMPLE_BYTES do not shrink by an eighth is
+   * not compressed at all (random or already compressed data: zstd would
+   * spend its time and give nothing); it is stored raw, which every reader
+   * reads, so the repository format does not change.
+   */
   compress(data: Uint8Array): Buffer | undefined {
+    if (data.length >= 4 * SAMPLE_BYTES) {
+      const sample = this.compressor.compress(data.subarray(0, SAMPLE_BYTES));
+      if (sample.length > SAMPLE_BYTES - SAMPLE_BYTES / 8) return undefined;
+    }
     const out = this.compressor.compress(data);
     return out.length < data.length ? out : undefined;
   }

@@ -33,14 +33,14 @@
 
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import { assert } from '../util/assert.js';
-import { decodeChunk, ZERO_ID } from './chunk.js';
+import { ZERO_ID } from './chunk.js';
+import { throwIfCancelled, type Logger } from '../util/operation.js';
 import { type DiskIndex } from './disk-index.js';
 import { condemnedPacks } from './gc.js';
 import { acquireLock, type HeldLock } from './locks.js';
 import type { Manifest, ManifestDisk } from './manifest.js';
-import { packKey } from './pack.js';
 import { ChunkPool } from './pool.js';
-import type { ChunkLocation, ChunkWriter, Store } from './store.js';
+import type { ChunkLocation, ChunkReadResult, ChunkWriter, Store } from './store.js';
 import type { Progress } from './backup.js';
 
 export interface CopySelection {
@@ -62,8 +62,11 @@ export interface CopyOptions extends CopySelection {
   dryRun?: boolean;
   /** Worker threads that hash and compress when ids change (default 2). */
   workers?: number;
-  onProgress?: (p: Progress) => void;
-  signal?: AbortSignal;
+  onProgress?: ((p: Progress) => void) | undefined;
+  /** Checked between groups of chunks read: a cancelled copy leaves at most unreferenced packs and indexes in the target. */
+  signal?: AbortSignal | undefined;
+  /** One event per backup copied. */
+  logger?: Logger | undefined;
 }
 
 export interface CopyReport {
@@ -237,9 +240,8 @@ interface SourceChunk {
 }
 
 const BATCH_BYTES = 4 * 1024 * 1024;
-/** Chunks of one pack closer than this are read in one request. */
-const READ_GAP_BYTES = 256 * 1024;
-const READ_RUN_BYTES = 16 * 1024 * 1024;
+/** Chunks asked of Store.readChunks at once (it reads nearby ones of a pack in one request). */
+const READ_GROUP_CHUNKS = 256;
 
 class Copier {
   private readonly same: boolean;
@@ -284,6 +286,7 @@ class Copier {
     for (const l of this.locks) if (l.info.kind === 'backup' && l.info.domain === m.domain) await l.assertHeld();
     await this.target.putManifest({ ...m, disks: out });
     this.report.copied.push({ domain: m.domain, id: m.id });
+    this.options.logger?.log({ level: 'info', msg: 'backup copied', fields: { domain: m.domain, backup: m.id } });
   }
 
   /** Writes the links the target lacks; returns the target's id of the last. */
@@ -346,21 +349,26 @@ class Copier {
     let done = 0;
     try {
       for (const [packId, chunks] of byPack) {
-        for await (const { hex, loc, blob } of readRuns(this.source, m, packId, chunks)) {
-          this.options.signal?.throwIfAborted();
-          const data = this.check(m, hex, loc, blob);
-          if (this.same) await this.writer.addEncoded(Buffer.from(hex, 'hex'), blob, loc.rawLength);
-          else {
-            batch.push({ hex, data });
-            batchBytes += data.length;
-            if (batchBytes >= BATCH_BYTES) {
-              await send(batch);
-              batch = [];
-              batchBytes = 0;
+        chunks.sort((a, b) => a.loc.offset - b.loc.offset);
+        for (let at = 0; at < chunks.length; at += READ_GROUP_CHUNKS) {
+          throwIfCancelled(this.options.signal, `Copy of backup "${m.id}"`);
+          const group = chunks.slice(at, at + READ_GROUP_CHUNKS);
+          const results = await this.source.readChunks(group.map((c) => Buffer.from(c.hex, 'hex')), { keepStored: this.same, signal: this.options.signal });
+          for (const [k, { hex, loc }] of group.entries()) {
+            const data = this.check(m, hex, packId, results[k]);
+            if (this.same) await this.writer.addEncoded(Buffer.from(hex, 'hex'), data.stored ?? Buffer.alloc(0), loc.rawLength);
+            else {
+              batch.push({ hex, data: data.data });
+              batchBytes += data.data.length;
+              if (batchBytes >= BATCH_BYTES) {
+                await send(batch);
+                batch = [];
+                batchBytes = 0;
+              }
             }
+            done += data.data.length;
+            this.options.onProgress?.({ phase: `copy ${m.domain}/${m.id}`, doneBytes: done, totalBytes: total });
           }
-          done += data.length;
-          this.options.onProgress?.({ phase: `copy ${m.domain}/${m.id}`, doneBytes: done, totalBytes: total });
         }
       }
       await send(batch);
@@ -371,16 +379,18 @@ class Copier {
     if (failure !== undefined) throw failure.err;
   }
 
-  private check(m: Manifest, hex: string, loc: ChunkLocation, blob: Buffer): Buffer {
-    try {
-      const data = decodeChunk(blob, Buffer.from(hex, 'hex'), loc.rawLength, { compressor: this.source.compressor, key: this.source.key }, `chunk ${hex} in pack "${loc.packId}"`);
+  /** A chunk read from the source, or the copy's failure naming it. */
+  private check(m: Manifest, hex: string, packId: string, r: ChunkReadResult | undefined): { data: Buffer; stored?: Buffer } {
+    if (r !== undefined && !('error' in r)) {
       this.report.chunksRead++;
-      this.report.bytesRead += data.length;
-      return data;
-    } catch (err) {
-      if (!isQbackupError(err, 'REPO_DAMAGED')) throw err;
-      throw damaged(this.source, m, hex, describeError(err).replace(/^chunk [0-9a-f]+ in /, 'in ').replace(/ is damaged: /, ': '));
+      this.report.bytesRead += r.data.length;
+      return r;
     }
+    const err = r?.error;
+    if (err === undefined) throw new Error(`chunk ${hex} was not read`);
+    if (err.code !== 'REPO_DAMAGED' && err.code !== 'REPO_OBJECT_NOT_FOUND') throw err;
+    const why = / cannot be read: /.test(err.message) ? `its pack "${packId}" cannot be read: ${err.message.replace(/^.* cannot be read: /, '')}` : describeError(err).replace(/^chunk [0-9a-f]+ in /i, 'in ').replace(/ is damaged: /, ': ');
+    throw damaged(this.source, m, hex, why);
   }
 
   /** Gives a batch of plaintexts their target ids and stores the new ones. */
@@ -406,36 +416,6 @@ function chunksNamed(links: readonly DiskIndex[]): Set<string> {
     }
   }
   return out;
-}
-
-/** The stored forms of `chunks` of one pack, read in runs of nearby chunks. */
-async function* readRuns(source: Store, m: Manifest, packId: string, chunks: SourceChunk[]): AsyncGenerator<SourceChunk & { blob: Buffer }> {
-  chunks.sort((a, b) => a.loc.offset - b.loc.offset);
-  let i = 0;
-  while (i < chunks.length) {
-    const startAt = chunks[i]?.loc.offset ?? 0;
-    let j = i;
-    let end = startAt + (chunks[i]?.loc.length ?? 0);
-    for (let next = chunks[j + 1]; next !== undefined && next.loc.offset - end <= READ_GAP_BYTES && next.loc.offset + next.loc.length - startAt <= READ_RUN_BYTES; next = chunks[j + 1]) {
-      j++;
-      end = Math.max(end, next.loc.offset + next.loc.length);
-    }
-    let run: Buffer;
-    try {
-      run = await source.backend.get(packKey(packId), { offset: startAt, length: end - startAt });
-    } catch (err) {
-      if (!isQbackupError(err, 'REPO_OBJECT_NOT_FOUND') && !isQbackupError(err, 'REPO_DAMAGED')) throw err;
-      throw damaged(source, m, chunks[i]?.hex ?? '', `its pack "${packId}" cannot be read: ${describeError(err)}`);
-    }
-    for (let k = i; k <= j; k++) {
-      const c = chunks[k];
-      if (c === undefined) continue;
-      const blob = run.subarray(c.loc.offset - startAt, c.loc.offset - startAt + c.loc.length);
-      if (blob.length !== c.loc.length) throw damaged(source, m, c.hex, `its pack "${packId}" is shorter than its index says`);
-      yield { ...c, blob };
-    }
-    i = j + 1;
-  }
 }
 
 function damaged(source: Store, m: Manifest, hex: string, why: string): QbackupError {

@@ -25,6 +25,7 @@ import { QbackupError, describeError } from '../errors.js';
 import { MAX_CHAIN, resolveChain, type DeltaIndex, type DiskIndex } from './disk-index.js';
 import type { Manifest, ManifestDisk } from './manifest.js';
 import type { Store } from './store.js';
+import { throwIfCancelled } from '../util/operation.js';
 
 /** One disk of one kept backup whose index is rewritten. */
 export interface FoldStep {
@@ -122,7 +123,7 @@ export async function readParents(store: Store, kept: readonly Manifest[]): Prom
  * the backup's next manifest generation. Returns the kept manifests as they
  * now are.
  */
-export async function executeFold(store: Store, kept: readonly Manifest[], steps: readonly FoldStep[]): Promise<Manifest[]> {
+export async function executeFold(store: Store, kept: readonly Manifest[], steps: readonly FoldStep[], options: { signal?: AbortSignal | undefined; what?: string; onStep?: () => void } = {}): Promise<Manifest[]> {
   const current = new Map<string, string>();
   for (const m of kept) for (const d of m.disks) current.set(key(m.id, d.target), d.index);
   const out: Manifest[] = [];
@@ -132,6 +133,7 @@ export async function executeFold(store: Store, kept: readonly Manifest[], steps
       out.push(m);
       continue;
     }
+    throwIfCancelled(options.signal, options.what ?? 'Fold');
     const disks: ManifestDisk[] = [];
     for (const d of m.disks) {
       const step = mine.find((s) => s.target === d.target);
@@ -145,6 +147,7 @@ export async function executeFold(store: Store, kept: readonly Manifest[], steps
       });
       current.set(key(m.id, d.target), id);
       disks.push({ ...d, index: id });
+      options.onStep?.();
     }
     out.push(await store.replaceManifest(m, disks));
   }

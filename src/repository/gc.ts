@@ -42,6 +42,7 @@ import { indexKey, INDEX_ID, type DiskIndex } from './disk-index.js';
 import { acquireLock, CLOCK_SKEW_MS, ensureReserve, isReader, liveLocks } from './locks.js';
 import { PACK_ID, PackBuilder, PACK_TARGET_BYTES, packIndexKey, packKey, parseHeader, type PackEntry } from './pack.js';
 import type { Store } from './store.js';
+import { throwIfCancelled, type OperationOptions } from '../util/operation.js';
 
 export interface GcReport {
   packsDeleted: number;
@@ -70,7 +71,13 @@ export async function condemnedPacks(backend: Backend): Promise<Set<string>> {
   return out;
 }
 
-export async function collectGarbage(store: Store): Promise<GcReport> {
+/**
+ * Collects garbage. Cancellation (`signal`) is checked between objects: a
+ * pack goes with its index, a repack stores the new pack before the old one
+ * goes, so a cancelled gc leaves only garbage for the next one.
+ */
+export async function collectGarbage(store: Store, options: OperationOptions = {}): Promise<GcReport> {
+  const cancelled = (): void => throwIfCancelled(options.signal, `Garbage collection of repository "${store.location}"`);
   const backend = store.backend;
   await using _lock = await acquireLock(backend, 'gc', null);
   // A reader (a served backup, a copy) counts as running: what it reads stays until it ends.
@@ -85,15 +92,27 @@ export async function collectGarbage(store: Store): Promise<GcReport> {
   // before every running backup began, by a margin for the clocks of other hosts.
   const mayDelete = (kind: string, id: string): boolean => backups.length === 0 || (marks.get(`${kind}.${id}`) ?? Infinity) < oldestBackupMs - CLOCK_SKEW_MS;
   const packs = await packUsage(store, liveChunks, report);
-  for (const p of packs.filter((x) => x.liveBytes === 0)) {
+  // A pack with no dead chunk is never rewritten: it would gain nothing (with
+  // small chunks its header alone can outweigh them), and unencrypted its new
+  // bytes, hence its id, would be the old ones.
+  const hasDead = (p: PackUsage): boolean => p.entries.some((e) => !liveChunks.has(e.id.toString('hex')));
+  const garbage = packs.filter((x) => x.liveBytes === 0);
+  const toRepack = (x: PackUsage): boolean => !reading && x.liveBytes > 0 && x.liveBytes * 2 < x.size && hasDead(x);
+  const totalBytes = garbage.reduce((n, p) => n + p.size, 0) + packs.filter((x) => toRepack(x)).reduce((n, p) => n + p.size, 0);
+  let doneBytes = 0;
+  const progress = (bytes: number): void => options.onProgress?.({ phase: 'gc', doneBytes: (doneBytes += bytes), totalBytes });
+  for (const p of garbage) {
+    cancelled();
     if (mayDelete('pack', p.packId)) {
       await backend.delete(packIndexKey(p.packId));
       await backend.delete(packKey(p.packId));
       report.packsDeleted++;
       report.bytesFreed += p.size;
     } else report.condemned += await condemn(backend, marks, 'pack', p.packId);
+    progress(p.size);
   }
   for (const { key, size } of await backend.list('indexes/')) {
+    cancelled();
     const id = key.split('/').at(-1) ?? '';
     if (!INDEX_ID.test(id) || liveIndexes.has(id)) continue;
     if (mayDelete('index', id)) {
@@ -102,14 +121,13 @@ export async function collectGarbage(store: Store): Promise<GcReport> {
       report.bytesFreed += size;
     } else report.condemned += await condemn(backend, marks, 'index', id);
   }
-  // A pack with no dead chunk is never rewritten: it would gain nothing (with
-  // small chunks its header alone can outweigh them), and unencrypted its new
-  // bytes, hence its id, would be the old ones.
-  const hasDead = (p: PackUsage): boolean => p.entries.some((e) => !liveChunks.has(e.id.toString('hex')));
   // Repacking drops dead chunks at once, so it waits while a reader holds a lock (what it reads may be dead by now).
-  for (const p of packs.filter((x) => !reading && x.liveBytes > 0 && x.liveBytes * 2 < x.size && hasDead(x))) {
-    report.bytesFreed += await repack(store, p, liveChunks);
-    report.packsRepacked++;
+  for (const p of packs.filter((x) => toRepack(x))) {
+    cancelled();
+    const freed = await repack(store, p, liveChunks, options);
+    report.bytesFreed += freed ?? 0;
+    report.packsRepacked += freed !== undefined ? 1 : 0;
+    progress(p.size);
   }
   await dropStaleMarks(backend, marks, store, liveIndexes, packs);
   // Writers finish a put within seconds; a temporary object this old belongs to a killed one.
@@ -223,14 +241,26 @@ async function condemn(backend: Backend, marks: Map<string, number>, kind: 'pack
   return 1;
 }
 
-/** Moves a pack's live chunks into new packs, then deletes it; returns the bytes freed. */
-async function repack(store: Store, pack: PackUsage, liveChunks: ReadonlySet<string>): Promise<number> {
+/**
+ * Moves a pack's live chunks into a new pack, then deletes it; returns the
+ * bytes freed, or undefined (the pack left as it is) when a live chunk in it
+ * does not read back intact: damage is never copied into a new pack.
+ */
+async function repack(store: Store, pack: PackUsage, liveChunks: ReadonlySet<string>, options: OperationOptions): Promise<number | undefined> {
   const builder = new PackBuilder();
-  const blob = await store.backend.get(packKey(pack.packId));
-  for (const e of pack.entries) {
-    if (!liveChunks.has(e.id.toString('hex'))) continue;
-    // The stored form moves as is (still compressed and sealed); readChunk checks it on every later read.
-    builder.add(e.id, blob.subarray(e.offset, e.offset + e.length), e.rawLength);
+  const live = pack.entries.filter((e) => liveChunks.has(e.id.toString('hex')));
+  // Through the one read path: each chunk checked against its id; the stored form moves as it is (still compressed and sealed).
+  const read = await store.readChunks(
+    live.map((e) => e.id),
+    { keepStored: true, locations: live.map((e) => ({ packId: pack.packId, offset: e.offset, length: e.length, rawLength: e.rawLength })) },
+  );
+  for (const [i, e] of live.entries()) {
+    const r = read[i];
+    if (r === undefined || 'error' in r || r.stored === undefined) {
+      options.logger?.log({ level: 'warn', msg: 'pack not repacked: a live chunk in it is damaged (verify --read-data names it)', fields: { pack: pack.packId } });
+      return undefined;
+    }
+    builder.add(e.id, r.stored, e.rawLength);
     if (builder.bytes >= PACK_TARGET_BYTES) throw new QbackupError('REPO_DAMAGED', `Pack "${pack.packId}" holds more than a pack can`);
   }
   const newSize = builder.bytes;

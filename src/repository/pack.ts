@@ -66,11 +66,17 @@ export class PackBuilder {
   }
 
   finish(key: MasterKey | undefined): { packId: string; pack: Buffer; header: Buffer } {
+    const { parts, header } = this.finishParts(key);
+    const pack = Buffer.concat(parts);
+    return { packId: createHash('sha256').update(pack).digest('hex'), pack, header };
+  }
+
+  /** The pack's bytes as parts (salt, blobs, header, trailer length) and its header, for a worker to put together and hash. */
+  finishParts(key: MasterKey | undefined): { parts: Buffer[]; header: Buffer } {
     const header = formatHeader(this.entries, key);
     const length = Buffer.alloc(4);
     length.writeUInt32LE(header.length);
-    const pack = Buffer.concat([...this.blobs, header, length]);
-    return { packId: createHash('sha256').update(pack).digest('hex'), pack, header };
+    return { parts: [...this.blobs, header, length], header };
   }
 }
 

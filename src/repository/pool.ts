@@ -96,10 +96,12 @@ export class ChunkPool {
         const rawLength = lengths[i];
         if (blob === null || id === undefined || rawLength === undefined) continue;
         const before = writer.storedChunks;
-        await writer.addEncoded(id, Buffer.from(blob.buffer, blob.byteOffset, blob.byteLength), rawLength);
+        // Read before handing it on: a full pack's blobs move to a worker.
+        const length = blob.byteLength;
+        await writer.addEncoded(id, Buffer.from(blob.buffer, blob.byteOffset, length), rawLength);
         if (writer.storedChunks > before) {
           newChunks++;
-          storedBytes += blob.byteLength;
+          storedBytes += length;
         }
       }
       return { ids, newChunks, storedBytes };
@@ -121,9 +123,10 @@ export class ChunkPool {
       ids.push(id);
       if (writer.has(id)) continue;
       const blob = encodeChunk(c, { compressor: this.store.compressor, key: this.store.key });
+      const length = blob.length; // read before handing it on: a full pack's blobs move to a worker
       await writer.addEncoded(id, blob, c.length);
       newChunks++;
-      storedBytes += blob.length;
+      storedBytes += length;
     }
     return { ids, newChunks, storedBytes };
   }

@@ -21,6 +21,7 @@ import { executeFold, planFold, readParents, type FoldStep } from './fold.js';
 import { acquireLock } from './locks.js';
 import type { Manifest } from './manifest.js';
 import type { Store } from './store.js';
+import { throwIfCancelled, type OperationOptions } from '../util/operation.js';
 
 export interface RetentionPolicy {
   keepLast?: number;
@@ -92,19 +93,34 @@ export function planPrune(manifests: readonly Pick<Manifest, 'id' | 'time'>[], p
  * With `dryRun`, only plans. Returns the plan carried out and the removed
  * backups' manifests (their checkpoints are the caller's to merge away).
  */
-export async function pruneStore(store: Store, domain: string, policy: RetentionPolicy, options: { dryRun?: boolean } = {}): Promise<{ plan: PrunePlan; removed: Manifest[] }> {
+export interface PruneOptions extends OperationOptions {
+  dryRun?: boolean | undefined;
+}
+
+export async function pruneStore(store: Store, domain: string, policy: RetentionPolicy, options: PruneOptions = {}): Promise<{ plan: PrunePlan; removed: Manifest[] }> {
   validatePolicy(policy);
-  await using _lock = options.dryRun ? undefined : await acquireLock(store.backend, 'prune', domain);
-  if (!options.dryRun) await store.dropSupersededManifests(domain);
+  await using _lock = options.dryRun === true ? undefined : await acquireLock(store.backend, 'prune', domain);
+  if (options.dryRun !== true) await store.dropSupersededManifests(domain);
   const manifests = await store.manifests(domain);
   const plan = planPrune(manifests, policy);
   const keepIds = new Set(plan.keep.map((k) => k.id));
   const kept = manifests.filter((m) => keepIds.has(m.id));
   const removed = manifests.filter((m) => !keepIds.has(m.id));
   plan.folds = planFold({ kept, parents: await readParents(store, kept) });
-  if (options.dryRun) return { plan, removed };
-  for (const m of removed) await store.deleteManifest(domain, m.id);
-  await executeFold(store, kept, plan.folds);
+  if (options.dryRun === true) return { plan, removed };
+  // Cancellation is checked between backups: each manifest goes whole, and
+  // each fold writes its indexes before the manifest generation that names them.
+  const what = `Prune of domain "${domain}"`;
+  let done = 0;
+  const progress = (): void => options.onProgress?.({ phase: 'prune', doneBytes: done, totalBytes: removed.length + plan.folds.length });
+  for (const m of removed) {
+    throwIfCancelled(options.signal, what);
+    await store.deleteManifest(domain, m.id);
+    options.logger?.log({ level: 'info', msg: 'backup removed', fields: { domain, backup: m.id } });
+    done++;
+    progress();
+  }
+  await executeFold(store, kept, plan.folds, { signal: options.signal, what, onStep: () => (done++, progress()) });
   return { plan, removed };
 }
 

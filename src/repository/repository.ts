@@ -20,6 +20,7 @@ import { repositoryStats, type RepoStats } from './stats.js';
 import { Store, type DamagedManifest } from './store.js';
 import { executeRepair, planRepair, type RepairPlan, type RepairReport } from './repair.js';
 import { verifyStore, type VerifyOptions, type VerifyReport } from './verify.js';
+import type { Logger, OperationOptions, ProgressSink } from '../util/operation.js';
 
 export type { Progress, RepoBackupOptions } from './backup.js';
 export type { CopyReport, CopySelection } from './copy.js';
@@ -51,7 +52,10 @@ export interface RestoreOptions extends RepoAccess {
   format?: ImageFormat;
   /** … or write straight into the disks of this shut-off domain. */
   intoDomain?: string;
-  onProgress?: (p: Progress) => void;
+  onProgress?: ProgressSink | undefined;
+  /** Checked between runs of chunks: a cancelled restore removes the image it was writing. */
+  signal?: AbortSignal | undefined;
+  logger?: Logger | undefined;
 }
 
 export interface PruneResult extends PrunePlan {
@@ -115,6 +119,9 @@ export class RepositoryService {
     for (const t of options.disks ?? []) {
       if (!m.disks.some((d) => d.target === t)) throw new QbackupError('DISK_NOT_FOUND', `Backup "${m.id}" of domain "${domain}" has no disk "${t}"`);
     }
+    if (options.intoDomain !== undefined && options.to !== undefined) {
+      throw new QbackupError('INVALID_ARGUMENT', `Cannot restore backup "${m.id}": give either a directory (to) or a domain (intoDomain), not both`);
+    }
     await store.loadChunks();
     if (options.intoDomain !== undefined) return { backup: m.id, disks: await this.restoreIntoDomain(store, m, disks, options.intoDomain, options) };
     if (options.to === undefined) throw new QbackupError('INVALID_ARGUMENT', `Cannot restore backup "${m.id}": give a directory (--to) or a domain (--into-domain)`);
@@ -123,7 +130,8 @@ export class RepositoryService {
     for (const d of disks) {
       const file = resolve(options.to, `${d.target}.${format}`);
       const what = `disk "${d.target}" of backup "${m.id}"`;
-      await restoreToFile(store, await store.resolveIndex(d.index), file, format, { what, onProgress: (done, total) => options.onProgress?.({ phase: `restore ${d.target}`, doneBytes: done, totalBytes: total }) });
+      await restoreToFile(store, await store.resolveIndex(d.index), file, format, { what, signal: options.signal, onProgress: (done, total) => options.onProgress?.({ phase: `restore ${d.target}`, doneBytes: done, totalBytes: total }) });
+      options.logger?.log({ level: 'info', msg: 'disk restored', fields: { domain, backup: m.id, disk: d.target, file } });
       out.push({ target: d.target, file });
     }
     return { backup: m.id, disks: out };
@@ -140,7 +148,7 @@ export class RepositoryService {
   }
 
   /** One disk of a backup as a standalone image file, for other tools. */
-  async exportDisk(domain: string, options: RepoAccess & { backup?: string; disk: string; file: string; format?: ImageFormat; onProgress?: (p: Progress) => void }): Promise<{ backup: string; file: string }> {
+  async exportDisk(domain: string, options: RepoAccess & OperationOptions & { backup?: string; until?: Date; disk: string; file: string; format?: ImageFormat }): Promise<{ backup: string; file: string }> {
     const store = await this.open(options);
     const m = pickBackup((await store.readableManifests(domain)).manifests, domain, options);
     const d = m.disks.find((x) => x.target === options.disk);
@@ -148,7 +156,7 @@ export class RepositoryService {
     await store.loadChunks();
     const file = resolve(options.file);
     const what = `disk "${d.target}" of backup "${m.id}"`;
-    await restoreToFile(store, await store.resolveIndex(d.index), file, options.format ?? 'qcow2', { what, onProgress: (done, total) => options.onProgress?.({ phase: `export ${d.target}`, doneBytes: done, totalBytes: total }) });
+    await restoreToFile(store, await store.resolveIndex(d.index), file, options.format ?? 'qcow2', { what, signal: options.signal, onProgress: (done, total) => options.onProgress?.({ phase: `export ${d.target}`, doneBytes: done, totalBytes: total }) });
     return { backup: m.id, file };
   }
 
@@ -160,7 +168,7 @@ export class RepositoryService {
         const target = domainDisks.find((x) => x.target === d.target);
         if (target === undefined) throw new QbackupError('DISK_NOT_FOUND', `Cannot restore disk "${d.target}" of backup "${m.id}" into domain "${domain}": it has no disk "${d.target}"`);
         const what = `disk "${d.target}" of backup "${m.id}"`;
-        await restoreIntoImage(store, await store.resolveIndex(d.index), target.source, target.format, { what, onProgress: (done, total) => options.onProgress?.({ phase: `restore ${d.target}`, doneBytes: done, totalBytes: total }) });
+        await restoreIntoImage(store, await store.resolveIndex(d.index), target.source, target.format, { what, signal: options.signal, onProgress: (done, total) => options.onProgress?.({ phase: `restore ${d.target}`, doneBytes: done, totalBytes: total }) });
         out.push({ target: d.target, file: target.source });
       }
       return out;
@@ -208,10 +216,10 @@ export class RepositoryService {
    * (metadata only), and merges their checkpoints away (coverage of the kept
    * ones is unchanged). Their data goes with the next gc.
    */
-  async prune(domain: string, options: RepoAccess & RetentionPolicy & { dryRun?: boolean }): Promise<PruneResult> {
+  async prune(domain: string, options: RepoAccess & RetentionPolicy & OperationOptions & { dryRun?: boolean }): Promise<PruneResult> {
     const store = await this.open(options);
     // Only the policy's own fields: the options also carry the repository and its passphrase.
-    const { plan, removed } = await pruneStore(store, domain, retentionOf(options), options.dryRun ? { dryRun: true } : {});
+    const { plan, removed } = await pruneStore(store, domain, retentionOf(options), { dryRun: options.dryRun, signal: options.signal, onProgress: options.onProgress, logger: options.logger });
     const result: PruneResult = { ...plan, checkpointsRemoved: [], checkpointsKept: [] };
     if (options.dryRun) return result;
     const existing = removed.length > 0 ? new Set(await this.driver.checkpoints(domain)) : new Set<string>();
@@ -254,8 +262,8 @@ export class RepositoryService {
     return copyBackups(source, target, { ...options, targetCreated });
   }
 
-  async gc(access: RepoAccess): Promise<GcReport> {
-    return collectGarbage(await this.open(access));
+  async gc(access: RepoAccess, options: OperationOptions = {}): Promise<GcReport> {
+    return collectGarbage(await this.open(access), options);
   }
 
   async stats(access: RepoAccess): Promise<RepoStats> {
@@ -324,7 +332,16 @@ function retentionOf(options: RetentionPolicy): RetentionPolicy {
   return policy;
 }
 
+/** A backup is chosen by id or by time (`until`), never both: the rule of restore, export, instant restore and serve. */
+export function checkBackupChoice(domain: string, options: { backup?: string | undefined; until?: Date | undefined }): void {
+  if (options.backup !== undefined && options.until !== undefined) {
+    throw new QbackupError('INVALID_ARGUMENT', `Cannot choose a backup of domain "${domain}": give either a backup id or a time (until), not both`);
+  }
+}
+
+/** The backup named by id, or the newest at or before `until`, or the newest. */
 function pickBackup(manifests: readonly Manifest[], domain: string, options: { backup?: string | undefined; until?: Date | undefined }): Manifest {
+  checkBackupChoice(domain, options);
   const m =
     options.backup !== undefined
       ? manifests.find((x) => x.id === options.backup)

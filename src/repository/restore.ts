@@ -1,7 +1,8 @@
 // Writing one backed-up disk out of the store: as a new sparse raw image or a
 // new qcow2 image (zero chunks stay holes), or into an existing image (zero
-// chunks are written as zeroes). Every chunk is checked against its id as it
-// is read; a new image is written under a temporary name and renamed into
+// chunks are written as zeroes). Chunks come through Store.readChunks, the
+// one read path (ranged reads, decoded and checked against their ids on the
+// decode pool's workers); a new image is written under a temporary name and renamed into
 // place only when complete, so nothing partial ever looks finished.
 
 import type { FileHandle } from 'node:fs/promises';
@@ -9,11 +10,10 @@ import { QbackupError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
 import { runPool } from '../util/run-pool.js';
 import { createNewFile } from '../util/safe-create.js';
+import { throwIfCancelled } from '../util/operation.js';
 import { createImage } from '../image/qemu-img.js';
 import { startQemuNbd } from '../image/qemu-nbd.js';
 import { ZERO_ID } from './chunk.js';
-import { packKey } from './pack.js';
-import { decodeChunk } from './chunk.js';
 import type { FullIndex } from './disk-index.js';
 import type { Store } from './store.js';
 
@@ -26,11 +26,17 @@ interface Sink {
   close(): Promise<void>;
 }
 
-const RUN_CHUNKS = 64;
-const RUNS_IN_FLIGHT = 4;
+/** Slots read together: one pack's worth. */
+const RUN_BYTES = 16 * 1024 * 1024;
+/** Runs in flight at once (each has its own ranged reads in flight). */
+const RUNS_IN_FLIGHT = 2;
+/** The largest single write of back-to-back plaintexts. */
+const MAX_WRITE_BYTES = 4 * 1024 * 1024;
 
 export interface WriteDiskOptions {
-  onProgress?: (doneBytes: number, totalBytes: number) => void;
+  onProgress?: ((doneBytes: number, totalBytes: number) => void) | undefined;
+  /** Checked before each run of chunks: an aborted restore stops, and a new image is removed. */
+  signal?: AbortSignal | undefined;
   /** Names the disk and backup in errors, e.g. 'disk "sda" of backup "…"'. */
   what: string;
 }
@@ -58,28 +64,57 @@ export async function restoreIntoImage(store: Store, table: FullIndex, image: st
   await client.flush();
 }
 
-/** Reads every chunk of the table (runs of chunks adjacent in one pack in one read) and writes it to the sink. */
+/**
+ * Reads every chunk of the table through Store.readChunks (runs of slots at
+ * once; chunks adjacent in a pack in one ranged read, decoded on the decode
+ * pool) and writes it to the sink: slots whose plaintexts lie back to back
+ * in memory go out as one write, zero slots are skipped (a new image reads
+ * zero there) unless `writeZeroes`.
+ */
 async function copyTable(store: Store, table: FullIndex, sink: Sink, writeZeroes: boolean, options: WriteDiskOptions): Promise<void> {
   const chunkSize = table.chunkSize;
   const slots = table.ids.length / 32;
   const total = table.virtualSize;
+  const runChunks = Math.max(1, Math.floor(RUN_BYTES / chunkSize));
   let done = 0;
   const runs = function* (): Generator<{ first: number; count: number }> {
-    for (let first = 0; first < slots; first += RUN_CHUNKS) yield { first, count: Math.min(RUN_CHUNKS, slots - first) };
+    for (let first = 0; first < slots; first += runChunks) yield { first, count: Math.min(runChunks, slots - first) };
   };
   await runPool(runs(), RUNS_IN_FLIGHT, async ({ first, count }) => {
-    const datas = await readRun(store, table, first, count, options.what);
+    throwIfCancelled(options.signal, `Restoring ${options.what}`);
+    const datas = await readRun(store, table, first, count, options);
     // The run's writes go out together: one at a time, a restore waited for a
-    // round trip to qemu-nbd (or the thread pool) per 64 KiB chunk.
+    // round trip to qemu-nbd (or the thread pool) per write.
     const writes: Array<Promise<void>> = [];
+    let pending: { offset: number; data: Buffer } | undefined;
+    let zeroes: { offset: number; length: number } | undefined;
+    const push = (): void => {
+      if (pending !== undefined) writes.push(sink.write(pending.offset, pending.data));
+      pending = undefined;
+      if (zeroes !== undefined) writes.push(sink.zero(zeroes.offset, zeroes.length));
+      zeroes = undefined;
+    };
     for (let i = 0; i < count; i++) {
       const offset = (first + i) * chunkSize;
       const length = Math.min(chunkSize, total - offset);
-      const data = datas[i];
-      if (data !== undefined) writes.push(sink.write(offset, data.subarray(0, length)));
-      else if (writeZeroes) writes.push(sink.zero(offset, length));
       done += length;
+      const data = datas[i]?.subarray(0, length);
+      if (data === undefined) {
+        if (!writeZeroes) continue;
+        // Adjacent zero slots go out as one write-zeroes request.
+        if (zeroes !== undefined && zeroes.offset + zeroes.length === offset && zeroes.length < MAX_WRITE_BYTES) zeroes.length += length;
+        else {
+          push();
+          zeroes = { offset, length };
+        }
+      } else if (pending !== undefined && pending.offset + pending.data.length === offset && pending.data.buffer === data.buffer && pending.data.byteOffset + pending.data.length === data.byteOffset && pending.data.length < MAX_WRITE_BYTES) {
+        pending.data = Buffer.from(data.buffer, pending.data.byteOffset, pending.data.length + data.length);
+      } else {
+        push();
+        pending = { offset, data };
+      }
     }
+    push();
     // Every write settles before the run ends (and before the sink can be closed); the first failure is thrown.
     const failed = (await Promise.allSettled(writes)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
     if (failed !== undefined) throw failed.reason;
@@ -87,35 +122,27 @@ async function copyTable(store: Store, table: FullIndex, sink: Sink, writeZeroes
   });
 }
 
-/** The plaintext of slots first…first+count-1 (undefined for holes), reading pack ranges that touch once. */
-async function readRun(store: Store, table: FullIndex, first: number, count: number, what: string): Promise<Array<Buffer | undefined>> {
+/** The plaintext of slots first…first+count-1 (undefined for holes). */
+async function readRun(store: Store, table: FullIndex, first: number, count: number, options: WriteDiskOptions): Promise<Array<Buffer | undefined>> {
   const out: Array<Buffer | undefined> = new Array<Buffer | undefined>(count);
-  const wanted: Array<{ i: number; id: Buffer; packId: string; offset: number; length: number; rawLength: number }> = [];
+  const slots: number[] = [];
+  const ids: Buffer[] = [];
   for (let i = 0; i < count; i++) {
     const id = table.ids.subarray((first + i) * 32, (first + i + 1) * 32);
     if (id.equals(ZERO_ID)) continue;
-    const loc = store.locate(id);
-    if (loc === undefined) throw new QbackupError('REPO_OBJECT_NOT_FOUND', `Cannot restore ${what}: chunk ${id.toString('hex')} is missing from the repository`, { details: { chunk: id.toString('hex') } });
-    wanted.push({ i, id, ...loc });
+    slots.push(i);
+    ids.push(id);
   }
-  // Group entries that lie back to back in the same pack into one ranged read.
-  let g = 0;
-  while (g < wanted.length) {
-    const start = wanted[g];
-    if (start === undefined) break;
-    let end = g + 1;
-    while (end < wanted.length && wanted[end]?.packId === start.packId && wanted[end]?.offset === (wanted[end - 1]?.offset ?? 0) + (wanted[end - 1]?.length ?? 0)) end++;
-    const last = wanted[end - 1] ?? start;
-    const blob = await store.backend.get(packKey(start.packId), { offset: start.offset, length: last.offset + last.length - start.offset });
-    for (const w of wanted.slice(g, end)) {
-      const hex = w.id.toString('hex');
-      try {
-        out[w.i] = decodeChunk(blob.subarray(w.offset - start.offset, w.offset - start.offset + w.length), w.id, w.rawLength, { compressor: store.compressor, key: store.key }, `Chunk ${hex} in pack "${w.packId}"`);
-      } catch (err) {
-        throw new QbackupError('REPO_DAMAGED', `Cannot restore ${what}: ${(err as Error).message}`, { cause: err, details: { chunk: hex } });
+  const results = await store.readChunks(ids, { signal: options.signal });
+  for (const [k, r] of results.entries()) {
+    if ('error' in r) {
+      const hex = ids[k]?.toString('hex') ?? '';
+      if (r.error.code === 'REPO_OBJECT_NOT_FOUND' && store.locate(ids[k] ?? ZERO_ID) === undefined) {
+        throw new QbackupError('REPO_OBJECT_NOT_FOUND', `Cannot restore ${options.what}: chunk ${hex} is missing from the repository`, { details: { chunk: hex } });
       }
+      throw new QbackupError(r.error.code, `Cannot restore ${options.what}: ${r.error.message}`, { cause: r.error, details: { chunk: hex } });
     }
-    g = end;
+    out[slots[k] ?? 0] = r.data;
   }
   return out;
 }

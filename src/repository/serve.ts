@@ -4,8 +4,8 @@
 //
 // Invariants:
 // - A backup is served from its index chain resolved in memory; every chunk
-//   is read through Store.readChunk, so it is decompressed, decrypted and
-//   checked against its id before any byte of it is sent. A chunk that fails
+//   is read through Store.readChunks, so it is decompressed, decrypted and
+//   checked against its id (on the decode pool) before any byte of it is sent. A chunk that fails
 //   (damaged, missing, the repository gone) fails that read with EIO and one
 //   log line; the server keeps serving.
 // - Zero slots are holes: reads send them as NBD_REPLY_TYPE_OFFSET_HOLE and
@@ -23,16 +23,14 @@ import { join } from 'node:path';
 import { QbackupError, describeError } from '../errors.js';
 import { NBD_EIO, NBD_STATE_HOLE, NBD_STATE_ZERO } from '../nbd/constants.js';
 import type { NbdBlockDescriptor } from '../nbd/codec.js';
-import { runPool } from '../util/run-pool.js';
 import { NbdExportError, type NbdExportSegment, type NbdServerExport } from '../nbd/server-session.js';
 import { NbdServer, listenUri, loadTlsCredentials, type NbdListen, type NbdTlsCredentials } from '../nbd/server.js';
 import { makePrivateDir } from '../util/private-dir.js';
-import { ZERO_ID, decodeChunk } from './chunk.js';
+import { ZERO_ID } from './chunk.js';
 import type { FullIndex } from './disk-index.js';
 import { acquireLock } from './locks.js';
 import type { Manifest } from './manifest.js';
-import { packKey } from './pack.js';
-import type { ChunkLocation, Store } from './store.js';
+import type { Store } from './store.js';
 
 /** Decoded chunks kept for repeated reads, shared by the exports of one server. */
 export const DEFAULT_CACHE_BYTES = 32 * 1024 * 1024;
@@ -77,9 +75,6 @@ export interface BackupServer extends AsyncDisposable {
   /** Stops serving, hangs up every client, removes the socket (and its directory when made here) and releases the lock. Idempotent. */
   close(): Promise<void>;
 }
-
-/** Most chunks fetched with one ranged read of a pack. */
-const RUN_CHUNKS = 64;
 
 /**
  * Decoded chunks by hex id, least recently used first out, bounded in bytes.
@@ -139,40 +134,21 @@ export class ChunkCache {
         m.resolve(result);
       }
     };
-    const located: Array<{ m: (typeof misses)[number]; loc: ChunkLocation }> = [];
-    for (const m of misses) {
-      const loc = this.store.locate(m.id);
-      if (loc === undefined) settle(m, new QbackupError('REPO_OBJECT_NOT_FOUND', `the repository has no chunk ${m.hex}`));
-      else located.push({ m, loc });
+    if (misses.length === 0) return;
+    let results: Awaited<ReturnType<Store['readChunks']>>;
+    try {
+      results = await this.store.readChunks(misses.map((m) => m.id), { readsInFlight: CHUNK_READS_IN_FLIGHT });
+    } catch (err) {
+      for (const m of misses) settle(m, err instanceof Error ? err : new Error(String(err)));
+      return;
     }
-    located.sort((a, b) => a.loc.packId.localeCompare(b.loc.packId) || a.loc.offset - b.loc.offset);
-    const runs: Array<typeof located> = [];
-    for (const x of located) {
-      const run = runs.at(-1);
-      const last = run?.at(-1);
-      if (run !== undefined && last !== undefined && run.length < RUN_CHUNKS && last.loc.packId === x.loc.packId && last.loc.offset + last.loc.length === x.loc.offset) run.push(x);
-      else runs.push([x]);
+    for (const [i, m] of misses.entries()) {
+      const r = results[i];
+      if (r === undefined) settle(m, new Error(`chunk ${m.hex} was not read`));
+      else if ('error' in r) settle(m, r.error.code === 'REPO_OBJECT_NOT_FOUND' && this.store.locate(m.id) === undefined ? new QbackupError('REPO_OBJECT_NOT_FOUND', `the repository has no chunk ${m.hex}`) : r.error);
+      // A copy: the plaintexts of one read share a buffer, and the cache keeps single chunks.
+      else settle(m, Buffer.from(r.data));
     }
-    await runPool(runs.values(), CHUNK_READS_IN_FLIGHT, async (run) => {
-      const first = run[0];
-      const last = run.at(-1);
-      if (first === undefined || last === undefined) return;
-      let blob: Buffer;
-      try {
-        blob = await this.store.backend.get(packKey(first.loc.packId), { offset: first.loc.offset, length: last.loc.offset + last.loc.length - first.loc.offset });
-      } catch (err) {
-        for (const x of run) settle(x.m, err instanceof Error ? err : new Error(String(err)));
-        return;
-      }
-      for (const { m, loc } of run) {
-        const at = loc.offset - first.loc.offset;
-        try {
-          settle(m, decodeChunk(blob.subarray(at, at + loc.length), m.id, loc.rawLength, { compressor: this.store.compressor, key: this.store.key }, `Chunk ${m.hex} in pack "${loc.packId}"`));
-        } catch (err) {
-          settle(m, err instanceof Error ? err : new Error(String(err)));
-        }
-      }
-    });
   }
 
   private put(hex: string, data: Buffer): void {

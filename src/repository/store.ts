@@ -13,15 +13,23 @@
 // Invariants:
 // - Every key is built here from validated ids (hex digests, backup ids,
 //   domain names), never from the content of an object.
-// - A chunk is readable only through readChunk, which checks it against its
-//   id; indexes and manifests are checked when parsed.
+// - Chunks leave packs only through readChunks (readChunk is one of them):
+//   chunks adjacent in a pack come in one ranged read, are decoded on the
+//   decode pool's workers (decode.ts) and checked against their ids; packs
+//   are read whole only by checkPack, which also hashes them against their
+//   ids. Chunks enter packs only through ChunkWriter, encoded by encodeChunk
+//   (chunk.ts) on the chunk pool's workers (pool.ts) or, for a few, here.
+//   Indexes and manifests are checked when parsed.
 
 import { hostname } from 'node:os';
 import { randomBytes } from 'node:crypto';
 import { QbackupError, describeError } from '../errors.js';
 import { runPool } from '../util/run-pool.js';
+import { throwIfCancelled } from '../util/operation.js';
 import type { Backend } from './backend/backend.js';
 import { decodeChunk, encodeChunk, ZERO_ID } from './chunk.js';
+import type { DecodeEntry } from './chunk-worker.js';
+import { decodePool } from './decode.js';
 import { ensureReserve } from './locks.js';
 import { ChunkCompressor } from './compress.js';
 import { chunkId, newMasterKey, parseKeyFile, seal, unseal, unwrapMasterKey, wrapMasterKey, type MasterKey } from './crypto.js';
@@ -60,10 +68,30 @@ export interface ChunkLocation {
   rawLength: number;
 }
 
+/** Chunks of one pack closer than this are read in one request (the gap is read and dropped). */
+const READ_GAP_BYTES = 256 * 1024;
+/** The most one ranged read of a pack asks for. */
+const READ_RUN_BYTES = 16 * 1024 * 1024;
+/** Ranged reads in flight at once by default. */
+const READS_IN_FLIGHT = 4;
+
+export interface ReadChunksOptions {
+  /** Also hand back each chunk's stored form (a copy moves it unchanged). */
+  keepStored?: boolean | undefined;
+  /** Checked before each ranged read. */
+  signal?: AbortSignal | undefined;
+  readsInFlight?: number | undefined;
+  /** Where each id lies (in the order of `ids`), when the caller knows better than the loaded indexes (gc's repack reads one given pack). */
+  locations?: readonly ChunkLocation[] | undefined;
+}
+
+/** One chunk read by readChunks: its plaintext (and stored form when asked), or why it could not be read. */
+export type ChunkReadResult = { data: Buffer; stored?: Buffer } | { error: QbackupError };
+
 export interface InitOptions {
   /** Encrypt with a key wrapped under this passphrase. */
-  password?: string;
-  chunkSize?: number;
+  password?: string | undefined;
+  chunkSize?: number | undefined;
 }
 
 export class Store {
@@ -101,7 +129,7 @@ export class Store {
   }
 
   /** Opens an existing repository; an encrypted one needs its passphrase. */
-  static async open(backend: Backend, options: { password?: string } = {}): Promise<Store> {
+  static async open(backend: Backend, options: { password?: string | undefined } = {}): Promise<Store> {
     const config = await readConfig(backend);
     if (!config.encrypted) return new Store(backend, config, undefined);
     if (options.password === undefined) {
@@ -189,12 +217,92 @@ export class Store {
 
   /** A chunk's plaintext, checked against its id; the zero id reads as zeroes. */
   async readChunk(id: Buffer): Promise<Buffer> {
-    if (id.equals(ZERO_ID)) return Buffer.alloc(this.config.chunkSize);
-    const hex = id.toString('hex');
-    const loc = this.chunks.get(hex);
-    if (loc === undefined) throw new QbackupError('REPO_OBJECT_NOT_FOUND', `Repository "${this.location}" has no chunk ${hex}`, { details: { chunk: hex } });
-    const blob = await this.backend.get(packKey(loc.packId), { offset: loc.offset, length: loc.length });
-    return decodeChunk(blob, id, loc.rawLength, { compressor: this.compressor, key: this.key }, `Chunk ${hex} in pack "${loc.packId}"`);
+    const [r] = await this.readChunks([id]);
+    if (r === undefined || 'error' in r) throw r?.error ?? new Error('readChunks answers every id');
+    return r.data;
+  }
+
+  /**
+   * The one way chunks leave packs. Each id's plaintext (and, with
+   * `keepStored`, its stored form), checked against the id, or the error
+   * that kept it from being read; in the order of `ids`. The zero id reads
+   * as zeroes. Chunks that lie close together in one pack come in one ranged
+   * read (several reads in flight); decoding runs on the decode pool.
+   */
+  async readChunks(ids: readonly Buffer[], options: ReadChunksOptions = {}): Promise<ChunkReadResult[]> {
+    const out = new Array<ChunkReadResult>(ids.length);
+    const wanted = new Map<string, { id: Buffer; loc: ChunkLocation; at: number[] }>();
+    for (const [i, id] of ids.entries()) {
+      if (id.equals(ZERO_ID)) {
+        out[i] = { data: Buffer.alloc(this.config.chunkSize) };
+        continue;
+      }
+      const hex = id.toString('hex');
+      const w = wanted.get(hex);
+      if (w !== undefined) {
+        w.at.push(i);
+        continue;
+      }
+      const loc = options.locations !== undefined ? options.locations[i] : this.chunks.get(hex);
+      if (loc === undefined) out[i] = { error: new QbackupError('REPO_OBJECT_NOT_FOUND', `Repository "${this.location}" has no chunk ${hex}`, { details: { chunk: hex } }) };
+      else wanted.set(hex, { id, loc, at: [i] });
+    }
+    const runs = readRuns([...wanted.values()]);
+    const settle = (x: { at: number[] }, r: ChunkReadResult): void => {
+      for (const i of x.at) out[i] = r;
+    };
+    await runPool(runs.values(), options.readsInFlight ?? READS_IN_FLIGHT, async (run) => {
+      throwIfCancelled(options.signal, `Reading chunks of repository "${this.location}"`);
+      const first = run[0];
+      const last = run.at(-1);
+      if (first === undefined || last === undefined) return;
+      const start = first.loc.offset;
+      let bytes: Buffer;
+      try {
+        bytes = await this.backend.get(packKey(first.loc.packId), { offset: start, length: last.loc.offset + last.loc.length - start });
+      } catch (err) {
+        if (!(err instanceof QbackupError)) throw err;
+        for (const x of run) settle(x, { error: new QbackupError(err.code, `Chunk ${x.id.toString('hex')} in pack "${x.loc.packId}" cannot be read: ${err.message}`, { cause: err, details: { chunk: x.id.toString('hex') } }) });
+        return;
+      }
+      const entries: DecodeEntry[] = run.map((x) => ({ id: x.id, at: x.loc.offset - start, length: x.loc.length, rawLength: x.loc.rawLength, what: `Chunk ${x.id.toString('hex')} in pack "${x.loc.packId}"` }));
+      const stored = options.keepStored === true ? bytes : undefined;
+      const reply = await decodePool().decode(bytes, entries, this.key, { transfer: stored === undefined });
+      const plain = Buffer.from(reply.plain.buffer, reply.plain.byteOffset, reply.plain.byteLength);
+      for (const [k, x] of run.entries()) {
+        const r = reply.results[k];
+        if (r === undefined || 'error' in r) {
+          settle(x, { error: new QbackupError('REPO_DAMAGED', r?.error ?? 'not decoded', { details: { chunk: x.id.toString('hex') } }) });
+          continue;
+        }
+        const data = plain.subarray(r.at, r.at + x.loc.rawLength);
+        settle(x, stored !== undefined ? { data, stored: stored.subarray(x.loc.offset - start, x.loc.offset - start + x.loc.length) } : { data });
+      }
+    });
+    return out;
+  }
+
+  /**
+   * Reads a whole pack, checks its bytes against its id (the SHA-256 of the
+   * pack: salt, chunks and trailer) and decodes every chunk its index lists
+   * against its id, on the decode pool. `chunkErrors` has every damaged
+   * chunk of the pack, by hex id. `sizeBytes`, when known, is the pack's
+   * size as listed: the pack is then read in one request.
+   */
+  async checkPack(packId: string, sizeBytes?: number): Promise<{ bytes: number; packError: string | undefined; chunkErrors: Map<string, QbackupError> }> {
+    const listed = await this.packEntries(packId);
+    // With its size known (from a listing), the pack comes in one read request.
+    const bytes = await this.backend.get(packKey(packId), sizeBytes !== undefined && sizeBytes > 0 ? { offset: 0, length: sizeBytes } : undefined);
+    const entries: DecodeEntry[] = listed.map((e) => ({ id: e.id, at: e.offset, length: e.length, rawLength: e.rawLength, what: `Chunk ${e.id.toString('hex')} in pack "${packId}"` }));
+    const length = bytes.length;
+    const reply = await decodePool().decode(bytes, entries, this.key, { packId, transfer: true });
+    const chunkErrors = new Map<string, QbackupError>();
+    for (const [k, e] of listed.entries()) {
+      const r = reply.results[k];
+      const hex = e.id.toString('hex');
+      if (r === undefined || 'error' in r) chunkErrors.set(hex, new QbackupError('REPO_DAMAGED', r?.error ?? 'not decoded', { details: { chunk: hex } }));
+    }
+    return { bytes: length, packError: reply.packError !== undefined ? `Pack "${packId}" is damaged: ${reply.packError}` : undefined, chunkErrors };
   }
 
   /** A writer that packs new chunks; call `flush` before referencing them in an index. */
@@ -204,7 +312,9 @@ export class Store {
 
   /** Stores a finished pack: the pack first, then its index, so no index names a missing pack. */
   async storePack(builder: PackBuilder): Promise<string> {
-    const { packId, pack, header } = builder.finish(this.key);
+    const { parts, header } = builder.finishParts(this.key);
+    // Put together and hashed on a worker; the blobs are not ours after this.
+    const { pack, packId } = await decodePool().assemble(parts, [header]);
     await this.backend.putIfAbsent(packKey(packId), pack);
     await this.backend.putIfAbsent(packIndexKey(packId), header);
     for (const e of builder.entries) this.chunks.set(e.id.toString('hex'), { packId, offset: e.offset, length: e.length, rawLength: e.rawLength });
@@ -431,6 +541,22 @@ export class ChunkWriter {
       this.uploadingIds = new Set();
     }
   }
+}
+
+/** Chunks sorted by pack and offset, grouped into runs that one ranged read fetches (close together in one pack, at most READ_RUN_BYTES). */
+function readRuns<T extends { loc: ChunkLocation }>(chunks: T[]): T[][] {
+  chunks.sort((a, b) => a.loc.packId.localeCompare(b.loc.packId) || a.loc.offset - b.loc.offset);
+  const runs: T[][] = [];
+  for (const x of chunks) {
+    const run = runs.at(-1);
+    const first = run?.[0];
+    const last = run?.at(-1);
+    const end = last !== undefined ? last.loc.offset + last.loc.length : 0;
+    const fits = first !== undefined && last !== undefined && last.loc.packId === x.loc.packId && x.loc.offset >= end && x.loc.offset - end <= READ_GAP_BYTES && x.loc.offset + x.loc.length - first.loc.offset <= READ_RUN_BYTES;
+    if (fits) run?.push(x);
+    else runs.push([x]);
+  }
+  return runs;
 }
 
 async function readConfig(backend: Backend): Promise<RepoConfig> {

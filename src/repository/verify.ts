@@ -1,12 +1,19 @@
 // Verification of a format 2 repository: every chosen backup's index chain
 // parses, every chunk it names is listed in a pack index and its pack exists
-// (fast), and with readData every such chunk is read back and checked
-// against its id. A missing or damaged chunk is reported once, with every
-// backup that uses it, so a damaged chunk is never certified by a later
-// backup that merely references it.
+// (fast), and with readData every pack holding such chunks is read whole
+// (several at once), hashed whole against its id (so a flipped byte in its
+// salt or trailer is found too) and each of its chunks decoded and checked
+// against its id, on the decode pool's workers (Store.checkPack). A damaged
+// chunk is reported with the backups that use it (others in the same pack
+// stay certified); a pack that does not hash to its id although every chunk
+// in it is intact is reported with every backup that uses the pack. A missing
+// or damaged chunk or pack is reported once, with every backup that uses it,
+// so damage is never certified by a later backup that merely references it.
 
 import { createHash } from 'node:crypto';
 import { QbackupError, describeError } from '../errors.js';
+import { runPool } from '../util/run-pool.js';
+import { throwIfCancelled, type Logger, type ProgressSink } from '../util/operation.js';
 import { ZERO_ID } from './chunk.js';
 import type { Manifest } from './manifest.js';
 import { PACK_ID, packKey } from './pack.js';
@@ -28,15 +35,21 @@ export interface VerifyReport {
 }
 
 export interface VerifyOptions {
-  domain?: string;
-  backup?: string;
-  readData?: boolean;
-  /** With readData: read this percentage of the chunks (chosen by id, so repeated runs cover different ones only if ids differ). */
-  readDataPercent?: number;
-  onProgress?: (done: number, total: number) => void;
-  /** Checked between backups and between chunks read: an aborted signal stops verify with its reason. */
-  signal?: AbortSignal;
+  domain?: string | undefined;
+  backup?: string | undefined;
+  readData?: boolean | undefined;
+  /** With readData: read the packs holding this percentage of the chunks (chosen by id and day). */
+  readDataPercent?: number | undefined;
+  /** Phase "verify": bytes of packs read of bytes to read. */
+  onProgress?: ProgressSink | undefined;
+  /** Checked between backups and between packs read: an aborted signal stops verify with its reason. */
+  signal?: AbortSignal | undefined;
+  /** One event per damaged object. */
+  logger?: Logger | undefined;
 }
+
+/** Whole packs read at once. */
+const PACKS_IN_FLIGHT = 3;
 
 export async function verifyStore(store: Store, options: VerifyOptions = {}): Promise<VerifyReport> {
   await store.loadChunks();
@@ -52,7 +65,7 @@ export async function verifyStore(store: Store, options: VerifyOptions = {}): Pr
   };
   for (const d of readable.damaged) if (options.backup === undefined || d.id === options.backup) report(`manifest ${d.key}`, d.problem, `${d.domain}/${d.id}`);
   for (const m of manifests) {
-    options.signal?.throwIfAborted();
+    throwIfCancelled(options.signal, 'Verify');
     await collectChunks(store, m, users, report);
   }
   const packs = new Map<string, boolean>();
@@ -128,20 +141,47 @@ async function collectChunks(store: Store, m: Manifest, users: Map<string, Set<s
   }
 }
 
+/** Reads every pack that holds chosen chunks, whole: the pack checked against its id, each chosen chunk against its own. */
 async function readChunks(store: Store, users: ReadonlyMap<string, Set<string>>, problems: ReadonlyMap<string, VerifyProblem>, options: VerifyOptions, report: (object: string, problem: string, backup: string) => void): Promise<number> {
   const percent = Math.min(100, Math.max(0, options.readDataPercent ?? 100));
   const chosen = [...users.keys()].filter((hex) => !problems.has(`chunk ${hex}`) && (percent >= 100 || sample(hex) < percent));
-  let read = 0;
+  const byPack = new Map<string, { ids: Buffer[]; bytes: number }>();
   for (const hex of chosen) {
-    options.signal?.throwIfAborted();
-    try {
-      await store.readChunk(Buffer.from(hex, 'hex'));
-    } catch (err) {
-      for (const b of users.get(hex) ?? []) report(`chunk ${hex}`, describeError(err), b);
-    }
-    read++; // not inside the optional call below: without onProgress its arguments are never evaluated
-    options.onProgress?.(read, chosen.length);
+    const id = Buffer.from(hex, 'hex');
+    const loc = store.locate(id);
+    if (loc === undefined) continue;
+    const p = byPack.get(loc.packId) ?? { ids: [], bytes: 0 };
+    p.ids.push(id);
+    byPack.set(loc.packId, p);
   }
+  const sizes = await store.backend.list('data/');
+  const sizeOf = new Map(sizes.map((o) => [o.key.slice(o.key.lastIndexOf('/') + 1), o.size]));
+  let total = 0;
+  for (const [packId, p] of byPack) total += (p.bytes = sizeOf.get(packId) ?? 0);
+  let done = 0;
+  let read = 0;
+  const damaged = (object: string, problem: string, ids: readonly Buffer[]): void => {
+    options.logger?.log({ level: 'error', msg: 'damaged', fields: { object, problem } });
+    for (const id of ids) for (const b of users.get(id.toString('hex')) ?? []) report(object, problem, b);
+  };
+  await runPool(byPack.entries(), PACKS_IN_FLIGHT, async ([packId, p]) => {
+    throwIfCancelled(options.signal, 'Verify');
+    try {
+      const checked = await store.checkPack(packId, p.bytes);
+      // A damaged chunk explains a pack that does not hash to its id; with
+      // every chunk intact the damage is in the salt or the trailer.
+      if (checked.packError !== undefined && checked.chunkErrors.size === 0) damaged(`pack ${packId}`, checked.packError, p.ids);
+      for (const id of p.ids) {
+        const err = checked.chunkErrors.get(id.toString('hex'));
+        if (err !== undefined) damaged(`chunk ${id.toString('hex')}`, describeError(err), [id]);
+      }
+    } catch (err) {
+      damaged(`pack ${packId}`, `cannot be read: ${describeError(err)}`, p.ids);
+    }
+    read += p.ids.length;
+    done += p.bytes;
+    options.onProgress?.({ phase: 'verify', doneBytes: done, totalBytes: total });
+  });
   return read;
 }
 

@@ -300,7 +300,7 @@ export class QbackupService {
     if (r.retention === undefined || Object.keys(r.retention).length === 0) return { manifest };
     let prune: PruneResult;
     try {
-      prune = await this.qb.repository.prune(r.domain, { ...access, ...r.retention });
+      prune = await this.qb.repository.prune(r.domain, { ...access, ...r.retention, signal: ctx.signal });
     } catch (err) {
       // A gc holds the repository (prune and gc exclude each other): the backup stands, the next one's prune applies the policy.
       if (!isQbackupError(err, 'REPO_LOCKED')) throw err;
@@ -367,7 +367,7 @@ export class QbackupService {
       return this.copy({ from: access, to, ...(s.domain !== undefined ? { domain: s.domain } : {}), requestedBy });
     }
     if (s.action === 'gc') {
-      return this.track(access.repo, this.tasks.submit({ kind: 'repository.gc', requestedBy, run: () => this.qb.repository.gc(access) }));
+      return this.track(access.repo, this.tasks.submit({ kind: 'repository.gc', requestedBy, cancellable: true, run: (ctx) => this.qb.repository.gc(access, { onProgress: (p) => ctx.progress(p), signal: ctx.signal }) }));
     }
     if (s.domain === undefined) throw new QbackupError('METADATA_INCONSISTENT', `Backup schedule "${s.id}" names no domain`);
     return this.backup({ domain: s.domain, ...access, ...(s.full !== undefined ? { full: s.full } : {}), ...(s.retention !== undefined ? { retention: s.retention } : {}), requestedBy });
@@ -387,7 +387,7 @@ export class QbackupService {
           ...(backup !== undefined ? { backup } : {}),
           readData: request.readData === true || readDataPercent !== undefined,
           ...(readDataPercent !== undefined ? { readDataPercent } : {}),
-          onProgress: (done, total) => ctx.progress({ phase: 'verify', doneBytes: done, totalBytes: total }),
+          onProgress: (p) => ctx.progress(p),
           signal: ctx.signal,
         });
         for (const p of report.problems) ctx.log(`DAMAGED ${p.object}: ${p.problem}; used by ${p.backups.join(', ')}`);

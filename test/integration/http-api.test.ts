@@ -206,7 +206,7 @@ describe('HTTP API (real daemon, real QEMU)', () => {
   });
 
   test('instant restore: answers when the new domain runs; GET follows the copy to its end; the copy survives a destroy', async () => {
-    assertError(await api.post('/api/repository/restore-instant', { domain: 'vm1', repo, backup: 'x', until: '2026-01-01T00:00:00Z' }), 400, 'INVALID_ARGUMENT', /either backup or until/);
+    assertError(await api.post('/api/repository/restore-instant', { domain: 'vm1', repo, backup: 'x', until: '2026-01-01T00:00:00Z' }), 400, 'INVALID_ARGUMENT', /give either a backup id or a time \(until\), not both/);
     assertError(await api.get('/api/domains/vm1/instant-restore'), 404, 'JOB_NOT_FOUND', /no instant restore/);
     const to = env.path('instant');
     const started = await api.post('/api/repository/restore-instant', { domain: 'vm1', repo, as: 'vm1i', to });

@@ -1,0 +1,120 @@
+// The repository's shared worker pool: decodes ranged reads of packs
+// (decrypt, decompress, check against ids) off the main thread, for every
+// reader of chunks (Store.readChunks, Store.checkPack), and puts full packs
+// together and hashes them for every writer (Store.storePack). One pool per process, shared by
+// every repository open in it (the key travels with each request), started
+// with the first read big enough to be worth it; idle workers never keep the
+// process alive.
+//
+// Invariants:
+// - A request's bytes are transferred to the worker when the caller hands
+//   them over (`transfer`), else copied; the plaintexts come back in one
+//   transferred buffer.
+// - A worker that dies fails the requests it holds, and is replaced at the
+//   next request.
+
+import { availableParallelism } from 'node:os';
+import { Worker } from 'node:worker_threads';
+import { QbackupError } from '../errors.js';
+import { ChunkCompressor } from './compress.js';
+import { assemblePack, decodeEntries, type AssembleRequest, type DecodeEntry, type DecodeReply, type DecodeRequest, type WorkerReply, type WorkerRequest } from './chunk-worker.js';
+import type { MasterKey } from './crypto.js';
+
+/** Below this many bytes a request is decoded on the calling thread: a round trip to a worker costs more. */
+export const INLINE_DECODE_BYTES = 256 * 1024;
+
+interface Slot {
+  worker: Worker;
+  busy: number;
+  waiters: Map<number, (reply: WorkerReply) => void>;
+  dead: boolean;
+}
+
+class DecodePool {
+  private readonly slots: Slot[] = [];
+  private seq = 0;
+  private readonly inline = new ChunkCompressor();
+
+  constructor(private readonly size: number) {}
+
+  async decode(bytes: Buffer, entries: DecodeEntry[], key: MasterKey | undefined, options: { packId?: string | undefined; transfer?: boolean | undefined } = {}): Promise<DecodeReply> {
+    const request: DecodeRequest = { op: 'decode', seq: this.seq++, bytes, entries, dataKey: key?.dataKey, idKey: key?.idKey, packId: options.packId };
+    if (this.size === 0 || bytes.length < INLINE_DECODE_BYTES) return decodeEntries(request, this.inline);
+    const reply = await this.ask(request, options.transfer === true && ownsAll(bytes) ? [bytes.buffer as ArrayBuffer] : []);
+    if (reply.op !== 'decoded') throw new Error('a decode request is answered with plaintexts');
+    return reply;
+  }
+
+  /**
+   * A pack's parts in one buffer and its id, put together and hashed on a
+   * worker: the writer's thread neither copies nor hashes the pack. Parts
+   * that own their whole memory, except those in `keep`, move to the worker
+   * and are unusable after.
+   */
+  async assemble(parts: readonly Buffer[], keep: readonly Buffer[] = []): Promise<{ pack: Buffer; packId: string }> {
+    const request: AssembleRequest = { op: 'assemble', seq: this.seq++, parts: [...parts] };
+    const total = parts.reduce((n, p) => n + p.length, 0);
+    const reply = this.size === 0 || total < INLINE_DECODE_BYTES ? assemblePack(request) : await this.ask(request, [...new Set(parts.filter((p) => ownsAll(p) && !keep.includes(p)).map((p) => p.buffer as ArrayBuffer))]);
+    if (reply.op !== 'assembled') throw new Error('an assemble request is answered with a pack');
+    return { pack: Buffer.from(reply.pack.buffer, reply.pack.byteOffset, reply.pack.byteLength), packId: reply.packId };
+  }
+
+  private async ask(request: WorkerRequest, transfer: ArrayBuffer[]): Promise<WorkerReply> {
+    const slot = this.pick();
+    slot.busy++;
+    try {
+      const reply = await new Promise<WorkerReply>((resolve) => {
+        slot.worker.ref();
+        slot.waiters.set(request.seq, (r) => {
+          if (slot.waiters.size === 0) slot.worker.unref();
+          resolve(r);
+        });
+        slot.worker.postMessage(request, transfer);
+      });
+      if (reply.op === 'error') throw new QbackupError('REPO_DAMAGED', `A chunk worker failed: ${reply.message}`);
+      return reply;
+    } finally {
+      slot.busy--;
+    }
+  }
+
+  private pick(): Slot {
+    for (let i = this.slots.length - 1; i >= 0; i--) if (this.slots[i]?.dead === true) this.slots.splice(i, 1);
+    if (this.slots.length < this.size && this.slots.every((s) => s.busy > 0)) this.slots.push(this.spawn());
+    return this.slots.reduce((a, b) => (b.busy < a.busy ? b : a));
+  }
+
+  private spawn(): Slot {
+    const worker = new Worker(new URL('./chunk-worker.js', import.meta.url), { workerData: { level: 1 } });
+    const slot: Slot = { worker, busy: 0, waiters: new Map(), dead: false };
+    worker.on('message', (reply: WorkerReply) => {
+      const w = slot.waiters.get(reply.seq);
+      slot.waiters.delete(reply.seq);
+      w?.(reply);
+    });
+    const fail = (message: string): void => {
+      slot.dead = true;
+      for (const w of slot.waiters.values()) w({ op: 'error', seq: -1, message });
+      slot.waiters.clear();
+    };
+    worker.on('error', (err) => fail(err.message));
+    worker.on('exit', (code) => fail(`the worker exited (${code})`));
+    worker.unref();
+    return slot;
+  }
+}
+
+/** True when `b` is the whole of its memory, which can then move to a worker without a copy. */
+function ownsAll(b: Buffer): boolean {
+  return b.buffer instanceof ArrayBuffer && b.byteOffset === 0 && b.byteLength === b.buffer.byteLength && b.byteLength > 0;
+}
+
+let shared: DecodePool | undefined;
+
+/** The process's decode pool: as many workers as cores, at most 4. */
+export function decodePool(): DecodePool {
+  shared ??= new DecodePool(Math.max(1, Math.min(4, availableParallelism())));
+  return shared;
+}
+
+export type { DecodePool };
