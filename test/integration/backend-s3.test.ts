@@ -9,6 +9,7 @@ import { parseS3Url, S3Backend } from '../../src/repository/backend/s3.js';
 import { acquireLock, CLOCK_SKEW_MS, liveLocks } from '../../src/repository/locks.js';
 import { backendConformance } from '../helpers/backend-conformance.js';
 import { ceph, stopCeph } from '../helpers/ceph.js';
+import { waitFor } from '../helpers/repo.js';
 
 after(stopCeph);
 
@@ -99,14 +100,21 @@ describe('S3 backend on radosgw', () => {
     const lease = (domain: string, leaseMs: number): Buffer => Buffer.from(JSON.stringify({ kind: 'backup', domain, host: 'dead-host.invalid', boot: 'x', pid: 7, pidStart: '1', takenMs: now - 600_000, leaseMs }));
     await b.putIfAbsent('locks/00000000000000d1', lease('web', now - CLOCK_SKEW_MS - 5_000));
     await b.putIfAbsent('locks/00000000000000a1', lease('db', now + 60_000));
-    const web = await acquireLock(b, 'backup', 'web', { leaseMs: 4000 });
+    const web = await acquireLock(b, 'backup', 'web', { leaseMs: 8000 });
     await assert.rejects(acquireLock(b, 'backup', 'db'), (err: unknown) => isQbackupError(err, 'REPO_LOCKED'));
     const firstId = web.id;
-    // Renewed every second (a quarter of the lease); a loaded machine may be late.
-    for (let i = 0; i < 100 && web.id === firstId; i++) await new Promise((r) => setTimeout(r, 50));
-    assert.notEqual(web.id, firstId, 'renewed');
+    // Renewed every quarter of the lease; waited for, not timed.
+    assert.ok(await waitFor(() => web.id !== firstId, 60_000), 'renewed');
     await web.assertHeld();
-    const ids = (await liveLocks(b)).map((l) => l.id).sort();
+    // A listing can fall inside a renewal (the new lease written, the old one
+    // not yet deleted, or the id moving on meanwhile): list again until one
+    // falls between renewals.
+    let ids: string[] = [];
+    for (const end = Date.now() + 60_000; Date.now() < end; ) {
+      const before = web.id;
+      ids = (await liveLocks(b)).map((l) => l.id).sort();
+      if (web.id === before && ids.length === 2) break;
+    }
     assert.deepEqual(ids, ['00000000000000a1', web.id].sort(), 'the dead lease is gone, the renewed one and the live one stay');
     await web.release();
   });

@@ -1,7 +1,9 @@
 // Instant restore against real QEMU (TCG) and a real server process:
 // - a domain backed up with known data is restored instantly under a new
-//   name; the guest writes while the copy runs (capped with --bandwidth so
-//   the window is seconds wide); when the copy is done the server is gone,
+//   name; the guest writes while the copy runs and checkpoints, backups and
+//   disk changes are refused (the copy is held back with a tiny --bandwidth,
+//   which no load can outrun, and the cap lifted once the checks are done);
+//   when the copy is done the server is gone,
 //   the definition has no backing, and the local image holds exactly the
 //   backup's bytes plus those writes (qemu-img compare against a raw image
 //   the test builds from the reference copy and the same writes);
@@ -72,6 +74,23 @@ describe('instant restore (real QEMU)', () => {
     return file;
   }
 
+  /**
+   * Copies in these tests start at HELD (bytes per second): after the first
+   * chunk each disk's job sleeps about a minute per further 512 KiB chunk of
+   * data, so a disk still reads from the backup for as long as a test acts
+   * mid-copy, however loaded the machine. `release` then lifts the cap
+   * (QMP block-job-set-speed 0 wakes the sleeping job) so the copy ends.
+   */
+  const HELD = 10 * 1024;
+  const HELD_MIB = String(HELD / MiB);
+
+  async function release(name: string): Promise<void> {
+    const record = env.qb.instant.loadRecord(name) as InstantRecord;
+    for (const d of record.disks) {
+      await env.qb.domains.monitorCommand(name, JSON.stringify({ execute: 'block-job-set-speed', arguments: { device: d.jobId, speed: 0 } }));
+    }
+  }
+
   async function waitDone(name: string): Promise<InstantRestoreInfo> {
     const result = await env.qb.instant.wait(name, { pollMs: 200 });
     assert.equal(result.state, 'completed');
@@ -85,7 +104,7 @@ describe('instant restore (real QEMU)', () => {
   }
 
   test('runs at once, takes guest writes while the data moves, ends with backup + writes locally and no server', async () => {
-    const r = await env.cli(['--json', 'restore', 'vm', '--repo', repo, '--instant', '--as', 'copy1', '--bandwidth', '4', '--to', env.path('copy1')]);
+    const r = await env.cli(['--json', 'restore', 'vm', '--repo', repo, '--instant', '--as', 'copy1', '--bandwidth', HELD_MIB, '--to', env.path('copy1')]);
     assert.equal(r.code, 0, r.stderr);
     const started = JSON.parse(r.stdout) as InstantRestoreInfo;
     assert.equal(started.backup, backup.id);
@@ -109,7 +128,9 @@ describe('instant restore (real QEMU)', () => {
       assert.equal(refused.code, 1, `${args.join(' ')}: ${refused.stderr}`);
       assert.match(refused.stderr, /still reads from its backup while an instant restore copies the data in/);
     }
+    assert.ok((await env.qb.instant.info('copy1'))?.disks.some((d) => d.doneBytes < d.totalBytes), 'the copy was still running after the refusals');
 
+    await release('copy1');
     const done = await waitDone('copy1');
     assert.ok(done.disks.every((d) => d.status === 'completed'));
     assertFinalized('copy1', serverPid);
@@ -127,7 +148,7 @@ describe('instant restore (real QEMU)', () => {
   });
 
   test('the server killed mid-copy is restarted by the next command with the same backup, and the copy completes', async () => {
-    const started = await env.qb.instant.restore('vm', { repo, as: 'copy2', to: env.path('copy2'), speedBytesPerSec: 2 * MiB });
+    const started = await env.qb.instant.restore('vm', { repo, as: 'copy2', to: env.path('copy2'), speedBytesPerSec: HELD });
     const first = env.qb.instant.loadRecord('copy2') as InstantRecord;
     assert.ok(first.server !== null);
     await guestWrite(env.qb, 'copy2', 'sda', 'write -P 0x61 2M 64k');
@@ -141,6 +162,7 @@ describe('instant restore (real QEMU)', () => {
     assert.notEqual(second.server.pid, first.server.pid, 'a new server');
     assert.equal(second.backupId, started.backup);
     assert.equal(second.socket, first.socket, 'on the same socket');
+    await release('copy2');
     const done = await waitDone('copy2');
     assertFinalized('copy2', second.server.pid);
     await env.qb.domains.shutdown('copy2');
@@ -150,7 +172,7 @@ describe('instant restore (real QEMU)', () => {
   });
 
   test('QEMU killed mid-copy: the next start serves the backup again and the copy completes', async () => {
-    await env.qb.instant.restore('vm', { repo, as: 'copy3', to: env.path('copy3'), speedBytesPerSec: 2 * MiB });
+    await env.qb.instant.restore('vm', { repo, as: 'copy3', to: env.path('copy3'), speedBytesPerSec: HELD });
     await guestWrite(env.qb, 'copy3', 'sdb', 'write -P 0x62 5M 64k');
     await guestWrite(env.qb, 'copy3', 'sdb', 'flush');
     const record = env.qb.instant.loadRecord('copy3') as InstantRecord;
@@ -163,6 +185,7 @@ describe('instant restore (real QEMU)', () => {
     await env.qb.domains.start('copy3');
     const again = env.qb.instant.loadRecord('copy3') as InstantRecord;
     assert.ok(again.server !== null && isProcessAlive(again.server.pid, again.server.pidStart));
+    await release('copy3');
     await waitDone('copy3');
     await env.qb.domains.shutdown('copy3');
     assert.equal(await imageDiffers(env.path('copy3/sda.qcow2'), 'qcow2', await expected('sda', 'copy3', [])), undefined);
@@ -175,7 +198,7 @@ describe('instant restore (real QEMU)', () => {
     assert.equal((await env.cli(['init', '--repo', secure, '--encrypt'], { env: pw })).code, 0);
     const b = await env.cli(['--json', 'backup', 'vm', '--repo', secure, '--full'], { env: pw });
     assert.equal(b.code, 0, b.stderr);
-    const r = await env.cli(['restore', 'vm', '--repo', secure, '--instant', '--as', 'copy4', '--to', env.path('copy4'), '--bandwidth', '2'], { env: pw });
+    const r = await env.cli(['restore', 'vm', '--repo', secure, '--instant', '--as', 'copy4', '--to', env.path('copy4'), '--bandwidth', HELD_MIB], { env: pw });
     assert.equal(r.code, 0, r.stderr);
     const record = env.qb.instant.loadRecord('copy4') as InstantRecord;
     assert.ok(record.encrypted && record.server !== null);
@@ -190,18 +213,21 @@ describe('instant restore (real QEMU)', () => {
     assert.match(withPw.stdout, /Instant restore \(streaming\)/);
     const w = await env.cli(['restore', 'vm', '--repo', secure, '--instant', '--as', 'copy4', '--wait'], { env: pw });
     assert.match(w.stderr, /a domain of that name exists/, 'a second restore under the same name is refused even while the first copies');
+    await release('copy4');
     await waitDone('copy4');
     await env.qb.domains.shutdown('copy4');
     for (const t of ['sda', 'sdb']) assert.equal(await imageDiffers(env.path(`copy4/${t}.qcow2`), 'qcow2', await expected(t, 'copy4', [])), undefined);
   });
 
   test('a name that is taken is refused with one sentence, and nothing is made; an NBD backing nothing serves is refused at start', async () => {
+    // A shut-off domain of its own whose name the restore asks for.
+    await env.defineDomain('taken', [{ target: 'sda', sizeBytes: 16 * MiB }]);
     const running = await env.cli(['restore', 'vm', '--repo', repo, '--instant', '--to', env.path('clash1')]);
     assert.equal(running.code, 1);
     assert.match(running.stderr, /^error: Cannot restore backup ".*" instantly as domain "vm": a domain of that name exists \(running\); give the restored domain another name with --as/);
-    const taken = await env.cli(['restore', 'vm', '--repo', repo, '--instant', '--as', 'copy1', '--to', env.path('clash2')]);
+    const taken = await env.cli(['restore', 'vm', '--repo', repo, '--instant', '--as', 'taken', '--to', env.path('clash2')]);
     assert.equal(taken.code, 1);
-    assert.match(taken.stderr, /domain "copy1": a domain of that name exists \(shut off\); choose another name with --as/);
+    assert.match(taken.stderr, /domain "taken": a domain of that name exists \(shut off\); choose another name with --as/);
     assert.ok(!existsSync(env.path('clash1')) && !existsSync(env.path('clash2')));
     // A definition declaring an NBD backing that nothing serves, with no restore recorded: start refuses.
     const overlay = await env.image('orphan.qcow2', 16 * MiB);

@@ -116,10 +116,25 @@ describe('repository on S3 (Ceph radosgw, real QEMU)', () => {
     refs.set('alpha', await referenceCopies(hostA, 'alpha', 'second'));
     const running = spawnCli(hostA, ['--json', 'backup', 'alpha', '--repo', repo, '--full', '--workers', '1'], c.env);
     const probe = new S3Backend({ bucket: repo.slice(5, repo.indexOf('/', 5)), prefix: 'fleet/', pathStyle: true }, c.settings);
-    const sawLock = await until(async () => (await probe.list('locks/')).length > 0, 30_000);
-    assert.ok(sawLock, 'host A holds its backup lease');
-    const gc = JSON.parse(await ok(hostB, ['--json', 'gc', '--repo', repo])) as { condemned: number; packsDeleted: number };
-    const stillRunning = running.child.exitCode === null;
+    // Host A's backup is held still (SIGSTOP) from the moment it holds its
+    // lease until host B's gc is done, so the gc meets a backup in progress
+    // however fast or loaded the machine (the lease lasts minutes). Each look
+    // at the bucket is made with the backup stopped, so a lease seen is held.
+    let gc: { condemned: number; packsDeleted: number };
+    let stillRunning: boolean;
+    try {
+      const sawLock = await until(async () => {
+        running.child.kill('SIGSTOP');
+        if ((await probe.list('locks/')).length > 0) return true;
+        running.child.kill('SIGCONT');
+        return false;
+      }, 60_000);
+      assert.ok(sawLock, 'host A holds its backup lease');
+      gc = JSON.parse(await ok(hostB, ['--json', 'gc', '--repo', repo])) as { condemned: number; packsDeleted: number };
+      stillRunning = running.child.exitCode === null;
+    } finally {
+      running.child.kill('SIGCONT');
+    }
     const done = await running.done;
     assert.equal(done.code, 0, done.stderr);
     console.log(`# gc on host B during host A's backup (still running: ${stillRunning}): ${JSON.stringify(gc)}`);
