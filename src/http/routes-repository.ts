@@ -4,7 +4,6 @@
 // X-Repository-Password header (never in a URL, never stored in a task); a
 // copy's source passphrase in X-Source-Repository-Password.
 
-import { isAbsolute } from 'node:path';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { QbackupError } from '../errors.js';
 import { checkBackupChoice, type RepoAccess, type RetentionPolicy } from '../repository/repository.js';
@@ -20,18 +19,11 @@ const format = { type: 'string', enum: ['qcow2', 'raw'] } as const;
 
 /** A configured repository's name or a location, through the service (allow-list, configured passphrase unless the header gives one). */
 function access(request: FastifyRequest, repoPath: string, headerName = 'x-repository-password'): RepoAccess {
-  assertRepoLocation(repoPath);
   const header = request.headers[headerName];
   const password = Array.isArray(header) ? header[0] : header;
   return request.server.qbackupService.access(repoPath, password);
 }
 
-/** A relative path would resolve against the daemon's working directory: refused. */
-function assertRepoLocation(repoPath: string): void {
-  if (!isAbsolute(repoPath) && !repoPath.startsWith('s3://')) {
-    throw new QbackupError('INVALID_ARGUMENT', `Invalid repository "${repoPath}": the daemon takes an absolute path or an s3:// location`);
-  }
-}
 
 /** Which repositories a request names, each with the header of its passphrase. */
 function namedRepositories(request: FastifyRequest): Array<{ repo: string; header: string }> {
@@ -60,22 +52,22 @@ export function guardPassphrases(app: FastifyInstance, service: QbackupService, 
     const url = request.url.split('?')[0] ?? '';
     if (!url.startsWith('/api/repository/')) return;
     for (const { repo: r, header } of namedRepositories(request)) {
-      assertRepoLocation(r);
+      const location = service.location(r);
       const given = request.headers[header];
       const password = Array.isArray(given) ? given[0] : given;
       if (password === undefined || password === '' || url === '/api/repository/init') continue;
       const client = request.tokenName ?? request.ip;
-      guard.assertAllowed(client, r);
+      guard.assertAllowed(client, location);
       try {
-        await service.qb.repository.listKeys({ repo: r, password });
+        await service.qb.repository.listKeys({ repo: location, password });
       } catch (err) {
         if (err instanceof QbackupError && err.code === 'WRONG_PASSWORD') {
-          guard.failed(client, r);
+          guard.failed(client, location);
           throw err;
         }
         continue; // not a passphrase failure: the route itself reports it
       }
-      guard.succeeded(client, r);
+      guard.succeeded(client, location);
     }
   });
 }

@@ -12,6 +12,7 @@
 // - reload() swaps the configuration between tasks' starts: a running task
 //   keeps the access it was started with.
 
+import { isAbsolute } from 'node:path';
 import { emptyConfig, restrictsRepositories, type QbackupConfig, type ScheduleConfig } from '../config/config.js';
 import { Credentials, readSecretFile } from '../config/credentials.js';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
@@ -172,6 +173,10 @@ export class QbackupService {
 
   /** The location `repo` names (a configured name or a location), refused like access() when it is not allowed; reads no secret. */
   location(repo: string): string {
+    // A relative path would resolve against the daemon's working directory: only a configured name may be relative.
+    if (this.creds.named(repo) === undefined && !isAbsolute(repo) && !/^[a-z0-9+.-]+:\/\//i.test(repo)) {
+      throw new QbackupError('INVALID_ARGUMENT', `Invalid repository "${repo}": the daemon takes a configured repository name, an absolute path or an s3:// location`);
+    }
     const location = this.creds.location(repo);
     if (restrictsRepositories(this.configuration) && this.creds.atLocation(location) === undefined && !this.configuration.allowRepositories.includes(location)) {
       const names = [...this.configuration.repositories.keys()];

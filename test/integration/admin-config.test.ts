@@ -150,7 +150,9 @@ metrics: token
     };
 
     // The backup schedule runs into "local" and retention keeps 3.
-    await until('three backups of vm1 in "local"', async () => ((await backups('local')).length >= 3 ? true : undefined));
+    await until('three backups of vm1 in "local"', async () => ((await backups('local')).length >= 3 ? true : undefined)).catch((err: unknown) => {
+      throw new Error(`${(err as Error).message}; the daemon's log:\n${stderr.slice(-4000)}`);
+    });
     const metrics = await until('the backup in /metrics', async () => {
       const m = await get('/metrics', started.token);
       return /qbackup_backup_last_success\{domain="vm1"\} 1/.test(m.text) && /qbackup_repository_size_bytes\{repository="local"\} [1-9]/.test(m.text) ? m.text : undefined;

@@ -40,7 +40,7 @@ describe('daemon: repository paths and passphrase attempts', () => {
     for (const r of [await api.get('/api/repository/backups?repo=backups/here'), await api.post('/api/repository/verify', { repo: './x' }), await api.post('/api/repository/init', { repo: 'rel' })]) {
       assert.equal(r.status, 400, r.text);
       assert.equal(code(r), 'INVALID_ARGUMENT');
-      assert.match(String((r.body as Record<string, unknown>)['message']), /^Invalid repository ".*": the daemon takes an absolute path or an s3:\/\/ location$/);
+      assert.match(String((r.body as Record<string, unknown>)['message']), /^Invalid repository ".*": the daemon takes a configured repository name, an absolute path or an s3:\/\/ location$/);
     }
   });
 
