@@ -9,7 +9,7 @@
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { isQbackupError } from '../src/errors.js';
-import { createImage } from '../src/qemu/image.js';
+import { createImage } from '../src/image/qemu-img.js';
 import type { BenchEnv } from './env.js';
 import { MiB, now, run, sleep } from './util.js';
 

@@ -13,8 +13,8 @@
 
 import { rmSync } from 'node:fs';
 import { exportUri, type JobInfo } from '../src/backup/job.js';
-import { createImage } from '../src/qemu/image.js';
-import { startQemuNbd } from '../src/qemu/qemu-nbd.js';
+import { createImage } from '../src/image/qemu-img.js';
+import { startQemuNbd } from '../src/image/qemu-nbd.js';
 import { processCpuMs, warmFile, type BenchEnv } from './env.js';
 import { pullCopy } from './pull-copy.js';
 import { now, run, runWithCpu, withOwnCpu } from './util.js';

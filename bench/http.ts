@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Qbackup } from '../src/qbackup.js';
-import { createImage } from '../src/qemu/image.js';
+import { createImage } from '../src/image/qemu-img.js';
 
 const root = resolve(fileURLToPath(import.meta.url), '..', '..', '..');
 

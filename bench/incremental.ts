@@ -7,7 +7,7 @@
 // into a qcow2 served by qemu-nbd). Time and bytes are recorded per case.
 
 import { rmSync } from 'node:fs';
-import { allocatedDataBytes, createImage } from '../src/qemu/image.js';
+import { allocatedDataBytes, createImage } from '../src/image/qemu-img.js';
 import { CLUSTER_BYTES, hmpWrite, type BenchEnv } from './env.js';
 import { syncAll } from './full.js';
 import { pullCopy } from './pull-copy.js';

@@ -11,7 +11,7 @@ import { QbackupError } from '../src/errors.js';
 import { NbdClient } from '../src/nbd/client.js';
 import { NBD_CONTEXT_BASE_ALLOCATION } from '../src/nbd/constants.js';
 import { copyExtents } from '../src/nbd/copy.js';
-import { startQemuNbd } from '../src/qemu/qemu-nbd.js';
+import { startQemuNbd } from '../src/image/qemu-nbd.js';
 
 export interface PullCopyRequest {
   job: JobInfo;

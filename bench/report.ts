@@ -540,7 +540,7 @@ Earlier rounds:
 - \`src/nbd/client.ts\` \`read()\`: a reply that is a single data chunk covering
   the whole request is returned as is, instead of being copied into a fresh
   zero-filled buffer (one memset and one copy of every byte less in pull copies).
-- \`src/checkpoint/service.ts\`, \`src/checkpoint/coverage.ts\`,
+- \`src/checkpoint/checkpoints.ts\`, \`src/checkpoint/coverage.ts\`,
   \`src/store/checkpoints.ts\`: the chain is no longer walked quadratically, and
   the domain XML stored with every checkpoint is not read to walk it.
   \`reconcile\` scanned the metadata and the image's bitmap list for every
@@ -557,7 +557,7 @@ Earlier rounds:
   (\`synchronous=NORMAL\` for that statement: atomic, not durable; a lock only
   means something while its owner lives, and the next durable commit syncs it
   along). Every command took and released the lock with two fsyncs.
-- \`src/backup/service.ts\` \`wait()\`: polled every 100 ms, which added up to
+- \`src/backup/jobs.ts\` \`wait()\`: polled every 100 ms, which added up to
   100 ms to every backup, more than a 1 % incremental takes. It now sleeps
   half of the job's expected remaining time, between 5 and 100 ms.
 `);

@@ -10,7 +10,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { startQemuNbd } from '../src/qemu/qemu-nbd.js';
+import { startQemuNbd } from '../src/image/qemu-nbd.js';
 import { LocalBackend } from '../src/repository/backend/local.js';
 import { restoreToFile } from '../src/repository/restore.js';
 import { serveBackup } from '../src/repository/serve.js';

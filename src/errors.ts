@@ -21,6 +21,7 @@ export const ERROR_CODES = {
   INVALID_NAME: 'a domain, disk or checkpoint name outside the allowed pattern',
   INVALID_XML: 'a libvirt document that is malformed or breaks its schema',
   NOT_SUPPORTED: 'a valid request qbackup refuses rather than weakening it (TLS, encryption, …)',
+  DRIVER_UNAVAILABLE: 'a connection URI names a hypervisor driver this qbackup does not have (or a URI it cannot read)',
   // -- objects that are missing, present or busy
   DOMAIN_NOT_FOUND: 'no domain of that name',
   DOMAIN_EXISTS: 'a domain of that name or UUID exists',

@@ -5,60 +5,72 @@
 import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { QbackupError } from './errors.js';
-import { BackupService } from './backup/service.js';
-import { CheckpointService } from './checkpoint/service.js';
-import { DomainService, refuseWhileRestoring, type DomainServiceOptions } from './domain/service.js';
+import type { BackupService } from './backup/jobs.js';
+import type { CheckpointService } from './checkpoint/checkpoints.js';
+import type { DomainService } from './domain/domains.js';
+import type { HypervisorDriver } from './drivers/driver.js';
+import { openDriver } from './drivers/open.js';
+import { QemuDriver } from './drivers/qemu/driver.js';
+import { QemuEngine } from './drivers/qemu/engine.js';
 import { openDatabase, type Db } from './store/db.js';
-import { CheckpointStore } from './store/checkpoints.js';
-import { InstantRestoreService } from './repository/instant.js';
+import { InstantRestoreService, type Credentials } from './instant/restore.js';
 import type { BackendSettings } from './repository/backend/open.js';
-import { RepositoryService } from './repository/service.js';
-import { DomainStore } from './store/domains.js';
-import { JobStore } from './store/jobs.js';
+import { RepositoryService } from './repository/repository.js';
+import type { Faults } from './util/faults.js';
 import { makePrivateDir } from './util/private-dir.js';
 
 export interface QbackupOptions {
   /** Directory for metadata, QMP sockets and QEMU logs. Created (mode 0700) if missing. */
   stateDir: string;
+  /**
+   * The hypervisor the repository, instant restore and the daemon work with
+   * (src/drivers/open.ts): qbackup:/// (the default) is our own QEMU engine.
+   */
+  connect?: string | undefined;
   /** How long a command waits for another one on the same domain. Default 30 s. */
-  lockTimeoutMs?: number;
-  accel?: 'auto' | 'kvm' | 'tcg';
-  qemuBinary?: string;
-  detachTimeoutMs?: number;
-  shutdownTimeoutMs?: number;
+  lockTimeoutMs?: number | undefined;
+  accel?: 'auto' | 'kvm' | 'tcg' | undefined;
+  qemuBinary?: string | undefined;
+  detachTimeoutMs?: number | undefined;
+  shutdownTimeoutMs?: number | undefined;
   /** How long a start, or the adoption of a QEMU a killed start left, waits for QMP. Default 30 s. */
-  startTimeoutMs?: number;
-  qmpTrace?: (direction: 'send' | 'recv', message: object) => void;
+  startTimeoutMs?: number | undefined;
+  qmpTrace?: ((direction: 'send' | 'recv', message: object) => void) | undefined;
   /**
    * Certificate directory of pull-mode exports over TCP with TLS (ca-cert.pem,
    * server-cert.pem, server-key.pem; libvirt's backup_tls_x509_cert_dir), and
    * of the repository backup's own TLS client (ca-cert.pem, client-cert.pem,
    * client-key.pem). Default: STATE_DIR/pki/qbackup. Read only when TLS is used.
    */
-  tlsCertDir?: string;
+  tlsCertDir?: string | undefined;
   /**
    * Passphrases of LUKS-encrypted push targets and scratch images, one file
    * per libvirt secret UUID holding the passphrase's bytes (0600). Default:
    * STATE_DIR/secrets.
    */
-  secretsDir?: string;
-  /** The passphrase a command uses when it must restart the server of an instant restore from an encrypted repository. */
-  repositoryPassword?: string;
+  secretsDir?: string | undefined;
+  /**
+   * Passphrases and the environment helper processes get (the server of an
+   * instant restore): one provider, from the caller. The library reads no
+   * environment of its own.
+   */
+  credentials?: Credentials | undefined;
   /** The program that serves a backup over NBD to an instant restore (argv prefix); default: this qbackup's `serve-backup`. */
-  backupServerCommand?: readonly string[];
+  backupServerCommand?: readonly string[] | undefined;
   /** How long starting that server may take. Default 60 s. */
-  backupServerTimeoutMs?: number;
-  /** Test-only fault injection: qbackup kills itself (SIGKILL) at this point. */
-  crashAt?: string;
+  backupServerTimeoutMs?: number | undefined;
+  /** Test-only fault injection (src/util/faults.ts). */
+  faults?: Faults | undefined;
   /** How to reach repositories on object storage (s3://…). */
-  backends?: BackendSettings;
+  backends?: BackendSettings | undefined;
 }
 
 export class Qbackup implements Disposable {
   readonly db: Db;
-  readonly domains: DomainService;
-  readonly checkpoints: CheckpointService;
-  readonly backups: BackupService;
+  /** Our own QEMU engine: the domains, checkpoints and backup jobs of qbackup's libvirt-style commands. */
+  readonly engine: QemuEngine;
+  /** The hypervisor the repository, instant restore and the daemon use, chosen by `connect`. */
+  readonly driver: HypervisorDriver;
   readonly repository: RepositoryService;
   readonly instant: InstantRestoreService;
   private closed = false;
@@ -66,59 +78,28 @@ export class Qbackup implements Disposable {
   private constructor(readonly options: QbackupOptions) {
     prepareStateDir(options.stateDir);
     this.db = openDatabase(join(options.stateDir, 'qbackup.db'));
-    const domainOptions: DomainServiceOptions = {
+    this.engine = new QemuEngine(this.db, { ...options, lockTimeoutMs: options.lockTimeoutMs ?? 30_000 });
+    this.driver = openDriver(options.connect, { qemu: () => new QemuDriver(this.engine) });
+    this.repository = new RepositoryService(this.driver, { backends: options.backends ?? {}, runDir: join(options.stateDir, 'run') });
+    this.instant = new InstantRestoreService(this.driver, this.repository, this.db, {
       stateDir: options.stateDir,
-      lockTimeoutMs: options.lockTimeoutMs ?? 30_000,
-      ...(options.accel !== undefined ? { accel: options.accel } : {}),
-      ...(options.qemuBinary !== undefined ? { qemuBinary: options.qemuBinary } : {}),
-      ...(options.detachTimeoutMs !== undefined ? { detachTimeoutMs: options.detachTimeoutMs } : {}),
-      ...(options.shutdownTimeoutMs !== undefined ? { shutdownTimeoutMs: options.shutdownTimeoutMs } : {}),
-      ...(options.startTimeoutMs !== undefined ? { startTimeoutMs: options.startTimeoutMs } : {}),
-      ...(options.qmpTrace !== undefined ? { qmpTrace: options.qmpTrace } : {}),
-    };
-    this.domains = new DomainService(new DomainStore(this.db), domainOptions);
-    this.checkpoints = new CheckpointService(this.domains, new CheckpointStore(this.db), options.crashAt);
-    this.backups = new BackupService(this.domains, this.checkpoints, new JobStore(this.db), options.crashAt, {
-      tlsCertDir: options.tlsCertDir ?? join(options.stateDir, 'pki', 'qbackup'),
-      secretsDir: options.secretsDir ?? join(options.stateDir, 'secrets'),
+      serverCommand: options.backupServerCommand,
+      serverTimeoutMs: options.backupServerTimeoutMs,
+      s3: options.backends?.s3,
+      credentials: options.credentials,
     });
-    this.instant = new InstantRestoreService(this.domains, {
-      ...(options.backupServerCommand !== undefined ? { serverCommand: options.backupServerCommand } : {}),
-      ...(options.backupServerTimeoutMs !== undefined ? { serverTimeoutMs: options.backupServerTimeoutMs } : {}),
-      ...(options.backends?.s3 !== undefined ? { s3: options.backends.s3 } : {}),
-    });
-    this.instant.password = options.repositoryPassword;
-    this.repository = new RepositoryService(this.domains, this.checkpoints, this.backups, this.instant, options.backends ?? {});
-    // Every hook of the library, in the order it must run. On open: first
-    // complete or roll back an interrupted checkpoint change, then settle a
-    // backup job (which may commit its checkpoint), then an instant restore
-    // (finalize a finished copy, bring back a dead server or copy job). A
-    // start serves the backup of an instant restore first, and copies after.
-    this.domains.setHooks({
-      onOpen: async (ctx) => {
-        await this.checkpoints.recover(ctx);
-        await this.backups.reap(ctx);
-        await this.instant.onOpen(ctx);
-      },
-      beforeStart: (ctx) => this.instant.beforeStart(ctx),
-      afterStart: async (ctx, qmp) => {
-        await this.checkpoints.reconcile(ctx, qmp);
-        await this.instant.afterStart(ctx, qmp);
-      },
-      afterAttach: async (ctx, _disk, qmp) => {
-        await this.checkpoints.reconcile(ctx, qmp);
-      },
-      sizesMayHaveChanged: (ctx, qmp) => this.checkpoints.noteSizes(ctx, qmp),
-      beforeConfigChange: (ctx, what) => {
-        this.backups.assertNoJob(ctx, what);
-        // An undefine may end an instant restore (its server goes with it).
-        if (what !== 'undefine') refuseWhileRestoring(ctx, what);
-      },
-      beforeUndefine: (ctx, options) => {
-        this.checkpoints.assertUndefinable(ctx, options);
-        this.instant.beforeUndefine(ctx);
-      },
-    });
+  }
+
+  get domains(): DomainService {
+    return this.engine.domains;
+  }
+
+  get checkpoints(): CheckpointService {
+    return this.engine.checkpoints;
+  }
+
+  get backups(): BackupService {
+    return this.engine.backups;
   }
 
   static open(options: QbackupOptions): Qbackup {

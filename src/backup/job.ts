@@ -5,7 +5,7 @@
 
 import { QbackupError } from '../errors.js';
 import type { CoverageProblem } from '../checkpoint/coverage.js';
-import type { CreateIntent } from '../checkpoint/service.js';
+import type { CreateIntent } from '../checkpoint/checkpoints.js';
 import { formatNbdUri } from '../nbd/uri.js';
 import type { BackupMode, BackupTargetFormat } from './spec.js';
 

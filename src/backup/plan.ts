@@ -17,8 +17,8 @@
 import { join, resolve } from 'node:path';
 import { QbackupError } from '../errors.js';
 import type { DiskCoverage } from '../checkpoint/coverage.js';
-import { TEMP_BITMAP_PREFIX } from '../checkpoint/service.js';
-import type { AttachedDisk } from '../domain/service.js';
+import { TEMP_BITMAP_PREFIX } from '../checkpoint/checkpoints.js';
+import type { AttachedDisk } from '../domain/domains.js';
 import type { JobDisk, JobInfo, NbdServer } from './job.js';
 import type { BackupDiskSpec, BackupSpec } from './spec.js';
 
@@ -37,7 +37,7 @@ export interface BeginOptions {
    * server-cert.pem and server-key.pem (libvirt's backup_tls_x509_cert_dir).
    * Default: the backup service's (STATE_DIR/pki/qbackup).
    */
-  tlsCertDir?: string;
+  tlsCertDir?: string | undefined;
   /**
    * With TLS: accept only the client whose certificate's distinguished name
    * is exactly this, e.g. "CN=backup-client" (QEMU's tls-authz); default: every
@@ -67,7 +67,7 @@ export interface PlanInputs {
   /** Where default scratch images and sockets go. */
   domainDir: string;
   /** A TCP server with TLS: the checked, absolute certificate directory. */
-  tlsCertDir?: string;
+  tlsCertDir?: string | undefined;
   /** Where the passphrase of a secret (by UUID) is kept; needed when a disk asks for encryption. */
   secretFile?: (uuid: string) => string;
   /** Does this file exist? */

@@ -3,11 +3,11 @@
 // guest write falls between two steps) or is shut off (qemu-img bitmap on the
 // image files; nothing else writes them while we hold the domain's lock).
 
-import type { AttachedDisk } from '../domain/service.js';
-import { imageInfo } from '../qemu/image.js';
+import type { AttachedDisk } from '../domain/domains.js';
+import { imageInfo } from '../image/qemu-img.js';
 import { readBlockNodes, type NodeBitmap } from '../qemu/block-nodes.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
-import { runTool } from '../qemu/tools.js';
+import { runTool } from '../image/tools.js';
 import type { QmpClient, QmpTransactionAction } from '../qmp/index.js';
 import { assert } from '../util/assert.js';
 

@@ -11,8 +11,8 @@
 // outside qbackup (another QMP client, or qemu-img on a shut-off image) is
 // not seen; qbackup's own paths (monitor commands, blockresize) always look.
 
-import type { AttachedDisk, DomainContext } from '../domain/service.js';
-import { imageInfo } from '../qemu/image.js';
+import type { AttachedDisk, DomainContext } from '../domain/domains.js';
+import { imageInfo } from '../image/qemu-img.js';
 import { readBlockNodes } from '../qemu/block-nodes.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
 import type { QmpClient } from '../qmp/index.js';

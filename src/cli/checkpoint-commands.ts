@@ -1,7 +1,7 @@
 // CLI commands for checkpoints, named and flagged as in virsh, plus our own
 // checkpoint-coverage.
 
-import type { CheckpointInfo } from '../checkpoint/service.js';
+import type { CheckpointInfo } from '../checkpoint/checkpoints.js';
 import type { CheckpointDiskSpec } from '../checkpoint/spec.js';
 import { formatCheckpointXml, parseCheckpointXml } from '../libvirt/checkpoint.js';
 import { QbackupError } from '../errors.js';

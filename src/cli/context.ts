@@ -9,6 +9,8 @@ import type { Command } from 'commander';
 import { QbackupError } from '../errors.js';
 import { Qbackup } from '../qbackup.js';
 import type { BackendSettings } from '../repository/backend/open.js';
+import type { Credentials } from '../util/credentials.js';
+import { crashAtPoint } from '../util/faults.js';
 import type { OutputOptions } from './output.js';
 
 export interface GlobalOptions {
@@ -38,10 +40,10 @@ export function createCliContext(env: NodeJS.ProcessEnv): CliContext {
         qb = Qbackup.open({
           stateDir: opts.stateDir ?? defaultStateDir(env),
           lockTimeoutMs,
-          // Test-only fault injection (see CheckpointService): never set it in production.
-          ...(env['QBACKUP_CRASH_AT'] ? { crashAt: env['QBACKUP_CRASH_AT'] } : {}),
+          // Test-only fault injection (src/util/faults.ts): never set it in production.
+          faults: env['QBACKUP_CRASH_AT'] ? crashAtPoint(env['QBACKUP_CRASH_AT']) : undefined,
           // A command that must restart the server of an instant restore from an encrypted repository needs its passphrase.
-          ...(env['QBACKUP_PASSWORD'] ? { repositoryPassword: env['QBACKUP_PASSWORD'] } : {}),
+          credentials: cliCredentials(env),
           ...(env['QBACKUP_ACCEL'] === 'tcg' || env['QBACKUP_ACCEL'] === 'kvm' ? { accel: env['QBACKUP_ACCEL'] } : {}),
           // Like libvirt's backup_tls_x509_cert_dir: the default certificate directory of TLS exports (and of `serve`).
           ...(env['QBACKUP_TLS_CERT_DIR'] ? { tlsCertDir: env['QBACKUP_TLS_CERT_DIR'] } : {}),
@@ -53,6 +55,22 @@ export function createCliContext(env: NodeJS.ProcessEnv): CliContext {
       } finally {
         qb?.close();
       }
+    },
+  };
+}
+
+/**
+ * Passphrases and helper environments from the CLI's environment: the
+ * passphrase in QBACKUP_PASSWORD; a helper (the server of an instant restore)
+ * gets PATH, HOME (for ~/.aws) and the AWS SDK's variables.
+ */
+export function cliCredentials(env: NodeJS.ProcessEnv): Credentials {
+  return {
+    repositoryPassword: () => env['QBACKUP_PASSWORD'] || undefined,
+    helperEnvironment: () => {
+      const out: Record<string, string> = {};
+      for (const [k, v] of Object.entries(env)) if ((k === 'PATH' || k === 'HOME' || k.startsWith('AWS_')) && v !== undefined) out[k] = v;
+      return out;
     },
   };
 }

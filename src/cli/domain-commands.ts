@@ -1,7 +1,7 @@
 // CLI commands for domains and their disks, named and flagged as in virsh.
 
 import { QbackupError } from '../errors.js';
-import type { BlockInfo } from '../domain/service.js';
+import type { BlockInfo } from '../domain/domains.js';
 import { arg, defineCommand, flag, value, variadicArg, type CliCommand } from './command.js';
 import { oneOfValues, readInput } from './options.js';
 import { emit, table } from './output.js';

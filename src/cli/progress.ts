@@ -2,7 +2,7 @@
 // --json, so scripts and logs get clean output.
 
 import cliProgress from 'cli-progress';
-import type { Progress } from '../repository/service.js';
+import type { Progress } from '../repository/repository.js';
 import type { OutputOptions } from './output.js';
 
 export interface ProgressReporter {

@@ -8,7 +8,8 @@
 import { readFileSync } from 'node:fs';
 import { QbackupError } from '../errors.js';
 import type { Qbackup } from '../qbackup.js';
-import type { CopyReport, GcReport, InstantRestoreInfo, Manifest, PruneResult, RepoAccess, RepoStats, RetentionPolicy, ServeListen, VerifyReport } from '../repository/service.js';
+import type { InstantRestoreInfo } from '../instant/restore.js';
+import type { CopyReport, GcReport, Manifest, PruneResult, RepoAccess, RepoStats, RetentionPolicy, ServeListen, VerifyReport } from '../repository/repository.js';
 import { arg, defineCommand, flag, optionalArg, repeatable, requiredValue, value, valueWithDefault, type CliCommand } from './command.js';
 import { diskOption, hostPort, oneOf, pointInTime, positiveNumber, quiesceMode, quiesceOptions, repoOption } from './options.js';
 import { emit, table, type OutputOptions } from './output.js';
@@ -389,7 +390,7 @@ async function runInstantRestore(
     throw new QbackupError('INVALID_ARGUMENT', 'Option --instant restores every disk of the backup into qcow2 overlays; it takes neither --into-domain, --disk nor --format');
   }
   const speed = o.bandwidth !== undefined ? Math.round(positiveNumber('--bandwidth', o.bandwidth, 'MiB/s') * MiB) : undefined;
-  const started = await qb.repository.instantRestore(domain, {
+  const started = await qb.instant.restore(domain, {
     ...repoAccess(o),
     ...(o.to !== undefined ? { to: o.to } : {}),
     ...(o.as !== undefined ? { as: o.as } : {}),
@@ -404,11 +405,7 @@ async function runInstantRestore(
   const bar = progressReporter(out);
   let result: InstantRestoreInfo;
   try {
-    result = await qb.instant.wait(started.domain, (info) => {
-      const done = info.disks.reduce((a, d) => a + d.doneBytes, 0);
-      const total = info.disks.reduce((a, d) => a + d.totalBytes, 0);
-      bar.update({ phase: `copying into ${started.domain}`, doneBytes: done, totalBytes: total });
-    });
+    result = await qb.instant.wait(started.domain, { onProgress: (p) => bar.update({ ...p, phase: `copying into ${started.domain}` }) });
   } finally {
     bar.stop();
   }

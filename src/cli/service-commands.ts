@@ -6,7 +6,7 @@
 import { resolve } from 'node:path';
 import { QbackupError } from '../errors.js';
 import { isRemoteRepo } from '../repository/backend/open.js';
-import type { RetentionPolicy } from '../repository/service.js';
+import type { RetentionPolicy } from '../repository/repository.js';
 import { Schedules, type ScheduleInfo } from '../service/schedules.js';
 import { ScheduleStore } from '../store/schedules.js';
 import { TokenStore } from '../store/tokens.js';

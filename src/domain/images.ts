@@ -11,8 +11,8 @@
 
 import { existsSync, statSync } from 'node:fs';
 import { QbackupError, describeError } from '../errors.js';
-import { imageInfo } from '../qemu/image.js';
-import type { DiskDefinition } from './types.js';
+import { imageInfo } from '../image/qemu-img.js';
+import type { DiskDefinition } from '../model/definition.js';
 
 /** Refuses a disk whose definition asks for what qbackup cannot pass to QEMU. */
 export function refuseUnsupportedDisk(domain: string, disk: DiskDefinition): void {

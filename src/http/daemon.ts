@@ -10,7 +10,7 @@ import { isIP } from 'node:net';
 import type { FastifyInstance } from 'fastify';
 import { QbackupError, describeError } from '../errors.js';
 import type { Qbackup } from '../qbackup.js';
-import { QbackupService, type ServiceOptions } from '../service/service.js';
+import { QbackupService, type ServiceOptions } from '../service/daemon-service.js';
 import type { RateLimitOptions } from './rate-limit.js';
 import { buildServer } from './server.js';
 

@@ -6,7 +6,7 @@
 // read-only tokens are checked in one place (auth.ts).
 
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import type { QbackupService } from '../service/service.js';
+import type { QbackupService } from '../service/daemon-service.js';
 import { ERROR_BODY_SCHEMA } from './errors.js';
 
 export type JsonSchema = Readonly<Record<string, unknown>>;

@@ -3,11 +3,11 @@
 // parsed at this edge by src/libvirt, as the CLI does.
 
 import type { FastifyInstance } from 'fastify';
-import type { CheckpointInfo } from '../checkpoint/service.js';
+import type { CheckpointInfo } from '../checkpoint/checkpoints.js';
 import type { CheckpointSpec } from '../checkpoint/spec.js';
 import { QbackupError } from '../errors.js';
 import { parseCheckpointXml } from '../libvirt/checkpoint.js';
-import type { QbackupService } from '../service/service.js';
+import type { QbackupService } from '../service/daemon-service.js';
 import { domainParams } from './routes-domains.js';
 import { addRoute, flagValue, int, jsonOrXml, object, queryFlag, str, type JsonSchema } from './route.js';
 

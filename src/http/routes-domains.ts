@@ -4,8 +4,8 @@
 // library's timeouts), so they need no task.
 
 import type { FastifyInstance } from 'fastify';
-import type { AttachDiskRequest } from '../domain/service.js';
-import type { QbackupService } from '../service/service.js';
+import type { AttachDiskRequest } from '../domain/domains.js';
+import type { QbackupService } from '../service/daemon-service.js';
 import { addRoute, bool, flagValue, jsonOrXml, object, queryFlag, str } from './route.js';
 
 const tag = 'domains';

@@ -4,12 +4,12 @@
 // what GET shows, as domjobinfo does.
 
 import type { FastifyInstance } from 'fastify';
-import type { BackupBeginOptions } from '../backup/service.js';
+import type { BackupBeginOptions } from '../backup/jobs.js';
 import type { BackupSpec } from '../backup/spec.js';
 import type { CheckpointSpec } from '../checkpoint/spec.js';
 import { QbackupError } from '../errors.js';
 import { parseBackupSpec } from '../libvirt/backup.js';
-import type { QbackupService } from '../service/service.js';
+import type { QbackupService } from '../service/daemon-service.js';
 import { domainParams } from './routes-domains.js';
 import { addRoute, bool, flagValue, int, jsonOrXml, object, queryFlag, str } from './route.js';
 

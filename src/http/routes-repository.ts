@@ -6,8 +6,8 @@
 
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { QbackupError } from '../errors.js';
-import type { RepoAccess, RetentionPolicy } from '../repository/service.js';
-import type { QbackupService } from '../service/service.js';
+import type { RepoAccess, RetentionPolicy } from '../repository/repository.js';
+import type { QbackupService } from '../service/daemon-service.js';
 import { domainParams } from './routes-domains.js';
 import { addRoute, bool, flagValue, int, object, queryFlag, str, strings } from './route.js';
 
@@ -132,7 +132,7 @@ function instantRestoreRoutes(app: FastifyInstance, service: QbackupService): vo
     body: object({ domain: str({ maxLength: 256 }), repo, backup: str({ maxLength: 256 }), until: str({ maxLength: 64 }), as: str({ maxLength: 256 }), to: str(), speedBytesPerSec: int(1) }, ['domain', 'repo']),
     handler: ({ body: b, request }) => {
       if (b.backup !== undefined && b.until !== undefined) throw new QbackupError('INVALID_ARGUMENT', 'Give either backup or until, not both');
-      return qb.repository.instantRestore(b.domain, {
+      return qb.instant.restore(b.domain, {
         ...access(request, b.repo),
         ...(b.backup !== undefined ? { backup: b.backup } : {}),
         ...(b.until !== undefined ? { until: pointInTime(b.until) } : {}),

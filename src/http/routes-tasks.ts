@@ -4,7 +4,7 @@
 // and remove backup schedules.
 
 import type { FastifyInstance } from 'fastify';
-import type { QbackupService } from '../service/service.js';
+import type { QbackupService } from '../service/daemon-service.js';
 import type { ScheduleSpec } from '../service/schedules.js';
 import type { TaskEvent, TaskInfo } from '../service/tasks.js';
 import { addRoute, bool, int, object, str } from './route.js';

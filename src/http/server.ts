@@ -7,7 +7,7 @@
 
 import swagger from '@fastify/swagger';
 import Fastify, { type FastifyInstance } from 'fastify';
-import type { QbackupService } from '../service/service.js';
+import type { QbackupService } from '../service/daemon-service.js';
 import { installAuth } from './auth.js';
 import { ERROR_BODY_SCHEMA, httpError } from './errors.js';
 import { PAGE_HTML } from './page.js';

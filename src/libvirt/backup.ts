@@ -41,7 +41,7 @@ import {
   parseXmlDocument,
   serializeIndented,
   textOf,
-} from './xml.js';
+} from '../util/xml.js';
 import type { JobInfo } from '../backup/job.js';
 import type { BackupDiskSpec, BackupSpec } from '../backup/spec.js';
 

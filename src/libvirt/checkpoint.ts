@@ -34,7 +34,7 @@ import {
   type XmlLimits,
   serializeIndented,
   textOf,
-} from './xml.js';
+} from '../util/xml.js';
 import { assertCheckpointName, type CheckpointDiskSpec, type CheckpointSpec } from '../checkpoint/spec.js';
 
 export interface FormatCheckpointOptions {

@@ -79,7 +79,7 @@ import {
   type NbdExportNameReply,
 } from './codec.js';
 import { NbdProtocolError } from './errors.js';
-import { ByteQueue } from './parser.js';
+import { ByteQueue } from './byte-queue.js';
 
 /** Option replies carry at most a string of NBD_MAX_STRING bytes plus fixed fields. */
 export const MAX_OPTION_REPLY_BYTES = NBD_MAX_STRING + 16;

@@ -43,8 +43,8 @@ export {
   type NbdStructuredReplyHeader,
 } from './codec.js';
 export { NbdCommandError, NbdProtocolError, type NbdCommandErrorInit, type NbdProtocolReason } from './errors.js';
+export { ByteQueue } from './byte-queue.js';
 export {
-  ByteQueue,
   CHUNK_OVERHEAD_BYTES,
   DEFAULT_MAX_DESCRIPTORS,
   DEFAULT_MAX_PAYLOAD_BYTES,

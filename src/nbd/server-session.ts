@@ -72,7 +72,7 @@ import {
   nbdOptionName,
 } from './constants.js';
 import type { NbdBlockDescriptor, NbdBlockSizes } from './codec.js';
-import { ByteQueue } from './parser.js';
+import { ByteQueue } from './byte-queue.js';
 import {
   NbdOptionError,
   decodeClientString,

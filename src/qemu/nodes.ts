@@ -4,7 +4,7 @@
 // in HMP recipes as they know it: `qemu-io -d sda "write …"`. Every disk is
 // opened with its declared format and without a backing chain.
 
-import type { DiskBus, DiskDefinition } from '../domain/types.js';
+import type { DiskBus, DiskDefinition } from '../model/definition.js';
 
 /** A disk as QEMU sees it: its definition plus the stable id its node names derive from. */
 export type QemuDiskSpec = DiskDefinition & { diskId: string };

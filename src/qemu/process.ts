@@ -14,7 +14,7 @@ import { QbackupError } from '../errors.js';
 import { isProcessAlive, processStartTime, sleep } from '../util/proc.js';
 import { socketAccepts } from '../util/socket.js';
 import { QmpClient } from '../qmp/client.js';
-import type { KernelBoot } from '../domain/types.js';
+import type { KernelBoot } from '../model/definition.js';
 import { ROOT_PORT_COUNT, SCSI_CONTROLLER_ID, backingNodeSpec, blockdevSpecs, deviceSpec, rootPortId, type QemuDiskSpec } from './nodes.js';
 
 export interface LaunchOptions {
@@ -28,15 +28,15 @@ export interface LaunchOptions {
   /** The guest's serial console (ttyS0) is written here, truncated at each start. */
   consoleLog?: string;
   /** Direct kernel boot (-kernel, -initrd, -append). */
-  kernelBoot?: KernelBoot;
+  kernelBoot?: KernelBoot | undefined;
   /** The guest agent's socket: QEMU listens on it for qbackup, the agent talks on virtio-serial port org.qemu.guest_agent.0. */
-  agentSocket?: string;
+  agentSocket?: string | undefined;
   /** Start with the CPUs stopped (virsh start --paused). The block layer works either way. */
   paused?: boolean;
   /** 'auto' uses KVM when /dev/kvm is usable and falls back to TCG. */
   accel?: 'auto' | 'kvm' | 'tcg';
-  binary?: string;
-  startTimeoutMs?: number;
+  binary?: string | undefined;
+  startTimeoutMs?: number | undefined;
   /** Called synchronously as soon as QEMU is spawned, before it answers QMP. */
   onSpawn?: (pid: number) => void;
 }

@@ -56,7 +56,7 @@ export interface QmpConnectOptions {
   /** How many of the most recent events are kept for waitForEvent(). Default 10000. */
   eventBufferSize?: number;
   /** Sees every message sent and every object received (before validation); for debugging. */
-  onTrace?: (direction: QmpTraceDirection, message: object) => void;
+  onTrace?: ((direction: QmpTraceDirection, message: object) => void) | undefined;
 }
 
 export interface QmpExecuteOptions {

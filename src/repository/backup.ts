@@ -18,15 +18,12 @@
 //   reads with the client half. Both halves are checked before the domain
 //   is touched.
 
-import { exportUri, serverAddress, type JobDisk, type JobInfo } from '../backup/job.js';
-import type { BackupService } from '../backup/service.js';
-import type { BackupSpec } from '../backup/spec.js';
-import type { CheckpointService } from '../checkpoint/service.js';
-import type { BlockInfo, DomainService } from '../domain/service.js';
-import type { QuiesceMode } from '../domain/quiesce.js';
+import type { DriverDisk, ExportServer, HypervisorDriver, PullBackup, QuiesceMode } from '../drivers/driver.js';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
 import { NBD_CONTEXT_BASE_ALLOCATION } from '../nbd/constants.js';
+import { formatNbdUri } from '../nbd/uri.js';
+import type { Progress } from '../util/operation.js';
 import { assert } from '../util/assert.js';
 import { checkServerCredentials, readClientCredentials, type TlsClientCredentials } from '../util/pki.js';
 import { condemnedPacks } from './gc.js';
@@ -36,47 +33,36 @@ import { ChunkPool } from './pool.js';
 import { readDisk } from './read-disk.js';
 import type { Store } from './store.js';
 
-export interface Progress {
-  /** What is being done, e.g. "backup sda" or "verify". */
-  phase: string;
-  doneBytes: number;
-  totalBytes: number;
-}
+export type { Progress } from '../util/operation.js';
 
 export interface RepoBackupOptions {
   /** Full backups of every disk, whatever the coverage. */
-  full?: boolean;
+  full?: boolean | undefined;
   /** Only these disks (default: every writable disk). */
-  disks?: string[];
+  disks?: string[] | undefined;
   /** Worker threads that hash and compress (default 2); a disk with little to read (an incremental of a few dirty MiB) is done on the main thread without starting them. */
-  workers?: number;
+  workers?: number | undefined;
   /**
    * Freeze the guest's filesystems through its agent for the backup's
    * instant: required, or optional (the backup is then crash-consistent when
    * the agent is missing). The manifest's `consistency` says which it was.
    */
-  quiesce?: QuiesceMode;
-  onProgress?: (p: Progress) => void;
+  quiesce?: QuiesceMode | undefined;
+  onProgress?: ((p: Progress) => void) | undefined;
   /** Serve the exports on this TCP address, with TLS, instead of a private unix socket (e.g. to read them through a network). */
-  tcp?: { host: string; port: number };
+  tcp?: { host: string; port: number } | undefined;
   /**
    * With `tcp`: the certificate directory holding the server's files (for
    * QEMU) and the client's (for the reader); default: the backup service's.
    */
-  tlsCertDir?: string;
+  tlsCertDir?: string | undefined;
   /** Stops the backup between reads (it then fails, is cleaned up like any failed backup, and lists nothing). */
-  signal?: AbortSignal;
-}
-
-export interface BackupServices {
-  domains: DomainService;
-  checkpoints: CheckpointService;
-  backups: BackupService;
+  signal?: AbortSignal | undefined;
 }
 
 /** What one disk's backup will be. */
 interface DiskPlan {
-  disk: BlockInfo;
+  disk: DriverDisk;
   level: 'full' | 'incremental';
   fullReason: string | null;
   /** The previous backup of this disk here (incremental only). */
@@ -84,32 +70,31 @@ interface DiskPlan {
 }
 
 /** Backs up `domain` into `store`; returns the manifest written. */
-export async function backupDomain(services: BackupServices, store: Store, domain: string, options: RepoBackupOptions = {}): Promise<Manifest> {
-  const { domains } = services;
-  const selected = selectDisks(domains, domain, options.disks);
-  const tls = tlsFor(services, domain, options);
+export async function backupDomain(driver: HypervisorDriver, store: Store, domain: string, options: RepoBackupOptions = {}): Promise<Manifest> {
+  const selected = selectDisks(await driver.disks(domain), domain, options.disks);
+  const tls = tlsFor(driver, domain, options);
   // A gc that is running is waited for (locks.ts); the wait shows as a phase of the progress.
   await using lock = await acquireLock(store.backend, 'backup', domain, { onWait: () => options.onProgress?.({ phase: 'waiting for a gc to end', doneBytes: 0, totalBytes: 0 }) });
   // A shut-off domain is started with its CPUs stopped: QEMU opens the images
   // with their bitmaps, no guest code runs, and it is shut down cleanly after.
-  const startedHere = domains.info(domain).state !== 'running';
+  const startedHere = (await driver.describeDomain(domain)).state !== 'running';
   if (startedHere && options.quiesce === 'required') {
     throw new QbackupError('GUEST_AGENT', `Cannot quiesce domain "${domain}": it is not running`);
   }
-  if (startedHere) await domains.start(domain, { paused: true });
+  if (startedHere) await driver.startDomain(domain, { paused: true });
   let manifest: Manifest;
   try {
-    manifest = await backupRunning(services, store, domain, selected, { ...options, ...tls }, startedHere, lock);
+    manifest = await backupRunning(driver, store, domain, selected, { ...options, ...tls }, startedHere, lock);
   } catch (err) {
     if (startedHere) {
-      await domains.shutdown(domain).catch((stopErr: unknown) => {
+      await driver.shutdownDomain(domain).catch((stopErr: unknown) => {
         throw new QbackupError('BACKUP_FAILED', `${describeError(err)} (and shutting domain "${domain}" down again failed: ${describeError(stopErr)})`, { cause: err });
       });
     }
     throw err;
   }
   if (startedHere) {
-    await domains.shutdown(domain).catch((stopErr: unknown) => {
+    await driver.shutdownDomain(domain).catch((stopErr: unknown) => {
       throw new QbackupError('DOMAIN_RUNNING', `Backup "${manifest.id}" of domain "${domain}" is complete, but shutting the domain down again failed: ${describeError(stopErr)}`, { cause: stopErr });
     });
   }
@@ -117,20 +102,19 @@ export async function backupDomain(services: BackupServices, store: Store, domai
 }
 
 /** Over TCP: both halves of the certificate directory, checked now; the client's credentials for the reader. */
-function tlsFor(services: BackupServices, domain: string, options: RepoBackupOptions): { clientTls?: TlsClientCredentials; tlsCertDir?: string } {
+function tlsFor(driver: HypervisorDriver, domain: string, options: RepoBackupOptions): { clientTls?: TlsClientCredentials; tlsCertDir?: string } {
   if (options.tcp === undefined) {
     if (options.tlsCertDir !== undefined) throw new QbackupError('INVALID_ARGUMENT', `Cannot back up domain "${domain}": a TLS certificate directory was given, but the exports are read over a unix socket (give a TCP address too)`);
     return {};
   }
   const what = `Cannot back up domain "${domain}" over TCP with TLS`;
-  const dir = options.tlsCertDir ?? services.backups.defaultTlsCertDir;
+  const dir = options.tlsCertDir ?? driver.defaultTlsCertDir;
   if (dir === undefined) throw new QbackupError('TLS_CREDENTIALS', `${what}: no certificate directory was given`);
   const tlsCertDir = checkServerCredentials(dir, what);
   return { clientTls: readClientCredentials(tlsCertDir, what), tlsCertDir };
 }
 
-function selectDisks(domains: DomainService, domain: string, targets: readonly string[] | undefined): BlockInfo[] {
-  const all = domains.blockList(domain);
+function selectDisks(all: readonly DriverDisk[], domain: string, targets: readonly string[] | undefined): DriverDisk[] {
   for (const t of targets ?? []) {
     if (!all.some((d) => d.target === t)) throw new QbackupError('DISK_NOT_FOUND', `Domain "${domain}" has no disk "${t}"`);
   }
@@ -142,28 +126,26 @@ function selectDisks(domains: DomainService, domain: string, targets: readonly s
 /** The options once TLS credentials are read. */
 type RunOptions = RepoBackupOptions & { clientTls?: TlsClientCredentials };
 
-async function backupRunning(services: BackupServices, store: Store, domain: string, selected: readonly BlockInfo[], options: RunOptions, startedHere: boolean, lock: HeldLock): Promise<Manifest> {
+async function backupRunning(driver: HypervisorDriver, store: Store, domain: string, selected: readonly DriverDisk[], options: RunOptions, startedHere: boolean, lock: HeldLock): Promise<Manifest> {
   const id = newBackupId();
   const checkpoint = `qb-${id}`;
   const history = await store.manifests(domain);
   const plans: DiskPlan[] = [];
-  for (const disk of selected) plans.push(await planDisk(services.checkpoints, domain, history, disk, options));
+  const checkpoints = new Set(await driver.checkpoints(domain));
+  for (const disk of selected) plans.push(await planDisk(driver, checkpoints, domain, history, disk, options));
   await store.loadChunks(await condemnedPacks(store.backend));
   const startedMs = Date.now();
   const pool = new ChunkPool(store, options.workers ?? 2);
-  let job: JobInfo | undefined;
+  let job: PullBackup | undefined;
   let manifest: Manifest;
   try {
     // A domain started here, paused, runs no agent: its disks are as it left them.
-    const quiesce = options.quiesce !== undefined && !startedHere ? { quiesce: options.quiesce } : {};
-    const tlsDir = options.tlsCertDir !== undefined ? { tlsCertDir: options.tlsCertDir } : {};
-    job = await services.backups.begin(domain, jobSpec(plans, options.tcp), {
-      checkpoint: { name: checkpoint },
-      strict: true,
-      ownedByCaller: true,
-      discardCheckpointOnFailure: true,
-      ...quiesce,
-      ...tlsDir,
+    job = await driver.beginPullBackup(domain, {
+      checkpoint,
+      disks: plans.map((p) => ({ target: p.disk.target, since: p.parent?.manifest.checkpoint })),
+      quiesce: startedHere ? undefined : options.quiesce,
+      tcp: options.tcp,
+      tlsCertDir: options.tlsCertDir,
     });
     const disks: ManifestDisk[] = [];
     for (const plan of plans) disks.push(await readJobDisk(store, pool, job, plan, options));
@@ -171,80 +153,69 @@ async function backupRunning(services: BackupServices, store: Store, domain: str
       format: 2,
       id,
       domain,
-      uuid: services.domains.info(domain).uuid,
+      uuid: (await driver.describeDomain(domain)).uuid,
       time: new Date(startedMs).toISOString(),
       endTime: new Date().toISOString(),
       checkpoint,
-      consistency: job.consistency ?? 'crash',
-      domainXml: services.domains.dumpXml(domain),
+      consistency: job.consistency,
+      domainXml: await driver.domainXml(domain),
       disks,
     };
     // A gc on another host may have judged this backup dead and deleted what it references.
     await lock.assertHeld();
     await store.putManifest(manifest);
   } catch (err) {
-    throw await cleanUpFailed(services, domain, job, checkpoint, err);
+    throw await cleanUpFailed(driver, domain, job, checkpoint, err);
   } finally {
     await pool.close();
   }
   // The pull job's normal end. Were this process killed just before, the next
   // command would end the job as failed and merge the checkpoint away: the next
   // backup is then full, never wrong.
-  await services.backups.abort(domain).catch((err: unknown) => {
+  const ended = job;
+  await driver.endBackup(domain, ended.id).catch((err: unknown) => {
     throw new QbackupError('BACKUP_FAILED', `Backup "${id}" of domain "${domain}" is complete, but ending its backup job failed: ${describeError(err)}`, { cause: err });
   });
   return manifest;
 }
 
-/** The pull job that exports every planned disk, incremental ones with their dirty bitmap. */
-function jobSpec(plans: readonly DiskPlan[], tcp: RepoBackupOptions['tcp']): BackupSpec {
-  return {
-    mode: 'pull',
-    ...(tcp !== undefined ? { server: { transport: 'tcp' as const, host: tcp.host, port: tcp.port, tls: true } } : {}),
-    disks: plans.map((p) => ({
-      target: p.disk.target,
-      ...(p.parent !== undefined ? { mode: 'incremental' as const, since: p.parent.manifest.checkpoint } : { mode: 'full' as const }),
-    })),
-  };
-}
-
 /** Full or incremental for one disk: incremental since the disk's last backup here, when coverage allows. */
-async function planDisk(checkpoints: CheckpointService, domain: string, history: readonly Manifest[], disk: BlockInfo, options: RepoBackupOptions): Promise<DiskPlan> {
+async function planDisk(driver: HypervisorDriver, checkpoints: ReadonlySet<string>, domain: string, history: readonly Manifest[], disk: DriverDisk, options: RepoBackupOptions): Promise<DiskPlan> {
   const prev = [...history].reverse().find((m) => m.disks.some((x) => x.diskId === disk.diskId));
   const prevDisk = prev?.disks.find((x) => x.diskId === disk.diskId);
   const full = (fullReason: string): DiskPlan => ({ disk, level: 'full', fullReason });
   if (options.full) return full('requested with --full');
   if (prev === undefined || prevDisk === undefined) return full('no earlier backup of this disk in the repository');
-  if (!checkpoints.exists(domain, prev.checkpoint)) return full(`checkpoint "${prev.checkpoint}" of backup "${prev.id}" no longer exists`);
-  const cov = (await checkpoints.coverage(domain, prev.checkpoint)).find((c) => c.diskId === disk.diskId);
+  if (!checkpoints.has(prev.checkpoint)) return full(`checkpoint "${prev.checkpoint}" of backup "${prev.id}" no longer exists`);
+  const cov = (await driver.coverage(domain, prev.checkpoint)).find((c) => c.diskId === disk.diskId);
   if (cov === undefined || cov.mode === 'full') return full((cov?.reasons ?? []).map((r) => `${r.code}: ${r.detail}`).join('; ') || 'no coverage');
   return { disk, level: 'incremental', fullReason: null, parent: { manifest: prev, disk: prevDisk } };
 }
 
 /** Reads one exported disk of the job into the store and describes it for the manifest. */
-async function readJobDisk(store: Store, pool: ChunkPool, job: JobInfo, plan: DiskPlan, options: RunOptions): Promise<ManifestDisk> {
-  const jd: JobDisk | undefined = job.disks.find((d) => d.target === plan.disk.target);
-  assert(jd !== undefined && job.server !== undefined, `backup job "${job.id}" exports disk "${plan.disk.target}"`);
-  const virtualSize = jd.virtualSize ?? 0;
+async function readJobDisk(store: Store, pool: ChunkPool, job: PullBackup, plan: DiskPlan, options: RunOptions): Promise<ManifestDisk> {
+  const jd = job.disks.find((d) => d.target === plan.disk.target);
+  assert(jd !== undefined, `backup job "${job.id}" exports disk "${plan.disk.target}"`);
+  const virtualSize = jd.virtualSize;
   // A resized disk cannot take a delta on an index of another size: read it all.
   const resized = plan.parent !== undefined && plan.parent.disk.virtualSize !== virtualSize;
-  const incremental = plan.level === 'incremental' && !resized && jd.tmpBitmap !== undefined;
-  const dirtyContext = incremental ? `qemu:dirty-bitmap:${jd.tmpBitmap ?? ''}` : undefined;
-  const exportName = jd.pull?.exportName ?? jd.target;
-  await using client = await NbdClient.connect(serverAddress(job.server), {
+  const incremental = plan.level === 'incremental' && !resized && jd.dirtyContext !== undefined;
+  const dirtyContext = incremental ? jd.dirtyContext : undefined;
+  const exportName = jd.exportName;
+  await using client = await NbdClient.connect(serverAddressOf(job.server), {
     exportName,
     metaContexts: [NBD_CONTEXT_BASE_ALLOCATION, ...(dirtyContext !== undefined ? [dirtyContext] : [])],
     ...(job.server.transport === 'tcp' && job.server.tls ? { tls: requireClientTls(options.clientTls, job.id) } : {}),
   });
   if (dirtyContext !== undefined && !client.contexts.has(dirtyContext)) {
-    throw new QbackupError('NBD_ERROR', `Export ${exportUri(job.server, exportName)} does not offer "${dirtyContext}"`);
+    throw new QbackupError('NBD_ERROR', `Export ${exportUriOf(job.server, exportName)} does not offer "${dirtyContext}"`);
   }
   const writer = store.chunkWriter();
   const result = await readDisk(store, pool, writer, {
     client,
     dirtyContext,
     parentIndex: incremental ? plan.parent?.disk.index : undefined,
-    ...(options.signal !== undefined ? { signal: options.signal } : {}),
+    signal: options.signal,
     onProgress: (done, total) => options.onProgress?.({ phase: `backup ${plan.disk.target}`, doneBytes: done, totalBytes: total }),
   });
   return {
@@ -261,6 +232,15 @@ async function readJobDisk(store: Store, pool: ChunkPool, job: JobInfo, plan: Di
   };
 }
 
+/** Where the NBD client connects, and how a message names an export. */
+function serverAddressOf(server: ExportServer): { socket: string } | { host: string; port: number } {
+  return server.transport === 'unix' ? { socket: server.socket } : { host: server.host, port: server.port };
+}
+
+function exportUriOf(server: ExportServer, exportName: string): string {
+  return formatNbdUri({ address: serverAddressOf(server), exportName, tls: server.transport === 'tcp' && server.tls });
+}
+
 function requireClientTls(tls: TlsClientCredentials | undefined, jobId: string): TlsClientCredentials {
   assert(tls !== undefined, `backup job "${jobId}" serves over TLS, so its reader has client credentials`);
   return tls;
@@ -271,16 +251,16 @@ function requireClientTls(tls: TlsClientCredentials | undefined, jobId: string):
  * checkpoint away, so the chain is as if the attempt never happened. The
  * original error is what the caller sees; cleanup failures are added to it.
  */
-async function cleanUpFailed(services: BackupServices, domain: string, job: JobInfo | undefined, checkpoint: string, err: unknown): Promise<unknown> {
+async function cleanUpFailed(driver: HypervisorDriver, domain: string, job: PullBackup | undefined, checkpoint: string, err: unknown): Promise<unknown> {
   const problems: string[] = [];
   if (job !== undefined) {
     // JOB_NOT_FOUND: the job already ended (e.g. QEMU died and the job was reaped with it).
-    await services.backups.abort(domain).catch((e: unknown) => {
+    await driver.endBackup(domain, job.id).catch((e: unknown) => {
       if (!isQbackupError(e, 'JOB_NOT_FOUND')) problems.push(`ending backup job "${job.id}": ${describeError(e)}`);
     });
   }
-  if (services.checkpoints.exists(domain, checkpoint)) {
-    await services.checkpoints.delete(domain, checkpoint).catch((e: unknown) => problems.push(`removing checkpoint "${checkpoint}": ${describeError(e)}`));
+  if ((await driver.checkpoints(domain).catch(() => [checkpoint])).includes(checkpoint)) {
+    await driver.deleteCheckpoint(domain, checkpoint).catch((e: unknown) => problems.push(`removing checkpoint "${checkpoint}": ${describeError(e)}`));
   }
   if (problems.length === 0) return err;
   return new QbackupError('BACKUP_FAILED', `${describeError(err)} (and cleaning up failed: ${problems.join('; ')})`, { cause: err });

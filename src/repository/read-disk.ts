@@ -37,7 +37,7 @@ export interface ReadDiskOptions {
   parentIndex: string | undefined;
   onProgress?: (doneBytes: number, totalBytes: number) => void;
   /** Checked before every read: an aborted signal stops the copy with its reason. */
-  signal?: AbortSignal;
+  signal?: AbortSignal | undefined;
 }
 
 export interface DiskReadResult {

@@ -18,7 +18,7 @@ import { randomBytes } from 'node:crypto';
 import { Cron } from 'croner';
 import { assertDomainName } from '../domain/names.js';
 import { QbackupError, describeError } from '../errors.js';
-import type { RetentionPolicy } from '../repository/service.js';
+import type { RetentionPolicy } from '../repository/repository.js';
 import type { ScheduleRow, ScheduleStore } from '../store/schedules.js';
 
 export type ScheduleAction = 'backup' | 'verify' | 'gc' | 'copy';

@@ -186,6 +186,20 @@ const MIGRATIONS: readonly string[] = [
     last_run_ms INTEGER
   );
   `,
+  // 8: instant restores (src/instant/): the running one of each domain (written
+  // before the domain exists, so no reference to domains) and the last result.
+  `
+  CREATE TABLE instant_restores (
+    domain      TEXT PRIMARY KEY,
+    record      TEXT NOT NULL,
+    changed_ms  INTEGER NOT NULL
+  );
+  CREATE TABLE instant_results (
+    domain      TEXT PRIMARY KEY,
+    result      TEXT NOT NULL,
+    ended_ms    INTEGER NOT NULL
+  );
+  `,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;

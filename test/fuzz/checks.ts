@@ -21,8 +21,8 @@ import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { exportUri, type JobDisk, type JobInfo } from '../../src/backup/job.js';
 import type { CoverageReason, DiskCoverage } from '../../src/checkpoint/coverage.js';
-import { allocatedDataBytes } from '../../src/qemu/image.js';
-import { runTool } from '../../src/qemu/tools.js';
+import { allocatedDataBytes } from '../../src/image/qemu-img.js';
+import { runTool } from '../../src/image/tools.js';
 import type { Manifest } from '../../src/repository/manifest.js';
 import { GRAIN, type Model, type RepoFullReason } from './model.js';
 

@@ -9,8 +9,8 @@ import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Qbackup } from '../../src/qbackup.js';
 import type { BackendSettings } from '../../src/repository/backend/open.js';
-import { createImage } from '../../src/qemu/image.js';
-import { runTool } from '../../src/qemu/tools.js';
+import { createImage } from '../../src/image/qemu-img.js';
+import { runTool } from '../../src/image/tools.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 /** Repository root (this file is compiled to dist/test/helpers/). */

@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Qbackup } from '../../src/qbackup.js';
 import { nodeNamesFor } from '../../src/qemu/nodes.js';
-import { runTool } from '../../src/qemu/tools.js';
+import { runTool } from '../../src/image/tools.js';
 
 export interface Extent {
   offset: number;

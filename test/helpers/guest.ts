@@ -9,9 +9,9 @@ import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { parseDomainXml } from '../../src/libvirt/domain.js';
+import { parseDomainXml } from '../../src/model/definition-xml.js';
 import { GuestAgentClient } from '../../src/qemu/guest-agent.js';
-import { runTool } from '../../src/qemu/tools.js';
+import { runTool } from '../../src/image/tools.js';
 import { sleep } from '../../src/util/proc.js';
 import { repoRoot, type TestEnv } from './env.js';
 

@@ -14,7 +14,7 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { JobInfo } from '../../src/backup/job.js';
 import { exportUri } from '../../src/backup/job.js';
-import { runTool } from '../../src/qemu/tools.js';
+import { runTool } from '../../src/image/tools.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
 import { referenceCopy } from '../helpers/repo.js';
 

@@ -10,7 +10,7 @@ import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { exportUri, type JobInfo } from '../../src/backup/job.js';
-import { runTool } from '../../src/qemu/tools.js';
+import { runTool } from '../../src/image/tools.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
 import { clustersOf, mergeAdjacent, type Extent } from '../helpers/extents.js';
 

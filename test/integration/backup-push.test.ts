@@ -10,7 +10,7 @@ import { existsSync, readdirSync } from 'node:fs';
 import { after, before, describe, test } from 'node:test';
 import { isQbackupError } from '../../src/errors.js';
 import { Qbackup } from '../../src/qbackup.js';
-import { runTool } from '../../src/qemu/tools.js';
+import { runTool } from '../../src/image/tools.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
 
 const MiB = 1 << 20;

@@ -21,7 +21,7 @@ import { after, before, describe, test } from 'node:test';
 import type { JobInfo } from '../../src/backup/job.js';
 import { isQbackupError } from '../../src/errors.js';
 import { NbdClient } from '../../src/nbd/index.js';
-import { runTool } from '../../src/qemu/tools.js';
+import { runTool } from '../../src/image/tools.js';
 import { readClientCredentials } from '../../src/util/pki.js';
 import { TestEnv, guestWrite, repoRoot } from '../helpers/env.js';
 import { makePki, type Pki } from '../helpers/pki.js';

@@ -14,7 +14,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { QmpClient } from '../../src/qmp/index.js';
-import { runTool } from '../../src/qemu/tools.js';
+import { runTool } from '../../src/image/tools.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
 import { changedSince, clustersOf, type Extent } from '../helpers/extents.js';
 

@@ -11,7 +11,7 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { QmpClient } from '../../src/qmp/index.js';
-import { runTool } from '../../src/qemu/tools.js';
+import { runTool } from '../../src/image/tools.js';
 import { TestEnv, guestWrite, type CliResult } from '../helpers/env.js';
 import { changedSince, clustersOf } from '../helpers/extents.js';
 

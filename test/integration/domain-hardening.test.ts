@@ -9,7 +9,7 @@ import { spawn } from 'node:child_process';
 import { closeSync, linkSync, mkdirSync, openSync, readFileSync, readdirSync, statSync, writeSync } from 'node:fs';
 import { after, before, describe, test } from 'node:test';
 import { isQbackupError } from '../../src/errors.js';
-import { runTool } from '../../src/qemu/tools.js';
+import { runTool } from '../../src/image/tools.js';
 import { TestEnv, cliPath, guestWrite } from '../helpers/env.js';
 
 const MiB = 1 << 20;

@@ -18,10 +18,10 @@
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { parseDomainXml } from '../../src/libvirt/domain.js';
+import { parseDomainXml } from '../../src/model/definition-xml.js';
 import { GuestAgentClient } from '../../src/qemu/guest-agent.js';
-import { runTool } from '../../src/qemu/tools.js';
-import type { Manifest } from '../../src/repository/service.js';
+import { runTool } from '../../src/image/tools.js';
+import type { Manifest } from '../../src/repository/repository.js';
 import { TestEnv } from '../helpers/env.js';
 import { checkListedFiles, ext4Disk, fsck, guestBoot, guestDomainXml, needsRecovery, waitForConsole, writerProgress } from '../helpers/guest.js';
 

@@ -9,7 +9,7 @@
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import type { Manifest } from '../../src/repository/service.js';
+import type { Manifest } from '../../src/repository/repository.js';
 import { sleep } from '../../src/util/proc.js';
 import { TestEnv } from '../helpers/env.js';
 import { alignedInside, ext4Disk, fileRanges, fsck, guestBoot, guestDomainXml, guestRun, isZero, readRange, waitForConsole } from '../helpers/guest.js';

@@ -18,9 +18,9 @@
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
 import { after, before, describe, test } from 'node:test';
-import { runTool } from '../../src/qemu/tools.js';
-import type { InstantRecord, InstantRestoreInfo } from '../../src/repository/instant.js';
-import type { Manifest } from '../../src/repository/service.js';
+import { runTool } from '../../src/image/tools.js';
+import type { InstantRecord, InstantRestoreInfo } from '../../src/instant/restore.js';
+import type { Manifest } from '../../src/repository/repository.js';
 import { isProcessAlive, sleep } from '../../src/util/proc.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
 import { MiB, imageDiffers, referenceCopy } from '../helpers/repo.js';
@@ -73,7 +73,7 @@ describe('instant restore (real QEMU)', () => {
   }
 
   async function waitDone(name: string): Promise<InstantRestoreInfo> {
-    const result = await env.qb.instant.wait(name, undefined, 200);
+    const result = await env.qb.instant.wait(name, { pollMs: 200 });
     assert.equal(result.state, 'completed');
     return result;
   }
@@ -127,7 +127,7 @@ describe('instant restore (real QEMU)', () => {
   });
 
   test('the server killed mid-copy is restarted by the next command with the same backup, and the copy completes', async () => {
-    const started = await env.qb.repository.instantRestore('vm', { repo, as: 'copy2', to: env.path('copy2'), speedBytesPerSec: 2 * MiB });
+    const started = await env.qb.instant.restore('vm', { repo, as: 'copy2', to: env.path('copy2'), speedBytesPerSec: 2 * MiB });
     const first = env.qb.instant.loadRecord('copy2') as InstantRecord;
     assert.ok(first.server !== null);
     await guestWrite(env.qb, 'copy2', 'sda', 'write -P 0x61 2M 64k');
@@ -150,7 +150,7 @@ describe('instant restore (real QEMU)', () => {
   });
 
   test('QEMU killed mid-copy: the next start serves the backup again and the copy completes', async () => {
-    await env.qb.repository.instantRestore('vm', { repo, as: 'copy3', to: env.path('copy3'), speedBytesPerSec: 2 * MiB });
+    await env.qb.instant.restore('vm', { repo, as: 'copy3', to: env.path('copy3'), speedBytesPerSec: 2 * MiB });
     await guestWrite(env.qb, 'copy3', 'sdb', 'write -P 0x62 5M 64k');
     await guestWrite(env.qb, 'copy3', 'sdb', 'flush');
     const record = env.qb.instant.loadRecord('copy3') as InstantRecord;

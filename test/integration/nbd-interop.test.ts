@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, afterEach, before, describe, it } from 'node:test';
 import { isQbackupError } from '../../src/errors.js';
-import { runTool } from '../../src/qemu/tools.js';
+import { runTool } from '../../src/image/tools.js';
 import {
   NBD_CONTEXT_BASE_ALLOCATION,
   NBD_STATE_HOLE,

@@ -7,7 +7,7 @@
 
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import type { Manifest } from '../../src/repository/service.js';
+import type { Manifest } from '../../src/repository/repository.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
 import { MiB, imageDiffers, randomFile, referenceCopies, spawnCli } from '../helpers/repo.js';
 

@@ -6,7 +6,7 @@
 
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import type { CopyReport, Manifest } from '../../src/repository/service.js';
+import type { CopyReport, Manifest } from '../../src/repository/repository.js';
 import { ceph, type Ceph } from '../helpers/ceph.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
 import { KiB, MiB, imageDiffers, randomFile, referenceCopies, spawnCli } from '../helpers/repo.js';

@@ -24,7 +24,7 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { startDaemon } from '../../src/http/daemon.js';
 import { LocalBackend } from '../../src/repository/backend/local.js';
-import type { CopyReport, Manifest } from '../../src/repository/service.js';
+import type { CopyReport, Manifest } from '../../src/repository/repository.js';
 import { Store } from '../../src/repository/store.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
 import { ApiClient } from '../helpers/http.js';

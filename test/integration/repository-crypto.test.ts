@@ -9,7 +9,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { isQbackupError } from '../../src/errors.js';
-import type { Manifest } from '../../src/repository/service.js';
+import type { Manifest } from '../../src/repository/repository.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
 import { KiB, MiB, cliError, fileTree, imageDiffers, randomFile, referenceCopies } from '../helpers/repo.js';
 

@@ -13,10 +13,10 @@ import assert from 'node:assert/strict';
 import { existsSync, readFileSync, readdirSync, renameSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test, type TestContext } from 'node:test';
-import { runTool } from '../../src/qemu/tools.js';
+import { runTool } from '../../src/image/tools.js';
 import { LocalBackend } from '../../src/repository/backend/local.js';
 import { acquireLock } from '../../src/repository/locks.js';
-import type { GcReport, Manifest, VerifyReport } from '../../src/repository/service.js';
+import type { GcReport, Manifest, VerifyReport } from '../../src/repository/repository.js';
 import { TestEnv, guestWrite, type CliResult } from '../helpers/env.js';
 import { KiB, MiB, cliError, fileTree, flipByte, imageDiffers, liveObjects, randomFile, referenceCopies, repoObjects, spawnCli, waitFor } from '../helpers/repo.js';
 

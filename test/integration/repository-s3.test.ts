@@ -8,7 +8,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { S3Backend } from '../../src/repository/backend/s3.js';
-import type { Manifest, RepoStats, VerifyReport } from '../../src/repository/service.js';
+import type { Manifest, RepoStats, VerifyReport } from '../../src/repository/repository.js';
 import { ceph, stopCeph, type Ceph } from '../helpers/ceph.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
 import { MiB, cliError, imageDiffers, randomFile, referenceCopies, spawnCli } from '../helpers/repo.js';
@@ -79,9 +79,9 @@ describe('repository on S3 (Ceph radosgw, real QEMU)', () => {
     await backup(hostA, 'app', repo);
     await hostA.qb.domains.destroy('app');
     // The server is a separate process: it reaches the bucket with the library's S3 settings, handed over in its environment.
-    await hostA.qb.repository.instantRestore('app', { repo, as: 'app2', to: hostA.path('app2') });
+    await hostA.qb.instant.restore('app', { repo, as: 'app2', to: hostA.path('app2') });
     assert.equal(hostA.qb.domains.info('app2').state, 'running');
-    const done = await hostA.qb.instant.wait('app2', undefined, 200);
+    const done = await hostA.qb.instant.wait('app2', { pollMs: 200 });
     assert.equal(done.state, 'completed');
     await hostA.qb.domains.destroy('app2');
     assert.equal(await imageDiffers(hostA.path('app2/sda.qcow2'), 'qcow2', refs.get('sda') ?? ''), undefined);

@@ -16,8 +16,8 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { ZERO_ID } from '../../src/repository/chunk.js';
-import { runTool } from '../../src/qemu/tools.js';
-import type { Manifest, ManifestDisk, PruneResult, RepoStats, GcReport } from '../../src/repository/service.js';
+import { runTool } from '../../src/image/tools.js';
+import type { Manifest, ManifestDisk, PruneResult, RepoStats, GcReport } from '../../src/repository/repository.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
 import { KiB, MiB, cliError, fileTree, imageDiffers, liveObjects, randomFile, referenceCopies, repoObjects } from '../helpers/repo.js';
 

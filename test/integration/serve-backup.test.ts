@@ -20,10 +20,10 @@ import { cpSync, existsSync, readFileSync, renameSync, statSync } from 'node:fs'
 import { dirname, join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { NBD_CONTEXT_BASE_ALLOCATION, NBD_EIO, NbdClient, NbdCommandError } from '../../src/nbd/index.js';
-import { runTool } from '../../src/qemu/tools.js';
+import { runTool } from '../../src/image/tools.js';
 import { socketAccepts } from '../../src/util/socket.js';
 import { LocalBackend } from '../../src/repository/backend/local.js';
-import type { BackupServer, Manifest } from '../../src/repository/service.js';
+import type { BackupServer, Manifest } from '../../src/repository/repository.js';
 import { Store } from '../../src/repository/store.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
 import { MiB, KiB, cliError, flipByte, imageDiffers, randomFile, referenceCopies, spawnCli, waitFor } from '../helpers/repo.js';

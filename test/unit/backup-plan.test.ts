@@ -8,7 +8,7 @@ import { exportUri } from '../../src/backup/job.js';
 import { planBackup, selectDisks, type PlanInputs } from '../../src/backup/plan.js';
 import { validateBackupSpec, type BackupSpec } from '../../src/backup/spec.js';
 import type { DiskCoverage } from '../../src/checkpoint/coverage.js';
-import type { AttachedDisk } from '../../src/domain/service.js';
+import type { AttachedDisk } from '../../src/domain/domains.js';
 import { isQbackupError } from '../../src/errors.js';
 import { formatBackupXml, formatJobXml, parseBackupSpec, parseBackupXml } from '../../src/libvirt/backup.js';
 

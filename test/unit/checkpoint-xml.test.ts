@@ -7,7 +7,7 @@ import { isQbackupError } from '../../src/errors.js';
 import type { ErrorCode } from '../../src/errors.js';
 import { formatCheckpointXml, parseCheckpointXml } from '../../src/libvirt/checkpoint.js';
 import type { CheckpointSpec as CheckpointXml } from '../../src/checkpoint/spec.js';
-import { parseDomainXml } from '../../src/libvirt/domain.js';
+import { parseDomainXml } from '../../src/model/definition-xml.js';
 
 function assertCode(fn: () => unknown, code: ErrorCode, pattern?: RegExp): void {
   assert.throws(fn, (err: unknown) => {

@@ -1,12 +1,12 @@
-// Unit tests for src/libvirt/domain.ts: parsing the interpreted subset of libvirt
+// Unit tests for src/model/definition-xml.ts: parsing the interpreted subset of libvirt
 // <domain> documents and formatting them back without losing anything else.
 
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { isQbackupError } from '../../src/errors.js';
 import type { ErrorCode } from '../../src/errors.js';
-import { DEFAULT_MEMORY_KIB, formatDomainXml, parseDomainXml } from '../../src/libvirt/domain.js';
-import type { DomainDefinition } from '../../src/domain/types.js';
+import { DEFAULT_MEMORY_KIB, formatDomainXml, parseDomainXml } from '../../src/model/definition-xml.js';
+import type { DomainDefinition } from '../../src/model/definition.js';
 
 function withoutSource(def: DomainDefinition): Omit<DomainDefinition, 'sourceXml'> {
   const { sourceXml: _ignored, ...rest } = def;

@@ -8,11 +8,11 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { refuseUnsupportedDisk } from '../../src/domain/images.js';
 import { isQbackupError } from '../../src/errors.js';
-import { formatDomainXml, parseDomainXml } from '../../src/libvirt/domain.js';
+import { formatDomainXml, parseDomainXml } from '../../src/model/definition-xml.js';
 import { backingNodeSpec, blockdevSpecs } from '../../src/qemu/nodes.js';
 import { buildQemuArgs } from '../../src/qemu/process.js';
-import { serverArgv } from '../../src/repository/backup-server.js';
-import { planInstantRestore, zeroRanges } from '../../src/repository/instant.js';
+import { serverArgv } from '../../src/instant/server.js';
+import { planInstantRestore, zeroRanges } from '../../src/instant/restore.js';
 import type { Manifest } from '../../src/repository/manifest.js';
 
 const NBD_DISK = `<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/o/sda.qcow2'/>
@@ -109,7 +109,7 @@ describe('planInstantRestore', () => {
 
 describe('the backup server command line', () => {
   it('asks serve-backup for exactly the recorded backup, disks and socket', () => {
-    const argv = serverArgv({ repo: '/repo', domain: 'vm', backupId: 'B', disks: ['sda', 'vdb'], socket: '/s/b.sock', outFile: '/o', logFile: '/l', command: ['qb'], stateDir: '/st' });
+    const argv = serverArgv({ repo: '/repo', domain: 'vm', backupId: 'B', disks: ['sda', 'vdb'], socket: '/s/b.sock', outFile: '/o', logFile: '/l', command: ['qb'], stateDir: '/st', environment: {} });
     assert.deepEqual(argv, ['qb', '--state-dir', '/st', '--json', 'serve-backup', '--repo', '/repo', 'vm', '--backup', 'B', '--disk', 'sda', '--disk', 'vdb', '--socket', '/s/b.sock']);
   });
 });

@@ -21,8 +21,8 @@
 import { randomUUID } from 'node:crypto';
 import type { Document, Element, Node } from '@xmldom/xmldom';
 import { QbackupError } from '../errors.js';
-import type { DiskBus, DiskDefinition, DiskFormat, DomainDefinition, GuestAgentChannel, KernelBoot, NbdBacking } from '../domain/types.js';
-import { appendElement, attr, childElements, docOf, firstChild, isNamed, newXmlDocument, parseUnsigned, parseXmlDocument, serializeIndented, textOf } from './xml.js';
+import type { DiskBus, DiskDefinition, DiskFormat, DomainDefinition, GuestAgentChannel, KernelBoot, NbdBacking } from './definition.js';
+import { appendElement, attr, childElements, docOf, firstChild, isNamed, newXmlDocument, parseUnsigned, parseXmlDocument, serializeIndented, textOf } from '../util/xml.js';
 // ---------------------------------------------------------------------------
 // <domain>
 // ---------------------------------------------------------------------------

@@ -26,13 +26,14 @@
 import { withQuiesce, type Consistency, type QuiesceMode } from '../domain/quiesce.js';
 import { randomBytes } from 'node:crypto';
 import { QbackupError } from '../errors.js';
-import type { AttachedDisk, DomainContext, DomainService, UndefineOptions } from '../domain/service.js';
-import { parseDomainXml } from '../libvirt/domain.js';
+import type { AttachedDisk, DomainContext, DomainService, UndefineOptions } from '../domain/domains.js';
+import { parseDomainXml } from '../model/definition-xml.js';
 import { readBlockNodes } from '../qemu/block-nodes.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
 import { QmpCommandError, type QmpClient } from '../qmp/index.js';
 import type { CheckpointDiskRow, CheckpointLink, CheckpointRow, CheckpointStore, CheckpointSummaryRow } from '../store/checkpoints.js';
 import { assert } from '../util/assert.js';
+import { noFaults, type Faults } from '../util/faults.js';
 import { applyBitmapActions, mergedBitmapActions, readBitmapsOffline, readBitmapsOnline, type BitmapAction, type DiskBitmaps } from './bitmaps.js';
 import { chainFrom, computeCoverage, type ChainCheckpoint, type DiskCoverage } from './coverage.js';
 import { planResizes, readDiskSizes } from './resize.js';
@@ -90,7 +91,7 @@ export class CheckpointService {
   constructor(
     readonly domains: DomainService,
     readonly store: CheckpointStore,
-    private readonly crashAt?: string,
+    private readonly options: { faults?: Faults | undefined } = {},
   ) {
     this.journal = new IntentJournal(store);
   }
@@ -517,7 +518,7 @@ export class CheckpointService {
   }
 
   private fault(point: FaultPoint): void {
-    if (this.crashAt === point) process.kill(process.pid, 'SIGKILL');
+    (this.options.faults ?? noFaults).at(point);
   }
 }
 

@@ -9,7 +9,7 @@
 // exports it announces against the sizes it expects, so a server of another
 // backup is never taken for the right one.
 
-import type { S3Settings } from './backend/s3.js';
+import type { S3Settings } from '../repository/backend/s3.js';
 import { spawn } from 'node:child_process';
 import { closeSync, existsSync, openSync, readFileSync, rmSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
@@ -20,9 +20,11 @@ import { socketAccepts } from '../util/socket.js';
 export interface BackupServerSpec {
   /** The repository (absolute path, or s3://…) and its passphrase, handed to the server in its environment. */
   repo: string;
-  password?: string;
+  password?: string | undefined;
   /** How to reach object storage: handed to the server in its environment too (never on its command line). */
-  s3?: S3Settings;
+  s3?: S3Settings | undefined;
+  /** What the server inherits (PATH, HOME, the AWS SDK's variables), from the caller's Credentials. */
+  environment: Readonly<Record<string, string>>;
   /** The domain the backup is of, in the repository. */
   domain: string;
   backupId: string;
@@ -33,10 +35,16 @@ export interface BackupServerSpec {
   outFile: string;
   logFile: string;
   /** The state directory the server opens (it keeps nothing there for a serve). */
-  stateDir?: string;
+  stateDir?: string | undefined;
   /** The program to run, argv[0] first; default: this qbackup's CLI under this Node.js. */
-  command?: readonly string[];
-  timeoutMs?: number;
+  command?: readonly string[] | undefined;
+  timeoutMs?: number | undefined;
+  /**
+   * Called the moment the process exists, before it serves: the caller
+   * records it then, so a caller killed while waiting leaves a server the
+   * next command finds (and stops or keeps), never an orphan.
+   */
+  onSpawn?: ((server: { pid: number; pidStart: string }) => void) | undefined;
 }
 
 export interface BackupServerProcess {
@@ -61,13 +69,12 @@ export function serverArgv(spec: BackupServerSpec): string[] {
 }
 
 /**
- * What a server needs to reach an S3 repository: the AWS SDK's variables and
- * files as this process has them (HOME for ~/.aws), overridden by the
- * library's explicit settings.
+ * The server's environment: what the caller hands in (PATH; HOME for ~/.aws
+ * and the AWS SDK's variables to reach an S3 repository), overridden by the
+ * library's explicit S3 settings.
  */
-function s3Environment(s3: S3Settings | undefined): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {};
-  for (const [k, v] of Object.entries(process.env)) if ((k.startsWith('AWS_') || k === 'HOME') && v !== undefined) env[k] = v;
+function serverEnvironment(base: Readonly<Record<string, string>>, s3: S3Settings | undefined): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = { PATH: '/usr/local/bin:/usr/bin:/bin', ...base };
   if (s3?.endpoint !== undefined) env['AWS_ENDPOINT_URL_S3'] = s3.endpoint;
   if (s3?.region !== undefined) env['AWS_REGION'] = s3.region;
   if (s3?.credentials !== undefined) {
@@ -94,7 +101,7 @@ export async function startBackupServer(spec: BackupServerSpec): Promise<BackupS
   const err = openSync(spec.logFile, 'a', 0o600);
   let pid: number | undefined;
   try {
-    const env: NodeJS.ProcessEnv = { PATH: process.env['PATH'] ?? '/usr/bin:/bin', ...s3Environment(spec.s3) };
+    const env = serverEnvironment(spec.environment, spec.s3);
     if (spec.password !== undefined) env['QBACKUP_PASSWORD'] = spec.password;
     const child = spawn(argv[0] ?? '', argv.slice(1), { detached: true, stdio: ['ignore', out, err], env });
     child.on('error', () => undefined); // a failed spawn shows as an exit below
@@ -106,6 +113,7 @@ export async function startBackupServer(spec: BackupServerSpec): Promise<BackupS
   }
   if (pid === undefined) throw new QbackupError('TOOL_FAILED', `Cannot serve backup "${spec.backupId}": "${argv[0] ?? ''}" did not start`);
   const pidStart = processStartTime(pid) ?? '';
+  spec.onSpawn?.({ pid, pidStart });
   const deadline = Date.now() + (spec.timeoutMs ?? 60_000);
   for (;;) {
     const exports = readAnnouncement(spec.outFile, spec.backupId);

@@ -25,14 +25,16 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, rmSync } from 'node:fs';
 import { basename, dirname, relative } from 'node:path';
 import type { DiskCoverage } from '../checkpoint/coverage.js';
-import type { CheckpointService } from '../checkpoint/service.js';
+import type { CheckpointService } from '../checkpoint/checkpoints.js';
 import type { CheckpointSpec } from '../checkpoint/spec.js';
 import { QbackupError, describeError } from '../errors.js';
 import { freezeGuest, type Frozen, type QuiesceMode } from '../domain/quiesce.js';
 import { assert } from '../util/assert.js';
-import { refuseWhileRestoring, type DomainContext, type DomainService } from '../domain/service.js';
+import { noFaults, type Faults } from '../util/faults.js';
+import { throwIfCancelled, type OperationOptions } from '../util/operation.js';
+import { refuseWhileRestoring, type DomainContext, type DomainService } from '../domain/domains.js';
 import { readBlockNodes } from '../qemu/block-nodes.js';
-import { createImage } from '../qemu/image.js';
+import { createImage } from '../image/qemu-img.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
 import { QmpCommandError, type QmpClient } from '../qmp/index.js';
 import type { JobStore } from '../store/jobs.js';
@@ -60,16 +62,18 @@ export interface BackupBeginOptions extends BeginOptions {
    * around the start transaction (required, or optional: crash-consistent
    * without an agent). The job's `consistency` says which it was.
    */
-  quiesce?: QuiesceMode;
+  quiesce?: QuiesceMode | undefined;
 }
 
 export type BackupFaultPoint = 'backup-begin:before-qemu' | 'backup-begin:after-qemu';
 
 export interface BackupServiceSettings {
   /** Default certificate directory of pull jobs served over TCP with TLS (libvirt's backup_tls_x509_cert_dir). */
-  tlsCertDir?: string;
+  tlsCertDir?: string | undefined;
   /** Where the passphrases of LUKS targets and scratch images are kept, one file per secret UUID. */
-  secretsDir?: string;
+  secretsDir?: string | undefined;
+  /** Test-only fault injection (src/util/faults.ts). */
+  faults?: Faults | undefined;
 }
 
 export class BackupService {
@@ -77,7 +81,6 @@ export class BackupService {
     readonly domains: DomainService,
     readonly checkpoints: CheckpointService,
     private readonly store: JobStore,
-    private readonly crashAt?: string,
     private readonly settings: BackupServiceSettings = {},
   ) {}
 
@@ -174,7 +177,7 @@ export class BackupService {
       coverage,
       bitmapNames,
       domainDir: this.domains.domainDir(domain),
-      ...(tlsCertDir !== undefined ? { tlsCertDir } : {}),
+      tlsCertDir,
       ...(this.settings.secretsDir !== undefined ? { secretFile: secretFilePathIn(this.settings.secretsDir) } : {}),
       exists: existsSync,
       previousTarget: (checkpoint, diskId) => this.store.targetFor(domain, checkpoint, diskId),
@@ -323,16 +326,21 @@ export class BackupService {
     });
   }
 
-  /** Polls (without holding the domain between polls) until the job ends; returns its result. */
-  async wait(domain: string, jobId: string, onProgress?: (info: JobInfo) => void): Promise<JobInfo> {
+  /**
+   * Polls (without holding the domain between polls) until the job ends;
+   * returns its result. An aborted signal stops the wait, not the job.
+   */
+  async wait(domain: string, jobId: string, options: OperationOptions & { onInfo?: ((info: JobInfo) => void) | undefined } = {}): Promise<JobInfo> {
     for (;;) {
+      throwIfCancelled(options.signal, `Waiting for backup job "${jobId}" of domain "${domain}"`);
       const info = await this.info(domain);
       if (info === undefined || info.id !== jobId) {
         const result = this.store.result(jobId);
         if (result === undefined) throw new QbackupError('JOB_NOT_FOUND', `Backup job "${jobId}" of domain "${domain}" is neither running nor finished`);
         return parseJobInfo(result, domain);
       }
-      onProgress?.(info);
+      options.onInfo?.(info);
+      options.onProgress?.({ phase: `backup job ${jobId}`, doneBytes: info.bytesDone, totalBytes: info.bytesTotal });
       await sleep(pollDelayMs(info, Date.now()));
     }
   }
@@ -403,7 +411,7 @@ export class BackupService {
   }
 
   private fault(point: BackupFaultPoint): void {
-    if (this.crashAt === point) process.kill(process.pid, 'SIGKILL');
+    (this.settings.faults ?? noFaults).at(point);
   }
 
   /**

@@ -6,7 +6,7 @@
 import { readFileSync } from 'node:fs';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import type { Qbackup } from '../qbackup.js';
-import type { Manifest, PruneResult, RepoAccess, RetentionPolicy } from '../repository/service.js';
+import type { Manifest, PruneResult, RepoAccess, RetentionPolicy } from '../repository/repository.js';
 import { ScheduleStore } from '../store/schedules.js';
 import { TaskStore } from '../store/tasks.js';
 import { TokenStore } from '../store/tokens.js';
@@ -71,10 +71,17 @@ export class QbackupService {
     const domains = new Set(this.interrupted.map((t) => t.domain).filter((d): d is string => d !== null));
     for (const d of domains) {
       try {
-        await this.qb.backups.info(d);
+        await this.qb.driver.endOrphanedBackup(d);
       } catch (err) {
         this.options.log?.(`cleanup of domain "${d}" after an interrupted task failed: ${describeError(err)}`);
       }
+    }
+    // Instant restores whose beginning process died before their domain existed: their servers go.
+    try {
+      const reaped = await this.qb.instant.reapOrphans();
+      for (const d of reaped) this.options.log?.(`stopped the backup server of an instant restore of "${d}" that never started`);
+    } catch (err) {
+      this.options.log?.(`looking for orphaned instant restores failed: ${describeError(err)}`);
     }
     const interval = this.options.schedulerIntervalMs ?? 30_000;
     if (interval > 0) this.scheduler.start(interval);

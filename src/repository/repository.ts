@@ -5,9 +5,7 @@
 // local directory or s3://BUCKET/PREFIX), with its passphrase when it is encrypted.
 
 import { resolve } from 'node:path';
-import type { BackupService } from '../backup/service.js';
-import type { CheckpointService } from '../checkpoint/service.js';
-import type { DomainService } from '../domain/service.js';
+import type { HypervisorDriver } from '../drivers/driver.js';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import type { Backend } from './backend/backend.js';
 import { isRemoteRepo, openBackend, type BackendSettings } from './backend/open.js';
@@ -16,7 +14,6 @@ import { copyBackups, type CopyOptions, type CopyReport } from './copy.js';
 import { collectGarbage, type GcReport } from './gc.js';
 import type { Manifest } from './manifest.js';
 import { pruneStore, type PrunePlan, type RetentionPolicy } from './prune.js';
-import { zeroRanges, type InstantRestoreInfo, type InstantRestoreOptions, type InstantRestoreService } from './instant.js';
 import { restoreIntoImage, restoreToFile, type ImageFormat } from './restore.js';
 import { serveBackup, type BackupServer, type ServeListen } from './serve.js';
 import { repositoryStats, type RepoStats } from './stats.js';
@@ -26,7 +23,6 @@ import { verifyStore, type VerifyOptions, type VerifyReport } from './verify.js'
 export type { Progress, RepoBackupOptions } from './backup.js';
 export type { CopyReport, CopySelection } from './copy.js';
 export type { GcReport } from './gc.js';
-export type { InstantDiskInfo, InstantRestoreInfo, InstantRestoreOptions } from './instant.js';
 export type { Manifest, ManifestDisk } from './manifest.js';
 export type { FoldStep } from './fold.js';
 export type { PrunePlan, RetentionPolicy } from './prune.js';
@@ -67,14 +63,18 @@ export interface RestoredDisk {
 }
 
 export class RepositoryService {
+  /** How to reach object storage (the adapters read the environment, not the library). */
+  readonly backendSettings: BackendSettings;
+  /** Where `serveBackup` makes the private directory of its default unix socket. */
+  private readonly runDir: string;
+
   constructor(
-    readonly domains: DomainService,
-    readonly checkpoints: CheckpointService,
-    readonly backups: BackupService,
-    readonly instant: InstantRestoreService,
-    /** How to reach object storage (the adapters read the environment, not the library). */
-    readonly backendSettings: BackendSettings = {},
-  ) {}
+    readonly driver: HypervisorDriver,
+    options: { backends?: BackendSettings | undefined; runDir: string },
+  ) {
+    this.backendSettings = options.backends ?? {};
+    this.runDir = options.runDir;
+  }
 
   private readonly remote = new Map<string, Promise<Backend>>();
 
@@ -89,9 +89,9 @@ export class RepositoryService {
 
   /** Backs up a domain; an unencrypted repository is created on first use. */
   async backup(domain: string, options: RepoAccess & RepoBackupOptions): Promise<Manifest> {
-    this.domains.requireDomain(domain);
+    await this.driver.describeDomain(domain);
     const store = await this.open(options, true);
-    return backupDomain({ domains: this.domains, checkpoints: this.checkpoints, backups: this.backups }, store, domain, options);
+    return backupDomain(this.driver, store, domain, options);
   }
 
   async list(access: RepoAccess, domain?: string): Promise<Manifest[]> {
@@ -120,18 +120,13 @@ export class RepositoryService {
   }
 
   /**
-   * Instant restore (docs/design.md): the domain (or a new one, `as`) runs at
-   * once from the backup served over NBD, while QEMU copies the data into new
-   * local overlays. Returns as soon as the domain runs; `instant.wait` follows
-   * the copy, which any later command on the domain finalizes.
+   * The backup `options` name (by id, or the newest at or before `until`, or
+   * the newest) of `domain`, with its store opened: for instant restore
+   * (src/instant/), which serves it.
    */
-  async instantRestore(domain: string, options: RepoAccess & InstantRestoreOptions & { backup?: string; until?: Date }): Promise<InstantRestoreInfo> {
+  async findBackup(domain: string, options: RepoAccess & { backup?: string | undefined; until?: Date | undefined }): Promise<{ store: Store; manifest: Manifest }> {
     const store = await this.open(options);
-    const m = pickBackup(await store.manifests(domain), domain, options);
-    const access = { repo: options.repo, encrypted: store.config.encrypted, ...(options.password !== undefined ? { password: options.password } : {}) };
-    const holes = new Map<string, Array<{ offset: number; length: number }>>();
-    for (const d of m.disks) holes.set(d.target, zeroRanges(await store.resolveIndex(d.index)));
-    return this.instant.begin(m, access, options, holes);
+    return { store, manifest: pickBackup(await store.manifests(domain), domain, options) };
   }
 
   /** One disk of a backup as a standalone image file, for other tools. */
@@ -149,12 +144,10 @@ export class RepositoryService {
 
   /** Writes backed-up disks over the disks of a shut-off domain with the same targets. */
   private async restoreIntoDomain(store: Store, m: Manifest, disks: Manifest['disks'], domain: string, options: RestoreOptions): Promise<RestoredDisk[]> {
-    return this.domains.withDomain(domain, 'restore --into-domain', async (ctx) => {
-      if (ctx.running) throw new QbackupError('DOMAIN_RUNNING', `Cannot restore into domain "${domain}": it is running; shut it down first`);
-      this.backups.assertNoJob(ctx, 'restore');
+    return this.driver.withShutOffDisks(domain, 'restore into', async (domainDisks) => {
       const out: RestoredDisk[] = [];
       for (const d of disks) {
-        const target = ctx.disks.find((x) => x.target === d.target);
+        const target = domainDisks.find((x) => x.target === d.target);
         if (target === undefined) throw new QbackupError('DISK_NOT_FOUND', `Cannot restore disk "${d.target}" of backup "${m.id}" into domain "${domain}": it has no disk "${d.target}"`);
         const what = `disk "${d.target}" of backup "${m.id}"`;
         await restoreIntoImage(store, await store.resolveIndex(d.index), target.source, target.format, { what, onProgress: (done, total) => options.onProgress?.({ phase: `restore ${d.target}`, doneBytes: done, totalBytes: total }) });
@@ -175,7 +168,7 @@ export class RepositoryService {
     return serveBackup(store, {
       domain,
       listen: options.listen ?? { transport: 'unix' },
-      runDir: this.domains.runDir(),
+      runDir: this.runDir,
       ...(options.backup !== undefined ? { backup: options.backup } : {}),
       ...(options.disks !== undefined ? { disks: options.disks } : {}),
       ...(options.log !== undefined ? { log: options.log } : {}),
@@ -198,10 +191,11 @@ export class RepositoryService {
     const { plan, removed } = await pruneStore(store, domain, retentionOf(options), options.dryRun ? { dryRun: true } : {});
     const result: PruneResult = { ...plan, checkpointsRemoved: [], checkpointsKept: [] };
     if (options.dryRun) return result;
+    const existing = removed.length > 0 ? new Set(await this.driver.checkpoints(domain)) : new Set<string>();
     for (const m of removed) {
-      if (!this.checkpoints.exists(domain, m.checkpoint)) continue;
+      if (!existing.has(m.checkpoint)) continue;
       try {
-        await this.checkpoints.delete(domain, m.checkpoint);
+        await this.driver.deleteCheckpoint(domain, m.checkpoint);
         result.checkpointsRemoved.push(m.checkpoint);
       } catch (err) {
         // e.g. a backup job runs on the domain: the checkpoint stays, a later prune retries.
@@ -307,7 +301,7 @@ function retentionOf(options: RetentionPolicy): RetentionPolicy {
   return policy;
 }
 
-function pickBackup(manifests: readonly Manifest[], domain: string, options: { backup?: string; until?: Date }): Manifest {
+function pickBackup(manifests: readonly Manifest[], domain: string, options: { backup?: string | undefined; until?: Date | undefined }): Manifest {
   const m =
     options.backup !== undefined
       ? manifests.find((x) => x.id === options.backup)

@@ -18,6 +18,8 @@ export interface RunOptions {
   onStdout?: (chunk: Buffer) => void;
   /** The code of the error when the tool fails (default TOOL_FAILED). */
   errorCode?: ErrorCode;
+  /** Written to the tool's standard input, which is then closed (default: no input). */
+  input?: string;
 }
 
 /** The last lines of a tool's error output, as one line: usually its most precise explanation. */
@@ -27,7 +29,9 @@ export function outputTail(chunks: readonly Buffer[], lines = 3): string {
 
 export function runTool(command: string, args: readonly string[], options: RunOptions = {}): Promise<ToolResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(command, args, { stdio: ['pipe', 'pipe', 'pipe'] });
+    child.stdin.on('error', () => undefined); // a tool that exits without reading its input
+    child.stdin.end(options.input ?? '');
     const out: Buffer[] = [];
     const err: Buffer[] = [];
     const onStdout = options.onStdout;
