@@ -3,12 +3,14 @@
 // application) creates one, calls its services, and closes it.
 
 import { statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { QbackupError } from './errors.js';
 import type { BackupService } from './backup/jobs.js';
 import type { CheckpointService } from './checkpoint/checkpoints.js';
 import type { DomainService } from './domain/domains.js';
 import type { HypervisorDriver } from './drivers/driver.js';
+import { LibvirtDriver } from './drivers/libvirt/driver.js';
 import { openDriver } from './drivers/open.js';
 import { QemuDriver } from './drivers/qemu/driver.js';
 import { QemuEngine } from './drivers/qemu/engine.js';
@@ -27,6 +29,8 @@ export interface QbackupOptions {
    * (src/drivers/open.ts): qbackup:/// (the default) is our own QEMU engine.
    */
   connect?: string | undefined;
+  /** The caller's $XDG_RUNTIME_DIR, where qemu:///session finds the user's libvirt daemon. */
+  runtimeDir?: string | undefined;
   /** How long a command waits for another one on the same domain. Default 30 s. */
   lockTimeoutMs?: number | undefined;
   accel?: 'auto' | 'kvm' | 'tcg' | undefined;
@@ -79,7 +83,10 @@ export class Qbackup implements Disposable {
     prepareStateDir(options.stateDir);
     this.db = openDatabase(join(options.stateDir, 'qbackup.db'));
     this.engine = new QemuEngine(this.db, { ...options, lockTimeoutMs: options.lockTimeoutMs ?? 30_000 });
-    this.driver = openDriver(options.connect, { qemu: () => new QemuDriver(this.engine) });
+    this.driver = openDriver(options.connect, {
+      qemu: () => new QemuDriver(this.engine),
+      libvirt: (uri) => new LibvirtDriver({ uri: uri.uri, runtimeDir: options.runtimeDir, socketParentDir: tmpdir(), shutdownTimeoutMs: options.shutdownTimeoutMs }),
+    });
     this.repository = new RepositoryService(this.driver, { backends: options.backends ?? {}, runDir: join(options.stateDir, 'run') });
     this.instant = new InstantRestoreService(this.driver, this.repository, this.db, {
       stateDir: options.stateDir,
@@ -109,6 +116,8 @@ export class Qbackup implements Disposable {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    // The libvirt driver's connection; closing it cannot fail in a way the caller could act on.
+    void this.driver.close?.().catch(() => undefined);
     this.db.close();
   }
 

@@ -176,7 +176,22 @@ async function backupRunning(driver: HypervisorDriver, store: Store, domain: str
   await driver.endBackup(domain, ended.id).catch((err: unknown) => {
     throw new QbackupError('BACKUP_FAILED', `Backup "${id}" of domain "${domain}" is complete, but ending its backup job failed: ${describeError(err)}`, { cause: err });
   });
+  if (driver.keepsLatestCheckpointOnly) await dropEarlierCheckpoints(driver, domain, history, checkpoint);
   return manifest;
+}
+
+/**
+ * One checkpoint per repository: the checkpoints of this repository's
+ * earlier backups of the domain that the hypervisor still has are deleted
+ * (libvirt merges their bitmaps). Never one the repository did not record.
+ * A deletion that fails is retried after the next backup.
+ */
+async function dropEarlierCheckpoints(driver: HypervisorDriver, domain: string, history: readonly Manifest[], keep: string): Promise<void> {
+  const existing = new Set(await driver.checkpoints(domain).catch(() => []));
+  for (const name of new Set(history.map((m) => m.checkpoint))) {
+    if (name === keep || !existing.has(name)) continue;
+    await driver.deleteCheckpoint(domain, name).catch(() => undefined);
+  }
 }
 
 /** Full or incremental for one disk: incremental since the disk's last backup here, when coverage allows. */
