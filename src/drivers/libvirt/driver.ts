@@ -238,9 +238,9 @@ ${all
   .map((d) => {
     if (!wanted.has(d.target)) return `    <disk name='${xmlEscape(d.target)}' backup='no'/>`;
     const since = wanted.get(d.target);
-    return since === undefined
-      ? `    <disk name='${xmlEscape(d.target)}' backup='yes' backupmode='full'/>`
-      : `    <disk name='${xmlEscape(d.target)}' backup='yes' backupmode='incremental' incremental='${xmlEscape(since)}'/>`;
+    // The scratch image (what the guest overwrites during the backup) lives in the private directory too, and goes with it.
+    const mode = since === undefined ? `backupmode='full'` : `backupmode='incremental' incremental='${xmlEscape(since)}'`;
+    return `    <disk name='${xmlEscape(d.target)}' backup='yes' type='file' ${mode}><scratch file='${xmlEscape(join(dir, `${d.target}.scratch`))}'/></disk>`;
   })
   .join('\n')}
   </disks>
@@ -423,7 +423,7 @@ function driverDisks(xml: string, domain: string): DriverDisk[] {
   });
 }
 
-/** A new image under the same target (another path, or a new file at the same path) gets a new id. */
+/** dkXXXXXXXX, as the repository takes it: a new image under the same target (another path, or a new file at the same path) gets a new id. */
 function diskIdOf(target: string, source: string): string {
   let inode = '';
   try {
@@ -431,7 +431,7 @@ function diskIdOf(target: string, source: string): string {
   } catch {
     // Not reachable by this user: the path alone identifies the image.
   }
-  return createHash('sha256').update(`${target}\0${source}\0${inode}`).digest('hex').slice(0, 16);
+  return `dk${createHash('sha256').update(`${target}\0${source}\0${inode}`).digest('hex').slice(0, 8)}`;
 }
 
 function xmlEscape(s: string): string {
