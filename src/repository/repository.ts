@@ -6,6 +6,7 @@
 
 import { resolve } from 'node:path';
 import type { HypervisorDriver } from '../drivers/driver.js';
+import { definitionForRestore } from './define-xml.js';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import type { Backend } from './backend/backend.js';
 import { isRemoteRepo, openBackend, type BackendSettings } from './backend/open.js';
@@ -48,6 +49,8 @@ export interface RestoreOptions extends RepoAccess {
   format?: ImageFormat;
   /** … or write straight into the disks of this shut-off domain. */
   intoDomain?: string;
+  /** With `to`: define a new domain of this name from the backup's saved definition, on the restored images (define-xml.ts). */
+  define?: string | undefined;
   onProgress?: (p: Progress) => void;
 }
 
@@ -115,6 +118,9 @@ export class RepositoryService {
       const what = `disk "${d.target}" of backup "${m.id}"`;
       await restoreToFile(store, await store.resolveIndex(d.index), file, format, { what, onProgress: (done, total) => options.onProgress?.({ phase: `restore ${d.target}`, doneBytes: done, totalBytes: total }) });
       out.push({ target: d.target, file });
+    }
+    if (options.define !== undefined) {
+      await this.driver.defineDomain(definitionForRestore(m.domainXml, options.define, out.map((d) => ({ ...d, format }))));
     }
     return { backup: m.id, disks: out };
   }

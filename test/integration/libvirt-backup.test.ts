@@ -12,7 +12,7 @@
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -59,7 +59,9 @@ describe('repository backups of libvirt domains (libvirt driver)', () => {
   };
 
   /** Restores backup `m` to raw files and compares each with the model as it was at backup time. */
+  const contentAt = new Map<string, Map<string, Buffer>>();
   const assertRestores = async (m: Manifest, expected: Map<string, Buffer>): Promise<void> => {
+    contentAt.set(m.id, expected);
     const to = mkdtempSync(join(work, 'restore-'));
     const r = await qb.repository.restore(name, { repo, backup: m.id, to, format: 'raw' });
     assert.deepEqual(r.disks.map((d) => d.target).sort(), [...expected.keys()].sort());
@@ -225,6 +227,37 @@ describe('repository backups of libvirt domains (libvirt driver)', () => {
     await assertRestores(m, snapshot());
     assert.deepEqual(await ourCheckpoints(), [m.checkpoint]);
     assert.equal((await client.getJobStats(dom)).type, LIBVIRT.VIR_DOMAIN_JOB_NONE);
+  });
+
+  it('restore --define makes a new libvirt domain on the restored images that runs; --into-domain writes an older backup into it', async () => {
+    const older = last;
+    await write('sda', 0x3c, 2 * MiB, 64 << 10);
+    const m = await qb.repository.backup(name, { repo });
+    const want = snapshot();
+    const copy = `${name}-copy`;
+    const to = mkdtempSync(join(dir, 'define-'));
+    // libvirt's QEMU user must reach the images (libvirt relabels the files, not their directory).
+    chmodSync(to, 0o755);
+    try {
+      const r = await qb.repository.restore(name, { repo, backup: m.id, to, format: 'raw', define: copy });
+      const xml = await virsh(['dumpxml', copy]);
+      assert.doesNotMatch(xml, new RegExp(`<uuid>${(await qb.driver.describeDomain(name)).uuid}</uuid>`));
+      for (const d of r.disks) assert.match(xml, new RegExp(`<source file='${d.file}'`));
+      await qb.driver.startDomain(copy);
+      assert.equal((await qb.driver.describeDomain(copy)).state, 'running');
+      await client.destroy(await client.lookupDomainByName(copy));
+      for (const d of r.disks) assert.ok(readFileSync(d.file).equals(want.get(d.target) ?? Buffer.alloc(0)), `disk ${d.target} of the defined domain equals backup ${m.id}`);
+      // Into the new, shut-off domain: the older backup, byte-exact.
+      await qb.repository.restore(name, { repo, backup: older.id, intoDomain: copy });
+      for (const d of r.disks) {
+        const expected = contentAt.get(older.id)?.get(d.target);
+        assert.ok(expected !== undefined && readFileSync(d.file).equals(expected), `disk ${d.target} holds backup ${older.id} after --into-domain`);
+      }
+      await assert.rejects(qb.repository.restore(name, { repo, backup: older.id, intoDomain: name }), (err: unknown) => isQbackupError(err, 'DOMAIN_RUNNING'));
+    } finally {
+      await removeTestDomain(client, copy).catch(() => undefined);
+    }
+    last = m;
   });
 
   it('bad input gets one sentence: a domain libvirt does not know, no libvirt at the URI, a checkpoint not ours', async () => {
