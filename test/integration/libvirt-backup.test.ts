@@ -193,6 +193,28 @@ describe('repository backups of libvirt domains (libvirt driver)', () => {
     last = m;
   });
 
+  it('--quiesce through libvirt: optional without a guest agent is crash-consistent, required fails in one sentence and leaves no checkpoint', async () => {
+    await write('sdb', 0x19, 7 * MiB, 4096);
+    const m = await qb.repository.backup(name, { repo, quiesce: 'optional' });
+    assert.equal(m.consistency, 'crash');
+    assert.deepEqual(m.disks.map((d) => d.level), ['incremental', 'incremental']);
+    await assertRestores(m, snapshot());
+    await assert.rejects(qb.repository.backup(name, { repo, quiesce: 'required' }), (err: unknown) => isQbackupError(err, 'GUEST_AGENT') && /Cannot quiesce domain/.test((err as Error).message));
+    assert.deepEqual(await ourCheckpoints(), [m.checkpoint]);
+    last = m;
+  });
+
+  it('a shut-off domain is backed up (incremental) and left shut off', async () => {
+    await client.destroy(dom, LIBVIRT.VIR_DOMAIN_DESTROY_GRACEFUL);
+    const m = await qb.repository.backup(name, { repo });
+    assert.deepEqual(m.disks.map((d) => d.level), ['incremental', 'incremental']);
+    assert.deepEqual(m.disks.map((d) => d.bytesRead), [0, 0]);
+    await assertRestores(m, snapshot());
+    assert.equal((await qb.driver.describeDomain(name)).state, 'shut off');
+    dom = await client.create(await client.lookupDomainByName(name));
+    last = m;
+  });
+
   it('a backup job of libvirt that is not ours is refused in one sentence and left running', async () => {
     const socket = join(dir, 'sock', 'foreign.sock');
     await client.backupBegin(dom, `<domainbackup mode='pull'><server transport='unix' socket='${socket}'/></domainbackup>`);
