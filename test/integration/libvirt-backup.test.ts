@@ -11,7 +11,8 @@
 // and the errors a user meets, each in one sentence.
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
+import { promisify } from 'node:util';
 import { chmodSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -24,6 +25,7 @@ import type { Manifest } from '../../src/repository/manifest.js';
 import { repoRoot } from '../helpers/env.js';
 import { createTestDisks, guestWrite, libvirtTestDir, removeTestDomain, startLibvirt, testDomainName, testDomainXml, tool, virsh, type LibvirtDaemon } from '../helpers/libvirt.js';
 
+const execFileAsync = promisify(execFile);
 const MiB = 1 << 20;
 const DISK_BYTES = 8 * MiB;
 
@@ -288,6 +290,29 @@ describe('repository backups of libvirt domains (libvirt driver)', () => {
     await assert.rejects(nowhere.listDomains(), (err: unknown) => isQbackupError(err, 'LIBVIRT_UNAVAILABLE'));
     await nowhere.close();
     await assert.rejects(qb.driver.deleteCheckpoint(name, 'admins-own'), (err: unknown) => isQbackupError(err, 'NOT_SUPPORTED') && /did not create it/.test((err as Error).message));
+  });
+
+  it('the CLI with QBACKUP_CONNECT: a full then an incremental into a second repository, which keeps its own one qb- checkpoint', async () => {
+    const repo2 = join(work, 'repo2');
+    const cli = async (args: string[]): Promise<Manifest> => {
+      const { stdout } = await execFileAsync(join(repoRoot, 'bin', 'qbackup'), ['--state-dir', join(work, 'state'), '--json', ...args], { env: { ...process.env, QBACKUP_CONNECT: daemon.uri } });
+      return JSON.parse(stdout) as Manifest;
+    };
+    const before = await ourCheckpoints();
+    const full = await cli(['backup', name, '--repo', repo2]);
+    assert.deepEqual(full.disks.map((d) => d.level), ['full', 'full']);
+    await write('sda', 0x5a, 4 * MiB, 4096);
+    const inc = await cli(['backup', name, '--repo', repo2]);
+    assert.deepEqual(inc.disks.map((d) => d.level), ['incremental', 'incremental']);
+    const rOld = repo;
+    repo = repo2;
+    try {
+      await assertRestores(inc, snapshot());
+    } finally {
+      repo = rOld;
+    }
+    // The first repository's checkpoint stays; the second has exactly its latest.
+    assert.deepEqual((await ourCheckpoints()).sort(), [...before, inc.checkpoint].sort());
   });
 
   it('qbackup list --connect lists libvirt domains', async () => {
