@@ -115,6 +115,7 @@ export const repositoryCommands: readonly CliCommand[] = [
       const format = oneOf('--format', o.format, ['qcow2', 'raw']);
       if (o.backup !== undefined && o.until !== undefined) throw new QbackupError('INVALID_ARGUMENT', 'Give either --backup or --until, not both');
       const until = o.until !== undefined ? pointInTime('--until', o.until) : undefined;
+      if (o.instant && o.define !== undefined) throw new QbackupError('INVALID_ARGUMENT', 'Option --define makes a domain on restored images; with --instant give the name with --as');
       if (o.instant) {
         await runInstantRestore(qb, out, domain, { ...o, until });
         return;
