@@ -315,6 +315,21 @@ describe('repository backups of libvirt domains (libvirt driver)', () => {
     assert.deepEqual((await ourCheckpoints()).sort(), [...before, inc.checkpoint].sort());
   });
 
+  it('libvirtd restarted: the driver connects again and the next backup is incremental', async (t) => {
+    if (!daemon.started) {
+      t.skip('libvirtd was not started by the tests, so they do not restart it');
+      return;
+    }
+    await daemon.restart();
+    await client.close();
+    client = await LibvirtClient.connect(daemon.uri);
+    dom = await client.lookupDomainByName(name);
+    await write('sdb', 0x2d, 2 * MiB, 4096);
+    const m = await qb.repository.backup(name, { repo });
+    assert.deepEqual(m.disks.map((d) => d.level), ['incremental', 'incremental']);
+    await assertRestores(m, snapshot());
+  });
+
   it('qbackup list --connect lists libvirt domains', async () => {
     const out = await tool(join(repoRoot, 'bin', 'qbackup'), ['--state-dir', join(work, 'state'), '--connect', daemon.uri, 'list', '--json']);
     const mine = (JSON.parse(out) as Array<{ name: string; state: string; connection: string }>).find((d) => d.name === name);

@@ -16,7 +16,8 @@
 //   A job whose process (PID) is dead is an orphan: the next backup (or
 //   endOrphanedBackup) ends it and deletes the checkpoint it created. A job
 //   that is not ours, or is ours and alive, is never touched: refused in one sentence.
-// - The libvirt connection is opened on first use and closed by close().
+// - The libvirt connection is opened on first use, opened again when it
+//   closed (libvirtd restarted), and closed by close().
 
 import { chownSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { createHash } from 'node:crypto';
@@ -75,7 +76,14 @@ export class LibvirtDriver implements HypervisorDriver {
     this.uri = options.uri;
   }
 
+  /** The open connection; one that closed (libvirtd restarted) is replaced by a new one. */
   private async client(): Promise<LibvirtClient> {
+    const current = this.connecting;
+    if (current !== undefined) {
+      const open = await current.catch(() => undefined);
+      if (open !== undefined && open.connection.state !== 'closed') return open;
+      if (this.connecting === current) this.connecting = undefined;
+    }
     this.connecting ??= LibvirtClient.connect(this.uri, { runtimeDir: this.options.runtimeDir });
     try {
       return await this.connecting;
