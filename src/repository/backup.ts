@@ -200,7 +200,12 @@ async function planDisk(driver: HypervisorDriver, checkpoints: ReadonlySet<strin
   const prevDisk = prev?.disks.find((x) => x.diskId === disk.diskId);
   const full = (fullReason: string): DiskPlan => ({ disk, level: 'full', fullReason });
   if (options.full) return full('requested with --full');
-  if (prev === undefined || prevDisk === undefined) return full('no earlier backup of this disk in the repository');
+  if (prev === undefined || prevDisk === undefined) {
+    // A new image under a target backed up before: its source was replaced (a new file, or another path).
+    const sameTarget = [...history].reverse().find((m) => m.disks.some((x) => x.target === disk.target));
+    const replaced = sameTarget === undefined ? '' : ` (the image under "${disk.target}" was replaced since backup "${sameTarget.id}"; it now reads "${disk.source}")`;
+    return full(`no earlier backup of this disk in the repository${replaced}`);
+  }
   if (!checkpoints.has(prev.checkpoint)) return full(`checkpoint "${prev.checkpoint}" of backup "${prev.id}" no longer exists`);
   const cov = (await driver.coverage(domain, prev.checkpoint)).find((c) => c.diskId === disk.diskId);
   if (cov === undefined || cov.mode === 'full') return full((cov?.reasons ?? []).map((r) => `${r.code}: ${r.detail}`).join('; ') || 'no coverage');

@@ -217,6 +217,26 @@ describe('repository backups of libvirt domains (libvirt driver)', () => {
     last = m;
   });
 
+  it('a disk whose source was replaced (a new image under the same target) is backed up full with the reason', async () => {
+    const [sdd] = await createTestDisks(dir, ['sdd'], DISK_BYTES);
+    const [sde] = await createTestDisks(dir, ['sde'], DISK_BYTES);
+    assert.ok(sdd !== undefined && sde !== undefined);
+    await virsh(['attach-disk', name, sdd.file, 'sdd', '--driver', 'qemu', '--subdriver', 'qcow2', '--targetbus', 'scsi', '--live']);
+    await qb.repository.backup(name, { repo });
+    await virsh(['detach-disk', name, 'sdd', '--live']);
+    await virsh(['attach-disk', name, sde.file, 'sdd', '--driver', 'qemu', '--subdriver', 'qcow2', '--targetbus', 'scsi', '--live']);
+    models.set('sdd', new DiskModel());
+    await write('sdd', 0x4e, 1 * MiB, 4096);
+    const m = await qb.repository.backup(name, { repo });
+    assert.equal(disk(m, 'sdd').level, 'full');
+    assert.match(String(disk(m, 'sdd').fullReason), /image under "sdd" was replaced/);
+    assert.equal(disk(m, 'sda').level, 'incremental');
+    await assertRestores(m, snapshot());
+    await virsh(['detach-disk', name, 'sdd', '--live']);
+    models.delete('sdd');
+    last = m;
+  });
+
   it('a backup job of libvirt that is not ours is refused in one sentence and left running', async () => {
     const socket = join(dir, 'sock', 'foreign.sock');
     await client.backupBegin(dom, `<domainbackup mode='pull'><server transport='unix' socket='${socket}'/></domainbackup>`);
@@ -272,7 +292,7 @@ describe('repository backups of libvirt domains (libvirt driver)', () => {
       await client.destroy(await client.lookupDomainByName(copy));
       for (const d of r.disks) assert.ok(readFileSync(d.file).equals(want.get(d.target) ?? Buffer.alloc(0)), `disk ${d.target} of the defined domain equals backup ${m.id}`);
       // Into the new, shut-off domain: the older backup, byte-exact.
-      await qb.repository.restore(name, { repo, backup: older.id, intoDomain: copy });
+      await qb.repository.restore(name, { repo, backup: older.id, intoDomain: copy, disks: ['sda', 'sdb'] });
       for (const d of r.disks) {
         const expected = contentAt.get(older.id)?.get(d.target);
         assert.ok(expected !== undefined && readFileSync(d.file).equals(expected), `disk ${d.target} holds backup ${older.id} after --into-domain`);
