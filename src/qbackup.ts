@@ -85,7 +85,7 @@ export class Qbackup implements Disposable {
     this.engine = new QemuEngine(this.db, { ...options, lockTimeoutMs: options.lockTimeoutMs ?? 30_000 });
     this.driver = openDriver(options.connect, {
       qemu: () => new QemuDriver(this.engine),
-      libvirt: (uri) => new LibvirtDriver({ uri: uri.uri, runtimeDir: options.runtimeDir, socketParentDir: tmpdir(), shutdownTimeoutMs: options.shutdownTimeoutMs }),
+      libvirt: (uri) => new LibvirtDriver({ uri: uri.uri, runtimeDir: options.runtimeDir, socketParentDir: tmpdir(), shutdownTimeoutMs: options.shutdownTimeoutMs, faults: options.faults }),
     });
     this.repository = new RepositoryService(this.driver, { backends: options.backends ?? {}, runDir: join(options.stateDir, 'run') });
     this.instant = new InstantRestoreService(this.driver, this.repository, this.db, {

@@ -333,6 +333,21 @@ describe('repository backups of libvirt domains (libvirt driver)', () => {
     }
     // The first repository's checkpoint stays; the second has exactly its latest.
     assert.deepEqual((await ourCheckpoints()).sort(), [...before, inc.checkpoint].sort());
+
+    // qbackup backup killed (SIGKILL) with its libvirt job running: the next backup ends the orphaned job and is incremental.
+    await assert.rejects(execFileAsync(join(repoRoot, 'bin', 'qbackup'), ['--state-dir', join(work, 'state'), 'backup', name, '--repo', repo2], { env: { ...process.env, QBACKUP_CONNECT: daemon.uri, QBACKUP_CRASH_AT: 'libvirt-backup-begun' } }));
+    assert.equal((await client.getJobStats(dom)).type, LIBVIRT.VIR_DOMAIN_JOB_UNBOUNDED);
+    await write('sdb', 0x6b, 5 * MiB, 4096);
+    const after = await cli(['backup', name, '--repo', repo2]);
+    assert.deepEqual(after.disks.map((d) => d.level), ['incremental', 'incremental']);
+    assert.equal((await client.getJobStats(dom)).type, LIBVIRT.VIR_DOMAIN_JOB_NONE);
+    repo = repo2;
+    try {
+      await assertRestores(after, snapshot());
+    } finally {
+      repo = rOld;
+    }
+    assert.deepEqual((await ourCheckpoints()).sort(), [...before, after.checkpoint].sort());
   });
 
   it('libvirtd restarted: the driver connects again and the next backup is incremental', async (t) => {

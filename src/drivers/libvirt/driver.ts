@@ -24,6 +24,7 @@ import { createHash } from 'node:crypto';
 import { basename, dirname, join } from 'node:path';
 import { QbackupError, describeError, isQbackupError } from '../../errors.js';
 import type { Element } from '@xmldom/xmldom';
+import type { Faults } from '../../util/faults.js';
 import { attr, childElements, firstChild, parseXmlDocument } from '../../util/xml.js';
 import type {
   Consistency,
@@ -54,6 +55,8 @@ export interface LibvirtDriverOptions {
   socketParentDir: string;
   /** How long shutdownDomain waits for the guest before stopping QEMU gracefully. Default 60 s. */
   shutdownTimeoutMs?: number | undefined;
+  /** Test-only fault injection (src/util/faults.ts): 'libvirt-backup-begun' once the job runs. */
+  faults?: Faults | undefined;
 }
 
 /** One disk of a libvirt domain XML. */
@@ -269,6 +272,7 @@ ${all
       } finally {
         if (consistency === 'filesystem') await c.fsThaw(dom).catch(() => undefined);
       }
+      this.options.faults?.at('libvirt-backup-begun');
       const disks = [];
       for (const d of request.disks) {
         const virtualSize = Number((await c.getBlockInfo(dom, d.target)).capacity);
