@@ -12,7 +12,7 @@ import type { DomainService } from './domain/domains.js';
 import type { HypervisorDriver } from './drivers/driver.js';
 import { LibvirtDriver } from './drivers/libvirt/driver.js';
 import { openDriver } from './drivers/open.js';
-import { QemuDriver } from './drivers/qemu/driver.js';
+import { QEMU_DRIVER_URI, QemuDriver } from './drivers/qemu/driver.js';
 import { QemuEngine } from './drivers/qemu/engine.js';
 import { openDatabase, type Db } from './store/db.js';
 import { InstantRestoreService, type Credentials } from './instant/restore.js';
@@ -97,16 +97,26 @@ export class Qbackup implements Disposable {
     });
   }
 
+  // The engine's own services serve the domains qbackup runs itself; under
+  // another connection they would answer for the wrong hypervisor, so they
+  // refuse in one sentence.
   get domains(): DomainService {
-    return this.engine.domains;
+    return this.ownEngine().domains;
   }
 
   get checkpoints(): CheckpointService {
-    return this.engine.checkpoints;
+    return this.ownEngine().checkpoints;
   }
 
   get backups(): BackupService {
-    return this.engine.backups;
+    return this.ownEngine().backups;
+  }
+
+  private ownEngine(): QemuEngine {
+    if (this.driver.uri !== QEMU_DRIVER_URI) {
+      throw new QbackupError('NOT_SUPPORTED', `This command works on the domains qbackup runs itself, not through "${this.driver.uri}": use virsh for libvirt's domains, or qbackup's list, backup, restore and backup-list with --connect`);
+    }
+    return this.engine;
   }
 
   static open(options: QbackupOptions): Qbackup {

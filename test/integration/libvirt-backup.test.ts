@@ -370,5 +370,7 @@ describe('repository backups of libvirt domains (libvirt driver)', () => {
     const mine = (JSON.parse(out) as Array<{ name: string; state: string; connection: string }>).find((d) => d.name === name);
     assert.equal(mine?.state, 'running');
     assert.equal(mine?.connection, daemon.uri);
+    // A command of qbackup's own engine refuses another connection instead of answering for the wrong hypervisor.
+    await assert.rejects(tool(join(repoRoot, 'bin', 'qbackup'), ['--state-dir', join(work, 'state'), '--connect', daemon.uri, 'dumpxml', name]), (err: unknown) => /not through "qemu:\/\/\/system"/.test(String((err as { stderr?: string }).stderr)));
   });
 });
