@@ -23,6 +23,7 @@ export { exportUri, type JobInfo, type JobDisk, type JobState, type DiskJobState
 export type { HypervisorDriver, DriverDomain, DriverDisk, PullBackup, PullBackupRequest, PullExport, ExportServer, DomainSession, CopyJob, LifecycleHooks } from './drivers/driver.js';
 export { openDriver, parseConnectionUri, registerLibvirtDriver, type ConnectionUri, type DriverSources, type LibvirtDriverFactory } from './drivers/open.js';
 export { QemuDriver, QEMU_DRIVER_URI } from './drivers/qemu/driver.js';
+export { LibvirtDriver, OWN_CHECKPOINT_PREFIX, type LibvirtDriverOptions } from './drivers/libvirt/driver.js';
 
 // instant restore
 export { InstantRestoreService, type InstantRestoreInfo, type InstantDiskInfo, type InstantRestoreOptions, type InstantServiceOptions } from './instant/restore.js';

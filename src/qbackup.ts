@@ -3,14 +3,16 @@
 // application) creates one, calls its services, and closes it.
 
 import { chmodSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { QbackupError } from './errors.js';
 import type { BackupService } from './backup/jobs.js';
 import type { CheckpointService } from './checkpoint/checkpoints.js';
 import type { DomainService } from './domain/domains.js';
 import type { HypervisorDriver } from './drivers/driver.js';
+import { LibvirtDriver } from './drivers/libvirt/driver.js';
 import { openDriver } from './drivers/open.js';
-import { QemuDriver } from './drivers/qemu/driver.js';
+import { QEMU_DRIVER_URI, QemuDriver } from './drivers/qemu/driver.js';
 import { QemuEngine } from './drivers/qemu/engine.js';
 import { openDatabase, type Db } from './store/db.js';
 import { InstantRestoreService, type Credentials } from './instant/restore.js';
@@ -28,6 +30,8 @@ export interface QbackupOptions {
    * (src/drivers/open.ts): qbackup:/// (the default) is our own QEMU engine.
    */
   connect?: string | undefined;
+  /** The caller's $XDG_RUNTIME_DIR, where qemu:///session finds the user's libvirt daemon. */
+  runtimeDir?: string | undefined;
   /** How long a command waits for another one on the same domain. Default 30 s. */
   lockTimeoutMs?: number | undefined;
   accel?: 'auto' | 'kvm' | 'tcg' | undefined;
@@ -82,7 +86,10 @@ export class Qbackup implements Disposable {
     prepareStateDir(options.stateDir, options.logger);
     this.db = openDatabase(join(options.stateDir, 'qbackup.db'));
     this.engine = new QemuEngine(this.db, { ...options, lockTimeoutMs: options.lockTimeoutMs ?? 30_000 });
-    this.driver = openDriver(options.connect, { qemu: () => new QemuDriver(this.engine) });
+    this.driver = openDriver(options.connect, {
+      qemu: () => new QemuDriver(this.engine),
+      libvirt: (uri) => new LibvirtDriver({ uri: uri.uri, runtimeDir: options.runtimeDir, socketParentDir: tmpdir(), shutdownTimeoutMs: options.shutdownTimeoutMs, faults: options.faults }),
+    });
     this.repository = new RepositoryService(this.driver, { backends: options.backends ?? {}, runDir: join(options.stateDir, 'run') });
     this.instant = new InstantRestoreService(this.driver, this.repository, this.db, {
       stateDir: options.stateDir,
@@ -93,16 +100,26 @@ export class Qbackup implements Disposable {
     });
   }
 
+  // The engine's own services serve the domains qbackup runs itself; under
+  // another connection they would answer for the wrong hypervisor, so they
+  // refuse in one sentence.
   get domains(): DomainService {
-    return this.engine.domains;
+    return this.ownEngine().domains;
   }
 
   get checkpoints(): CheckpointService {
-    return this.engine.checkpoints;
+    return this.ownEngine().checkpoints;
   }
 
   get backups(): BackupService {
-    return this.engine.backups;
+    return this.ownEngine().backups;
+  }
+
+  private ownEngine(): QemuEngine {
+    if (this.driver.uri !== QEMU_DRIVER_URI) {
+      throw new QbackupError('NOT_SUPPORTED', `This command works on the domains qbackup runs itself, not through "${this.driver.uri}": use virsh for libvirt's domains, or qbackup's list, backup, restore and backup-list with --connect`);
+    }
+    return this.engine;
   }
 
   static open(options: QbackupOptions): Qbackup {
@@ -112,6 +129,8 @@ export class Qbackup implements Disposable {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    // The libvirt driver's connection; closing it cannot fail in a way the caller could act on.
+    void this.driver.close?.().catch(() => undefined);
     this.db.close();
   }
 

@@ -18,6 +18,7 @@ import type { OutputOptions } from './output.js';
 
 export interface GlobalOptions {
   stateDir?: string;
+  connect?: string;
   json?: boolean;
   lockTimeout?: string;
   config?: string;
@@ -73,6 +74,9 @@ export function createCliContext(env: NodeJS.ProcessEnv): CliContext {
         qb = Qbackup.open({
           stateDir: opts.stateDir ?? defaultStateDir(env, config),
           lockTimeoutMs,
+          // The hypervisor (src/drivers/open.ts): qbackup:/// or a libvirt URI; a session daemon is found through XDG_RUNTIME_DIR.
+          connect: opts.connect ?? (env['QBACKUP_CONNECT'] || undefined),
+          runtimeDir: env['XDG_RUNTIME_DIR'] || undefined,
           // Test-only fault injection (src/util/faults.ts): never set it in production.
           faults: env['QBACKUP_CRASH_AT'] ? crashAtPoint(env['QBACKUP_CRASH_AT']) : undefined,
           // A command that must restart the server of an instant restore from an encrypted repository needs its passphrase.

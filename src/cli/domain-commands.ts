@@ -66,6 +66,12 @@ export const domainCommands: readonly CliCommand[] = [
     description: 'list domains (running and crashed; --all adds shut-off ones)',
     options: { all: flag('--all', 'include shut-off domains') },
     run: async ({ qb, out, opts }) => {
+      if (qb.driver.uri !== 'qbackup:///') {
+        // Another hypervisor's domains (--connect), through its driver.
+        const listed = (await qb.driver.listDomains()).filter((d) => opts.all || d.state !== 'shut off');
+        emit(out, listed.map((d) => ({ ...d, connection: qb.driver.uri })), () => table(['Name', 'State', 'Connection'], listed.map((d) => [d.name, d.state, qb.driver.uri])));
+        return;
+      }
       const list = qb.domains.list({ all: opts.all });
       emit(out, list, () => table(['Id', 'Name', 'State'], list.map((d) => [d.pid !== undefined ? String(d.pid) : '-', d.name, d.state])));
     },

@@ -32,6 +32,7 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
     .description('Checkpoints and incremental disk backups for QEMU/KVM virtual machines')
     .option('--state-dir <dir>', 'metadata directory (default: $QBACKUP_STATE_DIR, /var/lib/qbackup as root, else ~/.local/state/qbackup)')
     .option('--config <file>', 'configuration file (default: /etc/qbackup/config.yaml as root, else ~/.config/qbackup/config.yaml, if it exists)')
+    .option('-c, --connect <uri>', 'the hypervisor: qbackup:/// (default, domains qbackup runs) or libvirt, e.g. qemu:///system (default: $QBACKUP_CONNECT)')
     .option('--json', 'print results as JSON')
     .option('--lock-timeout <seconds>', 'how long to wait for another command on the same domain (default 30)')
     .version(packageVersion(), '-V, --version')

@@ -128,6 +128,7 @@ export const repositoryCommands: readonly CliCommand[] = [
       wait: flag('--wait', 'with --instant: wait until every byte is local and the server stopped'),
       bandwidth: value('--bandwidth <MiB/s>', 'with --instant: limit the copy rate of each disk'),
       intoDomain: value('--into-domain <domain>', 'write into the disks of this shut-off domain with the same targets'),
+      define: value('--define <name>', 'with --to: define a new domain of this name from the backup\'s saved definition (no UUID, no MACs), on the restored images'),
       backup: value('--backup <id>', 'the backup to restore (default: the latest)'),
       until: value('--until <time>', 'the latest backup taken at or before this time (ISO 8601)'),
       disk: diskOption('restore'),
@@ -136,6 +137,7 @@ export const repositoryCommands: readonly CliCommand[] = [
     run: async ({ qb, out, cli, args: { domain }, opts: o }) => {
       const format = oneOf('--format', o.format, ['qcow2', 'raw']);
       const until = o.until !== undefined ? pointInTime('--until', o.until) : undefined;
+      if (o.instant && o.define !== undefined) throw new QbackupError('INVALID_ARGUMENT', 'Option --define makes a domain on restored images; with --instant give the name with --as');
       if (o.instant) {
         await runInstantRestore(qb, out, repoAccess(cli, o), domain, { ...o, bandwidth: o.bandwidth ?? configuredBandwidth(cli.config.defaults.bandwidth), until });
         return;
@@ -144,6 +146,7 @@ export const repositoryCommands: readonly CliCommand[] = [
         if (given) throw new QbackupError('INVALID_ARGUMENT', `Option ${flagName} needs --instant`);
       }
       if ((o.to === undefined) === (o.intoDomain === undefined)) throw new QbackupError('INVALID_ARGUMENT', 'Give either --to or --into-domain');
+      if (o.define !== undefined && o.to === undefined) throw new QbackupError('INVALID_ARGUMENT', 'Option --define needs --to (the directory of the new domain\'s images)');
       const r = await withProgress(out, (onProgress) =>
         qb.repository.restore(domain, {
           ...repoAccess(cli, o),
@@ -151,6 +154,7 @@ export const repositoryCommands: readonly CliCommand[] = [
           disks: o.disk,
           ...(o.to !== undefined ? { to: o.to } : {}),
           ...(o.intoDomain !== undefined ? { intoDomain: o.intoDomain } : {}),
+          define: o.define,
           ...(o.backup !== undefined ? { backup: o.backup } : {}),
           ...(until !== undefined ? { until } : {}),
           onProgress,

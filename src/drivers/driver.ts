@@ -172,4 +172,13 @@ export interface HypervisorDriver {
   withSession<T>(domain: string, what: string, fn: (s: DomainSession) => Promise<T>): Promise<T>;
   /** Installs the instant restore's lifecycle hooks; once. */
   setLifecycleHooks(hooks: LifecycleHooks): void;
+
+  /**
+   * True when the hypervisor pays for every checkpoint on every guest write
+   * (libvirt: one active bitmap each): the repository then deletes its
+   * previous checkpoint once the next backup commits, keeping one.
+   */
+  readonly keepsLatestCheckpointOnly?: boolean | undefined;
+  /** Releases the driver's connection, if it holds one; idempotent. */
+  close?(): Promise<void>;
 }

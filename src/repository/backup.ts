@@ -177,7 +177,22 @@ async function backupRunning(driver: HypervisorDriver, store: Store, domain: str
   await driver.endBackup(domain, ended.id).catch((err: unknown) => {
     throw new QbackupError('BACKUP_FAILED', `Backup "${id}" of domain "${domain}" is complete, but ending its backup job failed: ${describeError(err)}`, { cause: err });
   });
+  if (driver.keepsLatestCheckpointOnly) await dropEarlierCheckpoints(driver, domain, history, checkpoint);
   return manifest;
+}
+
+/**
+ * One checkpoint per repository: the checkpoints of this repository's
+ * earlier backups of the domain that the hypervisor still has are deleted
+ * (libvirt merges their bitmaps). Never one the repository did not record.
+ * A deletion that fails is retried after the next backup.
+ */
+async function dropEarlierCheckpoints(driver: HypervisorDriver, domain: string, history: readonly Manifest[], keep: string): Promise<void> {
+  const existing = new Set(await driver.checkpoints(domain).catch(() => []));
+  for (const name of new Set(history.map((m) => m.checkpoint))) {
+    if (name === keep || !existing.has(name)) continue;
+    await driver.deleteCheckpoint(domain, name).catch(() => undefined);
+  }
 }
 
 /** Full or incremental for one disk: incremental since the disk's last backup here, when coverage allows. */
@@ -186,7 +201,12 @@ async function planDisk(driver: HypervisorDriver, checkpoints: ReadonlySet<strin
   const prevDisk = prev?.disks.find((x) => x.diskId === disk.diskId);
   const full = (fullReason: string): DiskPlan => ({ disk, level: 'full', fullReason });
   if (options.full) return full('requested with --full');
-  if (prev === undefined || prevDisk === undefined) return full('no earlier backup of this disk in the repository');
+  if (prev === undefined || prevDisk === undefined) {
+    // A new image under a target backed up before: its source was replaced (a new file, or another path).
+    const sameTarget = [...history].reverse().find((m) => m.disks.some((x) => x.target === disk.target));
+    const replaced = sameTarget === undefined ? '' : ` (the image under "${disk.target}" was replaced since backup "${sameTarget.id}"; it now reads "${disk.source}")`;
+    return full(`no earlier backup of this disk in the repository${replaced}`);
+  }
   if (!checkpoints.has(prev.checkpoint)) return full(`checkpoint "${prev.checkpoint}" of backup "${prev.id}" no longer exists`);
   const cov = (await driver.coverage(domain, prev.checkpoint)).find((c) => c.diskId === disk.diskId);
   if (cov === undefined || cov.mode === 'full') return full((cov?.reasons ?? []).map((r) => `${r.code}: ${r.detail}`).join('; ') || 'no coverage');

@@ -6,6 +6,7 @@
 
 import { resolve } from 'node:path';
 import type { HypervisorDriver } from '../drivers/driver.js';
+import { definitionForRestore } from './define-xml.js';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import type { Backend } from './backend/backend.js';
 import { isRemoteRepo, openBackend, type BackendSettings } from './backend/open.js';
@@ -52,6 +53,8 @@ export interface RestoreOptions extends RepoAccess {
   format?: ImageFormat;
   /** … or write straight into the disks of this shut-off domain. */
   intoDomain?: string;
+  /** With `to`: define a new domain of this name from the backup's saved definition, on the restored images (define-xml.ts). */
+  define?: string | undefined;
   onProgress?: ProgressSink | undefined;
   /** Checked between runs of chunks: a cancelled restore removes the image it was writing. */
   signal?: AbortSignal | undefined;
@@ -133,6 +136,9 @@ export class RepositoryService {
       await restoreToFile(store, await store.resolveIndex(d.index), file, format, { what, signal: options.signal, onProgress: (done, total) => options.onProgress?.({ phase: `restore ${d.target}`, doneBytes: done, totalBytes: total }) });
       options.logger?.log({ level: 'info', msg: 'disk restored', fields: { domain, backup: m.id, disk: d.target, file } });
       out.push({ target: d.target, file });
+    }
+    if (options.define !== undefined) {
+      await this.driver.defineDomain(definitionForRestore(m.domainXml, options.define, out.map((d) => ({ ...d, format }))));
     }
     return { backup: m.id, disks: out };
   }

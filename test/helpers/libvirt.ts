@@ -11,7 +11,7 @@
 // metadata) in each test's finally.
 
 import { execFile, spawn } from 'node:child_process';
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createConnection } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -93,8 +93,60 @@ async function startDaemon(program: string, pidFile: string, env: NodeJS.Process
   return Number(readFileSync(pidFile, 'utf8').trim());
 }
 
-/** A libvirt daemon to talk to: the running one, or one started here. */
+/**
+ * Test files that use libvirt run one at a time (node --test may run files in
+ * parallel): one may restart the daemon it started, or stop it, under
+ * another. The lock is a directory holding the holder's pid; a dead
+ * holder's lock is taken over.
+ */
+const LIBVIRT_TESTS_LOCK = join(tmpdir(), 'qbt-libvirt-tests.lock');
+
+async function lockLibvirtTests(): Promise<() => void> {
+  const pidFile = join(LIBVIRT_TESTS_LOCK, 'pid');
+  for (;;) {
+    try {
+      mkdirSync(LIBVIRT_TESTS_LOCK);
+      writeFileSync(pidFile, String(process.pid));
+      return () => rmSync(LIBVIRT_TESTS_LOCK, { recursive: true, force: true });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+    }
+    const holder = Number(existsSync(pidFile) ? readFileSync(pidFile, 'utf8').trim() : NaN);
+    let alive = true;
+    if (Number.isInteger(holder) && holder > 0) {
+      try {
+        process.kill(holder, 0);
+      } catch (err) {
+        alive = (err as NodeJS.ErrnoException).code === 'EPERM';
+      }
+    }
+    if (!alive) rmSync(LIBVIRT_TESTS_LOCK, { recursive: true, force: true });
+    else await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+/** A libvirt daemon to talk to (the running one, or one started here), held by this test file alone until stop(). */
 export async function startLibvirt(): Promise<LibvirtDaemon> {
+  const unlock = await lockLibvirtTests();
+  try {
+    const daemon = await startLibvirtUnlocked();
+    return {
+      ...daemon,
+      stop: async () => {
+        try {
+          await daemon.stop();
+        } finally {
+          unlock();
+        }
+      },
+    };
+  } catch (err) {
+    unlock();
+    throw err;
+  }
+}
+
+async function startLibvirtUnlocked(): Promise<LibvirtDaemon> {
   const socketPath = LIBVIRT_SYSTEM_SOCKET;
   if (await socketAnswers(socketPath)) {
     const restart = async (): Promise<void> => {

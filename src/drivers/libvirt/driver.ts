@@ -1,0 +1,455 @@
+// The libvirt driver: the driver interface (../driver.ts) over libvirt's own
+// RPC protocol (./client.ts), for the domains a libvirt daemon already runs
+// (qemu:///system, qemu:///session, qemu+unix:///system?socket=PATH).
+//
+// A pull backup is one virDomainBackupBegin: `<domainbackup mode='pull'>`
+// with per-disk `backupmode` (full, or incremental since a named
+// checkpoint) and a new checkpoint created in the same call, served on a
+// unix socket in a private directory only QEMU's user and this process can
+// reach. Every export is named after its disk target; an incremental disk's
+// export carries `qemu:dirty-bitmap:backup-TARGET`.
+//
+// Invariants:
+// - Checkpoints this driver creates are named `qb-…`, and it deletes no
+//   other (deleteCheckpoint refuses one that is not ours).
+// - A backup job is recognized as ours by its socket: OWN_PREFIX-PID-…/CHECKPOINT.sock.
+//   A job whose process (PID) is dead is an orphan: the next backup (or
+//   endOrphanedBackup) ends it and deletes the checkpoint it created. A job
+//   that is not ours, or is ours and alive, is never touched: refused in one sentence.
+// - The libvirt connection is opened on first use, opened again when it
+//   closed (libvirtd restarted), and closed by close().
+
+import { chownSync, mkdtempSync, rmSync, statSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { basename, dirname, join } from 'node:path';
+import { QbackupError, describeError, isQbackupError } from '../../errors.js';
+import type { Element } from '@xmldom/xmldom';
+import type { Faults } from '../../util/faults.js';
+import { attr, childElements, firstChild, parseXmlDocument } from '../../util/xml.js';
+import type {
+  Consistency,
+  DiskCoverage,
+  DomainState,
+  DriverDisk,
+  DriverDomain,
+  HypervisorDriver,
+  LifecycleHooks,
+  PullBackup,
+  PullBackupRequest,
+} from '../driver.js';
+import { LibvirtClient } from './client.js';
+import * as C from './rpc/constants.js';
+import type { LibvirtDomainRef } from './rpc/structs.js';
+
+/** The prefix of every checkpoint this driver creates. */
+export const OWN_CHECKPOINT_PREFIX = 'qb-';
+/** The prefix of the private directory of a backup's socket. */
+const OWN_SOCKET_PREFIX = 'qbackup-lv-';
+
+export interface LibvirtDriverOptions {
+  /** The connection URI (see uri.ts). */
+  uri: string;
+  /** $XDG_RUNTIME_DIR of the caller, for qemu:///session. */
+  runtimeDir?: string | undefined;
+  /** Where the private directories of backup sockets are made; QEMU's user must be able to traverse it (e.g. /tmp). */
+  socketParentDir: string;
+  /** How long shutdownDomain waits for the guest before stopping QEMU gracefully. Default 60 s. */
+  shutdownTimeoutMs?: number | undefined;
+  /** Test-only fault injection (src/util/faults.ts): 'libvirt-backup-begun' once the job runs. */
+  faults?: Faults | undefined;
+}
+
+/** One disk of a libvirt domain XML. */
+interface XmlDisk {
+  target: string;
+  source: string | undefined;
+  format: string;
+  device: string;
+  readonly: boolean;
+}
+
+export class LibvirtDriver implements HypervisorDriver {
+  readonly uri: string;
+  readonly defaultTlsCertDir = undefined;
+  /** libvirt keeps one checkpoint per repository: the repository deletes the previous one once the next backup commits. */
+  readonly keepsLatestCheckpointOnly = true;
+  private connecting: Promise<LibvirtClient> | undefined;
+
+  constructor(private readonly options: LibvirtDriverOptions) {
+    this.uri = options.uri;
+  }
+
+  /** The open connection; one that closed (libvirtd restarted) is replaced by a new one. */
+  private async client(): Promise<LibvirtClient> {
+    const current = this.connecting;
+    if (current !== undefined) {
+      const open = await current.catch(() => undefined);
+      if (open !== undefined && open.connection.state !== 'closed') return open;
+      if (this.connecting === current) this.connecting = undefined;
+    }
+    this.connecting ??= LibvirtClient.connect(this.uri, { runtimeDir: this.options.runtimeDir });
+    try {
+      return await this.connecting;
+    } catch (err) {
+      this.connecting = undefined;
+      throw err;
+    }
+  }
+
+  /** Closes the libvirt connection; idempotent. */
+  async close(): Promise<void> {
+    const c = this.connecting;
+    this.connecting = undefined;
+    if (c !== undefined) await (await c.catch(() => undefined))?.close();
+  }
+
+  private async lookup(name: string): Promise<{ c: LibvirtClient; dom: LibvirtDomainRef }> {
+    const c = await this.client();
+    return { c, dom: await c.lookupDomainByName(name) };
+  }
+
+  // ---- domains ----
+
+  async listDomains(): Promise<DriverDomain[]> {
+    const c = await this.client();
+    const out: DriverDomain[] = [];
+    for (const dom of await c.listAllDomains()) out.push(await describe(c, dom));
+    return out.sort((a, b) => a.name.localeCompare(b.name));
+  }
+
+  async describeDomain(name: string): Promise<DriverDomain> {
+    const { c, dom } = await this.lookup(name);
+    return describe(c, dom);
+  }
+
+  async domainXml(name: string): Promise<string> {
+    const { c, dom } = await this.lookup(name);
+    return c.getXmlDesc(dom, C.VIR_DOMAIN_XML_INACTIVE);
+  }
+
+  async disks(name: string): Promise<DriverDisk[]> {
+    const { c, dom } = await this.lookup(name);
+    return driverDisks(await c.getXmlDesc(dom), name);
+  }
+
+  /** Each disk's virtual size, from libvirt's block info. */
+  async diskSizes(name: string): Promise<Map<string, number>> {
+    const { c, dom } = await this.lookup(name);
+    const sizes = new Map<string, number>();
+    for (const d of xmlDisks(await c.getXmlDesc(dom), name)) {
+      if (d.source === undefined) continue;
+      sizes.set(d.target, Number((await c.getBlockInfo(dom, d.target)).capacity));
+    }
+    return sizes;
+  }
+
+  async defineDomain(xml: string): Promise<DriverDomain> {
+    const c = await this.client();
+    return describe(c, await c.defineXml(xml));
+  }
+
+  async startDomain(name: string, options: { paused?: boolean | undefined } = {}): Promise<DriverDomain> {
+    const { c, dom } = await this.lookup(name);
+    await c.create(dom, options.paused ? C.VIR_DOMAIN_START_PAUSED : 0);
+    return describe(c, dom);
+  }
+
+  async shutdownDomain(name: string): Promise<DriverDomain> {
+    const { c, dom } = await this.lookup(name);
+    const { state } = await c.getState(dom);
+    if (state === C.VIR_DOMAIN_SHUTOFF) return describe(c, dom);
+    // A paused guest (e.g. started paused for a backup) runs no code to answer ACPI: QEMU is stopped with SIGTERM, which closes its images cleanly.
+    if (state !== C.VIR_DOMAIN_PAUSED) {
+      await c.shutdown(dom);
+      const deadline = Date.now() + (this.options.shutdownTimeoutMs ?? 60_000);
+      while (Date.now() < deadline && (await c.getState(dom)).state !== C.VIR_DOMAIN_SHUTOFF) await sleep(200);
+    }
+    if ((await c.getState(dom)).state !== C.VIR_DOMAIN_SHUTOFF) await c.destroy(dom, C.VIR_DOMAIN_DESTROY_GRACEFUL);
+    return describe(c, dom);
+  }
+
+  async undefineDomain(name: string): Promise<void> {
+    const { c, dom } = await this.lookup(name);
+    await c.undefine(dom, C.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA);
+  }
+
+  async withShutOffDisks<T>(name: string, what: string, fn: (disks: readonly DriverDisk[]) => Promise<T>): Promise<T> {
+    const { c, dom } = await this.lookup(name);
+    if ((await c.getState(dom)).state !== C.VIR_DOMAIN_SHUTOFF) throw new QbackupError('DOMAIN_RUNNING', `Cannot ${what} domain "${name}": it is running; shut it down first`);
+    const result = await fn(driverDisks(await c.getXmlDesc(dom, C.VIR_DOMAIN_XML_INACTIVE), name));
+    if ((await c.getState(dom)).state !== C.VIR_DOMAIN_SHUTOFF) throw new QbackupError('DOMAIN_RUNNING', `Cannot ${what} domain "${name}": libvirt started it meanwhile, so its disks may hold a mix of both`);
+    return result;
+  }
+
+  // ---- checkpoints and backups ----
+
+  async checkpoints(domain: string): Promise<string[]> {
+    const { c, dom } = await this.lookup(domain);
+    return (await c.listAllCheckpoints(dom)).map((cp) => cp.name);
+  }
+
+  async deleteCheckpoint(domain: string, name: string): Promise<void> {
+    if (!name.startsWith(OWN_CHECKPOINT_PREFIX)) throw new QbackupError('NOT_SUPPORTED', `Cannot delete checkpoint "${name}" of domain "${domain}": qbackup did not create it (its checkpoints are named ${OWN_CHECKPOINT_PREFIX}…)`);
+    const { c, dom } = await this.lookup(domain);
+    await c.checkpointDelete(await c.checkpointLookupByName(dom, name));
+  }
+
+  /**
+   * Per current disk: incremental when the checkpoint has a bitmap of that
+   * disk and the disk's image is the one the checkpoint saw; else full, with
+   * the reason.
+   */
+  async coverage(domain: string, checkpoint: string): Promise<DiskCoverage[]> {
+    const { c, dom } = await this.lookup(domain);
+    const disks = driverDisks(await c.getXmlDesc(dom), domain);
+    let cpXml: string;
+    try {
+      cpXml = await c.checkpointGetXmlDesc(await c.checkpointLookupByName(dom, checkpoint));
+    } catch (err) {
+      if (!isQbackupError(err, 'CHECKPOINT_NOT_FOUND')) throw err;
+      return disks.map((d) => ({ target: d.target, diskId: d.diskId, mode: 'full', reasons: [{ code: 'CHECKPOINT_NOT_FOUND', detail: `libvirt no longer has checkpoint "${checkpoint}"` }] }));
+    }
+    const root = parseXmlDocument(cpXml, `checkpoint "${checkpoint}" of domain "${domain}"`, 'domaincheckpoint');
+    const bitmaps = new Set<string>();
+    for (const d of childElements(firstChild(root, 'disks') ?? root, 'disk')) if (attr(d, 'checkpoint') === 'bitmap') bitmaps.add(attr(d, 'name') ?? '');
+    // The definition saved with the checkpoint: which image each target had then.
+    const savedDomain = firstChild(root, 'domain');
+    const sourcesThen = new Map(savedDomain === undefined ? [] : xmlDisksOf(savedDomain).map((d) => [d.target, d.source] as const));
+    return disks.map((d) => {
+      const reasons = [];
+      if (!bitmaps.has(d.target)) reasons.push({ code: 'DISK_NOT_IN_CHECKPOINT', detail: `checkpoint "${checkpoint}" has no bitmap of disk "${d.target}" (added since)` });
+      const then = sourcesThen.get(d.target);
+      if (then !== undefined && then !== d.source) reasons.push({ code: 'SOURCE_REPLACED', detail: `disk "${d.target}" reads "${d.source}", and at checkpoint "${checkpoint}" it read "${then}"` });
+      return { target: d.target, diskId: d.diskId, mode: reasons.length === 0 ? 'incremental' : 'full', reasons };
+    });
+  }
+
+  async beginPullBackup(domain: string, request: PullBackupRequest): Promise<PullBackup> {
+    if (request.tcp !== undefined) throw new QbackupError('NOT_SUPPORTED', `Cannot back up libvirt domain "${domain}" over TCP: its exports are read over a private unix socket`);
+    if (!request.checkpoint.startsWith(OWN_CHECKPOINT_PREFIX)) throw new QbackupError('INVALID_ARGUMENT', `Checkpoint "${request.checkpoint}" is not named ${OWN_CHECKPOINT_PREFIX}…`);
+    const { c, dom } = await this.lookup(domain);
+    await this.endOrphan(c, dom, domain, 'back up');
+    const liveXml = await c.getXmlDesc(dom);
+    const all = xmlDisks(liveXml, domain);
+    for (const d of request.disks) {
+      if (!all.some((x) => x.target === d.target && x.source !== undefined)) throw new QbackupError('DISK_NOT_FOUND', `Domain "${domain}" has no disk "${d.target}"`);
+    }
+    const dir = mkdtempSync(join(this.options.socketParentDir, `${OWN_SOCKET_PREFIX}${process.pid}-`));
+    try {
+      // Only QEMU's user (libvirt's DAC label of the domain) and this process reach the socket.
+      const owner = dacOwner(liveXml);
+      if (owner !== undefined && process.getuid?.() === 0) chownSync(dir, owner.uid, owner.gid);
+      const socket = join(dir, `${request.checkpoint}.sock`);
+      const wanted = new Map(request.disks.map((d) => [d.target, d.since]));
+      const backupXml = `<domainbackup mode='pull'>
+  <server transport='unix' socket='${xmlEscape(socket)}'/>
+  <disks>
+${all
+  .filter((d) => d.device === 'disk' || wanted.has(d.target))
+  .map((d) => {
+    if (!wanted.has(d.target)) return `    <disk name='${xmlEscape(d.target)}' backup='no'/>`;
+    const since = wanted.get(d.target);
+    // The scratch image (what the guest overwrites during the backup) lives in the private directory too, and goes with it.
+    const mode = since === undefined ? `backupmode='full'` : `backupmode='incremental' incremental='${xmlEscape(since)}'`;
+    return `    <disk name='${xmlEscape(d.target)}' backup='yes' type='file' ${mode}><scratch file='${xmlEscape(join(dir, `${d.target}.scratch`))}'/></disk>`;
+  })
+  .join('\n')}
+  </disks>
+</domainbackup>`;
+      const checkpointXml = `<domaincheckpoint>
+  <name>${xmlEscape(request.checkpoint)}</name>
+  <description>created by qbackup</description>
+  <disks>
+${all
+  .filter((d) => d.device === 'disk' || wanted.has(d.target))
+  .map((d) => `    <disk name='${xmlEscape(d.target)}' checkpoint='${wanted.has(d.target) ? 'bitmap' : 'no'}'/>`)
+  .join('\n')}
+  </disks>
+</domaincheckpoint>`;
+      const consistency = await this.freeze(c, dom, domain, request.quiesce);
+      try {
+        await c.backupBegin(dom, backupXml, checkpointXml);
+      } finally {
+        if (consistency === 'filesystem') await c.fsThaw(dom).catch(() => undefined);
+      }
+      this.options.faults?.at('libvirt-backup-begun');
+      const disks = [];
+      for (const d of request.disks) {
+        const virtualSize = Number((await c.getBlockInfo(dom, d.target)).capacity);
+        disks.push({ target: d.target, exportName: d.target, dirtyContext: d.since !== undefined ? `qemu:dirty-bitmap:backup-${d.target}` : undefined, virtualSize });
+      }
+      return { id: request.checkpoint, domain, checkpoint: request.checkpoint, consistency, server: { transport: 'unix', socket }, disks };
+    } catch (err) {
+      rmSync(dir, { recursive: true, force: true });
+      throw err;
+    }
+  }
+
+  private async freeze(c: LibvirtClient, dom: LibvirtDomainRef, domain: string, quiesce: PullBackupRequest['quiesce']): Promise<Consistency> {
+    if (quiesce === undefined) return 'crash';
+    try {
+      await c.fsFreeze(dom);
+      return 'filesystem';
+    } catch (err) {
+      if (quiesce === 'optional' && isQbackupError(err, 'GUEST_AGENT')) return 'crash';
+      throw new QbackupError('GUEST_AGENT', `Cannot quiesce domain "${domain}": ${describeError(err)}`, { cause: err });
+    }
+  }
+
+  async endBackup(domain: string, backupId: string): Promise<void> {
+    const { c, dom } = await this.lookup(domain);
+    const job = await runningBackup(c, dom);
+    if (job === undefined) throw new QbackupError('JOB_NOT_FOUND', `Domain "${domain}" runs no backup job`);
+    if (job.own?.checkpoint !== backupId) throw new QbackupError('JOB_NOT_FOUND', `Domain "${domain}" runs a backup job that is not "${backupId}"`);
+    await c.abortJob(dom);
+    rmSync(dirname(job.own.socket), { recursive: true, force: true });
+  }
+
+  async endOrphanedBackup(domain: string): Promise<void> {
+    const { c, dom } = await this.lookup(domain);
+    await this.endOrphan(c, dom, domain, 'end an orphaned backup of');
+  }
+
+  async assertNoBackup(domain: string, what: string): Promise<void> {
+    const { c, dom } = await this.lookup(domain);
+    await this.endOrphan(c, dom, domain, what);
+  }
+
+  /** Ends our backup job whose process died (and deletes its checkpoint); refuses any other job. */
+  private async endOrphan(c: LibvirtClient, dom: LibvirtDomainRef, domain: string, what: string): Promise<void> {
+    const job = await runningBackup(c, dom);
+    if (job === undefined) return;
+    if (job.own === undefined) throw new QbackupError('BACKUP_RUNNING', `Cannot ${what} domain "${domain}": libvirt runs a ${job.kind} on it that qbackup did not start, and qbackup leaves it alone`);
+    if (processAlive(job.own.pid)) throw new QbackupError('BACKUP_RUNNING', `Cannot ${what} domain "${domain}": qbackup process ${job.own.pid} is backing it up (checkpoint "${job.own.checkpoint}")`);
+    await c.abortJob(dom).catch((err: unknown) => {
+      if (!isQbackupError(err, 'LIBVIRT_ERROR') || !/no job is active/.test(describeError(err))) throw err;
+    });
+    rmSync(dirname(job.own.socket), { recursive: true, force: true });
+    const names = (await c.listAllCheckpoints(dom)).map((cp) => cp.name);
+    if (names.includes(job.own.checkpoint)) await c.checkpointDelete(await c.checkpointLookupByName(dom, job.own.checkpoint));
+  }
+
+  // ---- instant restore: not through libvirt yet ----
+
+  async createOverlay(): Promise<void> {
+    throw new QbackupError('NOT_SUPPORTED', `Instant restore is not available through libvirt ("${this.uri}") yet: restore with --to or --define`);
+  }
+
+  async withSession<T>(domain: string): Promise<T> {
+    throw new QbackupError('NOT_SUPPORTED', `Cannot hold libvirt domain "${domain}" for an instant restore: instant restore is not available through libvirt yet`);
+  }
+
+  setLifecycleHooks(_hooks: LifecycleHooks): void {
+    // libvirt runs its domains itself; no instant restore hooks into them here.
+  }
+}
+
+async function describe(c: LibvirtClient, dom: LibvirtDomainRef): Promise<DriverDomain> {
+  const { state } = await c.getState(dom);
+  return { name: dom.name, uuid: uuidString(dom.uuid), state: stateOf(state), reason: reasonOf(state) };
+}
+
+function uuidString(uuid: Buffer | string): string {
+  if (typeof uuid === 'string') return uuid;
+  const h = uuid.toString('hex');
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+function stateOf(state: number): DomainState {
+  if (state === C.VIR_DOMAIN_SHUTOFF) return 'shut off';
+  if (state === C.VIR_DOMAIN_CRASHED) return 'crashed';
+  return 'running';
+}
+
+function reasonOf(state: number): string {
+  return ['unknown', 'booted', 'blocked', 'paused', 'shutdown', 'shut off', 'crashed', 'suspended'][state] ?? 'unknown';
+}
+
+/** A running job of the domain, and whether it is a pull backup of ours (by its socket). */
+async function runningBackup(c: LibvirtClient, dom: LibvirtDomainRef): Promise<{ kind: string; own: { pid: number; checkpoint: string; socket: string } | undefined } | undefined> {
+  const stats = await c.getJobStats(dom);
+  if (stats.type === C.VIR_DOMAIN_JOB_NONE) return undefined;
+  if (stats.fields['operation'] !== C.VIR_DOMAIN_JOB_OPERATION_BACKUP) return { kind: `job (operation ${String(stats.fields['operation'] ?? 'unknown')})`, own: undefined };
+  let xml: string;
+  try {
+    xml = await c.backupGetXmlDesc(dom);
+  } catch (err) {
+    if (isQbackupError(err, 'JOB_NOT_FOUND')) return undefined;
+    throw err;
+  }
+  const socket = /<server\b[^>]*\bsocket=['"]([^'"]+)['"]/.exec(xml)?.[1];
+  if (socket === undefined) return { kind: 'backup job', own: undefined };
+  const dir = basename(dirname(socket));
+  const m = new RegExp(`^${OWN_SOCKET_PREFIX}(\\d+)-`).exec(dir);
+  const checkpoint = basename(socket).replace(/\.sock$/, '');
+  if (m === null || !checkpoint.startsWith(OWN_CHECKPOINT_PREFIX)) return { kind: 'backup job', own: undefined };
+  return { kind: 'backup job', own: { pid: Number(m[1]), checkpoint, socket } };
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** The uid:gid QEMU runs as, from libvirt's DAC label of a running domain. */
+function dacOwner(liveXml: string): { uid: number; gid: number } | undefined {
+  for (const m of liveXml.matchAll(/<seclabel\b[^>]*model=['"]dac['"][^>]*>([\s\S]*?)<\/seclabel>/g)) {
+    const label = /<label>\+?(\d+):\+?(\d+)<\/label>/.exec(m[1] ?? '');
+    if (label !== null) return { uid: Number(label[1]), gid: Number(label[2]) };
+  }
+  return undefined;
+}
+
+function xmlDisks(xml: string, domain: string): XmlDisk[] {
+  return xmlDisksOf(parseXmlDocument(xml, `the definition of domain "${domain}"`, 'domain'));
+}
+
+function xmlDisksOf(root: Element): XmlDisk[] {
+  const devices = firstChild(root, 'devices');
+  if (devices === undefined) return [];
+  return childElements(devices, 'disk').flatMap((d) => {
+    const target = firstChild(d, 'target');
+    const dev = target === undefined ? undefined : attr(target, 'dev');
+    if (dev === undefined) return [];
+    const source = firstChild(d, 'source');
+    const driver = firstChild(d, 'driver');
+    return [{
+      target: dev,
+      source: source === undefined ? undefined : (attr(source, 'file') ?? attr(source, 'dev')),
+      format: (driver === undefined ? undefined : attr(driver, 'type')) ?? 'raw',
+      device: attr(d, 'device') ?? 'disk',
+      readonly: firstChild(d, 'readonly') !== undefined || attr(d, 'device') === 'cdrom',
+    }];
+  });
+}
+
+/** The disks qbackup can back up: file or block images of qcow2 or raw, with a stable id per image under its target. */
+function driverDisks(xml: string, domain: string): DriverDisk[] {
+  return xmlDisks(xml, domain).flatMap((d) => {
+    if (d.source === undefined || (d.format !== 'qcow2' && d.format !== 'raw')) return [];
+    return [{ target: d.target, diskId: diskIdOf(d.target, d.source), source: d.source, format: d.format, readonly: d.readonly }];
+  });
+}
+
+/** dkXXXXXXXX, as the repository takes it: a new image under the same target (another path, or a new file at the same path) gets a new id. */
+function diskIdOf(target: string, source: string): string {
+  let inode = '';
+  try {
+    inode = String(statSync(source).ino);
+  } catch {
+    // Not reachable by this user: the path alone identifies the image.
+  }
+  return `dk${createHash('sha256').update(`${target}\0${source}\0${inode}`).digest('hex').slice(0, 8)}`;
+}
+
+function xmlEscape(s: string): string {
+  return s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/'/g, '&apos;').replace(/"/g, '&quot;');
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
