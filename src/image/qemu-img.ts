@@ -5,7 +5,7 @@
 // change how qbackup reads it. Images qbackup creates are owner-only (0600)
 // whatever the umask: they hold whole disks.
 
-import { chmodSync, closeSync, fchmodSync, openSync } from 'node:fs';
+import { chmodSync, closeSync, constants, fchmodSync, openSync } from 'node:fs';
 import { QbackupError, describeError } from '../errors.js';
 import { runTool } from './tools.js';
 
@@ -81,7 +81,11 @@ export async function createImage(
   options: { clusterSizeBytes?: number; backingFile?: string; backingFormat?: string; luksSecretFile?: string } = {},
 ): Promise<void> {
   try {
-    const fd = openSync(file, 'w', 0o600);
+    // Never through a planted symlink: a new file, or an existing regular one truncated. A /proc/PID/fd/N
+    // name (a file created exclusively by util/safe-create.ts) is a link by nature and is opened as it is.
+    const byDescriptor = /^\/proc\/(self|\d+)\/fd\/\d+$/.test(file);
+    const flags = byDescriptor ? constants.O_WRONLY | constants.O_TRUNC : constants.O_WRONLY | constants.O_CREAT | constants.O_TRUNC | constants.O_NOFOLLOW;
+    const fd = openSync(file, flags, 0o600);
     try {
       fchmodSync(fd, 0o600);
     } finally {

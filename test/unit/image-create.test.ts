@@ -1,0 +1,32 @@
+// createImage (src/image/qemu-img.ts) never writes through a planted symlink:
+// a push target or scratch image named by a link someone else placed is
+// refused and the file the link points at is left as it was.
+
+import assert from 'node:assert/strict';
+import { mkdtempSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, describe, test } from 'node:test';
+import { isQbackupError } from '../../src/errors.js';
+import { createImage } from '../../src/image/qemu-img.js';
+
+describe('createImage', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'qb-image-create-'));
+  after(() => rmSync(dir, { recursive: true, force: true }));
+
+  test('a planted symlink is refused and its target keeps its bytes', async () => {
+    const victim = join(dir, 'victim');
+    writeFileSync(victim, 'precious bytes that must stay');
+    const link = join(dir, 'target.qcow2');
+    symlinkSync(victim, link);
+    await assert.rejects(createImage(link, 'qcow2', 1 << 20), (err: unknown) => isQbackupError(err, 'TOOL_FAILED'));
+    assert.equal(readFileSync(victim, 'utf8'), 'precious bytes that must stay');
+  });
+
+  test('a new file is created 0600 as a qcow2 image', async () => {
+    const file = join(dir, 'new.qcow2');
+    await createImage(file, 'qcow2', 1 << 20);
+    assert.equal(statSync(file).mode & 0o777, 0o600);
+    assert.equal(readFileSync(file).subarray(0, 4).toString('latin1'), 'QFI\xfb');
+  });
+});
