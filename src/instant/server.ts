@@ -9,6 +9,7 @@
 // exports it announces against the sizes it expects, so a server of another
 // backup is never taken for the right one.
 
+import { openLogFile } from '../util/safe-create.js';
 import type { S3Settings } from '../repository/backend/s3.js';
 import { spawn } from 'node:child_process';
 import { closeSync, existsSync, openSync, readFileSync, rmSync } from 'node:fs';
@@ -97,8 +98,8 @@ export async function startBackupServer(spec: BackupServerSpec): Promise<BackupS
   }
   rmSync(spec.socket, { force: true });
   const argv = serverArgv(spec);
-  const out = openSync(spec.outFile, 'w', 0o600);
-  const err = openSync(spec.logFile, 'a', 0o600);
+  const out = openLogFile(spec.outFile, 'truncate');
+  const err = openLogFile(spec.logFile, 'append');
   let pid: number | undefined;
   try {
     const env = serverEnvironment(spec.environment, spec.s3);

@@ -8,6 +8,7 @@
 // learns QEMU's pid the moment it is spawned (onSpawn), before QMP is up, so
 // that a caller killed while QEMU starts leaves it findable.
 
+import { openLogFile } from '../util/safe-create.js';
 import { spawn } from 'node:child_process';
 import { accessSync, chmodSync, closeSync, constants, existsSync, lstatSync, openSync, readFileSync, rmSync, statSync, writeSync } from 'node:fs';
 import { QbackupError } from '../errors.js';
@@ -148,14 +149,14 @@ export async function launchQemu(options: LaunchOptions): Promise<QemuProcessInf
   }
   rmSync(options.qmpSocket, { force: true });
   if (options.consoleLog !== undefined) {
-    closeSync(openSync(options.consoleLog, 'w', 0o600)); // QEMU truncates it, keeping the mode
+    closeSync(openLogFile(options.consoleLog, 'truncate')); // QEMU truncates it, keeping the mode
     chmodSync(options.consoleLog, 0o600);
   }
   // Only a leftover socket is removed: the path comes from the domain's XML.
   if (options.agentSocket !== undefined && lstatSync(options.agentSocket, { throwIfNoEntry: false })?.isSocket() === true) rmSync(options.agentSocket);
   const args = buildQemuArgs(options);
   const binary = options.binary ?? 'qemu-system-x86_64';
-  const logFd = openSync(options.logFile, 'a', 0o600);
+  const logFd = openLogFile(options.logFile, 'append');
   const logStart = statSync(options.logFile).size;
   writeSync(logFd, `\n=== ${new Date().toISOString()} starting: ${binary} ${args.map(quoteArg).join(' ')}\n`);
   let exited: { code: number | null; signal: NodeJS.Signals | null } | undefined;

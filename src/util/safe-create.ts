@@ -15,7 +15,7 @@
 // - Nothing is written under /proc, /sys or /dev (kernel pseudo-filesystems):
 //   such a destination is refused before anything is created.
 
-import { constants, promises as fs, realpathSync, type Stats } from 'node:fs';
+import { constants, openSync, promises as fs, realpathSync, type Stats } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import { basename, dirname, join, resolve } from 'node:path';
@@ -160,4 +160,14 @@ async function lstatOrUndefined(p: string): Promise<Stats | undefined> {
 
 async function exists(p: string): Promise<boolean> {
   return (await lstatOrUndefined(p)) !== undefined;
+}
+
+/**
+ * Opens a log or output file by name for writing (created 0600 if missing),
+ * never through a symlink planted at that name: `truncate` starts it empty,
+ * `append` keeps what is there. Returns the descriptor.
+ */
+export function openLogFile(path: string, how: 'truncate' | 'append'): number {
+  const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_NOFOLLOW | (how === 'truncate' ? constants.O_TRUNC : constants.O_APPEND);
+  return openSync(path, flags, 0o600);
 }

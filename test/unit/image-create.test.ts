@@ -3,12 +3,13 @@
 // refused and the file the link points at is left as it was.
 
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdtempSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { isQbackupError } from '../../src/errors.js';
 import { createImage } from '../../src/image/qemu-img.js';
+import { openLogFile } from '../../src/util/safe-create.js';
 
 describe('createImage', () => {
   const dir = mkdtempSync(join(tmpdir(), 'qb-image-create-'));
@@ -28,5 +29,17 @@ describe('createImage', () => {
     await createImage(file, 'qcow2', 1 << 20);
     assert.equal(statSync(file).mode & 0o777, 0o600);
     assert.equal(readFileSync(file).subarray(0, 4).toString('latin1'), 'QFI\xfb');
+  });
+
+  test('log files (QEMU, console, the backup server) are never opened through a planted symlink', () => {
+    const victim = join(dir, 'victim-log');
+    writeFileSync(victim, 'keep me');
+    const link = join(dir, 'qemu.log');
+    symlinkSync(victim, link);
+    for (const how of ['truncate', 'append'] as const) assert.throws(() => openLogFile(link, how), /ELOOP/);
+    assert.equal(readFileSync(victim, 'utf8'), 'keep me');
+    const fresh = join(dir, 'fresh.log');
+    closeSync(openLogFile(fresh, 'append'));
+    assert.equal(statSync(fresh).mode & 0o777, 0o600);
   });
 });
