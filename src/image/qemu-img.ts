@@ -73,6 +73,9 @@ export async function imageInfo(file: string, format: ImageFormat, options: { sh
   return parseImageInfo(stdout);
 }
 
+/** How often a LUKS image's creation is tried when QEMU's key-derivation timing reads no CPU time. */
+const LUKS_CREATE_ATTEMPTS = 50;
+
 /** Creates (or truncates) `file` as an image, mode 0600 before qemu-img writes anything into it. */
 export async function createImage(
   file: string,
@@ -109,16 +112,18 @@ export async function createImage(
     if (options.luksSecretFile !== undefined) args.push('-u');
   }
   args.push(file, String(sizeBytes));
-  // LUKS creation times its key derivation by the thread's CPU time; on a
-  // loaded machine QEMU sometimes measures none and gives up ("Unable to get
-  // accurate CPU usage"). That is a failed measurement, not a failed image:
-  // it is tried again.
+  // LUKS creation times its key derivation by the thread's CPU time, and its
+  // first probe (2^15 iterations) often finishes inside one scheduler tick, so
+  // QEMU reads no CPU time and gives up ("Unable to get accurate CPU usage").
+  // On this class of machine that happens to about one run in three, in ~10 ms,
+  // before anything is written. It is a failed measurement, not a failed image,
+  // so it is tried again; 50 attempts make a spurious failure vanishingly rare.
   for (let attempt = 1; ; attempt++) {
     try {
       await runTool('qemu-img', args, { what: `Creating image "${file}"` });
       break;
     } catch (err) {
-      if (options.luksSecretFile === undefined || attempt >= 3 || !/Unable to get accurate CPU usage/.test(describeError(err))) throw err;
+      if (options.luksSecretFile === undefined || attempt >= LUKS_CREATE_ATTEMPTS || !/Unable to get accurate CPU usage/.test(describeError(err))) throw err;
     }
   }
   // qemu-img reopens the file it creates; make sure nothing widened the mode.
