@@ -11,7 +11,7 @@ import { FileSession, escapeName, type FileEntry } from '../files/index.js';
 import type { Qbackup } from '../qbackup.js';
 import { arg, defineCommand, flag, value, type ArgumentSpec, type CliCommand } from './command.js';
 import { repoAccess } from './passwords.js';
-import { diskOption, oneOf, pointInTime, positiveNumber, repoOption } from './options.js';
+import { diskOption, oneOf, POINT_IN_TIME_FORMS, pointInTime, positiveNumber, repoOption } from './options.js';
 import { emit, table } from './output.js';
 
 const ACTIONS = ['filesystems', 'ls', 'cat', 'get', 'find'] as const;
@@ -32,7 +32,7 @@ export const filesCommands: readonly CliCommand[] = [
       repo: repoOption(),
       passwordFile: value('--password-file <file>', 'read the passphrase from this file (default: $QBACKUP_PASSWORD)'),
       backup: value('--backup <id>', 'the backup to open (default: the latest)'),
-      until: value('--until <time>', 'the latest backup taken at or before this time (ISO 8601)'),
+      until: value('--until <time>', `the latest backup taken at or before this time: ${POINT_IN_TIME_FORMS}`),
       disk: diskOption('open'),
       fs: value('--fs <device>', 'the filesystem to take as / (e.g. /dev/sda1; default: the operating system found, or the only filesystem)'),
       long: flag('-l, --long', 'ls, find: type, mode, owner, size, time and link target'),
