@@ -357,7 +357,7 @@ describe('files: browse and fetch files of backups (libguestfs appliance over ou
     assert.match(ls.stdout, /-rw-r--r-- +1000:1000 +\d+ +2024-03-09T\d\d:\d\d:\d\dZ +new\.txt/);
   });
 
-  test('bad input through the CLI: a backup id that does not exist, a disk with no filesystem; a kill -9 leaves nothing running', async () => {
+  test('bad input through the CLI: a backup id that does not exist, --until before every backup or unreadable, a SUPERMIN_KERNEL that is not there, a disk with no filesystem; a kill -9 leaves nothing running', async () => {
     const nob = await env.cli(['--json', 'files', 'vm', '--repo', repo, '--backup', 'b-nope', 'ls', '/']);
     assert.equal(nob.code, 1);
     assert.equal(cliError(nob).code, 'BACKUP_NOT_FOUND');
