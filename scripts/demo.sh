@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job, end to end with the real QEMU: define a VM, write to its disks
 # as a guest would, take a full backup into a repository, write again (data,
-# zeroes, discards, a hot-plugged disk), take an incremental backup, restore
+# zeroes, discards, a changed file, a hot-plugged disk), take an incremental backup, restore
 # both, check every restored byte against the disk at backup time, verify the
 # repository (every chunk read back and checked), get one file back as it was
 # at each backup (file-level restore: the guest's ext4 read by the libguestfs
