@@ -18,6 +18,8 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { after, before, describe, it } from 'node:test';
 import { LIBVIRT, LibvirtClient, type LibvirtDomainRef } from '../../src/drivers/libvirt/index.js';
+import { OFFLINE_DIR_PREFIX, OfflineExports } from '../../src/drivers/libvirt/offline.js';
+import { isQbackupError } from '../../src/errors.js';
 import { Qbackup } from '../../src/qbackup.js';
 import type { Manifest } from '../../src/repository/manifest.js';
 import { repoRoot } from '../helpers/env.js';
@@ -66,6 +68,19 @@ describe('backups of shut-off libvirt domains without starting them', () => {
   const imageBitmaps = async (file: string): Promise<string[]> => {
     const info = JSON.parse(await tool('qemu-img', ['info', '-U', '--output=json', file])) as { 'format-specific': { data: { bitmaps?: Array<{ name: string }> } } };
     return (info['format-specific'].data.bitmaps ?? []).map((b) => b.name).sort();
+  };
+  /** No daemon directory of ours and no qemu-storage-daemon of this process stays. */
+  const assertNothingLeft = (): void => {
+    assert.deepEqual(readdirSync(tmpdir()).filter((n) => n.startsWith(`${OFFLINE_DIR_PREFIX}${process.pid}-`)), []);
+    const children = readdirSync('/proc').filter((p) => /^\d+$/.test(p)).filter((p) => {
+      try {
+        const stat = readFileSync(`/proc/${p}/stat`, 'utf8');
+        return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]) === process.pid;
+      } catch {
+        return false;
+      }
+    });
+    assert.deepEqual(children, [], 'no child process of this test runs');
   };
   /** Runs a backup of the shut-off domain, watching that libvirt never runs it: its state, its lifecycle events, QEMU processes. */
   const backupWatched = async (onProgress?: () => void): Promise<Manifest> => {
@@ -170,8 +185,25 @@ describe('backups of shut-off libvirt domains without starting them', () => {
     for (const d of m.disks) assert.ok(d.bytesRead <= 256 << 10, `${d.target} read ${d.bytesRead} bytes`);
     await assertRestores(m);
     assert.deepEqual(await ourCheckpoints(), [m.checkpoint]);
+    // Images a running QEMU holds are not opened: one sentence, and nothing of ours stays.
+    await assert.rejects(
+      OfflineExports.open({ parentDir: tmpdir(), domain: name, uuid: 'test', checkpoint: 'qb-held', disks: disks.map((d) => ({ target: d.target, source: d.file, since: undefined })) }),
+      (err: unknown) => isQbackupError(err, 'DOMAIN_RUNNING') && /is in use by another process/.test((err as Error).message),
+    );
+    assertNothingLeft();
     await qb.driver.shutdownDomain(name);
+    for (const d of disks) assert.deepEqual(await imageBitmaps(d.file), [m.checkpoint]);
     last = m;
+  });
+
+  it('a cancelled offline backup lists nothing, leaves the previous checkpoint as it was, and no daemon', async () => {
+    const ac = new AbortController();
+    const before = (await qb.repository.list({ repo }, name)).length;
+    await assert.rejects(qb.repository.backup(name, { repo, full: true, signal: ac.signal, onProgress: () => ac.abort() }));
+    assert.equal((await qb.repository.list({ repo }, name)).length, before);
+    assert.deepEqual(await ourCheckpoints(), [last.checkpoint]);
+    for (const d of disks) assert.deepEqual(await imageBitmaps(d.file), [last.checkpoint]);
+    assertNothingLeft();
   });
 
   it('a qbackup killed during an offline backup leaves its daemon holding the images; the next backup stops it and is incremental', async () => {
