@@ -7,8 +7,10 @@
 // images it holds; each backup restores byte-exact, libvirt lists one qb-
 // checkpoint (the previous one deleted offline, its bitmap gone from the
 // images), and the next online backup is incremental from the offline
-// checkpoint; a qbackup killed mid-backup leaves a daemon that the next
-// backup stops before it backs up incrementally.
+// checkpoint; a cancelled backup lists nothing and changes no checkpoint; a
+// qbackup killed mid-backup leaves a daemon that the next backup stops
+// before it backs up incrementally; a disk resized, or whose bitmap was
+// removed, while shut off is backed up full with the reason.
 
 import assert from 'node:assert/strict';
 import { execFile, execFileSync } from 'node:child_process';
@@ -218,5 +220,27 @@ describe('backups of shut-off libvirt domains without starting them', () => {
     assert.deepEqual(await ourCheckpoints(), [m.checkpoint]);
     for (const d of disks) assert.deepEqual(await imageBitmaps(d.file), [m.checkpoint]);
     assert.notEqual(m.checkpoint, last.checkpoint);
+    last = m;
+  });
+
+  it('coverage of a shut-off domain reads its images: a disk resized or whose bitmap was removed is backed up full with the reason', async () => {
+    const sda = disks.find((d) => d.target === 'sda');
+    const sdb = disks.find((d) => d.target === 'sdb');
+    assert.ok(sda !== undefined && sdb !== undefined);
+    await tool('qemu-img', ['resize', '-f', 'qcow2', sda.file, String(12 * MiB)]);
+    const grown = Buffer.alloc(12 * MiB);
+    models.get('sda')?.copy(grown);
+    models.set('sda', grown);
+    await tool('qemu-img', ['bitmap', '--remove', sdb.file, last.checkpoint]);
+    const m = await backupWatched();
+    const [a, b] = m.disks;
+    assert.equal(a?.level, 'full');
+    assert.match(String(a?.fullReason), /resized/);
+    assert.equal(a?.virtualSize, 12 * MiB);
+    assert.equal(b?.level, 'full');
+    assert.match(String(b?.fullReason), new RegExp(`BITMAP_MISSING: image ".*sdb.qcow2" of disk "sdb" has no bitmap "${last.checkpoint}"`));
+    await assertRestores(m);
+    assert.deepEqual(await ourCheckpoints(), [m.checkpoint]);
+    for (const d of disks) assert.deepEqual(await imageBitmaps(d.file), [m.checkpoint]);
   });
 });

@@ -438,7 +438,7 @@ ${all
       await s.stopDaemon();
       if (await this.discardOrphan(c, dom, domain, s.record)) s.remove();
     }
-    const other = busy.find((r) => !this.offline.has(r.checkpoint));
+    const other = busy[0];
     if (what !== undefined && other !== undefined) throw new QbackupError('BACKUP_RUNNING', `Cannot ${what} domain "${domain}": qbackup process ${other.owner} is backing it up (checkpoint "${other.checkpoint}")`);
   }
 
