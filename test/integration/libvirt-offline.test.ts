@@ -10,16 +10,18 @@
 // checkpoint; a cancelled backup lists nothing and changes no checkpoint; a
 // qbackup killed mid-backup leaves a daemon that the next backup stops
 // before it backs up incrementally; a disk resized, or whose bitmap was
-// removed, while shut off is backed up full with the reason.
+// removed, while shut off is backed up full with the reason; a domain
+// started just before its images are opened is refused in one sentence.
 
 import assert from 'node:assert/strict';
 import { execFile, execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { after, before, describe, it } from 'node:test';
 import { LIBVIRT, LibvirtClient, type LibvirtDomainRef } from '../../src/drivers/libvirt/index.js';
+import { LibvirtDriver } from '../../src/drivers/libvirt/driver.js';
 import { OFFLINE_DIR_PREFIX, OfflineExports } from '../../src/drivers/libvirt/offline.js';
 import { isQbackupError } from '../../src/errors.js';
 import { Qbackup } from '../../src/qbackup.js';
@@ -242,5 +244,26 @@ describe('backups of shut-off libvirt domains without starting them', () => {
     await assertRestores(m);
     assert.deepEqual(await ourCheckpoints(), [m.checkpoint]);
     for (const d of disks) assert.deepEqual(await imageBitmaps(d.file), [m.checkpoint]);
+    last = m;
+  });
+
+  it('a domain libvirt starts just before the images are opened: refused in one sentence, nothing created, nothing left', async () => {
+    // A storage daemon that libvirt's start of the domain precedes.
+    const wrapper = join(work, 'late-daemon.sh');
+    writeFileSync(wrapper, `#!/bin/sh\nvirsh -q -c ${daemon.uri} start ${name} >/dev/null || exit 1\nexec qemu-storage-daemon "$@"\n`);
+    chmodSync(wrapper, 0o755);
+    const driver = new LibvirtDriver({ uri: daemon.uri, socketParentDir: tmpdir(), storageDaemon: wrapper });
+    try {
+      await assert.rejects(
+        driver.beginPullBackup(name, { checkpoint: 'qb-late', disks: [{ target: 'sda', since: last.checkpoint }, { target: 'sdb', since: last.checkpoint }] }),
+        (err: unknown) => isQbackupError(err, 'DOMAIN_RUNNING') && /libvirt started it meanwhile/.test((err as Error).message),
+      );
+    } finally {
+      await driver.close();
+    }
+    assert.equal((await client.getState(dom)).state, LIBVIRT.VIR_DOMAIN_RUNNING);
+    assert.deepEqual(await ourCheckpoints(), [last.checkpoint]);
+    for (const d of disks) assert.deepEqual(await imageBitmaps(d.file), [last.checkpoint]);
+    assertNothingLeft();
   });
 });

@@ -436,7 +436,8 @@ ${all
     const { busy, stale } = offlineRecords(this.options.socketParentDir, uuidString(dom.uuid));
     for (const s of stale) {
       await s.stopDaemon();
-      if (await this.discardOrphan(c, dom, domain, s.record)) s.remove();
+      // A discard that fails (the domain started meanwhile and holds the images) is retried by a later call.
+      if (await this.discardOrphan(c, dom, domain, s.record).catch(() => false)) s.remove();
     }
     const other = busy[0];
     if (what !== undefined && other !== undefined) throw new QbackupError('BACKUP_RUNNING', `Cannot ${what} domain "${domain}": qbackup process ${other.owner} is backing it up (checkpoint "${other.checkpoint}")`);
