@@ -1,0 +1,118 @@
+// The daemon serving libvirt's domains beside qbackup's own, against the
+// real libvirtd: the connections it reaches (a configured name and its
+// own), each domain listed with its connection, a schedule made through the
+// API that names qemu:///system backing up the libvirt domain (run now), and
+// that backup restored through the API byte for byte as the guest had
+// written it. A schedule of the configuration file names its connection by
+// name. Kept short: libvirt test files hold a machine-wide lock.
+
+import assert from 'node:assert/strict';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { parseConfig } from '../../src/config/load.js';
+import { LibvirtClient, type LibvirtDomainRef } from '../../src/drivers/libvirt/index.js';
+import { startDaemon, type Daemon } from '../../src/http/daemon.js';
+import { TestEnv } from '../helpers/env.js';
+import { ApiClient } from '../helpers/http.js';
+import { createTestDisks, guestWrite, libvirtTestDir, removeTestDomain, startLibvirt, testDomainName, testDomainXml, type LibvirtDaemon } from '../helpers/libvirt.js';
+
+const MiB = 1 << 20;
+const DISK_BYTES = 8 * MiB;
+
+describe('the daemon with a libvirt connection beside its own', () => {
+  let libvirt: LibvirtDaemon;
+  let client: LibvirtClient;
+  let env: TestEnv;
+  let daemon: Daemon;
+  let api: ApiClient;
+  let dom: LibvirtDomainRef;
+  const name = testDomainName('daemon');
+  const { dir, remove } = libvirtTestDir();
+  const model = Buffer.alloc(DISK_BYTES);
+
+  before(async () => {
+    libvirt = await startLibvirt();
+    client = await LibvirtClient.connect(libvirt.uri);
+    dom = await client.create(await client.defineXml(testDomainXml(name, await createTestDisks(dir, ['sda'], DISK_BYTES))));
+    env = new TestEnv('qbt-lvdaemon-');
+    await env.defineDomain('own1', [{ target: 'sda', sizeBytes: 4 * MiB }]);
+    const config = parseConfig(
+      [
+        'repositories:',
+        `  local: { path: ${env.path('repo')} }`,
+        'connections:',
+        `  system: ${libvirt.uri}`,
+        'schedules:',
+        '  nightly:',
+        `    domain: ${name}`,
+        '    connection: system',
+        '    when: daily 02:00',
+        '    repository: local',
+        '',
+      ].join('\n'),
+      env.path('config.yaml'),
+    );
+    daemon = await startDaemon(env.qb, { listen: '127.0.0.1:0', schedulerIntervalMs: 0, config });
+    api = new ApiClient(daemon.url, daemon.bootstrapToken);
+  });
+
+  after(async () => {
+    await daemon?.close();
+    if (client !== undefined) await removeTestDomain(client, name).catch(() => undefined);
+    await client?.close();
+    await env?.cleanup();
+    await libvirt?.stop();
+    remove();
+  });
+
+  it('lists the connections, and the domains of each with its connection', async () => {
+    const connections = (await api.get('/api/connections')).body as Array<{ name: string | null; uri: string; default: boolean }>;
+    assert.deepEqual(connections, [
+      { name: null, uri: 'qbackup:///', default: true },
+      { name: 'system', uri: libvirt.uri, default: false },
+    ]);
+    const own = (await api.get('/api/domains?all=true')).body as Array<{ name: string; connection: string }>;
+    assert.deepEqual(own.map((d) => [d.name, d.connection]), [['own1', 'qbackup:///']]);
+    const byName = await api.get('/api/domains?all=true&connection=system');
+    assert.equal(byName.status, 200, byName.text);
+    const lv = (byName.body as Array<{ name: string; state: string; connection: string }>).find((d) => d.name === name);
+    assert.deepEqual(lv && [lv.state, lv.connection], ['running', libvirt.uri]);
+    const byUri = (await api.get(`/api/domains?connection=${encodeURIComponent(libvirt.uri)}`)).body as Array<{ name: string }>;
+    assert.ok(byUri.some((d) => d.name === name));
+    const one = (await api.get(`/api/domains/${name}?connection=system`)).body as { disks: Array<{ target: string }>; connection: string };
+    assert.deepEqual([one.disks.map((d) => d.target), one.connection], [['sda'], libvirt.uri]);
+    // Only the configured connections (and the daemon's own) are reached.
+    const other = await api.get(`/api/domains?connection=${encodeURIComponent('qemu:///session')}`);
+    assert.equal(other.status, 403);
+    assert.match((other.body as { message: string }).message, /^Connection "qemu:\/\/\/session" is not in the configuration/);
+    // The schedule of the file names its connection by name; the daemon keeps its URI.
+    const schedules = (await api.get('/api/schedules')).body as Array<{ id: string; connection?: string }>;
+    assert.equal(schedules.find((s) => s.id === 'config-nightly')?.connection, libvirt.uri);
+  });
+
+  it('a schedule naming qemu:///system backs up the libvirt domain, which restores byte-exact', async () => {
+    model.fill(0x3c, MiB, 2 * MiB);
+    await guestWrite(client, dom, 'sda', `write -P 0x3c ${MiB} ${MiB}`);
+    const added = await api.post('/api/schedules', { domain: name, connection: libvirt.uri, when: 'weekly sun 03:00', repo: 'local' });
+    assert.equal(added.status, 201, added.text);
+    const schedule = added.body as { id: string; connection: string };
+    assert.equal(schedule.connection, libvirt.uri);
+    const run = await api.post(`/api/schedules/${schedule.id}/run`);
+    assert.equal(run.status, 202, run.text);
+    const task = await api.waitTask((run.body as { id: string }).id);
+    assert.equal(task['state'], 'succeeded', JSON.stringify(task['error']));
+    assert.ok((task['log'] as Array<{ message: string }>).some((l) => l.message.includes(`(${libvirt.uri})`)));
+    const backups = (await api.get(`/api/repository/backups?repo=local&domain=${name}`)).body as Array<{ id: string; disks: Array<{ level: string }> }>;
+    assert.equal(backups.length, 1);
+    assert.deepEqual(backups[0]?.disks.map((d) => d.level), ['full']);
+    const to = mkdtempSync(join(env.dir, 'restore-'));
+    const restore = await api.post('/api/repository/restore', { domain: name, repo: 'local', connection: 'system', to, format: 'raw' });
+    assert.equal(restore.status, 202, restore.text);
+    const restored = await api.waitTask((restore.body as { id: string }).id);
+    assert.equal(restored['state'], 'succeeded', JSON.stringify(restored['error']));
+    const [file] = (restored['result'] as { disks: Array<{ target: string; file: string }> }).disks.map((d) => d.file);
+    assert.ok(file !== undefined && readFileSync(file).equals(model), 'the restored disk equals what the guest wrote');
+    rmSync(to, { recursive: true, force: true });
+  });
+});
