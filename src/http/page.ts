@@ -55,7 +55,7 @@ export const PAGE_HTML = `<!doctype html>
   dialog .row { margin: .6em 0; }
   dialog menu { display: flex; gap: .5em; justify-content: flex-end; padding: 0; margin: 1em 0 0; }
   #task-log-lines { max-height: 24em; overflow: auto; background: #f8f8f8; padding: .5em; white-space: pre-wrap; font: 12px/1.4 ui-monospace, monospace; }
-  .readonly .write { display: none !important; }
+  .readonly .write, [hidden] { display: none !important; }
 </style>
 </head>
 <body>
@@ -146,7 +146,7 @@ function connLabel(uri) { const c = connections.find((x) => x.uri === uri); retu
 function connOptions(selected) { return connections.map((c) => "<option value='" + esc(c.uri) + "'" + (c.uri === selected ? " selected" : "") + ">" + esc((c.name ? c.name + " — " : "") + c.uri + (c.default ? " (default)" : "")) + "</option>").join(""); }
 function repoOptions(selected, withOther) {
   let html = repositories.repositories.map((r) => "<option value='" + esc(r.name) + "'" + (r.name === selected ? " selected" : "") + ">" + esc(r.name) + " — " + esc(r.location) + "</option>").join("");
-  if (withOther && repositories.otherLocations) html += "<option value='" + OTHER + "'" + (repositories.repositories.some((r) => r.name === selected) ? "" : " selected") + ">other location…</option>";
+  if (withOther && repositories.otherLocations) html += "<option value='" + OTHER + "'" + (selected && !repositories.repositories.some((r) => r.name === selected) ? " selected" : "") + ">other location…</option>";
   return html;
 }
 
@@ -163,11 +163,12 @@ function showError(err) { $("error").textContent = err ? String(err.message || e
 
 // ---- repository choice ----
 function drawRepoChoice() {
-  repoChoice.innerHTML = repoOptions(repoInput.value, true);
+  repoChoice.innerHTML = (repoInput.value ? "" : "<option value='' selected>choose…</option>") + repoOptions(repoInput.value, true);
   repoChoice.hidden = repositories.repositories.length === 0;
   repoInput.hidden = repositories.repositories.length > 0 && repoChoice.value !== OTHER;
 }
 repoChoice.addEventListener("change", () => {
+  if (repoChoice.value === "") return;
   if (repoChoice.value === OTHER) { repoInput.value = ""; repoInput.hidden = false; repoInput.focus(); }
   else { repoInput.value = repoChoice.value; repoInput.hidden = true; }
 });

@@ -325,11 +325,15 @@ export class QbackupService {
    */
   async start(): Promise<void> {
     const domains = new Set(this.interrupted.map((t) => t.domain).filter((d): d is string => d !== null));
+    // A task does not record its connection: each connection that knows the domain settles it.
     for (const d of domains) {
-      try {
-        await this.qb.driver.endOrphanedBackup(d);
-      } catch (err) {
-        this.options.log?.(`cleanup of domain "${d}" after an interrupted task failed: ${describeError(err)}`);
+      for (const c of this.connections()) {
+        try {
+          await this.qb.connection(c.uri).driver.endOrphanedBackup(d);
+        } catch (err) {
+          if (isQbackupError(err, 'DOMAIN_NOT_FOUND')) continue;
+          this.options.log?.(`cleanup of domain "${d}" (${c.uri}) after an interrupted task failed: ${describeError(err)}`);
+        }
       }
     }
     // Instant restores whose beginning process died before their domain existed: their servers go.

@@ -113,6 +113,7 @@ describe('the page as the admin console (real browser, real daemon, real QEMU)',
     await page.fill('#restore-to', to);
     await page.selectOption('#restore-format', 'raw');
     for (const kind of ['define', 'into', 'instant']) assert.equal(await page.locator(`#restore-form input[value="${kind}"]`).count(), 1, `the dialog offers ${kind}`);
+    assert.deepEqual([await page.isVisible('#restore-define'), await page.isVisible('#restore-into')], [false, false], 'fields of other kinds are hidden');
     await page.locator('#restore-dialog').screenshot({ path: join(outDir, 'console-restore.png') });
     await page.click('#restore-submit');
     await page.waitForFunction(`document.querySelector('#task-log').open && document.querySelector('#task-log-state').textContent === 'succeeded'`, undefined, { timeout: 60_000 });
@@ -133,10 +134,10 @@ describe('the page as the admin console (real browser, real daemon, real QEMU)',
     await scheduleRow.locator('.badge.paused').waitFor({ timeout: 10_000 });
     const paused = daemon.service.schedules.get(schedule.id);
     assert.deepEqual([paused.paused, paused.nextRunMs], [true, null]);
-    await page.screenshot({ path: join(outDir, 'console.png') });
     await scheduleRow.getByRole('button', { name: 'Resume' }).click();
     await scheduleRow.getByRole('button', { name: 'Pause' }).waitFor({ timeout: 10_000 });
     assert.notEqual(daemon.service.schedules.get(schedule.id).nextRunMs, null);
+    await page.screenshot({ path: join(outDir, 'console.png'), fullPage: true });
     assert.deepEqual(errors, []);
     await page.close();
   });

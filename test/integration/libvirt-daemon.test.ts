@@ -4,19 +4,22 @@
 // API that names qemu:///system backing up the libvirt domain (run now), and
 // that backup restored through the API byte for byte as the guest had
 // written it. A schedule of the configuration file names its connection by
-// name. Kept short: libvirt test files hold a machine-wide lock.
+// name. The page (Chromium, when installed) lists both domains, each with its
+// connection. Kept short: libvirt test files hold a machine-wide lock.
 
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { parseConfig } from '../../src/config/load.js';
 import { LibvirtClient, type LibvirtDomainRef } from '../../src/drivers/libvirt/index.js';
 import { startDaemon, type Daemon } from '../../src/http/daemon.js';
-import { TestEnv } from '../helpers/env.js';
+import { chromium } from 'playwright-core';
+import { TestEnv, repoRoot } from '../helpers/env.js';
 import { ApiClient } from '../helpers/http.js';
 import { createTestDisks, guestWrite, libvirtTestDir, removeTestDomain, startLibvirt, testDomainName, testDomainXml, type LibvirtDaemon } from '../helpers/libvirt.js';
 
+const CHROMIUM = '/usr/bin/chromium';
 const MiB = 1 << 20;
 const DISK_BYTES = 8 * MiB;
 
@@ -114,5 +117,25 @@ describe('the daemon with a libvirt connection beside its own', () => {
     const [file] = (restored['result'] as { disks: Array<{ target: string; file: string }> }).disks.map((d) => d.file);
     assert.ok(file !== undefined && readFileSync(file).equals(model), 'the restored disk equals what the guest wrote');
     rmSync(to, { recursive: true, force: true });
+  });
+
+  it('the page lists the domains of both connections, each with its connection', { skip: existsSync(CHROMIUM) ? false : `${CHROMIUM} is not installed` }, async () => {
+    const browser = await chromium.launch({ executablePath: CHROMIUM, args: ['--no-sandbox'] });
+    try {
+      const page = await browser.newPage({ viewport: { width: 1100, height: 500 }, bypassCSP: true });
+      const errors: string[] = [];
+      page.on('pageerror', (e) => errors.push(e.message));
+      await page.goto(daemon.url);
+      await page.fill('#token', daemon.bootstrapToken ?? '');
+      await page.click('#save');
+      const cell = (domain: string): string => `(document.querySelector('#domains tr[data-domain=${JSON.stringify(domain)}] td:nth-child(3)')?.textContent ?? '')`;
+      await page.waitForFunction(`${cell(name)} === ${JSON.stringify(`system (${libvirt.uri})`)} && ${cell('own1')} === 'qbackup:///'`, undefined, { timeout: 20_000 });
+      assert.equal(await page.textContent(`#domains tr[data-domain="${name}"] td:nth-child(2)`), 'running');
+      mkdirSync(join(repoRoot, 'test-output'), { recursive: true });
+      await page.locator('#domains').screenshot({ path: join(repoRoot, 'test-output', 'console-connections.png') });
+      assert.deepEqual(errors, []);
+    } finally {
+      await browser.close();
+    }
   });
 });
