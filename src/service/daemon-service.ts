@@ -20,10 +20,8 @@
 import { isAbsolute } from 'node:path';
 import { emptyConfig, restrictsRepositories, type QbackupConfig, type ScheduleConfig } from '../config/config.js';
 import { Credentials, readSecretFile } from '../config/credentials.js';
-import type { DomainSummary } from '../domain/domains.js';
 import type { DriverDomain } from '../drivers/driver.js';
 import { parseConnectionUri } from '../drivers/open.js';
-import { QEMU_DRIVER_URI } from '../drivers/qemu/driver.js';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import type { Qbackup } from '../qbackup.js';
 import type { Manifest, PruneResult, RepoAccess, RepoStats, RetentionPolicy } from '../repository/repository.js';
@@ -83,7 +81,10 @@ export interface ConnectionInfo {
 }
 
 /** A domain of some connection, as the API lists it. */
-export type ConnectionDomain = (DriverDomain | DomainSummary) & { connection: string };
+export type ConnectionDomain = (DriverDomain | ReturnType<Qbackup['engine']['domains']['list']>[number]) & { connection: string };
+
+/** The URI of qbackup's own QEMU engine (whose domains the engine's services answer for). */
+const QEMU_DRIVER_URI = parseConnectionUri(undefined).uri;
 
 export interface BackupRequest extends RepoAccess {
   domain: string;
