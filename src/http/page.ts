@@ -310,6 +310,8 @@ function openRestore(domain, backup) {
   const known = knownDomains.find((d) => d.name === domain);
   $("restore-connection").innerHTML = connOptions(known ? known.connection : (connections[0] || {}).uri);
   $("restore-error").textContent = "";
+  if (!$("restore-into").value) $("restore-into").value = domain;
+  if (!$("restore-define").value) $("restore-define").value = domain + "-restored";
   showFor($("restore-form"), restoreKind());
   $("restore-dialog").showModal();
 }
@@ -393,6 +395,11 @@ $("schedules").tBodies[0].addEventListener("click", async (e) => {
 let editing = null;
 function scheduleAction() { return $("schedule-action").value; }
 $("schedule-action").addEventListener("change", () => showFor($("schedule-form"), scheduleAction()));
+// A domain known on one connection only: that connection.
+$("schedule-domain").addEventListener("change", () => {
+  const on = knownDomains.filter((d) => d.name === $("schedule-domain").value.trim());
+  if (on.length === 1) $("schedule-connection").value = on[0].connection;
+});
 $("schedule-repo").addEventListener("change", () => { $("schedule-repo-other").hidden = $("schedule-repo").value !== OTHER; });
 function openSchedule(s) {
   editing = s || null;
