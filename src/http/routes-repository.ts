@@ -2,9 +2,10 @@
 // prune, gc, copy) answer 202 with a task at once; listing and stats answer
 // directly; the inventory also names every manifest that cannot be read.
 // Backup and the restores that reach a domain (intoDomain, define, instant)
-// take `connection` (a configured name or a URI; default the daemon's). The passphrase of an encrypted repository travels in the
-// X-Repository-Password header (never in a URL, never stored in a task); a
-// copy's source passphrase in X-Source-Repository-Password.
+// take `connection` (a configured name or a URI; default the daemon's). The
+// passphrase of an encrypted repository travels in the X-Repository-Password
+// header (never in a URL, never stored in a task); a copy's source
+// passphrase in X-Source-Repository-Password.
 
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { restrictsRepositories } from '../config/config.js';

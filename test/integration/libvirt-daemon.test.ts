@@ -31,6 +31,8 @@ describe('the daemon with a libvirt connection beside its own', () => {
   let api: ApiClient;
   let dom: LibvirtDomainRef;
   const name = testDomainName('daemon');
+  // A name libvirt accepts and HTML would not: the page must show it as text.
+  const oddName = `${testDomainName('odd')}<b>&"'`;
   const { dir, remove } = libvirtTestDir();
   const model = Buffer.alloc(DISK_BYTES);
 
@@ -38,6 +40,7 @@ describe('the daemon with a libvirt connection beside its own', () => {
     libvirt = await startLibvirt();
     client = await LibvirtClient.connect(libvirt.uri);
     dom = await client.create(await client.defineXml(testDomainXml(name, await createTestDisks(dir, ['sda'], DISK_BYTES))));
+    await client.defineXml(testDomainXml(oddName.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/'/g, '&apos;').replace(/"/g, '&quot;'), []));
     env = new TestEnv('qbt-lvdaemon-');
     await env.defineDomain('own1', [{ target: 'sda', sizeBytes: 4 * MiB }]);
     const config = parseConfig(
@@ -62,7 +65,7 @@ describe('the daemon with a libvirt connection beside its own', () => {
 
   after(async () => {
     await daemon?.close();
-    if (client !== undefined) await removeTestDomain(client, name).catch(() => undefined);
+    if (client !== undefined) for (const n of [name, oddName]) await removeTestDomain(client, n).catch(() => undefined);
     await client?.close();
     await env?.cleanup();
     await libvirt?.stop();
@@ -131,6 +134,11 @@ describe('the daemon with a libvirt connection beside its own', () => {
       const cell = (domain: string): string => `(document.querySelector('#domains tr[data-domain=${JSON.stringify(domain)}] td:nth-child(3)')?.textContent ?? '')`;
       await page.waitForFunction(`${cell(name)} === ${JSON.stringify(`system (${libvirt.uri})`)} && ${cell('own1')} === 'qbackup:///'`, undefined, { timeout: 20_000 });
       assert.equal(await page.textContent(`#domains tr[data-domain="${name}"] td:nth-child(2)`), 'running');
+      // The odd name is text: shown as it is, and no element made of it.
+      await page.waitForFunction(`[...document.querySelectorAll('#domains tr')].some((r) => r.dataset.domain === ${JSON.stringify(oddName)} && r.cells[0].textContent === ${JSON.stringify(oddName)} && r.cells[1].textContent === 'shut off')`, undefined, { timeout: 20_000 });
+      assert.equal(await page.locator('#domains b').count(), 0);
+      // The screenshot shows this file's domains only (other tests' may share the libvirtd).
+      await page.evaluate(`for (const r of document.querySelectorAll('#domains tbody tr')) r.hidden = ![${JSON.stringify(name)}, ${JSON.stringify(oddName)}, 'own1'].includes(r.dataset.domain)`);
       mkdirSync(join(repoRoot, 'test-output'), { recursive: true });
       await page.locator('#domains').screenshot({ path: join(repoRoot, 'test-output', 'console-connections.png') });
       assert.deepEqual(errors, []);
