@@ -433,12 +433,19 @@ $("schedule-form").addEventListener("submit", async (e) => {
   if (domain && action !== "gc") body.domain = domain;
   if (action === "backup") {
     if ($("schedule-connection").value) body.connection = $("schedule-connection").value;
+    // The dialog shows keep-last; other rules of the schedule stay.
+    const retention = Object.assign({}, editing && editing.retention);
+    delete retention.keepLast;
     const keep = Number($("schedule-keep-last").value);
-    if (keep > 0) body.retention = { keepLast: keep };
+    if (keep > 0) retention.keepLast = keep;
+    if (Object.keys(retention).length) body.retention = retention;
     if ($("schedule-full").checked) body.full = true;
   }
   if (action === "verify" && Number($("schedule-read-data").value) > 0) body.readDataPercent = Number($("schedule-read-data").value);
   if (action === "copy") body.to = $("schedule-to").value;
+  // What the dialog does not show stays as it was.
+  if (editing && editing.passwordFile) body.passwordFile = editing.passwordFile;
+  if (editing && editing.toPasswordFile && action === "copy") body.toPasswordFile = editing.toPasswordFile;
   $("schedule-submit").disabled = true;
   try {
     if (editing) await api("PUT", "/api/schedules/" + encodeURIComponent(editing.id), body);

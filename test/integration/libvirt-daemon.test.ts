@@ -95,6 +95,12 @@ describe('the daemon with a libvirt connection beside its own', () => {
     // The schedule of the file names its connection by name; the daemon keeps its URI.
     const schedules = (await api.get('/api/schedules')).body as Array<{ id: string; connection?: string }>;
     assert.equal(schedules.find((s) => s.id === 'config-nightly')?.connection, libvirt.uri);
+    // It is changed in the file, but may be paused (and resumed) through the API.
+    const edit = await api.request('PUT', '/api/schedules/config-nightly', { json: { domain: name, when: 'hourly', repo: 'local' } });
+    assert.deepEqual([edit.status, (edit.body as { code: string }).code], [409, 'SCHEDULE_FROM_CONFIG']);
+    const paused = (await api.post('/api/schedules/config-nightly/pause')).body as { paused?: boolean; nextRunMs: number | null };
+    assert.deepEqual([paused.paused, paused.nextRunMs], [true, null]);
+    assert.notEqual(((await api.post('/api/schedules/config-nightly/resume')).body as { nextRunMs: number | null }).nextRunMs, null);
   });
 
   it('a schedule naming qemu:///system backs up the libvirt domain, which restores byte-exact', async () => {
