@@ -75,7 +75,8 @@ export function createCliContext(env: NodeJS.ProcessEnv): CliContext {
           stateDir: opts.stateDir ?? defaultStateDir(env, config),
           lockTimeoutMs,
           // The hypervisor (src/drivers/open.ts): qbackup:/// or a libvirt URI; a session daemon is found through XDG_RUNTIME_DIR.
-          connect: opts.connect ?? (env['QBACKUP_CONNECT'] || undefined),
+          // A configured connection's name stands for its URI; defaults.connection when none is given.
+          connect: connectionOf(config, opts.connect ?? (env['QBACKUP_CONNECT'] || undefined) ?? config.defaults.connection),
           runtimeDir: env['XDG_RUNTIME_DIR'] || undefined,
           // Test-only fault injection (src/util/faults.ts): never set it in production.
           faults: env['QBACKUP_CRASH_AT'] ? crashAtPoint(env['QBACKUP_CRASH_AT']) : undefined,
@@ -95,6 +96,11 @@ export function createCliContext(env: NodeJS.ProcessEnv): CliContext {
       }
     },
   };
+}
+
+/** The URI `connect` means: a name under `connections` in the configuration, else the URI as given. */
+export function connectionOf(config: QbackupConfig, connect: string | undefined): string | undefined {
+  return connect !== undefined ? (config.connections.get(connect) ?? connect) : undefined;
 }
 
 /**

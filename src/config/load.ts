@@ -216,6 +216,9 @@ function scheduleOf(config: QbackupConfig, name: string, s: Record<string, unkno
   const domain = s['domain'] as string | undefined;
   if (run === 'backup' && domain === undefined) throw fail(path, `backup schedule "${name}" needs "domain"`);
   if (run === 'gc' && domain !== undefined) throw fail([...path, 'domain'], `gc schedule "${name}" works on the whole repository, not on a domain`);
+  const connection = s['connection'] as string | undefined;
+  if (connection !== undefined && run !== 'backup') throw fail([...path, 'connection'], `"connection" belongs to backup schedules, and schedule "${name}" runs ${run}`);
+  if (connection !== undefined && !config.connections.has(connection) && !connection.includes('://')) throw fail([...path, 'connection'], `schedule "${name}" names connection "${connection}", which is not under connections (give a name from there or a URI such as qemu:///system)`);
   if (run !== 'backup' && (s['retention'] !== undefined || s['full'] !== undefined)) throw fail(path, `"retention" and "full" belong to backup schedules, and schedule "${name}" runs ${run}`);
   if (run !== 'verify' && s['read-data-percent'] !== undefined) throw fail([...path, 'read-data-percent'], `"read-data-percent" belongs to verify schedules`);
   const when = s['when'] as string;
@@ -232,6 +235,7 @@ function scheduleOf(config: QbackupConfig, name: string, s: Record<string, unkno
     name,
     run,
     domain,
+    connection,
     when,
     repository,
     to,
