@@ -8,6 +8,7 @@ import type { FullResults, Measured } from './full.js';
 import type { IncrementalCase } from './incremental.js';
 import type { MachineInfo } from './machine.js';
 import type { RepoResults } from './repository.js';
+import type { LibvirtResults } from './libvirt.js';
 import { repoAnalysis, repoSection, repoSummary, repoTargets } from './report-repository.js';
 import { fmtBytes, fmtMs, fmtPct, fmtRatio, fmtSummaryMs, GiB, mibPerSec, summarize } from './util.js';
 import { WRITE_CONFIGS, type WriteConfig, type WriteResults, type WriteSamples } from './writes.js';
@@ -37,6 +38,8 @@ export interface BenchResults {
   full?: FullResults;
   incremental?: IncrementalCase[];
   repository?: RepoResults;
+  /** §12, with --peers: the libvirt row (bench/libvirt.ts). */
+  libvirt?: LibvirtResults;
   control?: ControlResults;
   writes?: WriteResults;
 }
