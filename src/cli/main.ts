@@ -7,7 +7,6 @@
 import { readFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
 import { registerCommands, type CliCommand } from './command.js';
-import { createCliContext } from './context.js';
 
 /** The modules of the command groups, in the order of the help. */
 export const COMMAND_GROUPS = {
@@ -85,10 +84,13 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv): Pro
     .version(packageVersion(), '-V, --version')
     .showHelpAfterError()
     .exitOverride();
-  const cli = createCliContext(env);
   const groups = groupsFor(argv.slice(2));
-  for (const commands of await Promise.all(groups.map((g) => COMMAND_GROUPS[g]()))) registerCommands(program, cli, commands);
-  if (groups.length === Object.keys(COMMAND_GROUPS).length) registerCommands(program, cli, (await import('./completion.js')).completionCommands(program));
+  // --version alone needs no command, so neither the context nor the configuration's loader.
+  const cli = groups.length > 0 ? (await import('./context.js')).createCliContext(env) : undefined;
+  if (cli !== undefined) {
+    for (const commands of await Promise.all(groups.map((g) => COMMAND_GROUPS[g]()))) registerCommands(program, cli, commands);
+    if (groups.length === Object.keys(COMMAND_GROUPS).length) registerCommands(program, cli, (await import('./completion.js')).completionCommands(program));
+  }
   try {
     await program.parseAsync([...argv]);
   } catch (err) {
