@@ -98,7 +98,7 @@ async function main(): Promise<void> {
     const saved = JSON.parse(readFileSync(config.fromJson, 'utf8')) as BenchResults;
     printSummary(saved, log);
     if (config.doc !== undefined) {
-      writeFileSync(config.doc, keepMarkedSections(config.doc, withLibvirt(formatReport(saved), saved, config.argv)));
+      writeFileSync(config.doc, keepMarkedSections(config.doc, withLibvirt(formatReport(saved), saved, saved.config.argv)));
       log(`wrote ${config.doc}`);
     }
     return;
