@@ -7,8 +7,7 @@
 // hostile filename cannot drive the terminal.
 
 import { QbackupError } from '../errors.js';
-import { escapeName, type FileEntry } from '../files/entries.js';
-import type { FileSession } from '../files/session.js';
+import { FileSession, escapeName, type FileEntry } from '../files/index.js';
 import type { Qbackup } from '../qbackup.js';
 import { arg, defineCommand, flag, value, type ArgumentSpec, type CliCommand } from './command.js';
 import { repoAccess } from './passwords.js';
@@ -48,7 +47,6 @@ export const filesCommands: readonly CliCommand[] = [
       checkArguments(action, args.paths, o);
       if (o.backup !== undefined && o.until !== undefined) throw new QbackupError('INVALID_ARGUMENT', 'Give either --backup or --until, not both');
       const until = o.until !== undefined ? pointInTime('--until', o.until) : undefined;
-      const { FileSession } = await import('../files/session.js');
       const session = await FileSession.open(qb.repository, {
         ...repoAccess(cli, o),
         domain: args.domain,
