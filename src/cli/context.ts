@@ -10,7 +10,7 @@ import type { QbackupConfig } from '../config/config.js';
 import { Credentials } from '../config/credentials.js';
 import { defaultConfigFile, loadConfigFile } from '../config/load.js';
 import { QbackupError } from '../errors.js';
-import { Qbackup } from '../qbackup.js';
+import type { Qbackup } from '../qbackup.js';
 import { lineLogger } from '../util/operation.js';
 import type { BackendSettings } from '../repository/backend/open.js';
 import { crashAtPoint } from '../util/faults.js';
@@ -71,6 +71,8 @@ export function createCliContext(env: NodeJS.ProcessEnv): CliContext {
         const { config, configFile } = loadCliConfig(env, opts.config);
         const credentials = cliCredentials(env, config);
         const lockTimeoutMs = parseSeconds(opts.lockTimeout ?? env['QBACKUP_LOCK_TIMEOUT'], 30) * 1000;
+        // The library is loaded when a command runs, not for --help or --version (start-up time).
+        const { Qbackup } = await import('../qbackup.js');
         qb = Qbackup.open({
           stateDir: opts.stateDir ?? defaultStateDir(env, config),
           lockTimeoutMs,

@@ -8,9 +8,7 @@ import { QbackupError } from '../errors.js';
 import { isRemoteRepo } from '../repository/backend/open.js';
 import { runDaemon } from './serve.js';
 import type { RetentionPolicy } from '../repository/repository.js';
-import { Schedules, type ScheduleInfo } from '../service/schedules.js';
-import { ScheduleStore } from '../store/schedules.js';
-import { TokenStore } from '../store/tokens.js';
+import type { ScheduleInfo } from '../service/schedules.js';
 import { arg, defineCommand, flag, optionalArg, value, valueWithDefault, type CliCommand } from './command.js';
 import { oneOf } from './options.js';
 import { emit, table } from './output.js';
@@ -38,6 +36,7 @@ export const serviceCommands: readonly CliCommand[] = [
     args: { action: arg('action', 'create, list or revoke'), name: optionalArg('name', 'the token name') },
     options: { readOnly: flag('--read-only', 'the token may only read (GET)') },
     run: async ({ qb, out, args, opts }) => {
+      const { TokenStore } = await import('../store/tokens.js');
       const tokens = new TokenStore(qb.db);
       const action = oneOf('action', args.action === 'add' ? 'create' : args.action === 'remove' ? 'revoke' : args.action, ['create', 'list', 'revoke']);
       if (action === 'list') {
@@ -77,6 +76,7 @@ export const serviceCommands: readonly CliCommand[] = [
       keepYearly: value('--keep-yearly <n>', 'the same per year'),
     },
     run: async ({ qb, out, cli, args, opts: o }) => {
+      const [{ Schedules }, { ScheduleStore }] = await Promise.all([import('../service/schedules.js'), import('../store/schedules.js')]);
       const schedules = new Schedules(new ScheduleStore(qb.db));
       const action = oneOf('action', args.action, ['add', 'list', 'pause', 'resume', 'remove']);
       if (action === 'list') {
