@@ -71,6 +71,7 @@ interface DiskPlan {
 
 /** Backs up `domain` into `store`; returns the manifest written. */
 export async function backupDomain(driver: HypervisorDriver, store: Store, domain: string, options: RepoBackupOptions = {}): Promise<Manifest> {
+  store.assertConfigIntact(`back up domain "${domain}" into repository "${store.location}"`);
   const selected = selectDisks(await driver.disks(domain), domain, options.disks);
   const tls = tlsFor(driver, domain, options);
   // A gc that is running is waited for (locks.ts); the wait shows as a phase of the progress.

@@ -166,6 +166,7 @@ export function sameKeys(source: Store, target: Store): boolean {
 
 /** Refuses a copy the target cannot take as it is. */
 export function checkCompatible(source: Store, target: Store): void {
+  target.assertConfigIntact(`copy into repository "${target.location}"`);
   if (source.config.id === target.config.id) {
     throw new QbackupError('INVALID_ARGUMENT', `Cannot copy repository "${source.location}" into "${target.location}": they are the same repository`);
   }

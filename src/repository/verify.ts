@@ -1,4 +1,5 @@
-// Verification of a format 2 repository: every chosen backup's index chain
+// Verification of a format 2 repository: the config and key files match
+// their checksums (checksum.ts), every chosen backup's index chain
 // parses, every chunk it names is listed in a pack index and its pack exists
 // (fast), and with readData every pack holding such chunks is read whole
 // (several at once), hashed whole against its id (so a flipped byte in its
@@ -63,6 +64,8 @@ export async function verifyStore(store: Store, options: VerifyOptions = {}): Pr
     if (!p.backups.includes(backup)) p.backups.push(backup);
     problems.set(object, p);
   };
+  // The config and key files: damage to them is the repository's, not a backup's.
+  for (const { object, problem } of await store.metadataProblems()) problems.set(object, { object, problem, backups: [] });
   for (const d of readable.damaged) if (options.backup === undefined || d.id === options.backup) report(`manifest ${d.key}`, d.problem, `${d.domain}/${d.id}`);
   for (const m of manifests) {
     throwIfCancelled(options.signal, 'Verify');
