@@ -239,6 +239,8 @@ export class InstantRestoreService {
     const uuidTaken = domains.some((d) => d.uuid === parseDomainXml(m.domainXml).uuid);
     const plan = planInstantRestore(m, { name, overlayDir, socket, uuidTaken });
     if (plan.disks.length === 0) throw new QbackupError('INVALID_ARGUMENT', `Cannot restore backup "${m.id}" of domain "${m.domain}" instantly: it holds no disk of its definition`);
+    // What a begin killed earlier under this name left (its server, its overlays) goes first.
+    await this.reapOrphan(name);
     for (const d of plan.disks) {
       refusePseudoFilesystem(d.overlay, `Cannot restore disk "${d.target}" of backup "${m.id}" instantly`);
       if (lstatSync(d.overlay, { throwIfNoEntry: false }) !== undefined) throw new QbackupError('INVALID_ARGUMENT', `Cannot restore disk "${d.target}" of backup "${m.id}" instantly: "${d.overlay}" exists`);
@@ -246,8 +248,6 @@ export class InstantRestoreService {
     throwIfCancelled(options.signal, `The instant restore of backup "${m.id}"`);
     makePrivateDir(overlayDir);
     makePrivateDir(dirname(socket));
-    // What a begin killed earlier under this name left (its server first).
-    await this.reapOrphan(name);
     const record: InstantRecord = {
       version: 1, domain: name, repo: isRemoteRepo(access.repo) ? access.repo : resolve(access.repo), encrypted: access.encrypted, sourceDomain: m.domain, backupId: m.id,
       socket, disks: plan.disks, speedBytesPerSec: options.speedBytesPerSec ?? 0, server: null, startedMs: Date.now(),
@@ -445,6 +445,8 @@ export class InstantRestoreService {
     if (record.owner === undefined || backupServerAlive(record.owner.pid, record.owner.pidStart)) return false;
     if ((await this.driver.listDomains()).some((d) => d.name === domain)) return false;
     if (record.server !== null) await stopBackupServer(record.server.pid, record.server.pidStart);
+    // The overlays it made: new, empty files no domain ever ran on (the record is saved before they are created, each at a path that did not exist).
+    for (const d of record.disks) rmSync(d.overlay, { force: true });
     this.store.forget(domain);
     rmSync(dirname(record.socket), { recursive: true, force: true });
     return true;

@@ -75,7 +75,7 @@ export async function backupDomain(driver: HypervisorDriver, store: Store, domai
   const selected = selectDisks(await driver.disks(domain), domain, options.disks);
   const tls = tlsFor(driver, domain, options);
   // A gc that is running is waited for (locks.ts); the wait shows as a phase of the progress.
-  await using lock = await acquireLock(store.backend, 'backup', domain, { onWait: () => options.onProgress?.({ phase: 'waiting for a gc to end', doneBytes: 0, totalBytes: 0 }) });
+  await using lock = await acquireLock(store.backend, 'backup', domain, { signal: options.signal, onWait: () => options.onProgress?.({ phase: 'waiting for a gc to end', doneBytes: 0, totalBytes: 0 }) });
   // A shut-off domain is started with its CPUs stopped: QEMU opens the images
   // with their bitmaps, no guest code runs, and it is shut down cleanly after.
   const startedHere = (await driver.describeDomain(domain)).state !== 'running';
