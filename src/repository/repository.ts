@@ -271,7 +271,13 @@ export class RepositoryService {
       // A dry run creates nothing: the plan is made against an empty target.
       if (options.dryRun !== true) target = await Store.init(backend, { chunkSize: source.config.chunkSize });
     }
-    return copyBackups(source, target, { ...options, targetCreated });
+    const report = await copyBackups(source, target, { ...options, targetCreated });
+    // What the source could not give is an error, after everything else was copied; the report rides along.
+    if (report.failed.length > 0 && !report.dryRun) {
+      const others = report.copied.length > 0 ? `; ${report.copied.length} other backup(s) were copied` : '';
+      throw new QbackupError('REPO_DAMAGED', `${report.failed.map((f) => f.reason).join('; ')}${others}`, { details: { copied: report.copied, failed: report.failed } });
+    }
+    return report;
   }
 
   async gc(access: RepoAccess, options: OperationOptions = {}): Promise<GcReport> {
