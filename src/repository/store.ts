@@ -145,7 +145,11 @@ export class Store {
     }
     // A damaged key file is skipped: another key may open the repository.
     let damaged: QbackupError | undefined;
-    for (const { key: name } of await backend.list('keys/')) {
+    const keyFiles = await backend.list('keys/');
+    if (keyFiles.length === 0) {
+      throw new QbackupError('REPO_DAMAGED', `Cannot open repository "${backend.location}": it is encrypted but holds no key file under keys/ (they were deleted); put them back from a copy of the repository`);
+    }
+    for (const { key: name } of keyFiles) {
       let file;
       try {
         file = await readKeyFile(backend, name);

@@ -82,5 +82,8 @@ describe('config and key files are checked', () => {
     await assert.rejects(Store.open(new LocalBackend(dir), { password: 'third' }), (err) => isQbackupError(err) && err.code === 'REPO_DAMAGED');
     const problems = (await verifyStore(await Store.open(new LocalBackend(dir), { password: 'second' }))).problems;
     assert.deepEqual(problems.map((p) => p.object), [`keys/${first}`]);
+    // Every key file deleted: said so, not "wrong passphrase".
+    rmSync(join(dir, 'keys'), { recursive: true });
+    await assert.rejects(Store.open(new LocalBackend(dir), { password: 'second' }), (err) => isQbackupError(err) && err.code === 'REPO_DAMAGED' && /holds no key file under keys\//.test(err.message));
   });
 });
