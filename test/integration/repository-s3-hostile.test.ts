@@ -3,9 +3,10 @@
 // - 500s mid-upload: retried ones leave a backup that restores exactly; a
 //   manifest or pack that can never be stored fails the backup in one
 //   sentence, lists nothing new, and the next backup works;
-// - truncated bodies and lying lengths on reads: restore, export and verify
-//   fail in one sentence naming the object (or restore exactly), never with
-//   other bytes, and leave no file;
+// - truncated bodies and lying lengths on reads of packs, indexes and
+//   manifests: an export fails in one sentence (or restores exactly), never
+//   with other bytes, and leaves no file; verify through that endpoint never
+//   passes;
 // - stale listings: a listing of manifests frozen before the newest backup
 //   hides it from backup-list and gc through that endpoint while its packs
 //   and indexes are listed (as garbage would be), yet gc run there twice
