@@ -98,7 +98,7 @@ export class Qbackup implements Disposable {
     this.db = openDatabase(join(options.stateDir, 'qbackup.db'));
     this.engine = new QemuEngine(this.db, { ...options, lockTimeoutMs: options.lockTimeoutMs ?? 30_000 });
     this.driver = this.openDriver(options.connect);
-    this.repository = new RepositoryService(this.driver, { backends: options.backends ?? {}, runDir: join(options.stateDir, 'run') });
+    this.repository = new RepositoryService(this.driver, { backends: options.backends ?? {}, runDir: join(options.stateDir, 'run'), faults: options.faults });
     this.instant = this.instantService(this.driver, this.repository);
   }
 
@@ -118,6 +118,7 @@ export class Qbackup implements Disposable {
       serverTimeoutMs: options.backupServerTimeoutMs,
       s3: options.backends?.s3,
       credentials: options.credentials,
+      faults: options.faults,
     });
   }
 
@@ -134,7 +135,7 @@ export class Qbackup implements Disposable {
     if (c === undefined) {
       assert(!this.closed, `connection "${key}" asked of a closed Qbackup`);
       const driver = this.openDriver(key);
-      const repository = new RepositoryService(driver, { backends: this.options.backends ?? {}, runDir: join(this.options.stateDir, 'run') });
+      const repository = new RepositoryService(driver, { backends: this.options.backends ?? {}, runDir: join(this.options.stateDir, 'run'), faults: this.options.faults });
       c = { uri: key, driver, repository, instant: this.instantService(driver, repository) };
       this.others.set(key, c);
     }

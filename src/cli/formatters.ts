@@ -32,7 +32,7 @@ export function describeBackup(m: Manifest): string {
 }
 
 export function describeCopy(r: CopyReport): string {
-  const lines = r.skipped.map((b) => `skip ${b.domain}/${b.id}: ${b.reason}`);
+  const lines = [...r.skipped.map((b) => `skip ${b.domain}/${b.id}: ${b.reason}`), ...r.failed.map((b) => `cannot copy ${b.domain}/${b.id}: ${b.reason}`)];
   if (r.dryRun) {
     lines.push(...r.copied.map((b) => `would copy ${b.domain}/${b.id}`));
     if (r.targetCreated) lines.push(`would create repository ${r.to}`);

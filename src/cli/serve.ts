@@ -3,8 +3,10 @@
 // when stderr is not a terminal, which journald keeps as it is), readiness
 // told to systemd (Type=notify: `systemd-notify --ready` when $NOTIFY_SOCKET
 // is set, the unit allowing NotifyAccess=all), SIGHUP re-reading the
-// configuration without touching running tasks, SIGINT/SIGTERM stopping once
-// the running tasks end.
+// configuration without touching running tasks, SIGINT/SIGTERM stopping the
+// running tasks that can stop mid-way (they end failed, TASK_INTERRUPTED, after
+// cleaning up what they began: jobs, checkpoints, locks) and letting the others
+// finish.
 //
 // The admin token of the first start is a secret: it is printed on a
 // terminal or with --json (the caller asked for it), and otherwise written to
@@ -80,8 +82,8 @@ export async function runDaemon(qb: Qbackup, out: OutputOptions, cli: CommandEnv
   } finally {
     process.off('SIGHUP', reload);
   }
-  logger.log({ level: 'info', msg: 'stopping; running tasks finish first' });
-  await daemon.close();
+  logger.log({ level: 'info', msg: 'stopping; running tasks are interrupted' });
+  await daemon.close({ interrupt: true });
   logger.log({ level: 'info', msg: 'stopped' });
 }
 

@@ -2,7 +2,8 @@
 // Qbackup, the HTTP server listening on loopback (default 127.0.0.1:8470),
 // or on any other address only with TLS. On the first start (no token yet)
 // it creates a token named "admin" and hands its secret back once, for the
-// CLI to print. close() stops taking requests, lets running tasks end and
+// CLI to print. close() stops taking requests, lets running tasks end (or, with
+// interrupt, stops those that can stop mid-way) and
 // stops the scheduler.
 
 import { readFileSync } from 'node:fs';
@@ -32,7 +33,8 @@ export interface Daemon {
   readonly app: FastifyInstance;
   /** The secret of the token created on the first start, else undefined. */
   readonly bootstrapToken: string | undefined;
-  close(): Promise<void>;
+  /** `interrupt`: running tasks that can stop mid-way are stopped and end failed (TASK_INTERRUPTED); otherwise they finish first. */
+  close(options?: { interrupt?: boolean | undefined }): Promise<void>;
 }
 
 export function parseListen(listen: string): { host: string; port: number } {
@@ -95,9 +97,9 @@ export async function startDaemon(qb: Qbackup, options: DaemonOptions = {}): Pro
     service,
     app,
     bootstrapToken,
-    close: () => (closing ??= (async () => {
+    close: (options) => (closing ??= (async () => {
       await app.close();
-      await service.close();
+      await service.close(options);
     })()),
   };
 }

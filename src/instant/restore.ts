@@ -52,6 +52,7 @@ import { processStartTime, sleep } from '../util/proc.js';
 import { socketAccepts } from '../util/socket.js';
 import { assertDomainName } from '../domain/names.js';
 import { settleCopies } from './copy.js';
+import { noFaults, type Faults } from '../util/faults.js';
 import { backupServerAlive, signalBackupServer, startBackupServer, stopBackupServer, type BackupServerProcess } from './server.js';
 
 export type { Credentials } from '../util/credentials.js';
@@ -170,6 +171,8 @@ export interface InstantServiceOptions {
   s3?: S3Settings | undefined;
   /** Passphrases and the server's environment, from the caller. */
   credentials?: Credentials | undefined;
+  /** Test-only fault injection (src/util/faults.ts) at the steps of begin. */
+  faults?: Faults | undefined;
 }
 
 export class InstantRestoreService {
@@ -192,6 +195,10 @@ export class InstantRestoreService {
       afterStart: (s) => this.afterStart(s),
       beforeUndefine: (s) => this.beforeUndefine(s),
     });
+  }
+
+  private fault(point: string): void {
+    (this.options.faults ?? noFaults).at(point);
   }
 
   private domainDir(name: string): string {
@@ -232,6 +239,8 @@ export class InstantRestoreService {
     const uuidTaken = domains.some((d) => d.uuid === parseDomainXml(m.domainXml).uuid);
     const plan = planInstantRestore(m, { name, overlayDir, socket, uuidTaken });
     if (plan.disks.length === 0) throw new QbackupError('INVALID_ARGUMENT', `Cannot restore backup "${m.id}" of domain "${m.domain}" instantly: it holds no disk of its definition`);
+    // What a begin killed earlier under this name left (its server, its overlays) goes first.
+    await this.reapOrphan(name);
     for (const d of plan.disks) {
       refusePseudoFilesystem(d.overlay, `Cannot restore disk "${d.target}" of backup "${m.id}" instantly`);
       if (lstatSync(d.overlay, { throwIfNoEntry: false }) !== undefined) throw new QbackupError('INVALID_ARGUMENT', `Cannot restore disk "${d.target}" of backup "${m.id}" instantly: "${d.overlay}" exists`);
@@ -239,14 +248,13 @@ export class InstantRestoreService {
     throwIfCancelled(options.signal, `The instant restore of backup "${m.id}"`);
     makePrivateDir(overlayDir);
     makePrivateDir(dirname(socket));
-    // What a begin killed earlier under this name left (its server first).
-    await this.reapOrphan(name);
     const record: InstantRecord = {
       version: 1, domain: name, repo: isRemoteRepo(access.repo) ? access.repo : resolve(access.repo), encrypted: access.encrypted, sourceDomain: m.domain, backupId: m.id,
       socket, disks: plan.disks, speedBytesPerSec: options.speedBytesPerSec ?? 0, server: null, startedMs: Date.now(),
       owner: { pid: process.pid, pidStart: processStartTime(process.pid) ?? '' },
     };
     this.saveRecord(record);
+    this.fault('instant-restore:after-record');
     let defined = false;
     // The start serves the backup (beforeStart), with this command's passphrase.
     this.startPassword = access.password;
@@ -255,8 +263,10 @@ export class InstantRestoreService {
         throwIfCancelled(options.signal, `The instant restore of backup "${m.id}"`);
         await this.driver.createOverlay(d.overlay, d.sizeBytes, holes.get(d.target) ?? []);
       }
+      this.fault('instant-restore:after-overlays');
       await this.driver.defineDomain(formatDomainXml(plan.definition));
       defined = true;
+      this.fault('instant-restore:after-define');
       // From here the domain owns the record: its commands settle it.
       const owned = this.loadRecord(name) ?? record;
       delete owned.owner;
@@ -264,6 +274,7 @@ export class InstantRestoreService {
       options.logger?.log({ level: 'info', msg: 'serving the backup and starting the domain', fields: { domain: name, backup: m.id } });
       options.onProgress?.({ phase: 'serving the backup and starting the domain', doneBytes: 0, totalBytes: 0 });
       await this.driver.startDomain(name);
+      this.fault('instant-restore:after-start');
     } catch (err) {
       await this.undoBegin(record, defined);
       throw err;
@@ -322,6 +333,7 @@ export class InstantRestoreService {
         onSpawn: (spawned) => {
           record.server = spawned;
           this.saveRecord(record);
+          this.fault('instant-restore:after-spawn');
         },
       });
     } catch (err) {
@@ -341,6 +353,7 @@ export class InstantRestoreService {
     }
     record.server = { pid: server.pid, pidStart: server.pidStart };
     this.saveRecord(record);
+    this.fault('instant-restore:after-server');
   }
 
   // ---- lifecycle hooks (installed on the driver) -----------------------------------
@@ -432,6 +445,8 @@ export class InstantRestoreService {
     if (record.owner === undefined || backupServerAlive(record.owner.pid, record.owner.pidStart)) return false;
     if ((await this.driver.listDomains()).some((d) => d.name === domain)) return false;
     if (record.server !== null) await stopBackupServer(record.server.pid, record.server.pidStart);
+    // The overlays it made: new, empty files no domain ever ran on (the record is saved before they are created, each at a path that did not exist).
+    for (const d of record.disks) rmSync(d.overlay, { force: true });
     this.store.forget(domain);
     rmSync(dirname(record.socket), { recursive: true, force: true });
     return true;

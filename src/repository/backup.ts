@@ -71,10 +71,11 @@ interface DiskPlan {
 
 /** Backs up `domain` into `store`; returns the manifest written. */
 export async function backupDomain(driver: HypervisorDriver, store: Store, domain: string, options: RepoBackupOptions = {}): Promise<Manifest> {
+  store.assertConfigIntact(`back up domain "${domain}" into repository "${store.location}"`);
   const selected = selectDisks(await driver.disks(domain), domain, options.disks);
   const tls = tlsFor(driver, domain, options);
   // A gc that is running is waited for (locks.ts); the wait shows as a phase of the progress.
-  await using lock = await acquireLock(store.backend, 'backup', domain, { onWait: () => options.onProgress?.({ phase: 'waiting for a gc to end', doneBytes: 0, totalBytes: 0 }) });
+  await using lock = await acquireLock(store.backend, 'backup', domain, { signal: options.signal, onWait: () => options.onProgress?.({ phase: 'waiting for a gc to end', doneBytes: 0, totalBytes: 0 }) });
   // A shut-off domain is backed up by the driver itself when it can (libvirt:
   // without starting it); else it is started with its CPUs stopped: QEMU
   // opens the images with their bitmaps, no guest code runs, and it is shut

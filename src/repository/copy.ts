@@ -21,8 +21,11 @@
 //   target's key, and stored unless the target has it; the indexes are
 //   rewritten with the target's ids.
 // - Every chunk read from the source is checked against its id before it is
-//   written; a damaged or missing one fails the copy naming the chunk and
-//   the backup.
+//   written, so no damaged chunk ever reaches the target. A source backup
+//   that cannot be copied (its manifest, an index of its chain or a chunk it
+//   needs is damaged or missing) is left out and named in `failed` with why;
+//   the others are copied all the same (RepositoryService.copy then fails in
+//   one sentence naming what was left out).
 // - Crash safety: per backup, packs first, then its indexes, then its
 //   manifest (the commit point), as a backup does. A copy killed at any
 //   moment leaves at most unreferenced packs and indexes in the target.
@@ -79,6 +82,8 @@ export interface CopyReport {
   reencrypted: boolean;
   copied: Array<{ domain: string; id: string }>;
   skipped: Array<{ domain: string; id: string; reason: string }>;
+  /** Selected backups that could not be copied because the source is damaged, and why (one sentence each). */
+  failed: Array<{ domain: string; id: string; reason: string }>;
   /** Chunks read (and checked) from the source, and their plaintext bytes. */
   chunksRead: number;
   bytesRead: number;
@@ -166,6 +171,7 @@ export function sameKeys(source: Store, target: Store): boolean {
 
 /** Refuses a copy the target cannot take as it is. */
 export function checkCompatible(source: Store, target: Store): void {
+  target.assertConfigIntact(`copy into repository "${target.location}"`);
   if (source.config.id === target.config.id) {
     throw new QbackupError('INVALID_ARGUMENT', `Cannot copy repository "${source.location}" into "${target.location}": they are the same repository`);
   }
@@ -180,11 +186,15 @@ export function checkCompatible(source: Store, target: Store): void {
  * that does not exist yet, only with dryRun). `targetCreated` is reported as given.
  */
 export async function copyBackups(source: Store, target: Store | undefined, options: CopyOptions & { targetCreated?: boolean }): Promise<CopyReport> {
-  const sourceManifests = await source.manifests(options.domain);
-  const first = planCopy(sourceManifests, target !== undefined ? await target.manifests(options.domain) : [], options);
+  // A source manifest that cannot be read is named, never a reason to copy nothing.
+  const readable = await source.readableManifests(options.domain);
+  const unreadable = (): CopyReport['failed'] =>
+    readable.damaged.filter((d) => (options.backups ?? []).length === 0 || (options.backups ?? []).includes(d.id)).map((d) => ({ domain: d.domain, id: d.id, reason: `Cannot copy backup "${d.id}" of domain "${d.domain}": its manifest in repository "${source.location}" cannot be read (${d.problem})` }));
+  const sourceManifests = readable.manifests;
+  const first = planCopy(sourceManifests, target !== undefined ? await target.manifests(options.domain) : [], selectionWithout(options, readable.damaged));
   const report: CopyReport = {
     from: source.location, to: target?.location ?? '', targetCreated: options.targetCreated ?? false, dryRun: options.dryRun === true,
-    reencrypted: target !== undefined && !sameKeys(source, target), copied: [], skipped: first.skip,
+    reencrypted: target !== undefined && !sameKeys(source, target), copied: [], skipped: first.skip, failed: unreadable(),
     chunksRead: 0, bytesRead: 0, chunksStored: 0, bytesStored: 0, indexesWritten: 0,
   };
   if (target !== undefined) checkCompatible(source, target);
@@ -195,15 +205,29 @@ export async function copyBackups(source: Store, target: Store | undefined, opti
   try {
     // Planned again under the locks: another copy may have finished, or a
     // prune in the source removed a backup, meanwhile.
-    const sourceNow = await source.manifests(options.domain);
+    const now = await source.readableManifests(options.domain);
+    readable.damaged = now.damaged;
+    report.failed = unreadable();
+    const sourceNow = now.manifests;
     const targetManifests = await target.manifests(options.domain);
-    const plan = planCopy(sourceNow, targetManifests, options);
+    const plan = planCopy(sourceNow, targetManifests, selectionWithout(options, now.damaged));
     report.skipped = plan.skip;
     await source.loadChunks();
     await target.loadChunks(await condemnedPacks(target.backend));
     const copier = new Copier(source, target, knownIndexes(sourceNow, targetManifests), report, options, locks);
     try {
-      for (const m of plan.copy) await copier.copyBackup(m);
+      for (const m of plan.copy) {
+        try {
+          await copier.copyBackup(m);
+        } catch (err) {
+          // Damage in the source (an index or chunk of this backup): nothing of it was committed; the others go on.
+          if (!isQbackupError(err, 'REPO_DAMAGED') && !isQbackupError(err, 'REPO_OBJECT_NOT_FOUND')) throw err;
+          const said = describeError(err);
+          const reason = said.startsWith('Cannot copy backup') ? said : `Cannot copy backup "${m.id}" of domain "${m.domain}": ${said.charAt(0).toLowerCase()}${said.slice(1)}`;
+          report.failed.push({ domain: m.domain, id: m.id, reason });
+          options.logger?.log({ level: 'error', msg: 'backup not copied', fields: { domain: m.domain, backup: m.id, error: reason } });
+        }
+      }
     } finally {
       await copier.close();
     }
@@ -211,6 +235,13 @@ export async function copyBackups(source: Store, target: Store | undefined, opti
     for (const l of locks.reverse()) await l.release();
   }
   return report;
+}
+
+/** The selection with the ids of unreadable manifests dropped from an explicit list (they are reported, not looked for). */
+function selectionWithout(options: CopySelection, damaged: ReadonlyArray<{ id: string }>): CopySelection {
+  if (options.backups === undefined || options.backups.length === 0) return options;
+  const gone = new Set(damaged.map((d) => d.id));
+  return { ...options, backups: options.backups.filter((id) => !gone.has(id)) };
 }
 
 async function takeLocks(source: Store, target: Store, domains: readonly string[]): Promise<HeldLock[]> {

@@ -30,6 +30,14 @@
 //    pack's index and the pack are deleted.
 // 6. Before marking, manifest generations a newer one replaced (left by an
 //    interrupted prune, fold.ts) are deleted: readers use only the newest.
+// 7. Nothing written after the newest manifest gc can list is garbage yet
+//    (by the store's own clock: file mtimes, S3 LastModified). A listing
+//    that is stale (an object store that lists late, a caching gateway)
+//    could hide the manifest of a backup that finished meanwhile; its packs
+//    and indexes are newer than every manifest gc sees, so they are kept.
+//    Garbage of a killed backup goes once a later backup has committed, or
+//    once it is older than STALE_LISTING_MS (so a repository whose only
+//    backup failed on a full disk is still freed, a quarter of an hour later).
 // Only one gc runs at a time, and never beside a prune (locks.ts). A copy
 // reading the repository (a `copy` lock, copy.ts) is a reader like a served
 // backup: it counts as a running backup in step 2, and step 5 waits for a
@@ -58,6 +66,8 @@ export interface GcReport {
 }
 
 const TEMPORARY_AGE_MS = 15 * 60 * 1000;
+/** How late a listing may be that gc still protects against (step 7). */
+const STALE_LISTING_MS = 15 * 60 * 1000;
 
 const CONDEMNED = /^(pack|index)\.([0-9a-f]{64})$/;
 
@@ -86,6 +96,9 @@ export async function collectGarbage(store: Store, options: OperationOptions = {
   const oldestBackupMs = Math.min(...backups.map((l) => l.info.takenMs));
   const report: GcReport = { packsDeleted: 0, packsRepacked: 0, indexesDeleted: 0, bytesFreed: 0, condemned: 0, temporaryRemoved: 0, indexesRebuilt: 0 };
   await store.dropSupersededManifests();
+  // Listed before marking: a manifest committed in between is marked, and only makes this horizon conservative.
+  const horizonMs = Math.max(Date.now() - STALE_LISTING_MS - CLOCK_SKEW_MS, ...(await backend.list('snapshots/')).map((o) => o.modifiedMs ?? Infinity));
+  const settled = (modifiedMs: number | undefined): boolean => modifiedMs === undefined || modifiedMs < horizonMs;
   const { liveIndexes, liveChunks } = await mark(store);
   const marks = await readMarks(backend);
   // May this garbage go now? Yes when no backup runs, or it was condemned
@@ -96,8 +109,8 @@ export async function collectGarbage(store: Store, options: OperationOptions = {
   // small chunks its header alone can outweigh them), and unencrypted its new
   // bytes, hence its id, would be the old ones.
   const hasDead = (p: PackUsage): boolean => p.entries.some((e) => !liveChunks.has(e.id.toString('hex')));
-  const garbage = packs.filter((x) => x.liveBytes === 0);
-  const toRepack = (x: PackUsage): boolean => !reading && x.liveBytes > 0 && x.liveBytes * 2 < x.size && hasDead(x);
+  const garbage = packs.filter((x) => x.liveBytes === 0 && settled(x.modifiedMs));
+  const toRepack = (x: PackUsage): boolean => !reading && settled(x.modifiedMs) && x.liveBytes > 0 && x.liveBytes * 2 < x.size && hasDead(x);
   const totalBytes = garbage.reduce((n, p) => n + p.size, 0) + packs.filter((x) => toRepack(x)).reduce((n, p) => n + p.size, 0);
   let doneBytes = 0;
   const progress = (bytes: number): void => options.onProgress?.({ phase: 'gc', doneBytes: (doneBytes += bytes), totalBytes });
@@ -111,10 +124,10 @@ export async function collectGarbage(store: Store, options: OperationOptions = {
     } else report.condemned += await condemn(backend, marks, 'pack', p.packId);
     progress(p.size);
   }
-  for (const { key, size } of await backend.list('indexes/')) {
+  for (const { key, size, modifiedMs } of await backend.list('indexes/')) {
     cancelled();
     const id = key.split('/').at(-1) ?? '';
-    if (!INDEX_ID.test(id) || liveIndexes.has(id)) continue;
+    if (!INDEX_ID.test(id) || liveIndexes.has(id) || !settled(modifiedMs)) continue;
     if (mayDelete('index', id)) {
       await backend.delete(indexKey(id));
       report.indexesDeleted++;
@@ -164,6 +177,7 @@ async function mark(store: Store): Promise<{ liveIndexes: Set<string>; liveChunk
 interface PackUsage {
   packId: string;
   size: number;
+  modifiedMs?: number | undefined;
   liveBytes: number;
   entries: PackEntry[];
 }
@@ -179,27 +193,27 @@ interface PackUsage {
 async function packUsage(store: Store, liveChunks: ReadonlySet<string>, report: GcReport): Promise<PackUsage[]> {
   const out: PackUsage[] = [];
   const indexed = new Set((await store.backend.list('index/')).map((o) => o.key.slice(6)));
-  const unindexed: Array<{ packId: string; size: number }> = [];
+  const unindexed: Array<{ packId: string; size: number; modifiedMs?: number | undefined }> = [];
   const inIndexedPacks = new Set<string>();
-  for (const { key, size } of await store.backend.list('data/')) {
+  for (const { key, size, modifiedMs } of await store.backend.list('data/')) {
     const packId = key.split('/').at(-1) ?? '';
     if (!PACK_ID.test(packId)) continue;
     if (!indexed.has(packId)) {
-      unindexed.push({ packId, size });
+      unindexed.push({ packId, size, modifiedMs });
       continue;
     }
     const entries = await store.packEntries(packId);
     for (const e of entries) inIndexedPacks.add(e.id.toString('hex'));
-    out.push(usage(packId, size, entries, liveChunks));
+    out.push({ ...usage(packId, size, entries, liveChunks), modifiedMs });
   }
-  for (const { packId, size } of unindexed) {
+  for (const { packId, size, modifiedMs } of unindexed) {
     const trailer = (await readTrailer(store, packId, size)) ?? { header: Buffer.alloc(0), entries: [] };
     // Live chunks found nowhere else: the pack's index was lost, not never written.
     if (trailer.entries.some((e) => liveChunks.has(e.id.toString('hex')) && !inIndexedPacks.has(e.id.toString('hex')))) {
       await store.backend.putIfAbsent(packIndexKey(packId), trailer.header);
       report.indexesRebuilt++;
-      out.push(usage(packId, size, trailer.entries, liveChunks));
-    } else out.push({ packId, size, liveBytes: 0, entries: [] }); // a killed writer's pack, or copies of chunks stored elsewhere
+      out.push({ ...usage(packId, size, trailer.entries, liveChunks), modifiedMs });
+    } else out.push({ packId, size, liveBytes: 0, entries: [], modifiedMs }); // a killed writer's pack, or copies of chunks stored elsewhere
   }
   return out;
 }

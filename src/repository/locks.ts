@@ -31,6 +31,7 @@ import { readFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { QbackupError, describeError } from '../errors.js';
 import { isProcessAlive, processStartTime } from '../util/proc.js';
+import { throwIfCancelled } from '../util/operation.js';
 import type { Backend } from './backend/backend.js';
 
 export type LockKind = 'backup' | 'prune' | 'gc' | 'serve' | 'copy';
@@ -67,6 +68,8 @@ export interface LockOptions {
   gcPollMs?: number;
   /** Told once when a backup or reader waits for a running gc. */
   onWait?: (why: string) => void;
+  /** Ends a wait for a running gc (with the signal's reason). */
+  signal?: AbortSignal | undefined;
 }
 
 export interface HeldLock extends AsyncDisposable {
@@ -153,8 +156,22 @@ async function waitWhileGcRuns(backend: Backend, options: LockOptions): Promise<
     if (gc === undefined) return;
     if (!told) options.onWait?.(`waiting for a gc of repository "${backend.location}" to end (process ${gc.info.pid} on ${gc.info.host})`);
     told = true;
-    await new Promise((r) => setTimeout(r, options.gcPollMs ?? 1000));
+    throwIfCancelled(options.signal, `Waiting for a gc of repository "${backend.location}"`);
+    await abortableSleep(options.gcPollMs ?? 1000, options.signal);
+    throwIfCancelled(options.signal, `Waiting for a gc of repository "${backend.location}"`);
   }
+}
+
+function abortableSleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
+  return new Promise((resolve) => {
+    const done = (): void => {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    signal?.addEventListener('abort', done, { once: true });
+  });
 }
 
 /** A held lock and its renewal timer. */

@@ -64,7 +64,7 @@ async function moveAside(backend: Backend, from: string, to: string): Promise<vo
 }
 
 /** The header in a pack's trailer when it parses; undefined otherwise. */
-async function trailerHeader(store: Store, packId: string, size: number): Promise<Buffer | undefined> {
+export async function trailerHeader(store: Store, packId: string, size: number): Promise<Buffer | undefined> {
   if (size < 4) return undefined;
   try {
     const headerLength = (await store.backend.get(packKey(packId), { offset: size - 4, length: 4 })).readUInt32LE(0);

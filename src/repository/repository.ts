@@ -9,6 +9,8 @@ import type { HypervisorDriver } from '../drivers/driver.js';
 import { definitionForRestore } from './define-xml.js';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import type { Backend } from './backend/backend.js';
+import { FaultingBackend } from './backend/faulting.js';
+import type { Faults } from '../util/faults.js';
 import { isRemoteRepo, openBackend, type BackendSettings } from './backend/open.js';
 import { backupDomain, type Progress, type RepoBackupOptions } from './backup.js';
 import { copyBackups, type CopyOptions, type CopyReport } from './copy.js';
@@ -80,11 +82,15 @@ export class RepositoryService {
 
   constructor(
     readonly driver: HypervisorDriver,
-    options: { backends?: BackendSettings | undefined; runDir: string },
+    options: { backends?: BackendSettings | undefined; runDir: string; faults?: Faults | undefined },
   ) {
     this.backendSettings = options.backends ?? {};
     this.runDir = options.runDir;
+    this.faults = options.faults;
   }
+
+  /** Test-only fault injection (src/util/faults.ts): every backend is wrapped so writes visit "repo-write". */
+  private readonly faults: Faults | undefined;
 
   private readonly remote = new Map<string, Promise<Backend>>();
 
@@ -265,7 +271,13 @@ export class RepositoryService {
       // A dry run creates nothing: the plan is made against an empty target.
       if (options.dryRun !== true) target = await Store.init(backend, { chunkSize: source.config.chunkSize });
     }
-    return copyBackups(source, target, { ...options, targetCreated });
+    const report = await copyBackups(source, target, { ...options, targetCreated });
+    // What the source could not give is an error, after everything else was copied; the report rides along.
+    if (report.failed.length > 0 && !report.dryRun) {
+      const others = report.copied.length > 0 ? `; ${report.copied.length} other backup(s) were copied` : '';
+      throw new QbackupError('REPO_DAMAGED', `${report.failed.map((f) => f.reason).join('; ')}${others}`, { details: { copied: report.copied, failed: report.failed } });
+    }
+    return report;
   }
 
   async gc(access: RepoAccess, options: OperationOptions = {}): Promise<GcReport> {
@@ -294,10 +306,15 @@ export class RepositoryService {
    * should reuse, not open anew per request.
    */
   private async backendFor(repo: string): Promise<Backend> {
-    if (!isRemoteRepo(repo)) return openBackend(repo, this.backendSettings);
+    const faults = this.faults;
+    const open = async (): Promise<Backend> => {
+      const b = await openBackend(repo, this.backendSettings);
+      return faults === undefined ? b : new FaultingBackend(b, faults);
+    };
+    if (!isRemoteRepo(repo)) return open();
     let backend = this.remote.get(repo);
     if (backend === undefined) {
-      backend = openBackend(repo, this.backendSettings);
+      backend = open();
       this.remote.set(repo, backend);
       backend.catch(() => this.remote.delete(repo));
     }

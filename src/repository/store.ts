@@ -1,8 +1,8 @@
 // A format 2 repository on a backend: its config, keys, packs of chunks,
 // disk indexes, manifests and locks.
 //
-//   config                         plain JSON: format 2, id, chunk size, compression, encrypted
-//   keys/<id>                      the master key wrapped under a passphrase (encrypted repositories)
+//   config                         plain JSON: format 2, id, chunk size, compression, encrypted, checksum
+//   keys/<id>                      the master key wrapped under a passphrase (encrypted repositories), checksum
 //   data/<xx>/<pack id>            packs of stored chunks
 //   index/<pack id>                each pack's header: which chunks it holds, where
 //   indexes/<xx>/<index id>        disk indexes (full or delta), content-addressed
@@ -20,6 +20,11 @@
 //   ids. Chunks enter packs only through ChunkWriter, encoded by encodeChunk
 //   (chunk.ts) on the chunk pool's workers (pool.ts) or, for a few, here.
 //   Indexes and manifests are checked when parsed.
+// - The config and key files carry their own checksum (checksum.ts). A config
+//   whose fields are usable but whose checksum fails still opens for reading
+//   (every chunk is checked against its id anyway), is named by verify, and
+//   refuses new backups and copies into it; a damaged key file is skipped
+//   when another key opens the repository, and named by verify.
 
 import { hostname } from 'node:os';
 import { randomBytes } from 'node:crypto';
@@ -32,6 +37,7 @@ import type { DecodeEntry } from './chunk-worker.js';
 import { decodePool } from './decode.js';
 import { ensureReserve } from './locks.js';
 import { ChunkCompressor } from './compress.js';
+import { checksumState, serializeWithChecksum } from './checksum.js';
 import { chunkId, newMasterKey, parseKeyFile, seal, unseal, unwrapMasterKey, wrapMasterKey, type MasterKey } from './crypto.js';
 import { decodeIndex, encodeIndex, indexKey, INDEX_ID, MAX_CHAIN, resolveChain, type DiskIndex, type FullIndex } from './disk-index.js';
 import { parseManifest, parseManifestName, manifestKey, serializeManifestWithChecksum, type Manifest } from './manifest.js';
@@ -104,6 +110,8 @@ export class Store {
     readonly backend: Backend,
     readonly config: RepoConfig,
     readonly key: MasterKey | undefined,
+    /** Why the config's checksum failed, when it did (its fields were usable). */
+    readonly configDamage?: string | undefined,
   ) {}
 
   get location(): string {
@@ -120,9 +128,9 @@ export class Store {
     const key = options.password !== undefined ? newMasterKey() : undefined;
     if (key !== undefined && options.password !== undefined) {
       // The key goes first: a config that says "encrypted" always has a key to open it.
-      await backend.putIfAbsent(`keys/${randomBytes(8).toString('hex')}`, Buffer.from(JSON.stringify(wrapMasterKey(key, options.password, hostname()))));
+      await backend.putIfAbsent(`keys/${randomBytes(8).toString('hex')}`, serializeWithChecksum(wrapMasterKey(key, options.password, hostname())));
     }
-    if (!(await backend.putIfAbsent('config', Buffer.from(`${JSON.stringify(config, null, 2)}\n`)))) {
+    if (!(await backend.putIfAbsent('config', serializeWithChecksum(config)))) {
       throw new QbackupError('REPO_INVALID', `Cannot create a repository at "${backend.location}": one already exists there`);
     }
     await ensureReserve(backend); // the room that lets prune and gc run on a full disk
@@ -131,17 +139,63 @@ export class Store {
 
   /** Opens an existing repository; an encrypted one needs its passphrase. */
   static async open(backend: Backend, options: { password?: string | undefined } = {}): Promise<Store> {
-    const config = await readConfig(backend);
-    if (!config.encrypted) return new Store(backend, config, undefined);
+    const { config, damage } = await readConfig(backend);
+    if (!config.encrypted) return new Store(backend, config, undefined, damage);
     if (options.password === undefined) {
       throw new QbackupError('WRONG_PASSWORD', `Repository "${backend.location}" is encrypted: give its passphrase (QBACKUP_PASSWORD or --password-file)`);
     }
-    for (const { key: name } of await backend.list('keys/')) {
-      const file = parseKeyFile((await backend.get(name)).toString('utf8'), name);
-      const key = unwrapMasterKey(file, options.password);
-      if (key !== undefined) return new Store(backend, config, key);
+    // A damaged key file is skipped: another key may open the repository.
+    let damaged: QbackupError | undefined;
+    const keyFiles = await backend.list('keys/');
+    if (keyFiles.length === 0) {
+      throw new QbackupError('REPO_DAMAGED', `Cannot open repository "${backend.location}": it is encrypted but holds no key file under keys/ (they were deleted); put them back from a copy of the repository`);
+    }
+    for (const { key: name } of keyFiles) {
+      let file;
+      try {
+        file = await readKeyFile(backend, name);
+      } catch (err) {
+        if (!(err instanceof QbackupError && (err.code === 'REPO_DAMAGED' || err.code === 'REPO_OBJECT_NOT_FOUND'))) throw err;
+        if (err.code === 'REPO_DAMAGED') damaged ??= err;
+        continue;
+      }
+      let key: MasterKey | undefined;
+      try {
+        key = unwrapMasterKey(file.file, options.password);
+      } catch (err) {
+        if (!(err instanceof QbackupError && err.code === 'REPO_DAMAGED')) throw err;
+        damaged ??= new QbackupError('REPO_DAMAGED', `Key file "${name}" of repository "${backend.location}" is damaged: ${lowerFirst(err.message)}`);
+        continue;
+      }
+      if (key !== undefined) return new Store(backend, config, key, damage);
+      if (file.damage !== undefined) damaged ??= new QbackupError('REPO_DAMAGED', file.damage);
+    }
+    if (damaged !== undefined) {
+      throw new QbackupError('REPO_DAMAGED', `Cannot open repository "${backend.location}": no intact key opens it with this passphrase, and ${lowerFirst(damaged.message)}`, { cause: damaged });
     }
     throw new QbackupError('WRONG_PASSWORD', `Cannot open repository "${backend.location}": wrong passphrase`);
+  }
+
+  /** Damage to the config and key files, one sentence each (verify reports them). */
+  async metadataProblems(): Promise<Array<{ object: string; problem: string }>> {
+    const out: Array<{ object: string; problem: string }> = [];
+    if (this.configDamage !== undefined) out.push({ object: 'config', problem: this.configDamage });
+    for (const { key: name } of await this.backend.list('keys/')) {
+      try {
+        const { damage } = await readKeyFile(this.backend, name);
+        if (damage !== undefined) out.push({ object: name, problem: damage });
+      } catch (err) {
+        if (err instanceof QbackupError && err.code === 'REPO_OBJECT_NOT_FOUND') continue; // removed meanwhile
+        if (!(err instanceof QbackupError && err.code === 'REPO_DAMAGED')) throw err;
+        out.push({ object: name, problem: err.message });
+      }
+    }
+    return out;
+  }
+
+  /** Refuses to write new data under a config whose checksum failed. */
+  assertConfigIntact(what: string): void {
+    if (this.configDamage !== undefined) throw new QbackupError('REPO_DAMAGED', `Cannot ${what}: ${lowerFirst(this.configDamage)}`);
   }
 
   // ---- keys ------------------------------------------------------------------
@@ -149,7 +203,7 @@ export class Store {
   async listKeys(): Promise<Array<{ id: string; created: string; host: string }>> {
     const out = [];
     for (const { key: name } of await this.backend.list('keys/')) {
-      const file = parseKeyFile((await this.backend.get(name)).toString('utf8'), name);
+      const { file } = await readKeyFile(this.backend, name);
       out.push({ id: name.slice(5), created: file.created, host: file.host });
     }
     return out;
@@ -158,7 +212,7 @@ export class Store {
   async addKey(password: string): Promise<string> {
     const key = this.requireEncrypted('add a key to');
     const id = randomBytes(8).toString('hex');
-    await this.backend.putIfAbsent(`keys/${id}`, Buffer.from(JSON.stringify(wrapMasterKey(key, password, hostname()))));
+    await this.backend.putIfAbsent(`keys/${id}`, serializeWithChecksum(wrapMasterKey(key, password, hostname())));
     return id;
   }
 
@@ -168,7 +222,7 @@ export class Store {
     const keys = await this.listKeys();
     if (!keys.some((k) => k.id === id)) throw new QbackupError('INVALID_ARGUMENT', `Repository "${this.location}" has no key "${id}"`);
     if (keys.length === 1) throw new QbackupError('INVALID_ARGUMENT', `Cannot remove key "${id}": it is the repository's last key`);
-    const file = parseKeyFile((await this.backend.get(`keys/${id}`)).toString('utf8'), id);
+    const { file } = await readKeyFile(this.backend, `keys/${id}`);
     if (unwrapMasterKey(file, currentPassword) !== undefined) {
       throw new QbackupError('INVALID_ARGUMENT', `Cannot remove key "${id}": it is the key opened with the current passphrase; open the repository with another one`);
     }
@@ -597,7 +651,19 @@ function readRuns<T extends { loc: ChunkLocation }>(chunks: T[]): T[][] {
   return runs;
 }
 
-async function readConfig(backend: Backend): Promise<RepoConfig> {
+/** A key file and, when its checksum fails although it parses, why (one sentence). */
+async function readKeyFile(backend: Backend, name: string): Promise<{ file: ReturnType<typeof parseKeyFile>; damage?: string }> {
+  const text = (await backend.get(name)).toString('utf8');
+  const file = parseKeyFile(text, name);
+  const state = checksumState(file as unknown as Record<string, unknown>);
+  return state === 'mismatch' ? { file, damage: `Key file "${name}" of repository "${backend.location}" is damaged: its checksum does not match its content` } : { file };
+}
+
+function lowerFirst(s: string): string {
+  return s.length > 0 ? s[0]?.toLowerCase() + s.slice(1) : s;
+}
+
+async function readConfig(backend: Backend): Promise<{ config: RepoConfig; damage?: string }> {
   let text: string;
   try {
     text = (await backend.get('config')).toString('utf8');
@@ -624,5 +690,9 @@ async function readConfig(backend: Backend): Promise<RepoConfig> {
   if (v.chunkSize < 4096 || v.chunkSize > 4 * 1024 * 1024 || (v.chunkSize & (v.chunkSize - 1)) !== 0) {
     throw new QbackupError('REPO_DAMAGED', `Repository "${backend.location}" has an impossible chunk size ${v.chunkSize}`);
   }
-  return v as RepoConfig;
+  const config: RepoConfig = { format: REPO_FORMAT, id: v.id, chunkSize: v.chunkSize, compression: 'zstd', encrypted: v.encrypted, created: String(v.created) };
+  if (checksumState(parsed as Record<string, unknown>) === 'mismatch') {
+    return { config, damage: `The config of repository "${backend.location}" is damaged: its checksum does not match its content` };
+  }
+  return { config };
 }

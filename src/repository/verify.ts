@@ -1,4 +1,5 @@
-// Verification of a format 2 repository: every chosen backup's index chain
+// Verification of a format 2 repository: the config and key files match
+// their checksums (checksum.ts), every chosen backup's index chain
 // parses, every chunk it names is listed in a pack index and its pack exists
 // (fast), and with readData every pack holding such chunks is read whole
 // (several at once), hashed whole against its id (so a flipped byte in its
@@ -16,7 +17,8 @@ import { runPool } from '../util/run-pool.js';
 import { throwIfCancelled, type Logger, type ProgressSink } from '../util/operation.js';
 import { ZERO_ID } from './chunk.js';
 import type { Manifest } from './manifest.js';
-import { PACK_ID, packKey } from './pack.js';
+import { PACK_ID, packKey, parseHeader } from './pack.js';
+import { trailerHeader } from './repair.js';
 import type { Store } from './store.js';
 
 export interface VerifyProblem {
@@ -63,16 +65,21 @@ export async function verifyStore(store: Store, options: VerifyOptions = {}): Pr
     if (!p.backups.includes(backup)) p.backups.push(backup);
     problems.set(object, p);
   };
+  // The config and key files: damage to them is the repository's, not a backup's.
+  for (const { object, problem } of await store.metadataProblems()) problems.set(object, { object, problem, backups: [] });
   for (const d of readable.damaged) if (options.backup === undefined || d.id === options.backup) report(`manifest ${d.key}`, d.problem, `${d.domain}/${d.id}`);
   for (const m of manifests) {
     throwIfCancelled(options.signal, 'Verify');
     await collectChunks(store, m, users, report);
   }
   const packs = new Map<string, boolean>();
+  const unindexed = await unindexedChunks(store, users);
   for (const [hex, backups] of users) {
     const loc = store.locate(Buffer.from(hex, 'hex'));
     if (loc === undefined) {
-      for (const b of backups) report(`chunk ${hex}`, 'missing: no pack holds it', b);
+      const packId = unindexed.get(hex);
+      const problem = packId === undefined ? 'missing: no pack holds it' : `missing from the pack indexes: its pack "${packId}" has lost its index (verify --repair rebuilds it from the pack)`;
+      for (const b of backups) report(`chunk ${hex}`, problem, b);
       continue;
     }
     if (!packs.has(loc.packId)) packs.set(loc.packId, (await store.backend.stat(`data/${loc.packId.slice(0, 2)}/${loc.packId}`)) !== undefined);
@@ -82,6 +89,30 @@ export async function verifyStore(store: Store, options: VerifyOptions = {}): Pr
   let chunksRead = 0;
   if (options.readData) chunksRead = await readChunks(store, users, problems, options, report);
   return { backupsChecked: manifests.length, chunksChecked: users.size, chunksRead, problems: [...problems.values()] };
+}
+
+/**
+ * Where chunks that no pack index names are after all: in a pack whose index
+ * object is gone but whose trailer still reads (read only when such chunks
+ * exist; a pack without an index is otherwise the garbage of a killed writer).
+ */
+async function unindexedChunks(store: Store, users: ReadonlyMap<string, Set<string>>): Promise<Map<string, string>> {
+  const out = new Map<string, string>();
+  const missing = [...users.keys()].filter((hex) => store.locate(Buffer.from(hex, 'hex')) === undefined);
+  if (missing.length === 0) return out;
+  const wanted = new Set(missing);
+  const indexed = new Set((await store.backend.list('index/')).map((o) => o.key.slice(6)));
+  for (const { key, size } of await store.backend.list('data/')) {
+    const packId = key.slice(key.lastIndexOf('/') + 1);
+    if (!PACK_ID.test(packId) || indexed.has(packId)) continue;
+    const header = await trailerHeader(store, packId, size);
+    if (header === undefined) continue;
+    for (const e of parseHeader(header, store.key, `Trailer of pack "${packId}"`, store.config.chunkSize)) {
+      const hex = e.id.toString('hex');
+      if (wanted.has(hex)) out.set(hex, packId);
+    }
+  }
+  return out;
 }
 
 /**

@@ -349,9 +349,10 @@ export class QbackupService {
     if (interval > 0) this.scheduler.start(interval);
   }
 
-  async close(): Promise<void> {
+  /** Stops the scheduler and the tasks (`interrupt`: running ones that can stop mid-way are stopped, see TaskManager.close). */
+  async close(options: { interrupt?: boolean | undefined } = {}): Promise<void> {
     this.scheduler.stop();
-    await this.tasks.close();
+    await this.tasks.close(options);
     await this.notifier.idle();
   }
 

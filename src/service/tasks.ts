@@ -89,6 +89,8 @@ interface Live {
   lastEventMs: number;
   done: Promise<TaskInfo>;
   settle: (info: TaskInfo) => void;
+  /** Aborted because the daemon is stopping: the task ends failed (TASK_INTERRUPTED), not cancelled. */
+  interrupted?: { code: string; message: string };
 }
 
 export class TaskManager {
@@ -210,10 +212,23 @@ export class TaskManager {
     return () => this.listeners.delete(listener);
   }
 
-  /** Stops taking tasks; resolves when the running ones have ended (queued ones are cancelled). */
-  async close(): Promise<void> {
+  /**
+   * Stops taking tasks; resolves when the running ones have ended (queued
+   * ones are cancelled). With `interrupt` (SIGTERM), running tasks that can
+   * stop mid-way are stopped and end failed with TASK_INTERRUPTED; the others
+   * finish.
+   */
+  async close(options: { interrupt?: boolean | undefined } = {}): Promise<void> {
     this.closed = true;
     for (const q of this.queue.splice(0)) this.finish(q, 'cancelled', { error: { code: 'TASK_INTERRUPTED', message: `Task "${q.info.id}" was cancelled: the daemon is stopping` } });
+    if (options.interrupt === true) {
+      for (const l of this.live.values()) {
+        if (l.info.state !== 'running' || !l.info.cancellable || l.abort.signal.aborted) continue;
+        l.interrupted = { code: 'TASK_INTERRUPTED', message: `Task "${l.info.id}" (${l.info.kind}${l.info.domain !== null ? ` of domain "${l.info.domain}"` : ''}) did not finish: the daemon was stopped while it was running` };
+        this.appendLog(l, 'the daemon is stopping: interrupted');
+        l.abort.abort(new QbackupError('TASK_INTERRUPTED', l.interrupted.message));
+      }
+    }
     await Promise.all([...this.live.values()].map((l) => l.done));
   }
 
@@ -245,7 +260,8 @@ export class TaskManager {
       this.finish(entry, 'succeeded', { result });
     } catch (err) {
       const cancelled = entry.abort.signal.aborted;
-      this.finish(entry, cancelled ? 'cancelled' : 'failed', { error: errorOf(err) });
+      if (entry.interrupted !== undefined) this.finish(entry, 'failed', { error: entry.interrupted });
+      else this.finish(entry, cancelled ? 'cancelled' : 'failed', { error: errorOf(err) });
     } finally {
       this.running--;
       this.pump();

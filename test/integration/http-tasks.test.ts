@@ -3,26 +3,34 @@
 // as failed with the reason, after the library has ended the orphaned job
 // (the next backup succeeds); finished tasks survive a restart; the
 // scheduler (with a fake clock for its own time only) runs a backup, applies
-// retention, runs a missed slot once, and runs verify and gc schedules.
+// retention, runs a missed slot once, and runs verify and gc schedules; a
+// daemon stopped with SIGTERM while a backup task runs interrupts it (failed,
+// TASK_INTERRUPTED), leaves no lock, job or checkpoint, and starts clean.
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { readdirSync } from 'node:fs';
+import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { startDaemon } from '../../src/http/daemon.js';
 import { cliPath, TestEnv } from '../helpers/env.js';
 import { ApiClient } from '../helpers/http.js';
+import { eventually } from '../helpers/repo.js';
+import { LocalBackend } from '../../src/repository/backend/local.js';
+import { acquireLock } from '../../src/repository/locks.js';
 
 type Obj = Record<string, unknown>;
 const DAY = 86_400_000;
 
 /** Runs `qbackup serve` in a child process; resolves with its URL and bootstrap token once it listens. */
-function serveChild(env: TestEnv, extraEnv: Record<string, string>): Promise<{ url: string; token: string; exited: Promise<NodeJS.Signals | null> }> {
+function serveChild(env: TestEnv, extraEnv: Record<string, string>): Promise<{ url: string; token: string; exited: Promise<NodeJS.Signals | null>; status: Promise<number | null>; child: ChildProcess }> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, [cliPath, '--state-dir', env.stateDir, '--json', 'serve', '--listen', '127.0.0.1:0'], {
       stdio: ['ignore', 'pipe', 'pipe'],
       env: { ...process.env, QBACKUP_LOCK_TIMEOUT: '5', ...extraEnv },
     });
     const exited = new Promise<NodeJS.Signals | null>((r) => child.on('exit', (_code, signal) => r(signal)));
+    const status = new Promise<number | null>((r) => child.on('exit', (code) => r(code)));
     let out = '';
     let err = '';
     child.stderr.on('data', (b: Buffer) => (err += b.toString()));
@@ -30,7 +38,7 @@ function serveChild(env: TestEnv, extraEnv: Record<string, string>): Promise<{ u
       out += b.toString();
       try {
         const j = JSON.parse(out) as { url: string; bootstrapToken?: { token: string } };
-        resolve({ url: j.url, token: j.bootstrapToken?.token ?? '', exited });
+        resolve({ url: j.url, token: j.bootstrapToken?.token ?? '', exited, status, child });
       } catch {
         // not complete yet
       }
@@ -88,6 +96,49 @@ describe('daemon tasks and schedules (real QEMU)', () => {
       } finally {
         await daemon3.close();
       }
+    } finally {
+      await daemon.close();
+    }
+  });
+
+  test('SIGTERM while a backup task runs: the daemon stops, the task ends failed (interrupted), no lock, job or checkpoint is left, the next start is clean', async () => {
+    const repo = env.path('term-repo');
+    await env.cliOk(['init', '--repo', repo]);
+    const checkpointsBefore = env.qb.checkpoints.list('vm1').map((c) => c.name);
+    // A gc lock held here keeps the task inside its run, holding its backup lock, at a point the test sees (its phase).
+    const held = await acquireLock(new LocalBackend(repo), 'gc', null);
+    let taskId = '';
+    const token = (JSON.parse(await env.cliOk(['--json', 'token', 'create', `term-${process.pid}`])) as { token: string }).token;
+    try {
+      const child = await serveChild(env, {});
+      const api = new ApiClient(child.url, token);
+      const accepted = await api.post('/api/repository/backups', { domain: 'vm1', repo });
+      assert.equal(accepted.status, 202, accepted.text);
+      taskId = String((accepted.body as Obj)['id']);
+      const waiting = await eventually(async () => (((await api.get(`/api/tasks/${taskId}`)).body as Obj)['progress'] as Obj | null)?.['phase'] === 'waiting for a gc to end', 60_000);
+      assert.ok(waiting, 'the backup task waits for the gc');
+      child.child.kill('SIGTERM');
+      const stopped = await eventually(() => child.child.exitCode !== null || child.child.signalCode !== null, 60_000);
+      assert.ok(stopped, 'the daemon stops on SIGTERM while the task runs');
+      assert.equal(await child.status, 0);
+    } finally {
+      await held.release();
+    }
+    assert.deepEqual(readdirSync(join(repo, 'locks')), [], 'no lock is left');
+    assert.equal(await env.qb.backups.info('vm1'), undefined, 'no backup job is left');
+    assert.deepEqual(env.qb.checkpoints.list('vm1').map((c) => c.name), checkpointsBefore);
+    const daemon = await startDaemon(env.qb, { listen: '127.0.0.1:0', schedulerIntervalMs: 0 });
+    try {
+      assert.deepEqual(daemon.service.interrupted.map((t) => t.id), [], 'the stopped daemon recorded how its task ended');
+      const api = new ApiClient(daemon.url, token);
+      const task = (await api.get(`/api/tasks/${taskId}`)).body as Obj;
+      assert.equal(task['state'], 'failed');
+      assert.equal((task['error'] as Obj)['code'], 'TASK_INTERRUPTED');
+      assert.match(String((task['error'] as Obj)['message']), /the daemon was stopped while it was running/);
+      assert.deepEqual(await env.qb.repository.list({ repo }, 'vm1'), []);
+      const again = await api.post('/api/repository/backups', { domain: 'vm1', repo });
+      const done = await api.waitTask(String((again.body as Obj)['id']));
+      assert.equal(done['state'], 'succeeded', JSON.stringify(done['error']));
     } finally {
       await daemon.close();
     }

@@ -19,6 +19,7 @@
 
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
+import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { runTool } from '../../src/image/tools.js';
 import type { InstantRecord, InstantRestoreInfo } from '../../src/instant/restore.js';
@@ -217,6 +218,19 @@ describe('instant restore (real QEMU)', () => {
     await waitDone('copy4');
     await env.qb.domains.shutdown('copy4');
     for (const t of ['sda', 'sdb']) assert.equal(await imageDiffers(env.path(`copy4/${t}.qcow2`), 'qcow2', await expected(t, 'copy4', [])), undefined);
+  });
+
+  test('killed after creating its overlays (before the domain exists): the same restore run again reaps them and completes', async () => {
+    const to = env.path('copy5');
+    const args = ['restore', 'vm', '--repo', repo, '--instant', '--as', 'copy5', '--to', to];
+    const killed = await env.cli(args, { env: { QBACKUP_CRASH_AT: 'instant-restore:after-overlays' } });
+    assert.equal(killed.signal, 'SIGKILL');
+    assert.ok(existsSync(join(to, 'sda.qcow2')), 'the killed restore left its overlay');
+    const again = await env.cli(args);
+    assert.equal(again.code, 0, again.stderr);
+    await waitDone('copy5');
+    await env.qb.domains.shutdown('copy5');
+    for (const t of ['sda', 'sdb']) assert.equal(await imageDiffers(join(to, `${t}.qcow2`), 'qcow2', ref.get(t) ?? ''), undefined);
   });
 
   test('a name that is taken is refused with one sentence, and nothing is made; an NBD backing nothing serves is refused at start', async () => {

@@ -4,7 +4,10 @@
 // copies as a small delta on the target's own index; through an encrypted
 // repository and another one under a different key back into a plain one,
 // every backup still restores identically; a second domain's copy stores
-// only the chunks the target lacks; a damaged chunk, a wrong passphrase, a
+// only the chunks the target lacks; from a hostile source (a damaged chunk,
+// disk index or manifest) the backups that need the damaged object are left
+// out and named in one sentence while the others are copied, and no damaged
+// chunk reaches the target; a wrong passphrase, a
 // chunk-size mismatch, an unknown backup and a copy into itself are refused
 // with one sentence and list nothing new; --dry-run creates nothing; a
 // copy killed once its first pack is in the target lists only backups
@@ -190,27 +193,63 @@ describe('qbackup copy between repositories (real QEMU)', () => {
     await assertRestores(e3, m, 'three');
   });
 
-  test('a damaged chunk in the source fails the copy naming chunk and backup; the target lists nothing of it', async () => {
-    const damagedRepo = env.path('damaged');
-    execFileSync('cp', ['-a', r1, damagedRepo]);
-    const first = backups[0] as Manifest;
-    const { store } = await liveObjects(damagedRepo);
-    const table = await store.resolveIndex(first.disks[0]?.index ?? '');
-    const id = table.ids.subarray(0, 32);
+  test('a hostile source: a backup whose chunk, index or manifest is damaged is left out and named; the others are copied, restore exactly, and no damaged chunk reaches the target', async () => {
+    const [b1, b2, b3] = backups as [Manifest, Manifest, Manifest];
+    const damagedCopy = (name: string): string => {
+      const dir = env.path(name);
+      execFileSync('cp', ['-a', r1, dir]);
+      return dir;
+    };
+    // The first three backups only: later tests may add backups that share the damaged objects.
+    const only = [b1, b2, b3].flatMap((m) => ['--backup', m.id]);
+    const listedIds = async (repo: string, password?: string): Promise<string[]> => (await env.qb.repository.list({ repo, ...(password !== undefined ? { password } : {}) })).map((m) => m.id);
+
+    // A chunk only b3 has (sdb's 0x3c cluster at 4 MiB), flipped in its pack.
+    const chunkRepo = damagedCopy('damaged-chunk');
+    const { store } = await liveObjects(chunkRepo);
+    const sdb = b3.disks.find((d) => d.target === 'sdb');
+    const id = (await store.resolveIndex(sdb?.index ?? '')).ids.subarray(64 * 32, 65 * 32);
     const loc = store.locate(id);
     assert.ok(loc !== undefined);
-    flipByte(join(damagedRepo, 'data', loc.packId.slice(0, 2), loc.packId), loc.offset + Math.floor(loc.length / 2));
-    for (const [target, extraEnv] of [[env.path('t-plain'), {}], [env.path('t-sealed'), { QBACKUP_PASSWORD: 'x' }]] as const) {
-      if ('QBACKUP_PASSWORD' in extraEnv) await env.cli(['init', '--repo', target, '--encrypt'], { env: extraEnv });
+    flipByte(join(chunkRepo, 'data', loc.packId.slice(0, 2), loc.packId), loc.offset + Math.floor(loc.length / 2));
+    for (const [target, extraEnv, password] of [[env.path('t-plain'), {}, undefined], [env.path('t-sealed'), { QBACKUP_PASSWORD: 'x' }, 'x']] as const) {
+      if (password !== undefined) await env.cli(['init', '--repo', target, '--encrypt'], { env: extraEnv });
       await refused(
-        ['vm', '--from', damagedRepo, '--to', target],
+        ['vm', '--from', chunkRepo, '--to', target, ...only],
         'REPO_DAMAGED',
-        new RegExp(`^Cannot copy backup "${first.id}" of domain "vm": chunk ${id.toString('hex')} of repository "${damagedRepo}" is damaged \\(in pack "${loc.packId}": its content does not match its id\\)$`),
+        new RegExp(`^Cannot copy backup "${b3.id}" of domain "vm": chunk ${id.toString('hex')} of repository "${chunkRepo}" is damaged \\(in pack "${loc.packId}": [^)]*\\); 2 other backup\\(s\\) were copied$`),
         extraEnv,
       );
-      const listed = await env.qb.repository.list({ repo: target, ...('QBACKUP_PASSWORD' in extraEnv ? { password: 'x' } : {}) });
-      assert.deepEqual(listed, []);
+      assert.deepEqual(await listedIds(target, password), [b1.id, b2.id]);
+      for (const m of [b1, b2]) await assertRestores(target, m, password);
+      await verifyReadData(target, extraEnv);
     }
+
+    // b2's manifest truncated: b2 is named; b1 and b3 (whose chain runs through b2's intact index) are copied.
+    const manifestRepo = damagedCopy('damaged-manifest');
+    const manifestFile = join(manifestRepo, 'snapshots', 'vm', b2.id);
+    execFileSync('truncate', ['-s', '100', manifestFile]);
+    const t2 = env.path('t-manifest');
+    await refused(['vm', '--from', manifestRepo, '--to', t2, ...only], 'REPO_DAMAGED', new RegExp(`^Cannot copy backup "${b2.id}" of domain "vm": its manifest in repository "${manifestRepo}" cannot be read .*; 2 other backup\\(s\\) were copied$`));
+    assert.deepEqual(await listedIds(t2), [b1.id, b3.id]);
+    for (const m of [b1, b3]) await assertRestores(t2, m);
+    await verifyReadData(t2);
+
+    // b2's disk index of sda flipped: b2 and b3 (a delta on it) are named; b1 is copied.
+    const indexRepo = damagedCopy('damaged-index');
+    const sda2 = b2.disks.find((d) => d.target === 'sda')?.index ?? '';
+    const indexFile = join(indexRepo, 'indexes', sda2.slice(0, 2), sda2);
+    flipByte(indexFile, 40);
+    const t3 = env.path('t-index');
+    const r = await env.cli(['--json', 'copy', 'vm', '--from', indexRepo, '--to', t3, ...only]);
+    assert.equal(r.code, 1, r.stdout + r.stderr);
+    const e = cliError(r);
+    assert.equal(e.code, 'REPO_DAMAGED');
+    for (const m of [b2, b3]) assert.match(e.message, new RegExp(`Cannot copy backup "${m.id}" of domain "vm": .*${sda2}`));
+    assert.match(e.message, /1 other backup\(s\) were copied$/);
+    assert.deepEqual(await listedIds(t3), [b1.id]);
+    await assertRestores(t3, b1);
+    await verifyReadData(t3);
   });
 
   test('refusals: chunk-size mismatch, unknown backup, the same repository; --dry-run and --backup', async () => {

@@ -287,6 +287,6 @@ describe('prune folds index chains (local store)', () => {
 
 function cpDir(src: string): string {
   const dst = tempDir();
-  cpSync(src, dst, { recursive: true });
+  cpSync(src, dst, { recursive: true, preserveTimestamps: true }); // gc reads objects' times (gc.ts step 7)
   return dst;
 }

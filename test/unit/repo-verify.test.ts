@@ -2,11 +2,12 @@
 // against its id, so a flipped byte anywhere in it is found — in a chunk
 // (named as that chunk), in the salt before the chunks or in the trailer
 // (the embedded copy of the pack's index; named as the pack) — plain and
-// encrypted; an intact repository verifies clean.
+// encrypted; an intact repository verifies clean; chunks whose pack lost its
+// index are named with that pack.
 
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
@@ -92,5 +93,20 @@ for (const encrypted of [false, true]) {
         assert.deepEqual(quick, where === 'trailer' ? [`index ${packId}`] : []);
       });
     }
+    test('a lost pack index: the missing chunks name the pack (repair rebuilds it); a pack without index and no chunk missing is no problem', async () => {
+      const { store, root, packId } = await oneBackup(password);
+      // Garbage of a killed writer: a pack whose index was never written, holding nothing any backup uses.
+      const writer = store.chunkWriter();
+      const stray = randomBytes(C);
+      await writer.add(store.chunkId(stray), stray);
+      await writer.flush();
+      const strayPack = (await store.backend.list('index/')).map((o) => o.key.slice(6)).find((id) => id !== packId) ?? '';
+      rmSync(join(root, 'index', strayPack));
+      assert.deepEqual((await verifyStore(await Store.open(new LocalBackend(root), { password }))).problems, []);
+      rmSync(join(root, 'index', packId));
+      const report = await verifyStore(await Store.open(new LocalBackend(root), { password }));
+      assert.ok(report.problems.length > 0);
+      for (const p of report.problems) assert.match(p.problem, new RegExp(`its pack "${packId}" has lost its index`));
+    });
   });
 }

@@ -17,6 +17,8 @@ import { QbackupError } from '../../errors.js';
 export interface ObjectInfo {
   key: string;
   size: number;
+  /** When the object was written, by the store's own clock (file mtime, S3 LastModified), when the backend lists it. */
+  modifiedMs?: number;
 }
 
 export interface Backend {

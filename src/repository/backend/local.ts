@@ -119,7 +119,7 @@ export class LocalBackend implements Backend {
             if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
             throw this.failure(`list "${rel}"`, err);
           });
-          if (st !== undefined) out.push({ key, size: st.size });
+          if (st !== undefined) out.push({ key, size: st.size, modifiedMs: st.mtimeMs });
         }
       }
     };

@@ -210,7 +210,7 @@ export class S3Backend implements Backend {
         const key = o.Key.slice(this.where.prefix.length);
         // Objects that no key of ours could name (put there by other tools) are not ours to list.
         if (!isKey(key)) continue;
-        out.push({ key, size: o.Size ?? 0 });
+        out.push({ key, size: o.Size ?? 0, ...(o.LastModified !== undefined ? { modifiedMs: o.LastModified.getTime() } : {}) });
       }
       token = res.IsTruncated === true ? res.NextContinuationToken : undefined;
     } while (token !== undefined);
