@@ -90,7 +90,7 @@ export class Qbackup implements Disposable {
       qemu: () => new QemuDriver(this.engine),
       libvirt: (uri) => new LibvirtDriver({ uri: uri.uri, runtimeDir: options.runtimeDir, socketParentDir: tmpdir(), shutdownTimeoutMs: options.shutdownTimeoutMs, faults: options.faults }),
     });
-    this.repository = new RepositoryService(this.driver, { backends: options.backends ?? {}, runDir: join(options.stateDir, 'run') });
+    this.repository = new RepositoryService(this.driver, { backends: options.backends ?? {}, runDir: join(options.stateDir, 'run'), faults: options.faults });
     this.instant = new InstantRestoreService(this.driver, this.repository, this.db, {
       stateDir: options.stateDir,
       serverCommand: options.backupServerCommand,

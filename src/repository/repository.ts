@@ -22,6 +22,7 @@ import { Store, type DamagedManifest } from './store.js';
 import { executeRepair, planRepair, type RepairPlan, type RepairReport } from './repair.js';
 import { verifyStore, type VerifyOptions, type VerifyReport } from './verify.js';
 import type { Logger, OperationOptions, ProgressSink } from '../util/operation.js';
+import { noFaults, type Faults } from '../util/faults.js';
 
 export type { Progress, RepoBackupOptions } from './backup.js';
 export type { CopyReport, CopySelection } from './copy.js';
@@ -77,13 +78,16 @@ export class RepositoryService {
   readonly backendSettings: BackendSettings;
   /** Where `serveBackup` makes the private directory of its default unix socket. */
   private readonly runDir: string;
+  /** Test-only fault injection (src/util/faults.ts): 'backup-copying' once a backup has read its first data. */
+  private readonly faults: Faults;
 
   constructor(
     readonly driver: HypervisorDriver,
-    options: { backends?: BackendSettings | undefined; runDir: string },
+    options: { backends?: BackendSettings | undefined; runDir: string; faults?: Faults | undefined },
   ) {
     this.backendSettings = options.backends ?? {};
     this.runDir = options.runDir;
+    this.faults = options.faults ?? noFaults;
   }
 
   private readonly remote = new Map<string, Promise<Backend>>();
@@ -101,7 +105,7 @@ export class RepositoryService {
   async backup(domain: string, options: RepoAccess & RepoBackupOptions): Promise<Manifest> {
     await this.driver.describeDomain(domain);
     const store = await this.open(options, true);
-    return backupDomain(this.driver, store, domain, options);
+    return backupDomain(this.driver, store, domain, options, this.faults);
   }
 
   /** The readable backups (of a domain), oldest first; a damaged manifest is left out (see inventory). */

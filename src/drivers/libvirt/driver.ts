@@ -17,7 +17,13 @@
 //   endOrphanedBackup) ends it and deletes the checkpoint it created. A job
 //   that is not ours, or is ours and alive, is never touched: refused in one sentence.
 // - The libvirt connection is opened on first use, opened again when it
-//   closed (libvirtd restarted), and closed by close().
+//   closed (libvirtd restarted: tried again for reconnectTimeoutMs), and
+//   closed by close(). A libvirt older than 7.2.0 (no checkpoint and backup
+//   API without extra configuration) is refused at connect in one sentence.
+// - A backup whose connection closed before its data was committed is lost:
+//   its job's signal fires and confirmBackup refuses, naming the disconnect;
+//   the job libvirt may have recovered on restart is ended by the cleanup
+//   or, if that cannot reach libvirt, as an orphan by the next command.
 
 import { chownSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { createHash } from 'node:crypto';
@@ -45,6 +51,8 @@ import type { LibvirtDomainRef } from './rpc/structs.js';
 export const OWN_CHECKPOINT_PREFIX = 'qb-';
 /** The prefix of the private directory of a backup's socket. */
 const OWN_SOCKET_PREFIX = 'qbackup-lv-';
+/** libvirt 7.2.0: the first release with the checkpoint and backup API enabled for QEMU without extra configuration. */
+export const MIN_LIBVIRT_VERSION = 7_002_000;
 
 export interface LibvirtDriverOptions {
   /** The connection URI (see uri.ts). */
@@ -55,6 +63,8 @@ export interface LibvirtDriverOptions {
   socketParentDir: string;
   /** How long shutdownDomain waits for the guest before stopping QEMU gracefully. Default 60 s. */
   shutdownTimeoutMs?: number | undefined;
+  /** How long a lost connection is tried again while libvirtd restarts (no socket or nothing listening). Default 10 s. */
+  reconnectTimeoutMs?: number | undefined;
   /** Test-only fault injection (src/util/faults.ts): 'libvirt-backup-begun' once the job runs. */
   faults?: Faults | undefined;
 }
@@ -74,6 +84,10 @@ export class LibvirtDriver implements HypervisorDriver {
   /** libvirt keeps one checkpoint per repository: the repository deletes the previous one once the next backup commits. */
   readonly keepsLatestCheckpointOnly = true;
   private connecting: Promise<LibvirtClient> | undefined;
+  /** Whether a connection was open before: a new one is then tried again while libvirtd restarts. */
+  private connectedBefore = false;
+  /** The backups this driver began, by id: the connection that began each, and the signal that fires when it closes. */
+  private readonly jobs = new Map<string, { client: LibvirtClient; dom: LibvirtDomainRef; domain: string; lost: AbortController }>();
 
   constructor(private readonly options: LibvirtDriverOptions) {
     this.uri = options.uri;
@@ -87,13 +101,40 @@ export class LibvirtDriver implements HypervisorDriver {
       if (open !== undefined && open.connection.state !== 'closed') return open;
       if (this.connecting === current) this.connecting = undefined;
     }
-    this.connecting ??= LibvirtClient.connect(this.uri, { runtimeDir: this.options.runtimeDir });
+    this.connecting ??= this.open();
     try {
-      return await this.connecting;
+      const c = await this.connecting;
+      this.connectedBefore = true;
+      return c;
     } catch (err) {
       this.connecting = undefined;
       throw err;
     }
+  }
+
+  /** A new connection, of a libvirt recent enough; while libvirtd restarts (it answered before), tried again for a while. */
+  private async open(): Promise<LibvirtClient> {
+    const deadline = Date.now() + (this.connectedBefore ? (this.options.reconnectTimeoutMs ?? 10_000) : 0);
+    let c: LibvirtClient;
+    for (;;) {
+      try {
+        c = await LibvirtClient.connect(this.uri, { runtimeDir: this.options.runtimeDir });
+        break;
+      } catch (err) {
+        const restarting = isQbackupError(err, 'LIBVIRT_UNAVAILABLE') || isQbackupError(err, 'LIBVIRT_DISCONNECTED');
+        if (!restarting || Date.now() >= deadline) throw err;
+        await sleep(250);
+      }
+    }
+    const version = await c.getLibVersion().catch(async (err: unknown) => {
+      await c.close();
+      throw err;
+    });
+    if (version < MIN_LIBVIRT_VERSION) {
+      await c.close();
+      throw new QbackupError('NOT_SUPPORTED', `libvirt at ${this.uri} is version ${versionText(version)}, and qbackup needs libvirt ${versionText(MIN_LIBVIRT_VERSION)} or newer (its checkpoint and backup API)`, { details: { version, minimum: MIN_LIBVIRT_VERSION } });
+    }
+    return c;
   }
 
   /** Closes the libvirt connection; idempotent. */
@@ -103,9 +144,15 @@ export class LibvirtDriver implements HypervisorDriver {
     if (c !== undefined) await (await c.catch(() => undefined))?.close();
   }
 
+  /** The domain by name; one libvirt does not know is DOMAIN_NOT_FOUND in our words (libvirt's message kept as the cause). */
   private async lookup(name: string): Promise<{ c: LibvirtClient; dom: LibvirtDomainRef }> {
     const c = await this.client();
-    return { c, dom: await c.lookupDomainByName(name) };
+    try {
+      return { c, dom: await c.lookupDomainByName(name) };
+    } catch (err) {
+      if (isQbackupError(err, 'DOMAIN_NOT_FOUND')) throw new QbackupError('DOMAIN_NOT_FOUND', `libvirt at ${this.uri} has no domain "${name}"`, { cause: err, details: { domain: name } });
+      throw err;
+    }
   }
 
   // ---- domains ----
@@ -272,14 +319,17 @@ ${all
       } finally {
         if (consistency === 'filesystem') await c.fsThaw(dom).catch(() => undefined);
       }
+      this.watch(c, dom, domain, request.checkpoint);
       this.options.faults?.at('libvirt-backup-begun');
       const disks = [];
       for (const d of request.disks) {
         const virtualSize = Number((await c.getBlockInfo(dom, d.target)).capacity);
         disks.push({ target: d.target, exportName: d.target, dirtyContext: d.since !== undefined ? `qemu:dirty-bitmap:backup-${d.target}` : undefined, virtualSize });
       }
-      return { id: request.checkpoint, domain, checkpoint: request.checkpoint, consistency, server: { transport: 'unix', socket }, disks };
+      const signal = this.jobs.get(request.checkpoint)?.lost.signal;
+      return { id: request.checkpoint, domain, checkpoint: request.checkpoint, consistency, server: { transport: 'unix', socket }, disks, signal };
     } catch (err) {
+      this.jobs.delete(request.checkpoint);
       rmSync(dir, { recursive: true, force: true });
       throw err;
     }
@@ -296,7 +346,33 @@ ${all
     }
   }
 
+  /** Remembers the connection that began a backup; its signal fires if that connection closes before the backup ends. */
+  private watch(c: LibvirtClient, dom: LibvirtDomainRef, domain: string, backupId: string): void {
+    const lost = new AbortController();
+    this.jobs.set(backupId, { client: c, dom, domain, lost });
+    void c.connection.closed.then((cause) => {
+      // undefined: closed by this driver (close()), not lost.
+      if (cause !== undefined && this.jobs.get(backupId)?.lost === lost) lost.abort(lostBackup(this.uri, domain, backupId, cause));
+    });
+  }
+
+  async confirmBackup(domain: string, backupId: string): Promise<void> {
+    const job = this.jobs.get(backupId);
+    if (job === undefined) return;
+    if (job.lost.signal.aborted) throw job.lost.signal.reason;
+    let stats;
+    try {
+      // A round trip on the connection that began the job: a closed one fails here even before its close is noticed.
+      stats = await job.client.getJobStats(job.dom);
+    } catch (err) {
+      if (isQbackupError(err, 'LIBVIRT_DISCONNECTED') || isQbackupError(err, 'LIBVIRT_STATE')) throw lostBackup(this.uri, domain, backupId, err);
+      throw err;
+    }
+    if (stats.type === C.VIR_DOMAIN_JOB_NONE) throw new QbackupError('JOB_NOT_FOUND', `Backup "${backupId}" of domain "${domain}" failed: libvirt ended its backup job before the disks were read to the end`);
+  }
+
   async endBackup(domain: string, backupId: string): Promise<void> {
+    this.jobs.delete(backupId);
     const { c, dom } = await this.lookup(domain);
     const job = await runningBackup(c, dom);
     if (job === undefined) throw new QbackupError('JOB_NOT_FOUND', `Domain "${domain}" runs no backup job`);
@@ -448,6 +524,16 @@ function diskIdOf(target: string, source: string): string {
 
 function xmlEscape(s: string): string {
   return s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/'/g, '&apos;').replace(/"/g, '&quot;');
+}
+
+/** The one sentence of a backup whose libvirt connection closed under it. */
+function lostBackup(uri: string, domain: string, backupId: string, cause: unknown): QbackupError {
+  return new QbackupError('LIBVIRT_DISCONNECTED', `Backup "${backupId}" of domain "${domain}" failed: the connection to libvirt at ${uri} closed while its disks were read (libvirtd stopped or restarted), so nothing of it was kept`, { cause });
+}
+
+/** 9000000 → "9.0.0". */
+function versionText(v: number): string {
+  return `${Math.floor(v / 1_000_000)}.${Math.floor(v / 1000) % 1000}.${v % 1000}`;
 }
 
 function sleep(ms: number): Promise<void> {
