@@ -303,16 +303,7 @@ ${all
   .join('\n')}
   </disks>
 </domainbackup>`;
-      const checkpointXml = `<domaincheckpoint>
-  <name>${xmlEscape(request.checkpoint)}</name>
-  <description>created by qbackup</description>
-  <disks>
-${all
-  .filter((d) => d.device === 'disk' || wanted.has(d.target))
-  .map((d) => `    <disk name='${xmlEscape(d.target)}' checkpoint='${wanted.has(d.target) ? 'bitmap' : 'no'}'/>`)
-  .join('\n')}
-  </disks>
-</domaincheckpoint>`;
+      const checkpointXml = checkpointXmlOf(request.checkpoint, all, wanted);
       const consistency = await this.freeze(c, dom, domain, request.quiesce);
       try {
         await c.backupBegin(dom, backupXml, checkpointXml);
@@ -524,6 +515,20 @@ function diskIdOf(target: string, source: string): string {
 
 function xmlEscape(s: string): string {
   return s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/'/g, '&apos;').replace(/"/g, '&quot;');
+}
+
+/** The checkpoint created with a backup: a bitmap of each disk backed up, none of the others. */
+function checkpointXmlOf(name: string, all: readonly XmlDisk[], wanted: ReadonlyMap<string, unknown>): string {
+  return `<domaincheckpoint>
+  <name>${xmlEscape(name)}</name>
+  <description>created by qbackup</description>
+  <disks>
+${all
+  .filter((d) => d.device === 'disk' || wanted.has(d.target))
+  .map((d) => `    <disk name='${xmlEscape(d.target)}' checkpoint='${wanted.has(d.target) ? 'bitmap' : 'no'}'/>`)
+  .join('\n')}
+  </disks>
+</domaincheckpoint>`;
 }
 
 /** The one sentence of a backup whose libvirt connection closed under it. */
