@@ -65,6 +65,8 @@ export interface LibvirtDriverOptions {
   shutdownTimeoutMs?: number | undefined;
   /** How long a lost connection is tried again while libvirtd restarts (no socket or nothing listening). Default 10 s. */
   reconnectTimeoutMs?: number | undefined;
+  /** How long the end of a backup waits for libvirt to finish the aborted job. Default 60 s. */
+  jobEndTimeoutMs?: number | undefined;
   /** Test-only fault injection (src/util/faults.ts): 'libvirt-backup-begun' once the job runs. */
   faults?: Faults | undefined;
 }
@@ -369,7 +371,22 @@ ${all
     if (job === undefined) throw new QbackupError('JOB_NOT_FOUND', `Domain "${domain}" runs no backup job`);
     if (job.own?.checkpoint !== backupId) throw new QbackupError('JOB_NOT_FOUND', `Domain "${domain}" runs a backup job that is not "${backupId}"`);
     await c.abortJob(dom);
+    await this.waitJobEnded(c, dom, domain, backupId);
     rmSync(dirname(job.own.socket), { recursive: true, force: true });
+  }
+
+  /**
+   * libvirt's abort of a backup job cancels QEMU's block jobs and returns;
+   * the job ends when their cancellation events arrive. Until then the
+   * domain still shows the job (a next backup would find it running), so the
+   * end of a backup waits for it.
+   */
+  private async waitJobEnded(c: LibvirtClient, dom: LibvirtDomainRef, domain: string, backupId: string): Promise<void> {
+    const deadline = Date.now() + (this.options.jobEndTimeoutMs ?? 60_000);
+    while ((await runningBackup(c, dom))?.own?.checkpoint === backupId) {
+      if (Date.now() > deadline) throw new QbackupError('LIBVIRT_TIMEOUT', `libvirt at ${this.uri} did not end backup job "${backupId}" of domain "${domain}" within ${Math.round((this.options.jobEndTimeoutMs ?? 60_000) / 1000)} s of its abort`);
+      await sleep(50);
+    }
   }
 
   async endOrphanedBackup(domain: string): Promise<void> {
@@ -391,6 +408,7 @@ ${all
     await c.abortJob(dom).catch((err: unknown) => {
       if (!isQbackupError(err, 'LIBVIRT_ERROR') || !/no job is active/.test(describeError(err))) throw err;
     });
+    await this.waitJobEnded(c, dom, domain, job.own.checkpoint);
     rmSync(dirname(job.own.socket), { recursive: true, force: true });
     const names = (await c.listAllCheckpoints(dom)).map((cp) => cp.name);
     if (names.includes(job.own.checkpoint)) await c.checkpointDelete(await c.checkpointLookupByName(dom, job.own.checkpoint));
