@@ -171,6 +171,38 @@ describe('libvirt backups under faults, through the CLI', () => {
     last = m;
   });
 
+  it('a disk replaced under its target (the old image held the previous checkpoint\'s bitmap): the previous checkpoint still goes, one qb- checkpoint', async () => {
+    const [first, second] = await createTestDisks(dir, ['sdc', 'sdc2'], 8 * MiB);
+    assert.ok(first !== undefined && second !== undefined);
+    const attach = (file: string): Promise<string> => virsh(['attach-disk', name, file, 'sdc', '--driver', 'qemu', '--subdriver', 'qcow2', '--targetbus', 'scsi', '--live']);
+    await attach(first.file);
+    disks.set('sdc', Buffer.alloc(8 * MiB));
+    await write('sdc', 0x51, 1 * MiB, 64 << 10);
+    const m1 = await qb.repository.backup(name, { repo });
+    ids.push(m1.id);
+    assert.deepEqual(await ourCheckpoints(), [m1.checkpoint]);
+    await virsh(['detach-disk', name, 'sdc', '--live']);
+    await attach(second.file);
+    disks.set('sdc', Buffer.alloc(8 * MiB));
+    await write('sdc', 0x52, 2 * MiB, 64 << 10);
+    const m2 = await qb.repository.backup(name, { repo });
+    ids.push(m2.id);
+    assert.equal(m2.disks.find((d) => d.target === 'sdc')?.level, 'full');
+    assert.deepEqual(await ourCheckpoints(), [m2.checkpoint]);
+    assert.equal(await jobType(), LIBVIRT.VIR_DOMAIN_JOB_NONE);
+    await assertRestores(m2, snapshot());
+    // The next backup is incremental on every disk, the new sdc too.
+    await write('sdc', 0x53, 3 * MiB, 4096);
+    const m3 = await qb.repository.backup(name, { repo });
+    ids.push(m3.id);
+    assert.deepEqual(m3.disks.map((d) => d.level), ['incremental', 'incremental', 'incremental']);
+    assert.deepEqual(await ourCheckpoints(), [m3.checkpoint]);
+    await assertRestores(m3, snapshot());
+    await virsh(['detach-disk', name, 'sdc', '--live']);
+    disks.delete('sdc');
+    last = m3;
+  });
+
   it('a domain libvirt does not know: one sentence from the CLI, exit 1', async () => {
     const child = spawn(process.execPath, [cliPath, '--state-dir', join(work, 'state'), '--connect', daemon.uri, 'backup', 'qbt-lv-no-such-domain', '--repo', repo], { stdio: ['ignore', 'ignore', 'pipe'] });
     let err = '';
