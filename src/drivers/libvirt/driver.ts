@@ -240,7 +240,35 @@ export class LibvirtDriver implements HypervisorDriver {
   async deleteCheckpoint(domain: string, name: string): Promise<void> {
     if (!name.startsWith(OWN_CHECKPOINT_PREFIX)) throw new QbackupError('NOT_SUPPORTED', `Cannot delete checkpoint "${name}" of domain "${domain}": qbackup did not create it (its checkpoints are named ${OWN_CHECKPOINT_PREFIX}…)`);
     const { c, dom } = await this.lookup(domain);
-    await c.checkpointDelete(await c.checkpointLookupByName(dom, name));
+    try {
+      await c.checkpointDelete(await c.checkpointLookupByName(dom, name));
+    } catch (err) {
+      if (!isQbackupError(err, 'LIBVIRT_ERROR') || !/bitmap/i.test(describeError(err))) throw err;
+      await this.deleteWithMissingBitmap(c, dom, name, err);
+    }
+  }
+
+  /**
+   * libvirt refuses to delete a checkpoint when a disk's image lacks its
+   * bitmap (the image under that target was replaced since): of a running
+   * domain, the bitmaps that remain are removed through QEMU's monitor (the
+   * checkpoint's bitmap only tracks changes since it, so nothing else needs
+   * it), then libvirt's metadata. Else the checkpoint would stay for good,
+   * and the repository's one checkpoint become two.
+   */
+  private async deleteWithMissingBitmap(c: LibvirtClient, dom: LibvirtDomainRef, name: string, cause: unknown): Promise<void> {
+    if ((await c.getState(dom)).state === C.VIR_DOMAIN_SHUTOFF) throw cause;
+    const qmp = async (execute: string, args: Record<string, unknown>): Promise<unknown> => {
+      const reply = JSON.parse(await c.qemuMonitorCommand(dom, JSON.stringify({ execute, arguments: args }))) as { return?: unknown; error?: { desc?: string } };
+      if (reply.error !== undefined) throw new QbackupError('LIBVIRT_ERROR', `Cannot delete checkpoint "${name}" of domain "${dom.name}": QEMU refused ${execute}: ${reply.error.desc ?? 'no reason given'}`, { cause });
+      return reply.return;
+    };
+    const nodes = (await qmp('query-named-block-nodes', { flat: true })) as Array<{ 'node-name'?: string; 'dirty-bitmaps'?: Array<{ name?: string }> }>;
+    for (const n of nodes) {
+      if (n['node-name'] === undefined || !(n['dirty-bitmaps'] ?? []).some((b) => b.name === name)) continue;
+      await qmp('block-dirty-bitmap-remove', { node: n['node-name'], name });
+    }
+    await c.checkpointDelete(await c.checkpointLookupByName(dom, name), C.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY);
   }
 
   /**
