@@ -13,7 +13,7 @@ import { QbackupError } from '../errors.js';
 import type { Qbackup } from '../qbackup.js';
 import { lineLogger } from '../util/operation.js';
 import type { BackendSettings } from '../repository/backend/open.js';
-import { crashAtPoint } from '../util/faults.js';
+import { combineFaults, crashAtPoint, stopAtPoint } from '../util/faults.js';
 import type { OutputOptions } from './output.js';
 
 export interface GlobalOptions {
@@ -81,7 +81,7 @@ export function createCliContext(env: NodeJS.ProcessEnv): CliContext {
           connect: connectionOf(config, opts.connect ?? (env['QBACKUP_CONNECT'] || undefined) ?? config.defaults.connection),
           runtimeDir: env['XDG_RUNTIME_DIR'] || undefined,
           // Test-only fault injection (src/util/faults.ts): never set it in production.
-          faults: env['QBACKUP_CRASH_AT'] ? crashAtPoint(env['QBACKUP_CRASH_AT']) : undefined,
+          faults: combineFaults(env['QBACKUP_CRASH_AT'] ? crashAtPoint(env['QBACKUP_CRASH_AT']) : undefined, env['QBACKUP_STOP_AT'] ? stopAtPoint(env['QBACKUP_STOP_AT']) : undefined),
           // A command that must restart the server of an instant restore from an encrypted repository needs its passphrase.
           credentials,
           ...(env['QBACKUP_ACCEL'] === 'tcg' || env['QBACKUP_ACCEL'] === 'kvm' ? { accel: env['QBACKUP_ACCEL'] } : {}),

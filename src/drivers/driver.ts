@@ -97,6 +97,8 @@ export interface PullBackup {
   consistency: Consistency;
   server: ExportServer;
   disks: PullExport[];
+  /** Fires when the driver lost what keeps the job valid (libvirt: the connection that began it closed); its reason says so in one sentence. */
+  signal?: AbortSignal | undefined;
 }
 
 /** A copy job of an instant restore: a disk's backing being copied into its local image. */
@@ -159,6 +161,12 @@ export interface HypervisorDriver {
   /** The certificate directory a TLS pull backup uses unless told another. */
   readonly defaultTlsCertDir: string | undefined;
   beginPullBackup(domain: string, request: PullBackupRequest): Promise<PullBackup>;
+  /**
+   * Before what was read is committed: throws (one sentence) when the job is
+   * no longer the one begun, e.g. libvirt's connection was lost meanwhile.
+   * A driver whose jobs cannot be lost that way need not have it.
+   */
+  confirmBackup?(domain: string, backupId: string): Promise<void>;
   /** Ends a pull backup whose reader is done. */
   endBackup(domain: string, backupId: string): Promise<void>;
   /** Ends a backup whose reader died, if one runs (and discards its checkpoint). */

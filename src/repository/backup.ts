@@ -24,6 +24,7 @@ import { NbdClient } from '../nbd/client.js';
 import { NBD_CONTEXT_BASE_ALLOCATION } from '../nbd/constants.js';
 import { formatNbdUri } from '../nbd/uri.js';
 import type { Progress } from '../util/operation.js';
+import { noFaults, type Faults } from '../util/faults.js';
 import { assert } from '../util/assert.js';
 import { checkServerCredentials, readClientCredentials, type TlsClientCredentials } from '../util/pki.js';
 import { condemnedPacks } from './gc.js';
@@ -70,7 +71,7 @@ interface DiskPlan {
 }
 
 /** Backs up `domain` into `store`; returns the manifest written. */
-export async function backupDomain(driver: HypervisorDriver, store: Store, domain: string, options: RepoBackupOptions = {}): Promise<Manifest> {
+export async function backupDomain(driver: HypervisorDriver, store: Store, domain: string, options: RepoBackupOptions = {}, faults: Faults = noFaults): Promise<Manifest> {
   store.assertConfigIntact(`back up domain "${domain}" into repository "${store.location}"`);
   const selected = selectDisks(await driver.disks(domain), domain, options.disks);
   const tls = tlsFor(driver, domain, options);
@@ -88,7 +89,7 @@ export async function backupDomain(driver: HypervisorDriver, store: Store, domai
   if (startedHere) await driver.startDomain(domain, { paused: true });
   let manifest: Manifest;
   try {
-    manifest = await backupRunning(driver, store, domain, selected, { ...options, ...tls }, shutOff, lock);
+    manifest = await backupRunning(driver, store, domain, selected, { ...options, ...tls, faults }, shutOff, lock);
   } catch (err) {
     if (startedHere) {
       await driver.shutdownDomain(domain).catch((stopErr: unknown) => {
@@ -128,7 +129,7 @@ function selectDisks(all: readonly DriverDisk[], domain: string, targets: readon
 }
 
 /** The options once TLS credentials are read. */
-type RunOptions = RepoBackupOptions & { clientTls?: TlsClientCredentials };
+type RunOptions = RepoBackupOptions & { clientTls?: TlsClientCredentials; faults: Faults };
 
 async function backupRunning(driver: HypervisorDriver, store: Store, domain: string, selected: readonly DriverDisk[], options: RunOptions, shutOff: boolean, lock: HeldLock): Promise<Manifest> {
   const id = newBackupId();
@@ -152,8 +153,12 @@ async function backupRunning(driver: HypervisorDriver, store: Store, domain: str
       tcp: options.tcp,
       tlsCertDir: options.tlsCertDir,
     });
+    // The reads stop when the caller cancels, or when the driver lost what keeps the job valid (libvirt's connection).
+    const signal = anySignal(options.signal, job.signal);
     const disks: ManifestDisk[] = [];
-    for (const plan of plans) disks.push(await readJobDisk(store, pool, job, plan, options));
+    for (const plan of plans) disks.push(await readJobDisk(store, pool, job, plan, { ...options, signal }));
+    // Everything read is only worth a manifest if the job is still the one begun.
+    await driver.confirmBackup?.(domain, job.id);
     manifest = {
       format: 2,
       id,
@@ -241,7 +246,10 @@ async function readJobDisk(store: Store, pool: ChunkPool, job: PullBackup, plan:
     dirtyContext,
     parentIndex: incremental ? plan.parent?.disk.index : undefined,
     signal: options.signal,
-    onProgress: (done, total) => options.onProgress?.({ phase: `backup ${plan.disk.target}`, doneBytes: done, totalBytes: total }),
+    onProgress: (done, total) => {
+      options.onProgress?.({ phase: `backup ${plan.disk.target}`, doneBytes: done, totalBytes: total });
+      options.faults.at('backup-copying');
+    },
   });
   return {
     target: plan.disk.target,
@@ -255,6 +263,13 @@ async function readJobDisk(store: Store, pool: ChunkPool, job: PullBackup, plan:
     chunks: result.chunks,
     newChunks: result.newChunks,
   };
+}
+
+/** One signal that fires when either does (either may be absent). */
+function anySignal(a: AbortSignal | undefined, b: AbortSignal | undefined): AbortSignal | undefined {
+  if (a === undefined) return b;
+  if (b === undefined) return a;
+  return AbortSignal.any([a, b]);
 }
 
 /** Where the NBD client connects, and how a message names an export. */

@@ -10,7 +10,6 @@ import { definitionForRestore } from './define-xml.js';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import type { Backend } from './backend/backend.js';
 import { FaultingBackend } from './backend/faulting.js';
-import type { Faults } from '../util/faults.js';
 import { isRemoteRepo, openBackend, type BackendSettings } from './backend/open.js';
 import { backupDomain, type Progress, type RepoBackupOptions } from './backup.js';
 import { copyBackups, type CopyOptions, type CopyReport } from './copy.js';
@@ -24,6 +23,7 @@ import { Store, type DamagedManifest } from './store.js';
 import { executeRepair, planRepair, type RepairPlan, type RepairReport } from './repair.js';
 import { verifyStore, type VerifyOptions, type VerifyReport } from './verify.js';
 import type { Logger, OperationOptions, ProgressSink } from '../util/operation.js';
+import { noFaults, type Faults } from '../util/faults.js';
 
 export type { Progress, RepoBackupOptions } from './backup.js';
 export type { CopyReport, CopySelection } from './copy.js';
@@ -89,7 +89,11 @@ export class RepositoryService {
     this.faults = options.faults;
   }
 
-  /** Test-only fault injection (src/util/faults.ts): every backend is wrapped so writes visit "repo-write". */
+  /**
+   * Test-only fault injection (src/util/faults.ts): every backend is wrapped
+   * so writes visit "repo-write"; a backup visits 'backup-copying' once it has
+   * read its first data.
+   */
   private readonly faults: Faults | undefined;
 
   private readonly remote = new Map<string, Promise<Backend>>();
@@ -107,7 +111,7 @@ export class RepositoryService {
   async backup(domain: string, options: RepoAccess & RepoBackupOptions): Promise<Manifest> {
     await this.driver.describeDomain(domain);
     const store = await this.open(options, true);
-    return backupDomain(this.driver, store, domain, options);
+    return backupDomain(this.driver, store, domain, options, this.faults ?? noFaults);
   }
 
   /** The readable backups (of a domain), oldest first; a damaged manifest is left out (see inventory). */

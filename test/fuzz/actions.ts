@@ -51,6 +51,8 @@ export type Action =
   | { kind: 'repo-gc' }
   /** The repository's verify with --read-data: no problem. */
   | { kind: 'repo-verify' }
+  /** An earlier repository backup (still listed) restored and compared with the disks at its time. */
+  | { kind: 'repo-restore'; alias: string }
   /** The disk's virtual size set to `size` (grow or shrink) along `via`. */
   | { kind: 'resize'; disk: string; size: number; via: ResizePath }
   /** Hot-plug of a new, empty disk. */
@@ -81,6 +83,13 @@ export interface Scenario {
 export interface GenerateOptions {
   /** The driver can stage a full repository file system (it can mount a tmpfs). */
   repoFull?: boolean;
+  /**
+   * A libvirt domain through the libvirt driver: only what libvirt supports
+   * (LIBVIRT_WEIGHTS): repository backups, guest writes, restart, the
+   * repository's checkpoint deleted by an admin, grows, hot-plug and unplug,
+   * restores; one checkpoint per repository in the model.
+   */
+  libvirt?: boolean;
 }
 
 // ---- text form -----------------------------------------------------------------
@@ -99,6 +108,7 @@ const FIELDS: Record<ActionKind, readonly string[]> = {
   'repo-prune': ['keep'],
   'repo-gc': [],
   'repo-verify': [],
+  'repo-restore': ['alias'],
   resize: ['disk', 'size', 'via'],
   attach: ['disk', 'size', 'cluster'],
   detach: ['disk', 'back'],
@@ -188,6 +198,34 @@ const WEIGHTS = {
   kill: 3,
   'qmp-drop': 3,
   coverage: 2,
+  // last, at weight 0 here: the scenarios of earlier seeds stay as they were
+  'repo-restore': 0,
+} satisfies Record<ActionKind, number>;
+
+/** Under the libvirt driver: the actions libvirt supports, the rest at 0. */
+const LIBVIRT_WEIGHTS = {
+  write: 28,
+  zero: 5,
+  discard: 4,
+  checkpoint: 0,
+  delete: 3,
+  push: 0,
+  pull: 0,
+  repo: 14,
+  'repo-full': 0,
+  'repo-prune': 2,
+  'repo-gc': 1,
+  'repo-verify': 1,
+  resize: 3,
+  attach: 2,
+  detach: 2,
+  reattach: 0,
+  restart: 3,
+  crash: 0,
+  kill: 0,
+  'qmp-drop': 0,
+  coverage: 0,
+  'repo-restore': 3,
 } satisfies Record<ActionKind, number>;
 
 class Generator {
@@ -238,6 +276,8 @@ class Generator {
       case 'checkpoint':
         return { kind, name: this.name('c') };
       case 'delete': {
+        // under libvirt: an admin deletes the repository's one checkpoint
+        if (this.options.libvirt === true) return model.chain.length === 0 ? undefined : { kind, name: model.chain[model.chain.length - 1]?.name ?? '', children: false };
         const name = this.victim();
         return name === undefined ? undefined : { kind, name, children: rng.chance(0.15) };
       }
@@ -253,6 +293,8 @@ class Generator {
       case 'repo-gc':
       case 'repo-verify':
         return this.repoMaintenance(kind);
+      case 'repo-restore':
+        return model.repoBackups.length === 0 ? undefined : { kind, alias: rng.pick(model.repoBackups).alias };
       case 'resize':
         return this.resize();
       case 'attach': {
@@ -261,7 +303,9 @@ class Generator {
         return { kind, disk: d.name, size: d.sizeBytes, cluster: d.clusterSizeBytes };
       }
       case 'detach':
-        return model.attached().length <= 1 ? undefined : { kind, disk: rng.pick(model.attached()).name, back: rng.chance(0.5) };
+        if (model.attached().length <= 1) return undefined;
+        // under libvirt a disk unplugged stays away (no reattach)
+        return { kind, disk: rng.pick(model.attached()).name, back: this.options.libvirt === true ? false : rng.chance(0.5) };
       case 'reattach':
         return this.reattach();
       case 'restart':
@@ -300,7 +344,7 @@ class Generator {
     const d = rng.pick(this.model.attached());
     const size = this.newSize(d);
     if (size === undefined) return undefined;
-    if (size < d.sizeBytes && rng.chance(0.4)) this.followUps.push({ kind: 'resize', disk: d.name, size: d.sizeBytes, via: rng.pick(RESIZE_PATHS) });
+    if (size < d.sizeBytes && this.options.libvirt !== true && rng.chance(0.4)) this.followUps.push({ kind: 'resize', disk: d.name, size: d.sizeBytes, via: rng.pick(RESIZE_PATHS) });
     return { kind: 'resize', disk: d.name, size, via: rng.pick(RESIZE_PATHS) };
   }
 
@@ -312,6 +356,8 @@ class Generator {
     const now = Math.round(d.sizeBytes / unit);
     const units = rng.chance(0.5) ? now + (rng.chance(0.5) ? -1 : 1) * (1 + rng.int(8)) : lo + rng.int(hi - lo + 1);
     const clamped = Math.min(hi, Math.max(lo, units));
+    // libvirt 9.0's blockresize grows only
+    if (this.options.libvirt === true && clamped <= now) return undefined;
     return clamped === now ? undefined : clamped * unit;
   }
 
@@ -439,6 +485,8 @@ function simulateMore(model: Model, a: Action): void {
 /** A seeded scenario: the initial disks and `steps` actions, each valid for the model at its point. */
 export function generateScenario(seed: number, steps: number, options: GenerateOptions = {}): Scenario {
   const g = new Generator(new Prng(seed), options);
+  g.model.latestCheckpointOnly = options.libvirt === true;
+  const weights = options.libvirt === true ? LIBVIRT_WEIGHTS : WEIGHTS;
   const setup: DiskSpec[] = [];
   const initial = 2 + g.rng.int(2);
   for (let i = 0; i < initial; i++) {
@@ -448,7 +496,7 @@ export function generateScenario(seed: number, steps: number, options: GenerateO
   }
   const actions: Action[] = [];
   while (actions.length < steps) {
-    const a = g.followUps.shift() ?? g.next(g.rng.weighted(WEIGHTS));
+    const a = g.followUps.shift() ?? g.next(g.rng.weighted(weights));
     if (a === undefined) continue;
     simulate(g.model, a);
     actions.push(a);

@@ -63,28 +63,33 @@ export class Driver {
   readonly qb: Qbackup;
   backupsChecked = 0;
   /** Model name of a checkpoint → the library's name (repository backups choose their own). */
-  private readonly real = new Map<string, string>();
+  protected readonly real = new Map<string, string>();
   /** Alias of a repository backup → its manifest id. */
-  private readonly repoIds = new Map<string, string>();
-  private readonly stateDir: string;
-  private readonly repoFs: string;
-  private repoMounted = false;
-  private scratch = 0;
+  protected readonly repoIds = new Map<string, string>();
+  protected readonly stateDir: string;
+  protected readonly repoFs: string;
+  protected repoMounted = false;
+  protected scratch = 0;
+
+  /** The domain's name: DOMAIN under qbackup's own driver, where every scenario has its own state directory. */
+  readonly domain: string;
 
   constructor(
     readonly dir: string,
     readonly log: (line: string) => void,
+    options: { connect?: string | undefined; domain?: string | undefined } = {},
   ) {
     this.stateDir = join(dir, 'state');
     this.repoFs = join(dir, 'repofs');
-    this.qb = Qbackup.open({ stateDir: this.stateDir, lockTimeoutMs: 10_000, detachTimeoutMs: 2_000 });
+    this.domain = options.domain ?? DOMAIN;
+    this.qb = Qbackup.open({ stateDir: this.stateDir, lockTimeoutMs: 10_000, detachTimeoutMs: 2_000, connect: options.connect });
   }
 
-  private get repo(): string {
+  protected get repo(): string {
     return join(this.repoFs, 'repo');
   }
 
-  private file(disk: string): string {
+  protected file(disk: string): string {
     return join(this.dir, `${disk}.qcow2`);
   }
 
@@ -99,17 +104,17 @@ export class Driver {
       await createImage(this.file(spec.name), 'qcow2', spec.sizeBytes, { clusterSizeBytes: spec.clusterSizeBytes });
       this.model.attach(this.model.addDisk(spec));
     }
-    const xml = `<domain><name>${DOMAIN}</name><memory unit='MiB'>64</memory><devices>${this.model
+    const xml = `<domain><name>${this.domain}</name><memory unit='MiB'>64</memory><devices>${this.model
       .attached()
       .map((d) => `<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${this.file(d.name)}'/><target dev='${d.target ?? ''}' bus='scsi'/></disk>`)
       .join('')}</devices></domain>`;
     await this.qb.domains.define(xml);
-    await this.qb.domains.start(DOMAIN, { paused: true });
+    await this.qb.domains.start(this.domain, { paused: true });
   }
 
   async close(keep: boolean): Promise<void> {
     try {
-      const pid = this.qb.domains.info(DOMAIN).pid;
+      const pid = this.qb.domains.info(this.domain).pid;
       if (pid !== undefined) process.kill(pid, 'SIGKILL');
     } catch {
       // not defined or gone
@@ -121,14 +126,14 @@ export class Driver {
 
   /** Runs one action, then checks that the metadata's checkpoints are the model's. */
   async execute(a: Action): Promise<Outcome> {
-    if (this.qb.domains.info(DOMAIN).state !== 'running') fail('error', 'the domain is not running before the action');
+    if (this.qb.domains.info(this.domain).state !== 'running') fail('error', 'the domain is not running before the action');
     const outcome = await this.dispatch(a);
     checkCheckpoints(this.model, this.listed());
     return outcome;
   }
 
   // A flat dispatch: one line per kind.
-  private async dispatch(a: Action): Promise<Outcome> {
+  protected async dispatch(a: Action): Promise<Outcome> {
     switch (a.kind) {
       case 'write':
         return this.guestWrite(a.disk, a.offset, a.length, `write -P ${a.pattern}`, a.pattern);
@@ -138,12 +143,12 @@ export class Driver {
         return this.guestWrite(a.disk, a.offset, a.length, 'discard', 0);
       case 'checkpoint':
         if (this.model.checkpoint(a.name) !== undefined) return 'skipped';
-        await this.qb.checkpoints.create(DOMAIN, { name: a.name });
+        await this.qb.checkpoints.create(this.domain, { name: a.name });
         this.model.addCheckpoint(a.name);
         return 'done';
       case 'delete':
         if (this.model.checkpoint(a.name) === undefined) return 'skipped';
-        await this.qb.checkpoints.delete(DOMAIN, this.realName(a.name), { children: a.children });
+        await this.qb.checkpoints.delete(this.domain, this.realName(a.name), { children: a.children });
         this.model.deleteCheckpoint(a.name, a.children);
         return 'done';
       case 'push':
@@ -160,6 +165,8 @@ export class Driver {
         return this.repoGc();
       case 'repo-verify':
         return this.repoVerify();
+      case 'repo-restore':
+        return this.repoRestore(a.alias);
       case 'resize':
         return this.resize(a.disk, a.size, a.via);
       case 'attach':
@@ -169,13 +176,13 @@ export class Driver {
       case 'reattach':
         return this.reattach(a.disk, a.offline);
       case 'restart':
-        await this.qb.domains.shutdown(DOMAIN);
-        await this.qb.domains.start(DOMAIN, { paused: true });
+        await this.qb.domains.shutdown(this.domain);
+        await this.qb.domains.start(this.domain, { paused: true });
         return 'done';
       case 'crash':
         await this.flushAll();
-        await this.qb.domains.destroy(DOMAIN);
-        await this.qb.domains.start(DOMAIN, { paused: true });
+        await this.qb.domains.destroy(this.domain);
+        await this.qb.domains.start(this.domain, { paused: true });
         this.model.crash();
         return 'done';
       case 'kill':
@@ -184,34 +191,34 @@ export class Driver {
         return this.qmpDrop(a);
       case 'coverage':
         if (this.model.checkpoint(a.since) === undefined) return 'skipped';
-        checkCoverage(this.model, a.since, await this.qb.checkpoints.coverage(DOMAIN, this.realName(a.since)));
+        checkCoverage(this.model, a.since, await this.qb.checkpoints.coverage(this.domain, this.realName(a.since)));
         return 'done';
     }
   }
 
   // ---- names -------------------------------------------------------------------
 
-  private realName(name: string): string {
+  protected realName(name: string): string {
     return this.real.get(name) ?? name;
   }
 
   /** The metadata's checkpoints, by model name. */
-  private listed(): string[] {
+  protected listed(): string[] {
     const byReal = new Map([...this.real].map(([m, r]) => [r, m]));
-    return this.qb.checkpoints.list(DOMAIN).map((c) => byReal.get(c.name) ?? c.name);
+    return this.qb.checkpoints.list(this.domain).map((c) => byReal.get(c.name) ?? c.name);
   }
 
   // ---- guest I/O -----------------------------------------------------------------
 
-  private async hmp(target: string, cmd: string): Promise<void> {
-    await this.qb.domains.monitorCommand(DOMAIN, `qemu-io -d ${target} "${cmd}"`, { hmp: true });
+  protected async hmp(target: string, cmd: string): Promise<void> {
+    await this.qb.domains.monitorCommand(this.domain, `qemu-io -d ${target} "${cmd}"`, { hmp: true });
   }
 
-  private async flushAll(): Promise<void> {
+  protected async flushAll(): Promise<void> {
     for (const d of this.model.attached()) await this.hmp(d.target ?? '', 'flush');
   }
 
-  private async guestWrite(disk: string, offset: number, length: number, cmd: string, pattern: number): Promise<Outcome> {
+  protected async guestWrite(disk: string, offset: number, length: number, cmd: string, pattern: number): Promise<Outcome> {
     const d = this.model.disk(disk);
     // past the end: an earlier resize was shrunk away, or this one's was
     if (d?.target === undefined || offset + length > d.sizeBytes) return 'skipped';
@@ -223,21 +230,21 @@ export class Driver {
   // ---- backups -------------------------------------------------------------------
 
   /** A since or checkpoint that no longer fits the model makes the backup meaningless: skip it. */
-  private backupApplies(since: string | undefined, checkpoint: string | undefined): boolean {
+  protected backupApplies(since: string | undefined, checkpoint: string | undefined): boolean {
     return (since === undefined || this.model.checkpoint(since) !== undefined) && (checkpoint === undefined || this.model.checkpoint(checkpoint) === undefined);
   }
 
-  private async push(since: string | undefined, checkpoint: string | undefined): Promise<Outcome> {
+  protected async push(since: string | undefined, checkpoint: string | undefined): Promise<Outcome> {
     if (!this.backupApplies(since, checkpoint)) return 'skipped';
     await this.flushAll();
     const e = expectationFor(this.model, since);
     const started = await this.qb.backups.begin(
-      DOMAIN,
+      this.domain,
       { mode: 'push', ...(since !== undefined ? { since: this.realName(since) } : {}) },
       { targetDir: join(this.dir, 'push', `${++this.scratch}`), ...(checkpoint !== undefined ? { checkpoint: { name: checkpoint } } : {}) },
     );
     if (checkpoint !== undefined) this.model.addCheckpoint(checkpoint);
-    const job = await this.qb.backups.wait(DOMAIN, started.id);
+    const job = await this.qb.backups.wait(this.domain, started.id);
     this.log(`    ${describeJob(job)}`);
     if (job.state !== 'completed') fail('job', `push job ${job.state}: ${job.error ?? ''}`);
     checkJobModes(this.model, job, since);
@@ -248,12 +255,12 @@ export class Driver {
     return 'done';
   }
 
-  private async pull(since: string | undefined, checkpoint: string | undefined, during: string): Promise<Outcome> {
+  protected async pull(since: string | undefined, checkpoint: string | undefined, during: string): Promise<Outcome> {
     if (!this.backupApplies(since, checkpoint)) return 'skipped';
     await this.flushAll();
     const e = expectationFor(this.model, since);
     const job = await this.qb.backups.begin(
-      DOMAIN,
+      this.domain,
       { mode: 'pull', ...(since !== undefined ? { since: this.realName(since) } : {}) },
       checkpoint !== undefined ? { checkpoint: { name: checkpoint } } : {},
     );
@@ -272,47 +279,47 @@ export class Driver {
         this.backupsChecked++;
       }
     } finally {
-      await this.qb.backups.abort(DOMAIN);
+      await this.qb.backups.abort(this.domain);
     }
     return 'done';
   }
 
-  private diskAt(target: string): DiskModel {
+  protected diskAt(target: string): DiskModel {
     return this.model.byTarget(target) ?? fail('job', `the job reports unknown disk ${target}`);
   }
 
   // ---- repository ----------------------------------------------------------------
 
   /** The repository exists (its config was written): prune, gc, verify and list need one. */
-  private repoExists(): boolean {
+  protected repoExists(): boolean {
     return existsSync(join(this.repo, 'config'));
   }
 
   /** Ids of the domain's backups the repository lists, oldest first. */
-  private async listRepo(): Promise<string[]> {
+  protected async listRepo(): Promise<string[]> {
     if (!this.repoExists()) return [];
-    return (await this.qb.repository.list({ repo: this.repo }, DOMAIN)).map((m) => m.id);
+    return (await this.qb.repository.list({ repo: this.repo }, this.domain)).map((m) => m.id);
   }
 
   /** The repository lists exactly the model's backups. */
-  private async checkRepoList(check: 'prune' | 'fault', when: string): Promise<void> {
+  protected async checkRepoList(check: 'prune' | 'fault', when: string): Promise<void> {
     const listed = await this.listRepo();
     const known = this.model.repoBackups.map((b) => this.repoIds.get(b.alias) ?? b.alias);
     if (listed.join(',') !== known.join(',')) fail(check, `${when} the repository lists [${listed.join(',')}], expected [${known.join(',')}]`);
   }
 
   /** A repository backup: each disk's level (and a full's reason) as the model expects, an incremental's bytes read bounded by the dirty clusters, then its restore equals the disks at its start. */
-  private async repoBackup(alias: string): Promise<Outcome> {
+  protected async repoBackup(alias: string): Promise<Outcome> {
     if (this.model.checkpoint(alias) !== undefined) return 'skipped';
     await this.flushAll();
     const expected = repoExpectations(this.model);
-    const m = await this.qb.repository.backup(DOMAIN, { repo: this.repo });
+    const m = await this.qb.repository.backup(this.domain, { repo: this.repo });
     this.recordRepoBackup(alias, m, expected);
     await this.checkRestore(alias);
     return 'done';
   }
 
-  private recordRepoBackup(alias: string, m: Manifest, expected: ReadonlyMap<string, RepoDiskExpectation>): void {
+  protected recordRepoBackup(alias: string, m: Manifest, expected: ReadonlyMap<string, RepoDiskExpectation>): void {
     const disks = m.disks.map((d) => `${d.target}=${d.level}(read ${d.bytesRead / 1024} KiB, ${d.chunks} chunks, ${d.newChunks} new)`);
     this.log(`    repository backup ${m.id} (${alias} = ${m.checkpoint}): ${disks.join(' ')}`);
     checkRepoManifest(m, expected);
@@ -321,10 +328,10 @@ export class Driver {
     this.model.addRepoBackup(alias);
   }
 
-  private async checkRestore(alias: string): Promise<void> {
+  protected async checkRestore(alias: string): Promise<void> {
     const b = this.model.repoBackups.find((x) => x.alias === alias) ?? fail('job', `no repository backup ${alias}`);
     const to = join(this.dir, `restore-${++this.scratch}`);
-    const r = await this.qb.repository.restore(DOMAIN, { repo: this.repo, backup: this.repoIds.get(alias) ?? '', to, format: 'raw' });
+    const r = await this.qb.repository.restore(this.domain, { repo: this.repo, backup: this.repoIds.get(alias) ?? '', to, format: 'raw' });
     if (r.disks.length !== b.contents.size) fail('content', `repository restore of ${alias} gave ${r.disks.length} disks, expected ${b.contents.size}`);
     for (const rd of r.disks) {
       compareBytes(readFileSync(rd.file), b.contents.get(rd.target) ?? Buffer.alloc(0), `repository restore of ${alias} disk ${rd.target}`);
@@ -338,7 +345,7 @@ export class Driver {
    * fails with one sentence naming the cause, leaves no checkpoint (the
    * post-step check) and no backup, and every earlier backup still restores.
    */
-  private async repoFull(alias: string, headroom: number): Promise<Outcome> {
+  protected async repoFull(alias: string, headroom: number): Promise<Outcome> {
     if (!this.repoMounted || this.model.checkpoint(alias) !== undefined) return 'skipped';
     await this.flushAll();
     const expected = repoExpectations(this.model);
@@ -349,7 +356,7 @@ export class Driver {
     let m: Manifest | undefined;
     let error: unknown;
     try {
-      m = await this.qb.repository.backup(DOMAIN, { repo: this.repo });
+      m = await this.qb.repository.backup(this.domain, { repo: this.repo });
     } catch (err) {
       error = err;
     } finally {
@@ -374,10 +381,10 @@ export class Driver {
    * their checkpoints away (the post-step check compares the chain), and the
    * repository then lists only the kept ones. Restores are checked after gc.
    */
-  private async repoPrune(keep: number): Promise<Outcome> {
+  protected async repoPrune(keep: number): Promise<Outcome> {
     if (!this.repoExists()) return 'skipped';
     const inChain = new Set(this.model.chain.map((c) => c.name));
-    const r = await this.qb.repository.prune(DOMAIN, { repo: this.repo, keepLast: keep });
+    const r = await this.qb.repository.prune(this.domain, { repo: this.repo, keepLast: keep });
     const removed = this.model.pruneRepo(keep);
     const ids = (bs: ReadonlyArray<{ alias: string }>): string => bs.map((b) => this.repoIds.get(b.alias) ?? b.alias).sort().join(',');
     const byReal = new Map([...this.real].map(([alias, name]) => [name, alias]));
@@ -393,7 +400,7 @@ export class Driver {
   }
 
   /** gc: the repository still lists exactly the kept backups, and every one restores byte for byte. */
-  private async repoGc(): Promise<Outcome> {
+  protected async repoGc(): Promise<Outcome> {
     if (!this.repoExists()) return 'skipped';
     const r = await this.qb.repository.gc({ repo: this.repo });
     this.log(`    gc: ${r.packsDeleted} packs deleted, ${r.packsRepacked} repacked, ${r.indexesDeleted} indexes deleted, ${r.bytesFreed} bytes freed, ${r.condemned} condemned`);
@@ -403,8 +410,15 @@ export class Driver {
     return 'done';
   }
 
+  /** An earlier backup, still listed, restores to the disks as they were at its time. */
+  protected async repoRestore(alias: string): Promise<Outcome> {
+    if (!this.model.repoBackups.some((b) => b.alias === alias)) return 'skipped';
+    await this.checkRestore(alias);
+    return 'done';
+  }
+
   /** verify --read-data: every listed backup checked, every chunk read, no problem. */
-  private async repoVerify(): Promise<Outcome> {
+  protected async repoVerify(): Promise<Outcome> {
     if (!this.repoExists()) return 'skipped';
     const r = await this.qb.repository.verify({ repo: this.repo }, { readData: true });
     this.log(`    verify: ${r.backupsChecked} backups, ${r.chunksChecked} chunks, ${r.chunksRead} read, ${r.problems.length} problems`);
@@ -415,7 +429,7 @@ export class Driver {
     return 'done';
   }
 
-  private async remountRepo(sizeBytes: number): Promise<void> {
+  protected async remountRepo(sizeBytes: number): Promise<void> {
     const size = Math.max(4096, Math.ceil(sizeBytes / 4096) * 4096);
     await runTool('mount', ['-o', `remount,size=${size}`, this.repoFs]);
   }
@@ -428,28 +442,28 @@ export class Driver {
    * here. Not after a shrink: asking makes qbackup look at the sizes, and a
    * shrink and a grow back with no look between is the case to catch.
    */
-  private async resize(disk: string, size: number, via: ResizePath): Promise<Outcome> {
+  protected async resize(disk: string, size: number, via: ResizePath): Promise<Outcome> {
     const d = this.model.disk(disk);
     if (d?.target === undefined || d.sizeBytes === size) return 'skipped';
     const target = d.target;
     const shrink = size < d.sizeBytes;
     this.log(`    ${shrink ? 'shrink' : 'grow'} ${target} from ${d.sizeBytes} to ${size} bytes`);
     if (via === 'qmp') {
-      const nodeName = this.qb.domains.blockList(DOMAIN).find((b) => b.target === target)?.nodeName ?? fail('job', `blockList has no disk ${target}`);
-      await this.qb.domains.monitorCommand(DOMAIN, JSON.stringify({ execute: 'block_resize', arguments: { 'node-name': nodeName, size } }));
+      const nodeName = this.qb.domains.blockList(this.domain).find((b) => b.target === target)?.nodeName ?? fail('job', `blockList has no disk ${target}`);
+      await this.qb.domains.monitorCommand(this.domain, JSON.stringify({ execute: 'block_resize', arguments: { 'node-name': nodeName, size } }));
     } else if (via === 'blockresize') {
-      await this.qb.domains.blockResize(DOMAIN, target, size, { shrink });
+      await this.qb.domains.blockResize(this.domain, target, size, { shrink });
     } else {
-      await this.qb.domains.shutdown(DOMAIN);
-      await this.qb.domains.blockResize(DOMAIN, target, size, { shrink });
-      await this.qb.domains.start(DOMAIN, { paused: true });
+      await this.qb.domains.shutdown(this.domain);
+      await this.qb.domains.blockResize(this.domain, target, size, { shrink });
+      await this.qb.domains.start(this.domain, { paused: true });
     }
     this.model.resize(d, size);
-    if (!shrink) for (const cp of this.model.chain) checkCoverage(this.model, cp.name, await this.qb.checkpoints.coverage(DOMAIN, this.realName(cp.name)));
+    if (!shrink) for (const cp of this.model.chain) checkCoverage(this.model, cp.name, await this.qb.checkpoints.coverage(this.domain, this.realName(cp.name)));
     return 'done';
   }
 
-  private async attach(disk: string, size: number, cluster: number): Promise<Outcome> {
+  protected async attach(disk: string, size: number, cluster: number): Promise<Outcome> {
     if (this.model.disk(disk) !== undefined) return 'skipped';
     await createImage(this.file(disk), 'qcow2', size, { clusterSizeBytes: cluster });
     const d = this.model.addDisk({ name: disk, sizeBytes: size, clusterSizeBytes: cluster });
@@ -457,24 +471,24 @@ export class Driver {
     return 'done';
   }
 
-  private async plug(d: DiskModel): Promise<void> {
+  protected async plug(d: DiskModel): Promise<void> {
     const target = this.model.freeTarget();
     this.log(`    attach ${d.name} as ${target}`);
-    await this.qb.domains.attachDisk(DOMAIN, { source: this.file(d.name), target, format: 'qcow2' });
+    await this.qb.domains.attachDisk(this.domain, { source: this.file(d.name), target, format: 'qcow2' });
     this.model.attach(d);
   }
 
-  private async detach(disk: string, back: boolean): Promise<Outcome> {
+  protected async detach(disk: string, back: boolean): Promise<Outcome> {
     const d = this.model.disk(disk);
     if (d?.target === undefined || this.model.attached().length <= 1) return 'skipped';
-    await this.qb.domains.detachDisk(DOMAIN, d.target);
+    await this.qb.domains.detachDisk(this.domain, d.target);
     this.model.detach(d);
     // back at once, before any new checkpoint: only the journal knows it was away
     if (back) await this.plug(d);
     return 'done';
   }
 
-  private async reattach(disk: string, offline: number | undefined): Promise<Outcome> {
+  protected async reattach(disk: string, offline: number | undefined): Promise<Outcome> {
     const d = this.model.disk(disk);
     if (d === undefined || d.target !== undefined) return 'skipped';
     if (offline !== undefined && offline < d.sizeBytes) {
@@ -490,15 +504,15 @@ export class Driver {
   // ---- faults --------------------------------------------------------------------
 
   /** The CLI killed (SIGKILL via QBACKUP_CRASH_AT) at `point`; the next command completes or rolls back. */
-  private async kill(point: string, name: string): Promise<Outcome> {
+  protected async kill(point: string, name: string): Promise<Outcome> {
     const deleting = point.startsWith('checkpoint-delete');
     if ((this.model.checkpoint(name) !== undefined) !== deleting) return 'skipped';
     const killedDir = join(this.dir, 'killed', name);
     const args = point.startsWith('checkpoint-create')
-      ? ['checkpoint-create-as', DOMAIN, '--name', name]
+      ? ['checkpoint-create-as', this.domain, '--name', name]
       : deleting
-        ? ['checkpoint-delete', DOMAIN, this.realName(name)]
-        : ['backup-begin', DOMAIN, '--target-dir', killedDir, '--checkpoint', name];
+        ? ['checkpoint-delete', this.domain, this.realName(name)]
+        : ['backup-begin', this.domain, '--target-dir', killedDir, '--checkpoint', name];
     try {
       execFileSync(process.execPath, [cliPath, '--state-dir', this.stateDir, ...args], { env: { ...process.env, QBACKUP_CRASH_AT: point }, stdio: 'ignore' });
     } catch {
@@ -520,17 +534,17 @@ export class Driver {
   }
 
   /** The next command after a fault: it completes or rolls back what was interrupted; a job left running is waited for. */
-  private async settle(): Promise<void> {
-    const job = await this.qb.backups.info(DOMAIN);
-    if (job !== undefined) await this.qb.backups.wait(DOMAIN, job.id);
+  protected async settle(): Promise<void> {
+    const job = await this.qb.backups.info(this.domain);
+    if (job !== undefined) await this.qb.backups.wait(this.domain, job.id);
   }
 
   /** The library's QMP connection dropped at its at-th command; then the next command must recover and never over-claim. */
-  private async qmpDrop(a: Extract<Action, { kind: 'qmp-drop' }>): Promise<Outcome> {
+  protected async qmpDrop(a: Extract<Action, { kind: 'qmp-drop' }>): Promise<Outcome> {
     const deleting = a.op === 'delete';
     if ((this.model.checkpoint(a.name) !== undefined) !== deleting) return 'skipped';
     if (a.since !== undefined && this.model.checkpoint(a.since) === undefined) return 'skipped';
-    const proxy = await QmpDropProxy.install(join(this.stateDir, 'domains', DOMAIN, 'qmp.sock'), { at: a.at, when: a.when });
+    const proxy = await QmpDropProxy.install(join(this.stateDir, 'domains', this.domain, 'qmp.sock'), { at: a.at, when: a.when });
     let error: unknown;
     try {
       await this.droppedOp(a);
@@ -549,17 +563,17 @@ export class Driver {
     if (deleting && !names.has(a.name)) this.model.deleteCheckpoint(a.name, false);
     if (!deleting && names.has(a.name)) this.model.addCheckpoint(a.name);
     checkCheckpoints(this.model, this.listed());
-    for (const cp of this.model.chain) checkCoverage(this.model, cp.name, await this.qb.checkpoints.coverage(DOMAIN, this.realName(cp.name)));
+    for (const cp of this.model.chain) checkCoverage(this.model, cp.name, await this.qb.checkpoints.coverage(this.domain, this.realName(cp.name)));
     return 'done';
   }
 
-  private async droppedOp(a: Extract<Action, { kind: 'qmp-drop' }>): Promise<void> {
-    if (a.op === 'checkpoint') await this.qb.checkpoints.create(DOMAIN, { name: a.name });
-    else if (a.op === 'delete') await this.qb.checkpoints.delete(DOMAIN, this.realName(a.name));
+  protected async droppedOp(a: Extract<Action, { kind: 'qmp-drop' }>): Promise<void> {
+    if (a.op === 'checkpoint') await this.qb.checkpoints.create(this.domain, { name: a.name });
+    else if (a.op === 'delete') await this.qb.checkpoints.delete(this.domain, this.realName(a.name));
     else {
       const spec = { mode: 'push' as const, ...(a.since !== undefined ? { since: this.realName(a.since) } : {}) };
-      const started = await this.qb.backups.begin(DOMAIN, spec, { targetDir: join(this.dir, 'dropped', a.name), checkpoint: { name: a.name } });
-      await this.qb.backups.wait(DOMAIN, started.id);
+      const started = await this.qb.backups.begin(this.domain, spec, { targetDir: join(this.dir, 'dropped', a.name), checkpoint: { name: a.name } });
+      await this.qb.backups.wait(this.domain, started.id);
     }
   }
 }

@@ -2,6 +2,9 @@
 //   npm run fuzz -- --seed 7 --steps 40          one generated scenario
 //   npm run fuzz -- --seeds 200 --steps 40       a soak over seeds 1..200 (or --from N)
 //   npm run fuzz -- --replay FILE                the actions of a file (as printed on failure)
+//   --libvirt: against a domain of the libvirt daemon (qemu:///system, started
+//     when none runs), through qbackup's libvirt driver, with libvirt's actions:
+//   npm run fuzz -- --libvirt --seeds 20 --steps 30
 //   --verbose: every action and its outcome; --keep: keep the scenario's directory;
 //   --no-shrink; --shrink-attempts N (default 150); --shrink-minutes M (default 15).
 // Prints one line per scenario and the totals. On a failure it writes the
@@ -16,6 +19,7 @@ import { parseArgs } from 'node:util';
 import { formatScenario, parseScenario, type Scenario } from './actions.js';
 import { runActions, runScenario, SLACK_CLUSTERS, type RunResult } from './scenario.js';
 import { shrink } from './shrink.js';
+import { startLibvirt } from '../helpers/libvirt.js';
 
 const { values } = parseArgs({
   options: {
@@ -26,6 +30,7 @@ const { values } = parseArgs({
     replay: { type: 'string' },
     verbose: { type: 'boolean', default: false },
     keep: { type: 'boolean', default: false },
+    libvirt: { type: 'boolean', default: false },
     'no-shrink': { type: 'boolean', default: false },
     'shrink-attempts': { type: 'string', default: '150' },
     'shrink-minutes': { type: 'string', default: '15' },
@@ -33,7 +38,8 @@ const { values } = parseArgs({
 });
 const steps = Number(values.steps);
 const log = values.verbose ? (l: string): void => console.log(`  ${l}`) : undefined;
-const runOptions = { keep: values.keep, ...(log !== undefined ? { log } : {}) };
+const daemon = values.libvirt ? await startLibvirt() : undefined;
+const runOptions = { keep: values.keep, libvirtUri: daemon?.uri, ...(log !== undefined ? { log } : {}) };
 const failuresDir = join(tmpdir(), 'qbfuzz-failures');
 
 /** Writes the failing list, shrinks it, prints the minimal list and its replay command. */
@@ -46,7 +52,7 @@ async function report(label: string, r: RunResult): Promise<void> {
   writeFileSync(full, formatScenario(r.scenario, `failing scenario of seed ${r.scenario.seed}: ${f.check}: ${f.message}`));
   console.log(`  actions: ${full}`);
   if (values['no-shrink'] || f.index < 0) return;
-  const s = await shrink(r.scenario, f, (c) => runActions(c), {
+  const s = await shrink(r.scenario, f, (c) => runActions(c, { libvirtUri: runOptions.libvirtUri }), {
     maxAttempts: Number(values['shrink-attempts']),
     deadlineMs: Number(values['shrink-minutes']) * 60_000,
     log: (l) => log?.(l),
@@ -55,7 +61,7 @@ async function report(label: string, r: RunResult): Promise<void> {
   writeFileSync(min, formatScenario(s.scenario, `shrunk from ${r.scenario.actions.length} to ${s.scenario.actions.length} actions in ${s.attempts} runs: ${s.failure.check}: ${s.failure.message}`));
   console.log(`  shrunk to ${s.scenario.actions.length} actions in ${s.attempts} runs [${s.failure.check}]: ${s.failure.message}`);
   console.log(formatScenario(s.scenario, 'minimal failing scenario').replace(/^/gm, '    ').trimEnd());
-  console.log(`  replay: npm run fuzz -- --replay ${min} --verbose`);
+  console.log(`  replay: npm run fuzz -- ${values.libvirt ? '--libvirt ' : ''}--replay ${min} --verbose`);
 }
 
 const jobs: Array<{ label: string; run: () => Promise<RunResult> }> =
@@ -94,4 +100,5 @@ for (const job of jobs) {
 console.log(
   `totals: ${scenarios} scenarios, ${stepsRun} actions (${skipped} skipped), ${backups} disk backups checked, ${mismatches} mismatches, slack ${SLACK_CLUSTERS} clusters, ${((Date.now() - started) / 1000).toFixed(0)} s`,
 );
+await daemon?.stop();
 process.exitCode = mismatches > 0 ? 1 : 0;

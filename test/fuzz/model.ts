@@ -64,6 +64,12 @@ export class Model {
   readonly chain: CheckpointModel[] = [];
   /** The repository's backups of the domain, oldest first (pruned ones are gone). */
   readonly repoBackups: RepoBackupModel[] = [];
+  /**
+   * libvirt's driver: a repository keeps one checkpoint, its latest backup's;
+   * the earlier ones are deleted (libvirt merges their bitmaps) once the next
+   * backup committed.
+   */
+  latestCheckpointOnly = false;
 
   attached(): DiskModel[] {
     return this.disks.filter((d) => d.target !== undefined);
@@ -206,6 +212,7 @@ export class Model {
     const b: RepoBackupModel = { alias, contents: new Map(attached.map((d) => [d.target ?? '', Buffer.from(d.content)])), disks: new Set(attached.map((d) => d.name)) };
     this.repoBackups.push(b);
     this.addCheckpoint(alias);
+    if (this.latestCheckpointOnly) for (const earlier of this.repoBackups) if (earlier.alias !== alias) this.deleteCheckpoint(earlier.alias, false);
     return b;
   }
 

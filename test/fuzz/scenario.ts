@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { formatAction, generateScenario, type Scenario } from './actions.js';
 import { OracleFailure, type CheckCode } from './checks.js';
 import { canMountTmpfs, Driver } from './driver.js';
+import { LibvirtOracleDriver } from './libvirt-driver.js';
 
 export { SLACK_CLUSTERS } from './checks.js';
 
@@ -17,6 +18,8 @@ export interface RunOptions {
   log?: (line: string) => void;
   /** Keep the scenario's directory (disks, backups, state) for inspection. */
   keep?: boolean;
+  /** Run against a domain of the libvirt daemon at this URI, through qbackup's libvirt driver (libvirt-driver.ts). */
+  libvirtUri?: string | undefined;
 }
 
 export interface Failure {
@@ -45,11 +48,12 @@ export function repoFullPossible(): Promise<boolean> {
 
 export async function runActions(scenario: Scenario, options: RunOptions = {}): Promise<RunResult> {
   const log = options.log ?? ((): void => undefined);
-  const driver = new Driver(mkdtempSync(join(tmpdir(), `qbfuzz-${scenario.seed}-`)), log);
+  const dir = mkdtempSync(join(tmpdir(), `qbfuzz-${scenario.seed}-`));
+  const driver = options.libvirtUri !== undefined ? new LibvirtOracleDriver(dir, log, options.libvirtUri) : new Driver(dir, log);
   const result: RunResult = { scenario, stepsRun: 0, skipped: 0, backupsChecked: 0 };
   let index = -1;
   try {
-    await driver.setup(scenario.setup, await repoFullPossible());
+    await driver.setup(scenario.setup, options.libvirtUri === undefined && (await repoFullPossible()));
     for (index = 0; index < scenario.actions.length; index++) {
       const a = scenario.actions[index];
       if (a === undefined) break;
@@ -76,8 +80,9 @@ export async function runActions(scenario: Scenario, options: RunOptions = {}): 
   return result;
 }
 
-/** Generates the scenario of `seed` (with repo-full only where it can be staged) and runs it. */
+/** Generates the scenario of `seed` (with repo-full only where it can be staged; libvirt's actions under libvirt) and runs it. */
 export async function runScenario(options: RunOptions & { seed: number; steps: number }): Promise<RunResult> {
-  const scenario = generateScenario(options.seed, options.steps, { repoFull: await repoFullPossible() });
+  const libvirt = options.libvirtUri !== undefined;
+  const scenario = generateScenario(options.seed, options.steps, libvirt ? { libvirt } : { repoFull: await repoFullPossible() });
   return runActions(scenario, options);
 }

@@ -17,7 +17,13 @@
 //   endOrphanedBackup) ends it and deletes the checkpoint it created. A job
 //   that is not ours, or is ours and alive, is never touched: refused in one sentence.
 // - The libvirt connection is opened on first use, opened again when it
-//   closed (libvirtd restarted), and closed by close().
+//   closed (libvirtd restarted: tried again for reconnectTimeoutMs), and
+//   closed by close(). A libvirt older than 7.2.0 (no checkpoint and backup
+//   API without extra configuration) is refused at connect in one sentence.
+// - A backup whose connection closed before its data was committed is lost:
+//   its job's signal fires and confirmBackup refuses, naming the disconnect;
+//   the job libvirt may have recovered on restart is ended by the cleanup
+//   or, if that cannot reach libvirt, as an orphan by the next command.
 // - A shut-off domain is backed up without starting it (./offline.ts): its
 //   images are opened by a qemu-storage-daemon of ours, whose image locks
 //   keep libvirt from starting the domain meanwhile; the new checkpoint's
@@ -55,6 +61,8 @@ import type { LibvirtDomainRef } from './rpc/structs.js';
 export const OWN_CHECKPOINT_PREFIX = 'qb-';
 /** The prefix of the private directory of a backup's socket. */
 const OWN_SOCKET_PREFIX = 'qbackup-lv-';
+/** libvirt 7.2.0: the first release with the checkpoint and backup API enabled for QEMU without extra configuration. */
+export const MIN_LIBVIRT_VERSION = 7_002_000;
 
 export interface LibvirtDriverOptions {
   /** The connection URI (see uri.ts). */
@@ -65,6 +73,10 @@ export interface LibvirtDriverOptions {
   socketParentDir: string;
   /** How long shutdownDomain waits for the guest before stopping QEMU gracefully. Default 60 s. */
   shutdownTimeoutMs?: number | undefined;
+  /** How long a lost connection is tried again while libvirtd restarts (no socket or nothing listening). Default 10 s. */
+  reconnectTimeoutMs?: number | undefined;
+  /** How long the end of a backup waits for libvirt to finish the aborted job. Default 60 s. */
+  jobEndTimeoutMs?: number | undefined;
   /** Test-only fault injection (src/util/faults.ts): 'libvirt-backup-begun' once the job runs. */
   faults?: Faults | undefined;
   /** The qemu-storage-daemon that opens a shut-off domain's images (default: found on PATH). */
@@ -90,6 +102,10 @@ export class LibvirtDriver implements HypervisorDriver {
   private connecting: Promise<LibvirtClient> | undefined;
   /** Offline backups begun here and not ended, by backup id. */
   private readonly offline = new Map<string, { domain: string; exports: OfflineExports }>();
+  /** Whether a connection was open before: a new one is then tried again while libvirtd restarts. */
+  private connectedBefore = false;
+  /** The backups this driver began, by id: the connection that began each, and the signal that fires when it closes. */
+  private readonly jobs = new Map<string, { client: LibvirtClient; dom: LibvirtDomainRef; domain: string; lost: AbortController }>();
 
   constructor(private readonly options: LibvirtDriverOptions) {
     this.uri = options.uri;
@@ -103,13 +119,40 @@ export class LibvirtDriver implements HypervisorDriver {
       if (open !== undefined && open.connection.state !== 'closed') return open;
       if (this.connecting === current) this.connecting = undefined;
     }
-    this.connecting ??= LibvirtClient.connect(this.uri, { runtimeDir: this.options.runtimeDir });
+    this.connecting ??= this.open();
     try {
-      return await this.connecting;
+      const c = await this.connecting;
+      this.connectedBefore = true;
+      return c;
     } catch (err) {
       this.connecting = undefined;
       throw err;
     }
+  }
+
+  /** A new connection, of a libvirt recent enough; while libvirtd restarts (it answered before), tried again for a while. */
+  private async open(): Promise<LibvirtClient> {
+    const deadline = Date.now() + (this.connectedBefore ? (this.options.reconnectTimeoutMs ?? 10_000) : 0);
+    let c: LibvirtClient;
+    for (;;) {
+      try {
+        c = await LibvirtClient.connect(this.uri, { runtimeDir: this.options.runtimeDir });
+        break;
+      } catch (err) {
+        const restarting = isQbackupError(err, 'LIBVIRT_UNAVAILABLE') || isQbackupError(err, 'LIBVIRT_DISCONNECTED');
+        if (!restarting || Date.now() >= deadline) throw err;
+        await sleep(250);
+      }
+    }
+    const version = await c.getLibVersion().catch(async (err: unknown) => {
+      await c.close();
+      throw err;
+    });
+    if (version < MIN_LIBVIRT_VERSION) {
+      await c.close();
+      throw new QbackupError('NOT_SUPPORTED', `libvirt at ${this.uri} is version ${versionText(version)}, and qbackup needs libvirt ${versionText(MIN_LIBVIRT_VERSION)} or newer (its checkpoint and backup API)`, { details: { version, minimum: MIN_LIBVIRT_VERSION } });
+    }
+    return c;
   }
 
   /** Closes the libvirt connection; idempotent. */
@@ -125,9 +168,15 @@ export class LibvirtDriver implements HypervisorDriver {
     if (c !== undefined) await (await c.catch(() => undefined))?.close();
   }
 
+  /** The domain by name; one libvirt does not know is DOMAIN_NOT_FOUND in our words (libvirt's message kept as the cause). */
   private async lookup(name: string): Promise<{ c: LibvirtClient; dom: LibvirtDomainRef }> {
     const c = await this.client();
-    return { c, dom: await c.lookupDomainByName(name) };
+    try {
+      return { c, dom: await c.lookupDomainByName(name) };
+    } catch (err) {
+      if (isQbackupError(err, 'DOMAIN_NOT_FOUND')) throw new QbackupError('DOMAIN_NOT_FOUND', `libvirt at ${this.uri} has no domain "${name}"`, { cause: err, details: { domain: name } });
+      throw err;
+    }
   }
 
   // ---- domains ----
@@ -231,6 +280,11 @@ export class LibvirtDriver implements HypervisorDriver {
         await c.checkpointDelete(cp);
         return;
       } catch (err) {
+        // An image under a target was replaced since (it lacks the bitmap): the rest are removed through QEMU.
+        if (isQbackupError(err, 'LIBVIRT_ERROR') && /bitmap/i.test(describeError(err))) {
+          await this.deleteWithMissingBitmap(c, dom, name, err);
+          return;
+        }
         // Shut off meanwhile: deleted as below.
         if (!/inactive domain/.test(describeError(err))) throw err;
       }
@@ -246,6 +300,29 @@ export class LibvirtDriver implements HypervisorDriver {
       }
     }
     await c.checkpointDelete(cp, C.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY);
+  }
+
+  /**
+   * libvirt refuses to delete a checkpoint when a disk's image lacks its
+   * bitmap (the image under that target was replaced since): of a running
+   * domain, the bitmaps that remain are removed through QEMU's monitor (the
+   * checkpoint's bitmap only tracks changes since it, so nothing else needs
+   * it), then libvirt's metadata. Else the checkpoint would stay for good,
+   * and the repository's one checkpoint become two.
+   */
+  private async deleteWithMissingBitmap(c: LibvirtClient, dom: LibvirtDomainRef, name: string, cause: unknown): Promise<void> {
+    if ((await c.getState(dom)).state === C.VIR_DOMAIN_SHUTOFF) throw cause;
+    const qmp = async (execute: string, args: Record<string, unknown>): Promise<unknown> => {
+      const reply = JSON.parse(await c.qemuMonitorCommand(dom, JSON.stringify({ execute, arguments: args }))) as { return?: unknown; error?: { desc?: string } };
+      if (reply.error !== undefined) throw new QbackupError('LIBVIRT_ERROR', `Cannot delete checkpoint "${name}" of domain "${dom.name}": QEMU refused ${execute}: ${reply.error.desc ?? 'no reason given'}`, { cause });
+      return reply.return;
+    };
+    const nodes = (await qmp('query-named-block-nodes', { flat: true })) as Array<{ 'node-name'?: string; 'dirty-bitmaps'?: Array<{ name?: string }> }>;
+    for (const n of nodes) {
+      if (n['node-name'] === undefined || !(n['dirty-bitmaps'] ?? []).some((b) => b.name === name)) continue;
+      await qmp('block-dirty-bitmap-remove', { node: n['node-name'], name });
+    }
+    await c.checkpointDelete(await c.checkpointLookupByName(dom, name), C.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY);
   }
 
   /**
@@ -319,30 +396,24 @@ ${all
   .join('\n')}
   </disks>
 </domainbackup>`;
-      const checkpointXml = `<domaincheckpoint>
-  <name>${xmlEscape(request.checkpoint)}</name>
-  <description>created by qbackup</description>
-  <disks>
-${all
-  .filter((d) => d.device === 'disk' || wanted.has(d.target))
-  .map((d) => `    <disk name='${xmlEscape(d.target)}' checkpoint='${wanted.has(d.target) ? 'bitmap' : 'no'}'/>`)
-  .join('\n')}
-  </disks>
-</domaincheckpoint>`;
+      const checkpointXml = checkpointXmlOf(request.checkpoint, all, wanted);
       const consistency = await this.freeze(c, dom, domain, request.quiesce);
       try {
         await c.backupBegin(dom, backupXml, checkpointXml);
       } finally {
         if (consistency === 'filesystem') await c.fsThaw(dom).catch(() => undefined);
       }
+      this.watch(c, dom, domain, request.checkpoint);
       this.options.faults?.at('libvirt-backup-begun');
       const disks = [];
       for (const d of request.disks) {
         const virtualSize = Number((await c.getBlockInfo(dom, d.target)).capacity);
         disks.push({ target: d.target, exportName: d.target, dirtyContext: d.since !== undefined ? `qemu:dirty-bitmap:backup-${d.target}` : undefined, virtualSize });
       }
-      return { id: request.checkpoint, domain, checkpoint: request.checkpoint, consistency, server: { transport: 'unix', socket }, disks };
+      const signal = this.jobs.get(request.checkpoint)?.lost.signal;
+      return { id: request.checkpoint, domain, checkpoint: request.checkpoint, consistency, server: { transport: 'unix', socket }, disks, signal };
     } catch (err) {
+      this.jobs.delete(request.checkpoint);
       rmSync(dir, { recursive: true, force: true });
       throw err;
     }
@@ -397,7 +468,33 @@ ${all
     }
   }
 
+  /** Remembers the connection that began a backup; its signal fires if that connection closes before the backup ends. */
+  private watch(c: LibvirtClient, dom: LibvirtDomainRef, domain: string, backupId: string): void {
+    const lost = new AbortController();
+    this.jobs.set(backupId, { client: c, dom, domain, lost });
+    void c.connection.closed.then((cause) => {
+      // undefined: closed by this driver (close()), not lost.
+      if (cause !== undefined && this.jobs.get(backupId)?.lost === lost) lost.abort(lostBackup(this.uri, domain, backupId, cause));
+    });
+  }
+
+  async confirmBackup(domain: string, backupId: string): Promise<void> {
+    const job = this.jobs.get(backupId);
+    if (job === undefined) return;
+    if (job.lost.signal.aborted) throw job.lost.signal.reason;
+    let stats;
+    try {
+      // A round trip on the connection that began the job: a closed one fails here even before its close is noticed.
+      stats = await job.client.getJobStats(job.dom);
+    } catch (err) {
+      if (isQbackupError(err, 'LIBVIRT_DISCONNECTED') || isQbackupError(err, 'LIBVIRT_STATE')) throw lostBackup(this.uri, domain, backupId, err);
+      throw err;
+    }
+    if (stats.type === C.VIR_DOMAIN_JOB_NONE) throw new QbackupError('JOB_NOT_FOUND', `Backup "${backupId}" of domain "${domain}" failed: libvirt ended its backup job before the disks were read to the end`);
+  }
+
   async endBackup(domain: string, backupId: string): Promise<void> {
+    this.jobs.delete(backupId);
     const offline = this.offline.get(backupId);
     if (offline !== undefined) {
       this.offline.delete(backupId);
@@ -412,7 +509,22 @@ ${all
     if (job === undefined) throw new QbackupError('JOB_NOT_FOUND', `Domain "${domain}" runs no backup job`);
     if (job.own?.checkpoint !== backupId) throw new QbackupError('JOB_NOT_FOUND', `Domain "${domain}" runs a backup job that is not "${backupId}"`);
     await c.abortJob(dom);
+    await this.waitJobEnded(c, dom, domain, backupId);
     rmSync(dirname(job.own.socket), { recursive: true, force: true });
+  }
+
+  /**
+   * libvirt's abort of a backup job cancels QEMU's block jobs and returns;
+   * the job ends when their cancellation events arrive. Until then the
+   * domain still shows the job (a next backup would find it running), so the
+   * end of a backup waits for it.
+   */
+  private async waitJobEnded(c: LibvirtClient, dom: LibvirtDomainRef, domain: string, backupId: string): Promise<void> {
+    const deadline = Date.now() + (this.options.jobEndTimeoutMs ?? 60_000);
+    while ((await runningBackup(c, dom))?.own?.checkpoint === backupId) {
+      if (Date.now() > deadline) throw new QbackupError('LIBVIRT_TIMEOUT', `libvirt at ${this.uri} did not end backup job "${backupId}" of domain "${domain}" within ${Math.round((this.options.jobEndTimeoutMs ?? 60_000) / 1000)} s of its abort`);
+      await sleep(50);
+    }
   }
 
   async endOrphanedBackup(domain: string): Promise<void> {
@@ -467,6 +579,7 @@ ${all
     await c.abortJob(dom).catch((err: unknown) => {
       if (!isQbackupError(err, 'LIBVIRT_ERROR') || !/no job is active/.test(describeError(err))) throw err;
     });
+    await this.waitJobEnded(c, dom, domain, job.own.checkpoint);
     rmSync(dirname(job.own.socket), { recursive: true, force: true });
     const names = (await c.listAllCheckpoints(dom)).map((cp) => cp.name);
     if (names.includes(job.own.checkpoint)) await c.checkpointDelete(await c.checkpointLookupByName(dom, job.own.checkpoint));
@@ -645,6 +758,30 @@ function diskIdOf(target: string, source: string): string {
 
 function xmlEscape(s: string): string {
   return s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/'/g, '&apos;').replace(/"/g, '&quot;');
+}
+
+/** The checkpoint created with a backup: a bitmap of each disk backed up, none of the others. */
+function checkpointXmlOf(name: string, all: readonly XmlDisk[], wanted: ReadonlyMap<string, unknown>): string {
+  return `<domaincheckpoint>
+  <name>${xmlEscape(name)}</name>
+  <description>created by qbackup</description>
+  <disks>
+${all
+  .filter((d) => d.device === 'disk' || wanted.has(d.target))
+  .map((d) => `    <disk name='${xmlEscape(d.target)}' checkpoint='${wanted.has(d.target) ? 'bitmap' : 'no'}'/>`)
+  .join('\n')}
+  </disks>
+</domaincheckpoint>`;
+}
+
+/** The one sentence of a backup whose libvirt connection closed under it. */
+function lostBackup(uri: string, domain: string, backupId: string, cause: unknown): QbackupError {
+  return new QbackupError('LIBVIRT_DISCONNECTED', `Backup "${backupId}" of domain "${domain}" failed: the connection to libvirt at ${uri} closed while its disks were read (libvirtd stopped or restarted), so nothing of it was kept`, { cause });
+}
+
+/** 9000000 → "9.0.0". */
+function versionText(v: number): string {
+  return `${Math.floor(v / 1_000_000)}.${Math.floor(v / 1000) % 1000}.${v % 1000}`;
 }
 
 function sleep(ms: number): Promise<void> {
