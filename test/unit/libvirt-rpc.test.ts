@@ -172,6 +172,9 @@ describe('procedures', () => {
     assert.deepEqual(numbers['domain-backup-begin'], [0x20008086, 421]);
     assert.deepEqual(numbers['domain-get-job-stats'], [0x20008086, 298]);
     assert.deepEqual(numbers['connect-domain-event-callback-register-any'], [0x20008086, 316]);
+    assert.deepEqual(numbers['connect-get-capabilities'], [0x20008086, 7]);
+    assert.deepEqual(numbers['domain-resume'], [0x20008086, 28]);
+    assert.deepEqual(numbers['domain-suspend'], [0x20008086, 34]);
     assert.deepEqual(numbers['qemu-domain-monitor-command'], [0x20008087, 1]);
     const keys = Object.values(PROCEDURES).map((p) => `${p.program}:${p.procedure}`);
     assert.equal(new Set(keys).size, keys.length, 'no number twice');
