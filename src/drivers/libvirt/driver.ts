@@ -252,8 +252,7 @@ export class LibvirtDriver implements HypervisorDriver {
     if (request.tcp !== undefined) throw new QbackupError('NOT_SUPPORTED', `Cannot back up libvirt domain "${domain}" over TCP: its exports are read over a private unix socket`);
     if (!request.checkpoint.startsWith(OWN_CHECKPOINT_PREFIX)) throw new QbackupError('INVALID_ARGUMENT', `Checkpoint "${request.checkpoint}" is not named ${OWN_CHECKPOINT_PREFIX}…`);
     const { c, dom } = await this.lookup(domain);
-    await this.settleInstant(c, dom, 'back up');
-    await this.endOrphan(c, dom, domain, 'back up');
+    await this.readyForBackup(c, dom, domain);
     const liveXml = await c.getXmlDesc(dom);
     const all = xmlDisks(liveXml, domain);
     for (const d of request.disks) {
@@ -338,6 +337,12 @@ ${all
   async assertNoBackup(domain: string, what: string): Promise<void> {
     const { c, dom } = await this.lookup(domain);
     await this.endOrphan(c, dom, domain, what);
+  }
+
+  /** Before a backup: an instant restore settled (refused while it copies), an orphaned job of ours ended. */
+  private async readyForBackup(c: LibvirtClient, dom: LibvirtDomainRef, domain: string): Promise<void> {
+    await this.settleInstant(c, dom, 'back up');
+    await this.endOrphan(c, dom, domain, 'back up');
   }
 
   /** Ends our backup job whose process died (and deletes its checkpoint); refuses any other job. */
