@@ -552,6 +552,11 @@ export class InstantRestoreService {
       }
       options.onInfo?.(info);
       options.onProgress?.({ phase: `instant restore ${domain}`, doneBytes: sum(info.disks.map((d) => d.doneBytes)), totalBytes: sum(info.disks.map((d) => d.totalBytes)) });
+      // A domain that stopped (shut down, or its QEMU died) copies nothing until it starts again: waiting would never end.
+      const state = (await this.driver.describeDomain(domain)).state;
+      if (state !== 'running') {
+        throw new QbackupError('DOMAIN_NOT_RUNNING', `Domain "${domain}" is ${state} before its data was copied in from backup "${info.backup}"; start it and the copy goes on`);
+      }
       await sleep(options.pollMs ?? 500);
     }
   }

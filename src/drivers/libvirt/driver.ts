@@ -19,7 +19,7 @@
 // - The libvirt connection is opened on first use, opened again when it
 //   closed (libvirtd restarted), and closed by close().
 
-import { chmodSync, chownSync, lstatSync, mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { createHash, randomBytes } from 'node:crypto';
 import { basename, dirname, join } from 'node:path';
 import { QbackupError, describeError, isQbackupError } from '../../errors.js';
@@ -408,6 +408,10 @@ ${all
       return;
     }
     if (holds === 'overlays') {
+      // Refused before anything is made when QEMU's user cannot pass through what exists of the path.
+      let existing = dir;
+      while (!existsSync(existing) && dirname(existing) !== existing) existing = dirname(existing);
+      assertReachable(existing, owner, `Cannot put the overlays of an instant restore in "${dir}"`);
       const first = mkdirSync(dir, { recursive: true, mode: 0o711 });
       if (first !== undefined) for (let d = dir; ; d = dirname(d)) {
         chmodSync(d, 0o711);
