@@ -555,7 +555,8 @@ export class InstantRestoreService {
       // A domain that stopped (shut down, or its QEMU died) copies nothing until it starts again: waiting would never end.
       const state = (await this.driver.describeDomain(domain)).state;
       if (state !== 'running') {
-        throw new QbackupError('DOMAIN_NOT_RUNNING', `Domain "${domain}" is ${state} before its data was copied in from backup "${info.backup}"; start it and the copy goes on`);
+        const start = this.driver.uri === 'qbackup:///' ? `qbackup start ${domain}` : `qbackup start ${domain} --connect ${this.driver.uri}`;
+        throw new QbackupError('DOMAIN_NOT_RUNNING', `Domain "${domain}" is ${state} before its data was copied in from backup "${info.backup}"; start it (${start}) and the copy goes on`);
       }
       await sleep(options.pollMs ?? 500);
     }

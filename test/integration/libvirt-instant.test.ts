@@ -5,8 +5,8 @@
 // our NBD server, takes guest writes while libvirt's block pull copies the
 // data in, and ends on local images only (no network backingStore live or
 // in the definition, our server gone) holding the backup plus those writes
-// byte for byte. The server killed mid-copy is brought back and the copy
-// completes; bad input gets one sentence and defines nothing (a name libvirt
+// byte for byte. The server killed mid-copy is brought back, QEMU killed
+// mid-copy is started again through qbackup, and the copy completes; bad input gets one sentence and defines nothing (a name libvirt
 // has, a name with "/" or "..", no such backup, an overlay directory QEMU's
 // user cannot reach).
 
@@ -70,15 +70,18 @@ describe('instant restore of a libvirt domain (libvirt driver)', () => {
    * shut off, waiting says so in one sentence, and a start serves the
    * backup again and pulls the rest (what the guest flushed stays).
    */
-  const completeCopy = async (name: string): Promise<{ result: InstantRestoreInfo; servedBy: number | null }> => {
+  const completeCopy = async (name: string): Promise<{ result: InstantRestoreInfo; servedBy: number | null; starts: number }> => {
     let servedBy: number | null = null;
+    let starts = 0;
     for (;;) {
       const info = await qb.instant.info(name);
       if (info === undefined) break;
       if (info.serverPid !== null) servedBy = info.serverPid;
       if ((await qb.driver.describeDomain(name)).state !== 'running') {
-        await assert.rejects(qb.instant.wait(name), /is (shut off|crashed) before its data was copied in from backup .*; start it and the copy goes on/);
-        await qb.driver.startDomain(name);
+        await assert.rejects(qb.instant.wait(name), /is (shut off|crashed) before its data was copied in from backup .*; start it \(qbackup start .* --connect qemu:\/\/\/system\) and the copy goes on/);
+        const started = await cli(['start', name]);
+        assert.equal(started.code, 0, started.stderr);
+        starts += 1;
         continue;
       }
       await release(name);
@@ -86,7 +89,7 @@ describe('instant restore of a libvirt domain (libvirt driver)', () => {
     }
     const result = qb.instant.lastResult(name);
     assert.ok(result !== undefined && result.state === 'completed');
-    return { result, servedBy };
+    return { result, servedBy, starts };
   };
 
   /** The restore is final: no NBD backing live or in the definition, the server gone, the record gone. */
@@ -183,7 +186,7 @@ describe('instant restore of a libvirt domain (libvirt driver)', () => {
     await assertImages(name, done.disks, want);
   });
 
-  it('the NBD server killed mid-copy: the next command serves the backup again and the copy completes', async () => {
+  it('the NBD server killed mid-copy, then QEMU: the next command serves the backup again, a start resumes, the copy completes', async () => {
     const name = `${source}-srv`;
     restored.push(name);
     const started = await qb.instant.restore(source, { repo, as: name, speedBytesPerSec: HELD });
@@ -191,7 +194,11 @@ describe('instant restore of a libvirt domain (libvirt driver)', () => {
     process.kill(first, 'SIGKILL');
     // The pull wakes and meets the dead server: it fails (libvirt drops it) or meets the next server.
     await release(name);
-    const { result: done, servedBy } = await completeCopy(name);
+    assert.notEqual((await qb.instant.info(name))?.serverPid ?? first, first, 'the next command serves the backup again');
+    // QEMU killed too, mid-copy: the definition still declares the backings, and `qbackup start --connect` serves the backup and pulls the rest.
+    await virsh(['destroy', name]);
+    const { result: done, servedBy, starts } = await completeCopy(name);
+    assert.ok(starts >= 1, 'the domain was started again through qbackup');
     assert.equal(qb.instant.lastResult(name)?.backup, backupId);
     assert.ok(servedBy !== null && servedBy !== first, 'a new server served the backup');
     await assertFinal(name, servedBy);
