@@ -4,6 +4,7 @@
 // replies whose bytes are written out here field by field from
 // remote_protocol.x.
 
+import { dacBaseLabel } from '../../src/drivers/libvirt/driver.js';
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import {
@@ -307,5 +308,13 @@ describe('libvirt errors', () => {
       assert.equal(err.libvirtMessage, 'requested operation is not valid: domain is not running');
     }
     assert.equal(new LibvirtCallError('domain-x', error(1, undefined)).message, 'libvirt refused domain-x (error 1) without a message');
+  });
+});
+
+describe('capabilities', () => {
+  it("give the DAC label QEMU runs under (instant restore lets that user reach its socket and overlays)", () => {
+    const caps = `<capabilities><host><secmodel><model>none</model><doi>0</doi></secmodel><secmodel><model>dac</model><doi>0</doi><baselabel type='kvm'>+64055:+108</baselabel><baselabel type='qemu'>+64055:+108</baselabel></secmodel></host></capabilities>`;
+    assert.deepEqual(dacBaseLabel(caps), { uid: 64055, gid: 108 });
+    assert.equal(dacBaseLabel('<capabilities><host><secmodel><model>none</model></secmodel></host></capabilities>'), undefined);
   });
 });
