@@ -5,9 +5,10 @@
 // Options: --size-gib N (default 4), --reps N (default 3), --quick (a small,
 // fast run for development), --chain N (checkpoints in the long chain,
 // default 1000), --only LIST (comma-separated sections: full, incremental,
-// repository, control, writes), --peers (the repository section also runs
-// virtnbdbackup, with a libvirtd the bench starts and stops, and restic;
-// without it, or without them installed, it says "skipped: …"),
+// repository, control, writes, libvirt), --peers (the repository section also runs
+// virtnbdbackup, with a libvirtd the bench starts and stops, and restic, and
+// the libvirt section (bench/libvirt.ts) runs; without it, or without them
+// installed, it says "skipped: …"),
 // --doc FILE (default docs/benchmarks.md),
 // --no-doc, --json FILE (the raw results, to regenerate the doc with
 // --from-json FILE without measuring again).
@@ -20,14 +21,15 @@ import { benchControl, type ControlResults } from './control.js';
 import { BenchEnv, createRandomImage, halfDataLayout } from './env.js';
 import { benchFull, type FullResults } from './full.js';
 import { benchIncremental, type IncrementalCase } from './incremental.js';
+import { benchLibvirt, formatLibvirt, type LibvirtResults } from './libvirt.js';
 import { loadAverage, machineInfo } from './machine.js';
 import { formatReport, printSummary, type BenchConfig, type BenchResults } from './report.js';
-import { keepMarkedSections } from './doc-sections.js';
+import { keepMarkedSections, withSection } from './doc-sections.js';
 import { benchRepository, type RepoResults } from './repository.js';
 import { GiB, MiB, now } from './util.js';
 import { benchWrites, type WriteResults } from './writes.js';
 
-const SECTIONS = ['full', 'incremental', 'repository', 'control', 'writes'] as const;
+const SECTIONS = ['full', 'incremental', 'repository', 'control', 'writes', 'libvirt'] as const;
 type Section = (typeof SECTIONS)[number];
 
 interface Options extends BenchConfig {
@@ -96,7 +98,7 @@ async function main(): Promise<void> {
     const saved = JSON.parse(readFileSync(config.fromJson, 'utf8')) as BenchResults;
     printSummary(saved, log);
     if (config.doc !== undefined) {
-      writeFileSync(config.doc, keepMarkedSections(config.doc, formatReport(saved)));
+      writeFileSync(config.doc, keepMarkedSections(config.doc, withLibvirt(formatReport(saved), saved, saved.config.argv)));
       log(`wrote ${config.doc}`);
     }
     return;
@@ -127,6 +129,7 @@ async function main(): Promise<void> {
   let repository: RepoResults | undefined;
   let control: ControlResults | undefined;
   let writes: WriteResults | undefined;
+  let libvirt: LibvirtResults | undefined;
   try {
     const domain = 'bench';
     const layout = halfDataLayout(config.sizeBytes, 7);
@@ -157,6 +160,10 @@ async function main(): Promise<void> {
       log('§4 guest write cost with bitmaps');
       writes = await benchWrites({ env, reps: config.reps, diskBytes: config.writeDiskBytes, smallWrites: config.smallWrites, benchWrites: config.benchWrites, log });
     }
+    if (config.only.has('libvirt') && config.peers) {
+      log('§12 libvirt domains: qbackup (libvirt driver) against virtnbdbackup');
+      libvirt = await benchLibvirt({ sizeBytes: config.sizeBytes, reps: config.reps, log });
+    }
     const results: BenchResults = {
       config,
       machine,
@@ -170,6 +177,7 @@ async function main(): Promise<void> {
       ...(repository !== undefined ? { repository } : {}),
       ...(control !== undefined ? { control } : {}),
       ...(writes !== undefined ? { writes } : {}),
+      ...(libvirt !== undefined ? { libvirt } : {}),
     };
     results.loadEnd = loadAverage();
     results.durationMs = now() - t0;
@@ -179,13 +187,19 @@ async function main(): Promise<void> {
       log(`wrote ${config.json}`);
     }
     if (config.doc !== undefined) {
-      writeFileSync(config.doc, keepMarkedSections(config.doc, formatReport(results)));
+      writeFileSync(config.doc, keepMarkedSections(config.doc, withLibvirt(formatReport(results), results, config.argv)));
       log(`wrote ${config.doc}`);
     }
   } finally {
     finished = true;
     await env.cleanup();
   }
+}
+
+/** The report with the libvirt section (§12) of this run, when it ran. */
+function withLibvirt(report: string, results: BenchResults, argv: readonly string[]): string {
+  if (results.libvirt === undefined) return report;
+  return withSection(report, 'libvirt', formatLibvirt(results.libvirt, `npm run bench -- ${argv.join(' ')}`));
 }
 
 main().catch((err: unknown) => {

@@ -8,6 +8,7 @@ import type { FullResults, Measured } from './full.js';
 import type { IncrementalCase } from './incremental.js';
 import type { MachineInfo } from './machine.js';
 import type { RepoResults } from './repository.js';
+import type { LibvirtResults } from './libvirt.js';
 import { repoAnalysis, repoSection, repoSummary, repoTargets } from './report-repository.js';
 import { fmtBytes, fmtMs, fmtPct, fmtRatio, fmtSummaryMs, GiB, mibPerSec, summarize } from './util.js';
 import { WRITE_CONFIGS, type WriteConfig, type WriteResults, type WriteSamples } from './writes.js';
@@ -37,6 +38,8 @@ export interface BenchResults {
   full?: FullResults;
   incremental?: IncrementalCase[];
   repository?: RepoResults;
+  /** §12, with --peers: the libvirt row (bench/libvirt.ts). */
+  libvirt?: LibvirtResults;
   control?: ControlResults;
   writes?: WriteResults;
 }
@@ -200,10 +203,12 @@ npm run bench                        # the same without virtnbdbackup and restic
 npm run bench -- --quick             # small and fast, for development
 npm run bench -- --size-gib 8 --reps 5 --only full,incremental --no-doc
 npm run bench:s3 -- --size-mib 1024 --reps 2   # §10: qbackup and restic into a local radosgw (scripts/ceph.sh)
+npm run bench:libvirt -- --size 1G --reps 3   # §12 alone: qbackup's libvirt driver vs virtnbdbackup on one libvirt domain (also run by --peers)
+node dist/bench/empty-incremental.js --size-mib 1024 --reps 8   # §13: an empty incremental with and without the index cache; CLI start-up
 \`\`\`
 
 Options: \`--size-gib N\`, \`--reps N\`, \`--quick\`, \`--chain N\`,
-\`--only full,incremental,repository,control,writes\`, \`--peers\`, \`--doc FILE\`, \`--no-doc\`,
+\`--only full,incremental,repository,control,writes,libvirt\`, \`--peers\`, \`--doc FILE\`, \`--no-doc\`,
 \`--json FILE\` (keep the raw results), \`--from-json FILE\` (rewrite the doc from
 them without measuring). Needs \`/usr/bin/time\` for the tools' CPU columns.
 The bench stops every QEMU and qemu-nbd it starts (by pid) and removes its

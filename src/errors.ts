@@ -83,6 +83,7 @@ export const ERROR_CODES = {
   // -- the configuration file
   CONFIG_INVALID: 'the configuration file cannot be read, is not YAML, or breaks its schema (the message names the file and line)',
   REPOSITORY_NOT_ALLOWED: 'the daemon reaches only the repositories its configuration names, and this is not one of them',
+  CONNECTION_NOT_ALLOWED: 'the daemon reaches only the hypervisor connections its configuration names (and its own default), and this is not one of them',
   PASSWORD_UNAVAILABLE: 'a passphrase file or command of a repository gave no passphrase',
   // -- the daemon (qbackup serve)
   TASK_NOT_FOUND: 'no task of that id (it may have aged out of the kept history)',
@@ -91,6 +92,7 @@ export const ERROR_CODES = {
   TASK_NOT_CANCELLABLE: 'the task cannot stop mid-way; it ends on its own',
   TASK_INTERRUPTED: 'the daemon stopped while the task was running',
   SCHEDULE_NOT_FOUND: 'no schedule of that id',
+  SCHEDULE_FROM_CONFIG: 'a schedule imported from the configuration file is changed in that file, not through the API',
   AUTH_REQUIRED: 'the request carries no API token, or one that is unknown or revoked',
   READ_ONLY_TOKEN: 'a read-only token asked for a change',
   ROUTE_NOT_FOUND: 'no API endpoint at that path and method',

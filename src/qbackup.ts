@@ -2,6 +2,7 @@
 // metadata database and the services built on it. The CLI (and any embedding
 // application) creates one, calls its services, and closes it.
 
+import assert from 'node:assert/strict';
 import { chmodSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -11,7 +12,7 @@ import type { CheckpointService } from './checkpoint/checkpoints.js';
 import type { DomainService } from './domain/domains.js';
 import type { HypervisorDriver } from './drivers/driver.js';
 import { LibvirtDriver } from './drivers/libvirt/driver.js';
-import { openDriver } from './drivers/open.js';
+import { openDriver, parseConnectionUri } from './drivers/open.js';
 import { QEMU_DRIVER_URI, QemuDriver } from './drivers/qemu/driver.js';
 import { QemuEngine } from './drivers/qemu/engine.js';
 import { openDatabase, type Db } from './store/db.js';
@@ -72,6 +73,14 @@ export interface QbackupOptions {
   backends?: BackendSettings | undefined;
 }
 
+/** One hypervisor connection with the services that work through it. */
+export interface Connection {
+  readonly uri: string;
+  readonly driver: HypervisorDriver;
+  readonly repository: RepositoryService;
+  readonly instant: InstantRestoreService;
+}
+
 export class Qbackup implements Disposable {
   readonly db: Db;
   /** Our own QEMU engine: the domains, checkpoints and backup jobs of qbackup's libvirt-style commands. */
@@ -81,23 +90,55 @@ export class Qbackup implements Disposable {
   readonly repository: RepositoryService;
   readonly instant: InstantRestoreService;
   private closed = false;
+  /** Connections other than `driver`'s, opened on first use (the daemon serves several), by normalized URI. */
+  private readonly others = new Map<string, Connection>();
 
   private constructor(readonly options: QbackupOptions) {
     prepareStateDir(options.stateDir, options.logger);
     this.db = openDatabase(join(options.stateDir, 'qbackup.db'));
     this.engine = new QemuEngine(this.db, { ...options, lockTimeoutMs: options.lockTimeoutMs ?? 30_000 });
-    this.driver = openDriver(options.connect, {
-      qemu: () => new QemuDriver(this.engine),
-      libvirt: (uri) => new LibvirtDriver({ uri: uri.uri, runtimeDir: options.runtimeDir, socketParentDir: tmpdir(), shutdownTimeoutMs: options.shutdownTimeoutMs, faults: options.faults }),
-    });
+    this.driver = this.openDriver(options.connect);
     this.repository = new RepositoryService(this.driver, { backends: options.backends ?? {}, runDir: join(options.stateDir, 'run') });
-    this.instant = new InstantRestoreService(this.driver, this.repository, this.db, {
+    this.instant = this.instantService(this.driver, this.repository);
+  }
+
+  private openDriver(uri: string | undefined): HypervisorDriver {
+    const options = this.options;
+    return openDriver(uri, {
+      qemu: () => new QemuDriver(this.engine),
+      libvirt: (u) => new LibvirtDriver({ uri: u.uri, runtimeDir: options.runtimeDir, socketParentDir: tmpdir(), shutdownTimeoutMs: options.shutdownTimeoutMs, faults: options.faults }),
+    });
+  }
+
+  private instantService(driver: HypervisorDriver, repository: RepositoryService): InstantRestoreService {
+    const options = this.options;
+    return new InstantRestoreService(driver, repository, this.db, {
       stateDir: options.stateDir,
       serverCommand: options.backupServerCommand,
       serverTimeoutMs: options.backupServerTimeoutMs,
       s3: options.backends?.s3,
       credentials: options.credentials,
     });
+  }
+
+  /**
+   * The services of a hypervisor connection: `driver`'s own for undefined or
+   * its URI, else another driver opened on first use and kept until close()
+   * (the daemon lists and backs up qbackup's own domains and libvirt's side
+   * by side). A URI that names no usable driver is DRIVER_UNAVAILABLE.
+   */
+  connection(uri?: string | undefined): Connection {
+    const key = uri === undefined ? this.driver.uri : parseConnectionUri(uri).uri;
+    if (key === this.driver.uri) return { uri: key, driver: this.driver, repository: this.repository, instant: this.instant };
+    let c = this.others.get(key);
+    if (c === undefined) {
+      assert(!this.closed, `connection "${key}" asked of a closed Qbackup`);
+      const driver = this.openDriver(key);
+      const repository = new RepositoryService(driver, { backends: this.options.backends ?? {}, runDir: join(this.options.stateDir, 'run') });
+      c = { uri: key, driver, repository, instant: this.instantService(driver, repository) };
+      this.others.set(key, c);
+    }
+    return c;
   }
 
   // The engine's own services serve the domains qbackup runs itself; under
@@ -131,6 +172,8 @@ export class Qbackup implements Disposable {
     this.closed = true;
     // The libvirt driver's connection; closing it cannot fail in a way the caller could act on.
     void this.driver.close?.().catch(() => undefined);
+    for (const c of this.others.values()) void c.driver.close?.().catch(() => undefined);
+    this.others.clear();
     this.db.close();
   }
 

@@ -4,8 +4,6 @@
 import { exportUri, type JobInfo } from '../backup/job.js';
 import type { BackupSpec } from '../backup/spec.js';
 import type { CheckpointSpec } from '../checkpoint/spec.js';
-import { formatJobXml, parseBackupSpec } from '../libvirt/backup.js';
-import { parseCheckpointXml } from '../libvirt/checkpoint.js';
 import { QbackupError } from '../errors.js';
 import { arg, defineCommand, flag, optionalArg, value, type CliCommand } from './command.js';
 import { positiveNumber, quiesceMode, quiesceOptions, readInput } from './options.js';
@@ -36,7 +34,7 @@ export const backupCommands: readonly CliCommand[] = [
       ...quiesceOptions(),
     },
     run: async ({ qb, out, args, opts: o }) => {
-      const { spec, checkpoint } = readJobRequest(args, o);
+      const { spec, checkpoint } = await readJobRequest(args, o);
       let job = await qb.backups.begin(args.domain, spec, {
         ...(checkpoint !== undefined ? { checkpoint } : {}),
         ...(o.targetDir !== undefined ? { targetDir: o.targetDir } : {}),
@@ -62,6 +60,7 @@ export const backupCommands: readonly CliCommand[] = [
     run: async ({ qb, out, args: { domain } }) => {
       const job = await qb.backups.info(domain);
       if (job === undefined) throw new QbackupError('JOB_NOT_FOUND', `Domain "${domain}" has no running backup job`);
+      const { formatJobXml } = await import('../libvirt/backup.js');
       const xml = formatJobXml(job);
       emit(out, { job, xml }, () => xml);
     },
@@ -99,17 +98,18 @@ export const backupCommands: readonly CliCommand[] = [
 ];
 
 /** The job and the checkpoint to create with it, from the XML files and the shorthand flags. */
-function readJobRequest(
+async function readJobRequest(
   args: { backupxml: string | undefined; checkpointxml: string | undefined },
   o: { incremental: string | undefined; checkpoint: string | undefined; wait: boolean },
-): { spec: BackupSpec; checkpoint: CheckpointSpec | undefined } {
+): Promise<{ spec: BackupSpec; checkpoint: CheckpointSpec | undefined }> {
   if (args.checkpointxml !== undefined && o.checkpoint !== undefined) {
     throw new QbackupError('INVALID_ARGUMENT', 'Give the new checkpoint either as XML or with --checkpoint, not both');
   }
-  const spec: BackupSpec = args.backupxml !== undefined ? parseBackupSpec(readInput(args.backupxml, 'backup XML')) : { mode: 'push' };
+  // The XML parsers load when XML is given (start-up time).
+  const spec: BackupSpec = args.backupxml !== undefined ? (await import('../libvirt/backup.js')).parseBackupSpec(readInput(args.backupxml, 'backup XML')) : { mode: 'push' };
   if (o.incremental !== undefined) spec.since = o.incremental;
   if (o.wait && spec.mode === 'pull') throw new QbackupError('INVALID_ARGUMENT', 'Option --wait is for push mode: a pull job lasts until domjobabort');
-  if (args.checkpointxml !== undefined) return { spec, checkpoint: parseCheckpointXml(readInput(args.checkpointxml, 'checkpoint XML')) };
+  if (args.checkpointxml !== undefined) return { spec, checkpoint: (await import('../libvirt/checkpoint.js')).parseCheckpointXml(readInput(args.checkpointxml, 'checkpoint XML')) };
   return { spec, checkpoint: o.checkpoint !== undefined ? { name: o.checkpoint } : undefined };
 }
 

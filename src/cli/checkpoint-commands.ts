@@ -3,7 +3,6 @@
 
 import type { CheckpointInfo } from '../checkpoint/checkpoints.js';
 import type { CheckpointDiskSpec } from '../checkpoint/spec.js';
-import { formatCheckpointXml, parseCheckpointXml } from '../libvirt/checkpoint.js';
 import { QbackupError } from '../errors.js';
 import { arg, defineCommand, flag, optionalArg, repeatable, value, type CliCommand } from './command.js';
 import { quiesceMode, quiesceOptions, readInput } from './options.js';
@@ -25,7 +24,8 @@ export const checkpointCommands: readonly CliCommand[] = [
     run: async ({ qb, out, args: { domain, file }, opts: o }) => {
       if (o.redefineValidate && !o.redefine) throw new QbackupError('INVALID_ARGUMENT', 'Option --redefine-validate needs --redefine');
       if (o.redefine && file === undefined) throw new QbackupError('INVALID_ARGUMENT', 'Option --redefine needs a checkpoint XML file');
-      const spec = file === undefined ? {} : parseCheckpointXml(readInput(file, 'checkpoint XML'));
+      // The XML parser loads when XML is given (start-up time).
+      const spec = file === undefined ? {} : (await import('../libvirt/checkpoint.js')).parseCheckpointXml(readInput(file, 'checkpoint XML'));
       if (!o.redefine && (spec.parent !== undefined || spec.creationTime !== undefined || spec.domainXml !== undefined)) {
         throw new QbackupError('INVALID_ARGUMENT', `Cannot create checkpoint of domain "${domain}": <parent>, <creationTime> and <domain> are only accepted with --redefine`);
       }
@@ -84,6 +84,7 @@ export const checkpointCommands: readonly CliCommand[] = [
     },
     run: async ({ qb, out, args: { domain, checkpoint: name }, opts: o }) => {
       const spec = await qb.checkpoints.describe(domain, name, { size: o.size });
+      const { formatCheckpointXml } = await import('../libvirt/checkpoint.js');
       const xml = formatCheckpointXml(spec, { noDomain: !o.domain, includeSize: o.size });
       emit(out, { name, xml }, () => xml);
     },

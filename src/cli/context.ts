@@ -10,7 +10,7 @@ import type { QbackupConfig } from '../config/config.js';
 import { Credentials } from '../config/credentials.js';
 import { defaultConfigFile, loadConfigFile } from '../config/load.js';
 import { QbackupError } from '../errors.js';
-import { Qbackup } from '../qbackup.js';
+import type { Qbackup } from '../qbackup.js';
 import { lineLogger } from '../util/operation.js';
 import type { BackendSettings } from '../repository/backend/open.js';
 import { crashAtPoint } from '../util/faults.js';
@@ -71,11 +71,14 @@ export function createCliContext(env: NodeJS.ProcessEnv): CliContext {
         const { config, configFile } = loadCliConfig(env, opts.config);
         const credentials = cliCredentials(env, config);
         const lockTimeoutMs = parseSeconds(opts.lockTimeout ?? env['QBACKUP_LOCK_TIMEOUT'], 30) * 1000;
+        // The library is loaded when a command runs, not for --help or --version (start-up time).
+        const { Qbackup } = await import('../qbackup.js');
         qb = Qbackup.open({
           stateDir: opts.stateDir ?? defaultStateDir(env, config),
           lockTimeoutMs,
           // The hypervisor (src/drivers/open.ts): qbackup:/// or a libvirt URI; a session daemon is found through XDG_RUNTIME_DIR.
-          connect: opts.connect ?? (env['QBACKUP_CONNECT'] || undefined),
+          // A configured connection's name stands for its URI; defaults.connection when none is given.
+          connect: connectionOf(config, opts.connect ?? (env['QBACKUP_CONNECT'] || undefined) ?? config.defaults.connection),
           runtimeDir: env['XDG_RUNTIME_DIR'] || undefined,
           // Test-only fault injection (src/util/faults.ts): never set it in production.
           faults: env['QBACKUP_CRASH_AT'] ? crashAtPoint(env['QBACKUP_CRASH_AT']) : undefined,
@@ -95,6 +98,11 @@ export function createCliContext(env: NodeJS.ProcessEnv): CliContext {
       }
     },
   };
+}
+
+/** The URI `connect` means: a name under `connections` in the configuration, else the URI as given. */
+export function connectionOf(config: QbackupConfig, connect: string | undefined): string | undefined {
+  return connect !== undefined ? (config.connections.get(connect) ?? connect) : undefined;
 }
 
 /**

@@ -7,11 +7,11 @@
 // hostile filename cannot drive the terminal.
 
 import { QbackupError } from '../errors.js';
-import { FileSession, escapeName, type FileEntry } from '../files/index.js';
+import { FileSession, escapeName, type ApplianceSettings, type FileEntry } from '../files/index.js';
 import type { Qbackup } from '../qbackup.js';
 import { arg, defineCommand, flag, value, type ArgumentSpec, type CliCommand } from './command.js';
 import { repoAccess } from './passwords.js';
-import { diskOption, oneOf, pointInTime, positiveNumber, repoOption } from './options.js';
+import { diskOption, oneOf, POINT_IN_TIME_FORMS, pointInTime, positiveNumber, repoOption } from './options.js';
 import { emit, table } from './output.js';
 
 const ACTIONS = ['filesystems', 'ls', 'cat', 'get', 'find'] as const;
@@ -32,7 +32,7 @@ export const filesCommands: readonly CliCommand[] = [
       repo: repoOption(),
       passwordFile: value('--password-file <file>', 'read the passphrase from this file (default: $QBACKUP_PASSWORD)'),
       backup: value('--backup <id>', 'the backup to open (default: the latest)'),
-      until: value('--until <time>', 'the latest backup taken at or before this time (ISO 8601)'),
+      until: value('--until <time>', `the latest backup taken at or before this time: ${POINT_IN_TIME_FORMS}`),
       disk: diskOption('open'),
       fs: value('--fs <device>', 'the filesystem to take as / (e.g. /dev/sda1; default: the operating system found, or the only filesystem)'),
       long: flag('-l, --long', 'ls, find: type, mode, owner, size, time and link target'),
@@ -43,6 +43,7 @@ export const filesCommands: readonly CliCommand[] = [
       timeout: value('--timeout <seconds>', 'stop the appliance when one operation takes longer (default 120; booting it has 600)'),
     },
     run: async ({ qb, out, cli, args, opts: o }) => {
+      const env = Object.fromEntries(Object.entries(cli.env).filter((e): e is [string, string] => e[1] !== undefined));
       const action = oneOf('action', args.action, ACTIONS);
       checkArguments(action, args.paths, o);
       if (o.backup !== undefined && o.until !== undefined) throw new QbackupError('INVALID_ARGUMENT', 'Give either --backup or --until, not both');
@@ -55,7 +56,7 @@ export const filesCommands: readonly CliCommand[] = [
         disks: o.disk,
         fs: o.fs,
         runDir: qb.domains.runDir(),
-        appliance: applianceSettings(qb, o.timeout),
+        appliance: applianceSettings(qb, o.timeout, env),
         limits: { maxFileBytes: o.maxBytes !== undefined ? positiveNumber('--max-bytes', o.maxBytes, 'MiB') * 2 ** 20 : undefined },
       });
       const stop = (): void => void session.close().finally(() => process.exit(130));
@@ -169,11 +170,13 @@ function listing(entries: readonly FileEntry[], long: boolean, fullPaths = false
   );
 }
 
-function applianceSettings(qb: Qbackup, timeout: string | undefined): { backendSettings?: string[]; requestTimeoutMs?: number } {
+/** The appliance runs with the command's environment (SUPERMIN_KERNEL, SUPERMIN_MODULES, LIBGUESTFS_* reach libguestfs). */
+function applianceSettings(qb: Qbackup, timeout: string | undefined, environment: Record<string, string>): ApplianceSettings {
   return {
+    environment,
     // Where QEMU must run without KVM (QBACKUP_ACCEL=tcg), so must the appliance.
-    ...(qb.options.accel === 'tcg' ? { backendSettings: ['force_tcg'] } : {}),
-    ...(timeout !== undefined ? { requestTimeoutMs: positiveNumber('--timeout', timeout, 'seconds') * 1000 } : {}),
+    backendSettings: qb.options.accel === 'tcg' ? ['force_tcg'] : undefined,
+    requestTimeoutMs: timeout !== undefined ? positiveNumber('--timeout', timeout, 'seconds') * 1000 : undefined,
   };
 }
 

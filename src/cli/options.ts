@@ -54,9 +54,28 @@ export function hostPort(flag: string, value: string, options: { anyPort?: boole
 }
 
 /** A point in time, e.g. `--until 2026-11-25T18:00:00Z`. */
-export function pointInTime(flag: string, value: string): Date {
-  const time = new Date(value);
-  if (Number.isNaN(time.getTime())) throw new QbackupError('INVALID_ARGUMENT', `Invalid ${flag} "${value}": expected a time such as 2026-11-25T18:00:00Z`);
+/** What a point in time on the command line may be, for option descriptions. */
+export const POINT_IN_TIME_FORMS = 'an ISO 8601 time (2026-11-25T18:00:00Z, 2026-11-25 18:00 in local time, 2026-11-25), now, yesterday (24 hours ago), or N seconds|minutes|hours|days|weeks ago';
+
+const DAY_MS = 86_400_000;
+const UNIT_MS: Record<string, number> = { second: 1000, minute: 60_000, hour: 3_600_000, day: DAY_MS, week: 7 * DAY_MS };
+const RELATIVE = /^(\d{1,9}) *(second|minute|hour|day|week)s? +ago$/;
+
+/**
+ * A point in time as a user types it: an ISO 8601 time (what Date parses), or
+ * a form relative to `now` as GNU date reads it: "now", "yesterday" (24 hours
+ * before now, the same time of day) and "N units ago".
+ */
+export function pointInTime(flag: string, value: string, now: Date = new Date()): Date {
+  const text = value.trim().toLowerCase().replace(/\s+/g, ' ');
+  let time: Date;
+  if (text === 'now') time = new Date(now.getTime());
+  else if (text === 'yesterday') time = new Date(now.getTime() - DAY_MS);
+  else {
+    const m = RELATIVE.exec(text);
+    time = m !== null ? new Date(now.getTime() - Number(m[1]) * (UNIT_MS[m[2] ?? ''] ?? Number.NaN)) : new Date(value);
+  }
+  if (Number.isNaN(time.getTime())) throw new QbackupError('INVALID_ARGUMENT', `Invalid ${flag} "${value}": expected a time such as 2026-11-25T18:00:00Z, yesterday or "2 days ago"`);
   return time;
 }
 

@@ -7,7 +7,7 @@ import { QbackupError } from '../errors.js';
 import type { GcReport, RepoStats, RetentionPolicy, ServeListen } from '../repository/repository.js';
 import { arg, defineCommand, flag, optionalArg, repeatable, requiredValue, value, valueWithDefault, type CliCommand } from './command.js';
 import { backupTable, describeBackup, describeCopy, describeGc, describePrune, describeStats, describeVerify } from './formatters.js';
-import { diskOption, hostPort, oneOf, pointInTime, positiveNumber, quiesceMode, quiesceOptions, repoOption } from './options.js';
+import { diskOption, hostPort, oneOf, POINT_IN_TIME_FORMS, pointInTime, positiveNumber, quiesceMode, quiesceOptions, repoOption } from './options.js';
 import { emit, table } from './output.js';
 import { FROM_PASSWORD_VARIABLE, NEW_PASSWORD_VARIABLE, PASSWORD_VARIABLE, repoAccess, repoName, requirePassword } from './passwords.js';
 import { withProgress } from './progress.js';
@@ -130,7 +130,7 @@ export const repositoryCommands: readonly CliCommand[] = [
       intoDomain: value('--into-domain <domain>', 'write into the disks of this shut-off domain with the same targets'),
       define: value('--define <name>', 'with --to: define a new domain of this name from the backup\'s saved definition (no UUID, no MACs), on the restored images'),
       backup: value('--backup <id>', 'the backup to restore (default: the latest)'),
-      until: value('--until <time>', 'the latest backup taken at or before this time (ISO 8601)'),
+      until: value('--until <time>', `the latest backup taken at or before this time: ${POINT_IN_TIME_FORMS}`),
       disk: diskOption('restore'),
       format: valueWithDefault('--format <format>', 'qcow2 or raw', 'qcow2'),
     },

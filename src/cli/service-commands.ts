@@ -8,9 +8,7 @@ import { QbackupError } from '../errors.js';
 import { isRemoteRepo } from '../repository/backend/open.js';
 import { runDaemon } from './serve.js';
 import type { RetentionPolicy } from '../repository/repository.js';
-import { Schedules, type ScheduleInfo } from '../service/schedules.js';
-import { ScheduleStore } from '../store/schedules.js';
-import { TokenStore } from '../store/tokens.js';
+import type { ScheduleInfo } from '../service/schedules.js';
 import { arg, defineCommand, flag, optionalArg, value, valueWithDefault, type CliCommand } from './command.js';
 import { oneOf } from './options.js';
 import { emit, table } from './output.js';
@@ -38,6 +36,7 @@ export const serviceCommands: readonly CliCommand[] = [
     args: { action: arg('action', 'create, list or revoke'), name: optionalArg('name', 'the token name') },
     options: { readOnly: flag('--read-only', 'the token may only read (GET)') },
     run: async ({ qb, out, args, opts }) => {
+      const { TokenStore } = await import('../store/tokens.js');
       const tokens = new TokenStore(qb.db);
       const action = oneOf('action', args.action === 'add' ? 'create' : args.action === 'remove' ? 'revoke' : args.action, ['create', 'list', 'revoke']);
       if (action === 'list') {
@@ -58,8 +57,8 @@ export const serviceCommands: readonly CliCommand[] = [
 
   defineCommand({
     name: 'schedule',
-    description: 'manage schedules the daemon runs: add DOMAIN --when W --repo DIR [--keep-…] (a backup with retention), add [DOMAIN] --run verify|gc --when W --repo DIR, add [DOMAIN] --run copy --when W --repo DIR --to DIR, list, remove ID',
-    args: { action: arg('action', 'add, list or remove'), target: optionalArg('target', 'the domain (add) or the schedule id (remove)') },
+    description: 'manage schedules the daemon runs: add DOMAIN --when W --repo DIR [--keep-…] (a backup with retention, through --connect if given), add [DOMAIN] --run verify|gc --when W --repo DIR, add [DOMAIN] --run copy --when W --repo DIR --to DIR, list, pause ID, resume ID, remove ID',
+    args: { action: arg('action', 'add, list, pause, resume or remove'), target: optionalArg('target', 'the domain (add) or the schedule id (pause, resume, remove)') },
     options: {
       run: valueWithDefault('--run <what>', 'backup, verify, gc or copy', 'backup'),
       readDataSubset: value('--read-data-subset <percent>', 'verify: also read back this share of the chunks (e.g. 10%)'),
@@ -77,11 +76,18 @@ export const serviceCommands: readonly CliCommand[] = [
       keepYearly: value('--keep-yearly <n>', 'the same per year'),
     },
     run: async ({ qb, out, cli, args, opts: o }) => {
+      const [{ Schedules }, { ScheduleStore }] = await Promise.all([import('../service/schedules.js'), import('../store/schedules.js')]);
       const schedules = new Schedules(new ScheduleStore(qb.db));
-      const action = oneOf('action', args.action, ['add', 'list', 'remove']);
+      const action = oneOf('action', args.action, ['add', 'list', 'pause', 'resume', 'remove']);
       if (action === 'list') {
         const list = schedules.list();
         emit(out, list, () => scheduleTable(list));
+        return;
+      }
+      if (action === 'pause' || action === 'resume') {
+        if (args.target === undefined) throw new QbackupError('INVALID_ARGUMENT', `Give the id of the schedule to ${action} (see qbackup schedule list)`);
+        const s = schedules.setPaused(args.target, action === 'pause');
+        emit(out, s, () => `${action === 'pause' ? 'Paused' : 'Resumed'} schedule ${s.id}; next run ${s.nextRunMs !== null ? new Date(s.nextRunMs).toISOString() : 'never (paused)'}`);
         return;
       }
       if (action === 'remove') {
@@ -101,6 +107,8 @@ export const serviceCommands: readonly CliCommand[] = [
       const s = schedules.add({
         action: what,
         ...(args.target !== undefined ? { domain: args.target } : {}),
+        // A backup schedule made under --connect backs up through that connection.
+        ...(what === 'backup' && qb.options.connect !== undefined ? { connection: qb.driver.uri } : {}),
         when: o.when,
         repo: cli.credentials.location(o.repo),
         ...(o.passwordFile !== undefined ? { passwordFile: resolve(o.passwordFile) } : {}),
@@ -118,7 +126,7 @@ export const serviceCommands: readonly CliCommand[] = [
 
 function scheduleTable(list: readonly ScheduleInfo[]): string {
   return table(
-    ['Id', 'Action', 'Domain', 'When', 'Repository', 'Retention', 'Next run'],
-    list.map((s) => [s.id, s.action ?? 'backup', s.domain ?? '-', s.when, s.to !== undefined ? `${s.repo} -> ${s.to}` : s.repo, Object.entries(s.retention ?? {}).map(([k, v]) => `${k}=${String(v)}`).join(' ') || '-', s.nextRunMs !== null ? new Date(s.nextRunMs).toISOString() : '-']),
+    ['Id', 'Action', 'Domain', 'Connection', 'When', 'Repository', 'Retention', 'Next run'],
+    list.map((s) => [s.id, s.action ?? 'backup', s.domain ?? '-', s.connection ?? '-', s.when, s.to !== undefined ? `${s.repo} -> ${s.to}` : s.repo, Object.entries(s.retention ?? {}).map(([k, v]) => `${k}=${String(v)}`).join(' ') || '-', s.paused === true ? 'paused' : s.nextRunMs !== null ? new Date(s.nextRunMs).toISOString() : '-']),
   );
 }

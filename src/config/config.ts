@@ -32,6 +32,8 @@ export interface ScheduleConfig {
   name: string;
   run: ScheduleRun;
   domain?: string | undefined;
+  /** Backup: a connection's name under `connections`, or a URI (default: defaults.connection, else the daemon's own). */
+  connection?: string | undefined;
   when: string;
   /** A configured repository's name. */
   repository: string;

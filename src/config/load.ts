@@ -10,8 +10,9 @@
 import { readFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
-import { Ajv, type ErrorObject } from 'ajv';
-import { LineCounter, isMap, isNode, isPair, isScalar, parseDocument, type Document } from 'yaml';
+import { createRequire } from 'node:module';
+import type { ErrorObject, ValidateFunction } from 'ajv';
+import type { Document } from 'yaml';
 import { QbackupError, describeError } from '../errors.js';
 import type { RetentionPolicy } from '../repository/repository.js';
 import { cronFor } from '../service/schedules.js';
@@ -48,11 +49,25 @@ interface Raw {
   server?: Record<string, unknown>;
 }
 
-const ajv = new Ajv({ allErrors: false, verbose: true, strict: true, strictRequired: false });
-const validate = ajv.compile<Raw>(CONFIG_SCHEMA);
+// The YAML parser and the schema validator are loaded, and the schema
+// compiled, when a configuration file is first parsed: most commands run
+// without one, and loading them is most of the CLI's start-up time.
+const require = createRequire(import.meta.url);
+let yamlModule: typeof import('yaml') | undefined;
+function yaml(): typeof import('yaml') {
+  yamlModule ??= require('yaml') as typeof import('yaml');
+  return yamlModule;
+}
+let compiled: ValidateFunction<Raw> | undefined;
+function validator(): ValidateFunction<Raw> {
+  const { Ajv } = require('ajv') as typeof import('ajv');
+  compiled ??= new Ajv({ allErrors: false, verbose: true, strict: true, strictRequired: false }).compile<Raw>(CONFIG_SCHEMA);
+  return compiled;
+}
 
 /** Parses and checks the text of a configuration file (`file` names it in errors). */
 export function parseConfig(text: string, file: string): QbackupConfig {
+  const { LineCounter, parseDocument } = yaml();
   const lines = new LineCounter();
   const doc = parseDocument(text, { lineCounter: lines, prettyErrors: false, uniqueKeys: true });
   const fail = (offset: number | undefined, what: string): QbackupError =>
@@ -60,6 +75,7 @@ export function parseConfig(text: string, file: string): QbackupConfig {
   const syntax = doc.errors[0];
   if (syntax !== undefined) throw fail(syntax.pos[0], `not valid YAML (${firstSentence(syntax.message)})`);
   const raw: unknown = doc.toJS() ?? {};
+  const validate = validator();
   if (!validate(raw)) {
     const e = mostUseful(validate.errors ?? []);
     throw fail(offsetOf(doc, e), describeSchemaError(e));
@@ -128,6 +144,7 @@ function offsetOf(doc: Document, e: ErrorObject): number | undefined {
   const path = pathOf(e.instancePath);
   const params = e.params as Record<string, unknown>;
   const key = e.keyword === 'additionalProperties' ? params['additionalProperty'] : e.keyword === 'propertyNames' ? params['propertyName'] : undefined;
+  const { isMap, isPair, isScalar, isNode } = yaml();
   if (typeof key === 'string') {
     const map = path.length === 0 ? doc.contents : doc.getIn(path, true);
     if (isMap(map)) {
@@ -139,6 +156,7 @@ function offsetOf(doc: Document, e: ErrorObject): number | undefined {
 }
 
 function nodeOffset(doc: Document, path: (string | number)[]): number | undefined {
+  const { isNode } = yaml();
   for (let n = path.length; n >= 0; n--) {
     const node = n === 0 ? doc.contents : doc.getIn(path.slice(0, n), true);
     if (isNode(node) && node.range !== undefined && node.range !== null) return node.range[0];
@@ -216,6 +234,9 @@ function scheduleOf(config: QbackupConfig, name: string, s: Record<string, unkno
   const domain = s['domain'] as string | undefined;
   if (run === 'backup' && domain === undefined) throw fail(path, `backup schedule "${name}" needs "domain"`);
   if (run === 'gc' && domain !== undefined) throw fail([...path, 'domain'], `gc schedule "${name}" works on the whole repository, not on a domain`);
+  const connection = s['connection'] as string | undefined;
+  if (connection !== undefined && run !== 'backup') throw fail([...path, 'connection'], `"connection" belongs to backup schedules, and schedule "${name}" runs ${run}`);
+  if (connection !== undefined && !config.connections.has(connection) && !connection.includes('://')) throw fail([...path, 'connection'], `schedule "${name}" names connection "${connection}", which is not under connections (give a name from there or a URI such as qemu:///system)`);
   if (run !== 'backup' && (s['retention'] !== undefined || s['full'] !== undefined)) throw fail(path, `"retention" and "full" belong to backup schedules, and schedule "${name}" runs ${run}`);
   if (run !== 'verify' && s['read-data-percent'] !== undefined) throw fail([...path, 'read-data-percent'], `"read-data-percent" belongs to verify schedules`);
   const when = s['when'] as string;
@@ -232,6 +253,7 @@ function scheduleOf(config: QbackupConfig, name: string, s: Record<string, unkno
     name,
     run,
     domain,
+    connection,
     when,
     repository,
     to,

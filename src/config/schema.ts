@@ -45,6 +45,7 @@ const schedule = {
   properties: {
     run: { enum: ['backup', 'verify', 'gc', 'copy'] },
     domain: { type: 'string', minLength: 1, maxLength: 256 },
+    connection: { type: 'string', minLength: 1 },
     when: { type: 'string', minLength: 1 },
     repository: { type: 'string', minLength: 1 },
     to: { type: 'string', minLength: 1 },

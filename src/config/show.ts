@@ -4,7 +4,7 @@
 // the secret itself), URLs lose their user info and query string (webhook
 // and ping URLs often carry a token there). Files are named, never read.
 
-import { stringify } from 'yaml';
+import { createRequire } from 'node:module';
 import type { QbackupConfig } from './config.js';
 
 export const MASK = '(set)';
@@ -55,5 +55,7 @@ export function effectiveConfig(config: QbackupConfig): Record<string, unknown> 
 
 /** The same as YAML for people. */
 export function describeConfig(config: QbackupConfig): string {
+  // Loaded when a configuration is shown (start-up time of every other command).
+  const { stringify } = createRequire(import.meta.url)('yaml') as typeof import('yaml');
   return stringify(JSON.parse(JSON.stringify(effectiveConfig(config))) as unknown).trimEnd();
 }

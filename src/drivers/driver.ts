@@ -210,6 +210,13 @@ export interface HypervisorDriver {
    * previous checkpoint once the next backup commits, keeping one.
    */
   readonly keepsLatestCheckpointOnly?: boolean | undefined;
+  /**
+   * True when `beginPullBackup` backs up a shut-off domain itself, without
+   * starting it (libvirt: its images opened by a storage daemon of the
+   * driver's, which keeps the domain from starting meanwhile). Otherwise the
+   * repository starts the domain paused for the backup and shuts it down after.
+   */
+  readonly backsUpShutOffDomains?: boolean | undefined;
   /** Releases the driver's connection, if it holds one; idempotent. */
   close?(): Promise<void>;
 }

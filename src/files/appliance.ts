@@ -19,6 +19,7 @@
 //   after a grace period the helper and the VM get SIGKILL by pid.
 
 import { spawn, type ChildProcess } from 'node:child_process';
+import { statSync } from 'node:fs';
 import type { Readable, Writable } from 'node:stream';
 import { QbackupError } from '../errors.js';
 import { HELPER_SOURCE } from './helper-source.js';
@@ -123,6 +124,7 @@ export class GuestfsAppliance implements AsyncDisposable {
 
   /** Starts the helper, adds the drives read-only and boots the VM. */
   static async launch(drives: readonly NbdDrive[], settings: ApplianceSettings = {}): Promise<GuestfsAppliance> {
+    if (settings.environment !== undefined) checkSuperminEnvironment(settings.environment);
     const a = new GuestfsAppliance(settings);
     try {
       await a.request('add', { drives });
@@ -303,6 +305,30 @@ export class GuestfsError extends Error {
   /** libguestfs says ENOENT as "No such file or directory". */
   get notFound(): boolean {
     return /No such file or directory/i.test(this.guestfsMessage);
+  }
+}
+
+/**
+ * supermin's kernel variables, checked before anything starts: one that names
+ * nothing makes supermin fail deep in its build with a message about Xen
+ * kernels, so the user gets the variable and its value instead.
+ */
+function checkSuperminEnvironment(env: Readonly<Record<string, string>>): void {
+  const kind = (path: string): 'file' | 'directory' | undefined => {
+    try {
+      const st = statSync(path);
+      return st.isFile() ? 'file' : st.isDirectory() ? 'directory' : undefined;
+    } catch {
+      return undefined;
+    }
+  };
+  const kernel = env['SUPERMIN_KERNEL'];
+  if (kernel !== undefined && kernel !== '' && kind(kernel) !== 'file') {
+    throw new QbackupError('APPLIANCE_FAILED', `The file-browsing appliance cannot start: SUPERMIN_KERNEL "${kernel}" is not a file; point it at a kernel (vmlinuz) or unset it so the host's /boot/vmlinuz-* is used`);
+  }
+  const modules = env['SUPERMIN_MODULES'];
+  if (modules !== undefined && modules !== '' && kind(modules) !== 'directory') {
+    throw new QbackupError('APPLIANCE_FAILED', `The file-browsing appliance cannot start: SUPERMIN_MODULES "${modules}" is not a directory; point it at the kernel's modules (a real directory on which depmod has run) or unset it`);
   }
 }
 

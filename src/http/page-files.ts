@@ -11,7 +11,7 @@ export const FILE_BROWSER_HTML = `<section id="files" hidden>
 <h2>Files of backup <span id="files-backup"></span> <button id="files-close">Close</button></h2>
 <p><span id="files-crumbs"></span> <span id="files-status" class="muted"></span></p>
 <table id="files-table"><thead><tr><th><input type="checkbox" id="files-all" title="select all"></th><th>Name</th><th>Size</th><th>Modified</th><th>Mode</th><th>Owner</th><th></th></tr></thead><tbody></tbody></table>
-<p><button id="files-restore">Restore selected…</button> <span id="files-result" class="muted"></span></p>
+<p><button id="files-restore" class="write">Restore selected…</button> <span id="files-result" class="muted"></span></p>
 </section>
 `;
 

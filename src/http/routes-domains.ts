@@ -1,10 +1,14 @@
-// Domain endpoints: list, show, define (libvirt <domain> XML, raw or as
-// { xml }), undefine, start, shutdown, destroy, disks (attach, detach).
+// Domain endpoints: the connections the daemon reaches, list and show
+// (?connection= a configured name or a URI: qbackup's own domains or
+// libvirt's, each naming its connection), and for qbackup's own domains
+// define (libvirt <domain> XML, raw or as { xml }), undefine, start,
+// shutdown, destroy, disks (attach, detach).
 // Start, shutdown and destroy answer when QEMU has done it (bounded by the
 // library's timeouts), so they need no task.
 
 import type { FastifyInstance } from 'fastify';
 import type { AttachDiskRequest } from '../domain/domains.js';
+import { QEMU_DRIVER_URI } from '../drivers/qemu/driver.js';
 import type { QbackupService } from '../service/daemon-service.js';
 import { addRoute, bool, flagValue, jsonOrXml, object, queryFlag, str } from './route.js';
 
@@ -19,19 +23,30 @@ export function xmlOf(body: unknown): string {
 
 export function domainRoutes(app: FastifyInstance, service: QbackupService): void {
   const qb = service.qb;
-  addRoute<unknown, { all?: string }, unknown>(app, service, {
-    method: 'GET', url: '/api/domains', tag, summary: 'List domains (running and crashed; ?all=true adds shut-off ones)',
-    query: object({ all: queryFlag }),
-    handler: ({ query }) => qb.domains.list({ all: flagValue(query.all) }),
+  addRoute(app, service, {
+    method: 'GET', url: '/api/connections', tag, summary: 'The hypervisor connections the daemon reaches (qbackup:/// is its own QEMU; qemu:///system is libvirt), the default first',
+    handler: () => service.connections(),
+  });
+  addRoute<unknown, { all?: string; connection?: string }, unknown>(app, service, {
+    method: 'GET', url: '/api/domains', tag, summary: 'List the domains of a connection (running and crashed; ?all=true adds shut-off ones; ?connection= a configured name or a URI, default the daemon\'s)',
+    query: object({ all: queryFlag, connection: str({ maxLength: 1024 }) }),
+    handler: ({ query }) => service.listDomains(service.connectionUri(query.connection), { all: flagValue(query.all) }),
   });
   addRoute<unknown, unknown, unknown>(app, service, {
     method: 'POST', url: '/api/domains', tag, status: 201, summary: 'Define a domain from libvirt <domain> XML (raw application/xml, or JSON { xml })',
     body: jsonOrXml(object({ xml: str({ maxLength: 1 << 20 }) }, ['xml'])),
     handler: ({ body }) => qb.domains.define(xmlOf(body)),
   });
-  addRoute<DomainParams, unknown, unknown>(app, service, {
-    method: 'GET', url: '/api/domains/:domain', tag, params: domainParams, summary: 'A domain: its state and disks',
-    handler: ({ params }) => ({ ...qb.domains.info(params.domain), disks: qb.domains.blockList(params.domain) }),
+  addRoute<DomainParams, { connection?: string }, unknown>(app, service, {
+    method: 'GET', url: '/api/domains/:domain', tag, params: domainParams, summary: 'A domain: its state and disks (?connection= as for the list)',
+    query: object({ connection: str({ maxLength: 1024 }) }),
+    handler: async ({ params, query }) => {
+      const uri = service.connectionUri(query.connection);
+      if (uri === QEMU_DRIVER_URI) return { ...qb.engine.domains.info(params.domain), disks: qb.engine.domains.blockList(params.domain), connection: uri };
+      const driver = qb.connection(uri).driver;
+      const domain = await driver.describeDomain(params.domain);
+      return { ...domain, disks: await driver.disks(params.domain), connection: uri };
+    },
   });
   addRoute<DomainParams, unknown, unknown>(app, service, {
     method: 'GET', url: '/api/domains/:domain/xml', tag, params: domainParams, summary: 'The domain definition as libvirt XML, including hot-plugged disks',

@@ -1,10 +1,14 @@
 // Repository endpoints. Long operations (backup, restore, export, verify,
 // prune, gc, copy) answer 202 with a task at once; listing and stats answer
-// directly. The passphrase of an encrypted repository travels in the
-// X-Repository-Password header (never in a URL, never stored in a task); a
-// copy's source passphrase in X-Source-Repository-Password.
+// directly; the inventory also names every manifest that cannot be read.
+// Backup and the restores that reach a domain (intoDomain, define, instant)
+// take `connection` (a configured name or a URI; default the daemon's). The
+// passphrase of an encrypted repository travels in the X-Repository-Password
+// header (never in a URL, never stored in a task); a copy's source
+// passphrase in X-Source-Repository-Password.
 
 import type { FastifyInstance, FastifyRequest } from 'fastify';
+import { restrictsRepositories } from '../config/config.js';
 import { QbackupError } from '../errors.js';
 import { checkBackupChoice, type RepoAccess, type RetentionPolicy } from '../repository/repository.js';
 import type { QbackupService } from '../service/daemon-service.js';
@@ -16,6 +20,7 @@ const tag = 'repository';
 const repo = str({ minLength: 1 });
 const retention = object({ keepLast: int(1), keepHourly: int(1), keepDaily: int(1), keepWeekly: int(1), keepMonthly: int(1), keepYearly: int(1) });
 const format = { type: 'string', enum: ['qcow2', 'raw'] } as const;
+const connection = str({ maxLength: 1024 });
 
 /** A configured repository's name or a location, through the service (allow-list, configured passphrase unless the header gives one). */
 function access(request: FastifyRequest, repoPath: string, headerName = 'x-repository-password'): RepoAccess {
@@ -78,16 +83,28 @@ function pointInTime(value: string): Date {
   return time;
 }
 
-interface BackupBody { domain: string; repo: string; full?: boolean; disks?: string[]; retention?: RetentionPolicy }
-interface RestoreBody { domain: string; repo: string; backup?: string; until?: string; disks?: string[]; to?: string; intoDomain?: string; format?: 'qcow2' | 'raw' }
+interface BackupBody { domain: string; repo: string; connection?: string; full?: boolean; disks?: string[]; retention?: RetentionPolicy }
+interface RestoreBody { domain: string; repo: string; connection?: string; backup?: string; until?: string; disks?: string[]; to?: string; intoDomain?: string; define?: string; format?: 'qcow2' | 'raw' }
 interface ExportBody { domain: string; repo: string; disk: string; file: string; backup?: string; format?: 'qcow2' | 'raw' }
 interface VerifyBody { repo: string; domain?: string; backup?: string; readData?: boolean; readDataPercent?: number }
-interface InstantBody { domain: string; repo: string; backup?: string; until?: string; as?: string; to?: string; speedBytesPerSec?: number }
+interface InstantBody { domain: string; repo: string; connection?: string; backup?: string; until?: string; as?: string; to?: string; speedBytesPerSec?: number }
 interface CopyBody { from: string; to: string; domain?: string; backups?: string[]; dryRun?: boolean }
 interface PruneBody extends RetentionPolicy { domain: string; repo: string; dryRun?: boolean }
 
 export function repositoryRoutes(app: FastifyInstance, service: QbackupService): void {
   const qb = service.qb;
+  addRoute(app, service, {
+    method: 'GET', url: '/api/repositories', tag,
+    summary: 'The repositories the configuration names (name, location, whether a passphrase is configured), the default one, and whether other locations are reachable too',
+    handler: () => {
+      const config = service.config;
+      return {
+        repositories: [...config.repositories.values()].map((r) => ({ name: r.name, location: r.location, passphrase: r.passwordFile !== undefined || r.passwordCommand !== undefined })),
+        default: config.defaults.repository ?? null,
+        otherLocations: !restrictsRepositories(config),
+      };
+    },
+  });
   addRoute<unknown, unknown, { repo: string; chunkSize?: number }>(app, service, {
     method: 'POST', url: '/api/repository/init', tag, status: 201, summary: 'Create a repository (encrypted when X-Repository-Password is given)',
     body: object({ repo, chunkSize: int(4096) }, ['repo']),
@@ -96,21 +113,31 @@ export function repositoryRoutes(app: FastifyInstance, service: QbackupService):
   addRoute<unknown, unknown, BackupBody>(app, service, {
     method: 'POST', url: '/api/repository/backups', tag, status: 202,
     summary: 'Back up a domain into a repository (incremental when coverage allows), then apply a retention policy if given; returns a task',
-    body: object({ domain: str({ maxLength: 256 }), repo, full: bool, disks: strings, retention }, ['domain', 'repo']),
-    handler: ({ body, request, who }) =>
-      service.backup({
+    body: object({ domain: str({ maxLength: 256 }), repo, connection, full: bool, disks: strings, retention }, ['domain', 'repo']),
+    handler: async ({ body, request, who }) => {
+      const uri = service.connectionUri(body.connection);
+      const repoAccess = access(request, body.repo);
+      await service.requireDomain(uri, body.domain);
+      return service.backup({
         domain: body.domain,
-        ...access(request, body.repo),
+        connection: uri,
+        ...repoAccess,
         ...(body.full !== undefined ? { full: body.full } : {}),
         ...(body.disks !== undefined ? { disks: body.disks } : {}),
         ...(body.retention !== undefined ? { retention: body.retention } : {}),
         requestedBy: who,
-      }),
+      });
+    },
   });
   addRoute<unknown, { repo: string; domain?: string }, unknown>(app, service, {
     method: 'GET', url: '/api/repository/backups', tag, summary: 'List the backups in a repository (?domain= for one domain)',
     query: object({ repo, domain: str({ maxLength: 256 }) }, ['repo']),
     handler: ({ query, request }) => qb.repository.list(access(request, query.repo), query.domain),
+  });
+  addRoute<unknown, { repo: string; domain?: string }, unknown>(app, service, {
+    method: 'GET', url: '/api/repository/inventory', tag, summary: 'The readable backups (?domain= for one domain) and, by name, every manifest that cannot be read (damaged), which never hides the others',
+    query: object({ repo, domain: str({ maxLength: 256 }) }, ['repo']),
+    handler: ({ query, request }) => qb.repository.inventory(access(request, query.repo), query.domain),
   });
   addRoute<unknown, { repo: string }, unknown>(app, service, {
     method: 'GET', url: '/api/repository/stats', tag, summary: 'Sizes of a repository: logical, referenced, stored, dedup and compression ratios',
@@ -125,15 +152,17 @@ function longRepositoryRoutes(app: FastifyInstance, service: QbackupService): vo
   const qb = service.qb;
   const tasks = service.tasks;
   addRoute<unknown, unknown, RestoreBody>(app, service, {
-    method: 'POST', url: '/api/repository/restore', tag, status: 202, summary: 'Restore a backup to new images (to) or into the disks of a shut-off domain (intoDomain); returns a task',
-    body: object({ domain: str({ maxLength: 256 }), repo, backup: str({ maxLength: 256 }), until: str({ maxLength: 64 }), disks: strings, to: str(), intoDomain: str({ maxLength: 256 }), format }, ['domain', 'repo']),
+    method: 'POST', url: '/api/repository/restore', tag, status: 202, summary: 'Restore a backup to new images (to; with define: and define a new domain of that name on them) or into the disks of a shut-off domain (intoDomain), through connection; returns a task',
+    body: object({ domain: str({ maxLength: 256 }), repo, connection, backup: str({ maxLength: 256 }), until: str({ maxLength: 64 }), disks: strings, to: str(), intoDomain: str({ maxLength: 256 }), define: str({ maxLength: 256 }), format }, ['domain', 'repo']),
     handler: ({ body: b, request, who }) => {
       if ((b.to === undefined) === (b.intoDomain === undefined)) throw new QbackupError('INVALID_ARGUMENT', 'Give either to or intoDomain');
+      if (b.define !== undefined && b.to === undefined) throw new QbackupError('INVALID_ARGUMENT', 'Option define needs to (the directory of the new domain\'s images)');
+      const target = qb.connection(service.connectionUri(b.connection));
       const until = b.until !== undefined ? pointInTime(b.until) : undefined;
       // The library's rule, checked before the task is queued so the request itself is refused.
       checkBackupChoice(b.domain, { backup: b.backup, until });
-      const options = { ...access(request, b.repo), ...(b.backup !== undefined ? { backup: b.backup } : {}), ...(until !== undefined ? { until } : {}), ...(b.disks !== undefined ? { disks: b.disks } : {}), ...(b.to !== undefined ? { to: b.to } : {}), ...(b.intoDomain !== undefined ? { intoDomain: b.intoDomain } : {}), format: b.format ?? 'qcow2' };
-      return tasks.submit({ kind: 'repository.restore', domain: b.intoDomain ?? b.domain, requestedBy: who, cancellable: true, run: (ctx) => qb.repository.restore(b.domain, { ...options, onProgress: (p) => ctx.progress(p), signal: ctx.signal }) });
+      const options = { ...access(request, b.repo), ...(b.backup !== undefined ? { backup: b.backup } : {}), ...(until !== undefined ? { until } : {}), ...(b.disks !== undefined ? { disks: b.disks } : {}), ...(b.to !== undefined ? { to: b.to } : {}), ...(b.intoDomain !== undefined ? { intoDomain: b.intoDomain } : {}), define: b.define, format: b.format ?? 'qcow2' };
+      return tasks.submit({ kind: 'repository.restore', domain: b.intoDomain ?? b.define ?? b.domain, requestedBy: who, cancellable: true, run: (ctx) => target.repository.restore(b.domain, { ...options, onProgress: (p) => ctx.progress(p), signal: ctx.signal }) });
     },
   });
   addRoute<unknown, unknown, ExportBody>(app, service, {
@@ -180,9 +209,9 @@ function instantRestoreRoutes(app: FastifyInstance, service: QbackupService): vo
   addRoute<unknown, unknown, InstantBody>(app, service, {
     method: 'POST', url: '/api/repository/restore-instant', tag, status: 201,
     summary: 'Run a domain (or a new one, as) from a backup at once while QEMU copies its data into local overlays (to); answers when the domain runs',
-    body: object({ domain: str({ maxLength: 256 }), repo, backup: str({ maxLength: 256 }), until: str({ maxLength: 64 }), as: str({ maxLength: 256 }), to: str(), speedBytesPerSec: int(1) }, ['domain', 'repo']),
+    body: object({ domain: str({ maxLength: 256 }), repo, connection, backup: str({ maxLength: 256 }), until: str({ maxLength: 64 }), as: str({ maxLength: 256 }), to: str(), speedBytesPerSec: int(1) }, ['domain', 'repo']),
     handler: ({ body: b, request }) => {
-      return qb.instant.restore(b.domain, {
+      return qb.connection(service.connectionUri(b.connection)).instant.restore(b.domain, {
         ...access(request, b.repo),
         ...(b.backup !== undefined ? { backup: b.backup } : {}),
         ...(b.until !== undefined ? { until: pointInTime(b.until) } : {}),

@@ -1,7 +1,7 @@
 // Task and schedule endpoints: list and show tasks, follow one as
 // server-sent events (a `task` event with the whole task on every change of
-// state, progress or log, ending after the final state), cancel; list, add
-// and remove backup schedules.
+// state, progress or log, ending after the final state), cancel; list, add,
+// change, pause, resume, run now and remove schedules.
 
 import type { FastifyInstance } from 'fastify';
 import type { QbackupService } from '../service/daemon-service.js';
@@ -69,15 +69,41 @@ function scheduleRoutes(app: FastifyInstance, service: QbackupService): void {
     method: 'GET', url: '/api/schedules', tag, summary: 'Backup schedules with their next run',
     handler: () => service.schedules.list(),
   });
+  const spec = object(
+    { action: { type: 'string', enum: ['backup', 'verify', 'gc', 'copy'] }, domain: str({ maxLength: 256 }), connection: str({ maxLength: 1024 }), when: str({ maxLength: 128 }), repo: str({ minLength: 1 }), passwordFile: str(), to: str({ minLength: 1 }), toPasswordFile: str(), retention, full: bool, readDataPercent: { type: 'number' } },
+    ['when', 'repo'],
+  );
+  // repo and to: a configured name or a location, stored as the location (refused when the configuration does not allow it);
+  // connection: a configured name or a URI, stored as the URI.
+  const resolve = (body: ScheduleSpec): ScheduleSpec => ({
+    ...body,
+    repo: service.location(body.repo),
+    ...(body.to !== undefined ? { to: service.location(body.to) } : {}),
+    ...(body.connection !== undefined ? { connection: service.connectionUri(body.connection) } : {}),
+  });
   addRoute<unknown, unknown, ScheduleSpec>(app, service, {
     method: 'POST', url: '/api/schedules', tag, status: 201,
-    summary: 'Add a schedule: action (backup, verify, gc or copy), domain, when (cron or "daily 02:00", "weekly sun 03:00", "hourly :15"), repo (a configured name or a location), retention and full (backup), readDataPercent (verify), to and toPasswordFile (copy: the target), passwordFile',
-    body: object(
-      { action: { type: 'string', enum: ['backup', 'verify', 'gc', 'copy'] }, domain: str({ maxLength: 256 }), when: str({ maxLength: 128 }), repo: str({ minLength: 1 }), passwordFile: str(), to: str({ minLength: 1 }), toPasswordFile: str(), retention, full: bool, readDataPercent: { type: 'number' } },
-      ['when', 'repo'],
-    ),
-    // repo and to: a configured name or a location, stored as the location (refused when the configuration does not allow it).
-    handler: ({ body }) => service.schedules.add({ ...body, repo: service.location(body.repo), ...(body.to !== undefined ? { to: service.location(body.to) } : {}) }),
+    summary: 'Add a schedule: action (backup, verify, gc or copy), domain, connection (backup: a configured name or a URI; default the daemon\'s), when (cron or "daily 02:00", "weekly sun 03:00", "hourly :15"), repo (a configured name or a location), retention and full (backup), readDataPercent (verify), to and toPasswordFile (copy: the target), passwordFile',
+    body: spec,
+    handler: ({ body }) => service.schedules.add(resolve(body)),
+  });
+  addRoute<IdParams, unknown, ScheduleSpec>(app, service, {
+    method: 'PUT', url: '/api/schedules/:id', tag, params: taskParams,
+    summary: 'Change a schedule: the same fields as when adding it, all given again (its id, last run and paused state stay); one from the configuration file is changed there (409)',
+    body: spec,
+    handler: ({ params, body }) => service.schedules.update(params.id, resolve(body)),
+  });
+  addRoute<IdParams, unknown, unknown>(app, service, {
+    method: 'POST', url: '/api/schedules/:id/pause', tag, params: taskParams, summary: 'Pause a schedule: it does not run until resumed',
+    handler: ({ params }) => service.schedules.setPaused(params.id, true),
+  });
+  addRoute<IdParams, unknown, unknown>(app, service, {
+    method: 'POST', url: '/api/schedules/:id/resume', tag, params: taskParams, summary: 'Resume a schedule: it runs at its next time after now (runs missed while paused are not made up)',
+    handler: ({ params }) => service.schedules.setPaused(params.id, false),
+  });
+  addRoute<IdParams, unknown, unknown>(app, service, {
+    method: 'POST', url: '/api/schedules/:id/run', tag, params: taskParams, status: 202, summary: 'Run a schedule now (paused or not; its next run stays); returns the task',
+    handler: ({ params, who }) => service.runScheduleNow(params.id, who),
   });
   addRoute<IdParams, unknown, unknown>(app, service, {
     method: 'GET', url: '/api/schedules/:id', tag, params: taskParams, summary: 'A schedule',

@@ -75,16 +75,19 @@ export async function backupDomain(driver: HypervisorDriver, store: Store, domai
   const tls = tlsFor(driver, domain, options);
   // A gc that is running is waited for (locks.ts); the wait shows as a phase of the progress.
   await using lock = await acquireLock(store.backend, 'backup', domain, { onWait: () => options.onProgress?.({ phase: 'waiting for a gc to end', doneBytes: 0, totalBytes: 0 }) });
-  // A shut-off domain is started with its CPUs stopped: QEMU opens the images
-  // with their bitmaps, no guest code runs, and it is shut down cleanly after.
-  const startedHere = (await driver.describeDomain(domain)).state !== 'running';
-  if (startedHere && options.quiesce === 'required') {
+  // A shut-off domain is backed up by the driver itself when it can (libvirt:
+  // without starting it); else it is started with its CPUs stopped: QEMU
+  // opens the images with their bitmaps, no guest code runs, and it is shut
+  // down cleanly after.
+  const shutOff = (await driver.describeDomain(domain)).state !== 'running';
+  if (shutOff && options.quiesce === 'required') {
     throw new QbackupError('GUEST_AGENT', `Cannot quiesce domain "${domain}": it is not running`);
   }
+  const startedHere = shutOff && driver.backsUpShutOffDomains !== true;
   if (startedHere) await driver.startDomain(domain, { paused: true });
   let manifest: Manifest;
   try {
-    manifest = await backupRunning(driver, store, domain, selected, { ...options, ...tls }, startedHere, lock);
+    manifest = await backupRunning(driver, store, domain, selected, { ...options, ...tls }, shutOff, lock);
   } catch (err) {
     if (startedHere) {
       await driver.shutdownDomain(domain).catch((stopErr: unknown) => {
@@ -126,7 +129,7 @@ function selectDisks(all: readonly DriverDisk[], domain: string, targets: readon
 /** The options once TLS credentials are read. */
 type RunOptions = RepoBackupOptions & { clientTls?: TlsClientCredentials };
 
-async function backupRunning(driver: HypervisorDriver, store: Store, domain: string, selected: readonly DriverDisk[], options: RunOptions, startedHere: boolean, lock: HeldLock): Promise<Manifest> {
+async function backupRunning(driver: HypervisorDriver, store: Store, domain: string, selected: readonly DriverDisk[], options: RunOptions, shutOff: boolean, lock: HeldLock): Promise<Manifest> {
   const id = newBackupId();
   const checkpoint = `qb-${id}`;
   // A damaged manifest never stops a new backup: the newest readable one is the parent.
@@ -140,11 +143,11 @@ async function backupRunning(driver: HypervisorDriver, store: Store, domain: str
   let job: PullBackup | undefined;
   let manifest: Manifest;
   try {
-    // A domain started here, paused, runs no agent: its disks are as it left them.
+    // A domain that was shut off runs no agent (started here paused, or not at all): its disks are as it left them.
     job = await driver.beginPullBackup(domain, {
       checkpoint,
       disks: plans.map((p) => ({ target: p.disk.target, since: p.parent?.manifest.checkpoint })),
-      quiesce: startedHere ? undefined : options.quiesce,
+      quiesce: shutOff ? undefined : options.quiesce,
       tcp: options.tcp,
       tlsCertDir: options.tlsCertDir,
     });

@@ -92,9 +92,8 @@ async function buildIndex(store: Store, ids: Map<number, Buffer>, slots: number,
   const sorted = [...ids.keys()].sort((a, b) => a - b);
   const delta: DiskIndex = { kind: 'delta', chunkSize, virtualSize, parent, slots: Uint32Array.from(sorted), ids: Buffer.alloc(sorted.length * 32) };
   sorted.forEach((slot, i) => ids.get(slot)?.copy(delta.ids, i * 32));
-  const chain = await store.indexChain(parent);
-  if (chain.length <= MAX_CHAIN) return delta;
-  return resolveChain([...chain, delta], 'the new disk index');
+  if ((await store.indexChainLength(parent)) <= MAX_CHAIN) return delta;
+  return resolveChain([...(await store.indexChain(parent)), delta], 'the new disk index');
 }
 
 /**

@@ -1,12 +1,17 @@
 // What a repository holds and what it costs: the logical size of every
 // backup, the data they reference, what is stored after deduplication and
-// compression, and the ratios between them.
+// compression, and the ratios between them. A manifest that cannot be read
+// is counted as damaged and left out of the sizes: it never hides the
+// figures of the others.
 
 import { ZERO_ID } from './chunk.js';
 import type { Store } from './store.js';
 
 export interface RepoStats {
+  /** Readable backups. */
   backups: number;
+  /** Backups whose manifest cannot be read (named by list and verify). */
+  damagedBackups: number;
   /** Sum of every backed-up disk's virtual size. */
   logicalBytes: number;
   /** Sum over backups of the bytes their disks hold in data chunks (not holes). */
@@ -24,7 +29,7 @@ export interface RepoStats {
 
 export async function repositoryStats(store: Store): Promise<RepoStats> {
   await store.loadChunks();
-  const manifests = await store.manifests();
+  const { manifests, damaged } = await store.readableManifests();
   const unique = new Set<string>();
   let logicalBytes = 0;
   let referencedBytes = 0;
@@ -51,6 +56,7 @@ export async function repositoryStats(store: Store): Promise<RepoStats> {
   for (const prefix of ['data/', 'index/', 'indexes/', 'snapshots/']) for (const o of await store.backend.list(prefix)) repositoryBytes += o.size;
   return {
     backups: manifests.length,
+    damagedBackups: damaged.length,
     logicalBytes,
     referencedBytes,
     uniqueChunks: unique.size,

@@ -35,6 +35,7 @@ import { ChunkCompressor } from './compress.js';
 import { chunkId, newMasterKey, parseKeyFile, seal, unseal, unwrapMasterKey, wrapMasterKey, type MasterKey } from './crypto.js';
 import { decodeIndex, encodeIndex, indexKey, INDEX_ID, MAX_CHAIN, resolveChain, type DiskIndex, type FullIndex } from './disk-index.js';
 import { parseManifest, parseManifestName, manifestKey, serializeManifestWithChecksum, type Manifest } from './manifest.js';
+import { cachedChainLength, packIndexCache, rememberChainLength } from './index-cache.js';
 import { PACK_ID, PACK_TARGET_BYTES, PackBuilder, packIndexKey, packKey, parseHeader } from './pack.js';
 
 /** Small objects (pack headers, manifests) read at once when loading them all. */
@@ -181,16 +182,37 @@ export class Store {
 
   // ---- chunks ----------------------------------------------------------------
 
-  /** Reads every pack header, so `has` and `readChunk` know where chunks are; `skip` leaves out condemned packs. */
+  /**
+   * Reads every pack header, so `has` and `readChunk` know where chunks are;
+   * `skip` leaves out condemned packs. Headers this process read before
+   * come from its cache (index-cache.ts), checked against the listing.
+   */
   async loadChunks(skip: ReadonlySet<string> = new Set()): Promise<void> {
-    const chunks = new Map<string, ChunkLocation>();
-    const packIds = (await this.backend.list('index/')).map(({ key }) => key.slice(6)).filter((id) => PACK_ID.test(id) && !skip.has(id));
+    const cache = packIndexCache(this.location, this.config.id);
+    const listed = (await this.backend.list('index/')).filter(({ key }) => PACK_ID.test(key.slice(6)));
+    const present = new Set<string>();
+    const missing: Array<{ packId: string; size: number }> = [];
+    for (const { key, size } of listed) {
+      const packId = key.slice(6);
+      present.add(packId);
+      if (cache.get(packId)?.size !== size) missing.push({ packId, size });
+    }
+    for (const packId of cache.keys()) if (!present.has(packId)) cache.delete(packId);
     // Several headers at once: on object storage each read is a round trip.
-    await runPool(packIds[Symbol.iterator](), HEADER_READS_IN_FLIGHT, async (packId) => {
-      for (const e of await this.packEntries(packId)) {
-        chunks.set(e.id.toString('hex'), { packId, offset: e.offset, length: e.length, rawLength: e.rawLength });
-      }
+    await runPool(missing[Symbol.iterator](), HEADER_READS_IN_FLIGHT, async ({ packId, size }) => {
+      const entries = await this.packEntries(packId);
+      cache.set(packId, {
+        size,
+        ids: entries.map((e) => e.id.toString('hex')),
+        locations: entries.map((e) => ({ packId, offset: e.offset, length: e.length, rawLength: e.rawLength })),
+      });
     });
+    const chunks = new Map<string, ChunkLocation>();
+    for (const packId of present) {
+      const cached = cache.get(packId);
+      if (cached === undefined || skip.has(packId)) continue;
+      for (let i = 0; i < cached.ids.length; i++) chunks.set(cached.ids[i] as string, cached.locations[i] as ChunkLocation);
+    }
     this.chunks = chunks;
   }
 
@@ -313,11 +335,16 @@ export class Store {
   /** Stores a finished pack: the pack first, then its index, so no index names a missing pack. */
   async storePack(builder: PackBuilder): Promise<string> {
     const { parts, header } = builder.finishParts(this.key);
+    const headerBytes = header.length;
     // Put together and hashed on a worker; the blobs are not ours after this.
     const { pack, packId } = await decodePool().assemble(parts, [header]);
     await this.backend.putIfAbsent(packKey(packId), pack);
     await this.backend.putIfAbsent(packIndexKey(packId), header);
-    for (const e of builder.entries) this.chunks.set(e.id.toString('hex'), { packId, offset: e.offset, length: e.length, rawLength: e.rawLength });
+    const ids = builder.entries.map((e) => e.id.toString('hex'));
+    const locations = builder.entries.map((e) => ({ packId, offset: e.offset, length: e.length, rawLength: e.rawLength }));
+    for (const [i, hex] of ids.entries()) this.chunks.set(hex, locations[i] as ChunkLocation);
+    // The next open of this repository in this process need not read the index back.
+    packIndexCache(this.location, this.config.id).set(packId, { size: headerBytes, ids, locations });
     return packId;
   }
 
@@ -326,7 +353,18 @@ export class Store {
   async putIndex(index: DiskIndex): Promise<string> {
     const { indexId, stored } = encodeIndex(index, this.compressor, this.key);
     await this.backend.putIfAbsent(indexKey(indexId), stored);
+    const parentLength = index.kind === 'delta' ? cachedChainLength(this.location, this.config.id, index.parent) : 0;
+    if (parentLength !== undefined) rememberChainLength(this.location, this.config.id, indexId, parentLength + 1);
     return indexId;
+  }
+
+  /** How many indexes the chain ending at `indexId` holds (1: a full index), read once per process. */
+  async indexChainLength(indexId: string): Promise<number> {
+    const known = cachedChainLength(this.location, this.config.id, indexId);
+    if (known !== undefined && INDEX_ID.test(indexId) && (await this.backend.stat(indexKey(indexId))) !== undefined) return known;
+    const length = (await this.indexChain(indexId)).length;
+    rememberChainLength(this.location, this.config.id, indexId, length);
+    return length;
   }
 
   async getIndex(indexId: string): Promise<DiskIndex> {

@@ -11,10 +11,17 @@
 //   otherwise); without one, any location is reached, as before.
 // - reload() swaps the configuration between tasks' starts: a running task
 //   keeps the access it was started with.
+// - Hypervisor connections: a request or schedule names one (a configured
+//   name or a URI); without one, the default (the daemon's --connect, else
+//   defaults.connection, else qbackup:///). With a configuration that names
+//   connections, only those, the default and qbackup:/// are reached
+//   (CONNECTION_NOT_ALLOWED otherwise).
 
 import { isAbsolute } from 'node:path';
 import { emptyConfig, restrictsRepositories, type QbackupConfig, type ScheduleConfig } from '../config/config.js';
 import { Credentials, readSecretFile } from '../config/credentials.js';
+import type { DriverDomain } from '../drivers/driver.js';
+import { parseConnectionUri } from '../drivers/open.js';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import type { Qbackup } from '../qbackup.js';
 import type { Manifest, PruneResult, RepoAccess, RepoStats, RetentionPolicy } from '../repository/repository.js';
@@ -64,8 +71,25 @@ export interface CopyRequest {
   requestedBy?: string;
 }
 
+/** A hypervisor connection the daemon reaches. */
+export interface ConnectionInfo {
+  /** Its name under `connections` in the configuration, if it has one. */
+  name: string | null;
+  uri: string;
+  /** The connection of requests and schedules that name none. */
+  default: boolean;
+}
+
+/** A domain of some connection, as the API lists it. */
+export type ConnectionDomain = (DriverDomain | ReturnType<Qbackup['engine']['domains']['list']>[number]) & { connection: string };
+
+/** The URI of qbackup's own QEMU engine (whose domains the engine's services answer for). */
+const QEMU_DRIVER_URI = parseConnectionUri(undefined).uri;
+
 export interface BackupRequest extends RepoAccess {
   domain: string;
+  /** The connection URI (resolved by connectionUri); default: the daemon's default connection. */
+  connection?: string | undefined;
   full?: boolean;
   disks?: string[];
   /** Prune with this policy after the backup. */
@@ -151,6 +175,7 @@ export class QbackupService {
   private scheduleSpec(c: ScheduleConfig): ScheduleSpec & { name: string } {
     const spec: ScheduleSpec & { name: string } = { name: c.name, action: c.run, when: c.when, repo: this.creds.location(c.repository) };
     if (c.domain !== undefined) spec.domain = c.domain;
+    if (c.connection !== undefined) spec.connection = this.configuration.connections.get(c.connection) ?? c.connection;
     if (c.to !== undefined) spec.to = this.creds.location(c.to);
     if (c.full !== undefined) spec.full = c.full;
     if (c.retention !== undefined) spec.retention = c.retention;
@@ -183,6 +208,64 @@ export class QbackupService {
       throw new QbackupError('REPOSITORY_NOT_ALLOWED', `Repository "${repo}" is not in the configuration${this.configuration.file !== undefined ? ` "${this.configuration.file}"` : ''}: the daemon reaches only ${names.length > 0 ? names.map((n) => `"${n}"`).join(', ') : 'the allowed locations'}`, { details: { repo } });
     }
     return location;
+  }
+
+  /** The connection of requests and schedules that name none. */
+  defaultConnection(): string {
+    if (this.qb.options.connect !== undefined) return this.qb.driver.uri;
+    const named = this.configuration.defaults.connection;
+    const uri = named !== undefined ? this.configuration.connections.get(named) : undefined;
+    return uri !== undefined ? parseConnectionUri(uri).uri : this.qb.driver.uri;
+  }
+
+  /** Every connection the daemon reaches by name (the default first, then qbackup's own, then the configured ones). */
+  connections(): ConnectionInfo[] {
+    const def = this.defaultConnection();
+    const out: ConnectionInfo[] = [{ name: null, uri: def, default: true }, { name: null, uri: QEMU_DRIVER_URI, default: false }];
+    for (const [name, given] of this.configuration.connections) {
+      let uri: string;
+      try {
+        uri = parseConnectionUri(given).uri;
+      } catch {
+        continue; // refused when used, in one sentence
+      }
+      const same = out.find((c) => c.uri === uri);
+      if (same === undefined) out.push({ name, uri, default: false });
+      else same.name ??= name;
+    }
+    return out.filter((c, i) => out.findIndex((o) => o.uri === c.uri) === i);
+  }
+
+  /**
+   * The URI a request's or schedule's `connection` means: undefined or '' the
+   * default, a configured name its URI, else the URI itself (checked).
+   * Refused when the configuration names connections and this is not one of them.
+   */
+  connectionUri(connection?: string | undefined): string {
+    if (connection === undefined || connection === '') return this.defaultConnection();
+    const configured = this.configuration.connections.get(connection);
+    if (configured === undefined && !connection.includes('://')) {
+      throw new QbackupError('INVALID_ARGUMENT', `Invalid connection "${connection}": give a connection name from the configuration or a URI such as qemu:///system`);
+    }
+    const uri = parseConnectionUri(configured ?? connection).uri;
+    if (this.configuration.connections.size > 0 && !this.connections().some((c) => c.uri === uri)) {
+      const names = [...this.configuration.connections.keys()];
+      throw new QbackupError('CONNECTION_NOT_ALLOWED', `Connection "${connection}" is not in the configuration${this.configuration.file !== undefined ? ` "${this.configuration.file}"` : ''}: the daemon reaches ${names.map((n) => `"${n}"`).join(', ')}, its default and qbackup:///`, { details: { connection } });
+    }
+    return uri;
+  }
+
+  /** The domains of a connection (running and crashed; `all`: shut-off ones too), each naming its connection. */
+  async listDomains(uri: string, options: { all?: boolean | undefined } = {}): Promise<ConnectionDomain[]> {
+    if (uri === QEMU_DRIVER_URI) return this.qb.engine.domains.list({ all: options.all === true }).map((d) => ({ ...d, connection: uri }));
+    const list = await this.qb.connection(uri).driver.listDomains();
+    return list.filter((d) => options.all === true || d.state !== 'shut off').map((d) => ({ ...d, connection: uri }));
+  }
+
+  /** Refuses a domain the connection does not know (DOMAIN_NOT_FOUND, naming it). */
+  async requireDomain(uri: string, domain: string): Promise<void> {
+    if (uri === QEMU_DRIVER_URI) this.qb.engine.domains.requireDomain(domain);
+    else await this.qb.connection(uri).driver.describeDomain(domain);
   }
 
   /** The name metrics and notifications give a location: the configured one, else the location itself. */
@@ -243,11 +326,15 @@ export class QbackupService {
    */
   async start(): Promise<void> {
     const domains = new Set(this.interrupted.map((t) => t.domain).filter((d): d is string => d !== null));
+    // A task does not record its connection: each connection that knows the domain settles it.
     for (const d of domains) {
-      try {
-        await this.qb.driver.endOrphanedBackup(d);
-      } catch (err) {
-        this.options.log?.(`cleanup of domain "${d}" after an interrupted task failed: ${describeError(err)}`);
+      for (const c of this.connections()) {
+        try {
+          await this.qb.connection(c.uri).driver.endOrphanedBackup(d);
+        } catch (err) {
+          if (isQbackupError(err, 'DOMAIN_NOT_FOUND')) continue;
+          this.options.log?.(`cleanup of domain "${d}" (${c.uri}) after an interrupted task failed: ${describeError(err)}`);
+        }
       }
     }
     // Instant restores whose beginning process died before their domain existed: their servers go.
@@ -280,7 +367,9 @@ export class QbackupService {
 
   /** Queues a repository backup (then retention, if asked); refused while one of the domain is under way. */
   backup(request: BackupRequest): TaskInfo {
-    this.qb.domains.requireDomain(request.domain);
+    const uri = request.connection ?? this.defaultConnection();
+    // qbackup's own domains are checked here; a libvirt domain by the route (an RPC) or when the task starts.
+    if (uri === QEMU_DRIVER_URI) this.qb.engine.domains.requireDomain(request.domain);
     const running = this.tasks.active({ kind: BACKUP_TASK, domain: request.domain })[0];
     if (running !== undefined) {
       throw new QbackupError('BACKUP_RUNNING', `Cannot back up domain "${request.domain}": task "${running.id}" is already backing it up`);
@@ -298,8 +387,9 @@ export class QbackupService {
 
   private async runBackup(ctx: TaskContext, r: BackupRequest): Promise<{ manifest: Manifest; prune?: PruneResult }> {
     const access: RepoAccess = { repo: r.repo, ...(r.password !== undefined ? { password: r.password } : {}) };
-    ctx.log(`backing up domain "${r.domain}" into ${r.repo}${r.full === true ? ' (full)' : ''}`);
-    const manifest = await this.qb.repository.backup(r.domain, {
+    const connection = this.qb.connection(r.connection ?? this.defaultConnection());
+    ctx.log(`backing up domain "${r.domain}" (${connection.uri}) into ${r.repo}${r.full === true ? ' (full)' : ''}`);
+    const manifest = await connection.repository.backup(r.domain, {
       ...access,
       ...(r.full !== undefined ? { full: r.full } : {}),
       ...(r.disks !== undefined ? { disks: r.disks } : {}),
@@ -365,10 +455,18 @@ export class QbackupService {
     this.taskContext.set(task.id, { ...this.taskContext.get(task.id), repo: s.repo, schedule: s });
   }
 
-  private startSchedule(s: ScheduleInfo): TaskInfo {
+  /** Starts a schedule's task now, outside its times (its next run stays where it was). */
+  runScheduleNow(id: string, requestedBy?: string | undefined): TaskInfo {
+    const s = this.schedules.get(id);
+    const task = this.startSchedule(s, requestedBy);
+    this.taskContext.set(task.id, { ...this.taskContext.get(task.id), repo: s.repo, schedule: s });
+    return task;
+  }
+
+  private startSchedule(s: ScheduleInfo, by?: string | undefined): TaskInfo {
     const password = s.passwordFile !== undefined ? readSecretFile(s.passwordFile, 'passphrase file') : undefined;
     const access: RepoAccess = this.access(s.repo, password);
-    const requestedBy = `schedule ${s.name ?? s.id}`;
+    const requestedBy = `schedule ${s.name ?? s.id}${by !== undefined ? ` (run now by ${by})` : ''}`;
     if (s.action === 'verify') {
       return this.verify({ ...access, ...(s.domain !== undefined ? { domain: s.domain } : {}), ...(s.readDataPercent !== undefined ? { readDataPercent: s.readDataPercent } : {}), requestedBy });
     }
@@ -381,7 +479,7 @@ export class QbackupService {
       return this.track(access.repo, this.tasks.submit({ kind: 'repository.gc', requestedBy, cancellable: true, run: (ctx) => this.qb.repository.gc(access, { onProgress: (p) => ctx.progress(p), signal: ctx.signal }) }));
     }
     if (s.domain === undefined) throw new QbackupError('METADATA_INCONSISTENT', `Backup schedule "${s.id}" names no domain`);
-    return this.backup({ domain: s.domain, ...access, ...(s.full !== undefined ? { full: s.full } : {}), ...(s.retention !== undefined ? { retention: s.retention } : {}), requestedBy });
+    return this.backup({ domain: s.domain, connection: this.connectionUri(s.connection), ...access, ...(s.full !== undefined ? { full: s.full } : {}), ...(s.retention !== undefined ? { retention: s.retention } : {}), requestedBy });
   }
 
   /** Queues a verify of the repository (or of one domain's backups); the task fails when it finds damage, naming it. */

@@ -13,6 +13,10 @@
 // - A due schedule whose work is already under way (a backup of the same
 //   domain, a verify or gc) is skipped and counted as run, so one domain
 //   never gets two backups at once.
+// - A paused schedule is never due; resumed, it runs at its next slot after
+//   the resume (the slots missed while paused are not made up).
+// - A schedule imported from the configuration file keeps its paused state
+//   when the file is read again; its other settings change only in the file.
 
 import { randomBytes } from 'node:crypto';
 import { Cron } from 'croner';
@@ -50,12 +54,21 @@ export interface ScheduleSpec {
   pingUrl?: string;
   /** Notification targets of this schedule's outcomes (default: every target). */
   notify?: string[];
+  /** Backup: the hypervisor connection URI (src/drivers/open.ts); default: the daemon's own. */
+  connection?: string;
+}
+
+/** What pausing adds to a stored schedule. */
+interface PauseState {
+  paused?: boolean;
+  /** When it was last resumed: its next run is the first slot after this. */
+  resumedMs?: number;
 }
 
 /** Ids of schedules imported from the configuration file: this prefix and the schedule's name. */
 export const CONFIG_SCHEDULE_PREFIX = 'config-';
 
-export interface ScheduleInfo extends ScheduleSpec {
+export interface ScheduleInfo extends ScheduleSpec, PauseState {
   id: string;
   /** The cron pattern `when` stands for. */
   cron: string;
@@ -136,6 +149,7 @@ function checkSpec(spec: ScheduleSpec): void {
   if (action === 'backup' && spec.domain === undefined) throw new QbackupError('INVALID_ARGUMENT', 'A backup schedule needs a domain');
   if (action === 'gc' && spec.domain !== undefined) throw new QbackupError('INVALID_ARGUMENT', `A gc schedule works on the whole repository, not on domain "${spec.domain}"`);
   if (action !== 'backup' && (spec.retention !== undefined || spec.full !== undefined)) throw new QbackupError('INVALID_ARGUMENT', `Retention and full belong to backup schedules, not to a ${action} schedule`);
+  if (action !== 'backup' && spec.connection !== undefined) throw new QbackupError('INVALID_ARGUMENT', `A connection belongs to backup schedules, not to a ${action} schedule`);
   if (action !== 'verify' && spec.readDataPercent !== undefined) throw new QbackupError('INVALID_ARGUMENT', 'readDataPercent belongs to verify schedules');
   if (spec.readDataPercent !== undefined && !(spec.readDataPercent > 0 && spec.readDataPercent <= 100)) {
     throw new QbackupError('INVALID_ARGUMENT', `Invalid readDataPercent ${spec.readDataPercent}: expected more than 0 and at most 100`);
@@ -180,6 +194,32 @@ export class Schedules {
     if (!this.store.remove(id)) throw new QbackupError('SCHEDULE_NOT_FOUND', `Schedule "${id}" does not exist`);
   }
 
+  /** Replaces a schedule's settings (keeping its id, last run and paused state); one from the configuration file is changed there. */
+  update(id: string, spec: ScheduleSpec): ScheduleInfo {
+    const current = this.get(id);
+    if (id.startsWith(CONFIG_SCHEDULE_PREFIX)) {
+      throw new QbackupError('SCHEDULE_FROM_CONFIG', `Cannot change schedule "${id}": it comes from the configuration file; change it there (pausing it is allowed)`);
+    }
+    checkSpec(spec);
+    const cron = cronFor(spec.when);
+    this.store.update(id, spec.domain ?? null, payloadOf(spec, cron, current));
+    return this.get(id);
+  }
+
+  /** Pauses or resumes a schedule (idempotent). */
+  setPaused(id: string, paused: boolean, nowMs = Date.now()): ScheduleInfo {
+    const current = this.get(id);
+    if ((current.paused === true) === paused) return current;
+    const row = this.store.get(id);
+    if (row === undefined) throw new QbackupError('SCHEDULE_NOT_FOUND', `Schedule "${id}" does not exist`);
+    const stored = JSON.parse(row.payload) as ScheduleSpec & PauseState & { cron: string };
+    delete stored.paused;
+    if (paused) stored.paused = true;
+    else stored.resumedMs = nowMs;
+    this.store.update(id, row.domain, JSON.stringify(stored));
+    return this.get(id);
+  }
+
   /**
    * Makes the schedules imported from the configuration file what `specs`
    * says (keyed by name): new ones are added, changed ones updated (keeping
@@ -202,8 +242,8 @@ export class Schedules {
         }
       }
       for (const { id, spec, cron } of prepared) {
-        const payload = JSON.stringify({ action: 'backup', ...spec, cron });
         const row = this.store.get(id);
+        const payload = payloadOf(spec, cron, row !== undefined ? toInfo(row) : undefined);
         if (row === undefined) {
           this.store.insert({ id, domain: spec.domain ?? null, payload, created_ms: nowMs, last_run_ms: null });
           result.added.push(id);
@@ -221,14 +261,23 @@ export class Schedules {
   }
 }
 
+/** The stored record of a schedule: its settings, its cron pattern, and the paused state it keeps across changes. */
+function payloadOf(spec: ScheduleSpec, cron: string, keep: PauseState | undefined): string {
+  const state: PauseState = {};
+  if (keep?.paused === true) state.paused = true;
+  if (keep?.resumedMs !== undefined) state.resumedMs = keep.resumedMs;
+  return JSON.stringify({ action: 'backup', ...spec, cron, ...state });
+}
+
 function toInfo(row: ScheduleRow): ScheduleInfo {
-  let spec: ScheduleSpec & { cron: string };
+  let spec: ScheduleSpec & PauseState & { cron: string };
   try {
-    spec = JSON.parse(row.payload) as ScheduleSpec & { cron: string };
+    spec = JSON.parse(row.payload) as ScheduleSpec & PauseState & { cron: string };
   } catch (err) {
     throw new QbackupError('METADATA_INCONSISTENT', `Schedule "${row.id}" has a damaged record: ${describeError(err)}`, { cause: err });
   }
-  return { ...spec, id: row.id, createdMs: row.created_ms, lastRunMs: row.last_run_ms, nextRunMs: nextRun(spec.cron, row.last_run_ms ?? row.created_ms) };
+  const since = Math.max(row.last_run_ms ?? row.created_ms, spec.resumedMs ?? 0);
+  return { ...spec, id: row.id, createdMs: row.created_ms, lastRunMs: row.last_run_ms, nextRunMs: spec.paused === true ? null : nextRun(spec.cron, since) };
 }
 
 /** Finds due schedules on each tick and hands them to `run`; `busy` says whether a schedule's work is already under way. */

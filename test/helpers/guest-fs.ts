@@ -2,7 +2,8 @@
 // the host without mounting anything: each filesystem is built in a file
 // (mkfs.ext4 -d copies a directory tree with its modes, owners, times and
 // symlinks; mkfs.vfat + mcopy for the vfat one), then copied into its
-// partition of a raw disk partitioned by sfdisk. The partition offsets are
+// partition of a raw disk partitioned by sfdisk; LVM, which needs a kernel,
+// is built by guestfish inside its own appliance. The partition offsets are
 // returned so a test can write a changed filesystem into a running domain's
 // disk as its guest would.
 
@@ -58,10 +59,22 @@ export async function ext4Image(file: string, tree: string, sizeBytes: number, l
   await runTool('mkfs.ext4', ['-q', '-F', '-L', label, '-U', uuid, '-d', tree, '-E', 'root_owner=0:0', '-b', '4096', file, `${sizeBytes / 1024}k`]);
 }
 
-/** A vfat filesystem image holding the files of `files` (name → text), times kept. */
+/** A vfat filesystem image holding the files of `files` (name → text), times kept (vfat stores local time: written as UTC, as the appliance reads it). */
 export async function vfatImage(file: string, sizeBytes: number, label: string, files: ReadonlyArray<{ name: string; path: string }>): Promise<void> {
   await runTool('mkfs.vfat', ['-C', '-n', label, '-i', '1234abcd', file, String(sizeBytes / 1024)]);
-  for (const f of files) await runTool('mcopy', ['-m', '-i', file, f.path, `::/${f.name}`]);
+  for (const f of files) await runTool('env', ['TZ=UTC0', 'mcopy', '-m', '-i', file, f.path, `::/${f.name}`]);
+}
+
+/**
+ * Runs a guestfish script (one command a line) in its own libguestfs appliance
+ * under software emulation, for what only a kernel can build (LVM): the host
+ * kernel never sees the disks. `drives` are raw files, /dev/sda, /dev/sdb, …
+ * in order. Returns guestfish's output.
+ */
+export async function guestfish(drives: readonly string[], script: readonly string[]): Promise<string> {
+  const lines = ['set-backend direct', 'set-backend-settings force_tcg', ...drives.map((d) => `add-drive ${d} format:raw`), 'run', ...script, ''];
+  const r = await runTool('guestfish', [], { input: lines.join('\n') });
+  return r.stdout;
 }
 
 /** A raw disk with an MBR and one partition per image (types: 83 Linux, c FAT32 LBA), each image copied in. */

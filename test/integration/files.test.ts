@@ -1,11 +1,12 @@
 // File-level restore end to end: a domain whose disk holds a partitioned
 // disk with an ext4 root (an /etc/fstab and /etc/os-release, so libguestfs
-// inspection finds it and mounts the vfat partition at /boot/efi) is backed
-// up by qbackup's real backup path, changed as its guest would change it
-// (the new filesystem written into the running disk), and backed up again.
+// inspection finds it and mounts the vfat partition at /boot/efi and an ext4
+// on LVM, on a third disk, at /srv) is backed up by qbackup's real backup
+// path, changed as its guest would change it (the new filesystems written
+// into the running disks), and backed up again.
 // - Both backups list and give back what the guest had at each: contents,
-//   modes, owners and times; a file deleted after the first backup still
-//   comes back from it; the vfat filesystem is read at its fstab mount point.
+//   modes, owners and times, on ext4, on ext4 in an LVM volume and on vfat;
+//   files deleted after the first backup still come back from it.
 // - get writes files, directories and symlinks with their modes and times;
 //   a symlink to /etc/shadow is restored as that link and never followed;
 //   nothing lands outside --to.
@@ -13,9 +14,11 @@
 // - The CLI gets /etc/hostname from an encrypted repository with --until.
 // - Bad input gets one sentence: a path that does not exist, a disk with no
 //   filesystem, a backup id that does not exist, an appliance that cannot
-//   start; after a kill -9 of the CLI the next command ends its appliance.
+//   start (no appliance; a SUPERMIN_KERNEL that does not exist); after a
+//   kill -9 of the CLI the next command ends its appliance.
 // One appliance per backup is shared by the cases (booting one under
-// software emulation costs tens of seconds).
+// software emulation costs tens of seconds); the LVM disk is built by one
+// guestfish run, both of its versions in the same appliance.
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -30,7 +33,7 @@ import { runTool } from '../../src/image/tools.js';
 import type { Manifest } from '../../src/repository/repository.js';
 import { isProcessAlive } from '../../src/util/proc.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
-import { MiB, ext4Image, partitionedDisk, vfatImage, writeTree, type TreeEntry } from '../helpers/guest-fs.js';
+import { MiB, ext4Image, guestfish, partitionedDisk, vfatImage, writeTree, type TreeEntry } from '../helpers/guest-fs.js';
 import { cliError, fileTree, spawnCli, waitFor } from '../helpers/repo.js';
 
 const T1 = 1_700_000_000;
@@ -39,15 +42,64 @@ const BAD_NAME = 'bad\nname\x1b[31m.txt';
 const ROOT_UUID = '0b6e1c3a-5a44-4d0e-8f6b-2f7d4d5b9a11';
 const PASSWORD = 'files test passphrase';
 const BIG = randomBytes(300 * 1024);
+const LV_BYTES = 8 * MiB;
+
+/**
+ * The LVM disk (sdc: a whole-disk PV, VG datavg, LV data, ext4 "lvdata") and
+ * the LV's filesystem after the guest's changes (report.txt rewritten,
+ * draft.txt deleted, todo.txt written), built in one guestfish appliance:
+ * the changed filesystem is a copy of the LV's, changed on a second drive.
+ * Returns the LV's byte offset on the disk.
+ */
+async function lvmDisk(disk: string, changedLv: string): Promise<number> {
+  await runTool('truncate', ['-s', String(16 * MiB), disk]);
+  await runTool('truncate', ['-s', String(LV_BYTES), changedLv]);
+  const out = await guestfish(
+    [disk, changedLv],
+    [
+      'pvcreate /dev/sda',
+      'vgcreate datavg /dev/sda',
+      `lvcreate data datavg ${LV_BYTES / MiB}`,
+      'mkfs ext4 /dev/datavg/data label:lvdata',
+      'mount /dev/datavg/data /',
+      'mkdir-mode /projects 0750',
+      'chown 1000 1000 /projects',
+      'write /projects/report.txt "quarterly report v1\\n"',
+      'chmod 0640 /projects/report.txt',
+      'chown 1000 1000 /projects/report.txt',
+      `utimens /projects/report.txt ${T1} 0 ${T1 + 10} 0`,
+      'write /projects/draft.txt "a draft\\n"',
+      'chmod 0600 /projects/draft.txt',
+      `utimens /projects/draft.txt ${T1} 0 ${T1 + 20} 0`,
+      `utimens /projects ${T1} 0 ${T1 + 30} 0`,
+      'umount /',
+      'copy-device-to-device /dev/datavg/data /dev/sdb',
+      'mount /dev/sdb /',
+      'write /projects/report.txt "quarterly report v2\\n"',
+      `utimens /projects/report.txt ${T2} 0 ${T2 + 10} 0`,
+      'rm /projects/draft.txt',
+      'write /projects/todo.txt "call alice\\n"',
+      'chmod 0644 /projects/todo.txt',
+      `utimens /projects/todo.txt ${T2} 0 ${T2 + 20} 0`,
+      `utimens /projects ${T2} 0 ${T2 + 30} 0`,
+      'umount /',
+      'pvs-full',
+    ],
+  );
+  const m = /pe_start: (\d+)/.exec(out);
+  assert.ok(m !== null, `guestfish reports where the LV starts: ${out}`);
+  return Number(m[1]);
+}
 
 function rootTree(hostname: string, withNotes: boolean): TreeEntry[] {
   return [
     { path: 'etc', dir: true, mode: 0o755, time: T1 },
     { path: 'etc/hostname', data: hostname, mode: 0o644, time: hostname === 'vm1\n' ? T1 : T2 },
-    { path: 'etc/fstab', data: 'LABEL=rootfs / ext4 defaults 0 1\nLABEL=EFI /boot/efi vfat defaults 0 2\n', mode: 0o644, time: T1 },
+    { path: 'etc/fstab', data: 'LABEL=rootfs / ext4 defaults 0 1\nLABEL=EFI /boot/efi vfat defaults 0 2\n/dev/datavg/data /srv ext4 defaults 0 2\n', mode: 0o644, time: T1 },
     { path: 'etc/os-release', data: 'NAME="Debian GNU/Linux"\nID=debian\nVERSION_ID="12"\nPRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\n', mode: 0o644, time: T1 },
     { path: 'etc/shadow', data: 'root:guest-secret:19000:0:99999:7:::\n', mode: 0o640, gid: 42, uid: 0, time: T1 },
     { path: 'bin', dir: true, mode: 0o755, time: T1 },
+    { path: 'srv', dir: true, mode: 0o755, time: T1 },
     { path: 'boot/efi', dir: true, mode: 0o700, time: T1 },
     { path: 'usr/bin/tool', data: '#!/bin/sh\necho tool\n', mode: 0o4755, time: T1 },
     { path: 'tmp', dir: true, mode: 0o1777, time: T1 },
@@ -90,13 +142,24 @@ describe('files: browse and fetch files of backups (libguestfs appliance over ou
     env = new TestEnv('qbf-', { accel: 'tcg' });
     repo = env.path('repo');
     encRepo = env.path('repo-enc');
-    // The disk: ext4 root (24 MiB) and a vfat EFI partition (8 MiB) on an MBR.
+    // sdc: ext4 on LVM, built in an appliance while the rest is made here.
+    const sdcRaw = env.path('lvm.raw');
+    const lvmBuilt = lvmDisk(sdcRaw, env.path('lv2.img'));
+    lvmBuilt.catch(() => undefined); // awaited below
+    // sda: ext4 root (24 MiB) and a vfat EFI partition (8 MiB) on an MBR.
     const tree1 = env.path('tree1');
     writeTree(tree1, rootTree('vm1\n', true));
     await ext4Image(env.path('root1.img'), tree1, 24 * MiB, 'rootfs', ROOT_UUID);
-    const hello = env.path('hello.txt');
-    writeTree(env.dir, [{ path: 'hello.txt', data: 'hello from the EFI partition\n', time: T1 }]);
-    await vfatImage(env.path('efi.img'), 8 * MiB, 'EFI', [{ name: 'hello.txt', path: hello }]);
+    writeTree(env.path('efi1'), [
+      { path: 'hello.txt', data: 'hello from the EFI partition\n', time: T1 },
+      { path: 'old.txt', data: 'removed after the first backup\n', time: T1 + 2 },
+    ]);
+    await vfatImage(env.path('efi.img'), 8 * MiB, 'EFI', ['hello.txt', 'old.txt'].map((name) => ({ name, path: env.path(`efi1/${name}`) })));
+    writeTree(env.path('efi2'), [
+      { path: 'hello.txt', data: 'hello again, changed\n', time: T2 },
+      { path: 'grub.cfg', data: 'set timeout=5\n', time: T2 + 4 },
+    ]);
+    await vfatImage(env.path('efi2.img'), 8 * MiB, 'EFI', ['hello.txt', 'grub.cfg'].map((name) => ({ name, path: env.path(`efi2/${name}`) })));
     const disk = await partitionedDisk(env.path('disk.raw'), 40 * MiB, [
       { image: env.path('root1.img'), sizeBytes: 24 * MiB, type: '83' },
       { image: env.path('efi.img'), sizeBytes: 8 * MiB, type: 'c' },
@@ -104,22 +167,32 @@ describe('files: browse and fetch files of backups (libguestfs appliance over ou
     const sda = env.path('vm-sda.qcow2');
     await runTool('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', disk.file, sda]);
     const sdb = await env.image('vm-sdb.qcow2', 8 * MiB);
-    await env.qb.domains.define(env.domainXml('vm', [{ target: 'sda', file: sda }, { target: 'sdb', file: sdb }]));
+    const lvOffset = await lvmBuilt;
+    const sdc = env.path('vm-sdc.qcow2');
+    await runTool('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', sdcRaw, sdc]);
+    await env.qb.domains.define(env.domainXml('vm', [{ target: 'sda', file: sda }, { target: 'sdb', file: sdb }, { target: 'sdc', file: sdc }]));
     await env.qb.domains.start('vm', { paused: true });
     await env.qb.repository.init({ repo: encRepo, password: PASSWORD });
     b1 = await env.qb.repository.backup('vm', { repo });
     e1 = await env.qb.repository.backup('vm', { repo: encRepo, password: PASSWORD });
-    // The guest renames itself, deletes notes.txt and writes new.txt: the new root filesystem goes over the old one.
+    // The guest renames itself, deletes notes.txt and writes new.txt: the new root filesystem goes over the old one;
+    // on the EFI partition and in the LVM volume it changes a file, deletes one and writes one.
     const tree2 = env.path('tree2');
     writeTree(tree2, rootTree('vm1-renamed\n', false));
     await ext4Image(env.path('root2.img'), tree2, 24 * MiB, 'rootfs', ROOT_UUID);
     const part = disk.partitions.get(1);
     assert.ok(part !== undefined);
     await guestWrite(env.qb, 'vm', 'sda', `write -s ${env.path('root2.img')} ${part.offset} ${part.length}`);
+    const efi = disk.partitions.get(2);
+    assert.ok(efi !== undefined);
+    await guestWrite(env.qb, 'vm', 'sda', `write -s ${env.path('efi2.img')} ${efi.offset} ${efi.length}`);
     await guestWrite(env.qb, 'vm', 'sda', 'flush');
+    await guestWrite(env.qb, 'vm', 'sdc', `write -s ${env.path('lv2.img')} ${lvOffset} ${LV_BYTES}`);
+    await guestWrite(env.qb, 'vm', 'sdc', 'flush');
     b2 = await env.qb.repository.backup('vm', { repo });
     await env.qb.repository.backup('vm', { repo: encRepo, password: PASSWORD });
     assert.equal(b2.disks.find((d) => d.target === 'sda')?.level, 'incremental');
+    assert.equal(b2.disks.find((d) => d.target === 'sdc')?.level, 'incremental');
   });
 
   after(async () => {
@@ -128,10 +201,12 @@ describe('files: browse and fetch files of backups (libguestfs appliance over ou
     await env?.cleanup();
   });
 
-  test('the full backup: filesystems listed, the operating system found, / and /boot/efi mounted by its fstab', async () => {
+  test('the full backup: filesystems listed, the operating system found, /, /boot/efi and /srv (LVM) mounted by its fstab', async () => {
     s1 = await open({ backup: b1.id });
     const fs = s1.filesystems.map((f) => [f.device, f.disk, f.type, f.label]);
+    // In the order of their device names; the LVM volume as the guest names it, on no one disk.
     assert.deepEqual(fs, [
+      ['/dev/datavg/data', undefined, 'ext4', 'lvdata'],
       ['/dev/sda1', 'sda', 'ext4', 'rootfs'],
       ['/dev/sda2', 'sda', 'vfat', 'EFI'],
       ['/dev/sdb', 'sdb', 'unknown', ''],
@@ -139,7 +214,7 @@ describe('files: browse and fetch files of backups (libguestfs appliance over ou
     assert.equal(s1.operatingSystems.length, 1);
     assert.equal(s1.operatingSystems[0]?.root, '/dev/sda1');
     await s1.mount();
-    assert.deepEqual(s1.filesystems.map((f) => f.mountpoint), ['/', '/boot/efi', undefined]);
+    assert.deepEqual(s1.filesystems.map((f) => f.mountpoint), ['/srv', '/', '/boot/efi', undefined]);
     const names = (await s1.list('/')).map((e) => e.name);
     for (const n of ['bin', 'boot', 'etc', 'home', 'tmp', 'usr']) assert.ok(names.includes(n), `/ lists ${n}: ${names.join(' ')}`);
   });
@@ -167,7 +242,7 @@ describe('files: browse and fetch files of backups (libguestfs appliance over ou
     // A path is taken lexically: .. never leaves the tree.
     assert.equal((await s1.stat('/home/../../etc/hostname')).path, '/etc/hostname');
     const found = await s1.find('/', '*.txt');
-    assert.deepEqual(found.map((e) => e.path).sort(), ['/boot/efi/hello.txt', `/home/${BAD_NAME}`, '/home/alice/docs/plan.txt', '/home/alice/notes.txt'].sort());
+    assert.deepEqual(found.map((e) => e.path).sort(), ['/boot/efi/hello.txt', '/boot/efi/old.txt', `/home/${BAD_NAME}`, '/home/alice/docs/plan.txt', '/home/alice/notes.txt', '/srv/projects/draft.txt', '/srv/projects/report.txt'].sort());
   });
 
   test('get writes files, directories and symlinks with modes and times, follows no link and writes nothing outside --to', async () => {
@@ -205,6 +280,33 @@ describe('files: browse and fetch files of backups (libguestfs appliance over ou
     await assert.rejects(read(s1, '/etc'), (err: unknown) => err instanceof QbackupError && err.code === 'INVALID_ARGUMENT' && /is a directory, not a file/.test(err.message));
   });
 
+  test('the full backup on LVM and vfat: contents, modes, owners and times; files deleted later come back from it', async () => {
+    assert.ok(s1 !== undefined);
+    assert.equal((await read(s1, '/srv/projects/report.txt')).toString(), 'quarterly report v1\n');
+    const projects = new Map((await s1.list('/srv/projects')).map((e) => [e.name, e]));
+    assert.deepEqual([...projects.keys()].sort(), ['draft.txt', 'report.txt']);
+    const report = projects.get('report.txt');
+    assert.equal(report?.modeString, '-rw-r-----');
+    assert.equal(report?.uid, 1000);
+    assert.equal(report?.gid, 1000);
+    assert.equal(report?.mtimeSec, T1 + 10);
+    const dir = await s1.stat('/srv/projects');
+    assert.equal(dir.modeString, 'drwxr-x---');
+    assert.equal(dir.mtimeSec, T1 + 30);
+    const hello = await s1.stat('/boot/efi/hello.txt');
+    assert.equal(hello.mtimeSec, T1);
+    assert.equal(hello.size, 'hello from the EFI partition\n'.length);
+    // The files the guest deletes before the next backup, fetched from this one.
+    const to = env.path('got-deleted');
+    await s1.get(['/srv/projects/draft.txt', '/boot/efi/old.txt'], to);
+    assert.equal(readFileSync(join(to, 'draft.txt'), 'utf8'), 'a draft\n');
+    const draft = statSync(join(to, 'draft.txt'));
+    assert.equal(draft.mode & 0o7777, 0o600);
+    assert.equal(Math.floor(draft.mtimeMs / 1000), T1 + 20);
+    assert.equal(readFileSync(join(to, 'old.txt'), 'utf8'), 'removed after the first backup\n');
+    assert.equal(Math.floor(statSync(join(to, 'old.txt')).mtimeMs / 1000), T1 + 2);
+  });
+
   test('the incremental backup: the changed file, the new file, and the deleted one gone (the full still has it)', async () => {
     await s1?.close();
     s1 = undefined;
@@ -214,6 +316,20 @@ describe('files: browse and fetch files of backups (libguestfs appliance over ou
     assert.equal((await read(s2, '/home/alice/new.txt')).toString(), 'written after the first backup\n');
     assert.ok((await read(s2, '/home/alice/big.bin')).equals(BIG));
     await assert.rejects(s2.stat('/home/alice/notes.txt'), (err: unknown) => err instanceof QbackupError && err.code === 'FILE_NOT_FOUND');
+    // On LVM and vfat the same: changed, new and deleted files as the guest had them at the second backup.
+    assert.equal((await read(s2, '/srv/projects/report.txt')).toString(), 'quarterly report v2\n');
+    assert.equal((await s2.stat('/srv/projects/report.txt')).mtimeSec, T2 + 10);
+    assert.equal((await s2.stat('/srv/projects/report.txt')).modeString, '-rw-r-----');
+    const todo = await s2.stat('/srv/projects/todo.txt');
+    assert.equal(todo.modeString, '-rw-r--r--');
+    assert.equal(todo.mtimeSec, T2 + 20);
+    assert.equal((await s2.stat('/srv/projects')).mtimeSec, T2 + 30);
+    assert.equal((await read(s2, '/boot/efi/hello.txt')).toString(), 'hello again, changed\n');
+    assert.equal((await s2.stat('/boot/efi/hello.txt')).mtimeSec, T2);
+    assert.equal((await read(s2, '/boot/efi/grub.cfg')).toString(), 'set timeout=5\n');
+    for (const gone of ['/srv/projects/draft.txt', '/boot/efi/old.txt']) {
+      await assert.rejects(s2.stat(gone), (err: unknown) => err instanceof QbackupError && err.code === 'FILE_NOT_FOUND', gone);
+    }
     const to = env.path('got2');
     await s2.get(['/home/alice/new.txt'], to);
     assert.equal(Math.floor(statSync(join(to, 'new.txt')).mtimeMs / 1000), T2);
@@ -241,10 +357,24 @@ describe('files: browse and fetch files of backups (libguestfs appliance over ou
     assert.match(ls.stdout, /-rw-r--r-- +1000:1000 +\d+ +2024-03-09T\d\d:\d\d:\d\dZ +new\.txt/);
   });
 
-  test('bad input through the CLI: a backup id that does not exist, a disk with no filesystem; a kill -9 leaves nothing running', async () => {
+  test('bad input through the CLI: a backup id that does not exist, --until before every backup or unreadable, a SUPERMIN_KERNEL that is not there, a disk with no filesystem; a kill -9 leaves nothing running', async () => {
     const nob = await env.cli(['--json', 'files', 'vm', '--repo', repo, '--backup', 'b-nope', 'ls', '/']);
     assert.equal(nob.code, 1);
     assert.equal(cliError(nob).code, 'BACKUP_NOT_FOUND');
+    assert.equal(cliError(nob).message, 'Repository has no backup "b-nope" of domain "vm"');
+    // --until as a user types it: yesterday is before every backup of this test; a time it cannot read is one sentence.
+    const y = await env.cli(['--json', 'files', 'vm', '--repo', repo, '--until', 'yesterday', 'ls', '/']);
+    assert.equal(y.code, 1);
+    assert.equal(cliError(y).code, 'BACKUP_NOT_FOUND');
+    assert.match(cliError(y).message, /^Repository has no backup of domain "vm" taken at or before \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
+    const bad = await env.cli(['--json', 'files', 'vm', '--repo', repo, '--until', 'last tuesday-ish', 'ls', '/']);
+    assert.equal(bad.code, 1);
+    assert.equal(cliError(bad).message, 'Invalid --until "last tuesday-ish": expected a time such as 2026-11-25T18:00:00Z, yesterday or "2 days ago"');
+    // SUPERMIN_KERNEL naming no file: one sentence naming it, and nothing left running or recorded.
+    const nk = await env.cli(['--json', 'files', 'vm', '--repo', repo, 'ls', '/'], { env: { ...cliEnv, SUPERMIN_KERNEL: env.path('no-such-vmlinuz') } });
+    assert.equal(nk.code, 1);
+    assert.equal(cliError(nk).code, 'APPLIANCE_FAILED');
+    assert.equal(cliError(nk).message, `The file-browsing appliance cannot start: SUPERMIN_KERNEL "${env.path('no-such-vmlinuz')}" is not a file; point it at a kernel (vmlinuz) or unset it so the host's /boot/vmlinuz-* is used`);
     // A command killed with SIGKILL while its appliance runs: the next command ends that appliance.
     const killed = spawnCli(env, ['files', 'vm', '--repo', repo, 'ls', '/'], cliEnv);
     const records = join(env.qb.domains.runDir(), 'files');
@@ -285,6 +415,15 @@ describe('files: browse and fetch files of backups (libguestfs appliance over ou
           assert.ok(!err.message.includes('\n'));
           return true;
         },
+      );
+      // The kernel variables handed in through the options: the variable and its value, in one sentence.
+      const modules = join(dir, 'no-modules');
+      await assert.rejects(
+        GuestfsAppliance.launch([{ socket, export: 'sda' }], { environment: { PATH: process.env['PATH'] ?? '/usr/bin:/bin', SUPERMIN_KERNEL: image, SUPERMIN_MODULES: modules } }),
+        (err: unknown) =>
+          err instanceof QbackupError &&
+          err.code === 'APPLIANCE_FAILED' &&
+          err.message === `The file-browsing appliance cannot start: SUPERMIN_MODULES "${modules}" is not a directory; point it at the kernel's modules (a real directory on which depmod has run) or unset it`,
       );
     } finally {
       nbd.kill('SIGKILL');

@@ -6,6 +6,7 @@
 // guest had written at backup time; bytes read ≈ the dirty clusters; a
 // hot-plugged disk full, the others incremental; our checkpoint deleted by
 // an admin → full with the reason; the domain restarted → incremental; a
+// shut-off domain backed up without starting it → incremental; a
 // resize → full with the reason; one qb- checkpoint in libvirt per
 // repository; an orphaned job of a killed qbackup ended by the next backup;
 // and the errors a user meets, each in one sentence.
@@ -206,15 +207,38 @@ describe('repository backups of libvirt domains (libvirt driver)', () => {
     last = m;
   });
 
-  it('a shut-off domain is backed up (incremental) and left shut off', async () => {
+  it('a shut-off domain is backed up (incremental) without starting it, and the next backup of it running is incremental', async () => {
     await client.destroy(dom, LIBVIRT.VIR_DOMAIN_DESTROY_GRACEFUL);
-    const m = await qb.repository.backup(name, { repo });
+    const callback = await client.registerDomainEvent(LIBVIRT.VIR_DOMAIN_EVENT_ID_LIFECYCLE, dom);
+    const cursor = client.eventCursor();
+    const states = new Set<number>();
+    let watching = true;
+    const watch = (async () => {
+      while (watching) {
+        states.add((await client.getState(dom)).state);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    })();
+    let m: Manifest;
+    try {
+      m = await qb.repository.backup(name, { repo });
+    } finally {
+      watching = false;
+      await watch;
+    }
+    await client.deregisterDomainEvent(callback);
+    assert.deepEqual([...states], [LIBVIRT.VIR_DOMAIN_SHUTOFF], 'libvirt shows the domain shut off throughout');
+    assert.equal(client.connection.eventCursor(), cursor, 'no lifecycle event of the domain');
     assert.deepEqual(m.disks.map((d) => d.level), ['incremental', 'incremental']);
     assert.deepEqual(m.disks.map((d) => d.bytesRead), [0, 0]);
     await assertRestores(m, snapshot());
-    assert.equal((await qb.driver.describeDomain(name)).state, 'shut off');
+    assert.deepEqual(await ourCheckpoints(), [m.checkpoint]);
     dom = await client.create(await client.lookupDomainByName(name));
-    last = m;
+    await write('sda', 0x1f, 2 * MiB, 4096);
+    const online = await qb.repository.backup(name, { repo });
+    assert.deepEqual(online.disks.map((d) => d.level), ['incremental', 'incremental']);
+    await assertRestores(online, snapshot());
+    last = online;
   });
 
   it('a disk whose source was replaced (a new image under the same target) is backed up full with the reason', async () => {

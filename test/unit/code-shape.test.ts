@@ -75,8 +75,13 @@ const LAYERS: readonly (readonly string[])[] = [
   ['http/', 'cli/', 'index.ts'],
 ];
 
-/** Our QEMU engine: the only code that may import src/qmp/ and src/qemu/ (and the package's face, src/index.ts, re-exports the clients). */
-const QEMU_ENGINE = ['qmp/', 'qemu/', 'domain/', 'checkpoint/', 'backup/', 'drivers/qemu/', 'index.ts'];
+/**
+ * Our QEMU engine: the only code that may import src/qmp/ and src/qemu/ (and
+ * the package's face, src/index.ts, re-exports the clients); and the libvirt
+ * driver's offline backups, which open a shut-off domain's images in a
+ * qemu-storage-daemon of their own.
+ */
+const QEMU_ENGINE = ['qmp/', 'qemu/', 'domain/', 'checkpoint/', 'backup/', 'drivers/qemu/', 'drivers/libvirt/offline.ts', 'index.ts'];
 
 /** Above the driver interface these talk to a HypervisorDriver, never to the engine behind it. */
 const ABOVE_DRIVER = ['repository/', 'instant/', 'files/', 'service/'];

@@ -18,6 +18,14 @@
 //   that is not ours, or is ours and alive, is never touched: refused in one sentence.
 // - The libvirt connection is opened on first use, opened again when it
 //   closed (libvirtd restarted), and closed by close().
+// - A shut-off domain is backed up without starting it (./offline.ts): its
+//   images are opened by a qemu-storage-daemon of ours, whose image locks
+//   keep libvirt from starting the domain meanwhile; the new checkpoint's
+//   bitmaps are added there and the checkpoint is registered in libvirt with
+//   a REDEFINE. libvirt 9.0 deletes no checkpoint of a shut-off domain, so
+//   ours are deleted there by removing their bitmaps from the images
+//   (qemu-img) and then libvirt's metadata. A daemon whose owner died is
+//   stopped, and its checkpoint discarded, by the next call on the domain.
 
 import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { createHash, randomBytes } from 'node:crypto';
@@ -34,6 +42,7 @@ import {
   type DomainSession,
   type InstantPlacement,
   type Consistency,
+  type CoverageProblem,
   type DiskCoverage,
   type DomainState,
   type DriverDisk,
@@ -44,6 +53,7 @@ import {
   type PullBackupRequest,
 } from '../driver.js';
 import { LibvirtClient } from './client.js';
+import { OfflineExports, imageBitmaps, offlineRecords, removeImageBitmap, type OfflineRecord } from './offline.js';
 import * as C from './rpc/constants.js';
 import type { LibvirtDomainRef } from './rpc/structs.js';
 
@@ -69,6 +79,8 @@ export interface LibvirtDriverOptions {
   shutdownTimeoutMs?: number | undefined;
   /** Test-only fault injection (src/util/faults.ts): 'libvirt-backup-begun' once the job runs. */
   faults?: Faults | undefined;
+  /** The qemu-storage-daemon that opens a shut-off domain's images (default: found on PATH). */
+  storageDaemon?: string | undefined;
 }
 
 /** One disk of a libvirt domain XML. */
@@ -87,7 +99,11 @@ export class LibvirtDriver implements HypervisorDriver {
   readonly defaultTlsCertDir = undefined;
   /** libvirt keeps one checkpoint per repository: the repository deletes the previous one once the next backup commits. */
   readonly keepsLatestCheckpointOnly = true;
+  /** A shut-off domain is backed up without starting it. */
+  readonly backsUpShutOffDomains = true;
   private connecting: Promise<LibvirtClient> | undefined;
+  /** Offline backups begun here and not ended, by backup id. */
+  private readonly offline = new Map<string, { domain: string; exports: OfflineExports }>();
 
   constructor(private readonly options: LibvirtDriverOptions) {
     this.uri = options.uri;
@@ -112,6 +128,12 @@ export class LibvirtDriver implements HypervisorDriver {
 
   /** Closes the libvirt connection; idempotent. */
   async close(): Promise<void> {
+    // An offline backup nobody ended: its checkpoint goes with it.
+    for (const [id, o] of this.offline) {
+      this.offline.delete(id);
+      await o.exports.close({ discard: true });
+      await this.lookup(o.domain).then(({ c, dom }) => c.checkpointLookupByName(dom, id).then((cp) => c.checkpointDelete(cp, C.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY))).catch(() => undefined);
+    }
     const c = this.connecting;
     this.connecting = undefined;
     if (c !== undefined) await (await c.catch(() => undefined))?.close();
@@ -200,6 +222,7 @@ export class LibvirtDriver implements HypervisorDriver {
     const { c, dom } = await this.lookup(name);
     await this.settleInstant(c, dom, what);
     if ((await c.getState(dom)).state !== C.VIR_DOMAIN_SHUTOFF) throw new QbackupError('DOMAIN_RUNNING', `Cannot ${what} domain "${name}": it is running; shut it down first`);
+    await this.reapOffline(c, dom, name, what);
     const result = await fn(driverDisks(await c.getXmlDesc(dom, C.VIR_DOMAIN_XML_INACTIVE), name));
     if ((await c.getState(dom)).state !== C.VIR_DOMAIN_SHUTOFF) throw new QbackupError('DOMAIN_RUNNING', `Cannot ${what} domain "${name}": libvirt started it meanwhile, so its disks may hold a mix of both`);
     return result;
@@ -209,13 +232,44 @@ export class LibvirtDriver implements HypervisorDriver {
 
   async checkpoints(domain: string): Promise<string[]> {
     const { c, dom } = await this.lookup(domain);
+    await this.reapOffline(c, dom, domain);
     return (await c.listAllCheckpoints(dom)).map((cp) => cp.name);
   }
 
   async deleteCheckpoint(domain: string, name: string): Promise<void> {
     if (!name.startsWith(OWN_CHECKPOINT_PREFIX)) throw new QbackupError('NOT_SUPPORTED', `Cannot delete checkpoint "${name}" of domain "${domain}": qbackup did not create it (its checkpoints are named ${OWN_CHECKPOINT_PREFIX}…)`);
     const { c, dom } = await this.lookup(domain);
-    await c.checkpointDelete(await c.checkpointLookupByName(dom, name));
+    await this.deleteOwnCheckpoint(c, dom, domain, name);
+  }
+
+  /**
+   * libvirt deletes the checkpoint of a running domain (and its bitmaps); for
+   * a shut-off one (libvirt 9.0 refuses) the bitmaps are removed from the
+   * images here, then libvirt's metadata. An image a QEMU holds meanwhile
+   * fails the removal (its lock), so nothing is half done unnoticed.
+   */
+  private async deleteOwnCheckpoint(c: LibvirtClient, dom: LibvirtDomainRef, domain: string, name: string): Promise<void> {
+    const cp = await c.checkpointLookupByName(dom, name);
+    if ((await c.getState(dom)).state !== C.VIR_DOMAIN_SHUTOFF) {
+      try {
+        await c.checkpointDelete(cp);
+        return;
+      } catch (err) {
+        // Shut off meanwhile: deleted as below.
+        if (!/inactive domain/.test(describeError(err))) throw err;
+      }
+    }
+    const root = parseXmlDocument(await c.checkpointGetXmlDesc(cp), `checkpoint "${name}" of domain "${domain}"`, 'domaincheckpoint');
+    const current = new Map(xmlDisks(await c.getXmlDesc(dom, C.VIR_DOMAIN_XML_INACTIVE), domain).map((d) => [d.target, d.source] as const));
+    const savedDomain = firstChild(root, 'domain');
+    const saved = new Map(savedDomain === undefined ? [] : xmlDisksOf(savedDomain).map((d) => [d.target, d.source] as const));
+    for (const d of checkpointBitmaps(root, name)) {
+      // The image the checkpoint saw, and the one under its target now.
+      for (const source of new Set([saved.get(d.target), current.get(d.target)])) {
+        if (source !== undefined && existsSync(source)) await removeImageBitmap(source, d.bitmap);
+      }
+    }
+    await c.checkpointDelete(cp, C.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY);
   }
 
   /**
@@ -225,6 +279,8 @@ export class LibvirtDriver implements HypervisorDriver {
    */
   async coverage(domain: string, checkpoint: string): Promise<DiskCoverage[]> {
     const { c, dom } = await this.lookup(domain);
+    await this.reapOffline(c, dom, domain);
+    const shutOff = (await c.getState(dom)).state === C.VIR_DOMAIN_SHUTOFF;
     const disks = driverDisks(await c.getXmlDesc(dom), domain);
     let cpXml: string;
     try {
@@ -234,25 +290,33 @@ export class LibvirtDriver implements HypervisorDriver {
       return disks.map((d) => ({ target: d.target, diskId: d.diskId, mode: 'full', reasons: [{ code: 'CHECKPOINT_NOT_FOUND', detail: `libvirt no longer has checkpoint "${checkpoint}"` }] }));
     }
     const root = parseXmlDocument(cpXml, `checkpoint "${checkpoint}" of domain "${domain}"`, 'domaincheckpoint');
-    const bitmaps = new Set<string>();
-    for (const d of childElements(firstChild(root, 'disks') ?? root, 'disk')) if (attr(d, 'checkpoint') === 'bitmap') bitmaps.add(attr(d, 'name') ?? '');
+    const bitmaps = new Map(checkpointBitmaps(root, checkpoint).map((b) => [b.target, b.bitmap] as const));
     // The definition saved with the checkpoint: which image each target had then.
     const savedDomain = firstChild(root, 'domain');
     const sourcesThen = new Map(savedDomain === undefined ? [] : xmlDisksOf(savedDomain).map((d) => [d.target, d.source] as const));
-    return disks.map((d) => {
+    const out: DiskCoverage[] = [];
+    for (const d of disks) {
       const reasons = [];
-      if (!bitmaps.has(d.target)) reasons.push({ code: 'DISK_NOT_IN_CHECKPOINT', detail: `checkpoint "${checkpoint}" has no bitmap of disk "${d.target}" (added since)` });
+      const bitmap = bitmaps.get(d.target);
+      if (bitmap === undefined) reasons.push({ code: 'DISK_NOT_IN_CHECKPOINT', detail: `checkpoint "${checkpoint}" has no bitmap of disk "${d.target}" (added since)` });
       const then = sourcesThen.get(d.target);
       if (then !== undefined && then !== d.source) reasons.push({ code: 'SOURCE_REPLACED', detail: `disk "${d.target}" reads "${d.source}", and at checkpoint "${checkpoint}" it read "${then}"` });
-      return { target: d.target, diskId: d.diskId, mode: reasons.length === 0 ? 'incremental' : 'full', reasons };
-    });
+      // Shut off, the image is read directly (libvirt checks it only when it runs the domain).
+      if (shutOff && reasons.length === 0 && bitmap !== undefined) reasons.push(...(await imageCoverage(d, checkpoint, bitmap)));
+      out.push({ target: d.target, diskId: d.diskId, mode: reasons.length === 0 ? 'incremental' : 'full', reasons });
+    }
+    return out;
   }
 
+  // Long: the backup and checkpoint XML are written inline, beside the one call they go to.
   async beginPullBackup(domain: string, request: PullBackupRequest): Promise<PullBackup> {
     if (request.tcp !== undefined) throw new QbackupError('NOT_SUPPORTED', `Cannot back up libvirt domain "${domain}" over TCP: its exports are read over a private unix socket`);
     if (!request.checkpoint.startsWith(OWN_CHECKPOINT_PREFIX)) throw new QbackupError('INVALID_ARGUMENT', `Checkpoint "${request.checkpoint}" is not named ${OWN_CHECKPOINT_PREFIX}…`);
     const { c, dom } = await this.lookup(domain);
-    await this.readyForBackup(c, dom, domain);
+    await this.settleInstant(c, dom, 'back up');
+    await this.reapOffline(c, dom, domain, 'back up');
+    if ((await c.getState(dom)).state === C.VIR_DOMAIN_SHUTOFF) return this.beginShutOff(c, dom, domain, request);
+    await this.endOrphan(c, dom, domain, 'back up');
     const liveXml = await c.getXmlDesc(dom);
     const all = xmlDisks(liveXml, domain);
     for (const d of request.disks) {
@@ -320,7 +384,54 @@ ${all
     }
   }
 
+  /**
+   * A shut-off domain's backup: its images opened and exported by our
+   * storage daemon (which keeps libvirt from starting it), the new
+   * checkpoint's bitmaps added there, and the checkpoint registered in
+   * libvirt as libvirt itself would have written it.
+   */
+  private async beginShutOff(c: LibvirtClient, dom: LibvirtDomainRef, domain: string, request: PullBackupRequest): Promise<PullBackup> {
+    if (request.quiesce === 'required') throw new QbackupError('GUEST_AGENT', `Cannot quiesce domain "${domain}": it is shut off`);
+    const inactiveXml = await c.getXmlDesc(dom, C.VIR_DOMAIN_XML_INACTIVE);
+    const all = xmlDisks(inactiveXml, domain);
+    const disks = request.disks.map((r) => {
+      const d = all.find((x) => x.target === r.target && x.source !== undefined);
+      if (d?.source === undefined) throw new QbackupError('DISK_NOT_FOUND', `Domain "${domain}" has no disk "${r.target}"`);
+      if (d.format !== 'qcow2') throw new QbackupError('NOT_SUPPORTED', `Cannot back up disk "${d.target}" of shut-off domain "${domain}": its image "${d.source}" is ${d.format}, which holds no bitmaps`);
+      return { target: d.target, source: d.source, since: r.since };
+    });
+    const previous = await newestCheckpoint(c, dom);
+    let exports: OfflineExports | undefined;
+    let redefined = false;
+    try {
+      exports = await OfflineExports.open({ parentDir: this.options.socketParentDir, domain, uuid: uuidString(dom.uuid), checkpoint: request.checkpoint, disks, binary: this.options.storageDaemon });
+      // The images are ours now, so libvirt cannot start the domain; it may have started before we took them.
+      if ((await c.getState(dom)).state !== C.VIR_DOMAIN_SHUTOFF) throw startedMeanwhile(domain);
+      const checkpointXml = redefinedCheckpointXml(request.checkpoint, previous, all, new Set(disks.map((d) => d.target)), inactiveXml);
+      await c.checkpointCreateXml(dom, checkpointXml, C.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE);
+      redefined = true;
+      this.offline.set(request.checkpoint, { domain, exports });
+      this.options.faults?.at('libvirt-backup-begun');
+      return { id: request.checkpoint, domain, checkpoint: request.checkpoint, consistency: 'crash', server: { transport: 'unix', socket: exports.socket }, disks: exports.disks };
+    } catch (err) {
+      this.offline.delete(request.checkpoint);
+      await exports?.close({ discard: true });
+      if (redefined) await c.checkpointLookupByName(dom, request.checkpoint).then((cp) => c.checkpointDelete(cp, C.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)).catch(() => undefined);
+      if (isQbackupError(err, 'DOMAIN_RUNNING') && (await c.getState(dom)).state !== C.VIR_DOMAIN_SHUTOFF) throw startedMeanwhile(domain, err);
+      throw err;
+    }
+  }
+
   async endBackup(domain: string, backupId: string): Promise<void> {
+    const offline = this.offline.get(backupId);
+    if (offline !== undefined) {
+      this.offline.delete(backupId);
+      if ((await offline.exports.close()).clean) return;
+      // The daemon did not store the new bitmaps: the checkpoint goes, so the next backup is full instead of wrong.
+      const { c, dom } = await this.lookup(domain);
+      await c.checkpointDelete(await c.checkpointLookupByName(dom, backupId), C.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY).catch(() => undefined);
+      throw new QbackupError('BACKUP_FAILED', `qemu-storage-daemon did not close the images of domain "${domain}" cleanly, so checkpoint "${backupId}" was discarded`);
+    }
     const { c, dom } = await this.lookup(domain);
     const job = await runningBackup(c, dom);
     if (job === undefined) throw new QbackupError('JOB_NOT_FOUND', `Domain "${domain}" runs no backup job`);
@@ -331,18 +442,45 @@ ${all
 
   async endOrphanedBackup(domain: string): Promise<void> {
     const { c, dom } = await this.lookup(domain);
+    await this.reapOffline(c, dom, domain);
     await this.endOrphan(c, dom, domain, 'end an orphaned backup of');
   }
 
   async assertNoBackup(domain: string, what: string): Promise<void> {
     const { c, dom } = await this.lookup(domain);
+    await this.reapOffline(c, dom, domain, what);
     await this.endOrphan(c, dom, domain, what);
   }
 
-  /** Before a backup: an instant restore settled (refused while it copies), an orphaned job of ours ended. */
-  private async readyForBackup(c: LibvirtClient, dom: LibvirtDomainRef, domain: string): Promise<void> {
-    await this.settleInstant(c, dom, 'back up');
-    await this.endOrphan(c, dom, domain, 'back up');
+  /**
+   * Stops the storage daemons of offline backups of the domain whose owner
+   * died and discards their checkpoints; with `what`, refuses while another
+   * live process backs the domain up offline.
+   */
+  private async reapOffline(c: LibvirtClient, dom: LibvirtDomainRef, domain: string, what?: string): Promise<void> {
+    const { busy, stale } = offlineRecords(this.options.socketParentDir, uuidString(dom.uuid));
+    for (const s of stale) {
+      await s.stopDaemon();
+      // A discard that fails (the domain started meanwhile and holds the images) is retried by a later call.
+      if (await this.discardOrphan(c, dom, domain, s.record).catch(() => false)) s.remove();
+    }
+    const other = busy[0];
+    if (what !== undefined && other !== undefined) throw new QbackupError('BACKUP_RUNNING', `Cannot ${what} domain "${domain}": qbackup process ${other.owner} is backing it up (checkpoint "${other.checkpoint}")`);
+  }
+
+  /**
+   * The checkpoint of a dead offline backup: deleted from libvirt, or, never
+   * registered, its bitmaps removed from the images. False when that must
+   * wait (the domain runs and holds the images): the record stays for a later call.
+   */
+  private async discardOrphan(c: LibvirtClient, dom: LibvirtDomainRef, domain: string, r: OfflineRecord): Promise<boolean> {
+    if ((await c.listAllCheckpoints(dom)).some((cp) => cp.name === r.checkpoint)) {
+      await this.deleteOwnCheckpoint(c, dom, domain, r.checkpoint);
+      return true;
+    }
+    if ((await c.getState(dom)).state !== C.VIR_DOMAIN_SHUTOFF) return false;
+    for (const image of r.images) if (existsSync(image.source)) await removeImageBitmap(image.source, r.checkpoint);
+    return true;
   }
 
   /** Ends our backup job whose process died (and deletes its checkpoint); refuses any other job. */
@@ -571,6 +709,60 @@ function assertReachable(dir: string, owner: { uid: number; gid: number }, what:
     }
     if (dirname(d) === d) return;
   }
+}
+
+/** A checkpoint as libvirt itself writes one (name, parent, creation time, a bitmap per disk named after it, the definition), for a REDEFINE. */
+function redefinedCheckpointXml(checkpoint: string, parent: string | undefined, all: readonly XmlDisk[], wanted: ReadonlySet<string>, inactiveXml: string): string {
+  return `<domaincheckpoint>
+  <name>${xmlEscape(checkpoint)}</name>
+  <description>created by qbackup</description>
+${parent === undefined ? '' : `  <parent>\n    <name>${xmlEscape(parent)}</name>\n  </parent>\n`}  <creationTime>${Math.floor(Date.now() / 1000)}</creationTime>
+  <disks>
+${all
+  .filter((d) => d.device === 'disk' || wanted.has(d.target))
+  .map((d) => (wanted.has(d.target) ? `    <disk name='${xmlEscape(d.target)}' checkpoint='bitmap' bitmap='${xmlEscape(checkpoint)}'/>` : `    <disk name='${xmlEscape(d.target)}' checkpoint='no'/>`))
+  .join('\n')}
+  </disks>
+${inactiveXml.trim()}
+</domaincheckpoint>`;
+}
+
+function startedMeanwhile(domain: string, cause?: unknown): QbackupError {
+  return new QbackupError('DOMAIN_RUNNING', `Cannot back up domain "${domain}" while it is shut off: libvirt started it meanwhile; back it up again`, { cause });
+}
+
+/** The checkpoint created last (libvirt makes it the parent of the next one). */
+async function newestCheckpoint(c: LibvirtClient, dom: LibvirtDomainRef): Promise<string | undefined> {
+  let newest: { name: string; time: number } | undefined;
+  for (const cp of await c.listAllCheckpoints(dom)) {
+    const xml = await c.checkpointGetXmlDesc(cp, C.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN);
+    const time = Number(/<creationTime>(\d+)<\/creationTime>/.exec(xml)?.[1] ?? 0);
+    if (newest === undefined || time >= newest.time) newest = { name: cp.name, time };
+  }
+  return newest?.name;
+}
+
+/** The disks a checkpoint has a bitmap of, with the bitmap's name (the checkpoint's unless the XML names another). */
+function checkpointBitmaps(root: Element, checkpoint: string): Array<{ target: string; bitmap: string }> {
+  return childElements(firstChild(root, 'disks') ?? root, 'disk').flatMap((d) => {
+    const target = attr(d, 'name');
+    return attr(d, 'checkpoint') === 'bitmap' && target !== undefined ? [{ target, bitmap: attr(d, 'bitmap') ?? checkpoint }] : [];
+  });
+}
+
+/** A shut-off disk's image: the checkpoint's bitmap is there, consistent and recording. */
+async function imageCoverage(d: DriverDisk, checkpoint: string, bitmap: string): Promise<CoverageProblem[]> {
+  if (d.format !== 'qcow2') return [{ code: 'BITMAP_MISSING', detail: `image "${d.source}" of disk "${d.target}" is ${d.format}, which holds no bitmaps` }];
+  let found;
+  try {
+    found = (await imageBitmaps(d.source)).find((b) => b.name === bitmap);
+  } catch (err) {
+    return [{ code: 'BITMAP_MISSING', detail: `image "${d.source}" of disk "${d.target}" cannot be read: ${describeError(err)}` }];
+  }
+  if (found === undefined) return [{ code: 'BITMAP_MISSING', detail: `image "${d.source}" of disk "${d.target}" has no bitmap "${bitmap}" of checkpoint "${checkpoint}"` }];
+  if (found.inUse) return [{ code: 'BITMAP_INCONSISTENT', detail: `bitmap "${bitmap}" in image "${d.source}" of disk "${d.target}" was left in use by a QEMU that did not close the image` }];
+  if (!found.recording) return [{ code: 'BITMAP_DISABLED', detail: `bitmap "${bitmap}" in image "${d.source}" of disk "${d.target}" is not recording` }];
+  return [];
 }
 
 async function describe(c: LibvirtClient, dom: LibvirtDomainRef): Promise<DriverDomain> {

@@ -129,6 +129,14 @@ export const VIR_DOMAIN_EVENT_ID_BLOCK_JOB = 8;
 export const VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2 = 16;
 export const VIR_DOMAIN_EVENT_ID_JOB_COMPLETED = 21;
 
+/** virDomainEventType (the `event` of a lifecycle event) */
+export const VIR_DOMAIN_EVENT_DEFINED = 0;
+export const VIR_DOMAIN_EVENT_UNDEFINED = 1;
+export const VIR_DOMAIN_EVENT_STARTED = 2;
+export const VIR_DOMAIN_EVENT_SUSPENDED = 3;
+export const VIR_DOMAIN_EVENT_RESUMED = 4;
+export const VIR_DOMAIN_EVENT_STOPPED = 5;
+
 /** virDomainState */
 export const VIR_DOMAIN_NOSTATE = 0;
 export const VIR_DOMAIN_RUNNING = 1;
