@@ -72,7 +72,9 @@ export const backupCommands: readonly CliCommand[] = [
     args: { domain },
     options: { completed: flag('--completed', 'show the last finished job') },
     run: async ({ qb, out, args: { domain }, opts }) => {
-      const job = opts.completed ? await qb.backups.lastResult(domain) : await qb.backups.info(domain);
+      // Through another hypervisor (--connect) qbackup runs no backup job of its own; an instant restore it may.
+      const own = qb.driver.uri === 'qbackup:///';
+      const job = !own ? undefined : opts.completed ? await qb.backups.lastResult(domain) : await qb.backups.info(domain);
       if (job === undefined && !opts.completed) {
         const instant = await qb.instant.info(domain);
         if (instant !== undefined) {

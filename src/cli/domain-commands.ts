@@ -36,7 +36,8 @@ export const domainCommands: readonly CliCommand[] = [
     args: { domain },
     options: { paused: flag('--paused', 'leave the CPUs stopped (the block layer works; no guest code runs)') },
     run: async ({ qb, out, args: { domain: name }, opts }) => {
-      const d = await qb.domains.start(name, { paused: opts.paused });
+      // Through another hypervisor (--connect): its driver starts the domain, serving an instant restore's backup first.
+      const d = qb.driver.uri !== 'qbackup:///' ? await qb.driver.startDomain(name, { paused: opts.paused }) : await qb.domains.start(name, { paused: opts.paused });
       emit(out, d, () => `Domain '${name}' started`);
     },
   }),

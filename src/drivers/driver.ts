@@ -21,6 +21,10 @@
 //   and then discards the checkpoint it created.
 // - `withShutOffDisks` hands out the images of a shut-off domain while
 //   nothing else may start or change it.
+// - An instant restore's copy (DomainSession) moves every byte of a disk's
+//   NBD backing into its overlay, and only once every job has completed and
+//   the images are flushed does the disk stop declaring the backing, live
+//   and in the persistent definition.
 // - Nothing here reads the environment: a driver gets its settings from the
 //   caller that opens it.
 
@@ -128,6 +132,15 @@ export interface DomainSession {
   dropBackings(targets: readonly string[]): Promise<void>;
 }
 
+/** Where an instant restore keeps what the hypervisor's QEMU opens: the overlays' directory and the backup server's unix socket. */
+export interface InstantPlacement {
+  overlayDir: string;
+  socket: string;
+}
+
+/** Copy jobs of instant restores are named with this prefix and the disk's target. */
+export const COPY_JOB_PREFIX = 'instant-';
+
 /** What an instant restore does at lifecycle points of a domain (a driver calls them holding the domain). */
 export interface LifecycleHooks {
   onOpen?: (s: DomainSession) => Promise<void>;
@@ -180,6 +193,24 @@ export interface HypervisorDriver {
   withSession<T>(domain: string, what: string, fn: (s: DomainSession) => Promise<T>): Promise<T>;
   /** Installs the instant restore's lifecycle hooks; once. */
   setLifecycleHooks(hooks: LifecycleHooks): void;
+  /**
+   * How an instant restore makes the new domain's definition from the
+   * backup's saved XML: 'model' (the default) through qbackup's own domain
+   * model; 'saved-xml' by editing the saved XML as `restore --define` does
+   * (src/repository/define-xml.ts: new UUID, no MACs), for a hypervisor that
+   * takes libvirt's whole schema.
+   */
+  readonly newDefinitions?: 'model' | 'saved-xml' | undefined;
+  /**
+   * Where an instant restore of `domain` keeps its overlays (unless the user
+   * names a directory) and its socket. `defaults` lie in the private state
+   * directory: right when QEMU runs as this process (the default).
+   */
+  instantPlacement?(domain: string, defaults: InstantPlacement): Promise<InstantPlacement>;
+  /** Makes (again) a directory of an instant restore that the hypervisor's QEMU reaches and other users do not; default: owner-only. */
+  prepareInstantDir?(dir: string, holds: 'overlays' | 'socket'): Promise<void>;
+  /** Lets the hypervisor's QEMU connect to the unix socket a backup server of this process made; default: nothing to do. */
+  shareSocket?(socket: string): Promise<void>;
 
   /**
    * True when the hypervisor pays for every checkpoint on every guest write

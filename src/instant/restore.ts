@@ -32,7 +32,7 @@
 import { randomUUID } from 'node:crypto';
 import { existsSync, lstatSync, readFileSync, rmSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
-import type { CopyJob, DomainSession, HypervisorDriver } from '../drivers/driver.js';
+import { COPY_JOB_PREFIX, type CopyJob, type DomainSession, type HypervisorDriver } from '../drivers/driver.js';
 import { describeError, QbackupError } from '../errors.js';
 import { formatDomainXml, parseDomainXml } from '../model/definition-xml.js';
 import type { DiskDefinition, DomainDefinition } from '../model/definition.js';
@@ -51,6 +51,8 @@ import { makePrivateDir } from '../util/private-dir.js';
 import { processStartTime, sleep } from '../util/proc.js';
 import { socketAccepts } from '../util/socket.js';
 import { assertDomainName } from '../domain/names.js';
+import { definitionForRestore } from '../repository/define-xml.js';
+import { attr, childElements, firstChild, parseXmlDocument } from '../util/xml.js';
 import { settleCopies } from './copy.js';
 import { noFaults, type Faults } from '../util/faults.js';
 import { backupServerAlive, signalBackupServer, startBackupServer, stopBackupServer, type BackupServerProcess } from './server.js';
@@ -133,7 +135,7 @@ export interface InstantPlan {
 }
 
 export function jobIdFor(target: string): string {
-  return `instant-${target}`;
+  return `${COPY_JOB_PREFIX}${target}`;
 }
 
 /**
@@ -160,6 +162,51 @@ export function planInstantRestore(m: Manifest, o: { name: string; overlayDir: s
   const renamed = o.name !== source.name;
   const definition: DomainDefinition = { ...source, name: o.name, uuid: renamed || o.uuidTaken ? randomUUID() : source.uuid, disks: kept };
   return { name: o.name, definition, disks, dropped, overlayDir: o.overlayDir, socket: o.socket };
+}
+
+/** The plan begin() carries out: the definition as XML, the disks, what the backup lacks. */
+interface BeginPlan {
+  xml: string;
+  disks: InstantDiskRecord[];
+  dropped: string[];
+}
+
+/** Through qbackup's own domain model (the QEMU driver). */
+function planModelRestore(m: Manifest, o: { name: string; overlayDir: string; socket: string; domains: ReadonlyArray<{ uuid: string }> }): BeginPlan {
+  const uuidTaken = o.domains.some((d) => d.uuid === parseDomainXml(m.domainXml).uuid);
+  const plan = planInstantRestore(m, { name: o.name, overlayDir: o.overlayDir, socket: o.socket, uuidTaken });
+  return { xml: formatDomainXml(plan.definition), disks: plan.disks, dropped: plan.dropped };
+}
+
+/**
+ * For a hypervisor that takes libvirt's whole schema: the backup's saved XML
+ * edited as `restore --define` does (new name, no UUID so the hypervisor
+ * makes one, no MACs), each backed-up disk an overlay declaring the export
+ * of its target as backing; disks the backup does not hold are left out.
+ */
+export function planSavedXmlRestore(m: Manifest, o: { name: string; overlayDir: string; socket: string }): BeginPlan {
+  const saved = savedDisks(m.domainXml);
+  const disks: InstantDiskRecord[] = [];
+  for (const d of m.disks) {
+    if (!saved.includes(d.target)) continue;
+    disks.push({ target: d.target, sizeBytes: d.virtualSize, overlay: join(o.overlayDir, `${d.target}.qcow2`), jobId: jobIdFor(d.target) });
+  }
+  const xml = definitionForRestore(
+    m.domainXml,
+    o.name,
+    disks.map((d) => ({ target: d.target, file: d.overlay, format: 'qcow2' as const, nbdBacking: { socket: o.socket, exportName: d.target } })),
+  );
+  return { xml, disks, dropped: saved.filter((t) => !disks.some((d) => d.target === t)) };
+}
+
+/** The targets of the saved definition's disks (device='disk'). */
+function savedDisks(xml: string): string[] {
+  const root = parseXmlDocument(xml, 'the saved definition of the backup', 'domain');
+  return childElements(firstChild(root, 'devices') ?? root, 'disk').flatMap((d) => {
+    const target = firstChild(d, 'target');
+    const dev = target === undefined ? undefined : attr(target, 'dev');
+    return dev !== undefined && (attr(d, 'device') ?? 'disk') === 'disk' ? [dev] : [];
+  });
 }
 
 export interface InstantServiceOptions {
@@ -234,10 +281,11 @@ export class InstantRestoreService {
     assertDomainName(name);
     const domains = await this.driver.listDomains();
     this.refuseClash(name, m, domains);
-    const overlayDir = resolve(options.to ?? join(this.options.stateDir, 'images', name));
-    const socket = join(this.domainDir(name), 'nbd', 'backup.sock');
-    const uuidTaken = domains.some((d) => d.uuid === parseDomainXml(m.domainXml).uuid);
-    const plan = planInstantRestore(m, { name, overlayDir, socket, uuidTaken });
+    const defaults = { overlayDir: join(this.options.stateDir, 'images', name), socket: join(this.domainDir(name), 'nbd', 'backup.sock') };
+    const placement = (await this.driver.instantPlacement?.(name, defaults)) ?? defaults;
+    const overlayDir = resolve(options.to ?? placement.overlayDir);
+    const socket = placement.socket;
+    const plan = this.driver.newDefinitions === 'saved-xml' ? planSavedXmlRestore(m, { name, overlayDir, socket }) : planModelRestore(m, { name, overlayDir, socket, domains });
     if (plan.disks.length === 0) throw new QbackupError('INVALID_ARGUMENT', `Cannot restore backup "${m.id}" of domain "${m.domain}" instantly: it holds no disk of its definition`);
     // What a begin killed earlier under this name left (its server, its overlays) goes first.
     await this.reapOrphan(name);
@@ -246,8 +294,8 @@ export class InstantRestoreService {
       if (lstatSync(d.overlay, { throwIfNoEntry: false }) !== undefined) throw new QbackupError('INVALID_ARGUMENT', `Cannot restore disk "${d.target}" of backup "${m.id}" instantly: "${d.overlay}" exists`);
     }
     throwIfCancelled(options.signal, `The instant restore of backup "${m.id}"`);
-    makePrivateDir(overlayDir);
-    makePrivateDir(dirname(socket));
+    await this.prepareDir(overlayDir, 'overlays');
+    await this.prepareDir(dirname(socket), 'socket');
     const record: InstantRecord = {
       version: 1, domain: name, repo: isRemoteRepo(access.repo) ? access.repo : resolve(access.repo), encrypted: access.encrypted, sourceDomain: m.domain, backupId: m.id,
       socket, disks: plan.disks, speedBytesPerSec: options.speedBytesPerSec ?? 0, server: null, startedMs: Date.now(),
@@ -264,7 +312,7 @@ export class InstantRestoreService {
         await this.driver.createOverlay(d.overlay, d.sizeBytes, holes.get(d.target) ?? []);
       }
       this.fault('instant-restore:after-overlays');
-      await this.driver.defineDomain(formatDomainXml(plan.definition));
+      await this.driver.defineDomain(plan.xml);
       defined = true;
       this.fault('instant-restore:after-define');
       // From here the domain owns the record: its commands settle it.
@@ -322,7 +370,7 @@ export class InstantRestoreService {
       );
     }
     const dir = dirname(record.socket);
-    makePrivateDir(dir);
+    await this.prepareDir(dir, 'socket');
     let server: BackupServerProcess;
     try {
       server = await startBackupServer({
@@ -353,7 +401,15 @@ export class InstantRestoreService {
     }
     record.server = { pid: server.pid, pidStart: server.pidStart };
     this.saveRecord(record);
+    // The hypervisor's QEMU may run as another user (libvirt's qemu:///system): it must be able to connect.
+    await this.driver.shareSocket?.(record.socket);
     this.fault('instant-restore:after-server');
+  }
+
+  /** A directory of the restore (overlays, socket) that the hypervisor's QEMU reaches: the driver knows who that is. */
+  private async prepareDir(dir: string, holds: 'overlays' | 'socket'): Promise<void> {
+    if (this.driver.prepareInstantDir !== undefined) await this.driver.prepareInstantDir(dir, holds);
+    else makePrivateDir(dir);
   }
 
   // ---- lifecycle hooks (installed on the driver) -----------------------------------
@@ -452,6 +508,24 @@ export class InstantRestoreService {
     return true;
   }
 
+  /**
+   * Settles every recorded restore as the next command on its domain would
+   * (the daemon runs this when it starts): a finished copy is finalized, a
+   * dead server or copy brought back. Returns the failures, by domain; a
+   * domain this driver does not know is left for its own connection.
+   */
+  async settleAll(): Promise<Map<string, unknown>> {
+    const failures = new Map<string, unknown>();
+    for (const domain of this.store.domains()) {
+      try {
+        await this.info(domain);
+      } catch (err) {
+        failures.set(domain, err);
+      }
+    }
+    return failures;
+  }
+
   /** Every orphaned restore (the daemon runs this when it starts); returns the domains reaped. */
   async reapOrphans(): Promise<string[]> {
     const reaped: string[] = [];
@@ -493,6 +567,12 @@ export class InstantRestoreService {
       }
       options.onInfo?.(info);
       options.onProgress?.({ phase: `instant restore ${domain}`, doneBytes: sum(info.disks.map((d) => d.doneBytes)), totalBytes: sum(info.disks.map((d) => d.totalBytes)) });
+      // A domain that stopped (shut down, or its QEMU died) copies nothing until it starts again: waiting would never end.
+      const state = (await this.driver.describeDomain(domain)).state;
+      if (state !== 'running') {
+        const start = this.driver.uri === 'qbackup:///' ? `qbackup start ${domain}` : `qbackup start ${domain} --connect ${this.driver.uri}`;
+        throw new QbackupError('DOMAIN_NOT_RUNNING', `Domain "${domain}" is ${state} before its data was copied in from backup "${info.backup}"; start it (${start}) and the copy goes on`);
+      }
       await sleep(options.pollMs ?? 500);
     }
   }

@@ -344,6 +344,12 @@ export class QbackupService {
     } catch (err) {
       this.logger.log({ level: 'warn', msg: 'looking for orphaned instant restores failed', fields: { error: describeError(err) } });
     }
+    // Instant restores that ran on while no command came: finished copies are finalized, dead servers or copies brought back.
+    try {
+      for (const [d, err] of await this.qb.instant.settleAll()) this.logger.log({ level: 'warn', msg: 'settling an instant restore failed', fields: { domain: d, error: describeError(err) } });
+    } catch (err) {
+      this.logger.log({ level: 'warn', msg: 'settling instant restores failed', fields: { error: describeError(err) } });
+    }
     for (const r of this.configuration.repositories.values()) void this.refreshStats(r.location);
     const interval = this.options.schedulerIntervalMs ?? 30_000;
     if (interval > 0) this.scheduler.start(interval);

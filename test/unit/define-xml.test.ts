@@ -47,3 +47,13 @@ describe('restore --define', () => {
     assert.match(xml, /install\.iso/);
   });
 });
+
+describe('instant restore through libvirt', () => {
+  it('declares each overlay\'s backing as the NBD export of its target and drops the disk\'s encryption', () => {
+    const encrypted = saved.replace("<source file='/var/lib/libvirt/images/web1-data.qcow2'/>", "<source file='/var/lib/libvirt/images/web1-data.qcow2'/><encryption format='luks'><secret type='passphrase' uuid='0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f'/></encryption>");
+    const xml = definitionForRestore(encrypted, 'web1-now', [{ target: 'vdb', file: '/r/vdb.qcow2', format: 'qcow2', nbdBacking: { socket: '/tmp/x/backup.sock', exportName: 'vdb' } }]);
+    assert.match(xml, /<source file="\/r\/vdb.qcow2"\/>\s*<backingStore type="network">\s*<format type="raw"\/>\s*<source protocol="nbd" name="vdb">\s*<host transport="unix" socket="\/tmp\/x\/backup.sock"\/>/);
+    assert.doesNotMatch(xml, /encryption|luks/);
+    assert.doesNotMatch(xml, /dev="vda"/);
+  });
+});

@@ -4,6 +4,7 @@
 // replies whose bytes are written out here field by field from
 // remote_protocol.x.
 
+import { dacBaseLabel } from '../../src/drivers/libvirt/driver.js';
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import {
@@ -172,6 +173,9 @@ describe('procedures', () => {
     assert.deepEqual(numbers['domain-backup-begin'], [0x20008086, 421]);
     assert.deepEqual(numbers['domain-get-job-stats'], [0x20008086, 298]);
     assert.deepEqual(numbers['connect-domain-event-callback-register-any'], [0x20008086, 316]);
+    assert.deepEqual(numbers['connect-get-capabilities'], [0x20008086, 7]);
+    assert.deepEqual(numbers['domain-resume'], [0x20008086, 28]);
+    assert.deepEqual(numbers['domain-suspend'], [0x20008086, 34]);
     assert.deepEqual(numbers['qemu-domain-monitor-command'], [0x20008087, 1]);
     const keys = Object.values(PROCEDURES).map((p) => `${p.program}:${p.procedure}`);
     assert.equal(new Set(keys).size, keys.length, 'no number twice');
@@ -304,5 +308,13 @@ describe('libvirt errors', () => {
       assert.equal(err.libvirtMessage, 'requested operation is not valid: domain is not running');
     }
     assert.equal(new LibvirtCallError('domain-x', error(1, undefined)).message, 'libvirt refused domain-x (error 1) without a message');
+  });
+});
+
+describe('capabilities', () => {
+  it("give the DAC label QEMU runs under (instant restore lets that user reach its socket and overlays)", () => {
+    const caps = `<capabilities><host><secmodel><model>none</model><doi>0</doi></secmodel><secmodel><model>dac</model><doi>0</doi><baselabel type='kvm'>+64055:+108</baselabel><baselabel type='qemu'>+64055:+108</baselabel></secmodel></host></capabilities>`;
+    assert.deepEqual(dacBaseLabel(caps), { uid: 64055, gid: 108 });
+    assert.equal(dacBaseLabel('<capabilities><host><secmodel><model>none</model></secmodel></host></capabilities>'), undefined);
   });
 });

@@ -95,6 +95,11 @@ export class LibvirtClient {
     return Number((await this.connection.call(PROCEDURES.connectGetLibVersion, undefined)).libVer);
   }
 
+  /** The host's capabilities XML (its security models with the DAC label QEMU runs under, among others). */
+  async getCapabilities(): Promise<string> {
+    return (await this.connection.call(PROCEDURES.connectGetCapabilities, undefined)).capabilities;
+  }
+
   /** Every domain (flags: VIR_CONNECT_LIST_DOMAINS_ACTIVE / _INACTIVE to filter; 0 for all). */
   async listAllDomains(flags = 0): Promise<LibvirtDomainRef[]> {
     return (await this.connection.call(PROCEDURES.connectListAllDomains, { needResults: 1, flags })).domains;
@@ -135,6 +140,15 @@ export class LibvirtClient {
 
   async destroy(dom: LibvirtDomainRef, flags = 0): Promise<void> {
     await this.connection.call(PROCEDURES.domainDestroyFlags, { dom, flags });
+  }
+
+  /** Pauses the guest's CPUs (QEMU flushes every disk as it stops). */
+  async suspend(dom: LibvirtDomainRef): Promise<void> {
+    await this.connection.call(PROCEDURES.domainSuspend, { dom });
+  }
+
+  async resume(dom: LibvirtDomainRef): Promise<void> {
+    await this.connection.call(PROCEDURES.domainResume, { dom });
   }
 
   /** Asks the guest to shut down (ACPI or agent); a guest without an OS ignores it: use destroy with VIR_DOMAIN_DESTROY_GRACEFUL. */

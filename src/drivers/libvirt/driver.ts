@@ -33,24 +33,30 @@
 //   (qemu-img) and then libvirt's metadata. A daemon whose owner died is
 //   stopped, and its checkpoint discarded, by the next call on the domain.
 
-import { chownSync, existsSync, mkdtempSync, rmSync, statSync } from 'node:fs';
-import { createHash } from 'node:crypto';
+import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
+import { createHash, randomBytes } from 'node:crypto';
 import { basename, dirname, join } from 'node:path';
 import { QbackupError, describeError, isQbackupError } from '../../errors.js';
 import type { Element } from '@xmldom/xmldom';
 import type { Faults } from '../../util/faults.js';
-import { attr, childElements, firstChild, parseXmlDocument } from '../../util/xml.js';
-import type {
-  Consistency,
-  CoverageProblem,
-  DiskCoverage,
-  DomainState,
-  DriverDisk,
-  DriverDomain,
-  HypervisorDriver,
-  LifecycleHooks,
-  PullBackup,
-  PullBackupRequest,
+import { attr, childElements, firstChild, parseXmlDocument, serializeIndented } from '../../util/xml.js';
+import { createZeroOverlay } from '../../image/overlay.js';
+import { makePrivateDir } from '../../util/private-dir.js';
+import {
+  COPY_JOB_PREFIX,
+  type CopyJob,
+  type DomainSession,
+  type InstantPlacement,
+  type Consistency,
+  type CoverageProblem,
+  type DiskCoverage,
+  type DomainState,
+  type DriverDisk,
+  type DriverDomain,
+  type HypervisorDriver,
+  type LifecycleHooks,
+  type PullBackup,
+  type PullBackupRequest,
 } from '../driver.js';
 import { LibvirtClient } from './client.js';
 import { OfflineExports, imageBitmaps, offlineRecords, removeImageBitmap, type OfflineRecord } from './offline.js';
@@ -63,6 +69,10 @@ export const OWN_CHECKPOINT_PREFIX = 'qb-';
 const OWN_SOCKET_PREFIX = 'qbackup-lv-';
 /** libvirt 7.2.0: the first release with the checkpoint and backup API enabled for QEMU without extra configuration. */
 export const MIN_LIBVIRT_VERSION = 7_002_000;
+/** The prefix of the directory of an instant restore's socket. */
+const OWN_INSTANT_PREFIX = 'qbackup-lvi-';
+/** Where libvirt keeps images by default (its `default` pool on Debian and Fedora): instant restores put their overlays under it. */
+const DEFAULT_IMAGE_DIR = '/var/lib/libvirt/images';
 
 export interface LibvirtDriverOptions {
   /** The connection URI (see uri.ts). */
@@ -71,6 +81,8 @@ export interface LibvirtDriverOptions {
   runtimeDir?: string | undefined;
   /** Where the private directories of backup sockets are made; QEMU's user must be able to traverse it (e.g. /tmp). */
   socketParentDir: string;
+  /** Where an instant restore puts a new domain's overlays (NAME/TARGET.qcow2) when QEMU runs as another user. Default /var/lib/libvirt/images. */
+  imageDir?: string | undefined;
   /** How long shutdownDomain waits for the guest before stopping QEMU gracefully. Default 60 s. */
   shutdownTimeoutMs?: number | undefined;
   /** How long a lost connection is tried again while libvirtd restarts (no socket or nothing listening). Default 10 s. */
@@ -90,6 +102,8 @@ interface XmlDisk {
   format: string;
   device: string;
   readonly: boolean;
+  /** A declared `<backingStore type='network'>` that is an NBD export on a unix socket. */
+  nbdBacking: { socket: string; exportName: string } | undefined;
 }
 
 export class LibvirtDriver implements HypervisorDriver {
@@ -219,9 +233,17 @@ export class LibvirtDriver implements HypervisorDriver {
     return describe(c, await c.defineXml(xml));
   }
 
+  /** Starts the domain; an instant restore's server is brought up first (beforeStart) and its copies after (afterStart), or the domain is stopped again. */
   async startDomain(name: string, options: { paused?: boolean | undefined } = {}): Promise<DriverDomain> {
     const { c, dom } = await this.lookup(name);
+    await this.hooks.beforeStart?.(await this.session(c, dom));
     await c.create(dom, options.paused ? C.VIR_DOMAIN_START_PAUSED : 0);
+    try {
+      await this.hooks.afterStart?.(await this.session(c, dom));
+    } catch (err) {
+      await c.destroy(dom).catch(() => undefined);
+      throw err;
+    }
     return describe(c, dom);
   }
 
@@ -241,11 +263,13 @@ export class LibvirtDriver implements HypervisorDriver {
 
   async undefineDomain(name: string): Promise<void> {
     const { c, dom } = await this.lookup(name);
+    this.hooks.beforeUndefine?.(await this.session(c, dom));
     await c.undefine(dom, C.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA);
   }
 
   async withShutOffDisks<T>(name: string, what: string, fn: (disks: readonly DriverDisk[]) => Promise<T>): Promise<T> {
     const { c, dom } = await this.lookup(name);
+    await this.settleInstant(c, dom, what);
     if ((await c.getState(dom)).state !== C.VIR_DOMAIN_SHUTOFF) throw new QbackupError('DOMAIN_RUNNING', `Cannot ${what} domain "${name}": it is running; shut it down first`);
     await this.reapOffline(c, dom, name, what);
     const result = await fn(driverDisks(await c.getXmlDesc(dom, C.VIR_DOMAIN_XML_INACTIVE), name));
@@ -366,6 +390,7 @@ export class LibvirtDriver implements HypervisorDriver {
     if (request.tcp !== undefined) throw new QbackupError('NOT_SUPPORTED', `Cannot back up libvirt domain "${domain}" over TCP: its exports are read over a private unix socket`);
     if (!request.checkpoint.startsWith(OWN_CHECKPOINT_PREFIX)) throw new QbackupError('INVALID_ARGUMENT', `Checkpoint "${request.checkpoint}" is not named ${OWN_CHECKPOINT_PREFIX}…`);
     const { c, dom } = await this.lookup(domain);
+    await this.settleInstant(c, dom, 'back up');
     await this.reapOffline(c, dom, domain, 'back up');
     if ((await c.getState(dom)).state === C.VIR_DOMAIN_SHUTOFF) return this.beginShutOff(c, dom, domain, request);
     await this.endOrphan(c, dom, domain, 'back up');
@@ -585,18 +610,217 @@ ${all
     if (names.includes(job.own.checkpoint)) await c.checkpointDelete(await c.checkpointLookupByName(dom, job.own.checkpoint));
   }
 
-  // ---- instant restore: not through libvirt yet ----
+  // ---- instant restore ----
 
-  async createOverlay(): Promise<void> {
-    throw new QbackupError('NOT_SUPPORTED', `Instant restore is not available through libvirt ("${this.uri}") yet: restore with --to or --define`);
+  /** libvirt takes its whole schema: a new domain is the saved XML edited as restore --define does. */
+  readonly newDefinitions = 'saved-xml';
+  private hooks: LifecycleHooks = {};
+  private qemuUser: Promise<{ uid: number; gid: number } | undefined> | undefined;
+
+  async createOverlay(path: string, sizeBytes: number, zeroRanges: ReadonlyArray<{ offset: number; length: number }>): Promise<void> {
+    await createZeroOverlay(path, sizeBytes, zeroRanges);
   }
 
-  async withSession<T>(domain: string): Promise<T> {
-    throw new QbackupError('NOT_SUPPORTED', `Cannot hold libvirt domain "${domain}" for an instant restore: instant restore is not available through libvirt yet`);
+  setLifecycleHooks(hooks: LifecycleHooks): void {
+    this.hooks = hooks;
   }
 
-  setLifecycleHooks(_hooks: LifecycleHooks): void {
-    // libvirt runs its domains itself; no instant restore hooks into them here.
+  async withSession<T>(domain: string, _what: string, fn: (s: DomainSession) => Promise<T>): Promise<T> {
+    const { c, dom } = await this.lookup(domain);
+    await this.hooks.onOpen?.(await this.session(c, dom));
+    return fn(await this.session(c, dom));
+  }
+
+  /**
+   * The restore's own private directories when libvirt's QEMU runs as this
+   * process (qemu:///session); else overlays under libvirt's image directory
+   * and the socket in a fresh directory of the socket parent (e.g. /tmp),
+   * both of which QEMU's user can reach (see prepareInstantDir).
+   */
+  async instantPlacement(domain: string, defaults: InstantPlacement): Promise<InstantPlacement> {
+    const owner = await this.foreignQemuUser();
+    if (owner === undefined) return defaults;
+    return {
+      overlayDir: join(this.options.imageDir ?? DEFAULT_IMAGE_DIR, domain),
+      socket: join(this.options.socketParentDir, `${OWN_INSTANT_PREFIX}${randomBytes(6).toString('hex')}`, 'backup.sock'),
+    };
+  }
+
+  /**
+   * Overlays: a directory others may traverse but not list (0711; libvirt
+   * hands the image files themselves to QEMU's user when it starts the
+   * domain), on a path QEMU's user can traverse. The socket: a directory
+   * owned by QEMU's user, mode 0700 (this process, root, reaches it too).
+   */
+  async prepareInstantDir(dir: string, holds: 'overlays' | 'socket'): Promise<void> {
+    const owner = await this.foreignQemuUser();
+    if (owner === undefined) {
+      makePrivateDir(dir);
+      return;
+    }
+    if (holds === 'overlays') {
+      // Refused before anything is made when QEMU's user cannot pass through what exists of the path.
+      let existing = dir;
+      while (!existsSync(existing) && dirname(existing) !== existing) existing = dirname(existing);
+      assertReachable(existing, owner, `Cannot put the overlays of an instant restore in "${dir}"`);
+      const first = mkdirSync(dir, { recursive: true, mode: 0o711 });
+      if (first !== undefined) for (let d = dir; ; d = dirname(d)) {
+        chmodSync(d, 0o711);
+        if (d === first || dirname(d) === d) break;
+      }
+      assertReachable(dir, owner, `Cannot put the overlays of an instant restore in "${dir}"`);
+      return;
+    }
+    try {
+      mkdirSync(dir, { mode: 0o700 });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+    }
+    const st = lstatSync(dir);
+    if (!st.isDirectory() || (st.uid !== owner.uid && st.uid !== process.getuid?.())) {
+      throw new QbackupError('STATE_DIR', `Cannot serve an instant restore on a socket in "${dir}": it is not a directory qbackup made (owner uid ${st.uid})`);
+    }
+    chownSync(dir, owner.uid, owner.gid);
+    chmodSync(dir, 0o700);
+    assertReachable(dir, owner, `Cannot serve an instant restore on a socket in "${dir}"`);
+  }
+
+  async shareSocket(socket: string): Promise<void> {
+    const owner = await this.foreignQemuUser();
+    if (owner !== undefined) chownSync(socket, owner.uid, owner.gid);
+  }
+
+  /** The uid:gid libvirt runs QEMU as (its DAC base label), when that is another user than this process's. */
+  private async foreignQemuUser(): Promise<{ uid: number; gid: number } | undefined> {
+    this.qemuUser ??= (async () => {
+      const caps = await (await this.client()).getCapabilities();
+      const owner = dacBaseLabel(caps);
+      return owner === undefined || owner.uid === process.getuid?.() ? undefined : owner;
+    })();
+    try {
+      return await this.qemuUser;
+    } catch (err) {
+      this.qemuUser = undefined;
+      throw err;
+    }
+  }
+
+  /** The domain as an instant restore's copy sees it: the live definition while QEMU runs, else the persistent one. */
+  private async session(c: LibvirtClient, dom: LibvirtDomainRef): Promise<LibvirtSession> {
+    const { state } = await c.getState(dom);
+    const running = state !== C.VIR_DOMAIN_SHUTOFF && state !== C.VIR_DOMAIN_CRASHED;
+    const xml = await c.getXmlDesc(dom, running ? 0 : C.VIR_DOMAIN_XML_INACTIVE);
+    return new LibvirtSession(c, dom, running, driverDisks(xml, dom.name));
+  }
+
+  /** Runs the instant restore's onOpen hook (finalize a finished copy, bring back a dead server or copy); then refuses `what` while a disk still reads from a backup. */
+  private async settleInstant(c: LibvirtClient, dom: LibvirtDomainRef, what: string): Promise<void> {
+    const s = await this.session(c, dom);
+    if (!s.disks.some((d) => d.nbdBacking !== undefined)) return;
+    await this.hooks.onOpen?.(s);
+    const backed = (await this.session(c, dom)).disks.find((d) => d.nbdBacking !== undefined);
+    if (backed !== undefined) {
+      throw new QbackupError('RESTORE_RUNNING', `Cannot ${what} domain "${dom.name}": disk "${backed.target}" still reads from its backup while an instant restore copies the data in; wait for it with restore --instant --wait or domjobinfo`);
+    }
+  }
+}
+
+/**
+ * One libvirt domain as the instant restore's copy drives it: one block pull
+ * (QEMU block-stream) per disk copies the NBD backing into the overlay;
+ * libvirt ends the job itself and, when it completes, drops the backing
+ * from the live and the persistent definition. A disk that still declares
+ * its backing but runs no job lost its job (it failed, e.g. the server
+ * died): the copy starts it again.
+ */
+class LibvirtSession implements DomainSession {
+  constructor(
+    private readonly c: LibvirtClient,
+    private readonly dom: LibvirtDomainRef,
+    readonly running: boolean,
+    readonly disks: readonly DriverDisk[],
+  ) {}
+
+  get domain(): string {
+    return this.dom.name;
+  }
+
+  async copyJobs(): Promise<Map<string, CopyJob>> {
+    const out = new Map<string, CopyJob>();
+    if (!this.running) return out;
+    for (const d of this.disks) {
+      const id = `${COPY_JOB_PREFIX}${d.target}`;
+      if (d.nbdBacking === undefined) {
+        // Nothing left to copy: the pull completed (or the disk never read from a backup).
+        const size = Number((await this.c.getBlockInfo(this.dom, d.target)).capacity);
+        out.set(id, { status: 'concluded', doneBytes: size, totalBytes: size });
+        continue;
+      }
+      const job = await this.c.getBlockJobInfo(this.dom, d.target);
+      if (job === undefined) continue;
+      out.set(id, { status: job.type === C.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL ? 'running' : 'busy', doneBytes: Number(job.cur), totalBytes: Number(job.end) });
+    }
+    return out;
+  }
+
+  async startCopy(target: string, _jobId: string, speedBytesPerSec: number): Promise<void> {
+    const live = driverDisks(await this.c.getXmlDesc(this.dom), this.dom.name).find((d) => d.target === target);
+    if (live === undefined) throw new QbackupError('DISK_NOT_FOUND', `Domain "${this.domain}" has no disk "${target}" to restore into`);
+    // Another command got there first: its pull runs, or completed.
+    if (live.nbdBacking === undefined || (await this.c.getBlockJobInfo(this.dom, target)) !== undefined) return;
+    await this.c.blockPull(this.dom, target, speedBytesPerSec > 0 ? { bandwidth: BigInt(speedBytesPerSec), flags: C.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES } : {});
+  }
+
+  async dismissCopy(_jobId: string): Promise<void> {
+    // libvirt dismisses its block jobs itself.
+  }
+
+  /** Pauses the guest for a moment: QEMU flushes every disk when it stops. False when it is paused (nothing would be flushed). */
+  async flush(): Promise<boolean> {
+    if ((await this.c.getState(this.dom)).state !== C.VIR_DOMAIN_RUNNING) return false;
+    await this.c.suspend(this.dom);
+    await this.c.resume(this.dom);
+    return true;
+  }
+
+  /** libvirt dropped each completed disk's backing itself; a persistent definition that still declares one is redefined without it. */
+  async dropBackings(targets: readonly string[]): Promise<void> {
+    const xml = await this.c.getXmlDesc(this.dom, C.VIR_DOMAIN_XML_INACTIVE | C.VIR_DOMAIN_XML_SECURE);
+    const root = parseXmlDocument(xml, `the definition of domain "${this.domain}"`, 'domain');
+    let changed = false;
+    for (const disk of childElements(firstChild(root, 'devices') ?? root, 'disk')) {
+      const target = firstChild(disk, 'target');
+      if (target === undefined || !targets.includes(attr(target, 'dev') ?? '')) continue;
+      for (const b of childElements(disk, 'backingStore')) {
+        if (attr(b, 'type') !== 'network') continue;
+        disk.removeChild(b);
+        changed = true;
+      }
+    }
+    if (changed) await this.c.defineXml(serializeIndented(root));
+  }
+}
+
+/** The DAC base label of QEMU's user in libvirt's capabilities (`<secmodel><model>dac</model><baselabel type='kvm'>+64055:+64055</baselabel>`). */
+export function dacBaseLabel(capabilities: string): { uid: number; gid: number } | undefined {
+  for (const m of capabilities.matchAll(/<secmodel>([\s\S]*?)<\/secmodel>/g)) {
+    const body = m[1] ?? '';
+    if (!/<model>dac<\/model>/.test(body)) continue;
+    const label = /<baselabel\b[^>]*type=['"]kvm['"][^>]*>\+?(\d+):\+?(\d+)</.exec(body) ?? /<baselabel\b[^>]*>\+?(\d+):\+?(\d+)</.exec(body);
+    if (label !== null) return { uid: Number(label[1]), gid: Number(label[2]) };
+  }
+  return undefined;
+}
+
+/** Refuses a directory QEMU's user cannot reach: every directory on its path must let that user search it. */
+function assertReachable(dir: string, owner: { uid: number; gid: number }, what: string): void {
+  for (let d = dir; ; d = dirname(d)) {
+    const st = statSync(d);
+    const searchable = st.uid === owner.uid ? (st.mode & 0o100) !== 0 : st.gid === owner.gid ? (st.mode & 0o010) !== 0 : (st.mode & 0o001) !== 0;
+    if (!searchable) {
+      throw new QbackupError('INVALID_ARGUMENT', `${what}: libvirt's QEMU runs as uid ${owner.uid} and cannot pass through "${d}" (mode 0${(st.mode & 0o777).toString(8)}); choose another directory with --to`);
+    }
+    if (dirname(d) === d) return;
   }
 }
 
@@ -733,6 +957,7 @@ function xmlDisksOf(root: Element): XmlDisk[] {
       format: (driver === undefined ? undefined : attr(driver, 'type')) ?? 'raw',
       device: attr(d, 'device') ?? 'disk',
       readonly: firstChild(d, 'readonly') !== undefined || attr(d, 'device') === 'cdrom',
+      nbdBacking: nbdBackingOf(d),
     }];
   });
 }
@@ -741,8 +966,19 @@ function xmlDisksOf(root: Element): XmlDisk[] {
 function driverDisks(xml: string, domain: string): DriverDisk[] {
   return xmlDisks(xml, domain).flatMap((d) => {
     if (d.source === undefined || (d.format !== 'qcow2' && d.format !== 'raw')) return [];
-    return [{ target: d.target, diskId: diskIdOf(d.target, d.source), source: d.source, format: d.format, readonly: d.readonly }];
+    return [{ target: d.target, diskId: diskIdOf(d.target, d.source), source: d.source, format: d.format, readonly: d.readonly, nbdBacking: d.nbdBacking }];
   });
+}
+
+/** `<backingStore type='network'><source protocol='nbd' name=EXPORT><host transport='unix' socket=PATH/>`, as an instant restore declares it. */
+function nbdBackingOf(disk: Element): XmlDisk['nbdBacking'] {
+  const backing = firstChild(disk, 'backingStore');
+  if (backing === undefined || attr(backing, 'type') !== 'network') return undefined;
+  const source = firstChild(backing, 'source');
+  const host = source === undefined ? undefined : firstChild(source, 'host');
+  if (source === undefined || host === undefined || attr(source, 'protocol') !== 'nbd' || attr(host, 'transport') !== 'unix') return undefined;
+  const socket = attr(host, 'socket');
+  return socket === undefined ? undefined : { socket, exportName: attr(source, 'name') ?? '' };
 }
 
 /** dkXXXXXXXX, as the repository takes it: a new image under the same target (another path, or a new file at the same path) gets a new id. */

@@ -7,9 +7,7 @@
 import type { JobInfo } from '../../backup/job.js';
 import type { BackupSpec } from '../../backup/spec.js';
 import { QbackupError } from '../../errors.js';
-import { createExclusiveFile } from '../../util/safe-create.js';
-import { createImage } from '../../image/qemu-img.js';
-import { runTool } from '../../image/tools.js';
+import { createZeroOverlay } from '../../image/overlay.js';
 import { assert } from '../../util/assert.js';
 import type {
   DiskCoverage,
@@ -132,15 +130,7 @@ export class QemuDriver implements HypervisorDriver {
   // ---- instant restore ----
 
   async createOverlay(path: string, sizeBytes: number, zeroRanges: ReadonlyArray<{ offset: number; length: number }>): Promise<void> {
-    // Created exclusively, never through a planted symlink; the tools reach it by descriptor.
-    await using overlay = await createExclusiveFile(path, `Cannot create overlay "${path}"`);
-    await createImage(overlay.fdPath, 'qcow2', sizeBytes);
-    if (zeroRanges.length === 0) return;
-    // Zero clusters, allocated in the overlay: reads there never reach the backing, and the copy skips them.
-    const script = zeroRanges.map((r) => `write -z ${r.offset} ${r.length}\n`).join('');
-    const { stdout, stderr } = await runTool('qemu-io', ['-f', 'qcow2', '--', overlay.fdPath], { input: script, what: `Marking the holes of overlay "${path}"`, errorCode: 'IMAGE_ERROR' });
-    const failed = `${stdout}\n${stderr}`.split('\n').find((l) => /error|failed/i.test(l));
-    if (failed !== undefined) throw new QbackupError('IMAGE_ERROR', `Cannot mark the holes of overlay "${path}": ${failed.trim()}`);
+    await createZeroOverlay(path, sizeBytes, zeroRanges);
   }
 
   async withSession<T>(domain: string, what: string, fn: (s: DomainSession) => Promise<T>): Promise<T> {

@@ -7,11 +7,8 @@ import type { DomainContext, DomainService } from '../../domain/domains.js';
 import { QbackupError } from '../../errors.js';
 import { nodeNamesFor } from '../../qemu/nodes.js';
 import type { QmpClient } from '../../qmp/index.js';
-import type { CopyJob, DomainSession, DriverDisk } from '../driver.js';
+import { COPY_JOB_PREFIX, type CopyJob, type DomainSession, type DriverDisk } from '../driver.js';
 import { driverDisk } from './disks.js';
-
-/** Copy jobs of instant restores are named with this prefix (and the disk's target). */
-const COPY_JOB_PREFIX = 'instant-';
 
 export class QemuSession implements DomainSession {
   readonly disks: readonly DriverDisk[];

@@ -61,12 +61,15 @@ export const REMOTE_AUTH_POLKIT = 2;
 /** The remote program's procedures qbackup calls or receives (remote_procedure). */
 export const REMOTE_PROC_CONNECT_OPEN = 1;
 export const REMOTE_PROC_CONNECT_CLOSE = 2;
+export const REMOTE_PROC_CONNECT_GET_CAPABILITIES = 7;
 export const REMOTE_PROC_DOMAIN_CREATE = 9;
 export const REMOTE_PROC_DOMAIN_DESTROY = 12;
 export const REMOTE_PROC_DOMAIN_GET_XML_DESC = 14;
 export const REMOTE_PROC_DOMAIN_GET_INFO = 16;
 export const REMOTE_PROC_DOMAIN_LOOKUP_BY_NAME = 23;
 export const REMOTE_PROC_DOMAIN_LOOKUP_BY_UUID = 24;
+export const REMOTE_PROC_DOMAIN_RESUME = 28;
+export const REMOTE_PROC_DOMAIN_SUSPEND = 34;
 export const REMOTE_PROC_CONNECT_SUPPORTS_FEATURE = 60;
 export const REMOTE_PROC_AUTH_LIST = 66;
 export const REMOTE_PROC_AUTH_POLKIT = 70;
@@ -204,6 +207,8 @@ export const VIR_DOMAIN_BLOCK_JOB_COMPLETED = 0;
 export const VIR_DOMAIN_BLOCK_JOB_FAILED = 1;
 export const VIR_DOMAIN_BLOCK_JOB_CANCELED = 2;
 export const VIR_DOMAIN_BLOCK_JOB_READY = 3;
+/** virDomainBlockPullFlags */
+export const VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES = 64;
 /** virDomainBlockJobAbortFlags */
 export const VIR_DOMAIN_BLOCK_JOB_ABORT_ASYNC = 1;
 export const VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT = 2;

@@ -47,6 +47,7 @@ export const PROCEDURES = {
   connectOpen: remote('connect-open', C.REMOTE_PROC_CONNECT_OPEN, xdrStruct({ name: remoteOptionalString, flags: xdrUint }), xdrVoid),
   connectClose: remote('connect-close', C.REMOTE_PROC_CONNECT_CLOSE, xdrVoid, xdrVoid),
   connectSupportsFeature: remote('connect-supports-feature', C.REMOTE_PROC_CONNECT_SUPPORTS_FEATURE, xdrStruct({ feature: xdrInt }), xdrStruct({ supported: xdrInt })),
+  connectGetCapabilities: remote('connect-get-capabilities', C.REMOTE_PROC_CONNECT_GET_CAPABILITIES, xdrVoid, xdrStruct({ capabilities: remoteString })),
   connectGetLibVersion: remote('connect-get-lib-version', C.REMOTE_PROC_CONNECT_GET_LIB_VERSION, xdrVoid, xdrStruct({ libVer: xdrUhyper })),
   authList: remote('auth-list', C.REMOTE_PROC_AUTH_LIST, xdrVoid, xdrStruct({ types: xdrArray(xdrInt, C.REMOTE_AUTH_TYPE_LIST_MAX, 'auth types') })),
   authPolkit: remote('auth-polkit', C.REMOTE_PROC_AUTH_POLKIT, xdrVoid, xdrStruct({ complete: xdrInt })),
@@ -140,6 +141,8 @@ export const PROCEDURES = {
     domFlags,
     xdrStruct({ type: xdrInt, params: typedParams(C.REMOTE_DOMAIN_JOB_STATS_MAX) }),
   ),
+  domainSuspend: remote('domain-suspend', C.REMOTE_PROC_DOMAIN_SUSPEND, domOnly, xdrVoid),
+  domainResume: remote('domain-resume', C.REMOTE_PROC_DOMAIN_RESUME, domOnly, xdrVoid),
   domainAbortJob: remote('domain-abort-job', C.REMOTE_PROC_DOMAIN_ABORT_JOB, domOnly, xdrVoid),
   domainAbortJobFlags: remote('domain-abort-job-flags', C.REMOTE_PROC_DOMAIN_ABORT_JOB_FLAGS, domFlags, xdrVoid),
   domainBlockPull: remote(
