@@ -279,13 +279,7 @@ export class InstantRestoreService {
   ): Promise<InstantRestoreInfo> {
     const name = options.as ?? m.domain;
     assertDomainName(name);
-    const domains = await this.driver.listDomains();
-    this.refuseClash(name, m, domains);
-    const defaults = { overlayDir: join(this.options.stateDir, 'images', name), socket: join(this.domainDir(name), 'nbd', 'backup.sock') };
-    const placement = (await this.driver.instantPlacement?.(name, defaults)) ?? defaults;
-    const overlayDir = resolve(options.to ?? placement.overlayDir);
-    const socket = placement.socket;
-    const plan = this.driver.newDefinitions === 'saved-xml' ? planSavedXmlRestore(m, { name, overlayDir, socket }) : planModelRestore(m, { name, overlayDir, socket, domains });
+    const { overlayDir, socket, plan } = await this.planBegin(m, name, options.to);
     if (plan.disks.length === 0) throw new QbackupError('INVALID_ARGUMENT', `Cannot restore backup "${m.id}" of domain "${m.domain}" instantly: it holds no disk of its definition`);
     // What a begin killed earlier under this name left (its server, its overlays) goes first.
     await this.reapOrphan(name);
@@ -332,6 +326,18 @@ export class InstantRestoreService {
     const info = await this.info(name);
     if (info === undefined) return this.lastResult(name) ?? this.describe(record, new Map());
     return plan.dropped.length > 0 ? { ...info, dropped: plan.dropped } : info;
+  }
+
+  /** Where the overlays and the socket go (the driver knows what its QEMU reaches), and the new domain's definition. */
+  private async planBegin(m: Manifest, name: string, to: string | undefined) {
+    const domains = await this.driver.listDomains();
+    this.refuseClash(name, m, domains);
+    const defaults = { overlayDir: join(this.options.stateDir, 'images', name), socket: join(this.domainDir(name), 'nbd', 'backup.sock') };
+    const placement = (await this.driver.instantPlacement?.(name, defaults)) ?? defaults;
+    const overlayDir = resolve(to ?? placement.overlayDir);
+    const socket = placement.socket;
+    const plan = this.driver.newDefinitions === 'saved-xml' ? planSavedXmlRestore(m, { name, overlayDir, socket }) : planModelRestore(m, { name, overlayDir, socket, domains });
+    return { overlayDir, socket, plan };
   }
 
   private refuseClash(name: string, m: Manifest, domains: ReadonlyArray<{ name: string; state: string }>): void {

@@ -124,16 +124,7 @@ export async function collectGarbage(store: Store, options: OperationOptions = {
     } else report.condemned += await condemn(backend, marks, 'pack', p.packId);
     progress(p.size);
   }
-  for (const { key, size, modifiedMs } of await backend.list('indexes/')) {
-    cancelled();
-    const id = key.split('/').at(-1) ?? '';
-    if (!INDEX_ID.test(id) || liveIndexes.has(id) || !settled(modifiedMs)) continue;
-    if (mayDelete('index', id)) {
-      await backend.delete(indexKey(id));
-      report.indexesDeleted++;
-      report.bytesFreed += size;
-    } else report.condemned += await condemn(backend, marks, 'index', id);
-  }
+  await collectIndexes(backend, marks, report, { live: liveIndexes, settled, mayDelete, cancelled });
   // Repacking drops dead chunks at once, so it waits while a reader holds a lock (what it reads may be dead by now).
   for (const p of packs.filter((x) => toRepack(x))) {
     cancelled();
@@ -148,6 +139,25 @@ export async function collectGarbage(store: Store, options: OperationOptions = {
   // Put back the room a prune or gc on a full disk used (when there is room now).
   await ensureReserve(backend);
   return report;
+}
+
+/** Deletes (or condemns, while a backup runs) the disk indexes no manifest names that were written before the horizon. */
+async function collectIndexes(
+  backend: Store['backend'],
+  marks: Awaited<ReturnType<typeof readMarks>>,
+  report: GcReport,
+  rules: { live: ReadonlySet<string>; settled: (modifiedMs: number | undefined) => boolean; mayDelete: (kind: string, id: string) => boolean; cancelled: () => void },
+): Promise<void> {
+  for (const { key, size, modifiedMs } of await backend.list('indexes/')) {
+    rules.cancelled();
+    const id = key.split('/').at(-1) ?? '';
+    if (!INDEX_ID.test(id) || rules.live.has(id) || !rules.settled(modifiedMs)) continue;
+    if (rules.mayDelete('index', id)) {
+      await backend.delete(indexKey(id));
+      report.indexesDeleted++;
+      report.bytesFreed += size;
+    } else report.condemned += await condemn(backend, marks, 'index', id);
+  }
 }
 
 /** The live indexes (every chain link of every manifest) and the chunks they name. */
