@@ -149,6 +149,18 @@ export interface LifecycleHooks {
   beforeUndefine?: (s: DomainSession) => void;
 }
 
+/**
+ * A way to a running domain's guest agent (qemu-ga). `execute` runs one
+ * agent command and returns its `return` value; an error answer, no answer in
+ * `timeoutMs`, or a lost way is GUEST_AGENT, in one sentence naming the domain.
+ */
+export interface GuestAgentSession {
+  readonly domain: string;
+  execute<T>(command: string, args?: Record<string, unknown> | undefined, timeoutMs?: number | undefined): Promise<T>;
+  /** Idempotent. */
+  close(): Promise<void>;
+}
+
 export interface HypervisorDriver {
   /** The connection URI this driver was opened for. */
   readonly uri: string;
@@ -225,6 +237,12 @@ export interface HypervisorDriver {
    * repository starts the domain paused for the backup and shuts it down after.
    */
   readonly backsUpShutOffDomains?: boolean | undefined;
+  /**
+   * Opens the way to a running domain's guest agent. A domain that is not
+   * running, has no agent channel or whose agent does not answer is
+   * GUEST_AGENT, in one sentence. A driver without one cannot reach guests.
+   */
+  guestAgent?(domain: string): Promise<GuestAgentSession>;
   /** Releases the driver's connection, if it holds one; idempotent. */
   close?(): Promise<void>;
 }

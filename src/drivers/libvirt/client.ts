@@ -265,6 +265,15 @@ export class LibvirtClient {
     return (await this.connection.call(PROCEDURES.qemuDomainMonitorCommand, { dom, cmd: command, flags }, options)).result;
   }
 
+  /**
+   * Guest agent passthrough (virDomainQemuAgentCommand): one agent command as
+   * JSON text, its whole answer back as JSON text. `timeoutSec` as libvirt's
+   * (-2 block, -1 default, 0 no wait, >0 seconds). Any refusal is GUEST_AGENT.
+   */
+  async qemuAgentCommand(dom: LibvirtDomainRef, command: string, timeoutSec: number): Promise<string> {
+    return guestAgentCall(async () => (await this.connection.call(PROCEDURES.qemuDomainAgentCommand, { dom, cmd: command, timeout: timeoutSec, flags: 0 })).result ?? '');
+  }
+
   /** Registers for one event kind (VIR_DOMAIN_EVENT_ID_*), of one domain or all; returns the callback id events carry. */
   async registerDomainEvent(eventId: number, dom?: LibvirtDomainRef | undefined): Promise<number> {
     return (await this.connection.call(PROCEDURES.connectDomainEventCallbackRegisterAny, { eventID: eventId, dom })).callbackID;

@@ -53,6 +53,7 @@ import {
   type DomainState,
   type DriverDisk,
   type DriverDomain,
+  type GuestAgentSession,
   type HypervisorDriver,
   type LifecycleHooks,
   type PullBackup,
@@ -205,6 +206,27 @@ export class LibvirtDriver implements HypervisorDriver {
   async describeDomain(name: string): Promise<DriverDomain> {
     const { c, dom } = await this.lookup(name);
     return describe(c, dom);
+  }
+
+  /** libvirt's agent passthrough (virDomainQemuAgentCommand): each command a JSON text of its own; libvirt keeps the agent connection. */
+  async guestAgent(name: string): Promise<GuestAgentSession> {
+    const { c, dom } = await this.lookup(name);
+    const cannot = (why: string, cause?: unknown): QbackupError =>
+      new QbackupError('GUEST_AGENT', `The guest agent of domain "${name}" ${why}`, cause === undefined ? {} : { cause });
+    const execute = async <T>(command: string, args?: Record<string, unknown>, timeoutMs?: number): Promise<T> => {
+      const text = JSON.stringify(args === undefined ? { execute: command } : { execute: command, arguments: args });
+      let answer: { return?: unknown; error?: { desc?: unknown } };
+      try {
+        answer = JSON.parse(await c.qemuAgentCommand(dom, text, Math.max(1, Math.ceil((timeoutMs ?? 10_000) / 1000)))) as typeof answer;
+      } catch (err) {
+        throw cannot(`failed "${command}": ${describeError(err)}`, err);
+      }
+      if (answer.error !== undefined) throw cannot(`failed "${command}": ${typeof answer.error.desc === 'string' ? answer.error.desc : JSON.stringify(answer.error)}`);
+      return answer.return as T;
+    };
+    // One cheap command first, so a domain without an agent gets its one sentence now.
+    await execute('guest-ping', undefined, 5_000);
+    return { domain: name, execute, close: async () => undefined };
   }
 
   async domainXml(name: string): Promise<string> {

@@ -6,7 +6,8 @@
 
 import type { JobInfo } from '../../backup/job.js';
 import type { BackupSpec } from '../../backup/spec.js';
-import { QbackupError } from '../../errors.js';
+import { QbackupError, describeError } from '../../errors.js';
+import { GuestAgentClient } from '../../qemu/guest-agent.js';
 import { createZeroOverlay } from '../../image/overlay.js';
 import { assert } from '../../util/assert.js';
 import type {
@@ -14,6 +15,7 @@ import type {
   DomainSession,
   DriverDisk,
   DriverDomain,
+  GuestAgentSession,
   HypervisorDriver,
   LifecycleHooks,
   PullBackup,
@@ -67,6 +69,25 @@ export class QemuDriver implements HypervisorDriver {
 
   async undefineDomain(name: string): Promise<void> {
     await this.domains.undefine(name);
+  }
+
+  /** The agent's unix socket, one connection held until close (the socket takes one client at a time). */
+  async guestAgent(name: string): Promise<GuestAgentSession> {
+    const ctx = this.domains.loadContext(name);
+    if (!ctx.running) throw new QbackupError('GUEST_AGENT', `Cannot reach the guest agent of domain "${name}": it is not running`);
+    const socket = this.domains.guestAgentSocket(ctx.definition);
+    if (socket === undefined) throw new QbackupError('GUEST_AGENT', `Cannot reach the guest agent of domain "${name}": it has no guest agent channel (<channel type="unix"> with target org.qemu.guest_agent.0)`);
+    let client: GuestAgentClient;
+    try {
+      client = await GuestAgentClient.connect(socket, name);
+    } catch (err) {
+      throw new QbackupError('GUEST_AGENT', `The guest agent of domain "${name}" does not answer, or another client holds its socket (${describeError(err)})`, { cause: err });
+    }
+    return {
+      domain: name,
+      execute: (command, args, timeoutMs) => client.execute(command, args, timeoutMs),
+      close: async () => client.close(),
+    };
   }
 
   async withShutOffDisks<T>(name: string, what: string, fn: (disks: readonly DriverDisk[]) => Promise<T>): Promise<T> {

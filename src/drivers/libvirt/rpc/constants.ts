@@ -112,6 +112,7 @@ export const REMOTE_PROC_DOMAIN_ABORT_JOB_FLAGS = 442;
 
 /** The QEMU program's procedures (qemu_procedure). */
 export const QEMU_PROC_DOMAIN_MONITOR_COMMAND = 1;
+export const QEMU_PROC_DOMAIN_AGENT_COMMAND = 3;
 
 // -- public enums whose values cross the wire
 /** virTypedParameterType */

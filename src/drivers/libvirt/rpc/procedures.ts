@@ -192,6 +192,14 @@ export const PROCEDURES = {
     args: xdrStruct({ dom: remoteDomain, cmd: remoteString, flags: xdrUint }),
     ret: xdrStruct({ result: remoteString }),
   },
+  qemuDomainAgentCommand: {
+    name: 'qemu-domain-agent-command',
+    program: C.QEMU_PROGRAM,
+    version: C.QEMU_PROTOCOL_VERSION,
+    procedure: C.QEMU_PROC_DOMAIN_AGENT_COMMAND,
+    args: xdrStruct({ dom: remoteDomain, cmd: remoteString, timeout: xdrInt, flags: xdrUint }),
+    ret: xdrStruct({ result: xdrOptional(remoteString) }),
+  },
 } as const;
 
 export type LibvirtProcedureName = keyof typeof PROCEDURES;
