@@ -7,7 +7,7 @@
 // hostile filename cannot drive the terminal.
 
 import { QbackupError } from '../errors.js';
-import { FileSession, escapeName, type ApplianceSettings, type FileEntry } from '../files/index.js';
+import { FileSession, copyIntoGuest, escapeName, type ApplianceSettings, type FileEntry } from '../files/index.js';
 import type { Qbackup } from '../qbackup.js';
 import { arg, defineCommand, flag, value, type ArgumentSpec, type CliCommand } from './command.js';
 import { repoAccess } from './passwords.js';
@@ -26,7 +26,7 @@ const paths: ArgumentSpec<string[]> = {
 export const filesCommands: readonly CliCommand[] = [
   defineCommand({
     name: 'files',
-    description: "browse a backup's filesystems and copy files out: filesystems | ls [-l] [-R] PATH | cat PATH | get PATH... --to DIR | find PATH --name GLOB",
+    description: "browse a backup's filesystems and copy files out: filesystems | ls [-l] [-R] PATH | cat PATH | get PATH... --to DIR [--into-guest DOMAIN] | find PATH --name GLOB",
     args: { domain: arg('domain'), action: arg('action', ACTIONS.join(', ')), paths },
     options: {
       repo: repoOption(),
@@ -38,7 +38,8 @@ export const filesCommands: readonly CliCommand[] = [
       long: flag('-l, --long', 'ls, find: type, mode, owner, size, time and link target'),
       recursive: flag('-R, --recursive', 'ls: list subdirectories too'),
       name: value('--name <glob>', 'find: names matching this shell pattern'),
-      to: value('--to <dir>', 'get: the directory to write into (created if missing; nothing in it is overwritten)'),
+      to: value('--to <dir>', 'get: the directory to write into (created if missing; nothing in it is overwritten); with --into-guest, a directory of the guest'),
+      intoGuest: value('--into-guest <domain>', "get: write into this running domain's guest through its guest agent instead of this host (bytes; with guest-exec allowed, directories, owners and modes; never times or symlinks)"),
       maxBytes: value('--max-bytes <MiB>', 'cat, get: refuse files larger than this'),
       timeout: value('--timeout <seconds>', 'stop the appliance when one operation takes longer (default 120; booting it has 600)'),
     },
@@ -63,7 +64,8 @@ export const filesCommands: readonly CliCommand[] = [
       process.once('SIGINT', stop);
       process.once('SIGTERM', stop);
       try {
-        await runAction(session, action, args.paths, o, out.json);
+        if (action === 'get' && o.intoGuest !== undefined) await getIntoGuest(qb, session, args.paths, o.intoGuest, o.to ?? '/', out.json);
+        else await runAction(session, action, args.paths, o, out.json);
       } finally {
         process.off('SIGINT', stop);
         process.off('SIGTERM', stop);
@@ -153,6 +155,17 @@ async function runAction(session: FileSession, action: (typeof ACTIONS)[number],
       return;
     }
   }
+}
+
+async function getIntoGuest(qb: Qbackup, session: FileSession, given: readonly string[], domain: string, to: string, json: boolean): Promise<void> {
+  const r = await copyIntoGuest(session, given, qb.repository.driver, domain, to);
+  emit({ json }, { backup: session.backup.id, to, ...r }, () =>
+    [
+      `Wrote ${r.files} file(s) and ${r.directories} directory(ies), ${r.bytes} bytes, from backup ${session.backup.id} into ${escapeName(to)} in the guest of domain ${domain}`,
+      ...(r.notKept.length > 0 ? [`  not kept: ${r.notKept.join(', ')}`] : []),
+      ...r.skipped.map((s) => `  skipped ${escapeName(s.path)}: ${s.reason}`),
+    ].join('\n'),
+  );
 }
 
 function parentOf(path: string): string {

@@ -11,7 +11,7 @@
 import { PassThrough } from 'node:stream';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { QbackupError } from '../errors.js';
-import { WarmSessions, type FileSession } from '../files/index.js';
+import { WarmSessions, checkGuestDir, copyIntoGuest, type FileSession } from '../files/index.js';
 import type { RepoAccess } from '../repository/repository.js';
 import type { QbackupService } from '../service/daemon-service.js';
 import { addRoute, object, str, strings } from './route.js';
@@ -23,7 +23,7 @@ const idParams = object({ id: str({ maxLength: 256 }) }, ['id']);
 const selection = { repo, domain: str({ maxLength: 256 }), disks: str({ maxLength: 1024 }), fs: str({ maxLength: 256 }) };
 
 interface Selection { repo: string; domain?: string; disks?: string; fs?: string }
-interface RestoreBody { repo: string; domain?: string; disks?: string[]; fs?: string; paths: string[]; to: string }
+interface RestoreBody { repo: string; domain?: string; disks?: string[]; fs?: string; paths: string[]; to: string; intoGuest?: string }
 
 /** Text types by extension; anything else is application/octet-stream. Never HTML. */
 const TEXT_TYPES: Readonly<Record<string, string>> = {
@@ -132,10 +132,21 @@ function contentRoute(app: FastifyInstance, service: QbackupService, withSession
 function restoreRoute(app: FastifyInstance, service: QbackupService, withSession: WithSession): void {
   addRoute<{ id: string }, unknown, RestoreBody>(app, service, {
     method: 'POST', url: '/api/repository/backups/:id/files/restore', tag, status: 202, params: idParams,
-    summary: 'Copy files and directories of a backup into a directory of this host (modes, owners, times and symlinks kept; nothing overwritten); returns a task',
-    body: object({ repo, domain: str({ maxLength: 256 }), disks: strings, fs: str({ maxLength: 256 }), paths: { ...strings, minItems: 1, items: { type: 'string', minLength: 1, maxLength: 4096 } }, to: str({ minLength: 1 }) }, ['repo', 'paths', 'to']),
+    summary:
+      "Copy files and directories of a backup into a directory of this host (modes, owners, times and symlinks kept), or with intoGuest into a directory of that running domain's guest through its guest agent (bytes; with guest-exec allowed, directories, owners and modes); nothing overwritten; returns a task",
+    body: object({ repo, domain: str({ maxLength: 256 }), disks: strings, fs: str({ maxLength: 256 }), paths: { ...strings, minItems: 1, items: { type: 'string', minLength: 1, maxLength: 4096 } }, to: str({ minLength: 1 }), intoGuest: str({ minLength: 1, maxLength: 256 }) }, ['repo', 'paths', 'to']),
     handler: ({ params: p, body: b, request, who }) => {
       const sel = { repo: b.repo, domain: b.domain, disks: b.disks, fs: b.fs };
+      const guest = b.intoGuest;
+      if (guest !== undefined) {
+        checkGuestDir(b.to); // a bad directory is refused now, not in the task
+        return service.tasks.submit({
+          kind: 'repository.files-restore',
+          cancellable: true,
+          requestedBy: who,
+          run: (ctx) => withSession(request, p.id, sel, async (s) => ({ backup: s.backup.id, to: b.to, ...(await copyIntoGuest(s, b.paths, service.qb.repository.driver, guest, b.to, ctx.signal)) })),
+        });
+      }
       return service.tasks.submit({
         // No domain: copying files out of a backup neither waits for nor blocks the domain's own tasks.
         kind: 'repository.files-restore',
