@@ -5,6 +5,6 @@
 export { GuestfsAppliance, type ApplianceSettings } from './appliance.js';
 export { escapeName, modeString, normalizeGuestPath, type FileEntry, type FileType } from './entries.js';
 export { safeName } from './get.js';
-export { checkGuestDir, copyIntoGuest, putIntoGuest, type GuestPutReport } from './guest-put.js';
+export { CHUNK_BYTES, checkGuestDir, copyIntoGuest, putIntoGuest, type GuestPutReport } from './guest-put.js';
 export { FileSession, globRegExp, pickManifest, reapStaleSessions, type FileLimits, type FileSessionOptions, type FilesystemInfo, type GetReport, type OperatingSystem } from './session.js';
 export { WarmSessions } from './warm.js';
