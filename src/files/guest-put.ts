@@ -110,7 +110,8 @@ class GuestWriter {
     if (k === 'directory' && existingOk) return false;
     if (k !== 'none') throw new QbackupError('INVALID_ARGUMENT', `Cannot write directory "${escapeName(what)}" to "${escapeName(path)}" in the guest of domain "${this.agent.domain}": it exists (nothing is overwritten)`);
     if (!this.execEnabled) throw new QbackupError('GUEST_AGENT', `Cannot make directory "${escapeName(path)}" in the guest of domain "${this.agent.domain}": its agent does not allow guest-exec`);
-    await this.run(`make directory "${escapeName(path)}"`, 'mkdir', ['-m', '700', '--', path]);
+    // The directory written into is made with its parents (the user named it); those below it one by one.
+    await this.run(`make directory "${escapeName(path)}"`, 'mkdir', [...(existingOk ? ['-p'] : []), '-m', '700', '--', path]);
     return true;
   }
 

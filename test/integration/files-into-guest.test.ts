@@ -105,7 +105,7 @@ describe('files of a backup written into a running guest through its agent', () 
     await assert.rejects(copyIntoGuest(session, ['/etc/note.txt'], env.qb.repository.driver, 'g1', '/restored/../etc'), /give an absolute path without "\." or "\.\." components/);
 
     await env.qb.domains.define(guestDomainXml('noagent', { workload: 'idle', noAgent: true }));
-    await assert.rejects(copyIntoGuest(session, ['/etc/note.txt'], env.qb.repository.driver, 'noagent', '/x'), /^QbackupError: Cannot reach the guest agent of domain "noagent": it is not running$|it is not running/);
+    await assert.rejects(copyIntoGuest(session, ['/etc/note.txt'], env.qb.repository.driver, 'noagent', '/x'), /Cannot reach the guest agent of domain "noagent": it is not running/);
     await env.qb.domains.start('noagent', { paused: true });
     await assert.rejects(copyIntoGuest(session, ['/etc/note.txt'], env.qb.repository.driver, 'noagent', '/x'), (err: unknown) => {
       assert.ok(err instanceof QbackupError && err.code === 'GUEST_AGENT', String(err));
