@@ -68,7 +68,7 @@ export const ERROR_CODES = {
   TLS_CREDENTIALS: 'a TLS certificate directory is missing, unreadable or lacks a file it needs (ca-cert.pem, server-cert.pem, …)',
   APPLIANCE_FAILED: 'the libguestfs appliance that reads backed-up filesystems cannot start or stopped',
   APPLIANCE_TIMEOUT: 'the libguestfs appliance did not finish an operation in time (it was stopped)',
-  GUEST_AGENT: 'quiescing needs the guest agent and it is not configured, did not answer, or could not freeze or thaw the filesystems',
+  GUEST_AGENT: 'quiescing or writing files into a guest needs the guest agent and it is not configured, did not answer, does not allow the commands needed, or refused one',
   // -- qbackup's own state
   STATE_DIR: 'the state directory or metadata database cannot be used',
   METADATA_INCONSISTENT: 'stored metadata contradicts itself or is damaged',

@@ -102,6 +102,10 @@ describe('files over HTTP and in the page (warm appliance, real daemon)', () => 
     assert.equal(statSync(join(to, 'data/blob.bin')).mode & 0o777, 0o640);
     assert.equal(Math.floor(statSync(join(to, 'data')).mtimeMs / 1000), T + 30);
     assert.equal(readFileSync(join(to, 'hostname'), 'utf8'), 'web1\n');
+    // Into a guest: a guest directory with ".." is refused before any task starts.
+    const bad = await api.post(`/api/repository/backups/${backup.id}/files/restore`, { repo, paths: ['/etc/hostname'], to: '/srv/../etc', intoGuest: 'web' });
+    assert.equal(bad.status, 400, bad.text);
+    assert.equal((bad.body as { code: string }).code, 'INVALID_ARGUMENT');
     // One appliance served every request.
     assert.equal(records().length, 1);
   });

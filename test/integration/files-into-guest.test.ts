@@ -5,6 +5,7 @@
 // - A file of several agent chunks and a directory with a file in it land in
 //   a new guest directory; read back through the agent (guest-file-read)
 //   they equal the backup's bytes, with the backup's modes and owners.
+// - The CLI's files get --into-guest does the same.
 // - Nothing is overwritten: writing the same file again is refused.
 // - Bad input gets one sentence: a guest directory with "..", a domain that
 //   is not running, one without an agent channel, one whose agent does not
@@ -88,6 +89,17 @@ describe('files of a backup written into a running guest through its agent', () 
     const st = await guestRun(env, 'g1', 'stat -c "%n %a %u:%g" /restored/here/note.txt /restored/here/data /restored/here/data/big.bin; test -e /restored/here/data/link || echo nolink');
     assert.equal(st.exitcode, 0, st.out);
     assert.equal(st.out, '/restored/here/note.txt 640 1000:100\n/restored/here/data 750 1001:1001\n/restored/here/data/big.bin 600 1001:1001\nnolink\n');
+  });
+
+  test('the CLI writes a file into the guest with files get --into-guest', async () => {
+    const out = await env.cliOk(['files', 'g1', '--repo', repo, 'get', '/data/big.bin', '--to', '/cli', '--into-guest', 'g1']);
+    assert.match(out, /^Wrote 1 file\(s\) and 0 directory\(ies\), \d+ bytes, from backup \S+ into \/cli in the guest of domain g1\n {2}not kept: times$/m);
+    const agent = await guestAgent(env, 'g1');
+    try {
+      assert.deepEqual(await readInGuest(agent, '/cli/big.bin'), BIG);
+    } finally {
+      agent.close();
+    }
   });
 
   test('nothing is overwritten, and a bad guest directory or domain gets one sentence', async () => {
