@@ -21,7 +21,7 @@
 
 import { Writable } from 'node:stream';
 import { finished } from 'node:stream/promises';
-import { QbackupError, describeError } from '../errors.js';
+import { QbackupError } from '../errors.js';
 import { throwIfCancelled } from '../util/operation.js';
 import { sleep } from '../util/proc.js';
 import type { GuestAgentSession, HypervisorDriver } from '../drivers/driver.js';
@@ -125,6 +125,8 @@ class GuestWriter {
     if ((await this.kind(path)) !== 'none') throw new QbackupError('INVALID_ARGUMENT', `Cannot write "${escapeName(e.path)}" to "${escapeName(path)}" in the guest of domain "${this.agent.domain}": it exists (nothing is overwritten)`);
     const handle = await this.agent.execute<number>('guest-file-open', { path, mode: 'w' });
     try {
+      // The agent makes new files readable as its umask allows: owner-only until the bytes are in.
+      if (this.execEnabled) await this.run(`set the mode of "${escapeName(path)}"`, 'chmod', ['600', '--', path]);
       const out = new ChunkWriter((chunk) => this.write(handle, chunk, path));
       out.on('error', () => undefined); // reported through `written` below
       const written = finished(out);
@@ -199,12 +201,7 @@ export async function putIntoGuest(session: FileSession, paths: readonly string[
   const root = checkGuestDir(dir);
   const report: GuestPutReport = { domain: agent.domain, files: 0, directories: 0, symlinks: 0, bytes: 0, skipped: [], written: [], notKept: [] };
   const w = new GuestWriter(agent, report);
-  try {
-    await w.probe();
-  } catch (err) {
-    if (err instanceof QbackupError && err.code !== 'GUEST_AGENT') throw err;
-    throw err instanceof QbackupError ? err : new QbackupError('GUEST_AGENT', `The guest agent of domain "${agent.domain}" does not answer: ${describeError(err)}`, { cause: err });
-  }
+  await w.probe();
   const rootMade = root === '/' ? false : await w.directory(root, root, true);
   for (const p of paths) {
     const top = await session.stat(p);
