@@ -537,7 +537,12 @@ export class InstantRestoreService {
   /** The domains with a restore record of this driver's connection (a record that names none may be of any). */
   private connectionDomains(): string[] {
     return this.store.domains().filter((d) => {
-      const c = this.loadRecord(d)?.connection;
+      let c: string | undefined;
+      try {
+        c = this.loadRecord(d)?.connection;
+      } catch {
+        return true; // a damaged record: settling it reports the damage
+      }
       return c === undefined || c === this.driver.uri;
     });
   }
