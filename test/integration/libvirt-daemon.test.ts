@@ -24,7 +24,10 @@ import { chromium } from 'playwright-core';
 import { TestEnv, repoRoot } from '../helpers/env.js';
 import { ApiClient } from '../helpers/http.js';
 import type { InstantRestoreInfo } from '../../src/instant/restore.js';
+import { LocalBackend } from '../../src/repository/backend/local.js';
+import { acquireLock } from '../../src/repository/locks.js';
 import { isProcessAlive } from '../../src/util/proc.js';
+import { eventually } from '../helpers/repo.js';
 import { createTestDisks, guestWrite, libvirtTestDir, removeTestDomain, startLibvirt, testDomainName, testDomainXml, tool, virsh, type LibvirtDaemon } from '../helpers/libvirt.js';
 
 const CHROMIUM = '/usr/bin/chromium';
@@ -178,11 +181,30 @@ describe('the daemon with a libvirt connection beside its own', () => {
 
   it('a domain of qbackup\'s own with the same name is another domain: both back up at once, each task naming its connection', async () => {
     await env.defineDomain(name, [{ target: 'sda', sizeBytes: 4 * MiB }]);
-    const own = await api.post('/api/repository/backups', { domain: name, repo: 'own' });
-    const lv = await api.post('/api/repository/backups', { domain: name, repo: 'local', connection: 'system' });
-    assert.deepEqual([own.status, lv.status], [202, 202], `${own.text} ${lv.text}`);
-    const ids = [own, lv].map((r) => (r.body as { id: string }).id);
-    for (const id of ids) assert.equal((await api.waitTask(id))['state'], 'succeeded');
+    assert.equal((await api.post('/api/repository/init', { repo: 'own' })).status, 201);
+    // A gc lock held on its repository keeps the own domain's backup under way (waiting) while the libvirt domain's is asked for.
+    const held = await acquireLock(new LocalBackend(env.path('repo-own')), 'gc', null);
+    let ids: string[];
+    try {
+      const own = await api.post('/api/repository/backups', { domain: name, repo: 'own' });
+      assert.equal(own.status, 202, own.text);
+      const ownId = (own.body as { id: string }).id;
+      const waiting = await eventually(async () => (((await api.get(`/api/tasks/${ownId}`)).body as { progress: { phase: string } | null }).progress?.phase === 'waiting for a gc to end'), 60_000);
+      assert.ok(waiting, 'the own domain\'s backup is under way');
+      const lv = await api.post('/api/repository/backups', { domain: name, repo: 'local', connection: 'system' });
+      assert.equal(lv.status, 202, lv.text);
+      const lvId = (lv.body as { id: string }).id;
+      assert.equal((await api.waitTask(lvId))['state'], 'succeeded');
+      assert.equal(((await api.get(`/api/tasks/${ownId}`)).body as { state: string }).state, 'running', 'the two ran at the same time');
+      // The same domain of the same connection is still refused while its backup is under way.
+      const again = await api.post('/api/repository/backups', { domain: name, repo: 'own' });
+      assert.deepEqual([again.status, (again.body as { code: string }).code], [409, 'BACKUP_RUNNING']);
+      assert.match((again.body as { message: string }).message, /\(qbackup:\/\/\/\): task "[^"]+" is already backing it up$/);
+      ids = [ownId, lvId];
+    } finally {
+      await held.release();
+    }
+    assert.equal((await api.waitTask(ids[0] ?? ''))['state'], 'succeeded');
     const listed = (await api.get('/api/tasks')).body as Array<{ id: string; domain: string; connection: string | null }>;
     assert.deepEqual(ids.map((id) => listed.find((t) => t.id === id)).map((t) => [t?.domain, t?.connection]), [[name, 'qbackup:///'], [name, libvirt.uri]]);
     const detail = await Promise.all(ids.map(async (id) => ((await api.get(`/api/tasks/${id}`)).body as { connection: string }).connection));
