@@ -118,6 +118,8 @@ export interface InstantRestoreInfo {
   socket: string;
   /** `streaming` until every byte is local and the server stopped, then `completed`. */
   state: 'streaming' | 'completed';
+  /** The hypervisor connection (URI) of the domain. */
+  connection: string;
   serverPid: number | null;
   startedMs: number;
   endedMs?: number;
@@ -602,7 +604,7 @@ export class InstantRestoreService {
     const alive = record.server !== null && backupServerAlive(record.server.pid, record.server.pidStart);
     return {
       domain: record.domain, sourceDomain: record.sourceDomain, backup: record.backupId, repo: record.repo, socket: record.socket,
-      state: 'streaming', serverPid: alive ? record.server?.pid ?? null : null, startedMs: record.startedMs,
+      state: 'streaming', connection: record.connection ?? this.driver.uri, serverPid: alive ? record.server?.pid ?? null : null, startedMs: record.startedMs,
       disks: record.disks.map((d) => {
         const j = jobs.get(d.jobId);
         const status = j === undefined ? 'waiting' : j.status === 'concluded' && j.error === undefined ? 'completed' : j.status;

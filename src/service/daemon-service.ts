@@ -454,7 +454,14 @@ export class QbackupService {
   private scheduleBusy(s: ScheduleInfo): boolean {
     if (s.action === 'copy') return this.tasks.active({ kind: COPY_TASK }).length > 0;
     if (s.action === 'verify' || s.action === 'gc') return this.tasks.active({ kind: `repository.${s.action}` }).length > 0;
-    return s.domain !== undefined && this.backupUnderWay(s.domain, this.connectionUri(s.connection));
+    if (s.domain === undefined) return false;
+    let uri: string | undefined;
+    try {
+      uri = this.connectionUri(s.connection);
+    } catch {
+      uri = undefined; // refused when it starts, in one sentence; busy while its domain backs up on any connection
+    }
+    return this.backupUnderWay(s.domain, uri);
   }
 
   /** Starts a due schedule's task; a schedule that cannot start is a failure too (notified, pinged), then reported to the scheduler. */

@@ -218,6 +218,7 @@ describe('the daemon with a libvirt connection beside its own', () => {
     const r = await api.post('/api/repository/restore-instant', { domain: name, repo: 'local', connection: 'system', as: instantName, speedBytesPerSec: 1 });
     assert.equal(r.status, 201, r.text);
     const started = r.body as InstantRestoreInfo;
+    assert.equal(started.connection, libvirt.uri);
     instantServer = started.serverPid;
     assert.ok(instantServer !== null && isProcessAlive(instantServer), 'our server serves the backup');
     const dom = await client.lookupDomainByName(instantName);
@@ -240,7 +241,7 @@ describe('the daemon with a libvirt connection beside its own', () => {
     assert.equal(env.qb.connection(libvirt.uri).instant.loadRecord(instantName), undefined);
     const done = await api.get(`/api/domains/${instantName}/instant-restore?connection=system&completed=true`);
     assert.equal(done.status, 200, done.text);
-    assert.equal((done.body as InstantRestoreInfo).state, 'completed');
+    assert.deepEqual([(done.body as InstantRestoreInfo).state, (done.body as InstantRestoreInfo).connection], ['completed', libvirt.uri]);
     await client.destroy(dom, LIBVIRT.VIR_DOMAIN_DESTROY_GRACEFUL);
     const [disk] = started.disks;
     assert.ok(disk !== undefined);
