@@ -326,14 +326,13 @@ export class QbackupService {
    */
   async start(): Promise<void> {
     // A task ran on its connection; one recorded before tasks named theirs is settled by each connection that knows its domain.
-    const settle = new Map<string, { domain: string; uris: string[] }>();
+    const settle = new Map<string, { domain: string; uri: string }>();
     for (const t of this.interrupted) {
       if (t.domain === null) continue;
       const uris = t.connection !== null ? [t.connection] : this.connections().map((c) => c.uri);
-      for (const uri of uris) settle.set(`${uri}\0${t.domain}`, { domain: t.domain, uris: [uri] });
+      for (const uri of uris) settle.set(`${uri}\0${t.domain}`, { domain: t.domain, uri });
     }
-    for (const { domain: d, uris: [uri] } of settle.values()) {
-      if (uri === undefined) continue;
+    for (const { domain: d, uri } of settle.values()) {
       try {
         await this.qb.connection(uri).driver.endOrphanedBackup(d);
       } catch (err) {
@@ -341,9 +340,19 @@ export class QbackupService {
         this.options.log?.(`cleanup of domain "${d}" (${uri}) after an interrupted task failed: ${describeError(err)}`);
       }
     }
-    // Instant restores, on each connection (a restore's record names its connection):
-    // those whose beginning process died before their domain existed lose their servers;
-    // those that ran on while no command came are settled (finished copies finalized, dead servers or copies brought back).
+    await this.settleInstantRestores();
+    for (const r of this.configuration.repositories.values()) void this.refreshStats(r.location);
+    const interval = this.options.schedulerIntervalMs ?? 30_000;
+    if (interval > 0) this.scheduler.start(interval);
+  }
+
+  /**
+   * Instant restores, on each connection (a restore's record names its
+   * connection): those whose beginning process died before their domain
+   * existed lose their servers; those that ran on while no command came are
+   * settled (finished copies finalized, dead servers or copies brought back).
+   */
+  private async settleInstantRestores(): Promise<void> {
     for (const c of this.connections()) {
       let instant;
       try {
@@ -360,9 +369,6 @@ export class QbackupService {
         this.logger.log({ level: 'warn', msg: 'settling instant restores failed', fields: { connection: c.uri, error: describeError(err) } });
       }
     }
-    for (const r of this.configuration.repositories.values()) void this.refreshStats(r.location);
-    const interval = this.options.schedulerIntervalMs ?? 30_000;
-    if (interval > 0) this.scheduler.start(interval);
   }
 
   /** Stops the scheduler and the tasks (`interrupt`: running ones that can stop mid-way are stopped, see TaskManager.close). */
