@@ -78,7 +78,7 @@ export const PAGE_HTML = `<!doctype html>
 <p id="stats" class="muted"></p>
 <table id="backups"><thead><tr><th>Backup</th><th>Domain</th><th>Time</th><th>Disks</th><th>Read</th><th>Stored</th><th></th></tr></thead><tbody></tbody></table>
 ${FILE_BROWSER_HTML}<h2>Tasks</h2>
-<table id="tasks"><thead><tr><th>Task</th><th>Kind</th><th>Domain</th><th>State</th><th>Progress</th><th>Started</th><th>Message</th><th></th></tr></thead><tbody></tbody></table>
+<table id="tasks"><thead><tr><th>Task</th><th>Kind</th><th>Domain</th><th>Connection</th><th>State</th><th>Progress</th><th>Started</th><th>Message</th><th></th></tr></thead><tbody></tbody></table>
 <h2>Schedules <button id="schedule-add" class="write">Add schedule…</button></h2>
 <table id="schedules"><thead><tr><th>Schedule</th><th>Runs</th><th>Domain</th><th>Connection</th><th>When</th><th>Repository</th><th>Retention</th><th>Next run</th><th></th></tr></thead><tbody></tbody></table>
 
@@ -343,7 +343,7 @@ async function renderTasks() {
   setHtml($("tasks").tBodies[0], tasks.map((t) => {
     const p = t.progress && t.progress.totalBytes > 0 ? "<progress max='1' value='" + (t.progress.doneBytes / t.progress.totalBytes) + "'></progress> " + mib(t.progress.doneBytes) + " / " + mib(t.progress.totalBytes) : "";
     const msg = t.error ? t.error.message : (t.log.length ? t.log[t.log.length - 1].message : "");
-    return "<tr data-task='" + esc(t.id) + "'><td>" + esc(t.id) + "</td><td>" + esc(t.kind) + "</td><td>" + esc(t.domain || "") + "</td><td class='state-" + esc(t.state) + "'>" + esc(t.state) + "</td><td>" + p + "</td><td>" + esc(time(t.startedMs)) + "</td><td>" + esc(msg) + "</td><td><button data-log='" + esc(t.id) + "'>Log</button></td></tr>";
+    return "<tr data-task='" + esc(t.id) + "'><td>" + esc(t.id) + "</td><td>" + esc(t.kind) + "</td><td>" + esc(t.domain || "") + "</td><td class='conn'>" + esc(t.connection ? connLabel(t.connection) : "") + "</td><td class='state-" + esc(t.state) + "'>" + esc(t.state) + "</td><td>" + p + "</td><td>" + esc(time(t.startedMs)) + "</td><td>" + esc(msg) + "</td><td><button data-log='" + esc(t.id) + "'>Log</button></td></tr>";
   }).join(""));
   for (const t of tasks) {
     if (t.state !== "running" && t.state !== "queued") continue;
@@ -356,7 +356,7 @@ $("tasks").tBodies[0].addEventListener("click", (e) => { const b = e.target.clos
 function drawTaskLog(t) {
   $("task-log-id").textContent = t.id;
   $("task-log-state").textContent = t.state; $("task-log-state").className = "state-" + t.state;
-  $("task-log-summary").textContent = t.kind + (t.domain ? " of " + t.domain : "") + (t.requestedBy ? ", requested by " + t.requestedBy : "") + (t.startedMs ? ", started " + time(t.startedMs) : "") + (t.endedMs ? ", ended " + time(t.endedMs) : "");
+  $("task-log-summary").textContent = t.kind + (t.domain ? " of " + t.domain : "") + (t.connection ? " on " + connLabel(t.connection) : "") + (t.requestedBy ? ", requested by " + t.requestedBy : "") + (t.startedMs ? ", started " + time(t.startedMs) : "") + (t.endedMs ? ", ended " + time(t.endedMs) : "");
   const lines = t.log.map((l) => new Date(l.timeMs).toLocaleTimeString() + "  " + l.message);
   if (t.error) lines.push("ERROR " + t.error.code + ": " + t.error.message);
   $("task-log-lines").textContent = lines.join("\\n");

@@ -157,12 +157,13 @@ function longRepositoryRoutes(app: FastifyInstance, service: QbackupService): vo
     handler: ({ body: b, request, who }) => {
       if ((b.to === undefined) === (b.intoDomain === undefined)) throw new QbackupError('INVALID_ARGUMENT', 'Give either to or intoDomain');
       if (b.define !== undefined && b.to === undefined) throw new QbackupError('INVALID_ARGUMENT', 'Option define needs to (the directory of the new domain\'s images)');
-      const target = qb.connection(service.connectionUri(b.connection));
+      const uri = service.connectionUri(b.connection);
+      const target = qb.connection(uri);
       const until = b.until !== undefined ? pointInTime(b.until) : undefined;
       // The library's rule, checked before the task is queued so the request itself is refused.
       checkBackupChoice(b.domain, { backup: b.backup, until });
       const options = { ...access(request, b.repo), ...(b.backup !== undefined ? { backup: b.backup } : {}), ...(until !== undefined ? { until } : {}), ...(b.disks !== undefined ? { disks: b.disks } : {}), ...(b.to !== undefined ? { to: b.to } : {}), ...(b.intoDomain !== undefined ? { intoDomain: b.intoDomain } : {}), define: b.define, format: b.format ?? 'qcow2' };
-      return tasks.submit({ kind: 'repository.restore', domain: b.intoDomain ?? b.define ?? b.domain, requestedBy: who, cancellable: true, run: (ctx) => target.repository.restore(b.domain, { ...options, onProgress: (p) => ctx.progress(p), signal: ctx.signal }) });
+      return tasks.submit({ kind: 'repository.restore', domain: b.intoDomain ?? b.define ?? b.domain, connection: uri, requestedBy: who, cancellable: true, run: (ctx) => target.repository.restore(b.domain, { ...options, onProgress: (p) => ctx.progress(p), signal: ctx.signal }) });
     },
   });
   addRoute<unknown, unknown, ExportBody>(app, service, {
@@ -221,13 +222,14 @@ function instantRestoreRoutes(app: FastifyInstance, service: QbackupService): vo
       });
     },
   });
-  addRoute<{ domain: string }, { completed?: string }, unknown>(app, service, {
+  addRoute<{ domain: string }, { completed?: string; connection?: string }, unknown>(app, service, {
     method: 'GET', url: '/api/domains/:domain/instant-restore', tag, params: domainParams,
-    summary: "The instant restore moving a domain's data, with fresh progress (?completed=true: the last finished one)",
-    query: object({ completed: queryFlag }),
+    summary: "The instant restore moving a domain's data, with fresh progress (?completed=true: the last finished one; ?connection= the domain's, default the daemon's)",
+    query: object({ completed: queryFlag, connection: str({ maxLength: 1024 }) }),
     handler: async ({ params: p, query: q }) => {
       const completed = flagValue(q.completed);
-      const info = completed ? qb.instant.lastResult(p.domain) : await qb.instant.info(p.domain);
+      const instant = qb.connection(service.connectionUri(q.connection)).instant;
+      const info = completed ? instant.lastResult(p.domain) : await instant.info(p.domain);
       if (info === undefined) throw new QbackupError('JOB_NOT_FOUND', completed ? `Domain "${p.domain}" has no finished instant restore` : `Domain "${p.domain}" has no instant restore moving data`);
       return info;
     },

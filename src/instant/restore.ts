@@ -92,6 +92,8 @@ export interface InstantRecord {
   speedBytesPerSec: number;
   server: { pid: number; pidStart: string } | null;
   startedMs: number;
+  /** The hypervisor connection (URI) of the domain; absent in records made before restores named theirs. */
+  connection?: string | undefined;
   /** The process beginning the restore, until the domain is defined: a record whose owner died before that is an orphan. */
   owner?: { pid: number; pidStart: string } | undefined;
 }
@@ -116,6 +118,8 @@ export interface InstantRestoreInfo {
   socket: string;
   /** `streaming` until every byte is local and the server stopped, then `completed`. */
   state: 'streaming' | 'completed';
+  /** The hypervisor connection (URI) of the domain. */
+  connection: string;
   serverPid: number | null;
   startedMs: number;
   endedMs?: number;
@@ -292,7 +296,7 @@ export class InstantRestoreService {
     await this.prepareDir(dirname(socket), 'socket');
     const record: InstantRecord = {
       version: 1, domain: name, repo: isRemoteRepo(access.repo) ? access.repo : resolve(access.repo), encrypted: access.encrypted, sourceDomain: m.domain, backupId: m.id,
-      socket, disks: plan.disks, speedBytesPerSec: options.speedBytesPerSec ?? 0, server: null, startedMs: Date.now(),
+      socket, disks: plan.disks, speedBytesPerSec: options.speedBytesPerSec ?? 0, server: null, startedMs: Date.now(), connection: this.driver.uri,
       owner: { pid: process.pid, pidStart: processStartTime(process.pid) ?? '' },
     };
     this.saveRecord(record);
@@ -522,7 +526,7 @@ export class InstantRestoreService {
    */
   async settleAll(): Promise<Map<string, unknown>> {
     const failures = new Map<string, unknown>();
-    for (const domain of this.store.domains()) {
+    for (const domain of this.connectionDomains()) {
       try {
         await this.info(domain);
       } catch (err) {
@@ -532,10 +536,23 @@ export class InstantRestoreService {
     return failures;
   }
 
+  /** The domains with a restore record of this driver's connection (a record that names none may be of any). */
+  private connectionDomains(): string[] {
+    return this.store.domains().filter((d) => {
+      let c: string | undefined;
+      try {
+        c = this.loadRecord(d)?.connection;
+      } catch {
+        return true; // a damaged record: settling it reports the damage
+      }
+      return c === undefined || c === this.driver.uri;
+    });
+  }
+
   /** Every orphaned restore (the daemon runs this when it starts); returns the domains reaped. */
   async reapOrphans(): Promise<string[]> {
     const reaped: string[] = [];
-    for (const domain of this.store.domains()) if (await this.reapOrphan(domain)) reaped.push(domain);
+    for (const domain of this.connectionDomains()) if (await this.reapOrphan(domain)) reaped.push(domain);
     return reaped;
   }
 
@@ -587,7 +604,7 @@ export class InstantRestoreService {
     const alive = record.server !== null && backupServerAlive(record.server.pid, record.server.pidStart);
     return {
       domain: record.domain, sourceDomain: record.sourceDomain, backup: record.backupId, repo: record.repo, socket: record.socket,
-      state: 'streaming', serverPid: alive ? record.server?.pid ?? null : null, startedMs: record.startedMs,
+      state: 'streaming', connection: record.connection ?? this.driver.uri, serverPid: alive ? record.server?.pid ?? null : null, startedMs: record.startedMs,
       disks: record.disks.map((d) => {
         const j = jobs.get(d.jobId);
         const status = j === undefined ? 'waiting' : j.status === 'concluded' && j.error === undefined ? 'completed' : j.status;

@@ -31,7 +31,7 @@ import { TokenStore } from '../store/tokens.js';
 import { silentLogger, type Logger } from '../util/operation.js';
 import { Notifier, type NotifierOptions, type Outcome } from './notifications.js';
 import { Scheduler, Schedules, systemClock, type Clock, type ScheduleInfo, type ScheduleSpec } from './schedules.js';
-import { TaskManager, type TaskContext, type TaskInfo, type TaskManagerOptions } from './tasks.js';
+import { TaskManager, taskWhat, type TaskContext, type TaskInfo, type TaskManagerOptions } from './tasks.js';
 
 export interface ServiceOptions extends TaskManagerOptions {
   /** The scheduler's clock (tests move it; everything else uses real time). */
@@ -274,7 +274,7 @@ export class QbackupService {
   }
 
   private taskChanged(task: TaskInfo): void {
-    const fields = { task: task.id, kind: task.kind, domain: task.domain ?? undefined, requestedBy: task.requestedBy ?? undefined };
+    const fields = { task: task.id, kind: task.kind, domain: task.domain ?? undefined, connection: task.connection ?? undefined, requestedBy: task.requestedBy ?? undefined };
     if (task.state === 'queued' || task.state === 'running') {
       this.logger.log({ level: 'info', msg: `task ${task.state}`, fields });
       return;
@@ -285,7 +285,7 @@ export class QbackupService {
     if (context?.repo !== undefined) this.recordRepositoryFacts(task, context.repo);
     if (task.state === 'cancelled') return;
     const ok = task.state === 'succeeded';
-    this.outcome(ok ? 'success' : 'failure', task.kind, task.domain, context?.schedule, context?.repo, task.id, ok ? `Task "${task.id}" (${task.kind}${task.domain !== null ? ` of domain "${task.domain}"` : ''}) succeeded` : (task.error?.message ?? `Task "${task.id}" failed`));
+    this.outcome(ok ? 'success' : 'failure', task.kind, task.domain, context?.schedule, context?.repo, task.id, ok ? `Task "${task.id}" (${taskWhat(task)}) succeeded` : (task.error?.message ?? `Task "${task.id}" failed`));
   }
 
   private outcome(event: 'success' | 'failure', kind: string, domain: string | null, schedule: ScheduleInfo | undefined, repo: string | undefined, taskId: string | null, message: string): void {
@@ -325,34 +325,50 @@ export class QbackupService {
    * the next CLI command would), then starts the scheduler.
    */
   async start(): Promise<void> {
-    const domains = new Set(this.interrupted.map((t) => t.domain).filter((d): d is string => d !== null));
-    // A task does not record its connection: each connection that knows the domain settles it.
-    for (const d of domains) {
-      for (const c of this.connections()) {
-        try {
-          await this.qb.connection(c.uri).driver.endOrphanedBackup(d);
-        } catch (err) {
-          if (isQbackupError(err, 'DOMAIN_NOT_FOUND')) continue;
-          this.options.log?.(`cleanup of domain "${d}" (${c.uri}) after an interrupted task failed: ${describeError(err)}`);
-        }
+    // A task ran on its connection; one recorded before tasks named theirs is settled by each connection that knows its domain.
+    const settle = new Map<string, { domain: string; uri: string }>();
+    for (const t of this.interrupted) {
+      if (t.domain === null) continue;
+      const uris = t.connection !== null ? [t.connection] : this.connections().map((c) => c.uri);
+      for (const uri of uris) settle.set(`${uri}\0${t.domain}`, { domain: t.domain, uri });
+    }
+    for (const { domain: d, uri } of settle.values()) {
+      try {
+        await this.qb.connection(uri).driver.endOrphanedBackup(d);
+      } catch (err) {
+        if (isQbackupError(err, 'DOMAIN_NOT_FOUND')) continue;
+        this.options.log?.(`cleanup of domain "${d}" (${uri}) after an interrupted task failed: ${describeError(err)}`);
       }
     }
-    // Instant restores whose beginning process died before their domain existed: their servers go.
-    try {
-      const reaped = await this.qb.instant.reapOrphans();
-      for (const d of reaped) this.logger.log({ level: 'warn', msg: 'stopped the backup server of an instant restore that never started', fields: { domain: d } });
-    } catch (err) {
-      this.logger.log({ level: 'warn', msg: 'looking for orphaned instant restores failed', fields: { error: describeError(err) } });
-    }
-    // Instant restores that ran on while no command came: finished copies are finalized, dead servers or copies brought back.
-    try {
-      for (const [d, err] of await this.qb.instant.settleAll()) this.logger.log({ level: 'warn', msg: 'settling an instant restore failed', fields: { domain: d, error: describeError(err) } });
-    } catch (err) {
-      this.logger.log({ level: 'warn', msg: 'settling instant restores failed', fields: { error: describeError(err) } });
-    }
+    await this.settleInstantRestores();
     for (const r of this.configuration.repositories.values()) void this.refreshStats(r.location);
     const interval = this.options.schedulerIntervalMs ?? 30_000;
     if (interval > 0) this.scheduler.start(interval);
+  }
+
+  /**
+   * Instant restores, on each connection (a restore's record names its
+   * connection): those whose beginning process died before their domain
+   * existed lose their servers; those that ran on while no command came are
+   * settled (finished copies finalized, dead servers or copies brought back).
+   */
+  private async settleInstantRestores(): Promise<void> {
+    for (const c of this.connections()) {
+      let instant;
+      try {
+        instant = this.qb.connection(c.uri).instant;
+        const reaped = await instant.reapOrphans();
+        for (const d of reaped) this.logger.log({ level: 'warn', msg: 'stopped the backup server of an instant restore that never started', fields: { domain: d, connection: c.uri } });
+      } catch (err) {
+        this.logger.log({ level: 'warn', msg: 'looking for orphaned instant restores failed', fields: { connection: c.uri, error: describeError(err) } });
+        continue;
+      }
+      try {
+        for (const [d, err] of await instant.settleAll()) this.logger.log({ level: 'warn', msg: 'settling an instant restore failed', fields: { domain: d, connection: c.uri, error: describeError(err) } });
+      } catch (err) {
+        this.logger.log({ level: 'warn', msg: 'settling instant restores failed', fields: { connection: c.uri, error: describeError(err) } });
+      }
+    }
   }
 
   /** Stops the scheduler and the tasks (`interrupt`: running ones that can stop mid-way are stopped, see TaskManager.close). */
@@ -362,8 +378,9 @@ export class QbackupService {
     await this.notifier.idle();
   }
 
-  backupUnderWay(domain: string): boolean {
-    return this.tasks.active({ kind: BACKUP_TASK, domain }).length > 0;
+  /** Is a backup of the domain (of that connection, default any) queued or running? */
+  backupUnderWay(domain: string, connection?: string | undefined): boolean {
+    return this.tasks.active({ kind: BACKUP_TASK, domain, connection }).length > 0;
   }
 
   /** Queues a repository backup (then retention, if asked); refused while one of the domain is under way. */
@@ -371,16 +388,18 @@ export class QbackupService {
     const uri = request.connection ?? this.defaultConnection();
     // qbackup's own domains are checked here; a libvirt domain by the route (an RPC) or when the task starts.
     if (uri === QEMU_DRIVER_URI) this.qb.engine.domains.requireDomain(request.domain);
-    const running = this.tasks.active({ kind: BACKUP_TASK, domain: request.domain })[0];
+    // One backup per domain of a connection: a domain of the same name on another connection is another domain.
+    const running = this.tasks.active({ kind: BACKUP_TASK, domain: request.domain, connection: uri })[0];
     if (running !== undefined) {
-      throw new QbackupError('BACKUP_RUNNING', `Cannot back up domain "${request.domain}": task "${running.id}" is already backing it up`);
+      throw new QbackupError('BACKUP_RUNNING', `Cannot back up domain "${request.domain}" (${uri}): task "${running.id}" is already backing it up`);
     }
     const task = this.tasks.submit({
       kind: BACKUP_TASK,
       domain: request.domain,
+      connection: uri,
       ...(request.requestedBy !== undefined ? { requestedBy: request.requestedBy } : {}),
       cancellable: true,
-      run: (ctx) => this.runBackup(ctx, request),
+      run: (ctx) => this.runBackup(ctx, { ...request, connection: uri }),
     });
     this.taskContext.set(task.id, { repo: request.repo });
     return task;
@@ -388,7 +407,7 @@ export class QbackupService {
 
   private async runBackup(ctx: TaskContext, r: BackupRequest): Promise<{ manifest: Manifest; prune?: PruneResult }> {
     const access: RepoAccess = { repo: r.repo, ...(r.password !== undefined ? { password: r.password } : {}) };
-    const connection = this.qb.connection(r.connection ?? this.defaultConnection());
+    const connection = this.qb.connection(r.connection);
     ctx.log(`backing up domain "${r.domain}" (${connection.uri}) into ${r.repo}${r.full === true ? ' (full)' : ''}`);
     const manifest = await connection.repository.backup(r.domain, {
       ...access,
@@ -441,7 +460,14 @@ export class QbackupService {
   private scheduleBusy(s: ScheduleInfo): boolean {
     if (s.action === 'copy') return this.tasks.active({ kind: COPY_TASK }).length > 0;
     if (s.action === 'verify' || s.action === 'gc') return this.tasks.active({ kind: `repository.${s.action}` }).length > 0;
-    return s.domain !== undefined && this.backupUnderWay(s.domain);
+    if (s.domain === undefined) return false;
+    let uri: string | undefined;
+    try {
+      uri = this.connectionUri(s.connection);
+    } catch {
+      uri = undefined; // refused when it starts, in one sentence; busy while its domain backs up on any connection
+    }
+    return this.backupUnderWay(s.domain, uri);
   }
 
   /** Starts a due schedule's task; a schedule that cannot start is a failure too (notified, pinged), then reported to the scheduler. */

@@ -2,7 +2,8 @@
 // the background of a long-lived process (the daemon), each with a state,
 // progress, a rate, log lines and its result or error. The task manager
 // queues them under a small global concurrency limit and runs at most one
-// task per domain at a time; it keeps every task in SQLite (written when it
+// task per domain at a time (a domain is a name on a hypervisor connection:
+// two domains of one name on different connections are two domains); it keeps every task in SQLite (written when it
 // is queued, starts and ends), so finished tasks survive a restart and a
 // task that was queued or running when the process died is marked failed,
 // with the reason, when the next manager opens the store.
@@ -37,6 +38,8 @@ export interface TaskInfo {
   id: string;
   kind: string;
   domain: string | null;
+  /** The hypervisor connection (URI) the task's domain lives on; null for a task of no domain (and tasks recorded before connections were). */
+  connection: string | null;
   state: TaskState;
   /** Can it stop mid-way once running? (Queued tasks can always be cancelled.) */
   cancellable: boolean;
@@ -62,7 +65,9 @@ export interface TaskContext {
 export interface TaskRequest {
   kind: string;
   /** The domain the task works on: tasks of one domain run one at a time. */
-  domain?: string;
+  domain?: string | undefined;
+  /** The connection (URI) of `domain`: tasks of one domain of one connection run one at a time. */
+  connection?: string | undefined;
   cancellable?: boolean;
   requestedBy?: string;
   run(ctx: TaskContext): Promise<unknown>;
@@ -122,7 +127,7 @@ export class TaskManager {
       const was = info.state;
       info.state = 'failed';
       info.endedMs = nowMs;
-      info.error = { code: 'TASK_INTERRUPTED', message: `Task "${info.id}" (${info.kind}${info.domain !== null ? ` of domain "${info.domain}"` : ''}) did not finish: the daemon stopped while it was ${was}` };
+      info.error = { code: 'TASK_INTERRUPTED', message: `Task "${info.id}" (${taskWhat(info)}) did not finish: the daemon stopped while it was ${was}` };
       info.log.push({ timeMs: nowMs, message: info.error.message });
       this.store.save(toRow(info));
       return info;
@@ -136,6 +141,7 @@ export class TaskManager {
       id: newTaskId(),
       kind: request.kind,
       domain: request.domain ?? null,
+      connection: request.connection ?? null,
       state: 'queued',
       cancellable: request.cancellable ?? false,
       requestedBy: request.requestedBy ?? null,
@@ -156,11 +162,12 @@ export class TaskManager {
     return snapshot(info);
   }
 
-  /** Queued or running tasks of `kind` on `domain`. */
-  active(filter: { kind?: string; domain?: string } = {}): TaskInfo[] {
+  /** Queued or running tasks of `kind` on `domain` (of `connection`: a task that recorded none matches any). */
+  active(filter: { kind?: string | undefined; domain?: string | undefined; connection?: string | undefined } = {}): TaskInfo[] {
     return [...this.live.values()]
       .map((l) => l.info)
       .filter((i) => (filter.kind === undefined || i.kind === filter.kind) && (filter.domain === undefined || i.domain === filter.domain))
+      .filter((i) => filter.connection === undefined || (i.connection ?? filter.connection) === filter.connection)
       .map(snapshot);
   }
 
@@ -224,7 +231,7 @@ export class TaskManager {
     if (options.interrupt === true) {
       for (const l of this.live.values()) {
         if (l.info.state !== 'running' || !l.info.cancellable || l.abort.signal.aborted) continue;
-        l.interrupted = { code: 'TASK_INTERRUPTED', message: `Task "${l.info.id}" (${l.info.kind}${l.info.domain !== null ? ` of domain "${l.info.domain}"` : ''}) did not finish: the daemon was stopped while it was running` };
+        l.interrupted = { code: 'TASK_INTERRUPTED', message: `Task "${l.info.id}" (${taskWhat(l.info)}) did not finish: the daemon was stopped while it was running` };
         this.appendLog(l, 'the daemon is stopping: interrupted');
         l.abort.abort(new QbackupError('TASK_INTERRUPTED', l.interrupted.message));
       }
@@ -234,8 +241,8 @@ export class TaskManager {
 
   private pump(): void {
     while (this.running < this.maxConcurrent) {
-      const busy = new Set([...this.live.values()].filter((l) => l.info.state === 'running' && l.info.domain !== null).map((l) => l.info.domain));
-      const index = this.queue.findIndex((q) => q.info.domain === null || !busy.has(q.info.domain));
+      const running = [...this.live.values()].filter((l) => l.info.state === 'running' && l.info.domain !== null).map((l) => l.info);
+      const index = this.queue.findIndex((q) => q.info.domain === null || !running.some((r) => sameDomain(r, q.info)));
       if (index < 0) return;
       const [next] = this.queue.splice(index, 1);
       if (next === undefined) return;
@@ -308,6 +315,16 @@ export class TaskManager {
   }
 }
 
+/** "KIND of domain "NAME" (URI)", as messages name a task's work. */
+export function taskWhat(info: TaskInfo): string {
+  return `${info.kind}${info.domain !== null ? ` of domain "${info.domain}"${info.connection !== null ? ` (${info.connection})` : ''}` : ''}`;
+}
+
+/** One domain: the same name on the same connection (a task that recorded no connection may be on any). */
+function sameDomain(a: TaskInfo, b: TaskInfo): boolean {
+  return a.domain === b.domain && (a.connection === null || b.connection === null || a.connection === b.connection);
+}
+
 function errorOf(err: unknown): { code: string; message: string } {
   if (isQbackupError(err)) return { code: err.code, message: err.message };
   return { code: 'INTERNAL', message: `Internal error (a bug in qbackup): ${describeError(err)}` };
@@ -328,7 +345,7 @@ function toRow(info: TaskInfo): TaskRow {
 function parseTask(row: TaskRow): TaskInfo {
   try {
     const info = JSON.parse(row.payload) as TaskInfo;
-    return { ...info, state: row.state };
+    return { ...info, connection: info.connection ?? null, state: row.state };
   } catch (err) {
     throw new QbackupError('METADATA_INCONSISTENT', `Task "${row.id}" has a damaged record: ${describeError(err)}`, { cause: err });
   }

@@ -103,7 +103,7 @@ describe('the page as the admin console (real browser, real daemon, real QEMU)',
     assert.ok(backupTask !== undefined);
     await page.locator(`#tasks button[data-log="${backupTask.id}"]`).click();
     await page.waitForFunction(`document.querySelector('#task-log-lines').textContent.includes(${JSON.stringify(`backup ${manifest.id} written`)})`, undefined, { timeout: 10_000 });
-    assert.match((await page.textContent('#task-log-summary')) ?? '', new RegExp(`repository\\.backup of vm1, requested by schedule ${schedule.id}`));
+    assert.match((await page.textContent('#task-log-summary')) ?? '', new RegExp(`repository\\.backup of vm1 on qbackup:\\/\\/\\/, requested by schedule ${schedule.id}`));
     await page.click('#task-log-close');
 
     // Restore it to a directory, from the restore dialog.

@@ -5,19 +5,30 @@
 // that backup restored through the API byte for byte as the guest had
 // written it. A schedule of the configuration file names its connection by
 // name. The page (Chromium, when installed) lists both domains, each with its
-// connection. Kept short: libvirt test files hold a machine-wide lock.
+// connection, and its task log the connection of each task. A domain of
+// qbackup's own with the libvirt domain's name is another domain: both back
+// up at once, each task naming its connection. An instant restore of the
+// libvirt domain started through the API runs; the daemon stopped (as
+// SIGTERM stops it) while the copy is held, the copy completed meanwhile,
+// the next start finalizes it: no network backing left, disks equal to the
+// backup. Kept short: libvirt test files hold a machine-wide lock.
 
 import assert from 'node:assert/strict';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { parseConfig } from '../../src/config/load.js';
-import { LibvirtClient, type LibvirtDomainRef } from '../../src/drivers/libvirt/index.js';
+import { LIBVIRT, LibvirtClient, type LibvirtDomainRef } from '../../src/drivers/libvirt/index.js';
 import { startDaemon, type Daemon } from '../../src/http/daemon.js';
 import { chromium } from 'playwright-core';
 import { TestEnv, repoRoot } from '../helpers/env.js';
 import { ApiClient } from '../helpers/http.js';
-import { createTestDisks, guestWrite, libvirtTestDir, removeTestDomain, startLibvirt, testDomainName, testDomainXml, type LibvirtDaemon } from '../helpers/libvirt.js';
+import type { InstantRestoreInfo } from '../../src/instant/restore.js';
+import { LocalBackend } from '../../src/repository/backend/local.js';
+import { acquireLock } from '../../src/repository/locks.js';
+import { isProcessAlive } from '../../src/util/proc.js';
+import { eventually } from '../helpers/repo.js';
+import { createTestDisks, guestWrite, libvirtTestDir, removeTestDomain, startLibvirt, testDomainName, testDomainXml, tool, virsh, type LibvirtDaemon } from '../helpers/libvirt.js';
 
 const CHROMIUM = '/usr/bin/chromium';
 const MiB = 1 << 20;
@@ -31,6 +42,12 @@ describe('the daemon with a libvirt connection beside its own', () => {
   let api: ApiClient;
   let dom: LibvirtDomainRef;
   const name = testDomainName('daemon');
+  /** The instant restore's new domain. */
+  const instantName = `${name}-inst`;
+  let instantServer: number | null = null;
+  /** The backup task of the schedule run (the page shows its connection). */
+  let scheduledTask = '';
+  let token = '';
   // A name libvirt accepts and HTML would not: the page must show it as text.
   const oddName = `${testDomainName('odd')}<b>&"'`;
   const { dir, remove } = libvirtTestDir();
@@ -47,6 +64,7 @@ describe('the daemon with a libvirt connection beside its own', () => {
       [
         'repositories:',
         `  local: { path: ${env.path('repo')} }`,
+        `  own: { path: ${env.path('repo-own')} }`,
         'connections:',
         `  system: ${libvirt.uri}`,
         'schedules:',
@@ -60,12 +78,15 @@ describe('the daemon with a libvirt connection beside its own', () => {
       env.path('config.yaml'),
     );
     daemon = await startDaemon(env.qb, { listen: '127.0.0.1:0', schedulerIntervalMs: 0, config });
-    api = new ApiClient(daemon.url, daemon.bootstrapToken);
+    token = daemon.bootstrapToken ?? '';
+    api = new ApiClient(daemon.url, token);
   });
 
   after(async () => {
     await daemon?.close();
-    if (client !== undefined) for (const n of [name, oddName]) await removeTestDomain(client, n).catch(() => undefined);
+    if (instantServer !== null && isProcessAlive(instantServer)) process.kill(instantServer, 'SIGKILL');
+    if (client !== undefined) for (const n of [name, oddName, instantName]) await removeTestDomain(client, n).catch(() => undefined);
+    rmSync(join('/var/lib/libvirt/images', instantName), { recursive: true, force: true });
     await client?.close();
     await env?.cleanup();
     await libvirt?.stop();
@@ -112,8 +133,10 @@ describe('the daemon with a libvirt connection beside its own', () => {
     assert.equal(schedule.connection, libvirt.uri);
     const run = await api.post(`/api/schedules/${schedule.id}/run`);
     assert.equal(run.status, 202, run.text);
-    const task = await api.waitTask((run.body as { id: string }).id);
+    scheduledTask = (run.body as { id: string }).id;
+    const task = await api.waitTask(scheduledTask);
     assert.equal(task['state'], 'succeeded', JSON.stringify(task['error']));
+    assert.equal(task['connection'], libvirt.uri);
     assert.ok((task['log'] as Array<{ message: string }>).some((l) => l.message.includes(`(${libvirt.uri})`)));
     const backups = (await api.get(`/api/repository/backups?repo=local&domain=${name}`)).body as Array<{ id: string; disks: Array<{ level: string }> }>;
     assert.equal(backups.length, 1);
@@ -123,6 +146,7 @@ describe('the daemon with a libvirt connection beside its own', () => {
     assert.equal(restore.status, 202, restore.text);
     const restored = await api.waitTask((restore.body as { id: string }).id);
     assert.equal(restored['state'], 'succeeded', JSON.stringify(restored['error']));
+    assert.equal(restored['connection'], libvirt.uri);
     const [file] = (restored['result'] as { disks: Array<{ target: string; file: string }> }).disks.map((d) => d.file);
     assert.ok(file !== undefined && readFileSync(file).equals(model), 'the restored disk equals what the guest wrote');
     rmSync(to, { recursive: true, force: true });
@@ -143,6 +167,8 @@ describe('the daemon with a libvirt connection beside its own', () => {
       // The odd name is text: shown as it is, and no element made of it.
       await page.waitForFunction(`[...document.querySelectorAll('#domains tr')].some((r) => r.dataset.domain === ${JSON.stringify(oddName)} && r.cells[0].textContent === ${JSON.stringify(oddName)} && r.cells[1].textContent === 'shut off')`, undefined, { timeout: 20_000 });
       assert.equal(await page.locator('#domains b').count(), 0);
+      // The task log names each task's connection.
+      await page.waitForFunction(`(document.querySelector('#tasks tr[data-task=${JSON.stringify(scheduledTask)}] td.conn')?.textContent ?? '') === ${JSON.stringify(`system (${libvirt.uri})`)}`, undefined, { timeout: 20_000 });
       // The screenshot shows this file's domains only (other tests' may share the libvirtd).
       await page.evaluate(`for (const r of document.querySelectorAll('#domains tbody tr')) r.hidden = ![${JSON.stringify(name)}, ${JSON.stringify(oddName)}, 'own1'].includes(r.dataset.domain)`);
       mkdirSync(join(repoRoot, 'test-output'), { recursive: true });
@@ -151,5 +177,76 @@ describe('the daemon with a libvirt connection beside its own', () => {
     } finally {
       await browser.close();
     }
+  });
+
+  it('a domain of qbackup\'s own with the same name is another domain: both back up at once, each task naming its connection', async () => {
+    await env.defineDomain(name, [{ target: 'sda', sizeBytes: 4 * MiB }]);
+    assert.equal((await api.post('/api/repository/init', { repo: 'own' })).status, 201);
+    // A gc lock held on its repository keeps the own domain's backup under way (waiting) while the libvirt domain's is asked for.
+    const held = await acquireLock(new LocalBackend(env.path('repo-own')), 'gc', null);
+    let ids: string[];
+    try {
+      const own = await api.post('/api/repository/backups', { domain: name, repo: 'own' });
+      assert.equal(own.status, 202, own.text);
+      const ownId = (own.body as { id: string }).id;
+      const waiting = await eventually(async () => (((await api.get(`/api/tasks/${ownId}`)).body as { progress: { phase: string } | null }).progress?.phase === 'waiting for a gc to end'), 60_000);
+      assert.ok(waiting, 'the own domain\'s backup is under way');
+      const lv = await api.post('/api/repository/backups', { domain: name, repo: 'local', connection: 'system' });
+      assert.equal(lv.status, 202, lv.text);
+      const lvId = (lv.body as { id: string }).id;
+      assert.equal((await api.waitTask(lvId))['state'], 'succeeded');
+      assert.equal(((await api.get(`/api/tasks/${ownId}`)).body as { state: string }).state, 'running', 'the two ran at the same time');
+      // The same domain of the same connection is still refused while its backup is under way.
+      const again = await api.post('/api/repository/backups', { domain: name, repo: 'own' });
+      assert.deepEqual([again.status, (again.body as { code: string }).code], [409, 'BACKUP_RUNNING']);
+      assert.match((again.body as { message: string }).message, /\(qbackup:\/\/\/\): task "[^"]+" is already backing it up$/);
+      ids = [ownId, lvId];
+    } finally {
+      await held.release();
+    }
+    assert.equal((await api.waitTask(ids[0] ?? ''))['state'], 'succeeded');
+    const listed = (await api.get('/api/tasks')).body as Array<{ id: string; domain: string; connection: string | null }>;
+    assert.deepEqual(ids.map((id) => listed.find((t) => t.id === id)).map((t) => [t?.domain, t?.connection]), [[name, 'qbackup:///'], [name, libvirt.uri]]);
+    const detail = await Promise.all(ids.map(async (id) => ((await api.get(`/api/tasks/${id}`)).body as { connection: string }).connection));
+    assert.deepEqual(detail, ['qbackup:///', libvirt.uri]);
+    const ownBackups = (await api.get(`/api/repository/backups?repo=own&domain=${name}`)).body as unknown[];
+    assert.equal(ownBackups.length, 1);
+  });
+
+  it('an instant restore through the API runs; the daemon stopped while its copy is held is finalized at the next start', async () => {
+    // Speed 1 byte/s: after its first chunk, the pull sleeps for days.
+    const r = await api.post('/api/repository/restore-instant', { domain: name, repo: 'local', connection: 'system', as: instantName, speedBytesPerSec: 1 });
+    assert.equal(r.status, 201, r.text);
+    const started = r.body as InstantRestoreInfo;
+    assert.equal(started.connection, libvirt.uri);
+    instantServer = started.serverPid;
+    assert.ok(instantServer !== null && isProcessAlive(instantServer), 'our server serves the backup');
+    const dom = await client.lookupDomainByName(instantName);
+    assert.equal((await client.getState(dom)).state, LIBVIRT.VIR_DOMAIN_RUNNING);
+    assert.match(await client.getXmlDesc(dom), /<backingStore type='network'[\s\S]*?<source protocol='nbd' name='sda'/);
+    const mid = await api.get(`/api/domains/${instantName}/instant-restore?connection=system`);
+    assert.equal(mid.status, 200, mid.text);
+    assert.equal((mid.body as InstantRestoreInfo).state, 'streaming');
+
+    // Stopped as SIGTERM stops it; while it is down the held pull is cancelled and run again unthrottled to its end.
+    await daemon.close({ interrupt: true });
+    await virsh(['blockjob', instantName, 'sda', '--abort']);
+    await virsh(['blockpull', instantName, 'sda', '--wait']);
+    daemon = await startDaemon(env.qb, { listen: '127.0.0.1:0', schedulerIntervalMs: 0, config: daemon.service.config });
+    api = new ApiClient(daemon.url, token);
+
+    // The start settled it: nothing reads from the backup, our server is gone, the restore is recorded as completed.
+    for (const flags of [0, LIBVIRT.VIR_DOMAIN_XML_INACTIVE]) assert.doesNotMatch(await client.getXmlDesc(dom, flags), /protocol=['"]nbd['"]/, `no NBD backing (flags ${flags})`);
+    assert.ok(!isProcessAlive(instantServer), 'our server stopped');
+    assert.equal(env.qb.connection(libvirt.uri).instant.loadRecord(instantName), undefined);
+    const done = await api.get(`/api/domains/${instantName}/instant-restore?connection=system&completed=true`);
+    assert.equal(done.status, 200, done.text);
+    assert.deepEqual([(done.body as InstantRestoreInfo).state, (done.body as InstantRestoreInfo).connection], ['completed', libvirt.uri]);
+    await client.destroy(dom, LIBVIRT.VIR_DOMAIN_DESTROY_GRACEFUL);
+    const [disk] = started.disks;
+    assert.ok(disk !== undefined);
+    const raw = join(env.dir, 'instant-sda.raw');
+    await tool('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', disk.overlay, raw]);
+    assert.ok(readFileSync(raw).equals(model), 'the restored disk equals the backup');
   });
 });

@@ -53,6 +53,37 @@ describe('TaskManager', () => {
     assert.equal(tasks.get(a1.id).state, 'succeeded');
   });
 
+  test('a domain is a name on a connection: same-named domains of two connections run together, the connection is kept', async () => {
+    const store = new TaskStore(db());
+    const tasks = new TaskManager(store, { maxConcurrent: 3 });
+    const g = gate();
+    const own = tasks.submit({ kind: 'k', domain: 'vm', connection: 'qbackup:///', run: async () => (await g.promise, 'own') });
+    const lv = tasks.submit({ kind: 'k', domain: 'vm', connection: 'qemu:///system', run: async () => (await g.promise, 'libvirt') });
+    const lv2 = tasks.submit({ kind: 'k', domain: 'vm', connection: 'qemu:///system', run: async () => 'libvirt again' });
+    // A task recorded without a connection may be on any: it waits for both.
+    const any = tasks.submit({ kind: 'k', domain: 'vm', run: async () => 'any' });
+    assert.deepEqual([own, lv, lv2, any].map((t) => tasks.get(t.id).state), ['running', 'running', 'queued', 'queued']);
+    assert.deepEqual(tasks.active({ domain: 'vm', connection: 'qemu:///system' }).map((t) => t.id), [lv.id, lv2.id, any.id]);
+    assert.deepEqual(tasks.active({ domain: 'vm', connection: 'qbackup:///' }).map((t) => t.id), [own.id, any.id]);
+    g.open();
+    assert.equal((await tasks.wait(lv2.id)).result, 'libvirt again');
+    assert.equal((await tasks.wait(any.id)).result, 'any');
+    assert.deepEqual([own, lv, any].map((t) => tasks.get(t.id).connection), ['qbackup:///', 'qemu:///system', null]);
+    // Kept in the store: a new manager (a restarted daemon) lists each task with its connection.
+    const again = new TaskManager(store);
+    assert.equal(again.get(lv.id).connection, 'qemu:///system');
+    assert.equal(again.list().find((t) => t.id === own.id)?.connection, 'qbackup:///');
+  });
+
+  test('an interrupted task names its connection', () => {
+    const store = new TaskStore(db());
+    const first = new TaskManager(store);
+    const stuck = first.submit({ kind: 'repository.backup', domain: 'vm', connection: 'qemu:///system', run: () => new Promise(() => undefined) });
+    const [info] = new TaskManager(store).recoverInterrupted();
+    assert.deepEqual([info?.id, info?.connection], [stuck.id, 'qemu:///system']);
+    assert.match(info?.error?.message ?? '', /\(repository\.backup of domain "vm" \(qemu:\/\/\/system\)\) did not finish/);
+  });
+
   test('a failed task keeps the error code and message; cancel: queued at once, running only when it can stop', async () => {
     const tasks = new TaskManager(new TaskStore(db()), { maxConcurrent: 1 });
     const failed = await tasks.wait(tasks.submit({ kind: 'k', run: async () => { throw new QbackupError('DOMAIN_NOT_FOUND', 'Domain "x" does not exist'); } }).id);
