@@ -39,7 +39,9 @@ export class QemuSession implements DomainSession {
       const out = new Map<string, CopyJob>();
       for (const j of jobs) {
         if (j.type !== 'stream' || !j.id.startsWith(COPY_JOB_PREFIX)) continue;
-        out.set(j.id, { status: j.status, doneBytes: j['current-progress'], totalBytes: j['total-progress'], error: j.error });
+        // Held at 'pending' (auto-finalize off), the job has copied every byte: it is complete, and dismissCopy finalizes it.
+        const status = j.status === 'pending' ? 'concluded' : j.status;
+        out.set(j.id, { status, doneBytes: j['current-progress'], totalBytes: j['total-progress'], error: j.error });
       }
       return out;
     });
@@ -52,6 +54,11 @@ export class QemuSession implements DomainSession {
       qmp.execute('block-stream', {
         'job-id': jobId,
         device: nodeNamesFor(disk.diskId).format,
+        // QEMU 7.2 segfaults when query-named-block-nodes runs between the
+        // job's graph change and its dismissal (the dropped copy-on-read
+        // filter stays listed without a child): the job stops at 'pending'
+        // and dismissCopy finalizes and dismisses it in one go.
+        'auto-finalize': false,
         'auto-dismiss': false,
         ...(speedBytesPerSec > 0 ? { speed: speedBytesPerSec } : {}),
       }),
@@ -59,7 +66,12 @@ export class QemuSession implements DomainSession {
   }
 
   async dismissCopy(jobId: string): Promise<void> {
-    await this.withQmp('instant restore copy', (qmp) => qmp.execute('job-dismiss', { id: jobId }));
+    await this.withQmp('instant restore copy', async (qmp) => {
+      const jobs = (await qmp.execute('query-jobs')) as Array<{ id: string; status: string }>;
+      // Finalizing drops the copy-on-read filter; nothing may read the node graph until the job is gone.
+      if (jobs.find((j) => j.id === jobId)?.status === 'pending') await qmp.execute('job-finalize', { id: jobId });
+      await qmp.execute('job-dismiss', { id: jobId });
+    });
   }
 
   /**
