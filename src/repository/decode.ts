@@ -9,7 +9,9 @@
 // Invariants:
 // - A request's bytes are transferred to the worker when the caller hands
 //   them over (`transfer`), else copied; the plaintexts come back in one
-//   transferred buffer.
+//   transferred buffer: the request's own bytes when it was handed over
+//   and every plaintext fits before the next blob (chunks stored raw),
+//   else a fresh one.
 // - A worker that dies fails the requests it holds, and is replaced at the
 //   next request.
 
