@@ -40,6 +40,8 @@ export interface DecodeRequest {
   idKey?: Uint8Array | undefined;
   /** When `bytes` is a whole pack: its id, checked as the SHA-256 of every byte. */
   packId?: string | undefined;
+  /** The sender no longer reads `bytes`: the plaintexts may be put back to back in it (see decodeEntries). */
+  inPlace?: boolean | undefined;
 }
 
 export interface DecodeReply {
@@ -101,14 +103,18 @@ export function decodeEntries(msg: DecodeRequest, codecCompressor: ChunkCompress
     if (actual !== msg.packId) packError = `its bytes hash to ${actual}, not to its id`;
   }
   const total = msg.entries.reduce((n, e) => n + e.rawLength, 0);
-  // Never from the shared small-buffer pool: its memory is transferred to the caller.
-  const plain = Buffer.allocUnsafeSlow(total);
+  // In place when allowed and no plaintext can land on a blob not yet
+  // decoded (chunks stored raw: each plaintext is its blob less the codec
+  // byte); else never from the shared small-buffer pool: its memory is
+  // transferred to the caller.
+  const plain = msg.inPlace === true && fitsInPlace(msg.entries, bytes.length) ? bytes : Buffer.allocUnsafeSlow(total);
   let at = 0;
   const results: DecodeReply['results'] = msg.entries.map((e) => {
     try {
       const blob = bytes.subarray(e.at, e.at + e.length);
       if (blob.length !== e.length) return { error: `${e.what} is damaged: its pack is shorter than its index says` };
       const data = decodeChunk(blob, Buffer.from(e.id), e.rawLength, { compressor: codecCompressor, key: readKey }, e.what);
+      // copy() moves overlapping bytes correctly (memmove), and only after the chunk was checked against its id.
       data.copy(plain, at);
       at += data.length;
       return { at: at - data.length };
@@ -117,6 +123,24 @@ export function decodeEntries(msg: DecodeRequest, codecCompressor: ChunkCompress
     }
   });
   return { op: 'decoded', seq: msg.seq, plain: plain.subarray(0, at), results, packError };
+}
+
+/**
+ * True when writing the plaintexts back to back from the start of the
+ * buffer never reaches a blob after the one being decoded: the entries lie
+ * in order without overlap, and each plaintext ends before the next blob
+ * starts (or the buffer ends).
+ */
+function fitsInPlace(entries: readonly DecodeEntry[], size: number): boolean {
+  let at = 0;
+  let blobEnd = 0;
+  for (const [k, e] of entries.entries()) {
+    if (e.at < blobEnd) return false;
+    blobEnd = e.at + e.length;
+    at += e.rawLength;
+    if (at > (entries[k + 1]?.at ?? size)) return false;
+  }
+  return true;
 }
 
 function handle(msg: WorkerRequest): WorkerReply {

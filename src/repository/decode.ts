@@ -9,7 +9,9 @@
 // Invariants:
 // - A request's bytes are transferred to the worker when the caller hands
 //   them over (`transfer`), else copied; the plaintexts come back in one
-//   transferred buffer.
+//   transferred buffer: the request's own bytes when it was handed over
+//   and every plaintext fits before the next blob (chunks stored raw),
+//   else a fresh one.
 // - A worker that dies fails the requests it holds, and is replaced at the
 //   next request.
 
@@ -38,7 +40,8 @@ class DecodePool {
   constructor(private readonly size: number) {}
 
   async decode(bytes: Buffer, entries: DecodeEntry[], key: MasterKey | undefined, options: { packId?: string | undefined; transfer?: boolean | undefined } = {}): Promise<DecodeReply> {
-    const request: DecodeRequest = { op: 'decode', seq: this.seq++, bytes, entries, dataKey: key?.dataKey, idKey: key?.idKey, packId: options.packId };
+    // Given up by the caller (`transfer`), the bytes may hold the plaintexts: one buffer fewer per request.
+    const request: DecodeRequest = { op: 'decode', seq: this.seq++, bytes, entries, dataKey: key?.dataKey, idKey: key?.idKey, packId: options.packId, inPlace: options.transfer === true };
     if (this.size === 0 || bytes.length < INLINE_DECODE_BYTES) return decodeEntries(request, this.inline);
     const reply = await this.ask(request, options.transfer === true && ownsAll(bytes) ? [bytes.buffer as ArrayBuffer] : []);
     if (reply.op !== 'decoded') throw new Error('a decode request is answered with plaintexts');
