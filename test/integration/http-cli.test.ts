@@ -57,7 +57,7 @@ describe('service CLI: token, schedule, serve', () => {
     const added = JSON.parse(await env.cliOk(['--json', 'schedule', 'add', 'vm1', '--when', 'daily 02:00', '--repo', env.path('repo'), '--keep-daily', '7', '--keep-last', '2'])) as { id: string; cron: string; retention: object };
     assert.equal(added.cron, '0 2 * * *');
     assert.deepEqual(added.retention, { keepLast: 2, keepDaily: 7 });
-    assert.match(await env.cliOk(['schedule', 'list']), new RegExp(`${added.id}\\s+backup\\s+vm1\\s+daily 02:00`));
+    assert.match(await env.cliOk(['schedule', 'list']), new RegExp(`${added.id}\\s+backup\\s+vm1\\s+-\\s+daily 02:00`));
     const bad = await env.cli(['schedule', 'add', 'vm1', '--when', 'sometimes', '--repo', env.path('repo')]);
     assert.equal(bad.code, 1);
     assert.match(bad.stderr, /^error: Invalid schedule "sometimes": use a cron pattern/);
@@ -67,7 +67,7 @@ describe('service CLI: token, schedule, serve', () => {
     assert.deepEqual([gc.action, gc.domain], ['gc', undefined]);
     const verify = JSON.parse(await env.cliOk(['--json', 'schedule', 'add', 'vm1', '--run', 'verify', '--read-data-subset', '10%', '--when', 'daily 05:00', '--repo', env.path('repo')])) as { readDataPercent: number };
     assert.equal(verify.readDataPercent, 10);
-    assert.match(await env.cliOk(['schedule', 'list']), /gc\s+-\s+weekly sun 04:00/);
+    assert.match(await env.cliOk(['schedule', 'list']), /gc\s+-\s+-\s+weekly sun 04:00/);
     await env.cliOk(['schedule', 'remove', added.id]);
     assert.equal((await env.cli(['schedule', 'remove', added.id])).stderr, `error: Schedule "${added.id}" does not exist\n`);
   });
