@@ -3,15 +3,21 @@
 # npm tarball of this tree (npm pack, which builds dist/ through prepack):
 #   /usr/lib/qbackup/            the package and its production node_modules
 #                                (better-sqlite3 and zstd-napi as built for this Node)
-#   /usr/bin/qbackup             a link to /usr/lib/qbackup/bin/qbackup
+#   /usr/lib/qbackup/node/       the Node.js binary the native modules were built
+#                                for (the `node` on the PATH, Node.js 24 after
+#                                scripts/setup.sh), so the package runs on a host
+#                                whose own Node.js is older or absent
+#   /usr/bin/qbackup             runs /usr/lib/qbackup/bin/qbackup with that node
 #   /lib/systemd/system/qbackup.service
 #   /usr/share/bash-completion/completions/qbackup
 #   /usr/share/doc/qbackup/      README.md, config.md, metrics.md, examples/config.yaml,
 #                                grafana-dashboard.json
-# Depends: nodejs (>= 20), qemu-system-x86, qemu-utils.
+# Depends: qemu-system-x86, qemu-utils.
 # Usage: scripts/build-deb.sh [OUTPUT_DIR]   (default: the current directory)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+# the Node.js qbackup runs on (and carries), and npm_config_nodedir for a fresh npm ci
+source "$root/scripts/node.sh"
 out=$(cd "${1:-.}" && pwd)
 work=$(mktemp -d /tmp/qbackup-deb.XXXXXX)
 trap 'rm -rf "$work"' EXIT
@@ -37,9 +43,18 @@ else
   (cd "$lib" && npm ci --omit=dev --no-audit --no-fund --loglevel=error >&2)
 fi
 rm -f "$lib/package-lock.json"
-ln -s ../lib/qbackup/bin/qbackup "$stage/usr/bin/qbackup"
+# The node that built the native modules goes with them (their ABI is that node's).
+node_bin=$(readlink -f "$(command -v node)")
+install -D -m 0755 "$node_bin" "$lib/node/bin/node"
+node_license="$(dirname "$(dirname "$node_bin")")/LICENSE"
+[ -f "$node_license" ] && install -D -m 0644 "$node_license" "$stage/usr/share/doc/qbackup/node-LICENSE"
+cat > "$stage/usr/bin/qbackup" <<'WRAPPER'
+#!/bin/sh
+exec /usr/lib/qbackup/node/bin/node /usr/lib/qbackup/bin/qbackup "$@"
+WRAPPER
+chmod 0755 "$stage/usr/bin/qbackup"
 mkdir -p "$stage/usr/share/bash-completion/completions"
-QBACKUP_STATE_DIR="$work/state" node "$lib/bin/qbackup" completion bash > "$stage/usr/share/bash-completion/completions/qbackup"
+QBACKUP_STATE_DIR="$work/state" "$lib/node/bin/node" "$lib/bin/qbackup" completion bash > "$stage/usr/share/bash-completion/completions/qbackup"
 install -m 0644 "$root/packaging/qbackup.service" "$stage/lib/systemd/system/qbackup.service"
 install -m 0644 "$root/packaging/config.example.yaml" "$stage/usr/share/doc/qbackup/examples/config.yaml"
 for doc in README.md docs/config.md docs/metrics.md docs/grafana-dashboard.json; do
@@ -53,7 +68,7 @@ Version: $version
 Architecture: $arch
 Maintainer: qbackup maintainers <root@localhost>
 Installed-Size: $size
-Depends: nodejs (>= 20), qemu-system-x86, qemu-utils
+Depends: qemu-system-x86, qemu-utils
 Recommends: qemu-block-extra
 Suggests: default-mta | mail-transport-agent
 Section: admin

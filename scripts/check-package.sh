@@ -10,6 +10,8 @@
 # Usage: scripts/check-package.sh [--install-deb] [--skip-npm]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+# the Node.js qbackup runs on, and npm_config_nodedir for the native builds of npm install -g
+source "$root/scripts/node.sh"
 work=$(mktemp -d /tmp/qbackup-pkg.XXXXXX)
 server=
 cleanup() {

@@ -12,5 +12,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y "${need[@]}"
   fi
 fi
+# Node.js 24 (LTS) from the npm registry when the system's is older (scripts/node.sh)
+source scripts/node.sh
 npm ci
 npm run build
