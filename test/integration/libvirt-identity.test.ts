@@ -6,7 +6,10 @@
 // defined under its name on the same image path, carrying the old
 // checkpoint's metadata and an empty bitmap of its name (metadata left behind
 // or copied between hosts). Its backup is full, the reason naming the other
-// domain's UUID, and restores to its own bytes, not the other's.
+// domain's UUID, and restores to its own bytes, not the other's. A domain of
+// our own QEMU driver under the same name, backing up into the same
+// repository, does the same; each domain's next backup is incremental on its
+// own last one, whichever is newest.
 //
 // Missing bitmap: an admin removes our bitmap from an image (`qemu-img bitmap
 // --remove` while shut off, `block-dirty-bitmap-remove` through the monitor
@@ -22,6 +25,7 @@ import { after, before, describe, it } from 'node:test';
 import { LIBVIRT, LibvirtClient } from '../../src/drivers/libvirt/index.js';
 import { Qbackup } from '../../src/qbackup.js';
 import type { Manifest } from '../../src/repository/manifest.js';
+import { TestEnv } from '../helpers/env.js';
 import { createTestDisks, guestWrite, libvirtTestDir, removeTestDomain, startLibvirt, testDomainName, testDomainXml, tool, virsh, type LibvirtDaemon, type TestDisk } from '../helpers/libvirt.js';
 
 const MiB = 1 << 20;
@@ -32,6 +36,8 @@ describe('libvirt: backup parents are of the same domain; checkpoints whose bitm
   let client: LibvirtClient;
   let qb: Qbackup;
   let work: string;
+  /** Our own QEMU driver, beside libvirt. */
+  let own: TestEnv;
   const { dir, remove } = libvirtTestDir();
   const names: string[] = [];
 
@@ -57,11 +63,13 @@ describe('libvirt: backup parents are of the same domain; checkpoints whose bitm
     client = await LibvirtClient.connect(daemon.uri);
     work = mkdtempSync(join(tmpdir(), 'qbt-lvid-'));
     qb = Qbackup.open({ stateDir: join(work, 'state'), connect: daemon.uri });
+    own = new TestEnv('qbt-lvid-own-');
   });
 
   after(async () => {
     qb?.close();
     await qb?.driver.close?.();
+    await own?.cleanup();
     for (const n of names) if (client !== undefined) await removeTestDomain(client, n).catch(() => undefined);
     await client?.close();
     await daemon?.stop();
@@ -113,8 +121,32 @@ describe('libvirt: backup parents are of the same domain; checkpoints whose bitm
     const third = await qb.repository.backup(name, { repo });
     assert.equal(third.disks[0]?.level, 'incremental', String(third.disks[0]?.fullReason));
     assert.ok((await restoreBytes(name, repo, third)).equals(modelB));
+
+    // Our own driver's domain of the same name backs up into the same repository: full, naming the libvirt domain; and
+    // each domain's next backup is incremental on its own last one, though the other's is newer.
+    const ownDisk = own.path('own-sda.qcow2');
+    await tool('qemu-img', ['create', '-q', '-f', 'qcow2', ownDisk, String(DISK_BYTES)]);
+    const modelOwn = Buffer.alloc(DISK_BYTES);
+    await writeImage({ target: 'sda', file: ownDisk }, modelOwn, 0xe1, MiB, MiB);
+    await own.qb.domains.define(own.domainXml(name, [{ target: 'sda', file: ownDisk }]));
+    const uuidOwn = (await own.qb.driver.describeDomain(name)).uuid;
+    const ownFirst = await own.qb.repository.backup(name, { repo });
+    assert.equal(ownFirst.connection, 'qbackup:///');
+    assert.equal(ownFirst.disks[0]?.level, 'full');
+    assert.match(String(ownFirst.disks[0]?.fullReason), new RegExp(`\\("${third.id}"\\) was of another domain \\(UUID ${uuidB} through ${daemon.uri}\\), and this one is UUID ${uuidOwn}`));
+    assert.ok((await restoreBytes(name, repo, ownFirst)).equals(modelOwn));
+    await writeImage(disk, modelB, 0xb4, 0, 4096);
+    const fourth = await qb.repository.backup(name, { repo });
+    assert.equal(fourth.disks[0]?.level, 'incremental', String(fourth.disks[0]?.fullReason));
+    assert.ok((await restoreBytes(name, repo, fourth)).equals(modelB));
+    await writeImage({ target: 'sda', file: ownDisk }, modelOwn, 0xe2, 0, 4096);
+    const ownSecond = await own.qb.repository.backup(name, { repo });
+    assert.equal(ownSecond.disks[0]?.level, 'incremental', String(ownSecond.disks[0]?.fullReason));
+    assert.ok((await restoreBytes(name, repo, ownSecond)).equals(modelOwn));
+
     const listed = await qb.repository.list({ repo }, name);
-    assert.deepEqual(listed.map((m) => m.uuid), [uuidA, uuidB, uuidB]);
+    assert.deepEqual(listed.map((m) => m.uuid), [uuidA, uuidB, uuidB, uuidOwn, uuidB, uuidOwn]);
+    assert.deepEqual(listed.map((m) => m.connection), [daemon.uri, daemon.uri, daemon.uri, 'qbackup:///', daemon.uri, 'qbackup:///']);
   });
 
   it('a shut-off domain whose image lost our bitmap: the next backup is full with the reason and deletes the old checkpoint', async () => {
