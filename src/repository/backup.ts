@@ -170,8 +170,7 @@ async function backupRunning(driver: HypervisorDriver, store: Store, identity: D
       format: 2,
       id,
       domain,
-      // The identity the plan was made for (the parents are backups of it).
-      uuid: identity.uuid,
+      uuid: identity.uuid, // the identity the plan was made for (the parents are backups of it)
       connection: driver.uri,
       time: new Date(startedMs).toISOString(),
       endTime: new Date().toISOString(),

@@ -28,10 +28,17 @@
 //   images are opened by a qemu-storage-daemon of ours, whose image locks
 //   keep libvirt from starting the domain meanwhile; the new checkpoint's
 //   bitmaps are added there and the checkpoint is registered in libvirt with
-//   a REDEFINE. libvirt 9.0 deletes no checkpoint of a shut-off domain, so
-//   ours are deleted there by removing their bitmaps from the images
-//   (qemu-img) and then libvirt's metadata. A daemon whose owner died is
-//   stopped, and its checkpoint discarded, by the next call on the domain.
+//   a REDEFINE. A daemon whose owner died is stopped, and its checkpoint
+//   discarded, by the next call on the domain.
+// - Deleting a checkpoint of ours: libvirt's own delete for a running
+//   domain; where libvirt cannot (a shut-off domain: libvirt 9.0 refuses; an
+//   image that lacks the bitmap: removed by an admin, or the image replaced)
+//   one step, the bitmaps removed where they still are (QEMU's nodes, or the
+//   images with qemu-img) and then libvirt's metadata only. A bitmap already
+//   gone is no error.
+// - Coverage reads where the bitmaps are: a shut-off domain's images, a
+//   running domain's QEMU nodes; a disk whose image lacks the checkpoint's
+//   bitmap is full with the reason (libvirt would refuse the whole backup).
 
 import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { createHash, randomBytes } from 'node:crypto';
