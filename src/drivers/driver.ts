@@ -92,6 +92,8 @@ export interface PullExport {
   /** The meta context marking what changed since the checkpoint (incremental disks only). */
   dirtyContext: string | undefined;
   virtualSize: number;
+  /** Set when the driver read this disk full though it was asked incrementally (the hypervisor refused the checkpoint's bitmap): why, in one sentence. */
+  fullReason?: string | undefined;
 }
 
 export interface PullBackup {

@@ -7,7 +7,10 @@
 //
 // Invariants:
 // - Coverage is decided before the job starts and the job runs strict, so an
-//   incremental never silently becomes a copy of the whole disk.
+//   incremental never silently becomes a copy of the whole disk. A disk the
+//   hypervisor itself refuses incrementally when the job begins (libvirt: a
+//   checkpoint bitmap missing or broken in QEMU) is read full, and its
+//   manifest entry says why in the hypervisor's words.
 // - A backup that fails or is killed leaves no manifest: at most packs and
 //   indexes nobody references (gc removes them), and its checkpoint is merged
 //   away (now, or by the next backup of the domain).
@@ -280,7 +283,7 @@ async function readJobDisk(store: Store, pool: ChunkPool, job: PullBackup, plan:
     diskId: plan.disk.diskId,
     virtualSize,
     level: incremental ? 'incremental' : 'full',
-    fullReason: incremental ? null : resized ? `the disk was resized (${plan.parent?.disk.virtualSize ?? 0} → ${virtualSize} bytes)` : plan.fullReason,
+    fullReason: incremental ? null : resized ? `the disk was resized (${plan.parent?.disk.virtualSize ?? 0} → ${virtualSize} bytes)` : (jd.fullReason ?? plan.fullReason),
     index: result.indexId,
     bytesRead: result.bytesRead,
     bytesStored: result.bytesStored,

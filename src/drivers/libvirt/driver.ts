@@ -36,9 +36,14 @@
 //   one step, the bitmaps removed where they still are (QEMU's nodes, or the
 //   images with qemu-img) and then libvirt's metadata only. A bitmap already
 //   gone is no error.
-// - Coverage reads where the bitmaps are: a shut-off domain's images, a
-//   running domain's QEMU nodes; a disk whose image lacks the checkpoint's
-//   bitmap is full with the reason (libvirt would refuse the whole backup).
+// - Coverage of a shut-off domain reads its images' bitmaps. A running
+//   domain is never read through the monitor passthrough on the normal path
+//   (libvirt marks a domain it is used on as tainted, "custom-monitor"):
+//   libvirt's backup begin checks each incremental disk's bitmap itself, and
+//   when it refuses one as missing or broken, that disk is made full with
+//   libvirt's sentence as the reason and the backup begun again (once per
+//   disk; a refused begin leaves nothing behind). Only the deletion of a
+//   checkpoint whose bitmap libvirt cannot find uses the passthrough.
 
 import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { createHash, randomBytes } from 'node:crypto';
@@ -69,6 +74,7 @@ import {
 import { LibvirtClient } from './client.js';
 import { OfflineExports, imageBitmaps, offlineRecords, removeImageBitmap, type OfflineRecord } from './offline.js';
 import * as C from './rpc/constants.js';
+import { LibvirtCallError } from './rpc/errors.js';
 import type { LibvirtCheckpointRef, LibvirtDomainRef } from './rpc/structs.js';
 
 /** The prefix of every checkpoint this driver creates. */
@@ -386,8 +392,10 @@ export class LibvirtDriver implements HypervisorDriver {
 
   /**
    * Per current disk: incremental when the checkpoint has a bitmap of that
-   * disk and the disk's image is the one the checkpoint saw; else full, with
-   * the reason.
+   * disk and the disk's image is the one the checkpoint saw (shut off: and
+   * the image holds the bitmap, recording and consistent); else full, with
+   * the reason. Reads nothing of a running QEMU: libvirt checks its bitmaps
+   * when the backup begins.
    */
   async coverage(domain: string, checkpoint: string): Promise<DiskCoverage[]> {
     const { c, dom } = await this.lookup(domain);
@@ -407,7 +415,6 @@ export class LibvirtDriver implements HypervisorDriver {
     const savedDomain = firstChild(root, 'domain');
     const sourcesThen = new Map(savedDomain === undefined ? [] : xmlDisksOf(savedDomain).map((d) => [d.target, d.source] as const));
     const out: DiskCoverage[] = [];
-    let live: Map<string, LiveBitmap[]> | undefined;
     for (const d of disks) {
       const reasons = [];
       const bitmap = bitmaps.get(d.target);
@@ -416,17 +423,18 @@ export class LibvirtDriver implements HypervisorDriver {
       if (then !== undefined && then !== d.source) reasons.push({ code: 'SOURCE_REPLACED', detail: `disk "${d.target}" reads "${d.source}", and at checkpoint "${checkpoint}" it read "${then}"` });
       // Shut off, the image is read directly (libvirt checks it only when it runs the domain).
       if (shutOff && reasons.length === 0 && bitmap !== undefined) reasons.push(...(await imageCoverage(d, checkpoint, bitmap)));
-      // Running, QEMU's node of the image must hold it (libvirt would refuse the whole backup).
-      if (!shutOff && reasons.length === 0 && bitmap !== undefined) {
-        live ??= await liveBitmapsByImage(c, dom, disks, `check the coverage of domain "${domain}"`);
-        reasons.push(...liveCoverage(d, checkpoint, bitmap, live));
-      }
+      // Running, libvirt's backup begin checks the bitmap in QEMU; a disk it refuses is made full there (beginPullBackup).
       out.push({ target: d.target, diskId: d.diskId, mode: reasons.length === 0 ? 'incremental' : 'full', reasons });
     }
     return out;
   }
 
-  // Long: the backup and checkpoint XML are written inline, beside the one call they go to.
+  /**
+   * A running domain: one virDomainBackupBegin with the new checkpoint. A
+   * disk whose incremental libvirt refuses (its bitmap missing or broken in
+   * QEMU, or its checkpoint gone) is asked full in a second begin, its
+   * export carrying libvirt's sentence as the reason; at most once per disk.
+   */
   async beginPullBackup(domain: string, request: PullBackupRequest): Promise<PullBackup> {
     if (request.tcp !== undefined) throw new QbackupError('NOT_SUPPORTED', `Cannot back up libvirt domain "${domain}" over TCP: its exports are read over a private unix socket`);
     if (!request.checkpoint.startsWith(OWN_CHECKPOINT_PREFIX)) throw new QbackupError('INVALID_ARGUMENT', `Checkpoint "${request.checkpoint}" is not named ${OWN_CHECKPOINT_PREFIX}…`);
@@ -447,34 +455,32 @@ export class LibvirtDriver implements HypervisorDriver {
       if (owner !== undefined && process.getuid?.() === 0) chownSync(dir, owner.uid, owner.gid);
       const socket = join(dir, `${request.checkpoint}.sock`);
       const wanted = new Map(request.disks.map((d) => [d.target, d.since]));
-      const backupXml = `<domainbackup mode='pull'>
-  <server transport='unix' socket='${xmlEscape(socket)}'/>
-  <disks>
-${all
-  .filter((d) => d.device === 'disk' || wanted.has(d.target))
-  .map((d) => {
-    if (!wanted.has(d.target)) return `    <disk name='${xmlEscape(d.target)}' backup='no'/>`;
-    const since = wanted.get(d.target);
-    // The scratch image (what the guest overwrites during the backup) lives in the private directory too, and goes with it.
-    const mode = since === undefined ? `backupmode='full'` : `backupmode='incremental' incremental='${xmlEscape(since)}'`;
-    return `    <disk name='${xmlEscape(d.target)}' backup='yes' type='file' ${mode}><scratch file='${xmlEscape(join(dir, `${d.target}.scratch`))}'/></disk>`;
-  })
-  .join('\n')}
-  </disks>
-</domainbackup>`;
       const checkpointXml = checkpointXmlOf(request.checkpoint, all, wanted);
-      const consistency = await this.freeze(c, dom, domain, request.quiesce);
-      try {
-        await c.backupBegin(dom, backupXml, checkpointXml);
-      } finally {
-        if (consistency === 'filesystem') await c.fsThaw(dom).catch(() => undefined);
+      // Per disk made full because libvirt refused its incremental: why, in libvirt's words.
+      const refused = new Map<string, string>();
+      let consistency: Consistency;
+      for (;;) {
+        consistency = await this.freeze(c, dom, domain, request.quiesce);
+        try {
+          await c.backupBegin(dom, pullBackupXml(socket, dir, all, wanted), checkpointXml);
+          break;
+        } catch (err) {
+          // libvirt refuses before it creates anything (no checkpoint, job, scratch file or NBD server): begin again with that disk full.
+          const lost = refusedIncremental(err, wanted, refused);
+          if (lost === undefined) throw err;
+          refused.set(lost.target, lost.reason);
+          wanted.set(lost.target, undefined);
+        } finally {
+          if (consistency === 'filesystem') await c.fsThaw(dom).catch(() => undefined);
+        }
       }
       this.watch(c, dom, domain, request.checkpoint);
       this.options.faults?.at('libvirt-backup-begun');
       const disks = [];
       for (const d of request.disks) {
         const virtualSize = Number((await c.getBlockInfo(dom, d.target)).capacity);
-        disks.push({ target: d.target, exportName: d.target, dirtyContext: d.since !== undefined ? `qemu:dirty-bitmap:backup-${d.target}` : undefined, virtualSize });
+        const since = wanted.get(d.target);
+        disks.push({ target: d.target, exportName: d.target, dirtyContext: since !== undefined ? `qemu:dirty-bitmap:backup-${d.target}` : undefined, virtualSize, fullReason: refused.get(d.target) });
       }
       const signal = this.jobs.get(request.checkpoint)?.lost.signal;
       return { id: request.checkpoint, domain, checkpoint: request.checkpoint, consistency, server: { transport: 'unix', socket }, disks, signal };
@@ -926,7 +932,13 @@ interface LiveBitmap {
   inconsistent: boolean;
 }
 
-/** One QMP command through libvirt's monitor passthrough; QEMU's error is LIBVIRT_ERROR in one sentence. */
+/**
+ * One QMP command through libvirt's monitor passthrough; QEMU's error is
+ * LIBVIRT_ERROR in one sentence. libvirt marks the domain tainted
+ * ("custom-monitor") on the first use, so only the rare fallback of deleting
+ * a checkpoint whose bitmap libvirt cannot find comes here, never a normal
+ * backup.
+ */
 async function monitorCommand(c: LibvirtClient, dom: LibvirtDomainRef, execute: string, args: Record<string, unknown>, what: string): Promise<unknown> {
   const reply = JSON.parse(await c.qemuMonitorCommand(dom, JSON.stringify({ execute, arguments: args }))) as { return?: unknown; error?: { desc?: string } };
   if (reply.error !== undefined) throw new QbackupError('LIBVIRT_ERROR', `Cannot ${what}: QEMU refused ${execute}: ${reply.error.desc ?? 'no reason given'}`);
@@ -942,30 +954,6 @@ async function liveNodes(c: LibvirtClient, dom: LibvirtDomainRef, what: string):
     file: n.file ?? '',
     bitmaps: (n['dirty-bitmaps'] ?? []).flatMap((b) => (b.name === undefined ? [] : [{ name: b.name, recording: b.recording === true, inconsistent: b.inconsistent === true }])),
   }]));
-}
-
-/**
- * The bitmaps of each qcow2 image a running domain has open, by path. Empty
- * while a disk reads from an instant restore's backing: its copy job is then
- * running, and QEMU 7.2 can crash on a node-graph read at the job's end
- * (docs/design.md); the backup is refused for that disk anyway.
- */
-async function liveBitmapsByImage(c: LibvirtClient, dom: LibvirtDomainRef, disks: readonly DriverDisk[], what: string): Promise<Map<string, LiveBitmap[]>> {
-  const out = new Map<string, LiveBitmap[]>();
-  if (disks.some((d) => d.nbdBacking !== undefined)) return out;
-  for (const n of await liveNodes(c, dom, what)) if (n.driver === 'qcow2' && n.file !== '') out.set(n.file, n.bitmaps);
-  return out;
-}
-
-/** A running disk's image: the checkpoint's bitmap is in QEMU's node of it, consistent and recording (an image QEMU does not show by its path is left to libvirt). */
-function liveCoverage(d: DriverDisk, checkpoint: string, bitmap: string, live: ReadonlyMap<string, LiveBitmap[]>): CoverageProblem[] {
-  const bitmaps = live.get(d.source);
-  if (bitmaps === undefined) return [];
-  const found = bitmaps.find((b) => b.name === bitmap);
-  if (found === undefined) return [{ code: 'BITMAP_MISSING', detail: `image "${d.source}" of disk "${d.target}" has no bitmap "${bitmap}" of checkpoint "${checkpoint}" in the running QEMU` }];
-  if (found.inconsistent) return [{ code: 'BITMAP_INCONSISTENT', detail: `bitmap "${bitmap}" in image "${d.source}" of disk "${d.target}" is inconsistent` }];
-  if (!found.recording) return [{ code: 'BITMAP_DISABLED', detail: `bitmap "${bitmap}" in image "${d.source}" of disk "${d.target}" is not recording` }];
-  return [];
 }
 
 async function describe(c: LibvirtClient, dom: LibvirtDomainRef): Promise<DriverDomain> {
@@ -1098,6 +1086,57 @@ ${all
   .join('\n')}
   </disks>
 </domaincheckpoint>`;
+}
+
+/**
+ * The pull backup's XML: every disk of the definition (backup='no' for the
+ * ones not wanted), each wanted one full or incremental since its checkpoint,
+ * its scratch image in the private directory (it goes with it).
+ */
+function pullBackupXml(socket: string, dir: string, all: readonly XmlDisk[], wanted: ReadonlyMap<string, string | undefined>): string {
+  return `<domainbackup mode='pull'>
+  <server transport='unix' socket='${xmlEscape(socket)}'/>
+  <disks>
+${all
+  .filter((d) => d.device === 'disk' || wanted.has(d.target))
+  .map((d) => {
+    if (!wanted.has(d.target)) return `    <disk name='${xmlEscape(d.target)}' backup='no'/>`;
+    const since = wanted.get(d.target);
+    const mode = since === undefined ? `backupmode='full'` : `backupmode='incremental' incremental='${xmlEscape(since)}'`;
+    return `    <disk name='${xmlEscape(d.target)}' backup='yes' type='file' ${mode}><scratch file='${xmlEscape(join(dir, `${d.target}.scratch`))}'/></disk>`;
+  })
+  .join('\n')}
+  </disks>
+</domainbackup>`;
+}
+
+/**
+ * A backup begin that libvirt refused because one disk's incremental cannot
+ * be had: its checkpoint bitmap is missing or inconsistent in QEMU (libvirt
+ * 9.0: VIR_ERR_CHECKPOINT_INCONSISTENT, "missing or broken bitmap 'CP' for
+ * disk 'TARGET'"), or the checkpoint went away since the plan
+ * (VIR_ERR_NO_DOMAIN_CHECKPOINT, "Checkpoint 'CP' for incremental backup of
+ * disk 'TARGET' not found"). The disk, when it is one still asked
+ * incrementally and not refused before; else undefined (the error stands).
+ */
+function refusedIncremental(err: unknown, wanted: ReadonlyMap<string, string | undefined>, refused: ReadonlyMap<string, string>): { target: string; reason: string } | undefined {
+  if (!(err instanceof LibvirtCallError)) return undefined;
+  const text = err.libvirtMessage;
+  let match: RegExpExecArray | null = null;
+  let code: string;
+  if (err.libvirtCode === C.VIR_ERR_CHECKPOINT_INCONSISTENT) {
+    match = /bitmap '([^']*)' for disk '([^']+)'/.exec(text);
+    code = 'BITMAP_INCONSISTENT';
+  } else if (err.libvirtCode === C.VIR_ERR_NO_DOMAIN_CHECKPOINT) {
+    match = /Checkpoint '([^']*)' for incremental backup of disk '([^']+)'/.exec(text);
+    code = 'CHECKPOINT_NOT_FOUND';
+  } else {
+    return undefined;
+  }
+  const checkpoint = match?.[1];
+  const target = match?.[2];
+  if (checkpoint === undefined || target === undefined || refused.has(target) || wanted.get(target) !== checkpoint) return undefined;
+  return { target, reason: `${code}: libvirt refused the incremental of disk "${target}" since checkpoint "${checkpoint}": ${text}` };
 }
 
 /** The one sentence of a backup whose libvirt connection closed under it. */
