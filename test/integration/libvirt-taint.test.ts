@@ -88,7 +88,7 @@ describe('libvirt: backups of a running domain leave it untainted; a disk whose 
     const level = (m: Manifest, target: string): string | undefined => m.disks.find((d) => d.target === target)?.level;
     const reason = (m: Manifest, target: string): string => String(m.disks.find((d) => d.target === target)?.fullReason);
     /** libvirt's own record of the domain's taints (virDomainGetMessages). */
-    const taints = async (): Promise<string[]> => (await virsh(['dominfo', name])).split('\n').filter((l) => /taint/i.test(l));
+    const taints = async (): Promise<string[]> => (await virsh(['dominfo', name])).split('\n').filter((l) => /tainted:/i.test(l));
     const ourCheckpoints = async (): Promise<string[]> => (await virsh(['checkpoint-list', name, '--name'])).split('\n').map((l) => l.trim()).filter((l) => l.startsWith('qb-'));
     const privateDirs = (): string[] => readdirSync(tmpdir()).filter((f) => f.startsWith(`qbackup-lv-${process.pid}-`));
 

@@ -1119,7 +1119,7 @@ ${all
  * disk 'TARGET' not found"). The disk, when it is one still asked
  * incrementally and not refused before; else undefined (the error stands).
  */
-function refusedIncremental(err: unknown, wanted: ReadonlyMap<string, string | undefined>, refused: ReadonlyMap<string, string>): { target: string; reason: string } | undefined {
+export function refusedIncremental(err: unknown, wanted: ReadonlyMap<string, string | undefined>, refused: ReadonlyMap<string, string>): { target: string; reason: string } | undefined {
   if (!(err instanceof LibvirtCallError)) return undefined;
   const text = err.libvirtMessage;
   let match: RegExpExecArray | null = null;
