@@ -209,7 +209,7 @@ describe('libvirt: backup parents are of the same domain; checkpoints whose bitm
     const second = await qb.repository.backup(name, { repo });
     assert.equal(second.disks[0]?.level, 'full');
     // libvirt refused the incremental when the backup began; its sentence is the reason.
-    assert.match(String(second.disks[0]?.fullReason), new RegExp(`BITMAP_INCONSISTENT: libvirt refused the incremental of disk "sda" since checkpoint "${first.checkpoint}": missing or broken bitmap '${first.checkpoint}' for disk 'sda'`));
+    assert.match(String(second.disks[0]?.fullReason), new RegExp(`BITMAP_INCONSISTENT: libvirt refused the incremental of disk "sda" since checkpoint "${first.checkpoint}": checkpoint inconsistent: missing or broken bitmap '${first.checkpoint}' for disk 'sda'`));
     assert.ok((await restoreBytes(name, repo, second)).equals(model));
     // The backup deleted the previous checkpoint, whose bitmap was gone.
     assert.deepEqual(await ourCheckpoints(name), [second.checkpoint]);

@@ -119,7 +119,7 @@ describe('libvirt: backups of a running domain leave it untainted; a disk whose 
     const third = await qb.repository.backup(name, { repo });
     assert.equal(level(third, 'sda'), 'incremental', reason(third, 'sda'));
     assert.equal(level(third, 'sdb'), 'full');
-    assert.match(reason(third, 'sdb'), new RegExp(`^BITMAP_INCONSISTENT: libvirt refused the incremental of disk "sdb" since checkpoint "${second.checkpoint}": missing or broken bitmap '${second.checkpoint}' for disk 'sdb'$`));
+    assert.match(reason(third, 'sdb'), new RegExp(`^BITMAP_INCONSISTENT: libvirt refused the incremental of disk "sdb" since checkpoint "${second.checkpoint}": checkpoint inconsistent: missing or broken bitmap '${second.checkpoint}' for disk 'sdb'$`));
     await assertRestores(third);
     // Nothing of the refused begin is left: one qb- checkpoint (the new one), no job, no private directory.
     assert.deepEqual(await ourCheckpoints(), [third.checkpoint]);

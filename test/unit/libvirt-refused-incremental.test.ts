@@ -12,19 +12,19 @@ import { QbackupError } from '../../src/errors.js';
 const callError = (code: number, message: string): LibvirtCallError =>
   new LibvirtCallError('domain-backup-begin', { code, domain: 10, message, level: 2, dom: undefined, str1: undefined, str2: undefined, str3: undefined, int1: -1, int2: -1, net: undefined });
 
-const broken = callError(C.VIR_ERR_CHECKPOINT_INCONSISTENT, "missing or broken bitmap 'qb-1' for disk 'sdb'");
-const gone = callError(C.VIR_ERR_NO_DOMAIN_CHECKPOINT, "Checkpoint 'qb-1' for incremental backup of disk 'sda' not found");
+const broken = callError(C.VIR_ERR_CHECKPOINT_INCONSISTENT, "checkpoint inconsistent: missing or broken bitmap 'qb-1' for disk 'sdb'");
+const gone = callError(C.VIR_ERR_NO_DOMAIN_CHECKPOINT, "Domain checkpoint not found: Checkpoint 'qb-1' for incremental backup of disk 'sda' not found");
 const wanted = new Map<string, string | undefined>([['sda', 'qb-1'], ['sdb', 'qb-1'], ['sdc', undefined]]);
 
 describe('libvirt: the disk whose incremental the backup begin refused', () => {
   it('names the disk and quotes libvirt, for a broken bitmap and for a checkpoint gone', () => {
     assert.deepEqual(refusedIncremental(broken, wanted, new Map()), {
       target: 'sdb',
-      reason: `BITMAP_INCONSISTENT: libvirt refused the incremental of disk "sdb" since checkpoint "qb-1": missing or broken bitmap 'qb-1' for disk 'sdb'`,
+      reason: `BITMAP_INCONSISTENT: libvirt refused the incremental of disk "sdb" since checkpoint "qb-1": checkpoint inconsistent: missing or broken bitmap 'qb-1' for disk 'sdb'`,
     });
     assert.deepEqual(refusedIncremental(gone, wanted, new Map()), {
       target: 'sda',
-      reason: `CHECKPOINT_NOT_FOUND: libvirt refused the incremental of disk "sda" since checkpoint "qb-1": Checkpoint 'qb-1' for incremental backup of disk 'sda' not found`,
+      reason: `CHECKPOINT_NOT_FOUND: libvirt refused the incremental of disk "sda" since checkpoint "qb-1": Domain checkpoint not found: Checkpoint 'qb-1' for incremental backup of disk 'sda' not found`,
     });
   });
 
