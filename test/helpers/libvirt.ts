@@ -220,15 +220,24 @@ export async function createTestDisks(dir: string, targets: readonly string[], s
   return disks;
 }
 
+export interface TestDiskXmlOptions {
+  /** discard='unmap': a guest's discard reaches the image (libvirt's default ignores it). */
+  discard?: 'unmap' | undefined;
+}
+
+/** A SCSI qcow2 disk of a test domain, as `<disk>` XML (also what attach-device and detach-device take). */
+export function testDiskXml(disk: TestDisk, options: TestDiskXmlOptions = {}): string {
+  const discard = options.discard !== undefined ? ` discard='${options.discard}'` : '';
+  return `<disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'${discard}/>
+      <source file='${disk.file}'/>
+      <target dev='${disk.target}' bus='scsi'/>
+    </disk>`;
+}
+
 /** A domain of software emulation (TCG) with SCSI qcow2 disks and no guest OS. */
-export function testDomainXml(name: string, disks: readonly TestDisk[]): string {
-  const diskXml = disks
-    .map((d) => `    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='${d.file}'/>
-      <target dev='${d.target}' bus='scsi'/>
-    </disk>`)
-    .join('\n');
+export function testDomainXml(name: string, disks: readonly TestDisk[], options: TestDiskXmlOptions = {}): string {
+  const diskXml = disks.map((d) => `    ${testDiskXml(d, options)}`).join('\n');
   return `<domain type='qemu'>
   <name>${name}</name>
   <memory unit='MiB'>128</memory>
