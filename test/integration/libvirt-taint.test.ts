@@ -21,7 +21,7 @@ import { after, before, describe, it } from 'node:test';
 import { LIBVIRT, LibvirtClient } from '../../src/drivers/libvirt/index.js';
 import { Qbackup } from '../../src/qbackup.js';
 import type { Manifest } from '../../src/repository/manifest.js';
-import { createTestDisks, guestWrite, libvirtTestDir, removeTestDomain, startLibvirt, testDomainName, testDomainXml, tool, virsh, type LibvirtDaemon } from '../helpers/libvirt.js';
+import { createTestDisks, guestWrite, libvirtTestDir, startLibvirt, tearDownLibvirtTest, testDomainName, testDomainXml, tool, virsh, type LibvirtDaemon } from '../helpers/libvirt.js';
 
 const MiB = 1 << 20;
 const DISK_BYTES = 4 * MiB;
@@ -41,15 +41,7 @@ describe('libvirt: backups of a running domain leave it untainted; a disk whose 
     qb = Qbackup.open({ stateDir: join(work, 'state'), connect: daemon.uri });
   });
 
-  after(async () => {
-    qb?.close();
-    await qb?.driver.close?.();
-    for (const n of names) if (client !== undefined) await removeTestDomain(client, n).catch(() => undefined);
-    await client?.close();
-    await daemon?.stop();
-    remove();
-    if (work !== undefined) rmSync(work, { recursive: true, force: true });
-  });
+  after(() => tearDownLibvirtTest({ qb, client, domains: names, daemon, remove, dirs: [work] }));
 
   it('full and incremental leave the domain untainted; then one disk\'s lost bitmap makes that disk full, the other incremental', async () => {
     const name = testDomainName('taint');
