@@ -792,7 +792,14 @@ class LibvirtSession implements DomainSession {
     for (const other of live) {
       if (other.target !== target && other.nbdBacking !== undefined && (await this.c.getBlockJobInfo(this.dom, other.target)) !== undefined) return;
     }
-    await this.c.blockPull(this.dom, target, speedBytesPerSec > 0 ? { bandwidth: BigInt(speedBytesPerSec), flags: C.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES } : {});
+    try {
+      await this.c.blockPull(this.dom, target, speedBytesPerSec > 0 ? { bandwidth: BigInt(speedBytesPerSec), flags: C.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES } : {});
+    } catch (err) {
+      // Another command started the same disk's pull between the look above and ours (libvirt: "already in active block job"); it may have completed since.
+      if ((await this.c.getBlockJobInfo(this.dom, target)) !== undefined) return;
+      const now = driverDisks(await this.c.getXmlDesc(this.dom), this.dom.name).find((d) => d.target === target);
+      if (now !== undefined && now.nbdBacking !== undefined) throw err;
+    }
   }
 
   async dismissCopy(_jobId: string): Promise<void> {
