@@ -32,6 +32,10 @@
 //   ours are deleted there by removing their bitmaps from the images
 //   (qemu-img) and then libvirt's metadata. A daemon whose owner died is
 //   stopped, and its checkpoint discarded, by the next call on the domain.
+// - An instant restore pulls one disk at a time, and nothing here asks for
+//   virDomainGetBlockInfo while a pull may run: libvirt reads QEMU's node
+//   graph for that and after each finished pull, which crashes QEMU 7.2 if
+//   another pull is ending (docs/design.md, "QEMU 7.2's stream crash").
 
 import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { createHash, randomBytes } from 'node:crypto';
