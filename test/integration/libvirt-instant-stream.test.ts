@@ -19,7 +19,7 @@ import { LIBVIRT, LibvirtClient, type LibvirtDomainRef } from '../../src/drivers
 import { Qbackup } from '../../src/qbackup.js';
 import { isProcessAlive } from '../../src/util/proc.js';
 import { cliPath } from '../helpers/env.js';
-import { createTestDisks, guestWrite, libvirtTestDir, removeTestDomain, startLibvirt, testDomainName, testDomainXml, tool, virsh, type LibvirtDaemon } from '../helpers/libvirt.js';
+import { createTestDisks, guestWrite, libvirtTestDir, removeTestDomain, startLibvirt, tearDownLibvirtTest, testDomainName, testDomainXml, tool, virsh, type LibvirtDaemon } from '../helpers/libvirt.js';
 
 const MiB = 1 << 20;
 const DISK_BYTES = 4 * MiB;
@@ -76,13 +76,7 @@ describe('instant restore of a libvirt domain while its progress, job info and b
       if (client !== undefined) await removeTestDomain(client, name).catch(() => undefined);
       rmSync(join('/var/lib/libvirt/images', name), { recursive: true, force: true });
     }
-    qb?.close();
-    await qb?.driver.close?.();
-    if (client !== undefined) await removeTestDomain(client, source).catch(() => undefined);
-    await client?.close();
-    await daemon?.stop();
-    remove();
-    if (work !== undefined) rmSync(work, { recursive: true, force: true });
+    await tearDownLibvirtTest({ qb, client, domains: [source], daemon, remove, dirs: [work] });
   });
 
   for (const round of [1, 2]) {
