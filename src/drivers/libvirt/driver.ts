@@ -44,6 +44,10 @@
 //   libvirt's sentence as the reason and the backup begun again (once per
 //   disk; a refused begin leaves nothing behind). Only the deletion of a
 //   checkpoint whose bitmap libvirt cannot find uses the passthrough.
+// - An instant restore pulls one disk at a time, and nothing here asks for
+//   virDomainGetBlockInfo while a pull may run: libvirt reads QEMU's node
+//   graph for that and after each finished pull, which crashes QEMU 7.2 if
+//   another pull is ending (docs/design.md, "QEMU 7.2's stream crash").
 
 import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { createHash, randomBytes } from 'node:crypto';
@@ -250,17 +254,6 @@ export class LibvirtDriver implements HypervisorDriver {
   async disks(name: string): Promise<DriverDisk[]> {
     const { c, dom } = await this.lookup(name);
     return driverDisks(await c.getXmlDesc(dom), name);
-  }
-
-  /** Each disk's virtual size, from libvirt's block info. */
-  async diskSizes(name: string): Promise<Map<string, number>> {
-    const { c, dom } = await this.lookup(name);
-    const sizes = new Map<string, number>();
-    for (const d of xmlDisks(await c.getXmlDesc(dom), name)) {
-      if (d.source === undefined) continue;
-      sizes.set(d.target, Number((await c.getBlockInfo(dom, d.target)).capacity));
-    }
-    return sizes;
   }
 
   async defineDomain(xml: string): Promise<DriverDomain> {
@@ -478,6 +471,7 @@ export class LibvirtDriver implements HypervisorDriver {
       this.options.faults?.at('libvirt-backup-begun');
       const disks = [];
       for (const d of request.disks) {
+        // libvirt reads this with query-named-block-nodes (as backupBegin did): safe here, as settleInstant let no backup begin while a pull of an instant restore may run.
         const virtualSize = Number((await c.getBlockInfo(dom, d.target)).capacity);
         const since = wanted.get(d.target);
         disks.push({ target: d.target, exportName: d.target, dirtyContext: since !== undefined ? `qemu:dirty-bitmap:backup-${d.target}` : undefined, virtualSize, fullReason: refused.get(d.target) });
@@ -792,15 +786,22 @@ class LibvirtSession implements DomainSession {
     return this.dom.name;
   }
 
+  /** One pull at a time: libvirt reads the node graph when it finishes one, which crashes QEMU 7.2 if another pull ends meanwhile. */
+  readonly copiesAtOnce = 1;
+
+  /**
+   * Progress from libvirt's block job info (QEMU's query-block-jobs), never
+   * from virDomainGetBlockInfo: libvirt answers that with
+   * query-named-block-nodes, which crashes QEMU 7.2 while a pull ends.
+   */
   async copyJobs(): Promise<Map<string, CopyJob>> {
     const out = new Map<string, CopyJob>();
     if (!this.running) return out;
     for (const d of this.disks) {
       const id = `${COPY_JOB_PREFIX}${d.target}`;
       if (d.nbdBacking === undefined) {
-        // Nothing left to copy: the pull completed (or the disk never read from a backup).
-        const size = Number((await this.c.getBlockInfo(this.dom, d.target)).capacity);
-        out.set(id, { status: 'concluded', doneBytes: size, totalBytes: size });
+        // Nothing left to copy: the pull completed (or the disk never read from a backup); the restore's record has the size.
+        out.set(id, { status: 'concluded' });
         continue;
       }
       const job = await this.c.getBlockJobInfo(this.dom, d.target);
@@ -811,11 +812,23 @@ class LibvirtSession implements DomainSession {
   }
 
   async startCopy(target: string, _jobId: string, speedBytesPerSec: number): Promise<void> {
-    const live = driverDisks(await this.c.getXmlDesc(this.dom), this.dom.name).find((d) => d.target === target);
-    if (live === undefined) throw new QbackupError('DISK_NOT_FOUND', `Domain "${this.domain}" has no disk "${target}" to restore into`);
+    const live = driverDisks(await this.c.getXmlDesc(this.dom), this.dom.name);
+    const disk = live.find((d) => d.target === target);
+    if (disk === undefined) throw new QbackupError('DISK_NOT_FOUND', `Domain "${this.domain}" has no disk "${target}" to restore into`);
     // Another command got there first: its pull runs, or completed.
-    if (live.nbdBacking === undefined || (await this.c.getBlockJobInfo(this.dom, target)) !== undefined) return;
-    await this.c.blockPull(this.dom, target, speedBytesPerSec > 0 ? { bandwidth: BigInt(speedBytesPerSec), flags: C.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES } : {});
+    if (disk.nbdBacking === undefined || (await this.c.getBlockJobInfo(this.dom, target)) !== undefined) return;
+    // Or it started another disk's pull meanwhile: this one waits for a later settle (copiesAtOnce).
+    for (const other of live) {
+      if (other.target !== target && other.nbdBacking !== undefined && (await this.c.getBlockJobInfo(this.dom, other.target)) !== undefined) return;
+    }
+    try {
+      await this.c.blockPull(this.dom, target, speedBytesPerSec > 0 ? { bandwidth: BigInt(speedBytesPerSec), flags: C.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES } : {});
+    } catch (err) {
+      // Another command started the same disk's pull between the look above and ours (libvirt: "already in active block job"); it may have completed since.
+      if ((await this.c.getBlockJobInfo(this.dom, target)) !== undefined) return;
+      const now = driverDisks(await this.c.getXmlDesc(this.dom), this.dom.name).find((d) => d.target === target);
+      if (now !== undefined && now.nbdBacking !== undefined) throw err;
+    }
   }
 
   async dismissCopy(_jobId: string): Promise<void> {
