@@ -98,7 +98,7 @@ export class Qbackup implements Disposable {
     this.db = openDatabase(join(options.stateDir, 'qbackup.db'));
     this.engine = new QemuEngine(this.db, { ...options, lockTimeoutMs: options.lockTimeoutMs ?? 30_000 });
     this.driver = this.openDriver(options.connect);
-    this.repository = new RepositoryService(this.driver, { backends: options.backends ?? {}, runDir: join(options.stateDir, 'run'), faults: options.faults });
+    this.repository = this.repositoryService(this.driver);
     this.instant = this.instantService(this.driver, this.repository);
   }
 
@@ -108,6 +108,11 @@ export class Qbackup implements Disposable {
       qemu: () => new QemuDriver(this.engine),
       libvirt: (u) => new LibvirtDriver({ uri: u.uri, runtimeDir: options.runtimeDir, socketParentDir: tmpdir(), shutdownTimeoutMs: options.shutdownTimeoutMs, faults: options.faults }),
     });
+  }
+
+  private repositoryService(driver: HypervisorDriver): RepositoryService {
+    const options = this.options;
+    return new RepositoryService(driver, { backends: options.backends ?? {}, runDir: join(options.stateDir, 'run'), faults: options.faults });
   }
 
   private instantService(driver: HypervisorDriver, repository: RepositoryService): InstantRestoreService {
@@ -135,7 +140,7 @@ export class Qbackup implements Disposable {
     if (c === undefined) {
       assert(!this.closed, `connection "${key}" asked of a closed Qbackup`);
       const driver = this.openDriver(key);
-      const repository = new RepositoryService(driver, { backends: this.options.backends ?? {}, runDir: join(this.options.stateDir, 'run'), faults: this.options.faults });
+      const repository = this.repositoryService(driver);
       c = { uri: key, driver, repository, instant: this.instantService(driver, repository) };
       this.others.set(key, c);
     }

@@ -23,7 +23,7 @@ export function backupTable(list: readonly Manifest[]): string {
 
 export function describeBackup(m: Manifest): string {
   return [
-    `Backup ${m.id} of domain ${m.domain} (checkpoint ${m.checkpoint}, ${m.consistency}-consistent)`,
+    `Backup ${m.id} of domain ${m.domain} (UUID ${m.uuid}${m.connection !== undefined ? ` through ${m.connection}` : ''}; checkpoint ${m.checkpoint}, ${m.consistency}-consistent)`,
     ...m.disks.map(
       (d) =>
         `  ${d.target}: ${d.level}, ${(d.bytesRead / MiB).toFixed(1)} MiB read, ${(d.bytesStored / MiB).toFixed(1)} MiB stored (${d.newChunks} new of ${d.chunks} chunks)${d.fullReason !== null ? ` (full: ${d.fullReason})` : ''}`,

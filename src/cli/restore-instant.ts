@@ -28,7 +28,11 @@ export async function runInstantRestore(
   const speed = o.bandwidth !== undefined ? Math.round(positiveNumber('--bandwidth', o.bandwidth, 'MiB/s') * MiB) : undefined;
   const started = await qb.instant.restore(domain, { ...access, to: o.to, as: o.as, backup: o.backup, until: o.until, speedBytesPerSec: speed });
   if (!o.wait) {
-    emit(out, started, () => `Domain ${started.domain} runs from backup ${started.backup}; its data is being copied in (see domjobinfo ${started.domain})\n${describeInstant(started)}`);
+    // A hypervisor that copies one disk at a time (libvirt) starts each next copy when a command looks at the domain.
+    const follow = started.disks.some((d) => d.status === 'waiting')
+      ? `; its disks are copied one at a time, the next one started by the next command on it (domjobinfo ${started.domain}, or restore --instant --wait)`
+      : ` (see domjobinfo ${started.domain})`;
+    emit(out, started, () => `Domain ${started.domain} runs from backup ${started.backup}; its data is being copied in${follow}\n${describeInstant(started)}`);
     return;
   }
   const bar = progressReporter(out);

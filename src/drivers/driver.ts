@@ -92,6 +92,8 @@ export interface PullExport {
   /** The meta context marking what changed since the checkpoint (incremental disks only). */
   dirtyContext: string | undefined;
   virtualSize: number;
+  /** Set when the driver read this disk full though it was asked incrementally (the hypervisor refused the checkpoint's bitmap): why, in one sentence. */
+  fullReason?: string | undefined;
 }
 
 export interface PullBackup {
@@ -108,8 +110,13 @@ export interface PullBackup {
 /** A copy job of an instant restore: a disk's backing being copied into its local image. */
 export interface CopyJob {
   status: string;
-  doneBytes: number;
-  totalBytes: number;
+  /**
+   * Progress; absent for a completed copy the hypervisor no longer reports
+   * (libvirt forgets a finished pull): the caller's record knows the disk's
+   * size, and every byte of it was copied.
+   */
+  doneBytes?: number | undefined;
+  totalBytes?: number | undefined;
   error?: string | undefined;
 }
 
@@ -121,7 +128,14 @@ export interface DomainSession {
   readonly domain: string;
   readonly running: boolean;
   readonly disks: readonly DriverDisk[];
-  /** The domain's copy jobs, by job id. */
+  /**
+   * At most this many copy jobs may run at once on the domain (default: one
+   * per disk). libvirt's driver says 1: with QEMU 7.2, a copy that ends while
+   * libvirt finishes another one's can crash QEMU (docs/design.md, "QEMU
+   * 7.2's stream crash").
+   */
+  readonly copiesAtOnce?: number | undefined;
+  /** The domain's copy jobs, by job id. Reading them must not read the node graph (see copiesAtOnce). */
   copyJobs(): Promise<Map<string, CopyJob>>;
   /** Starts copying a disk's backing into its image; the job stays until dismissed. */
   startCopy(target: string, jobId: string, speedBytesPerSec: number): Promise<void>;

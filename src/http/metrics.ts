@@ -124,6 +124,7 @@ function buildRegistry(service: QbackupService): Registry {
     }
   };
   new Gauge({ name: 'qbackup_schedule_lag_seconds', help: 'How long ago a schedule\'s run fell due without running yet (0 when none is due)', labelNames: sched, registers: [registry], collect() { perSchedule(this, (s, now) => (s.nextRunMs === null ? 0 : Math.max(0, (now - s.nextRunMs) / 1000))); } });
+  new Gauge({ name: 'qbackup_schedule_paused', help: '1 while a schedule is paused (it has no next run and no lag then), else 0', labelNames: sched, registers: [registry], collect() { perSchedule(this, (s) => (s.paused === true ? 1 : 0)); } });
   new Gauge({ name: 'qbackup_schedule_next_run_timestamp_seconds', help: 'When the schedule runs next', labelNames: sched, registers: [registry], collect() { perSchedule(this, (s) => (s.nextRunMs === null ? undefined : s.nextRunMs / 1000)); } });
   new Gauge({ name: 'qbackup_schedule_last_run_timestamp_seconds', help: 'When the schedule last started a run', labelNames: sched, registers: [registry], collect() { perSchedule(this, (s) => (s.lastRunMs === null ? undefined : s.lastRunMs / 1000)); } });
   return registry;

@@ -4,6 +4,11 @@
 // stays; copying skips it); when every job has completed, the images are
 // flushed, the jobs dismissed and the backings dropped from the definition
 // (the commit point of the restore).
+//
+// A session may cap how many jobs run at once (DomainSession.copiesAtOnce):
+// then the disks are copied in the record's order, the next one started by
+// the settle that finds a slot free, so every process settling the same
+// domain picks the same disk.
 
 import type { CopyJob, DomainSession } from '../drivers/driver.js';
 
@@ -29,10 +34,13 @@ export async function settleCopies(s: DomainSession, record: CopyRecord, ensureS
   const jobs = await s.copyJobs();
   const backed = new Set(s.disks.filter((d) => d.nbdBacking !== undefined).map((d) => d.target));
   const pending = record.disks.filter((d) => backed.has(d.target));
-  const restart = pending.filter((d) => {
+  const startable = pending.filter((d) => {
     const j = jobs.get(d.jobId);
     return j === undefined || (j.status === 'concluded' && j.error !== undefined);
   });
+  const running = pending.filter((d) => !startable.includes(d) && jobs.get(d.jobId)?.status !== 'concluded').length;
+  const slots = s.copiesAtOnce === undefined ? startable.length : Math.max(0, s.copiesAtOnce - running);
+  const restart = startable.slice(0, slots);
   if (restart.length > 0) {
     await ensureServer();
     for (const d of restart) {

@@ -608,7 +608,9 @@ export class InstantRestoreService {
       disks: record.disks.map((d) => {
         const j = jobs.get(d.jobId);
         const status = j === undefined ? 'waiting' : j.status === 'concluded' && j.error === undefined ? 'completed' : j.status;
-        const info: InstantDiskInfo = { target: d.target, overlay: d.overlay, sizeBytes: d.sizeBytes, status, doneBytes: j?.doneBytes ?? 0, totalBytes: j?.totalBytes ?? d.sizeBytes };
+        // A completed copy the hypervisor no longer reports copied the whole disk.
+        const done = status === 'completed' ? d.sizeBytes : 0;
+        const info: InstantDiskInfo = { target: d.target, overlay: d.overlay, sizeBytes: d.sizeBytes, status, doneBytes: j?.doneBytes ?? done, totalBytes: j?.totalBytes ?? d.sizeBytes };
         const error = j?.error ?? d.lastError;
         if (error !== undefined) info.error = error;
         return info;

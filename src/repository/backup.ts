@@ -7,18 +7,26 @@
 //
 // Invariants:
 // - Coverage is decided before the job starts and the job runs strict, so an
-//   incremental never silently becomes a copy of the whole disk.
+//   incremental never silently becomes a copy of the whole disk. A disk the
+//   hypervisor itself refuses incrementally when the job begins (libvirt: a
+//   checkpoint bitmap missing or broken in QEMU) is read full, and its
+//   manifest entry says why in the hypervisor's words.
 // - A backup that fails or is killed leaves no manifest: at most packs and
 //   indexes nobody references (gc removes them), and its checkpoint is merged
 //   away (now, or by the next backup of the domain).
 // - A disk whose size changed since its last backup gets a full backup.
+// - A backup's parent is a backup of the same domain: the same domain UUID
+//   (libvirt's, or our own driver's), not only the same name. Another domain
+//   defined under the name (or the same name on another connection) starts
+//   with fulls whose reason names the other UUID, whatever checkpoints and
+//   bitmaps it may have been given.
 // - The exports are read over a private unix socket (plain: only this user
 //   can reach it), or, when asked, over TCP and then always with TLS: QEMU
 //   serves with the server half of the certificate directory, our client
 //   reads with the client half. Both halves are checked before the domain
 //   is touched.
 
-import type { DriverDisk, ExportServer, HypervisorDriver, PullBackup, QuiesceMode } from '../drivers/driver.js';
+import type { DriverDisk, DriverDomain, ExportServer, HypervisorDriver, PullBackup, QuiesceMode } from '../drivers/driver.js';
 import { QbackupError, describeError, isQbackupError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
 import { NBD_CONTEXT_BASE_ALLOCATION } from '../nbd/constants.js';
@@ -81,7 +89,8 @@ export async function backupDomain(driver: HypervisorDriver, store: Store, domai
   // without starting it); else it is started with its CPUs stopped: QEMU
   // opens the images with their bitmaps, no guest code runs, and it is shut
   // down cleanly after.
-  const shutOff = (await driver.describeDomain(domain)).state !== 'running';
+  const described = await driver.describeDomain(domain);
+  const shutOff = described.state !== 'running';
   if (shutOff && options.quiesce === 'required') {
     throw new QbackupError('GUEST_AGENT', `Cannot quiesce domain "${domain}": it is not running`);
   }
@@ -89,7 +98,7 @@ export async function backupDomain(driver: HypervisorDriver, store: Store, domai
   if (startedHere) await driver.startDomain(domain, { paused: true });
   let manifest: Manifest;
   try {
-    manifest = await backupRunning(driver, store, domain, selected, { ...options, ...tls, faults }, shutOff, lock);
+    manifest = await backupRunning(driver, store, described, selected, { ...options, ...tls, faults }, shutOff, lock);
   } catch (err) {
     if (startedHere) {
       await driver.shutdownDomain(domain).catch((stopErr: unknown) => {
@@ -131,14 +140,15 @@ function selectDisks(all: readonly DriverDisk[], domain: string, targets: readon
 /** The options once TLS credentials are read. */
 type RunOptions = RepoBackupOptions & { clientTls?: TlsClientCredentials; faults: Faults };
 
-async function backupRunning(driver: HypervisorDriver, store: Store, domain: string, selected: readonly DriverDisk[], options: RunOptions, shutOff: boolean, lock: HeldLock): Promise<Manifest> {
+async function backupRunning(driver: HypervisorDriver, store: Store, identity: DriverDomain, selected: readonly DriverDisk[], options: RunOptions, shutOff: boolean, lock: HeldLock): Promise<Manifest> {
+  const domain = identity.name;
   const id = newBackupId();
   const checkpoint = `qb-${id}`;
   // A damaged manifest never stops a new backup: the newest readable one is the parent.
   const history = (await store.readableManifests(domain)).manifests;
   const plans: DiskPlan[] = [];
   const checkpoints = new Set(await driver.checkpoints(domain));
-  for (const disk of selected) plans.push(await planDisk(driver, checkpoints, domain, history, disk, options));
+  for (const disk of selected) plans.push(await planDisk(driver, checkpoints, identity, history, disk, options));
   await store.loadChunks(await condemnedPacks(store.backend));
   const startedMs = Date.now();
   const pool = new ChunkPool(store, options.workers ?? 2);
@@ -163,7 +173,8 @@ async function backupRunning(driver: HypervisorDriver, store: Store, domain: str
       format: 2,
       id,
       domain,
-      uuid: (await driver.describeDomain(domain)).uuid,
+      uuid: identity.uuid, // the identity the plan was made for (the parents are backups of it)
+      connection: driver.uri,
       time: new Date(startedMs).toISOString(),
       endTime: new Date().toISOString(),
       checkpoint,
@@ -204,13 +215,24 @@ async function dropEarlierCheckpoints(driver: HypervisorDriver, domain: string, 
   }
 }
 
-/** Full or incremental for one disk: incremental since the disk's last backup here, when coverage allows. */
-async function planDisk(driver: HypervisorDriver, checkpoints: ReadonlySet<string>, domain: string, history: readonly Manifest[], disk: DriverDisk, options: RepoBackupOptions): Promise<DiskPlan> {
+/**
+ * Full or incremental for one disk: incremental since the disk's last backup
+ * here of the same domain (UUID), when coverage allows.
+ */
+async function planDisk(driver: HypervisorDriver, checkpoints: ReadonlySet<string>, identity: DriverDomain, allHistory: readonly Manifest[], disk: DriverDisk, options: RepoBackupOptions): Promise<DiskPlan> {
+  const domain = identity.name;
+  const history = allHistory.filter((m) => sameDomain(m, identity));
   const prev = [...history].reverse().find((m) => m.disks.some((x) => x.diskId === disk.diskId));
   const prevDisk = prev?.disks.find((x) => x.diskId === disk.diskId);
   const full = (fullReason: string): DiskPlan => ({ disk, level: 'full', fullReason });
   if (options.full) return full('requested with --full');
   if (prev === undefined || prevDisk === undefined) {
+    // The last backup of this disk (or its target) here was of another domain under the same name.
+    const other = [...allHistory].reverse().find((m) => m.disks.some((x) => x.diskId === disk.diskId || x.target === disk.target));
+    if (other !== undefined && !sameDomain(other, identity)) {
+      const where = other.connection !== undefined && other.connection !== driver.uri ? ` through ${other.connection}` : '';
+      return full(`the last backup of "${domain}" in the repository ("${other.id}") was of another domain (UUID ${other.uuid}${where}), and this one is UUID ${identity.uuid}`);
+    }
     // A new image under a target backed up before: its source was replaced (a new file, or another path).
     const sameTarget = [...history].reverse().find((m) => m.disks.some((x) => x.target === disk.target));
     const replaced = sameTarget === undefined ? '' : ` (the image under "${disk.target}" was replaced since backup "${sameTarget.id}"; it now reads "${disk.source}")`;
@@ -220,6 +242,11 @@ async function planDisk(driver: HypervisorDriver, checkpoints: ReadonlySet<strin
   const cov = (await driver.coverage(domain, prev.checkpoint)).find((c) => c.diskId === disk.diskId);
   if (cov === undefined || cov.mode === 'full') return full((cov?.reasons ?? []).map((r) => `${r.code}: ${r.detail}`).join('; ') || 'no coverage');
   return { disk, level: 'incremental', fullReason: null, parent: { manifest: prev, disk: prevDisk } };
+}
+
+/** Whether a backup is of this domain: the same UUID (a name can be given to another domain, here or on another connection). */
+function sameDomain(m: Manifest, identity: DriverDomain): boolean {
+  return m.uuid.toLowerCase() === identity.uuid.toLowerCase();
 }
 
 /** Reads one exported disk of the job into the store and describes it for the manifest. */
@@ -256,7 +283,7 @@ async function readJobDisk(store: Store, pool: ChunkPool, job: PullBackup, plan:
     diskId: plan.disk.diskId,
     virtualSize,
     level: incremental ? 'incremental' : 'full',
-    fullReason: incremental ? null : resized ? `the disk was resized (${plan.parent?.disk.virtualSize ?? 0} → ${virtualSize} bytes)` : plan.fullReason,
+    fullReason: incremental ? null : resized ? `the disk was resized (${plan.parent?.disk.virtualSize ?? 0} → ${virtualSize} bytes)` : (jd.fullReason ?? plan.fullReason),
     index: result.indexId,
     bytesRead: result.bytesRead,
     bytesStored: result.bytesStored,

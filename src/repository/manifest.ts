@@ -50,7 +50,10 @@ export interface Manifest {
   format: 2;
   id: string;
   domain: string;
+  /** The domain's UUID at backup time (its identity: a parent is always a backup of the same UUID). */
   uuid: string;
+  /** The connection URI the domain was backed up through (qbackup:///, qemu:///system, …); absent in manifests written before it was recorded. */
+  connection?: string;
   time: string;
   endTime: string;
   checkpoint: string;
@@ -62,6 +65,9 @@ export interface Manifest {
   /** Which generation of the backup's manifest this is; absent for the first (written by the backup itself). */
   generation?: number;
 }
+
+/** A connection URI longer than this is refused (libvirt's own URIs are far shorter). */
+const MAX_CONNECTION_LENGTH = 4096;
 
 /** Generations above this are refused (a fold writes one per prune that touches the backup). */
 const MAX_GENERATION = 999_999;
@@ -109,6 +115,8 @@ export function parseManifest(text: string, domain: string, id: string, generati
   if ((m['generation'] ?? 1) !== generation) throw bad(`it is not generation ${generation} of its manifest`);
   for (const f of ['uuid', 'time', 'endTime', 'checkpoint', 'domainXml'] as const) if (typeof m[f] !== 'string') throw bad(`no ${f}`);
   if (!CHECKPOINT_NAME_PATTERN.test(m['checkpoint'] as string)) throw bad('an invalid checkpoint name');
+  // Absent in manifests written before it was recorded.
+  if (m['connection'] !== undefined && (typeof m['connection'] !== 'string' || m['connection'].length > MAX_CONNECTION_LENGTH)) throw bad('an invalid connection');
   if (m['consistency'] !== 'crash' && m['consistency'] !== 'filesystem') throw bad('no consistency');
   if (!Array.isArray(m['disks'])) throw bad('no disks');
   for (const d of m['disks'] as unknown[]) checkDisk(d, bad);

@@ -1,4 +1,4 @@
-// Test-only fault injection, handed in like the repository's CrashingBackend:
+// Test-only fault injection, handed in (the repository's FaultingBackend too):
 // multi-step operations call `faults.at(point)` between their steps, and a
 // test's Faults may kill the process there to prove the next command finishes
 // or rolls back what was begun (or stop it there, see stopAtPoint).

@@ -17,11 +17,14 @@ import { chmodSync, mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { LIBVIRT, LibvirtClient, type LibvirtDomainRef } from '../../src/drivers/libvirt/index.js';
 import { createImage } from '../../src/image/qemu-img.js';
-import { diskAlias, removeTestDomain, testDomainName, virsh } from '../helpers/libvirt.js';
+import { diskAlias, removeTestDomain, testDiskXml, testDomainName, testDomainXml, virsh } from '../helpers/libvirt.js';
 import type { Action } from './actions.js';
 import { checkCheckpoints, fail } from './checks.js';
 import { Driver, type Outcome } from './driver.js';
 import type { DiskModel, DiskSpec } from './model.js';
+
+/** discard='unmap': a guest's discard reaches the image (libvirt's default ignores it), as the model expects. */
+const DISCARD = { discard: 'unmap' } as const;
 
 export class LibvirtOracleDriver extends Driver {
   private client: LibvirtClient | undefined;
@@ -55,23 +58,13 @@ export class LibvirtOracleDriver extends Driver {
       await createImage(this.file(spec.name), 'qcow2', spec.sizeBytes, { clusterSizeBytes: spec.clusterSizeBytes });
       this.model.attach(this.model.addDisk(spec));
     }
-    const xml = `<domain type='qemu'>
-  <name>${this.domain}</name>
-  <memory unit='MiB'>128</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type></os>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <controller type='scsi' index='0' model='virtio-scsi'/>
-${this.model.attached().map((d) => `    ${this.diskXml(d, d.target ?? '')}`).join('\n')}
-  </devices>
-</domain>`;
+    const testDisks = this.model.attached().map((d) => ({ target: d.target ?? '', file: this.file(d.name) }));
+    const xml = testDomainXml(this.domain, testDisks, DISCARD);
     this.dom = await this.c.create(await this.c.defineXml(xml), LIBVIRT.VIR_DOMAIN_START_PAUSED);
   }
 
-  /** discard='unmap': a guest's discard reaches the image (libvirt's default ignores it), as the model expects. */
   private diskXml(d: DiskModel, target: string): string {
-    return `<disk type='file' device='disk'><driver name='qemu' type='qcow2' discard='unmap'/><source file='${this.file(d.name)}'/><target dev='${target}' bus='scsi'/></disk>`;
+    return testDiskXml({ target, file: this.file(d.name) }, DISCARD);
   }
 
   override async close(keep: boolean): Promise<void> {

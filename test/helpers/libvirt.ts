@@ -8,7 +8,7 @@
 // SCSI qcow2 disks made by qemu-img in a temporary directory that the
 // daemon's QEMU user (libvirt-qemu) can reach, names prefixed `qbt-lv-` and
 // unique per process, removed (destroyed, undefined with their checkpoint
-// metadata) in each test's finally.
+// metadata) in each test's finally, or by tearDownLibvirtTest in its `after`.
 
 import { execFile, spawn } from 'node:child_process';
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -220,15 +220,24 @@ export async function createTestDisks(dir: string, targets: readonly string[], s
   return disks;
 }
 
+export interface TestDiskXmlOptions {
+  /** discard='unmap': a guest's discard reaches the image (libvirt's default ignores it). */
+  discard?: 'unmap' | undefined;
+}
+
+/** A SCSI qcow2 disk of a test domain, as `<disk>` XML (also what attach-device and detach-device take). */
+export function testDiskXml(disk: TestDisk, options: TestDiskXmlOptions = {}): string {
+  const discard = options.discard !== undefined ? ` discard='${options.discard}'` : '';
+  return `<disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'${discard}/>
+      <source file='${disk.file}'/>
+      <target dev='${disk.target}' bus='scsi'/>
+    </disk>`;
+}
+
 /** A domain of software emulation (TCG) with SCSI qcow2 disks and no guest OS. */
-export function testDomainXml(name: string, disks: readonly TestDisk[]): string {
-  const diskXml = disks
-    .map((d) => `    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='${d.file}'/>
-      <target dev='${d.target}' bus='scsi'/>
-    </disk>`)
-    .join('\n');
+export function testDomainXml(name: string, disks: readonly TestDisk[], options: TestDiskXmlOptions = {}): string {
+  const diskXml = disks.map((d) => `    ${testDiskXml(d, options)}`).join('\n');
   return `<domain type='qemu'>
   <name>${name}</name>
   <memory unit='MiB'>128</memory>
@@ -278,6 +287,37 @@ export async function removeTestDomain(client: LibvirtClient, name: string): Pro
     }
   }
   await client.undefine(dom, LIBVIRT.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA | LIBVIRT.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA);
+}
+
+/**
+ * What a libvirt test file set up, each part possibly missing (a `before`
+ * that failed part-way): torn down in `after`, last made first.
+ */
+export interface LibvirtTestSetup {
+  /** The library under test: closed, then its driver's connection. */
+  qb?: { close(): void; driver: { close?(): Promise<void> } } | undefined;
+  /** The test's own client; the domains are removed through it, then it is closed. */
+  client?: LibvirtClient | undefined;
+  /** Test domains to destroy and undefine (one already gone, or failing to go, is passed over). */
+  domains?: readonly string[] | undefined;
+  /** Stopped (what the tests started, and the file's hold on libvirt released). */
+  daemon?: LibvirtDaemon | undefined;
+  /** The `remove` of libvirtTestDir(). */
+  remove?: (() => void) | undefined;
+  /** Further directories of the file's own, deleted last. */
+  dirs?: ReadonlyArray<string | undefined> | undefined;
+}
+
+/** Tears down what a libvirt test file set up (see LibvirtTestSetup), in its `after`. */
+export async function tearDownLibvirtTest(setup: LibvirtTestSetup): Promise<void> {
+  const { qb, client } = setup;
+  qb?.close();
+  await qb?.driver.close?.();
+  if (client !== undefined) for (const name of setup.domains ?? []) await removeTestDomain(client, name).catch(() => undefined);
+  await client?.close();
+  await setup.daemon?.stop();
+  setup.remove?.();
+  for (const dir of setup.dirs ?? []) if (dir !== undefined) rmSync(dir, { recursive: true, force: true });
 }
 
 /** `virsh` as the independent reference; returns stdout. */

@@ -169,6 +169,16 @@ metrics: token
     assert.equal(body.schedule, 'ghost-often');
     assert.match(body.message, /ghost/);
     await until('the dead man\'s switch', () => hooks.received.find((r) => r.method === 'GET' && r.url === '/ping/ghost/fail'));
+
+    // Paused from the API: /metrics says so, with no lag for it.
+    const ghost = (JSON.parse((await get('/api/schedules', started.token)).text) as { id: string; name?: string }[]).find((s) => s.name === 'ghost-often');
+    assert.ok(ghost !== undefined);
+    const paused = await fetch(`${started.url}/api/schedules/${ghost.id}/pause`, { method: 'POST', headers: { authorization: `Bearer ${started.token}` } });
+    assert.equal(paused.status, 200, await paused.text());
+    const afterPause = (await get('/metrics', started.token)).text;
+    assert.match(afterPause, /qbackup_schedule_paused\{schedule="ghost-often",action="backup",domain="ghost"\} 1/);
+    assert.match(afterPause, /qbackup_schedule_lag_seconds\{schedule="ghost-often",action="backup",domain="ghost"\} 0/);
+    assert.match(afterPause, /qbackup_schedule_paused\{schedule="vm1-often",action="backup",domain="vm1"\} 0/);
     const mail = await until('a mail', () => {
       const f = readdirSync(env.dir).find((n) => n.startsWith('mail-') && n.endsWith('.txt'));
       const text = f !== undefined ? readFileSync(join(env.dir, f), 'utf8') : '';

@@ -24,7 +24,7 @@ import { isQbackupError } from '../../src/errors.js';
 import { Qbackup } from '../../src/qbackup.js';
 import type { Manifest } from '../../src/repository/manifest.js';
 import { repoRoot } from '../helpers/env.js';
-import { createTestDisks, guestWrite, libvirtTestDir, removeTestDomain, startLibvirt, testDomainName, testDomainXml, tool, virsh, type LibvirtDaemon } from '../helpers/libvirt.js';
+import { createTestDisks, guestWrite, libvirtTestDir, removeTestDomain, startLibvirt, tearDownLibvirtTest, testDomainName, testDomainXml, tool, virsh, type LibvirtDaemon } from '../helpers/libvirt.js';
 
 const execFileAsync = promisify(execFile);
 const MiB = 1 << 20;
@@ -96,13 +96,7 @@ describe('repository backups of libvirt domains (libvirt driver)', () => {
   });
 
   after(async () => {
-    qb?.close();
-    await qb?.driver.close?.();
-    if (client !== undefined) await removeTestDomain(client, name).catch(() => undefined);
-    await client?.close();
-    await daemon?.stop();
-    remove();
-    if (work !== undefined) rmSync(work, { recursive: true, force: true });
+    await tearDownLibvirtTest({ qb, client, domains: [name], daemon, remove, dirs: [work] });
   });
 
   it('lists libvirt domains through the driver, with their state', async () => {

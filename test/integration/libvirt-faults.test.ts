@@ -19,7 +19,7 @@ import { LIBVIRT, LibvirtClient, type LibvirtDomainRef } from '../../src/drivers
 import { Qbackup } from '../../src/qbackup.js';
 import type { Manifest } from '../../src/repository/manifest.js';
 import { cliPath } from '../helpers/env.js';
-import { createTestDisks, guestWrite, libvirtTestDir, removeTestDomain, startLibvirt, testDomainName, testDomainXml, virsh, type LibvirtDaemon } from '../helpers/libvirt.js';
+import { createTestDisks, guestWrite, libvirtTestDir, startLibvirt, tearDownLibvirtTest, testDomainName, testDomainXml, virsh, type LibvirtDaemon } from '../helpers/libvirt.js';
 
 const MiB = 1 << 20;
 const DISK_BYTES = 32 * MiB;
@@ -107,13 +107,7 @@ describe('libvirt backups under faults, through the CLI', () => {
   });
 
   after(async () => {
-    qb?.close();
-    await qb?.driver.close?.();
-    if (client !== undefined) await removeTestDomain(client, name).catch(() => undefined);
-    await client?.close();
-    await daemon?.stop();
-    remove();
-    if (work !== undefined) rmSync(work, { recursive: true, force: true });
+    await tearDownLibvirtTest({ qb, client, domains: [name], daemon, remove, dirs: [work] });
   });
 
   it('qbackup backup killed (SIGKILL) mid-copy: the next backup ends the orphaned job, leaves no stray checkpoint, and restores byte-exact', async () => {

@@ -8,7 +8,7 @@
 
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { copyFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { copyFileSync, mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -17,7 +17,7 @@ import { LibvirtClient } from '../../src/drivers/libvirt/index.js';
 import { Qbackup } from '../../src/qbackup.js';
 import { sleep } from '../../src/util/proc.js';
 import { guestBoot, guestDomainXml } from '../helpers/guest.js';
-import { createTestDisks, libvirtTestDir, removeTestDomain, startLibvirt, testDomainName, testDomainXml, type LibvirtDaemon } from '../helpers/libvirt.js';
+import { createTestDisks, libvirtTestDir, startLibvirt, tearDownLibvirtTest, testDomainName, testDomainXml, type LibvirtDaemon } from '../helpers/libvirt.js';
 
 const MiB = 1024 * 1024;
 const AGENT_CHANNEL = `    <channel type='unix'>
@@ -56,13 +56,7 @@ describe('the libvirt driver reaches guest agents through libvirt, or says why n
   });
 
   after(async () => {
-    qb?.close();
-    await qb?.driver.close?.();
-    for (const name of [plain, withChannel, real]) if (client !== undefined) await removeTestDomain(client, name).catch(() => undefined);
-    await client?.close();
-    await daemon?.stop();
-    remove();
-    if (work !== undefined) rmSync(work, { recursive: true, force: true });
+    await tearDownLibvirtTest({ qb, client, domains: [plain, withChannel, real], daemon, remove, dirs: [work] });
   });
 
   const refused = (domain: string, pattern: RegExp) => (err: unknown) => {

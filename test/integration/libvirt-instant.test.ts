@@ -21,7 +21,7 @@ import type { InstantRestoreInfo } from '../../src/instant/restore.js';
 import { Qbackup } from '../../src/qbackup.js';
 import { isProcessAlive } from '../../src/util/proc.js';
 import { cliPath } from '../helpers/env.js';
-import { createTestDisks, guestWrite, libvirtTestDir, removeTestDomain, startLibvirt, testDomainName, testDomainXml, tool, virsh, type LibvirtDaemon } from '../helpers/libvirt.js';
+import { createTestDisks, guestWrite, libvirtTestDir, removeTestDomain, startLibvirt, tearDownLibvirtTest, testDomainName, testDomainXml, tool, virsh, type LibvirtDaemon } from '../helpers/libvirt.js';
 
 const MiB = 1 << 20;
 const DISK_BYTES = 8 * MiB;
@@ -139,13 +139,7 @@ describe('instant restore of a libvirt domain (libvirt driver)', () => {
       if (client !== undefined) await removeTestDomain(client, name).catch(() => undefined);
       rmSync(join('/var/lib/libvirt/images', name), { recursive: true, force: true });
     }
-    qb?.close();
-    await qb?.driver.close?.();
-    if (client !== undefined) await removeTestDomain(client, source).catch(() => undefined);
-    await client?.close();
-    await daemon?.stop();
-    remove();
-    if (work !== undefined) rmSync(work, { recursive: true, force: true });
+    await tearDownLibvirtTest({ qb, client, domains: [source], daemon, remove, dirs: [work] });
   });
 
   it('runs the new libvirt domain at once, keeps guest writes made during the copy, and ends on local images equal to the backup', async () => {

@@ -27,7 +27,7 @@ import { isQbackupError } from '../../src/errors.js';
 import { Qbackup } from '../../src/qbackup.js';
 import type { Manifest } from '../../src/repository/manifest.js';
 import { repoRoot } from '../helpers/env.js';
-import { createTestDisks, guestWrite, libvirtTestDir, removeTestDomain, startLibvirt, testDomainName, testDomainXml, tool, virsh, type LibvirtDaemon, type TestDisk } from '../helpers/libvirt.js';
+import { createTestDisks, guestWrite, libvirtTestDir, startLibvirt, tearDownLibvirtTest, testDomainName, testDomainXml, tool, virsh, type LibvirtDaemon, type TestDisk } from '../helpers/libvirt.js';
 
 const execFileAsync = promisify(execFile);
 const MiB = 1 << 20;
@@ -133,13 +133,7 @@ describe('backups of shut-off libvirt domains without starting them', () => {
   });
 
   after(async () => {
-    qb?.close();
-    await qb?.driver.close?.();
-    if (client !== undefined) await removeTestDomain(client, name).catch(() => undefined);
-    await client?.close();
-    await daemon?.stop();
-    remove();
-    if (work !== undefined) rmSync(work, { recursive: true, force: true });
+    await tearDownLibvirtTest({ qb, client, domains: [name], daemon, remove, dirs: [work] });
   });
 
   let last: Manifest;

@@ -21,6 +21,7 @@ import {
   mergeAdjacent,
   removeTestDomain,
   startLibvirt,
+  tearDownLibvirtTest,
   testDomainName,
   testDomainXml,
   tool,
@@ -77,8 +78,7 @@ describe('libvirt RPC client against the real libvirtd', () => {
   });
 
   after(async () => {
-    await client?.close();
-    await daemon?.stop();
+    await tearDownLibvirtTest({ client, daemon });
   });
 
   it('opens the connection and reports libvirt 9 or newer', async () => {

@@ -6,9 +6,8 @@
 
 import assert from 'node:assert/strict';
 import { execFile, spawnSync } from 'node:child_process';
-import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
-import { createServer, type Server, type Socket } from 'node:net';
-import { tmpdir } from 'node:os';
+import { chmodSync } from 'node:fs';
+import type { Socket } from 'node:net';
 import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { afterEach, beforeEach, describe, it } from 'node:test';
@@ -17,58 +16,30 @@ import {
   LIBVIRT,
   LibvirtClient,
   LibvirtConnection,
-  LibvirtFrameParser,
   PROCEDURES,
-  XdrWriter,
   encodeMessage,
-  remoteError,
+  encodeXdr,
   type LibvirtFrame,
   type LibvirtHeader,
-  type XdrType,
+  type LibvirtProtocolError,
 } from '../../src/drivers/libvirt/index.js';
 import { isQbackupError } from '../../src/errors.js';
+import { FakeLibvirtServer, remoteErrorBody, replyMessage } from '../helpers/fake-libvirtd.js';
 
 const DOM = { name: 'vm1', uuid: Buffer.alloc(16, 1), id: 1 };
 
-function body<T>(codec: XdrType<T>, value: T): Buffer {
-  const w = new XdrWriter();
-  codec.encode(w, value);
-  return Buffer.from(w.finish());
-}
-
-/** A daemon that hands each received call to the test's handler. */
-class FakeDaemon {
-  readonly dir = mkdtempSync(join(tmpdir(), 'qbt-fake-libvirt-'));
-  readonly path = join(this.dir, 'sock');
+/** A daemon that hands each received call to the test's handler; bytes that break the protocol fail the test. */
+class FakeDaemon extends FakeLibvirtServer {
   readonly received: LibvirtFrame[] = [];
-  private readonly server: Server;
-  private sockets: Socket[] = [];
   onCall: (frame: LibvirtFrame, peer: FakePeer) => void = () => undefined;
 
-  constructor() {
-    this.server = createServer((socket) => {
-      this.sockets.push(socket);
-      const peer = new FakePeer(socket);
-      const parser = new LibvirtFrameParser({
-        onFrame: (frame) => {
-          this.received.push(frame);
-          if (frame.header.type === LIBVIRT.VIR_NET_CALL) this.onCall(frame, peer);
-        },
-        onError: (e) => assert.fail(e),
-      });
-      socket.on('data', (b: Buffer) => parser.push(b));
-      socket.on('error', () => undefined);
-    });
+  protected override onFrame(frame: LibvirtFrame, socket: Socket): void {
+    this.received.push(frame);
+    if (frame.header.type === LIBVIRT.VIR_NET_CALL) this.onCall(frame, new FakePeer(socket));
   }
 
-  listen(): Promise<void> {
-    return new Promise((resolve) => this.server.listen(this.path, resolve));
-  }
-
-  async stop(): Promise<void> {
-    for (const s of this.sockets) s.destroy();
-    await new Promise((resolve) => this.server.close(resolve));
-    rmSync(this.dir, { recursive: true, force: true });
+  protected override onProtocolError(error: LibvirtProtocolError): void {
+    assert.fail(error);
   }
 }
 
@@ -76,12 +47,11 @@ class FakePeer {
   constructor(readonly socket: Socket) {}
 
   reply(call: LibvirtHeader, payload: Buffer, status: number = LIBVIRT.VIR_NET_OK): void {
-    this.socket.write(encodeMessage({ ...call, type: LIBVIRT.VIR_NET_REPLY, status }, payload));
+    this.socket.write(replyMessage(call, payload, status));
   }
 
   error(call: LibvirtHeader, code: number, message: string): void {
-    const e = { code, domain: 10, message, level: 2, dom: undefined, str1: undefined, str2: undefined, str3: undefined, int1: -1, int2: -1, net: undefined };
-    this.reply(call, body(remoteError, e), LIBVIRT.VIR_NET_ERROR);
+    this.reply(call, remoteErrorBody(code, message, 10), LIBVIRT.VIR_NET_ERROR);
   }
 
   send(header: LibvirtHeader, payload: Buffer): void {
@@ -89,7 +59,7 @@ class FakePeer {
   }
 }
 
-const stateReply = (state: number) => body(PROCEDURES.domainGetState.ret, { state, reason: 0 });
+const stateReply = (state: number) => encodeXdr(PROCEDURES.domainGetState.ret, { state, reason: 0 });
 
 const NOBODY = 65534;
 const CLIENT_MODULE = pathToFileURL(join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'src', 'drivers', 'libvirt', 'index.js')).href;
@@ -142,7 +112,7 @@ describe('libvirt connection over a fake daemon', () => {
     conn.onEvent((e) => seen.push(e.kind));
     daemon.onCall = (frame, peer) => {
       peer.send({ program: LIBVIRT.KEEPALIVE_PROGRAM, version: 1, procedure: LIBVIRT.KEEPALIVE_PROC_PING, type: LIBVIRT.VIR_NET_MESSAGE, serial: 0, status: 0 }, Buffer.alloc(0));
-      const event = body(EVENT_BODIES.jobCompletedMsg, { callbackID: 9, dom: DOM, params: [{ field: 'type', type: 'int', value: 3 }] });
+      const event = encodeXdr(EVENT_BODIES.jobCompletedMsg, { callbackID: 9, dom: DOM, params: [{ field: 'type', type: 'int', value: 3 }] });
       peer.send({ program: LIBVIRT.REMOTE_PROGRAM, version: 1, procedure: LIBVIRT.REMOTE_PROC_DOMAIN_EVENT_CALLBACK_JOB_COMPLETED, type: LIBVIRT.VIR_NET_MESSAGE, serial: 0, status: 0 }, event);
       peer.reply(frame.header, Buffer.alloc(0));
     };
@@ -194,7 +164,7 @@ describe('libvirt connection over a fake daemon', () => {
     let auth = [LIBVIRT.REMOTE_AUTH_NONE];
     daemon.onCall = (frame, peer) => {
       const h = frame.header;
-      if (h.procedure === LIBVIRT.REMOTE_PROC_AUTH_LIST) peer.reply(h, body(PROCEDURES.authList.ret, { types: auth }));
+      if (h.procedure === LIBVIRT.REMOTE_PROC_AUTH_LIST) peer.reply(h, encodeXdr(PROCEDURES.authList.ret, { types: auth }));
       else if (h.procedure === LIBVIRT.REMOTE_PROC_AUTH_POLKIT) peer.error(h, LIBVIRT.VIR_ERR_AUTH_FAILED, 'authentication failed: access denied by policy');
       else peer.reply(h, Buffer.alloc(0));
     };

@@ -13,8 +13,8 @@ import {
   LibvirtProtocolError,
   PROCEDURES,
   XdrReader,
-  XdrWriter,
   encodeMessage,
+  encodeXdr,
   type XdrType,
 } from '../../src/drivers/libvirt/index.js';
 import { randomSplit, withSeed, type Random } from './seeded.js';
@@ -40,11 +40,6 @@ const SAMPLES: Array<[string, XdrType<unknown>, unknown]> = [
   ['qemu-domain-monitor-command', PROCEDURES.qemuDomainMonitorCommand.ret, { result: 'ok' }],
 ] as Array<[string, XdrType<unknown>, unknown]>;
 
-function encode(codec: XdrType<unknown>, value: unknown): Buffer {
-  const w = new XdrWriter();
-  codec.encode(w, value);
-  return Buffer.from(w.finish());
-}
 
 function corrupt(random: Random, bytes: Buffer): Buffer {
   // Always a fresh buffer, so callers may keep the result.
@@ -84,7 +79,7 @@ describe('libvirt RPC decoders (seeded)', () => {
       const events = [...EVENTS.values()];
       for (let i = 0; i < 3000; i++) {
         const [, codec, value] = random.pick(SAMPLES);
-        decodesOrRefuses(codec, corrupt(random, encode(codec, value)));
+        decodesOrRefuses(codec, corrupt(random, encodeXdr(codec, value)));
         decodesOrRefuses(random.pick(events), random.bytes(random.int(96)));
       }
     });

@@ -18,6 +18,7 @@ import {
   XdrReader,
   XdrWriter,
   encodeMessage,
+  encodeXdr,
   remoteError,
   remoteTypedParam,
   typedParamsRecord,
@@ -53,11 +54,6 @@ const UUID = Buffer.from('0123456789abcdef0123456789abcdef', 'hex');
 const DOM = { name: 'vm1', uuid: UUID, id: 7 };
 const domBytes = cat(str('vm1'), UUID, i32(7));
 
-function encode<T>(codec: XdrType<T>, value: T): Buffer {
-  const w = new XdrWriter();
-  codec.encode(w, value);
-  return Buffer.from(w.finish());
-}
 
 function decode<T>(codec: XdrType<T>, bytes: Buffer): T {
   const r = new XdrReader(bytes);
@@ -67,9 +63,9 @@ function decode<T>(codec: XdrType<T>, bytes: Buffer): T {
 }
 
 function roundTrip<A, R>(proc: LibvirtProcedure<A, R>, args: A, argBytes: Buffer, ret: R, retBytes: Buffer): void {
-  assert.deepEqual(encode(proc.args, args), argBytes, `${proc.name} arguments`);
+  assert.deepEqual(encodeXdr(proc.args, args), argBytes, `${proc.name} arguments`);
   assert.deepEqual(decode(proc.args, argBytes), args, `${proc.name} arguments decoded`);
-  assert.deepEqual(encode(proc.ret, ret), retBytes, `${proc.name} reply`);
+  assert.deepEqual(encodeXdr(proc.ret, ret), retBytes, `${proc.name} reply`);
   assert.deepEqual(decode(proc.ret, retBytes), ret, `${proc.name} reply decoded`);
 }
 
@@ -119,7 +115,7 @@ describe('XDR', () => {
       [{ field: 'g', type: 'string', value: 'xyz' }, cat(str('g'), i32(7), str('xyz'))],
     ];
     for (const [param, bytes] of cases) {
-      assert.deepEqual(encode(remoteTypedParam, param), bytes, param.field);
+      assert.deepEqual(encodeXdr(remoteTypedParam, param), bytes, param.field);
       assert.deepEqual(decode(remoteTypedParam, bytes), param, param.field);
     }
     assert.throws(() => decode(remoteTypedParam, cat(str('h'), i32(8), i32(0))), isProtocol('bad-xdr'));
@@ -264,7 +260,7 @@ describe('procedures', () => {
       dom: DOM,
       params: [{ field: 'type', type: 'int', value: 3 }],
     });
-    const blockJob2 = encode(EVENT_BODIES.blockJob2Msg, { callbackID: 4, dom: DOM, dst: 'sda', type: 1, status: 0 });
+    const blockJob2 = encodeXdr(EVENT_BODIES.blockJob2Msg, { callbackID: 4, dom: DOM, dst: 'sda', type: 1, status: 0 });
     assert.deepEqual(blockJob2, cat(i32(4), domBytes, str('sda'), i32(1), i32(0)));
     assert.deepEqual(EVENTS.get(LIBVIRT.REMOTE_PROC_DOMAIN_EVENT_BLOCK_JOB_2)?.decode(new XdrReader(blockJob2)), { kind: 'block-job-2', callbackID: 4, dom: DOM, dst: 'sda', type: 1, status: 0 });
   });

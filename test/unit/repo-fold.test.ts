@@ -14,7 +14,7 @@ import { cpSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
-import type { Backend, ObjectInfo } from '../../src/repository/backend/backend.js';
+import { FaultingBackend } from '../../src/repository/backend/faulting.js';
 import { LocalBackend } from '../../src/repository/backend/local.js';
 import { ZERO_ID } from '../../src/repository/chunk.js';
 import { planFold, type FoldInput } from '../../src/repository/fold.js';
@@ -25,6 +25,7 @@ import type { Manifest } from '../../src/repository/manifest.js';
 import { pruneStore } from '../../src/repository/prune.js';
 import { Store } from '../../src/repository/store.js';
 import { verifyStore } from '../../src/repository/verify.js';
+import type { Faults } from '../../src/util/faults.js';
 
 const C = 4096;
 const SLOTS = 8;
@@ -163,35 +164,12 @@ async function assertListedResolve(dir: string, fx: Fixture, readChunks: boolean
   return listed.map((m) => m.id);
 }
 
-/** A backend that fails every write and delete after the first `budget` ones: a process killed there. */
-class CrashingBackend implements Backend {
+/** Lets the first `budget` repository writes and deletes through and fails every later one: a process killed there. */
+class KilledAfter implements Faults {
   mutations = 0;
-  constructor(
-    private readonly inner: Backend,
-    private readonly budget: number,
-  ) {}
-  get location(): string {
-    return this.inner.location;
-  }
-  private spend(): void {
-    if (++this.mutations > this.budget) throw new Error('killed');
-  }
-  async putIfAbsent(key: string, data: Buffer): Promise<boolean> {
-    this.spend();
-    return this.inner.putIfAbsent(key, data);
-  }
-  get(key: string, range?: { offset: number; length: number }): Promise<Buffer> {
-    return this.inner.get(key, range);
-  }
-  stat(key: string): Promise<ObjectInfo | undefined> {
-    return this.inner.stat(key);
-  }
-  list(prefix: string): Promise<ObjectInfo[]> {
-    return this.inner.list(prefix);
-  }
-  async delete(key: string): Promise<void> {
-    this.spend();
-    return this.inner.delete(key);
+  constructor(private readonly budget: number) {}
+  at(point: string): void {
+    if (point === 'repo-write' && ++this.mutations > this.budget) throw new Error('killed');
   }
 }
 
@@ -260,13 +238,13 @@ describe('prune folds index chains (local store)', () => {
   it('a prune killed after any of its writes or deletes leaves every listed backup exact; the next prune and gc finish', async () => {
     const fx = await buildFixture(6);
     // How many writes and deletes a whole prune makes (lock, deletes, indexes, manifests, unlock).
-    const probe = new CrashingBackend(new LocalBackend(cpDir(fx.dir)), Infinity);
-    await pruneStore(await Store.open(probe), 'vm', { keepLast: 2 });
+    const probe = new KilledAfter(Infinity);
+    await pruneStore(await Store.open(new FaultingBackend(new LocalBackend(cpDir(fx.dir)), probe)), 'vm', { keepLast: 2 });
     assert.ok(probe.mutations >= 10, `a prune makes ${probe.mutations} writes and deletes`);
     // The last one is the lock's release, whose failure a prune shrugs off (an unreleased lease expires on its own).
     for (let budget = 0; budget < probe.mutations - 1; budget++) {
       const dir = cpDir(fx.dir);
-      const crashing = new CrashingBackend(new LocalBackend(dir), budget);
+      const crashing = new FaultingBackend(new LocalBackend(dir), new KilledAfter(budget));
       await assert.rejects(pruneStore(await Store.open(crashing), 'vm', { keepLast: 2 }));
       rmSync(join(dir, 'locks'), { recursive: true, force: true }); // the killed process's lock: its holder is dead
       const listed = await assertListedResolve(dir, fx, false);

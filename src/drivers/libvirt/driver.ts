@@ -28,10 +28,26 @@
 //   images are opened by a qemu-storage-daemon of ours, whose image locks
 //   keep libvirt from starting the domain meanwhile; the new checkpoint's
 //   bitmaps are added there and the checkpoint is registered in libvirt with
-//   a REDEFINE. libvirt 9.0 deletes no checkpoint of a shut-off domain, so
-//   ours are deleted there by removing their bitmaps from the images
-//   (qemu-img) and then libvirt's metadata. A daemon whose owner died is
-//   stopped, and its checkpoint discarded, by the next call on the domain.
+//   a REDEFINE. A daemon whose owner died is stopped, and its checkpoint
+//   discarded, by the next call on the domain.
+// - Deleting a checkpoint of ours: libvirt's own delete for a running
+//   domain; where libvirt cannot (a shut-off domain: libvirt 9.0 refuses; an
+//   image that lacks the bitmap: removed by an admin, or the image replaced)
+//   one step, the bitmaps removed where they still are (QEMU's nodes, or the
+//   images with qemu-img) and then libvirt's metadata only. A bitmap already
+//   gone is no error.
+// - Coverage of a shut-off domain reads its images' bitmaps. A running
+//   domain is never read through the monitor passthrough on the normal path
+//   (libvirt marks a domain it is used on as tainted, "custom-monitor"):
+//   libvirt's backup begin checks each incremental disk's bitmap itself, and
+//   when it refuses one as missing or broken, that disk is made full with
+//   libvirt's sentence as the reason and the backup begun again (once per
+//   disk; a refused begin leaves nothing behind). Only the deletion of a
+//   checkpoint whose bitmap libvirt cannot find uses the passthrough.
+// - An instant restore pulls one disk at a time, and nothing here asks for
+//   virDomainGetBlockInfo while a pull may run: libvirt reads QEMU's node
+//   graph for that and after each finished pull, which crashes QEMU 7.2 if
+//   another pull is ending (docs/design.md, "QEMU 7.2's stream crash").
 
 import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { createHash, randomBytes } from 'node:crypto';
@@ -62,7 +78,8 @@ import {
 import { LibvirtClient } from './client.js';
 import { OfflineExports, imageBitmaps, offlineRecords, removeImageBitmap, type OfflineRecord } from './offline.js';
 import * as C from './rpc/constants.js';
-import type { LibvirtDomainRef } from './rpc/structs.js';
+import { LibvirtCallError } from './rpc/errors.js';
+import type { LibvirtCheckpointRef, LibvirtDomainRef } from './rpc/structs.js';
 
 /** The prefix of every checkpoint this driver creates. */
 export const OWN_CHECKPOINT_PREFIX = 'qb-';
@@ -239,17 +256,6 @@ export class LibvirtDriver implements HypervisorDriver {
     return driverDisks(await c.getXmlDesc(dom), name);
   }
 
-  /** Each disk's virtual size, from libvirt's block info. */
-  async diskSizes(name: string): Promise<Map<string, number>> {
-    const { c, dom } = await this.lookup(name);
-    const sizes = new Map<string, number>();
-    for (const d of xmlDisks(await c.getXmlDesc(dom), name)) {
-      if (d.source === undefined) continue;
-      sizes.set(d.target, Number((await c.getBlockInfo(dom, d.target)).capacity));
-    }
-    return sizes;
-  }
-
   async defineDomain(xml: string): Promise<DriverDomain> {
     const c = await this.client();
     return describe(c, await c.defineXml(xml));
@@ -314,10 +320,15 @@ export class LibvirtDriver implements HypervisorDriver {
   }
 
   /**
-   * libvirt deletes the checkpoint of a running domain (and its bitmaps); for
-   * a shut-off one (libvirt 9.0 refuses) the bitmaps are removed from the
-   * images here, then libvirt's metadata. An image a QEMU holds meanwhile
-   * fails the removal (its lock), so nothing is half done unnoticed.
+   * libvirt deletes the checkpoint of a running domain (and its bitmaps).
+   * Where it cannot, one step serves: a shut-off domain (libvirt 9.0 deletes
+   * no checkpoint of an inactive domain), and a running one whose image lacks
+   * the bitmap (an admin removed it, or the image under a target was
+   * replaced; libvirt then refuses): the checkpoint's bitmaps are removed
+   * where they still are, then libvirt's metadata only. A bitmap already gone
+   * is no error; the next backup of that disk is full, with the reason. An
+   * image a QEMU holds fails the offline removal (its lock), so nothing is
+   * half done unnoticed.
    */
   private async deleteOwnCheckpoint(c: LibvirtClient, dom: LibvirtDomainRef, domain: string, name: string): Promise<void> {
     const cp = await c.checkpointLookupByName(dom, name);
@@ -326,55 +337,58 @@ export class LibvirtDriver implements HypervisorDriver {
         await c.checkpointDelete(cp);
         return;
       } catch (err) {
-        // An image under a target was replaced since (it lacks the bitmap): the rest are removed through QEMU.
-        if (isQbackupError(err, 'LIBVIRT_ERROR') && /bitmap/i.test(describeError(err))) {
-          await this.deleteWithMissingBitmap(c, dom, name, err);
-          return;
-        }
-        // Shut off meanwhile: deleted as below.
-        if (!/inactive domain/.test(describeError(err))) throw err;
+        const bitmapGone = isQbackupError(err, 'BITMAP_INCONSISTENT') || (isQbackupError(err, 'LIBVIRT_ERROR') && /bitmap/i.test(describeError(err)));
+        // Else the domain was shut off meanwhile (libvirt: "inactive domain"); both are the step below.
+        if (!bitmapGone && !/inactive domain/.test(describeError(err))) throw err;
       }
     }
-    const root = parseXmlDocument(await c.checkpointGetXmlDesc(cp), `checkpoint "${name}" of domain "${domain}"`, 'domaincheckpoint');
-    const current = new Map(xmlDisks(await c.getXmlDesc(dom, C.VIR_DOMAIN_XML_INACTIVE), domain).map((d) => [d.target, d.source] as const));
-    const savedDomain = firstChild(root, 'domain');
-    const saved = new Map(savedDomain === undefined ? [] : xmlDisksOf(savedDomain).map((d) => [d.target, d.source] as const));
-    for (const d of checkpointBitmaps(root, name)) {
-      // The image the checkpoint saw, and the one under its target now.
-      for (const source of new Set([saved.get(d.target), current.get(d.target)])) {
-        if (source !== undefined && existsSync(source)) await removeImageBitmap(source, d.bitmap);
-      }
-    }
+    await this.removeCheckpointBitmaps(c, dom, domain, name, cp);
     await c.checkpointDelete(cp, C.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY);
   }
 
   /**
-   * libvirt refuses to delete a checkpoint when a disk's image lacks its
-   * bitmap (the image under that target was replaced since): of a running
-   * domain, the bitmaps that remain are removed through QEMU's monitor (the
-   * checkpoint's bitmap only tracks changes since it, so nothing else needs
-   * it), then libvirt's metadata. Else the checkpoint would stay for good,
-   * and the repository's one checkpoint become two.
+   * Removes a checkpoint's bitmaps wherever they still are, and is content
+   * with none: of a running domain, from QEMU's nodes through the monitor
+   * (every checkpoint's bitmap records on its own since the checkpoint, so
+   * nothing else needs it); of a shut-off one, from the image the checkpoint
+   * saw under each target and the one there now (qemu-img). A domain that
+   * stopped or started meanwhile is handled as it is now.
    */
-  private async deleteWithMissingBitmap(c: LibvirtClient, dom: LibvirtDomainRef, name: string, cause: unknown): Promise<void> {
-    if ((await c.getState(dom)).state === C.VIR_DOMAIN_SHUTOFF) throw cause;
-    const qmp = async (execute: string, args: Record<string, unknown>): Promise<unknown> => {
-      const reply = JSON.parse(await c.qemuMonitorCommand(dom, JSON.stringify({ execute, arguments: args }))) as { return?: unknown; error?: { desc?: string } };
-      if (reply.error !== undefined) throw new QbackupError('LIBVIRT_ERROR', `Cannot delete checkpoint "${name}" of domain "${dom.name}": QEMU refused ${execute}: ${reply.error.desc ?? 'no reason given'}`, { cause });
-      return reply.return;
-    };
-    const nodes = (await qmp('query-named-block-nodes', { flat: true })) as Array<{ 'node-name'?: string; 'dirty-bitmaps'?: Array<{ name?: string }> }>;
-    for (const n of nodes) {
-      if (n['node-name'] === undefined || !(n['dirty-bitmaps'] ?? []).some((b) => b.name === name)) continue;
-      await qmp('block-dirty-bitmap-remove', { node: n['node-name'], name });
+  private async removeCheckpointBitmaps(c: LibvirtClient, dom: LibvirtDomainRef, domain: string, name: string, cp: LibvirtCheckpointRef): Promise<void> {
+    const root = parseXmlDocument(await c.checkpointGetXmlDesc(cp), `checkpoint "${name}" of domain "${domain}"`, 'domaincheckpoint');
+    const bitmaps = checkpointBitmaps(root, name);
+    for (let attempt = 0; ; attempt += 1) {
+      const shutOff = (await c.getState(dom)).state === C.VIR_DOMAIN_SHUTOFF;
+      try {
+        if (shutOff) {
+          const current = new Map(xmlDisks(await c.getXmlDesc(dom, C.VIR_DOMAIN_XML_INACTIVE), domain).map((d) => [d.target, d.source] as const));
+          const savedDomain = firstChild(root, 'domain');
+          const saved = new Map(savedDomain === undefined ? [] : xmlDisksOf(savedDomain).map((d) => [d.target, d.source] as const));
+          for (const d of bitmaps) {
+            for (const source of new Set([saved.get(d.target), current.get(d.target)])) {
+              if (source !== undefined && existsSync(source)) await removeImageBitmap(source, d.bitmap);
+            }
+          }
+        } else {
+          const names = new Set(bitmaps.map((b) => b.bitmap));
+          for (const n of await liveNodes(c, dom, `delete checkpoint "${name}" of domain "${domain}"`)) {
+            for (const b of n.bitmaps) if (names.has(b.name)) await monitorCommand(c, dom, 'block-dirty-bitmap-remove', { node: n.nodeName, name: b.name }, `delete checkpoint "${name}" of domain "${domain}"`);
+          }
+        }
+        return;
+      } catch (err) {
+        // Started or stopped while we worked: once more, the other way.
+        if (attempt > 0 || ((await c.getState(dom)).state === C.VIR_DOMAIN_SHUTOFF) === shutOff) throw err;
+      }
     }
-    await c.checkpointDelete(await c.checkpointLookupByName(dom, name), C.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY);
   }
 
   /**
    * Per current disk: incremental when the checkpoint has a bitmap of that
-   * disk and the disk's image is the one the checkpoint saw; else full, with
-   * the reason.
+   * disk and the disk's image is the one the checkpoint saw (shut off: and
+   * the image holds the bitmap, recording and consistent); else full, with
+   * the reason. Reads nothing of a running QEMU: libvirt checks its bitmaps
+   * when the backup begins.
    */
   async coverage(domain: string, checkpoint: string): Promise<DiskCoverage[]> {
     const { c, dom } = await this.lookup(domain);
@@ -402,12 +416,18 @@ export class LibvirtDriver implements HypervisorDriver {
       if (then !== undefined && then !== d.source) reasons.push({ code: 'SOURCE_REPLACED', detail: `disk "${d.target}" reads "${d.source}", and at checkpoint "${checkpoint}" it read "${then}"` });
       // Shut off, the image is read directly (libvirt checks it only when it runs the domain).
       if (shutOff && reasons.length === 0 && bitmap !== undefined) reasons.push(...(await imageCoverage(d, checkpoint, bitmap)));
+      // Running, libvirt's backup begin checks the bitmap in QEMU; a disk it refuses is made full there (beginPullBackup).
       out.push({ target: d.target, diskId: d.diskId, mode: reasons.length === 0 ? 'incremental' : 'full', reasons });
     }
     return out;
   }
 
-  // Long: the backup and checkpoint XML are written inline, beside the one call they go to.
+  /**
+   * A running domain: one virDomainBackupBegin with the new checkpoint. A
+   * disk whose incremental libvirt refuses (its bitmap missing or broken in
+   * QEMU, or its checkpoint gone) is asked full in a second begin, its
+   * export carrying libvirt's sentence as the reason; at most once per disk.
+   */
   async beginPullBackup(domain: string, request: PullBackupRequest): Promise<PullBackup> {
     if (request.tcp !== undefined) throw new QbackupError('NOT_SUPPORTED', `Cannot back up libvirt domain "${domain}" over TCP: its exports are read over a private unix socket`);
     if (!request.checkpoint.startsWith(OWN_CHECKPOINT_PREFIX)) throw new QbackupError('INVALID_ARGUMENT', `Checkpoint "${request.checkpoint}" is not named ${OWN_CHECKPOINT_PREFIX}…`);
@@ -428,34 +448,33 @@ export class LibvirtDriver implements HypervisorDriver {
       if (owner !== undefined && process.getuid?.() === 0) chownSync(dir, owner.uid, owner.gid);
       const socket = join(dir, `${request.checkpoint}.sock`);
       const wanted = new Map(request.disks.map((d) => [d.target, d.since]));
-      const backupXml = `<domainbackup mode='pull'>
-  <server transport='unix' socket='${xmlEscape(socket)}'/>
-  <disks>
-${all
-  .filter((d) => d.device === 'disk' || wanted.has(d.target))
-  .map((d) => {
-    if (!wanted.has(d.target)) return `    <disk name='${xmlEscape(d.target)}' backup='no'/>`;
-    const since = wanted.get(d.target);
-    // The scratch image (what the guest overwrites during the backup) lives in the private directory too, and goes with it.
-    const mode = since === undefined ? `backupmode='full'` : `backupmode='incremental' incremental='${xmlEscape(since)}'`;
-    return `    <disk name='${xmlEscape(d.target)}' backup='yes' type='file' ${mode}><scratch file='${xmlEscape(join(dir, `${d.target}.scratch`))}'/></disk>`;
-  })
-  .join('\n')}
-  </disks>
-</domainbackup>`;
       const checkpointXml = checkpointXmlOf(request.checkpoint, all, wanted);
-      const consistency = await this.freeze(c, dom, domain, request.quiesce);
-      try {
-        await c.backupBegin(dom, backupXml, checkpointXml);
-      } finally {
-        if (consistency === 'filesystem') await c.fsThaw(dom).catch(() => undefined);
+      // Per disk made full because libvirt refused its incremental: why, in libvirt's words.
+      const refused = new Map<string, string>();
+      let consistency: Consistency;
+      for (;;) {
+        consistency = await this.freeze(c, dom, domain, request.quiesce);
+        try {
+          await c.backupBegin(dom, pullBackupXml(socket, dir, all, wanted), checkpointXml);
+          break;
+        } catch (err) {
+          // libvirt refuses before it creates anything (no checkpoint, job, scratch file or NBD server): begin again with that disk full.
+          const lost = refusedIncremental(err, wanted, refused);
+          if (lost === undefined) throw err;
+          refused.set(lost.target, lost.reason);
+          wanted.set(lost.target, undefined);
+        } finally {
+          if (consistency === 'filesystem') await c.fsThaw(dom).catch(() => undefined);
+        }
       }
       this.watch(c, dom, domain, request.checkpoint);
       this.options.faults?.at('libvirt-backup-begun');
       const disks = [];
       for (const d of request.disks) {
+        // libvirt reads this with query-named-block-nodes (as backupBegin did): safe here, as settleInstant let no backup begin while a pull of an instant restore may run.
         const virtualSize = Number((await c.getBlockInfo(dom, d.target)).capacity);
-        disks.push({ target: d.target, exportName: d.target, dirtyContext: d.since !== undefined ? `qemu:dirty-bitmap:backup-${d.target}` : undefined, virtualSize });
+        const since = wanted.get(d.target);
+        disks.push({ target: d.target, exportName: d.target, dirtyContext: since !== undefined ? `qemu:dirty-bitmap:backup-${d.target}` : undefined, virtualSize, fullReason: refused.get(d.target) });
       }
       const signal = this.jobs.get(request.checkpoint)?.lost.signal;
       return { id: request.checkpoint, domain, checkpoint: request.checkpoint, consistency, server: { transport: 'unix', socket }, disks, signal };
@@ -767,15 +786,22 @@ class LibvirtSession implements DomainSession {
     return this.dom.name;
   }
 
+  /** One pull at a time: libvirt reads the node graph when it finishes one, which crashes QEMU 7.2 if another pull ends meanwhile. */
+  readonly copiesAtOnce = 1;
+
+  /**
+   * Progress from libvirt's block job info (QEMU's query-block-jobs), never
+   * from virDomainGetBlockInfo: libvirt answers that with
+   * query-named-block-nodes, which crashes QEMU 7.2 while a pull ends.
+   */
   async copyJobs(): Promise<Map<string, CopyJob>> {
     const out = new Map<string, CopyJob>();
     if (!this.running) return out;
     for (const d of this.disks) {
       const id = `${COPY_JOB_PREFIX}${d.target}`;
       if (d.nbdBacking === undefined) {
-        // Nothing left to copy: the pull completed (or the disk never read from a backup).
-        const size = Number((await this.c.getBlockInfo(this.dom, d.target)).capacity);
-        out.set(id, { status: 'concluded', doneBytes: size, totalBytes: size });
+        // Nothing left to copy: the pull completed (or the disk never read from a backup); the restore's record has the size.
+        out.set(id, { status: 'concluded' });
         continue;
       }
       const job = await this.c.getBlockJobInfo(this.dom, d.target);
@@ -786,11 +812,23 @@ class LibvirtSession implements DomainSession {
   }
 
   async startCopy(target: string, _jobId: string, speedBytesPerSec: number): Promise<void> {
-    const live = driverDisks(await this.c.getXmlDesc(this.dom), this.dom.name).find((d) => d.target === target);
-    if (live === undefined) throw new QbackupError('DISK_NOT_FOUND', `Domain "${this.domain}" has no disk "${target}" to restore into`);
+    const live = driverDisks(await this.c.getXmlDesc(this.dom), this.dom.name);
+    const disk = live.find((d) => d.target === target);
+    if (disk === undefined) throw new QbackupError('DISK_NOT_FOUND', `Domain "${this.domain}" has no disk "${target}" to restore into`);
     // Another command got there first: its pull runs, or completed.
-    if (live.nbdBacking === undefined || (await this.c.getBlockJobInfo(this.dom, target)) !== undefined) return;
-    await this.c.blockPull(this.dom, target, speedBytesPerSec > 0 ? { bandwidth: BigInt(speedBytesPerSec), flags: C.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES } : {});
+    if (disk.nbdBacking === undefined || (await this.c.getBlockJobInfo(this.dom, target)) !== undefined) return;
+    // Or it started another disk's pull meanwhile: this one waits for a later settle (copiesAtOnce).
+    for (const other of live) {
+      if (other.target !== target && other.nbdBacking !== undefined && (await this.c.getBlockJobInfo(this.dom, other.target)) !== undefined) return;
+    }
+    try {
+      await this.c.blockPull(this.dom, target, speedBytesPerSec > 0 ? { bandwidth: BigInt(speedBytesPerSec), flags: C.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES } : {});
+    } catch (err) {
+      // Another command started the same disk's pull between the look above and ours (libvirt: "already in active block job"); it may have completed since.
+      if ((await this.c.getBlockJobInfo(this.dom, target)) !== undefined) return;
+      const now = driverDisks(await this.c.getXmlDesc(this.dom), this.dom.name).find((d) => d.target === target);
+      if (now !== undefined && now.nbdBacking !== undefined) throw err;
+    }
   }
 
   async dismissCopy(_jobId: string): Promise<void> {
@@ -898,6 +936,37 @@ async function imageCoverage(d: DriverDisk, checkpoint: string, bitmap: string):
   if (found.inUse) return [{ code: 'BITMAP_INCONSISTENT', detail: `bitmap "${bitmap}" in image "${d.source}" of disk "${d.target}" was left in use by a QEMU that did not close the image` }];
   if (!found.recording) return [{ code: 'BITMAP_DISABLED', detail: `bitmap "${bitmap}" in image "${d.source}" of disk "${d.target}" is not recording` }];
   return [];
+}
+
+/** A bitmap of a running QEMU's node, as query-named-block-nodes shows it. */
+interface LiveBitmap {
+  name: string;
+  recording: boolean;
+  inconsistent: boolean;
+}
+
+/**
+ * One QMP command through libvirt's monitor passthrough; QEMU's error is
+ * LIBVIRT_ERROR in one sentence. libvirt marks the domain tainted
+ * ("custom-monitor") on the first use, so only the rare fallback of deleting
+ * a checkpoint whose bitmap libvirt cannot find comes here, never a normal
+ * backup.
+ */
+async function monitorCommand(c: LibvirtClient, dom: LibvirtDomainRef, execute: string, args: Record<string, unknown>, what: string): Promise<unknown> {
+  const reply = JSON.parse(await c.qemuMonitorCommand(dom, JSON.stringify({ execute, arguments: args }))) as { return?: unknown; error?: { desc?: string } };
+  if (reply.error !== undefined) throw new QbackupError('LIBVIRT_ERROR', `Cannot ${what}: QEMU refused ${execute}: ${reply.error.desc ?? 'no reason given'}`);
+  return reply.return;
+}
+
+/** A running domain's block nodes with their image file and bitmaps. */
+async function liveNodes(c: LibvirtClient, dom: LibvirtDomainRef, what: string): Promise<Array<{ nodeName: string; driver: string; file: string; bitmaps: LiveBitmap[] }>> {
+  const nodes = (await monitorCommand(c, dom, 'query-named-block-nodes', { flat: true }, what)) as Array<{ 'node-name'?: string; drv?: string; file?: string; 'dirty-bitmaps'?: Array<{ name?: string; recording?: boolean; inconsistent?: boolean }> }>;
+  return nodes.flatMap((n) => (n['node-name'] === undefined ? [] : [{
+    nodeName: n['node-name'],
+    driver: n.drv ?? '',
+    file: n.file ?? '',
+    bitmaps: (n['dirty-bitmaps'] ?? []).flatMap((b) => (b.name === undefined ? [] : [{ name: b.name, recording: b.recording === true, inconsistent: b.inconsistent === true }])),
+  }]));
 }
 
 async function describe(c: LibvirtClient, dom: LibvirtDomainRef): Promise<DriverDomain> {
@@ -1030,6 +1099,57 @@ ${all
   .join('\n')}
   </disks>
 </domaincheckpoint>`;
+}
+
+/**
+ * The pull backup's XML: every disk of the definition (backup='no' for the
+ * ones not wanted), each wanted one full or incremental since its checkpoint,
+ * its scratch image in the private directory (it goes with it).
+ */
+function pullBackupXml(socket: string, dir: string, all: readonly XmlDisk[], wanted: ReadonlyMap<string, string | undefined>): string {
+  return `<domainbackup mode='pull'>
+  <server transport='unix' socket='${xmlEscape(socket)}'/>
+  <disks>
+${all
+  .filter((d) => d.device === 'disk' || wanted.has(d.target))
+  .map((d) => {
+    if (!wanted.has(d.target)) return `    <disk name='${xmlEscape(d.target)}' backup='no'/>`;
+    const since = wanted.get(d.target);
+    const mode = since === undefined ? `backupmode='full'` : `backupmode='incremental' incremental='${xmlEscape(since)}'`;
+    return `    <disk name='${xmlEscape(d.target)}' backup='yes' type='file' ${mode}><scratch file='${xmlEscape(join(dir, `${d.target}.scratch`))}'/></disk>`;
+  })
+  .join('\n')}
+  </disks>
+</domainbackup>`;
+}
+
+/**
+ * A backup begin that libvirt refused because one disk's incremental cannot
+ * be had: its checkpoint bitmap is missing or inconsistent in QEMU (libvirt
+ * 9.0: VIR_ERR_CHECKPOINT_INCONSISTENT, "missing or broken bitmap 'CP' for
+ * disk 'TARGET'"), or the checkpoint went away since the plan
+ * (VIR_ERR_NO_DOMAIN_CHECKPOINT, "Checkpoint 'CP' for incremental backup of
+ * disk 'TARGET' not found"). The disk, when it is one still asked
+ * incrementally and not refused before; else undefined (the error stands).
+ */
+export function refusedIncremental(err: unknown, wanted: ReadonlyMap<string, string | undefined>, refused: ReadonlyMap<string, string>): { target: string; reason: string } | undefined {
+  if (!(err instanceof LibvirtCallError)) return undefined;
+  const text = err.libvirtMessage;
+  let match: RegExpExecArray | null = null;
+  let code: string;
+  if (err.libvirtCode === C.VIR_ERR_CHECKPOINT_INCONSISTENT) {
+    match = /bitmap '([^']*)' for disk '([^']+)'/.exec(text);
+    code = 'BITMAP_INCONSISTENT';
+  } else if (err.libvirtCode === C.VIR_ERR_NO_DOMAIN_CHECKPOINT) {
+    match = /Checkpoint '([^']*)' for incremental backup of disk '([^']+)'/.exec(text);
+    code = 'CHECKPOINT_NOT_FOUND';
+  } else {
+    return undefined;
+  }
+  const checkpoint = match?.[1];
+  const target = match?.[2];
+  if (checkpoint === undefined || target === undefined || refused.has(target) || wanted.get(target) !== checkpoint) return undefined;
+  return { target, reason: `${code}: libvirt refused the incremental of disk "${target}" since checkpoint "${checkpoint}": ${text}` };
 }
 
 /** The one sentence of a backup whose libvirt connection closed under it. */

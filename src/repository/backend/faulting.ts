@@ -1,7 +1,8 @@
 // Test-only fault injection for repositories (src/util/faults.ts): a backend
 // that visits the fault point "repo-write" before every write or delete it
 // passes on, so a test can kill a command just before any one of its
-// repository writes (QBACKUP_CRASH_AT=repo-write:N in the CLI). Production
+// repository writes (QBACKUP_CRASH_AT=repo-write:N in the CLI), or a unit
+// test fail every write after the N-th with a Faults that throws. Production
 // code never wraps a backend in it.
 
 import type { Faults } from '../../util/faults.js';
@@ -16,7 +17,8 @@ export class FaultingBackend implements Backend {
   get location(): string {
     return this.inner.location;
   }
-  putIfAbsent(key: string, data: Buffer): Promise<boolean> {
+  // async: a fault that throws (a test's) fails the returned promise, as a failed write would.
+  async putIfAbsent(key: string, data: Buffer): Promise<boolean> {
     this.faults.at('repo-write');
     return this.inner.putIfAbsent(key, data);
   }
@@ -29,7 +31,7 @@ export class FaultingBackend implements Backend {
   list(prefix: string): Promise<ObjectInfo[]> {
     return this.inner.list(prefix);
   }
-  delete(key: string): Promise<void> {
+  async delete(key: string): Promise<void> {
     this.faults.at('repo-write');
     return this.inner.delete(key);
   }

@@ -28,7 +28,7 @@ import { LibvirtCallError, LibvirtProtocolError } from './errors.js';
 import { LibvirtFrameParser, encodeMessage, type LibvirtFrame } from './frame.js';
 import { EVENTS, type LibvirtDomainEvent, type LibvirtProcedure } from './procedures.js';
 import { remoteError } from './structs.js';
-import { XdrReader, XdrWriter } from './xdr.js';
+import { XdrReader, encodeXdr } from './xdr.js';
 
 export const LibvirtConnectionState = {
   Connecting: 'connecting',
@@ -173,9 +173,7 @@ export class LibvirtConnection {
     let timeoutMs: number;
     try {
       timeoutMs = checkTimeoutMs('timeoutMs', options.timeoutMs) ?? this.defaultTimeoutMs;
-      const writer = new XdrWriter();
-      procedure.args.encode(writer, args);
-      message = encodeMessage({ program: procedure.program, version: procedure.version, procedure: procedure.procedure, type: C.VIR_NET_CALL, serial, status: C.VIR_NET_OK }, writer.finish());
+      message = encodeMessage({ program: procedure.program, version: procedure.version, procedure: procedure.procedure, type: C.VIR_NET_CALL, serial, status: C.VIR_NET_OK }, encodeXdr(procedure.args, args));
     } catch (err) {
       return Promise.reject(err);
     }

@@ -194,6 +194,13 @@ export interface XdrType<T> {
   decode(reader: XdrReader): T;
 }
 
+/** The XDR bytes of one value (a call's arguments, a reply, an event body). */
+export function encodeXdr<T>(codec: XdrType<T>, value: T): Buffer {
+  const writer = new XdrWriter();
+  codec.encode(writer, value);
+  return writer.finish();
+}
+
 /** The TypeScript type a codec stands for. */
 export type XdrValue<C> = C extends XdrType<infer T> ? T : never;
 
