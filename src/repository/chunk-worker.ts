@@ -11,7 +11,7 @@
 //   hides the others.
 
 import { createHash } from 'node:crypto';
-import { parentPort, workerData } from 'node:worker_threads';
+import { isMarkedAsUntransferable, parentPort, workerData } from 'node:worker_threads';
 import { decodeChunk, encodeChunk, isZero } from './chunk.js';
 import { ChunkCompressor } from './compress.js';
 import { chunkId, type MasterKey } from './crypto.js';
@@ -156,6 +156,18 @@ function handle(msg: WorkerRequest): WorkerReply {
   return { op: 'encoded', seq: msg.seq, blobs: chunks.map((c, i) => (msg.wanted[i] === true ? encodeChunk(c, { compressor, key }) : null)) };
 }
 
+/**
+ * The distinct memory behind `views` that can be handed to another thread.
+ * A small Buffer (a compressed chunk of a few bytes, say) lives in Node's
+ * shared pool with other Buffers; Node refuses to transfer that memory
+ * (DataCloneError), so such views are copied with the message instead.
+ */
+export function transferList(views: readonly Uint8Array[]): ArrayBuffer[] {
+  const out = new Set<ArrayBuffer>();
+  for (const v of views) if (v.buffer instanceof ArrayBuffer && v.byteLength > 0 && !isMarkedAsUntransferable(v.buffer)) out.add(v.buffer);
+  return [...out];
+}
+
 parentPort?.on('message', (msg: WorkerRequest) => {
   let reply: WorkerReply;
   try {
@@ -163,7 +175,6 @@ parentPort?.on('message', (msg: WorkerRequest) => {
   } catch (err) {
     reply = { op: 'error', seq: msg.seq, message: err instanceof Error ? err.message : String(err) };
   }
-  const transfer =
-    reply.op === 'encoded' ? reply.blobs.filter((b): b is Uint8Array => b !== null).map((b) => b.buffer as ArrayBuffer) : reply.op === 'decoded' ? [reply.plain.buffer as ArrayBuffer] : reply.op === 'assembled' ? [reply.pack.buffer as ArrayBuffer] : [];
-  parentPort?.postMessage(reply, transfer);
+  const views = reply.op === 'encoded' ? reply.blobs.filter((b): b is Uint8Array => b !== null) : reply.op === 'decoded' ? [reply.plain] : reply.op === 'assembled' ? [reply.pack] : [];
+  parentPort?.postMessage(reply, transferList(views));
 });

@@ -19,7 +19,7 @@ import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { QbackupError } from '../errors.js';
 import { ChunkCompressor } from './compress.js';
-import { assemblePack, decodeEntries, type AssembleRequest, type DecodeEntry, type DecodeReply, type DecodeRequest, type WorkerReply, type WorkerRequest } from './chunk-worker.js';
+import { assemblePack, decodeEntries, transferList, type AssembleRequest, type DecodeEntry, type DecodeReply, type DecodeRequest, type WorkerReply, type WorkerRequest } from './chunk-worker.js';
 import type { MasterKey } from './crypto.js';
 
 /** Below this many bytes a request is decoded on the calling thread: a round trip to a worker costs more. */
@@ -57,7 +57,7 @@ class DecodePool {
   async assemble(parts: readonly Buffer[], keep: readonly Buffer[] = []): Promise<{ pack: Buffer; packId: string }> {
     const request: AssembleRequest = { op: 'assemble', seq: this.seq++, parts: [...parts] };
     const total = parts.reduce((n, p) => n + p.length, 0);
-    const reply = this.size === 0 || total < INLINE_DECODE_BYTES ? assemblePack(request) : await this.ask(request, [...new Set(parts.filter((p) => ownsAll(p) && !keep.includes(p)).map((p) => p.buffer as ArrayBuffer))]);
+    const reply = this.size === 0 || total < INLINE_DECODE_BYTES ? assemblePack(request) : await this.ask(request, transferList(parts.filter((p) => ownsAll(p) && !keep.includes(p))));
     if (reply.op !== 'assembled') throw new Error('an assemble request is answered with a pack');
     return { pack: Buffer.from(reply.pack.buffer, reply.pack.byteOffset, reply.pack.byteLength), packId: reply.packId };
   }

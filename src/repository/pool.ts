@@ -18,7 +18,7 @@ import { Worker } from 'node:worker_threads';
 import { QbackupError } from '../errors.js';
 import { assert } from '../util/assert.js';
 import { encodeChunk, isZero, ZERO_ID } from './chunk.js';
-import type { WorkerInit, WorkerReply, WorkerRequest } from './chunk-worker.js';
+import { transferList, type WorkerInit, type WorkerReply, type WorkerRequest } from './chunk-worker.js';
 import type { ChunkWriter, Store } from './store.js';
 
 interface Slot {
@@ -80,7 +80,7 @@ export class ChunkPool {
     const seq = this.seq++;
     // With `transfer` the chunks' memory moves to the worker (no copy) and is unusable here after.
     const lengths = chunks.map((c) => c.length);
-    const transfer = options.transfer === true ? [...new Set(chunks.map((c) => c.buffer))].filter((b): b is ArrayBuffer => b instanceof ArrayBuffer) : [];
+    const transfer = options.transfer === true ? transferList(chunks) : [];
     slot.busy++;
     try {
       const hashed = await this.ask(slot, { op: 'hash', seq, chunks }, transfer);
