@@ -25,6 +25,8 @@ interface Slot {
   worker: Worker;
   busy: number;
   waiters: Map<number, (reply: WorkerReply) => void>;
+  /** Why the worker is gone (it failed or exited): every later request fails with it at once instead of waiting forever. */
+  dead?: string;
 }
 
 export interface StoreResult {
@@ -57,11 +59,14 @@ export class ChunkPool {
         slot.waiters.delete(reply.seq);
         w?.(reply);
       });
-      worker.on('error', (err) => {
-        for (const w of slot.waiters.values()) w({ op: 'error', seq: -1, message: err.message });
+      const fail = (message: string): void => {
+        slot.dead ??= message;
+        for (const w of slot.waiters.values()) w({ op: 'error', seq: -1, message });
         slot.waiters.clear();
         worker.unref();
-      });
+      };
+      worker.on('error', (err) => fail(err.message === '' ? String(err) : err.message));
+      worker.on('exit', (code) => fail(`the worker exited (${code})`));
       worker.unref();
       this.slots.push(slot);
     }
@@ -133,6 +138,10 @@ export class ChunkPool {
 
   private ask(slot: Slot, msg: WorkerRequest, transfer: ArrayBuffer[] = []): Promise<WorkerReply> {
     return new Promise((resolve, reject) => {
+      if (slot.dead !== undefined) {
+        reject(new QbackupError('BACKUP_FAILED', `A chunk worker failed: ${slot.dead}`));
+        return;
+      }
       // An idle worker does not keep the process alive; one with a request out must
       // (a caller with nothing else pending, such as a copy, would otherwise exit mid-way).
       slot.worker.ref();
