@@ -18,6 +18,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { LIBVIRT, LIBVIRT_SYSTEM_SOCKET, type LibvirtClient, type LibvirtDomainRef } from '../../src/drivers/libvirt/index.js';
 import { isQbackupError } from '../../src/errors.js';
+import { cliPath } from './env.js';
 
 const execFileAsync = promisify(execFile);
 
@@ -267,6 +268,21 @@ export async function guestWrite(client: LibvirtClient, dom: LibvirtDomainRef, t
   const alias = diskAlias(await client.getXmlDesc(dom), target);
   const out = await client.qemuMonitorCommand(dom, `qemu-io -d ${alias} "${command}"`, LIBVIRT.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP);
   if (/error|failed/i.test(out)) throw new Error(`qemu-io on ${target} failed: ${out}`);
+}
+
+/** A guest write of a byte pattern that also fills the same range of the test's model of the disk. */
+export async function writePattern(client: LibvirtClient, dom: LibvirtDomainRef, model: Map<string, Buffer>, target: string, pattern: number, offset: number, length: number): Promise<void> {
+  model.get(target)?.fill(pattern, offset, offset + length);
+  await guestWrite(client, dom, target, `write -P 0x${pattern.toString(16)} ${offset} ${length}`);
+}
+
+/** The CLI with its own state directory, through libvirt at `uri`; exit code, stdout and stderr (never throws). */
+export function libvirtCli(stateDir: string, uri: string, args: readonly string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [cliPath, '--state-dir', stateDir, '--connect', uri, ...args], (err, stdout, stderr) => {
+      resolve({ code: err === null ? 0 : typeof err.code === 'number' ? err.code : 1, stdout, stderr });
+    });
+  });
 }
 
 /** Destroys (if running) and undefines a test domain with its checkpoint metadata; a domain already gone is fine. */

@@ -19,7 +19,7 @@ import { LIBVIRT, LibvirtClient, type LibvirtDomainRef } from '../../src/drivers
 import { Qbackup } from '../../src/qbackup.js';
 import { isProcessAlive } from '../../src/util/proc.js';
 import { cliPath } from '../helpers/env.js';
-import { createTestDisks, guestWrite, libvirtTestDir, removeTestDomain, startLibvirt, tearDownLibvirtTest, testDomainName, testDomainXml, tool, virsh, type LibvirtDaemon } from '../helpers/libvirt.js';
+import { createTestDisks, guestWrite, libvirtCli, libvirtTestDir, removeTestDomain, startLibvirt, tearDownLibvirtTest, testDomainName, testDomainXml, tool, virsh, type LibvirtDaemon, writePattern } from '../helpers/libvirt.js';
 
 const MiB = 1 << 20;
 const DISK_BYTES = 4 * MiB;
@@ -38,17 +38,10 @@ describe('instant restore of a libvirt domain while its progress, job info and b
   const { dir, remove } = libvirtTestDir();
   const atBackup = new Map<string, Buffer>();
 
-  const cli = (args: readonly string[]): Promise<{ code: number; stdout: string; stderr: string }> =>
-    new Promise((resolve) => {
-      execFile(process.execPath, [cliPath, '--state-dir', join(work, 'state'), '--connect', daemon.uri, ...args], (err, stdout, stderr) => {
-        resolve({ code: err === null ? 0 : typeof err.code === 'number' ? err.code : 1, stdout, stderr });
-      });
-    });
+  /** The CLI with --connect; exit code, stdout and stderr. */
+  const cli = (args: readonly string[]): Promise<{ code: number; stdout: string; stderr: string }> => libvirtCli(join(work, 'state'), daemon.uri, args);
 
-  const write = async (dom: LibvirtDomainRef, model: Map<string, Buffer>, target: string, pattern: number, offset: number, length: number): Promise<void> => {
-    model.get(target)?.fill(pattern, offset, offset + length);
-    await guestWrite(client, dom, target, `write -P 0x${pattern.toString(16)} ${offset} ${length}`);
-  };
+  const write = (dom: LibvirtDomainRef, model: Map<string, Buffer>, target: string, pattern: number, offset: number, length: number): Promise<void> => writePattern(client, dom, model, target, pattern, offset, length);
 
   const qemuPid = (name: string): number => Number(readFileSync(`/run/libvirt/qemu/${name}.pid`, 'utf8').trim());
 
