@@ -15,6 +15,7 @@ import { isMarkedAsUntransferable, parentPort, workerData } from 'node:worker_th
 import { decodeChunk, encodeChunk, isZero } from './chunk.js';
 import { ChunkCompressor } from './compress.js';
 import { chunkId, type MasterKey } from './crypto.js';
+import { checkPackBytes, type CheckPackReply, type CheckPackRequest } from './pack-check.js';
 
 export interface WorkerInit {
   dataKey?: Uint8Array;
@@ -69,9 +70,9 @@ export interface AssembleReply {
   packId: string;
 }
 
-export type WorkerRequest = { op: 'hash'; seq: number; chunks: Uint8Array[] } | { op: 'encode'; seq: number; wanted: boolean[] } | DecodeRequest | AssembleRequest;
+export type WorkerRequest = { op: 'hash'; seq: number; chunks: Uint8Array[] } | { op: 'encode'; seq: number; wanted: boolean[] } | DecodeRequest | AssembleRequest | CheckPackRequest;
 
-export type WorkerReply = { op: 'hashed'; seq: number; ids: Uint8Array[]; zero: boolean[] } | { op: 'encoded'; seq: number; blobs: Array<Uint8Array | null> } | DecodeReply | AssembleReply | { op: 'error'; seq: number; message: string };
+export type WorkerReply = { op: 'hashed'; seq: number; ids: Uint8Array[]; zero: boolean[] } | { op: 'encoded'; seq: number; blobs: Array<Uint8Array | null> } | DecodeReply | AssembleReply | CheckPackReply | { op: 'error'; seq: number; message: string };
 
 /** A pack's bytes in one buffer of its own, and its id (the SHA-256 of every byte), hashed as the parts are copied in. */
 export function assemblePack(msg: AssembleRequest): AssembleReply {
@@ -146,6 +147,7 @@ function fitsInPlace(entries: readonly DecodeEntry[], size: number): boolean {
 function handle(msg: WorkerRequest): WorkerReply {
   if (msg.op === 'decode') return decodeEntries(msg, compressor);
   if (msg.op === 'assemble') return assemblePack(msg);
+  if (msg.op === 'check') return checkPackBytes(msg, compressor);
   if (msg.op === 'hash') {
     waiting.set(msg.seq, msg.chunks);
     const zero = msg.chunks.map((c) => isZero(c));

@@ -1,6 +1,7 @@
 // The repository's shared worker pool: decodes ranged reads of packs
 // (decrypt, decompress, check against ids) off the main thread, for every
-// reader of chunks (Store.readChunks, Store.checkPack), and puts full packs
+// reader of chunks (Store.readChunks), checks whole packs without handing
+// plaintexts back (Store.checkPack, pack-check.ts), and puts full packs
 // together and hashes them for every writer (Store.storePack). One pool per process, shared by
 // every repository open in it (the key travels with each request), started
 // with the first read big enough to be worth it; idle workers never keep the
@@ -21,6 +22,7 @@ import { QbackupError } from '../errors.js';
 import { ChunkCompressor } from './compress.js';
 import { assemblePack, decodeEntries, transferList, type AssembleRequest, type DecodeEntry, type DecodeReply, type DecodeRequest, type WorkerReply, type WorkerRequest } from './chunk-worker.js';
 import type { MasterKey } from './crypto.js';
+import { checkPackBytes, type CheckPackReply, type CheckPackRequest } from './pack-check.js';
 
 /** Below this many bytes a request is decoded on the calling thread: a round trip to a worker costs more. */
 export const INLINE_DECODE_BYTES = 256 * 1024;
@@ -45,6 +47,20 @@ class DecodePool {
     if (this.size === 0 || bytes.length < INLINE_DECODE_BYTES) return decodeEntries(request, this.inline);
     const reply = await this.ask(request, options.transfer === true && ownsAll(bytes) ? [bytes.buffer as ArrayBuffer] : []);
     if (reply.op !== 'decoded') throw new Error('a decode request is answered with plaintexts');
+    return reply;
+  }
+
+  /**
+   * Checks a whole pack against its id and each chunk its header lists
+   * against the chunk's (pack-check.ts), on a worker; only the damaged
+   * chunks come back. `bytes` moves to the worker without a copy when it
+   * owns its memory, and is unusable after.
+   */
+  async check(bytes: Buffer, entries: DecodeEntry[], key: MasterKey | undefined, packId: string): Promise<CheckPackReply> {
+    const request: CheckPackRequest = { op: 'check', seq: this.seq++, bytes, entries, dataKey: key?.dataKey, idKey: key?.idKey, packId };
+    if (this.size === 0 || bytes.length < INLINE_DECODE_BYTES) return checkPackBytes(request, this.inline);
+    const reply = await this.ask(request, ownsAll(bytes) ? [bytes.buffer as ArrayBuffer] : []);
+    if (reply.op !== 'checked') throw new Error('a check request is answered with its damaged chunks');
     return reply;
   }
 
