@@ -20,8 +20,9 @@
 // thread) and the top self-time functions of each busy thread are listed.
 //
 // Options: --size-gib N (default 2), --reps N (default 3), --baseline-cli
-// PATH, --prof DIR, --doc FILE | --no-doc. Writes the marked section
-// "verify" of docs/benchmarks.md.
+// PATH, --prof DIR, --notes FILE.md (measured by hand, follows the tables),
+// --doc FILE | --no-doc. Writes the marked section "verify" of
+// docs/benchmarks.md.
 
 import { mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
@@ -51,9 +52,9 @@ interface Row {
   cpuMs: number[];
 }
 
-function parse(): { sizeBytes: number; reps: number; baseline: string | undefined; prof: string | undefined; doc: string | undefined } {
+function parse(): { sizeBytes: number; reps: number; baseline: string | undefined; prof: string | undefined; notes: string | undefined; doc: string | undefined } {
   const { values } = parseArgs({
-    options: { 'size-gib': { type: 'string', default: '2' }, reps: { type: 'string', default: '3' }, 'baseline-cli': { type: 'string' }, prof: { type: 'string' }, doc: { type: 'string' }, 'no-doc': { type: 'boolean', default: false } },
+    options: { 'size-gib': { type: 'string', default: '2' }, reps: { type: 'string', default: '3' }, 'baseline-cli': { type: 'string' }, prof: { type: 'string' }, notes: { type: 'string' }, doc: { type: 'string' }, 'no-doc': { type: 'boolean', default: false } },
     strict: true,
   });
   return {
@@ -61,6 +62,7 @@ function parse(): { sizeBytes: number; reps: number; baseline: string | undefine
     reps: Math.max(1, Math.floor(Number(values.reps))),
     baseline: values['baseline-cli'] !== undefined ? resolve(values['baseline-cli']) : undefined,
     prof: values.prof !== undefined ? resolve(values.prof) : undefined,
+    notes: values.notes !== undefined ? readFileSync(resolve(values.notes), 'utf8').trim() : undefined,
     doc: values['no-doc'] ? undefined : resolve(values.doc ?? join(root, 'docs', 'benchmarks.md')),
   };
 }
@@ -241,6 +243,7 @@ function report(r: ReportInput): string {
       lines.push(`- ${p.name}: ${threads.map((t, i) => `${i === 0 ? 'busiest' : `thread ${i + 1}`} ${fmtMs(t.busyMs)} busy: ${t.hot.filter((h) => h.name !== '(idle)').map((h) => `\`${h.name}\` ${h.pct.toFixed(0)} %`).join(', ')}`).join('; ')}`);
     }
   }
+  if (r.o.notes !== undefined) lines.push('', r.o.notes);
   return lines.join('\n');
 }
 

@@ -41,9 +41,9 @@ class DecodePool {
 
   constructor(private readonly size: number) {}
 
-  async decode(bytes: Buffer, entries: DecodeEntry[], key: MasterKey | undefined, options: { packId?: string | undefined; transfer?: boolean | undefined } = {}): Promise<DecodeReply> {
+  async decode(bytes: Buffer, entries: DecodeEntry[], key: MasterKey | undefined, options: { transfer?: boolean | undefined } = {}): Promise<DecodeReply> {
     // Given up by the caller (`transfer`), the bytes may hold the plaintexts: one buffer fewer per request.
-    const request: DecodeRequest = { op: 'decode', seq: this.seq++, bytes, entries, dataKey: key?.dataKey, idKey: key?.idKey, packId: options.packId, inPlace: options.transfer === true };
+    const request: DecodeRequest = { op: 'decode', seq: this.seq++, bytes, entries, dataKey: key?.dataKey, idKey: key?.idKey, inPlace: options.transfer === true };
     if (this.size === 0 || bytes.length < INLINE_DECODE_BYTES) return decodeEntries(request, this.inline);
     const reply = await this.ask(request, options.transfer === true && ownsAll(bytes) ? [bytes.buffer as ArrayBuffer] : []);
     if (reply.op !== 'decoded') throw new Error('a decode request is answered with plaintexts');

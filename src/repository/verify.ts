@@ -4,7 +4,8 @@
 // (fast), and with readData every pack holding such chunks is read whole
 // (several at once), hashed whole against its id (so a flipped byte in its
 // salt or trailer is found too) and each of its chunks decoded and checked
-// against its id, on the decode pool's workers (Store.checkPack). A damaged
+// against its id, in one pass on the decode pool's workers (Store.checkPack,
+// pack-check.ts). A damaged
 // chunk is reported with the backups that use it (others in the same pack
 // stay certified); a pack that does not hash to its id although every chunk
 // in it is intact is reported with every backup that uses the pack. A missing
