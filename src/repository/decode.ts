@@ -78,6 +78,11 @@ class DecodePool {
     return { pack: Buffer.from(reply.pack.buffer, reply.pack.byteOffset, reply.pack.byteLength), packId: reply.packId };
   }
 
+  /** Starts every worker now (a caller about to send many large requests), so none starts on the first request's time. */
+  start(): void {
+    while (this.slots.filter((s) => !s.dead).length < this.size) this.slots.push(this.spawn());
+  }
+
   private async ask(request: WorkerRequest, transfer: ArrayBuffer[]): Promise<WorkerReply> {
     const slot = this.pick();
     slot.busy++;

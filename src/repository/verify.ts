@@ -17,6 +17,7 @@ import { QbackupError, describeError } from '../errors.js';
 import { runPool } from '../util/run-pool.js';
 import { throwIfCancelled, type Logger, type ProgressSink } from '../util/operation.js';
 import { ZERO_ID } from './chunk.js';
+import { decodePool } from './decode.js';
 import type { Manifest } from './manifest.js';
 import { PACK_ID, packKey, parseHeader } from './pack.js';
 import { trailerHeader } from './repair.js';
@@ -90,9 +91,15 @@ export async function verifyStore(store: Store, options: VerifyOptions = {}): Pr
     if (!packs.has(loc.packId)) packs.set(loc.packId, (await store.backend.stat(`data/${loc.packId.slice(0, 2)}/${loc.packId}`)) !== undefined);
     if (packs.get(loc.packId) !== true) for (const b of backups) report(`chunk ${hex}`, `missing: its pack "${loc.packId}" is gone`, b);
   }
-  await checkPackIndexes(store, users, report);
-  let chunksRead = 0;
-  if (options.readData) chunksRead = await readChunks(store, users, problems, options, report);
+  // The pack indexes are compared with their trailers while the packs are
+  // read; each records what it finds aside, added in a fixed order after.
+  const indexReports: Array<Parameters<typeof report>> = [];
+  const dataReports: Array<Parameters<typeof report>> = [];
+  const [chunksRead] = await Promise.all([
+    options.readData ? readChunks(store, users, problems, options, (...r) => void dataReports.push(r)) : 0,
+    checkPackIndexes(store, users, (...r) => void indexReports.push(r)),
+  ]);
+  for (const r of [...indexReports, ...dataReports]) report(...r);
   return { backupsChecked: manifests.length, chunksChecked: users.size, chunksRead, problems: [...problems.values()] };
 }
 
@@ -190,6 +197,8 @@ async function readChunks(store: Store, users: ReadonlyMap<string, Set<string>>,
     p.ids.push(id);
     byPack.set(loc.packId, p);
   }
+  // The workers start while the packs are listed, not when the first one has been read.
+  if (byPack.size > 0) decodePool().start();
   const sizes = await store.backend.list('data/');
   const sizeOf = new Map(sizes.map((o) => [o.key.slice(o.key.lastIndexOf('/') + 1), o.size]));
   let total = 0;
