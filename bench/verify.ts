@@ -21,8 +21,9 @@
 //
 // Options: --size-gib N (default 2), --reps N (default 3), --baseline-cli
 // PATH, --prof DIR, --notes FILE.md (measured by hand, follows the tables),
-// --doc FILE | --no-doc. Writes the marked section "verify" of
-// docs/benchmarks.md.
+// --json FILE (keep the results), --from-json FILE (write the section from
+// kept results without measuring), --doc FILE | --no-doc. Writes the marked
+// section "verify" of docs/benchmarks.md.
 
 import { mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
@@ -52,9 +53,20 @@ interface Row {
   cpuMs: number[];
 }
 
-function parse(): { sizeBytes: number; reps: number; baseline: string | undefined; prof: string | undefined; notes: string | undefined; doc: string | undefined } {
+interface Options {
+  sizeBytes: number;
+  reps: number;
+  baseline: string | undefined;
+  prof: string | undefined;
+  notes: string | undefined;
+  json: string | undefined;
+  fromJson: string | undefined;
+  doc: string | undefined;
+}
+
+function parse(): Options {
   const { values } = parseArgs({
-    options: { 'size-gib': { type: 'string', default: '2' }, reps: { type: 'string', default: '3' }, 'baseline-cli': { type: 'string' }, prof: { type: 'string' }, notes: { type: 'string' }, doc: { type: 'string' }, 'no-doc': { type: 'boolean', default: false } },
+    options: { 'size-gib': { type: 'string', default: '2' }, reps: { type: 'string', default: '3' }, 'baseline-cli': { type: 'string' }, prof: { type: 'string' }, notes: { type: 'string' }, json: { type: 'string' }, 'from-json': { type: 'string' }, doc: { type: 'string' }, 'no-doc': { type: 'boolean', default: false } },
     strict: true,
   });
   return {
@@ -63,6 +75,8 @@ function parse(): { sizeBytes: number; reps: number; baseline: string | undefine
     baseline: values['baseline-cli'] !== undefined ? resolve(values['baseline-cli']) : undefined,
     prof: values.prof !== undefined ? resolve(values.prof) : undefined,
     notes: values.notes !== undefined ? readFileSync(resolve(values.notes), 'utf8').trim() : undefined,
+    json: values.json !== undefined ? resolve(values.json) : undefined,
+    fromJson: values['from-json'] !== undefined ? resolve(values['from-json']) : undefined,
     doc: values['no-doc'] ? undefined : resolve(values.doc ?? join(root, 'docs', 'benchmarks.md')),
   };
 }
@@ -88,6 +102,11 @@ function cliEnv(stateDir: string, encrypted: boolean): NodeJS.ProcessEnv {
 
 async function main(): Promise<void> {
   const o = parse();
+  if (o.fromJson !== undefined) {
+    const kept = JSON.parse(readFileSync(o.fromJson, 'utf8')) as ReportInput;
+    write({ ...kept, o: { ...kept.o, notes: o.notes, doc: o.doc } });
+    return;
+  }
   const log = (line: string): void => void process.stdout.write(`${line}\n`);
   const missing = peerMissing('restic');
   if (missing !== undefined) throw new Error(`restic is needed: ${missing}`);
@@ -186,16 +205,23 @@ async function main(): Promise<void> {
     await env.cleanup();
   }
   const loadEnd = loadAverage();
-  const section = report({ o, rows: [...rows.values()], profiles, repoBytes, dataBytes: layout.dataBytes, textBytes, chunks, loadStart, loadEnd, restic: await Restic.version() });
-  log(section);
-  if (o.doc !== undefined) {
-    writeFileSync(o.doc, withSection(readFileSync(o.doc, 'utf8'), 'verify', section));
-    log(`wrote ${o.doc}`);
+  const input: ReportInput = { o, at: new Date().toISOString(), rows: [...rows.values()], profiles, repoBytes, dataBytes: layout.dataBytes, textBytes, chunks, loadStart, loadEnd, restic: await Restic.version() };
+  if (o.json !== undefined) writeFileSync(o.json, `${JSON.stringify(input, null, 1)}\n`);
+  write(input);
+}
+
+function write(input: ReportInput): void {
+  const section = report(input);
+  process.stdout.write(`${section}\n`);
+  if (input.o.doc !== undefined) {
+    writeFileSync(input.o.doc, withSection(readFileSync(input.o.doc, 'utf8'), 'verify', section));
+    process.stdout.write(`wrote ${input.o.doc}\n`);
   }
 }
 
 interface ReportInput {
-  o: ReturnType<typeof parse>;
+  o: Options;
+  at: string;
   rows: Row[];
   profiles: Array<{ name: string; threads: ThreadProfile[] }>;
   repoBytes: Record<string, number>;
@@ -217,7 +243,7 @@ function report(r: ReportInput): string {
   const lines = [
     '## 16. verify --read-data against restic check --read-data',
     '',
-    `\`node dist/bench/verify.js --size-gib ${r.o.sizeBytes / GiB} --reps ${r.o.reps}${r.o.baseline !== undefined ? ' --baseline-cli …' : ''}${r.o.prof !== undefined ? ' --prof …' : ''}\` (bench/verify.ts), ${new Date().toISOString()}, Node.js ${process.version}, ${r.restic}; load average ${r.loadStart} → ${r.loadEnd}.`,
+    `\`node dist/bench/verify.js --size-gib ${r.o.sizeBytes / GiB} --reps ${r.o.reps}${r.o.baseline !== undefined ? ' --baseline-cli …' : ''}${r.o.prof !== undefined ? ' --prof …' : ''}\` (bench/verify.ts), ${r.at}, Node.js ${process.version}, ${r.restic}; load average ${r.loadStart} → ${r.loadEnd}.`,
     '',
     `A ${fmtBytes(r.o.sizeBytes)} disk with ${fmtBytes(r.dataBytes)} of random and ${fmtBytes(r.textBytes)} of text-like data between holes, backed up once by`,
     `qbackup into a plain and an encrypted repository (${r.chunks} chunks) and by restic (\`backup --stdin\` of the raw image). Repository sizes:`,
