@@ -283,6 +283,11 @@ export class Store {
     return this.chunks.get(id.toString('hex'));
   }
 
+  /** locate() for a caller that holds ids as hex (verify, over every chunk of every backup). */
+  locateHex(hex: string): ChunkLocation | undefined {
+    return this.chunks.get(hex);
+  }
+
   has(id: Buffer): boolean {
     return id.equals(ZERO_ID) || this.chunks.has(id.toString('hex'));
   }

@@ -60,6 +60,8 @@ export interface VerifyOptions {
 const PACKS_IN_FLIGHT = 4;
 
 export async function verifyStore(store: Store, options: VerifyOptions = {}): Promise<VerifyReport> {
+  // The decode workers start (a few hundred ms on a busy machine) while the indexes are read.
+  if (options.readData) decodePool().start();
   await store.loadChunks();
   // A manifest that cannot be read is a problem named by its key; the others are verified all the same.
   const readable = await store.readableManifests(options.domain);
@@ -81,7 +83,7 @@ export async function verifyStore(store: Store, options: VerifyOptions = {}): Pr
   const packs = new Map<string, boolean>();
   const unindexed = await unindexedChunks(store, users);
   for (const [hex, backups] of users) {
-    const loc = store.locate(Buffer.from(hex, 'hex'));
+    const loc = store.locateHex(hex);
     if (loc === undefined) {
       const packId = unindexed.get(hex);
       const problem = packId === undefined ? 'missing: no pack holds it' : `missing from the pack indexes: its pack "${packId}" has lost its index (verify --repair rebuilds it from the pack)`;
@@ -110,7 +112,7 @@ export async function verifyStore(store: Store, options: VerifyOptions = {}): Pr
  */
 async function unindexedChunks(store: Store, users: ReadonlyMap<string, Set<string>>): Promise<Map<string, string>> {
   const out = new Map<string, string>();
-  const missing = [...users.keys()].filter((hex) => store.locate(Buffer.from(hex, 'hex')) === undefined);
+  const missing = [...users.keys()].filter((hex) => store.locateHex(hex) === undefined);
   if (missing.length === 0) return out;
   const wanted = new Set(missing);
   const indexed = new Set((await store.backend.list('index/')).map((o) => o.key.slice(6)));
@@ -136,7 +138,7 @@ async function unindexedChunks(store: Store, users: ReadonlyMap<string, Set<stri
 async function checkPackIndexes(store: Store, users: Map<string, Set<string>>, report: (object: string, problem: string, backup: string) => void): Promise<void> {
   const usersOfPack = new Map<string, Set<string>>();
   for (const [hex, backups] of users) {
-    const loc = store.locate(Buffer.from(hex, 'hex'));
+    const loc = store.locateHex(hex);
     if (loc === undefined) continue;
     const set = usersOfPack.get(loc.packId) ?? new Set<string>();
     for (const b of backups) set.add(b);
@@ -190,15 +192,13 @@ async function readChunks(store: Store, users: ReadonlyMap<string, Set<string>>,
   const chosen = [...users.keys()].filter((hex) => !problems.has(`chunk ${hex}`) && (percent >= 100 || sample(hex) < percent));
   const byPack = new Map<string, { ids: Buffer[]; bytes: number }>();
   for (const hex of chosen) {
-    const id = Buffer.from(hex, 'hex');
-    const loc = store.locate(id);
+    const loc = store.locateHex(hex);
     if (loc === undefined) continue;
+    const id = Buffer.from(hex, 'hex');
     const p = byPack.get(loc.packId) ?? { ids: [], bytes: 0 };
     p.ids.push(id);
     byPack.set(loc.packId, p);
   }
-  // The workers start while the packs are listed, not when the first one has been read.
-  if (byPack.size > 0) decodePool().start();
   const sizes = await store.backend.list('data/');
   const sizeOf = new Map(sizes.map((o) => [o.key.slice(o.key.lastIndexOf('/') + 1), o.size]));
   let total = 0;
