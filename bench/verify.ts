@@ -268,10 +268,12 @@ function report(r: ReportInput): string {
     lines.push(`| ${name} vs restic \`check --read-data\` (medians; same repetition) | ≤ 0.8× | ${fmtRatio(ratio)} (${fmtMs(med(row.ms))} vs ${fmtMs(resticMs)}); ${fmtRatio(pairedRatio(row))} | ${ratio <= 0.8 ? 'met' : '**not met**'} |`);
   }
   if (r.profiles.length > 0) {
-    lines.push('', 'Profiles (`node --cpu-prof`, one untimed CLI run each): busy time and top self-time functions of each thread that was busy more than 50 ms.', '');
+    lines.push('', 'Profiles (`node --cpu-prof`, one untimed CLI run each): busy time and top self-time functions (share of all of the thread\'s samples, idle included) of each thread busy more than 50 ms.', '');
     for (const p of r.profiles) {
       const threads = p.threads.filter((t) => t.busyMs > 50);
-      lines.push(`- ${p.name}: ${threads.map((t, i) => `${i === 0 ? 'busiest' : `thread ${i + 1}`} ${fmtMs(t.busyMs)} busy: ${t.hot.filter((h) => h.name !== '(idle)').map((h) => `\`${h.name}\` ${h.pct.toFixed(0)} %`).join(', ')}`).join('; ')}`);
+      // node names each thread's file CPU.<date>.<time>.<pid>.<thread>.<seq>.cpuprofile; thread 0 is the main thread.
+      const label = (t: ThreadProfile): string => (t.file.split('.')[4] === '0' ? 'main thread' : 'worker');
+      lines.push(`- ${p.name}: ${threads.map((t) => `${label(t)} ${fmtMs(t.busyMs)} busy: ${t.hot.filter((h) => h.name !== '(idle)').map((h) => `\`${h.name}\` ${h.pct.toFixed(0)} %`).join(', ')}`).join('; ')}`);
     }
   }
   if (r.o.notes !== undefined) lines.push('', r.o.notes);
