@@ -85,7 +85,7 @@ export interface EncodedReply {
 
 export type WorkerRequest = { op: 'hash'; seq: number; chunks: Uint8Array[] } | { op: 'encode'; seq: number; wanted: boolean[] } | DecodeRequest | HashPackRequest;
 
-export type WorkerReply = { op: 'hashed'; seq: number; ids: Uint8Array[]; zero: boolean[] } | EncodedReply | DecodeReply | HashPackReply | { op: 'error'; seq: number; message: string };
+export type WorkerReply = { op: 'hashed'; seq: number; /** 32 bytes per chunk, back to back (a zero chunk's are zero). */ ids: Uint8Array; zero: boolean[] } | EncodedReply | DecodeReply | HashPackReply | { op: 'error'; seq: number; message: string };
 
 /** A pack's id: the SHA-256 of every byte. */
 export function hashPack(msg: HashPackRequest): HashPackReply {
@@ -154,7 +154,12 @@ function handle(msg: WorkerRequest): WorkerReply {
   if (msg.op === 'hash') {
     waiting.set(msg.seq, msg.chunks);
     const zero = msg.chunks.map((c) => isZero(c));
-    return { op: 'hashed', seq: msg.seq, ids: msg.chunks.map((c, i) => (zero[i] ? new Uint8Array(32) : chunkId(c, key))), zero };
+    // One buffer for the batch's ids: one allocation and one copy in the message, not one per chunk.
+    const ids = Buffer.alloc(32 * msg.chunks.length);
+    msg.chunks.forEach((c, i) => {
+      if (!zero[i]) chunkId(c, key).copy(ids, 32 * i);
+    });
+    return { op: 'hashed', seq: msg.seq, ids, zero };
   }
   const chunks = waiting.get(msg.seq) ?? [];
   waiting.delete(msg.seq);

@@ -93,7 +93,8 @@ export class ChunkPool {
     try {
       const hashed = await this.ask(slot, { op: 'hash', seq, chunks }, transfer);
       assert(hashed.op === 'hashed', 'a hash request is answered with ids');
-      const ids = hashed.ids.map((id, i) => (hashed.zero[i] === true ? ZERO_ID : Buffer.from(id)));
+      const all = Buffer.from(hashed.ids.buffer, hashed.ids.byteOffset, hashed.ids.byteLength);
+      const ids = chunks.map((_, i) => (hashed.zero[i] === true ? ZERO_ID : all.subarray(32 * i, 32 * i + 32)));
       const wanted = ids.map((id) => !id.equals(ZERO_ID) && !writer.has(id));
       const encoded = await this.ask(slot, { op: 'encode', seq, wanted });
       assert(encoded.op === 'encoded', 'an encode request is answered with blobs');
