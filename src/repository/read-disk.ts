@@ -21,7 +21,7 @@ import type { ChunkWriter, Store } from './store.js';
 /** Chunks read per NBD request (1 MiB at 64 KiB chunks). */
 const RUN_CHUNKS = 16;
 /** Reads in flight at once. */
-const READS_IN_FLIGHT = 4;
+const READS_IN_FLIGHT = 8;
 /**
  * A disk with at most this much to read is hashed and compressed on the main
  * thread: starting the pool's worker threads (a new V8 isolate each, loading
