@@ -55,7 +55,7 @@ export interface DecodeReply {
   packError?: string | undefined;
 }
 
-/** A whole pack, to be hashed into its id. `bytes` may be a view of a larger buffer: the whole buffer moves and comes back. */
+/** A whole pack, to be hashed into its id (in shared memory: read where it lies). */
 export interface HashPackRequest {
   op: 'hashPack';
   seq: number;
@@ -65,8 +65,6 @@ export interface HashPackRequest {
 export interface HashPackReply {
   op: 'packHashed';
   seq: number;
-  /** The request's bytes, handed back. */
-  bytes: Uint8Array;
   packId: string;
 }
 
@@ -89,7 +87,7 @@ export type WorkerReply = { op: 'hashed'; seq: number; /** 32 bytes per chunk, b
 
 /** A pack's id: the SHA-256 of every byte. */
 export function hashPack(msg: HashPackRequest): HashPackReply {
-  return { op: 'packHashed', seq: msg.seq, bytes: msg.bytes, packId: createHash('sha256').update(msg.bytes).digest('hex') };
+  return { op: 'packHashed', seq: msg.seq, packId: createHash('sha256').update(msg.bytes).digest('hex') };
 }
 
 const init = (workerData ?? { level: 1 }) as WorkerInit;
@@ -192,6 +190,5 @@ parentPort?.on('message', (msg: WorkerRequest) => {
 function repliedMemory(reply: WorkerReply): Uint8Array[] {
   if (reply.op === 'encoded') return [...reply.chunks, ...reply.blobs.flatMap((b) => (b === null ? [] : [b.body]))];
   if (reply.op === 'decoded') return [reply.plain];
-  if (reply.op === 'packHashed') return [reply.bytes];
   return [];
 }

@@ -19,7 +19,7 @@ import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { QbackupError } from '../errors.js';
 import { ChunkCompressor } from './compress.js';
-import { decodeEntries, hashPack, transferList, type DecodeEntry, type HashPackRequest, type DecodeReply, type DecodeRequest, type WorkerReply, type WorkerRequest } from './chunk-worker.js';
+import { decodeEntries, hashPack, type DecodeEntry, type HashPackRequest, type DecodeReply, type DecodeRequest, type WorkerReply, type WorkerRequest } from './chunk-worker.js';
 import type { MasterKey } from './crypto.js';
 
 /** Below this many bytes a request is decoded on the calling thread: a round trip to a worker costs more. */
@@ -49,15 +49,15 @@ class DecodePool {
   }
 
   /**
-   * A whole pack's id (the SHA-256 of its bytes), hashed on a worker. The
-   * pack's memory moves there and back: use the returned view, never the
-   * one given (whose memory is gone when it could be moved).
+   * A whole pack's id (the SHA-256 of its bytes), hashed on a worker. A pack
+   * in shared memory (PackBuilder's) is read there in place; any other is
+   * copied with the request. The caller must not change it meanwhile.
    */
-  async hashPack(pack: Buffer): Promise<{ pack: Buffer; packId: string }> {
+  async hashPack(pack: Buffer): Promise<string> {
     const request: HashPackRequest = { op: 'hashPack', seq: this.seq++, bytes: pack };
-    const reply = this.size === 0 || pack.length < INLINE_DECODE_BYTES ? hashPack(request) : await this.ask(request, transferList([pack]));
+    const reply = this.size === 0 || pack.length < INLINE_DECODE_BYTES ? hashPack(request) : await this.ask(request, []);
     if (reply.op !== 'packHashed') throw new Error('a pack hash request is answered with its id');
-    return { pack: Buffer.from(reply.bytes.buffer, reply.bytes.byteOffset, reply.bytes.byteLength), packId: reply.packId };
+    return reply.packId;
   }
 
   private async ask(request: WorkerRequest, transfer: ArrayBuffer[]): Promise<WorkerReply> {

@@ -57,10 +57,14 @@ const PACK_BUFFER_BYTES = PACK_TARGET_BYTES + 2 * 1024 * 1024;
 const PACK_BUFFERS_KEPT = 6;
 const packBuffers: Buffer[] = [];
 
-/** A buffer for a pack: a reused one, else a new one (never from Node's shared pool: it may be transferred). */
+/**
+ * A buffer for a pack: a reused one, else a new one. Pack buffers are shared
+ * memory: a worker hashes a full pack where it lies, with nothing moved.
+ * (Moving 16 MiB buffers between threads and back made V8 count each return
+ * as new external memory, and collect garbage every few packs.)
+ */
 function takePackBuffer(atLeast: number): Buffer {
-  if (atLeast <= PACK_BUFFER_BYTES) return packBuffers.pop() ?? Buffer.allocUnsafeSlow(PACK_BUFFER_BYTES);
-  return Buffer.allocUnsafeSlow(atLeast);
+  return (atLeast <= PACK_BUFFER_BYTES ? packBuffers.pop() : undefined) ?? Buffer.from(new SharedArrayBuffer(Math.max(atLeast, PACK_BUFFER_BYTES)));
 }
 
 /**
@@ -68,7 +72,7 @@ function takePackBuffer(atLeast: number): Buffer {
  * pack is stored). `pack` may be a view of it: the whole memory is kept.
  */
 export function releasePackBuffer(pack: Uint8Array): void {
-  if (!(pack.buffer instanceof ArrayBuffer) || pack.buffer.byteLength !== PACK_BUFFER_BYTES || packBuffers.length >= PACK_BUFFERS_KEPT) return;
+  if (!(pack.buffer instanceof SharedArrayBuffer) || pack.buffer.byteLength !== PACK_BUFFER_BYTES || packBuffers.length >= PACK_BUFFERS_KEPT) return;
   packBuffers.push(Buffer.from(pack.buffer, 0, PACK_BUFFER_BYTES));
 }
 

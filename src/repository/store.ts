@@ -388,10 +388,9 @@ export class Store {
 
   /** Stores a finished pack: the pack first, then its index, so no index names a missing pack. */
   async storePack(builder: PackBuilder): Promise<string> {
-    const { pack: bytes, header } = builder.complete(this.key);
+    const { pack, header } = builder.complete(this.key);
     const headerBytes = header.length;
-    // Hashed on a worker: the pack's memory moves there and back.
-    const { pack, packId } = await decodePool().hashPack(bytes);
+    const packId = await decodePool().hashPack(pack);
     await this.backend.putIfAbsent(packKey(packId), pack);
     // Stored: the buffer serves the next pack (after a failure it is left to the collector).
     releasePackBuffer(pack);
