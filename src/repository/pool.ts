@@ -104,12 +104,11 @@ export class ChunkPool {
         const id = ids[i];
         const rawLength = lengths[i];
         if (blob === null || id === undefined || rawLength === undefined) continue;
-        const before = writer.storedBytes;
         // Copied into the pack: the batch's memory is free again once this loop ends.
-        await writer.addEncoded(id, encodedParts(blob), rawLength);
-        if (writer.storedBytes > before) {
+        const length = await writer.addEncoded(id, encodedParts(blob), rawLength);
+        if (length > 0) {
           newChunks++;
-          storedBytes += writer.storedBytes - before;
+          storedBytes += length;
         }
       }
       return { ids, newChunks, storedBytes, chunks: encoded.chunks.map((c) => Buffer.from(c.buffer, c.byteOffset, c.byteLength)) };
@@ -130,10 +129,11 @@ export class ChunkPool {
       const id = this.store.chunkId(c);
       ids.push(id);
       if (writer.has(id)) continue;
-      const before = writer.storedBytes;
-      await writer.addEncoded(id, encodedParts(encodeChunkParts(c, { compressor: this.store.compressor, key: this.store.key })), c.length);
-      newChunks++;
-      storedBytes += writer.storedBytes - before;
+      const length = await writer.addEncoded(id, encodedParts(encodeChunkParts(c, { compressor: this.store.compressor, key: this.store.key })), c.length);
+      if (length > 0) {
+        newChunks++;
+        storedBytes += length;
+      }
     }
     return { ids, newChunks, storedBytes, chunks };
   }

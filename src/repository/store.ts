@@ -604,16 +604,19 @@ export class ChunkWriter {
   /**
    * Adds a chunk whose stored form was made elsewhere (a worker), whole or
    * as its parts; it is copied into the pack, so its memory is the caller's
-   * again when this returns. Stores the pack when full.
+   * again when this returns. Stores the pack when full. Returns the bytes
+   * this chunk takes in the pack, or 0 when it was stored already.
    */
-  async addEncoded(id: Buffer, blob: Uint8Array | readonly Uint8Array[], rawLength: number): Promise<void> {
-    if (this.has(id)) return;
+  async addEncoded(id: Buffer, blob: Uint8Array | readonly Uint8Array[], rawLength: number): Promise<number> {
+    if (this.has(id)) return 0;
     this.pending.add(id.toString('hex'));
     const before = this.builder.bytes;
     this.builder.add(id, blob, rawLength);
-    this.storedBytes += this.builder.bytes - before;
+    const length = this.builder.bytes - before;
+    this.storedBytes += length;
     this.storedChunks++;
     if (this.builder.bytes >= PACK_TARGET_BYTES) await this.rotate();
+    return length;
   }
 
   /** Encodes and adds a chunk in this thread. */
