@@ -202,6 +202,12 @@ export class Restic {
     return { ms: r.ms, cpuMs: r.cpuMs };
   }
 
+  /** `restic check`, with `--read-data`: every pack read back and checked. */
+  async check(readData: boolean): Promise<ToolRun> {
+    const r = await runWithCpu('restic', ['check', ...(readData ? ['--read-data'] : []), '-q'], { env: this.env });
+    return { ms: r.ms, cpuMs: r.cpuMs };
+  }
+
   static version(): Promise<string> {
     return run('restic', ['version']).then((r) => r.stdout.trim().split('\n')[0] ?? 'unknown');
   }

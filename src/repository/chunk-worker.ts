@@ -12,7 +12,7 @@
 
 import { createHash } from 'node:crypto';
 import { isMarkedAsUntransferable, parentPort, workerData } from 'node:worker_threads';
-import { decodeChunk, encodeChunk, isZero } from './chunk.js';
+import { decodeChunk, encodeChunkParts, isZero, type EncodedChunk } from './chunk.js';
 import { ChunkCompressor } from './compress.js';
 import { chunkId, type MasterKey } from './crypto.js';
 
@@ -55,36 +55,39 @@ export interface DecodeReply {
   packError?: string | undefined;
 }
 
-/** A pack's parts (salt, blobs, header, trailer length) to be put together and hashed. */
-export interface AssembleRequest {
-  op: 'assemble';
+/** A whole pack, to be hashed into its id (in shared memory: read where it lies). */
+export interface HashPackRequest {
+  op: 'hashPack';
   seq: number;
-  parts: Uint8Array[];
+  bytes: Uint8Array;
 }
 
-export interface AssembleReply {
-  op: 'assembled';
+export interface HashPackReply {
+  op: 'packHashed';
   seq: number;
-  pack: Uint8Array;
   packId: string;
 }
 
-export type WorkerRequest = { op: 'hash'; seq: number; chunks: Uint8Array[] } | { op: 'encode'; seq: number; wanted: boolean[] } | DecodeRequest | AssembleRequest;
+/**
+ * A batch's chunks, encoded: per chunk its stored form (see EncodedChunk in
+ * chunk.ts; a raw chunk's body is a view of the batch itself) or null when
+ * it was not wanted, and the batch's chunks handed back (their memory is
+ * the caller's again).
+ */
+export interface EncodedReply {
+  op: 'encoded';
+  seq: number;
+  blobs: Array<EncodedChunk | null>;
+  chunks: Uint8Array[];
+}
 
-export type WorkerReply = { op: 'hashed'; seq: number; ids: Uint8Array[]; zero: boolean[] } | { op: 'encoded'; seq: number; blobs: Array<Uint8Array | null> } | DecodeReply | AssembleReply | { op: 'error'; seq: number; message: string };
+export type WorkerRequest = { op: 'hash'; seq: number; chunks: Uint8Array[] } | { op: 'encode'; seq: number; wanted: boolean[] } | DecodeRequest | HashPackRequest;
 
-/** A pack's bytes in one buffer of its own, and its id (the SHA-256 of every byte), hashed as the parts are copied in. */
-export function assemblePack(msg: AssembleRequest): AssembleReply {
-  const total = msg.parts.reduce((n, p) => n + p.byteLength, 0);
-  const pack = Buffer.allocUnsafeSlow(total);
-  const hash = createHash('sha256');
-  let at = 0;
-  for (const p of msg.parts) {
-    pack.set(p, at);
-    hash.update(p);
-    at += p.byteLength;
-  }
-  return { op: 'assembled', seq: msg.seq, pack, packId: hash.digest('hex') };
+export type WorkerReply = { op: 'hashed'; seq: number; /** 32 bytes per chunk, back to back (a zero chunk's are zero). */ ids: Uint8Array; zero: boolean[] } | EncodedReply | DecodeReply | HashPackReply | { op: 'error'; seq: number; message: string };
+
+/** A pack's id: the SHA-256 of every byte. */
+export function hashPack(msg: HashPackRequest): HashPackReply {
+  return { op: 'packHashed', seq: msg.seq, packId: createHash('sha256').update(msg.bytes).digest('hex') };
 }
 
 const init = (workerData ?? { level: 1 }) as WorkerInit;
@@ -145,15 +148,20 @@ function fitsInPlace(entries: readonly DecodeEntry[], size: number): boolean {
 
 function handle(msg: WorkerRequest): WorkerReply {
   if (msg.op === 'decode') return decodeEntries(msg, compressor);
-  if (msg.op === 'assemble') return assemblePack(msg);
+  if (msg.op === 'hashPack') return hashPack(msg);
   if (msg.op === 'hash') {
     waiting.set(msg.seq, msg.chunks);
     const zero = msg.chunks.map((c) => isZero(c));
-    return { op: 'hashed', seq: msg.seq, ids: msg.chunks.map((c, i) => (zero[i] ? new Uint8Array(32) : chunkId(c, key))), zero };
+    // One buffer for the batch's ids: one allocation and one copy in the message, not one per chunk.
+    const ids = Buffer.alloc(32 * msg.chunks.length);
+    msg.chunks.forEach((c, i) => {
+      if (!zero[i]) chunkId(c, key).copy(ids, 32 * i);
+    });
+    return { op: 'hashed', seq: msg.seq, ids, zero };
   }
   const chunks = waiting.get(msg.seq) ?? [];
   waiting.delete(msg.seq);
-  return { op: 'encoded', seq: msg.seq, blobs: chunks.map((c, i) => (msg.wanted[i] === true ? encodeChunk(c, { compressor, key }) : null)) };
+  return { op: 'encoded', seq: msg.seq, blobs: chunks.map((c, i) => (msg.wanted[i] === true ? encodeChunkParts(c, { compressor, key }) : null)), chunks };
 }
 
 /**
@@ -175,6 +183,12 @@ parentPort?.on('message', (msg: WorkerRequest) => {
   } catch (err) {
     reply = { op: 'error', seq: msg.seq, message: err instanceof Error ? err.message : String(err) };
   }
-  const views = reply.op === 'encoded' ? reply.blobs.filter((b): b is Uint8Array => b !== null) : reply.op === 'decoded' ? [reply.plain] : reply.op === 'assembled' ? [reply.pack] : [];
-  parentPort?.postMessage(reply, transferList(views));
+  parentPort?.postMessage(reply, transferList(repliedMemory(reply)));
 });
+
+/** The memory a reply hands over to the caller. */
+function repliedMemory(reply: WorkerReply): Uint8Array[] {
+  if (reply.op === 'encoded') return [...reply.chunks, ...reply.blobs.flatMap((b) => (b === null ? [] : [b.body]))];
+  if (reply.op === 'decoded') return [reply.plain];
+  return [];
+}

@@ -1,7 +1,7 @@
 // The repository's shared worker pool: decodes ranged reads of packs
 // (decrypt, decompress, check against ids) off the main thread, for every
-// reader of chunks (Store.readChunks, Store.checkPack), and puts full packs
-// together and hashes them for every writer (Store.storePack). One pool per process, shared by
+// reader of chunks (Store.readChunks, Store.checkPack), and hashes
+// full packs for every writer (Store.storePack). One pool per process, shared by
 // every repository open in it (the key travels with each request), started
 // with the first read big enough to be worth it; idle workers never keep the
 // process alive.
@@ -19,7 +19,7 @@ import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { QbackupError } from '../errors.js';
 import { ChunkCompressor } from './compress.js';
-import { assemblePack, decodeEntries, transferList, type AssembleRequest, type DecodeEntry, type DecodeReply, type DecodeRequest, type WorkerReply, type WorkerRequest } from './chunk-worker.js';
+import { decodeEntries, hashPack, type DecodeEntry, type HashPackRequest, type DecodeReply, type DecodeRequest, type WorkerReply, type WorkerRequest } from './chunk-worker.js';
 import type { MasterKey } from './crypto.js';
 
 /** Below this many bytes a request is decoded on the calling thread: a round trip to a worker costs more. */
@@ -49,17 +49,15 @@ class DecodePool {
   }
 
   /**
-   * A pack's parts in one buffer and its id, put together and hashed on a
-   * worker: the writer's thread neither copies nor hashes the pack. Parts
-   * that own their whole memory, except those in `keep`, move to the worker
-   * and are unusable after.
+   * A whole pack's id (the SHA-256 of its bytes), hashed on a worker. A pack
+   * in shared memory (PackBuilder's) is read there in place; any other is
+   * copied with the request. The caller must not change it meanwhile.
    */
-  async assemble(parts: readonly Buffer[], keep: readonly Buffer[] = []): Promise<{ pack: Buffer; packId: string }> {
-    const request: AssembleRequest = { op: 'assemble', seq: this.seq++, parts: [...parts] };
-    const total = parts.reduce((n, p) => n + p.length, 0);
-    const reply = this.size === 0 || total < INLINE_DECODE_BYTES ? assemblePack(request) : await this.ask(request, transferList(parts.filter((p) => ownsAll(p) && !keep.includes(p))));
-    if (reply.op !== 'assembled') throw new Error('an assemble request is answered with a pack');
-    return { pack: Buffer.from(reply.pack.buffer, reply.pack.byteOffset, reply.pack.byteLength), packId: reply.packId };
+  async hashPack(pack: Buffer): Promise<string> {
+    const request: HashPackRequest = { op: 'hashPack', seq: this.seq++, bytes: pack };
+    const reply = this.size === 0 || pack.length < INLINE_DECODE_BYTES ? hashPack(request) : await this.ask(request, []);
+    if (reply.op !== 'packHashed') throw new Error('a pack hash request is answered with its id');
+    return reply.packId;
   }
 
   private async ask(request: WorkerRequest, transfer: ArrayBuffer[]): Promise<WorkerReply> {

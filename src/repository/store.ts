@@ -42,7 +42,7 @@ import { chunkId, newMasterKey, parseKeyFile, seal, unseal, unwrapMasterKey, wra
 import { decodeIndex, encodeIndex, indexKey, INDEX_ID, MAX_CHAIN, resolveChain, type DiskIndex, type FullIndex } from './disk-index.js';
 import { parseManifest, parseManifestName, manifestKey, serializeManifestWithChecksum, type Manifest } from './manifest.js';
 import { cachedChainLength, packIndexCache, rememberChainLength } from './index-cache.js';
-import { PACK_ID, PACK_TARGET_BYTES, PackBuilder, packIndexKey, packKey, parseHeader } from './pack.js';
+import { PACK_ID, PACK_TARGET_BYTES, PackBuilder, packIndexKey, packKey, parseHeader, releasePackBuffer } from './pack.js';
 
 /** Small objects (pack headers, manifests) read at once when loading them all. */
 const HEADER_READS_IN_FLIGHT = 8;
@@ -388,11 +388,12 @@ export class Store {
 
   /** Stores a finished pack: the pack first, then its index, so no index names a missing pack. */
   async storePack(builder: PackBuilder): Promise<string> {
-    const { parts, header } = builder.finishParts(this.key);
+    const { pack, header } = builder.complete(this.key);
     const headerBytes = header.length;
-    // Put together and hashed on a worker; the blobs are not ours after this.
-    const { pack, packId } = await decodePool().assemble(parts, [header]);
+    const packId = await decodePool().hashPack(pack);
     await this.backend.putIfAbsent(packKey(packId), pack);
+    // Stored: the buffer serves the next pack (after a failure it is left to the collector).
+    releasePackBuffer(pack);
     await this.backend.putIfAbsent(packIndexKey(packId), header);
     const ids = builder.entries.map((e) => e.id.toString('hex'));
     const locations = builder.entries.map((e) => ({ packId, offset: e.offset, length: e.length, rawLength: e.rawLength }));
@@ -569,14 +570,24 @@ export class Store {
   }
 }
 
+/**
+ * Packs being stored at once behind the filling one. A pack's store is a
+ * hash on a worker and two durable writes (each fsynced, then its directory):
+ * one at a time, the writes were the serial stage of a full backup, with the
+ * readers and the chunk workers waiting on them. Several overlap their
+ * syncs; more would only hold more memory (16 MiB each).
+ */
+const UPLOADS_IN_FLIGHT = 3;
+
 /** Collects new chunks into packs of about PACK_TARGET_BYTES and stores each when full. */
 export class ChunkWriter {
   private builder = new PackBuilder();
   /** Chunks added to the open pack, by hex id (so a chunk is packed once). */
   private pending = new Set<string>();
-  /** The full pack being stored while the next one fills (object storage is far away), and its chunks. */
-  private uploading: Promise<void> | undefined;
-  private uploadingIds = new Set<string>();
+  /** Full packs being stored while the next one fills, each with its chunks. */
+  private readonly uploads = new Set<{ done: Promise<void>; ids: Set<string> }>();
+  /** The first failure of a pack's store: it fails the next add or flush. */
+  private failure: unknown;
   storedBytes = 0;
   storedChunks = 0;
 
@@ -585,17 +596,27 @@ export class ChunkWriter {
   /** Is the chunk stored or about to be? */
   has(id: Buffer): boolean {
     const hex = id.toString('hex');
-    return this.store.has(id) || this.pending.has(hex) || this.uploadingIds.has(hex);
+    if (this.store.has(id) || this.pending.has(hex)) return true;
+    for (const u of this.uploads) if (u.ids.has(hex)) return true;
+    return false;
   }
 
-  /** Adds a chunk whose stored form was made elsewhere (a worker); stores the pack when full. */
-  async addEncoded(id: Buffer, blob: Buffer, rawLength: number): Promise<void> {
-    if (this.has(id)) return;
+  /**
+   * Adds a chunk whose stored form was made elsewhere (a worker), whole or
+   * as its parts; it is copied into the pack, so its memory is the caller's
+   * again when this returns. Stores the pack when full. Returns the bytes
+   * this chunk takes in the pack, or 0 when it was stored already.
+   */
+  async addEncoded(id: Buffer, blob: Uint8Array | readonly Uint8Array[], rawLength: number): Promise<number> {
+    if (this.has(id)) return 0;
     this.pending.add(id.toString('hex'));
+    const before = this.builder.bytes;
     this.builder.add(id, blob, rawLength);
-    this.storedBytes += blob.length;
+    const length = this.builder.bytes - before;
+    this.storedBytes += length;
     this.storedChunks++;
     if (this.builder.bytes >= PACK_TARGET_BYTES) await this.rotate();
+    return length;
   }
 
   /** Encodes and adds a chunk in this thread. */
@@ -607,31 +628,32 @@ export class ChunkWriter {
   /** Stores every chunk added so far; they may be referenced once it returns. */
   async flush(): Promise<void> {
     await this.rotate();
-    await this.settle();
+    while (this.uploads.size > 0) await Promise.race([...this.uploads].map((u) => u.done));
+    this.throwIfFailed();
   }
 
-  /** Starts storing the open pack once the previous one is stored: at most one upload runs behind the filling pack. */
+  /** Starts storing the open pack, once fewer than UPLOADS_IN_FLIGHT are being stored. */
   private async rotate(): Promise<void> {
-    await this.settle();
+    while (this.uploads.size >= UPLOADS_IN_FLIGHT) await Promise.race([...this.uploads].map((u) => u.done));
+    this.throwIfFailed();
     if (this.builder.count === 0) return;
     const builder = this.builder;
     this.builder = new PackBuilder();
-    this.uploadingIds = this.pending;
+    const upload = { done: Promise.resolve(), ids: this.pending };
     this.pending = new Set();
-    this.uploading = this.store.storePack(builder).then(() => undefined);
-    // Failures surface at the next rotate or flush; mark this one handled meanwhile.
-    this.uploading.catch(() => undefined);
+    // Settles either way; a failure is kept for the next add or flush to throw.
+    upload.done = this.store.storePack(builder).then(
+      () => void this.uploads.delete(upload),
+      (err: unknown) => {
+        this.failure ??= err;
+        this.uploads.delete(upload);
+      },
+    );
+    this.uploads.add(upload);
   }
 
-  private async settle(): Promise<void> {
-    const upload = this.uploading;
-    if (upload === undefined) return;
-    try {
-      await upload;
-    } finally {
-      this.uploading = undefined;
-      this.uploadingIds = new Set();
-    }
+  private throwIfFailed(): void {
+    if (this.failure !== undefined) throw this.failure;
   }
 }
 
