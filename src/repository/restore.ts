@@ -11,7 +11,7 @@ import { NbdClient } from '../nbd/client.js';
 import { runPool } from '../util/run-pool.js';
 import { createNewFile } from '../util/safe-create.js';
 import { throwIfCancelled } from '../util/operation.js';
-import { createImage } from '../image/qemu-img.js';
+import { planQcow2, QCOW2_CLUSTER_BYTES } from '../image/qcow2-layout.js';
 import { startQemuNbd } from '../image/qemu-nbd.js';
 import { ZERO_ID } from './chunk.js';
 import type { FullIndex } from './disk-index.js';
@@ -44,7 +44,7 @@ export interface WriteDiskOptions {
 /** Writes the table's disk into a new image file at `path`. */
 export async function restoreToFile(store: Store, table: FullIndex, path: string, format: ImageFormat, options: WriteDiskOptions): Promise<void> {
   await using out = await createNewFile(path, `Cannot restore ${options.what}`);
-  const sink = format === 'raw' ? await rawSink(out.handle, table.virtualSize) : await qcow2Sink(out.fdPath, table.virtualSize);
+  const sink = format === 'raw' ? await rawSink(out.handle, table.virtualSize) : await qcow2Sink(out.handle, table);
   try {
     await copyTable(store, table, sink, false, options);
   } finally {
@@ -158,25 +158,29 @@ async function rawSink(fh: FileHandle, size: number): Promise<Sink> {
   };
 }
 
-/** `path` names the new file through /proc (see util/safe-create.ts): qemu-img and qemu-nbd reach no other. */
-async function qcow2Sink(path: string, size: number): Promise<Sink> {
-  await createImage(path, 'qcow2', size);
-  const server = await startQemuNbd(path, { format: 'qcow2' });
-  const client = await NbdClient.connect({ socket: server.socket }, { exportName: server.exportName }).catch(async (err: unknown) => {
-    await server.stop();
-    throw err;
+/**
+ * A new qcow2 image written directly (image/qcow2-layout.ts): the clusters
+ * holding non-zero chunks are known from the index, so the metadata is
+ * written first and each chunk's data goes to its cluster's host offset.
+ */
+async function qcow2Sink(fh: FileHandle, table: FullIndex): Promise<Sink> {
+  const chunkSize = table.chunkSize;
+  const slots = table.ids.length / 32;
+  const nonZero = (slot: number): boolean => slot < slots && !table.ids.subarray(slot * 32, slot * 32 + 32).equals(ZERO_ID);
+  const layout = planQcow2(table.virtualSize, (cluster) => {
+    const first = Math.floor((cluster * QCOW2_CLUSTER_BYTES) / chunkSize);
+    const last = Math.floor(((cluster + 1) * QCOW2_CLUSTER_BYTES - 1) / chunkSize);
+    for (let slot = first; slot <= last; slot++) if (nonZero(slot)) return true;
+    return false;
   });
-  const sink = nbdSink(client);
+  await fh.truncate(layout.fileSize);
+  for (const m of layout.metadata) await fh.write(m.data, 0, m.data.length, m.offset);
   return {
-    ...sink,
-    close: async () => {
-      try {
-        await client.flush();
-        await client.close();
-      } finally {
-        await server.stop();
-      }
+    write: async (offset, data) => {
+      await Promise.all(layout.hostRanges(offset, data.length).map((r) => fh.write(data, r.at, r.length, r.host)));
     },
+    zero: async () => undefined, // an unallocated cluster reads zero
+    close: async () => undefined, // the new file syncs and closes it on commit
   };
 }
 
