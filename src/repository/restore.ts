@@ -5,6 +5,7 @@
 // decode pool's workers); a new image is written under a temporary name and renamed into
 // place only when complete, so nothing partial ever looks finished.
 
+import assert from 'node:assert';
 import type { FileHandle } from 'node:fs/promises';
 import { QbackupError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
@@ -24,6 +25,12 @@ interface Sink {
   write(offset: number, data: Buffer): Promise<void>;
   zero(offset: number, length: number): Promise<void>;
   close(): Promise<void>;
+  /**
+   * A new image file that the decode workers write themselves (see
+   * Store.copyChunksToFile): its fd, and where the bytes of one chunk at a
+   * guest offset go in it.
+   */
+  file?: { fd: number; place(offset: number, length: number): number } | undefined;
 }
 
 /** Slots read together: one pack's worth. */
@@ -80,6 +87,30 @@ async function copyTable(store: Store, table: FullIndex, sink: Sink, writeZeroes
   const runs = function* (): Generator<{ first: number; count: number }> {
     for (let first = 0; first < slots; first += runChunks) yield { first, count: Math.min(runChunks, slots - first) };
   };
+  const file = sink.file;
+  if (file !== undefined && !writeZeroes && store.copiesToFiles) {
+    // Decode workers read the packs and write the image themselves: no chunk's bytes pass through this thread.
+    await runPool(runs(), RUNS_IN_FLIGHT, async ({ first, count }) => {
+      throwIfCancelled(options.signal, `Restoring ${options.what}`);
+      const ids: Buffer[] = [];
+      const writes: Array<Array<{ position: number; length: number }>> = [];
+      let bytes = 0;
+      for (let i = 0; i < count; i++) {
+        const offset = (first + i) * chunkSize;
+        const length = Math.min(chunkSize, total - offset);
+        bytes += length;
+        const id = table.ids.subarray((first + i) * 32, (first + i + 1) * 32);
+        if (id.equals(ZERO_ID)) continue;
+        ids.push(id);
+        writes.push([{ position: file.place(offset, length), length }]);
+      }
+      const errors = await store.copyChunksToFile(ids, writes, file.fd, { signal: options.signal, what: options.what });
+      for (const [k, err] of errors.entries()) if (err !== undefined) throw chunkError(store, ids[k] ?? ZERO_ID, err, options);
+      done += bytes;
+      options.onProgress?.(done, total);
+    });
+    return;
+  }
   await runPool(runs(), RUNS_IN_FLIGHT, async ({ first, count }) => {
     throwIfCancelled(options.signal, `Restoring ${options.what}`);
     const datas = await readRun(store, table, first, count, options);
@@ -135,16 +166,19 @@ async function readRun(store: Store, table: FullIndex, first: number, count: num
   }
   const results = await store.readChunks(ids, { signal: options.signal });
   for (const [k, r] of results.entries()) {
-    if ('error' in r) {
-      const hex = ids[k]?.toString('hex') ?? '';
-      if (r.error.code === 'REPO_OBJECT_NOT_FOUND' && store.locate(ids[k] ?? ZERO_ID) === undefined) {
-        throw new QbackupError('REPO_OBJECT_NOT_FOUND', `Cannot restore ${options.what}: chunk ${hex} is missing from the repository`, { details: { chunk: hex } });
-      }
-      throw new QbackupError(r.error.code, `Cannot restore ${options.what}: ${r.error.message}`, { cause: r.error, details: { chunk: hex } });
-    }
+    if ('error' in r) throw chunkError(store, ids[k] ?? ZERO_ID, r.error, options);
     out[slots[k] ?? 0] = r.data;
   }
   return out;
+}
+
+/** The restore's error for a chunk that could not be read: missing from the repository, or why not. */
+function chunkError(store: Store, id: Buffer, error: QbackupError, options: WriteDiskOptions): QbackupError {
+  const hex = id.toString('hex');
+  if (error.code === 'REPO_OBJECT_NOT_FOUND' && store.locate(id) === undefined) {
+    return new QbackupError('REPO_OBJECT_NOT_FOUND', `Cannot restore ${options.what}: chunk ${hex} is missing from the repository`, { details: { chunk: hex } });
+  }
+  return new QbackupError(error.code, `Cannot restore ${options.what}: ${error.message}`, { cause: error, details: { chunk: hex } });
 }
 
 async function rawSink(fh: FileHandle, size: number): Promise<Sink> {
@@ -155,6 +189,7 @@ async function rawSink(fh: FileHandle, size: number): Promise<Sink> {
     },
     zero: async () => undefined, // a new sparse file reads zero already
     close: async () => undefined, // the new file syncs and closes it on commit
+    file: { fd: fh.fd, place: (offset) => offset },
   };
 }
 
@@ -181,6 +216,15 @@ async function qcow2Sink(fh: FileHandle, table: FullIndex): Promise<Sink> {
     },
     zero: async () => undefined, // an unallocated cluster reads zero
     close: async () => undefined, // the new file syncs and closes it on commit
+    file: {
+      fd: fh.fd,
+      place: (offset, length) => {
+        // A chunk's clusters are allocated together and laid out in guest order: one host range.
+        const [range, ...more] = layout.hostRanges(offset, length);
+        assert(range !== undefined && more.length === 0, 'a chunk lies in one host range of the image');
+        return range.host;
+      },
+    },
   };
 }
 
