@@ -2,13 +2,18 @@
 // for reading). Writing: hashes a batch of chunks and, for those the main
 // thread asks for, compresses and encrypts them. Reading: decodes (decrypts,
 // decompresses) a ranged read of a pack, checks every chunk against its id
-// and, when asked, the whole pack against its id. Runs in a worker so that
+// and, when asked, the whole pack against its id; or (copy) reads that range
+// itself from an open pack, decodes and checks it the same way and writes
+// each plaintext to an open image file. Runs in a worker so that
 // both cores hash, compress and decode while the main thread does the I/O.
 //
 // Invariants:
 // - A decode reply carries every chunk's plaintext in one transferred buffer
 //   (in the request's order), or that chunk's error; one damaged chunk never
 //   hides the others.
+// - A copy writes only chunks that were checked against their ids, and
+//   answers only once every write of its request has returned: the caller
+//   may close the files then.
 
 import { createHash } from 'node:crypto';
 import { readSync, writevSync } from 'node:fs';

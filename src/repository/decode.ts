@@ -1,6 +1,8 @@
 // The repository's shared worker pool: decodes ranged reads of packs
 // (decrypt, decompress, check against ids) off the main thread, for every
-// reader of chunks (Store.readChunks, Store.checkPack), and puts full packs
+// reader of chunks (Store.readChunks, Store.checkPack; for a restore from a
+// local repository, Store.copyChunksToFile, whose workers read the pack and
+// write the image themselves, keeping one read buffer each), and puts full packs
 // together and hashes them for every writer (Store.storePack). One pool per process, shared by
 // every repository open in it (the key travels with each request), started
 // with the first read big enough to be worth it; idle workers never keep the

@@ -1,9 +1,14 @@
 // Writing one backed-up disk out of the store: as a new sparse raw image or a
-// new qcow2 image (zero chunks stay holes), or into an existing image (zero
-// chunks are written as zeroes). Chunks come through Store.readChunks, the
-// one read path (ranged reads, decoded and checked against their ids on the
-// decode pool's workers); a new image is written under a temporary name and renamed into
-// place only when complete, so nothing partial ever looks finished.
+// new qcow2 image written directly (image/qcow2-layout.ts; zero chunks stay
+// holes, unallocated clusters in qcow2), or into an existing image through
+// qemu-nbd (zero chunks are written as zeroes). Chunks come through
+// Store.readChunks, the one read path (ranged reads, decoded and checked
+// against their ids on the decode pool's workers), or, for a new image from
+// a local repository, Store.copyChunksToFile (the same, with the workers
+// reading the packs and writing the image themselves). A new image is
+// written under a temporary name and linked into place only when complete
+// and synced, so nothing partial ever looks finished; no write to it is in
+// flight once a restore returns or throws.
 
 import assert from 'node:assert';
 import type { FileHandle } from 'node:fs/promises';

@@ -13,7 +13,9 @@
 // Invariants:
 // - Every key is built here from validated ids (hex digests, backup ids,
 //   domain names), never from the content of an object.
-// - Chunks leave packs only through readChunks (readChunk is one of them):
+// - Chunks leave packs only through readChunks (readChunk is one of them)
+//   and, for a restore from a local repository, copyChunksToFile (the same
+//   grouping, read and written by the workers themselves):
 //   chunks adjacent in a pack come in one ranged read, are decoded on the
 //   decode pool's workers (decode.ts) and checked against their ids; packs
 //   are read whole only by checkPack, which also hashes them against their
