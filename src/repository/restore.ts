@@ -42,6 +42,12 @@ interface Sink {
 const RUN_BYTES = 16 * 1024 * 1024;
 /** Runs in flight at once (each has its own ranged reads in flight). */
 const RUNS_IN_FLIGHT = 2;
+/**
+ * Runs in flight when the workers read and write themselves: a waiting run
+ * holds no chunk bytes, and a deeper queue keeps every worker busy (4
+ * against 2: a raw restore 3.6 s against 4.3–6.3 s here).
+ */
+const COPY_RUNS_IN_FLIGHT = 4;
 /** The largest single write of back-to-back plaintexts. */
 const MAX_WRITE_BYTES = 4 * 1024 * 1024;
 
@@ -95,7 +101,7 @@ async function copyTable(store: Store, table: FullIndex, sink: Sink, writeZeroes
   const file = sink.file;
   if (file !== undefined && !writeZeroes && store.copiesToFiles) {
     // Decode workers read the packs and write the image themselves: no chunk's bytes pass through this thread.
-    await runPool(runs(), RUNS_IN_FLIGHT, async ({ first, count }) => {
+    await runPool(runs(), COPY_RUNS_IN_FLIGHT, async ({ first, count }) => {
       throwIfCancelled(options.signal, `Restoring ${options.what}`);
       const ids: Buffer[] = [];
       const writes: Array<Array<{ position: number; length: number }>> = [];
