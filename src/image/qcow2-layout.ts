@@ -65,17 +65,7 @@ export function planQcow2(virtualSize: number, allocated: (cluster: number) => b
   }
   const l2Tables = l2Used.reduce((n, u) => n + u, 0);
   const l1Clusters = Math.max(1, Math.ceil((l1Size * 8) / C));
-  // The refcount blocks count themselves and the refcount table: grow both until they cover every cluster.
-  let refBlocks = 1;
-  let refTableClusters = 1;
-  for (;;) {
-    const total = 1 + l1Clusters + refTableClusters + refBlocks + l2Tables + dataClusters;
-    const needBlocks = Math.ceil(total / REFCOUNTS_PER_BLOCK);
-    const needTable = Math.max(1, Math.ceil((needBlocks * 8) / C));
-    if (needBlocks <= refBlocks && needTable <= refTableClusters) break;
-    refBlocks = Math.max(refBlocks, needBlocks);
-    refTableClusters = Math.max(refTableClusters, needTable);
-  }
+  const { refBlocks, refTableClusters } = refcountClusters(1 + l1Clusters + l2Tables + dataClusters);
   const l1At = 1;
   const refTableAt = l1At + l1Clusters;
   const refBlocksAt = refTableAt + refTableClusters;
@@ -83,44 +73,8 @@ export function planQcow2(virtualSize: number, allocated: (cluster: number) => b
   const dataAt = l2At + l2Tables;
   const totalClusters = dataAt + dataClusters;
 
-  const header = Buffer.alloc(C);
-  header.write('QFI\xfb', 0, 'latin1');
-  header.writeUInt32BE(3, 4); // version
-  header.writeUInt32BE(CLUSTER_BITS, 20);
-  header.writeBigUInt64BE(BigInt(virtualSize), 24);
-  header.writeUInt32BE(l1Size, 36);
-  header.writeBigUInt64BE(BigInt(l1At * C), 40);
-  header.writeBigUInt64BE(BigInt(refTableAt * C), 48);
-  header.writeUInt32BE(refTableClusters, 56);
-  header.writeUInt32BE(4, 96); // refcount_order: 16-bit refcounts
-  header.writeUInt32BE(HEADER_BYTES, 100);
-  // An end-of-extensions marker (type 0, length 0) follows the header: already zero.
-
-  const l1 = Buffer.alloc(l1Clusters * C);
-  const l2 = Buffer.alloc(l2Tables * C);
-  let table = 0;
-  for (let t = 0; t < l1Size; t++) {
-    if (l2Used[t] === 0) continue;
-    writeEntry(l1, t * 8, (l2At + table) * C);
-    const end = Math.min(guestClusters, (t + 1) * L2_ENTRIES);
-    for (let c = t * L2_ENTRIES; c < end; c++) {
-      const r = rank[c] ?? -1;
-      if (r >= 0) writeEntry(l2, table * C + (c - t * L2_ENTRIES) * 8, (dataAt + r) * C);
-    }
-    table++;
-  }
-  const refTable = Buffer.alloc(refTableClusters * C);
-  for (let b = 0; b < refBlocks; b++) refTable.writeBigUInt64BE(BigInt((refBlocksAt + b) * C), b * 8);
-  const refs = Buffer.alloc(refBlocks * C);
-  for (let h = 0; h < totalClusters; h++) refs.writeUInt16BE(1, h * 2);
-
-  const metadata = [
-    { offset: 0, data: header },
-    { offset: l1At * C, data: l1 },
-    { offset: refTableAt * C, data: refTable },
-    { offset: refBlocksAt * C, data: refs },
-    { offset: l2At * C, data: l2 },
-  ].filter((m) => m.data.length > 0);
+  const at = { l1: l1At, refTable: refTableAt, refBlocks: refBlocksAt, l2: l2At, data: dataAt };
+  const metadata = metadataOf({ virtualSize, guestClusters, l1Size, l1Clusters, refTableClusters, refBlocks, l2Tables, totalClusters, rank, l2Used }, at);
 
   return {
     virtualSize,
@@ -144,6 +98,75 @@ export function planQcow2(virtualSize: number, allocated: (cluster: number) => b
       return out;
     },
   };
+}
+
+/** Refcount blocks and refcount table clusters for `others` clusters besides them: they count themselves too, so both grow until they cover every cluster. */
+function refcountClusters(others: number): { refBlocks: number; refTableClusters: number } {
+  let refBlocks = 1;
+  let refTableClusters = 1;
+  for (;;) {
+    const needBlocks = Math.ceil((others + refTableClusters + refBlocks) / REFCOUNTS_PER_BLOCK);
+    const needTable = Math.max(1, Math.ceil((needBlocks * 8) / QCOW2_CLUSTER_BYTES));
+    if (needBlocks <= refBlocks && needTable <= refTableClusters) return { refBlocks, refTableClusters };
+    refBlocks = Math.max(refBlocks, needBlocks);
+    refTableClusters = Math.max(refTableClusters, needTable);
+  }
+}
+
+interface Counts {
+  virtualSize: number;
+  guestClusters: number;
+  l1Size: number;
+  l1Clusters: number;
+  refTableClusters: number;
+  refBlocks: number;
+  l2Tables: number;
+  totalClusters: number;
+  rank: Int32Array;
+  l2Used: Uint8Array;
+}
+
+/** The header, L1 table, refcount table and blocks, and L2 tables of a layout, at their host offsets (`at`, in clusters). */
+function metadataOf(k: Counts, at: { l1: number; refTable: number; refBlocks: number; l2: number; data: number }): Array<{ offset: number; data: Buffer }> {
+  const C = QCOW2_CLUSTER_BYTES;
+  const header = Buffer.alloc(C);
+  header.write('QFI\xfb', 0, 'latin1');
+  header.writeUInt32BE(3, 4); // version
+  header.writeUInt32BE(CLUSTER_BITS, 20);
+  header.writeBigUInt64BE(BigInt(k.virtualSize), 24);
+  header.writeUInt32BE(k.l1Size, 36);
+  header.writeBigUInt64BE(BigInt(at.l1 * C), 40);
+  header.writeBigUInt64BE(BigInt(at.refTable * C), 48);
+  header.writeUInt32BE(k.refTableClusters, 56);
+  header.writeUInt32BE(4, 96); // refcount_order: 16-bit refcounts
+  header.writeUInt32BE(HEADER_BYTES, 100);
+  // An end-of-extensions marker (type 0, length 0) follows the header: already zero.
+
+  const l1 = Buffer.alloc(k.l1Clusters * C);
+  const l2 = Buffer.alloc(k.l2Tables * C);
+  let table = 0;
+  for (let t = 0; t < k.l1Size; t++) {
+    if (k.l2Used[t] === 0) continue;
+    writeEntry(l1, t * 8, (at.l2 + table) * C);
+    const end = Math.min(k.guestClusters, (t + 1) * L2_ENTRIES);
+    for (let c = t * L2_ENTRIES; c < end; c++) {
+      const r = k.rank[c] ?? -1;
+      if (r >= 0) writeEntry(l2, table * C + (c - t * L2_ENTRIES) * 8, (at.data + r) * C);
+    }
+    table++;
+  }
+  const refTable = Buffer.alloc(k.refTableClusters * C);
+  for (let b = 0; b < k.refBlocks; b++) refTable.writeBigUInt64BE(BigInt((at.refBlocks + b) * C), b * 8);
+  const refs = Buffer.alloc(k.refBlocks * C);
+  for (let h = 0; h < k.totalClusters; h++) refs.writeUInt16BE(1, h * 2);
+
+  return [
+    { offset: 0, data: header },
+    { offset: at.l1 * C, data: l1 },
+    { offset: at.refTable * C, data: refTable },
+    { offset: at.refBlocks * C, data: refs },
+    { offset: at.l2 * C, data: l2 },
+  ].filter((m) => m.data.length > 0);
 }
 
 /** An L1 or L2 entry: a host offset (below 2^53) with the COPIED flag. */

@@ -90,39 +90,15 @@ export async function restoreIntoImage(store: Store, table: FullIndex, image: st
  * zero there) unless `writeZeroes`.
  */
 async function copyTable(store: Store, table: FullIndex, sink: Sink, writeZeroes: boolean, options: WriteDiskOptions): Promise<void> {
-  const chunkSize = table.chunkSize;
-  const slots = table.ids.length / 32;
-  const total = table.virtualSize;
-  const runChunks = Math.max(1, Math.floor(RUN_BYTES / chunkSize));
-  let done = 0;
-  const runs = function* (): Generator<{ first: number; count: number }> {
-    for (let first = 0; first < slots; first += runChunks) yield { first, count: Math.min(runChunks, slots - first) };
-  };
   const file = sink.file;
   if (file !== undefined && !writeZeroes && store.copiesToFiles) {
-    // Decode workers read the packs and write the image themselves: no chunk's bytes pass through this thread.
-    await runPool(runs(), COPY_RUNS_IN_FLIGHT, async ({ first, count }) => {
-      throwIfCancelled(options.signal, `Restoring ${options.what}`);
-      const ids: Buffer[] = [];
-      const writes: Array<Array<{ position: number; length: number }>> = [];
-      let bytes = 0;
-      for (let i = 0; i < count; i++) {
-        const offset = (first + i) * chunkSize;
-        const length = Math.min(chunkSize, total - offset);
-        bytes += length;
-        const id = table.ids.subarray((first + i) * 32, (first + i + 1) * 32);
-        if (id.equals(ZERO_ID)) continue;
-        ids.push(id);
-        writes.push([{ position: file.place(offset, length), length }]);
-      }
-      const errors = await store.copyChunksToFile(ids, writes, file.fd, { signal: options.signal, what: options.what });
-      for (const [k, err] of errors.entries()) if (err !== undefined) throw chunkError(store, ids[k] ?? ZERO_ID, err, options);
-      done += bytes;
-      options.onProgress?.(done, total);
-    });
+    await copyTableToFile(store, table, file, options);
     return;
   }
-  await runPool(runs(), RUNS_IN_FLIGHT, async ({ first, count }) => {
+  const chunkSize = table.chunkSize;
+  const total = table.virtualSize;
+  let done = 0;
+  await runPool(slotRuns(table), RUNS_IN_FLIGHT, async ({ first, count }) => {
     throwIfCancelled(options.signal, `Restoring ${options.what}`);
     const datas = await readRun(store, table, first, count, options);
     // The run's writes go out together: one at a time, a restore waited for a
@@ -162,6 +138,43 @@ async function copyTable(store: Store, table: FullIndex, sink: Sink, writeZeroes
     if (failed !== undefined) throw failed.reason;
     options.onProgress?.(done, total);
   });
+}
+
+/**
+ * copyTable for a new image from a local repository: the decode workers
+ * read the packs and write the image themselves (Store.copyChunksToFile),
+ * so no chunk's bytes pass through this thread; zero slots stay holes.
+ */
+async function copyTableToFile(store: Store, table: FullIndex, file: NonNullable<Sink['file']>, options: WriteDiskOptions): Promise<void> {
+  const chunkSize = table.chunkSize;
+  const total = table.virtualSize;
+  let done = 0;
+  await runPool(slotRuns(table), COPY_RUNS_IN_FLIGHT, async ({ first, count }) => {
+    throwIfCancelled(options.signal, `Restoring ${options.what}`);
+    const ids: Buffer[] = [];
+    const writes: Array<Array<{ position: number; length: number }>> = [];
+    let bytes = 0;
+    for (let i = 0; i < count; i++) {
+      const offset = (first + i) * chunkSize;
+      const length = Math.min(chunkSize, total - offset);
+      bytes += length;
+      const id = table.ids.subarray((first + i) * 32, (first + i + 1) * 32);
+      if (id.equals(ZERO_ID)) continue;
+      ids.push(id);
+      writes.push([{ position: file.place(offset, length), length }]);
+    }
+    const errors = await store.copyChunksToFile(ids, writes, file.fd, { signal: options.signal, what: options.what });
+    for (const [k, err] of errors.entries()) if (err !== undefined) throw chunkError(store, ids[k] ?? ZERO_ID, err, options);
+    done += bytes;
+    options.onProgress?.(done, total);
+  });
+}
+
+/** The table's slots in runs of RUN_BYTES. */
+function* slotRuns(table: FullIndex): Generator<{ first: number; count: number }> {
+  const slots = table.ids.length / 32;
+  const runChunks = Math.max(1, Math.floor(RUN_BYTES / table.chunkSize));
+  for (let first = 0; first < slots; first += runChunks) yield { first, count: Math.min(runChunks, slots - first) };
 }
 
 /** The plaintext of slots first…first+count-1 (undefined for holes). */
