@@ -5,7 +5,9 @@
 // last chunk, the raw and the qcow2 image hold exactly the disk's bytes
 // (qcow2 checked by qemu-img), raw holes and unallocated clusters stay where
 // the disk had zero chunks; a damaged chunk fails the restore in one
-// sentence naming it and leaves no file.
+// sentence naming it and leaves no file. From a backend whose packs the
+// workers cannot open (object storage), the same images come through
+// readChunks and this thread's writes.
 
 import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -15,6 +17,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { isQbackupError } from '../../src/errors.js';
+import type { Backend } from '../../src/repository/backend/backend.js';
 import { LocalBackend } from '../../src/repository/backend/local.js';
 import { isZero, ZERO_ID } from '../../src/repository/chunk.js';
 import { chunkId } from '../../src/repository/crypto.js';
@@ -93,6 +96,29 @@ describe('restore to a new image through the copy path', () => {
       });
     }
   }
+
+  test('from a backend whose packs workers cannot open (object storage), raw and qcow2 are written from this thread, byte-exact', async () => {
+    const { disk, store: local, table } = await storedDisk(64 * KiB, undefined);
+    const inner = local.backend;
+    const remote: Backend = {
+      location: inner.location,
+      putIfAbsent: (k, d) => inner.putIfAbsent(k, d),
+      get: (k, r) => inner.get(k, r),
+      stat: (k) => inner.stat(k),
+      list: (p) => inner.list(p),
+      delete: (k) => inner.delete(k),
+    };
+    const store = await Store.open(remote);
+    await store.loadChunks();
+    assert.ok(!store.copiesToFiles);
+    for (const format of ['raw', 'qcow2'] as const) {
+      const file = join(dir, `remote-${n++}.${format}`);
+      await restoreToFile(store, table, file, format, { what: 'disk "sda" of backup "b"' });
+      const raw = format === 'raw' ? file : `${file}.raw`;
+      if (format === 'qcow2') execFileSync('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', file, raw]);
+      assert.ok(readFileSync(raw).equals(disk), `the ${format} image holds the disk`);
+    }
+  });
 
   test('a damaged chunk fails the restore in one sentence naming it, and no file is left', async () => {
     const { store, table } = await storedDisk(64 * KiB, undefined);
