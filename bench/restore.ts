@@ -16,7 +16,9 @@
 // Options: --size-gib N (default 2), --text-mib N (default 0), --reps N
 // (default 3), --formats raw,qcow2, --builds DIR,DIR (default: this build),
 // --keep DIR (set up there once and reuse it), --drop-caches (before each run;
-// needs root).
+// needs root), --restic (also time `restic restore latest` + sync of the
+// restic repository in RESTIC_REPOSITORY / RESTIC_PASSWORD, made by the user
+// with `restic backup --stdin < DIR/disk.raw`, after the raw restores).
 
 import { execFileSync, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, rmSync, writeFileSync, openSync, writeSync, closeSync } from 'node:fs';
@@ -29,7 +31,7 @@ import { GiB, MiB, fmtMs, run, summarize } from './util.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 
-function parse(): { sizeBytes: number; textBytes: number; reps: number; formats: string[]; builds: string[]; keep: string | undefined; dropCaches: boolean } {
+function parse(): { sizeBytes: number; textBytes: number; reps: number; formats: string[]; builds: string[]; keep: string | undefined; dropCaches: boolean; restic: boolean } {
   const { values } = parseArgs({
     options: {
       'size-gib': { type: 'string' },
@@ -39,6 +41,7 @@ function parse(): { sizeBytes: number; textBytes: number; reps: number; formats:
       builds: { type: 'string' },
       keep: { type: 'string' },
       'drop-caches': { type: 'boolean', default: false },
+      restic: { type: 'boolean', default: false },
     },
     strict: true,
   });
@@ -50,6 +53,7 @@ function parse(): { sizeBytes: number; textBytes: number; reps: number; formats:
     builds: (values.builds ?? resolve(here, '..', '..')).split(',').map((b) => resolve(b)),
     keep: values.keep,
     dropCaches: values['drop-caches'] === true,
+    restic: values.restic === true,
   };
 }
 
@@ -139,6 +143,16 @@ async function main(): Promise<void> {
           const allocated = allocatedBytes(file);
           add(`${format} ${build}`, s);
           process.stdout.write(`rep ${rep + 1} ${format} ${build}: ${fmtMs(s.ms)} cpu ${fmtMs(s.cpuMs)} allocated ${(allocated / MiB).toFixed(0)} MiB, byte-exact\n`);
+        }
+        if (format === 'raw' && o.restic) {
+          const target = join(dir, 'restic-out');
+          rmSync(target, { recursive: true, force: true });
+          drop();
+          const r = timed('sh', ['-c', 'restic restore latest --target "$1" -q && sync "$1"/*', 'sh', target]);
+          execFileSync('cmp', [join(target, 'disk.raw'), join(dir, 'disk.raw')]);
+          rmSync(target, { recursive: true, force: true });
+          add('raw restic', r);
+          process.stdout.write(`rep ${rep + 1} raw restic restore: ${fmtMs(r.ms)} cpu ${fmtMs(r.cpuMs)}, byte-exact\n`);
         }
         rmSync(join(dir, 'floor'), { force: true });
         drop();
