@@ -2,15 +2,21 @@
 // for reading). Writing: hashes a batch of chunks and, for those the main
 // thread asks for, compresses and encrypts them. Reading: decodes (decrypts,
 // decompresses) a ranged read of a pack, checks every chunk against its id
-// and, when asked, the whole pack against its id. Runs in a worker so that
+// and, when asked, the whole pack against its id; or (copy) reads that range
+// itself from an open pack, decodes and checks it the same way and writes
+// each plaintext to an open image file. Runs in a worker so that
 // both cores hash, compress and decode while the main thread does the I/O.
 //
 // Invariants:
 // - A decode reply carries every chunk's plaintext in one transferred buffer
 //   (in the request's order), or that chunk's error; one damaged chunk never
 //   hides the others.
+// - A copy writes only chunks that were checked against their ids, and
+//   answers only once every write of its request has returned: the caller
+//   may close the files then.
 
 import { createHash } from 'node:crypto';
+import { readSync, writevSync } from 'node:fs';
 import { isMarkedAsUntransferable, parentPort, workerData } from 'node:worker_threads';
 import { decodeChunk, encodeChunkParts, isZero, type EncodedChunk } from './chunk.js';
 import { ChunkCompressor } from './compress.js';
@@ -55,6 +61,36 @@ export interface DecodeReply {
   packError?: string | undefined;
 }
 
+/**
+ * A ranged read of a pack that the worker does itself (pread of `fd`, an
+ * open pack of a local repository, into memory it keeps for the next
+ * request), decodes and checks like a DecodeRequest, and writes straight to
+ * the output file `to` (pwrite): each entry's plaintext, cut to `length`,
+ * at each of its `writes`. Nothing but the results travels back.
+ */
+export interface CopyRequest {
+  op: 'copy';
+  seq: number;
+  fd: number;
+  offset: number;
+  length: number;
+  entries: DecodeEntry[];
+  /** Per entry: where its plaintext goes in `to` (a chunk stored once may appear at several places). */
+  writes: Array<Array<{ position: number; length: number }>>;
+  to: number;
+  dataKey?: Uint8Array | undefined;
+  idKey?: Uint8Array | undefined;
+}
+
+export interface CopyReply {
+  op: 'copied';
+  seq: number;
+  /** Per entry: undefined when written, else why its chunk could not be read. */
+  errors: Array<string | undefined>;
+  /** Why reading the pack or writing the output failed (then nothing more was written). */
+  ioError?: { read: boolean; message: string } | undefined;
+}
+
 /** A whole pack, to be hashed into its id (in shared memory: read where it lies). */
 export interface HashPackRequest {
   op: 'hashPack';
@@ -81,9 +117,9 @@ export interface EncodedReply {
   chunks: Uint8Array[];
 }
 
-export type WorkerRequest = { op: 'hash'; seq: number; chunks: Uint8Array[] } | { op: 'encode'; seq: number; wanted: boolean[] } | DecodeRequest | HashPackRequest;
+export type WorkerRequest = { op: 'hash'; seq: number; chunks: Uint8Array[] } | { op: 'encode'; seq: number; wanted: boolean[] } | DecodeRequest | HashPackRequest | CopyRequest;
 
-export type WorkerReply = { op: 'hashed'; seq: number; /** 32 bytes per chunk, back to back (a zero chunk's are zero). */ ids: Uint8Array; zero: boolean[] } | EncodedReply | DecodeReply | HashPackReply | { op: 'error'; seq: number; message: string };
+export type WorkerReply = { op: 'hashed'; seq: number; /** 32 bytes per chunk, back to back (a zero chunk's are zero). */ ids: Uint8Array; zero: boolean[] } | EncodedReply | DecodeReply | HashPackReply | CopyReply | { op: 'error'; seq: number; message: string };
 
 /** A pack's id: the SHA-256 of every byte. */
 export function hashPack(msg: HashPackRequest): HashPackReply {
@@ -146,9 +182,87 @@ function fitsInPlace(entries: readonly DecodeEntry[], size: number): boolean {
   return true;
 }
 
+/** This thread's read buffer for copy requests, kept from one request to the next. */
+let copyBuffer: Buffer | undefined;
+
+/** Reads, decodes, checks and writes one copy request (see CopyRequest); `scratch` may be reused across calls. */
+export function copyEntries(msg: CopyRequest, codecCompressor: ChunkCompressor, scratch?: Buffer): { reply: CopyReply; scratch: Buffer } {
+  const buffer = scratch !== undefined && scratch.length >= msg.length ? scratch : Buffer.allocUnsafeSlow(Math.max(msg.length, scratch?.length ?? 0));
+  const errors: Array<string | undefined> = msg.entries.map(() => undefined);
+  try {
+    let done = 0;
+    while (done < msg.length) {
+      const n = readSync(msg.fd, buffer, done, msg.length - done, msg.offset + done);
+      if (n === 0) break;
+      done += n;
+    }
+    if (done < msg.length) {
+      for (const [k, e] of msg.entries.entries()) if (e.at + e.length > done) errors[k] = `${e.what} is damaged: its pack is shorter than its index says`;
+    }
+  } catch (err) {
+    return { reply: { op: 'copied', seq: msg.seq, errors, ioError: { read: true, message: err instanceof Error ? err.message : String(err) } }, scratch: buffer };
+  }
+  const readKey = msg.dataKey !== undefined && msg.idKey !== undefined ? { dataKey: Buffer.from(msg.dataKey), idKey: Buffer.from(msg.idKey) } : undefined;
+  // Writes to back-to-back positions go out together (one pwritev).
+  let batch: { position: number; length: number; parts: Buffer[] } | undefined;
+  const flush = (): void => {
+    if (batch === undefined) return;
+    let written = 0;
+    while (written < batch.length) {
+      const parts = written === 0 ? batch.parts : sliceParts(batch.parts, written);
+      written += writevSync(msg.to, parts, batch.position + written);
+    }
+    batch = undefined;
+  };
+  try {
+    for (const [k, e] of msg.entries.entries()) {
+      if (errors[k] !== undefined) continue;
+      let data: Buffer;
+      try {
+        data = decodeChunk(buffer.subarray(e.at, e.at + e.length), Buffer.from(e.id), e.rawLength, { compressor: codecCompressor, key: readKey }, e.what);
+      } catch (err) {
+        errors[k] = err instanceof Error ? err.message : String(err);
+        continue;
+      }
+      for (const w of msg.writes[k] ?? []) {
+        const part = data.subarray(0, w.length);
+        if (batch !== undefined && batch.position + batch.length === w.position && batch.parts.length < 512) {
+          batch.parts.push(part);
+          batch.length += part.length;
+        } else {
+          flush();
+          batch = { position: w.position, length: part.length, parts: [part] };
+        }
+      }
+    }
+    flush();
+  } catch (err) {
+    return { reply: { op: 'copied', seq: msg.seq, errors, ioError: { read: false, message: err instanceof Error ? err.message : String(err) } }, scratch: buffer };
+  }
+  return { reply: { op: 'copied', seq: msg.seq, errors }, scratch: buffer };
+}
+
+/** `parts` less their first `skip` bytes. */
+function sliceParts(parts: readonly Buffer[], skip: number): Buffer[] {
+  const out: Buffer[] = [];
+  for (const p of parts) {
+    if (skip >= p.length) skip -= p.length;
+    else {
+      out.push(skip > 0 ? p.subarray(skip) : p);
+      skip = 0;
+    }
+  }
+  return out;
+}
+
 function handle(msg: WorkerRequest): WorkerReply {
   if (msg.op === 'decode') return decodeEntries(msg, compressor);
   if (msg.op === 'hashPack') return hashPack(msg);
+  if (msg.op === 'copy') {
+    const { reply, scratch } = copyEntries(msg, compressor, copyBuffer);
+    copyBuffer = scratch;
+    return reply;
+  }
   if (msg.op === 'hash') {
     waiting.set(msg.seq, msg.chunks);
     const zero = msg.chunks.map((c) => isZero(c));

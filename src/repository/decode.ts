@@ -1,7 +1,9 @@
 // The repository's shared worker pool: decodes ranged reads of packs
 // (decrypt, decompress, check against ids) off the main thread, for every
-// reader of chunks (Store.readChunks, Store.checkPack), and hashes
-// full packs for every writer (Store.storePack). One pool per process, shared by
+// reader of chunks (Store.readChunks, Store.checkPack; for a restore from a
+// local repository, Store.copyChunksToFile, whose workers read the pack and
+// write the image themselves, keeping one read buffer each), and hashes full
+// packs for every writer (Store.storePack). One pool per process, shared by
 // every repository open in it (the key travels with each request), started
 // with the first read big enough to be worth it; idle workers never keep the
 // process alive.
@@ -19,7 +21,7 @@ import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { QbackupError } from '../errors.js';
 import { ChunkCompressor } from './compress.js';
-import { decodeEntries, hashPack, type DecodeEntry, type HashPackRequest, type DecodeReply, type DecodeRequest, type WorkerReply, type WorkerRequest } from './chunk-worker.js';
+import { copyEntries, decodeEntries, hashPack, type CopyReply, type CopyRequest, type DecodeEntry, type DecodeReply, type DecodeRequest, type HashPackRequest, type WorkerReply, type WorkerRequest } from './chunk-worker.js';
 import type { MasterKey } from './crypto.js';
 
 /** Below this many bytes a request is decoded on the calling thread: a round trip to a worker costs more. */
@@ -36,6 +38,7 @@ class DecodePool {
   private readonly slots: Slot[] = [];
   private seq = 0;
   private readonly inline = new ChunkCompressor();
+  private inlineScratch: Buffer | undefined;
 
   constructor(private readonly size: number) {}
 
@@ -45,6 +48,23 @@ class DecodePool {
     if (this.size === 0 || bytes.length < INLINE_DECODE_BYTES) return decodeEntries(request, this.inline);
     const reply = await this.ask(request, options.transfer === true && ownsAll(bytes) ? [bytes.buffer as ArrayBuffer] : []);
     if (reply.op !== 'decoded') throw new Error('a decode request is answered with plaintexts');
+    return reply;
+  }
+
+  /**
+   * Has a worker read a range of an open pack, decode and check its chunks
+   * and write their plaintexts to an open output file (CopyRequest): the
+   * bytes never reach the calling thread. The fds stay open until it answers.
+   */
+  async copy(request: Omit<CopyRequest, 'op' | 'seq' | 'dataKey' | 'idKey'>, key: MasterKey | undefined): Promise<CopyReply> {
+    const full: CopyRequest = { ...request, op: 'copy', seq: this.seq++, dataKey: key?.dataKey, idKey: key?.idKey };
+    if (this.size === 0) {
+      const { reply, scratch } = copyEntries(full, this.inline, this.inlineScratch);
+      this.inlineScratch = scratch;
+      return reply;
+    }
+    const reply = await this.ask(full, []);
+    if (reply.op !== 'copied') throw new Error('a copy request is answered with its results');
     return reply;
   }
 

@@ -13,7 +13,9 @@
 // Invariants:
 // - Every key is built here from validated ids (hex digests, backup ids,
 //   domain names), never from the content of an object.
-// - Chunks leave packs only through readChunks (readChunk is one of them):
+// - Chunks leave packs only through readChunks (readChunk is one of them)
+//   and, for a restore from a local repository, copyChunksToFile (the same
+//   grouping, read and written by the workers themselves):
 //   chunks adjacent in a pack come in one ranged read, are decoded on the
 //   decode pool's workers (decode.ts) and checked against their ids; packs
 //   are read whole only by checkPack, which also hashes them against their
@@ -26,6 +28,8 @@
 //   refuses new backups and copies into it; a damaged key file is skipped
 //   when another key opens the repository, and named by verify.
 
+import assert from 'node:assert';
+import type { FileHandle } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { randomBytes } from 'node:crypto';
 import { QbackupError, describeError } from '../errors.js';
@@ -341,7 +345,12 @@ export class Store {
         for (const x of run) settle(x, { error: new QbackupError(err.code, `Chunk ${x.id.toString('hex')} in pack "${x.loc.packId}" cannot be read: ${err.message}`, { cause: err, details: { chunk: x.id.toString('hex') } }) });
         return;
       }
-      const entries: DecodeEntry[] = run.map((x) => ({ id: x.id, at: x.loc.offset - start, length: x.loc.length, rawLength: x.loc.rawLength, what: `Chunk ${x.id.toString('hex')} in pack "${x.loc.packId}"` }));
+      // The ids in one buffer of their own: an id that views a larger buffer (a disk index's table) would take all of it along to the worker.
+      const idBytes = new Uint8Array(run.length * 32);
+      const entries: DecodeEntry[] = run.map((x, k) => {
+        idBytes.set(x.id, k * 32);
+        return { id: idBytes.subarray(k * 32, k * 32 + 32), at: x.loc.offset - start, length: x.loc.length, rawLength: x.loc.rawLength, what: `Chunk ${x.id.toString('hex')} in pack "${x.loc.packId}"` };
+      });
       const stored = options.keepStored === true ? bytes : undefined;
       const reply = await decodePool().decode(bytes, entries, this.key, { transfer: stored === undefined });
       const plain = Buffer.from(reply.plain.buffer, reply.plain.byteOffset, reply.plain.byteLength);
@@ -355,6 +364,77 @@ export class Store {
         settle(x, stored !== undefined ? { data, stored: stored.subarray(x.loc.offset - start, x.loc.offset - start + x.loc.length) } : { data });
       }
     });
+    return out;
+  }
+
+  /** True when copyChunksToFile can be used: the repository is a local directory whose packs workers can read themselves. */
+  get copiesToFiles(): boolean {
+    return this.backend.openForReading !== undefined;
+  }
+
+  /**
+   * readChunks for a writer of files (restore): each id's plaintext, checked
+   * against the id, is written to the open file `to` at each of its
+   * `writes[i]` (cut to their lengths) by a decode worker that reads the
+   * pack range itself, so the bytes never reach this thread. Grouped into
+   * ranged reads as readChunks does. Per id: undefined when written, else
+   * why it could not be read. A failure to write `to` throws.
+   */
+  async copyChunksToFile(ids: readonly Buffer[], writes: ReadonlyArray<ReadonlyArray<{ position: number; length: number }>>, to: number, options: { signal?: AbortSignal | undefined; what: string }): Promise<Array<QbackupError | undefined>> {
+    const open = this.backend.openForReading?.bind(this.backend);
+    assert(open !== undefined, 'copyChunksToFile needs a backend whose packs can be opened (copiesToFiles)');
+    const out = new Array<QbackupError | undefined>(ids.length);
+    const wanted = new Map<string, { id: Buffer; loc: ChunkLocation; writes: Array<{ position: number; length: number }>; at: number[] }>();
+    for (const [i, id] of ids.entries()) {
+      const hex = id.toString('hex');
+      const w = wanted.get(hex);
+      if (w !== undefined) {
+        w.at.push(i);
+        w.writes.push(...(writes[i] ?? []));
+        continue;
+      }
+      const loc = this.chunks.get(hex);
+      if (loc === undefined) out[i] = new QbackupError('REPO_OBJECT_NOT_FOUND', `Repository "${this.location}" has no chunk ${hex}`, { details: { chunk: hex } });
+      else wanted.set(hex, { id, loc, writes: [...(writes[i] ?? [])], at: [i] });
+    }
+    const packs = new Map<string, Promise<FileHandle>>();
+    try {
+      await runPool(readRuns([...wanted.values()]).values(), READS_IN_FLIGHT, async (run) => {
+        throwIfCancelled(options.signal, `Reading chunks of repository "${this.location}"`);
+        const first = run[0];
+        const last = run.at(-1);
+        if (first === undefined || last === undefined) return;
+        const packId = first.loc.packId;
+        let handle = packs.get(packId);
+        if (handle === undefined) {
+          handle = open(packKey(packId));
+          handle.catch(() => undefined); // awaited below; a run of the same pack awaiting it later must not leave it unobserved
+          packs.set(packId, handle);
+        }
+        let fh: FileHandle;
+        try {
+          fh = await handle;
+        } catch (err) {
+          if (!(err instanceof QbackupError)) throw err;
+          for (const x of run) for (const i of x.at) out[i] = new QbackupError(err.code, `Chunk ${x.id.toString('hex')} in pack "${packId}" cannot be read: ${err.message}`, { cause: err, details: { chunk: x.id.toString('hex') } });
+          return;
+        }
+        const start = first.loc.offset;
+        const idBytes = new Uint8Array(run.length * 32);
+        const entries: DecodeEntry[] = run.map((x, k) => {
+          idBytes.set(x.id, k * 32);
+          return { id: idBytes.subarray(k * 32, k * 32 + 32), at: x.loc.offset - start, length: x.loc.length, rawLength: x.loc.rawLength, what: `Chunk ${x.id.toString('hex')} in pack "${packId}"` };
+        });
+        const reply = await decodePool().copy({ fd: fh.fd, offset: start, length: last.loc.offset + last.loc.length - start, entries, writes: run.map((x) => x.writes), to }, this.key);
+        if (reply.ioError !== undefined && !reply.ioError.read) throw new QbackupError('IMAGE_ERROR', `Cannot write ${options.what}: ${reply.ioError.message}`);
+        for (const [k, x] of run.entries()) {
+          const problem = reply.ioError !== undefined ? `Chunk ${x.id.toString('hex')} in pack "${packId}" cannot be read: ${reply.ioError.message}` : reply.errors[k];
+          if (problem !== undefined) for (const i of x.at) out[i] = new QbackupError('REPO_DAMAGED', problem, { details: { chunk: x.id.toString('hex') } });
+        }
+      });
+    } finally {
+      for (const handle of packs.values()) await handle.then((fh) => fh.close()).catch(() => undefined);
+    }
     return out;
   }
 
