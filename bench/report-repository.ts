@@ -343,17 +343,13 @@ read also starts two chunk workers (${fmtMs(fc.poolStartMs)} here); smaller ones
   }
   const slowRestores = missed.filter((x) => x.what.startsWith('Restore'));
   if (slowRestores.length > 0) {
-    out.push(`*Restore*: ${slowRestores.map((t) => `${t.what}: ${t.measured}`).join('; ')}. A restore reads every chunk
-of the newest backup from its pack (one ranged read per run of adjacent chunks), checks it against its id (SHA-256 of the
-plaintext${bd !== undefined ? `: ${fmtMs(bd.hashMs)} alone for this much data` : ''}), decompresses it, and writes each 64 KiB chunk as its own write
-(an NBD request to qemu-nbd for qcow2, a pwrite for raw; the 64 writes of a run now go out together), then flushes. All of
-it runs on the main thread, and it allocates a fresh buffer per chunk read, decompressed and written, which this machine
-makes expensive when memory is short (by then the page cache holds every image, repository and restore of the
-repetition): while developing the bench, in isolation on a calm machine, the same code restored a 4 GiB disk with 2 GiB of data in 5.1 s (raw) and
-8.7 s (qcow2). The floor, \`qemu-img convert\` of a qcow2 copy, does no checking, reuses its buffers and writes in large
-requests. Writing runs of adjacent chunks as one concatenated request was tried and used more CPU, not less, here (a copy
-into fresh memory per run), so it was not kept. Next steps: verify chunk ids on worker threads (as backups hash), read
-whole pack ranges into reused buffers, and \`writev\` runs of chunks for raw files.
+    out.push(`*Restore*: ${slowRestores.map((t) => `${t.what}: ${t.measured}`).join('; ')}. A restore from a local repository has the decode
+workers do all of it: each reads a run of adjacent chunks from its pack (one ranged read into a buffer it keeps), checks
+every chunk against its id (SHA-256 of the plaintext${bd !== undefined ? `: ${fmtMs(bd.hashMs)} alone for this much data, on one thread` : ''}),
+decompresses what was compressed, and writes the plaintexts to the image with positional writes; a qcow2 image is laid out
+from the disk index first (header, tables, then the data clusters in disk order) and written the same way, without
+qemu-nbd. Zero chunks are never written (holes stay holes). The image is then synced. The floor, \`qemu-img convert\` of a
+qcow2 copy, checks nothing and (in this bench) is timed until \`sync\` too.
 `);
   }
   for (const t of missed.filter((x) => !x.what.startsWith('Full') && !x.what.startsWith('Restore') && !x.what.includes('time ÷ our full'))) {
