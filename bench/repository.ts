@@ -10,7 +10,10 @@
 // clusters dirtied spread (random single 64 KiB clusters of random data) and
 // incrementals, 1 % dirtied clustered (one run) and incrementals, then
 // restores of the newest backup by every tool and the floor (`qemu-img
-// convert` of a qcow2 copy). The same writes go to all three copies: HMP
+// convert` of a qcow2 copy), then `verify --read-data` against `restic check
+// --read-data` of the repositories just restored from. qbackup also takes a
+// full backup into an encrypted repository in each repetition (and verifies
+// it). The same writes go to all three copies: HMP
 // qemu-io (as a guest would write) into both running domains, pwrite into
 // the raw file. Then, once: dedup (a second domain on a copy of the disk,
 // backed up into the same repository), worker-thread scaling (1 and 2
@@ -32,11 +35,11 @@ import { NbdClient } from '../src/nbd/client.js';
 import { NBD_CONTEXT_BASE_ALLOCATION, NBD_STATE_ZERO } from '../src/nbd/constants.js';
 import { runPool } from '../src/util/run-pool.js';
 import { LocalBackend } from '../src/repository/backend/local.js';
-import { isZero } from '../src/repository/chunk.js';
+import { encodeChunkParts, encodedParts, isZero } from '../src/repository/chunk.js';
 import { ChunkCompressor } from '../src/repository/compress.js';
 import { chunkId } from '../src/repository/crypto.js';
 import type { Manifest } from '../src/repository/manifest.js';
-import { PACK_TARGET_BYTES, PackBuilder, packIndexKey, packKey } from '../src/repository/pack.js';
+import { PACK_TARGET_BYTES, PackBuilder, packIndexKey, packKey, releasePackBuffer } from '../src/repository/pack.js';
 import { ChunkPool } from '../src/repository/pool.js';
 import { Store } from '../src/repository/store.js';
 import { CLUSTER_BYTES, halfDataLayout, processCpuMs, warmFile, type BenchEnv, type DataLayout } from './env.js';
@@ -85,7 +88,7 @@ export interface RestoreResults {
 export interface Breakdown {
   dataBytes: number;
   chunks: number;
-  /** Our NBD client reading the data slots exactly as a backup does (1 MiB requests, 4 in flight), discarding them. */
+  /** Our NBD client reading the data slots exactly as a backup does (1 MiB requests into reused buffers, 8 in flight), discarding them. */
   nbdReadMs: number;
   /** nbdcopy of the same export to null: (reads data, skips what block status says is zero). */
   nbdcopyNullMs: number;
@@ -120,6 +123,10 @@ export interface RepoResults {
   /** Pieces of that fixed cost, measured alone on the last repository. */
   fixedCosts: { poolStartMs: number; openAndLoadMs: number; packs: number; pullJobMs: number } | undefined;
   restore: RestoreResults;
+  /** qbackup's full backup into an encrypted repository, each repetition. */
+  encryptedFull: BackupSample[];
+  /** Reading back and checking every stored byte: qbackup `verify --read-data` (plain, encrypted) and `restic check --read-data`. */
+  verify: Record<'qbackup' | 'qbackupEncrypted' | 'restic', Array<{ ms: number; cpuMs: number; repoBytes: number }>>;
   /** Restored images compared across tools (first repetition). */
   restoreCheck: string[];
   dedup: { dataBytes: number; bytesStored: number; growthBytes: number; newChunks: number; chunks: number; ms: number } | undefined;
@@ -171,6 +178,8 @@ export async function benchRepository(s: RepoSetup): Promise<RepoResults> {
     emptyIncremental: { qbackup: [], virtnbdbackup: [] },
     fixedCosts: undefined,
     restore: { qbackupQcow2: [], qbackupRaw: [], virtnbdrestore: [], restic: [], convertQcow2: [], convertRaw: [] },
+    encryptedFull: [],
+    verify: { qbackup: [], qbackupEncrypted: [], restic: [] },
     restoreCheck: [],
     dedup: undefined,
     workers: { '1': [], '2': [] },
@@ -230,6 +239,7 @@ export async function benchRepository(s: RepoSetup): Promise<RepoResults> {
 
   for (let rep = 0; rep < reps; rep++) {
     const qbRepo = join(dir, `qb${rep}`);
+    const qbEncRepo = join(dir, `qbe${rep}`);
     const vbDir = join(dir, `vb${rep}`);
     const restic = useRestic ? new Restic(join(dir, `rs${rep}`), join(dir, 'restic-cache')) : undefined;
     await restic?.init();
@@ -245,7 +255,12 @@ export async function benchRepository(s: RepoSetup): Promise<RepoResults> {
       await prepare([qbImage]);
       const ours = await qbackupBackup(env, qbRepo, qemuPid, undefined, step === 'full' ? 'full' : 'incremental');
       b.qbackup.push(ours.sample);
-      if (step === 'full') r.qbackupFullStoredBytes.push(ours.manifest.disks.reduce((n, d) => n + d.bytesStored, 0));
+      if (step === 'full') {
+        r.qbackupFullStoredBytes.push(ours.manifest.disks.reduce((n, d) => n + d.bytesStored, 0));
+        await prepare([qbImage]);
+        await env.qb.repository.init({ repo: qbEncRepo, password: ENCRYPTION_PASSWORD });
+        r.encryptedFull.push((await qbackupBackup(env, qbEncRepo, qemuPid, undefined, 'full', ENCRYPTION_PASSWORD)).sample);
+      }
       // virtnbdbackup
       if (lv !== undefined) {
         await prepare([lvImage]);
@@ -277,6 +292,8 @@ export async function benchRepository(s: RepoSetup): Promise<RepoResults> {
 
     const keepCopy = rep === reps - 1;
     copyImage = await restores(r, rep, { env, dir, qbRepo, vbDir, restic, lv: lv !== undefined, keepCopy, log });
+    await verifies(r, rep, { env, qbRepo, qbEncRepo, restic, log });
+    rmSync(qbEncRepo, { recursive: true, force: true });
     rmSync(vbDir, { recursive: true, force: true });
     if (restic !== undefined) rmSync(restic.repo, { recursive: true, force: true });
     if (lastRepo !== '') rmSync(lastRepo, { recursive: true, force: true });
@@ -365,13 +382,16 @@ function threadCpu(): Map<string, number> {
   return out;
 }
 
-async function qbackupBackup(env: BenchEnv, repo: string, qemuPid: number, workers: number | undefined, level: 'full' | 'incremental'): Promise<{ sample: BackupSample; manifest: Manifest }> {
+/** The passphrase of the encrypted repositories the bench makes. */
+const ENCRYPTION_PASSWORD = 'qbackup-bench';
+
+async function qbackupBackup(env: BenchEnv, repo: string, qemuPid: number, workers: number | undefined, level: 'full' | 'incremental', password?: string): Promise<{ sample: BackupSample; manifest: Manifest }> {
   const before = await du(repo);
   const threads0 = threadCpu();
   const cpu0 = process.cpuUsage();
   const q0 = processCpuMs(qemuPid);
   const t0 = now();
-  const m = await env.qb.repository.backup(DOMAIN, { repo, ...(workers !== undefined ? { workers } : {}) });
+  const m = await env.qb.repository.backup(DOMAIN, { repo, workers, ...(password !== undefined ? { password } : {}) });
   const ms = now() - t0;
   const cpu = process.cpuUsage(cpu0);
   const qemuCpuMs = processCpuMs(qemuPid) - q0;
@@ -570,6 +590,39 @@ async function restores(r: RepoResults, rep: number, s: RestoreSetup): Promise<s
   }
 }
 
+// ---- verify --------------------------------------------------------------------
+
+/**
+ * Every stored byte read back and checked, by each tool, on the repositories
+ * the restores just read: qbackup's (a full and three incrementals), its
+ * encrypted one (a full) and restic's (three snapshots of the disk). Caches
+ * are not dropped: each repository is read once, untimed, first.
+ */
+async function verifies(r: RepoResults, rep: number, s: { env: BenchEnv; qbRepo: string; qbEncRepo: string; restic: Restic | undefined; log: (line: string) => void }): Promise<void> {
+  const timed = async (repo: string, fn: () => Promise<unknown>): Promise<{ ms: number; cpuMs: number; repoBytes: number }> => {
+    await prepare([repo]);
+    const cpu0 = process.cpuUsage();
+    const t0 = now();
+    await fn();
+    const ms = now() - t0;
+    const cpu = process.cpuUsage(cpu0);
+    return { ms, cpuMs: (cpu.user + cpu.system) / 1000, repoBytes: await du(repo) };
+  };
+  const ok = (report: { problems: readonly unknown[]; chunksRead: number }): void => {
+    if (report.problems.length > 0 || report.chunksRead === 0) throw new Error(`verify --read-data of a repository the bench just wrote: ${JSON.stringify(report).slice(0, 300)}`);
+  };
+  r.verify.qbackup.push(await timed(s.qbRepo, async () => ok(await s.env.qb.repository.verify({ repo: s.qbRepo }, { readData: true }))));
+  r.verify.qbackupEncrypted.push(await timed(s.qbEncRepo, async () => ok(await s.env.qb.repository.verify({ repo: s.qbEncRepo, password: ENCRYPTION_PASSWORD }, { readData: true }))));
+  const restic = s.restic;
+  if (restic !== undefined) {
+    await prepare([restic.repo]);
+    const res = await restic.check(true);
+    r.verify.restic.push({ ms: res.ms, cpuMs: res.cpuMs, repoBytes: await du(restic.repo) });
+  }
+  const v = r.verify;
+  s.log(`  rep ${rep + 1} verify --read-data: qbackup ${sec(v.qbackup.at(-1)?.ms)}, encrypted ${sec(v.qbackupEncrypted.at(-1)?.ms)}${restic !== undefined ? `, restic check --read-data ${sec(v.restic.at(-1)?.ms)}` : ''}`);
+}
+
 // ---- the fixed cost of a backup ----------------------------------------------
 
 /** Starting the chunk pool's two workers, opening the repository and reading every pack's index, and a pull job's start and end. */
@@ -630,7 +683,7 @@ async function dedup(env: BenchEnv, repo: string, copyImage: string, log: (line:
 // ---- where a full backup's time goes -------------------------------------------
 
 const RUN_CHUNKS = 16;
-const READS_IN_FLIGHT = 4;
+const READS_IN_FLIGHT = 8;
 
 /**
  * Each stage of a full backup alone, on the same data: reading the data
@@ -652,8 +705,11 @@ async function breakdown(env: BenchEnv, scratch: string, log: (line: string) => 
     b.chunks = runs.reduce((n, r) => n + r.count, 0);
 
     let t0 = now();
+    const free: Buffer[] = [];
     await runPool(runs[Symbol.iterator](), READS_IN_FLIGHT, async (r) => {
-      await client.read(r.first * chunkSize, Math.min(r.count * chunkSize, client.size - r.first * chunkSize));
+      const buf = free.pop() ?? Buffer.allocUnsafeSlow(RUN_CHUNKS * chunkSize);
+      await client.readInto(r.first * chunkSize, buf.subarray(0, Math.min(r.count * chunkSize, client.size - r.first * chunkSize)));
+      free.push(buf);
     });
     b.nbdReadMs = now() - t0;
     b.nbdcopyNullMs = (await runWithCpu('nbdcopy', [exportUri(server, exportName), 'null:'])).ms;
@@ -665,6 +721,7 @@ async function breakdown(env: BenchEnv, scratch: string, log: (line: string) => 
       let t = now();
       const { packId, pack: bytes, header } = pack.finish(undefined);
       b.packFinishMs += now() - t;
+      releasePackBuffer(bytes);
       t = now();
       await backend.putIfAbsent(packKey(packId), bytes);
       await backend.putIfAbsent(packIndexKey(packId), header);
@@ -685,11 +742,12 @@ async function breakdown(env: BenchEnv, scratch: string, log: (line: string) => 
         const id = chunkId(c, undefined);
         b.hashMs += now() - t0;
         t0 = now();
-        const packed = compressor.compress(c);
+        const parts = encodedParts(encodeChunkParts(c, { compressor, key: undefined }));
         b.compressMs += now() - t0;
-        const blob = packed !== undefined ? Buffer.concat([Buffer.of(1), packed]) : Buffer.concat([Buffer.of(0), c]);
-        b.compressedBytes += blob.length;
-        pack.add(id, blob, c.length);
+        t0 = now();
+        pack.add(id, parts, c.length);
+        b.packFinishMs += now() - t0;
+        b.compressedBytes += parts.reduce((n, p) => n + p.length, 0);
         if (pack.bytes >= PACK_TARGET_BYTES) await store();
       }
     }

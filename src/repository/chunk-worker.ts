@@ -2,17 +2,23 @@
 // for reading). Writing: hashes a batch of chunks and, for those the main
 // thread asks for, compresses and encrypts them. Reading: decodes (decrypts,
 // decompresses) a ranged read of a pack, checks every chunk against its id
-// and, when asked, the whole pack against its id. Runs in a worker so that
+// and, when asked, the whole pack against its id; or (copy) reads that range
+// itself from an open pack, decodes and checks it the same way and writes
+// each plaintext to an open image file. Runs in a worker so that
 // both cores hash, compress and decode while the main thread does the I/O.
 //
 // Invariants:
 // - A decode reply carries every chunk's plaintext in one transferred buffer
 //   (in the request's order), or that chunk's error; one damaged chunk never
 //   hides the others.
+// - A copy writes only chunks that were checked against their ids, and
+//   answers only once every write of its request has returned: the caller
+//   may close the files then.
 
 import { createHash } from 'node:crypto';
+import { readSync, writevSync } from 'node:fs';
 import { isMarkedAsUntransferable, parentPort, workerData } from 'node:worker_threads';
-import { decodeChunk, encodeChunk, isZero } from './chunk.js';
+import { decodeChunk, encodeChunkParts, isZero, type EncodedChunk } from './chunk.js';
 import { ChunkCompressor } from './compress.js';
 import { chunkId, type MasterKey } from './crypto.js';
 import { checkPackBytes, type CheckPackReply, type CheckPackRequest } from './pack-check.js';
@@ -56,36 +62,69 @@ export interface DecodeReply {
   packError?: string | undefined;
 }
 
-/** A pack's parts (salt, blobs, header, trailer length) to be put together and hashed. */
-export interface AssembleRequest {
-  op: 'assemble';
+/**
+ * A ranged read of a pack that the worker does itself (pread of `fd`, an
+ * open pack of a local repository, into memory it keeps for the next
+ * request), decodes and checks like a DecodeRequest, and writes straight to
+ * the output file `to` (pwrite): each entry's plaintext, cut to `length`,
+ * at each of its `writes`. Nothing but the results travels back.
+ */
+export interface CopyRequest {
+  op: 'copy';
   seq: number;
-  parts: Uint8Array[];
+  fd: number;
+  offset: number;
+  length: number;
+  entries: DecodeEntry[];
+  /** Per entry: where its plaintext goes in `to` (a chunk stored once may appear at several places). */
+  writes: Array<Array<{ position: number; length: number }>>;
+  to: number;
+  dataKey?: Uint8Array | undefined;
+  idKey?: Uint8Array | undefined;
 }
 
-export interface AssembleReply {
-  op: 'assembled';
+export interface CopyReply {
+  op: 'copied';
   seq: number;
-  pack: Uint8Array;
+  /** Per entry: undefined when written, else why its chunk could not be read. */
+  errors: Array<string | undefined>;
+  /** Why reading the pack or writing the output failed (then nothing more was written). */
+  ioError?: { read: boolean; message: string } | undefined;
+}
+
+/** A whole pack, to be hashed into its id (in shared memory: read where it lies). */
+export interface HashPackRequest {
+  op: 'hashPack';
+  seq: number;
+  bytes: Uint8Array;
+}
+
+export interface HashPackReply {
+  op: 'packHashed';
+  seq: number;
   packId: string;
 }
 
-export type WorkerRequest = { op: 'hash'; seq: number; chunks: Uint8Array[] } | { op: 'encode'; seq: number; wanted: boolean[] } | DecodeRequest | AssembleRequest | CheckPackRequest;
+/**
+ * A batch's chunks, encoded: per chunk its stored form (see EncodedChunk in
+ * chunk.ts; a raw chunk's body is a view of the batch itself) or null when
+ * it was not wanted, and the batch's chunks handed back (their memory is
+ * the caller's again).
+ */
+export interface EncodedReply {
+  op: 'encoded';
+  seq: number;
+  blobs: Array<EncodedChunk | null>;
+  chunks: Uint8Array[];
+}
 
-export type WorkerReply = { op: 'hashed'; seq: number; ids: Uint8Array[]; zero: boolean[] } | { op: 'encoded'; seq: number; blobs: Array<Uint8Array | null> } | DecodeReply | AssembleReply | CheckPackReply | { op: 'error'; seq: number; message: string };
+export type WorkerRequest = { op: 'hash'; seq: number; chunks: Uint8Array[] } | { op: 'encode'; seq: number; wanted: boolean[] } | DecodeRequest | HashPackRequest | CopyRequest | CheckPackRequest;
 
-/** A pack's bytes in one buffer of its own, and its id (the SHA-256 of every byte), hashed as the parts are copied in. */
-export function assemblePack(msg: AssembleRequest): AssembleReply {
-  const total = msg.parts.reduce((n, p) => n + p.byteLength, 0);
-  const pack = Buffer.allocUnsafeSlow(total);
-  const hash = createHash('sha256');
-  let at = 0;
-  for (const p of msg.parts) {
-    pack.set(p, at);
-    hash.update(p);
-    at += p.byteLength;
-  }
-  return { op: 'assembled', seq: msg.seq, pack, packId: hash.digest('hex') };
+export type WorkerReply = { op: 'hashed'; seq: number; /** 32 bytes per chunk, back to back (a zero chunk's are zero). */ ids: Uint8Array; zero: boolean[] } | EncodedReply | DecodeReply | HashPackReply | CopyReply | CheckPackReply | { op: 'error'; seq: number; message: string };
+
+/** A pack's id: the SHA-256 of every byte. */
+export function hashPack(msg: HashPackRequest): HashPackReply {
+  return { op: 'packHashed', seq: msg.seq, packId: createHash('sha256').update(msg.bytes).digest('hex') };
 }
 
 const init = (workerData ?? { level: 1 }) as WorkerInit;
@@ -144,18 +183,101 @@ function fitsInPlace(entries: readonly DecodeEntry[], size: number): boolean {
   return true;
 }
 
+/** This thread's read buffer for copy requests, kept from one request to the next. */
+let copyBuffer: Buffer | undefined;
+
+/** Reads, decodes, checks and writes one copy request (see CopyRequest); `scratch` may be reused across calls. */
+export function copyEntries(msg: CopyRequest, codecCompressor: ChunkCompressor, scratch?: Buffer): { reply: CopyReply; scratch: Buffer } {
+  const buffer = scratch !== undefined && scratch.length >= msg.length ? scratch : Buffer.allocUnsafeSlow(Math.max(msg.length, scratch?.length ?? 0));
+  const errors: Array<string | undefined> = msg.entries.map(() => undefined);
+  try {
+    let done = 0;
+    while (done < msg.length) {
+      const n = readSync(msg.fd, buffer, done, msg.length - done, msg.offset + done);
+      if (n === 0) break;
+      done += n;
+    }
+    if (done < msg.length) {
+      for (const [k, e] of msg.entries.entries()) if (e.at + e.length > done) errors[k] = `${e.what} is damaged: its pack is shorter than its index says`;
+    }
+  } catch (err) {
+    return { reply: { op: 'copied', seq: msg.seq, errors, ioError: { read: true, message: err instanceof Error ? err.message : String(err) } }, scratch: buffer };
+  }
+  const readKey = msg.dataKey !== undefined && msg.idKey !== undefined ? { dataKey: Buffer.from(msg.dataKey), idKey: Buffer.from(msg.idKey) } : undefined;
+  // Writes to back-to-back positions go out together (one pwritev).
+  let batch: { position: number; length: number; parts: Buffer[] } | undefined;
+  const flush = (): void => {
+    if (batch === undefined) return;
+    let written = 0;
+    while (written < batch.length) {
+      const parts = written === 0 ? batch.parts : sliceParts(batch.parts, written);
+      written += writevSync(msg.to, parts, batch.position + written);
+    }
+    batch = undefined;
+  };
+  try {
+    for (const [k, e] of msg.entries.entries()) {
+      if (errors[k] !== undefined) continue;
+      let data: Buffer;
+      try {
+        data = decodeChunk(buffer.subarray(e.at, e.at + e.length), Buffer.from(e.id), e.rawLength, { compressor: codecCompressor, key: readKey }, e.what);
+      } catch (err) {
+        errors[k] = err instanceof Error ? err.message : String(err);
+        continue;
+      }
+      for (const w of msg.writes[k] ?? []) {
+        const part = data.subarray(0, w.length);
+        if (batch !== undefined && batch.position + batch.length === w.position && batch.parts.length < 512) {
+          batch.parts.push(part);
+          batch.length += part.length;
+        } else {
+          flush();
+          batch = { position: w.position, length: part.length, parts: [part] };
+        }
+      }
+    }
+    flush();
+  } catch (err) {
+    return { reply: { op: 'copied', seq: msg.seq, errors, ioError: { read: false, message: err instanceof Error ? err.message : String(err) } }, scratch: buffer };
+  }
+  return { reply: { op: 'copied', seq: msg.seq, errors }, scratch: buffer };
+}
+
+/** `parts` less their first `skip` bytes. */
+function sliceParts(parts: readonly Buffer[], skip: number): Buffer[] {
+  const out: Buffer[] = [];
+  for (const p of parts) {
+    if (skip >= p.length) skip -= p.length;
+    else {
+      out.push(skip > 0 ? p.subarray(skip) : p);
+      skip = 0;
+    }
+  }
+  return out;
+}
+
 function handle(msg: WorkerRequest): WorkerReply {
   if (msg.op === 'decode') return decodeEntries(msg, compressor);
-  if (msg.op === 'assemble') return assemblePack(msg);
+  if (msg.op === 'hashPack') return hashPack(msg);
   if (msg.op === 'check') return checkPackBytes(msg, compressor);
+  if (msg.op === 'copy') {
+    const { reply, scratch } = copyEntries(msg, compressor, copyBuffer);
+    copyBuffer = scratch;
+    return reply;
+  }
   if (msg.op === 'hash') {
     waiting.set(msg.seq, msg.chunks);
     const zero = msg.chunks.map((c) => isZero(c));
-    return { op: 'hashed', seq: msg.seq, ids: msg.chunks.map((c, i) => (zero[i] ? new Uint8Array(32) : chunkId(c, key))), zero };
+    // One buffer for the batch's ids: one allocation and one copy in the message, not one per chunk.
+    const ids = Buffer.alloc(32 * msg.chunks.length);
+    msg.chunks.forEach((c, i) => {
+      if (!zero[i]) chunkId(c, key).copy(ids, 32 * i);
+    });
+    return { op: 'hashed', seq: msg.seq, ids, zero };
   }
   const chunks = waiting.get(msg.seq) ?? [];
   waiting.delete(msg.seq);
-  return { op: 'encoded', seq: msg.seq, blobs: chunks.map((c, i) => (msg.wanted[i] === true ? encodeChunk(c, { compressor, key }) : null)) };
+  return { op: 'encoded', seq: msg.seq, blobs: chunks.map((c, i) => (msg.wanted[i] === true ? encodeChunkParts(c, { compressor, key }) : null)), chunks };
 }
 
 /**
@@ -177,6 +299,12 @@ parentPort?.on('message', (msg: WorkerRequest) => {
   } catch (err) {
     reply = { op: 'error', seq: msg.seq, message: err instanceof Error ? err.message : String(err) };
   }
-  const views = reply.op === 'encoded' ? reply.blobs.filter((b): b is Uint8Array => b !== null) : reply.op === 'decoded' ? [reply.plain] : reply.op === 'assembled' ? [reply.pack] : [];
-  parentPort?.postMessage(reply, transferList(views));
+  parentPort?.postMessage(reply, transferList(repliedMemory(reply)));
 });
+
+/** The memory a reply hands over to the caller. */
+function repliedMemory(reply: WorkerReply): Uint8Array[] {
+  if (reply.op === 'encoded') return [...reply.chunks, ...reply.blobs.flatMap((b) => (b === null ? [] : [b.body]))];
+  if (reply.op === 'decoded') return [reply.plain];
+  return [];
+}

@@ -30,11 +30,36 @@ export function isZero(data: Uint8Array): boolean {
 }
 const ZEROES = Buffer.alloc(64 * 1024);
 
-/** The stored form of a chunk whose id is already known. */
-export function encodeChunk(data: Uint8Array, codec: ChunkCodec): Buffer {
+/**
+ * A chunk's stored form in two parts, `codec` (a codec byte, absent once
+ * sealed) then `body`: the chunk's own bytes when stored raw (no copy), the
+ * compressed bytes, or the whole sealed blob of an encrypted repository.
+ */
+export interface EncodedChunk {
+  codec: number | undefined;
+  body: Uint8Array;
+}
+
+/** The codec bytes, shared (never to be transferred or written to). */
+export const CODEC_BYTES: readonly Buffer[] = [Buffer.of(CODEC_RAW), Buffer.of(CODEC_ZSTD)];
+
+/** The stored form of a chunk whose id is already known, as parts (see EncodedChunk). */
+export function encodeChunkParts(data: Uint8Array, codec: ChunkCodec): EncodedChunk {
   const packed = codec.compressor.compress(data);
-  const plain = packed !== undefined ? Buffer.concat([Buffer.of(CODEC_ZSTD), packed]) : Buffer.concat([Buffer.of(CODEC_RAW), data]);
-  return codec.key !== undefined ? seal(codec.key.dataKey, plain) : plain;
+  const tag = packed !== undefined ? CODEC_ZSTD : CODEC_RAW;
+  const body = packed ?? data;
+  if (codec.key === undefined) return { codec: tag, body };
+  return { codec: undefined, body: seal(codec.key.dataKey, [CODEC_BYTES[tag] as Buffer, body]) };
+}
+
+/** The parts of an encoded chunk, in the order they are stored. */
+export function encodedParts(e: EncodedChunk): Uint8Array[] {
+  return e.codec === undefined ? [e.body] : [CODEC_BYTES[e.codec] as Buffer, e.body];
+}
+
+/** The stored form of a chunk whose id is already known, in one buffer. */
+export function encodeChunk(data: Uint8Array, codec: ChunkCodec): Buffer {
+  return Buffer.concat(encodedParts(encodeChunkParts(data, codec)));
 }
 
 /** The chunk's plaintext from its stored form, checked against its id; `what` names it in errors. */

@@ -50,11 +50,13 @@ export function chunkId(data: Uint8Array, key: MasterKey | undefined): Buffer {
   return key === undefined ? createHash('sha256').update(data).digest() : createHmac('sha256', key.idKey).update(data).digest();
 }
 
-export function seal(key: Buffer, plaintext: Uint8Array): Buffer {
+/** Encrypts the plaintext (given whole, or as parts read in order) into nonce ‖ ciphertext ‖ tag. */
+export function seal(key: Buffer, plaintext: Uint8Array | readonly Uint8Array[]): Buffer {
+  const parts = plaintext instanceof Uint8Array ? [plaintext] : plaintext;
   const nonce = randomBytes(NONCE_BYTES);
   const cipher = createCipheriv('aes-256-gcm', key, nonce);
-  const body = Buffer.concat([cipher.update(plaintext), cipher.final()]);
-  return Buffer.concat([nonce, body, cipher.getAuthTag()]);
+  const body = parts.map((p) => cipher.update(p));
+  return Buffer.concat([nonce, ...body, cipher.final(), cipher.getAuthTag()]);
 }
 
 /** Opens a sealed blob; `what` names it in the error when it is damaged or under another key. */

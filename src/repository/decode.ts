@@ -1,8 +1,10 @@
 // The repository's shared worker pool: decodes ranged reads of packs
 // (decrypt, decompress, check against ids) off the main thread, for every
-// reader of chunks (Store.readChunks), checks whole packs without handing
-// plaintexts back (Store.checkPack, pack-check.ts), and puts full packs
-// together and hashes them for every writer (Store.storePack). One pool per process, shared by
+// reader of chunks (Store.readChunks; for a restore from a local
+// repository, Store.copyChunksToFile, whose workers read the pack and write
+// the image themselves, keeping one read buffer each), checks whole packs
+// without handing plaintexts back (Store.checkPack, pack-check.ts), and
+// hashes full packs for every writer (Store.storePack). One pool per process, shared by
 // every repository open in it (the key travels with each request), started
 // with the first read big enough to be worth it; idle workers never keep the
 // process alive.
@@ -20,7 +22,7 @@ import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { QbackupError } from '../errors.js';
 import { ChunkCompressor } from './compress.js';
-import { assemblePack, decodeEntries, transferList, type AssembleRequest, type DecodeEntry, type DecodeReply, type DecodeRequest, type WorkerReply, type WorkerRequest } from './chunk-worker.js';
+import { copyEntries, decodeEntries, hashPack, type CopyReply, type CopyRequest, type DecodeEntry, type DecodeReply, type DecodeRequest, type HashPackRequest, type WorkerReply, type WorkerRequest } from './chunk-worker.js';
 import type { MasterKey } from './crypto.js';
 import { checkPackBytes, type CheckPackReply, type CheckPackRequest } from './pack-check.js';
 
@@ -38,6 +40,7 @@ class DecodePool {
   private readonly slots: Slot[] = [];
   private seq = 0;
   private readonly inline = new ChunkCompressor();
+  private inlineScratch: Buffer | undefined;
 
   constructor(private readonly size: number) {}
 
@@ -64,23 +67,38 @@ class DecodePool {
     return reply;
   }
 
-  /**
-   * A pack's parts in one buffer and its id, put together and hashed on a
-   * worker: the writer's thread neither copies nor hashes the pack. Parts
-   * that own their whole memory, except those in `keep`, move to the worker
-   * and are unusable after.
-   */
-  async assemble(parts: readonly Buffer[], keep: readonly Buffer[] = []): Promise<{ pack: Buffer; packId: string }> {
-    const request: AssembleRequest = { op: 'assemble', seq: this.seq++, parts: [...parts] };
-    const total = parts.reduce((n, p) => n + p.length, 0);
-    const reply = this.size === 0 || total < INLINE_DECODE_BYTES ? assemblePack(request) : await this.ask(request, transferList(parts.filter((p) => ownsAll(p) && !keep.includes(p))));
-    if (reply.op !== 'assembled') throw new Error('an assemble request is answered with a pack');
-    return { pack: Buffer.from(reply.pack.buffer, reply.pack.byteOffset, reply.pack.byteLength), packId: reply.packId };
-  }
-
   /** Starts every worker now (a caller about to send many large requests), so none starts on the first request's time. */
   start(): void {
     while (this.slots.filter((s) => !s.dead).length < this.size) this.slots.push(this.spawn());
+  }
+
+  /**
+   * Has a worker read a range of an open pack, decode and check its chunks
+   * and write their plaintexts to an open output file (CopyRequest): the
+   * bytes never reach the calling thread. The fds stay open until it answers.
+   */
+  async copy(request: Omit<CopyRequest, 'op' | 'seq' | 'dataKey' | 'idKey'>, key: MasterKey | undefined): Promise<CopyReply> {
+    const full: CopyRequest = { ...request, op: 'copy', seq: this.seq++, dataKey: key?.dataKey, idKey: key?.idKey };
+    if (this.size === 0) {
+      const { reply, scratch } = copyEntries(full, this.inline, this.inlineScratch);
+      this.inlineScratch = scratch;
+      return reply;
+    }
+    const reply = await this.ask(full, []);
+    if (reply.op !== 'copied') throw new Error('a copy request is answered with its results');
+    return reply;
+  }
+
+  /**
+   * A whole pack's id (the SHA-256 of its bytes), hashed on a worker. A pack
+   * in shared memory (PackBuilder's) is read there in place; any other is
+   * copied with the request. The caller must not change it meanwhile.
+   */
+  async hashPack(pack: Buffer): Promise<string> {
+    const request: HashPackRequest = { op: 'hashPack', seq: this.seq++, bytes: pack };
+    const reply = this.size === 0 || pack.length < INLINE_DECODE_BYTES ? hashPack(request) : await this.ask(request, []);
+    if (reply.op !== 'packHashed') throw new Error('a pack hash request is answered with its id');
+    return reply.packId;
   }
 
   private async ask(request: WorkerRequest, transfer: ArrayBuffer[]): Promise<WorkerReply> {

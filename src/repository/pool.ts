@@ -11,13 +11,14 @@
 // - A batch goes to one worker for both steps (the worker keeps its chunks
 //   between them); a worker's failure fails the batches it holds.
 // - The ids returned are in the batch's order; a zero chunk's id is ZERO_ID.
-// - A batch sent with `transfer` gives its memory to the worker: the caller
-//   must own every byte of the chunks' ArrayBuffers and not touch them after.
+// - A batch sent with `transfer` gives its memory to the worker, which hands
+//   it back with the result (`chunks`): the caller must own every byte of the
+//   chunks' ArrayBuffers and use only the returned views after.
 
 import { Worker } from 'node:worker_threads';
 import { QbackupError } from '../errors.js';
 import { assert } from '../util/assert.js';
-import { encodeChunk, isZero, ZERO_ID } from './chunk.js';
+import { encodeChunkParts, encodedParts, isZero, ZERO_ID } from './chunk.js';
 import { transferList, type WorkerInit, type WorkerReply, type WorkerRequest } from './chunk-worker.js';
 import type { ChunkWriter, Store } from './store.js';
 
@@ -34,6 +35,8 @@ export interface StoreResult {
   /** Chunks that were new and stored, and their stored bytes. */
   newChunks: number;
   storedBytes: number;
+  /** The batch's chunks, the caller's again (the same memory, handed back by the worker when it was transferred). */
+  chunks: Buffer[];
 }
 
 export class ChunkPool {
@@ -90,7 +93,8 @@ export class ChunkPool {
     try {
       const hashed = await this.ask(slot, { op: 'hash', seq, chunks }, transfer);
       assert(hashed.op === 'hashed', 'a hash request is answered with ids');
-      const ids = hashed.ids.map((id, i) => (hashed.zero[i] === true ? ZERO_ID : Buffer.from(id)));
+      const all = Buffer.from(hashed.ids.buffer, hashed.ids.byteOffset, hashed.ids.byteLength);
+      const ids = chunks.map((_, i) => (hashed.zero[i] === true ? ZERO_ID : all.subarray(32 * i, 32 * i + 32)));
       const wanted = ids.map((id) => !id.equals(ZERO_ID) && !writer.has(id));
       const encoded = await this.ask(slot, { op: 'encode', seq, wanted });
       assert(encoded.op === 'encoded', 'an encode request is answered with blobs');
@@ -100,16 +104,14 @@ export class ChunkPool {
         const id = ids[i];
         const rawLength = lengths[i];
         if (blob === null || id === undefined || rawLength === undefined) continue;
-        const before = writer.storedChunks;
-        // Read before handing it on: a full pack's blobs move to a worker.
-        const length = blob.byteLength;
-        await writer.addEncoded(id, Buffer.from(blob.buffer, blob.byteOffset, length), rawLength);
-        if (writer.storedChunks > before) {
+        // Copied into the pack: the batch's memory is free again once this loop ends.
+        const length = await writer.addEncoded(id, encodedParts(blob), rawLength);
+        if (length > 0) {
           newChunks++;
           storedBytes += length;
         }
       }
-      return { ids, newChunks, storedBytes };
+      return { ids, newChunks, storedBytes, chunks: encoded.chunks.map((c) => Buffer.from(c.buffer, c.byteOffset, c.byteLength)) };
     } finally {
       slot.busy--;
     }
@@ -127,13 +129,13 @@ export class ChunkPool {
       const id = this.store.chunkId(c);
       ids.push(id);
       if (writer.has(id)) continue;
-      const blob = encodeChunk(c, { compressor: this.store.compressor, key: this.store.key });
-      const length = blob.length; // read before handing it on: a full pack's blobs move to a worker
-      await writer.addEncoded(id, blob, c.length);
-      newChunks++;
-      storedBytes += length;
+      const length = await writer.addEncoded(id, encodedParts(encodeChunkParts(c, { compressor: this.store.compressor, key: this.store.key })), c.length);
+      if (length > 0) {
+        newChunks++;
+        storedBytes += length;
+      }
     }
-    return { ids, newChunks, storedBytes };
+    return { ids, newChunks, storedBytes, chunks };
   }
 
   private ask(slot: Slot, msg: WorkerRequest, transfer: ArrayBuffer[] = []): Promise<WorkerReply> {

@@ -21,7 +21,7 @@ import type { ChunkWriter, Store } from './store.js';
 /** Chunks read per NBD request (1 MiB at 64 KiB chunks). */
 const RUN_CHUNKS = 16;
 /** Reads in flight at once. */
-const READS_IN_FLIGHT = 4;
+const READS_IN_FLIGHT = 8;
 /**
  * A disk with at most this much to read is hashed and compressed on the main
  * thread: starting the pool's worker threads (a new V8 isolate each, loading
@@ -61,15 +61,23 @@ export async function readDisk(store: Store, pool: ChunkPool, writer: ChunkWrite
   const result: DiskReadResult = { indexId: '', bytesRead: 0, bytesStored: 0, chunks: 0, newChunks: 0 };
   const total = runs.reduce((n, r) => n + r.count * chunkSize, 0);
   const inline = total <= INLINE_MAX_BYTES;
+  // Read buffers go round: read into, to a worker and back, copied into a
+  // pack, read into again. Fresh 1 MiB buffers per read cost page faults
+  // and garbage collection for the whole size of the disk.
+  const runBytes = RUN_CHUNKS * chunkSize;
+  const free: Buffer[] = [];
   await runPool(runs[Symbol.iterator](), READS_IN_FLIGHT, async (run) => {
     options.signal?.throwIfAborted();
     const offset = run.first * chunkSize;
     const length = Math.min(run.count * chunkSize, client.size - offset);
-    const data = await client.read(offset, length);
+    const data = (free.pop() ?? Buffer.allocUnsafeSlow(runBytes)).subarray(0, length);
+    await client.readInto(offset, data);
     result.bytesRead += length;
     const chunks: Buffer[] = [];
     for (let at = 0; at < length; at += chunkSize) chunks.push(data.subarray(at, Math.min(at + chunkSize, length)));
-    const stored = await pool.storeChunks(chunks, writer, { inline, transfer: ownsBuffer(data) });
+    const stored = await pool.storeChunks(chunks, writer, { inline, transfer: true });
+    const back = stored.chunks[0]?.buffer;
+    if (back instanceof ArrayBuffer && back.byteLength === runBytes) free.push(Buffer.from(back));
     stored.ids.forEach((id, i) => ids.set(run.first + i, id));
     result.newChunks += stored.newChunks;
     result.bytesStored += stored.storedBytes;
@@ -94,18 +102,6 @@ async function buildIndex(store: Store, ids: Map<number, Buffer>, slots: number,
   sorted.forEach((slot, i) => ids.get(slot)?.copy(delta.ids, i * 32));
   if ((await store.indexChainLength(parent)) <= MAX_CHAIN) return delta;
   return resolveChain([...(await store.indexChain(parent)), delta], 'the new disk index');
-}
-
-/**
- * True when nothing but `data` lives in its ArrayBuffer, so it can move to a
- * worker without a copy: the buffer ends where `data` ends, and what comes
- * before it is too short to hold anything else. The NBD client's read()
- * gathers a read into a buffer of its own, a fresh one for our 1 MiB reads;
- * a small read may share Node's buffer pool, and is then copied to the
- * worker as before.
- */
-function ownsBuffer(data: Buffer): boolean {
-  return data.buffer instanceof ArrayBuffer && data.byteOffset <= 32 && data.byteOffset + data.byteLength === data.buffer.byteLength;
 }
 
 interface Run {

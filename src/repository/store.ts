@@ -13,7 +13,9 @@
 // Invariants:
 // - Every key is built here from validated ids (hex digests, backup ids,
 //   domain names), never from the content of an object.
-// - Chunks leave packs only through readChunks (readChunk is one of them):
+// - Chunks leave packs only through readChunks (readChunk is one of them)
+//   and, for a restore from a local repository, copyChunksToFile (the same
+//   grouping, read and written by the workers themselves):
 //   chunks adjacent in a pack come in one ranged read, are decoded on the
 //   decode pool's workers (decode.ts) and checked against their ids; packs
 //   are read whole only by checkPack, which also hashes them against their
@@ -26,6 +28,8 @@
 //   refuses new backups and copies into it; a damaged key file is skipped
 //   when another key opens the repository, and named by verify.
 
+import assert from 'node:assert';
+import type { FileHandle } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { randomBytes } from 'node:crypto';
 import { QbackupError, describeError } from '../errors.js';
@@ -42,7 +46,7 @@ import { chunkId, newMasterKey, parseKeyFile, seal, unseal, unwrapMasterKey, wra
 import { decodeIndex, encodeIndex, indexKey, INDEX_ID, MAX_CHAIN, resolveChain, type DiskIndex, type FullIndex } from './disk-index.js';
 import { parseManifest, parseManifestName, manifestKey, serializeManifestWithChecksum, type Manifest } from './manifest.js';
 import { cachedChainLength, packIndexCache, rememberChainLength } from './index-cache.js';
-import { PACK_ID, PACK_TARGET_BYTES, PackBuilder, packIndexKey, packKey, parseHeader } from './pack.js';
+import { PACK_ID, PACK_TARGET_BYTES, PackBuilder, packIndexKey, packKey, parseHeader, releasePackBuffer } from './pack.js';
 
 /** Small objects (pack headers, manifests) read at once when loading them all. */
 const HEADER_READS_IN_FLIGHT = 8;
@@ -346,7 +350,12 @@ export class Store {
         for (const x of run) settle(x, { error: new QbackupError(err.code, `Chunk ${x.id.toString('hex')} in pack "${x.loc.packId}" cannot be read: ${err.message}`, { cause: err, details: { chunk: x.id.toString('hex') } }) });
         return;
       }
-      const entries: DecodeEntry[] = run.map((x) => ({ id: x.id, at: x.loc.offset - start, length: x.loc.length, rawLength: x.loc.rawLength, what: `Chunk ${x.id.toString('hex')} in pack "${x.loc.packId}"` }));
+      // The ids in one buffer of their own: an id that views a larger buffer (a disk index's table) would take all of it along to the worker.
+      const idBytes = new Uint8Array(run.length * 32);
+      const entries: DecodeEntry[] = run.map((x, k) => {
+        idBytes.set(x.id, k * 32);
+        return { id: idBytes.subarray(k * 32, k * 32 + 32), at: x.loc.offset - start, length: x.loc.length, rawLength: x.loc.rawLength, what: `Chunk ${x.id.toString('hex')} in pack "${x.loc.packId}"` };
+      });
       const stored = options.keepStored === true ? bytes : undefined;
       const reply = await decodePool().decode(bytes, entries, this.key, { transfer: stored === undefined });
       const plain = Buffer.from(reply.plain.buffer, reply.plain.byteOffset, reply.plain.byteLength);
@@ -360,6 +369,77 @@ export class Store {
         settle(x, stored !== undefined ? { data, stored: stored.subarray(x.loc.offset - start, x.loc.offset - start + x.loc.length) } : { data });
       }
     });
+    return out;
+  }
+
+  /** True when copyChunksToFile can be used: the repository is a local directory whose packs workers can read themselves. */
+  get copiesToFiles(): boolean {
+    return this.backend.openForReading !== undefined;
+  }
+
+  /**
+   * readChunks for a writer of files (restore): each id's plaintext, checked
+   * against the id, is written to the open file `to` at each of its
+   * `writes[i]` (cut to their lengths) by a decode worker that reads the
+   * pack range itself, so the bytes never reach this thread. Grouped into
+   * ranged reads as readChunks does. Per id: undefined when written, else
+   * why it could not be read. A failure to write `to` throws.
+   */
+  async copyChunksToFile(ids: readonly Buffer[], writes: ReadonlyArray<ReadonlyArray<{ position: number; length: number }>>, to: number, options: { signal?: AbortSignal | undefined; what: string }): Promise<Array<QbackupError | undefined>> {
+    const open = this.backend.openForReading?.bind(this.backend);
+    assert(open !== undefined, 'copyChunksToFile needs a backend whose packs can be opened (copiesToFiles)');
+    const out = new Array<QbackupError | undefined>(ids.length);
+    const wanted = new Map<string, { id: Buffer; loc: ChunkLocation; writes: Array<{ position: number; length: number }>; at: number[] }>();
+    for (const [i, id] of ids.entries()) {
+      const hex = id.toString('hex');
+      const w = wanted.get(hex);
+      if (w !== undefined) {
+        w.at.push(i);
+        w.writes.push(...(writes[i] ?? []));
+        continue;
+      }
+      const loc = this.chunks.get(hex);
+      if (loc === undefined) out[i] = new QbackupError('REPO_OBJECT_NOT_FOUND', `Repository "${this.location}" has no chunk ${hex}`, { details: { chunk: hex } });
+      else wanted.set(hex, { id, loc, writes: [...(writes[i] ?? [])], at: [i] });
+    }
+    const packs = new Map<string, Promise<FileHandle>>();
+    try {
+      await runPool(readRuns([...wanted.values()]).values(), READS_IN_FLIGHT, async (run) => {
+        throwIfCancelled(options.signal, `Reading chunks of repository "${this.location}"`);
+        const first = run[0];
+        const last = run.at(-1);
+        if (first === undefined || last === undefined) return;
+        const packId = first.loc.packId;
+        let handle = packs.get(packId);
+        if (handle === undefined) {
+          handle = open(packKey(packId));
+          handle.catch(() => undefined); // awaited below; a run of the same pack awaiting it later must not leave it unobserved
+          packs.set(packId, handle);
+        }
+        let fh: FileHandle;
+        try {
+          fh = await handle;
+        } catch (err) {
+          if (!(err instanceof QbackupError)) throw err;
+          for (const x of run) for (const i of x.at) out[i] = new QbackupError(err.code, `Chunk ${x.id.toString('hex')} in pack "${packId}" cannot be read: ${err.message}`, { cause: err, details: { chunk: x.id.toString('hex') } });
+          return;
+        }
+        const start = first.loc.offset;
+        const idBytes = new Uint8Array(run.length * 32);
+        const entries: DecodeEntry[] = run.map((x, k) => {
+          idBytes.set(x.id, k * 32);
+          return { id: idBytes.subarray(k * 32, k * 32 + 32), at: x.loc.offset - start, length: x.loc.length, rawLength: x.loc.rawLength, what: `Chunk ${x.id.toString('hex')} in pack "${packId}"` };
+        });
+        const reply = await decodePool().copy({ fd: fh.fd, offset: start, length: last.loc.offset + last.loc.length - start, entries, writes: run.map((x) => x.writes), to }, this.key);
+        if (reply.ioError !== undefined && !reply.ioError.read) throw new QbackupError('IMAGE_ERROR', `Cannot write ${options.what}: ${reply.ioError.message}`);
+        for (const [k, x] of run.entries()) {
+          const problem = reply.ioError !== undefined ? `Chunk ${x.id.toString('hex')} in pack "${packId}" cannot be read: ${reply.ioError.message}` : reply.errors[k];
+          if (problem !== undefined) for (const i of x.at) out[i] = new QbackupError('REPO_DAMAGED', problem, { details: { chunk: x.id.toString('hex') } });
+        }
+      });
+    } finally {
+      for (const handle of packs.values()) await handle.then((fh) => fh.close()).catch(() => undefined);
+    }
     return out;
   }
 
@@ -393,11 +473,12 @@ export class Store {
 
   /** Stores a finished pack: the pack first, then its index, so no index names a missing pack. */
   async storePack(builder: PackBuilder): Promise<string> {
-    const { parts, header } = builder.finishParts(this.key);
+    const { pack, header } = builder.complete(this.key);
     const headerBytes = header.length;
-    // Put together and hashed on a worker; the blobs are not ours after this.
-    const { pack, packId } = await decodePool().assemble(parts, [header]);
+    const packId = await decodePool().hashPack(pack);
     await this.backend.putIfAbsent(packKey(packId), pack);
+    // Stored: the buffer serves the next pack (after a failure it is left to the collector).
+    releasePackBuffer(pack);
     await this.backend.putIfAbsent(packIndexKey(packId), header);
     const ids = builder.entries.map((e) => e.id.toString('hex'));
     const locations = builder.entries.map((e) => ({ packId, offset: e.offset, length: e.length, rawLength: e.rawLength }));
@@ -574,14 +655,24 @@ export class Store {
   }
 }
 
+/**
+ * Packs being stored at once behind the filling one. A pack's store is a
+ * hash on a worker and two durable writes (each fsynced, then its directory):
+ * one at a time, the writes were the serial stage of a full backup, with the
+ * readers and the chunk workers waiting on them. Several overlap their
+ * syncs; more would only hold more memory (16 MiB each).
+ */
+const UPLOADS_IN_FLIGHT = 3;
+
 /** Collects new chunks into packs of about PACK_TARGET_BYTES and stores each when full. */
 export class ChunkWriter {
   private builder = new PackBuilder();
   /** Chunks added to the open pack, by hex id (so a chunk is packed once). */
   private pending = new Set<string>();
-  /** The full pack being stored while the next one fills (object storage is far away), and its chunks. */
-  private uploading: Promise<void> | undefined;
-  private uploadingIds = new Set<string>();
+  /** Full packs being stored while the next one fills, each with its chunks. */
+  private readonly uploads = new Set<{ done: Promise<void>; ids: Set<string> }>();
+  /** The first failure of a pack's store: it fails the next add or flush. */
+  private failure: unknown;
   storedBytes = 0;
   storedChunks = 0;
 
@@ -590,17 +681,27 @@ export class ChunkWriter {
   /** Is the chunk stored or about to be? */
   has(id: Buffer): boolean {
     const hex = id.toString('hex');
-    return this.store.has(id) || this.pending.has(hex) || this.uploadingIds.has(hex);
+    if (this.store.has(id) || this.pending.has(hex)) return true;
+    for (const u of this.uploads) if (u.ids.has(hex)) return true;
+    return false;
   }
 
-  /** Adds a chunk whose stored form was made elsewhere (a worker); stores the pack when full. */
-  async addEncoded(id: Buffer, blob: Buffer, rawLength: number): Promise<void> {
-    if (this.has(id)) return;
+  /**
+   * Adds a chunk whose stored form was made elsewhere (a worker), whole or
+   * as its parts; it is copied into the pack, so its memory is the caller's
+   * again when this returns. Stores the pack when full. Returns the bytes
+   * this chunk takes in the pack, or 0 when it was stored already.
+   */
+  async addEncoded(id: Buffer, blob: Uint8Array | readonly Uint8Array[], rawLength: number): Promise<number> {
+    if (this.has(id)) return 0;
     this.pending.add(id.toString('hex'));
+    const before = this.builder.bytes;
     this.builder.add(id, blob, rawLength);
-    this.storedBytes += blob.length;
+    const length = this.builder.bytes - before;
+    this.storedBytes += length;
     this.storedChunks++;
     if (this.builder.bytes >= PACK_TARGET_BYTES) await this.rotate();
+    return length;
   }
 
   /** Encodes and adds a chunk in this thread. */
@@ -612,31 +713,32 @@ export class ChunkWriter {
   /** Stores every chunk added so far; they may be referenced once it returns. */
   async flush(): Promise<void> {
     await this.rotate();
-    await this.settle();
+    while (this.uploads.size > 0) await Promise.race([...this.uploads].map((u) => u.done));
+    this.throwIfFailed();
   }
 
-  /** Starts storing the open pack once the previous one is stored: at most one upload runs behind the filling pack. */
+  /** Starts storing the open pack, once fewer than UPLOADS_IN_FLIGHT are being stored. */
   private async rotate(): Promise<void> {
-    await this.settle();
+    while (this.uploads.size >= UPLOADS_IN_FLIGHT) await Promise.race([...this.uploads].map((u) => u.done));
+    this.throwIfFailed();
     if (this.builder.count === 0) return;
     const builder = this.builder;
     this.builder = new PackBuilder();
-    this.uploadingIds = this.pending;
+    const upload = { done: Promise.resolve(), ids: this.pending };
     this.pending = new Set();
-    this.uploading = this.store.storePack(builder).then(() => undefined);
-    // Failures surface at the next rotate or flush; mark this one handled meanwhile.
-    this.uploading.catch(() => undefined);
+    // Settles either way; a failure is kept for the next add or flush to throw.
+    upload.done = this.store.storePack(builder).then(
+      () => void this.uploads.delete(upload),
+      (err: unknown) => {
+        this.failure ??= err;
+        this.uploads.delete(upload);
+      },
+    );
+    this.uploads.add(upload);
   }
 
-  private async settle(): Promise<void> {
-    const upload = this.uploading;
-    if (upload === undefined) return;
-    try {
-      await upload;
-    } finally {
-      this.uploading = undefined;
-      this.uploadingIds = new Set();
-    }
+  private throwIfFailed(): void {
+    if (this.failure !== undefined) throw this.failure;
   }
 }
 

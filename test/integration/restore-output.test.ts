@@ -2,8 +2,8 @@
 // a symlink planted where the output or its temporary file will be created
 // (by another process racing the restore, as a local user writing in a
 // shared directory could) never leads a restore to write (or truncate, or
-// chmod) the file it points to, whatever the format (raw, or qcow2 made by qemu-img and written through
-// qemu-nbd); and a restore into a kernel pseudo-filesystem (/proc, /sys, /dev)
+// chmod) the file it points to, whatever the format (raw, or qcow2 laid out
+// and written directly); and a restore into a kernel pseudo-filesystem (/proc, /sys, /dev)
 // is refused at once in one sentence.
 
 import assert from 'node:assert/strict';

@@ -12,6 +12,7 @@
 // - Every backend passes the one conformance suite
 //   (test/helpers/backend-conformance.ts).
 
+import type { FileHandle } from 'node:fs/promises';
 import { QbackupError } from '../../errors.js';
 
 export interface ObjectInfo {
@@ -28,6 +29,12 @@ export interface Backend {
   putIfAbsent(key: string, data: Buffer): Promise<boolean>;
   /** The object's bytes, or `length` bytes from `offset`. Missing: REPO_OBJECT_NOT_FOUND. */
   get(key: string, range?: { offset: number; length: number }): Promise<Buffer>;
+  /**
+   * Local backends only: the object opened for positional reads, so that
+   * worker threads read ranges of it into memory of their own (restore's
+   * copy path); the caller closes it. Missing: REPO_OBJECT_NOT_FOUND.
+   */
+  openForReading?(key: string): Promise<FileHandle>;
   /** Size of the object, or undefined when it does not exist. */
   stat(key: string): Promise<ObjectInfo | undefined>;
   /** Every object whose key starts with `prefix` (a whole segment path, e.g. "data/"), in no particular order. */

@@ -57,16 +57,19 @@ export class LocalBackend implements Backend {
     }
   }
 
-  async get(key: string, range?: { offset: number; length: number }): Promise<Buffer> {
+  async openForReading(key: string): Promise<fs.FileHandle> {
     assertKey(key);
     await this.checkDir(parentOf(key));
-    let fh: fs.FileHandle;
     try {
-      fh = await fs.open(join(this.root, key), constants.O_RDONLY | constants.O_NOFOLLOW);
+      return await fs.open(join(this.root, key), constants.O_RDONLY | constants.O_NOFOLLOW);
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw objectNotFound(this.location, key, err);
       throw this.failure(`read "${key}"`, err);
     }
+  }
+
+  async get(key: string, range?: { offset: number; length: number }): Promise<Buffer> {
+    const fh = await this.openForReading(key);
     try {
       if (range === undefined) return await fh.readFile();
       const buf = Buffer.allocUnsafe(range.length);
