@@ -38,7 +38,7 @@ import { applyBitmapActions, mergedBitmapActions, readBitmapsOffline, readBitmap
 import { chainFrom, computeCoverage, type ChainCheckpoint, type DiskCoverage } from './coverage.js';
 import { planResizes, readDiskSizes } from './resize.js';
 import { planReconcile, type CoverageLoss } from './reconcile.js';
-import { IntentJournal, createActions, createRollbackActions, deleteActions, planDelete, planRecovery, unreadableDisk, type CreateIntent } from './recovery.js';
+import { IntentJournal, createActions, createRollbackActions, createUndoActions, deleteActions, planDelete, planRecovery, unreadableDisk, type CreateIntent } from './recovery.js';
 import { applyRedefine, checkRedefine, checkRedefineBitmaps, planRedefine, redefineDiskRows } from './redefine.js';
 import { TEMP_BITMAP_PREFIX, assertCheckpointName, assertNotTemporary, type CheckpointDiskSpec, type CheckpointSpec } from './spec.js';
 import { childrenIndex, countDescendants, postOrder, topologicalOrder } from './tree.js';
@@ -167,6 +167,11 @@ export class CheckpointService {
   /** The bitmap actions of a planned checkpoint: adds, then disables (the order offline recovery relies on). */
   createActions(plan: CreateIntent): BitmapAction[] {
     return createActions(plan);
+  }
+
+  /** The bitmap actions that take back a planned checkpoint QEMU made, keeping every write since (see createUndoActions). */
+  undoCreateActions(plan: CreateIntent): BitmapAction[] {
+    return createUndoActions(plan);
   }
 
   private async applyCreate(ctx: DomainContext, qmp: QmpClient | undefined, plan: CreateIntent): Promise<void> {
