@@ -188,10 +188,11 @@ export class BackupService {
     const domain = ctx.row.name;
     const jobId = `backup-${randomBytes(4).toString('hex')}`;
     const selected = selectDisks(domain, ctx.disks, spec);
-    const coverage = await this.coverageOf(ctx, qmp, spec, selected);
+    // QEMU's node graph, read once for coverage, sizes, bitmaps and the checkpoint's plan (nothing here changes it).
     const nodes = await readBlockNodes(qmp);
+    const coverage = await this.coverageOf(ctx, qmp, spec, selected, nodes);
     const bitmapNames = new Map(ctx.disks.map((d) => [d.diskId, (nodes.get(nodeNamesFor(d.diskId).format)?.bitmaps ?? []).map((b) => b.name)]));
-    const checkpointPlan = options.checkpoint !== undefined ? await this.checkpoints.planCreate(ctx, qmp, options.checkpoint) : undefined;
+    const checkpointPlan = options.checkpoint !== undefined ? await this.checkpoints.planCreate(ctx, qmp, options.checkpoint, await this.checkpoints.readBitmaps(ctx, qmp, nodes)) : undefined;
     const info = planBackup({
       domain,
       jobId,
@@ -261,7 +262,7 @@ export class BackupService {
    * coverage question per checkpoint for all its disks (each question reads
    * QEMU's node graph), not one per disk.
    */
-  private async coverageOf(ctx: DomainContext, qmp: QmpClient, spec: BackupSpec, selected: readonly SelectedDisk[]): Promise<Map<string, DiskCoverage>> {
+  private async coverageOf(ctx: DomainContext, qmp: QmpClient, spec: BackupSpec, selected: readonly SelectedDisk[], nodes: ReadonlyMap<string, BlockNode>): Promise<Map<string, DiskCoverage>> {
     const bySince = new Map<string, SelectedDisk['disk'][]>();
     for (const { disk, spec: diskSpec } of selected) {
       const since = sinceFor(spec, diskSpec);
@@ -271,7 +272,7 @@ export class BackupService {
     }
     const out = new Map<string, DiskCoverage>();
     for (const [since, disks] of bySince) {
-      for (const cov of await this.checkpoints.coverageIn(ctx, qmp, since, disks)) out.set(cov.diskId, cov);
+      for (const cov of await this.checkpoints.coverageIn(ctx, qmp, since, disks, nodes)) out.set(cov.diskId, cov);
     }
     return out;
   }
