@@ -85,6 +85,9 @@ export interface ListFilters {
 /** Points where tests make qbackup die (SIGKILL) to prove crash safety. */
 export type FaultPoint = 'checkpoint-create:after-intent' | 'checkpoint-create:after-qemu' | 'checkpoint-delete:after-intent' | 'checkpoint-delete:after-qemu';
 
+/** Coverage paths up to this long are walked checkpoint by checkpoint (see chainCheckpoints). */
+const SHORT_PATH = 16;
+
 export class CheckpointService {
   private readonly journal: IntentJournal;
 
@@ -378,8 +381,7 @@ export class CheckpointService {
   async coverageIn(ctx: DomainContext, qmp: QmpClient | undefined, name: string, disks: readonly AttachedDisk[] = ctx.disks, read?: ReadonlyMap<string, BlockNode> | undefined): Promise<DiskCoverage[]> {
     const domain = ctx.row.name;
     const t = this.requireCheckpoint(domain, name);
-    const chain = this.chainCheckpoints(domain);
-    const path = chainFrom(chain, name);
+    const path = chainFrom(this.chainCheckpoints(domain, name), name);
     // One read of QEMU's node graph for the sizes and the bitmaps: with many checkpoints it is the largest cost of the question.
     const nodes = read ?? (qmp !== undefined ? await readBlockNodes(qmp) : undefined);
     await this.noteSizes(ctx, qmp, nodes);
@@ -499,9 +501,17 @@ export class CheckpointService {
     return row;
   }
 
-  chainCheckpoints(domain: string): ChainCheckpoint[] {
-    const byCheckpoint = groupDisks(this.store.disks(domain));
-    return this.store.links(domain).map((row) => ({ row, disks: byCheckpoint.get(row.name) ?? [] }));
+  /**
+   * The checkpoints from the current one up to `from` (or to a root, when
+   * `from` is not an ancestor), with their disks, unordered. A short path is
+   * walked by key; a long one (over SHORT_PATH) is read with the whole chain,
+   * which costs less per row.
+   */
+  chainCheckpoints(domain: string, from: string): ChainCheckpoint[] {
+    const near = this.store.currentAncestry(domain, from, SHORT_PATH);
+    const { links, disks } = near.complete ? near : { links: this.store.links(domain), disks: this.store.disks(domain) };
+    const byCheckpoint = groupDisks(disks);
+    return links.map((row) => ({ row, disks: byCheckpoint.get(row.name) ?? [] }));
   }
 
   /**

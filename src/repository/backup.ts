@@ -143,6 +143,7 @@ function selectDisks(all: readonly DriverDisk[], domain: string, targets: readon
 /** The options once TLS credentials are read. */
 type RunOptions = RepoBackupOptions & { clientTls?: TlsClientCredentials; faults: Faults };
 
+// Long: one backup's steps in order (plan, job, reads, manifest, end), with the cleanup of a failure around them.
 async function backupRunning(driver: HypervisorDriver, store: Store, identity: DriverDomain, selected: readonly DriverDisk[], options: RunOptions, shutOff: boolean, lock: HeldLock): Promise<Manifest> {
   const domain = identity.name;
   const id = newBackupId();
@@ -165,6 +166,7 @@ async function backupRunning(driver: HypervisorDriver, store: Store, identity: D
       quiesce: shutOff ? undefined : options.quiesce,
       tcp: options.tcp,
       tlsCertDir: options.tlsCertDir,
+      // A disk with nothing dirty comes without an export: an empty delta (readJobDisk).
       skipUnchanged: true,
     });
     // The reads stop when the caller cancels, or when the driver lost what keeps the job valid (libvirt's connection).
