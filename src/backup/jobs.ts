@@ -20,6 +20,10 @@
 //   errors are kept in the job's result, never dropped.
 // - QEMU jobs use auto-dismiss off, so their outcome survives until a qbackup
 //   process reads it, whichever process that is.
+// - A pull job asked with skipUnchanged whose disks changed nothing since
+//   their checkpoints makes the checkpoint alone (`unchanged`: nothing of it
+//   is in QEMU). It is never empty by mistake: the counts that decide it are
+//   read after the checkpoint's transaction froze them (executeUnchanged).
 
 import { randomBytes } from 'node:crypto';
 import { existsSync, rmSync } from 'node:fs';
@@ -259,8 +263,8 @@ export class BackupService {
 
   /**
    * Coverage since each incremental disk's checkpoint, by disk id: one
-   * coverage question per checkpoint for all its disks (each question reads
-   * QEMU's node graph), not one per disk.
+   * coverage question per checkpoint for all its disks, not one per disk,
+   * each on the node graph `nodes` read once for the whole begin.
    */
   private async coverageOf(ctx: DomainContext, qmp: QmpClient, spec: BackupSpec, selected: readonly SelectedDisk[], nodes: ReadonlyMap<string, BlockNode>): Promise<Map<string, DiskCoverage>> {
     const bySince = new Map<string, SelectedDisk['disk'][]>();
