@@ -72,6 +72,22 @@ async function main(): Promise<void> {
     const t0 = performance.now();
     for (let i = 0; i < n; i++) await qb.checkpoints.create('vm', { name: `c${String(i).padStart(4, '0')}` });
     const createS = (performance.now() - t0) / 1000;
+    // The same calls in-process (the library alone), for the daemon's ratio to them.
+    const inProcess = async (fn: () => unknown): Promise<number> => {
+      const times: number[] = [];
+      for (let i = 0; i < 30; i++) {
+        const t = performance.now();
+        await fn();
+        times.push(performance.now() - t);
+      }
+      return median(times);
+    };
+    const newest = `c${String(n - 1).padStart(4, '0')}`;
+    const local = {
+      list: await inProcess(() => qb.checkpoints.list('vm')),
+      coverageOldest: await inProcess(() => qb.checkpoints.coverage('vm', 'c0000')),
+      coverageNewest: await inProcess(() => qb.checkpoints.coverage('vm', newest)),
+    };
     qb.close();
     const d = await serve(stateDir);
     try {
@@ -80,17 +96,18 @@ async function main(): Promise<void> {
       const base = `${d.url}/api/domains/vm`;
       const list = await timed(`${base}/checkpoints`, d.token, 30);
       const domains = await timed(`${d.url}/api/domains?all=true`, d.token, 30);
-      const coverageOldest = await timed(`${base}/checkpoints/c0000/coverage`, d.token, 10);
-      const coverageNewest = await timed(`${base}/checkpoints/c${String(n - 1).padStart(4, '0')}/coverage`, d.token, 10);
+      const coverageOldest = await timed(`${base}/checkpoints/c0000/coverage`, d.token, 30);
+      const coverageNewest = await timed(`${base}/checkpoints/${newest}/coverage`, d.token, 30);
       await new Promise((r) => setTimeout(r, 1000));
       const rssAfter = rssMiB(d.pid);
-      const row = (what: string, r: { medianMs: number; p95Ms: number; bytes: number }): string => `| ${what} | ${r.medianMs.toFixed(1)} | ${r.p95Ms.toFixed(1)} | ${(r.bytes / 1024).toFixed(0)} KiB |`;
-      console.log(`${n} checkpoints created in ${createS.toFixed(1)} s (library, one at a time)\n`);
-      console.log('| request | median ms | p95 ms | response |\n|---|---|---|---|');
-      console.log(row(`GET /api/domains/vm/checkpoints (${n})`, list));
+      const row = (what: string, r: { medianMs: number; p95Ms: number; bytes: number }, localMs?: number): string =>
+        `| ${what} | ${r.medianMs.toFixed(1)} | ${r.p95Ms.toFixed(1)} | ${(r.bytes / 1024).toFixed(0)} KiB | ${localMs === undefined ? '–' : `${localMs.toFixed(1)} (${(r.medianMs / localMs).toFixed(2)}×)`} |`;
+      console.log(`${n} checkpoints created in ${createS.toFixed(1)} s (library, one at a time); load average ${readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ')}\n`);
+      console.log('| request | median ms | p95 ms | response | in-process median ms (daemon ÷ in-process) |\n|---|---|---|---|---|');
+      console.log(row(`GET /api/domains/vm/checkpoints (${n})`, list, local.list));
       console.log(row('GET /api/domains?all=true', domains));
-      console.log(row('GET …/checkpoints/c0000/coverage (oldest)', coverageOldest));
-      console.log(row('GET …/checkpoints/newest/coverage', coverageNewest));
+      console.log(row('GET …/checkpoints/c0000/coverage (oldest)', coverageOldest, local.coverageOldest));
+      console.log(row('GET …/checkpoints/newest/coverage', coverageNewest, local.coverageNewest));
       console.log(`\ndaemon memory at rest (VmRSS): ${rssStart.toFixed(0)} MiB after start, ${rssAfter.toFixed(0)} MiB after the requests`);
     } finally {
       d.stop();

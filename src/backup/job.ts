@@ -94,6 +94,12 @@ export interface JobInfo {
   discardCheckpointOnFailure?: boolean;
   /** 'filesystem' when the guest's filesystems were frozen for the start transaction (quiesce), else 'crash'. */
   consistency?: 'crash' | 'filesystem';
+  /**
+   * Pull mode: no disk changed since its checkpoint, so the job made the
+   * checkpoint alone: QEMU holds no job, node, scratch image or export of it,
+   * and there is nothing to read (see BackupBeginOptions.skipUnchanged).
+   */
+  unchanged?: boolean;
   disks: JobDisk[];
 }
 

@@ -20,6 +20,10 @@
 //   errors are kept in the job's result, never dropped.
 // - QEMU jobs use auto-dismiss off, so their outcome survives until a qbackup
 //   process reads it, whichever process that is.
+// - A pull job asked with skipUnchanged whose disks changed nothing since
+//   their checkpoints makes the checkpoint alone (`unchanged`: nothing of it
+//   is in QEMU). It is never empty by mistake: the counts that decide it are
+//   read after the checkpoint's transaction froze them (executeUnchanged).
 
 import { randomBytes } from 'node:crypto';
 import { existsSync, rmSync } from 'node:fs';
@@ -27,13 +31,14 @@ import { basename, dirname, relative } from 'node:path';
 import type { DiskCoverage } from '../checkpoint/coverage.js';
 import type { CheckpointService } from '../checkpoint/checkpoints.js';
 import type { CheckpointSpec } from '../checkpoint/spec.js';
+import { toTransaction } from '../checkpoint/bitmaps.js';
 import { QbackupError, describeError } from '../errors.js';
 import { freezeGuest, type Frozen, type QuiesceMode } from '../domain/quiesce.js';
 import { assert } from '../util/assert.js';
 import { noFaults, type Faults } from '../util/faults.js';
 import { throwIfCancelled, type OperationOptions } from '../util/operation.js';
 import { refuseWhileRestoring, type DomainContext, type DomainService } from '../domain/domains.js';
-import { readBlockNodes } from '../qemu/block-nodes.js';
+import { readBlockNodes, type BlockNode } from '../qemu/block-nodes.js';
 import { createImage } from '../image/qemu-img.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
 import { QmpCommandError, type QmpClient } from '../qmp/index.js';
@@ -42,7 +47,7 @@ import { checkServerCredentials } from '../util/pki.js';
 import { checkSecretFile, secretFilePath } from '../util/secrets.js';
 import { makePrivateDir } from '../util/private-dir.js';
 import { isProcessAlive, processStartTime, sleep } from '../util/proc.js';
-import { parseJobInfo, parseJobPayload, type JobInfo, type JobPayload } from './job.js';
+import { parseJobInfo, parseJobPayload, type JobDisk, type JobInfo, type JobPayload } from './job.js';
 import { planBackup, selectDisks, sinceFor, type BeginOptions, type SelectedDisk } from './plan.js';
 import { addTargetNodes, addTlsCredentials, applyProgress, exportDisks, queryJobs, startActions, teardown, waitConcluded } from './qemu.js';
 import { validateBackupSpec, type BackupSpec } from './spec.js';
@@ -63,9 +68,18 @@ export interface BackupBeginOptions extends BeginOptions {
    * without an agent). The job's `consistency` says which it was.
    */
   quiesce?: QuiesceMode | undefined;
+  /**
+   * Pull mode with a checkpoint, without quiesce: when every disk is
+   * incremental and no bitmap of its chain holds a dirty bit, make the
+   * checkpoint alone (one transaction, as a checkpoint create) instead of the
+   * fleecing job and its exports. The job is then `unchanged` and lasts, like
+   * any pull job, until abort. A write that lands before the checkpoint is
+   * made is caught (see executeUnchanged), and the full job runs.
+   */
+  skipUnchanged?: boolean | undefined;
 }
 
-export type BackupFaultPoint = 'backup-begin:before-qemu' | 'backup-begin:after-qemu';
+export type BackupFaultPoint = 'backup-begin:before-qemu' | 'backup-begin:after-qemu' | 'backup-unchanged:after-qemu';
 
 export interface BackupServiceSettings {
   /** Default certificate directory of pull jobs served over TCP with TLS (libvirt's backup_tls_x509_cert_dir). */
@@ -119,7 +133,11 @@ export class BackupService {
       if (active !== undefined) throw new QbackupError('BACKUP_RUNNING', `Cannot start a backup of domain "${domain}": backup job "${active.id}" is running`);
       refuseWhileRestoring(ctx, 'start a backup');
       return this.domains.withQmp(ctx, 'backup-begin', async (qmp) => {
-        const payload = await this.prepare(ctx, qmp, spec, options, tlsCertDir);
+        const { payload, looksUnchanged } = await this.prepare(ctx, qmp, spec, options, tlsCertDir);
+        if (looksUnchanged) {
+          const done = await this.executeUnchanged(ctx, qmp, payload);
+          if (done !== undefined) return done;
+        }
         return this.execute(ctx, qmp, payload, options);
       });
     });
@@ -158,15 +176,27 @@ export class BackupService {
     }
   }
 
-  /** Reads what the planner needs, plans the job and the checkpoint; changes nothing. */
-  private async prepare(ctx: DomainContext, qmp: QmpClient, spec: BackupSpec, options: BackupBeginOptions, tlsCertDir: string | undefined): Promise<JobPayload> {
+  /**
+   * Reads what the planner needs, plans the job and the checkpoint; changes
+   * nothing. `looksUnchanged`: skipUnchanged applies and, as read now, no
+   * disk changed since its checkpoint (a hint, checked again once the
+   * checkpoint froze the bitmaps).
+   */
+  private async prepare(
+    ctx: DomainContext,
+    qmp: QmpClient,
+    spec: BackupSpec,
+    options: BackupBeginOptions,
+    tlsCertDir: string | undefined,
+  ): Promise<{ payload: JobPayload; looksUnchanged: boolean }> {
     const domain = ctx.row.name;
     const jobId = `backup-${randomBytes(4).toString('hex')}`;
     const selected = selectDisks(domain, ctx.disks, spec);
-    const coverage = await this.coverageOf(ctx, qmp, spec, selected);
+    // QEMU's node graph, read once for coverage, sizes, bitmaps and the checkpoint's plan (nothing here changes it).
     const nodes = await readBlockNodes(qmp);
+    const coverage = await this.coverageOf(ctx, qmp, spec, selected, nodes);
     const bitmapNames = new Map(ctx.disks.map((d) => [d.diskId, (nodes.get(nodeNamesFor(d.diskId).format)?.bitmaps ?? []).map((b) => b.name)]));
-    const checkpointPlan = options.checkpoint !== undefined ? await this.checkpoints.planCreate(ctx, qmp, options.checkpoint) : undefined;
+    const checkpointPlan = options.checkpoint !== undefined ? await this.checkpoints.planCreate(ctx, qmp, options.checkpoint, await this.checkpoints.readBitmaps(ctx, qmp, nodes)) : undefined;
     const info = planBackup({
       domain,
       jobId,
@@ -186,15 +216,57 @@ export class BackupService {
     info.startedMs = Date.now();
     if (options.ownedByCaller) info.owner = { pid: process.pid, pidStart: processStartTime(process.pid) ?? '' };
     if (options.discardCheckpointOnFailure) info.discardCheckpointOnFailure = true;
-    return { info, ...(checkpointPlan !== undefined ? { checkpointPlan } : {}) };
+    const looksUnchanged = options.skipUnchanged === true && info.mode === 'pull' && checkpointPlan !== undefined && options.quiesce === undefined && unchangedDisks(info.disks, nodes);
+    return { payload: { info, ...(checkpointPlan !== undefined ? { checkpointPlan } : {}) }, looksUnchanged };
+  }
+
+  /**
+   * A pull job with nothing to read: the checkpoint alone, in one transaction
+   * (no scratch image, fleecing or export). That transaction disables every
+   * bitmap of the disks' chains, so their counts, read once more after it,
+   * are exactly the writes up to the checkpoint's instant: all zero, the
+   * backup is empty and the job `unchanged`; else a write landed after the
+   * first look, the checkpoint is taken back with its writes merged into the
+   * chain (createUndoActions), and undefined is returned for the full job.
+   * The record is written first: a command that dies half-way leaves a
+   * `starting` job whose checkpoint the next command commits and merges away
+   * (reapUnchanged), or that never reached QEMU.
+   */
+  private async executeUnchanged(ctx: DomainContext, qmp: QmpClient, payload: JobPayload): Promise<JobInfo | undefined> {
+    const domain = ctx.row.name;
+    const { info, checkpointPlan } = payload;
+    assert(checkpointPlan !== undefined, 'an unchanged job makes a checkpoint');
+    info.unchanged = true;
+    info.consistency = 'crash';
+    this.store.transaction(() => this.store.insert({ domain, id: info.id, state: 'starting', payload: JSON.stringify(payload), started_ms: info.startedMs }));
+    try {
+      await qmp.transaction(toTransaction(this.checkpoints.createActions(checkpointPlan)));
+    } catch (err) {
+      // Refused: nothing changed. Otherwise it may have: the record stays for the next command.
+      if (err instanceof QmpCommandError) await this.finalize(ctx, qmp, payload, 'failed', describeError(err));
+      throw err;
+    }
+    this.fault('backup-unchanged:after-qemu');
+    if (unchangedDisks(info.disks, await readBlockNodes(qmp))) {
+      this.store.transaction(() => {
+        this.checkpoints.commitCreate(checkpointPlan);
+        this.store.update(domain, 'running', JSON.stringify(payload));
+      });
+      return info;
+    }
+    await qmp.transaction(toTransaction(this.checkpoints.undoCreateActions(checkpointPlan)));
+    delete info.unchanged;
+    delete info.consistency;
+    this.store.transaction(() => this.store.remove(domain));
+    return undefined;
   }
 
   /**
    * Coverage since each incremental disk's checkpoint, by disk id: one
-   * coverage question per checkpoint for all its disks (each question reads
-   * QEMU's node graph), not one per disk.
+   * coverage question per checkpoint for all its disks, not one per disk,
+   * each on the node graph `nodes` read once for the whole begin.
    */
-  private async coverageOf(ctx: DomainContext, qmp: QmpClient, spec: BackupSpec, selected: readonly SelectedDisk[]): Promise<Map<string, DiskCoverage>> {
+  private async coverageOf(ctx: DomainContext, qmp: QmpClient, spec: BackupSpec, selected: readonly SelectedDisk[], nodes: ReadonlyMap<string, BlockNode>): Promise<Map<string, DiskCoverage>> {
     const bySince = new Map<string, SelectedDisk['disk'][]>();
     for (const { disk, spec: diskSpec } of selected) {
       const since = sinceFor(spec, diskSpec);
@@ -204,7 +276,7 @@ export class BackupService {
     }
     const out = new Map<string, DiskCoverage>();
     for (const [since, disks] of bySince) {
-      for (const cov of await this.checkpoints.coverageIn(ctx, qmp, since, disks)) out.set(cov.diskId, cov);
+      for (const cov of await this.checkpoints.coverageIn(ctx, qmp, since, disks, nodes)) out.set(cov.diskId, cov);
     }
     return out;
   }
@@ -292,6 +364,7 @@ export class BackupService {
       const row = this.store.active(domain);
       if (row === undefined || !ctx.running) return undefined;
       const payload = parseJobPayload(row.payload, domain);
+      if (payload.info.unchanged === true) return payload.info;
       await this.domains.withQmp(ctx, 'domjobinfo', async (qmp) => {
         applyProgress(payload.info, await queryJobs(qmp));
       });
@@ -307,12 +380,18 @@ export class BackupService {
     });
   }
 
-  /** Ends the running job: a pull job completes (its reader is done), a push job is aborted. */
-  async abort(domain: string): Promise<JobInfo> {
+  /**
+   * Ends the running job: a pull job completes (its reader is done), a push
+   * job is aborted. With `jobId`, only that job: another one is JOB_NOT_FOUND.
+   */
+  async abort(domain: string, jobId?: string): Promise<JobInfo> {
     return this.domains.withDomain(domain, 'domjobabort', async (ctx) => {
       const row = this.store.active(domain);
       if (row === undefined) throw new QbackupError('JOB_NOT_FOUND', `Domain "${domain}" has no backup job to abort`);
+      if (jobId !== undefined && row.id !== jobId) throw new QbackupError('JOB_NOT_FOUND', `Domain "${domain}" runs backup job "${row.id}", not "${jobId}"`);
       const payload = parseJobPayload(row.payload, domain);
+      // Nothing of an unchanged job is in QEMU: its end needs no monitor.
+      if (payload.info.unchanged === true) return this.finalize(ctx, undefined, payload, 'completed');
       return this.domains.withQmp(ctx, 'domjobabort', async (qmp) => {
         if (payload.info.mode === 'pull') return this.finalize(ctx, qmp, payload, 'completed');
         const errors: string[] = [];
@@ -372,6 +451,7 @@ export class BackupService {
   }
 
   private async reapRunning(ctx: DomainContext, qmp: QmpClient, state: 'starting' | 'running' | 'finishing', payload: JobPayload): Promise<void> {
+    if (payload.info.unchanged === true) return this.reapUnchanged(ctx, qmp, state, payload);
     const owner = payload.info.owner;
     if (state !== 'finishing' && owner !== undefined && !isProcessAlive(owner.pid, owner.pidStart === '' ? undefined : owner.pidStart)) {
       await this.finalize(ctx, qmp, payload, 'failed', `the process that owned the job (pid ${owner.pid}) ended without finishing it`);
@@ -410,6 +490,30 @@ export class BackupService {
     }
   }
 
+  /**
+   * An unchanged job (executeUnchanged) holds nothing in QEMU. Starting, its
+   * begin died: the checkpoint's transaction happened when its new bitmaps
+   * exist, and then it is recorded, for discardCheckpoint to merge it away
+   * with every write since. Running, it ends when its owner did.
+   */
+  private async reapUnchanged(ctx: DomainContext, qmp: QmpClient, state: 'starting' | 'running' | 'finishing', payload: JobPayload): Promise<void> {
+    const info = payload.info;
+    if (state === 'starting') {
+      const plan = payload.checkpointPlan;
+      if (plan !== undefined && !this.checkpoints.exists(ctx.row.name, plan.row.name)) {
+        const nodes = await readBlockNodes(qmp);
+        const made = plan.adds.length > 0 && plan.adds.every((a) => nodes.get(nodeNamesFor(a.diskId).format)?.bitmaps.some((b) => b.name === a.bitmap) === true);
+        if (made) this.checkpoints.commitCreate(plan);
+      }
+      await this.finalize(ctx, qmp, payload, 'failed', 'qbackup stopped while the backup\'s checkpoint was being made');
+      return;
+    }
+    const owner = info.owner;
+    if (state === 'finishing' || (owner !== undefined && !isProcessAlive(owner.pid, owner.pidStart === '' ? undefined : owner.pidStart))) {
+      await this.finalize(ctx, qmp, payload, state === 'finishing' ? info.state : 'failed', state === 'finishing' ? info.error : `the process that owned the job (pid ${owner?.pid ?? 0}) ended without finishing it`);
+    }
+  }
+
   private fault(point: BackupFaultPoint): void {
     (this.settings.faults ?? noFaults).at(point);
   }
@@ -423,11 +527,15 @@ export class BackupService {
     const domain = ctx.row.name;
     info.state = state;
     if (error !== undefined) info.error = error;
-    // Decide first, then tear down: a crash during teardown must not turn a
-    // completed job into a failed one whose targets the next command deletes.
-    this.store.transaction(() => this.store.update(domain, 'finishing', JSON.stringify(payload)));
-    const errors = [...(info.teardownErrors ?? []), ...(qmp !== undefined ? await teardown(qmp, info) : [])];
-    if (info.server?.transport === 'unix' && info.server.socketDir !== undefined) removeFile(info.server.socketDir, errors);
+    const errors = [...(info.teardownErrors ?? [])];
+    // An unchanged job made nothing to tear down (no QEMU object, no file).
+    if (info.unchanged !== true) {
+      // Decide first, then tear down: a crash during teardown must not turn a
+      // completed job into a failed one whose targets the next command deletes.
+      this.store.transaction(() => this.store.update(domain, 'finishing', JSON.stringify(payload)));
+      if (qmp !== undefined) errors.push(...(await teardown(qmp, info)));
+      if (info.server?.transport === 'unix' && info.server.socketDir !== undefined) removeFile(info.server.socketDir, errors);
+    }
     for (const d of info.disks) {
       if (state === 'completed') d.state = 'completed';
       else if (d.state === 'running' || d.state === 'completed') d.state = state === 'aborted' ? 'cancelled' : 'failed';
@@ -449,6 +557,19 @@ export class BackupService {
     });
     return info;
   }
+}
+
+/**
+ * Whether every disk is incremental and no bitmap of its chain holds a dirty
+ * bit in `nodes` (QEMU's node graph as read). A bitmap that is not there
+ * counts as changed.
+ */
+export function unchangedDisks(disks: readonly JobDisk[], nodes: ReadonlyMap<string, BlockNode>): boolean {
+  return disks.every((d) => {
+    if (d.mode !== 'incremental' || d.bitmaps === undefined || d.bitmaps.length === 0) return false;
+    const onNode = nodes.get(nodeNamesFor(d.diskId).format)?.bitmaps ?? [];
+    return d.bitmaps.every((name) => onNode.find((b) => b.name === name)?.count === 0);
+  });
 }
 
 function secretFilePathIn(dir: string): (uuid: string) => string {

@@ -5,7 +5,7 @@
 
 import type { AttachedDisk } from '../domain/domains.js';
 import { imageInfo } from '../image/qemu-img.js';
-import { readBlockNodes, type NodeBitmap } from '../qemu/block-nodes.js';
+import { readBlockNodes, type BlockNode, type NodeBitmap } from '../qemu/block-nodes.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
 import { runTool } from '../image/tools.js';
 import type { QmpClient, QmpTransactionAction } from '../qmp/index.js';
@@ -24,9 +24,9 @@ export type BitmapAction =
   | { op: 'merge'; diskId: string; target: string; sources: string[] }
   | { op: 'remove'; diskId: string; bitmap: string };
 
-/** The bitmaps of each disk's format node, read from QEMU. */
-export async function readBitmapsOnline(qmp: QmpClient, disks: readonly AttachedDisk[]): Promise<DiskBitmaps> {
-  const nodes = await readBlockNodes(qmp);
+/** The bitmaps of each disk's format node, read from QEMU (or from its node graph just read, `nodes`). */
+export async function readBitmapsOnline(qmp: QmpClient, disks: readonly AttachedDisk[], read?: ReadonlyMap<string, BlockNode> | undefined): Promise<DiskBitmaps> {
+  const nodes = read ?? (await readBlockNodes(qmp));
   const out: DiskBitmaps = new Map();
   for (const d of disks) {
     const node = nodes.get(nodeNamesFor(d.diskId).format);

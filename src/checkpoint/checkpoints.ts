@@ -28,7 +28,7 @@ import { randomBytes } from 'node:crypto';
 import { QbackupError } from '../errors.js';
 import type { AttachedDisk, DomainContext, DomainService, UndefineOptions } from '../domain/domains.js';
 import { parseDomainXml } from '../model/definition-xml.js';
-import { readBlockNodes } from '../qemu/block-nodes.js';
+import { readBlockNodes, type BlockNode } from '../qemu/block-nodes.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
 import { QmpCommandError, type QmpClient } from '../qmp/index.js';
 import type { CheckpointDiskRow, CheckpointLink, CheckpointRow, CheckpointStore, CheckpointSummaryRow } from '../store/checkpoints.js';
@@ -38,10 +38,10 @@ import { applyBitmapActions, mergedBitmapActions, readBitmapsOffline, readBitmap
 import { chainFrom, computeCoverage, type ChainCheckpoint, type DiskCoverage } from './coverage.js';
 import { planResizes, readDiskSizes } from './resize.js';
 import { planReconcile, type CoverageLoss } from './reconcile.js';
-import { IntentJournal, createActions, createRollbackActions, deleteActions, planDelete, planRecovery, unreadableDisk, type CreateIntent } from './recovery.js';
+import { IntentJournal, createActions, createRollbackActions, createUndoActions, deleteActions, planDelete, planRecovery, unreadableDisk, type CreateIntent } from './recovery.js';
 import { applyRedefine, checkRedefine, checkRedefineBitmaps, planRedefine, redefineDiskRows } from './redefine.js';
 import { TEMP_BITMAP_PREFIX, assertCheckpointName, assertNotTemporary, type CheckpointDiskSpec, type CheckpointSpec } from './spec.js';
-import { childrenIndex, countDescendants, postOrder, topologicalOrder } from './tree.js';
+import { childrenIndex, countDescendants, descendantCounts, postOrder, topologicalOrder } from './tree.js';
 
 export type { CreateIntent } from './recovery.js';
 export { TEMP_BITMAP_PREFIX } from './spec.js';
@@ -84,6 +84,9 @@ export interface ListFilters {
 
 /** Points where tests make qbackup die (SIGKILL) to prove crash safety. */
 export type FaultPoint = 'checkpoint-create:after-intent' | 'checkpoint-create:after-qemu' | 'checkpoint-delete:after-intent' | 'checkpoint-delete:after-qemu';
+
+/** Coverage paths up to this long are walked checkpoint by checkpoint (see chainCheckpoints). */
+const SHORT_PATH = 16;
 
 export class CheckpointService {
   private readonly journal: IntentJournal;
@@ -167,6 +170,11 @@ export class CheckpointService {
   /** The bitmap actions of a planned checkpoint: adds, then disables (the order offline recovery relies on). */
   createActions(plan: CreateIntent): BitmapAction[] {
     return createActions(plan);
+  }
+
+  /** The bitmap actions that take back a planned checkpoint QEMU made, keeping every write since (see createUndoActions). */
+  undoCreateActions(plan: CreateIntent): BitmapAction[] {
+    return createUndoActions(plan);
   }
 
   private async applyCreate(ctx: DomainContext, qmp: QmpClient | undefined, plan: CreateIntent): Promise<void> {
@@ -309,7 +317,8 @@ export class CheckpointService {
   list(domain: string, filters: ListFilters = {}): CheckpointInfo[] {
     this.domains.requireDomain(domain);
     let rows = this.store.summaries(domain);
-    const tree = { children: childrenIndex(rows), disks: groupDisks(this.store.disks(domain)) };
+    const children = childrenIndex(rows);
+    const tree = { children, descendants: descendantCounts(rows, children), disks: groupDisks(this.store.disks(domain)) };
     if (filters.topological) rows = topologicalOrder(rows);
     const infos = rows.map((r) => this.toInfo(r, tree));
     return infos.filter((i) => (!filters.roots || i.parent === null) && (!filters.leaves || i.children === 0));
@@ -369,13 +378,14 @@ export class CheckpointService {
   }
 
   /** Coverage inside a command that already holds the domain (and its QMP, when running). */
-  async coverageIn(ctx: DomainContext, qmp: QmpClient | undefined, name: string, disks: readonly AttachedDisk[] = ctx.disks): Promise<DiskCoverage[]> {
+  async coverageIn(ctx: DomainContext, qmp: QmpClient | undefined, name: string, disks: readonly AttachedDisk[] = ctx.disks, read?: ReadonlyMap<string, BlockNode> | undefined): Promise<DiskCoverage[]> {
     const domain = ctx.row.name;
     const t = this.requireCheckpoint(domain, name);
-    const chain = this.chainCheckpoints(domain);
-    const path = chainFrom(chain, name);
-    await this.noteSizes(ctx, qmp);
-    const bitmaps = await this.readBitmaps(ctx, qmp);
+    const path = chainFrom(this.chainCheckpoints(domain, name), name);
+    // One read of QEMU's node graph for the sizes and the bitmaps: with many checkpoints it is the largest cost of the question.
+    const nodes = read ?? (qmp !== undefined ? await readBlockNodes(qmp) : undefined);
+    await this.noteSizes(ctx, qmp, nodes);
+    const bitmaps = await this.readBitmaps(ctx, qmp, nodes);
     const losses = this.store.losses(domain);
     return disks.map((d) =>
       computeCoverage({
@@ -418,11 +428,12 @@ export class CheckpointService {
    */
   async reconcile(ctx: DomainContext, qmp: QmpClient | undefined): Promise<DiskBitmaps | undefined> {
     const domain = ctx.row.name;
-    await this.noteSizes(ctx, qmp);
+    const nodes = qmp !== undefined ? await readBlockNodes(qmp) : undefined;
+    await this.noteSizes(ctx, qmp, nodes);
     const checkpoints = this.store.links(domain);
     // Offline without checkpoints there is nothing to compare, and no temporary bitmap survives QEMU.
     if (checkpoints.length === 0 && qmp === undefined) return undefined;
-    const bitmaps = await this.readBitmaps(ctx, qmp);
+    const bitmaps = await this.readBitmaps(ctx, qmp, nodes);
     const plan = planReconcile({ checkpoints, checkpointDisks: this.store.disks(domain), disks: ctx.disks, bitmaps });
     this.recordLosses(domain, plan.losses);
     await applyBitmapActions(qmp, plan.actions, ctx.disks);
@@ -444,10 +455,17 @@ export class CheckpointService {
     });
   }
 
-  /** Looks at the disks' sizes: a disk resized since the last look loses coverage (resize.ts). */
-  async noteSizes(ctx: DomainContext, qmp: QmpClient | undefined): Promise<void> {
+  /**
+   * Looks at the disks' sizes: a disk resized since the last look loses
+   * coverage (resize.ts). `nodes`: QEMU's node graph just read, if it was.
+   */
+  async noteSizes(ctx: DomainContext, qmp: QmpClient | undefined, nodes?: ReadonlyMap<string, BlockNode> | undefined): Promise<void> {
     const domain = ctx.row.name;
-    const plan = planResizes(ctx.disks, this.domains.diskSizesSeen(domain), await readDiskSizes(ctx, qmp), this.store.disks(domain));
+    const seen = this.domains.diskSizesSeen(domain);
+    const sizes = await readDiskSizes(ctx, qmp, nodes);
+    // The common case, no size changed, needs no checkpoint rows.
+    if ([...sizes].every(([diskId, size]) => seen.get(diskId) === size)) return;
+    const plan = planResizes(ctx.disks, seen, sizes, this.store.disks(domain));
     this.recordLosses(domain, plan.losses);
     for (const [diskId, size] of plan.seen) this.domains.noteDiskSize(diskId, size);
   }
@@ -461,8 +479,8 @@ export class CheckpointService {
 
   // ---- helpers ---------------------------------------------------------------
 
-  async readBitmaps(ctx: DomainContext, qmp: QmpClient | undefined): Promise<DiskBitmaps> {
-    return qmp !== undefined ? readBitmapsOnline(qmp, ctx.disks) : readBitmapsOffline(ctx.disks);
+  async readBitmaps(ctx: DomainContext, qmp: QmpClient | undefined, nodes?: ReadonlyMap<string, BlockNode> | undefined): Promise<DiskBitmaps> {
+    return qmp !== undefined ? readBitmapsOnline(qmp, ctx.disks, nodes) : readBitmapsOffline(ctx.disks);
   }
 
   /** Runs `fn` with QMP when the domain runs, else with undefined (offline). */
@@ -483,22 +501,30 @@ export class CheckpointService {
     return row;
   }
 
-  chainCheckpoints(domain: string): ChainCheckpoint[] {
-    const byCheckpoint = groupDisks(this.store.disks(domain));
-    return this.store.links(domain).map((row) => ({ row, disks: byCheckpoint.get(row.name) ?? [] }));
+  /**
+   * The checkpoints from the current one up to `from` (or to a root, when
+   * `from` is not an ancestor), with their disks, unordered. A short path is
+   * walked by key; a long one (over SHORT_PATH) is read with the whole chain,
+   * which costs less per row.
+   */
+  chainCheckpoints(domain: string, from: string): ChainCheckpoint[] {
+    const near = this.store.currentAncestry(domain, from, SHORT_PATH);
+    const { links, disks } = near.complete ? near : { links: this.store.links(domain), disks: this.store.disks(domain) };
+    const byCheckpoint = groupDisks(disks);
+    return links.map((row) => ({ row, disks: byCheckpoint.get(row.name) ?? [] }));
   }
 
   /**
    * `tree` lets list() read the rows and disks once for every checkpoint;
    * without it they are read here.
    */
-  private toInfo(row: CheckpointSummaryRow, tree?: { children: Map<string, CheckpointLink[]>; disks: Map<string, CheckpointDiskRow[]> }): CheckpointInfo {
+  private toInfo(row: CheckpointSummaryRow, tree?: { children: Map<string, CheckpointLink[]>; descendants: Map<string, number>; disks: Map<string, CheckpointDiskRow[]> }): CheckpointInfo {
     const disks = tree !== undefined ? (tree.disks.get(row.name) ?? []) : this.store.disks(row.domain, row.name);
     let children: number;
     let descendants: number;
     if (tree !== undefined) {
       children = tree.children.get(row.name)?.length ?? 0;
-      descendants = countDescendants(tree.children, row.name);
+      descendants = tree.descendants.get(row.name) ?? 0;
     } else {
       // A leaf (every newly created checkpoint) needs no walk of the chain.
       children = this.store.childCount(row.domain, row.name);

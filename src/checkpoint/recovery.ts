@@ -84,6 +84,25 @@ export function createRollbackActions(plan: CreateIntent, bitmaps: Bitmaps): Bit
 }
 
 /**
+ * Undoes a create that QEMU applied and whose new bitmaps may already hold
+ * writes (the guest ran on): on each disk the new bitmap is merged into the
+ * bitmap it disabled, which records again, and the new one goes. One
+ * transaction, so no write falls between the steps and none is lost: the
+ * chain is as if the checkpoint had never been made.
+ */
+export function createUndoActions(plan: CreateIntent): BitmapAction[] {
+  const actions: BitmapAction[] = [];
+  for (const a of plan.adds) {
+    for (const d of plan.disables) {
+      if (d.diskId === a.diskId) actions.push({ op: 'merge', diskId: a.diskId, target: d.bitmap, sources: [a.bitmap] });
+    }
+    actions.push({ op: 'remove', diskId: a.diskId, bitmap: a.bitmap });
+  }
+  for (const d of plan.disables) actions.push({ op: 'enable', diskId: d.diskId, bitmap: d.bitmap });
+  return actions;
+}
+
+/**
  * The intent of deleting `cp`: for each attached disk with a bitmap in it, that
  * bitmap and the parent's bitmap on the same disk. A detached disk is left out:
  * its bitmaps stay in its image, unused.

@@ -13,17 +13,21 @@
 
 import type { AttachedDisk, DomainContext } from '../domain/domains.js';
 import { imageInfo } from '../image/qemu-img.js';
-import { readBlockNodes } from '../qemu/block-nodes.js';
+import { readBlockNodes, type BlockNode } from '../qemu/block-nodes.js';
 import { nodeNamesFor } from '../qemu/nodes.js';
 import type { QmpClient } from '../qmp/index.js';
 import type { CheckpointDiskRow } from '../store/checkpoints.js';
 import type { CoverageLoss } from './reconcile.js';
 
-/** Each disk's virtual size now: from QEMU when it runs, else from the image (an unreadable one is left out). */
-export async function readDiskSizes(ctx: DomainContext, qmp: QmpClient | undefined): Promise<Map<string, number>> {
+/**
+ * Each disk's virtual size now: from QEMU when it runs (from its node graph
+ * just read, `read`, if given), else from the image (an unreadable one is
+ * left out).
+ */
+export async function readDiskSizes(ctx: DomainContext, qmp: QmpClient | undefined, read?: ReadonlyMap<string, BlockNode> | undefined): Promise<Map<string, number>> {
   const sizes = new Map<string, number>();
   if (qmp !== undefined) {
-    const nodes = await readBlockNodes(qmp);
+    const nodes = read ?? (await readBlockNodes(qmp));
     for (const d of ctx.disks) {
       const size = nodes.get(nodeNamesFor(d.diskId).format)?.virtualSize;
       if (size !== undefined && size > 0) sizes.set(d.diskId, size);

@@ -76,6 +76,34 @@ export function countDescendants(children: ReadonlyMap<string, readonly TreeNode
 }
 
 /**
+ * The number of checkpoints below each of `rows`, in one walk of the tree
+ * (countDescendants for every row would be quadratic on a long chain). A
+ * checkpoint on a parent cycle, or below one, has no root above it; its count
+ * is countDescendants'.
+ */
+export function descendantCounts(rows: readonly TreeNode[], children: ReadonlyMap<string, readonly TreeNode[]>): Map<string, number> {
+  const names = new Set(rows.map((r) => r.name));
+  const counts = new Map<string, number>();
+  // Post-order from the roots: a node's count is taken once all its children's are known.
+  const stack: Array<{ name: string; expanded: boolean }> = [];
+  for (const r of rows) if (r.parent === null || !names.has(r.parent)) stack.push({ name: r.name, expanded: false });
+  for (let top = stack.pop(); top !== undefined; top = stack.pop()) {
+    const kids = children.get(top.name) ?? [];
+    if (!top.expanded) {
+      if (counts.has(top.name)) continue;
+      stack.push({ name: top.name, expanded: true });
+      for (const c of kids) if (!counts.has(c.name)) stack.push({ name: c.name, expanded: false });
+      continue;
+    }
+    let n = 0;
+    for (const c of kids) n += 1 + (counts.get(c.name) ?? 0);
+    counts.set(top.name, n);
+  }
+  for (const r of rows) if (!counts.has(r.name)) counts.set(r.name, countDescendants(children, r.name));
+  return counts;
+}
+
+/**
  * `from` and its ancestors, nearest first, following parent links until a
  * root, a parent that does not exist, or a checkpoint already visited.
  */

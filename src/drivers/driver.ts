@@ -12,7 +12,8 @@
 //   (an image replaced under the same target gets a new id), so a backup's
 //   history follows the image, not the target name.
 // - A pull backup creates its new checkpoint in the same instant as the view
-//   it exports (no write falls between them); an incremental disk's export
+//   it exports (no write falls between them); a disk it marks `unchanged`
+//   had no write between its checkpoint and that instant; an incremental disk's export
 //   carries a dirty-bitmap meta context that marks exactly what changed since
 //   the checkpoint it names; a disk the coverage rules cannot make
 //   incremental is refused, never silently read whole (strict).
@@ -83,6 +84,13 @@ export interface PullBackupRequest {
   tcp?: { host: string; port: number } | undefined;
   /** With `tcp`: the certificate directory the server uses. */
   tlsCertDir?: string | undefined;
+  /**
+   * The caller can take a disk without an export when nothing changed on it:
+   * a driver may then create the checkpoint alone (no job, nothing served)
+   * when no disk changed since its checkpoint, and mark every disk
+   * `unchanged`. A driver that cannot tell exports every disk as usual.
+   */
+  skipUnchanged?: boolean | undefined;
 }
 
 /** One disk of a running pull backup, ready to read with an NBD client. */
@@ -94,6 +102,12 @@ export interface PullExport {
   virtualSize: number;
   /** Set when the driver read this disk full though it was asked incrementally (the hypervisor refused the checkpoint's bitmap): why, in one sentence. */
   fullReason?: string | undefined;
+  /**
+   * With `skipUnchanged`: not one byte changed between the checkpoint the
+   * disk was asked since and the backup's checkpoint. Nothing is exported:
+   * `exportName` names nothing and there is nothing to read.
+   */
+  unchanged?: boolean | undefined;
 }
 
 export interface PullBackup {

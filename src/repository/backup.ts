@@ -3,7 +3,9 @@
 // repository when the coverage rules allow it, else full with the reason.
 // The data always comes through a pull-mode job (a frozen view exported over
 // NBD, with the dirty bitmap as a meta context), read by our NBD client into
-// the chunk store; the manifest is written last.
+// the chunk store; the manifest is written last. When the driver finds that
+// no disk changed since its parent's checkpoint, it makes the checkpoint
+// alone and the backup writes empty deltas (unchanged-disk.ts).
 //
 // Invariants:
 // - Coverage is decided before the job starts and the job runs strict, so an
@@ -41,6 +43,7 @@ import { newBackupId, type Manifest, type ManifestDisk } from './manifest.js';
 import { ChunkPool } from './pool.js';
 import { readDisk } from './read-disk.js';
 import type { Store } from './store.js';
+import { unchangedDisk } from './unchanged-disk.js';
 
 export type { Progress } from '../util/operation.js';
 
@@ -140,6 +143,7 @@ function selectDisks(all: readonly DriverDisk[], domain: string, targets: readon
 /** The options once TLS credentials are read. */
 type RunOptions = RepoBackupOptions & { clientTls?: TlsClientCredentials; faults: Faults };
 
+// Long: one backup's steps in order (plan, job, reads, manifest, end), with the cleanup of a failure around them.
 async function backupRunning(driver: HypervisorDriver, store: Store, identity: DriverDomain, selected: readonly DriverDisk[], options: RunOptions, shutOff: boolean, lock: HeldLock): Promise<Manifest> {
   const domain = identity.name;
   const id = newBackupId();
@@ -162,6 +166,8 @@ async function backupRunning(driver: HypervisorDriver, store: Store, identity: D
       quiesce: shutOff ? undefined : options.quiesce,
       tcp: options.tcp,
       tlsCertDir: options.tlsCertDir,
+      // A disk with nothing dirty comes without an export: an empty delta (readJobDisk).
+      skipUnchanged: true,
     });
     // The reads stop when the caller cancels, or when the driver lost what keeps the job valid (libvirt's connection).
     const signal = anySignal(options.signal, job.signal);
@@ -256,6 +262,12 @@ async function readJobDisk(store: Store, pool: ChunkPool, job: PullBackup, plan:
   const virtualSize = jd.virtualSize;
   // A resized disk cannot take a delta on an index of another size: read it all.
   const resized = plan.parent !== undefined && plan.parent.disk.virtualSize !== virtualSize;
+  if (jd.unchanged === true) {
+    // Nothing changed since the parent's checkpoint: nothing was exported, nothing is read.
+    assert(plan.parent !== undefined && !resized, `disk "${plan.disk.target}" of backup job "${job.id}" is unchanged since its parent backup, of the same size`);
+    const result = await unchangedDisk(store, plan.parent.disk.index, virtualSize);
+    return { target: plan.disk.target, diskId: plan.disk.diskId, virtualSize, level: 'incremental', fullReason: null, index: result.indexId, bytesRead: 0, bytesStored: 0, chunks: 0, newChunks: 0 };
+  }
   const incremental = plan.level === 'incremental' && !resized && jd.dirtyContext !== undefined;
   const dirtyContext = incremental ? jd.dirtyContext : undefined;
   const exportName = jd.exportName;

@@ -73,6 +73,40 @@ export class CheckpointStore {
     return this.db.prepare('SELECT domain, name, parent, is_current, created_seq FROM checkpoints WHERE domain = ? ORDER BY created_seq').all(domain) as CheckpointLink[];
   }
 
+  /**
+   * The current checkpoint and its ancestors up to `stop` (included), or to
+   * a root, at most `limit` of them: the links and disk rows of only the
+   * checkpoints a coverage question walks, each found by its key (a short
+   * path reads a few rows of a long chain). `complete` is false when the
+   * walk stopped at the limit (a longer path, or a parent cycle).
+   */
+  currentAncestry(domain: string, stop: string, limit: number): { links: CheckpointLink[]; disks: CheckpointDiskRow[]; complete: boolean } {
+    const rows = this.db
+      .prepare(
+        `WITH RECURSIVE up(name, parent, is_current, created_seq, depth) AS (
+          SELECT name, parent, is_current, created_seq, 1 FROM checkpoints WHERE domain = @domain AND is_current = 1
+          UNION ALL
+          SELECT c.name, c.parent, c.is_current, c.created_seq, up.depth + 1 FROM up JOIN checkpoints c ON c.domain = @domain AND c.name = up.parent
+          WHERE up.name <> @stop AND up.depth < @limit
+        )
+        SELECT up.name, up.parent, up.is_current, up.created_seq, d.target, d.disk_id, d.mode, d.bitmap
+        FROM up LEFT JOIN checkpoint_disks d ON d.domain = @domain AND d.checkpoint = up.name ORDER BY up.depth, d.rowid`,
+      )
+      .all({ domain, stop, limit }) as Array<Omit<CheckpointLink, 'domain'> & { target: string | null; disk_id: string | null; mode: 'bitmap' | 'no' | null; bitmap: string | null }>;
+    const links: CheckpointLink[] = [];
+    const disks: CheckpointDiskRow[] = [];
+    const seen = new Set<string>();
+    for (const r of rows) {
+      if (!seen.has(r.name)) {
+        seen.add(r.name);
+        links.push({ domain, name: r.name, parent: r.parent, is_current: r.is_current, created_seq: r.created_seq });
+      }
+      if (r.target !== null && r.mode !== null) disks.push({ domain, checkpoint: r.name, target: r.target, disk_id: r.disk_id, mode: r.mode, bitmap: r.bitmap });
+    }
+    const last = links.at(-1);
+    return { links, disks, complete: links.length < limit || last === undefined || last.name === stop || last.parent === null };
+  }
+
   summaries(domain: string): CheckpointSummaryRow[] {
     return this.db
       .prepare('SELECT domain, name, parent, description, creation_time, journal_seq, is_current, created_seq FROM checkpoints WHERE domain = ? ORDER BY created_seq')

@@ -8,6 +8,7 @@ import type { BitmapState } from '../../src/checkpoint/bitmaps.js';
 import {
   createActions,
   createRollbackActions,
+  createUndoActions,
   deleteActions,
   parentGaps,
   planDelete,
@@ -87,6 +88,19 @@ describe('create intents', () => {
       { op: 'remove', diskId: 'dk1', bitmap: 'c3' },
       { op: 'enable', diskId: 'dk1', bitmap: 'c2' },
     ]);
+  });
+
+  test('taking back an applied create merges each new bitmap into the one it disabled (no write since is lost)', () => {
+    assert.deepEqual(createUndoActions(createIntent()), [
+      { op: 'merge', diskId: 'dk1', target: 'c2', sources: ['c3'] },
+      { op: 'remove', diskId: 'dk1', bitmap: 'c3' },
+      { op: 'merge', diskId: 'dk2', target: 'c2', sources: ['c3'] },
+      { op: 'remove', diskId: 'dk2', bitmap: 'c3' },
+      { op: 'enable', diskId: 'dk1', bitmap: 'c2' },
+      { op: 'enable', diskId: 'dk2', bitmap: 'c2' },
+    ]);
+    // A disk that had no recording bitmap (its first checkpoint): the new one just goes.
+    assert.deepEqual(createUndoActions(createIntent({ disables: [{ diskId: 'dk1', bitmap: 'c2' }] })).filter((a) => a.diskId === 'dk2'), [{ op: 'remove', diskId: 'dk2', bitmap: 'c3' }]);
   });
 
   test('a rollback does not re-enable an inconsistent bitmap', () => {

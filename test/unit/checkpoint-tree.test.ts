@@ -3,7 +3,7 @@
 
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { ancestry, childrenIndex, countDescendants, postOrder, preOrder, topologicalOrder, type TreeNode } from '../../src/checkpoint/tree.js';
+import { ancestry, childrenIndex, countDescendants, descendantCounts, postOrder, preOrder, topologicalOrder, type TreeNode } from '../../src/checkpoint/tree.js';
 
 const n = (name: string, parent: string | null): TreeNode => ({ name, parent });
 
@@ -48,6 +48,15 @@ describe('checkpoint tree', () => {
     assert.equal(countDescendants(children, 'd'), 0);
   });
 
+  test('descendantCounts gives every row what countDescendants gives it, in one walk', () => {
+    const counts = descendantCounts(rows, children);
+    for (const r of rows) assert.equal(counts.get(r.name), countDescendants(children, r.name), r.name);
+    const cyclic = [n('x', 'y'), n('y', 'x'), n('z', 'x'), n('r', null), n('s', 'r')];
+    const ch = childrenIndex(cyclic);
+    const cc = descendantCounts(cyclic, ch);
+    for (const r of cyclic) assert.equal(cc.get(r.name), countDescendants(ch, r.name), `${r.name} (on or below a cycle)`);
+  });
+
   test('topologicalOrder: every checkpoint after its parent; a dangling parent makes a root', () => {
     assert.deepEqual(topologicalOrder(rows).map((r) => r.name), ['a', 'b', 'c', 'd', 'e', 'f']);
     const shuffled = [n('c', 'b'), n('b', 'a'), n('a', null)];
@@ -77,6 +86,9 @@ describe('checkpoint tree', () => {
     assert.equal(preOrder(ch, 'c0').length, 19999);
     assert.equal(postOrder(ch, 'c0')[0], 'c19999');
     assert.equal(countDescendants(ch, 'c0'), 19999);
+    const counts = descendantCounts(chain, ch);
+    assert.equal(counts.get('c0'), 19999);
+    assert.equal(counts.get('c19999'), 0);
     assert.equal(topologicalOrder(chain).length, 20000);
     const last = chain[chain.length - 1];
     assert.ok(last !== undefined);

@@ -129,14 +129,13 @@ export class QemuDriver implements HypervisorDriver {
       discardCheckpointOnFailure: true,
       quiesce: request.quiesce,
       tlsCertDir: request.tlsCertDir,
+      skipUnchanged: request.skipUnchanged,
     });
     return pullBackupOf(job, request.checkpoint);
   }
 
   async endBackup(domain: string, backupId: string): Promise<void> {
-    const job = await this.engine.backups.info(domain);
-    if (job !== undefined && job.id !== backupId) throw new QbackupError('JOB_NOT_FOUND', `Domain "${domain}" runs backup job "${job.id}", not "${backupId}"`);
-    await this.engine.backups.abort(domain);
+    await this.engine.backups.abort(domain, backupId);
   }
 
   async endOrphanedBackup(domain: string): Promise<void> {
@@ -175,7 +174,7 @@ function pullBackupOf(job: JobInfo, checkpoint: string): PullBackup {
     server: server.transport === 'unix' ? { transport: 'unix', socket: server.socket } : { transport: 'tcp', host: server.host, port: server.port, tls: server.tls },
     disks: job.disks.map((d) => {
       const dirtyContext = d.mode === 'incremental' && d.tmpBitmap !== undefined ? `qemu:dirty-bitmap:${d.tmpBitmap}` : undefined;
-      return { target: d.target, exportName: d.pull?.exportName ?? d.target, dirtyContext, virtualSize: d.virtualSize ?? 0 };
+      return { target: d.target, exportName: d.pull?.exportName ?? d.target, dirtyContext, virtualSize: d.virtualSize ?? 0, unchanged: job.unchanged };
     }),
   };
 }
