@@ -24,17 +24,11 @@ import { parseArgs } from 'node:util';
 import { withSection } from './doc-sections.js';
 import { BenchEnv, createRandomImage, halfDataLayout, warmFile } from './env.js';
 import { loadAverage } from './machine.js';
+import { hotFunctions, type HotFunction } from './profile.js';
 import { GiB, MiB, fmtMs, now, run, summarize } from './util.js';
 
 const STEPS = ['full', 'restoreRaw', 'restoreQcow2', 'verify', 'nbdcopyNull', 'convertQcow2', 'convertRaw'] as const;
 type Step = (typeof STEPS)[number];
-
-interface HotFunction {
-  name: string;
-  where: string;
-  selfMs: number;
-  pct: number;
-}
 
 interface ChunkBenchResult {
   label: string;
@@ -95,29 +89,6 @@ async function profiled(session: Session | undefined, fn: () => Promise<unknown>
   if (session === undefined) return { ms, cpuMs, hot: undefined };
   const { profile } = await post<{ profile: Profiler.Profile }>('Profiler.stop');
   return { ms, cpuMs, hot: hotFunctions(profile) };
-}
-
-/** Self time per function (summed over its nodes), the top 8. */
-function hotFunctions(p: Profiler.Profile): HotFunction[] {
-  const dt = new Map<number, number>();
-  const deltas = p.timeDeltas ?? [];
-  (p.samples ?? []).forEach((id, i) => dt.set(id, (dt.get(id) ?? 0) + (deltas[i] ?? 0) / 1000));
-  const byName = new Map<string, HotFunction>();
-  let total = 0;
-  for (const n of p.nodes) {
-    const self = dt.get(n.id) ?? 0;
-    total += self;
-    const f = n.callFrame;
-    const name = f.functionName === '' ? '(anonymous)' : f.functionName;
-    const where = f.url === '' ? '' : `${f.url.replace(/^.*\/(dist|node_modules)\//, '').replace(/^node:/, 'node:')}:${f.lineNumber + 1}`;
-    const key = `${name} ${where}`;
-    const h = byName.get(key) ?? { name, where, selfMs: 0, pct: 0 };
-    h.selfMs += self;
-    byName.set(key, h);
-  }
-  const top = [...byName.values()].sort((a, b) => b.selfMs - a.selfMs).slice(0, 8);
-  for (const h of top) h.pct = total > 0 ? (100 * h.selfMs) / total : 0;
-  return top;
 }
 
 async function measure(o: ReturnType<typeof parse>): Promise<ChunkBenchResult> {

@@ -205,6 +205,7 @@ npm run bench -- --size-gib 8 --reps 5 --only full,incremental --no-doc
 npm run bench:s3 -- --size-mib 1024 --reps 2   # §10: qbackup and restic into a local radosgw (scripts/ceph.sh)
 npm run bench:libvirt -- --size 1G --reps 3   # §12 alone: qbackup's libvirt driver vs virtnbdbackup on one libvirt domain (also run by --peers)
 node dist/bench/empty-incremental.js --size-mib 1024 --reps 8   # §13: an empty incremental with and without the index cache; CLI start-up
+npm run bench:verify -- --size-gib 2 --reps 5   # §16: verify --read-data against restic check --read-data (--baseline-cli OTHER/bin/qbackup to compare builds)
 \`\`\`
 
 Options: \`--size-gib N\`, \`--reps N\`, \`--quick\`, \`--chain N\`,

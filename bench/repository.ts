@@ -411,7 +411,7 @@ async function qbackupBackup(env: BenchEnv, repo: string, qemuPid: number, worke
 // ---- the disk and its writes --------------------------------------------------
 
 /** Extents in the layout's holes, about `share` of the disk, for text-like data. */
-function compressibleExtents(layout: DataLayout, share: number, seed: number): DataLayout['extents'] {
+export function compressibleExtents(layout: DataLayout, share: number, seed: number): DataLayout['extents'] {
   const prng = new Prng(seed);
   const out: DataLayout['extents'] = [];
   const holesShare = 1 - layout.dataBytes / layout.sizeBytes;
@@ -425,7 +425,7 @@ function compressibleExtents(layout: DataLayout, share: number, seed: number): D
 }
 
 /** A sparse raw file with random data in the layout's extents and text-like data in `text`. */
-function writeRawImage(file: string, layout: DataLayout, text: DataLayout['extents']): void {
+export function writeRawImage(file: string, layout: DataLayout, text: DataLayout['extents']): void {
   const fd = openSync(file, 'w', 0o644);
   const prng = new Prng(13);
   const state = { n: 0 };

@@ -21,6 +21,7 @@ import { isMarkedAsUntransferable, parentPort, workerData } from 'node:worker_th
 import { decodeChunk, encodeChunkParts, isZero, type EncodedChunk } from './chunk.js';
 import { ChunkCompressor } from './compress.js';
 import { chunkId, type MasterKey } from './crypto.js';
+import { checkPackBytes, type CheckPackReply, type CheckPackRequest } from './pack-check.js';
 
 export interface WorkerInit {
   dataKey?: Uint8Array;
@@ -117,9 +118,9 @@ export interface EncodedReply {
   chunks: Uint8Array[];
 }
 
-export type WorkerRequest = { op: 'hash'; seq: number; chunks: Uint8Array[] } | { op: 'encode'; seq: number; wanted: boolean[] } | DecodeRequest | HashPackRequest | CopyRequest;
+export type WorkerRequest = { op: 'hash'; seq: number; chunks: Uint8Array[] } | { op: 'encode'; seq: number; wanted: boolean[] } | DecodeRequest | HashPackRequest | CopyRequest | CheckPackRequest;
 
-export type WorkerReply = { op: 'hashed'; seq: number; /** 32 bytes per chunk, back to back (a zero chunk's are zero). */ ids: Uint8Array; zero: boolean[] } | EncodedReply | DecodeReply | HashPackReply | CopyReply | { op: 'error'; seq: number; message: string };
+export type WorkerReply = { op: 'hashed'; seq: number; /** 32 bytes per chunk, back to back (a zero chunk's are zero). */ ids: Uint8Array; zero: boolean[] } | EncodedReply | DecodeReply | HashPackReply | CopyReply | CheckPackReply | { op: 'error'; seq: number; message: string };
 
 /** A pack's id: the SHA-256 of every byte. */
 export function hashPack(msg: HashPackRequest): HashPackReply {
@@ -258,6 +259,7 @@ function sliceParts(parts: readonly Buffer[], skip: number): Buffer[] {
 function handle(msg: WorkerRequest): WorkerReply {
   if (msg.op === 'decode') return decodeEntries(msg, compressor);
   if (msg.op === 'hashPack') return hashPack(msg);
+  if (msg.op === 'check') return checkPackBytes(msg, compressor);
   if (msg.op === 'copy') {
     const { reply, scratch } = copyEntries(msg, compressor, copyBuffer);
     copyBuffer = scratch;

@@ -65,7 +65,10 @@ export function unseal(key: Buffer, sealed: Buffer, what: string): Buffer {
   try {
     const decipher = createDecipheriv('aes-256-gcm', key, sealed.subarray(0, NONCE_BYTES));
     decipher.setAuthTag(sealed.subarray(sealed.length - TAG_BYTES));
-    return Buffer.concat([decipher.update(sealed.subarray(NONCE_BYTES, sealed.length - TAG_BYTES)), decipher.final()]);
+    const body = decipher.update(sealed.subarray(NONCE_BYTES, sealed.length - TAG_BYTES));
+    // GCM's final() only checks the tag and adds no bytes: the plaintext is not copied a second time.
+    const tail = decipher.final();
+    return tail.length === 0 ? body : Buffer.concat([body, tail]);
   } catch (err) {
     throw new QbackupError('REPO_DAMAGED', `${what} is damaged: it does not authenticate under the repository key`, { cause: err });
   }

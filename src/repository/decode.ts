@@ -1,9 +1,10 @@
 // The repository's shared worker pool: decodes ranged reads of packs
 // (decrypt, decompress, check against ids) off the main thread, for every
-// reader of chunks (Store.readChunks, Store.checkPack; for a restore from a
-// local repository, Store.copyChunksToFile, whose workers read the pack and
-// write the image themselves, keeping one read buffer each), and hashes full
-// packs for every writer (Store.storePack). One pool per process, shared by
+// reader of chunks (Store.readChunks; for a restore from a local
+// repository, Store.copyChunksToFile, whose workers read the pack and write
+// the image themselves, keeping one read buffer each), checks whole packs
+// without handing plaintexts back (Store.checkPack, pack-check.ts), and
+// hashes full packs for every writer (Store.storePack). One pool per process, shared by
 // every repository open in it (the key travels with each request), started
 // with the first read big enough to be worth it; idle workers never keep the
 // process alive.
@@ -23,6 +24,7 @@ import { QbackupError } from '../errors.js';
 import { ChunkCompressor } from './compress.js';
 import { copyEntries, decodeEntries, hashPack, type CopyReply, type CopyRequest, type DecodeEntry, type DecodeReply, type DecodeRequest, type HashPackRequest, type WorkerReply, type WorkerRequest } from './chunk-worker.js';
 import type { MasterKey } from './crypto.js';
+import { checkPackBytes, type CheckPackReply, type CheckPackRequest } from './pack-check.js';
 
 /** Below this many bytes a request is decoded on the calling thread: a round trip to a worker costs more. */
 export const INLINE_DECODE_BYTES = 256 * 1024;
@@ -42,13 +44,32 @@ class DecodePool {
 
   constructor(private readonly size: number) {}
 
-  async decode(bytes: Buffer, entries: DecodeEntry[], key: MasterKey | undefined, options: { packId?: string | undefined; transfer?: boolean | undefined } = {}): Promise<DecodeReply> {
+  async decode(bytes: Buffer, entries: DecodeEntry[], key: MasterKey | undefined, options: { transfer?: boolean | undefined } = {}): Promise<DecodeReply> {
     // Given up by the caller (`transfer`), the bytes may hold the plaintexts: one buffer fewer per request.
-    const request: DecodeRequest = { op: 'decode', seq: this.seq++, bytes, entries, dataKey: key?.dataKey, idKey: key?.idKey, packId: options.packId, inPlace: options.transfer === true };
+    const request: DecodeRequest = { op: 'decode', seq: this.seq++, bytes, entries, dataKey: key?.dataKey, idKey: key?.idKey, inPlace: options.transfer === true };
     if (this.size === 0 || bytes.length < INLINE_DECODE_BYTES) return decodeEntries(request, this.inline);
     const reply = await this.ask(request, options.transfer === true && ownsAll(bytes) ? [bytes.buffer as ArrayBuffer] : []);
     if (reply.op !== 'decoded') throw new Error('a decode request is answered with plaintexts');
     return reply;
+  }
+
+  /**
+   * Checks a whole pack against its id and each chunk its header lists
+   * against the chunk's (pack-check.ts), on a worker; only the damaged
+   * chunks come back. `bytes` moves to the worker without a copy when it
+   * owns its memory, and is unusable after.
+   */
+  async check(bytes: Buffer, entries: DecodeEntry[], key: MasterKey | undefined, packId: string): Promise<CheckPackReply> {
+    const request: CheckPackRequest = { op: 'check', seq: this.seq++, bytes, entries, dataKey: key?.dataKey, idKey: key?.idKey, packId };
+    if (this.size === 0 || bytes.length < INLINE_DECODE_BYTES) return checkPackBytes(request, this.inline);
+    const reply = await this.ask(request, ownsAll(bytes) ? [bytes.buffer as ArrayBuffer] : []);
+    if (reply.op !== 'checked') throw new Error('a check request is answered with its damaged chunks');
+    return reply;
+  }
+
+  /** Starts every worker now (a caller about to send many large requests), so none starts on the first request's time. */
+  start(): void {
+    while (this.slots.filter((s) => !s.dead).length < this.size) this.slots.push(this.spawn());
   }
 
   /**

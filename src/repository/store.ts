@@ -287,6 +287,11 @@ export class Store {
     return this.chunks.get(id.toString('hex'));
   }
 
+  /** locate() for a caller that holds ids as hex (verify, over every chunk of every backup). */
+  locateHex(hex: string): ChunkLocation | undefined {
+    return this.chunks.get(hex);
+  }
+
   has(id: Buffer): boolean {
     return id.equals(ZERO_ID) || this.chunks.has(id.toString('hex'));
   }
@@ -451,12 +456,12 @@ export class Store {
     const bytes = await this.backend.get(packKey(packId), sizeBytes !== undefined && sizeBytes > 0 ? { offset: 0, length: sizeBytes } : undefined);
     const entries: DecodeEntry[] = listed.map((e) => ({ id: e.id, at: e.offset, length: e.length, rawLength: e.rawLength, what: `Chunk ${e.id.toString('hex')} in pack "${packId}"` }));
     const length = bytes.length;
-    const reply = await decodePool().decode(bytes, entries, this.key, { packId, transfer: true });
+    // Checked in one pass on a worker; the bytes move there and no plaintext comes back.
+    const reply = await decodePool().check(bytes, entries, this.key, packId);
     const chunkErrors = new Map<string, QbackupError>();
-    for (const [k, e] of listed.entries()) {
-      const r = reply.results[k];
-      const hex = e.id.toString('hex');
-      if (r === undefined || 'error' in r) chunkErrors.set(hex, new QbackupError('REPO_DAMAGED', r?.error ?? 'not decoded', { details: { chunk: hex } }));
+    for (const { index, error } of reply.damaged) {
+      const hex = listed[index]?.id.toString('hex');
+      if (hex !== undefined) chunkErrors.set(hex, new QbackupError('REPO_DAMAGED', error, { details: { chunk: hex } }));
     }
     return { bytes: length, packError: reply.packError !== undefined ? `Pack "${packId}" is damaged: ${reply.packError}` : undefined, chunkErrors };
   }

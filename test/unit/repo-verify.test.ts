@@ -3,7 +3,9 @@
 // (named as that chunk), in the salt before the chunks or in the trailer
 // (the embedded copy of the pack's index; named as the pack) — plain and
 // encrypted; an intact repository verifies clean; chunks whose pack lost its
-// index are named with that pack.
+// index are named with that pack; a damaged chunk is named with the sentence
+// a restore of it gives, and only it, whether its pack is checked on a
+// worker (a large pack) or on the calling thread (a small one).
 
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
@@ -13,6 +15,8 @@ import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { LocalBackend } from '../../src/repository/backend/local.js';
 import type { Manifest } from '../../src/repository/manifest.js';
+import { describeError } from '../../src/errors.js';
+import { INLINE_DECODE_BYTES } from '../../src/repository/decode.js';
 import { packKey } from '../../src/repository/pack.js';
 import { Store } from '../../src/repository/store.js';
 import { verifyStore } from '../../src/repository/verify.js';
@@ -21,19 +25,19 @@ const C = 64 * 1024;
 const CHUNKS = 40;
 
 /** A store with one backup of CHUNKS chunks (half random, half compressible) in one pack. */
-async function oneBackup(password?: string): Promise<{ store: Store; root: string; packId: string }> {
+async function oneBackup(password?: string, chunks = CHUNKS): Promise<{ store: Store; root: string; packId: string }> {
   const root = mkdtempSync(join(tmpdir(), 'qb-verify-'));
   const store = await Store.init(new LocalBackend(root), { password });
   const writer = store.chunkWriter();
-  const table = Buffer.alloc(CHUNKS * 32);
-  for (let i = 0; i < CHUNKS; i++) {
+  const table = Buffer.alloc(chunks * 32);
+  for (let i = 0; i < chunks; i++) {
     const data = i % 2 === 0 ? randomBytes(C) : Buffer.alloc(C, `chunk ${i} `);
     const id = store.chunkId(data);
     await writer.add(id, data);
     id.copy(table, i * 32);
   }
   await writer.flush();
-  const index = await store.putIndex({ kind: 'full', chunkSize: C, virtualSize: CHUNKS * C, ids: table });
+  const index = await store.putIndex({ kind: 'full', chunkSize: C, virtualSize: chunks * C, ids: table });
   const manifest: Manifest = {
     format: 2,
     id: '20260101T000000.000Z-0001',
@@ -44,7 +48,7 @@ async function oneBackup(password?: string): Promise<{ store: Store; root: strin
     checkpoint: 'qb-20260101T000000.000Z-0001',
     consistency: 'crash',
     domainXml: '<domain/>',
-    disks: [{ target: 'sda', diskId: 'dk00000001', virtualSize: CHUNKS * C, level: 'full', fullReason: 'first', index, bytesRead: CHUNKS * C, bytesStored: 1, chunks: CHUNKS, newChunks: CHUNKS }],
+    disks: [{ target: 'sda', diskId: 'dk00000001', virtualSize: chunks * C, level: 'full', fullReason: 'first', index, bytesRead: chunks * C, bytesStored: 1, chunks, newChunks: chunks }],
   };
   await store.putManifest(manifest);
   const packs = (await store.backend.list('index/')).map((o) => o.key.slice(6));
@@ -91,6 +95,28 @@ for (const encrypted of [false, true]) {
         // Without reading data, no chunk is read: only the metadata check (each pack index against its pack's trailer) can speak.
         const quick = (await verifyStore(again)).problems.map((p) => p.object);
         assert.deepEqual(quick, where === 'trailer' ? [`index ${packId}`] : []);
+      });
+    }
+    for (const chunks of [3, CHUNKS]) {
+      test(`damaged chunks in a pack of ${chunks} chunks are each named with the sentence a restore gives, the others certified`, async () => {
+        const { store, root, packId } = await oneBackup(password, chunks);
+        const file = join(root, packKey(packId));
+        assert.equal(statSync(file).size < INLINE_DECODE_BYTES, chunks === 3, 'the small pack is checked on the calling thread, the large one on a worker');
+        const entries = (await store.packEntries(packId)).sort((a, b) => a.offset - b.offset);
+        // A random chunk (stored raw) and a compressible one (zstd), each with one byte flipped in its middle.
+        const hit = [entries[0], entries[1]].map((e) => {
+          assert.ok(e !== undefined);
+          flip(file, e.offset + Math.floor(e.length / 2));
+          return e.id;
+        });
+        const again = await Store.open(new LocalBackend(root), { password });
+        await again.loadChunks();
+        const expected = await Promise.all(hit.map(async (id) => [`chunk ${id.toString('hex')}`, await again.readChunk(id).then(() => 'intact', describeError)] as const));
+        const report = await verifyStore(again, { readData: true });
+        const byObject = (a: readonly string[], b: readonly string[]): number => (a[0] ?? '').localeCompare(b[0] ?? '');
+        assert.deepEqual(report.problems.map((p) => [p.object, p.problem]).sort(byObject), expected.map((e) => [...e]).sort(byObject));
+        for (const p of report.problems) assert.deepEqual(p.backups, ['vm/20260101T000000.000Z-0001']);
+        assert.equal(report.chunksRead, chunks);
       });
     }
     test('a lost pack index: the missing chunks name the pack (repair rebuilds it); a pack without index and no chunk missing is no problem', async () => {
