@@ -20,7 +20,14 @@ import { QbackupError } from '../errors.js';
 import { assert } from '../util/assert.js';
 import { encodeChunkParts, encodedParts, isZero, ZERO_ID } from './chunk.js';
 import { transferList, type WorkerInit, type WorkerReply, type WorkerRequest } from './chunk-worker.js';
+import { SEAL_OVERHEAD } from './crypto.js';
 import type { ChunkWriter, Store } from './store.js';
+
+/** What encoding may add to a chunk: its codec byte and, when sealed, nonce and tag. */
+const ENCODED_OVERHEAD = 1 + SEAL_OVERHEAD;
+/** The usual size of a batch's body buffer (16 chunks of 64 KiB, encoded), and how many are kept. */
+const OUT_BYTES = 16 * (64 * 1024 + ENCODED_OVERHEAD);
+const OUTS_KEPT = 16;
 
 interface Slot {
   worker: Worker;
@@ -41,6 +48,8 @@ export interface StoreResult {
 
 export class ChunkPool {
   private readonly slots: Slot[] = [];
+  /** Shared buffers for encoded bodies, free for the next batch (see takeOut). */
+  private readonly outs: Buffer[] = [];
   private seq = 0;
   private started = false;
   private closed = false;
@@ -96,7 +105,9 @@ export class ChunkPool {
       const all = Buffer.from(hashed.ids.buffer, hashed.ids.byteOffset, hashed.ids.byteLength);
       const ids = chunks.map((_, i) => (hashed.zero[i] === true ? ZERO_ID : all.subarray(32 * i, 32 * i + 32)));
       const wanted = ids.map((id) => !id.equals(ZERO_ID) && !writer.has(id));
-      const encoded = await this.ask(slot, { op: 'encode', seq, wanted });
+      // Compressed or sealed bodies come back in shared memory of ours, reused from batch to batch.
+      const out = this.takeOut(lengths.reduce((n, l, i) => n + (wanted[i] === true ? l + ENCODED_OVERHEAD : 0), 0));
+      const encoded = await this.ask(slot, { op: 'encode', seq, wanted, out });
       assert(encoded.op === 'encoded', 'an encode request is answered with blobs');
       let newChunks = 0;
       let storedBytes = 0;
@@ -111,10 +122,19 @@ export class ChunkPool {
           storedBytes += length;
         }
       }
+      this.outs.push(out);
       return { ids, newChunks, storedBytes, chunks: encoded.chunks.map((c) => Buffer.from(c.buffer, c.byteOffset, c.byteLength)) };
     } finally {
       slot.busy--;
     }
+  }
+
+  /** Shared memory of at least `bytes` for a batch's encoded bodies: a reused one when one is large enough. */
+  private takeOut(bytes: number): Buffer {
+    const i = this.outs.findIndex((b) => b.length >= bytes);
+    if (i >= 0) return this.outs.splice(i, 1)[0] as Buffer;
+    if (this.outs.length >= OUTS_KEPT) this.outs.shift();
+    return Buffer.from(new SharedArrayBuffer(Math.max(bytes, OUT_BYTES)));
   }
 
   private async storeInline(chunks: Buffer[], writer: ChunkWriter): Promise<StoreResult> {

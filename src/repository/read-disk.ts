@@ -91,7 +91,7 @@ export async function readDisk(store: Store, pool: ChunkPool, writer: ChunkWrite
 }
 
 /** A full index, or a delta on the parent (a full again once the chain is MAX_CHAIN deltas long). */
-async function buildIndex(store: Store, ids: Map<number, Buffer>, slots: number, chunkSize: number, virtualSize: number, parent: string | undefined): Promise<DiskIndex> {
+export async function buildIndex(store: Store, ids: Map<number, Buffer>, slots: number, chunkSize: number, virtualSize: number, parent: string | undefined): Promise<DiskIndex> {
   if (parent === undefined) {
     const table = Buffer.alloc(slots * 32);
     for (const [slot, id] of ids) id.copy(table, slot * 32);

@@ -4,12 +4,12 @@
 // an empty delta on the parent's index (a full index again once the chain is
 // MAX_CHAIN deltas long, as for every incremental).
 
-import { MAX_CHAIN, resolveChain, type DiskIndex } from './disk-index.js';
-import type { DiskReadResult } from './read-disk.js';
+import { slotCount } from './disk-index.js';
+import { buildIndex, type DiskReadResult } from './read-disk.js';
 import type { Store } from './store.js';
 
 export async function unchangedDisk(store: Store, parentIndex: string, virtualSize: number): Promise<DiskReadResult> {
-  const delta: DiskIndex = { kind: 'delta', chunkSize: store.config.chunkSize, virtualSize, parent: parentIndex, slots: new Uint32Array(0), ids: Buffer.alloc(0) };
-  const index = (await store.indexChainLength(parentIndex)) <= MAX_CHAIN ? delta : resolveChain([...(await store.indexChain(parentIndex)), delta], 'the new disk index');
+  const chunkSize = store.config.chunkSize;
+  const index = await buildIndex(store, new Map(), slotCount(virtualSize, chunkSize), chunkSize, virtualSize, parentIndex);
   return { indexId: await store.putIndex(index), bytesRead: 0, bytesStored: 0, chunks: 0, newChunks: 0 };
 }
