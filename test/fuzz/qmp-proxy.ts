@@ -8,8 +8,8 @@
 //
 // The library is not changed for this: it sees a real socket closing under it.
 
-import { renameSync, rmSync } from 'node:fs';
-import { createConnection, createServer, type Server, type Socket } from 'node:net';
+import type { Socket } from 'node:net';
+import { SocketInterposer } from '../helpers/socket-interposer.js';
 
 /** Commands that change nothing are passed and not counted, so `at` lands on the ones that matter. */
 const READ_ONLY = /^(qmp_capabilities|query-)/;
@@ -23,29 +23,17 @@ export class QmpDropProxy {
   /** The command the connection was dropped at, once it was. */
   dropped: string | undefined;
   private commands = 0;
-  private readonly sockets = new Set<Socket>();
+  private interposer: SocketInterposer | undefined;
 
-  private constructor(
-    private readonly path: string,
-    private readonly server: Server,
-    private readonly plan: DropPlan,
-  ) {}
+  private constructor(private readonly plan: DropPlan) {}
 
   static async install(path: string, plan: DropPlan): Promise<QmpDropProxy> {
-    renameSync(path, `${path}.real`);
-    const server = createServer();
-    const proxy = new QmpDropProxy(path, server, plan);
-    server.on('connection', (client) => proxy.relay(client));
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(path, resolve);
-    });
+    const proxy = new QmpDropProxy(plan);
+    proxy.interposer = await SocketInterposer.install(path, (client, upstream) => proxy.relay(client, upstream));
     return proxy;
   }
 
-  private relay(client: Socket): void {
-    const upstream = createConnection({ path: `${this.path}.real` });
-    this.sockets.add(client).add(upstream);
+  private relay(client: Socket, upstream: Socket): void {
     let dropping = false;
     let fromClient = '';
     let fromQemu = '';
@@ -85,9 +73,6 @@ export class QmpDropProxy {
   }
 
   async remove(): Promise<void> {
-    for (const s of this.sockets) s.destroy();
-    await new Promise<void>((resolve) => this.server.close(() => resolve()));
-    rmSync(this.path, { force: true });
-    renameSync(`${this.path}.real`, this.path);
+    await this.interposer?.remove();
   }
 }

@@ -13,12 +13,12 @@
 //   next backup of the domain restores byte-exact (its checkpoint merged away).
 
 import assert from 'node:assert/strict';
-import { renameSync, rmSync } from 'node:fs';
-import { createConnection, createServer, type Server, type Socket } from 'node:net';
+import type { Socket } from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import type { Manifest } from '../../src/repository/repository.js';
 import { TestEnv, guestWrite } from '../helpers/env.js';
 import { imageDiffers, referenceCopies } from '../helpers/repo.js';
+import { SocketInterposer } from '../helpers/socket-interposer.js';
 
 /**
  * Sits on a domain's QMP socket and runs HMP qemu-io writes around the first
@@ -31,29 +31,18 @@ class WriteAroundCheckpoint {
   /** How many of the writes were made. */
   fired = 0;
   private seen = false;
-  private readonly sockets = new Set<Socket>();
 
-  private constructor(
-    private readonly path: string,
-    private readonly server: Server,
-    private readonly writes: { before?: string; after?: string },
-  ) {}
+  private interposer: SocketInterposer | undefined;
+
+  private constructor(private readonly writes: { before?: string; after?: string }) {}
 
   static async install(path: string, writes: { before?: string; after?: string }): Promise<WriteAroundCheckpoint> {
-    renameSync(path, `${path}.real`);
-    const server = createServer();
-    const proxy = new WriteAroundCheckpoint(path, server, writes);
-    server.on('connection', (client) => proxy.relay(client));
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(path, resolve);
-    });
+    const proxy = new WriteAroundCheckpoint(writes);
+    proxy.interposer = await SocketInterposer.install(path, (client, upstream) => proxy.relay(client, upstream));
     return proxy;
   }
 
-  private relay(client: Socket): void {
-    const upstream = createConnection({ path: `${this.path}.real` });
-    this.sockets.add(client).add(upstream);
+  private relay(client: Socket, upstream: Socket): void {
     const toQemu: string[] = [];
     let waitingWrite: (() => void) | undefined;
     let heldReplyId: unknown;
@@ -119,10 +108,7 @@ class WriteAroundCheckpoint {
   }
 
   async remove(): Promise<void> {
-    for (const s of this.sockets) s.destroy();
-    await new Promise<void>((resolve) => this.server.close(() => resolve()));
-    rmSync(this.path, { force: true });
-    renameSync(`${this.path}.real`, this.path);
+    await this.interposer?.remove();
   }
 }
 
