@@ -129,7 +129,16 @@ export function hashPack(msg: HashPackRequest): HashPackReply {
 
 const init = (workerData ?? { level: 1 }) as WorkerInit;
 const key: MasterKey | undefined = init.dataKey !== undefined && init.idKey !== undefined ? { dataKey: Buffer.from(init.dataKey), idKey: Buffer.from(init.idKey) } : undefined;
-const compressor = new ChunkCompressor(init.level);
+/**
+ * This thread's zstd contexts, made at its first request: a worker that is
+ * stopped (or whose process exits) while it starts up never calls into the
+ * native module, whose objects abort the process when made during teardown.
+ */
+let threadCompressor: ChunkCompressor | undefined;
+function compressorOf(): ChunkCompressor {
+  threadCompressor ??= new ChunkCompressor(init.level);
+  return threadCompressor;
+}
 /** Chunks hashed and waiting for the main thread's decision, by batch. */
 const waiting = new Map<number, Uint8Array[]>();
 
@@ -257,6 +266,7 @@ function sliceParts(parts: readonly Buffer[], skip: number): Buffer[] {
 }
 
 function handle(msg: WorkerRequest): WorkerReply {
+  const compressor = compressorOf();
   if (msg.op === 'decode') return decodeEntries(msg, compressor);
   if (msg.op === 'hashPack') return hashPack(msg);
   if (msg.op === 'check') return checkPackBytes(msg, compressor);

@@ -67,11 +67,6 @@ class DecodePool {
     return reply;
   }
 
-  /** Starts every worker now (a caller about to send many large requests), so none starts on the first request's time. */
-  start(): void {
-    while (this.slots.filter((s) => !s.dead).length < this.size) this.slots.push(this.spawn());
-  }
-
   /**
    * Has a worker read a range of an open pack, decode and check its chunks
    * and write their plaintexts to an open output file (CopyRequest): the

@@ -17,7 +17,6 @@ import { QbackupError, describeError } from '../errors.js';
 import { runPool } from '../util/run-pool.js';
 import { throwIfCancelled, type Logger, type ProgressSink } from '../util/operation.js';
 import { ZERO_ID } from './chunk.js';
-import { decodePool } from './decode.js';
 import type { Manifest } from './manifest.js';
 import { PACK_ID, packKey, parseHeader } from './pack.js';
 import { trailerHeader } from './repair.js';
@@ -60,8 +59,6 @@ export interface VerifyOptions {
 const PACKS_IN_FLIGHT = 4;
 
 export async function verifyStore(store: Store, options: VerifyOptions = {}): Promise<VerifyReport> {
-  // The decode workers start (a few hundred ms on a busy machine) while the indexes are read.
-  if (options.readData) decodePool().start();
   await store.loadChunks();
   // A manifest that cannot be read is a problem named by its key; the others are verified all the same.
   const readable = await store.readableManifests(options.domain);
