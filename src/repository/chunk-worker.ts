@@ -45,8 +45,6 @@ export interface DecodeRequest {
   entries: DecodeEntry[];
   dataKey?: Uint8Array | undefined;
   idKey?: Uint8Array | undefined;
-  /** When `bytes` is a whole pack: its id, checked as the SHA-256 of every byte. */
-  packId?: string | undefined;
   /** The sender no longer reads `bytes`: the plaintexts may be put back to back in it (see decodeEntries). */
   inPlace?: boolean | undefined;
 }
@@ -58,8 +56,6 @@ export interface DecodeReply {
   plain: Uint8Array;
   /** Per entry: its plaintext's offset in `plain`, or the error's message. */
   results: Array<{ at: number } | { error: string }>;
-  /** The whole pack's hash, when asked: undefined when it matches, else why not. */
-  packError?: string | undefined;
 }
 
 /**
@@ -146,11 +142,6 @@ const waiting = new Map<number, Uint8Array[]>();
 export function decodeEntries(msg: DecodeRequest, codecCompressor: ChunkCompressor): DecodeReply {
   const bytes = Buffer.from(msg.bytes.buffer, msg.bytes.byteOffset, msg.bytes.byteLength);
   const readKey = msg.dataKey !== undefined && msg.idKey !== undefined ? { dataKey: Buffer.from(msg.dataKey), idKey: Buffer.from(msg.idKey) } : undefined;
-  let packError: string | undefined;
-  if (msg.packId !== undefined) {
-    const actual = createHash('sha256').update(bytes).digest('hex');
-    if (actual !== msg.packId) packError = `its bytes hash to ${actual}, not to its id`;
-  }
   const total = msg.entries.reduce((n, e) => n + e.rawLength, 0);
   // In place when allowed and no plaintext can land on a blob not yet
   // decoded (chunks stored raw: each plaintext is its blob less the codec
@@ -171,7 +162,7 @@ export function decodeEntries(msg: DecodeRequest, codecCompressor: ChunkCompress
       return { error: err instanceof Error ? err.message : String(err) };
     }
   });
-  return { op: 'decoded', seq: msg.seq, plain: plain.subarray(0, at), results, packError };
+  return { op: 'decoded', seq: msg.seq, plain: plain.subarray(0, at), results };
 }
 
 /**

@@ -350,12 +350,7 @@ export class Store {
         for (const x of run) settle(x, { error: new QbackupError(err.code, `Chunk ${x.id.toString('hex')} in pack "${x.loc.packId}" cannot be read: ${err.message}`, { cause: err, details: { chunk: x.id.toString('hex') } }) });
         return;
       }
-      // The ids in one buffer of their own: an id that views a larger buffer (a disk index's table) would take all of it along to the worker.
-      const idBytes = new Uint8Array(run.length * 32);
-      const entries: DecodeEntry[] = run.map((x, k) => {
-        idBytes.set(x.id, k * 32);
-        return { id: idBytes.subarray(k * 32, k * 32 + 32), at: x.loc.offset - start, length: x.loc.length, rawLength: x.loc.rawLength, what: `Chunk ${x.id.toString('hex')} in pack "${x.loc.packId}"` };
-      });
+      const entries = runEntries(run, start);
       const stored = options.keepStored === true ? bytes : undefined;
       const reply = await decodePool().decode(bytes, entries, this.key, { transfer: stored === undefined });
       const plain = Buffer.from(reply.plain.buffer, reply.plain.byteOffset, reply.plain.byteLength);
@@ -425,11 +420,7 @@ export class Store {
           return;
         }
         const start = first.loc.offset;
-        const idBytes = new Uint8Array(run.length * 32);
-        const entries: DecodeEntry[] = run.map((x, k) => {
-          idBytes.set(x.id, k * 32);
-          return { id: idBytes.subarray(k * 32, k * 32 + 32), at: x.loc.offset - start, length: x.loc.length, rawLength: x.loc.rawLength, what: `Chunk ${x.id.toString('hex')} in pack "${packId}"` };
-        });
+        const entries = runEntries(run, start);
         const reply = await decodePool().copy({ fd: fh.fd, offset: start, length: last.loc.offset + last.loc.length - start, entries, writes: run.map((x) => x.writes), to }, this.key);
         if (reply.ioError !== undefined && !reply.ioError.read) throw new QbackupError('IMAGE_ERROR', `Cannot write ${options.what}: ${reply.ioError.message}`);
         for (const [k, x] of run.entries()) {
@@ -740,6 +731,19 @@ export class ChunkWriter {
   private throwIfFailed(): void {
     if (this.failure !== undefined) throw this.failure;
   }
+}
+
+/**
+ * The decode entries of a run of chunks read from `start` in their pack.
+ * Their ids go in one buffer of their own: an id that views a larger buffer
+ * (a disk index's table) would take all of it along to the worker.
+ */
+function runEntries(run: ReadonlyArray<{ id: Buffer; loc: ChunkLocation }>, start: number): DecodeEntry[] {
+  const idBytes = new Uint8Array(run.length * 32);
+  return run.map((x, k) => {
+    idBytes.set(x.id, k * 32);
+    return { id: idBytes.subarray(k * 32, k * 32 + 32), at: x.loc.offset - start, length: x.loc.length, rawLength: x.loc.rawLength, what: `Chunk ${x.id.toString('hex')} in pack "${x.loc.packId}"` };
+  });
 }
 
 /** Chunks sorted by pack and offset, grouped into runs that one ranged read fetches (close together in one pack, at most READ_RUN_BYTES). */
