@@ -32,6 +32,7 @@ import { withSection } from './doc-sections.js';
 import { CLUSTER_BYTES, createRandomImage, halfDataLayout, processCpuMs, warmFile } from './env.js';
 import { loadAverage } from './machine.js';
 import { findTool, toolVersion } from './peers.js';
+import { qbackupCli } from './cli.js';
 import { fmtBytes, fmtMs, GiB, MiB, Prng, run, runWithCpu, summarize } from './util.js';
 
 export type LvTool = 'qbackup' | 'virtnbdbackup';
@@ -72,7 +73,6 @@ export interface LibvirtSetup {
 }
 
 const here = dirname(fileURLToPath(import.meta.url));
-const QBACKUP_BIN = resolve(here, '..', '..', 'bin', 'qbackup');
 
 /** Why the row cannot run here, or undefined. */
 function missing(): string | undefined {
@@ -146,7 +146,7 @@ export async function benchLibvirt(s: LibvirtSetup): Promise<LibvirtResults> {
       const before = await du(target);
       const q0 = processCpuMs(qemuPid);
       if (tool === 'qbackup') {
-        const res = await runWithCpu('node', [QBACKUP_BIN, '--state-dir', stateDir, '--connect', daemon.uri, '--json', 'backup', name, '--repo', target]);
+        const res = await qbackupCli(['--state-dir', stateDir, '--connect', daemon.uri, '--json', 'backup', name, '--repo', target]);
         const m = JSON.parse(res.stdout) as Manifest;
         const want = step === 'full' ? 'full' : 'incremental';
         if (m.disks.some((d) => d.level !== want)) throw new Error(`qbackup's ${step} backup of "${name}" was ${m.disks.map((d) => d.level).join(', ')}`);

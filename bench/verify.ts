@@ -29,6 +29,7 @@ import { mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync }
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { cliEnv as sharedCliEnv, qbackupCli } from './cli.js';
 import { withSection } from './doc-sections.js';
 import { BenchEnv, halfDataLayout, warmFile } from './env.js';
 import { loadAverage } from './machine.js';
@@ -94,10 +95,7 @@ function warmTree(dir: string): number {
 }
 
 function cliEnv(stateDir: string, encrypted: boolean): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = { ...process.env, QBACKUP_STATE_DIR: stateDir };
-  if (encrypted) env['QBACKUP_PASSWORD'] = PASSWORD;
-  else delete env['QBACKUP_PASSWORD'];
-  return env;
+  return sharedCliEnv({ stateDir, password: encrypted ? PASSWORD : undefined });
 }
 
 async function main(): Promise<void> {
@@ -156,7 +154,7 @@ async function main(): Promise<void> {
     };
     const stateDir = env.subdir('cli-state');
     const cli = (bin: string, repo: string, isEncrypted: boolean) => async (): Promise<{ ms: number; cpuMs: number }> => {
-      const r = await runWithCpu(process.execPath, [bin, 'verify', '--repo', repo, '--read-data'], { env: cliEnv(stateDir, isEncrypted) });
+      const r = await qbackupCli(['verify', '--repo', repo, '--read-data'], { bin, stateDir, password: isEncrypted ? PASSWORD : undefined });
       return { ms: r.ms, cpuMs: r.cpuMs };
     };
     const ours = join(root, 'bin', 'qbackup');
