@@ -9,11 +9,17 @@
 // virtnbdbackup, with a libvirtd the bench starts and stops, and restic, and
 // the libvirt section (bench/libvirt.ts) runs; without it, or without them
 // installed, it says "skipped: …"),
-// --doc FILE (default docs/benchmarks.md),
+// --method inprocess|cli|both (§5: qbackup's library in this process with warm
+// caches, its command line as a user types it with the page cache dropped, or
+// both in the same run; default both with --peers, else inprocess),
+// --no-drop-caches (the cli method warms inputs instead of dropping the page
+// cache; dropping needs root, and without it the section says so),
+// --doc FILE (default docs/benchmarks.md; a run of only repository and
+// libvirt replaces their sections, between their markers, in the document),
 // --no-doc, --json FILE (the raw results, to regenerate the doc with
 // --from-json FILE without measuring again).
 
-import { readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -24,8 +30,9 @@ import { benchIncremental, type IncrementalCase } from './incremental.js';
 import { benchLibvirt, formatLibvirt, type LibvirtResults } from './libvirt.js';
 import { loadAverage, machineInfo } from './machine.js';
 import { formatReport, printSummary, type BenchConfig, type BenchResults } from './report.js';
+import { repoSection } from './report-repository.js';
 import { keepMarkedSections, withSection } from './doc-sections.js';
-import { benchRepository, type RepoResults } from './repository.js';
+import { benchRepository, METHODS, type Method, type RepoResults } from './repository.js';
 import { GiB, MiB, now } from './util.js';
 import { benchWrites, type WriteResults } from './writes.js';
 
@@ -34,6 +41,8 @@ type Section = (typeof SECTIONS)[number];
 
 interface Options extends BenchConfig {
   only: Set<Section>;
+  methods: Method[];
+  dropCaches: boolean;
   doc: string | undefined;
   json: string | undefined;
   fromJson: string | undefined;
@@ -49,12 +58,15 @@ function parseOptions(argv: readonly string[]): Options {
       peers: { type: 'boolean', default: false },
       chain: { type: 'string' },
       only: { type: 'string' },
+      method: { type: 'string' },
+      'drop-caches': { type: 'boolean', default: true },
       doc: { type: 'string' },
       'no-doc': { type: 'boolean', default: false },
       json: { type: 'string' },
       'from-json': { type: 'string' },
     },
     strict: true,
+    allowNegative: true,
   });
   const quick = values.quick === true;
   const num = (v: string | undefined, dflt: number, what: string): number => {
@@ -69,11 +81,15 @@ function parseOptions(argv: readonly string[]): Options {
     if (!(SECTIONS as readonly string[]).includes(s)) throw new Error(`--only: unknown section "${s}" (sections: ${SECTIONS.join(', ')})`);
     only.add(s as Section);
   }
+  const peers = values.peers === true;
+  const method = values.method ?? (peers ? 'both' : 'inprocess');
+  if (method !== 'both' && !(METHODS as readonly string[]).includes(method)) throw new Error(`--method: unknown method "${method}" (methods: inprocess, cli, both)`);
+  const methods = method === 'both' ? [...METHODS] : [method as Method];
   const here = dirname(fileURLToPath(import.meta.url));
   const defaultDoc = resolve(here, '..', '..', 'docs', 'benchmarks.md');
   return {
     quick,
-    peers: values.peers === true,
+    peers,
     sizeBytes: Math.round((sizeGiB * GiB) / MiB) * MiB,
     reps: Math.round(num(values.reps, quick ? 2 : 3, 'reps')),
     chainLength: Math.round(num(values.chain, quick ? 100 : 1000, 'chain')),
@@ -83,6 +99,8 @@ function parseOptions(argv: readonly string[]): Options {
     benchWrites: quick ? 20_000 : 200_000,
     argv: [...argv],
     only,
+    methods,
+    dropCaches: values['drop-caches'] !== false,
     doc: values['no-doc'] === true ? undefined : resolve(values.doc ?? defaultDoc),
     json: values.json !== undefined ? resolve(values.json) : undefined,
     fromJson: values['from-json'] !== undefined ? resolve(values['from-json']) : undefined,
@@ -98,7 +116,7 @@ async function main(): Promise<void> {
     const saved = JSON.parse(readFileSync(config.fromJson, 'utf8')) as BenchResults;
     printSummary(saved, log);
     if (config.doc !== undefined) {
-      writeFileSync(config.doc, keepMarkedSections(config.doc, withLibvirt(formatReport(saved), saved, saved.config.argv)));
+      writeDoc(config.doc, saved);
       log(`wrote ${config.doc}`);
     }
     return;
@@ -149,8 +167,17 @@ async function main(): Promise<void> {
       incremental = await benchIncremental({ env, domain, device: 'sda', sizeBytes: config.sizeBytes, reps: config.reps, fractions: [0.001, 0.01, 0.1], log });
     }
     if (config.only.has('repository')) {
-      log(`§5 repository against virtnbdbackup and restic${config.peers ? '' : ' (skipped: the peers; run with --peers)'}`);
-      repository = await benchRepository({ env, sizeBytes: config.sizeBytes, reps: config.reps, peers: config.peers, accel: machine.accel === 'KVM' ? 'kvm' : 'qemu', log });
+      log(`§5 repository against virtnbdbackup and restic (${config.methods.join(' and ')})${config.peers ? '' : ' (skipped: the peers; run with --peers)'}`);
+      repository = await benchRepository({
+        env,
+        sizeBytes: config.sizeBytes,
+        reps: config.reps,
+        peers: config.peers,
+        accel: machine.accel === 'KVM' ? 'kvm' : 'qemu',
+        methods: config.methods,
+        dropCaches: config.dropCaches,
+        log,
+      });
     }
     if (config.only.has('control')) {
       log(`§3 control plane (chain of ${config.chainLength})`);
@@ -187,13 +214,30 @@ async function main(): Promise<void> {
       log(`wrote ${config.json}`);
     }
     if (config.doc !== undefined) {
-      writeFileSync(config.doc, keepMarkedSections(config.doc, withLibvirt(formatReport(results), results, config.argv)));
+      writeDoc(config.doc, results);
       log(`wrote ${config.doc}`);
     }
   } finally {
     finished = true;
     await env.cleanup();
   }
+}
+
+/**
+ * Writes the document: the whole report, keeping the other benches' marked
+ * sections; or, when this run measured only the repository (§5) and libvirt
+ * (§12) sections, just those between their markers in the existing document.
+ */
+function writeDoc(doc: string, results: BenchResults): void {
+  const onlyMarked = results.full === undefined && results.incremental === undefined && results.control === undefined && results.writes === undefined;
+  if (onlyMarked && existsSync(doc)) {
+    let text = readFileSync(doc, 'utf8');
+    if (results.repository !== undefined) text = withSection(text, 'repository', repoSection(results.repository, `npm run bench -- ${results.config.argv.join(' ')}`));
+    text = withLibvirt(text, results, results.config.argv);
+    writeFileSync(doc, text);
+    return;
+  }
+  writeFileSync(doc, keepMarkedSections(doc, withLibvirt(formatReport(results), results, results.config.argv)));
 }
 
 /** The report with the libvirt section (§12) of this run, when it ran. */

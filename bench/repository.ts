@@ -21,8 +21,20 @@
 // zero check, hashing, compression, pack assembly and writes, each measured
 // alone on the same data).
 //
-// Before every timed run, written data is synced and the run's input is read
-// once (untimed), so every tool starts from the page cache. Every restore
+// Two methods, alternating between repetitions (each takes its own full
+// backups, incrementals, restores and verifies; the peers run in both):
+// - in-process (`inprocess`): qbackup's library called in this process;
+//   before every timed run of every tool, written data is synced and the
+//   run's input is read once (untimed), so every tool starts from the page
+//   cache;
+// - as a user runs it (`cli`): each qbackup step is the `qbackup` command line
+//   (bench/cli.ts: one process per command, timed from spawn to exit, CPU of
+//   the process from /usr/bin/time), and before every timed run of every tool
+//   (qbackup, the peers and the floors) written data is synced and the page
+//   cache dropped (`echo 3 > /proc/sys/vm/drop_caches`; root only: otherwise
+//   inputs are warmed as in-process, and the results say so).
+// The restores of each repetition alternate their order (qcow2 first in the
+// 1st, 3rd, … repetition of a method, raw first in the others). Every restore
 // ends with `sync FILE` on its output, inside the measured time (restic,
 // virtnbdrestore and qemu-img convert do not flush on their own; qbackup
 // does), so every restore is measured until its output is durable.
@@ -45,6 +57,7 @@ import { Store } from '../src/repository/store.js';
 import { CLUSTER_BYTES, halfDataLayout, processCpuMs, warmFile, type BenchEnv, type DataLayout } from './env.js';
 import { loadAverage } from './machine.js';
 import { Libvirt, peerMissing, Restic, toolVersion, virtnbdbackup, virtnbdrestore, type LibvirtDomain } from './peers.js';
+import { qbackupCli, type CliOptions } from './cli.js';
 import { KiB, MiB, now, Prng, run, runWithCpu } from './util.js';
 
 export type Tool = 'qbackup' | 'virtnbdbackup' | 'restic';
@@ -77,6 +90,8 @@ export type StepName = 'full' | 'spread' | 'clustered';
 export const STEPS: readonly StepName[] = ['full', 'spread', 'clustered'];
 
 export interface RestoreResults {
+  /** Which of qbackup's two restores ran first, each repetition (absent in results of older runs). */
+  firstFormat?: Array<'qcow2' | 'raw'>;
   qbackupQcow2: number[];
   qbackupRaw: number[];
   virtnbdrestore: number[];
@@ -90,8 +105,12 @@ export interface Breakdown {
   chunks: number;
   /** Our NBD client reading the data slots exactly as a backup does (1 MiB requests into reused buffers, 8 in flight), discarding them. */
   nbdReadMs: number;
+  /** CPU of this process (all threads) during our read loop; absent in results of older runs. */
+  nbdReadCpuMs?: number;
   /** nbdcopy of the same export to null: (reads data, skips what block status says is zero). */
   nbdcopyNullMs: number;
+  /** nbdcopy's CPU (its process, from /usr/bin/time); absent in results of older runs. */
+  nbdcopyNullCpuMs?: number;
   /** One thread, every chunk: */
   zeroCheckMs: number;
   hashMs: number;
@@ -104,7 +123,35 @@ export interface Breakdown {
   packs: number;
 }
 
-export interface RepoResults {
+/** How qbackup's steps run: its library in this process with warm caches, or its command line with the caches dropped. */
+export type Method = 'inprocess' | 'cli';
+export const METHODS: readonly Method[] = ['inprocess', 'cli'];
+
+/** What one method measured: the steps every repetition takes, by every tool. */
+export interface MethodSamples {
+  backups: Record<StepName, Record<Tool, BackupSample[]>>;
+  /** qbackup's stored bytes (after dedup and compression) of its full backups. */
+  qbackupFullStoredBytes: number[];
+  /** An incremental with nothing dirtied: the fixed cost of a backup. */
+  emptyIncremental: Record<'qbackup' | 'virtnbdbackup', number[]>;
+  restore: RestoreResults;
+  /** qbackup's full backup into an encrypted repository, each repetition. */
+  encryptedFull: BackupSample[];
+  /** Reading back and checking every stored byte: qbackup `verify --read-data` (plain, encrypted) and `restic check --read-data`. */
+  verify: Record<'qbackup' | 'qbackupEncrypted' | 'restic', Array<{ ms: number; cpuMs: number; repoBytes: number }>>;
+  /** Restored images compared across tools (first repetition). */
+  restoreCheck: string[];
+}
+
+/** The in-process method's samples are RepoResults' own fields (as in results of older runs); the CLI method's are under `cli`. */
+export interface RepoResults extends MethodSamples {
+  /** When the section started (ISO) and how long it took; absent in results of older runs. */
+  startedAt?: string;
+  durationMs?: number;
+  /** The methods that ran (absent in results of older runs: in-process only). */
+  methods?: Method[];
+  /** The CLI method's samples, and what was done about the page cache before each timed step. */
+  cli?: MethodSamples & { caches: string };
   sizeBytes: number;
   randomBytes: number;
   compressibleBytes: number;
@@ -115,20 +162,8 @@ export interface RepoResults {
   libvirt: string;
   versions: Record<string, string>;
   accel: string;
-  backups: Record<StepName, Record<Tool, BackupSample[]>>;
-  /** qbackup's stored bytes (after dedup and compression) of its full backups. */
-  qbackupFullStoredBytes: number[];
-  /** An incremental with nothing dirtied: the fixed cost of a backup. */
-  emptyIncremental: Record<'qbackup' | 'virtnbdbackup', number[]>;
   /** Pieces of that fixed cost, measured alone on the last repository. */
   fixedCosts: { poolStartMs: number; openAndLoadMs: number; packs: number; pullJobMs: number } | undefined;
-  restore: RestoreResults;
-  /** qbackup's full backup into an encrypted repository, each repetition. */
-  encryptedFull: BackupSample[];
-  /** Reading back and checking every stored byte: qbackup `verify --read-data` (plain, encrypted) and `restic check --read-data`. */
-  verify: Record<'qbackup' | 'qbackupEncrypted' | 'restic', Array<{ ms: number; cpuMs: number; repoBytes: number }>>;
-  /** Restored images compared across tools (first repetition). */
-  restoreCheck: string[];
   dedup: { dataBytes: number; bytesStored: number; growthBytes: number; newChunks: number; chunks: number; ms: number } | undefined;
   workers: Record<string, BackupSample[]>;
   breakdown: Breakdown | undefined;
@@ -144,6 +179,10 @@ export interface RepoSetup {
   peers: boolean;
   /** The accelerator our QEMU uses, for the libvirt domain: 'kvm' or 'qemu' (TCG). */
   accel: 'kvm' | 'qemu';
+  /** The methods to run (at least one), alternating between repetitions. */
+  methods: readonly Method[];
+  /** The CLI method drops the page cache before each timed step (when this process may). */
+  dropCaches: boolean;
   log: (line: string) => void;
 }
 
@@ -173,19 +212,24 @@ export async function benchRepository(s: RepoSetup): Promise<RepoResults> {
     libvirt: '–',
     versions: {},
     accel: s.accel === 'kvm' ? 'KVM' : 'TCG',
-    backups: { full: emptyTools(), spread: emptyTools(), clustered: emptyTools() },
-    qbackupFullStoredBytes: [],
-    emptyIncremental: { qbackup: [], virtnbdbackup: [] },
+    startedAt: new Date().toISOString(),
+    methods: [...s.methods],
+    ...emptySamples(),
     fixedCosts: undefined,
-    restore: { qbackupQcow2: [], qbackupRaw: [], virtnbdrestore: [], restic: [], convertQcow2: [], convertRaw: [] },
-    encryptedFull: [],
-    verify: { qbackup: [], qbackupEncrypted: [], restic: [] },
-    restoreCheck: [],
     dedup: undefined,
     workers: { '1': [], '2': [] },
     breakdown: undefined,
     load: [loadAverage(), ''],
   };
+  const t0 = now();
+  if (s.methods.length === 0) throw new Error('benchRepository needs at least one method');
+  let dropping = false;
+  if (s.methods.includes('cli')) {
+    const caches = await cacheMode(s.dropCaches);
+    dropping = caches.drop;
+    r.cli = { ...emptySamples(), caches: caches.note };
+    log(`  CLI method: page cache ${caches.note}`);
+  }
 
   const raw = join(dir, 'sda.raw');
   const qbImage = join(dir, 'qb-sda.qcow2');
@@ -238,66 +282,76 @@ export async function benchRepository(s: RepoSetup): Promise<RepoResults> {
   let copyImage = '';
 
   for (let rep = 0; rep < reps; rep++) {
-    const qbRepo = join(dir, `qb${rep}`);
-    const qbEncRepo = join(dir, `qbe${rep}`);
-    const vbDir = join(dir, `vb${rep}`);
-    const restic = useRestic ? new Restic(join(dir, `rs${rep}`), join(dir, 'restic-cache')) : undefined;
-    await restic?.init();
+    // The methods alternate their order between repetitions, so neither always runs first.
+    const order = rep % 2 === 0 ? s.methods : [...s.methods].reverse();
+    for (const [i, method] of order.entries()) {
+      const cli = method === 'cli';
+      const m: MethodSamples = cli && r.cli !== undefined ? r.cli : r;
+      const prep = cli && dropping ? async (): Promise<void> => dropCaches() : prepare;
+      const qb = cli ? cliRunner(env, qemuPid) : inProcessRunner(env, qemuPid);
+      const tag = `${cli ? 'c' : ''}${rep}`;
+      const label = cli ? `rep ${rep + 1}/${reps} CLI` : `rep ${rep + 1}/${reps}`;
+      const qbRepo = join(dir, `qb${tag}`);
+      const qbEncRepo = join(dir, `qbe${tag}`);
+      const vbDir = join(dir, `vb${tag}`);
+      const restic = useRestic ? new Restic(join(dir, `rs${tag}`), join(dir, 'restic-cache')) : undefined;
+      await restic?.init();
 
-    for (const step of STEPS) {
-      if (step !== 'full') {
-        const writes = planDirty(prng, clusters, count, step, dirtyDir, `${rep}-${step}`);
-        await applyWrites(env, writes, lv, raw, join(dir, 'virsh-writes.txt'));
-        for (const w of writes) rmSync(w.file, { force: true });
+      for (const step of STEPS) {
+        if (step !== 'full') {
+          const writes = planDirty(prng, clusters, count, step, dirtyDir, `${tag}-${step}`);
+          await applyWrites(env, writes, lv, raw, join(dir, 'virsh-writes.txt'));
+          for (const w of writes) rmSync(w.file, { force: true });
+        }
+        const b = m.backups[step];
+        // qbackup
+        await prep([qbImage]);
+        const ours = await qb.backup(qbRepo, step === 'full' ? 'full' : 'incremental', undefined);
+        b.qbackup.push(ours.sample);
+        if (step === 'full') {
+          m.qbackupFullStoredBytes.push(ours.manifest.disks.reduce((n, d) => n + d.bytesStored, 0));
+          await env.qb.repository.init({ repo: qbEncRepo, password: ENCRYPTION_PASSWORD });
+          await prep([qbImage]);
+          m.encryptedFull.push((await qb.backup(qbEncRepo, 'full', ENCRYPTION_PASSWORD)).sample);
+        }
+        // virtnbdbackup
+        if (lv !== undefined) {
+          await prep([lvImage]);
+          const before = await du(vbDir);
+          const dataBefore = dataFiles(vbDir);
+          const q0 = lv.cpuMs();
+          const res = await virtnbdbackup(lv.name, step === 'full' ? 'full' : 'inc', vbDir, join(dir, 'lv-scratch'));
+          const read = [...dataFiles(vbDir)].filter(([f]) => !dataBefore.has(f)).reduce((n, [, size]) => n + size, 0);
+          b.virtnbdbackup.push({ ms: res.ms, cpuMs: res.cpuMs, qemuCpuMs: lv.cpuMs() - q0, bytesRead: read, growthBytes: (await du(vbDir)) - before });
+        }
+        // restic
+        if (restic !== undefined) {
+          await prep([raw]);
+          const before = await du(restic.repo);
+          const res = await restic.backup(raw, 'sda.raw');
+          b.restic.push({ ms: res.ms, cpuMs: res.cpuMs, qemuCpuMs: Number.NaN, bytesRead: sizeBytes, growthBytes: (await du(restic.repo)) - before });
+        }
+        log(`  ${label} ${step.padEnd(9)} ${TOOLS.map((t) => describe(t, b[t].at(-1))).filter((x) => x !== '').join('  ')}`);
       }
-      const b = r.backups[step];
-      // qbackup
-      await prepare([qbImage]);
-      const ours = await qbackupBackup(env, qbRepo, qemuPid, undefined, step === 'full' ? 'full' : 'incremental');
-      b.qbackup.push(ours.sample);
-      if (step === 'full') {
-        r.qbackupFullStoredBytes.push(ours.manifest.disks.reduce((n, d) => n + d.bytesStored, 0));
-        await prepare([qbImage]);
-        await env.qb.repository.init({ repo: qbEncRepo, password: ENCRYPTION_PASSWORD });
-        r.encryptedFull.push((await qbackupBackup(env, qbEncRepo, qemuPid, undefined, 'full', ENCRYPTION_PASSWORD)).sample);
-      }
-      // virtnbdbackup
+
+      // Nothing dirtied: what every backup costs whatever it copies.
+      await prep([qbImage]);
+      m.emptyIncremental.qbackup.push((await qb.backup(qbRepo, 'incremental', undefined)).sample.ms);
       if (lv !== undefined) {
-        await prepare([lvImage]);
-        const before = await du(vbDir);
-        const dataBefore = dataFiles(vbDir);
-        const q0 = lv.cpuMs();
-        const res = await virtnbdbackup(lv.name, step === 'full' ? 'full' : 'inc', vbDir, join(dir, 'lv-scratch'));
-        const read = [...dataFiles(vbDir)].filter(([f]) => !dataBefore.has(f)).reduce((n, [, size]) => n + size, 0);
-        b.virtnbdbackup.push({ ms: res.ms, cpuMs: res.cpuMs, qemuCpuMs: lv.cpuMs() - q0, bytesRead: read, growthBytes: (await du(vbDir)) - before });
+        await prep([lvImage]);
+        m.emptyIncremental.virtnbdbackup.push((await virtnbdbackup(lv.name, 'inc', vbDir, join(dir, 'lv-scratch'))).ms);
       }
-      // restic
-      if (restic !== undefined) {
-        await prepare([raw]);
-        const before = await du(restic.repo);
-        const res = await restic.backup(raw, 'sda.raw');
-        b.restic.push({ ms: res.ms, cpuMs: res.cpuMs, qemuCpuMs: Number.NaN, bytesRead: sizeBytes, growthBytes: (await du(restic.repo)) - before });
-      }
-      log(`  rep ${rep + 1}/${reps} ${step.padEnd(9)} ${TOOLS.map((t) => describe(t, b[t].at(-1))).filter((x) => x !== '').join('  ')}`);
-    }
+      log(`  ${label} nothing dirty: qbackup ${sec(m.emptyIncremental.qbackup.at(-1))}${lv !== undefined ? `, virtnbdbackup ${sec(m.emptyIncremental.virtnbdbackup.at(-1))}` : ''}`);
 
-    // Nothing dirtied: what every backup costs whatever it copies.
-    await prepare([qbImage]);
-    r.emptyIncremental.qbackup.push((await qbackupBackup(env, qbRepo, qemuPid, undefined, 'incremental')).sample.ms);
-    if (lv !== undefined) {
-      await prepare([lvImage]);
-      r.emptyIncremental.virtnbdbackup.push((await virtnbdbackup(lv.name, 'inc', vbDir, join(dir, 'lv-scratch'))).ms);
+      const keepCopy = rep === reps - 1 && i === order.length - 1;
+      copyImage = await restores(m, rep, { env, dir, qbRepo, vbDir, restic, lv: lv !== undefined, keepCopy, log, prepare: prep, qb, label, checkLabel: cli ? 'CLI: ' : '' });
+      await verifies(m, { qbRepo, qbEncRepo, restic, log, prepare: prep, qb, label });
+      rmSync(qbEncRepo, { recursive: true, force: true });
+      rmSync(vbDir, { recursive: true, force: true });
+      if (restic !== undefined) rmSync(restic.repo, { recursive: true, force: true });
+      if (lastRepo !== '') rmSync(lastRepo, { recursive: true, force: true });
+      lastRepo = qbRepo;
     }
-    log(`  rep ${rep + 1}/${reps} nothing dirty: qbackup ${sec(r.emptyIncremental.qbackup.at(-1))}${lv !== undefined ? `, virtnbdbackup ${sec(r.emptyIncremental.virtnbdbackup.at(-1))}` : ''}`);
-
-    const keepCopy = rep === reps - 1;
-    copyImage = await restores(r, rep, { env, dir, qbRepo, vbDir, restic, lv: lv !== undefined, keepCopy, log });
-    await verifies(r, rep, { env, qbRepo, qbEncRepo, restic, log });
-    rmSync(qbEncRepo, { recursive: true, force: true });
-    rmSync(vbDir, { recursive: true, force: true });
-    if (restic !== undefined) rmSync(restic.repo, { recursive: true, force: true });
-    if (lastRepo !== '') rmSync(lastRepo, { recursive: true, force: true });
-    lastRepo = qbRepo;
   }
 
   r.fixedCosts = await fixedCosts(env, lastRepo, log);
@@ -320,7 +374,20 @@ export async function benchRepository(s: RepoSetup): Promise<RepoResults> {
   r.breakdown = await breakdown(env, join(dir, 'scratch-repo'), log);
   rmSync(join(dir, 'scratch-repo'), { recursive: true, force: true });
   r.load[1] = loadAverage();
+  r.durationMs = now() - t0;
   return r;
+}
+
+function emptySamples(): MethodSamples {
+  return {
+    backups: { full: emptyTools(), spread: emptyTools(), clustered: emptyTools() },
+    qbackupFullStoredBytes: [],
+    emptyIncremental: { qbackup: [], virtnbdbackup: [] },
+    restore: { firstFormat: [], qbackupQcow2: [], qbackupRaw: [], virtnbdrestore: [], restic: [], convertQcow2: [], convertRaw: [] },
+    encryptedFull: [],
+    verify: { qbackup: [], qbackupEncrypted: [], restic: [] },
+    restoreCheck: [],
+  };
 }
 
 function emptyTools(): Record<Tool, BackupSample[]> {
@@ -333,6 +400,30 @@ const sec = (ms: number | undefined): string => (ms === undefined ? '–' : `${(
 function describe(tool: Tool, x: BackupSample | undefined): string {
   if (x === undefined) return '';
   return `${tool} ${sec(x.ms)} (read ${mib(x.bytesRead)} MiB, +${mib(x.growthBytes)} MiB)`;
+}
+
+/** What comes before a timed run: prepare() (warm inputs) or dropCaches(). */
+type Prepare = (inputs: readonly string[]) => Promise<void>;
+
+const DROP_CACHES = '/proc/sys/vm/drop_caches';
+
+/** Syncs written data, then drops the page cache (clean pages, dentries and inodes), so the timed run reads from the disk. */
+async function dropCaches(): Promise<void> {
+  await run('sync', []);
+  writeFileSync(DROP_CACHES, '3\n');
+}
+
+/** Whether the CLI method can drop the page cache here, and a phrase saying what it does about it. */
+async function cacheMode(wanted: boolean): Promise<{ drop: boolean; note: string }> {
+  const warmed = 'inputs synced and read once, untimed, before each timed step, as in the in-process method';
+  if (!wanted) return { drop: false, note: `not dropped (--no-drop-caches): ${warmed}` };
+  if (process.getuid?.() !== 0) return { drop: false, note: `not dropped (dropping the page cache needs root; the bench ran as uid ${process.getuid?.() ?? '?'}): ${warmed}` };
+  try {
+    await dropCaches();
+    return { drop: true, note: `dropped before each timed step of every tool (\`sync; echo 3 > ${DROP_CACHES}\`)` };
+  } catch (err) {
+    return { drop: false, note: `not dropped (writing ${DROP_CACHES} failed: ${err instanceof Error ? err.message : String(err)}): ${warmed}` };
+  }
 }
 
 /** Syncs written data, then reads the inputs once so the timed run finds them in the page cache. */
@@ -385,13 +476,13 @@ function threadCpu(): Map<string, number> {
 /** The passphrase of the encrypted repositories the bench makes. */
 const ENCRYPTION_PASSWORD = 'qbackup-bench';
 
-async function qbackupBackup(env: BenchEnv, repo: string, qemuPid: number, workers: number | undefined, level: 'full' | 'incremental', password?: string): Promise<{ sample: BackupSample; manifest: Manifest }> {
+async function qbackupBackup(env: BenchEnv, repo: string, qemuPid: number, workers: number | undefined, level: 'full' | 'incremental', password?: string | undefined): Promise<{ sample: BackupSample; manifest: Manifest }> {
   const before = await du(repo);
   const threads0 = threadCpu();
   const cpu0 = process.cpuUsage();
   const q0 = processCpuMs(qemuPid);
   const t0 = now();
-  const m = await env.qb.repository.backup(DOMAIN, { repo, workers, ...(password !== undefined ? { password } : {}) });
+  const m = await env.qb.repository.backup(DOMAIN, { ...access(repo, password), workers });
   const ms = now() - t0;
   const cpu = process.cpuUsage(cpu0);
   const qemuCpuMs = processCpuMs(qemuPid) - q0;
@@ -506,6 +597,12 @@ interface RestoreSetup {
   lv: boolean;
   keepCopy: boolean;
   log: (line: string) => void;
+  prepare: Prepare;
+  qb: QbRunner;
+  /** Start of the log lines ("rep 1/3", "rep 1/3 CLI"). */
+  label: string;
+  /** Start of the restore checks' lines (the method). */
+  checkLabel: string;
 }
 
 /** Times `fn` and a `sync` of the file it produced. */
@@ -517,7 +614,8 @@ async function timedDurable(fn: () => Promise<string>): Promise<number> {
 }
 
 /** Restores of the newest backup by every tool, and the floor; returns our qcow2 restore when keepCopy (for dedup), else ''. */
-async function restores(r: RepoResults, rep: number, s: RestoreSetup): Promise<string> {
+async function restores(r: MethodSamples, rep: number, s: RestoreSetup): Promise<string> {
+  const prepare = s.prepare;
   const out = join(s.dir, 'restore');
   rmSync(out, { recursive: true, force: true });
   mkdirSync(out, { recursive: true });
@@ -525,10 +623,15 @@ async function restores(r: RepoResults, rep: number, s: RestoreSetup): Promise<s
   const qcow2 = join(out, 'qb-qcow2', 'sda.qcow2');
   const rawOut = join(out, 'qb-raw', 'sda.raw');
 
-  await prepare([s.qbRepo]);
-  rr.qbackupQcow2.push(await timedDurable(async () => (await restoreWith(s.qbRepo, join(out, 'qb-qcow2'), 'qcow2'), qcow2)));
-  await prepare([s.qbRepo]);
-  rr.qbackupRaw.push(await timedDurable(async () => (await restoreWith(s.qbRepo, join(out, 'qb-raw'), 'raw'), rawOut)));
+  // qcow2 first in the 1st, 3rd, … repetition, raw first in the others: whatever running first costs or saves falls on both.
+  const first = rep % 2 === 0 ? 'qcow2' : 'raw';
+  (rr.firstFormat ??= []).push(first);
+  for (const format of first === 'qcow2' ? (['qcow2', 'raw'] as const) : (['raw', 'qcow2'] as const)) {
+    await prepare([s.qbRepo]);
+    const file = format === 'qcow2' ? qcow2 : rawOut;
+    const ms = await timedDurable(async () => (await s.qb.restore(s.qbRepo, join(out, `qb-${format}`), format), file));
+    (format === 'qcow2' ? rr.qbackupQcow2 : rr.qbackupRaw).push(ms);
+  }
 
   let vbFile = '';
   if (s.lv) {
@@ -557,7 +660,7 @@ async function restores(r: RepoResults, rep: number, s: RestoreSetup): Promise<s
   rmSync(join(out, 'floor.raw'), { force: true });
 
   s.log(
-    `  rep ${rep + 1} restore: qbackup qcow2 ${sec(rr.qbackupQcow2.at(-1))}, raw ${sec(rr.qbackupRaw.at(-1))}` +
+    `  ${s.label} restore (${first} first): qbackup qcow2 ${sec(rr.qbackupQcow2.at(-1))}, raw ${sec(rr.qbackupRaw.at(-1))}` +
       `${s.lv ? `, virtnbdrestore ${sec(rr.virtnbdrestore.at(-1))}` : ''}${s.restic !== undefined ? `, restic ${sec(rr.restic.at(-1))}` : ''}` +
       `; qemu-img convert → qcow2 ${sec(rr.convertQcow2.at(-1))}, → raw ${sec(rr.convertRaw.at(-1))}`,
   );
@@ -566,9 +669,9 @@ async function restores(r: RepoResults, rep: number, s: RestoreSetup): Promise<s
     const compare = async (what: string, a: string, fa: string, b: string, fb: string): Promise<void> => {
       try {
         await run('qemu-img', ['compare', '-f', fa, '-F', fb, a, b]);
-        r.restoreCheck.push(`${what}: identical`);
+        r.restoreCheck.push(`${s.checkLabel}${what}: identical`);
       } catch (err) {
-        r.restoreCheck.push(`${what}: DIFFERENT (${err instanceof Error ? err.message.slice(0, 200) : String(err)})`);
+        r.restoreCheck.push(`${s.checkLabel}${what}: DIFFERENT (${err instanceof Error ? err.message.slice(0, 200) : String(err)})`);
       }
       s.log(`  check ${r.restoreCheck.at(-1) ?? ''}`);
     };
@@ -583,11 +686,6 @@ async function restores(r: RepoResults, rep: number, s: RestoreSetup): Promise<s
   }
   rmSync(out, { recursive: true, force: true });
   return copy;
-
-  async function restoreWith(repo: string, to: string, format: 'qcow2' | 'raw'): Promise<void> {
-    // The repository's newest backup of the domain.
-    await s.env.qb.repository.restore(DOMAIN, { repo, to, format });
-  }
 }
 
 // ---- verify --------------------------------------------------------------------
@@ -595,32 +693,90 @@ async function restores(r: RepoResults, rep: number, s: RestoreSetup): Promise<s
 /**
  * Every stored byte read back and checked, by each tool, on the repositories
  * the restores just read: qbackup's (a full and three incrementals), its
- * encrypted one (a full) and restic's (three snapshots of the disk). Caches
- * are not dropped: each repository is read once, untimed, first.
+ * encrypted one (a full) and restic's (three snapshots of the disk), each
+ * after `prepare` (its files read once, untimed, or the page cache dropped).
  */
-async function verifies(r: RepoResults, rep: number, s: { env: BenchEnv; qbRepo: string; qbEncRepo: string; restic: Restic | undefined; log: (line: string) => void }): Promise<void> {
-  const timed = async (repo: string, fn: () => Promise<unknown>): Promise<{ ms: number; cpuMs: number; repoBytes: number }> => {
-    await prepare([repo]);
-    const cpu0 = process.cpuUsage();
-    const t0 = now();
-    await fn();
-    const ms = now() - t0;
-    const cpu = process.cpuUsage(cpu0);
-    return { ms, cpuMs: (cpu.user + cpu.system) / 1000, repoBytes: await du(repo) };
+async function verifies(
+  r: MethodSamples,
+  s: { qbRepo: string; qbEncRepo: string; restic: Restic | undefined; log: (line: string) => void; prepare: Prepare; qb: QbRunner; label: string },
+): Promise<void> {
+  const timed = async (repo: string, password: string | undefined): Promise<{ ms: number; cpuMs: number; repoBytes: number }> => {
+    await s.prepare([repo]);
+    return { ...(await s.qb.verify(repo, password)), repoBytes: await du(repo) };
   };
-  const ok = (report: { problems: readonly unknown[]; chunksRead: number }): void => {
-    if (report.problems.length > 0 || report.chunksRead === 0) throw new Error(`verify --read-data of a repository the bench just wrote: ${JSON.stringify(report).slice(0, 300)}`);
-  };
-  r.verify.qbackup.push(await timed(s.qbRepo, async () => ok(await s.env.qb.repository.verify({ repo: s.qbRepo }, { readData: true }))));
-  r.verify.qbackupEncrypted.push(await timed(s.qbEncRepo, async () => ok(await s.env.qb.repository.verify({ repo: s.qbEncRepo, password: ENCRYPTION_PASSWORD }, { readData: true }))));
+  r.verify.qbackup.push(await timed(s.qbRepo, undefined));
+  r.verify.qbackupEncrypted.push(await timed(s.qbEncRepo, ENCRYPTION_PASSWORD));
   const restic = s.restic;
   if (restic !== undefined) {
-    await prepare([restic.repo]);
+    await s.prepare([restic.repo]);
     const res = await restic.check(true);
     r.verify.restic.push({ ms: res.ms, cpuMs: res.cpuMs, repoBytes: await du(restic.repo) });
   }
   const v = r.verify;
-  s.log(`  rep ${rep + 1} verify --read-data: qbackup ${sec(v.qbackup.at(-1)?.ms)}, encrypted ${sec(v.qbackupEncrypted.at(-1)?.ms)}${restic !== undefined ? `, restic check --read-data ${sec(v.restic.at(-1)?.ms)}` : ''}`);
+  s.log(`  ${s.label} verify --read-data: qbackup ${sec(v.qbackup.at(-1)?.ms)}, encrypted ${sec(v.qbackupEncrypted.at(-1)?.ms)}${restic !== undefined ? `, restic check --read-data ${sec(v.restic.at(-1)?.ms)}` : ''}`);
+}
+
+// ---- qbackup's steps, in-process or as the command line -------------------------
+
+/** qbackup's backup, restore and verify of the bench's domain, by one method. */
+interface QbRunner {
+  backup(repo: string, level: 'full' | 'incremental', password: string | undefined): Promise<{ sample: BackupSample; manifest: Manifest }>;
+  /** The repository's newest backup of the domain into `to`. */
+  restore(repo: string, to: string, format: 'qcow2' | 'raw'): Promise<void>;
+  /** `verify --read-data`; throws unless it read chunks and found no problem. */
+  verify(repo: string, password: string | undefined): Promise<{ ms: number; cpuMs: number }>;
+}
+
+function checkVerify(repo: string, report: { problems: readonly unknown[]; chunksRead: number }): void {
+  if (report.problems.length > 0 || report.chunksRead === 0) throw new Error(`verify --read-data of "${repo}", a repository the bench just wrote: ${JSON.stringify(report).slice(0, 300)}`);
+}
+
+/** A repository and its passphrase, as the library takes them (RepoAccess has no room for an undefined passphrase). */
+function access(repo: string, password: string | undefined): { repo: string; password?: string } {
+  return password !== undefined ? { repo, password } : { repo };
+}
+
+/** The library, in this process. */
+function inProcessRunner(env: BenchEnv, qemuPid: number): QbRunner {
+  return {
+    backup: (repo, level, password) => qbackupBackup(env, repo, qemuPid, undefined, level, password),
+    restore: async (repo, to, format) => {
+      await env.qb.repository.restore(DOMAIN, { repo, to, format });
+    },
+    verify: async (repo, password) => {
+      const cpu0 = process.cpuUsage();
+      const t0 = now();
+      const report = await env.qb.repository.verify(access(repo, password), { readData: true });
+      const ms = now() - t0;
+      const cpu = process.cpuUsage(cpu0);
+      checkVerify(repo, report);
+      return { ms, cpuMs: (cpu.user + cpu.system) / 1000 };
+    },
+  };
+}
+
+/** The command line a user types, one process per command, on the bench's state directory. */
+function cliRunner(env: BenchEnv, qemuPid: number): QbRunner {
+  const options = (password: string | undefined): CliOptions => ({ stateDir: env.stateDir, password });
+  return {
+    backup: async (repo, level, password) => {
+      const before = await du(repo);
+      const q0 = processCpuMs(qemuPid);
+      const res = await qbackupCli(['--json', 'backup', DOMAIN, '--repo', repo], options(password));
+      const qemuCpuMs = processCpuMs(qemuPid) - q0;
+      const m = JSON.parse(res.stdout) as Manifest;
+      if (m.disks.some((d) => d.level !== level)) throw new Error(`qbackup backup ${m.id} is ${m.disks.map((d) => d.level).join(', ')}, expected ${level}`);
+      return { manifest: m, sample: { ms: res.ms, cpuMs: res.cpuMs, qemuCpuMs, bytesRead: m.disks.reduce((n, d) => n + d.bytesRead, 0), growthBytes: (await du(repo)) - before } };
+    },
+    restore: async (repo, to, format) => {
+      await qbackupCli(['restore', DOMAIN, '--repo', repo, '--to', to, '--format', format], options(undefined));
+    },
+    verify: async (repo, password) => {
+      const res = await qbackupCli(['--json', 'verify', '--repo', repo, '--read-data'], options(password));
+      checkVerify(repo, JSON.parse(res.stdout) as { problems: unknown[]; chunksRead: number });
+      return { ms: res.ms, cpuMs: res.cpuMs };
+    },
+  };
 }
 
 // ---- the fixed cost of a backup ----------------------------------------------
@@ -705,6 +861,7 @@ async function breakdown(env: BenchEnv, scratch: string, log: (line: string) => 
     b.chunks = runs.reduce((n, r) => n + r.count, 0);
 
     let t0 = now();
+    const cpu0 = process.cpuUsage();
     const free: Buffer[] = [];
     await runPool(runs[Symbol.iterator](), READS_IN_FLIGHT, async (r) => {
       const buf = free.pop() ?? Buffer.allocUnsafeSlow(RUN_CHUNKS * chunkSize);
@@ -712,7 +869,11 @@ async function breakdown(env: BenchEnv, scratch: string, log: (line: string) => 
       free.push(buf);
     });
     b.nbdReadMs = now() - t0;
-    b.nbdcopyNullMs = (await runWithCpu('nbdcopy', [exportUri(server, exportName), 'null:'])).ms;
+    const cpu = process.cpuUsage(cpu0);
+    b.nbdReadCpuMs = (cpu.user + cpu.system) / 1000;
+    const nbdcopy = await runWithCpu('nbdcopy', [exportUri(server, exportName), 'null:']);
+    b.nbdcopyNullMs = nbdcopy.ms;
+    b.nbdcopyNullCpuMs = nbdcopy.cpuMs;
 
     const compressor = new ChunkCompressor(1);
     const backend = new LocalBackend(scratch);
@@ -753,7 +914,7 @@ async function breakdown(env: BenchEnv, scratch: string, log: (line: string) => 
     }
     if (pack.count > 0) await store();
     log(
-      `  breakdown of ${mib(b.dataBytes)} MiB: NBD read ${sec(b.nbdReadMs)} (nbdcopy → null ${sec(b.nbdcopyNullMs)}), zero check ${sec(b.zeroCheckMs)}, ` +
+      `  breakdown of ${mib(b.dataBytes)} MiB: NBD read ${sec(b.nbdReadMs)}, CPU ${sec(b.nbdReadCpuMs)} (nbdcopy → null ${sec(b.nbdcopyNullMs)}, CPU ${sec(b.nbdcopyNullCpuMs)}), zero check ${sec(b.zeroCheckMs)}, ` +
         `SHA-256 ${sec(b.hashMs)}, zstd ${sec(b.compressMs)} (→ ${mib(b.compressedBytes)} MiB), pack assembly ${sec(b.packFinishMs)}, pack writes ${sec(b.packWriteMs)} (${b.packs} packs)`,
     );
     return b;
