@@ -204,6 +204,7 @@ in a row while developing the bench. Write-heavy runs that follow other work
 
 \`\`\`sh
 npm run bench -- --peers             # the run below: --size-gib 4 --reps 3, chain of 1000, with the peers of §5
+npm run bench -- --peers --only repository   # §5 alone (both methods), written between its markers in the document
 npm run bench                        # the same without virtnbdbackup and restic ("skipped: …" in §5)
 npm run bench -- --quick             # small and fast, for development
 npm run bench -- --size-gib 8 --reps 5 --only full,incremental --no-doc
@@ -215,6 +216,10 @@ npm run bench:verify -- --size-gib 2 --reps 5   # §16: verify --read-data again
 
 Options: \`--size-gib N\`, \`--reps N\`, \`--quick\`, \`--chain N\`,
 \`--only full,incremental,repository,control,writes,libvirt\`, \`--peers\`, \`--doc FILE\`, \`--no-doc\`,
+\`--method inprocess|cli|both\` (§5: qbackup's library in the bench's process with warm caches, its command
+line as a user types it with the page cache dropped before every tool's timed step, or both in one run; default
+\`both\` with \`--peers\`, else \`inprocess\`), \`--no-drop-caches\` (the cli method warms inputs instead; dropping
+needs root, and §5 says when it was not possible),
 \`--json FILE\` (keep the raw results), \`--from-json FILE\` (rewrite the doc from
 them without measuring). Needs \`/usr/bin/time\` for the tools' CPU columns.
 The bench stops every QEMU and qemu-nbd it starts (by pid) and removes its
