@@ -59,6 +59,11 @@ export function repoTargets(r: RepoResults, m: MethodSamples = r): RepoTarget[] 
   for (const step of ['spread', 'clustered'] as const) {
     const q = b[step].qbackup;
     const label = STEP_LABEL[step];
+    if (!once) {
+      // Bytes and growth do not depend on the method; the in-process list has them.
+      vs(`${label}: time vs virtnbdbackup's incremental`, med(ms(q)), med(ms(b[step].virtnbdbackup)), 1.0, 'virtnbdbackup');
+      continue;
+    }
     const read = medOf(q, (x) => x.bytesRead) / r.dirtyBytes;
     out.push({ what: `${label}: bytes read from the VM ÷ dirty bytes`, target: '≤ 1.1×', measured: `${times(read)} (${fmtBytes(medOf(q, (x) => x.bytesRead))} for ${fmtBytes(r.dirtyBytes)})`, ok: read <= 1.1 });
     const grow = medOf(q, (x) => x.growthBytes) / r.dirtyBytes;
@@ -239,6 +244,40 @@ function verifyTable(m: MethodSamples, f: Flavor): string {
   return rows.length > 0 ? table(['Method', 'Time', 'CPU', 'Repository', 'Throughput'], rows) : '';
 }
 
+/** Every step of every tool by both methods, medians side by side: what the method changes, for qbackup and for the peers alike. */
+function sideBySide(r: RepoResults, c: MethodSamples): string {
+  const rows: string[][] = [];
+  const row = (what: string, a: readonly number[], b: readonly number[], ca?: readonly number[], cb?: readonly number[]): void => {
+    if (a.length === 0 && b.length === 0) return;
+    const cpu = ca !== undefined && cb !== undefined ? `${fmtMs(med(ca))} → ${fmtMs(med(cb))}` : '–';
+    rows.push([what, fmtMs(med(a)), fmtMs(med(b)), times(med(b) / med(a)), cpu]);
+  };
+  for (const step of STEPS) {
+    for (const t of TOOLS) {
+      const a = r.backups[step][t];
+      const b = c.backups[step][t];
+      row(`${STEP_LABEL[step]}: ${t}`, ms(a), ms(b), a.map((x) => x.cpuMs), b.map((x) => x.cpuMs));
+      if (step === 'full' && t === 'qbackup') row('full: qbackup, encrypted', ms(r.encryptedFull), ms(c.encryptedFull), r.encryptedFull.map((x) => x.cpuMs), c.encryptedFull.map((x) => x.cpuMs));
+    }
+  }
+  row('incremental, nothing dirty: qbackup', r.emptyIncremental.qbackup, c.emptyIncremental.qbackup);
+  row('incremental, nothing dirty: virtnbdbackup', r.emptyIncremental.virtnbdbackup, c.emptyIncremental.virtnbdbackup);
+  const a = r.restore;
+  const b = c.restore;
+  row('restore: qbackup → qcow2', a.qbackupQcow2, b.qbackupQcow2);
+  row('restore: qbackup → raw', a.qbackupRaw, b.qbackupRaw);
+  row('restore: virtnbdrestore', a.virtnbdrestore, b.virtnbdrestore);
+  row('restore: restic', a.restic, b.restic);
+  row('floor: `qemu-img convert -O qcow2`', a.convertQcow2, b.convertQcow2);
+  row('`qemu-img convert -O raw`', a.convertRaw, b.convertRaw);
+  const v = (xs: ReadonlyArray<{ ms: number }>): number[] => xs.map((x) => x.ms);
+  const vc = (xs: ReadonlyArray<{ cpuMs: number }>): number[] => xs.map((x) => x.cpuMs);
+  row('verify --read-data: qbackup', v(r.verify.qbackup), v(c.verify.qbackup), vc(r.verify.qbackup), vc(c.verify.qbackup));
+  row('verify --read-data: qbackup, encrypted', v(r.verify.qbackupEncrypted), v(c.verify.qbackupEncrypted), vc(r.verify.qbackupEncrypted), vc(c.verify.qbackupEncrypted));
+  row('`restic check --read-data`', v(r.verify.restic), v(c.verify.restic), vc(r.verify.restic), vc(c.verify.restic));
+  return table(['Step: tool', 'In-process, warm', 'CLI, caches dropped', '÷ in-process', 'CPU (in-process → CLI)'], rows);
+}
+
 /** The CLI method's part of §5: the same steps, peers and time targets, as a user runs them. */
 function cliPart(r: RepoResults, m: NonNullable<RepoResults['cli']>): string {
   const n = m.backups.full.qbackup.length;
@@ -270,8 +309,12 @@ An incremental with nothing dirtied: qbackup ${cell(m.emptyIncremental.qbackup)}
 ${restoreTable(m, CLI)}
 
 ${m.restoreCheck.length > 0 ? `Restored images compared with \`qemu-img compare\` (first repetition): ${m.restoreCheck.join('; ')}.\n\n` : ''}${
-    verify !== '' ? `**Reading back every stored byte (as a user runs it)**:\n\n${verify}\n` : ''
-  }`;
+    verify !== '' ? `**Reading back every stored byte (as a user runs it)**:\n\n${verify}\n\n` : ''
+  }**Both methods side by side** (medians; the peers and floors ran the same way in both, only the page cache
+before them differs; qbackup also differs in running as its own process):
+
+${sideBySide(r, m)}
+`;
 }
 
 /** §5; `command` names the run (the command line that produced it) in the section. */
