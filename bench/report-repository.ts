@@ -9,7 +9,7 @@
 // the CLI method's (as a user runs it, caches dropped) follow with the same
 // steps, peers and time targets, from the same run.
 
-import type { BackupSample, Breakdown, MethodSamples, RepoResults, StepName, Tool } from './repository.js';
+import type { BackupSample, Breakdown, MethodSamples, RepoResults, RestoreKey, StepName, Tool } from './repository.js';
 import { STEPS, TOOLS } from './repository.js';
 import { fmtBytes, fmtMs, fmtPct, fmtSummaryMs, MiB, summarize } from './util.js';
 
@@ -203,15 +203,17 @@ function backupTable(r: RepoResults, m: MethodSamples, f: Flavor): string {
 function restoreTable(m: MethodSamples, f: Flavor): string {
   const rs = m.restore;
   const floor = med(rs.convertQcow2);
+  const withCpu = rs.cpuMs !== undefined;
+  const row = (label: string, key: RestoreKey): string[] => [label, cell(rs[key]), ...(withCpu ? [cell(rs.cpuMs?.[key] ?? [])] : []), key === 'convertQcow2' ? '1.00×' : times(med(rs[key]) / floor)];
   const rows: string[][] = [
-    [`${f.restore} → qcow2`, cell(rs.qbackupQcow2), times(med(rs.qbackupQcow2) / floor)],
-    [`${f.restore} → raw (sparse)`, cell(rs.qbackupRaw), times(med(rs.qbackupRaw) / floor)],
-    ...(rs.virtnbdrestore.length > 0 ? [['virtnbdrestore → qcow2', cell(rs.virtnbdrestore), times(med(rs.virtnbdrestore) / floor)]] : []),
-    ...(rs.restic.length > 0 ? [['`restic restore latest` → raw (written whole)', cell(rs.restic), times(med(rs.restic) / floor)]] : []),
-    ['`qemu-img convert -O qcow2` of a qcow2 copy (the floor)', cell(rs.convertQcow2), '1.00×'],
-    ['`qemu-img convert -O raw` of a qcow2 copy', cell(rs.convertRaw), times(med(rs.convertRaw) / floor)],
+    row(`${f.restore} → qcow2`, 'qbackupQcow2'),
+    row(`${f.restore} → raw (sparse)`, 'qbackupRaw'),
+    ...(rs.virtnbdrestore.length > 0 ? [row('virtnbdrestore → qcow2', 'virtnbdrestore')] : []),
+    ...(rs.restic.length > 0 ? [row('`restic restore latest` → raw (written whole)', 'restic')] : []),
+    row('`qemu-img convert -O qcow2` of a qcow2 copy (the floor)', 'convertQcow2'),
+    row('`qemu-img convert -O raw` of a qcow2 copy', 'convertRaw'),
   ];
-  return `${table(['Method', 'Time', '÷ floor'], rows)}${orderNote(rs)}`;
+  return `${table(['Method', 'Time', ...(withCpu ? ['CPU'] : []), '÷ floor'], rows)}${orderNote(rs)}`;
 }
 
 /** qbackup's two restores alternate their order between repetitions; what each took when it ran first and second. */
@@ -264,12 +266,13 @@ function sideBySide(r: RepoResults, c: MethodSamples): string {
   row('incremental, nothing dirty: virtnbdbackup', r.emptyIncremental.virtnbdbackup, c.emptyIncremental.virtnbdbackup);
   const a = r.restore;
   const b = c.restore;
-  row('restore: qbackup → qcow2', a.qbackupQcow2, b.qbackupQcow2);
-  row('restore: qbackup → raw', a.qbackupRaw, b.qbackupRaw);
-  row('restore: virtnbdrestore', a.virtnbdrestore, b.virtnbdrestore);
-  row('restore: restic', a.restic, b.restic);
-  row('floor: `qemu-img convert -O qcow2`', a.convertQcow2, b.convertQcow2);
-  row('`qemu-img convert -O raw`', a.convertRaw, b.convertRaw);
+  const restoreRow = (what: string, key: RestoreKey): void => row(what, a[key], b[key], a.cpuMs?.[key], b.cpuMs?.[key]);
+  restoreRow('restore: qbackup → qcow2', 'qbackupQcow2');
+  restoreRow('restore: qbackup → raw', 'qbackupRaw');
+  restoreRow('restore: virtnbdrestore', 'virtnbdrestore');
+  restoreRow('restore: restic', 'restic');
+  restoreRow('floor: `qemu-img convert -O qcow2`', 'convertQcow2');
+  restoreRow('`qemu-img convert -O raw`', 'convertRaw');
   const v = (xs: ReadonlyArray<{ ms: number }>): number[] => xs.map((x) => x.ms);
   const vc = (xs: ReadonlyArray<{ cpuMs: number }>): number[] => xs.map((x) => x.cpuMs);
   row('verify --read-data: qbackup', v(r.verify.qbackup), v(c.verify.qbackup), vc(r.verify.qbackup), vc(c.verify.qbackup));

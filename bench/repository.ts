@@ -98,7 +98,11 @@ export interface RestoreResults {
   restic: number[];
   convertQcow2: number[];
   convertRaw: number[];
+  /** CPU (ms) of each restore above, by the same keys: the tool's process, all threads (absent in results of older runs). */
+  cpuMs?: Record<RestoreKey, number[]>;
 }
+
+export type RestoreKey = 'qbackupQcow2' | 'qbackupRaw' | 'virtnbdrestore' | 'restic' | 'convertQcow2' | 'convertRaw';
 
 export interface Breakdown {
   dataBytes: number;
@@ -605,12 +609,19 @@ interface RestoreSetup {
   checkLabel: string;
 }
 
-/** Times `fn` and a `sync` of the file it produced. */
-async function timedDurable(fn: () => Promise<string>): Promise<number> {
+/** Times `fn` and a `sync` of the file it produced; its CPU is what `fn` reports (the sync's is the kernel's). */
+async function timedDurable(fn: () => Promise<{ file: string; cpuMs: number }>): Promise<{ ms: number; cpuMs: number }> {
   const t0 = now();
-  const file = await fn();
+  const { file, cpuMs } = await fn();
   await run('sync', [file]);
-  return now() - t0;
+  return { ms: now() - t0, cpuMs };
+}
+
+/** Records one restore's time and CPU under `key`. */
+function push(rr: RestoreResults, key: RestoreKey, x: { ms: number; cpuMs: number }): void {
+  rr[key].push(x.ms);
+  const cpu = (rr.cpuMs ??= { qbackupQcow2: [], qbackupRaw: [], virtnbdrestore: [], restic: [], convertQcow2: [], convertRaw: [] });
+  cpu[key].push(x.cpuMs);
 }
 
 /** Restores of the newest backup by every tool, and the floor; returns our qcow2 restore when keepCopy (for dedup), else ''. */
@@ -629,19 +640,20 @@ async function restores(r: MethodSamples, rep: number, s: RestoreSetup): Promise
   for (const format of first === 'qcow2' ? (['qcow2', 'raw'] as const) : (['raw', 'qcow2'] as const)) {
     await prepare([s.qbRepo]);
     const file = format === 'qcow2' ? qcow2 : rawOut;
-    const ms = await timedDurable(async () => (await s.qb.restore(s.qbRepo, join(out, `qb-${format}`), format), file));
-    (format === 'qcow2' ? rr.qbackupQcow2 : rr.qbackupRaw).push(ms);
+    push(rr, format === 'qcow2' ? 'qbackupQcow2' : 'qbackupRaw', await timedDurable(async () => ({ file, ...(await s.qb.restore(s.qbRepo, join(out, `qb-${format}`), format)) })));
   }
 
   let vbFile = '';
   if (s.lv) {
     await prepare([s.vbDir]);
     const vbOut = join(out, 'vb');
-    rr.virtnbdrestore.push(
+    push(
+      rr,
+      'virtnbdrestore',
       await timedDurable(async () => {
-        await virtnbdrestore(s.vbDir, vbOut);
+        const res = await virtnbdrestore(s.vbDir, vbOut);
         vbFile = join(vbOut, readdirSync(vbOut).find((f) => f.endsWith('.qcow2')) ?? 'missing.qcow2');
-        return vbFile;
+        return { file: vbFile, cpuMs: res.cpuMs };
       }),
     );
   }
@@ -650,13 +662,13 @@ async function restores(r: MethodSamples, rep: number, s: RestoreSetup): Promise
     const restic = s.restic;
     await prepare([restic.repo]);
     rsFile = join(out, 'rs', 'sda.raw');
-    rr.restic.push(await timedDurable(async () => (await restic.restore(join(out, 'rs')), rsFile)));
+    push(rr, 'restic', await timedDurable(async () => ({ file: rsFile, cpuMs: (await restic.restore(join(out, 'rs'))).cpuMs })));
   }
   await prepare([qcow2]);
-  rr.convertQcow2.push(await timedDurable(async () => (await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'qcow2', qcow2, join(out, 'floor.qcow2')]), join(out, 'floor.qcow2'))));
+  push(rr, 'convertQcow2', await timedDurable(async () => ({ file: join(out, 'floor.qcow2'), cpuMs: (await runWithCpu('qemu-img', ['convert', '-f', 'qcow2', '-O', 'qcow2', qcow2, join(out, 'floor.qcow2')])).cpuMs })));
   rmSync(join(out, 'floor.qcow2'), { force: true });
   await prepare([qcow2]);
-  rr.convertRaw.push(await timedDurable(async () => (await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', qcow2, join(out, 'floor.raw')]), join(out, 'floor.raw'))));
+  push(rr, 'convertRaw', await timedDurable(async () => ({ file: join(out, 'floor.raw'), cpuMs: (await runWithCpu('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', qcow2, join(out, 'floor.raw')])).cpuMs })));
   rmSync(join(out, 'floor.raw'), { force: true });
 
   s.log(
@@ -722,7 +734,7 @@ async function verifies(
 interface QbRunner {
   backup(repo: string, level: 'full' | 'incremental', password: string | undefined): Promise<{ sample: BackupSample; manifest: Manifest }>;
   /** The repository's newest backup of the domain into `to`. */
-  restore(repo: string, to: string, format: 'qcow2' | 'raw'): Promise<void>;
+  restore(repo: string, to: string, format: 'qcow2' | 'raw'): Promise<{ cpuMs: number }>;
   /** `verify --read-data`; throws unless it read chunks and found no problem. */
   verify(repo: string, password: string | undefined): Promise<{ ms: number; cpuMs: number }>;
 }
@@ -741,7 +753,10 @@ function inProcessRunner(env: BenchEnv, qemuPid: number): QbRunner {
   return {
     backup: (repo, level, password) => qbackupBackup(env, repo, qemuPid, undefined, level, password),
     restore: async (repo, to, format) => {
+      const cpu0 = process.cpuUsage();
       await env.qb.repository.restore(DOMAIN, { repo, to, format });
+      const cpu = process.cpuUsage(cpu0);
+      return { cpuMs: (cpu.user + cpu.system) / 1000 };
     },
     verify: async (repo, password) => {
       const cpu0 = process.cpuUsage();
@@ -769,7 +784,8 @@ function cliRunner(env: BenchEnv, qemuPid: number): QbRunner {
       return { manifest: m, sample: { ms: res.ms, cpuMs: res.cpuMs, qemuCpuMs, bytesRead: m.disks.reduce((n, d) => n + d.bytesRead, 0), growthBytes: (await du(repo)) - before } };
     },
     restore: async (repo, to, format) => {
-      await qbackupCli(['restore', DOMAIN, '--repo', repo, '--to', to, '--format', format], options(undefined));
+      const res = await qbackupCli(['restore', DOMAIN, '--repo', repo, '--to', to, '--format', format], options(undefined));
+      return { cpuMs: res.cpuMs };
     },
     verify: async (repo, password) => {
       const res = await qbackupCli(['--json', 'verify', '--repo', repo, '--read-data'], options(password));
