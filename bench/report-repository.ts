@@ -287,8 +287,8 @@ function cliPart(r: RepoResults, m: NonNullable<RepoResults['cli']>): string {
   const verify = verifyTable(m, CLI);
   return `### As a user runs it: the CLI, caches dropped
 
-The same steps and peers in the same run (the two methods alternate between repetitions, each
-with its own full backups, incrementals, restores and verifies, ${n} repetition${n === 1 ? '' : 's'} each). Every
+The same steps and peers in the same run (both methods in every repetition, the one that goes first
+alternating, each with its own full backups, incrementals, restores and verifies; ${n} repetition${n === 1 ? '' : 's'}). Every
 qbackup step is the command line a user types (\`node bin/qbackup …\`, a new process per command,
 on the bench's state directory), timed from spawn to exit, its CPU that process's (all threads,
 \`/usr/bin/time\`). Page cache: ${m.caches}. Dropping it changes every tool's figures, not only
@@ -351,7 +351,7 @@ inside the time: qbackup flushes anyway, the others do not). Ratios here are
 
 ${
     methods.includes('cli')
-      ? `Two methods in this run, alternating between repetitions: **in-process** (the tables right below: qbackup's
+      ? `Two methods in this run, both in every repetition (the one that goes first alternating): **in-process** (the tables right below: qbackup's
 library called in the bench's process, every tool's input synced and read once, untimed, before each timed
 run, so every tool starts from the page cache) and **as a user runs it** (the \`qbackup\` command line, the
 page cache dropped before every tool's timed run: "As a user runs it" below).`

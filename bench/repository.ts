@@ -21,8 +21,9 @@
 // zero check, hashing, compression, pack assembly and writes, each measured
 // alone on the same data).
 //
-// Two methods, alternating between repetitions (each takes its own full
-// backups, incrementals, restores and verifies; the peers run in both):
+// Two methods, both in every repetition, the one that goes first alternating
+// between repetitions (each takes its own full backups, incrementals,
+// restores and verifies; the peers run in both):
 // - in-process (`inprocess`): qbackup's library called in this process;
 //   before every timed run of every tool, written data is synced and the
 //   run's input is read once (untimed), so every tool starts from the page
