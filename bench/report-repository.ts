@@ -292,7 +292,7 @@ alternating, each with its own full backups, incrementals, restores and verifies
 qbackup step is the command line a user types (\`node bin/qbackup …\`, a new process per command,
 on the bench's state directory), timed from spawn to exit, its CPU that process's (all threads,
 \`/usr/bin/time\`). Page cache: ${m.caches}. Dropping it changes every tool's figures, not only
-qbackup's: inputs come from the disk, and writes right after a drop cost more system CPU.
+qbackup's: inputs come from the disk (the side-by-side table at the end shows by how much, tool by tool).
 
 **Targets (as a user runs it)**
 
