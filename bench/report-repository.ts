@@ -48,44 +48,47 @@ export function repoTargets(r: RepoResults, m: MethodSamples = r): RepoTarget[] 
     const ratio = ours / theirs;
     out.push({ what, target: `≤ ${limit.toFixed(1)}×`, measured: `${times(ratio)} (${fmtMs(ours)} vs ${fmtMs(theirs)})`, ok: ratio <= limit });
   };
-  const qFull = med(ms(b.full.qbackup));
-  const vbFull = med(ms(b.full.virtnbdbackup));
-  vs('Full backup time vs virtnbdbackup full (uncompressed)', qFull, vbFull, 1.0, 'virtnbdbackup');
-  if (m.encryptedFull.length > 0) vs('Full backup time, encrypted repository, vs virtnbdbackup full', med(ms(m.encryptedFull)), vbFull, 1.3, 'virtnbdbackup');
-  vs('Full backup time vs restic (--stdin of the raw disk)', qFull, med(ms(b.full.restic)), 0.3, 'restic');
-  // CPU per GiB read, the VM's QEMU included, against virtnbdbackup's (both read the same data).
-  const cpuOf = (xs: readonly BackupSample[]): number => medOf(xs, (x) => x.cpuMs + x.qemuCpuMs);
-  vs('Full backup CPU (the tool and its QEMU) vs virtnbdbackup\'s, same data', cpuOf(b.full.qbackup), b.full.virtnbdbackup.length > 0 ? cpuOf(b.full.virtnbdbackup) : Number.NaN, 2.0, 'virtnbdbackup');
-  for (const step of ['spread', 'clustered'] as const) {
-    const q = b[step].qbackup;
-    const label = STEP_LABEL[step];
-    if (!once) {
-      // Bytes and growth do not depend on the method; the in-process list has them.
+  // A method that did not run in this run (e.g. --method cli) has no targets of its own.
+  if (b.full.qbackup.length > 0) {
+    const qFull = med(ms(b.full.qbackup));
+    const vbFull = med(ms(b.full.virtnbdbackup));
+    vs('Full backup time vs virtnbdbackup full (uncompressed)', qFull, vbFull, 1.0, 'virtnbdbackup');
+    if (m.encryptedFull.length > 0) vs('Full backup time, encrypted repository, vs virtnbdbackup full', med(ms(m.encryptedFull)), vbFull, 1.3, 'virtnbdbackup');
+    vs('Full backup time vs restic (--stdin of the raw disk)', qFull, med(ms(b.full.restic)), 0.3, 'restic');
+    // CPU per GiB read, the VM's QEMU included, against virtnbdbackup's (both read the same data).
+    const cpuOf = (xs: readonly BackupSample[]): number => medOf(xs, (x) => x.cpuMs + x.qemuCpuMs);
+    vs('Full backup CPU (the tool and its QEMU) vs virtnbdbackup\'s, same data', cpuOf(b.full.qbackup), b.full.virtnbdbackup.length > 0 ? cpuOf(b.full.virtnbdbackup) : Number.NaN, 2.0, 'virtnbdbackup');
+    for (const step of ['spread', 'clustered'] as const) {
+      const q = b[step].qbackup;
+      const label = STEP_LABEL[step];
+      if (!once) {
+        // Bytes and growth do not depend on the method; the in-process list has them.
+        vs(`${label}: time vs virtnbdbackup's incremental`, med(ms(q)), med(ms(b[step].virtnbdbackup)), 1.0, 'virtnbdbackup');
+        continue;
+      }
+      const read = medOf(q, (x) => x.bytesRead) / r.dirtyBytes;
+      out.push({ what: `${label}: bytes read from the VM ÷ dirty bytes`, target: '≤ 1.1×', measured: `${times(read)} (${fmtBytes(medOf(q, (x) => x.bytesRead))} for ${fmtBytes(r.dirtyBytes)})`, ok: read <= 1.1 });
+      const grow = medOf(q, (x) => x.growthBytes) / r.dirtyBytes;
+      out.push({ what: `${label}: repository growth ÷ dirty bytes`, target: '≤ 1.2×', measured: `${times(grow)} (${fmtBytes(medOf(q, (x) => x.growthBytes))})`, ok: grow <= 1.2 });
       vs(`${label}: time vs virtnbdbackup's incremental`, med(ms(q)), med(ms(b[step].virtnbdbackup)), 1.0, 'virtnbdbackup');
-      continue;
+      const share = med(ms(q)) / qFull;
+      out.push({ what: `${label}: time ÷ our full`, target: '≤ 3 %', measured: `${fmtPct(share)} (${fmtMs(med(ms(q)))})`, ok: share <= 0.03 });
     }
-    const read = medOf(q, (x) => x.bytesRead) / r.dirtyBytes;
-    out.push({ what: `${label}: bytes read from the VM ÷ dirty bytes`, target: '≤ 1.1×', measured: `${times(read)} (${fmtBytes(medOf(q, (x) => x.bytesRead))} for ${fmtBytes(r.dirtyBytes)})`, ok: read <= 1.1 });
-    const grow = medOf(q, (x) => x.growthBytes) / r.dirtyBytes;
-    out.push({ what: `${label}: repository growth ÷ dirty bytes`, target: '≤ 1.2×', measured: `${times(grow)} (${fmtBytes(medOf(q, (x) => x.growthBytes))})`, ok: grow <= 1.2 });
-    vs(`${label}: time vs virtnbdbackup's incremental`, med(ms(q)), med(ms(b[step].virtnbdbackup)), 1.0, 'virtnbdbackup');
-    const share = med(ms(q)) / qFull;
-    out.push({ what: `${label}: time ÷ our full`, target: '≤ 3 %', measured: `${fmtPct(share)} (${fmtMs(med(ms(q)))})`, ok: share <= 0.03 });
-  }
-  const rs = m.restore;
-  vs('Restore (raw) vs restic restore', med(rs.qbackupRaw), med(rs.restic), 0.5, 'restic');
-  vs('Restore (qcow2) vs virtnbdrestore', med(rs.qbackupQcow2), med(rs.virtnbdrestore), 0.5, 'virtnbdbackup');
-  vs('Restore (qcow2) vs `qemu-img convert` of a qcow2 copy (the floor)', med(rs.qbackupQcow2), med(rs.convertQcow2), 2.0, 'qbackup');
-  vs('Restore (raw) vs `qemu-img convert` of a qcow2 copy (the floor)', med(rs.qbackupRaw), med(rs.convertQcow2), 2.0, 'qbackup');
-  const v = m.verify;
-  if (v.qbackup.length > 0) {
-    vs('`verify --read-data` vs `restic check --read-data`', med(v.qbackup.map((x) => x.ms)), v.restic.length > 0 ? med(v.restic.map((x) => x.ms)) : Number.NaN, 0.8, 'restic');
-    out.push({
-      what: '`verify --read-data`, encrypted repository (a full backup only)',
-      target: '(report)',
-      measured: `${fmtMs(med(v.qbackupEncrypted.map((x) => x.ms)))} for ${fmtBytes(med(v.qbackupEncrypted.map((x) => x.repoBytes)))}`,
-      ok: undefined,
-    });
+    const rs = m.restore;
+    vs('Restore (raw) vs restic restore', med(rs.qbackupRaw), med(rs.restic), 0.5, 'restic');
+    vs('Restore (qcow2) vs virtnbdrestore', med(rs.qbackupQcow2), med(rs.virtnbdrestore), 0.5, 'virtnbdbackup');
+    vs('Restore (qcow2) vs `qemu-img convert` of a qcow2 copy (the floor)', med(rs.qbackupQcow2), med(rs.convertQcow2), 2.0, 'qbackup');
+    vs('Restore (raw) vs `qemu-img convert` of a qcow2 copy (the floor)', med(rs.qbackupRaw), med(rs.convertQcow2), 2.0, 'qbackup');
+    const v = m.verify;
+    if (v.qbackup.length > 0) {
+      vs('`verify --read-data` vs `restic check --read-data`', med(v.qbackup.map((x) => x.ms)), v.restic.length > 0 ? med(v.restic.map((x) => x.ms)) : Number.NaN, 0.8, 'restic');
+      out.push({
+        what: '`verify --read-data`, encrypted repository (a full backup only)',
+        target: '(report)',
+        measured: `${fmtMs(med(v.qbackupEncrypted.map((x) => x.ms)))} for ${fmtBytes(med(v.qbackupEncrypted.map((x) => x.repoBytes)))}`,
+        ok: undefined,
+      });
+    }
   }
   if (!once) return out;
   const d = r.dedup;
@@ -282,13 +285,17 @@ function sideBySide(r: RepoResults, c: MethodSamples): string {
 }
 
 /** The CLI method's part of §5: the same steps, peers and time targets, as a user runs them. */
-function cliPart(r: RepoResults, m: NonNullable<RepoResults['cli']>): string {
+function cliPart(r: RepoResults, m: NonNullable<RepoResults['cli']>, withInProcess: boolean): string {
   const n = m.backups.full.qbackup.length;
   const verify = verifyTable(m, CLI);
   return `### As a user runs it: the CLI, caches dropped
 
-The same steps and peers in the same run (both methods in every repetition, the one that goes first
-alternating, each with its own full backups, incrementals, restores and verifies; ${n} repetition${n === 1 ? '' : 's'}). Every
+${
+    withInProcess
+      ? `The same steps and peers in the same run (both methods in every repetition, the one that goes first
+alternating, each with its own full backups, incrementals, restores and verifies; ${n} repetition${n === 1 ? '' : 's'}).`
+      : `The steps and peers above, ${n} repetition${n === 1 ? '' : 's'}.`
+  } Every
 qbackup step is the command line a user types (\`node bin/qbackup …\`, a new process per command,
 on the bench's state directory), timed from spawn to exit, its CPU that process's (all threads,
 \`/usr/bin/time\`). Page cache: ${m.caches}. Dropping it changes every tool's figures, not only
@@ -313,11 +320,15 @@ ${restoreTable(m, CLI)}
 
 ${m.restoreCheck.length > 0 ? `Restored images compared with \`qemu-img compare\` (first repetition): ${m.restoreCheck.join('; ')}.\n\n` : ''}${
     verify !== '' ? `**Reading back every stored byte (as a user runs it)**:\n\n${verify}\n\n` : ''
-  }**Both methods side by side** (medians; the peers and floors ran the same way in both, only the page cache
+  }${
+    withInProcess
+      ? `**Both methods side by side** (medians; the peers and floors ran the same way in both, only the page cache
 before them differs; qbackup also differs in running as its own process):
 
 ${sideBySide(r, m)}
-`;
+`
+      : ''
+  }`;
 }
 
 /** §5; `command` names the run (the command line that produced it) in the section. */
@@ -332,6 +343,7 @@ export function repoSection(r: RepoResults, command?: string): string {
   const took = r.durationMs !== undefined ? `${(r.durationMs / 60000).toFixed(1)} minutes, ` : '';
   const ran = command !== undefined && r.startedAt !== undefined ? `This section comes from \`${command}\` at ${r.startedAt} (${took}load average ${r.load[0]} at the start, ${r.load[1]} at the end).\n\n` : '';
   const methods = r.methods ?? ['inprocess'];
+  const inproc = r.backups.full.qbackup.length > 0;
   return `## 5. Repository against virtnbdbackup and restic
 
 ${ran}A ${fmtBytes(r.sizeBytes)} disk holding ${fmtBytes(data)} of data: ${fmtBytes(r.randomBytes)} random
@@ -350,7 +362,10 @@ inside the time: qbackup flushes anyway, the others do not). Ratios here are
 **time ratios, ours ÷ theirs** (below 1: qbackup took less time).
 
 ${
-    methods.includes('cli')
+    !inproc
+      ? `qbackup runs **as a user runs it** only (\`--method cli\`: "As a user runs it" below); the dedup, worker-thread and
+breakdown rows below call its library in the bench's process, as always.`
+      : methods.includes('cli')
       ? `Two methods in this run, both in every repetition (the one that goes first alternating): **in-process** (the tables right below: qbackup's
 library called in the bench's process, every tool's input synced and read once, untimed, before each timed
 run, so every tool starts from the page cache) and **as a user runs it** (the \`qbackup\` command line, the
@@ -362,7 +377,9 @@ is synced and every tool's input read once, untimed, so every tool starts from t
 
 ${skipped.length > 0 ? `${skipped.map(([t, why]) => `Skipped: ${t}: ${why}.`).join('\n')}\n\n` : ''}Peers: ${Object.entries(r.versions).map(([k, v]) => `${k}: ${v}`).join('; ') || 'none'}. libvirtd: ${r.libvirt}.
 
-**Targets (in-process)**
+${
+    inproc
+      ? `**Targets (in-process)**
 
 ${table(
   ['Target', 'Goal', 'This run', ''],
@@ -401,6 +418,15 @@ ${verify}
 
 `
       : ''
+  }`
+      : `**Targets measured once per run**
+
+${table(
+  ['Target', 'Goal', 'This run', ''],
+  repoTargets(r).map((t) => [t.what, t.target, t.measured, verdict(t.ok)]),
+)}
+
+`
   }**Dedup and worker threads**
 
 ${table(
@@ -416,7 +442,7 @@ ${table(
     [`Full backup, 2 worker threads (${w('2').length} runs)`, `${cell(ms(w('2')))}, ${mibps(wBytes, med(ms(w('2'))))} of data, CPU ${cell(w('2').map((x) => x.cpuMs))}`],
   ],
 )}
-${r.breakdown !== undefined ? `\n${breakdownTable(r.breakdown, qbFullMs(r))}\n` : ''}${r.cli !== undefined ? `\n${cliPart(r, r.cli)}` : ''}`;
+${r.breakdown !== undefined ? `\n${breakdownTable(r.breakdown, qbFullMs(r))}\n` : ''}${r.cli !== undefined ? `\n${cliPart(r, r.cli, inproc)}` : ''}`;
 }
 
 function qbFullMs(r: RepoResults): number {

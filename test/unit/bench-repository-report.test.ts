@@ -111,6 +111,21 @@ describe('§5 of the benchmarks document', () => {
     assert.ok(!repoTargets(results(false)).some((t) => t.what.includes('NBD pull client')));
   });
 
+  it('writes a run of the CLI method alone without empty in-process tables', () => {
+    const r = results(true);
+    const only: RepoResults = { ...r, ...samples(1, undefined), methods: ['cli'] };
+    for (const step of ['full', 'spread', 'clustered'] as const) only.backups[step] = { qbackup: [], virtnbdbackup: [], restic: [] };
+    const text = repoSection(only);
+    assert.ok(text.includes('**Targets measured once per run**'));
+    assert.ok(text.includes('**Targets (as a user runs it)**'));
+    assert.ok(!text.includes('(in-process)'));
+    assert.ok(!text.includes('Both methods side by side'));
+    assert.deepEqual(
+      repoTargets(only).map((t) => t.what),
+      ["The NBD pull client's CPU per GiB vs nbdcopy's (the same export to null)"],
+    );
+  });
+
   it('replaces only what is between its markers', () => {
     const doc = 'before\n<!-- section:repository begin -->\nold §5\n<!-- section:repository end -->\nafter\n';
     const out = withSection(doc, 'repository', repoSection(results(true)));
