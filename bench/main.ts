@@ -59,14 +59,13 @@ function parseOptions(argv: readonly string[]): Options {
       chain: { type: 'string' },
       only: { type: 'string' },
       method: { type: 'string' },
-      'drop-caches': { type: 'boolean', default: true },
+      'no-drop-caches': { type: 'boolean', default: false },
       doc: { type: 'string' },
       'no-doc': { type: 'boolean', default: false },
       json: { type: 'string' },
       'from-json': { type: 'string' },
     },
     strict: true,
-    allowNegative: true,
   });
   const quick = values.quick === true;
   const num = (v: string | undefined, dflt: number, what: string): number => {
@@ -100,7 +99,7 @@ function parseOptions(argv: readonly string[]): Options {
     argv: [...argv],
     only,
     methods,
-    dropCaches: values['drop-caches'] !== false,
+    dropCaches: values['no-drop-caches'] !== true,
     doc: values['no-doc'] === true ? undefined : resolve(values.doc ?? defaultDoc),
     json: values.json !== undefined ? resolve(values.json) : undefined,
     fromJson: values['from-json'] !== undefined ? resolve(values['from-json']) : undefined,
