@@ -577,12 +577,25 @@ export class NbdServerSession {
       else this.send([encodeOffsetDataHeader(req.cookie, offset, data.length, true), data]);
       return;
     }
+    // One data chunk per run of back-to-back data segments (its payload goes
+    // out as the segments' own buffers, uncopied): a client reads one header
+    // per run instead of one per segment.
     const out: Buffer[] = [];
-    segments.forEach((s, i) => {
-      const done = i === segments.length - 1;
-      if (s.data === undefined) out.push(encodeOffsetHole(req.cookie, s.offset, s.length, done));
-      else out.push(encodeOffsetDataHeader(req.cookie, s.offset, s.length, done), s.data.subarray(0, s.length));
-    });
+    for (let i = 0; i < segments.length; ) {
+      const s = segments[i];
+      if (s === undefined) break;
+      if (s.data === undefined) {
+        out.push(encodeOffsetHole(req.cookie, s.offset, s.length, ++i === segments.length));
+        continue;
+      }
+      const payload: Buffer[] = [];
+      let end = s.offset;
+      for (let d = segments[i]; d?.data !== undefined && d.offset === end; d = segments[++i]) {
+        payload.push(d.data.subarray(0, d.length));
+        end += d.length;
+      }
+      out.push(encodeOffsetDataHeader(req.cookie, s.offset, end - s.offset, i === segments.length), ...payload);
+    }
     this.send(out);
   }
 
