@@ -127,6 +127,8 @@ export interface NbdServerExport {
   readonly preferredBlockBytes: number;
   /** Reads [offset, offset+length) inside the export; throws NbdExportError (or anything: EIO) on failure. */
   read(offset: number, length: number): Promise<NbdExportSegment[]>;
+  /** False: base:allocation is not offered for this export, so a client takes every byte as data and never asks. Default true. */
+  readonly reportsAllocation?: boolean | undefined;
   /** base:allocation extents from `offset`, covering at most `length` bytes (NBD_STATE_* flags). */
   blockStatus(offset: number, length: number, maxDescriptors: number): Promise<NbdBlockDescriptor[]>;
 }
@@ -445,9 +447,10 @@ export class NbdServerSession {
     const { exportName, queries } = decodeMetaContextOption(data, nbdOptionName(option));
     const set = option === NBD_OPT_SET_META_CONTEXT;
     if (set && !this.structured) throw new NbdOptionError(NBD_REP_ERR_INVALID, 'NBD_OPT_SET_META_CONTEXT needs structured replies first');
-    if (this.lookup(exportName) === undefined) throw this.unknownExport(exportName);
+    const exp = this.lookup(exportName);
+    if (exp === undefined) throw this.unknownExport(exportName);
     // A query is a context name or, when listing, a namespace ("base:") or nothing (every context).
-    const wanted = queries.some((q) => q === NBD_CONTEXT_BASE_ALLOCATION || (!set && q === 'base:')) || (!set && queries.length === 0);
+    const wanted = exp.reportsAllocation !== false && (queries.some((q) => q === NBD_CONTEXT_BASE_ALLOCATION || (!set && q === 'base:')) || (!set && queries.length === 0));
     if (set) {
       this.contextFor = wanted ? exportName : undefined;
     }

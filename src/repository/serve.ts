@@ -71,6 +71,12 @@ export interface ServeBackupOptions {
   cacheBytes?: number | undefined;
   /** Read ahead of ascending readers (default true). */
   readAhead?: boolean | undefined;
+  /**
+   * Offer base:allocation (default true). False for a client copying into
+   * an image that already marks the backup's holes (an instant restore's
+   * overlays): QEMU 7.2's block-stream would otherwise ask twice per piece.
+   */
+  blockStatus?: boolean | undefined;
 }
 
 export interface ServedExport {
@@ -216,6 +222,7 @@ export class BackupDiskExport implements NbdServerExport {
     private readonly table: FullIndex,
     private readonly cache: ChunkCache,
     private readonly readAhead = true,
+    readonly reportsAllocation = true,
   ) {
     this.size = table.virtualSize;
     this.chunkSize = table.chunkSize;
@@ -327,7 +334,7 @@ export async function serveBackup(store: Store, options: ServeBackupOptions): Pr
     const window = readAhead ? 2 * disks.length * BackupDiskExport.readAheadBytes(store.config.chunkSize) : 0;
     const cache = new ChunkCache(store, Math.max(options.cacheBytes ?? DEFAULT_CACHE_BYTES, window));
     const exports: BackupDiskExport[] = [];
-    for (const d of disks) exports.push(new BackupDiskExport(d.target, `disk "${d.target}" of backup "${m.id}" of domain "${m.domain}"`, await store.resolveIndex(d.index), cache, readAhead));
+    for (const d of disks) exports.push(new BackupDiskExport(d.target, `disk "${d.target}" of backup "${m.id}" of domain "${m.domain}"`, await store.resolveIndex(d.index), cache, readAhead, options.blockStatus ?? true));
     const listen = await listenAddress(options, cleanups);
     const server = await NbdServer.start({ exports, listen, ...(tlsCreds !== undefined ? { tls: tlsCreds } : {}), ...(options.log !== undefined ? { log: options.log } : {}) });
     cleanups.push(() => server.close());
