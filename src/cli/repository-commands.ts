@@ -189,6 +189,7 @@ export const repositoryCommands: readonly CliCommand[] = [
       tcp: value('--tcp <host:port>', 'listen on TCP instead (needs --tls-cert-dir, or --no-tls)'),
       tlsCertDir: value('--tls-cert-dir <dir>', 'x509 credentials for TLS: ca-cert.pem, server-cert.pem, server-key.pem; clients need a certificate of that CA'),
       tls: flag('--no-tls', 'with --tcp: serve in clear text'),
+      blockStatus: flag('--no-block-status', 'do not offer base:allocation (clients take every byte as data): for a copy into images that already mark the holes'),
     },
     run: async ({ qb, out, cli, args: { domain }, opts: o }) => {
       const listen = serveListen(o);
@@ -198,6 +199,7 @@ export const repositoryCommands: readonly CliCommand[] = [
         disks: o.disk,
         ...(o.backup !== undefined ? { backup: o.backup } : {}),
         log: (line) => process.stderr.write(`${new Date().toISOString()} ${line}\n`),
+        blockStatus: o.blockStatus,
       });
       try {
         const where = server.listen.transport === 'unix' ? { socket: server.listen.socket } : { host: server.listen.host, port: server.listen.port };

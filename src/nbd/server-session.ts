@@ -127,6 +127,8 @@ export interface NbdServerExport {
   readonly preferredBlockBytes: number;
   /** Reads [offset, offset+length) inside the export; throws NbdExportError (or anything: EIO) on failure. */
   read(offset: number, length: number): Promise<NbdExportSegment[]>;
+  /** False: base:allocation is not offered for this export, so a client takes every byte as data and never asks. Default true. */
+  readonly reportsAllocation?: boolean | undefined;
   /** base:allocation extents from `offset`, covering at most `length` bytes (NBD_STATE_* flags). */
   blockStatus(offset: number, length: number, maxDescriptors: number): Promise<NbdBlockDescriptor[]>;
 }
@@ -445,9 +447,10 @@ export class NbdServerSession {
     const { exportName, queries } = decodeMetaContextOption(data, nbdOptionName(option));
     const set = option === NBD_OPT_SET_META_CONTEXT;
     if (set && !this.structured) throw new NbdOptionError(NBD_REP_ERR_INVALID, 'NBD_OPT_SET_META_CONTEXT needs structured replies first');
-    if (this.lookup(exportName) === undefined) throw this.unknownExport(exportName);
+    const exp = this.lookup(exportName);
+    if (exp === undefined) throw this.unknownExport(exportName);
     // A query is a context name or, when listing, a namespace ("base:") or nothing (every context).
-    const wanted = queries.some((q) => q === NBD_CONTEXT_BASE_ALLOCATION || (!set && q === 'base:')) || (!set && queries.length === 0);
+    const wanted = exp.reportsAllocation !== false && (queries.some((q) => q === NBD_CONTEXT_BASE_ALLOCATION || (!set && q === 'base:')) || (!set && queries.length === 0));
     if (set) {
       this.contextFor = wanted ? exportName : undefined;
     }
@@ -577,12 +580,25 @@ export class NbdServerSession {
       else this.send([encodeOffsetDataHeader(req.cookie, offset, data.length, true), data]);
       return;
     }
+    // One data chunk per run of back-to-back data segments (its payload goes
+    // out as the segments' own buffers, uncopied): a client reads one header
+    // per run instead of one per segment.
     const out: Buffer[] = [];
-    segments.forEach((s, i) => {
-      const done = i === segments.length - 1;
-      if (s.data === undefined) out.push(encodeOffsetHole(req.cookie, s.offset, s.length, done));
-      else out.push(encodeOffsetDataHeader(req.cookie, s.offset, s.length, done), s.data.subarray(0, s.length));
-    });
+    for (let i = 0; i < segments.length; ) {
+      const s = segments[i];
+      if (s === undefined) break;
+      if (s.data === undefined) {
+        out.push(encodeOffsetHole(req.cookie, s.offset, s.length, ++i === segments.length));
+        continue;
+      }
+      const payload: Buffer[] = [];
+      let end = s.offset;
+      for (let d = segments[i]; d?.data !== undefined && d.offset === end; d = segments[++i]) {
+        payload.push(d.data.subarray(0, d.length));
+        end += d.length;
+      }
+      out.push(encodeOffsetDataHeader(req.cookie, s.offset, end - s.offset, i === segments.length), ...payload);
+    }
     this.send(out);
   }
 

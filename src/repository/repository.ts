@@ -197,7 +197,7 @@ export class RepositoryService {
    * returned server is closed. The default unix socket is in a fresh 0700
    * directory of the state directory's run area.
    */
-  async serveBackup(domain: string, options: RepoAccess & { backup?: string; disks?: string[]; listen?: ServeListen; log?: (line: string) => void }): Promise<BackupServer> {
+  async serveBackup(domain: string, options: RepoAccess & { backup?: string; disks?: string[]; listen?: ServeListen; log?: (line: string) => void; blockStatus?: boolean | undefined }): Promise<BackupServer> {
     const store = await this.open(options);
     return serveBackup(store, {
       domain,
@@ -206,6 +206,7 @@ export class RepositoryService {
       ...(options.backup !== undefined ? { backup: options.backup } : {}),
       ...(options.disks !== undefined ? { disks: options.disks } : {}),
       ...(options.log !== undefined ? { log: options.log } : {}),
+      blockStatus: options.blockStatus,
     });
   }
 

@@ -17,6 +17,15 @@
 // - Decoded chunks are kept in a small LRU cache shared by every export of
 //   the server; concurrent reads of one chunk decode it once, and the misses
 //   of one read that lie back to back in a pack come in one ranged read.
+//   Chunks read together share their buffer (no copies), and the cache's
+//   bound counts the shared buffers it keeps alive.
+// - Reads that come in ascending order (a copy job streaming the disk: QEMU's
+//   block-stream asks for one piece at a time) make the export read ahead:
+//   the next data chunks, a bounded window of batches, are fetched and
+//   decoded into the cache before they are asked for, so the next request is
+//   answered from memory. Read-ahead goes through the same cache path (each
+//   chunk checked against its id); its failures are not cached, so a chunk
+//   that failed ahead is read again, and fails its read, when asked.
 
 import { mkdtemp, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -36,6 +45,10 @@ import type { Store } from './store.js';
 export const DEFAULT_CACHE_BYTES = 32 * 1024 * 1024;
 /** Ranged pack reads of one request in flight at once. */
 const CHUNK_READS_IN_FLIGHT = 8;
+/** Chunks per read-ahead batch (one fetch, so one wait for its slowest run). */
+export const READ_AHEAD_BATCH_CHUNKS = 32;
+/** Read-ahead batches fetched or held ahead of an ascending reader, per export. */
+export const READ_AHEAD_BATCHES = 4;
 
 export type ServeListen =
   /** A unix socket; without `socket`, `nbd.sock` in a fresh 0700 directory under `runDir`. */
@@ -54,7 +67,16 @@ export interface ServeBackupOptions {
   runDir?: string;
   /** One line per failed read or dropped client. */
   log?: (line: string) => void;
-  cacheBytes?: number;
+  /** Default DEFAULT_CACHE_BYTES, raised to hold every export's read-ahead window twice. */
+  cacheBytes?: number | undefined;
+  /** Read ahead of ascending readers (default true). */
+  readAhead?: boolean | undefined;
+  /**
+   * Offer base:allocation (default true). False for a client copying into
+   * an image that already marks the backup's holes (an instant restore's
+   * overlays): QEMU 7.2's block-stream would otherwise ask twice per piece.
+   */
+  blockStatus?: boolean | undefined;
 }
 
 export interface ServedExport {
@@ -85,6 +107,8 @@ export interface BackupServer extends AsyncDisposable {
 export class ChunkCache {
   private readonly entries = new Map<string, Buffer>();
   private readonly loading = new Map<string, Promise<Buffer>>();
+  /** Entries per underlying buffer; `bytes` counts each buffer held once. */
+  private readonly holders = new Map<ArrayBufferLike, number>();
   private bytes = 0;
 
   constructor(
@@ -146,19 +170,35 @@ export class ChunkCache {
       const r = results[i];
       if (r === undefined) settle(m, new Error(`chunk ${m.hex} was not read`));
       else if ('error' in r) settle(m, r.error.code === 'REPO_OBJECT_NOT_FOUND' && this.store.locate(m.id) === undefined ? new QbackupError('REPO_OBJECT_NOT_FOUND', `the repository has no chunk ${m.hex}`) : r.error);
-      // A copy: the plaintexts of one read share a buffer, and the cache keeps single chunks.
-      else settle(m, Buffer.from(r.data));
+      else settle(m, r.data);
     }
   }
 
+  /**
+   * Keeps a chunk. Chunks read together share one buffer (no copy is made),
+   * so the bound counts the buffers they keep alive, each once, not the
+   * chunks' own lengths.
+   */
   private put(hex: string, data: Buffer): void {
-    if (data.length > this.capacityBytes || this.entries.has(hex)) return;
+    if (data.buffer.byteLength > this.capacityBytes || this.entries.has(hex)) return;
     this.entries.set(hex, data);
-    this.bytes += data.length;
+    this.hold(data, 1);
     for (const [k, v] of this.entries) {
       if (this.bytes <= this.capacityBytes) break;
       this.entries.delete(k);
-      this.bytes -= v.length;
+      this.hold(v, -1);
+    }
+  }
+
+  private hold(data: Buffer, delta: 1 | -1): void {
+    const buffer = data.buffer;
+    const n = (this.holders.get(buffer) ?? 0) + delta;
+    if (n === 0) {
+      this.holders.delete(buffer);
+      this.bytes -= buffer.byteLength;
+    } else {
+      if (n === 1 && delta === 1) this.bytes += buffer.byteLength;
+      this.holders.set(buffer, n);
     }
   }
 }
@@ -168,16 +208,59 @@ export class BackupDiskExport implements NbdServerExport {
   readonly size: number;
   readonly preferredBlockBytes: number;
   private readonly chunkSize: number;
+  private readonly slots: number;
+  /** End (exclusive, in bytes) of the previous read: a read starting at or after it is ascending. */
+  private lastEnd = 0;
+  /** First slot not yet handed to read-ahead. */
+  private aheadSlot = 0;
+  /** Read-ahead batches not yet passed by the reader: the slot after each one's last chunk. */
+  private readonly ahead: number[] = [];
 
   constructor(
     readonly name: string,
     readonly description: string,
     private readonly table: FullIndex,
     private readonly cache: ChunkCache,
+    private readonly readAhead = true,
+    readonly reportsAllocation = true,
   ) {
     this.size = table.virtualSize;
     this.chunkSize = table.chunkSize;
+    this.slots = Math.ceil(table.virtualSize / table.chunkSize);
     this.preferredBlockBytes = Math.max(512, Math.min(table.chunkSize, 1 << 20));
+  }
+
+  /** Bytes a reader streaming this export keeps ahead of it at most. */
+  static readAheadBytes(chunkSize: number): number {
+    return READ_AHEAD_BATCH_CHUNKS * READ_AHEAD_BATCHES * chunkSize;
+  }
+
+  /**
+   * After an ascending read that ended before slot `next`: drops the batches
+   * the reader has passed and starts new ones up to the window, each the next
+   * READ_AHEAD_BATCH_CHUNKS data chunks (holes skipped). A read that goes
+   * back (a guest's) stops read-ahead until reads ascend again; one past the
+   * window starts it over from where it ended.
+   */
+  private readAheadFrom(next: number, ascending: boolean): void {
+    if (!ascending || next > this.aheadSlot) {
+      this.ahead.length = 0;
+      this.aheadSlot = next;
+      if (!ascending) return;
+    }
+    while (this.ahead.length > 0 && (this.ahead[0] ?? 0) <= next) this.ahead.shift();
+    while (this.ahead.length < READ_AHEAD_BATCHES && this.aheadSlot < this.slots) {
+      const batch: Buffer[] = [];
+      let slot = this.aheadSlot;
+      for (; slot < this.slots && batch.length < READ_AHEAD_BATCH_CHUNKS; slot++) {
+        const id = this.id(slot);
+        if (!id.equals(ZERO_ID)) batch.push(id);
+      }
+      this.aheadSlot = slot;
+      this.ahead.push(slot);
+      // getMany never rejects (failures come back per chunk, uncached); the reader asks again.
+      if (batch.length > 0) void this.cache.getMany(batch);
+    }
   }
 
   private id(slot: number): Buffer {
@@ -191,7 +274,11 @@ export class BackupDiskExport implements NbdServerExport {
     const last = Math.floor((offset + length - 1) / cs);
     const wanted: Buffer[] = [];
     for (let slot = first; slot <= last; slot++) if (!this.id(slot).equals(ZERO_ID)) wanted.push(this.id(slot));
-    const got = await this.cache.getMany(wanted);
+    const ascending = offset >= this.lastEnd;
+    this.lastEnd = offset + length;
+    const pending = this.cache.getMany(wanted);
+    if (this.readAhead) this.readAheadFrom(last + 1, ascending);
+    const got = await pending;
     const datas = new Map<number, Buffer>();
     for (let slot = first; slot <= last; slot++) {
       const id = this.id(slot);
@@ -243,9 +330,11 @@ export async function serveBackup(store: Store, options: ServeBackupOptions): Pr
     const m = pickBackup((await store.readableManifests(options.domain)).manifests, options.domain, options.backup);
     const disks = chooseDisks(m, options.disks);
     await store.loadChunks();
-    const cache = new ChunkCache(store, options.cacheBytes ?? DEFAULT_CACHE_BYTES);
+    const readAhead = options.readAhead ?? true;
+    const window = readAhead ? 2 * disks.length * BackupDiskExport.readAheadBytes(store.config.chunkSize) : 0;
+    const cache = new ChunkCache(store, Math.max(options.cacheBytes ?? DEFAULT_CACHE_BYTES, window));
     const exports: BackupDiskExport[] = [];
-    for (const d of disks) exports.push(new BackupDiskExport(d.target, `disk "${d.target}" of backup "${m.id}" of domain "${m.domain}"`, await store.resolveIndex(d.index), cache));
+    for (const d of disks) exports.push(new BackupDiskExport(d.target, `disk "${d.target}" of backup "${m.id}" of domain "${m.domain}"`, await store.resolveIndex(d.index), cache, readAhead, options.blockStatus ?? true));
     const listen = await listenAddress(options, cleanups);
     const server = await NbdServer.start({ exports, listen, ...(tlsCreds !== undefined ? { tls: tlsCreds } : {}), ...(options.log !== undefined ? { log: options.log } : {}) });
     cleanups.push(() => server.close());

@@ -108,9 +108,9 @@ describe('planInstantRestore', () => {
 });
 
 describe('the backup server command line', () => {
-  it('asks serve-backup for exactly the recorded backup, disks and socket', () => {
+  it('asks serve-backup for exactly the recorded backup, disks and socket, without block status (the overlays mark the holes)', () => {
     const argv = serverArgv({ repo: '/repo', domain: 'vm', backupId: 'B', disks: ['sda', 'vdb'], socket: '/s/b.sock', outFile: '/o', logFile: '/l', command: ['qb'], stateDir: '/st', environment: {} });
-    assert.deepEqual(argv, ['qb', '--state-dir', '/st', '--json', 'serve-backup', '--repo', '/repo', 'vm', '--backup', 'B', '--disk', 'sda', '--disk', 'vdb', '--socket', '/s/b.sock']);
+    assert.deepEqual(argv, ['qb', '--state-dir', '/st', '--json', 'serve-backup', '--repo', '/repo', 'vm', '--backup', 'B', '--disk', 'sda', '--disk', 'vdb', '--socket', '/s/b.sock', '--no-block-status']);
   });
 });
 

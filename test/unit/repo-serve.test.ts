@@ -67,6 +67,15 @@ describe('serveBackup on an encrypted store', () => {
   });
   after(() => rmSync(dir, { recursive: true, force: true }));
 
+  it('without block status (blockStatus: false) offers no base:allocation and still reads every byte', async () => {
+    const opened = await Store.open(new LocalBackend(join(dir, 'repo')), { password: 'secret' });
+    await using server = await serveBackup(opened, { domain: 'vm', listen: { transport: 'unix' }, runDir: join(dir, 'state', 'run'), blockStatus: false });
+    const socket = server.listen.transport === 'unix' ? server.listen.socket : '';
+    await using c = await NbdClient.connect({ socket }, { exportName: 'vda', metaContexts: [NBD_CONTEXT_BASE_ALLOCATION] });
+    assert.equal(c.contexts.size, 0);
+    assert.ok((await c.read(0, SIZE)).equals(disk));
+  });
+
   it('reads every byte (decrypted, checked), maps holes, holds a serve lock gc respects, and cleans up on close', async () => {
     const opened = await Store.open(new LocalBackend(join(dir, 'repo')), { password: 'secret' });
     const runDir = join(dir, 'state', 'run');
