@@ -2,7 +2,9 @@
 // dist/bench/http.js [--checkpoints N]`): API request latency for listing
 // and for coverage on a domain with N checkpoints (default 1000, real
 // bitmaps in a running QEMU), and the daemon's memory at rest (VmRSS of a
-// `qbackup serve` process, after start and after the requests). It stands
+// `qbackup serve` process, after start and after the requests). The list is
+// also measured with a commit by another process before each request, so
+// the daemon makes its body again every time. It stands
 // apart from bench/main.ts so it can run while that suite is reworked.
 
 import { spawn } from 'node:child_process';
@@ -10,6 +12,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import Database from 'better-sqlite3';
 import { Qbackup } from '../src/qbackup.js';
 import { createImage } from '../src/image/qemu-img.js';
 
@@ -25,10 +28,11 @@ function median(xs: number[]): number {
   return s[Math.floor(s.length / 2)] ?? NaN;
 }
 
-async function timed(url: string, token: string, n: number): Promise<{ medianMs: number; p95Ms: number; bytes: number }> {
+async function timed(url: string, token: string, n: number, before?: () => void): Promise<{ medianMs: number; p95Ms: number; bytes: number }> {
   const times: number[] = [];
   let bytes = 0;
   for (let i = 0; i < n; i++) {
+    before?.();
     const t0 = performance.now();
     const res = await fetch(url, { headers: { authorization: `Bearer ${token}` } });
     const body = await res.text();
@@ -98,6 +102,14 @@ async function main(): Promise<void> {
       const domains = await timed(`${d.url}/api/domains?all=true`, d.token, 30);
       const coverageOldest = await timed(`${base}/checkpoints/c0000/coverage`, d.token, 30);
       const coverageNewest = await timed(`${base}/checkpoints/${newest}/coverage`, d.token, 30);
+      // The daemon keeps the list's body until the metadata changes: a commit by
+      // another process before each request (a row in a table the list does not
+      // read) makes it list and serialize again, as after a real change.
+      const other = new Database(join(stateDir, 'qbackup.db'));
+      const bump = other.prepare("INSERT OR REPLACE INTO locks (domain, owner_pid, owner_token, command, acquired_ms) VALUES ('bench-other', 0, 'x', 'bench', 0)");
+      const listRemade = await timed(`${base}/checkpoints`, d.token, 30, () => bump.run());
+      other.prepare("DELETE FROM locks WHERE domain = 'bench-other'").run();
+      other.close();
       await new Promise((r) => setTimeout(r, 1000));
       const rssAfter = rssMiB(d.pid);
       const row = (what: string, r: { medianMs: number; p95Ms: number; bytes: number }, localMs?: number): string =>
@@ -105,6 +117,7 @@ async function main(): Promise<void> {
       console.log(`${n} checkpoints created in ${createS.toFixed(1)} s (library, one at a time); load average ${readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ')}\n`);
       console.log('| request | median ms | p95 ms | response | in-process median ms (daemon ÷ in-process) |\n|---|---|---|---|---|');
       console.log(row(`GET /api/domains/vm/checkpoints (${n})`, list, local.list));
+      console.log(row(`GET /api/domains/vm/checkpoints (${n}), after another process's commit (body made again)`, listRemade, local.list));
       console.log(row('GET /api/domains?all=true', domains));
       console.log(row('GET …/checkpoints/c0000/coverage (oldest)', coverageOldest, local.coverageOldest));
       console.log(row('GET …/checkpoints/newest/coverage', coverageNewest, local.coverageNewest));

@@ -324,6 +324,17 @@ export class CheckpointService {
     return infos.filter((i) => (!filters.roots || i.parent === null) && (!filters.leaves || i.children === 0));
   }
 
+  /**
+   * A value that changes whenever list()'s answer may have changed (a
+   * checkpoint created, deleted, redefined or made current, by this process
+   * or another): a caller may keep what it made of an answer (the daemon keeps
+   * the serialized body) for as long as the stamp it read before it asked
+   * stays the same.
+   */
+  listStamp(): string {
+    return this.store.changeStamp();
+  }
+
   info(domain: string, name: string): CheckpointInfo {
     return this.toInfo(this.requireCheckpoint(domain, name));
   }

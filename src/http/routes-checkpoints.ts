@@ -7,6 +7,7 @@ import type { CheckpointInfo } from '../checkpoint/checkpoints.js';
 import type { CheckpointSpec } from '../checkpoint/spec.js';
 import { QbackupError } from '../errors.js';
 import { parseCheckpointXml } from '../libvirt/checkpoint.js';
+import { SerializedBodyCache } from './body-cache.js';
 import type { QbackupService } from '../service/daemon-service.js';
 import { domainParams } from './routes-domains.js';
 import { addRoute, flagValue, int, jsonOrXml, object, queryFlag, str, type JsonSchema } from './route.js';
@@ -55,14 +56,21 @@ export function checkpointTree(list: readonly CheckpointInfo[]): CheckpointNode[
 
 export function checkpointRoutes(app: FastifyInstance, service: QbackupService): void {
   const qb = service.qb;
+  // The list and the tree are the metadata alone: their bodies are kept until it changes.
+  const bodies = new SerializedBodyCache();
   addRoute<DomainParams, { roots?: string; leaves?: string; topological?: string }, unknown>(app, service, {
     method: 'GET', url: '/api/domains/:domain/checkpoints', tag, params: domainParams, summary: 'List the checkpoints of a domain',
     query: object({ roots: queryFlag, leaves: queryFlag, topological: queryFlag }),
-    handler: ({ params: p, query: q }) => qb.checkpoints.list(p.domain, { roots: flagValue(q.roots), leaves: flagValue(q.leaves), topological: flagValue(q.topological) }),
+    handler: ({ params: p, query: q, request, reply }) => {
+      const filters = { roots: flagValue(q.roots), leaves: flagValue(q.leaves), topological: flagValue(q.topological) };
+      const key = `list ${p.domain} ${Number(filters.roots)}${Number(filters.leaves)}${Number(filters.topological)}`;
+      return bodies.send(request, reply, key, qb.checkpoints.listStamp(), () => qb.checkpoints.list(p.domain, filters));
+    },
   });
   addRoute<DomainParams, unknown, unknown>(app, service, {
     method: 'GET', url: '/api/domains/:domain/checkpoint-tree', tag, params: domainParams, summary: 'The checkpoints of a domain as a parent/child tree',
-    handler: ({ params: p }) => checkpointTree(qb.checkpoints.list(p.domain, { topological: true })),
+    handler: ({ params: p, request, reply }) =>
+      bodies.send(request, reply, `tree ${p.domain}`, qb.checkpoints.listStamp(), () => checkpointTree(qb.checkpoints.list(p.domain, { topological: true }))),
   });
   addRoute<DomainParams, unknown, unknown>(app, service, {
     method: 'POST', url: '/api/domains/:domain/checkpoints', tag, params: domainParams, status: 201,

@@ -2,7 +2,7 @@
 // losses and the per-domain intent journal. Rules live in src/checkpoint.
 
 import { QbackupError } from '../errors.js';
-import type { Db } from './db.js';
+import { changeStamp, type Db } from './db.js';
 
 export interface CheckpointRow {
   domain: string;
@@ -62,6 +62,11 @@ export class CheckpointStore {
 
   transaction<T>(fn: () => T): T {
     return this.db.transaction(fn).immediate();
+  }
+
+  /** Differs whenever any process may have changed the metadata since it was last read (db.ts `changeStamp`). */
+  changeStamp(): string {
+    return changeStamp(this.db);
   }
 
   list(domain: string): CheckpointRow[] {

@@ -221,6 +221,21 @@ function makePrivateFiles(file: string): void {
   }
 }
 
+/**
+ * A value that differs from every earlier one whenever the database may have
+ * changed since: a commit by another connection (any process) moves SQLite's
+ * `data_version`, a change through this one moves its `total_changes()`.
+ * Both only grow, so a value never comes back; a rolled-back change moves it
+ * too (a reader recomputes for nothing, never serves stale data). Read it
+ * before the data it stands for, so a commit landing between the two makes
+ * the next value differ.
+ */
+export function changeStamp(db: Db): string {
+  const row = db.prepare('SELECT total_changes() AS local').get() as { local: number };
+  const other = db.pragma('data_version', { simple: true }) as number;
+  return `${String(other)}.${String(row.local)}`;
+}
+
 export function openDatabase(file: string): Db {
   let db: Db;
   try {
