@@ -22,6 +22,8 @@
 //   order (each carries its cookie). At most MAX_IN_FLIGHT requests run at
 //   once; past that the session stops reading until one finishes. Reads
 //   also wait for room in the server's shared ByteBudget.
+//   A read's data is let go (NbdServerExport.readDone) only once the
+//   transport has written or dropped its reply.
 // - After close() nothing more is written; late results are dropped.
 
 import {
@@ -127,6 +129,12 @@ export interface NbdServerExport {
   readonly preferredBlockBytes: number;
   /** Reads [offset, offset+length) inside the export; throws NbdExportError (or anything: EIO) on failure. */
   read(offset: number, length: number): Promise<NbdExportSegment[]>;
+  /**
+   * Called once per successful read() when the server no longer refers to
+   * its segments' data (the reply was written, or dropped): an export that
+   * reuses read memory may take it back then, and not before.
+   */
+  readDone?(segments: readonly NbdExportSegment[]): void;
   /** False: base:allocation is not offered for this export, so a client takes every byte as data and never asks. Default true. */
   readonly reportsAllocation?: boolean | undefined;
   /** base:allocation extents from `offset`, covering at most `length` bytes (NBD_STATE_* flags). */
@@ -145,8 +153,12 @@ export class NbdExportError extends Error {
 }
 
 export interface NbdSessionTransport {
-  /** Writes bytes; false when the transport's buffer is full (call `drained` later). */
-  write(bytes: readonly Buffer[]): boolean;
+  /**
+   * Writes bytes; false when the transport's buffer is full (call `drained`
+   * later). `done`, when given, is called once the transport no longer
+   * refers to any of `bytes` (written, or dropped with the connection).
+   */
+  write(bytes: readonly Buffer[], done?: (() => void) | undefined): boolean;
   /** Stop (false) or resume (true) delivering client bytes. */
   flow(on: boolean): void;
   /** STARTTLS was acknowledged: start a TLS server handshake, then call `tlsReady`. */
@@ -263,9 +275,12 @@ export class NbdServerSession {
     this.options.transport.close();
   }
 
-  private send(bytes: readonly Buffer[]): void {
-    if (this.stateValue === 'closed') return;
-    if (!this.options.transport.write(bytes)) this.writeBlocked = true;
+  private send(bytes: readonly Buffer[], done?: () => void): void {
+    if (this.stateValue === 'closed') {
+      done?.();
+      return;
+    }
+    if (!this.options.transport.write(bytes, done)) this.writeBlocked = true;
   }
 
   private drop(why: string): void {
@@ -554,7 +569,10 @@ export class NbdServerSession {
     const granted = (await budget?.acquire(req.length)) ?? 0;
     try {
       if (this.stateValue === 'closed') return;
-      if (req.type === NBD_CMD_READ) this.sendRead(req, await exp.read(offset, req.length));
+      if (req.type === NBD_CMD_READ) {
+        const segments = await exp.read(offset, req.length);
+        this.sendRead(req, segments, () => exp.readDone?.(segments));
+      }
       else this.sendBlockStatus(req, await exp.blockStatus(offset, req.length, (req.flags & NBD_CMD_FLAG_REQ_ONE) !== 0 ? 1 : MAX_DESCRIPTORS));
     } catch (err) {
       const errno = err instanceof NbdExportError ? err.errno : NBD_EIO;
@@ -570,11 +588,13 @@ export class NbdServerSession {
     this.send([this.structured ? encodeErrorChunk(cookie, errno, message) : encodeSimpleReply(cookie, errno)]);
   }
 
-  private sendRead(req: ReceivedRequest, segments: readonly NbdExportSegment[]): void {
+  /** Sends a read's reply; `done` once the segments' data is no longer referred to (see NbdServerExport.readDone). */
+  private sendRead(req: ReceivedRequest, segments: readonly NbdExportSegment[], done: () => void): void {
     const offset = Number(req.offset);
     if (!this.structured || (req.flags & NBD_CMD_FLAG_DF) !== 0 || req.length === 0) {
       const data = Buffer.alloc(req.length);
       for (const s of segments) s.data?.copy(data, s.offset - offset, 0, s.length);
+      done();
       if (!this.structured) this.send([encodeSimpleReply(req.cookie, 0), data]);
       else if (req.length === 0) this.send([encodeNoneChunk(req.cookie)]);
       else this.send([encodeOffsetDataHeader(req.cookie, offset, data.length, true), data]);
@@ -599,7 +619,7 @@ export class NbdServerSession {
       }
       out.push(encodeOffsetDataHeader(req.cookie, s.offset, end - s.offset, i === segments.length), ...payload);
     }
-    this.send(out);
+    this.send(out, done);
   }
 
   private sendBlockStatus(req: ReceivedRequest, descriptors: readonly NbdBlockDescriptor[]): void {

@@ -191,11 +191,16 @@ export class NbdServer implements AsyncDisposable {
       }, LINGER_MS).unref();
     };
     const transport: NbdSessionTransport = {
-      write: (bytes) => {
-        if (ended || stream.destroyed) return true;
+      write: (bytes, done) => {
+        if (ended || stream.destroyed) {
+          done?.();
+          return true;
+        }
         stream.cork();
         let ok = true;
-        for (const b of bytes) ok = stream.write(b);
+        // Writes complete in order (or all fail when the stream dies): the last one's callback says every buffer was let go.
+        for (const [i, b] of bytes.entries()) ok = i === bytes.length - 1 && done !== undefined ? stream.write(b, () => done()) : stream.write(b);
+        if (bytes.length === 0) done?.();
         stream.uncork();
         return ok;
       },

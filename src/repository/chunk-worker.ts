@@ -47,6 +47,8 @@ export interface DecodeRequest {
   idKey?: Uint8Array | undefined;
   /** The sender no longer reads `bytes`: the plaintexts may be put back to back in it (see decodeEntries). */
   inPlace?: boolean | undefined;
+  /** With inPlace: the rest of `bytes.buffer` after `bytes` is the sender's too, so plaintexts that do not fit in place may go there. */
+  roomAfter?: boolean | undefined;
 }
 
 export interface DecodeReply {
@@ -145,9 +147,12 @@ export function decodeEntries(msg: DecodeRequest, codecCompressor: ChunkCompress
   const total = msg.entries.reduce((n, e) => n + e.rawLength, 0);
   // In place when allowed and no plaintext can land on a blob not yet
   // decoded (chunks stored raw: each plaintext is its blob less the codec
-  // byte); else never from the shared small-buffer pool: its memory is
-  // transferred to the caller.
-  const plain = msg.inPlace === true && fitsInPlace(msg.entries, bytes.length) ? bytes : Buffer.allocUnsafeSlow(total);
+  // byte); else right after the blobs when the sender gave room there; else
+  // never from the shared small-buffer pool: its memory is transferred to
+  // the caller.
+  const inPlace = msg.inPlace === true && fitsInPlace(msg.entries, bytes.length);
+  const after = !inPlace && msg.inPlace === true && msg.roomAfter === true && bytes.buffer.byteLength - bytes.byteOffset - bytes.length >= total;
+  const plain = inPlace ? bytes : after ? Buffer.from(bytes.buffer, bytes.byteOffset + bytes.length, total) : Buffer.allocUnsafeSlow(total);
   let at = 0;
   const results: DecodeReply['results'] = msg.entries.map((e) => {
     try {
@@ -171,7 +176,7 @@ export function decodeEntries(msg: DecodeRequest, codecCompressor: ChunkCompress
  * in order without overlap, and each plaintext ends before the next blob
  * starts (or the buffer ends).
  */
-function fitsInPlace(entries: readonly DecodeEntry[], size: number): boolean {
+export function fitsInPlace(entries: readonly DecodeEntry[], size: number): boolean {
   let at = 0;
   let blobEnd = 0;
   for (const [k, e] of entries.entries()) {

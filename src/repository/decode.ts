@@ -44,11 +44,18 @@ class DecodePool {
 
   constructor(private readonly size: number) {}
 
-  async decode(bytes: Buffer, entries: DecodeEntry[], key: MasterKey | undefined, options: { transfer?: boolean | undefined } = {}): Promise<DecodeReply> {
+  /**
+   * With `transfer`, `bytes` moves to the worker (unusable after) when it
+   * owns its memory, or when `wholeMemory` says all of `bytes.buffer` is the
+   * caller's to give (a pooled read buffer longer than the read: the
+   * plaintexts may then also go after the read's bytes, see roomAfter).
+   */
+  async decode(bytes: Buffer, entries: DecodeEntry[], key: MasterKey | undefined, options: { transfer?: boolean | undefined; wholeMemory?: boolean | undefined } = {}): Promise<DecodeReply> {
     // Given up by the caller (`transfer`), the bytes may hold the plaintexts: one buffer fewer per request.
-    const request: DecodeRequest = { op: 'decode', seq: this.seq++, bytes, entries, dataKey: key?.dataKey, idKey: key?.idKey, inPlace: options.transfer === true };
+    const whole = options.wholeMemory === true && bytes.buffer instanceof ArrayBuffer && bytes.byteLength > 0;
+    const request: DecodeRequest = { op: 'decode', seq: this.seq++, bytes, entries, dataKey: key?.dataKey, idKey: key?.idKey, inPlace: options.transfer === true, roomAfter: options.transfer === true && whole };
     if (this.size === 0 || bytes.length < INLINE_DECODE_BYTES) return decodeEntries(request, this.inline);
-    const reply = await this.ask(request, options.transfer === true && ownsAll(bytes) ? [bytes.buffer as ArrayBuffer] : []);
+    const reply = await this.ask(request, options.transfer === true && (whole || ownsAll(bytes)) ? [bytes.buffer as ArrayBuffer] : []);
     if (reply.op !== 'decoded') throw new Error('a decode request is answered with plaintexts');
     return reply;
   }

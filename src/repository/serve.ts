@@ -26,6 +26,11 @@
 //   answered from memory. Read-ahead goes through the same cache path (each
 //   chunk checked against its id); its failures are not cached, so a chunk
 //   that failed ahead is read again, and fails its read, when asked.
+// - Pack ranges are read into pooled memory (read-buffers.ts), which the
+//   decode workers hand back holding the plaintexts (in place for chunks
+//   stored raw, else after the read's bytes, which the pool makes room for); a
+//   buffer goes back to the pool only when no cache entry, no read waiting
+//   for its chunks and no reply being written refers to it.
 
 import { mkdtemp, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -35,10 +40,12 @@ import type { NbdBlockDescriptor } from '../nbd/codec.js';
 import { NbdExportError, type NbdExportSegment, type NbdServerExport } from '../nbd/server-session.js';
 import { NbdServer, listenUri, loadTlsCredentials, type NbdListen, type NbdTlsCredentials } from '../nbd/server.js';
 import { makePrivateDir } from '../util/private-dir.js';
+import { fitsInPlace } from './chunk-worker.js';
 import { ZERO_ID } from './chunk.js';
 import type { FullIndex } from './disk-index.js';
 import { acquireLock } from './locks.js';
 import type { Manifest } from './manifest.js';
+import { ReadBufferPool } from './read-buffers.js';
 import type { Store } from './store.js';
 
 /** Decoded chunks kept for repeated reads, shared by the exports of one server. */
@@ -102,21 +109,31 @@ export interface BackupServer extends AsyncDisposable {
  * Decoded chunks by hex id, least recently used first out, bounded in bytes.
  * Misses are fetched together: chunks that lie back to back in one pack come
  * in one ranged read, and a chunk being fetched for one read is not fetched
- * again for another. Failures are per chunk and never cached.
+ * again for another. Failures are per chunk and never cached. Ranged reads
+ * land in pooled memory; every chunk handed out is held (`pool`) until the
+ * taker lets it go (release, unpin).
  */
 export class ChunkCache {
   private readonly entries = new Map<string, Buffer>();
-  private readonly loading = new Map<string, Promise<Buffer>>();
+  private readonly loading = new Map<string, { promise: Promise<Buffer>; waiters: number }>();
   /** Entries per underlying buffer; `bytes` counts each buffer held once. */
   private readonly holders = new Map<ArrayBufferLike, number>();
   private bytes = 0;
+  readonly pool: ReadBufferPool;
 
   constructor(
     private readonly store: Store,
     private readonly capacityBytes: number,
-  ) {}
+  ) {
+    // Free memory up to the cache's bound: what a streaming reader's read-ahead cycles through, twice.
+    this.pool = new ReadBufferPool(Math.max(8 * 1024 * 1024, capacityBytes));
+  }
 
-  /** Each chunk's plaintext, or the error that kept it from being read. */
+  /**
+   * Each chunk's plaintext, or the error that kept it from being read. Each
+   * plaintext handed out is held once: give the map to release() when done
+   * with it (after taking holds of one's own with pin()).
+   */
   async getMany(ids: readonly Buffer[]): Promise<Map<string, Buffer | Error>> {
     const out = new Map<string, Buffer | Error>();
     const seen = new Set<string>();
@@ -130,6 +147,7 @@ export class ChunkCache {
       if (hit !== undefined) {
         this.entries.delete(hex);
         this.entries.set(hex, hit);
+        this.pin(hit);
         out.set(hex, hit);
         continue;
       }
@@ -137,23 +155,43 @@ export class ChunkCache {
       if (pending === undefined) {
         let resolve!: (b: Buffer) => void;
         let reject!: (e: Error) => void;
-        pending = new Promise<Buffer>((res, rej) => ((resolve = res), (reject = rej)));
-        pending.catch(() => undefined); // observed below; an unawaited duplicate must not crash the process
+        const promise = new Promise<Buffer>((res, rej) => ((resolve = res), (reject = rej)));
+        promise.catch(() => undefined); // observed below; an unawaited duplicate must not crash the process
+        pending = { promise, waiters: 0 };
         this.loading.set(hex, pending);
         misses.push({ id, hex, resolve, reject });
       }
-      waits.push(pending.then((b) => void out.set(hex, b), (e: unknown) => void out.set(hex, e instanceof Error ? e : new Error(String(e)))));
+      // Held for this caller when it settles (fetch), before any eviction can let its memory go.
+      pending.waiters++;
+      waits.push(pending.promise.then((b) => void out.set(hex, b), (e: unknown) => void out.set(hex, e instanceof Error ? e : new Error(String(e)))));
     }
     await this.fetch(misses);
     await Promise.all(waits);
     return out;
   }
 
+  /** One more hold of a chunk's memory (see getMany). */
+  pin(data: Buffer): void {
+    this.pool.ref(data.buffer);
+  }
+
+  /** Lets go of a hold taken by pin(). */
+  unpin(data: Buffer): void {
+    this.pool.unref(data.buffer);
+  }
+
+  /** Lets go of the holds getMany took for its caller. */
+  release(got: ReadonlyMap<string, Buffer | Error>): void {
+    for (const r of got.values()) if (r instanceof Buffer) this.unpin(r);
+  }
+
   private async fetch(misses: Array<{ id: Buffer; hex: string; resolve: (b: Buffer) => void; reject: (e: Error) => void }>): Promise<void> {
     const settle = (m: (typeof misses)[number], result: Buffer | Error): void => {
+      const waiters = this.loading.get(m.hex)?.waiters ?? 0;
       this.loading.delete(m.hex);
       if (result instanceof Error) m.reject(result);
       else {
+        for (let i = 0; i < waiters; i++) this.pin(result);
         this.put(m.hex, result);
         m.resolve(result);
       }
@@ -161,7 +199,7 @@ export class ChunkCache {
     if (misses.length === 0) return;
     let results: Awaited<ReturnType<Store['readChunks']>>;
     try {
-      results = await this.store.readChunks(misses.map((m) => m.id), { readsInFlight: CHUNK_READS_IN_FLIGHT });
+      results = await this.store.readChunks(misses.map((m) => m.id), { readsInFlight: CHUNK_READS_IN_FLIGHT, readBuffer: (n, entries) => this.pool.take(fitsInPlace(entries, n) ? n : n + entries.reduce((t, e) => t + e.rawLength, 0)) });
     } catch (err) {
       for (const m of misses) settle(m, err instanceof Error ? err : new Error(String(err)));
       return;
@@ -183,10 +221,12 @@ export class ChunkCache {
     if (data.buffer.byteLength > this.capacityBytes || this.entries.has(hex)) return;
     this.entries.set(hex, data);
     this.hold(data, 1);
+    this.pin(data);
     for (const [k, v] of this.entries) {
       if (this.bytes <= this.capacityBytes) break;
       this.entries.delete(k);
       this.hold(v, -1);
+      this.unpin(v);
     }
   }
 
@@ -259,7 +299,7 @@ export class BackupDiskExport implements NbdServerExport {
       this.aheadSlot = slot;
       this.ahead.push(slot);
       // getMany never rejects (failures come back per chunk, uncached); the reader asks again.
-      if (batch.length > 0) void this.cache.getMany(batch);
+      if (batch.length > 0) void this.cache.getMany(batch).then((got) => this.cache.release(got));
     }
   }
 
@@ -280,14 +320,20 @@ export class BackupDiskExport implements NbdServerExport {
     if (this.readAhead) this.readAheadFrom(last + 1, ascending);
     const got = await pending;
     const datas = new Map<number, Buffer>();
-    for (let slot = first; slot <= last; slot++) {
-      const id = this.id(slot);
-      if (id.equals(ZERO_ID)) continue;
-      const r = got.get(id.toString('hex'));
-      if (!(r instanceof Buffer)) {
-        throw new NbdExportError(NBD_EIO, `chunk ${id.toString('hex')} (disk offset ${slot * cs}) of ${this.description} cannot be read: ${describeError(r)}`);
+    try {
+      for (let slot = first; slot <= last; slot++) {
+        const id = this.id(slot);
+        if (id.equals(ZERO_ID)) continue;
+        const r = got.get(id.toString('hex'));
+        if (!(r instanceof Buffer)) {
+          throw new NbdExportError(NBD_EIO, `chunk ${id.toString('hex')} (disk offset ${slot * cs}) of ${this.description} cannot be read: ${describeError(r)}`);
+        }
+        datas.set(slot, r);
       }
-      datas.set(slot, r);
+      // One hold per data segment, let go in readDone once the reply is out.
+      for (const d of datas.values()) this.cache.pin(d);
+    } finally {
+      this.cache.release(got);
     }
     const out: NbdExportSegment[] = [];
     for (let slot = first; slot <= last; slot++) {
@@ -299,6 +345,10 @@ export class BackupDiskExport implements NbdServerExport {
       else out.push({ offset: start, length: end - start, data: data?.subarray(start - slot * cs, end - slot * cs) });
     }
     return out;
+  }
+
+  readDone(segments: readonly NbdExportSegment[]): void {
+    for (const s of segments) if (s.data !== undefined) this.cache.unpin(s.data);
   }
 
   async blockStatus(offset: number, length: number, maxDescriptors: number): Promise<NbdBlockDescriptor[]> {

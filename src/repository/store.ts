@@ -94,6 +94,12 @@ export interface ReadChunksOptions {
   readsInFlight?: number | undefined;
   /** Where each id lies (in the order of `ids`), when the caller knows better than the loaded indexes (gc's repack reads one given pack). */
   locations?: readonly ChunkLocation[] | undefined;
+  /**
+   * Memory for each ranged read of `length` bytes, decoded as `entries`
+   * (all of its ArrayBuffer the caller's; room past `length` may take the
+   * plaintexts); the chunks read come back in it or in fresh memory.
+   */
+  readBuffer?: ((length: number, entries: readonly DecodeEntry[]) => Buffer) | undefined;
 }
 
 /** One chunk read by readChunks: its plaintext (and stored form when asked), or why it could not be read. */
@@ -343,16 +349,18 @@ export class Store {
       if (first === undefined || last === undefined) return;
       const start = first.loc.offset;
       let bytes: Buffer;
+      const length = last.loc.offset + last.loc.length - start;
+      const entries = runEntries(run, start);
+      const into = options.readBuffer?.(length, entries);
       try {
-        bytes = await this.backend.get(packKey(first.loc.packId), { offset: start, length: last.loc.offset + last.loc.length - start });
+        bytes = await this.backend.get(packKey(first.loc.packId), { offset: start, length, into });
       } catch (err) {
         if (!(err instanceof QbackupError)) throw err;
         for (const x of run) settle(x, { error: new QbackupError(err.code, `Chunk ${x.id.toString('hex')} in pack "${x.loc.packId}" cannot be read: ${err.message}`, { cause: err, details: { chunk: x.id.toString('hex') } }) });
         return;
       }
-      const entries = runEntries(run, start);
       const stored = options.keepStored === true ? bytes : undefined;
-      const reply = await decodePool().decode(bytes, entries, this.key, { transfer: stored === undefined });
+      const reply = await decodePool().decode(bytes, entries, this.key, { transfer: stored === undefined, wholeMemory: bytes.buffer === into?.buffer });
       const plain = Buffer.from(reply.plain.buffer, reply.plain.byteOffset, reply.plain.byteLength);
       for (const [k, x] of run.entries()) {
         const r = reply.results[k];

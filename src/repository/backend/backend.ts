@@ -22,13 +22,25 @@ export interface ObjectInfo {
   modifiedMs?: number;
 }
 
+/** A range of an object to read, and optionally where to read it (see Backend.get). */
+export interface ByteRange {
+  offset: number;
+  length: number;
+  into?: Buffer | undefined;
+}
+
 export interface Backend {
   /** Where the repository lives, for messages (never with credentials). */
   readonly location: string;
   /** Stores `data` under `key` unless the key exists; false when it existed (nothing written). */
   putIfAbsent(key: string, data: Buffer): Promise<boolean>;
-  /** The object's bytes, or `length` bytes from `offset`. Missing: REPO_OBJECT_NOT_FOUND. */
-  get(key: string, range?: { offset: number; length: number }): Promise<Buffer>;
+  /**
+   * The object's bytes, or `length` bytes from `offset`. With `into` (at
+   * least `length` bytes), a backend that can reads the range into it and
+   * returns its first `length` bytes; others return memory of their own.
+   * Missing: REPO_OBJECT_NOT_FOUND.
+   */
+  get(key: string, range?: ByteRange): Promise<Buffer>;
   /**
    * Local backends only: the object opened for positional reads, so that
    * worker threads read ranges of it into memory of their own (restore's

@@ -6,7 +6,7 @@
 // code never wraps a backend in it.
 
 import type { Faults } from '../../util/faults.js';
-import type { Backend, ObjectInfo } from './backend.js';
+import type { Backend, ByteRange, ObjectInfo } from './backend.js';
 
 export class FaultingBackend implements Backend {
   constructor(
@@ -22,7 +22,7 @@ export class FaultingBackend implements Backend {
     this.faults.at('repo-write');
     return this.inner.putIfAbsent(key, data);
   }
-  get(key: string, range?: { offset: number; length: number }): Promise<Buffer> {
+  get(key: string, range?: ByteRange): Promise<Buffer> {
     return this.inner.get(key, range);
   }
   stat(key: string): Promise<ObjectInfo | undefined> {

@@ -17,7 +17,7 @@ import { randomBytes } from 'node:crypto';
 import { constants, promises as fs } from 'node:fs';
 import { join } from 'node:path';
 import { QbackupError, describeError } from '../../errors.js';
-import { assertKey, assertPrefix, objectNotFound, type Backend, type ObjectInfo } from './backend.js';
+import { assertKey, assertPrefix, objectNotFound, type Backend, type ByteRange, type ObjectInfo } from './backend.js';
 
 const FILE_MODE = 0o600;
 const DIR_MODE = 0o700;
@@ -68,11 +68,11 @@ export class LocalBackend implements Backend {
     }
   }
 
-  async get(key: string, range?: { offset: number; length: number }): Promise<Buffer> {
+  async get(key: string, range?: ByteRange): Promise<Buffer> {
     const fh = await this.openForReading(key);
     try {
       if (range === undefined) return await fh.readFile();
-      const buf = Buffer.allocUnsafe(range.length);
+      const buf = range.into !== undefined && range.into.length >= range.length ? range.into.subarray(0, range.length) : Buffer.allocUnsafe(range.length);
       let done = 0;
       while (done < range.length) {
         const { bytesRead } = await fh.read(buf, done, range.length - done, range.offset + done);

@@ -30,7 +30,7 @@ import {
   type S3ClientConfig,
 } from '@aws-sdk/client-s3';
 import { QbackupError } from '../../errors.js';
-import { assertKey, assertPrefix, KEY_SEGMENT, objectNotFound, type Backend, type ObjectInfo } from './backend.js';
+import { assertKey, assertPrefix, KEY_SEGMENT, objectNotFound, type Backend, type ByteRange, type ObjectInfo } from './backend.js';
 
 /** How to reach the object store; what is not given comes from the SDK's usual environment variables and config files. */
 export interface S3Settings {
@@ -150,7 +150,7 @@ export class S3Backend implements Backend {
     }
   }
 
-  async get(key: string, range?: { offset: number; length: number }): Promise<Buffer> {
+  async get(key: string, range?: ByteRange): Promise<Buffer> {
     assertKey(key);
     if (range !== undefined && range.length === 0) {
       const st = await this.stat(key);
