@@ -21,7 +21,8 @@ const MIN_CLASS_BYTES = 64 * 1024;
 export class ReadBufferPool {
   private readonly free = new Map<number, ArrayBuffer[]>();
   private freeBytes = 0;
-  private readonly refs = new Map<ArrayBufferLike, number>();
+  /** Weak: memory whose last holder never lets go (a reply the connection lost) is left to the collector, not kept here. */
+  private readonly refs = new WeakMap<ArrayBufferLike, number>();
   /** Buffers handed out by take() that came from the free list, and fresh ones: for tests and benches. */
   readonly stats = { reused: 0, fresh: 0 };
 

@@ -2,9 +2,10 @@
 // serve.ts): the pool hands a buffer out again only once every holder let
 // go; served reads return the disk's bytes, and keep them while a reply
 // holds them, under many readers at once with read-ahead and a cache small
-// enough to evict all the time; memory is in fact reused; and through the
-// NBD server, many requests in flight on several connections read the disk
-// exactly.
+// enough to evict all the time; memory is in fact reused; the NBD server
+// tells an export once per read when the reply no longer needs its data;
+// and through the server, many requests in flight on several connections
+// read the disk exactly.
 
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
@@ -13,7 +14,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { NbdClient } from '../../src/nbd/index.js';
-import type { NbdExportSegment } from '../../src/nbd/server-session.js';
+import { NbdServer } from '../../src/nbd/server.js';
+import type { NbdExportSegment, NbdServerExport } from '../../src/nbd/server-session.js';
 import { LocalBackend } from '../../src/repository/backend/local.js';
 import type { FullIndex } from '../../src/repository/disk-index.js';
 import type { Manifest } from '../../src/repository/manifest.js';
@@ -76,6 +78,57 @@ describe('ReadBufferPool', () => {
     pool.ref(big);
     pool.unref(big);
     assert.equal(pool.idleBytes, 0);
+  });
+});
+
+describe('NBD server: letting go of read data', () => {
+  it('calls readDone once per read, after the reply is out, for replies in one data chunk or several', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'qbt-readdone-'));
+    const bytes = randomBytes(4 * C);
+    const outstanding = new Set<readonly NbdExportSegment[]>();
+    let reads = 0;
+    let dones = 0;
+    const exp: NbdServerExport = {
+      name: 'vda',
+      size: bytes.length,
+      preferredBlockBytes: 4096,
+      read: async (offset, length) => {
+        reads++;
+        // A hole in the middle when the read spans one: two data chunks in the reply.
+        const mid = offset + Math.floor(length / 2);
+        const segments = length >= 2 ? [{ offset, length: mid - offset, data: Buffer.from(bytes.subarray(offset, mid)) }, { offset: mid, length: 1, data: undefined }, { offset: mid + 1, length: offset + length - mid - 1, data: Buffer.from(bytes.subarray(mid + 1, offset + length)) }] : [{ offset, length, data: Buffer.from(bytes.subarray(offset, offset + length)) }];
+        outstanding.add(segments);
+        return segments;
+      },
+      readDone: (segments) => {
+        assert.ok(outstanding.delete(segments), 'readDone gets what read returned, once');
+        dones++;
+        // The server no longer refers to the data: spoiling it must not change what the client got.
+        for (const s of segments) s.data?.fill(0xee);
+      },
+      blockStatus: async () => [],
+    };
+    try {
+      const server = await NbdServer.start({ exports: [exp], listen: { transport: 'unix', socket: join(dir, 's') } });
+      try {
+        await using c = await NbdClient.connect({ socket: join(dir, 's') }, { exportName: 'vda' });
+        const pieces = [0, 1000, C, 3 * C - 7, 2 * C];
+        const got = await Promise.all(pieces.map((o) => c.read(o, C)));
+        for (const [j, o] of pieces.entries()) {
+          const expect = Buffer.from(bytes.subarray(o, o + C));
+          expect[Math.floor(C / 2)] = 0;
+          assert.ok(got[j]?.equals(expect), `bytes at ${o}`);
+        }
+        await c.close();
+      } finally {
+        await server.close();
+      }
+      assert.equal(reads, 5);
+      assert.equal(dones, 5);
+      assert.equal(outstanding.size, 0);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
 
