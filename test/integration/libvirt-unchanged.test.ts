@@ -4,6 +4,8 @@
 // - no write since the last backup: no job begins, and the backup restores
 //   byte-exact equal to the full (the disk as it was);
 // - a write after it: the job runs and the next backup has that write;
+// - a write landing just after the new checkpoint was made alone: the
+//   checkpoint is taken back, the job runs, and the backup has the write;
 // - a backup killed right after its checkpoint was made alone lists
 //   nothing; the next backup discards that checkpoint (one qb- checkpoint
 //   left), starts a job for the write made meanwhile and restores byte-exact.
@@ -103,6 +105,32 @@ describe('libvirt: an incremental with nothing dirty makes no backup job', () =>
     for (const { m, want } of taken) await assertRestores(m, want);
   });
 
+  it('a write just after the checkpoint was made alone: it is taken back and the job runs, with the write', async () => {
+    const realCreate = LibvirtClient.prototype.checkpointCreateXml;
+    let injected = 0;
+    LibvirtClient.prototype.checkpointCreateXml = async function (this: LibvirtClient, ...args: Parameters<LibvirtClient['checkpointCreateXml']>) {
+      const made = await realCreate.apply(this, args);
+      // The new checkpoint exists; the driver has not yet looked at the sizes again.
+      if (injected++ === 0) await write('sda', 0xe5, 1 * MiB, 4096);
+      return made;
+    };
+    let m: Manifest;
+    try {
+      m = await backup();
+    } finally {
+      LibvirtClient.prototype.checkpointCreateXml = realCreate;
+    }
+    assert.equal(injected, 1, 'the checkpoint was made alone once');
+    assert.equal(begins, 3, 'the backup job began');
+    assert.ok((m.disks[0]?.bytesRead ?? 0) >= 4096, 'sda read its dirty cluster');
+    assert.deepEqual(await ourCheckpoints(), [m.checkpoint]);
+    // The write landed before the job's instant: the backup holds the disks as the model has them now.
+    const last = taken.at(-1);
+    assert.ok(last !== undefined);
+    last.want = new Map([...model].map(([t, b]) => [t, Buffer.from(b)]));
+    await assertRestores(m, last.want);
+  });
+
   it('killed right after its checkpoint was made alone: the next backup discards it and restores byte-exact', async () => {
     const before = await ourCheckpoints();
     const listed = (await qb.repository.list({ repo }, name)).length;
@@ -111,7 +139,7 @@ describe('libvirt: an incremental with nothing dirty makes no backup job', () =>
     assert.equal((await ourCheckpoints()).length, before.length + 1, 'its checkpoint was made');
     await write('sda', 0xd4, 2 * MiB, 4096);
     const next = await backup();
-    assert.equal(begins, 3, 'the backup job began for the write');
+    assert.equal(begins, 4, 'the backup job began for the write');
     assert.deepEqual(next.disks.map((d) => d.level), ['incremental', 'incremental']);
     assert.deepEqual(await ourCheckpoints(), [next.checkpoint]);
     for (const { m, want } of taken) await assertRestores(m, want);
