@@ -5,7 +5,8 @@
 //   byte-exact equal to the full (the disk as it was);
 // - a write after it: the job runs and the next backup has that write;
 // - a write landing just after the new checkpoint was made alone: the
-//   checkpoint is taken back, the job runs, and the backup has the write;
+//   checkpoint is taken back, the job runs, and the backup has the write and
+//   one landing just after the take-back;
 // - a backup killed right after its checkpoint was made alone lists
 //   nothing; the next backup discards that checkpoint (one qb- checkpoint
 //   left), starts a job for the write made meanwhile and restores byte-exact.
@@ -105,7 +106,7 @@ describe('libvirt: an incremental with nothing dirty makes no backup job', () =>
     for (const { m, want } of taken) await assertRestores(m, want);
   });
 
-  it('a write just after the checkpoint was made alone: it is taken back and the job runs, with the write', async () => {
+  it('writes just after the checkpoint was made alone and just after it was taken back: the job runs, with both', async () => {
     const realCreate = LibvirtClient.prototype.checkpointCreateXml;
     let injected = 0;
     LibvirtClient.prototype.checkpointCreateXml = async function (this: LibvirtClient, ...args: Parameters<LibvirtClient['checkpointCreateXml']>) {
@@ -114,15 +115,24 @@ describe('libvirt: an incremental with nothing dirty makes no backup job', () =>
       if (injected++ === 0) await write('sda', 0xe5, 1 * MiB, 4096);
       return made;
     };
+    // And one more just after it is taken back: its bitmap merged into the parent's, which records again.
+    const realDelete = LibvirtClient.prototype.checkpointDelete;
+    let deleted = 0;
+    LibvirtClient.prototype.checkpointDelete = async function (this: LibvirtClient, ...args: Parameters<LibvirtClient['checkpointDelete']>) {
+      await realDelete.apply(this, args);
+      if (deleted++ === 0) await write('sdb', 0xf6, 1 * MiB, 4096);
+    };
     let m: Manifest;
     try {
       m = await backup();
     } finally {
       LibvirtClient.prototype.checkpointCreateXml = realCreate;
+      LibvirtClient.prototype.checkpointDelete = realDelete;
     }
     assert.equal(injected, 1, 'the checkpoint was made alone once');
+    assert.ok(deleted >= 1, 'and taken back');
     assert.equal(begins, 3, 'the backup job began');
-    assert.ok((m.disks[0]?.bytesRead ?? 0) >= 4096, 'sda read its dirty cluster');
+    assert.ok((m.disks[0]?.bytesRead ?? 0) >= 4096 && (m.disks[1]?.bytesRead ?? 0) >= 4096, 'each disk read its dirty cluster');
     assert.deepEqual(await ourCheckpoints(), [m.checkpoint]);
     // The write landed before the job's instant: the backup holds the disks as the model has them now.
     const last = taken.at(-1);
