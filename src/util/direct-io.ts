@@ -1,0 +1,313 @@
+// Direct I/O (O_DIRECT) for large writes: packs and restored images go from
+// our memory to the device without passing through the page cache. A
+// buffered write of GiBs costs the kernel seconds of CPU finding and filling
+// pages when the cache is full of other data, and evicts what the VMs of the
+// host had cached; a direct write costs neither.
+//
+// Direct I/O needs the buffer's address, the file offset and the length
+// aligned (DIRECT_ALIGNMENT). JavaScript cannot see an address, so aligned
+// memory comes from WebAssembly memories, which V8 maps page-aligned; such
+// memory is registered here, and only it is ever written directly.
+//
+// Invariants:
+// - Every byte handed to a writer lands at its position, direct or not: the
+//   aligned middle of a write goes through the direct descriptor, its
+//   unaligned head and tail (and everything, where direct I/O is refused)
+//   through the file's own buffered descriptor. Linux keeps the two coherent
+//   (a direct write invalidates the cached pages of its range), and no page
+//   is ever written partly by each.
+// - Where direct I/O is refused (opening with O_DIRECT fails, or a direct
+//   write fails with EINVAL), the writer falls back to buffered writes for
+//   the rest of that file; the bytes of a refused write go buffered.
+// - Direct writes do not make the file's size or extents durable: callers
+//   fsync (or fdatasync) the file as before.
+// - A writer owns only its direct descriptor: closing it never closes the
+//   buffered one, which stays the caller's.
+
+import { close, closeSync, constants, open, openSync, write, writeSync, writevSync } from 'node:fs';
+import { promisify } from 'node:util';
+
+/** The alignment of direct writes: address, file offset and length (the page size; a multiple of every common logical block size). */
+export const DIRECT_ALIGNMENT = 4096;
+/** Below this, a write is not worth a second system call: it goes buffered whole. */
+const MIN_DIRECT_BYTES = 64 * 1024;
+/** The staging buffer of writevSync (per thread). */
+const STAGING_BYTES = 4 * 1024 * 1024;
+const WASM_PAGE_BYTES = 64 * 1024;
+/** O_DIRECT where the platform has it (Linux), else 0: no direct I/O. */
+const O_DIRECT: number = (constants as { O_DIRECT?: number }).O_DIRECT ?? 0;
+
+const openAsync = promisify(open);
+const closeAsync = promisify(close);
+const writeAsync = promisify(write);
+
+/** The part of the WebAssembly API used here (its types are not in this project's libraries). */
+interface WasmMemoryConstructor {
+  new (descriptor: { initial: number; maximum: number; shared: boolean }): { readonly buffer: ArrayBuffer | SharedArrayBuffer };
+}
+const WasmMemory = (globalThis as unknown as { WebAssembly: { Memory: WasmMemoryConstructor } }).WebAssembly.Memory;
+
+/** Memory known to start at a page boundary (see alignedBuffer). */
+const alignedMemory = new WeakSet<ArrayBufferLike>();
+
+/**
+ * A zero-filled buffer of at least `bytes` (rounded up to 64 KiB) that starts
+ * at a page boundary; shared memory (a SharedArrayBuffer, usable from
+ * workers) when `shared`.
+ */
+export function alignedBuffer(bytes: number, options: { shared?: boolean | undefined } = {}): Buffer {
+  const pages = Math.max(1, Math.ceil(bytes / WASM_PAGE_BYTES));
+  const memory = new WasmMemory({ initial: pages, maximum: pages, shared: options.shared === true });
+  const buffer = memory.buffer;
+  alignedMemory.add(buffer);
+  return Buffer.from(buffer);
+}
+
+/** True when `view`'s memory comes from alignedBuffer (of this thread), so its address is known modulo DIRECT_ALIGNMENT. */
+export function isAlignedMemory(view: Uint8Array): boolean {
+  return alignedMemory.has(view.buffer);
+}
+
+/** The direct part of a write of `length` bytes at `position` from memory at `byteOffset`: [start, end) of the data, or undefined. */
+function directRange(byteOffset: number, position: number, length: number): { start: number; end: number } | undefined {
+  if (byteOffset % DIRECT_ALIGNMENT !== position % DIRECT_ALIGNMENT) return undefined;
+  const start = (DIRECT_ALIGNMENT - (position % DIRECT_ALIGNMENT)) % DIRECT_ALIGNMENT;
+  const end = start + Math.floor(Math.max(0, length - start) / DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT;
+  return end - start >= MIN_DIRECT_BYTES ? { start, end } : undefined;
+}
+
+function isInvalid(err: unknown): boolean {
+  return (err as NodeJS.ErrnoException | undefined)?.code === 'EINVAL';
+}
+
+/** This thread's staging buffer for writevSync, made at first use. */
+let staging: Buffer | undefined;
+
+/**
+ * Writes to an open file, the large aligned parts directly. Made with
+ * `open` (a direct descriptor of its own) or `over` (one the caller owns).
+ */
+export class DirectWriter {
+  private direct: number | undefined;
+  private closed = false;
+
+  private constructor(
+    /** The file's buffered descriptor (the caller's). */
+    readonly fd: number,
+    direct: number | undefined,
+    private readonly ownsDirect: boolean,
+  ) {
+    this.direct = direct;
+  }
+
+  /**
+   * A writer for the open file `fd`: a second descriptor of the same file is
+   * opened for direct writes (through /proc/self/fd, so it reaches exactly
+   * that file); where that is refused, every write is buffered.
+   */
+  static async open(fd: number): Promise<DirectWriter> {
+    if (O_DIRECT === 0) return new DirectWriter(fd, undefined, true);
+    const direct = await openAsync(`/proc/self/fd/${fd}`, constants.O_WRONLY | O_DIRECT).catch(() => undefined);
+    return new DirectWriter(fd, direct, true);
+  }
+
+  /** open(), synchronously. */
+  static openSync(fd: number): DirectWriter {
+    if (O_DIRECT === 0) return new DirectWriter(fd, undefined, true);
+    let direct: number | undefined;
+    try {
+      direct = openSync(`/proc/self/fd/${fd}`, constants.O_WRONLY | O_DIRECT);
+    } catch {
+      direct = undefined;
+    }
+    return new DirectWriter(fd, direct, true);
+  }
+
+  /** A writer over descriptors the caller owns and closes (e.g. a worker's view of its caller's files). */
+  static over(fd: number, direct: number | undefined): DirectWriter {
+    return new DirectWriter(fd, direct, false);
+  }
+
+  /** The direct descriptor, while direct writes are possible (to hand to another thread with `fd`). */
+  get directFd(): number | undefined {
+    return this.direct;
+  }
+
+  /** Writes all of `data` at `position`; directly where `data` is aligned memory (see alignedBuffer) and its alignment matches the position's. */
+  async write(data: Uint8Array, position: number): Promise<void> {
+    const range = this.direct !== undefined && isAlignedMemory(data) ? directRange(data.byteOffset, position, data.byteLength) : undefined;
+    if (range === undefined) {
+      await writeAllAsync(this.fd, data, 0, data.byteLength, position);
+      return;
+    }
+    await writeAllAsync(this.fd, data, 0, range.start, position);
+    const done = await this.tryDirect((fd) => writeAllAsync(fd, data, range.start, range.end - range.start, position + range.start, true));
+    // Refused (EINVAL) or cut short: the rest of the range goes buffered.
+    if (done < range.end - range.start) await writeAllAsync(this.fd, data, range.start + done, range.end - range.start - done, position + range.start + done);
+    await writeAllAsync(this.fd, data, range.end, data.byteLength - range.end, position + range.end);
+  }
+
+  /** write(), synchronously. */
+  writeSync(data: Uint8Array, position: number): void {
+    const range = this.direct !== undefined && isAlignedMemory(data) ? directRange(data.byteOffset, position, data.byteLength) : undefined;
+    if (range === undefined) {
+      writeAllSync(this.fd, data, 0, data.byteLength, position);
+      return;
+    }
+    writeAllSync(this.fd, data, 0, range.start, position);
+    const done = this.tryDirectSync((fd) => writeAllSync(fd, data, range.start, range.end - range.start, position + range.start, true));
+    if (done < range.end - range.start) writeAllSync(this.fd, data, range.start + done, range.end - range.start - done, position + range.start + done);
+    writeAllSync(this.fd, data, range.end, data.byteLength - range.end, position + range.end);
+  }
+
+  /**
+   * Writes `parts` back to back from `position` (any memory): the aligned
+   * middle is copied into this thread's aligned staging buffer and written
+   * directly, the head and tail (or everything, without direct I/O) with
+   * one pwritev each.
+   */
+  writevSync(parts: readonly Uint8Array[], position: number): void {
+    const total = parts.reduce((n, p) => n + p.byteLength, 0);
+    const range = this.direct !== undefined ? directRange(position, position, total) : undefined;
+    if (range === undefined) {
+      writevAllSync(this.fd, parts, position);
+      return;
+    }
+    writevAllSync(this.fd, sliceParts(parts, 0, range.start), position);
+    let at = range.start;
+    while (at < range.end && this.direct !== undefined) {
+      staging ??= alignedBuffer(STAGING_BYTES);
+      const n = Math.min(staging.length, range.end - at);
+      let k = 0;
+      for (const p of sliceParts(parts, at, at + n)) {
+        staging.set(p, k);
+        k += p.byteLength;
+      }
+      const stage = staging;
+      const done = this.tryDirectSync((fd) => writeAllSync(fd, stage, 0, n, position + at, true));
+      at += done;
+      if (done < n) break;
+    }
+    writevAllSync(this.fd, sliceParts(parts, at, total), position + at);
+  }
+
+  /** Closes the direct descriptor if this writer opened it; idempotent. The buffered one stays open. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    const direct = this.direct;
+    this.direct = undefined;
+    if (this.ownsDirect && direct !== undefined) await closeAsync(direct);
+  }
+
+  /** close(), synchronously. */
+  closeSync(): void {
+    if (this.closed) return;
+    this.closed = true;
+    const direct = this.direct;
+    this.direct = undefined;
+    if (this.ownsDirect && direct !== undefined) closeSync(direct);
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+
+  /** Runs a direct write; EINVAL (direct I/O refused for this file) turns direct writes off. Returns the bytes written. */
+  private async tryDirect(fn: (fd: number) => Promise<number>): Promise<number> {
+    const fd = this.direct;
+    if (fd === undefined) return 0;
+    try {
+      return await fn(fd);
+    } catch (err) {
+      if (!isInvalid(err)) throw err;
+      this.dropDirect();
+      return 0;
+    }
+  }
+
+  private tryDirectSync(fn: (fd: number) => number): number {
+    const fd = this.direct;
+    if (fd === undefined) return 0;
+    try {
+      return fn(fd);
+    } catch (err) {
+      if (!isInvalid(err)) throw err;
+      this.dropDirect();
+      return 0;
+    }
+  }
+
+  private dropDirect(): void {
+    const direct = this.direct;
+    this.direct = undefined;
+    if (this.ownsDirect && direct !== undefined) {
+      try {
+        closeSync(direct);
+      } catch {
+        // Nothing was written through it that a close could lose.
+      }
+    }
+  }
+}
+
+/**
+ * Writes `length` bytes of `data` from `offset` at `position`, looping on
+ * short writes; returns the bytes written. Through a direct descriptor
+ * (`direct`), a write that makes no progress or leaves the rest unaligned
+ * stops early and the caller writes the rest buffered; a buffered write
+ * that makes no progress throws.
+ */
+async function writeAllAsync(fd: number, data: Uint8Array, offset: number, length: number, position: number, direct = false): Promise<number> {
+  let done = 0;
+  while (done < length) {
+    const { bytesWritten } = await writeAsync(fd, data, offset + done, length - done, position + done);
+    done += bytesWritten;
+    if (done < length && (bytesWritten === 0 || (direct && done % DIRECT_ALIGNMENT !== 0))) {
+      if (direct) break;
+      throw noProgress(length - done, position + done);
+    }
+  }
+  return done;
+}
+
+function writeAllSync(fd: number, data: Uint8Array, offset: number, length: number, position: number, direct = false): number {
+  let done = 0;
+  while (done < length) {
+    const n = writeSync(fd, data, offset + done, length - done, position + done);
+    done += n;
+    if (done < length && (n === 0 || (direct && done % DIRECT_ALIGNMENT !== 0))) {
+      if (direct) break;
+      throw noProgress(length - done, position + done);
+    }
+  }
+  return done;
+}
+
+function noProgress(bytes: number, position: number): Error {
+  return new Error(`Writing ${bytes} bytes at offset ${position} made no progress`);
+}
+
+function writevAllSync(fd: number, parts: readonly Uint8Array[], position: number): void {
+  const total = parts.reduce((n, p) => n + p.byteLength, 0);
+  let done = 0;
+  while (done < total) {
+    const n = writevSync(fd, done === 0 ? [...parts] : sliceParts(parts, done, total), position + done);
+    if (n === 0) throw noProgress(total - done, position + done);
+    done += n;
+  }
+}
+
+/** The bytes [start, end) of `parts` laid back to back, as views. */
+export function sliceParts(parts: readonly Uint8Array[], start: number, end: number): Uint8Array[] {
+  const out: Uint8Array[] = [];
+  let at = 0;
+  for (const p of parts) {
+    const from = Math.max(start, at);
+    const to = Math.min(end, at + p.byteLength);
+    if (from < to) out.push(p.subarray(from - at, to - at));
+    at += p.byteLength;
+    if (at >= end) break;
+  }
+  return out;
+}
