@@ -16,11 +16,12 @@
 //   may close the files then.
 
 import { createHash } from 'node:crypto';
-import { readSync, writevSync } from 'node:fs';
+import { readSync } from 'node:fs';
 import { isMarkedAsUntransferable, parentPort, workerData } from 'node:worker_threads';
 import { decodeChunk, encodeChunkParts, isZero, type EncodedChunk } from './chunk.js';
 import { ChunkCompressor } from './compress.js';
 import { chunkId, type MasterKey } from './crypto.js';
+import { DirectWriter } from '../util/direct-io.js';
 import { checkPackBytes, type CheckPackReply, type CheckPackRequest } from './pack-check.js';
 
 export interface WorkerInit {
@@ -75,6 +76,8 @@ export interface CopyRequest {
   /** Per entry: where its plaintext goes in `to` (a chunk stored once may appear at several places). */
   writes: Array<Array<{ position: number; length: number }>>;
   to: number;
+  /** A descriptor of the same file opened for direct I/O, if any: the aligned middle of each write goes through it (see util/direct-io.ts). */
+  toDirect?: number | undefined;
   dataKey?: Uint8Array | undefined;
   idKey?: Uint8Array | undefined;
 }
@@ -204,15 +207,13 @@ export function copyEntries(msg: CopyRequest, codecCompressor: ChunkCompressor, 
     return { reply: { op: 'copied', seq: msg.seq, errors, ioError: { read: true, message: err instanceof Error ? err.message : String(err) } }, scratch: buffer };
   }
   const readKey = msg.dataKey !== undefined && msg.idKey !== undefined ? { dataKey: Buffer.from(msg.dataKey), idKey: Buffer.from(msg.idKey) } : undefined;
-  // Writes to back-to-back positions go out together (one pwritev).
+  // Writes to back-to-back positions go out together (one pwritev, or
+  // their aligned middle staged and written directly).
+  const out = DirectWriter.over(msg.to, msg.toDirect);
   let batch: { position: number; length: number; parts: Buffer[] } | undefined;
   const flush = (): void => {
     if (batch === undefined) return;
-    let written = 0;
-    while (written < batch.length) {
-      const parts = written === 0 ? batch.parts : sliceParts(batch.parts, written);
-      written += writevSync(msg.to, parts, batch.position + written);
-    }
+    out.writevSync(batch.parts, batch.position);
     batch = undefined;
   };
   try {
@@ -241,19 +242,6 @@ export function copyEntries(msg: CopyRequest, codecCompressor: ChunkCompressor, 
     return { reply: { op: 'copied', seq: msg.seq, errors, ioError: { read: false, message: err instanceof Error ? err.message : String(err) } }, scratch: buffer };
   }
   return { reply: { op: 'copied', seq: msg.seq, errors }, scratch: buffer };
-}
-
-/** `parts` less their first `skip` bytes. */
-function sliceParts(parts: readonly Buffer[], skip: number): Buffer[] {
-  const out: Buffer[] = [];
-  for (const p of parts) {
-    if (skip >= p.length) skip -= p.length;
-    else {
-      out.push(skip > 0 ? p.subarray(skip) : p);
-      skip = 0;
-    }
-  }
-  return out;
 }
 
 function handle(msg: WorkerRequest): WorkerReply {
