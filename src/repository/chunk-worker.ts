@@ -189,8 +189,15 @@ function fitsInPlace(entries: readonly DecodeEntry[], size: number): boolean {
 /** This thread's read buffer for copy requests, kept from one request to the next. */
 let copyBuffer: Buffer | undefined;
 
-/** Reads, decodes, checks and writes one copy request (see CopyRequest); `scratch` may be reused across calls. */
-export function copyEntries(msg: CopyRequest, codecCompressor: ChunkCompressor, scratch?: Buffer): { reply: CopyReply; scratch: Buffer } {
+/** Back-to-back plaintexts written together: one write's worth, and while it is out the next is decoded. */
+const COPY_WRITE_BYTES = 4 * 1024 * 1024;
+
+/**
+ * Reads, decodes, checks and writes one copy request (see CopyRequest);
+ * `scratch` may be reused across calls that do not overlap. Its writes go
+ * out as their chunks are decoded and are all settled when it returns.
+ */
+export async function copyEntries(msg: CopyRequest, codecCompressor: ChunkCompressor, scratch?: Buffer): Promise<{ reply: CopyReply; scratch: Buffer }> {
   const buffer = scratch !== undefined && scratch.length >= msg.length ? scratch : Buffer.allocUnsafeSlow(Math.max(msg.length, scratch?.length ?? 0));
   const errors: Array<string | undefined> = msg.entries.map(() => undefined);
   try {
@@ -208,12 +215,14 @@ export function copyEntries(msg: CopyRequest, codecCompressor: ChunkCompressor, 
   }
   const readKey = msg.dataKey !== undefined && msg.idKey !== undefined ? { dataKey: Buffer.from(msg.dataKey), idKey: Buffer.from(msg.idKey) } : undefined;
   // Writes to back-to-back positions go out together (one pwritev, or
-  // their aligned middle staged and written directly).
+  // their aligned middle staged and written directly), on the thread pool
+  // while the next chunks are decoded.
   const out = DirectWriter.over(msg.to, msg.toDirect);
+  const writes: Array<Promise<void>> = [];
   let batch: { position: number; length: number; parts: Buffer[] } | undefined;
   const flush = (): void => {
     if (batch === undefined) return;
-    out.writevSync(batch.parts, batch.position);
+    writes.push(out.writev(batch.parts, batch.position));
     batch = undefined;
   };
   try {
@@ -228,7 +237,7 @@ export function copyEntries(msg: CopyRequest, codecCompressor: ChunkCompressor, 
       }
       for (const w of msg.writes[k] ?? []) {
         const part = data.subarray(0, w.length);
-        if (batch !== undefined && batch.position + batch.length === w.position && batch.parts.length < 512) {
+        if (batch !== undefined && batch.position + batch.length === w.position && batch.length < COPY_WRITE_BYTES && batch.parts.length < 512) {
           batch.parts.push(part);
           batch.length += part.length;
         } else {
@@ -239,18 +248,24 @@ export function copyEntries(msg: CopyRequest, codecCompressor: ChunkCompressor, 
     }
     flush();
   } catch (err) {
+    await Promise.allSettled(writes);
+    return { reply: { op: 'copied', seq: msg.seq, errors, ioError: { read: false, message: err instanceof Error ? err.message : String(err) } }, scratch: buffer };
+  }
+  const failed = (await Promise.allSettled(writes)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed !== undefined) {
+    const err: unknown = failed.reason;
     return { reply: { op: 'copied', seq: msg.seq, errors, ioError: { read: false, message: err instanceof Error ? err.message : String(err) } }, scratch: buffer };
   }
   return { reply: { op: 'copied', seq: msg.seq, errors }, scratch: buffer };
 }
 
-function handle(msg: WorkerRequest): WorkerReply {
+async function handle(msg: WorkerRequest): Promise<WorkerReply> {
   const compressor = compressorOf();
   if (msg.op === 'decode') return decodeEntries(msg, compressor);
   if (msg.op === 'hashPack') return hashPack(msg);
   if (msg.op === 'check') return checkPackBytes(msg, compressor);
   if (msg.op === 'copy') {
-    const { reply, scratch } = copyEntries(msg, compressor, copyBuffer);
+    const { reply, scratch } = await copyEntries(msg, compressor, copyBuffer);
     copyBuffer = scratch;
     return reply;
   }
@@ -306,14 +321,19 @@ export function transferList(views: readonly Uint8Array[]): ArrayBuffer[] {
   return [...out];
 }
 
+/** Requests are handled one at a time, in order (a copy waits for its writes; the next request waits for it). */
+let handling: Promise<void> = Promise.resolve();
+
 parentPort?.on('message', (msg: WorkerRequest) => {
-  let reply: WorkerReply;
-  try {
-    reply = handle(msg);
-  } catch (err) {
-    reply = { op: 'error', seq: msg.seq, message: err instanceof Error ? err.message : String(err) };
-  }
-  parentPort?.postMessage(reply, transferList(repliedMemory(reply)));
+  handling = handling.then(async () => {
+    let reply: WorkerReply;
+    try {
+      reply = await handle(msg);
+    } catch (err) {
+      reply = { op: 'error', seq: msg.seq, message: err instanceof Error ? err.message : String(err) };
+    }
+    parentPort?.postMessage(reply, transferList(repliedMemory(reply)));
+  });
 });
 
 /** The memory a reply hands over to the caller. */

@@ -24,7 +24,7 @@
 // - A writer owns only its direct descriptor: closing it never closes the
 //   buffered one, which stays the caller's.
 
-import { close, closeSync, constants, open, openSync, write, writeSync, writevSync } from 'node:fs';
+import { close, closeSync, constants, open, openSync, write, writeSync, writev, writevSync } from 'node:fs';
 import { promisify } from 'node:util';
 
 /** The alignment of direct writes: address, file offset and length (the page size; a multiple of every common logical block size). */
@@ -40,6 +40,7 @@ const O_DIRECT: number = (constants as { O_DIRECT?: number }).O_DIRECT ?? 0;
 const openAsync = promisify(open);
 const closeAsync = promisify(close);
 const writeAsync = promisify(write);
+const writevAsync = promisify(writev);
 
 /** The part of the WebAssembly API used here (its types are not in this project's libraries). */
 interface WasmMemoryConstructor {
@@ -82,6 +83,30 @@ function isInvalid(err: unknown): boolean {
 
 /** This thread's staging buffer for writevSync, made at first use. */
 let staging: Buffer | undefined;
+/** Staging buffers of writev kept for reuse, and writers waiting for one (at most STAGING_IN_FLIGHT exist per thread). */
+const STAGING_IN_FLIGHT = 4;
+const freeStaging: Buffer[] = [];
+const stagingWaiters: Array<(b: Buffer) => void> = [];
+let stagingMade = 0;
+
+/** A staging buffer now if one is free or may be made, else undefined (then wait with waitForStaging). */
+function takeStaging(): Buffer | undefined {
+  const b = freeStaging.pop();
+  if (b !== undefined) return b;
+  if (stagingMade >= STAGING_IN_FLIGHT) return undefined;
+  stagingMade++;
+  return alignedBuffer(STAGING_BYTES);
+}
+
+function waitForStaging(): Promise<Buffer> {
+  return new Promise((resolve) => stagingWaiters.push(resolve));
+}
+
+function releaseStaging(b: Buffer): void {
+  const waiter = stagingWaiters.shift();
+  if (waiter !== undefined) waiter(b);
+  else freeStaging.push(b);
+}
 
 /**
  * Writes to an open file, the large aligned parts directly. Made with
@@ -191,6 +216,50 @@ export class DirectWriter {
     writevAllSync(this.fd, sliceParts(parts, at, total), position + at);
   }
 
+  /**
+   * writevSync without blocking the thread: the aligned middle is staged
+   * piece by piece (up to STAGING_IN_FLIGHT pieces of this thread in flight
+   * at once) and each piece written directly on the thread pool while the
+   * caller goes on; settles once every byte is written. `parts` must stay
+   * unchanged until then. The first failure is thrown, after every write
+   * has settled.
+   */
+  async writev(parts: readonly Uint8Array[], position: number): Promise<void> {
+    const total = parts.reduce((n, p) => n + p.byteLength, 0);
+    const range = this.direct !== undefined ? directRange(position, position, total) : undefined;
+    if (range === undefined) {
+      await writevAllAsync(this.fd, parts, position);
+      return;
+    }
+    const writes: Array<Promise<unknown>> = [writevAllAsync(this.fd, sliceParts(parts, 0, range.start), position)];
+    try {
+      for (let at = range.start; at < range.end; ) {
+        const from = at;
+        const n = Math.min(STAGING_BYTES, range.end - from);
+        // Taken without yielding when one is free, so the first pieces go out before the caller's next step.
+        const stage = takeStaging() ?? (await waitForStaging());
+        let k = 0;
+        for (const p of sliceParts(parts, from, from + n)) {
+          stage.set(p, k);
+          k += p.byteLength;
+        }
+        writes.push(
+          this.tryDirect((fd) => writeAllAsync(fd, stage, 0, n, position + from, true))
+            .then(async (done) => {
+              // Refused or cut short: the rest of the piece goes buffered.
+              if (done < n) await writevAllAsync(this.fd, sliceParts(parts, from + done, from + n), position + from + done);
+            })
+            .finally(() => releaseStaging(stage)),
+        );
+        at += n;
+      }
+      writes.push(writevAllAsync(this.fd, sliceParts(parts, range.end, total), position + range.end));
+    } finally {
+      const failed = (await Promise.allSettled(writes)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed !== undefined) throw failed.reason;
+    }
+  }
+
   /** Closes the direct descriptor if this writer opened it; idempotent. The buffered one stays open. */
   async close(): Promise<void> {
     if (this.closed) return;
@@ -286,6 +355,16 @@ function writeAllSync(fd: number, data: Uint8Array, offset: number, length: numb
 
 function noProgress(bytes: number, position: number): Error {
   return new Error(`Writing ${bytes} bytes at offset ${position} made no progress`);
+}
+
+async function writevAllAsync(fd: number, parts: readonly Uint8Array[], position: number): Promise<void> {
+  const total = parts.reduce((n, p) => n + p.byteLength, 0);
+  let done = 0;
+  while (done < total) {
+    const { bytesWritten } = await writevAsync(fd, done === 0 ? [...parts] : sliceParts(parts, done, total), position + done);
+    if (bytesWritten === 0) throw noProgress(total - done, position + done);
+    done += bytesWritten;
+  }
 }
 
 function writevAllSync(fd: number, parts: readonly Uint8Array[], position: number): void {

@@ -1,8 +1,8 @@
 // Direct writes (util/direct-io.ts): memory from alignedBuffer is page
 // aligned (the kernel accepts an O_DIRECT write from it, and refuses one from
 // a plain Buffer), and a DirectWriter puts every byte of aligned and
-// unaligned writes (any position, length and memory; write, writeSync and
-// writevSync) where it belongs, whether the file takes direct I/O or not
+// unaligned writes (any position, length and memory; write, writeSync,
+// writevSync and writev) where it belongs, whether the file takes direct I/O or not
 // (a file in /dev/shm, and a writer with no direct descriptor).
 
 import assert from 'node:assert/strict';
@@ -72,7 +72,7 @@ describe('direct I/O', () => {
         if (probe !== undefined) assert.notEqual(writer.directFd, undefined, 'a file on this disk takes direct writes');
         if (where === 'buffered only') assert.equal(writer.directFd, undefined);
         const pool = alignedBuffer(4 * MiB);
-        for (let i = 0; i < 60; i++) {
+        for (let i = 0; i < 80; i++) {
           // Positions and lengths aligned, off by a little, or anywhere; memory aligned or not.
           const pick = (max: number): number => {
             const r = random();
@@ -81,7 +81,7 @@ describe('direct I/O', () => {
           };
           const length = Math.max(1, Math.min(pick(3 * MiB), size - 1));
           const position = Math.min(pick(size), size - length);
-          const kind = i % 4;
+          const kind = i % 5;
           const bytes = Buffer.from(Array.from({ length: 256 }, () => Math.floor(random() * 256)));
           const fill = (b: Uint8Array): void => {
             for (let k = 0; k < b.length; k += 256) b.set(bytes.subarray(0, Math.min(256, b.length - k)), k);
@@ -103,7 +103,8 @@ describe('direct I/O', () => {
             // Parts of uneven sizes, as a restore's back-to-back chunks.
             const cuts = [0, ...Array.from({ length: 5 }, () => Math.floor(random() * length)).sort((a, b) => a - b), length];
             const parts = cuts.slice(1).map((c, k) => data.subarray(cuts[k], c)).filter((p) => p.length > 0);
-            writer.writevSync(parts, position);
+            if (kind === 3) writer.writevSync(parts, position);
+            else await writer.writev(parts, position);
             data.copy(model, position);
           }
         }
