@@ -248,15 +248,11 @@ export async function copyEntries(msg: CopyRequest, codecCompressor: ChunkCompre
     }
     flush();
   } catch (err) {
-    await Promise.allSettled(writes);
-    return { reply: { op: 'copied', seq: msg.seq, errors, ioError: { read: false, message: err instanceof Error ? err.message : String(err) } }, scratch: buffer };
+    writes.push(Promise.reject(err));
   }
   const failed = (await Promise.allSettled(writes)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
-  if (failed !== undefined) {
-    const err: unknown = failed.reason;
-    return { reply: { op: 'copied', seq: msg.seq, errors, ioError: { read: false, message: err instanceof Error ? err.message : String(err) } }, scratch: buffer };
-  }
-  return { reply: { op: 'copied', seq: msg.seq, errors }, scratch: buffer };
+  const ioError = failed !== undefined ? { read: false, message: failed.reason instanceof Error ? failed.reason.message : String(failed.reason) } : undefined;
+  return { reply: { op: 'copied', seq: msg.seq, errors, ioError }, scratch: buffer };
 }
 
 async function handle(msg: WorkerRequest): Promise<WorkerReply> {
