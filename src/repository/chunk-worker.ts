@@ -87,7 +87,7 @@ export interface CopyReply {
   seq: number;
   /** Per entry: undefined when written, else why its chunk could not be read. */
   errors: Array<string | undefined>;
-  /** Why reading the pack or writing the output failed (then nothing more was written). */
+  /** Why reading the pack (then nothing was written) or writing the output failed (the first failure; the output is not to be used). */
   ioError?: { read: boolean; message: string } | undefined;
 }
 

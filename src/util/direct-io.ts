@@ -24,14 +24,14 @@
 // - A writer owns only its direct descriptor: closing it never closes the
 //   buffered one, which stays the caller's.
 
-import { close, closeSync, constants, open, openSync, write, writeSync, writev, writevSync } from 'node:fs';
+import { close, closeSync, constants, open, write, writev } from 'node:fs';
 import { promisify } from 'node:util';
 
 /** The alignment of direct writes: address, file offset and length (the page size; a multiple of every common logical block size). */
 export const DIRECT_ALIGNMENT = 4096;
 /** Below this, a write is not worth a second system call: it goes buffered whole. */
 const MIN_DIRECT_BYTES = 64 * 1024;
-/** The staging buffer of writevSync (per thread). */
+/** A staging buffer of writev. */
 const STAGING_BYTES = 4 * 1024 * 1024;
 const WASM_PAGE_BYTES = 64 * 1024;
 /** O_DIRECT where the platform has it (Linux), else 0: no direct I/O. */
@@ -81,8 +81,6 @@ function isInvalid(err: unknown): boolean {
   return (err as NodeJS.ErrnoException | undefined)?.code === 'EINVAL';
 }
 
-/** This thread's staging buffer for writevSync, made at first use. */
-let staging: Buffer | undefined;
 /** Staging buffers of writev kept for reuse, and writers waiting for one (at most STAGING_IN_FLIGHT exist per thread). */
 const STAGING_IN_FLIGHT = 4;
 const freeStaging: Buffer[] = [];
@@ -136,18 +134,6 @@ export class DirectWriter {
     return new DirectWriter(fd, direct, true);
   }
 
-  /** open(), synchronously. */
-  static openSync(fd: number): DirectWriter {
-    if (O_DIRECT === 0) return new DirectWriter(fd, undefined, true);
-    let direct: number | undefined;
-    try {
-      direct = openSync(`/proc/self/fd/${fd}`, constants.O_WRONLY | O_DIRECT);
-    } catch {
-      direct = undefined;
-    }
-    return new DirectWriter(fd, direct, true);
-  }
-
   /** A writer over descriptors the caller owns and closes (e.g. a worker's view of its caller's files). */
   static over(fd: number, direct: number | undefined): DirectWriter {
     return new DirectWriter(fd, direct, false);
@@ -172,55 +158,13 @@ export class DirectWriter {
     await writeAllAsync(this.fd, data, range.end, data.byteLength - range.end, position + range.end);
   }
 
-  /** write(), synchronously. */
-  writeSync(data: Uint8Array, position: number): void {
-    const range = this.direct !== undefined && isAlignedMemory(data) ? directRange(data.byteOffset, position, data.byteLength) : undefined;
-    if (range === undefined) {
-      writeAllSync(this.fd, data, 0, data.byteLength, position);
-      return;
-    }
-    writeAllSync(this.fd, data, 0, range.start, position);
-    const done = this.tryDirectSync((fd) => writeAllSync(fd, data, range.start, range.end - range.start, position + range.start, true));
-    if (done < range.end - range.start) writeAllSync(this.fd, data, range.start + done, range.end - range.start - done, position + range.start + done);
-    writeAllSync(this.fd, data, range.end, data.byteLength - range.end, position + range.end);
-  }
-
   /**
    * Writes `parts` back to back from `position` (any memory): the aligned
-   * middle is copied into this thread's aligned staging buffer and written
-   * directly, the head and tail (or everything, without direct I/O) with
-   * one pwritev each.
-   */
-  writevSync(parts: readonly Uint8Array[], position: number): void {
-    const total = parts.reduce((n, p) => n + p.byteLength, 0);
-    const range = this.direct !== undefined ? directRange(position, position, total) : undefined;
-    if (range === undefined) {
-      writevAllSync(this.fd, parts, position);
-      return;
-    }
-    writevAllSync(this.fd, sliceParts(parts, 0, range.start), position);
-    let at = range.start;
-    while (at < range.end && this.direct !== undefined) {
-      staging ??= alignedBuffer(STAGING_BYTES);
-      const n = Math.min(staging.length, range.end - at);
-      let k = 0;
-      for (const p of sliceParts(parts, at, at + n)) {
-        staging.set(p, k);
-        k += p.byteLength;
-      }
-      const stage = staging;
-      const done = this.tryDirectSync((fd) => writeAllSync(fd, stage, 0, n, position + at, true));
-      at += done;
-      if (done < n) break;
-    }
-    writevAllSync(this.fd, sliceParts(parts, at, total), position + at);
-  }
-
-  /**
-   * writevSync without blocking the thread: the aligned middle is staged
-   * piece by piece (up to STAGING_IN_FLIGHT pieces of this thread in flight
-   * at once) and each piece written directly on the thread pool while the
-   * caller goes on; settles once every byte is written. `parts` must stay
+   * middle is copied into this thread's aligned staging buffers piece by
+   * piece (up to STAGING_IN_FLIGHT pieces in flight at once) and each piece
+   * written directly on the thread pool while the caller goes on; the head
+   * and tail go buffered (one pwritev each). Settles once every byte is
+   * written. `parts` must stay
    * unchanged until then. The first failure is thrown, after every write
    * has settled.
    */
@@ -269,15 +213,6 @@ export class DirectWriter {
     if (this.ownsDirect && direct !== undefined) await closeAsync(direct);
   }
 
-  /** close(), synchronously. */
-  closeSync(): void {
-    if (this.closed) return;
-    this.closed = true;
-    const direct = this.direct;
-    this.direct = undefined;
-    if (this.ownsDirect && direct !== undefined) closeSync(direct);
-  }
-
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close();
   }
@@ -288,18 +223,6 @@ export class DirectWriter {
     if (fd === undefined) return 0;
     try {
       return await fn(fd);
-    } catch (err) {
-      if (!isInvalid(err)) throw err;
-      this.dropDirect();
-      return 0;
-    }
-  }
-
-  private tryDirectSync(fn: (fd: number) => number): number {
-    const fd = this.direct;
-    if (fd === undefined) return 0;
-    try {
-      return fn(fd);
     } catch (err) {
       if (!isInvalid(err)) throw err;
       this.dropDirect();
@@ -340,19 +263,6 @@ async function writeAllAsync(fd: number, data: Uint8Array, offset: number, lengt
   return done;
 }
 
-function writeAllSync(fd: number, data: Uint8Array, offset: number, length: number, position: number, direct = false): number {
-  let done = 0;
-  while (done < length) {
-    const n = writeSync(fd, data, offset + done, length - done, position + done);
-    done += n;
-    if (done < length && (n === 0 || (direct && done % DIRECT_ALIGNMENT !== 0))) {
-      if (direct) break;
-      throw noProgress(length - done, position + done);
-    }
-  }
-  return done;
-}
-
 function noProgress(bytes: number, position: number): Error {
   return new Error(`Writing ${bytes} bytes at offset ${position} made no progress`);
 }
@@ -364,16 +274,6 @@ async function writevAllAsync(fd: number, parts: readonly Uint8Array[], position
     const { bytesWritten } = await writevAsync(fd, done === 0 ? [...parts] : sliceParts(parts, done, total), position + done);
     if (bytesWritten === 0) throw noProgress(total - done, position + done);
     done += bytesWritten;
-  }
-}
-
-function writevAllSync(fd: number, parts: readonly Uint8Array[], position: number): void {
-  const total = parts.reduce((n, p) => n + p.byteLength, 0);
-  let done = 0;
-  while (done < total) {
-    const n = writevSync(fd, done === 0 ? [...parts] : sliceParts(parts, done, total), position + done);
-    if (n === 0) throw noProgress(total - done, position + done);
-    done += n;
   }
 }
 

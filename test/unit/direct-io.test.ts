@@ -1,8 +1,8 @@
 // Direct writes (util/direct-io.ts): memory from alignedBuffer is page
 // aligned (the kernel accepts an O_DIRECT write from it, and refuses one from
 // a plain Buffer), and a DirectWriter puts every byte of aligned and
-// unaligned writes (any position, length and memory; write, writeSync,
-// writevSync and writev) where it belongs, whether the file takes direct I/O or not
+// unaligned writes (any position, length and memory; write and writev,
+// several at once) where it belongs, whether the file takes direct I/O or not
 // (a file in /dev/shm, and a writer with no direct descriptor).
 
 import assert from 'node:assert/strict';
@@ -95,7 +95,7 @@ describe('direct I/O', () => {
           } else if (kind === 2) {
             const data = Buffer.allocUnsafe(length);
             fill(data);
-            writer.writeSync(data, position);
+            await writer.write(data, position);
             data.copy(model, position);
           } else {
             const data = Buffer.allocUnsafe(length);
@@ -103,14 +103,14 @@ describe('direct I/O', () => {
             // Parts of uneven sizes, as a restore's back-to-back chunks.
             const cuts = [0, ...Array.from({ length: 5 }, () => Math.floor(random() * length)).sort((a, b) => a - b), length];
             const parts = cuts.slice(1).map((c, k) => data.subarray(cuts[k], c)).filter((p) => p.length > 0);
-            if (kind === 3) writer.writevSync(parts, position);
-            else await writer.writev(parts, position);
+            if (kind === 3) await writer.writev(parts, position);
+            else await Promise.all([writer.writev(parts.slice(0, 1), position), writer.writev(parts.slice(1), position + (parts[0]?.length ?? 0))]);
             data.copy(model, position);
           }
         }
         const last = pool.subarray(0, 2 * MiB);
         fill2(last);
-        writer.writeSync(last, size - last.length);
+        await writer.write(last, size - last.length);
         last.copy(model, size - last.length);
       } finally {
         await writer.close();
