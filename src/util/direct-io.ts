@@ -46,7 +46,8 @@ const writevAsync = promisify(writev);
 interface WasmMemoryConstructor {
   new (descriptor: { initial: number; maximum: number; shared: boolean }): { readonly buffer: ArrayBuffer | SharedArrayBuffer };
 }
-const WasmMemory = (globalThis as unknown as { WebAssembly: { Memory: WasmMemoryConstructor } }).WebAssembly.Memory;
+/** Absent where WebAssembly is (node --jitless): then no memory is known aligned and every write is buffered. */
+const WasmMemory = (globalThis as unknown as { WebAssembly?: { Memory: WasmMemoryConstructor } }).WebAssembly?.Memory;
 
 /** Memory known to start at a page boundary (see alignedBuffer). */
 const alignedMemory = new WeakSet<ArrayBufferLike>();
@@ -54,10 +55,12 @@ const alignedMemory = new WeakSet<ArrayBufferLike>();
 /**
  * A zero-filled buffer of at least `bytes` (rounded up to 64 KiB) that starts
  * at a page boundary; shared memory (a SharedArrayBuffer, usable from
- * workers) when `shared`.
+ * workers) when `shared`. Without WebAssembly, a plain buffer of that size
+ * (not known aligned: written buffered).
  */
 export function alignedBuffer(bytes: number, options: { shared?: boolean | undefined } = {}): Buffer {
   const pages = Math.max(1, Math.ceil(bytes / WASM_PAGE_BYTES));
+  if (WasmMemory === undefined) return Buffer.from(options.shared === true ? new SharedArrayBuffer(pages * WASM_PAGE_BYTES) : new ArrayBuffer(pages * WASM_PAGE_BYTES));
   const memory = new WasmMemory({ initial: pages, maximum: pages, shared: options.shared === true });
   const buffer = memory.buffer;
   alignedMemory.add(buffer);
