@@ -16,12 +16,11 @@
 //   may close the files then.
 
 import { createHash } from 'node:crypto';
-import { readSync } from 'node:fs';
 import { isMarkedAsUntransferable, parentPort, workerData } from 'node:worker_threads';
 import { decodeChunk, encodeChunkParts, isZero, type EncodedChunk } from './chunk.js';
 import { ChunkCompressor } from './compress.js';
 import { chunkId, type MasterKey } from './crypto.js';
-import { DirectWriter } from '../util/direct-io.js';
+import { DirectWriter, readRangeSync } from '../util/direct-io.js';
 import { checkPackBytes, type CheckPackReply, type CheckPackRequest } from './pack-check.js';
 
 export interface WorkerInit {
@@ -62,7 +61,7 @@ export interface DecodeReply {
 /**
  * A ranged read of a pack that the worker does itself (pread of `fd`, an
  * open pack of a local repository, into memory it keeps for the next
- * request), decodes and checks like a DecodeRequest, and writes straight to
+ * request; direct I/O where the file takes it, see util/direct-io.ts), decodes and checks like a DecodeRequest, and writes straight to
  * the output file `to` (pwrite): each entry's plaintext, cut to `length`,
  * at each of its `writes`. Nothing but the results travels back.
  */
@@ -198,20 +197,18 @@ const COPY_WRITE_BYTES = 4 * 1024 * 1024;
  * out as their chunks are decoded and are all settled when it returns.
  */
 export async function copyEntries(msg: CopyRequest, codecCompressor: ChunkCompressor, scratch?: Buffer): Promise<{ reply: CopyReply; scratch: Buffer }> {
-  const buffer = scratch !== undefined && scratch.length >= msg.length ? scratch : Buffer.allocUnsafeSlow(Math.max(msg.length, scratch?.length ?? 0));
   const errors: Array<string | undefined> = msg.entries.map(() => undefined);
+  let buffer: Buffer;
   try {
-    let done = 0;
-    while (done < msg.length) {
-      const n = readSync(msg.fd, buffer, done, msg.length - done, msg.offset + done);
-      if (n === 0) break;
-      done += n;
-    }
+    const read = readRangeSync(msg.fd, msg.offset, msg.length, scratch);
+    buffer = read.bytes;
+    scratch = read.scratch;
+    const done = read.done;
     if (done < msg.length) {
       for (const [k, e] of msg.entries.entries()) if (e.at + e.length > done) errors[k] = `${e.what} is damaged: its pack is shorter than its index says`;
     }
   } catch (err) {
-    return { reply: { op: 'copied', seq: msg.seq, errors, ioError: { read: true, message: err instanceof Error ? err.message : String(err) } }, scratch: buffer };
+    return { reply: { op: 'copied', seq: msg.seq, errors, ioError: { read: true, message: err instanceof Error ? err.message : String(err) } }, scratch: scratch ?? Buffer.alloc(0) };
   }
   const readKey = msg.dataKey !== undefined && msg.idKey !== undefined ? { dataKey: Buffer.from(msg.dataKey), idKey: Buffer.from(msg.idKey) } : undefined;
   // Writes to back-to-back positions go out together (one pwritev, or
@@ -252,7 +249,7 @@ export async function copyEntries(msg: CopyRequest, codecCompressor: ChunkCompre
   }
   const failed = (await Promise.allSettled(writes)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
   const ioError = failed !== undefined ? { read: false, message: failed.reason instanceof Error ? failed.reason.message : String(failed.reason) } : undefined;
-  return { reply: { op: 'copied', seq: msg.seq, errors, ioError }, scratch: buffer };
+  return { reply: { op: 'copied', seq: msg.seq, errors, ioError }, scratch };
 }
 
 async function handle(msg: WorkerRequest): Promise<WorkerReply> {

@@ -1,5 +1,6 @@
 // Direct I/O (O_DIRECT) for large writes: packs and restored images go from
-// our memory to the device without passing through the page cache. A
+// our memory to the device without passing through the page cache; and for
+// restore's ranged reads of packs (readRangeSync). A
 // buffered write of GiBs costs the kernel seconds of CPU finding and filling
 // pages when the cache is full of other data, and evicts what the VMs of the
 // host had cached; a direct write costs neither.
@@ -24,7 +25,7 @@
 // - A writer owns only its direct descriptor: closing it never closes the
 //   buffered one, which stays the caller's.
 
-import { close, closeSync, constants, open, write, writev } from 'node:fs';
+import { close, closeSync, constants, open, openSync, readSync, write, writev } from 'node:fs';
 import { promisify } from 'node:util';
 
 /** The alignment of direct writes: address, file offset and length (the page size; a multiple of every common logical block size). */
@@ -107,6 +108,55 @@ function releaseStaging(b: Buffer): void {
   const waiter = stagingWaiters.shift();
   if (waiter !== undefined) waiter(b);
   else freeStaging.push(b);
+}
+
+/**
+ * Reads `length` bytes at `offset` of the open file `fd` into `scratch`
+ * (reused when large enough and aligned, else replaced), directly where the
+ * file takes it: the aligned pages around the range are read through a
+ * second descriptor opened with O_DIRECT, so the file's pages are neither
+ * looked for nor left in the page cache. Returns a view of the range and
+ * how many of its bytes the file had (fewer at its end), and the scratch
+ * buffer to reuse.
+ */
+export function readRangeSync(fd: number, offset: number, length: number, scratch: Buffer | undefined): { bytes: Buffer; done: number; scratch: Buffer } {
+  const start = offset - (offset % DIRECT_ALIGNMENT);
+  const end = Math.ceil((offset + length) / DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT;
+  let direct: number | undefined;
+  if (O_DIRECT !== 0 && length >= MIN_DIRECT_BYTES) {
+    try {
+      direct = openSync(`/proc/self/fd/${fd}`, constants.O_RDONLY | O_DIRECT);
+    } catch {
+      direct = undefined;
+    }
+  }
+  if (direct !== undefined) {
+    const buffer = scratch !== undefined && scratch.length >= end - start && isAlignedMemory(scratch) && scratch.byteOffset === 0 ? scratch : alignedBuffer(Math.max(end - start, scratch?.length ?? 0));
+    try {
+      let got = 0;
+      while (got < end - start) {
+        const n = readSync(direct, buffer, got, end - start - got, start + got);
+        if (n === 0) break;
+        got += n;
+        if (got % DIRECT_ALIGNMENT !== 0) break; // the file's end
+      }
+      // A short read of a regular file is its end: the range is cut there.
+      const skip = offset - start;
+      return { bytes: buffer.subarray(skip, skip + length), done: Math.max(0, Math.min(length, got - skip)), scratch: buffer };
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EINVAL') throw err;
+    } finally {
+      closeSync(direct);
+    }
+  }
+  const buffer = scratch !== undefined && scratch.length >= length ? scratch : Buffer.allocUnsafeSlow(Math.max(length, scratch?.length ?? 0));
+  let done = 0;
+  while (done < length) {
+    const n = readSync(fd, buffer, done, length - done, offset + done);
+    if (n === 0) break;
+    done += n;
+  }
+  return { bytes: buffer.subarray(0, length), done, scratch: buffer };
 }
 
 /**

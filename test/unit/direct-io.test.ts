@@ -3,14 +3,15 @@
 // a plain Buffer), and a DirectWriter puts every byte of aligned and
 // unaligned writes (any position, length and memory; write and writev,
 // several at once) where it belongs, whether the file takes direct I/O or not
-// (a file in /dev/shm, and a writer with no direct descriptor).
+// (a file in /dev/shm, and a writer with no direct descriptor); ranged reads
+// (direct where the file takes it) return exactly the file's bytes.
 
 import assert from 'node:assert/strict';
-import { closeSync, constants, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, constants, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
-import { alignedBuffer, DIRECT_ALIGNMENT, DirectWriter, isAlignedMemory, sliceParts } from '../../src/util/direct-io.js';
+import { alignedBuffer, DIRECT_ALIGNMENT, DirectWriter, isAlignedMemory, readRangeSync, sliceParts } from '../../src/util/direct-io.js';
 import { seededRandom } from './seeded.js';
 
 const KiB = 1024;
@@ -118,6 +119,31 @@ describe('direct I/O', () => {
         closeSync(fd);
       }
       assert.ok(readFileSync(path).equals(model), 'the file holds exactly what was written, in place');
+    });
+  }
+
+  for (const where of ['disk', 'tmpfs'] as const) {
+    test(`ranged reads return exactly the file's bytes, cut at its end (${where})`, () => {
+      const rnd = seededRandom(7 + where.length);
+      const size = 5 * MiB + 123;
+      const content = rnd.bytes(size);
+      const path = join(where === 'tmpfs' ? shm : dir, `read-${where}`);
+      writeFileSync(path, content);
+      const fd = openSync(path, 'r');
+      try {
+        let scratch: Buffer | undefined;
+        for (let i = 0; i < 40; i++) {
+          const offset = i % 3 === 0 ? rnd.int(1024) * DIRECT_ALIGNMENT : rnd.int(size);
+          const length = 1 + (i % 4 === 0 ? rnd.int(64) : rnd.int(2 * MiB));
+          const read = readRangeSync(fd, offset, length, scratch);
+          scratch = read.scratch;
+          const expected = content.subarray(offset, offset + length);
+          assert.equal(read.done, expected.length, `read ${length} at ${offset}`);
+          assert.ok(read.bytes.subarray(0, read.done).equals(expected), `read ${length} at ${offset}: the file's bytes`);
+        }
+      } finally {
+        closeSync(fd);
+      }
     });
   }
 
