@@ -56,14 +56,21 @@ const alignedMemory = new WeakSet<ArrayBufferLike>();
 /**
  * A zero-filled buffer of at least `bytes` (rounded up to 64 KiB) that starts
  * at a page boundary; shared memory (a SharedArrayBuffer, usable from
- * workers) when `shared`. Without WebAssembly, a plain buffer of that size
+ * workers) when `shared`. Without WebAssembly (or when V8 cannot reserve the memory), a plain buffer of that size
  * (not known aligned: written buffered).
  */
 export function alignedBuffer(bytes: number, options: { shared?: boolean | undefined } = {}): Buffer {
   const pages = Math.max(1, Math.ceil(bytes / WASM_PAGE_BYTES));
-  if (WasmMemory === undefined) return Buffer.from(options.shared === true ? new SharedArrayBuffer(pages * WASM_PAGE_BYTES) : new ArrayBuffer(pages * WASM_PAGE_BYTES));
-  const memory = new WasmMemory({ initial: pages, maximum: pages, shared: options.shared === true });
-  const buffer = memory.buffer;
+  const plain = (): Buffer => Buffer.from(options.shared === true ? new SharedArrayBuffer(pages * WASM_PAGE_BYTES) : new ArrayBuffer(pages * WASM_PAGE_BYTES));
+  if (WasmMemory === undefined) return plain();
+  let buffer: ArrayBuffer | SharedArrayBuffer;
+  try {
+    buffer = new WasmMemory({ initial: pages, maximum: pages, shared: options.shared === true }).buffer;
+  } catch {
+    // A memory V8 cannot reserve (address space capped with ulimit -v, or
+    // too many reservations alive): plain memory, written buffered.
+    return plain();
+  }
   alignedMemory.add(buffer);
   return Buffer.from(buffer);
 }
