@@ -11,8 +11,13 @@
 // With --prof, each step is also profiled (the main thread, through the
 // inspector) and the top self-time functions are kept in the JSON.
 //
+// With --drop-caches (root only), the page cache is emptied (`sync`, then
+// `echo 3 > /proc/sys/vm/drop_caches`) before each timed step, as on a host
+// whose memory other work has used since: buffered writes then pay for
+// finding pages, which they do not when recently freed cache is reused.
+//
 // Options: --size-gib N (default 1), --reps N (default 2), --label NAME,
-// --json FILE, --prof, --report FILE,FILE… [--notes FILE.md] [--doc FILE]
+// --json FILE, --prof, --drop-caches, --report FILE,FILE… [--notes FILE.md] [--doc FILE]
 // (the notes, measured by hand, follow the generated table).
 
 import { execFileSync } from 'node:child_process';
@@ -39,12 +44,14 @@ interface ChunkBenchResult {
   loadStart: string;
   loadEnd: string;
   ms: Record<Step, number[]>;
+  /** The page cache was dropped before each timed step. */
+  dropCaches?: boolean;
   /** CPU (user + system, every thread of this process) of each in-process step, ms. */
   cpuMs?: Partial<Record<Step, number[]>>;
   profiles: Partial<Record<Step, HotFunction[]>>;
 }
 
-function parse(): { sizeBytes: number; reps: number; label: string; json: string | undefined; prof: boolean; report: string[] | undefined; notes: string | undefined; doc: string } {
+function parse(): { sizeBytes: number; reps: number; label: string; json: string | undefined; prof: boolean; dropCaches: boolean; report: string[] | undefined; notes: string | undefined; doc: string } {
   const { values } = parseArgs({
     options: {
       'size-gib': { type: 'string' },
@@ -52,6 +59,7 @@ function parse(): { sizeBytes: number; reps: number; label: string; json: string
       label: { type: 'string' },
       json: { type: 'string' },
       prof: { type: 'boolean', default: false },
+      'drop-caches': { type: 'boolean', default: false },
       report: { type: 'string' },
       notes: { type: 'string' },
       doc: { type: 'string' },
@@ -65,6 +73,7 @@ function parse(): { sizeBytes: number; reps: number; label: string; json: string
     label: values.label ?? 'run',
     json: values.json,
     prof: values.prof === true,
+    dropCaches: values['drop-caches'] === true,
     report: values.report?.split(','),
     notes: values.notes,
     doc: resolve(values.doc ?? resolve(here, '..', '..', 'docs', 'benchmarks.md')),
@@ -91,13 +100,20 @@ async function profiled(session: Session | undefined, fn: () => Promise<unknown>
   return { ms, cpuMs, hot: hotFunctions(profile) };
 }
 
+/** Writes back and empties the page cache (needs root). */
+function dropCaches(): void {
+  execFileSync('sync');
+  writeFileSync('/proc/sys/vm/drop_caches', '3\n');
+}
+
 async function measure(o: ReturnType<typeof parse>): Promise<ChunkBenchResult> {
+  if (o.dropCaches && process.getuid?.() !== 0) throw new Error('--drop-caches needs root (it writes /proc/sys/vm/drop_caches)');
   const log = (line: string): void => void process.stdout.write(`${line}\n`);
   const env = new BenchEnv();
   const session = o.prof ? new Session() : undefined;
   session?.connect();
   const result: ChunkBenchResult = {
-    label: o.label, startedAt: new Date().toISOString(), sizeBytes: o.sizeBytes, dataBytes: 0, reps: o.reps, loadStart: loadAverage(), loadEnd: '',
+    label: o.label, startedAt: new Date().toISOString(), sizeBytes: o.sizeBytes, dataBytes: 0, reps: o.reps, dropCaches: o.dropCaches, loadStart: loadAverage(), loadEnd: '',
     ms: Object.fromEntries(STEPS.map((s) => [s, []])) as unknown as Record<Step, number[]>, cpuMs: {}, profiles: {},
   };
   try {
@@ -111,6 +127,9 @@ async function measure(o: ReturnType<typeof parse>): Promise<ChunkBenchResult> {
     const out = env.subdir('out');
     for (let rep = 0; rep < o.reps; rep++) {
       const prof = rep === 0 ? session : undefined;
+      const cold = (): void => {
+        if (o.dropCaches) dropCaches();
+      };
       const keep = (step: Step, r: { ms: number; cpuMs: number; hot: HotFunction[] | undefined }): void => {
         result.ms[step].push(r.ms);
         const cpu = (result.cpuMs ??= {});
@@ -118,13 +137,24 @@ async function measure(o: ReturnType<typeof parse>): Promise<ChunkBenchResult> {
         if (r.hot !== undefined) result.profiles[step] = r.hot;
       };
       rmSync(repo, { recursive: true, force: true });
+      cold();
+      // The disk is read from memory, as before: the steps differ in what they write.
       warmFile(source);
       keep('full', await profiled(prof, () => env.qb.repository.backup('bench', { repo })));
+      cold();
       keep('restoreRaw', await profiled(prof, () => env.qb.repository.restore('bench', { repo, to: join(out, 'raw'), format: 'raw' })));
+      cold();
       keep('restoreQcow2', await profiled(prof, () => env.qb.repository.restore('bench', { repo, to: join(out, 'qcow2'), format: 'qcow2' })));
+      cold();
       keep('verify', await profiled(prof, () => env.qb.repository.verify({ repo }, { readData: true })));
+      cold();
+      warmFile(source);
       keep('nbdcopyNull', await profiled(undefined, () => run('nbdcopy', ['--', '[', 'qemu-nbd', '-r', '--image-opts', `driver=qcow2,file.driver=file,file.filename=${source},file.locking=off`, ']', 'null:'])));
+      cold();
+      warmFile(source);
       keep('convertQcow2', await profiled(undefined, () => run('qemu-img', ['convert', '-U', '-f', 'qcow2', '-O', 'qcow2', source, join(out, 'floor.qcow2')])));
+      cold();
+      warmFile(source);
       keep('convertRaw', await profiled(undefined, () => run('qemu-img', ['convert', '-U', '-f', 'qcow2', '-O', 'raw', source, join(out, 'floor.raw')])));
       // Correctness, untimed: both restores hold the disk's bytes.
       execFileSync('cmp', [join(out, 'raw', 'sda.raw'), join(out, 'floor.raw')]);

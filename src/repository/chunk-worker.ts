@@ -16,11 +16,11 @@
 //   may close the files then.
 
 import { createHash } from 'node:crypto';
-import { readSync, writevSync } from 'node:fs';
 import { isMarkedAsUntransferable, parentPort, workerData } from 'node:worker_threads';
 import { decodeChunk, encodeChunkParts, isZero, type EncodedChunk } from './chunk.js';
 import { ChunkCompressor } from './compress.js';
 import { chunkId, type MasterKey } from './crypto.js';
+import { DirectWriter, readRangeSync } from '../util/direct-io.js';
 import { checkPackBytes, type CheckPackReply, type CheckPackRequest } from './pack-check.js';
 
 export interface WorkerInit {
@@ -63,7 +63,7 @@ export interface DecodeReply {
 /**
  * A ranged read of a pack that the worker does itself (pread of `fd`, an
  * open pack of a local repository, into memory it keeps for the next
- * request), decodes and checks like a DecodeRequest, and writes straight to
+ * request; direct I/O where the file takes it, see util/direct-io.ts), decodes and checks like a DecodeRequest, and writes straight to
  * the output file `to` (pwrite): each entry's plaintext, cut to `length`,
  * at each of its `writes`. Nothing but the results travels back.
  */
@@ -77,6 +77,8 @@ export interface CopyRequest {
   /** Per entry: where its plaintext goes in `to` (a chunk stored once may appear at several places). */
   writes: Array<Array<{ position: number; length: number }>>;
   to: number;
+  /** A descriptor of the same file opened for direct I/O, if any: the aligned middle of each write goes through it (see util/direct-io.ts). */
+  toDirect?: number | undefined;
   dataKey?: Uint8Array | undefined;
   idKey?: Uint8Array | undefined;
 }
@@ -86,7 +88,7 @@ export interface CopyReply {
   seq: number;
   /** Per entry: undefined when written, else why its chunk could not be read. */
   errors: Array<string | undefined>;
-  /** Why reading the pack or writing the output failed (then nothing more was written). */
+  /** Why reading the pack (then nothing was written) or writing the output failed (the first failure; the output is not to be used). */
   ioError?: { read: boolean; message: string } | undefined;
 }
 
@@ -191,33 +193,38 @@ export function fitsInPlace(entries: readonly DecodeEntry[], size: number): bool
 /** This thread's read buffer for copy requests, kept from one request to the next. */
 let copyBuffer: Buffer | undefined;
 
-/** Reads, decodes, checks and writes one copy request (see CopyRequest); `scratch` may be reused across calls. */
-export function copyEntries(msg: CopyRequest, codecCompressor: ChunkCompressor, scratch?: Buffer): { reply: CopyReply; scratch: Buffer } {
-  const buffer = scratch !== undefined && scratch.length >= msg.length ? scratch : Buffer.allocUnsafeSlow(Math.max(msg.length, scratch?.length ?? 0));
+/** Back-to-back plaintexts written together: one write's worth, and while it is out the next is decoded. */
+const COPY_WRITE_BYTES = 4 * 1024 * 1024;
+
+/**
+ * Reads, decodes, checks and writes one copy request (see CopyRequest);
+ * `scratch` may be reused across calls that do not overlap. Its writes go
+ * out as their chunks are decoded and are all settled when it returns.
+ */
+export async function copyEntries(msg: CopyRequest, codecCompressor: ChunkCompressor, scratch?: Buffer): Promise<{ reply: CopyReply; scratch: Buffer }> {
   const errors: Array<string | undefined> = msg.entries.map(() => undefined);
+  let buffer: Buffer;
   try {
-    let done = 0;
-    while (done < msg.length) {
-      const n = readSync(msg.fd, buffer, done, msg.length - done, msg.offset + done);
-      if (n === 0) break;
-      done += n;
-    }
+    const read = readRangeSync(msg.fd, msg.offset, msg.length, scratch);
+    buffer = read.bytes;
+    scratch = read.scratch;
+    const done = read.done;
     if (done < msg.length) {
       for (const [k, e] of msg.entries.entries()) if (e.at + e.length > done) errors[k] = `${e.what} is damaged: its pack is shorter than its index says`;
     }
   } catch (err) {
-    return { reply: { op: 'copied', seq: msg.seq, errors, ioError: { read: true, message: err instanceof Error ? err.message : String(err) } }, scratch: buffer };
+    return { reply: { op: 'copied', seq: msg.seq, errors, ioError: { read: true, message: err instanceof Error ? err.message : String(err) } }, scratch: scratch ?? Buffer.alloc(0) };
   }
   const readKey = msg.dataKey !== undefined && msg.idKey !== undefined ? { dataKey: Buffer.from(msg.dataKey), idKey: Buffer.from(msg.idKey) } : undefined;
-  // Writes to back-to-back positions go out together (one pwritev).
+  // Writes to back-to-back positions go out together (one pwritev, or
+  // their aligned middle staged and written directly), on the thread pool
+  // while the next chunks are decoded.
+  const out = DirectWriter.over(msg.to, msg.toDirect);
+  const writes: Array<Promise<void>> = [];
   let batch: { position: number; length: number; parts: Buffer[] } | undefined;
   const flush = (): void => {
     if (batch === undefined) return;
-    let written = 0;
-    while (written < batch.length) {
-      const parts = written === 0 ? batch.parts : sliceParts(batch.parts, written);
-      written += writevSync(msg.to, parts, batch.position + written);
-    }
+    writes.push(out.writev(batch.parts, batch.position));
     batch = undefined;
   };
   try {
@@ -232,7 +239,7 @@ export function copyEntries(msg: CopyRequest, codecCompressor: ChunkCompressor, 
       }
       for (const w of msg.writes[k] ?? []) {
         const part = data.subarray(0, w.length);
-        if (batch !== undefined && batch.position + batch.length === w.position && batch.parts.length < 512) {
+        if (batch !== undefined && batch.position + batch.length === w.position && batch.length < COPY_WRITE_BYTES && batch.parts.length < 512) {
           batch.parts.push(part);
           batch.length += part.length;
         } else {
@@ -243,31 +250,20 @@ export function copyEntries(msg: CopyRequest, codecCompressor: ChunkCompressor, 
     }
     flush();
   } catch (err) {
-    return { reply: { op: 'copied', seq: msg.seq, errors, ioError: { read: false, message: err instanceof Error ? err.message : String(err) } }, scratch: buffer };
+    writes.push(Promise.reject(err));
   }
-  return { reply: { op: 'copied', seq: msg.seq, errors }, scratch: buffer };
+  const failed = (await Promise.allSettled(writes)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  const ioError = failed !== undefined ? { read: false, message: failed.reason instanceof Error ? failed.reason.message : String(failed.reason) } : undefined;
+  return { reply: { op: 'copied', seq: msg.seq, errors, ioError }, scratch };
 }
 
-/** `parts` less their first `skip` bytes. */
-function sliceParts(parts: readonly Buffer[], skip: number): Buffer[] {
-  const out: Buffer[] = [];
-  for (const p of parts) {
-    if (skip >= p.length) skip -= p.length;
-    else {
-      out.push(skip > 0 ? p.subarray(skip) : p);
-      skip = 0;
-    }
-  }
-  return out;
-}
-
-function handle(msg: WorkerRequest): WorkerReply {
+async function handle(msg: WorkerRequest): Promise<WorkerReply> {
   const compressor = compressorOf();
   if (msg.op === 'decode') return decodeEntries(msg, compressor);
   if (msg.op === 'hashPack') return hashPack(msg);
   if (msg.op === 'check') return checkPackBytes(msg, compressor);
   if (msg.op === 'copy') {
-    const { reply, scratch } = copyEntries(msg, compressor, copyBuffer);
+    const { reply, scratch } = await copyEntries(msg, compressor, copyBuffer);
     copyBuffer = scratch;
     return reply;
   }
@@ -323,14 +319,19 @@ export function transferList(views: readonly Uint8Array[]): ArrayBuffer[] {
   return [...out];
 }
 
+/** Requests are handled one at a time, in order (a copy waits for its writes; the next request waits for it). */
+let handling: Promise<void> = Promise.resolve();
+
 parentPort?.on('message', (msg: WorkerRequest) => {
-  let reply: WorkerReply;
-  try {
-    reply = handle(msg);
-  } catch (err) {
-    reply = { op: 'error', seq: msg.seq, message: err instanceof Error ? err.message : String(err) };
-  }
-  parentPort?.postMessage(reply, transferList(repliedMemory(reply)));
+  handling = handling.then(async () => {
+    let reply: WorkerReply;
+    try {
+      reply = await handle(msg);
+    } catch (err) {
+      reply = { op: 'error', seq: msg.seq, message: err instanceof Error ? err.message : String(err) };
+    }
+    parentPort?.postMessage(reply, transferList(repliedMemory(reply)));
+  });
 });
 
 /** The memory a reply hands over to the caller. */

@@ -82,7 +82,10 @@ class DecodePool {
   async copy(request: Omit<CopyRequest, 'op' | 'seq' | 'dataKey' | 'idKey'>, key: MasterKey | undefined): Promise<CopyReply> {
     const full: CopyRequest = { ...request, op: 'copy', seq: this.seq++, dataKey: key?.dataKey, idKey: key?.idKey };
     if (this.size === 0) {
-      const { reply, scratch } = copyEntries(full, this.inline, this.inlineScratch);
+      // Copies in flight at once each read into memory of their own.
+      const mine = this.inlineScratch;
+      this.inlineScratch = undefined;
+      const { reply, scratch } = await copyEntries(full, this.inline, mine);
       this.inlineScratch = scratch;
       return reply;
     }

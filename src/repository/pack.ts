@@ -21,6 +21,7 @@
 
 import { createHash, randomFillSync } from 'node:crypto';
 import { QbackupError } from '../errors.js';
+import { alignedBuffer } from '../util/direct-io.js';
 import { SEAL_OVERHEAD, seal, unseal, type MasterKey } from './crypto.js';
 
 const MAGIC = Buffer.from('QBP2');
@@ -61,10 +62,11 @@ const packBuffers: Buffer[] = [];
  * A buffer for a pack: a reused one, else a new one. Pack buffers are shared
  * memory: a worker hashes a full pack where it lies, with nothing moved.
  * (Moving 16 MiB buffers between threads and back made V8 count each return
- * as new external memory, and collect garbage every few packs.)
+ * as new external memory, and collect garbage every few packs.) They are
+ * also page aligned, so the local backend writes a pack with direct I/O.
  */
 function takePackBuffer(atLeast: number): Buffer {
-  return (atLeast <= PACK_BUFFER_BYTES ? packBuffers.pop() : undefined) ?? Buffer.from(new SharedArrayBuffer(Math.max(atLeast, PACK_BUFFER_BYTES)));
+  return (atLeast <= PACK_BUFFER_BYTES ? packBuffers.pop() : undefined) ?? alignedBuffer(Math.max(atLeast, PACK_BUFFER_BYTES), { shared: true });
 }
 
 /**

@@ -15,6 +15,7 @@ import type { FileHandle } from 'node:fs/promises';
 import { QbackupError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
 import { runPool } from '../util/run-pool.js';
+import { DirectWriter } from '../util/direct-io.js';
 import { createNewFile } from '../util/safe-create.js';
 import { throwIfCancelled } from '../util/operation.js';
 import { planQcow2, QCOW2_CLUSTER_BYTES } from '../image/qcow2-layout.js';
@@ -35,7 +36,7 @@ interface Sink {
    * Store.copyChunksToFile): its fd, and where the bytes of one chunk at a
    * guest offset go in it.
    */
-  file?: { fd: number; place(offset: number, length: number): number } | undefined;
+  file?: { fd: number; directFd: number | undefined; place(offset: number, length: number): number } | undefined;
 }
 
 /** Slots read together: one pack's worth. */
@@ -163,7 +164,7 @@ async function copyTableToFile(store: Store, table: FullIndex, file: NonNullable
       ids.push(id);
       writes.push([{ position: file.place(offset, length), length }]);
     }
-    const errors = await store.copyChunksToFile(ids, writes, file.fd, { signal: options.signal, what: options.what });
+    const errors = await store.copyChunksToFile(ids, writes, file.fd, { signal: options.signal, what: options.what, toDirect: file.directFd });
     for (const [k, err] of errors.entries()) if (err !== undefined) throw chunkError(store, ids[k] ?? ZERO_ID, err, options);
     done += bytes;
     options.onProgress?.(done, total);
@@ -207,13 +208,14 @@ function chunkError(store: Store, id: Buffer, error: QbackupError, options: Writ
 
 async function rawSink(fh: FileHandle, size: number): Promise<Sink> {
   await fh.truncate(size);
+  const direct = await DirectWriter.open(fh.fd);
   return {
     write: async (offset, data) => {
       await fh.write(data, 0, data.length, offset);
     },
     zero: async () => undefined, // a new sparse file reads zero already
-    close: async () => undefined, // the new file syncs and closes it on commit
-    file: { fd: fh.fd, place: (offset) => offset },
+    close: () => direct.close(), // the new file syncs and closes it on commit
+    file: { fd: fh.fd, directFd: direct.directFd, place: (offset) => offset },
   };
 }
 
@@ -234,14 +236,16 @@ async function qcow2Sink(fh: FileHandle, table: FullIndex): Promise<Sink> {
   });
   await fh.truncate(layout.fileSize);
   for (const m of layout.metadata) await fh.write(m.data, 0, m.data.length, m.offset);
+  const direct = await DirectWriter.open(fh.fd);
   return {
     write: async (offset, data) => {
       await Promise.all(layout.hostRanges(offset, data.length).map((r) => fh.write(data, r.at, r.length, r.host)));
     },
     zero: async () => undefined, // an unallocated cluster reads zero
-    close: async () => undefined, // the new file syncs and closes it on commit
+    close: () => direct.close(), // the new file syncs and closes it on commit
     file: {
       fd: fh.fd,
+      directFd: direct.directFd,
       place: (offset, length) => {
         // A chunk's clusters are allocated together and laid out in guest order: one host range.
         const [range, ...more] = layout.hostRanges(offset, length);

@@ -387,8 +387,10 @@ export class Store {
    * pack range itself, so the bytes never reach this thread. Grouped into
    * ranged reads as readChunks does. Per id: undefined when written, else
    * why it could not be read. A failure to write `to` throws.
+   * `options.toDirect` is `to` opened again for direct I/O (see
+   * util/direct-io.ts), when it could be.
    */
-  async copyChunksToFile(ids: readonly Buffer[], writes: ReadonlyArray<ReadonlyArray<{ position: number; length: number }>>, to: number, options: { signal?: AbortSignal | undefined; what: string }): Promise<Array<QbackupError | undefined>> {
+  async copyChunksToFile(ids: readonly Buffer[], writes: ReadonlyArray<ReadonlyArray<{ position: number; length: number }>>, to: number, options: { signal?: AbortSignal | undefined; what: string; toDirect?: number | undefined }): Promise<Array<QbackupError | undefined>> {
     const open = this.backend.openForReading?.bind(this.backend);
     assert(open !== undefined, 'copyChunksToFile needs a backend whose packs can be opened (copiesToFiles)');
     const out = new Array<QbackupError | undefined>(ids.length);
@@ -429,7 +431,7 @@ export class Store {
         }
         const start = first.loc.offset;
         const entries = runEntries(run, start);
-        const reply = await decodePool().copy({ fd: fh.fd, offset: start, length: last.loc.offset + last.loc.length - start, entries, writes: run.map((x) => x.writes), to }, this.key);
+        const reply = await decodePool().copy({ fd: fh.fd, offset: start, length: last.loc.offset + last.loc.length - start, entries, writes: run.map((x) => x.writes), to, toDirect: options.toDirect }, this.key);
         if (reply.ioError !== undefined && !reply.ioError.read) throw new QbackupError('IMAGE_ERROR', `Cannot write ${options.what}: ${reply.ioError.message}`);
         for (const [k, x] of run.entries()) {
           const problem = reply.ioError !== undefined ? `Chunk ${x.id.toString('hex')} in pack "${packId}" cannot be read: ${reply.ioError.message}` : reply.errors[k];

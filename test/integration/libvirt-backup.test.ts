@@ -353,6 +353,8 @@ describe('repository backups of libvirt domains (libvirt driver)', () => {
     assert.deepEqual((await ourCheckpoints()).sort(), [...before, inc.checkpoint].sort());
 
     // qbackup backup killed (SIGKILL) with its libvirt job running: the next backup ends the orphaned job and is incremental.
+    // (A write first: with nothing dirty no job would begin.)
+    await write('sdb', 0x6a, 6 * MiB, 4096);
     await assert.rejects(execFileAsync(join(repoRoot, 'bin', 'qbackup'), ['--state-dir', join(work, 'state'), 'backup', name, '--repo', repo2], { env: { ...process.env, QBACKUP_CONNECT: daemon.uri, QBACKUP_CRASH_AT: 'libvirt-backup-begun' } }));
     assert.equal((await client.getJobStats(dom)).type, LIBVIRT.VIR_DOMAIN_JOB_UNBOUNDED);
     await write('sdb', 0x6b, 5 * MiB, 4096);

@@ -36,6 +36,17 @@
 //   one step, the bitmaps removed where they still are (QEMU's nodes, or the
 //   images with qemu-img) and then libvirt's metadata only. A bitmap already
 //   gone is no error.
+// - An incremental asked with skipUnchanged, of a running domain whose disks
+//   are all since one checkpoint P, first reads P's size (checkpoint XML with
+//   VIR_DOMAIN_CHECKPOINT_XML_SIZE: bytes written since P up to now, through
+//   every later checkpoint). When it is 0 on every disk, the new checkpoint N
+//   is created alone (no job, no export) and P's size read again: still 0, no
+//   write fell between P and a moment after N, so the disks are `unchanged`;
+//   otherwise (or unreadable) N is deleted (libvirt merges its bitmap into
+//   its parent, nothing is lost) and the backup job runs as usual. A record
+//   file (UNCHANGED_PREFIX-UUID-PID-CHECKPOINT in socketParentDir) is written
+//   before N and removed by endBackup: a record whose process died means
+//   its backup never ended, and the next call on the domain deletes N.
 // - Coverage of a shut-off domain reads its images' bitmaps. A running
 //   domain is never read through the monitor passthrough on the normal path
 //   (libvirt marks a domain it is used on as tainted, "custom-monitor"):
@@ -49,7 +60,7 @@
 //   graph for that and after each finished pull, which crashes QEMU 7.2 if
 //   another pull is ending (docs/design.md, "QEMU 7.2's stream crash").
 
-import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createHash, randomBytes } from 'node:crypto';
 import { basename, dirname, join } from 'node:path';
 import { QbackupError, describeError, isQbackupError } from '../../errors.js';
@@ -85,6 +96,8 @@ import type { LibvirtCheckpointRef, LibvirtDomainRef } from './rpc/structs.js';
 export const OWN_CHECKPOINT_PREFIX = 'qb-';
 /** The prefix of the private directory of a backup's socket. */
 const OWN_SOCKET_PREFIX = 'qbackup-lv-';
+/** The prefix of the record of a backup whose checkpoint was made alone (nothing changed). */
+const UNCHANGED_PREFIX = 'qbackup-lvu-';
 /** libvirt 7.2.0: the first release with the checkpoint and backup API enabled for QEMU without extra configuration. */
 export const MIN_LIBVIRT_VERSION = 7_002_000;
 /** The prefix of the directory of an instant restore's socket. */
@@ -107,7 +120,7 @@ export interface LibvirtDriverOptions {
   reconnectTimeoutMs?: number | undefined;
   /** How long the end of a backup waits for libvirt to finish the aborted job. Default 60 s. */
   jobEndTimeoutMs?: number | undefined;
-  /** Test-only fault injection (src/util/faults.ts): 'libvirt-backup-begun' once the job runs. */
+  /** Test-only fault injection (src/util/faults.ts): 'libvirt-backup-begun' once the job runs; 'libvirt-unchanged-created' once a checkpoint made alone exists. */
   faults?: Faults | undefined;
   /** The qemu-storage-daemon that opens a shut-off domain's images (default: found on PATH). */
   storageDaemon?: string | undefined;
@@ -138,6 +151,8 @@ export class LibvirtDriver implements HypervisorDriver {
   private connectedBefore = false;
   /** The backups this driver began, by id: the connection that began each, and the signal that fires when it closes. */
   private readonly jobs = new Map<string, { client: LibvirtClient; dom: LibvirtDomainRef; domain: string; lost: AbortController }>();
+  /** Backups begun here whose checkpoint was made alone (nothing changed), by id: their record file. */
+  private readonly unchanged = new Map<string, string>();
 
   constructor(private readonly options: LibvirtDriverOptions) {
     this.uri = options.uri;
@@ -441,6 +456,10 @@ export class LibvirtDriver implements HypervisorDriver {
     for (const d of request.disks) {
       if (!all.some((x) => x.target === d.target && x.source !== undefined)) throw new QbackupError('DISK_NOT_FOUND', `Domain "${domain}" has no disk "${d.target}"`);
     }
+    if (request.skipUnchanged === true && request.quiesce === undefined) {
+      const unchanged = await this.beginUnchanged(c, dom, domain, request, all);
+      if (unchanged !== undefined) return unchanged;
+    }
     const dir = mkdtempSync(join(this.options.socketParentDir, `${OWN_SOCKET_PREFIX}${process.pid}-`));
     try {
       // Only QEMU's user (libvirt's DAC label of the domain) and this process reach the socket.
@@ -482,6 +501,73 @@ export class LibvirtDriver implements HypervisorDriver {
       this.jobs.delete(request.checkpoint);
       rmSync(dir, { recursive: true, force: true });
       throw err;
+    }
+  }
+
+  /**
+   * The backup of a running domain none of whose disks changed since their
+   * common checkpoint P: the new checkpoint alone, checked after it exists
+   * (see the invariants). Undefined when a disk changed, the size cannot be
+   * read, or libvirt refuses the checkpoint: the caller runs the backup job,
+   * with nothing left of the attempt.
+   */
+  private async beginUnchanged(c: LibvirtClient, dom: LibvirtDomainRef, domain: string, request: PullBackupRequest, all: readonly XmlDisk[]): Promise<PullBackup | undefined> {
+    const since = new Set(request.disks.map((d) => d.since));
+    const [parent] = since;
+    if (since.size !== 1 || parent === undefined || request.disks.length === 0) return undefined;
+    const targets = request.disks.map((d) => d.target);
+    // The common case (something was written): one call, and the job runs.
+    if (!(await unchangedSince(c, dom, parent, targets))) return undefined;
+    const record = join(this.options.socketParentDir, `${UNCHANGED_PREFIX}${uuidString(dom.uuid)}-${process.pid}-${request.checkpoint}`);
+    writeFileSync(record, '', { flag: 'wx', mode: 0o600 });
+    let created = false;
+    try {
+      await c.checkpointCreateXml(dom, checkpointXmlOf(request.checkpoint, all, new Map(request.disks.map((d) => [d.target, d.since]))));
+      created = true;
+      this.options.faults?.at('libvirt-unchanged-created');
+      if (await unchangedSince(c, dom, parent, targets)) {
+        const disks = [];
+        for (const target of targets) disks.push({ target, exportName: target, dirtyContext: undefined, virtualSize: Number((await c.getBlockInfo(dom, target)).capacity), unchanged: true });
+        this.unchanged.set(request.checkpoint, record);
+        return { id: request.checkpoint, domain, checkpoint: request.checkpoint, consistency: 'crash', server: { transport: 'unix', socket: record }, disks };
+      }
+      // A write landed since the first look: N goes, its bitmap merged into its parent.
+      await c.checkpointDelete(await c.checkpointLookupByName(dom, request.checkpoint));
+      created = false;
+    } catch (err) {
+      // A refused create made nothing: the job's own begin says why, if anything is wrong.
+      if (!created) return undefined;
+      await this.deleteOwnCheckpoint(c, dom, domain, request.checkpoint).then(() => (created = false), () => undefined);
+      throw err;
+    } finally {
+      if (!this.unchanged.has(request.checkpoint) && !created) rmSync(record, { force: true });
+    }
+    return undefined;
+  }
+
+  /**
+   * Records of backups whose checkpoint was made alone: one whose process
+   * died never ended, and its checkpoint goes (merged into its parent); with
+   * `what`, refuses while a live process holds one.
+   */
+  private async reapUnchanged(c: LibvirtClient, dom: LibvirtDomainRef, domain: string, what: string): Promise<void> {
+    const prefix = `${UNCHANGED_PREFIX}${uuidString(dom.uuid)}-`;
+    let names: string[];
+    try {
+      names = readdirSync(this.options.socketParentDir).filter((n) => n.startsWith(prefix));
+    } catch {
+      return;
+    }
+    for (const n of names) {
+      const m = /^(\d+)-(.+)$/.exec(n.slice(prefix.length));
+      if (m === null) continue;
+      const pid = Number(m[1]);
+      const checkpoint = m[2] ?? '';
+      // This process's own record is live only while its backup is (one whose cleanup failed is not).
+      const alive = pid === process.pid ? this.unchanged.has(checkpoint) : processAlive(pid);
+      if (alive) throw new QbackupError('BACKUP_RUNNING', `Cannot ${what} domain "${domain}": qbackup process ${pid} is backing it up (checkpoint "${checkpoint}")`);
+      if ((await c.listAllCheckpoints(dom)).some((cp) => cp.name === checkpoint)) await this.deleteOwnCheckpoint(c, dom, domain, checkpoint);
+      rmSync(join(this.options.socketParentDir, n), { force: true });
     }
   }
 
@@ -561,6 +647,13 @@ export class LibvirtDriver implements HypervisorDriver {
 
   async endBackup(domain: string, backupId: string): Promise<void> {
     this.jobs.delete(backupId);
+    const record = this.unchanged.get(backupId);
+    if (record !== undefined) {
+      // Nothing runs in libvirt: the checkpoint stays, and its backup ended.
+      this.unchanged.delete(backupId);
+      rmSync(record, { force: true });
+      return;
+    }
     const offline = this.offline.get(backupId);
     if (offline !== undefined) {
       this.offline.delete(backupId);
@@ -638,6 +731,7 @@ export class LibvirtDriver implements HypervisorDriver {
 
   /** Ends our backup job whose process died (and deletes its checkpoint); refuses any other job. */
   private async endOrphan(c: LibvirtClient, dom: LibvirtDomainRef, domain: string, what: string): Promise<void> {
+    await this.reapUnchanged(c, dom, domain, what);
     const job = await runningBackup(c, dom);
     if (job === undefined) return;
     if (job.own === undefined) throw new QbackupError('BACKUP_RUNNING', `Cannot ${what} domain "${domain}": libvirt runs a ${job.kind} on it that qbackup did not start, and qbackup leaves it alone`);
@@ -1018,6 +1112,32 @@ function processAlive(pid: number): boolean {
   } catch (err) {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
+}
+
+/**
+ * Whether no byte of `targets` was written since checkpoint `checkpoint` up
+ * to now (libvirt's size of the checkpoint: through every later one). A disk
+ * without a size, or a size that cannot be read, counts as written.
+ */
+async function unchangedSince(c: LibvirtClient, dom: LibvirtDomainRef, checkpoint: string, targets: readonly string[]): Promise<boolean> {
+  let xml: string;
+  try {
+    xml = await c.checkpointGetXmlDesc(await c.checkpointLookupByName(dom, checkpoint), C.VIR_DOMAIN_CHECKPOINT_XML_SIZE | C.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN);
+  } catch {
+    return false;
+  }
+  let root: Element;
+  try {
+    root = parseXmlDocument(xml, `checkpoint "${checkpoint}"`, 'domaincheckpoint');
+  } catch {
+    return false;
+  }
+  const sizes = new Map<string, string | undefined>();
+  for (const d of childElements(firstChild(root, 'disks') ?? root, 'disk')) {
+    const name = attr(d, 'name');
+    if (name !== undefined && attr(d, 'checkpoint') === 'bitmap') sizes.set(name, attr(d, 'size'));
+  }
+  return targets.every((t) => sizes.get(t) === '0');
 }
 
 /** The uid:gid QEMU runs as, from libvirt's DAC label of a running domain. */

@@ -12,11 +12,15 @@
 //   repository holds whole disks.
 // - Temporary files start with '.', which no key can, so listings never show
 //   them; a crash leaves at most such files behind (swept by sweepTemporary).
+// - Data in page-aligned memory (packs: see pack.ts) is written with direct
+//   I/O (util/direct-io.ts), past the page cache; everything else buffered.
+//   Either way the file is fsynced before it is linked.
 
 import { randomBytes } from 'node:crypto';
 import { constants, promises as fs } from 'node:fs';
 import { join } from 'node:path';
 import { QbackupError, describeError } from '../../errors.js';
+import { DirectWriter, isAlignedMemory } from '../../util/direct-io.js';
 import { assertKey, assertPrefix, objectNotFound, type Backend, type ByteRange, type ObjectInfo } from './backend.js';
 
 const FILE_MODE = 0o600;
@@ -37,7 +41,10 @@ export class LocalBackend implements Backend {
     try {
       const fh = await fs.open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, FILE_MODE);
       try {
-        await fh.writeFile(data);
+        if (isAlignedMemory(data)) {
+          await using writer = await DirectWriter.open(fh.fd);
+          await writer.write(data, 0);
+        } else await fh.writeFile(data);
         await fh.sync();
       } finally {
         await fh.close();
