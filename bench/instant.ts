@@ -119,7 +119,7 @@ function formatSection(results: readonly SizeResult[], meta: { startedAt: string
 
 Measured by \`npm run bench:instant${meta.argv.length > 0 ? ` -- ${meta.argv.join(' ')}` : ''}\` (\`bench/instant.ts\`) at ${meta.startedAt}, median (min–max) of ${meta.reps}
 repetitions; load average at start ${meta.loadStart}, at end ${meta.loadEnd}. The machine is
-shared with other engineers' QEMU tests: both methods run in turn within each repetition, so
+shared with other QEMU work at times: both methods run in turn within each repetition, so
 load hits them alike, but single numbers move.
 
 "VM runs": \`qbackup restore --instant --as NEW\` from the command line until it returns
