@@ -12,6 +12,7 @@ import { imageInfo } from '../../src/image/qemu-img.js';
 import { runTool } from '../../src/image/tools.js';
 import { LocalBackend } from '../../src/repository/backend/local.js';
 import { ZERO_ID } from '../../src/repository/chunk.js';
+import type { Manifest } from '../../src/repository/manifest.js';
 import { Store } from '../../src/repository/store.js';
 import { cliPath, guestWrite, type CliResult, type TestEnv } from './env.js';
 
@@ -176,4 +177,23 @@ export function cliError(r: CliResult): { code: string; message: string } {
   const parsed = JSON.parse(lines[0] ?? '') as { error?: { code?: unknown; message?: unknown } };
   if (typeof parsed.error?.code !== 'string' || typeof parsed.error.message !== 'string') throw new Error(`not an error line: ${r.stderr}`);
   return { code: parsed.error.code, message: parsed.error.message };
+}
+
+/**
+ * The manifest of a full backup of one disk "vda" of domain "vm" whose disk
+ * index is `index` (for unit tests that write chunks and an index by hand).
+ */
+export function oneDiskFullManifest(id: string, index: string, virtualSize: number, chunks: { total: number; new: number }): Manifest {
+  return {
+    format: 2,
+    id,
+    domain: 'vm',
+    uuid: '00000000-0000-0000-0000-000000000000',
+    time: '2026-01-01T00:00:00.000Z',
+    endTime: '2026-01-01T00:00:01.000Z',
+    checkpoint: 'c1',
+    consistency: 'crash',
+    domainXml: '<domain/>',
+    disks: [{ target: 'vda', diskId: 'dk00000001', virtualSize, level: 'full', fullReason: 'first', index, bytesRead: virtualSize, bytesStored: 1, chunks: chunks.total, newChunks: chunks.new }],
+  };
 }

@@ -16,9 +16,9 @@ import { LocalBackend } from '../../src/repository/backend/local.js';
 import { ZERO_ID } from '../../src/repository/chunk.js';
 import { collectGarbage } from '../../src/repository/gc.js';
 import { liveLocks } from '../../src/repository/locks.js';
-import type { Manifest } from '../../src/repository/manifest.js';
 import { serveBackup } from '../../src/repository/serve.js';
 import { Store } from '../../src/repository/store.js';
+import { oneDiskFullManifest } from '../helpers/repo.js';
 
 const C = 64 * 1024;
 
@@ -50,19 +50,7 @@ describe('serveBackup on an encrypted store', () => {
     }
     await writer.flush();
     const index = await store.putIndex({ kind: 'full', chunkSize: C, virtualSize: SIZE, ids });
-    const m: Manifest = {
-      format: 2,
-      id: manifestId,
-      domain: 'vm',
-      uuid: '00000000-0000-0000-0000-000000000000',
-      time: '2026-01-01T00:00:00.000Z',
-      endTime: '2026-01-01T00:00:01.000Z',
-      checkpoint: 'c1',
-      consistency: 'crash',
-      domainXml: '<domain/>',
-      disks: [{ target: 'vda', diskId: 'dk00000001', virtualSize: SIZE, level: 'full', fullReason: 'first', index, bytesRead: SIZE, bytesStored: 1, chunks: 4, newChunks: 3 }],
-    };
-    await store.putManifest(m);
+    await store.putManifest(oneDiskFullManifest(manifestId, index, SIZE, { total: 4, new: 3 }));
     assert.ok(ids.subarray(2 * 32, 3 * 32).equals(ZERO_ID), 'slot 2 is a hole');
   });
   after(() => rmSync(dir, { recursive: true, force: true }));

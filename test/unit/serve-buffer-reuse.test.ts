@@ -18,10 +18,10 @@ import { NbdServer } from '../../src/nbd/server.js';
 import type { NbdExportSegment, NbdServerExport } from '../../src/nbd/server-session.js';
 import { LocalBackend } from '../../src/repository/backend/local.js';
 import type { FullIndex } from '../../src/repository/disk-index.js';
-import type { Manifest } from '../../src/repository/manifest.js';
 import { ReadBufferPool } from '../../src/repository/read-buffers.js';
 import { BackupDiskExport, ChunkCache, serveBackup } from '../../src/repository/serve.js';
 import { Store } from '../../src/repository/store.js';
+import { oneDiskFullManifest } from '../helpers/repo.js';
 
 const C = 64 * 1024;
 const PIECE = 512 * 1024;
@@ -158,19 +158,7 @@ describe('served reads with reused memory', () => {
     await writer.flush();
     table = { kind: 'full', chunkSize: C, virtualSize: SLOTS * C, ids };
     const index = await store.putIndex(table);
-    const m: Manifest = {
-      format: 2,
-      id: manifestId,
-      domain: 'vm',
-      uuid: '00000000-0000-0000-0000-000000000000',
-      time: '2026-01-01T00:00:00.000Z',
-      endTime: '2026-01-01T00:00:01.000Z',
-      checkpoint: 'c1',
-      consistency: 'crash',
-      domainXml: '<domain/>',
-      disks: [{ target: 'vda', diskId: 'dk00000001', virtualSize: SLOTS * C, level: 'full', fullReason: 'first', index, bytesRead: SLOTS * C, bytesStored: 1, chunks: SLOTS, newChunks: SLOTS }],
-    };
-    await store.putManifest(m);
+    await store.putManifest(oneDiskFullManifest(manifestId, index, SLOTS * C, { total: SLOTS, new: SLOTS }));
   });
   after(() => rmSync(dir, { recursive: true, force: true }));
 
