@@ -12,6 +12,7 @@ import { imageInfo } from '../../src/image/qemu-img.js';
 import { runTool } from '../../src/image/tools.js';
 import { LocalBackend } from '../../src/repository/backend/local.js';
 import { ZERO_ID } from '../../src/repository/chunk.js';
+import type { FullIndex } from '../../src/repository/disk-index.js';
 import type { Manifest } from '../../src/repository/manifest.js';
 import { Store } from '../../src/repository/store.js';
 import { cliPath, guestWrite, type CliResult, type TestEnv } from './env.js';
@@ -196,4 +197,25 @@ export function oneDiskFullManifest(id: string, index: string, virtualSize: numb
     domainXml: '<domain/>',
     disks: [{ target: 'vda', diskId: 'dk00000001', virtualSize, level: 'full', fullReason: 'first', index, bytesRead: virtualSize, bytesStored: 1, chunks: chunks.total, newChunks: chunks.new }],
   };
+}
+
+/**
+ * Stores a disk of `slots` chunks of `chunkBytes` into `store` (slots in
+ * `holes` stay zero and unstored; the others hold `dataOf(slot)`): the
+ * disk's bytes and its full index (not yet put).
+ */
+export async function storeChunkDisk(store: Store, slots: number, chunkBytes: number, holes: ReadonlySet<number>, dataOf: (slot: number) => Buffer): Promise<{ disk: Buffer; table: FullIndex }> {
+  const disk = Buffer.alloc(slots * chunkBytes);
+  const ids = Buffer.alloc(slots * 32);
+  const writer = store.chunkWriter();
+  for (let s = 0; s < slots; s++) {
+    if (holes.has(s)) continue;
+    const data = dataOf(s);
+    data.copy(disk, s * chunkBytes);
+    const id = store.chunkId(data);
+    await writer.add(id, data);
+    id.copy(ids, s * 32);
+  }
+  await writer.flush();
+  return { disk, table: { kind: 'full', chunkSize: chunkBytes, virtualSize: slots * chunkBytes, ids } };
 }

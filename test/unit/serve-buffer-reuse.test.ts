@@ -21,7 +21,7 @@ import type { FullIndex } from '../../src/repository/disk-index.js';
 import { ReadBufferPool } from '../../src/repository/read-buffers.js';
 import { BackupDiskExport, ChunkCache, serveBackup } from '../../src/repository/serve.js';
 import { Store } from '../../src/repository/store.js';
-import { oneDiskFullManifest } from '../helpers/repo.js';
+import { oneDiskFullManifest, storeChunkDisk } from '../helpers/repo.js';
 
 const C = 64 * 1024;
 const PIECE = 512 * 1024;
@@ -142,21 +142,13 @@ describe('served reads with reused memory', () => {
   before(async () => {
     dir = mkdtempSync(join(tmpdir(), 'qbt-servegc-'));
     store = await Store.init(new LocalBackend(join(dir, 'repo')), {});
-    disk = Buffer.alloc(SLOTS * C);
-    const ids = Buffer.alloc(SLOTS * 32);
-    const writer = store.chunkWriter();
-    for (let s = 0; s < SLOTS; s++) {
-      if (HOLES.has(s)) continue;
-      // Mostly incompressible (stored raw: decoded in the read memory itself), every 7th compressible (decoded into fresh memory).
-      const data = s % 7 === 0 ? Buffer.alloc(C, s & 0xff) : randomBytes(C);
-      if (s % 7 === 0) data.writeUInt32BE(s, 100);
-      data.copy(disk, s * C);
-      const id = store.chunkId(data);
-      await writer.add(id, data);
-      id.copy(ids, s * 32);
-    }
-    await writer.flush();
-    table = { kind: 'full', chunkSize: C, virtualSize: SLOTS * C, ids };
+    // Mostly incompressible (stored raw: decoded in the read memory itself), every 7th compressible (decoded into fresh memory).
+    ({ disk, table } = await storeChunkDisk(store, SLOTS, C, HOLES, (s) => {
+      if (s % 7 !== 0) return randomBytes(C);
+      const data = Buffer.alloc(C, s & 0xff);
+      data.writeUInt32BE(s, 100);
+      return data;
+    }));
     const index = await store.putIndex(table);
     await store.putManifest(oneDiskFullManifest(manifestId, index, SLOTS * C, { total: SLOTS, new: SLOTS }));
   });

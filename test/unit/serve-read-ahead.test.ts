@@ -20,6 +20,7 @@ import { ZERO_ID } from '../../src/repository/chunk.js';
 import type { FullIndex } from '../../src/repository/disk-index.js';
 import { BackupDiskExport, ChunkCache, READ_AHEAD_BATCHES, READ_AHEAD_BATCH_CHUNKS } from '../../src/repository/serve.js';
 import { Store } from '../../src/repository/store.js';
+import { storeChunkDisk } from '../helpers/repo.js';
 
 const C = 64 * 1024;
 const PIECE = 512 * 1024; // block-stream's request size
@@ -54,20 +55,8 @@ describe('read-ahead of a served backup disk', () => {
   before(async () => {
     dir = mkdtempSync(join(tmpdir(), 'qbt-readahead-'));
     store = await Store.init(new LocalBackend(join(dir, 'repo')), {});
-    disk = Buffer.alloc(SLOTS * C);
-    const ids = Buffer.alloc(SLOTS * 32);
-    const writer = store.chunkWriter();
-    for (let s = 0; s < SLOTS; s++) {
-      if (HOLES.has(s)) continue;
-      const data = randomBytes(C);
-      data.copy(disk, s * C);
-      const id = store.chunkId(data);
-      await writer.add(id, data);
-      id.copy(ids, s * 32);
-    }
-    await writer.flush();
-    table = { kind: 'full', chunkSize: C, virtualSize: SLOTS * C, ids };
-    assert.ok(ids.subarray(3 * 32, 4 * 32).equals(ZERO_ID));
+    ({ disk, table } = await storeChunkDisk(store, SLOTS, C, HOLES, () => randomBytes(C)));
+    assert.ok(table.ids.subarray(3 * 32, 4 * 32).equals(ZERO_ID));
   });
   after(() => rmSync(dir, { recursive: true, force: true }));
 
